@@ -1,0 +1,3 @@
+from meshward.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""meshward.certs (see ../shared/DESIGN.md)."""

@@ -1,0 +1,112 @@
+"""`meshward`: the one entry point. Each command group lives beside the code it drives.
+
+A group module exposes ``configure(parser)``: it adds its subcommands and sets ``func`` (a
+callable taking the parsed namespace and returning an exit code) on each. This file only wires
+groups together and owns the exit-code contract: 0 ok, 1 user error (one line on stderr, no
+traceback), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from meshward import __version__
+from meshward.errors import UserError
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+
+# (command, module that configures it, one-line help). Modules are imported only to build the
+# parser; they keep heavy imports (grpc, protos) inside their handlers so `--help` stays fast.
+GROUPS: tuple[tuple[str, str, str], ...] = (
+    ("policy", "meshward.policy.cli", "validate, explain, test, diff and compile policy files"),
+    (
+        "ca",
+        "meshward.certs.cli",
+        "the built-in CA: init, issue, inspect and rotate SPIFFE identities",
+    ),
+    ("xds", "meshward.xds.cli", "the control plane: serve ADS (SotW + delta) with SDS identities"),
+    ("extauthz", "meshward.extauthz.cli", "serve Envoy's ext_authz Check for L7 / end-user rules"),
+    ("bootstrap", "meshward.xds.bootstrap_cli", "render a sidecar's Envoy bootstrap for ADS"),
+    (
+        "status",
+        "meshward.xds.status_cli",
+        "per-node applied versions, NACKs, drift and cert expiry",
+    ),
+    ("denials", "meshward.demo.denials_cli", "list recent denials from decision and access logs"),
+    ("demo", "meshward.demo.cli", "run the local mesh and its scripted tour on 127.0.0.1"),
+    ("doctor", "meshward.doctor", "check this installation: Envoy binary, protos, telemetry"),
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshward",
+        description=(
+            "Meshward gives Envoy sidecars identity-based micro-segmentation: every workload gets "
+            "a SPIFFE identity and short-lived certificates, every hop is mTLS, and every request "
+            "is checked against least-privilege policy written as Istio-compatible YAML."
+        ),
+        epilog=(
+            "Start with `meshward demo` to see a whole mesh run on this machine, or "
+            "`meshward policy validate examples/` to check a policy set. "
+            "Every command takes --help."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"meshward {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, module_name, help_text in GROUPS:
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text[:1].upper() + help_text[1:] + "."
+        )
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            sub.set_defaults(func=_unavailable(name))
+            continue
+        module.configure(sub)
+        if sub.get_default("func") is None:
+            sub.set_defaults(func=_print_help(sub))
+    return parser
+
+
+def _print_help(parser: argparse.ArgumentParser) -> Handler:
+    """A group called without a subcommand is a usage error: show what it offers."""
+
+    def handler(_: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    return handler
+
+
+def _unavailable(name: str) -> Handler:
+    def handler(_: argparse.Namespace) -> int:
+        raise UserError(f"`meshward {name}` is not part of this build")
+
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"meshward: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("meshward: interrupted", file=sys.stderr)
+        return 130

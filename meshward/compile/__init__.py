@@ -1,0 +1,1 @@
+"""meshward.compile (see ../shared/DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""meshward.extauthz (see ../shared/DESIGN.md)."""

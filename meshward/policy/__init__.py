@@ -1,0 +1,1 @@
+"""Policy as code: the Istio-compatible model, loader, validation, evaluator and explain."""

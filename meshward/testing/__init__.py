@@ -1,0 +1,1 @@
+"""Real collaborators for tests, the demo and benchmarks (never mocks): an OTLP receiver, etc."""

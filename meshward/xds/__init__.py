@@ -1,0 +1,1 @@
+"""meshward.xds (see ../shared/DESIGN.md)."""

@@ -1,0 +1,72 @@
+"""The `meshward` entry point's contract: help that teaches, exit codes 0 / 1 / 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from meshward import __version__
+from meshward.cli import GROUPS
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshward", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_help_lists_every_group() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for name, _, _ in GROUPS:
+        assert f"\n    {name}" in result.stdout
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"meshward {__version__}"
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in GROUPS])
+def test_every_group_has_help(name: str) -> None:
+    result = run(name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: meshward " + name)
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = run("frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = run()
+    assert result.returncode == 2
+    assert "usage: meshward" in result.stderr
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MESHWARD_ENVOY", str(tmp_path / "no-such-envoy"))
+    result = subprocess.run(
+        [sys.executable, "-m", "meshward", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("meshward: error: ")
+
+
+def test_doctor_passes_on_this_installation() -> None:
+    result = run("doctor", "--json")
+    assert result.returncode == 0, result.stderr
+    assert '"ok": true' in result.stdout

@@ -5,7 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshward-installed
 OTEL_PROTO := $(shell sed -n 's/^opentelemetry-proto==//p' constraints.txt)
 
-.PHONY: demo test lint typecheck check bench clean venv
+.PHONY: demo test lint typecheck check bench clean venv tools
+
+# Debian tools the tests and benchmarks use: docker-compose validates the compose file (no
+# engine runs here), wrk generates load. Installed when missing and we are root (as in CI).
+SYSTEM_TOOLS := docker-compose wrk
 
 venv: $(STAMP)
 
@@ -19,10 +23,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/meshward doctor >/dev/null
 	@touch $(STAMP)
 
+tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing (Debian packages)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: install$$missing (Debian packages) for the compose-file check and load tests"; fi; \
+	fi
+
 demo: $(STAMP)
 	$(BIN)/meshward demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -34,7 +47,7 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-bench: $(STAMP)
+bench: $(STAMP) tools
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:

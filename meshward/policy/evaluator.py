@@ -1,0 +1,576 @@
+"""Istio's authorization semantics as a pure function: CUSTOM -> DENY -> ALLOW per workload.
+
+Rules are compiled once per (policy set, workload) into predicate tuples, so a request costs a
+handful of comparisons. The same compiled checks carry field paths and patterns, which is what
+`explain` uses to say *why* a rule did not match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from meshward.policy.loader import IP_KEYS, claim_path, header_name
+from meshward.policy.matching import (
+    SPIFFE_PREFIX,
+    IpAddress,
+    StrPredicate,
+    claim_values,
+    header_elements,
+    namespace_of,
+    networks_predicate,
+    parse_ip,
+    paths_predicate,
+    strings_predicate,
+)
+from meshward.policy.model import (
+    Action,
+    AuthorizationPolicy,
+    Condition,
+    Decision,
+    DryRunResult,
+    MtlsMode,
+    Operation,
+    Protocol,
+    Request,
+    Rule,
+    Source,
+    Workload,
+)
+from meshward.policy.paths import PathRejected, normalize_path
+from meshward.policy.policyset import PolicySet
+
+CustomProvider = Callable[[AuthorizationPolicy, Request], tuple[bool, str]]
+
+
+class RequestContext:
+    """The request attributes rules read, derived once per request."""
+
+    __slots__ = (
+        "claims",
+        "destination_ip",
+        "headers",
+        "host",
+        "method",
+        "namespace",
+        "path",
+        "port",
+        "principal",
+        "remote_ip",
+        "request",
+        "request_principal",
+        "sni",
+        "source_ip",
+        "tcp",
+    )
+
+    def __init__(self, request: Request, *, tcp: bool = False) -> None:
+        self.request = request
+        self.tcp = tcp
+        self.path: str | None = None if tcp else normalize_path(request.path)
+        self.method = request.method
+        self.host = request.host
+        self.port = request.destination_port
+        peer = request.source_principal
+        if not peer:
+            self.principal: str | None = None
+        elif peer.startswith(SPIFFE_PREFIX):
+            self.principal = peer[len(SPIFFE_PREFIX) :]
+        else:
+            # Istio matches "spiffe://" + pattern, so a non-SPIFFE peer matches only "*".
+            self.principal = "\0" + peer
+        self.namespace = namespace_of(self.principal)
+        claims = request.claims
+        self.claims = claims
+        self.request_principal: str | None = None
+        if claims is not None:
+            iss, sub = claims.get("iss"), claims.get("sub")
+            if isinstance(iss, str) and isinstance(sub, str):
+                self.request_principal = f"{iss}/{sub}"
+        self.source_ip: IpAddress | None = parse_ip(request.source_ip)
+        self.remote_ip: IpAddress | None = parse_ip(request.remote_ip) or self.source_ip
+        self.destination_ip: IpAddress | None = parse_ip(request.destination_ip)
+        headers = request.headers
+        if any(k != k.lower() for k in headers):
+            headers = {k.lower(): v for k, v in headers.items()}
+        self.headers = headers
+        self.sni = request.sni
+
+
+@dataclass(frozen=True)
+class Check:
+    """One field of a rule: ``path`` names it as written (``from[0].source.notPrincipals``)."""
+
+    path: str
+    label: str  # the request attribute, for explanations ("peer principal")
+    patterns: tuple[str, ...]
+    negate: bool
+    http_only: bool
+    extract: Callable[[RequestContext], Any]
+    predicate: Callable[[Any], bool]
+
+    def test(self, ctx: RequestContext) -> bool:
+        return self.predicate(self.extract(ctx)) != self.negate
+
+    def describe(self, ctx: RequestContext) -> str:
+        actual = self.extract(ctx)
+        if isinstance(actual, str) and actual.startswith("\0"):
+            actual = actual[1:]
+        if isinstance(actual, tuple):
+            actual = actual[0] if len(actual) == 1 else list(actual) or None
+        elif actual is not None and not isinstance(actual, str | int):
+            actual = str(actual)  # IP addresses
+        shown = "none" if actual is None else repr(actual)
+        verb = "matches" if self.negate else "does not match"
+        return f"{self.path}: {self.label} {shown} {verb} {list(self.patterns)}"
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    index: int
+    sources: tuple[tuple[Check, ...], ...]  # OR of ANDs; () = any source
+    operations: tuple[tuple[Check, ...], ...]
+    conditions: tuple[Check, ...]
+    http_only: bool
+
+    def matches(self, ctx: RequestContext) -> bool:
+        if self.sources and not any(all(c.test(ctx) for c in alt) for alt in self.sources):
+            return False
+        if self.operations and not any(all(c.test(ctx) for c in alt) for alt in self.operations):
+            return False
+        return all(c.test(ctx) for c in self.conditions)
+
+    def without_http(self) -> CompiledRule:
+        """Istio on a TCP port: a DENY rule's HTTP-only fields are ignored (it denies more)."""
+
+        def strip(alts: tuple[tuple[Check, ...], ...]) -> tuple[tuple[Check, ...], ...]:
+            return tuple(tuple(c for c in alt if not c.http_only) for alt in alts)
+
+        return replace(
+            self,
+            sources=strip(self.sources),
+            operations=strip(self.operations),
+            conditions=tuple(c for c in self.conditions if not c.http_only),
+            http_only=False,
+        )
+
+    def mismatch(self, ctx: RequestContext) -> str | None:
+        """Why the rule does not match, or None when it does."""
+        for name, alts in (("from", self.sources), ("to", self.operations)):
+            if not alts:
+                continue
+            failures = [next((c for c in alt if not c.test(ctx)), None) for alt in alts]
+            if all(f is not None for f in failures):
+                reasons = [f.describe(ctx) for f in failures if f is not None]
+                if len(reasons) == 1:
+                    return reasons[0]
+                return f"no `{name}` entry matched: " + "; ".join(reasons)
+        for check in self.conditions:
+            if not check.test(ctx):
+                return check.describe(ctx)
+        return None
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    policy: AuthorizationPolicy
+    rules: tuple[CompiledRule, ...]
+    tcp_rules: tuple[CompiledRule, ...]  # the rules as they apply on a TCP port
+
+    def rules_for(self, ctx: RequestContext) -> tuple[CompiledRule, ...]:
+        return self.tcp_rules if ctx.tcp else self.rules
+
+    def first_match(self, ctx: RequestContext) -> int | None:
+        for rule in self.rules_for(ctx):
+            if rule.matches(ctx):
+                return rule.index
+        return None
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+def _pred(patterns: Sequence[str], *, ignore_case: bool = False) -> StrPredicate:
+    return strings_predicate(patterns, ignore_case=ignore_case)
+
+
+def _checks(
+    prefix: str,
+    fields: Sequence[tuple[str, str, tuple[str, ...] | tuple[int, ...], bool]],
+    spec: dict[
+        str,
+        tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]], bool],
+    ],
+) -> tuple[Check, ...]:
+    out: list[Check] = []
+    for name, base, values, negate in fields:
+        if not values:
+            continue
+        label, extract, make, http_only = spec[base]
+        out.append(
+            Check(
+                path=prefix + name,
+                label=label,
+                patterns=tuple(str(v) for v in values),
+                negate=negate,
+                http_only=http_only,
+                extract=extract,
+                predicate=make(values),
+            )
+        )
+    return tuple(out)
+
+
+def _strs(ignore_case: bool = False) -> Callable[[Any], Callable[[Any], bool]]:
+    return lambda values: _pred(values, ignore_case=ignore_case)
+
+
+def _nets(values: Any) -> Callable[[Any], bool]:
+    return networks_predicate(values)
+
+
+def _ints(values: Any) -> Callable[[Any], bool]:
+    allowed = frozenset(int(v) for v in values)
+    return lambda v: v in allowed
+
+
+def _paths(values: Any) -> Callable[[Any], bool]:
+    return paths_predicate(values)
+
+
+_SOURCE_SPEC: dict[
+    str, tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]], bool]
+] = {
+    "principals": ("peer principal", lambda c: c.principal, _strs(), False),
+    "requestPrincipals": ("request principal", lambda c: c.request_principal, _strs(), True),
+    "namespaces": ("peer namespace", lambda c: c.namespace, _strs(), False),
+    "ipBlocks": ("source ip", lambda c: c.source_ip, _nets, False),
+    "remoteIpBlocks": ("remote ip", lambda c: c.remote_ip, _nets, False),
+}
+_OPERATION_SPEC: dict[
+    str, tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]], bool]
+] = {
+    "hosts": ("host", lambda c: c.host or None, _strs(ignore_case=True), True),
+    "ports": ("destination port", lambda c: c.port, _ints, False),
+    "methods": ("method", lambda c: c.method or None, _strs(), True),
+    "paths": ("path", lambda c: c.path, _paths, True),
+}
+
+
+def compile_source(source: Source, prefix: str) -> tuple[Check, ...]:
+    s = source
+    return _checks(
+        prefix,
+        (
+            ("principals", "principals", s.principals, False),
+            ("notPrincipals", "principals", s.not_principals, True),
+            ("requestPrincipals", "requestPrincipals", s.request_principals, False),
+            ("notRequestPrincipals", "requestPrincipals", s.not_request_principals, True),
+            ("namespaces", "namespaces", s.namespaces, False),
+            ("notNamespaces", "namespaces", s.not_namespaces, True),
+            ("ipBlocks", "ipBlocks", s.ip_blocks, False),
+            ("notIpBlocks", "ipBlocks", s.not_ip_blocks, True),
+            ("remoteIpBlocks", "remoteIpBlocks", s.remote_ip_blocks, False),
+            ("notRemoteIpBlocks", "remoteIpBlocks", s.not_remote_ip_blocks, True),
+        ),
+        _SOURCE_SPEC,
+    )
+
+
+def compile_operation(operation: Operation, prefix: str) -> tuple[Check, ...]:
+    o = operation
+    return _checks(
+        prefix,
+        (
+            ("hosts", "hosts", o.hosts, False),
+            ("notHosts", "hosts", o.not_hosts, True),
+            ("ports", "ports", o.ports, False),
+            ("notPorts", "ports", o.not_ports, True),
+            ("methods", "methods", o.methods, False),
+            ("notMethods", "methods", o.not_methods, True),
+            ("paths", "paths", o.paths, False),
+            ("notPaths", "paths", o.not_paths, True),
+        ),
+        _OPERATION_SPEC,
+    )
+
+
+def _condition_target(
+    key: str,
+) -> tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]], bool]:
+    """(label, extractor, predicate factory, http_only) for a `when` key."""
+    if key in IP_KEYS:
+        attr = {
+            "source.ip": "source_ip",
+            "remote.ip": "remote_ip",
+            "destination.ip": "destination_ip",
+        }[key]
+        return (key, lambda c: getattr(c, attr), _nets, False)
+    if key == "destination.port":
+        return (key, lambda c: c.port, _ints, False)
+    if key == "source.namespace":
+        return (key, lambda c: c.namespace, _strs(), False)
+    if key == "source.principal":
+        return (key, lambda c: c.principal, _strs(), False)
+    if key == "connection.sni":
+        return (key, lambda c: c.sni, _strs(), False)
+    if key == "request.auth.principal":
+        return (key, lambda c: c.request_principal, _strs(), True)
+    if key == "request.auth.audiences":
+        return (key, lambda c: claim_values(c.claims, ("aud",)), _any_of_strs, True)
+    if key == "request.auth.presenter":
+        return (key, lambda c: claim_values(c.claims, ("azp",)), _any_of_strs, True)
+    header = header_name(key)
+    if header is not None:
+        lower = header.lower()
+        return (key, lambda c: c.headers.get(lower), _header_values, True)
+    path = claim_path(key)
+    if path is not None:
+        return (key, lambda c: claim_values(c.claims, path), _any_of_strs, True)
+    raise ValueError(f"unknown condition key {key!r}")  # the loader rejects these
+
+
+def _any_of_strs(values: Any) -> Callable[[Any], bool]:
+    pred = _pred(values)
+    return lambda items: any(pred(v) for v in items)
+
+
+def _header_values(values: Any) -> Callable[[Any], bool]:
+    present = "*" in values  # Istio: presence match, even for an empty value
+    pred = _pred([v for v in values if v != "*"]) if len(values) > int(present) else None
+
+    def test(value: str | None) -> bool:
+        if value is None:
+            return False
+        if present:
+            return True
+        return pred is not None and any(pred(e) for e in header_elements(value))
+
+    return test
+
+
+def compile_conditions(conditions: Sequence[Condition]) -> tuple[Check, ...]:
+    out: list[Check] = []
+    for k, cond in enumerate(conditions):
+        label, extract, make, http_only = _condition_target(cond.key)
+        for name, values, negate in (
+            ("values", cond.values, False),
+            ("notValues", cond.not_values, True),
+        ):
+            if values:
+                out.append(
+                    Check(
+                        path=f"when[{k}].{name}",
+                        label=label,
+                        patterns=values,
+                        negate=negate,
+                        http_only=http_only,
+                        extract=extract,
+                        predicate=make(values),
+                    )
+                )
+    return tuple(out)
+
+
+def compile_rule(rule: Rule, index: int) -> CompiledRule:
+    sources = tuple(compile_source(s, f"from[{j}].source.") for j, s in enumerate(rule.sources))
+    operations = tuple(
+        compile_operation(o, f"to[{j}].operation.") for j, o in enumerate(rule.operations)
+    )
+    conditions = compile_conditions(rule.conditions)
+    http_only = any(c.http_only for alt in (*sources, *operations) for c in alt) or any(
+        c.http_only for c in conditions
+    )
+    return CompiledRule(index, sources, operations, conditions, http_only)
+
+
+def compile_policy(policy: AuthorizationPolicy) -> CompiledPolicy:
+    rules = tuple(compile_rule(r, i) for i, r in enumerate(policy.rules))
+    if policy.action is Action.DENY:
+        tcp_rules = tuple(r.without_http() for r in rules)
+    else:
+        # ALLOW / AUDIT / CUSTOM on TCP: a rule needing HTTP attributes never matches.
+        tcp_rules = tuple(r for r in rules if not r.http_only)
+    return CompiledPolicy(policy, rules, tcp_rules)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A workload's compiled policies, split by how they take part in a decision."""
+
+    workload: Workload
+    policies: tuple[CompiledPolicy, ...]  # every selecting policy, in policies_for order
+    tcp_ports: frozenset[int]
+    expiring: bool
+
+    def active(self, now: datetime) -> tuple[CompiledPolicy, ...]:
+        if not self.expiring:
+            return self.policies
+        return tuple(
+            p for p in self.policies if p.policy.expires_at is None or p.policy.expires_at > now
+        )
+
+
+def plan_for(policy_set: PolicySet, workload: Workload) -> Plan:
+    plans = policy_set.plans
+    cached = plans.get(("plan", workload))
+    if cached is not None:
+        plan: Plan = cached
+        return plan
+    compiled: list[CompiledPolicy] = []
+    for policy in policy_set.policies_for(workload):
+        key = ("policy", policy.namespace, policy.name)
+        cp = plans.get(key)
+        if cp is None:
+            cp = compile_policy(policy)
+            plans[key] = cp
+        compiled.append(cp)
+    plan = Plan(
+        workload=workload,
+        policies=tuple(compiled),
+        tcp_ports=frozenset(p.port for p in workload.ports if p.protocol is Protocol.TCP),
+        expiring=any(p.policy.expires_at is not None for p in compiled),
+    )
+    plans[("plan", workload)] = plan
+    return plan
+
+
+def context_for(plan: Plan, request: Request) -> RequestContext:
+    """Raises PathRejected when Envoy would answer 400 before authorization."""
+    return RequestContext(request, tcp=request.destination_port in plan.tcp_ports)
+
+
+# --------------------------------------------------------------------------- evaluating
+
+
+def evaluate(
+    policy_set: PolicySet,
+    workload: Workload,
+    request: Request,
+    *,
+    now: datetime | None = None,
+    custom: CustomProvider | None = None,
+) -> Decision:
+    """Decide one request to `workload`. `now` defaults to the current time so an expired
+    emergency rule never applies by accident. `custom` answers CUSTOM (ext_authz provider)
+    policies; without it a matching CUSTOM policy denies (fail closed)."""
+    when = now if now is not None else datetime.now(UTC)
+    plan = plan_for(policy_set, workload)
+    if not request.source_principal:
+        port = request.destination_port
+        if policy_set.mtls_mode(workload, port) is MtlsMode.STRICT:
+            return Decision(
+                allowed=False,
+                reason=f"plaintext connection refused: PeerAuthentication makes mTLS STRICT "
+                f"on {workload.ref} port {port}",
+            )
+    try:
+        ctx = context_for(plan, request)
+    except PathRejected as exc:
+        return Decision(allowed=False, reason=f"rejected before authorization (HTTP 400): {exc}")
+    active = plan.active(when)
+    enforced = [p for p in active if not p.policy.dry_run]
+    decision = _enforce(enforced, ctx, workload, request, custom)
+    audits = tuple(
+        p.policy.ref
+        for p in enforced
+        if p.policy.action is Action.AUDIT and p.first_match(ctx) is not None
+    )
+    dry = tuple(_dry_run(p, enforced, ctx) for p in active if p.policy.dry_run)
+    if audits or dry:
+        decision = replace(decision, audit=bool(audits), audit_policies=audits, dry_run=dry)
+    return decision
+
+
+def _enforce(
+    enforced: Sequence[CompiledPolicy],
+    ctx: RequestContext,
+    workload: Workload,
+    request: Request,
+    custom: CustomProvider | None,
+) -> Decision:
+    custom_note = ""
+    for cp in enforced:
+        if cp.policy.action is not Action.CUSTOM:
+            continue
+        index = cp.first_match(ctx)
+        if index is None:
+            continue
+        ref = cp.policy.ref
+        if custom is None:
+            return Decision(
+                allowed=False,
+                reason=f"CUSTOM policy {ref} rule {index} matched and no provider "
+                f"{cp.policy.provider!r} answered (fail closed)",
+                policy=ref,
+                rule=index,
+                action=Action.CUSTOM,
+            )
+        ok, why = custom(cp.policy, request)
+        if not ok:
+            return Decision(
+                allowed=False,
+                reason=f"denied by CUSTOM policy {ref} rule {index} (provider "
+                f"{cp.policy.provider!r}: {why})",
+                policy=ref,
+                rule=index,
+                action=Action.CUSTOM,
+            )
+        custom_note = f"; CUSTOM policy {ref} allowed it ({why})"
+    for cp in enforced:
+        if cp.policy.action is not Action.DENY:
+            continue
+        index = cp.first_match(ctx)
+        if index is not None:
+            return Decision(
+                allowed=False,
+                reason=f"denied by DENY policy {cp.policy.ref} rule {index}",
+                policy=cp.policy.ref,
+                rule=index,
+                action=Action.DENY,
+            )
+    allows = [cp for cp in enforced if cp.policy.action is Action.ALLOW]
+    for cp in allows:
+        index = cp.first_match(ctx)
+        if index is not None:
+            return Decision(
+                allowed=True,
+                reason=f"allowed by ALLOW policy {cp.policy.ref} rule {index}{custom_note}",
+                policy=cp.policy.ref,
+                rule=index,
+                action=Action.ALLOW,
+            )
+    if allows:
+        names = ", ".join(cp.policy.ref for cp in allows)
+        return Decision(
+            allowed=False,
+            reason=f"no ALLOW policy matched (ALLOW policies selecting {workload.ref}: {names})",
+        )
+    return Decision(
+        allowed=True,
+        reason=f"no ALLOW policy selects {workload.ref}, so requests are allowed{custom_note}",
+    )
+
+
+def _dry_run(
+    cp: CompiledPolicy, enforced: Sequence[CompiledPolicy], ctx: RequestContext
+) -> DryRunResult:
+    index = cp.first_match(ctx)
+    action = cp.policy.action
+    if action is Action.DENY:
+        would_deny = index is not None
+    elif action is Action.ALLOW:
+        would_deny = index is None and not any(
+            p.policy.action is Action.ALLOW and p.first_match(ctx) is not None for p in enforced
+        )
+    else:
+        would_deny = False
+    return DryRunResult(
+        policy=cp.policy.ref,
+        action=action,
+        matched=index is not None,
+        rule=index,
+        would_deny=would_deny,
+    )

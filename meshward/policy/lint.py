@@ -1,0 +1,194 @@
+"""Warnings about policy that loads but probably does not do what its author meant. Nothing
+here changes a decision; `meshward policy validate` prints these and `--strict` fails on them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+
+from meshward.policy.canonical import format_time
+from meshward.policy.errors import Problem
+from meshward.policy.loader import claim_path
+from meshward.policy.model import (
+    Action,
+    AuthorizationPolicy,
+    Origin,
+    Protocol,
+    Rule,
+    Workload,
+)
+from meshward.policy.policyset import PolicySet, selects
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+
+def lint(policy_set: PolicySet, *, now: datetime | None = None) -> list[Problem]:
+    when = now if now is not None else datetime.now(UTC)
+    found: list[Problem] = list(policy_set.warnings)
+    root = policy_set.mesh.root_namespace
+    for policy in policy_set.authorization_policies:
+        selected = _selected(policy_set, policy.namespace, policy.selector, root)
+        found.extend(_lint_policy(policy_set, policy, selected, when))
+    for kind, items in (
+        ("PeerAuthentication", policy_set.peer_authentications),
+        ("RequestAuthentication", policy_set.request_authentications),
+    ):
+        for item in items:
+            if policy_set.workloads and not _selected(
+                policy_set, item.namespace, item.selector, root
+            ):
+                found.append(
+                    _at(item.origin, "spec.selector", f"{kind} selects no declared workload")
+                )
+    return sorted(set(found))
+
+
+def _at(origin: Origin | None, field: str, reason: str) -> Problem:
+    return Problem(origin.file if origin else "?", origin.index if origin else 0, field, reason)
+
+
+def _selected(
+    policy_set: PolicySet, namespace: str, selector: Mapping[str, str] | None, root: str
+) -> list[Workload]:
+    return [
+        w
+        for w in policy_set.workloads
+        if (namespace in (w.namespace, root)) and selects(selector, w.labels)
+    ]
+
+
+def _lint_policy(
+    policy_set: PolicySet, policy: AuthorizationPolicy, selected: list[Workload], now: datetime
+) -> Iterator[Problem]:
+    origin = policy.origin
+
+    def warn(field: str, reason: str) -> Problem:
+        return _at(origin, field, reason)
+
+    if policy_set.workloads and not selected:
+        where = f"namespace {policy.namespace}"
+        if policy.selector:
+            labels = ", ".join(f"{k}={v}" for k, v in sorted(policy.selector.items()))
+            where += f" with labels {labels}"
+        yield warn("spec.selector", f"selects no declared workload (none in {where})")
+    if policy.expires_at is not None and policy.expires_at <= now:
+        yield warn(
+            "metadata.annotations[meshward.dev/expires-at]",
+            f"emergency rule expired at {format_time(policy.expires_at)} and no longer "
+            "applies; delete it",
+        )
+    if not policy.rules and policy.action is not Action.ALLOW:
+        yield warn("spec.rules", f"a {policy.action.value} policy without rules matches nothing")
+    has_jwt = any(policy_set.request_authentications_for(w) for w in selected)
+    tcp_only = bool(selected) and all(
+        w.ports and all(p.protocol is Protocol.TCP for p in w.ports) for w in selected
+    )
+    ports = {p.port for w in selected for p in w.ports}
+    for i, rule in enumerate(policy.rules):
+        yield from _lint_rule(
+            policy_set, policy, rule, f"spec.rules[{i}]", warn, has_jwt, tcp_only, ports, selected
+        )
+
+
+def _lint_rule(
+    policy_set: PolicySet,
+    policy: AuthorizationPolicy,
+    rule: Rule,
+    path: str,
+    w: Callable[[str, str], Problem],
+    has_jwt: bool,
+    tcp_only: bool,
+    ports: set[int],
+    selected: list[Workload],
+) -> Iterator[Problem]:
+    if policy.action is Action.ALLOW and not (rule.sources or rule.operations or rule.conditions):
+        yield w(path, "allows every request from anywhere, including unauthenticated callers")
+    uses_jwt = False
+    uses_http = False
+    trust_domain = policy_set.mesh.trust_domain
+    for j, source in enumerate(rule.sources):
+        sp = f"{path}.from[{j}].source"
+        for field, values, twin in (
+            ("principals", source.principals, source.not_principals),
+            ("requestPrincipals", source.request_principals, source.not_request_principals),
+            ("namespaces", source.namespaces, source.not_namespaces),
+        ):
+            if values and "*" in twin:
+                yield w(sp, f"{field} with not{field[0].upper()}{field[1:]} '*' never matches")
+            for value in set(values) & set(twin):
+                yield w(sp, f"{value!r} is in both {field} and its not-twin: never matches")
+        for k, principal in enumerate((*source.principals, *source.not_principals)):
+            field = "principals" if k < len(source.principals) else "notPrincipals"
+            if "*" in principal:
+                continue
+            if "/ns/" not in principal:
+                yield w(
+                    f"{sp}.{field}",
+                    f"{principal!r} is not a SPIFFE identity (TRUST_DOMAIN/ns/NS/sa/SA) and "
+                    "never matches a mesh workload",
+                )
+            elif not principal.startswith(trust_domain + "/"):
+                yield w(
+                    f"{sp}.{field}",
+                    f"{principal!r} names trust domain {principal.split('/')[0]!r}, but the "
+                    f"mesh's is {trust_domain!r}: it matches no mesh workload",
+                )
+        if source.request_principals or source.not_request_principals:
+            uses_jwt = uses_http = True
+    for j, op in enumerate(rule.operations):
+        opath = f"{path}.to[{j}].operation"
+        if op.hosts or op.not_hosts or op.methods or op.not_methods or op.paths or op.not_paths:
+            uses_http = True
+        for method in (*op.methods, *op.not_methods):
+            if "*" in method:
+                yield w(f"{opath}.methods", f"wildcard method {method!r}: list methods explicitly")
+            elif method not in HTTP_METHODS:
+                yield w(
+                    f"{opath}.methods",
+                    f"{method!r} is not a standard HTTP method (methods are case-sensitive)",
+                )
+        for host in (*op.hosts, *op.not_hosts):
+            if "*" in host and host != "*":
+                yield w(f"{opath}.hosts", f"wildcard host {host!r} matches hosts you may not own")
+        if ports and all(p not in ports for p in op.ports) and op.ports:
+            yield w(
+                f"{opath}.ports",
+                f"none of {sorted(op.ports)} is a port of the selected workloads "
+                f"({sorted(ports)}): never matches",
+            )
+        if policy.action is Action.DENY:
+            covered = set(op.paths)
+            for p in op.paths:
+                if "*" in p or "{" in p or p == "/":
+                    continue
+                if p.rstrip("/") + "/*" not in covered and p + "*" not in covered:
+                    yield w(
+                        f"{opath}.paths",
+                        f"DENY on exact path {p!r} misses {p.rstrip('/') + '/x'!r}; add "
+                        f"{p.rstrip('/') + '/*'!r} (or {p + '*'!r}, which also covers {p + ';x'!r})",
+                    )
+    for k, cond in enumerate(rule.conditions):
+        if cond.key.startswith("request."):
+            uses_http = True
+        if cond.key.startswith("request.auth.") or claim_path(cond.key) is not None:
+            uses_jwt = True
+        for value in set(cond.values) & set(cond.not_values):
+            yield w(
+                f"{path}.when[{k}]", f"{value!r} is in both values and notValues: never matches"
+            )
+    if uses_jwt and selected and not has_jwt:
+        yield w(
+            path,
+            "reads end-user JWT attributes but no RequestAuthentication applies to the selected "
+            "workloads, so there is never a verified token"
+            + (": never matches" if policy.action is not Action.DENY else ""),
+        )
+    if uses_http and tcp_only:
+        effect = (
+            "its HTTP fields are ignored (it denies more)"
+            if policy.action is Action.DENY
+            else "it never matches"
+        )
+        yield w(path, f"uses HTTP attributes but every selected workload port is TCP: {effect}")

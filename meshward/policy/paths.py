@@ -1,0 +1,149 @@
+"""Request-path normalization and path patterns, kept identical to what the sidecar Envoy does.
+
+Envoy is configured with ``normalize_path: true``, ``merge_slashes: true`` and
+``path_with_escaped_slashes_action: REJECT_REQUEST``; RBAC then matches the normalized path with
+the query string removed. The evaluator must see the same path or a policy tested with
+``meshward policy explain`` would behave differently in the mesh (``/admin/../api`` and
+``//admin`` are the classic bypasses).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# Characters Envoy passes through unchanged in a path (RFC 3986 pchar, "/", "%", "[" and "]").
+_PATH_CHARS = frozenset(UNRESERVED | set("!$&'()*+,;=:@/%[]"))
+# Characters Envoy's (Chromium-derived) canonicalizer percent-encodes instead of rejecting.
+_ESCAPED = {ch: f"%{ord(ch):02X}" for ch in '"<>`{}|^'}
+# Anything else (space, control characters, raw non-ASCII, "#") makes Envoy answer 400.
+
+# Envoy's uri_template literal class (source/extensions/path/uri_template_lib): pchar without
+# "*" and "=". `{*}` is one or more of these; `{**}` is zero or more of these or "/".
+_TEMPLATE_LITERAL = "a-zA-Z0-9\\-._~%!$&'()+,;:@"
+_ONE_SEGMENT = f"[{_TEMPLATE_LITERAL}]+"
+_ANY_SEGMENTS = f"[{_TEMPLATE_LITERAL}/]*"
+_REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
+_TEMPLATE_TOKEN = re.compile(r"\{\*\*\}|\{\*\}")
+
+
+class PathRejected(ValueError):
+    """Envoy answers such a request with 400 before any authorization runs."""
+
+
+def normalize_path(raw: str) -> str:
+    """Return the path RBAC will match, as Envoy 1.40 computes it (checked against a running
+    Envoy): the query removed; ``\\`` turned into ``/``; escapes of unreserved characters
+    decoded (other escapes kept, case preserved); ``"<>`{}|^`` percent-encoded; dot-segments
+    removed (RFC 3986 5.2.4, ``%2e`` counts as ``.``); repeated slashes merged. Case is kept
+    (``/ADMIN`` is not ``/admin``). Raises PathRejected where Envoy answers 400: ``%2F``/``%5C``
+    (escaped slashes), ``%00``, ``#`` anywhere, and characters no request line may carry."""
+    if "#" in raw:
+        raise PathRejected(f"'#' (a fragment) in request path {raw!r}")
+    path, _, query = raw.partition("?")
+    bad = next((ch for ch in query if not "!" <= ch <= "~"), None)
+    if bad is not None:
+        raise PathRejected(f"invalid character {bad!r} in query of {raw!r}")
+    if not path.startswith("/"):
+        raise PathRejected(f"path must start with '/': {raw!r}")
+    decoded = _decode(path, raw)
+    return _merge_slashes(_remove_dot_segments(decoded))
+
+
+def _decode(path: str, raw: str) -> str:
+    out: list[str] = []
+    i = 0
+    n = len(path)
+    while i < n:
+        ch = path[i]
+        if ch == "%" and i + 2 < n and path[i + 1] in _HEX and path[i + 2] in _HEX:
+            escape = path[i : i + 3]
+            value = chr(int(escape[1:], 16))
+            if value in "/\\":
+                raise PathRejected(f"escaped slash {escape!r} in path {raw!r}")
+            if value == "\0":
+                raise PathRejected(f"escaped NUL {escape!r} in path {raw!r}")
+            out.append(value if value in UNRESERVED else escape)
+            i += 3
+            continue
+        if ch in _PATH_CHARS:
+            out.append(ch)
+        elif ch == "\\":
+            out.append("/")
+        elif ch in _ESCAPED:
+            out.append(_ESCAPED[ch])
+        else:
+            raise PathRejected(f"invalid character {ch!r} in path {raw!r}")
+        i += 1
+    return "".join(out)
+
+
+def _remove_dot_segments(path: str) -> str:
+    if "." not in path:
+        return path
+    segments = path.split("/")[1:]
+    output: list[str] = []
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == ".":
+            if last:
+                output.append("")
+            continue
+        if segment == "..":
+            if output:
+                output.pop()
+            if last:
+                output.append("")
+            continue
+        output.append(segment)
+    return "/" + "/".join(output)
+
+
+def _merge_slashes(path: str) -> str:
+    if "//" not in path:
+        return path
+    return re.sub("/{2,}", "/", path)
+
+
+def is_path_template(pattern: str) -> bool:
+    """Istio reads a path containing ``{*}`` or ``{**}`` as an Envoy URI template."""
+    return "{*}" in pattern or "{**}" in pattern
+
+
+def check_path_template(pattern: str) -> str | None:
+    """Why ``pattern`` is not a valid template (Istio's rules), or None when it is valid."""
+    rest = _TEMPLATE_TOKEN.sub("", pattern)
+    if "*" in rest or "{" in rest or "}" in rest:
+        return "a path template may use '*', '{' and '}' only inside {*} or {**}"
+    for segment in pattern.split("/"):
+        if _TEMPLATE_TOKEN.search(segment) and segment not in ("{*}", "{**}"):
+            return f"segment {segment!r} mixes a template operator with other characters"
+    tokens = _TEMPLATE_TOKEN.findall(pattern)
+    if "{**}" in tokens[:-1]:
+        return "{**} must be the last operator in a path template"
+    return None
+
+
+@lru_cache(maxsize=4096)
+def path_template_regex(pattern: str) -> str:
+    """An RE2-compatible regex (full match) equivalent to Envoy's uri_template matcher for this
+    Istio template; the compiler may emit it as a ``safe_regex`` path matcher."""
+    parts: list[str] = []
+    pos = 0
+    for token in _TEMPLATE_TOKEN.finditer(pattern):
+        parts.append(_re2_escape(pattern[pos : token.start()]))
+        parts.append(_ANY_SEGMENTS if token.group() == "{**}" else _ONE_SEGMENT)
+        pos = token.end()
+    parts.append(_re2_escape(pattern[pos:]))
+    return "".join(parts)
+
+
+def _re2_escape(literal: str) -> str:
+    return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in literal)
+
+
+@lru_cache(maxsize=4096)
+def compiled_path_template(pattern: str) -> re.Pattern[str]:
+    return re.compile(path_template_regex(pattern))

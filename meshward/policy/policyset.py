@@ -1,0 +1,198 @@
+"""PolicySet: the validated policy plus the indexes every consumer needs per workload.
+
+Lookups are cached per (namespace, labels), so the cost of finding a workload's policies does
+not grow with policies that select other workloads once the workload has been seen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from meshward.policy import canonical
+from meshward.policy.errors import Problem
+from meshward.policy.model import (
+    AuthorizationPolicy,
+    MeshConfig,
+    MtlsMode,
+    PeerAuthentication,
+    RequestAuthentication,
+    Workload,
+)
+
+_T = TypeVar("_T", AuthorizationPolicy, PeerAuthentication, RequestAuthentication)
+WorkloadKey = tuple[str, frozenset[tuple[str, str]]]
+
+
+def workload_key(workload: Workload) -> WorkloadKey:
+    return (workload.namespace, frozenset(workload.labels.items()))
+
+
+def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
+    return selector is None or all(labels.get(k) == v for k, v in selector.items())
+
+
+def _by_name(item: Any) -> tuple[str, str]:
+    return (item.namespace, item.name)
+
+
+class _Scoped:
+    """Objects of one kind grouped by namespace, selected per workload with a cache."""
+
+    def __init__(self, items: Iterable[_T], root_namespace: str) -> None:
+        self.root = root_namespace
+        self.by_namespace: dict[str, list[Any]] = {}
+        for item in items:
+            self.by_namespace.setdefault(item.namespace, []).append(item)
+        self.cache: dict[WorkloadKey, tuple[Any, ...]] = {}
+
+    def select(self, workload: Workload) -> tuple[Any, ...]:
+        key = workload_key(workload)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        candidates = list(self.by_namespace.get(workload.namespace, ()))
+        if workload.namespace != self.root:
+            candidates += self.by_namespace.get(self.root, ())
+        chosen = tuple(
+            sorted((c for c in candidates if selects(c.selector, workload.labels)), key=_by_name)
+        )
+        self.cache[key] = chosen
+        return chosen
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    mesh: MeshConfig
+    workloads: tuple[Workload, ...]
+    authorization_policies: tuple[AuthorizationPolicy, ...]
+    peer_authentications: tuple[PeerAuthentication, ...]
+    request_authentications: tuple[RequestAuthentication, ...]
+    version: str  # sha256 hex of the canonical form
+    # Non-fatal findings from loading (unknown kinds); not part of the version.
+    warnings: tuple[Problem, ...] = field(default=(), compare=False)
+    # Indexes and caches, built here and never part of equality or the version.
+    _workloads: dict[str, Workload] = field(init=False, repr=False, compare=False)
+    _authz: _Scoped = field(init=False, repr=False, compare=False)
+    _peers: _Scoped = field(init=False, repr=False, compare=False)
+    _requests: _Scoped = field(init=False, repr=False, compare=False)
+    # Per-workload compiled evaluation plans, owned by meshward.policy.evaluator.
+    plans: dict[Any, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        root = self.mesh.root_namespace
+        object.__setattr__(self, "_workloads", {w.ref: w for w in self.workloads})
+        object.__setattr__(self, "_authz", _Scoped(self.authorization_policies, root))
+        object.__setattr__(self, "_peers", _Scoped(self.peer_authentications, root))
+        object.__setattr__(self, "_requests", _Scoped(self.request_authentications, root))
+        object.__setattr__(self, "plans", {})
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        mesh: MeshConfig | None = None,
+        workloads: Iterable[Workload] = (),
+        authorization_policies: Iterable[AuthorizationPolicy] = (),
+        peer_authentications: Iterable[PeerAuthentication] = (),
+        request_authentications: Iterable[RequestAuthentication] = (),
+        warnings: tuple[Problem, ...] = (),
+    ) -> PolicySet:
+        """Build a set from model objects: fills workload service accounts, sorts everything and
+        computes the version. (`parse`/`load` call this after validating.)"""
+        mesh = mesh or MeshConfig()
+        ws = tuple(
+            sorted(
+                (
+                    w
+                    if w.service_account
+                    else Workload(
+                        namespace=w.namespace,
+                        name=w.name,
+                        labels=w.labels,
+                        service_account=w.name,
+                        address=w.address,
+                        ports=w.ports,
+                        origin=w.origin,
+                    )
+                    for w in workloads
+                ),
+                key=_by_name,
+            )
+        )
+        aps = tuple(sorted(authorization_policies, key=_by_name))
+        pas = tuple(sorted(peer_authentications, key=_by_name))
+        ras = tuple(sorted(request_authentications, key=_by_name))
+        docs = canonical.documents(mesh, ws, aps, pas, ras)
+        return cls(
+            mesh=mesh,
+            workloads=ws,
+            authorization_policies=aps,
+            peer_authentications=pas,
+            request_authentications=ras,
+            version=canonical.version_of(docs),
+            warnings=warnings,
+        )
+
+    # ---- lookups
+
+    def workload(self, ref: str) -> Workload | None:
+        """``ns/name`` -> the declared Workload."""
+        return self._workloads.get(ref)
+
+    def policies_for(
+        self, workload: Workload, now: datetime | None = None
+    ) -> tuple[AuthorizationPolicy, ...]:
+        """Authorization policies selecting the workload (its namespace, and the root namespace
+        mesh-wide), sorted by namespace/name; with `now`, expired emergency policies dropped."""
+        chosen: tuple[AuthorizationPolicy, ...] = self._authz.select(workload)
+        if now is None:
+            return chosen
+        return tuple(p for p in chosen if p.expires_at is None or p.expires_at > now)
+
+    def request_authentications_for(self, workload: Workload) -> tuple[RequestAuthentication, ...]:
+        chosen: tuple[RequestAuthentication, ...] = self._requests.select(workload)
+        return chosen
+
+    def peer_authentications_for(self, workload: Workload) -> tuple[PeerAuthentication, ...]:
+        chosen: tuple[PeerAuthentication, ...] = self._peers.select(workload)
+        return chosen
+
+    def mtls_mode(self, workload: Workload, port: int) -> MtlsMode:
+        """Resolved mode, never UNSET: port-level > workload selector > namespace-wide > root
+        namespace > PERMISSIVE. Among equals the first by name wins (deterministic)."""
+        root = self.mesh.root_namespace
+        chosen = self.peer_authentications_for(workload)
+        own = [p for p in chosen if p.namespace == workload.namespace]
+        for peer in own:
+            if peer.selector is not None:
+                mode = peer.port_level.get(port, MtlsMode.UNSET)
+                if mode is not MtlsMode.UNSET:
+                    return mode
+                if peer.mode is not MtlsMode.UNSET:
+                    return peer.mode
+        for scope in (workload.namespace, root):
+            for peer in chosen:
+                if (
+                    peer.namespace == scope
+                    and peer.selector is None
+                    and peer.mode is not MtlsMode.UNSET
+                ):
+                    return peer.mode
+        return MtlsMode.PERMISSIVE
+
+    # ---- canonical form
+
+    def canonical_documents(self) -> list[dict[str, Any]]:
+        return canonical.documents(
+            self.mesh,
+            self.workloads,
+            self.authorization_policies,
+            self.peer_authentications,
+            self.request_authentications,
+        )
+
+    def dump(self) -> str:
+        """Canonical YAML; `parse({"x.yaml": ps.dump()}).version == ps.version`."""
+        return canonical.dump_documents(self.canonical_documents())

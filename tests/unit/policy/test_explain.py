@@ -1,0 +1,80 @@
+"""explain: the decision equals evaluate's, and each policy's trace says why it did not match."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from meshward.policy import Request, evaluate, load, parse
+from meshward.policy.cases import build_request
+from meshward.policy.explain import explain
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def test_traces_name_the_failing_field() -> None:
+    ps = load([EXAMPLES])
+    w, req = build_request(
+        ps, destination="shop/orders", source="shop/scraper", method="POST", path="/orders"
+    )
+    result = explain(ps, w, req, now=NOW)
+    assert result.decision == evaluate(ps, w, req, now=NOW)
+    traces = {t.policy: t for t in result.policies}
+    assert set(traces) == {"shop/orders-allow-frontend", "shop/shop-allow-scraper-metrics"}
+    (rule,) = traces["shop/orders-allow-frontend"].rules
+    assert not rule.matched
+    assert rule.reason == (
+        "from[0].source.principals: peer principal 'cluster.local/ns/shop/sa/metrics-scraper' "
+        "does not match ['cluster.local/ns/shop/sa/frontend']"
+    )
+    (rule,) = traces["shop/shop-allow-scraper-metrics"].rules
+    assert rule.reason == "to[0].operation.methods: method 'POST' does not match ['GET']"
+    text = result.render()
+    assert text.startswith("DENY: no ALLOW policy matched")
+    assert "policy shop/orders-allow-frontend [ALLOW] (" in text and "orders.yaml#1)" in text
+
+
+def test_expired_policies_are_shown_as_expired() -> None:
+    ps = load([EXAMPLES])
+    w, req = build_request(
+        ps, destination="shop/inventory", source="shop/frontend", path="/inventory/x"
+    )
+    later = datetime(2100, 1, 1, tzinfo=UTC)
+    result = explain(ps, w, req, now=later)
+    (emergency,) = [
+        t for t in result.policies if t.policy == "shop/inventory-emergency-allow-frontend"
+    ]
+    assert emergency.expired and "expired at 2099-12-31T23:59:59Z" in emergency.note
+    assert not result.decision.allowed
+    assert "EXPIRED" in result.render()
+    live = explain(ps, w, req, now=NOW)
+    assert live.decision.policy == "shop/inventory-emergency-allow-frontend"
+    assert "applies until 2099-12-31T23:59:59Z" in live.to_json()["policies"][1]["note"]
+
+
+def test_no_from_entry_matched_lists_each_alternative() -> None:
+    ps = parse(
+        {
+            "a.yaml": "apiVersion: meshward.dev/v1\nkind: Workload\nmetadata: {name: a, namespace: x}\n"
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            "metadata: {name: p, namespace: x}\nspec:\n  rules:\n  - from:\n"
+            "    - source: {namespaces: [a]}\n    - source: {ipBlocks: [10.0.0.0/8]}\n"
+            "    when: [{key: 'request.headers[x-a]', values: [b]}]\n"
+        }
+    )
+    w = ps.workload("x/a")
+    assert w is not None
+    (trace,) = explain(ps, w, Request(source_ip="192.168.0.1"), now=NOW).policies
+    assert trace.rules[0].reason.startswith("no `from` entry matched: from[0].source.namespaces")
+    assert "from[1].source.ipBlocks: source ip '192.168.0.1'" in trace.rules[0].reason
+    (trace,) = explain(ps, w, Request(source_ip="10.0.0.1"), now=NOW).policies
+    assert trace.rules[0].reason == "when[0].values: request.headers[x-a] none does not match ['b']"
+
+
+def test_rejected_path_has_no_traces() -> None:
+    ps = load([EXAMPLES])
+    w, req = build_request(ps, destination="shop/orders", source="shop/frontend", path="/a%2fb")
+    result = explain(ps, w, req, now=NOW)
+    assert result.policies == () and result.normalized_path is None
+    assert result.to_json()["decision"] == "deny"

@@ -1,0 +1,139 @@
+"""Lint warns about policy that loads but probably does not do what was meant."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from meshward.policy import parse
+from meshward.policy.lint import lint
+
+WORKLOADS = """
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: api, namespace: shop, labels: {app: api}}
+spec: {ports: [{port: 8080}]}
+---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {ports: [{port: 5432, protocol: TCP}]}
+"""
+
+
+def ap(name: str, spec: str, meta: str = "") -> str:
+    return (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        f"metadata:\n  name: {name}\n  namespace: shop\n{meta}spec:\n{spec}"
+    )
+
+
+def warnings(*docs: str) -> list[str]:
+    ps = parse({"w.yaml": WORKLOADS, "p.yaml": "\n---\n".join(docs)})
+    return [str(w) for w in lint(ps, now=datetime(2026, 1, 1, tzinfo=UTC))]
+
+
+def test_clean_policy_has_no_warnings() -> None:
+    assert (
+        warnings(
+            ap(
+                "ok",
+                "  selector: {matchLabels: {app: api}}\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]\n"
+                "    to: [{operation: {methods: [GET], paths: ['/api/*']}}]\n",
+            )
+        )
+        == []
+    )
+
+
+def test_selects_no_workload() -> None:
+    (w,) = warnings(
+        ap(
+            "ghost",
+            "  selector: {matchLabels: {app: ghost}}\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
+        )
+    )
+    assert w.startswith("p.yaml#1 spec.selector: selects no declared workload")
+
+
+def test_allow_everything_from_anywhere() -> None:
+    (w,) = warnings(ap("open", "  selector: {matchLabels: {app: api}}\n  rules: [{}]\n"))
+    assert (
+        w
+        == "p.yaml#1 spec.rules[0]: allows every request from anywhere, including unauthenticated callers"
+    )
+
+
+def test_expired_emergency_rule() -> None:
+    meta = "  annotations: {meshward.dev/expires-at: '2025-01-01T00:00:00Z'}\n"
+    (w,) = warnings(
+        ap(
+            "old",
+            "  selector: {matchLabels: {app: api}}\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
+            meta,
+        )
+    )
+    assert "emergency rule expired at 2025-01-01T00:00:00Z" in w
+
+
+def test_rules_that_can_never_match() -> None:
+    found = warnings(
+        ap(
+            "never",
+            "  selector: {matchLabels: {app: api}}\n  rules:\n"
+            "  - from: [{source: {principals: ['*'], notPrincipals: ['*']}}]\n"
+            "  - to: [{operation: {ports: ['9999']}}]\n"
+            "  - from: [{source: {requestPrincipals: ['*']}}]\n"
+            "  - when: [{key: source.namespace, values: [a], notValues: [a]}]\n"
+            "  - to: [{operation: {methods: [get]}}]\n",
+        )
+    )
+    text = "\n".join(found)
+    assert "spec.rules[0].from[0].source: principals with notPrincipals '*' never matches" in text
+    assert (
+        "spec.rules[1].to[0].operation.ports: none of [9999] is a port of the selected workloads"
+        in text
+    )
+    assert (
+        "spec.rules[2]: reads end-user JWT attributes but no RequestAuthentication applies" in text
+    )
+    assert "spec.rules[3].when[0]: 'a' is in both values and notValues: never matches" in text
+    assert "spec.rules[4].to[0].operation.methods: 'get' is not a standard HTTP method" in text
+
+
+def test_values_istio_accepts_but_lint_questions() -> None:
+    text = "\n".join(
+        warnings(
+            ap(
+                "odd",
+                "  selector: {matchLabels: {app: api}}\n  rules:\n"
+                "  - from: [{source: {principals: [principal, other.domain/ns/a/sa/b]}}]\n"
+                "    to: [{operation: {methods: ['P*'], hosts: ['*.example.com']}}]\n",
+            )
+        )
+    )
+    assert "'principal' is not a SPIFFE identity" in text
+    assert "names trust domain 'other.domain', but the mesh's is 'cluster.local'" in text
+    assert "wildcard method 'P*'" in text
+    assert "wildcard host '*.example.com'" in text
+
+
+def test_deny_on_exact_path_and_http_fields_on_tcp() -> None:
+    text = "\n".join(
+        warnings(
+            ap(
+                "deny",
+                "  selector: {matchLabels: {app: api}}\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin]}}]\n",
+            ),
+            ap(
+                "tcp",
+                "  selector: {matchLabels: {app: db}}\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
+            ),
+        )
+    )
+    assert "DENY on exact path '/admin' misses '/admin/x'" in text
+    assert "uses HTTP attributes but every selected workload port is TCP: it never matches" in text
+
+
+def test_loader_warnings_are_included() -> None:
+    found = warnings("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    assert found == ["p.yaml#1 kind: unknown kind 'ConfigMap' ignored"]

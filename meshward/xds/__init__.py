@@ -1,1 +1,66 @@
-"""meshward.xds (see ../shared/DESIGN.md)."""
+"""The control plane: ADS (SotW + delta) with SDS identities, NACK safety and drift status.
+
+In-process (demo, tests)::
+
+    from meshward.xds import XdsServiceThread, compiler_for
+    with XdsServiceThread(None, ca, compiler_for(options), policy_paths=["policies/"]) as xds:
+        xds.port, xds.admin_url, xds.status()
+
+As a process: ``meshward xds serve --policy DIR --ca DIR --listen 127.0.0.1:15010``.
+Sidecar bootstraps: :func:`meshward.xds.bootstrap.render_bootstrap` (pure) or
+:func:`meshward.xds.bootstrap_cli.write_sidecar_config` (files + credentials).
+Heavy imports (grpc, protos) happen on first use of a name, so ``meshward --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshward.xds.bootstrap import AdsCredentials, render_bootstrap
+    from meshward.xds.bootstrap_cli import write_sidecar_config
+    from meshward.xds.compiler import compiler_for
+    from meshward.xds.controlplane import ControlPlane, server_spiffe_id
+    from meshward.xds.nodeid import InvalidNodeId, NodeId
+    from meshward.xds.server import AdsServer, NodeRejected
+    from meshward.xds.service import XdsService, XdsServiceThread
+
+_EXPORTS = {
+    "AdsCredentials": "meshward.xds.bootstrap",
+    "render_bootstrap": "meshward.xds.bootstrap",
+    "write_sidecar_config": "meshward.xds.bootstrap_cli",
+    "compiler_for": "meshward.xds.compiler",
+    "ControlPlane": "meshward.xds.controlplane",
+    "server_spiffe_id": "meshward.xds.controlplane",
+    "InvalidNodeId": "meshward.xds.nodeid",
+    "NodeId": "meshward.xds.nodeid",
+    "AdsServer": "meshward.xds.server",
+    "NodeRejected": "meshward.xds.server",
+    "XdsService": "meshward.xds.service",
+    "XdsServiceThread": "meshward.xds.service",
+}
+
+__all__ = [
+    "AdsCredentials",
+    "AdsServer",
+    "ControlPlane",
+    "InvalidNodeId",
+    "NodeId",
+    "NodeRejected",
+    "XdsService",
+    "XdsServiceThread",
+    "compiler_for",
+    "render_bootstrap",
+    "server_spiffe_id",
+    "write_sidecar_config",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,115 @@
+"""Rule-by-rule: where each rule applying to a workload runs, and why (``--explain``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from meshward.compile import authz
+from meshward.compile.classify import RuleClass
+from meshward.compile.options import CompileOptions
+from meshward.policy.model import Action, Protocol, Workload
+
+DEFAULT_INDEX_MIN_RULES = CompileOptions.rbac_index_min_rules
+
+if TYPE_CHECKING:
+    from meshward.policy.policyset import PolicySet
+
+
+def _ports(policy_set: PolicySet, workload: Workload) -> list[dict[str, Any]]:
+    return [
+        {
+            "port": p.port,
+            "protocol": p.protocol.value,
+            "mtls": policy_set.mtls_mode(workload, p.port).value,
+        }
+        for p in sorted(workload.ports, key=lambda p: p.port)
+    ]
+
+
+def indexed_names(plan: authz.AuthzPlan, index_min_rules: int | None) -> set[str]:
+    """RBAC names of the rules that go to the principal-indexed matcher (mTLS chains)."""
+    out: set[str] = set()
+    for action in (Action.ALLOW, Action.DENY):
+        indexed, _ = authz.split_indexed(plan.native(action), index_min_rules)
+        out.update(r.rbac_name for r in indexed)
+    return out
+
+
+def explain_json(
+    policy_set: PolicySet,
+    workload: Workload,
+    *,
+    now: datetime | None = None,
+    index_min_rules: int | None = DEFAULT_INDEX_MIN_RULES,
+) -> dict[str, Any]:
+    policies = policy_set.policies_for(workload, now)
+    plan = authz.plan(policies)
+    indexed = indexed_names(plan, index_min_rules)
+    rules = []
+    for r in plan.rules:
+        entry = r.to_json()
+        entry["principal_index"] = r.rbac_name in indexed
+        rules.append(entry)
+    has_tcp = any(p.protocol is Protocol.TCP for p in workload.ports)
+    has_http = any(p.protocol is not Protocol.TCP for p in workload.ports) or not workload.ports
+    return {
+        "workload": workload.ref,
+        "spiffe_id": workload.spiffe_id(policy_set.mesh.trust_domain),
+        "policy_version": policy_set.version,
+        "ports": _ports(policy_set, workload),
+        "policies": [p.ref for p in policies],
+        "extauthz_filter": plan.needs_extauthz,
+        "extauthz_reasons": list(plan.extauthz_reasons),
+        "mechanism": plan.summary(),
+        "rules": rules if has_http else [],
+        "tcp_rules": [r.to_json() for r in plan.tcp_rules] if has_tcp else [],
+    }
+
+
+def _rows(rules: tuple[RuleClass, ...], indexed: set[str] | None = None) -> list[str]:
+    indexed = indexed or set()
+    table = [
+        (
+            r.policy.action.value + (" (dry-run)" if r.policy.dry_run else ""),
+            f"{r.policy.ref} rule[{r.index}]",
+            r.placement.value,
+            r.reason
+            + (
+                " (principal index: looked up by the caller's identity)"
+                if r.rbac_name in indexed
+                else ""
+            ),
+        )
+        for r in rules
+    ]
+    if not table:
+        return []
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return [
+        "  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3]
+        for row in table
+    ]
+
+
+def explain_text(policy_set: PolicySet, workload: Workload, *, now: datetime | None = None) -> str:
+    data = explain_json(policy_set, workload, now=now)
+    plan = authz.plan(policy_set.policies_for(workload, now))
+    ports = ", ".join(f"{p['port']}/{p['protocol']} (mTLS {p['mtls']})" for p in data["ports"])
+    lines = [
+        f"{data['workload']}  {data['spiffe_id']}",
+        f"ports: {ports or 'none declared'}",
+        f"policies: {', '.join(data['policies']) or 'none (every request is allowed)'}",
+        f"authorization: {data['mechanism']}",
+        f"ext_authz filter: {'yes' if data['extauthz_filter'] else 'no'}",
+    ]
+    indexed = {r["rbac_policy"] for r in data["rules"] if r["principal_index"]}
+    if data["rules"]:
+        lines += ["", "HTTP ports, rule by rule:", *_rows(plan.rules, indexed)]
+    if data["tcp_rules"]:
+        lines += [
+            "",
+            "TCP ports, rule by rule (network RBAC, no ext_authz):",
+            *_rows(plan.tcp_rules),
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,211 @@
+"""Principal-indexed RBAC: rules that name their callers exactly, looked up by the peer's identity.
+
+Envoy's RBAC ``rules`` engine walks every policy until one matches, so a workload with 1,000
+rules pays for 1,000 checks on every request it allows late or denies. Least-privilege rules
+mostly say *who* may call (``from.source.principals`` with exact identities). Such rules can
+only match a request whose peer certificate carries one of those identities, so they compile to
+RBAC's ``matcher`` form instead: a matcher tree keyed on the URI SAN (a hash lookup) whose
+entries hold only that caller's rules, each with the complete rule as its predicate and the
+rule's name as the action name (a denial still reports
+``rbac_access_denied_matched_policy[ns[..]-policy[..]-rule[..]]``).
+
+The predicates are a mechanical translation of the same RBAC policy JSON the ``rules`` engine
+gets (meshward.compile.rbac), into the generic matcher API's inputs: request headers, the path,
+ports, addresses, SNI and the URI SAN. ``url_path`` (the path without its query) has no matcher
+input, so path patterns are matched against ``:path`` with an optional query/fragment tail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from meshward.compile.classify import RuleClass
+from meshward.compile.matchers import SPIFFE, re2_escape
+from meshward.compile.rbac import RuleContext, rule_policy
+
+Json = dict[str, Any]
+
+T_ACTION = "type.googleapis.com/envoy.config.rbac.v3.Action"
+T_HEADER_INPUT = "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
+T_URI_SAN = "type.googleapis.com/envoy.extensions.matching.common_inputs.ssl.v3.UriSanInput"
+_NETWORK = "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3."
+T_IP_MATCHER = "type.googleapis.com/envoy.extensions.matching.input_matchers.ip.v3.Ip"
+_QUERY_TAIL = r"(?:[?#].*)?"
+
+# The action when no indexed DENY rule matched: the request goes on to the next filter.
+NO_DENY_MATCHED = "meshward-no-indexed-deny-rule-matched"
+
+
+def exact_principals(rule: RuleClass) -> tuple[str, ...] | None:
+    """The callers that could match ``rule`` (full SPIFFE IDs), or None when it is not limited
+    to exact identities (every ``from`` entry must list exact principals)."""
+    sources = rule.rule.sources
+    if not sources:
+        return None
+    out: list[str] = []
+    for source in sources:
+        if not source.principals or any("*" in p for p in source.principals):
+            return None
+        out.extend(SPIFFE + p for p in source.principals)
+    return tuple(dict.fromkeys(out))
+
+
+def _input(name: str, typed: Json) -> Json:
+    return {"name": name, "typed_config": typed}
+
+
+def _header_input(header: str) -> Json:
+    return _input(f"header:{header}", {"@type": T_HEADER_INPUT, "header_name": header})
+
+
+def _network_input(kind: str) -> Json:
+    return _input(kind, {"@type": _NETWORK + kind})
+
+
+URI_SAN = _input("uri_san", {"@type": T_URI_SAN})
+# Inside an entry keyed on the URI SAN, the SAN is present: a predicate that always holds.
+TRUE: Json = {"single_predicate": {"input": URI_SAN, "value_match": {"prefix": SPIFFE}}}
+
+
+def _xds_string(m: Json) -> Json:
+    """envoy.type.matcher StringMatcher -> xds.type.matcher StringMatcher (same shape)."""
+    if "safe_regex" in m:
+        return {"safe_regex": {"google_re2": {}, "regex": m["safe_regex"]["regex"]}}
+    return dict(m)
+
+
+def _path_string(m: Json) -> Json:
+    """A ``url_path`` matcher as a matcher on ``:path``, which still carries the query."""
+    if "prefix" in m and "?" not in m["prefix"] and "#" not in m["prefix"]:
+        return {"prefix": m["prefix"]}
+    if "exact" in m:
+        body = re2_escape(m["exact"])
+    elif "suffix" in m:
+        body = ".*" + re2_escape(m["suffix"])
+    elif "prefix" in m:
+        body = re2_escape(m["prefix"]) + ".*"
+    elif "safe_regex" in m:
+        body = f"(?:{m['safe_regex']['regex']})"
+    else:
+        raise ValueError(f"unsupported path matcher {m}")
+    return {"safe_regex": {"google_re2": {}, "regex": body + _QUERY_TAIL}}
+
+
+def _single(input_: Json, value: Json) -> Json:
+    return {"single_predicate": {"input": input_, "value_match": value}}
+
+
+def _ip(input_: Json, cidr: Json) -> Json:
+    matcher = {"@type": T_IP_MATCHER, "cidr_ranges": [cidr], "stat_prefix": "meshward_rbac_ip"}
+    return {
+        "single_predicate": {
+            "input": input_,
+            "custom_match": {"name": "ip", "typed_config": matcher},
+        }
+    }
+
+
+def predicate(node: Json) -> Json:
+    """An RBAC Permission or Principal (JSON) as an xds matcher predicate."""
+    if node.get("any"):
+        return TRUE
+    for key, inner in (("and_rules", "rules"), ("and_ids", "ids")):
+        if key in node:
+            return _combine("and_matcher", [predicate(n) for n in node[key][inner]])
+    for key, inner in (("or_rules", "rules"), ("or_ids", "ids")):
+        if key in node:
+            return _combine("or_matcher", [predicate(n) for n in node[key][inner]])
+    if "not_rule" in node:
+        return {"not_matcher": predicate(node["not_rule"])}
+    if "not_id" in node:
+        return {"not_matcher": predicate(node["not_id"])}
+    if "header" in node:
+        header = node["header"]
+        if header.get("present_match"):
+            value: Json = {"safe_regex": {"google_re2": {}, "regex": "(?s).*"}}
+        else:
+            value = _xds_string(header["string_match"])
+        return _single(_header_input(header["name"]), value)
+    if "url_path" in node:
+        return _single(_header_input(":path"), _path_string(node["url_path"]["path"]))
+    if "destination_port" in node:
+        return _single(
+            _network_input("DestinationPortInput"), {"exact": str(node["destination_port"])}
+        )
+    if "destination_ip" in node:
+        return _ip(_network_input("DestinationIPInput"), node["destination_ip"])
+    if "direct_remote_ip" in node:
+        return _ip(_network_input("DirectSourceIPInput"), node["direct_remote_ip"])
+    if "remote_ip" in node:
+        return _ip(_network_input("SourceIPInput"), node["remote_ip"])
+    if "requested_server_name" in node:
+        return _single(
+            _network_input("ServerNameInput"), _xds_string(node["requested_server_name"])
+        )
+    if "authenticated" in node:
+        name = node["authenticated"].get("principal_name")
+        return TRUE if name is None else _single(URI_SAN, _xds_string(name))
+    raise ValueError(f"no matcher predicate for {node}")
+
+
+def _combine(kind: str, items: list[Json]) -> Json:
+    if kind == "and_matcher":
+        items = [i for i in items if i is not TRUE and i != TRUE]
+        if not items:
+            return TRUE
+    elif any(i == TRUE for i in items):
+        return TRUE
+    return items[0] if len(items) == 1 else {kind: {"predicate": items}}
+
+
+def _action(name: str, action: str) -> Json:
+    return {
+        "action": {
+            "name": name,
+            "typed_config": {"@type": T_ACTION, "name": name, "action": action},
+        }
+    }
+
+
+def rule_predicate(rule: RuleClass, ctx: RuleContext) -> Json:
+    policy = rule_policy(rule.rule, ctx)
+    permission = _combine("or_matcher", [predicate(p) for p in policy["permissions"]])
+    principal = _combine("or_matcher", [predicate(p) for p in policy["principals"]])
+    return _combine("and_matcher", [permission, principal])
+
+
+def matcher(rules: Sequence[RuleClass], ctx: RuleContext, action: str) -> Json:
+    """The matcher tree for indexable ``rules`` (every one must have exact principals).
+
+    ALLOW: a request is allowed by the first of its caller's rules that matches; anything else
+    (another caller, no rule matching) is no match, which RBAC denies. DENY: a match denies,
+    naming the rule; anything else ends in the NO_DENY_MATCHED allow action (set on every level,
+    so it holds whether or not Envoy falls back to the outer ``on_no_match``).
+
+    Only for mTLS filter chains: when the URI SAN input has no value (a plaintext connection)
+    Envoy cannot evaluate the tree at all and RBAC denies, whatever ``on_no_match`` says.
+    Plaintext chains get the plain rules engine (where these rules simply never match).
+    """
+    by_caller: dict[str, list[Json]] = {}
+    for rule in sorted(rules, key=lambda r: r.rbac_name):
+        callers = exact_principals(rule)
+        if callers is None:
+            raise ValueError(f"{rule.rbac_name} is not indexable")
+        entry = {
+            "predicate": rule_predicate(rule, ctx),
+            "on_match": _action(rule.rbac_name, action),
+        }
+        for caller in callers:
+            by_caller.setdefault(caller, []).append(entry)
+    fallback = _action(NO_DENY_MATCHED, "ALLOW") if action == "DENY" else None
+    entries: Json = {}
+    for caller in sorted(by_caller):
+        nested: Json = {"matcher_list": {"matchers": by_caller[caller]}}
+        if fallback is not None:
+            nested["on_no_match"] = fallback
+        entries[caller] = {"matcher": nested}
+    tree: Json = {"matcher_tree": {"input": URI_SAN, "exact_match_map": {"map": entries}}}
+    if fallback is not None:
+        tree["on_no_match"] = fallback
+    return tree

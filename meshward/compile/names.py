@@ -1,0 +1,98 @@
+"""Every name the compiled config uses, in one place.
+
+Names are a contract: the control plane orders pushes by them, the ext_authz service reads the
+context extension keys, the denials reader reads the access-log fields and metadata keys, and a
+denial's ``rbac_access_denied_matched_policy[...]`` must name the operator's policy. They are
+built only from the policy set and the registry, so the same input always yields the same names.
+"""
+
+from __future__ import annotations
+
+from meshward.policy.model import Workload
+
+# SDS secret names (Istio's): one SVID per node.
+SECRET_DEFAULT = "default"  # the workload's own SVID (tls_certificate)
+SECRET_ROOTCA = "ROOTCA"  # the trust bundle (validation_context)
+
+# Infrastructure clusters.
+CLUSTER_EXTAUTHZ = "meshward-extauthz"
+CLUSTER_XDS = "meshward-xds"
+CLUSTER_OTLP = "meshward-otlp"
+
+# HTTP filter names as they appear in the chain (the ext_authz per-route config is keyed by it).
+FILTER_HEADER_MUTATION = "envoy.filters.http.header_mutation"
+FILTER_RBAC = "envoy.filters.http.rbac"
+FILTER_EXTAUTHZ = "envoy.filters.http.ext_authz"
+FILTER_ROUTER = "envoy.filters.http.router"
+NETWORK_FILTER_RBAC = "envoy.filters.network.rbac"
+
+# The dynamic-metadata namespace every HTTP RBAC filter writes into (whatever its chain name).
+RBAC_METADATA_NAMESPACE = "envoy.filters.http.rbac"
+NETWORK_RBAC_METADATA_NAMESPACE = "envoy.filters.network.rbac"
+
+# Shadow stat prefixes. Envoy prefixes both the shadow stats and the shadow dynamic-metadata keys
+# (``<prefix>shadow_engine_result``, ``<prefix>shadow_effective_policy_id``) with these, so the
+# filters below never overwrite each other's results.
+NATIVE_ALLOW_PREFIX = "meshward_native_allow_"  # native ALLOW rules when ext_authz may also allow
+DRY_RUN_DENY_PREFIX = "meshward_dry_run_deny_"
+DRY_RUN_ALLOW_PREFIX = "meshward_dry_run_allow_"
+AUDIT_PREFIX = "meshward_audit_"
+NATIVE_ALLOW_RESULT_KEY = NATIVE_ALLOW_PREFIX + "shadow_engine_result"
+# Principal-indexed ALLOW rules evaluated first (meshward.compile.index), and the synthetic
+# policy that carries their verdict into the rules engine.
+INDEXED_ALLOW_PREFIX = "meshward_indexed_allow_"
+INDEXED_ALLOW_RESULT_KEY = INDEXED_ALLOW_PREFIX + "shadow_engine_result"
+INDEXED_ALLOW_POLICY = "meshward-indexed-allow"
+
+# ext_authz CheckRequest.attributes.context_extensions keys (the ext_authz service reads them).
+CONTEXT_WORKLOAD = "workload"  # "<ns>/<name>": whose policies to evaluate
+CONTEXT_PORT = "port"  # the declared service port the request arrived on (runtime ports differ)
+
+# Client-sent headers with this prefix are removed before any filter reads them, so only
+# Meshward (ext_authz, the sidecar) can set them for the application.
+MESHWARD_HEADER_PREFIX = "x-meshward-"
+
+
+def rbac_policy_name(namespace: str, name: str, rule_index: int) -> str:
+    """What a denial reports in ``rbac_access_denied_matched_policy[...]``."""
+    return f"ns[{namespace}]-policy[{name}]-rule[{rule_index}]"
+
+
+def workload_host(workload: Workload) -> str:
+    """``<name>.<ns>``: the workload's part of cluster, listener and route names."""
+    return f"{workload.name}.{workload.namespace}"
+
+
+def inbound_listener(workload: Workload, port: int) -> str:
+    return f"inbound|{port}|{workload_host(workload)}"
+
+
+def inbound_cluster(workload: Workload, port: int) -> str:
+    """The local application behind the sidecar, for one declared port."""
+    return f"inbound|{port}||{workload_host(workload)}"
+
+
+def inbound_route(workload: Workload, port: int) -> str:
+    return inbound_listener(workload, port)
+
+
+def outbound_listener(peer: Workload, port: int) -> str:
+    return f"outbound|{port}||{workload_host(peer)}"
+
+
+def outbound_cluster(peer: Workload, port: int) -> str:
+    return f"outbound|{port}||{workload_host(peer)}"
+
+
+def outbound_route(peer: Workload, port: int) -> str:
+    return outbound_cluster(peer, port)
+
+
+def peer_key(peer: Workload, port: int) -> str:
+    """How bindings name one outbound target: ``<ns>/<name>:<port>``."""
+    return f"{peer.ref}:{port}"
+
+
+def stat_prefix(name: str) -> str:
+    """Stat names treat '.' as a separator; keep each listener's stats one level deep."""
+    return name.replace("|", "_").replace(".", "_").replace("/", "_").strip("_")

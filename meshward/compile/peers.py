@@ -1,0 +1,120 @@
+"""Which peers a workload may call: the outbound listeners and clusters it gets.
+
+A workload needs an outbound path to a peer unless the peer's policies can never allow it. The
+analysis only looks at the positive ``principals`` and ``namespaces`` of the peer's enforced
+ALLOW rules (everything else is assumed to possibly match), so it over-approximates: an extra
+cluster is harmless, a missing one is an outage. A peer with no enforced ALLOW policy, or with
+an ALLOW rule whose source is not narrowed by principal or namespace, is callable by everyone.
+
+Built once per policy-set version as an index from caller identity to peers, so compiling every
+workload of the mesh costs time proportional to the output, not to workloads squared.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from meshward.policy.model import Action, Rule, Workload
+
+if TYPE_CHECKING:
+    from meshward.policy.policyset import PolicySet
+
+Predicate = Callable[[str], bool]
+
+
+def _pattern(pattern: str) -> Predicate:
+    if pattern == "*":
+        return lambda v: bool(v)
+    if pattern.startswith("*"):
+        suffix = pattern[1:]
+        return lambda v: v.endswith(suffix)
+    if pattern.endswith("*"):
+        prefix = pattern[:-1]
+        return lambda v: v.startswith(prefix)
+    return lambda v: v == pattern
+
+
+@dataclass
+class PeerIndex:
+    open: set[str] = field(default_factory=set)  # refs callable by anyone
+    by_principal: dict[str, set[str]] = field(default_factory=dict)  # td/ns/x/sa/y -> refs
+    by_namespace: dict[str, set[str]] = field(default_factory=dict)
+    principal_patterns: list[tuple[Predicate, str]] = field(default_factory=list)
+    namespace_patterns: list[tuple[Predicate, str]] = field(default_factory=list)
+
+    def callees(self, principal: str, namespace: str) -> set[str]:
+        refs = set(self.open)
+        refs |= self.by_principal.get(principal, set())
+        refs |= self.by_namespace.get(namespace, set())
+        refs.update(ref for pred, ref in self.principal_patterns if pred(principal))
+        refs.update(ref for pred, ref in self.namespace_patterns if pred(namespace))
+        return refs
+
+
+def build_index(policy_set: PolicySet) -> PeerIndex:
+    index = PeerIndex()
+    for dst in policy_set.workloads:
+        if not dst.ports:
+            continue
+        allow = [
+            p for p in policy_set.policies_for(dst) if p.action is Action.ALLOW and not p.dry_run
+        ]
+        if not allow:
+            index.open.add(dst.ref)
+            continue
+        _index_rules(index, dst.ref, [rule for p in allow for rule in p.rules])
+    return index
+
+
+def _index_rules(index: PeerIndex, ref: str, rules: list[Rule]) -> None:
+    for rule in rules:
+        if not rule.sources:
+            index.open.add(ref)
+            return
+        for source in rule.sources:
+            if source.principals:
+                for p in source.principals:
+                    if "*" in p:
+                        index.principal_patterns.append((_pattern(p), ref))
+                    else:
+                        index.by_principal.setdefault(p, set()).add(ref)
+            elif source.namespaces:
+                for ns in source.namespaces:
+                    if "*" in ns:
+                        index.namespace_patterns.append((_pattern(ns), ref))
+                    else:
+                        index.by_namespace.setdefault(ns, set()).add(ref)
+            else:
+                index.open.add(ref)
+                return
+
+
+_CACHE: dict[str, PeerIndex] = {}
+_LOCK = threading.Lock()
+_CACHE_SIZE = 4
+
+
+def peer_index(policy_set: PolicySet) -> PeerIndex:
+    """The index for this policy set, memoized by its content version."""
+    version = policy_set.version
+    hit = _CACHE.get(version)
+    if hit is not None:
+        return hit
+    built = build_index(policy_set)
+    with _LOCK:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[version] = built
+    return built
+
+
+def peers_of(policy_set: PolicySet, workload: Workload) -> list[Workload]:
+    """The workloads ``workload`` may call, sorted by ref (never itself)."""
+    trust_domain = policy_set.mesh.trust_domain
+    refs = peer_index(policy_set).callees(workload.principal(trust_domain), workload.namespace)
+    refs.discard(workload.ref)
+    found = (policy_set.workload(ref) for ref in sorted(refs))
+    return [w for w in found if w is not None]

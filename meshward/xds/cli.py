@@ -1,0 +1,236 @@
+"""`meshward xds serve`: run the control plane as a process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from meshward.errors import UserError
+
+EPILOG = """\
+examples:
+  meshward ca init --dir certs/ca --trust-domain cluster.local
+  meshward xds serve --policy examples/ --ca certs/ca --listen 127.0.0.1:15010
+  meshward xds serve --policy examples/ --ca certs/ca --listen 127.0.0.1:0 \\
+      --admin 127.0.0.1:0 --bindings bindings.json --ready-file xds.json
+
+The ADS listener is mTLS only: its certificate is issued by the CA for
+spiffe://<td>/ns/<root namespace>/sa/meshward-xds, and every sidecar must present the SVID of
+the workload named by its node id (`meshward bootstrap` writes those credentials).
+Policy files are watched: a valid change is pushed to the affected sidecars only; an invalid
+one is rejected (shown in `meshward status`) and the running version stays.
+
+bindings file (JSON, optional; what `meshward.compile.runtime_bindings` produces) maps each
+workload to where its sidecar listens and where its app is, for meshes on one machine:
+  {"shop/orders": {"ports": {"8080": {"listen": "127.0.0.1:15001", "app": "127.0.0.1:9001"}},
+                   "outbound": {"shop/payments:8080": "127.0.0.1:15102"}}}
+Without it, every sidecar listens on its workload's declared ports (--listen-host) and forwards
+to the app on the same port (--app-host).
+"""
+
+
+def _duration_seconds(text: str) -> float:
+    from meshward.certs.duration import parse_duration
+
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r} (e.g. 127.0.0.1:15010)")
+    return text
+
+
+def load_bindings(path: Path) -> dict[str, Any]:
+    """The JSON bindings file (see ``meshward xds serve --help``) -> WorkloadBinding by ref."""
+    from meshward.compile import Endpoint, PortBinding, WorkloadBinding
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read bindings file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UserError(f"bindings file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"bindings file {path}: expected an object keyed by NAMESPACE/NAME")
+    result: dict[str, Any] = {}
+    try:
+        for ref, entry in data.items():
+            ports = {
+                int(port): PortBinding(
+                    listen=Endpoint.parse(p["listen"]),
+                    app=Endpoint.parse(p["app"]),
+                    advertise=Endpoint.parse(p["advertise"]) if p.get("advertise") else None,
+                )
+                for port, p in (entry.get("ports") or {}).items()
+            }
+            outbound = {
+                key: Endpoint.parse(value) for key, value in (entry.get("outbound") or {}).items()
+            }
+            result[ref] = WorkloadBinding(ports=ports, outbound=outbound)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise UserError(
+            f"bindings file {path}: malformed entry ({exc}); see `meshward xds serve --help`"
+        ) from None
+    return result
+
+
+def dump_bindings(bindings: dict[str, Any]) -> dict[str, Any]:
+    """WorkloadBinding by ref -> the JSON form :func:`load_bindings` reads."""
+    return {
+        ref: {
+            "ports": {
+                str(port): {
+                    "listen": str(b.listen),
+                    "app": str(b.app),
+                    **({"advertise": str(b.advertise)} if b.advertise else {}),
+                }
+                for port, b in sorted(binding.ports.items())
+            },
+            "outbound": {key: str(ep) for key, ep in sorted(binding.outbound.items())},
+        }
+        for ref, binding in sorted(bindings.items())
+    }
+
+
+def serve(args: argparse.Namespace) -> int:
+    import asyncio
+    from datetime import timedelta
+
+    from meshward.certs import CertificateAuthority
+    from meshward.compile import AccessLogFormat, CompileOptions, Endpoint
+    from meshward.policy import PolicyError
+    from meshward.telemetry import setup_json_logging
+    from meshward.xds.compiler import compiler_for
+    from meshward.xds.service import XdsService
+
+    if args.log_format == "json":
+        setup_json_logging()
+    else:
+        import logging
+
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    ca = CertificateAuthority.load(Path(args.ca))
+    options = CompileOptions(
+        bindings=load_bindings(Path(args.bindings)) if args.bindings else {},
+        extauthz=Endpoint.parse(args.extauthz) if args.extauthz else None,
+        otlp=Endpoint.parse(args.otlp) if args.otlp else None,
+        access_log_path=None if args.access_log == "off" else args.access_log,
+        access_log_format=AccessLogFormat(args.access_log_format),
+        listen_host=args.listen_host,
+        app_host=args.app_host,
+    )
+
+    async def main() -> None:
+        try:
+            service = XdsService(
+                None,
+                ca,
+                compiler_for(options),
+                listen=args.listen,
+                admin=None if args.admin == "off" else args.admin,
+                svid_ttl=timedelta(seconds=args.svid_ttl),
+                drift_threshold=args.drift_threshold,
+                policy_paths=args.policy,
+                watch_interval=args.watch_interval,
+            )
+        except PolicyError as exc:
+            raise UserError(f"the policy set is invalid; not starting.\n{exc}") from None
+        if service.control.policy.mesh.trust_domain != ca.trust_domain:
+            raise UserError(
+                f"policy trust domain {service.control.policy.mesh.trust_domain!r} differs from "
+                f"the CA's {ca.trust_domain!r}; fix MeshConfig.spec.trustDomain or use another CA"
+            )
+        await service.start()
+        ready = {
+            "ads": service.address,
+            "admin": service.admin_url,
+            "server_identity": service.server_identity,
+            "policy_version": service.control.policy.version,
+            "pid": os.getpid(),
+        }
+        print(
+            f"meshward xds: ADS on {service.address} (mTLS, {service.server_identity}); "
+            f"admin {service.admin_url or 'off'}; policy {service.control.policy.version[:12]}",
+            flush=True,
+        )
+        if args.ready_file:
+            path = Path(args.ready_file)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(ready) + "\n")
+            tmp.replace(path)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise UserError(
+            f"cannot listen on {args.listen} or {args.admin}: {exc.strerror or exc}"
+        ) from None
+    print("meshward xds: stopped", file=sys.stderr)
+    return 0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="xds_command", metavar="COMMAND", title="commands")
+    p = commands.add_parser(
+        "serve",
+        help="serve ADS (SotW + delta) with SDS identities to Envoy sidecars",
+        description=(
+            "Serve the compiled policy to Envoy sidecars over ADS (state of the world and delta), "
+            "with each sidecar's SVID and the trust bundle over SDS; watch the policy files and "
+            "push valid changes live; renew SVIDs at half their lifetime."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--policy", action="append", required=True, metavar="PATH",
+                   help="policy file or directory (repeatable); watched for changes")  # fmt: skip
+    p.add_argument("--ca", required=True, metavar="DIR", help="CA directory (`meshward ca init`)")
+    p.add_argument("--listen", type=_address, default="127.0.0.1:15010", metavar="HOST:PORT",
+                   help="ADS (mTLS) address; port 0 picks a free one (default: %(default)s)")  # fmt: skip
+    p.add_argument("--admin", default="127.0.0.1:15011", metavar="HOST:PORT",
+                   help="HTTP admin address for /status and /metrics, or 'off' "
+                        "(default: %(default)s; keep it on loopback)")  # fmt: skip
+    p.add_argument("--svid-ttl", type=_duration_seconds, default=3600.0, metavar="DURATION",
+                   help="lifetime of each sidecar's SVID, renewed at ~50%% (default: 1h)")  # fmt: skip
+    p.add_argument("--drift-threshold", type=_duration_seconds, default=10.0, metavar="DURATION",
+                   help="how long a node may stay behind its desired version before it is "
+                        "reported as drifting (default: 10s)")  # fmt: skip
+    p.add_argument(
+        "--bindings", metavar="FILE", help="runtime ports per workload (JSON; see below)"
+    )
+    p.add_argument("--extauthz", metavar="HOST:PORT", help="the ext_authz service for L7/JWT rules")
+    p.add_argument("--otlp", metavar="HOST:PORT", help="OTLP gRPC collector for Envoy's spans")
+    p.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
+                   help="sidecar access log path, or 'off' (default: %(default)s)")  # fmt: skip
+    p.add_argument("--access-log-format", choices=["json", "text"], default="json")
+    p.add_argument("--listen-host", default="0.0.0.0",
+                   help="where sidecars bind inbound listeners without bindings (default: %(default)s)")  # fmt: skip
+    p.add_argument("--app-host", default="127.0.0.1",
+                   help="where sidecars find their app without bindings (default: %(default)s)")  # fmt: skip
+    p.add_argument("--watch-interval", type=float, default=0.5, metavar="SECONDS",
+                   help="policy directory poll interval (default: %(default)s)")  # fmt: skip
+    p.add_argument("--ready-file", metavar="FILE",
+                   help="write {ads, admin, server_identity, policy_version, pid} as JSON once "
+                        "listening (for supervisors and scripts)")  # fmt: skip
+    p.add_argument("--log-format", choices=["json", "text"], default="text")
+    p.set_defaults(func=serve)

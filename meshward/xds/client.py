@@ -1,0 +1,237 @@
+"""A minimal ADS client that behaves like Envoy on the wire: simulated nodes for the benchmark
+and for tests that need to misbehave (claim another identity, ask for someone else's secret,
+NACK on purpose).
+
+It speaks over grpclib (pure-Python HTTP/2) with the standard library's TLS instead of grpcio:
+grpcio's client insists on matching the server's *DNS* name, and SVIDs carry only a SPIFFE URI.
+Here the chain is verified against the trust bundle and the server's URI SAN is checked against
+the expected SPIFFE ID, which is what Envoy does too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
+
+from meshward.xds import types
+
+SOTW_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+
+
+class ServerIdentityMismatch(Exception):
+    pass
+
+
+def client_ssl_context(cert_chain_pem: bytes, key_pem: bytes, roots_pem: bytes) -> ssl.SSLContext:
+    """mTLS client context from PEM bytes (the ssl module reads keys from files only, so they
+    pass through a private temporary directory that is removed at once)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False  # SVIDs have no DNS names; the URI SAN is checked instead
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=roots_pem.decode())
+    with tempfile.TemporaryDirectory(prefix="meshward-client-") as tmp:
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key_pem)
+        with open(cert_path, "wb") as handle:
+            handle.write(cert_chain_pem)
+        context.load_cert_chain(cert_path, key_path)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+@dataclass
+class TypeView:
+    """What the client holds for one type: resources by name (bytes) and the last version."""
+
+    version: str = ""
+    resources: dict[str, Any] = field(default_factory=dict)  # name -> Any (packed)
+    nonce: str = ""
+    responses: int = 0
+
+
+@dataclass
+class AdsClient:
+    """One simulated node. ``run()`` opens the stream and ACKs everything until ``close()``.
+
+    ``nack``: called with (type_url, response); return an error string to NACK that response.
+    ``on_response``: called after each response is applied (e.g. to time convergence).
+    """
+
+    host: str
+    port: int
+    node_id: str
+    ssl_context: ssl.SSLContext
+    server_identity: str | None = None
+    delta: bool = False
+    subscriptions: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {types.CLUSTER: (), types.LISTENER: ()}
+    )
+    nack: Callable[[str, Any], str | None] | None = None
+    on_response: Callable[[AdsClient, str, Any], None] | None = None
+    views: dict[str, TypeView] = field(default_factory=dict)
+    error: BaseException | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    last_response_at: float = 0.0
+    _send: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    _channel: Any = None
+
+    def view(self, type_url: str) -> TypeView:
+        return self.views.setdefault(type_url, TypeView())
+
+    def subscribe(self, type_url: str, names: Iterable[str]) -> None:
+        """Change a subscription while running (SotW: the full name list; delta: adds)."""
+        names = tuple(names)
+        old = self.subscriptions.get(type_url, ())
+        self.subscriptions[type_url] = names
+        view = self.view(type_url)
+        if self.delta:
+            self._send.put_nowait(
+                discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=type_url,
+                    resource_names_subscribe=[n for n in names if n not in old],
+                    resource_names_unsubscribe=[n for n in old if n not in names],
+                    response_nonce=view.nonce,
+                )
+            )
+        else:
+            self._send.put_nowait(
+                discovery_pb2.DiscoveryRequest(
+                    type_url=type_url, version_info=view.version, resource_names=list(names),
+                    response_nonce=view.nonce,
+                )
+            )  # fmt: skip
+
+    async def run(self) -> None:
+        from grpclib.client import Channel
+        from grpclib.const import Cardinality
+
+        self._channel = Channel(self.host, self.port, ssl=self.ssl_context)
+        try:
+            method = DELTA_METHOD if self.delta else SOTW_METHOD
+            request_type: Any = (
+                discovery_pb2.DeltaDiscoveryRequest
+                if self.delta
+                else discovery_pb2.DiscoveryRequest
+            )
+            reply_type: Any = (
+                discovery_pb2.DeltaDiscoveryResponse
+                if self.delta
+                else discovery_pb2.DiscoveryResponse
+            )
+            async with self._channel.request(
+                method, Cardinality.STREAM_STREAM, request_type, reply_type
+            ) as stream:
+                await stream.send_request()
+                self._check_server(stream)
+                first = True
+                for type_url, names in self.subscriptions.items():
+                    request = self._initial(type_url, names)
+                    if first:
+                        request.node.id = self.node_id
+                        request.node.cluster = self.node_id
+                        first = False
+                    await stream.send_message(request)
+                self.connected.set()
+                sender = asyncio.create_task(self._sender(stream))
+                try:
+                    async for response in stream:
+                        self._apply(response)
+                finally:
+                    sender.cancel()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.error = exc
+            self.connected.set()
+        finally:
+            self._channel.close()
+
+    def _check_server(self, stream: Any) -> None:
+        if self.server_identity is None:
+            return
+        cert = stream.peer.cert() or {}
+        uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
+        if self.server_identity not in uris:
+            raise ServerIdentityMismatch(
+                f"server presented {uris}, expected {self.server_identity}"
+            )
+
+    def _initial(self, type_url: str, names: tuple[str, ...]) -> Any:
+        if self.delta:
+            return discovery_pb2.DeltaDiscoveryRequest(
+                type_url=type_url, resource_names_subscribe=list(names)
+            )
+        return discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=list(names))
+
+    async def _sender(self, stream: Any) -> None:
+        while True:
+            message = await self._send.get()
+            await stream.send_message(message)
+
+    def _apply(self, response: Any) -> None:
+        type_url = response.type_url
+        view = self.view(type_url)
+        error = self.nack(type_url, response) if self.nack else None
+        if self.delta:
+            if error is None:
+                for resource in response.resources:
+                    view.resources[resource.name] = resource.resource
+                for name in response.removed_resources:
+                    view.resources.pop(name, None)
+                view.version = response.system_version_info
+            request = discovery_pb2.DeltaDiscoveryRequest(
+                type_url=type_url, response_nonce=response.nonce
+            )
+        else:
+            if error is None:
+                view.resources = {_name(any_): any_ for any_ in response.resources}
+                view.version = response.version_info
+            request = discovery_pb2.DiscoveryRequest(
+                type_url=type_url,
+                version_info=view.version,
+                resource_names=list(self.subscriptions.get(type_url, ())),
+                response_nonce=response.nonce,
+            )
+        if error is not None:
+            request.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+        view.nonce = response.nonce
+        view.responses += 1
+        self.last_response_at = time.monotonic()
+        self._send.put_nowait(request)
+        if self.on_response is not None:
+            self.on_response(self, type_url, response)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+
+def _name(resource: Any) -> str:
+    """The name of a packed resource without decoding all of it (field 1 for every type we
+    serve: Listener/Cluster/RouteConfiguration/Secret ``name``, ClusterLoadAssignment
+    ``cluster_name``)."""
+    data = resource.value
+    if data[:1] == b"\x0a":
+        length, offset = 0, 1
+        shift = 0
+        while True:
+            byte = data[offset]
+            length |= (byte & 0x7F) << shift
+            offset += 1
+            if not byte & 0x80:
+                break
+            shift += 7
+        return str(data[offset : offset + length].decode())
+    return ""

@@ -1,0 +1,29 @@
+"""The bridge from meshward.compile to the control plane: one workload -> resource protos."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from meshward.policy import PolicySet, Workload
+from meshward.xds.controlplane import WorkloadCompiler
+
+
+def compiler_for(options: Any = None) -> WorkloadCompiler:
+    """A :data:`WorkloadCompiler` over :func:`meshward.compile.compile_workload` in xDS mode.
+
+    ``options``: a :class:`meshward.compile.CompileOptions` (its ``mode`` is forced to XDS:
+    routes over RDS, endpoints over EDS, secrets over SDS).
+    """
+    from dataclasses import replace
+
+    from meshward.compile import CompileOptions, Mode, compile_workload
+
+    options = replace(options or CompileOptions(), mode=Mode.XDS)
+
+    def compile_one(policy: PolicySet, workload: Workload, now: datetime) -> Sequence[Any]:
+        compiled = compile_workload(policy, workload, options, now=now)
+        return [message for messages in compiled.by_type().values() for message in messages]
+
+    return compile_one

@@ -1,0 +1,479 @@
+"""The control plane's brain: policy set + CA -> each node's snapshot, kept current.
+
+- Policy: every workload's config is compiled once per policy version (and again at each
+  ``meshward.dev/expires-at`` instant); only nodes whose workload's compiled resources changed
+  get a new snapshot, so only they are pushed to.
+- Identity: a node's SVID is issued when its first stream opens, renewed at ~50% of its lifetime
+  (:class:`meshward.certs.RotationSchedule`) and pushed over SDS without a restart. The ADS
+  server's own certificate renews the same way.
+- Node authentication: a stream may act as node ``ns/name[/i]`` only if its client certificate
+  is the SVID of workload ``ns/name`` (see :mod:`meshward.xds.nodeid`).
+
+Everything here runs on the server's event loop; the policy watcher's thread hops onto it with
+``call_soon_threadsafe`` (see :meth:`ControlPlane.watcher_callbacks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from meshward.policy import PolicyError, PolicySet, Workload
+from meshward.xds import types
+from meshward.xds.cache import SnapshotCache
+from meshward.xds.credentials import ServerTls
+from meshward.xds.nodeid import NodeId, expected_spiffe_id
+from meshward.xds.resources import Resource, make_resource
+from meshward.xds.server import NodeRejected
+from meshward.xds.snapshot import Snapshot, build_snapshot, snapshot_version
+
+log = logging.getLogger("meshward.xds")
+
+#: Compiles one workload: (policy set, workload, now) -> resource protos (any mix of Listener,
+#: Cluster, ClusterLoadAssignment, RouteConfiguration). Pure.
+WorkloadCompiler = Callable[[PolicySet, Workload, datetime], Sequence[Any]]
+
+SERVER_KEY = "@ads-server"
+SERVER_SERVICE_ACCOUNT = "meshward-xds"
+CA_POLL_SECONDS = 5.0
+MIN_RENEWAL_INTERVAL = timedelta(seconds=1)
+
+
+def server_spiffe_id(policy: PolicySet, trust_domain: str) -> str:
+    """The ADS server's identity, which sidecars pin in their bootstrap."""
+    return expected_spiffe_id(trust_domain, policy.mesh.root_namespace, SERVER_SERVICE_ACCOUNT)
+
+
+@dataclass
+class NodeState:
+    node: NodeId
+    identity: str
+    svid: Any = None  # meshward.certs.Svid
+    secrets: tuple[Resource, ...] = ()
+    generation: int = 0  # certificate generation: bumps with every new secret content
+    connected: bool = False
+    issued: int = 0
+    renew_at: datetime | None = None
+
+
+@dataclass
+class WorkloadConfig:
+    resources: dict[str, list[Resource]] = field(default_factory=dict)
+    fingerprint: tuple[tuple[str, str, str], ...] = ()
+    error: str | None = None
+
+
+def _sort_resources(messages: Iterable[Any]) -> dict[str, list[Resource]]:
+    by_type: dict[str, list[Resource]] = {}
+    for message in messages:
+        resource = make_resource(message)
+        by_type.setdefault(resource.type_url, []).append(resource)
+    return by_type
+
+
+def _fingerprint(resources: dict[str, list[Resource]]) -> tuple[tuple[str, str, str], ...]:
+    return tuple(sorted((t, r.name, r.hash) for t, items in resources.items() for r in items))
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        policy: PolicySet,
+        ca: Any,  # meshward.certs.CertificateAuthority
+        compiler: WorkloadCompiler,
+        *,
+        svid_ttl: timedelta = timedelta(hours=1),
+        server_ttl: timedelta | None = None,
+        schedule: Any = None,  # meshward.certs.RotationSchedule
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], float] = time.monotonic,
+        reload_ca: bool = True,
+    ) -> None:
+        from meshward.certs import RotationSchedule
+
+        self.policy = policy
+        self.ca = ca
+        self.compiler = compiler
+        self.svid_ttl = svid_ttl
+        self.server_ttl = server_ttl or svid_ttl
+        self.schedule = schedule if schedule is not None else RotationSchedule()
+        self.wall_clock = wall_clock
+        self.clock = clock
+        self.reload_ca = reload_ca
+        self.cache = SnapshotCache()
+        self.nodes: dict[str, NodeState] = {}
+        self.configs: dict[str, WorkloadConfig] = {}
+        self.policy_applied_at = wall_clock()
+        self.policy_error: str | None = None
+        self.policy_error_at: datetime | None = None
+        self.metrics: Any = None  # XdsMetrics, set by XdsService
+        self._bundle_version = ""
+        self._rootca: Resource | None = None
+        self._wake: asyncio.Event | None = None
+        self._ca_mtime: float | None = None
+        self.server_tls: ServerTls | None = None
+        self._server_svid: Any = None
+        self._compiled_at = wall_clock()
+        self._recompile(self._compiled_at)
+        self._refresh_bundle(self._compiled_at)
+
+    # -- policy --------------------------------------------------------------------------------
+    def _recompile(self, now: datetime) -> set[str]:
+        """Compile every workload; return the refs whose resources changed."""
+        changed: set[str] = set()
+        fresh: dict[str, WorkloadConfig] = {}
+        for workload in self.policy.workloads:
+            previous = self.configs.get(workload.ref)
+            try:
+                resources = _sort_resources(self.compiler(self.policy, workload, now))
+                config = WorkloadConfig(resources, _fingerprint(resources))
+            except Exception as exc:  # keep the last good config of this workload
+                log.exception("compiling %s failed; it keeps its previous config", workload.ref)
+                config = WorkloadConfig(
+                    previous.resources if previous else {},
+                    previous.fingerprint if previous else (),
+                    f"{type(exc).__name__}: {exc}",
+                )
+            fresh[workload.ref] = config
+            if previous is None or previous.fingerprint != config.fingerprint:
+                changed.add(workload.ref)
+        changed.update(ref for ref in self.configs if ref not in fresh)  # removed workloads
+        self.configs = fresh
+        self._compiled_at = now
+        return changed
+
+    def apply_policy(self, policy: PolicySet) -> set[str]:
+        """A new valid policy set: recompile, push to the nodes of affected workloads only."""
+        self.policy = policy
+        self.policy_applied_at = self.wall_clock()
+        self.policy_error = None
+        self.policy_error_at = None
+        changed = self._recompile(self.wall_clock())
+        self._refresh_nodes(changed)
+        if self.metrics is not None:
+            self.metrics.policy_updates.labels("applied").inc()
+        log.info(
+            "policy %s applied: %d workload(s) changed%s",
+            policy.version[:12], len(changed), f" ({', '.join(sorted(changed))})" if changed else "",
+        )  # fmt: skip
+        self._poke()
+        return changed
+
+    def refresh(self) -> set[str]:
+        """Recompile the current policy set (e.g. after the compiler's inputs changed) and push
+        whatever changed."""
+        changed = self._recompile(self.wall_clock())
+        self._refresh_nodes(changed)
+        self._poke()
+        return changed
+
+    def reject_policy(self, error: PolicyError) -> None:
+        """An invalid change: the running version stays; the error shows in status."""
+        self.policy_error = str(error)
+        self.policy_error_at = self.wall_clock()
+        if self.metrics is not None:
+            self.metrics.policy_updates.labels("rejected").inc()
+        log.warning("policy change rejected, keeping %s: %s", self.policy.version[:12], error)
+
+    def watcher_callbacks(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> tuple[Callable[[PolicySet], None], Callable[[PolicyError], None]]:
+        """``on_change``/``on_error`` for a PolicyWatcher thread: they hop onto ``loop``."""
+
+        def on_change(policy: PolicySet) -> None:
+            loop.call_soon_threadsafe(self.apply_policy, policy)
+
+        def on_error(error: PolicyError) -> None:
+            loop.call_soon_threadsafe(self.reject_policy, error)
+
+        return on_change, on_error
+
+    def next_expiry(self, now: datetime) -> datetime | None:
+        upcoming = [
+            p.expires_at
+            for p in self.policy.authorization_policies
+            if p.expires_at is not None and p.expires_at > self._compiled_at
+        ]
+        return min(upcoming, default=None)
+
+    def _expire(self, now: datetime) -> None:
+        changed = self._recompile(now)
+        log.info("expires-at reached: recompiled, %d workload(s) changed", len(changed))
+        self._refresh_nodes(changed)
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def _workload(self, node: NodeId) -> Workload | None:
+        return self.policy.workload(node.workload_ref)
+
+    def expected_identity(self, node: NodeId) -> str:
+        workload = self._workload(node)
+        account = (workload.service_account or workload.name) if workload else node.workload
+        return expected_spiffe_id(self.ca.trust_domain, node.namespace, account)
+
+    def authorize(self, node: NodeId, peer_identity: str | None) -> None:
+        if peer_identity is None:
+            raise NodeRejected(
+                "no-client-certificate",
+                "ADS requires a client certificate (mTLS): run `meshward bootstrap` for this "
+                "workload and use the credentials it writes",
+            )
+        expected = self.expected_identity(node)
+        if peer_identity != expected:
+            raise NodeRejected(
+                "identity-mismatch",
+                f"a client certificate for {peer_identity} may not act as node {node} "
+                f"(that node must present {expected})",
+            )
+
+    async def node_connected(self, node: NodeId) -> None:
+        key = str(node)
+        state = self.nodes.get(key)
+        if state is None:
+            state = self.nodes[key] = NodeState(node, self.expected_identity(node))
+        state.connected = True
+        now = self.wall_clock()
+        if (
+            state.svid is None
+            or now >= state.svid.not_after - (state.svid.not_after - state.svid.not_before) / 2
+        ):
+            self._issue(state, now, reason="first-request" if state.svid is None else "reconnect")
+        elif key not in self.schedule:
+            self.schedule.track(key, state.svid)
+        self._refresh_node(state)
+        self._poke()
+
+    def node_disconnected(self, node: NodeId) -> None:
+        state = self.nodes.get(str(node))
+        if state is not None:
+            state.connected = False
+            self.schedule.forget(str(node))  # renewed on reconnect if due by then
+
+    def node_details(self, node: NodeId) -> dict[str, Any]:
+        state = self.nodes.get(str(node))
+        workload = self._workload(node)
+        details: dict[str, Any] = {
+            "workload": node.workload_ref,
+            "known_workload": workload is not None,
+            "identity": state.identity if state else self.expected_identity(node),
+        }
+        config = self.configs.get(node.workload_ref)
+        if config is not None and config.error:
+            details["compile_error"] = config.error
+        if state is not None and state.svid is not None:
+            now = self.wall_clock()
+            svid = state.svid
+            renew_at = state.renew_at
+            details["certificate"] = {
+                "spiffe_id": svid.spiffe_id,
+                "serial": f"{svid.serial:x}",
+                "not_before": svid.not_before.isoformat(),
+                "not_after": svid.not_after.isoformat(),
+                "renew_at": renew_at.isoformat() if renew_at else None,
+                "remaining_seconds": round((svid.not_after - now).total_seconds(), 3),
+                "generation": state.generation,
+                "issued": state.issued,
+            }
+        return details
+
+    def _issue(self, state: NodeState, now: datetime, *, reason: str) -> None:
+        from meshward.certs.sds import tls_certificate_secret, validate_secret
+
+        svid = self.ca.issue(state.identity, ttl=self.svid_ttl, now=now)
+        secret = tls_certificate_secret(svid)
+        validate_secret(secret, now=now, trust_bundle=self.ca.trust_bundle(now=now))
+        state.svid = svid
+        state.issued += 1
+        state.secrets = (make_resource(secret),)
+        state.generation += 1
+        renewal = self.schedule.track(str(state.node), svid)
+        state.renew_at = renewal.due_at
+        if renewal.due_at < now + MIN_RENEWAL_INTERVAL:
+            # A schedule that renews (almost) at issuance (a tiny TTL against the CA's clock-skew
+            # backdating) would spin: renew no faster than this.
+            state.renew_at = now + MIN_RENEWAL_INTERVAL
+            self.schedule.retry(str(state.node), state.renew_at)
+        if self.metrics is not None:
+            self.metrics.svids_issued.labels(reason).inc()
+        log.info(
+            "SVID for %s issued (%s), serial %x, expires %s",
+            state.node, reason, svid.serial, svid.not_after.isoformat(),
+        )  # fmt: skip
+
+    def _snapshot(self, state: NodeState) -> Snapshot:
+        config = self.configs.get(state.node.workload_ref)
+        resources: dict[str, list[Resource]] = dict(config.resources) if config else {}
+        secrets = list(state.secrets)
+        if self._rootca is not None:
+            secrets.append(self._rootca)
+        resources[types.SECRET] = secrets
+        version = snapshot_version(self.policy.version, state.generation)
+        return build_snapshot(self.cache.get(str(state.node)), resources, version, self.clock())
+
+    def _refresh_node(self, state: NodeState) -> bool:
+        return self.cache.set(str(state.node), self._snapshot(state))
+
+    def _refresh_nodes(self, workload_refs: set[str]) -> int:
+        pushed = 0
+        for state in self.nodes.values():
+            if state.node.workload_ref in workload_refs and self._refresh_node(state):
+                pushed += 1
+        return pushed
+
+    # -- trust bundle and the server's own certificate -------------------------------------------
+    def _refresh_bundle(self, now: datetime) -> bool:
+        from meshward.certs.sds import validate_secret, validation_context_secret
+
+        bundle = self.ca.trust_bundle(now=now)
+        if bundle.version == self._bundle_version:
+            return False
+        secret = validation_context_secret(bundle)
+        validate_secret(secret, now=now)
+        self._bundle_version = bundle.version
+        self._rootca = make_resource(secret)
+        for state in self.nodes.values():
+            state.generation += 1
+            self._refresh_node(state)
+        if self.server_tls is not None and self._server_svid is not None:
+            self.server_tls.update(
+                self._server_svid.private_key_pem,
+                self._server_svid.cert_chain_pem,
+                bundle.roots_pem,
+            )
+        return True
+
+    def make_server_tls(self) -> ServerTls:
+        """Issue the ADS server's certificate and return its (renewable) TLS config."""
+        now = self.wall_clock()
+        svid = self.ca.issue(
+            server_spiffe_id(self.policy, self.ca.trust_domain), ttl=self.server_ttl, now=now
+        )
+        self._server_svid = svid
+        self.schedule.track(SERVER_KEY, svid)
+        bundle = self.ca.trust_bundle(now=now)
+        self.server_tls = ServerTls(svid.private_key_pem, svid.cert_chain_pem, bundle.roots_pem)
+        return self.server_tls
+
+    def _renew_server(self, now: datetime) -> None:
+        svid = self.ca.issue(
+            server_spiffe_id(self.policy, self.ca.trust_domain), ttl=self.server_ttl, now=now
+        )
+        self._server_svid = svid
+        self.schedule.track(SERVER_KEY, svid)
+        if self.server_tls is not None:
+            bundle = self.ca.trust_bundle(now=now)
+            self.server_tls.update(svid.private_key_pem, svid.cert_chain_pem, bundle.roots_pem)
+        log.info("ADS server certificate renewed, expires %s", svid.not_after.isoformat())
+
+    def _maybe_reload_ca(self) -> None:
+        directory = getattr(self.ca, "directory", None)
+        if not self.reload_ca or directory is None:
+            return
+        from meshward.certs import CertificateAuthority
+
+        try:
+            mtime = (directory / "ca.json").stat().st_mtime
+        except OSError:
+            return
+        if self._ca_mtime is None:
+            self._ca_mtime = mtime
+            return
+        if mtime != self._ca_mtime:
+            self._ca_mtime = mtime
+            try:
+                self.ca = CertificateAuthority.load(directory)
+                log.info("CA in %s changed on disk: reloaded", directory)
+            except Exception:
+                log.exception("reloading the CA from %s failed; keeping the loaded one", directory)
+
+    # -- background work ---------------------------------------------------------------------------
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def maintain(self, now: datetime) -> None:
+        """One pass of time-driven work: renewals due, policies expiring, CA changes."""
+        for renewal in list(self.schedule.due(now)):
+            try:
+                if renewal.key == SERVER_KEY:
+                    self._renew_server(now)
+                    continue
+                state = self.nodes.get(renewal.key)
+                if state is None or not state.connected:
+                    self.schedule.forget(renewal.key)
+                    continue
+                self._issue(state, now, reason="rotation")
+                self._refresh_node(state)
+            except Exception:
+                log.exception("renewing the SVID of %s failed; retrying in 5s", renewal.key)
+                self.schedule.retry(renewal.key, now + timedelta(seconds=5))
+                failed = self.nodes.get(renewal.key)
+                if failed is not None:
+                    failed.renew_at = now + timedelta(seconds=5)
+        expiry = self.next_expiry(now)
+        if expiry is not None and now >= expiry:
+            self._expire(now)
+        self._maybe_reload_ca()
+        self._refresh_bundle(now)
+
+    def seconds_until_next(self, now: datetime) -> float:
+        waits = [CA_POLL_SECONDS]
+        renewal = self.schedule.seconds_until_next(now)
+        if renewal is not None:
+            waits.append(renewal)
+        expiry = self.next_expiry(now)
+        if expiry is not None:
+            waits.append(max(0.0, (expiry - now).total_seconds()))
+        return max(0.0, min(waits))
+
+    async def run(self) -> None:
+        """Timers: SVID renewals, expires-at re-pushes, CA reloads. Cancel to stop."""
+        self._wake = asyncio.Event()
+        while True:
+            now = self.wall_clock()
+            try:
+                self.maintain(now)
+            except Exception:
+                log.exception("control plane maintenance failed")
+            delay = self.seconds_until_next(self.wall_clock())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay + 0.001)
+
+    # -- status ------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = self.wall_clock()
+        expiry = self.next_expiry(now)
+        return {
+            "policy": {
+                "version": self.policy.version,
+                "applied_at": self.policy_applied_at.isoformat(),
+                "error": self.policy_error,
+                "error_at": self.policy_error_at.isoformat() if self.policy_error_at else None,
+                "next_expiry": expiry.isoformat() if expiry else None,
+            },
+            "trust_domain": self.ca.trust_domain,
+            "trust_bundle": self._bundle_version[:16],
+            "server_certificate": (
+                {
+                    "spiffe_id": self._server_svid.spiffe_id,
+                    "not_after": self._server_svid.not_after.isoformat(),
+                }
+                if self._server_svid is not None
+                else None
+            ),
+            "workloads": {
+                ref: {
+                    "resources": {
+                        types.short(t): len(items) for t, items in sorted(config.resources.items())
+                    },
+                    "error": config.error,
+                }
+                for ref, config in sorted(self.configs.items())
+            },
+        }

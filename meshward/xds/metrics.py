@@ -1,0 +1,136 @@
+"""Prometheus metrics of the control plane, in a registry of its own (one per server instance,
+so tests and benchmarks can run several servers in one process).
+
+Counters and the latency histogram are updated as events happen; gauges that describe current
+state (connected nodes, drift, certificate expiry) are computed when scraped, from the same
+status the admin endpoint serves, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meshward.xds import types
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class XdsMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.pushes = Counter(
+            "meshward_xds_pushes", "xDS responses sent", ["type"], registry=self.registry
+        )
+        self.push_latency = Histogram(
+            "meshward_xds_push_latency_seconds",
+            "From a node's desired content changing (or its request) to its ACK",
+            ["type"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.acks = Counter("meshward_xds_acks", "ACKs received", ["type"], registry=self.registry)
+        self.nacks = Counter(
+            "meshward_xds_nacks", "NACKs received (Envoy rejected resources)", ["type"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.rejected_streams = Counter(
+            "meshward_xds_rejected_streams",
+            "ADS streams refused by node authentication",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.secret_denials = Counter(
+            "meshward_xds_secret_denials",
+            "Requests for secrets that are not the node's own (audited, nothing sent)",
+            registry=self.registry,
+        )
+        self.policy_updates = Counter(
+            "meshward_xds_policy_updates",
+            "Policy changes applied (result=applied) or rejected as invalid (result=rejected)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.svids_issued = Counter(
+            "meshward_xds_svids_issued", "SVIDs issued to nodes", ["reason"], registry=self.registry
+        )
+
+    def push(self, type_url: str) -> None:
+        self.pushes.labels(types.short(type_url)).inc()
+
+    def ack(self, type_url: str, latency: float) -> None:
+        label = types.short(type_url)
+        self.acks.labels(label).inc()
+        self.push_latency.labels(label).observe(latency)
+
+    def nack(self, type_url: str) -> None:
+        self.nacks.labels(types.short(type_url)).inc()
+
+    def add_state(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        """Gauges computed from the live status (``AdsServer.status`` + control plane)."""
+        self.registry.register(_StateCollector(status))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        self._status = status
+
+    def describe(self) -> list[Metric]:
+        return []  # computed at scrape time; nothing to pre-register
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        nodes = status.get("nodes", [])
+        connected = GaugeMetricFamily(
+            "meshward_xds_connected_nodes", "Nodes with at least one open ADS stream"
+        )
+        connected.add_metric([], sum(1 for n in nodes if n.get("connected")))
+        yield connected
+        streams = GaugeMetricFamily("meshward_xds_streams", "Open ADS streams", labels=["mode"])
+        counts: dict[str, int] = {"sotw": 0, "delta": 0}
+        for node in nodes:
+            for stream in node.get("streams", []):
+                counts[stream["mode"]] = counts.get(stream["mode"], 0) + 1
+        for mode, count in sorted(counts.items()):
+            streams.add_metric([mode], count)
+        yield streams
+        drift = GaugeMetricFamily(
+            "meshward_xds_drifting_nodes",
+            "Nodes whose ACKed version differs from the desired one for longer than the threshold",
+        )
+        drift.add_metric([], sum(1 for n in nodes if n.get("drift")))
+        yield drift
+        node_drift = GaugeMetricFamily(
+            "meshward_xds_node_drift", "1 when the node drifts", labels=["node"]
+        )
+        expiry = GaugeMetricFamily(
+            "meshward_xds_cert_expiry_seconds",
+            "Seconds until the node's SVID expires (negative: expired)",
+            labels=["node"],
+        )
+        for node in nodes:
+            node_drift.add_metric([node["node"]], 1 if node.get("drift") else 0)
+            cert = node.get("certificate")
+            if cert:
+                expiry.add_metric([node["node"]], cert["remaining_seconds"])
+        yield node_drift
+        yield expiry
+        policy = status.get("policy") or {}
+        version = GaugeMetricFamily(
+            "meshward_xds_policy_info", "The policy version in force", labels=["version"]
+        )
+        if policy.get("version"):
+            version.add_metric([policy["version"]], 1)
+        yield version
+        error = GaugeMetricFamily(
+            "meshward_xds_policy_error", "1 while the latest policy change is rejected"
+        )
+        error.add_metric([], 1 if policy.get("error") else 0)
+        yield error

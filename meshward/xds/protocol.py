@@ -1,0 +1,457 @@
+"""The xDS conversation with one stream, sans-IO: requests in, pushes and events out.
+
+One object per ADS stream (:class:`SotwProtocol` or :class:`DeltaProtocol`). The gRPC layer feeds
+it every request (:meth:`receive`) and, whenever the node's snapshot may have changed,
+asks what to send (:meth:`plan`). No sockets, no clocks of its own (``now`` is passed in), so
+every rule below is unit-tested without a server:
+
+- ACK/NACK per resource. An ACK applies the response; a NACK names the resources Envoy
+  rejected (``Error adding/updating listener(s) <name>: ...``) and Envoy applied the rest: those
+  are recorded as applied, the rejected ones as rejected-at-that-hash. A NACK naming none of
+  them rejected the whole response. A rejected resource is never sent again with the same
+  content; in SotW its last applied version is sent in its place, so the node keeps serving
+  what it last accepted.
+- Ordering. Pushes follow :data:`meshward.xds.types.ORDER` (clusters, endpoints, secrets,
+  listeners, routes); a cluster that is going away stays until no listener or route that Envoy
+  has (or is being sent) routes to it. A resource that names a secret the node's snapshot does not hold is held
+  back (never offered), and a listener naming a cluster of the snapshot that this stream has not
+  been sent yet is held until it has. A held resource that Envoy already has stays at its
+  previous version; the response's version then carries ``+partial`` and drift shows it.
+- Secrets. A node's snapshot only holds its own secrets; requesting any other name gets nothing
+  and a :class:`SecretDenied` event (logged once per name by the caller, as an audit line).
+- SotW answers again whenever the requested names of a type change, even with no new version.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshward.xds import types
+from meshward.xds.redact import redact_error
+from meshward.xds.resources import Resource, rejected_names
+from meshward.xds.snapshot import Snapshot
+
+PARTIAL = "+partial"
+MAX_OUTSTANDING = 16  # unanswered responses remembered per type
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """A SotW ``DiscoveryRequest``, reduced to what the protocol reads."""
+
+    type_url: str
+    version_info: str = ""
+    resource_names: tuple[str, ...] = ()
+    response_nonce: str = ""
+    error_detail: str | None = None  # set: NACK
+
+
+@dataclass(frozen=True)
+class DeltaRequest:
+    type_url: str
+    subscribe: tuple[str, ...] = ()
+    unsubscribe: tuple[str, ...] = ()
+    initial_versions: Mapping[str, str] = field(default_factory=dict)
+    response_nonce: str = ""
+    error_detail: str | None = None
+
+
+# -- outputs --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Push:
+    """One response to send. ``removed`` is delta only."""
+
+    type_url: str
+    version: str
+    nonce: str
+    resources: tuple[Resource, ...]
+    removed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Nack:
+    type_url: str
+    version: str  # the version Envoy rejected
+    nonce: str
+    resources: tuple[str, ...]  # the names it rejected
+    error: str  # redacted (see meshward.xds.redact)
+    at: float
+    whole_response: bool = False
+
+
+@dataclass(frozen=True)
+class Acked:
+    type_url: str
+    version: str
+    nonce: str
+    latency: float  # from the content change (or the request) to this ACK, seconds
+
+
+@dataclass(frozen=True)
+class Nacked:
+    nack: Nack
+
+
+@dataclass(frozen=True)
+class SecretDenied:
+    """The node asked for secrets that are not its own (or do not exist): it got nothing."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Ignored:
+    type_url: str
+    reason: str
+
+
+Event = Acked | Nacked | SecretDenied | Ignored
+
+
+# -- state ----------------------------------------------------------------------------------------
+@dataclass
+class Sent:
+    nonce: str
+    seq: int
+    version: str
+    resources: dict[str, Resource]
+    removed: tuple[str, ...]
+    at: float
+    origin: float  # when the content it carries was asked for or changed (push latency)
+
+
+@dataclass
+class TypeState:
+    type_url: str
+    requested: bool = False
+    requested_at: float = 0.0
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    must_respond: bool = False
+    latest_nonce: str = ""
+    outstanding: dict[str, Sent] = field(default_factory=dict)
+    sent: dict[str, Resource] = field(default_factory=dict)  # what Envoy has or is receiving
+    sent_version: str = ""
+    applied: dict[str, Resource] = field(default_factory=dict)  # what Envoy confirmed
+    acked_version: str = ""
+    acked_at: float = 0.0
+    rejected: dict[str, str] = field(default_factory=dict)  # name -> content hash rejected
+    last_nack: Nack | None = None
+    nacks: int = 0
+    pushes: int = 0
+    plan_key: tuple[str, frozenset[str], frozenset[str]] | None = None  # SotW: last push inputs
+    denied: set[str] = field(default_factory=set)  # secret names already reported
+
+
+class _Protocol:
+    def __init__(self, *, nonce_prefix: str = "") -> None:
+        self.states: dict[str, TypeState] = {}
+        self._seq = itertools.count(1)
+        self._nonce_prefix = nonce_prefix
+
+    def state(self, type_url: str) -> TypeState:
+        st = self.states.get(type_url)
+        if st is None:
+            st = self.states[type_url] = TypeState(type_url)
+        return st
+
+    def _new_nonce(self) -> tuple[str, int]:
+        seq = next(self._seq)
+        return f"{self._nonce_prefix}{seq}", seq
+
+    def _take_sent(self, st: TypeState, nonce: str) -> Sent | None:
+        sent = st.outstanding.pop(nonce, None)
+        if sent is not None:
+            # Envoy answers responses in order: anything older was processed before this one.
+            for older in [n for n, s in st.outstanding.items() if s.seq < sent.seq]:
+                del st.outstanding[older]
+        return sent
+
+    def _deps_ok(self, resource: Resource, snapshot: Snapshot) -> bool:
+        if resource.secrets:
+            secrets = snapshot.resources(types.SECRET)
+            if any(name not in secrets for name in resource.secrets):
+                return False
+        if resource.clusters and resource.type_url != types.CLUSTER:
+            desired = snapshot.resources(types.CLUSTER)
+            cds = self.states.get(types.CLUSTER)
+            for name in resource.clusters:
+                if name in desired and (cds is None or name not in cds.sent):
+                    return False
+        return True
+
+    def _referenced_clusters(self) -> set[str]:
+        """Clusters named by listeners and routes Envoy has or is being sent: a cluster leaves
+        only after nothing that routes to it remains (make before break, in reverse)."""
+        names: set[str] = set()
+        for type_url in (types.LISTENER, types.ROUTE):
+            st = self.states.get(type_url)
+            if st is None:
+                continue
+            for resource in (*st.sent.values(), *st.applied.values()):
+                names |= resource.clusters
+        return names
+
+    def _deny_secrets(self, st: TypeState, snapshot: Snapshot) -> list[Event]:
+        if st.type_url != types.SECRET:
+            return []
+        own = snapshot.resources(types.SECRET)
+        new = sorted(name for name in st.names if name not in own and name not in st.denied)
+        st.denied.update(new)
+        return [SecretDenied(tuple(new))] if new else []
+
+    def _ack(self, st: TypeState, sent: Sent, now: float, *, sotw: bool) -> Event:
+        if sotw:
+            st.applied = dict(sent.resources)
+        else:
+            st.applied.update(sent.resources)
+            for name in sent.removed:
+                st.applied.pop(name, None)
+        for name, resource in sent.resources.items():
+            if st.rejected.get(name) != resource.hash:
+                st.rejected.pop(name, None)
+        st.acked_version = sent.version
+        st.acked_at = now
+        return Acked(st.type_url, sent.version, sent.nonce, max(0.0, now - sent.origin))
+
+    def _nack(self, st: TypeState, sent: Sent, error: str, now: float, *, sotw: bool) -> Event:
+        named = rejected_names(error, sent.resources)
+        whole = not named
+        if whole:
+            # Nothing was applied: the rejected content is everything that would have changed.
+            rejected = {n for n, r in sent.resources.items() if _hash(st.applied.get(n)) != r.hash}
+            if not sotw:
+                for name in sent.removed:  # the removals did not happen either
+                    if name in st.applied:
+                        st.sent[name] = st.applied[name]
+        else:
+            rejected = set(named)
+            if sotw:
+                for name in [n for n in st.applied if n not in sent.resources]:
+                    del st.applied[name]
+            else:
+                for name in sent.removed:
+                    st.applied.pop(name, None)
+            for name, resource in sent.resources.items():
+                if name not in rejected:
+                    st.applied[name] = resource
+        for name in rejected:
+            st.rejected[name] = sent.resources[name].hash
+            if not sotw:  # delta: Envoy still has the applied version
+                previous = st.applied.get(name)
+                if previous is None:
+                    st.sent.pop(name, None)
+                else:
+                    st.sent[name] = previous
+        nack = Nack(
+            type_url=st.type_url,
+            version=sent.version,
+            nonce=sent.nonce,
+            resources=tuple(sorted(rejected)),
+            error=redact_error(st.type_url, error, sent.resources),
+            at=now,
+            whole_response=whole,
+        )
+        st.last_nack = nack
+        st.nacks += 1
+        return Nacked(nack)
+
+    def _record_push(
+        self,
+        st: TypeState,
+        snapshot: Snapshot,
+        version: str,
+        content: dict[str, Resource],
+        removed: tuple[str, ...],
+        now: float,
+    ) -> Push:
+        nonce, seq = self._new_nonce()
+        origin = max(snapshot.changed_at(st.type_url), st.requested_at)
+        st.outstanding[nonce] = Sent(nonce, seq, version, content, removed, now, origin)
+        while len(st.outstanding) > MAX_OUTSTANDING:  # a client that never answers
+            del st.outstanding[next(iter(st.outstanding))]
+        st.latest_nonce = nonce
+        st.sent_version = version
+        st.must_respond = False
+        st.pushes += 1
+        return Push(st.type_url, version, nonce, tuple(content.values()), removed)
+
+    def plan(self, snapshot: Snapshot, now: float) -> tuple[list[Push], list[Event]]:
+        """What to send now for ``snapshot``, in push order; also secret-denial events."""
+        pushes: list[Push] = []
+        events: list[Event] = []
+        ordered = [*types.ORDER, *sorted(t for t in self.states if t not in types.ORDER)]
+        for type_url in ordered:
+            st = self.states.get(type_url)
+            if st is None or not st.requested:
+                continue
+            events.extend(self._deny_secrets(st, snapshot))
+            push = self._plan_type(st, snapshot, now)
+            if push is not None:
+                pushes.append(push)
+        return pushes, events
+
+    def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
+        raise NotImplementedError
+
+
+def _hash(resource: Resource | None) -> str | None:
+    return resource.hash if resource is not None else None
+
+
+class SotwProtocol(_Protocol):
+    """State-of-the-world ADS: every response carries the full set for its type."""
+
+    def receive(self, request: Request, now: float) -> list[Event]:
+        st = self.state(request.type_url)
+        events: list[Event] = []
+        if (
+            request.response_nonce
+            and request.response_nonce == st.latest_nonce
+            and (request.response_nonce not in st.outstanding)
+        ):
+            pass  # already ACKed: Envoy changes its subscription (e.g. new SDS names)
+        elif request.response_nonce:
+            sent = self._take_sent(st, request.response_nonce)
+            if sent is None:
+                if st.requested:
+                    events.append(Ignored(st.type_url, "unknown nonce"))
+                    return events
+                st.must_respond = True  # a nonce from an earlier stream: answer as new
+            else:
+                if request.error_detail is not None:
+                    events.append(self._nack(st, sent, request.error_detail, now, sotw=True))
+                else:
+                    events.append(self._ack(st, sent, now, sotw=True))
+                if request.response_nonce != st.latest_nonce:
+                    return events  # a newer response is in flight; its ACK will follow
+        else:
+            st.must_respond = True
+            if request.version_info and not st.acked_version:
+                st.acked_version = request.version_info  # what Envoy kept from a previous stream
+        names = tuple(request.resource_names)
+        wildcard = st.type_url in types.WILDCARD_TYPES and (not names or "*" in names)
+        explicit = {name for name in names if name != "*"}
+        if not st.requested or wildcard != st.wildcard or explicit != st.names:
+            st.must_respond = True
+        if not st.requested:
+            st.requested_at = now
+        st.requested = True
+        st.wildcard, st.names = wildcard, explicit
+        st.denied &= explicit
+        return events
+
+    def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
+        desired = snapshot.resources(st.type_url)
+        base = snapshot.type_version(st.type_url)
+        names = sorted(desired) if st.wildcard else sorted(st.names)
+        content: dict[str, Resource] = {}
+        held: set[str] = set()
+        partial = False
+        for name in names:
+            resource = desired.get(name)
+            if resource is None:
+                continue
+            if not self._deps_ok(resource, snapshot):
+                held.add(name)
+            elif st.rejected.get(name) != resource.hash:
+                content[name] = resource
+                continue
+            # Held back or known to be rejected: keep what Envoy has, if anything.
+            partial = True
+            fallback = st.applied.get(name) or st.sent.get(name)
+            usable = fallback is not None and fallback.body is not None
+            if usable and fallback is not None and fallback.hash != st.rejected.get(name):
+                content[name] = fallback
+        retained: set[str] = set()
+        if st.type_url == types.CLUSTER and st.sent:
+            referenced = self._referenced_clusters()
+            for name, resource in st.sent.items():
+                if name not in content and name in referenced and resource.body is not None:
+                    content[name] = resource  # removed only once no listener routes to it
+                    retained.add(name)
+                    partial = True
+        key = (base, frozenset(held), frozenset(retained))
+        if not st.must_respond and key == st.plan_key:
+            return None
+        st.plan_key = key
+        st.sent = content
+        return self._record_push(
+            st, snapshot, base + (PARTIAL if partial else ""), content, (), now
+        )
+
+
+class DeltaProtocol(_Protocol):
+    """Incremental ADS: only changed resources and removed names travel."""
+
+    def receive(self, request: DeltaRequest, now: float) -> list[Event]:
+        st = self.state(request.type_url)
+        events: list[Event] = []
+        if request.response_nonce:
+            sent = self._take_sent(st, request.response_nonce)
+            if sent is None:
+                events.append(Ignored(st.type_url, "unknown nonce"))
+            elif request.error_detail is not None:
+                events.append(self._nack(st, sent, request.error_detail, now, sotw=False))
+            else:
+                events.append(self._ack(st, sent, now, sotw=False))
+        if not st.requested:
+            st.requested = True
+            st.requested_at = now
+            st.must_respond = True
+            for name, version in request.initial_versions.items():
+                stub = Resource.stub(st.type_url, name, version)
+                st.sent[name] = st.applied[name] = stub
+            if st.type_url in types.WILDCARD_TYPES and not request.subscribe:
+                st.wildcard = True  # legacy wildcard: the first request names nothing
+        for name in request.subscribe:
+            if name == "*":
+                st.wildcard = True
+            elif name not in st.names:
+                st.names.add(name)
+                st.must_respond = True
+        for name in request.unsubscribe:
+            if name == "*":
+                st.wildcard = False
+            else:
+                st.names.discard(name)
+                st.denied.discard(name)
+            if not st.wildcard:  # Envoy drops what it unsubscribed from
+                st.sent.pop(name, None)
+                st.applied.pop(name, None)
+        return events
+
+    def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
+        desired = snapshot.resources(st.type_url)
+        base = snapshot.type_version(st.type_url)
+        candidates = set(desired) | st.names | set(st.sent) if st.wildcard else set(st.names)
+        updates: dict[str, Resource] = {}
+        removed: list[str] = []
+        partial = False
+        referenced = self._referenced_clusters() if st.type_url == types.CLUSTER else set()
+        for name in sorted(candidates):
+            resource = desired.get(name)
+            have = st.sent.get(name)
+            if resource is None:
+                if have is not None and name in referenced:
+                    partial = True  # removed only once no listener routes to it
+                elif have is not None:
+                    removed.append(name)
+                continue
+            if have is not None and have.hash == resource.hash:
+                continue
+            if st.rejected.get(name) == resource.hash or not self._deps_ok(resource, snapshot):
+                partial = True
+                continue
+            updates[name] = resource
+        if not updates and not removed and not st.must_respond:
+            return None
+        for name, resource in updates.items():
+            st.sent[name] = resource
+        for name in removed:
+            del st.sent[name]
+        version = base + (PARTIAL if partial else "")
+        return self._record_push(st, snapshot, version, updates, tuple(removed), now)

@@ -1,0 +1,162 @@
+"""One xDS resource as the control plane handles it: packed once, hashed once, dependencies known.
+
+A resource is built once per distinct content and shared by every node and stream that gets it,
+so a policy change for 1,000 sidecars of one workload costs one ``Any`` packing, not 1,000.
+The hash doubles as the delta-xDS resource version and as the key of per-resource ACK/NACK
+tracking; its dependencies (secrets and clusters named inside, including inside typed Anys such
+as the HTTP connection manager and TLS contexts) drive the push order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Importing these registers the message types that sit inside Anys of listeners and clusters, so
+# dependency extraction can look inside them (an Any resolves only if its module was imported).
+from envoy.config.cluster.v3 import cluster_pb2  # noqa: F401  (registers types)
+from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: F401
+from envoy.config.listener.v3 import listener_pb2  # noqa: F401
+from envoy.config.route.v3 import route_pb2  # noqa: F401
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+    http_connection_manager_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from google.protobuf import any_pb2, descriptor_pool, message_factory
+
+from meshward.xds import types
+
+_SDS_SECRET_CONFIG = "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig"
+# (message full name, string field) pairs that name a cluster.
+_CLUSTER_REFS: dict[str, str] = {
+    "envoy.config.route.v3.RouteAction": "cluster",
+    "envoy.config.route.v3.WeightedCluster.ClusterWeight": "name",
+    "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": "cluster",
+    "envoy.config.core.v3.GrpcService.EnvoyGrpc": "cluster_name",
+    "envoy.config.core.v3.HttpUri": "cluster",
+}
+_RDS = "envoy.extensions.filters.network.http_connection_manager.v3.Rds"
+
+
+@dataclass(frozen=True, eq=False)
+class Resource:
+    """``body`` is the packed ``Any`` (None for a stub that only records a version Envoy has)."""
+
+    type_url: str
+    name: str
+    hash: str
+    body: Any = field(repr=False)
+    secrets: frozenset[str] = frozenset()
+    clusters: frozenset[str] = frozenset()
+    routes: frozenset[str] = frozenset()
+
+    @property
+    def sensitive(self) -> bool:
+        return self.type_url == types.SECRET
+
+    @classmethod
+    def stub(cls, type_url: str, name: str, version: str) -> Resource:
+        """What a delta client says it already has (``initial_resource_versions``)."""
+        return cls(type_url=type_url, name=name, hash=version, body=None)
+
+
+def resource_name(message: Any) -> str:
+    if message.DESCRIPTOR.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
+        return str(message.cluster_name)
+    return str(message.name)
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def make_resource(message: Any) -> Resource:
+    """Pack, hash and index one resource message (a Listener, Cluster, Secret, ...)."""
+    type_url = "type.googleapis.com/" + message.DESCRIPTOR.full_name
+    body = any_pb2.Any()
+    body.Pack(message, deterministic=True)
+    secrets: set[str] = set()
+    clusters: set[str] = set()
+    routes: set[str] = set()
+    if type_url != types.SECRET:  # a secret names nothing, and must never be walked or logged
+        _walk(message, secrets, clusters, routes)
+    return Resource(
+        type_url=type_url,
+        name=resource_name(message),
+        hash=content_hash(body.value),
+        body=body,
+        secrets=frozenset(secrets),
+        clusters=frozenset(clusters),
+        routes=frozenset(routes),
+    )
+
+
+def make_resources(messages: Iterable[Any]) -> list[Resource]:
+    return [make_resource(message) for message in messages]
+
+
+def _unpack(value: Any) -> Any | None:
+    try:
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(value.TypeName())
+    except KeyError:
+        return None  # a type whose module nobody imported: nothing we reference hides there
+    inner = message_factory.GetMessageClass(descriptor)()
+    return inner if value.Unpack(inner) else None
+
+
+def _walk(message: Any, secrets: set[str], clusters: set[str], routes: set[str]) -> None:
+    full_name = message.DESCRIPTOR.full_name
+    if full_name == "google.protobuf.Any":
+        inner = _unpack(message)
+        if inner is not None:
+            _walk(inner, secrets, clusters, routes)
+        return
+    if full_name == _SDS_SECRET_CONFIG:
+        secrets.add(message.name)
+        return
+    if full_name == _RDS:
+        routes.add(message.route_config_name)
+    ref_field = _CLUSTER_REFS.get(full_name)
+    if ref_field is not None:
+        value = getattr(message, ref_field)
+        if value:
+            clusters.add(value)
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        if descriptor.is_repeated:
+            if descriptor.message_type.GetOptions().map_entry:
+                items = value.values()
+                if descriptor.message_type.fields_by_name["value"].message_type is None:
+                    continue
+            else:
+                items = value
+            for item in items:
+                _walk(item, secrets, clusters, routes)
+        else:
+            _walk(value, secrets, clusters, routes)
+
+
+_NAME_BOUNDARY = r"(?:^|[\s,(]){name}: "
+
+
+def rejected_names(error_detail: str, names: Iterable[str]) -> frozenset[str]:
+    """Which of the resources of a NACKed response Envoy says it rejected.
+
+    Envoy applies the valid resources of a response and lists the failed ones as
+    ``Error adding/updating listener(s) <name>: <reason>`` (one per line for listeners,
+    ``, ``-separated for clusters). An empty result means the message names none of them: the
+    whole response was rejected (e.g. a proto constraint failure while decoding).
+    """
+    found = set()
+    for name in names:
+        if re.search(_NAME_BOUNDARY.format(name=re.escape(name)), error_detail, re.MULTILINE):
+            found.add(name)
+    return frozenset(found)

@@ -1,0 +1,430 @@
+"""The ADS gRPC service (grpc.aio): SotW and delta streams over the sans-IO protocol.
+
+Thin by design: each stream authenticates its node, then loops "read requests -> feed the
+protocol -> ask it what to push -> write". Everything with rules in it lives in
+:mod:`meshward.xds.protocol` (ordering, ACK/NACK), :mod:`meshward.xds.snapshot` (versions) and the
+:class:`NodeSource` (the control plane: what a node may be and what it gets).
+
+grpc.aio, not the sync server: the sync server ties a pool thread to every open stream, so the
+N+1th sidecar would get nothing (DESIGN.md field notes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from meshward.xds import types
+from meshward.xds.cache import SnapshotCache
+from meshward.xds.metrics import XdsMetrics
+from meshward.xds.nodeid import InvalidNodeId, NodeId
+from meshward.xds.protocol import (
+    Acked,
+    DeltaProtocol,
+    DeltaRequest,
+    Event,
+    Ignored,
+    Nacked,
+    Push,
+    Request,
+    SecretDenied,
+    SotwProtocol,
+)
+from meshward.xds.status import DEFAULT_DRIFT_THRESHOLD, drifting, iso, stream_types
+
+log = logging.getLogger("meshward.xds")
+audit = logging.getLogger("meshward.xds.audit")
+
+CONTROL_PLANE_ID = "meshward"
+OWN_SECRETS = frozenset({"default", "ROOTCA"})  # the SDS names every node may have
+_WAKE = object()
+_END = object()
+
+
+class NodeRejected(Exception):
+    """The stream's node may not connect; ``reason`` is a short label, the message says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NodeSource(Protocol):
+    """What the server needs from the control plane."""
+
+    cache: SnapshotCache
+
+    def authorize(self, node: NodeId, peer_identity: str | None) -> None:
+        """Raise NodeRejected unless the peer's certificate identity may act as ``node``."""
+
+    async def node_connected(self, node: NodeId) -> None:
+        """Make sure ``cache`` holds the node's snapshot (issuing its SVID on first contact)."""
+
+    def node_disconnected(self, node: NodeId) -> None: ...
+
+    def node_details(self, node: NodeId) -> dict[str, Any]:
+        """Extra status for the node (workload, certificate)."""
+
+
+def peer_identity(context: Any) -> str | None:
+    """The SPIFFE ID in the client certificate grpc verified, or None without one."""
+    auth = context.auth_context() or {}
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        return None
+    from cryptography import x509
+
+    from meshward.certs.verify import SvidVerificationError, spiffe_id_of
+
+    try:
+        certificate = x509.load_pem_x509_certificate(pems[0])
+        return str(spiffe_id_of(certificate))
+    except (ValueError, SvidVerificationError):
+        return None
+
+
+@dataclass
+class Stream:
+    id: int
+    node: NodeId
+    mode: str  # "sotw" | "delta"
+    peer: str
+    identity: str | None
+    connected_at: float  # monotonic
+    connected_wall: float
+    protocol: SotwProtocol | DeltaProtocol
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    wake_pending: bool = False
+
+    def wake(self) -> None:
+        if not self.wake_pending:
+            self.wake_pending = True
+            self.queue.put_nowait(_WAKE)
+
+
+class AdsServer:
+    """The AggregatedDiscoveryService; construct, ``add_to(server)``, or use ``start``."""
+
+    def __init__(
+        self,
+        source: NodeSource,
+        *,
+        metrics: XdsMetrics | None = None,
+        drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.cache = source.cache
+        self.metrics = metrics or XdsMetrics()
+        self.drift_threshold = drift_threshold
+        self.clock = clock
+        self.streams: dict[int, Stream] = {}
+        self._ids = itertools.count(1)
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """Listen on ``address`` (``host:port``, port 0 for any); None credentials: plaintext
+        (only for tests of the protocol itself; node authentication then fails closed)."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+        await server.start()
+        self._server = server
+        self.port = int(port)
+        return self.port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    # -- streams -------------------------------------------------------------------------------
+    async def serve(self, mode: str, request_iterator: AsyncIterator[Any], context: Any) -> None:
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        stream = await self._open(mode, first, context)
+        if stream is None:
+            return
+        reader = asyncio.create_task(self._read(stream, request_iterator))
+        try:
+            await self._loop(stream, first, context)
+        finally:
+            reader.cancel()
+            self._close(stream)
+
+    async def _open(self, mode: str, first: Any, context: Any) -> Stream | None:
+        peer = context.peer() or "?"
+        identity = peer_identity(context)
+        raw_id = first.node.id
+        try:
+            node = NodeId.parse(raw_id)
+            self.source.authorize(node, identity)
+        except InvalidNodeId as err:
+            await self._reject(context, "invalid-node-id", str(err), raw_id, identity, peer)
+            return None
+        except NodeRejected as err:
+            await self._reject(context, err.reason, str(err), raw_id, identity, peer)
+            return None
+        try:
+            await self.source.node_connected(node)
+        except Exception:  # e.g. the CA cannot issue: say so, and let Envoy retry
+            log.exception("preparing node %s failed", node)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the control plane cannot serve this node now"
+            )
+            return None
+        protocol: SotwProtocol | DeltaProtocol = (
+            SotwProtocol() if mode == "sotw" else DeltaProtocol()
+        )
+        stream = Stream(
+            id=next(self._ids),
+            node=node,
+            mode=mode,
+            peer=peer,
+            identity=identity,
+            connected_at=self.clock(),
+            connected_wall=time.time(),
+            protocol=protocol,
+        )
+        self.streams[stream.id] = stream
+        self.cache.watch(str(node), stream.wake)
+        log.info(
+            "node %s connected (%s, stream %d, %s)", node, mode, stream.id, identity,
+            extra={"node": str(node), "mode": mode, "peer": peer},
+        )  # fmt: skip
+        return stream
+
+    async def _reject(
+        self, context: Any, reason: str, message: str, node: str, identity: str | None, peer: str
+    ) -> None:
+        self.metrics.rejected_streams.labels(reason).inc()
+        audit.warning(
+            "ADS stream refused: node %r, certificate identity %s, peer %s: %s",
+            node[:200], identity, peer, message,
+            extra={"audit": "ads-stream-refused", "node": node[:200], "identity": identity,
+                   "peer": peer, "reason": reason},
+        )  # fmt: skip
+        code = (
+            grpc.StatusCode.INVALID_ARGUMENT
+            if reason == "invalid-node-id"
+            else grpc.StatusCode.UNAUTHENTICATED
+            if identity is None
+            else grpc.StatusCode.PERMISSION_DENIED
+        )
+        await context.abort(code, message)
+
+    def _close(self, stream: Stream) -> None:
+        self.streams.pop(stream.id, None)
+        self.cache.unwatch(str(stream.node), stream.wake)
+        if not any(s.node == stream.node for s in self.streams.values()):
+            self.source.node_disconnected(stream.node)
+        log.info("node %s disconnected (stream %d)", stream.node, stream.id)
+
+    async def _read(self, stream: Stream, request_iterator: AsyncIterator[Any]) -> None:
+        try:
+            async for request in request_iterator:
+                stream.queue.put_nowait(request)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        except Exception:
+            log.exception("reading ADS stream %d of %s failed", stream.id, stream.node)
+        finally:
+            stream.queue.put_nowait(_END)
+
+    async def _loop(self, stream: Stream, first: Any, context: Any) -> None:
+        node = str(stream.node)
+        self._receive(stream, first)
+        while True:
+            # Drain everything queued (requests and wake-ups), then plan once.
+            while not stream.queue.empty():
+                item = stream.queue.get_nowait()
+                if item is _END:
+                    return
+                if item is _WAKE:
+                    stream.wake_pending = False
+                else:
+                    self._receive(stream, item)
+            snapshot = self.cache.get(node)
+            if snapshot is not None:
+                pushes, events = stream.protocol.plan(snapshot, self.clock())
+                self._handle(stream, events)
+                for push in pushes:
+                    await context.write(self._encode(stream.mode, push))
+                    self.metrics.push(push.type_url)
+                    log.debug(
+                        "push %s %s v%s (%d resources) to %s",
+                        types.short(push.type_url), push.nonce, push.version,
+                        len(push.resources), node,
+                    )  # fmt: skip
+            item = await stream.queue.get()
+            if item is _END:
+                return
+            if item is _WAKE:
+                stream.wake_pending = False
+            else:
+                self._receive(stream, item)
+
+    def _receive(self, stream: Stream, message: Any) -> None:
+        now = self.clock()
+        error = message.error_detail.message if message.HasField("error_detail") else None
+        if stream.mode == "sotw":
+            assert isinstance(stream.protocol, SotwProtocol)
+            events = stream.protocol.receive(
+                Request(
+                    type_url=message.type_url,
+                    version_info=message.version_info,
+                    resource_names=tuple(message.resource_names),
+                    response_nonce=message.response_nonce,
+                    error_detail=error,
+                ),
+                now,
+            )
+        else:
+            assert isinstance(stream.protocol, DeltaProtocol)
+            events = stream.protocol.receive(
+                DeltaRequest(
+                    type_url=message.type_url,
+                    subscribe=tuple(message.resource_names_subscribe),
+                    unsubscribe=tuple(message.resource_names_unsubscribe),
+                    initial_versions=dict(message.initial_resource_versions),
+                    response_nonce=message.response_nonce,
+                    error_detail=error,
+                ),
+                now,
+            )
+        self._handle(stream, events)
+
+    def _handle(self, stream: Stream, events: list[Event]) -> None:
+        node = str(stream.node)
+        for event in events:
+            if isinstance(event, Acked):
+                self.metrics.ack(event.type_url, event.latency)
+                log.debug("ACK %s v%s from %s", types.short(event.type_url), event.version, node)
+            elif isinstance(event, Nacked):
+                nack = event.nack
+                self.metrics.nack(nack.type_url)
+                log.warning(
+                    "NACK %s v%s from %s: rejected %s: %s",
+                    types.short(nack.type_url), nack.version, node,
+                    ", ".join(nack.resources) or "(whole response)", nack.error,
+                    extra={"node": node, "type": types.short(nack.type_url),
+                           "version": nack.version, "resources": list(nack.resources)},
+                )  # fmt: skip
+            elif isinstance(event, SecretDenied):
+                for name in event.names:
+                    if name in OWN_SECRETS:  # its own, not issued yet (the CA failed?)
+                        log.warning(
+                            "node %s asked for its secret %r, not available yet", node, name
+                        )
+                        continue
+                    self.metrics.secret_denials.inc()
+                    audit.warning(
+                        "node %s (certificate %s) requested secret %r, which is not its own: "
+                        "nothing sent",
+                        node, stream.identity, name[:200],
+                        extra={"audit": "secret-denied", "node": node,
+                               "identity": stream.identity, "secret": name[:200]},
+                    )  # fmt: skip
+            elif isinstance(event, Ignored):
+                log.debug("ignored %s request from %s: %s", event.type_url, node, event.reason)
+
+    def _encode(self, mode: str, push: Push) -> Any:
+        if mode == "sotw":
+            response = discovery_pb2.DiscoveryResponse(
+                version_info=push.version, type_url=push.type_url, nonce=push.nonce
+            )
+            response.resources.extend(r.body for r in push.resources)
+        else:
+            response = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=push.version,
+                type_url=push.type_url,
+                nonce=push.nonce,
+                removed_resources=list(push.removed),
+            )
+            response.resources.extend(
+                discovery_pb2.Resource(name=r.name, version=r.hash, resource=r.body)
+                for r in push.resources
+            )
+        response.control_plane.identifier = CONTROL_PLANE_ID
+        return response
+
+    # -- status --------------------------------------------------------------------------------
+    def node_status(self) -> list[dict[str, Any]]:
+        """Per node: streams, per-type desired/ACKed versions, NACKs, drift (no secrets)."""
+        now = self.clock()
+        wall_offset = time.time() - now
+        by_node: dict[str, list[Stream]] = {}
+        for stream in self.streams.values():
+            by_node.setdefault(str(stream.node), []).append(stream)
+        result = []
+        for node_name in sorted(set(by_node) | set(self.cache.nodes())):
+            snapshot = self.cache.get(node_name)
+            streams = sorted(by_node.get(node_name, []), key=lambda s: s.id)
+            entries = []
+            node_drift = False
+            for stream in streams:
+                statuses = stream_types(stream.protocol.states, snapshot, now, self.drift_threshold)
+                node_drift = node_drift or drifting(statuses)
+                entries.append(
+                    {
+                        "id": stream.id,
+                        "mode": stream.mode,
+                        "peer": stream.peer,
+                        "identity": stream.identity,
+                        "connected_since": iso(stream.connected_wall),
+                        "types": [s.as_dict(wall_offset) for s in statuses],
+                    }
+                )
+            try:
+                details = self.source.node_details(NodeId.parse(node_name))
+            except InvalidNodeId:
+                details = {}
+            result.append(
+                {
+                    "node": node_name,
+                    "connected": bool(streams),
+                    "connected_since": entries[0]["connected_since"] if entries else None,
+                    "desired_version": snapshot.version if snapshot else None,
+                    "drift": node_drift,
+                    "streams": entries,
+                    **details,
+                }
+            )
+        return result
+
+
+class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, server: AdsServer) -> None:
+        self._server = server
+
+    async def StreamAggregatedResources(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> None:
+        await self._server.serve("sotw", request_iterator, context)
+
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> None:
+        await self._server.serve("delta", request_iterator, context)

@@ -1,0 +1,218 @@
+"""The whole control plane as one object: ADS server + control plane + admin endpoint + policy
+watcher, started in-process (:class:`XdsService` on a running loop, :class:`XdsServiceThread` from
+synchronous code such as the demo and the tests) or as a process (``meshward xds serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from meshward.policy import PolicySet
+from meshward.xds.admin import AdminServer
+from meshward.xds.controlplane import ControlPlane, WorkloadCompiler, server_spiffe_id
+from meshward.xds.metrics import XdsMetrics
+from meshward.xds.server import AdsServer
+from meshward.xds.status import DEFAULT_DRIFT_THRESHOLD
+
+log = logging.getLogger("meshward.xds")
+T = TypeVar("T")
+
+
+def split_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class XdsService:
+    def __init__(
+        self,
+        policy: PolicySet | None,
+        ca: Any,  # meshward.certs.CertificateAuthority
+        compiler: WorkloadCompiler,
+        *,
+        listen: str = "127.0.0.1:0",
+        admin: str | None = "127.0.0.1:0",
+        svid_ttl: timedelta = timedelta(hours=1),
+        drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+        policy_paths: Sequence[str | Path] | None = None,
+        watch_interval: float = 0.5,
+        schedule: Any = None,
+    ) -> None:
+        """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
+        invalid set raises PolicyError here, then watched). ``compiler``: usually
+        :func:`meshward.xds.compiler.compiler_for` with the mesh's CompileOptions. ``listen``:
+        the ADS address (mTLS); ``admin``: /status and /metrics (None: off). ``schedule``: a
+        :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%)."""
+        self.watcher: Any = None
+        if policy_paths:
+            from meshward.policy.watch import PolicyWatcher
+
+            # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
+            # watches from start() on. A policy passed alongside paths is ignored.
+            self.watcher = PolicyWatcher(policy_paths, interval=watch_interval)
+            policy = self.watcher.load_initial()
+        if policy is None:
+            raise ValueError("give a policy set or policy paths to watch")
+        self.metrics = XdsMetrics()
+        self.control = ControlPlane(policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule)
+        self.control.metrics = self.metrics
+        self.ads = AdsServer(self.control, metrics=self.metrics, drift_threshold=drift_threshold)
+        self.metrics.add_state(self.status)
+        self.listen = listen
+        self.admin_address = admin
+        self.admin: AdminServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        host, _ = split_address(self.listen)
+        return f"{host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str | None:
+        return self.admin.url if self.admin is not None else None
+
+    @property
+    def server_identity(self) -> str:
+        return server_spiffe_id(self.control.policy, self.control.ca.trust_domain)
+
+    async def start(self) -> XdsService:
+        tls = self.control.make_server_tls()
+        self.port = await self.ads.start(self.listen, tls.credentials())
+        if self.admin_address is not None:
+            host, port = split_address(self.admin_address)
+            self.admin = AdminServer(self.status, self.metrics.exposition)
+            await self.admin.start(host, port)
+        self._tasks.append(asyncio.create_task(self.control.run(), name="meshward-xds-timers"))
+        if self.watcher is not None:
+            on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())
+            self.watcher.on_change, self.watcher.on_error = on_change, on_error
+            self.watcher.start()
+        log.info(
+            "ADS listening on %s (mTLS, server identity %s); admin %s",
+            self.address, self.server_identity, self.admin_url or "off",
+        )  # fmt: skip
+        return self
+
+    async def stop(self) -> None:
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
+            self.watcher = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.ads.stop(0.5)
+        if self.admin is not None:
+            await self.admin.stop()
+
+    def status(self) -> dict[str, Any]:
+        """Everything `meshward status` shows: control plane state and every node."""
+        if (
+            self.watcher is not None
+            and self.watcher.last_error is None
+            and self.control.policy_error
+        ):
+            # The files were fixed back to the version in force: the watcher reports no change
+            # (same version) but the rejection is over.
+            self.control.policy_error = None
+            self.control.policy_error_at = None
+        result = self.control.status()
+        result["ads"] = {"address": self.address, "server_identity": self.server_identity}
+        result["drift_threshold_seconds"] = self.ads.drift_threshold
+        result["nodes"] = self.ads.node_status()
+        return result
+
+
+class XdsServiceThread:
+    """An :class:`XdsService` on its own event loop thread, for synchronous callers.
+
+    ``with XdsServiceThread(policy, ca, compiler) as xds:`` then ``xds.port``, ``xds.admin_url``,
+    ``xds.status()``, ``xds.call(lambda: xds.service.control.apply_policy(new))``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args, self._kwargs = args, kwargs
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="meshward-xds", daemon=True)
+        self.service: XdsService | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def start(self, timeout: float = 30.0) -> XdsServiceThread:
+        self._thread.start()
+
+        async def boot() -> XdsService:
+            service = XdsService(*self._args, **self._kwargs)
+            return await service.start()
+
+        self.service = asyncio.run_coroutine_threadsafe(boot(), self.loop).result(timeout)
+        return self
+
+    def call(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
+        """Run ``fn`` on the service's loop (where all its state lives) and return its result."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+    def status(self) -> dict[str, Any]:
+        assert self.service is not None
+        service = self.service
+        return self.call(service.status)
+
+    @property
+    def port(self) -> int:
+        assert self.service is not None and self.service.port is not None
+        return self.service.port
+
+    @property
+    def admin_url(self) -> str | None:
+        assert self.service is not None
+        return self.service.admin_url
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.service is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(timeout)
+            self.service = None
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+        if not self.loop.is_running():
+            self.loop.close()
+
+    def __enter__(self) -> XdsServiceThread:
+        if self.service is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,108 @@
+"""Per-node status and drift, as plain data (the admin endpoint serves it as JSON).
+
+Drift: a type the node subscribed to whose ACKed version differs from the desired version for
+longer than the threshold, measured from the later of "the content changed" and "the stream
+asked for it". A fresh change that is still being pushed is *pending*, not drift; a NACKed
+change (the node kept its last good version) is drift once the threshold passes, which is what
+an operator needs to see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from meshward.xds import types
+from meshward.xds.protocol import PARTIAL, Nack, TypeState
+from meshward.xds.snapshot import Snapshot
+
+DEFAULT_DRIFT_THRESHOLD = 10.0  # seconds
+
+
+@dataclass(frozen=True)
+class TypeStatus:
+    type_url: str
+    desired: str
+    sent: str
+    acked: str
+    in_sync: bool
+    out_of_sync_for: float  # seconds; 0 when in sync
+    drift: bool
+    pushes: int
+    nacks: int
+    rejected: tuple[str, ...]
+    last_nack: Nack | None
+
+    def as_dict(self, wall_offset: float) -> dict[str, Any]:
+        return {
+            "type": types.short(self.type_url),
+            "desired": self.desired,
+            "sent": self.sent,
+            "acked": self.acked,
+            "in_sync": self.in_sync,
+            "out_of_sync_seconds": round(self.out_of_sync_for, 3),
+            "drift": self.drift,
+            "pushes": self.pushes,
+            "nacks": self.nacks,
+            "rejected": list(self.rejected),
+            "last_nack": nack_dict(self.last_nack, wall_offset),
+        }
+
+
+def nack_dict(nack: Nack | None, wall_offset: float) -> dict[str, Any] | None:
+    if nack is None:
+        return None
+    return {
+        "version": nack.version,
+        "resources": list(nack.resources),
+        "whole_response": nack.whole_response,
+        "error": nack.error,
+        "at": iso(nack.at + wall_offset),
+    }
+
+
+def iso(wall: float) -> str:
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
+
+
+def type_status(
+    st: TypeState, snapshot: Snapshot | None, now: float, threshold: float
+) -> TypeStatus:
+    desired = snapshot.type_version(st.type_url) if snapshot else ""
+    in_sync = st.acked_version == desired
+    since = max(snapshot.changed_at(st.type_url) if snapshot else 0.0, st.requested_at)
+    behind = 0.0 if in_sync else max(0.0, now - since)
+    return TypeStatus(
+        type_url=st.type_url,
+        desired=desired,
+        sent=st.sent_version,
+        acked=st.acked_version,
+        in_sync=in_sync,
+        out_of_sync_for=behind,
+        drift=not in_sync and behind > threshold,
+        pushes=st.pushes,
+        nacks=st.nacks,
+        rejected=tuple(sorted(st.rejected)),
+        last_nack=st.last_nack,
+    )
+
+
+def stream_types(
+    states: Mapping[str, TypeState], snapshot: Snapshot | None, now: float, threshold: float
+) -> list[TypeStatus]:
+    ordered = [*types.ORDER, *sorted(t for t in states if t not in types.ORDER)]
+    return [
+        type_status(states[t], snapshot, now, threshold)
+        for t in ordered
+        if t in states and states[t].requested
+    ]
+
+
+def drifting(statuses: Iterable[TypeStatus]) -> bool:
+    return any(s.drift for s in statuses)
+
+
+def base_version(version: str) -> str:
+    return version.removesuffix(PARTIAL)

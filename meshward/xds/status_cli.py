@@ -1,0 +1,192 @@
+"""`meshward status`: what every sidecar runs, compared to what it should run.
+
+Reads the control plane's admin endpoint (``GET /status``). Exit codes: 0 when every node is in
+sync or still converging; 1 when any node drifts (desired != ACKed for longer than the
+threshold), the latest policy change was rejected, or the control plane cannot be reached — so
+the command doubles as a health check in scripts and CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+from meshward.cliutil import add_json_flag, print_json
+from meshward.errors import UserError
+
+TYPES = ("CDS", "EDS", "SDS", "LDS", "RDS")
+
+EPILOG = """\
+examples:
+  meshward status --xds 127.0.0.1:15011
+  meshward status --xds 127.0.0.1:15010 --json      # the ADS port works too: the admin
+                                                    # endpoint is found at port + 1
+  meshward status --xds 127.0.0.1:15011 --node shop/orders
+
+columns: per xDS type, ok = ACKed the desired version; pending = being pushed (under the drift
+threshold); STALE = behind for longer than the threshold (drift); NACK = the node rejected the
+latest version and keeps its last good one; - = not subscribed.
+exit status: 0 all nodes in sync or converging; 1 any node drifts, the last policy change was
+rejected, or the control plane is unreachable.
+"""
+
+
+def _get(url: str, timeout: float) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data: dict[str, Any] = json.loads(response.read())
+        return data
+
+
+def fetch_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET /status from the admin endpoint at ``address`` (or, when that is the ADS port, at
+    port + 1, the default admin port)."""
+    base = address if "://" in address else f"http://{address}"
+    host, _, port = base.rpartition(":")
+    candidates = [base]
+    if port.isdigit():
+        candidates.append(f"{host}:{int(port) + 1}")
+    errors = []
+    for candidate in candidates:
+        try:
+            return _get(candidate.rstrip("/") + "/status", timeout)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            errors.append(f"{candidate}: {reason}")
+    raise UserError(
+        "cannot read the control plane status ("
+        + "; ".join(errors)
+        + "); pass the admin address printed by `meshward xds serve` (default 127.0.0.1:15011)"
+    )
+
+
+def _age(iso: str | None, now: datetime) -> str:
+    if not iso:
+        return "-"
+    seconds = int((now - datetime.fromisoformat(iso)).total_seconds())
+    return _span(seconds)
+
+
+def _span(seconds: float) -> str:
+    seconds = int(seconds)
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{sign}{seconds}s"
+    if seconds < 3600:
+        return f"{sign}{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{sign}{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{sign}{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    if entry["in_sync"]:
+        return "ok"
+    if entry.get("last_nack") and entry["last_nack"]["version"] == entry["sent"]:
+        return "NACK"
+    return "STALE" if entry["drift"] else "pending"
+
+
+def node_state(node: dict[str, Any]) -> str:
+    if not node["connected"]:
+        return "DISCONNECTED"
+    if node["drift"]:
+        return "DRIFT"
+    synced = all(t["in_sync"] for s in node["streams"] for t in s["types"])
+    return "SYNCED" if synced else "CONVERGING"
+
+
+def render(status: dict[str, Any], now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    policy = status["policy"]
+    lines = [
+        f"control plane {status['ads']['address']} ({status['ads']['server_identity']})",
+        f"policy {policy['version'][:12]} applied {_age(policy['applied_at'], now)} ago"
+        + (f"; next expiry {policy['next_expiry']}" if policy.get("next_expiry") else ""),
+    ]
+    if policy.get("error"):
+        first = policy["error"].splitlines()
+        lines.append(f"REJECTED policy change ({_age(policy['error_at'], now)} ago): {first[0]}")
+        lines.extend(f"  {line}" for line in first[1:6])
+    nodes = status["nodes"]
+    if not nodes:
+        lines.append("no nodes have connected")
+        return "\n".join(lines) + "\n"
+    header = ["NODE", "MODE", "CONNECTED", *TYPES, "CERT EXPIRES", "STATE"]
+    rows = []
+    details: list[str] = []
+    for node in nodes:
+        stream = node["streams"][-1] if node["streams"] else None
+        by_type = {t["type"]: t for t in stream["types"]} if stream else {}
+        cert = node.get("certificate")
+        rows.append(
+            [
+                node["node"],
+                stream["mode"] if stream else "-",
+                _age(node["connected_since"], now) if node["connected"] else "no",
+                *(_cell(by_type.get(t)) for t in TYPES),
+                f"in {_span(cert['remaining_seconds'])}" if cert else "-",
+                node_state(node),
+            ]
+        )
+        for entry in by_type.values():
+            if entry["in_sync"]:
+                continue
+            text = (
+                f"  {node['node']} {entry['type']}: desired {entry['desired']}, "
+                f"ACKed {entry['acked'] or 'nothing'} ({_span(entry['out_of_sync_seconds'])} behind)"
+            )
+            nack = entry.get("last_nack")
+            if nack:
+                rejected = ", ".join(nack["resources"]) or "whole response"
+                text += (
+                    f"; last NACK {nack['at']} of {nack['version']} ({rejected}): {nack['error']}"
+                )
+            details.append(text)
+        if node.get("compile_error"):
+            details.append(f"  {node['node']}: compile error: {node['compile_error']}")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    lines.extend(details)
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    status = fetch_status(args.xds, timeout=args.timeout)
+    if args.node:
+        wanted = set(args.node)
+        status["nodes"] = [
+            n for n in status["nodes"]
+            if n["node"] in wanted or n.get("workload") in wanted
+        ]  # fmt: skip
+    if args.json:
+        print_json(status)
+    else:
+        print(render(status), end="")
+    unhealthy = bool(status["policy"].get("error")) or any(n["drift"] for n in status["nodes"])
+    return 1 if unhealthy else 0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Show, per sidecar node: connected since, desired vs ACKed version per xDS type, the "
+        "last NACK (redacted), certificate expiry; flag nodes in drift."
+    )
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--xds", default="127.0.0.1:15011", metavar="HOST:PORT",
+                        help="the control plane's admin address (or its ADS address: the admin "
+                             "endpoint is then tried at port + 1) (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--node", action="append", metavar="NODE",
+                        help="only this node id or workload NS/NAME (repeatable)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="HTTP timeout (default: %(default)s)")  # fmt: skip
+    add_json_flag(parser)
+    parser.set_defaults(func=run)

@@ -1,0 +1,137 @@
+"""Every compiled config loads: `envoy --mode validate` accepts the static bootstrap of each
+workload in examples/, of generated policy sets (every profile: native, JWT, CUSTOM, AUDIT,
+dry-run, TCP ports, all mTLS modes) and of Istio's conformance inputs.
+
+Several workloads share one validation run (listeners renamed and given distinct ports), so the
+whole file costs a handful of Envoy starts."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshward.certs.ca import CertificateAuthority
+from meshward.compile import (
+    AccessLogFormat,
+    CompileOptions,
+    Endpoint,
+    Mode,
+    compile_workload,
+    runtime_bindings,
+    static_bootstrap,
+    synth,
+)
+from meshward.compile.testing import workload_secrets
+from meshward.compile.workload import to_dict
+from meshward.envoy.process import validate_config
+from meshward.policy import PolicySet, load, parse
+from meshward.policy.model import MtlsMode
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFORMANCE = Path("/work/shared/conformance/istio-authz")
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+OPTIONS = CompileOptions(
+    mode=Mode.STATIC,
+    extauthz=Endpoint("127.0.0.1", 9191),
+    otlp=Endpoint("127.0.0.1", 4317),
+    access_log_path="/dev/null",
+)
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.ephemeral(synth.TRUST_DOMAIN)
+
+
+def _validate(
+    parts: list[tuple[PolicySet, str]], ca: CertificateAuthority, base: CompileOptions = OPTIONS
+) -> int:
+    """Compile each (policy set, workload) with its own ports and validate them together.
+    Returns the number of listeners validated."""
+    ports = count(20000)
+    listeners: list[dict[str, Any]] = []
+    clusters: dict[str, dict[str, Any]] = {}
+    for n, (policy_set, ref) in enumerate(parts):
+        options = replace(base, bindings=runtime_bindings(policy_set.workloads, ports))
+        config = static_bootstrap(compile_workload(policy_set, ref, options, now=NOW))
+        for listener in config["static_resources"]["listeners"]:
+            listener["name"] += f"#{n}"
+            listeners.append(listener)
+        for cluster in config["static_resources"]["clusters"]:
+            clusters[cluster["name"]] = cluster  # identical names carry identical content
+    secrets = [to_dict(s) for s in workload_secrets(ca, synth.spiffe("shop", "api"))]
+    bootstrap = {
+        "node": {"id": "validate", "cluster": "validate"},
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": list(clusters.values()),
+            "secrets": secrets,
+        },
+    }
+    ok, output = validate_config(bootstrap)
+    assert ok, output[-3000:]
+    return len(listeners)
+
+
+@pytest.mark.parametrize("log_format", list(AccessLogFormat))
+def test_examples_validate(ca: CertificateAuthority, log_format: AccessLogFormat) -> None:
+    policy_set = load([ROOT / "examples"])
+    refs = [w.ref for w in policy_set.workloads]
+    assert refs
+    options = replace(OPTIONS, access_log_format=log_format)
+    assert _validate([(policy_set, ref) for ref in refs], ca, options) >= len(refs)
+
+
+PROFILES = {
+    "native": synth.Profile(policies=(4, 8)),
+    "everything": synth.Profile(jwt=True, custom=True, audit=True, policies=(4, 8)),
+    "jwt-strict": synth.Profile(jwt=True, mtls=MtlsMode.STRICT, policies=(4, 8)),
+    "audit-disable": synth.Profile(audit=True, mtls=MtlsMode.DISABLE, policies=(4, 8)),
+}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_generated_policy_sets_validate(profile: str, ca: CertificateAuthority) -> None:
+    """Four sets per profile (with a TCP port) in one Envoy run."""
+    base = sorted(PROFILES).index(profile) * 1000
+    parts = [
+        (synth.random_policy_set(base + seed, PROFILES[profile], tcp=True), synth.TARGET_REF)
+        for seed in range(4)
+    ]
+    parts.append((synth.coverage_policy_set(), synth.TARGET_REF))
+    assert _validate(parts, ca) >= 15
+    # The same with every rule naming exact callers in the principal index.
+    assert _validate(parts, ca, replace(OPTIONS, rbac_index_min_rules=1)) >= 15
+
+
+def test_istio_conformance_inputs_compile_and_validate(ca: CertificateAuthority) -> None:
+    """Istio's own builder inputs (odd but legal values), for foo/httpbin."""
+    if not CONFORMANCE.is_dir():
+        pytest.skip(f"{CONFORMANCE} not present")
+    workload_doc = (
+        "apiVersion: meshward.dev/v1\nkind: Workload\n"
+        "metadata: {name: httpbin, namespace: foo, labels: {app: httpbin, version: v1}}\n"
+        "spec: {ports: [{port: 80}, {port: 90}, {port: 8000, protocol: TCP}]}\n"
+    )
+    texts = {"workload.yaml": workload_doc}
+    refused: list[str] = []
+    for path in sorted(CONFORMANCE.glob("*-in.yaml")):
+        text = path.read_text().replace("name: httpbin-", f"name: {path.stem}-")
+        try:
+            parse({"workload.yaml": workload_doc, path.name: text})
+        except Exception as exc:  # only experimental.* keys may be refused (README)
+            assert "experimental." in str(exc), f"{path.name}: {exc}"
+            refused.append(path.name)
+            text = text.replace("experimental.envoy.filters.a.b[c]", "request.headers[x-c]")
+        texts[path.name] = text
+    policy_set = parse(texts)
+    assert len(policy_set.authorization_policies) >= 10
+    resources = compile_workload(policy_set, "foo/httpbin", OPTIONS, now=NOW)
+    assert resources.extauthz  # requestPrincipals / request.auth.* rules are in the corpus
+    assert refused in ([], ["allow-full-rule-in.yaml"])
+    assert _validate([(policy_set, "foo/httpbin")], ca) == 3

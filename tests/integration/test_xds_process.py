@@ -1,0 +1,83 @@
+"""The operator's path end to end: `meshward ca init`, `meshward xds serve` as a process,
+`meshward bootstrap` files, a real Envoy started from them, `meshward status`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meshward.certs import CertificateAuthority
+from meshward.cli import main
+from meshward.demo.echo import EchoServer
+from meshward.envoy import EnvoyProcess
+from meshward.net import free_port
+from meshward.xds.testing import http_request
+
+POLICY = """
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: orders, namespace: shop, labels: {app: orders}}
+spec: {ports: [{name: http, port: 8080, protocol: HTTP}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: permissive, namespace: meshward-system}
+spec: {mtls: {mode: PERMISSIVE}}
+"""
+
+
+def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    CertificateAuthority.init(tmp_path / "ca", "cluster.local")
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "mesh.yaml").write_text(POLICY)
+    listen = free_port()
+    with EchoServer("orders") as app:
+        (tmp_path / "bindings.json").write_text(json.dumps({
+            "shop/orders": {"ports": {"8080": {"listen": f"127.0.0.1:{listen}",
+                                               "app": f"127.0.0.1:{app.port}"}}}
+        }))  # fmt: skip
+        ready = tmp_path / "ready.json"
+        log = (tmp_path / "xds.log").open("wb")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "meshward", "xds", "serve", "--policy", str(tmp_path / "policies"),
+             "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+             "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(ready)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not ready.exists():
+                assert server.poll() is None, (tmp_path / "xds.log").read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            info = json.loads(ready.read_text())
+            assert main(["bootstrap", "--workload", "shop/orders", "--xds", info["ads"],
+                         "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "sidecars")]) == 0  # fmt: skip
+            config = json.loads((tmp_path / "sidecars" / "orders.shop" / "envoy.json").read_text())
+            with EnvoyProcess(config, name="orders", workdir=tmp_path / "envoy") as envoy:
+                deadline = time.monotonic() + 15
+                while http_request(listen, "/x")[0] != 200:
+                    assert time.monotonic() < deadline, envoy.log_tail()
+                    time.sleep(0.1)
+                capsys.readouterr()
+                code = 1
+                for _ in range(50):  # the first ACKs may still be in flight
+                    code = main(["status", "--xds", info["admin"].removeprefix("http://")])
+                    if code == 0 and "SYNCED" in capsys.readouterr().out:
+                        break
+                    time.sleep(0.1)
+                assert code == 0
+                main(["status", "--xds", info["admin"].removeprefix("http://"), "--json"])
+                status = json.loads(capsys.readouterr().out)
+                [node] = status["nodes"]
+                assert node["node"] == "shop/orders" and node["certificate"]["issued"] == 1
+        finally:
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(15) == 0
+            log.close()

@@ -1,0 +1,522 @@
+"""The compiled resources' shape: what each workload gets, and what it must not get."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from meshward.compile import (
+    CompileOptions,
+    Endpoint,
+    Mode,
+    PortBinding,
+    WorkloadBinding,
+    compile_mesh,
+    compile_workload,
+    synth,
+)
+from meshward.compile.workload import to_dict
+from meshward.errors import UserError
+from meshward.policy import PolicySet
+from meshward.policy.model import (
+    Action,
+    AuthorizationPolicy,
+    Condition,
+    MeshConfig,
+    MtlsMode,
+    Operation,
+    PeerAuthentication,
+    Protocol,
+    Rule,
+    Source,
+    Workload,
+    WorkloadPort,
+)
+
+TD = "cluster.local"
+WEB = f"{TD}/ns/shop/sa/web"
+EXTAUTHZ = Endpoint("127.0.0.1", 9191)
+
+
+def workload(name: str, *ports: WorkloadPort, ns: str = "shop") -> Workload:
+    return Workload(
+        namespace=ns, name=name, labels={"app": name}, service_account=name, ports=ports
+    )
+
+
+HTTP = WorkloadPort("http", 8080)
+
+
+def policy_set(
+    *policies: AuthorizationPolicy,
+    workloads: tuple[Workload, ...] | None = None,
+    mode: MtlsMode = MtlsMode.STRICT,
+    port_level: dict[int, MtlsMode] | None = None,
+) -> PolicySet:
+    peers = [PeerAuthentication(namespace="shop", name="default", mode=mode)]
+    if port_level:
+        peers.append(
+            PeerAuthentication(
+                namespace="shop", name="api-ports", selector={"app": "api"}, port_level=port_level
+            )
+        )
+    return PolicySet.create(
+        mesh=MeshConfig(trust_domain=TD),
+        workloads=workloads or (workload("api", HTTP), workload("web", HTTP)),
+        authorization_policies=policies,
+        peer_authentications=peers,
+    )
+
+
+def allow(name: str, *rules: Rule, action: Action = Action.ALLOW, **kw: Any) -> AuthorizationPolicy:
+    return AuthorizationPolicy(
+        namespace="shop", name=name, action=action, selector={"app": "api"}, rules=rules, **kw
+    )
+
+
+def listener(resources: Any, name: str) -> dict[str, Any]:
+    for item in resources.listeners:
+        if item.name == name:
+            return to_dict(item)
+    raise KeyError(name)
+
+
+def http_filters(resources: Any, port: int = 8080) -> list[dict[str, Any]]:
+    found = listener(resources, f"inbound|{port}|api.shop")
+    hcm = found["filter_chains"][0]["filters"][0]["typed_config"]
+    return list(hcm["http_filters"])
+
+
+def filter_names(resources: Any) -> list[str]:
+    out = []
+    for f in http_filters(resources):
+        config = f["typed_config"]
+        if f["name"] == "envoy.filters.http.rbac":
+            kind = "rbac:" + ("enforce" if "rules" in config else "shadow")
+            kind += ":" + (config.get("rules") or config.get("shadow_rules")).get("action", "ALLOW")
+            out.append(kind)
+        else:
+            out.append(f["name"].rsplit(".", 1)[-1])
+    return out
+
+
+NATIVE_RULE = Rule(sources=(Source(principals=(WEB,)),), operations=(Operation(methods=("GET",)),))
+JWT_RULE = Rule(sources=(Source(request_principals=("https://idp/*",)),))
+
+
+def test_native_only_workload_has_no_extauthz_filter_and_no_extauthz_cluster() -> None:
+    ps = policy_set(allow("a", NATIVE_RULE), allow("d", NATIVE_RULE, action=Action.DENY))
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    assert filter_names(resources) == [
+        "header_mutation",
+        "rbac:enforce:DENY",
+        "rbac:enforce:ALLOW",
+        "router",
+    ]
+    assert "meshward-extauthz" not in {c.name for c in resources.clusters}
+    assert not resources.extauthz
+
+
+def test_no_policy_means_no_rbac_filter() -> None:
+    resources = compile_workload(policy_set(), "shop/api")
+    assert filter_names(resources) == ["header_mutation", "router"]
+
+
+def test_allow_nothing_policy_is_an_empty_enforced_allow() -> None:
+    resources = compile_workload(policy_set(allow("nothing")), "shop/api")
+    rbac = http_filters(resources)[1]["typed_config"]
+    assert rbac["rules"] == {}  # ALLOW (the default) with no policies: every request denied
+
+
+def test_allow_union_runs_native_allow_as_shadow_and_gates_extauthz() -> None:
+    ps = policy_set(allow("native", NATIVE_RULE), allow("jwt", JWT_RULE))
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    assert filter_names(resources) == [
+        "header_mutation",
+        "rbac:shadow:ALLOW",
+        "ext_authz",
+        "router",
+    ]
+    shadow, extauthz = http_filters(resources)[1:3]
+    assert shadow["typed_config"]["shadow_rules_stat_prefix"] == "meshward_native_allow_"
+    assert list(shadow["typed_config"]["shadow_rules"]["policies"]) == [
+        "ns[shop]-policy[native]-rule[0]"
+    ]
+    config = extauthz["typed_config"]
+    assert config["filter_enabled_metadata"] == {
+        "filter": "envoy.filters.http.rbac",
+        "path": [{"key": "meshward_native_allow_shadow_engine_result"}],
+        "value": {"string_match": {"exact": "allowed"}},
+        "invert": True,
+    }
+    assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == "meshward-extauthz"
+    assert config["include_peer_certificate"] is True
+    assert config["transport_api_version"] == "V3"
+    assert config.get("failure_mode_allow", False) is False
+    assert "meshward-extauthz" in {c.name for c in resources.clusters}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        allow("custom", Rule(), action=Action.CUSTOM, provider="opa"),
+        allow("jwt-deny", JWT_RULE, action=Action.DENY),
+    ],
+    ids=["custom", "jwt-deny"],
+)
+def test_custom_and_jwt_deny_need_extauthz_on_every_request(extra: AuthorizationPolicy) -> None:
+    ps = policy_set(allow("native", NATIVE_RULE), allow("jwt", JWT_RULE), extra)
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    assert resources.plan.extauthz_always
+    extauthz = next(f for f in http_filters(resources) if f["name"].endswith("ext_authz"))
+    assert "filter_enabled_metadata" not in extauthz["typed_config"]
+
+
+def test_extauthz_route_names_the_workload_and_declared_port() -> None:
+    api = workload("api", HTTP, WorkloadPort("grpc", 9090, Protocol.GRPC))
+    ps = policy_set(allow("jwt", JWT_RULE), workloads=(api, workload("web", HTTP)))
+    options = CompileOptions(mode=Mode.STATIC, extauthz=EXTAUTHZ)
+    resources = compile_workload(ps, "shop/api", options)
+    for port in (8080, 9090):
+        hcm = listener(resources, f"inbound|{port}|api.shop")["filter_chains"][0]["filters"][0]
+        route = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+        per_route = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
+        assert per_route["check_settings"]["context_extensions"] == {
+            "workload": "shop/api",
+            "port": str(port),
+        }
+
+
+def test_missing_extauthz_address_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="needs the ext_authz service"):
+        compile_workload(policy_set(allow("jwt", JWT_RULE)), "shop/api")
+
+
+def test_ports_are_translated_to_runtime_ports() -> None:
+    rule = Rule(
+        operations=(Operation(ports=(8080, 1234)),),
+        conditions=(Condition(key="destination.port", not_values=("8080",)),),
+    )
+    binding = WorkloadBinding(
+        ports={
+            8080: PortBinding(listen=Endpoint("127.0.0.1", 31000), app=Endpoint("127.0.0.1", 31001))
+        }
+    )
+    options = CompileOptions(bindings={"shop/api": binding})
+    resources = compile_workload(policy_set(allow("p", rule)), "shop/api", options)
+    found = listener(resources, "inbound|8080|api.shop")
+    assert found["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 31000}
+    permission = http_filters(resources)[1]["typed_config"]["rules"]["policies"][
+        "ns[shop]-policy[p]-rule[0]"
+    ]["permissions"][0]
+    assert permission == {
+        "and_rules": {
+            "rules": [
+                {
+                    "or_rules": {
+                        "rules": [
+                            {"destination_port": 31000},
+                            {"not_rule": {"any": True}},  # 1234 is not a port of shop/api
+                        ]
+                    }
+                },
+                {"not_rule": {"destination_port": 31000}},
+            ]
+        }
+    }
+    app = next(c for c in resources.clusters if c.name == "inbound|8080||api.shop")
+    assert (
+        app.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value
+        == 31001
+    )
+
+
+def test_identity_bindings_translate_nothing() -> None:
+    rule = Rule(operations=(Operation(ports=(8080,)),))
+    resources = compile_workload(policy_set(allow("p", rule)), "shop/api")
+    found = listener(resources, "inbound|8080|api.shop")
+    assert found["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
+    policies = http_filters(resources)[1]["typed_config"]["rules"]["policies"]
+    assert policies["ns[shop]-policy[p]-rule[0]"]["permissions"] == [{"destination_port": 8080}]
+
+
+@pytest.mark.parametrize(
+    ("mode", "chains", "inspector"),
+    [
+        (MtlsMode.STRICT, ["mtls"], True),
+        (MtlsMode.PERMISSIVE, ["mtls", "plaintext"], True),
+        (MtlsMode.DISABLE, ["plaintext"], False),
+    ],
+)
+def test_mtls_modes(mode: MtlsMode, chains: list[str], inspector: bool) -> None:
+    resources = compile_workload(policy_set(mode=mode), "shop/api")
+    found = listener(resources, "inbound|8080|api.shop")
+    assert [c["name"] for c in found["filter_chains"]] == chains
+    assert bool(found.get("listener_filters")) is inspector
+    for chain in found["filter_chains"]:
+        if chain["name"] == "mtls":
+            tls = chain["transport_socket"]["typed_config"]
+            assert tls["require_client_certificate"] is True
+            common = tls["common_tls_context"]
+            assert common["tls_certificate_sds_secret_configs"][0]["name"] == "default"
+            combined = common["combined_validation_context"]
+            assert combined["validation_context_sds_secret_config"]["name"] == "ROOTCA"
+            assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
+                {"san_type": "URI", "matcher": {"prefix": "spiffe://cluster.local/"}}
+            ]
+        else:
+            assert "transport_socket" not in chain
+    if mode is MtlsMode.PERMISSIVE:
+        matches = [c["filter_chain_match"]["transport_protocol"] for c in found["filter_chains"]]
+        assert matches == ["tls", "raw_buffer"]
+
+
+def test_port_level_mtls_overrides_the_namespace() -> None:
+    api = workload("api", HTTP, WorkloadPort("metrics", 9100))
+    ps = policy_set(workloads=(api, workload("web", HTTP)), port_level={9100: MtlsMode.DISABLE})
+    resources = compile_workload(ps, "shop/api")
+    assert [c["name"] for c in listener(resources, "inbound|8080|api.shop")["filter_chains"]] == [
+        "mtls"
+    ]
+    assert [c["name"] for c in listener(resources, "inbound|9100|api.shop")["filter_chains"]] == [
+        "plaintext"
+    ]
+
+
+def test_inbound_hcm_normalizes_paths_sanitizes_xfcc_and_logs_json() -> None:
+    options = CompileOptions(access_log_path="/tmp/access.log", otlp=Endpoint("127.0.0.1", 4317))
+    resources = compile_workload(policy_set(), "shop/api", options)
+    hcm = listener(resources, "inbound|8080|api.shop")["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
+    assert hcm["normalize_path"] is True
+    assert hcm["merge_slashes"] is True
+    assert hcm["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    assert hcm["forward_client_cert_details"] == "SANITIZE_SET"
+    assert hcm["set_current_client_cert_details"] == {"uri": True}
+    assert hcm["rds"]["route_config_name"] == "inbound|8080|api.shop"  # xDS mode: RDS
+    strip = hcm["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]
+    assert strip == [{"remove_on_match": {"key_matcher": {"prefix": "x-meshward-"}}}]
+    log = hcm["access_log"][0]["typed_config"]
+    fields = log["log_format"]["json_format"]
+    assert log["path"] == "/tmp/access.log"
+    assert fields["response_code_details"] == "%RESPONSE_CODE_DETAILS%"
+    assert fields["rbac"] == "%DYNAMIC_METADATA(envoy.filters.http.rbac)%"
+    assert fields["trace_id"] == "%TRACE_ID%"
+    assert fields["peer_principal"] == "%DOWNSTREAM_PEER_URI_SAN%"
+    assert fields["workload"] == "shop/api"
+    provider = hcm["tracing"]["provider"]
+    assert provider["name"] == "envoy.tracers.opentelemetry"
+    assert provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "meshward-otlp"
+    otlp = next(c for c in resources.clusters if c.name == "meshward-otlp")
+    assert otlp.typed_extension_protocol_options  # gRPC: explicit HTTP/2
+
+
+def test_outbound_cluster_uses_own_svid_and_checks_the_peer_identity() -> None:
+    resources = compile_workload(policy_set(), "shop/web")
+    cluster = to_dict(next(c for c in resources.clusters if c.name == "outbound|8080||api.shop"))
+    assert cluster["type"] == "EDS"
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["sni"] == "spiffe://cluster.local/ns/shop/sa/api"
+    common = tls["common_tls_context"]
+    assert common["tls_certificate_sds_secret_configs"] == [
+        {"name": "default", "sds_config": {"ads": {}, "resource_api_version": "V3"}}
+    ]
+    combined = common["combined_validation_context"]
+    assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/shop/sa/api"}}
+    ]
+    assert [e.cluster_name for e in resources.endpoints] == ["outbound|8080||api.shop"]
+    outbound = listener(resources, "outbound|8080||api.shop")
+    assert outbound["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert resources.secret_names == ("ROOTCA", "default")
+
+
+def test_static_mode_inlines_routes_endpoints_and_bare_secret_names() -> None:
+    resources = compile_workload(policy_set(), "shop/web", CompileOptions(mode=Mode.STATIC))
+    assert resources.routes == () and resources.endpoints == ()
+    cluster = to_dict(next(c for c in resources.clusters if c.name == "outbound|8080||api.shop"))
+    assert cluster["type"] == "STATIC" and cluster["load_assignment"]
+    common = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    assert common["tls_certificate_sds_secret_configs"] == [{"name": "default"}]
+
+
+def test_outbound_to_a_disabled_peer_is_plaintext() -> None:
+    resources = compile_workload(policy_set(mode=MtlsMode.DISABLE), "shop/web")
+    cluster = next(c for c in resources.clusters if c.name == "outbound|8080||api.shop")
+    assert not cluster.HasField("transport_socket")
+    assert resources.secret_names == ()
+
+
+def test_peers_are_pruned_by_the_peer_allow_policies() -> None:
+    others = (
+        workload("api", HTTP),
+        workload("web", HTTP),
+        workload("batch", HTTP),
+        workload("db", HTTP),
+    )
+    web_only = AuthorizationPolicy(
+        namespace="shop",
+        name="db-from-web",
+        selector={"app": "db"},
+        rules=(Rule(sources=(Source(principals=(WEB,)),)),),
+    )
+    ps = policy_set(web_only, workloads=others)
+    names_for = {
+        ref: sorted(c.name for c in r.clusters if c.name.startswith("outbound"))
+        for ref, r in compile_mesh(ps).items()
+    }
+    assert "outbound|8080||db.shop" in names_for["shop/web"]
+    assert "outbound|8080||db.shop" not in names_for["shop/batch"]
+    assert "outbound|8080||api.shop" in names_for["shop/batch"]  # api has no ALLOW: open
+    assert all("||web.shop" not in n for n in names_for["shop/web"])  # never itself
+
+
+def test_expired_emergency_policy_is_dropped_and_next_change_reported() -> None:
+    from datetime import UTC, datetime
+
+    expires = datetime(2030, 1, 1, tzinfo=UTC)
+    ps = policy_set(allow("emergency", NATIVE_RULE, expires_at=expires), allow("base", NATIVE_RULE))
+    before = compile_workload(ps, "shop/api", now=datetime(2029, 1, 1, tzinfo=UTC))
+    after = compile_workload(ps, "shop/api", now=datetime(2031, 1, 1, tzinfo=UTC))
+    assert before.next_change == expires
+    assert after.next_change is None
+    names_before = http_filters(before)[1]["typed_config"]["rules"]["policies"]
+    names_after = http_filters(after)[1]["typed_config"]["rules"]["policies"]
+    assert "ns[shop]-policy[emergency]-rule[0]" in names_before
+    assert "ns[shop]-policy[emergency]-rule[0]" not in names_after
+
+
+def test_tcp_port_gets_network_rbac_and_no_http_filters() -> None:
+    api = workload("api", WorkloadPort("db", 5432, Protocol.TCP))
+    deny_paths = allow(
+        "deny",
+        Rule(sources=(Source(principals=(WEB,)),), operations=(Operation(paths=("/x",)),)),
+        action=Action.DENY,
+    )
+    allow_methods = allow("allow", Rule(operations=(Operation(methods=("GET",)),)))
+    ps = policy_set(deny_paths, allow_methods, workloads=(api, workload("web", HTTP)))
+    resources = compile_workload(ps, "shop/api")
+    chain = listener(resources, "inbound|5432|api.shop")["filter_chains"][0]
+    kinds = [f["name"] for f in chain["filters"]]
+    assert kinds == [
+        "envoy.filters.network.rbac",
+        "envoy.filters.network.rbac",
+        "envoy.filters.network.tcp_proxy",
+    ]
+    deny, allow_ = (f["typed_config"] for f in chain["filters"][:2])
+    # DENY keeps its TCP fields (the path is dropped: denies more); ALLOW needing HTTP: nothing.
+    assert deny["rules"]["policies"]["ns[shop]-policy[deny]-rule[0]"]["permissions"] == [
+        {"any": True}
+    ]
+    assert allow_["rules"].get("policies", {}) == {}
+
+
+def test_workload_can_be_given_by_ref_and_unknown_ref_is_a_user_error() -> None:
+    ps = policy_set()
+    assert compile_workload(ps, "shop/api").workload == "shop/api"
+    with pytest.raises(UserError, match="no workload"):
+        compile_workload(ps, "shop/nope")
+
+
+def test_partial_bindings_are_refused() -> None:
+    api = workload("api", HTTP, WorkloadPort("b", 9090))
+    binding = WorkloadBinding(
+        ports={8080: PortBinding(listen=Endpoint("127.0.0.1", 1), app=Endpoint("127.0.0.1", 2))}
+    )
+    ps = policy_set(workloads=(api, workload("web", HTTP)))
+    with pytest.raises(UserError, match="do not cover"):
+        compile_workload(ps, "shop/api", CompileOptions(bindings={"shop/api": binding}))
+
+
+def test_runtime_bindings_give_every_port_and_peer_its_own_port() -> None:
+    from meshward.compile import runtime_bindings
+
+    ps = synth.random_policy_set(1)
+    supply = iter(range(20000, 21000))
+    bindings = runtime_bindings(ps.workloads, supply)
+    used = [b.listen.port for wb in bindings.values() for b in wb.ports.values()]
+    used += [b.app.port for wb in bindings.values() for b in wb.ports.values()]
+    used += [e.port for wb in bindings.values() for e in wb.outbound.values()]
+    assert len(used) == len(set(used))
+    options = CompileOptions(bindings=bindings, mode=Mode.STATIC)
+    web = compile_workload(ps, "shop/web", options)
+    target = bindings["shop/api"].ports[8080].listen.port
+    cluster = next(c for c in web.clusters if c.name == "outbound|8080||api.shop")
+    assert (
+        cluster.load_assignment.endpoints[0]
+        .lb_endpoints[0]
+        .endpoint.address.socket_address.port_value
+        == target
+    )
+
+
+def test_options_are_not_mutated() -> None:
+    options = CompileOptions()
+    compile_workload(policy_set(), "shop/api", options)
+    assert options == replace(options)
+
+
+def _many(name: str, count: int, action: Action = Action.ALLOW) -> AuthorizationPolicy:
+    return allow(
+        name,
+        *(
+            Rule(
+                sources=(Source(principals=(f"{TD}/ns/team/sa/svc-{i}",)),),
+                operations=(Operation(paths=(f"/{i}/*",)),),
+            )
+            for i in range(count)
+        ),
+        action=action,
+    )
+
+
+def test_many_exact_caller_rules_go_to_the_principal_index() -> None:
+    namespace_rule = allow("ops", Rule(sources=(Source(namespaces=("ops",)),)))
+    ps = policy_set(
+        _many("callers", 20),
+        namespace_rule,
+        _many("blocked", 20, Action.DENY),
+        mode=MtlsMode.PERMISSIVE,
+    )
+    resources = compile_workload(ps, "shop/api")
+    found = listener(resources, "inbound|8080|api.shop")
+    mtls, plain = (c["filters"][0]["typed_config"]["http_filters"] for c in found["filter_chains"])
+    kinds = [sorted(k for k in f["typed_config"] if k != "@type") for f in mtls[1:-1]]
+    assert kinds == [
+        ["matcher"],  # DENY: every rule indexed, enforced
+        ["shadow_matcher", "shadow_rules_stat_prefix"],  # ALLOW: indexed, verdict in metadata
+        ["rules", "track_per_rule_stats"],  # ALLOW: the namespace rule + the synthetic policy
+    ]
+    deny_tree = mtls[1]["typed_config"]["matcher"]
+    entries = deny_tree["matcher_tree"]["exact_match_map"]["map"]
+    assert len(entries) == 20 and "spiffe://cluster.local/ns/team/sa/svc-3" in entries
+    first = entries["spiffe://cluster.local/ns/team/sa/svc-3"]["matcher"]
+    action = first["matcher_list"]["matchers"][0]["on_match"]["action"]["typed_config"]
+    assert action["name"] == "ns[shop]-policy[blocked]-rule[3]" and action["action"] == "DENY"
+    for fallback in (first["on_no_match"], deny_tree["on_no_match"]):
+        typed = fallback["action"]["typed_config"]
+        assert typed["name"] == "meshward-no-indexed-deny-rule-matched"
+        assert typed.get("action", "ALLOW") == "ALLOW"  # the proto default, omitted in JSON
+    allow_rules = mtls[3]["typed_config"]["rules"]["policies"]
+    assert mtls[2]["typed_config"]["shadow_rules_stat_prefix"] == "meshward_indexed_allow_"
+    assert sorted(allow_rules) == ["meshward-indexed-allow", "ns[shop]-policy[ops]-rule[0]"]
+    # The plaintext chain has no peer identity to look up: the rules engine only.
+    assert "matcher_tree" not in json.dumps(plain)
+    assert len(plain[2]["typed_config"]["rules"]["policies"]) == 21
+
+
+def test_index_threshold_and_opt_out() -> None:
+    few = compile_workload(policy_set(_many("callers", 3)), "shop/api")
+    assert "matcher_tree" not in json.dumps(http_filters(few))
+    none = compile_workload(
+        policy_set(_many("callers", 40)), "shop/api", CompileOptions(rbac_index_min_rules=None)
+    )
+    assert "matcher_tree" not in json.dumps(http_filters(none))
+    indexed = compile_workload(policy_set(_many("callers", 40)), "shop/api")
+    assert [f["typed_config"].keys() - {"@type"} for f in http_filters(indexed)[1:-1]] == [
+        {"matcher"}
+    ]

@@ -1,0 +1,121 @@
+"""Compiled RBAC + ext_authz gating vs meshward.policy.evaluate, on thousands of generated
+requests, through a model of Envoy's filters (meshward.compile.simulate). Fast and broad; the
+real-Envoy test (tests/integration/test_compile_equivalence.py) proves the model faithful."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import pytest
+
+from meshward.compile import CompileOptions, Endpoint, Mode, compile_workload, simulate, synth
+from meshward.compile.workload import to_dict
+from meshward.policy import Request, evaluate
+from meshward.policy.model import MtlsMode
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+RUNTIME = {8080: 18080, 9090: 19090, 7000: 17000}
+
+
+def _options(index_min_rules: int | None = 16) -> CompileOptions:
+    from meshward.compile import PortBinding, WorkloadBinding
+
+    binding = WorkloadBinding(
+        ports={
+            p: PortBinding(listen=Endpoint("127.0.0.1", r), app=Endpoint("127.0.0.1", 1))
+            for p, r in RUNTIME.items()
+        }
+    )
+    return CompileOptions(
+        mode=Mode.STATIC,
+        bindings={synth.TARGET_REF: binding},
+        extauthz=Endpoint("127.0.0.1", 9191),
+        outbound=False,
+        rbac_index_min_rules=index_min_rules,
+    )
+
+
+def _extauthz(policy_set):  # type: ignore[no-untyped-def]
+    workload = policy_set.workload(synth.TARGET_REF)
+
+    def check(conn: simulate.Connection, path: str, context: Mapping[str, str]) -> bool:
+        assert context["workload"] == synth.TARGET_REF
+        user = conn.headers.get("authorization", "").removeprefix("Bearer ") or None
+        request = Request(
+            method=conn.method,
+            path=path,
+            host=conn.host,
+            destination_port=int(context["port"]),
+            source_principal=conn.peer_uri,
+            source_ip=conn.source_ip,
+            remote_ip=conn.remote_ip if "x-forwarded-for" in conn.headers else None,
+            destination_ip=conn.destination_ip,
+            headers=dict(conn.headers),
+            claims=dict(synth.USERS[user]) if user else None,
+            sni=conn.sni,
+        )
+        return evaluate(
+            policy_set, workload, request, now=NOW, custom=synth.custom_provider
+        ).allowed
+
+    return check
+
+
+def _listeners(policy_set, index_min_rules=16):  # type: ignore[no-untyped-def]
+    options = _options(index_min_rules)
+    resources = compile_workload(policy_set, synth.TARGET_REF, options, now=NOW)
+    by_port = {}
+    for listener in resources.listeners:
+        as_dict = to_dict(listener)
+        by_port[as_dict["address"]["socket_address"]["port_value"]] = as_dict
+    return by_port
+
+
+PROFILES = {
+    "native": synth.Profile(),
+    "jwt": synth.Profile(jwt=True),
+    "custom": synth.Profile(jwt=True, custom=True),
+    "audit": synth.Profile(audit=True, policies=(2, 8)),
+}
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["rules", "indexed"])
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_simulated_envoy_decides_like_the_evaluator(profile: str, indexed: bool) -> None:
+    """``indexed``: every rule naming exact callers goes to the principal-indexed matcher."""
+    mismatches: list[str] = []
+    called = 0
+    total = 0
+    for seed in range(100):
+        policy_set = synth.random_policy_set(seed, PROFILES[profile])
+        listeners = _listeners(policy_set, 1 if indexed else None)
+        check = _extauthz(policy_set)
+        for probe in synth.random_probes(seed, 60, jwt=PROFILES[profile].jwt):
+            conn = simulate.Connection(
+                method=probe.method,
+                path=probe.path,
+                host=probe.host,
+                headers={k.lower(): v for k, v in probe.wire_headers().items() if k != "Host"},
+                port=RUNTIME[probe.port],
+                peer_uri=probe.principal,
+                sni=probe.sni,
+            )
+            outcome = simulate.run(listeners[RUNTIME[probe.port]], conn, check)
+            want = synth.expected_status(policy_set, probe, now=NOW)
+            total += 1
+            called += outcome.extauthz_called
+            if outcome.status != want:
+                mismatches.append(f"seed {seed}: {probe} -> envoy {outcome.status}, want {want}")
+    assert not mismatches, "\n".join(mismatches[:10])
+    if profile == "native":
+        assert called == 0  # Python is never consulted when every rule is native
+    elif profile == "jwt":
+        assert 0 < called < total  # the ALLOW union keeps some requests off ext_authz
+
+
+def test_plaintext_rules_under_strict_never_reach_rbac() -> None:
+    """Under STRICT the plaintext chain does not exist: the compiled listener has one chain."""
+    policy_set = synth.random_policy_set(3, synth.Profile(mtls=MtlsMode.STRICT))
+    for listener in _listeners(policy_set).values():
+        assert [c.get("name") for c in listener["filter_chains"]] == ["mtls"]

@@ -1,0 +1,180 @@
+"""The control plane's decisions without sockets: node authentication, SVID issuance and renewal,
+trust bundle changes, affected-workload pushes (driven by a manual clock)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+from meshward.certs import CertificateAuthority, RotationSchedule
+from meshward.compile import CompileOptions
+from meshward.policy import parse
+from meshward.xds import types
+from meshward.xds.compiler import compiler_for
+from meshward.xds.controlplane import ControlPlane
+from meshward.xds.nodeid import InvalidNodeId, NodeId
+from meshward.xds.server import NodeRejected
+
+POLICY = """
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: orders, namespace: shop, labels: {app: orders}}
+spec:
+  serviceAccount: orders-sa
+  ports: [{name: http, port: 8080, protocol: HTTP}]
+---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: frontend, namespace: shop, labels: {app: frontend}}
+spec:
+  ports: [{name: http, port: 8080, protocol: HTTP}]
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def control(clock: Clock) -> ControlPlane:
+    ca = CertificateAuthority.ephemeral("cluster.local", now=clock.now - timedelta(minutes=5))
+    return ControlPlane(
+        parse({"p.yaml": POLICY}),
+        ca,
+        compiler_for(CompileOptions()),
+        svid_ttl=timedelta(minutes=10),
+        schedule=RotationSchedule(jitter=0.0),
+        wall_clock=clock,
+        reload_ca=False,
+    )
+
+
+def test_node_id_format() -> None:
+    assert NodeId.parse("shop/orders") == NodeId("shop", "orders")
+    assert str(NodeId.parse("shop/orders/7")) == "shop/orders/7"
+    assert NodeId.parse("shop/orders/7").workload_ref == "shop/orders"
+    for bad in ("orders", "shop/", "a/b/c/d", "shop/or ders", "sidecar~1.2.3.4~x~y"):
+        with pytest.raises(InvalidNodeId):
+            NodeId.parse(bad)
+
+
+def test_node_identity_must_match_its_workload(control: ControlPlane) -> None:
+    orders = NodeId("shop", "orders", "1")
+    control.authorize(orders, "spiffe://cluster.local/ns/shop/sa/orders-sa")  # service account
+    with pytest.raises(NodeRejected, match="may not act as node shop/orders/1"):
+        control.authorize(orders, "spiffe://cluster.local/ns/shop/sa/frontend")
+    with pytest.raises(NodeRejected, match="client certificate"):
+        control.authorize(orders, None)
+    # A workload the policy set does not (yet) declare: its default identity only.
+    control.authorize(NodeId("shop", "new"), "spiffe://cluster.local/ns/shop/sa/new")
+    with pytest.raises(NodeRejected):
+        control.authorize(NodeId("shop", "new"), "spiffe://cluster.local/ns/other/sa/new")
+
+
+def secret_of(control: ControlPlane, node: str, name: str) -> secret_pb2.Secret:
+    snapshot = control.cache.get(node)
+    assert snapshot is not None
+    message = secret_pb2.Secret()
+    snapshot.resources(types.SECRET)[name].body.Unpack(message)
+    return message
+
+
+async def test_svid_issued_on_first_request_and_renewed_at_half_life(
+    control: ControlPlane, clock: Clock
+) -> None:
+    node = NodeId("shop", "orders")
+    await control.node_connected(node)
+    first = control.cache.get(str(node))
+    assert first is not None
+    assert set(first.resources(types.SECRET)) == {"default", "ROOTCA"}
+    cert = control.node_details(node)["certificate"]
+    assert cert["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/orders-sa"
+    renew_at = datetime.fromisoformat(cert["renew_at"])
+    not_before, not_after = (datetime.fromisoformat(cert[k]) for k in ("not_before", "not_after"))
+    assert abs((renew_at - not_before) / (not_after - not_before) - 0.5) < 0.01
+    clock.now = renew_at - timedelta(seconds=1)
+    control.maintain(clock.now)
+    assert control.cache.get(str(node)) is first  # not due yet
+    clock.now = renew_at + timedelta(seconds=1)
+    control.maintain(clock.now)
+    second = control.cache.get(str(node))
+    assert second is not None and second is not first
+    assert second.type_version(types.SECRET) != first.type_version(types.SECRET)
+    assert second.type_version(types.LISTENER) == first.type_version(types.LISTENER)
+    renewed = control.node_details(node)["certificate"]
+    assert renewed["serial"] != cert["serial"] and renewed["issued"] == 2
+
+
+async def test_disconnected_nodes_are_not_renewed_until_they_return(
+    control: ControlPlane, clock: Clock
+) -> None:
+    node = NodeId("shop", "frontend")
+    await control.node_connected(node)
+    control.node_disconnected(node)
+    clock.now += timedelta(minutes=6)
+    control.maintain(clock.now)
+    assert control.node_details(node)["certificate"]["issued"] == 1
+    await control.node_connected(node)  # back after its half-life: a fresh SVID at once
+    assert control.node_details(node)["certificate"]["issued"] == 2
+
+
+async def test_policy_change_touches_only_affected_nodes(control: ControlPlane) -> None:
+    await control.node_connected(NodeId("shop", "orders"))
+    await control.node_connected(NodeId("shop", "frontend"))
+    before = {n: control.cache.get(n) for n in ("shop/orders", "shop/frontend")}
+    changed = control.apply_policy(
+        parse(
+            {
+                "p.yaml": POLICY
+                + """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: orders-get-only, namespace: shop}
+spec:
+  selector: {matchLabels: {app: orders}}
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+      to: [{operation: {methods: ["GET"]}}]
+"""
+            }
+        )
+    )
+    assert changed == {"shop/orders"}
+    assert control.cache.get("shop/frontend") is before["shop/frontend"]
+    after = control.cache.get("shop/orders")
+    assert after is not None and after is not before["shop/orders"]
+
+
+async def test_ca_rotation_pushes_the_new_bundle(tmp_path: Path, clock: Clock) -> None:
+    ca = CertificateAuthority.init(
+        tmp_path / "ca", "cluster.local", now=clock.now - timedelta(minutes=5)
+    )
+    control = ControlPlane(
+        parse({"p.yaml": POLICY}), ca, compiler_for(CompileOptions()), wall_clock=clock
+    )
+    await control.node_connected(NodeId("shop", "orders"))
+    roots = secret_of(control, "shop/orders", "ROOTCA").validation_context.trusted_ca.inline_bytes
+    control.maintain(clock.now)  # remembers the CA state on disk
+    rotated = CertificateAuthority.load(tmp_path / "ca")
+    rotated.rotate(now=clock.now)
+    import os
+
+    state = tmp_path / "ca" / "ca.json"
+    os.utime(state, (state.stat().st_atime, state.stat().st_mtime + 5))
+    control.maintain(clock.now)
+    new_roots = secret_of(
+        control, "shop/orders", "ROOTCA"
+    ).validation_context.trusted_ca.inline_bytes
+    assert new_roots != roots and roots.strip() in new_roots  # old root still trusted, new added

@@ -1,0 +1,310 @@
+"""The sans-IO ADS protocol: ordering, ACK/NACK per resource, SDS name changes, secret denial."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshward.xds import types
+from meshward.xds.protocol import (
+    PARTIAL,
+    Acked,
+    DeltaProtocol,
+    DeltaRequest,
+    Ignored,
+    Nacked,
+    Request,
+    SecretDenied,
+    SotwProtocol,
+)
+from meshward.xds.resources import Resource
+from meshward.xds.snapshot import Snapshot, build_snapshot
+from meshward.xds.testing import cluster, listener, secret
+
+C, L, S = types.CLUSTER, types.LISTENER, types.SECRET
+
+
+def snap(
+    previous: Snapshot | None,
+    version: str,
+    *,
+    clusters: list[Resource] | None = None,
+    listeners: list[Resource] | None = None,
+    secrets: list[Resource] | None = None,
+    now: float = 0.0,
+) -> Snapshot:
+    return build_snapshot(
+        previous,
+        {
+            C: clusters if clusters is not None else [cluster("app")],
+            L: listeners if listeners is not None else [listener("inbound")],
+            S: secrets if secrets is not None else [secret("default"), secret("ROOTCA")],
+        },
+        version,
+        now,
+    )
+
+
+def names(push_resources: tuple[Resource, ...]) -> list[str]:
+    return [r.name for r in push_resources]
+
+
+def sotw_connect(p: SotwProtocol, s: Snapshot) -> None:
+    """Envoy's start-up conversation: CDS, SDS for the cluster's secrets, LDS; all ACKed."""
+    p.receive(Request(C), 0)
+    pushes, _ = p.plan(s, 0)
+    assert [x.type_url for x in pushes] == [C]
+    p.receive(Request(C, pushes[0].version, (), pushes[0].nonce), 0)
+    p.receive(Request(S, "", ("default", "ROOTCA")), 0)
+    p.receive(Request(L), 0)
+    pushes, _ = p.plan(s, 0)
+    assert [x.type_url for x in pushes] == [S, L]
+    for push in pushes:
+        requested = ("default", "ROOTCA") if push.type_url == S else ()
+        p.receive(Request(push.type_url, push.version, requested, push.nonce), 0)
+
+
+def test_sotw_initial_sequence_and_ack() -> None:
+    p = SotwProtocol()
+    s = snap(None, "v1.1")
+    sotw_connect(p, s)
+    for t in (C, S, L):
+        assert p.states[t].acked_version == "v1.1"
+        assert p.states[t].applied.keys() == s.resources(t).keys()
+    assert p.plan(s, 1) == ([], [])  # nothing new: nothing sent
+
+
+def test_sotw_pushes_only_changed_types_in_order() -> None:
+    p = SotwProtocol()
+    s1 = snap(None, "v1.1")
+    sotw_connect(p, s1)
+    s2 = snap(
+        s1,
+        "v2.1",
+        clusters=[cluster("app"), cluster("orders")],
+        listeners=[listener("inbound", tag="x")],
+    )
+    assert s2.type_version(S) == "v1.1"  # sticky: secrets did not change
+    pushes, _ = p.plan(s2, 1)
+    assert [(x.type_url, x.version) for x in pushes] == [(C, "v2.1"), (L, "v2.1")]
+    assert names(pushes[0].resources) == ["app", "orders"]
+
+
+def test_listener_held_until_its_cluster_was_sent() -> None:
+    p = SotwProtocol()
+    s = snap(None, "v1.1")
+    p.receive(Request(L), 0)  # a client that asks for listeners before clusters
+    p.receive(Request(S, "", ("default", "ROOTCA")), 0)
+    pushes, _ = p.plan(s, 0)
+    lds = next(x for x in pushes if x.type_url == L)
+    assert lds.resources == () and lds.version == "v1.1" + PARTIAL
+    p.receive(Request(C), 0)
+    pushes, _ = p.plan(s, 1)
+    assert [x.type_url for x in pushes] == [C, L]  # cluster first, then the released listener
+    assert names(pushes[1].resources) == ["inbound"] and pushes[1].version == "v1.1"
+
+
+def test_listener_never_sent_when_its_secret_is_not_offered() -> None:
+    p = SotwProtocol()
+    s = snap(None, "v1.1", secrets=[secret("ROOTCA")])  # no SVID ("default") yet
+    p.receive(Request(C), 0)
+    p.receive(Request(L), 0)
+    pushes, _ = p.plan(s, 0)
+    lds = next(x for x in pushes if x.type_url == L)
+    assert lds.resources == ()
+    s2 = snap(s, "v1.2")  # the SVID arrives
+    pushes, _ = p.plan(s2, 1)
+    assert [names(x.resources) for x in pushes if x.type_url == L] == [["inbound"]]
+
+
+def test_sotw_nack_applies_the_valid_resources_and_keeps_the_rejected_one_old() -> None:
+    p = SotwProtocol()
+    good_a, good_b = listener("a", port=1), listener("b", port=2)
+    s1 = snap(None, "v1.1", listeners=[good_a, good_b])
+    sotw_connect(p, s1)
+    bad_a, new_b = listener("a", port=1, tag="bad"), listener("b", port=2, tag="new")
+    s2 = snap(s1, "v2.1", listeners=[bad_a, new_b])
+    [push], _ = p.plan(s2, 1)
+    error = "Error adding/updating listener(s) a: Didn't find a registered implementation\n"
+    [event] = p.receive(Request(L, "v1.1", (), push.nonce, error), 2)
+    assert isinstance(event, Nacked)
+    assert event.nack.resources == ("a",) and not event.nack.whole_response
+    st = p.states[L]
+    assert st.applied["a"] is good_a and st.applied["b"] is new_b  # b applied despite the NACK
+    assert st.acked_version == "v1.1"
+    assert p.plan(s2, 3) == ([], [])  # never resend what Envoy just rejected
+    # A later change elsewhere: the rejected listener goes out at its last applied version.
+    s3 = snap(s2, "v3.1", listeners=[bad_a, listener("b", port=2, tag="newer")])
+    [push], _ = p.plan(s3, 4)
+    assert push.version == "v3.1" + PARTIAL
+    assert {r.name: r for r in push.resources}["a"] is good_a
+    # Fixing the resource clears it.
+    s4 = snap(
+        s3,
+        "v4.1",
+        listeners=[listener("a", port=1, tag="fixed"), listener("b", port=2, tag="newer")],
+    )
+    [push], _ = p.plan(s4, 5)
+    assert push.version == "v4.1"
+    [event] = p.receive(Request(L, "v4.1", (), push.nonce), 6)
+    assert isinstance(event, Acked) and not p.states[L].rejected
+
+
+def test_sotw_nack_naming_nothing_rejects_the_whole_response() -> None:
+    p = SotwProtocol()
+    s1 = snap(None, "v1.1")
+    sotw_connect(p, s1)
+    s2 = snap(s1, "v2.1", clusters=[cluster("app", port=9), cluster("new")])
+    [push], _ = p.plan(s2, 1)
+    [event] = p.receive(Request(C, "v1.1", (), push.nonce, "Proto constraint validation failed"), 2)
+    assert isinstance(event, Nacked) and event.nack.whole_response
+    assert event.nack.resources == ("app", "new")
+    assert p.states[C].applied["app"].hash == cluster("app").hash
+
+
+def test_sotw_sds_answers_again_when_requested_names_change() -> None:
+    p = SotwProtocol()
+    s = snap(None, "v1.1")
+    p.receive(Request(S, "", ("ROOTCA",)), 0)
+    [push], _ = p.plan(s, 0)
+    assert names(push.resources) == ["ROOTCA"]
+    p.receive(Request(S, push.version, ("ROOTCA",), push.nonce), 0)
+    assert p.plan(s, 0) == ([], [])
+    p.receive(Request(S, push.version, ("ROOTCA", "default"), push.nonce), 0)
+    [push2], _ = p.plan(s, 0)
+    assert push2.version == push.version  # same version, answered again
+    assert names(push2.resources) == ["ROOTCA", "default"]
+
+
+def test_other_secrets_get_nothing_and_one_audit_event() -> None:
+    p = SotwProtocol()
+    s = snap(None, "v1.1")
+    evil = "spiffe://cluster.local/ns/shop/sa/payments"
+    p.receive(Request(S, "", ("default", evil)), 0)
+    [push], events = p.plan(s, 0)
+    assert names(push.resources) == ["default"]
+    assert events == [SecretDenied((evil,))]
+    p.receive(Request(S, push.version, ("default", evil), push.nonce), 0)
+    assert p.plan(s, 1) == ([], [])  # reported once
+
+
+def test_stale_nonce_is_tracked_but_not_answered() -> None:
+    p = SotwProtocol()
+    s1 = snap(None, "v1.1")
+    sotw_connect(p, s1)
+    s2 = snap(s1, "v2.1", clusters=[cluster("app"), cluster("x")])
+    [first], _ = p.plan(s2, 1)
+    s3 = snap(s2, "v3.1", clusters=[cluster("app"), cluster("y")])
+    [_second], _ = p.plan(s3, 1)
+    events = p.receive(Request(C, first.version, (), first.nonce), 2)
+    assert isinstance(events[0], Acked) and p.states[C].acked_version == "v2.1"
+    assert p.plan(s3, 2) == ([], [])
+    events = p.receive(Request(C, "v9", (), "nonsense"), 2)
+    assert isinstance(events[0], Ignored)
+
+
+def test_delta_sends_only_changes_and_removals() -> None:
+    p = DeltaProtocol()
+    s1 = snap(None, "v1.1", clusters=[cluster("a"), cluster("b")])
+    p.receive(DeltaRequest(C), 0)
+    [push], _ = p.plan(s1, 0)
+    assert names(push.resources) == ["a", "b"] and push.removed == ()
+    p.receive(DeltaRequest(C, response_nonce=push.nonce), 0)
+    s2 = snap(s1, "v2.1", clusters=[cluster("a", port=1), cluster("c")])
+    [push], _ = p.plan(s2, 1)
+    assert names(push.resources) == ["a", "c"] and push.removed == ("b",)
+    [event] = p.receive(DeltaRequest(C, response_nonce=push.nonce), 2)
+    assert isinstance(event, Acked) and sorted(p.states[C].applied) == ["a", "c"]
+
+
+def test_delta_reconnect_with_initial_versions_sends_nothing_known() -> None:
+    s = snap(None, "v1.1", clusters=[cluster("a"), cluster("b")])
+    p = DeltaProtocol()
+    known = {"a": cluster("a").hash, "b": "stale"}
+    p.receive(DeltaRequest(C, initial_versions=known), 0)
+    [push], _ = p.plan(s, 0)
+    assert names(push.resources) == ["b"]
+
+
+def test_delta_nack_reverts_and_is_not_resent() -> None:
+    p = DeltaProtocol()
+    s1 = snap(
+        None,
+        "v1.1",
+        listeners=[listener("a", port=1), listener("b", port=2)],
+        secrets=[secret("default"), secret("ROOTCA")],
+    )
+    p.receive(DeltaRequest(C), 0)
+    p.receive(DeltaRequest(L), 0)
+    pushes, _ = p.plan(s1, 0)
+    for push in pushes:
+        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+    s2 = snap(
+        s1, "v2.1", listeners=[listener("a", port=1, tag="bad"), listener("b", port=2, tag="ok")]
+    )
+    [push], _ = p.plan(s2, 1)
+    [event] = p.receive(
+        DeltaRequest(
+            L, response_nonce=push.nonce, error_detail="Error adding/updating listener(s) a: nope"
+        ),
+        2,
+    )
+    assert isinstance(event, Nacked) and event.nack.resources == ("a",)
+    assert p.states[L].applied["b"].hash == listener("b", port=2, tag="ok").hash
+    assert p.plan(s2, 3) == ([], [])
+
+
+def test_delta_secret_subscription_filters_foreign_names() -> None:
+    p = DeltaProtocol()
+    s = snap(None, "v1.1")
+    p.receive(DeltaRequest(S, subscribe=("default", "ns/other/default")), 0)
+    [push], events = p.plan(s, 0)
+    assert names(push.resources) == ["default"]
+    assert events == [SecretDenied(("ns/other/default",))]
+
+
+def test_a_cluster_leaves_only_after_the_listener_routing_to_it() -> None:
+    for protocol in (SotwProtocol(), DeltaProtocol()):
+        delta = isinstance(protocol, DeltaProtocol)
+
+        def ack(push: Any, protocol: Any = protocol, delta: bool = delta) -> None:
+            if delta:
+                protocol.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+            else:
+                wanted = ("default", "ROOTCA") if push.type_url == S else ()
+                protocol.receive(Request(push.type_url, push.version, wanted, push.nonce), 0)
+
+        for type_url in (C, L, S):
+            if delta:
+                protocol.receive(
+                    DeltaRequest(
+                        type_url, subscribe=("default", "ROOTCA") if type_url == S else ()
+                    ),
+                    0,
+                )
+            else:
+                protocol.receive(
+                    Request(type_url, "", ("default", "ROOTCA") if type_url == S else ()), 0
+                )
+        s1 = snap(None, "v1.1", clusters=[cluster("app"), cluster("old")],
+                  listeners=[listener("in", "app"), listener("out", "old", port=2)])  # fmt: skip
+        pushes, _ = protocol.plan(s1, 0)
+        for push in pushes:
+            ack(push)
+        s2 = snap(s1, "v2.1", clusters=[cluster("app")], listeners=[listener("in", "app")])
+        pushes, _ = protocol.plan(s2, 1)
+        by_type = {p.type_url: p for p in pushes}
+        if delta:
+            assert C not in by_type  # "old" is not removed yet
+            assert by_type[L].removed == ("out",)
+        else:
+            assert names(by_type[C].resources) == ["app", "old"]
+            assert by_type[C].version == "v2.1" + PARTIAL
+            assert names(by_type[L].resources) == ["in"]
+        for push in pushes:
+            ack(push)  # Envoy dropped the listener that routed to "old"
+        [again], _ = protocol.plan(s2, 2)
+        assert again.type_url == C and again.version == "v2.1"
+        if delta:
+            assert again.removed == ("old",)
+        else:
+            assert names(again.resources) == ["app"]

@@ -1,0 +1,72 @@
+"""Resource indexing, sticky snapshot versions, NACK name parsing and redaction."""
+
+from __future__ import annotations
+
+from meshward.xds import types
+from meshward.xds.redact import redact_error
+from meshward.xds.resources import rejected_names
+from meshward.xds.snapshot import build_snapshot, snapshot_version
+from meshward.xds.testing import cluster, listener, secret
+
+PEM = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----"
+
+
+def test_dependencies_are_found_inside_typed_configs() -> None:
+    resource = listener("inbound", "orders")
+    assert resource.secrets == {"default", "ROOTCA"}
+    assert resource.clusters == {"orders"}
+    assert listener("plain", secrets=False).secrets == frozenset()
+
+
+def test_hash_is_deterministic_and_content_based() -> None:
+    assert cluster("a").hash == cluster("a").hash
+    assert cluster("a").hash != cluster("a", port=1).hash
+
+
+def test_snapshot_versions_are_sticky_per_type() -> None:
+    s1 = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, snapshot_version("ab" * 32, 1), 1.0)
+    assert s1.version == "abababababab.1"
+    s2 = build_snapshot(s1, {types.CLUSTER: [cluster("a")], types.SECRET: [secret("x")]}, "v2", 2.0)
+    assert s2.type_version(types.CLUSTER) == "abababababab.1"
+    assert s2.changed_at(types.CLUSTER) == 1.0
+    assert s2.type_version(types.SECRET) == "v2"
+    assert s2.changed_types(s1) == (types.SECRET,)
+    assert s1.type_version(types.LISTENER) == "abababababab.1"  # present, empty
+
+
+def test_rejected_names_from_envoy_messages() -> None:
+    lds = (
+        "Error adding/updating listener(s) inbound: Didn't find a registered implementation\n"
+        "outbound-orders: something else\n"
+    )
+    assert rejected_names(lds, ["inbound", "outbound-orders", "outbound"]) == {
+        "inbound",
+        "outbound-orders",
+    }
+    cds = "Error adding/updating cluster(s) a: bad, b.x: duplicate cluster b.x found"
+    assert rejected_names(cds, ["a", "b.x", "c"]) == {"a", "b.x"}
+    assert rejected_names("Proto constraint validation failed", ["a"]) == frozenset()
+
+
+def test_secret_nack_is_never_shown_verbatim() -> None:
+    error = f'Proto constraint validation failed: name: "default" tls_certificate {{ private_key {{ inline_bytes: "{PEM}" }} }}'
+    shown = redact_error(types.SECRET, error, ["default"])
+    assert "PRIVATE KEY" not in shown and "MIGHAg" not in shown
+    assert "default" in shown and "sha256" in shown
+
+
+def test_other_nacks_are_scrubbed_of_key_material() -> None:
+    error = f"Error adding/updating listener(s) a: bad {PEM} and inline_string: 'secret' end"
+    shown = redact_error(types.LISTENER, error)
+    assert "MIGHAg" not in shown and "'secret'" not in shown
+    assert shown.startswith("Error adding/updating listener(s) a: bad")
+
+
+def test_new_content_under_the_same_version_still_gets_a_new_version() -> None:
+    s1 = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, "v1.1", 1.0)
+    s2 = build_snapshot(s1, {types.CLUSTER: [cluster("a", port=2)]}, "v1.1", 2.0)
+    s3 = build_snapshot(s2, {types.CLUSTER: [cluster("a", port=3)]}, "v1.1", 3.0)
+    versions = [s.type_version(types.CLUSTER) for s in (s1, s2, s3)]
+    assert len(set(versions)) == 3 and all(v.startswith("v1.1") for v in versions)
+    again = build_snapshot(s1, {types.CLUSTER: [cluster("a", port=2)]}, "v1.1", 2.0)
+    assert again.type_version(types.CLUSTER) == versions[1]  # deterministic

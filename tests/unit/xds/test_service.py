@@ -1,0 +1,298 @@
+"""The control plane over real gRPC and mTLS with simulated ADS clients (no Envoy): status,
+metrics, pushes to affected nodes only, NACK redaction, drift, expires-at re-pushes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from meshward.certs import CertificateAuthority
+from meshward.compile import CompileOptions
+from meshward.policy import parse
+from meshward.xds import status_cli, types
+from meshward.xds.client import AdsClient, client_ssl_context
+from meshward.xds.compiler import compiler_for
+from meshward.xds.service import XdsService
+
+WORKLOADS = "".join(
+    f"""---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
+spec:
+  ports: [{{name: http, port: 8080, protocol: HTTP}}]
+"""
+    for name in ("frontend", "orders", "payments")
+)
+ORDERS_POLICY = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: orders-allow-frontend, namespace: shop%s}
+spec:
+  selector: {matchLabels: {app: orders}}
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+      to: [{operation: {methods: [%s]}}]
+"""
+ALL_TYPES = {types.CLUSTER: (), types.LISTENER: (), types.SECRET: ("default", "ROOTCA")}
+
+
+def policy(methods: str = '"GET"', annotations: str = "") -> Any:
+    return parse({"mesh.yaml": WORKLOADS + ORDERS_POLICY % (annotations, methods)})
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.ephemeral("cluster.local")
+
+
+@pytest.fixture
+async def service(ca: CertificateAuthority) -> AsyncIterator[XdsService]:
+    svc = XdsService(policy(), ca, compiler_for(CompileOptions()), drift_threshold=0.3)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+
+
+class Clients:
+    def __init__(self, service: XdsService, ca: CertificateAuthority) -> None:
+        self.service, self.ca = service, ca
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def open(self, node: str, *, delta: bool = False, **kwargs: Any) -> AdsClient:
+        namespace, name = node.split("/")[:2]
+        svid = self.ca.issue(f"spiffe://cluster.local/ns/{namespace}/sa/{name}")
+        client = AdsClient(
+            "127.0.0.1",
+            self.service.port or 0,
+            node,
+            client_ssl_context(
+                svid.cert_chain_pem, svid.private_key_pem, self.ca.trust_bundle().roots_pem
+            ),
+            server_identity=self.service.server_identity,
+            delta=delta,
+            subscriptions=dict(kwargs.pop("subscriptions", ALL_TYPES)),
+            **kwargs,
+        )
+        self.tasks.append(asyncio.create_task(client.run()))
+        return client
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def clients(service: XdsService, ca: CertificateAuthority) -> AsyncIterator[Clients]:
+    pool = Clients(service, ca)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "it") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def node(service: XdsService, name: str) -> dict[str, Any]:
+    return next(n for n in service.status()["nodes"] if n["node"] == name)
+
+
+def in_sync(service: XdsService, name: str) -> bool:
+    try:
+        entry = node(service, name)
+    except StopIteration:
+        return False
+    types_ = [t for s in entry["streams"] for t in s["types"]]
+    return entry["connected"] and len(types_) >= 3 and all(t["in_sync"] for t in types_)
+
+
+async def http_get(url: str) -> tuple[int, bytes]:
+    def get() -> tuple[int, bytes]:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+
+    return await asyncio.to_thread(get)
+
+
+async def test_status_and_metrics_endpoints(service: XdsService, clients: Clients) -> None:
+    clients.open("shop/frontend")
+    await until(lambda: in_sync(service, "shop/frontend"), what="sync")
+    code, body = await http_get(f"{service.admin_url}/status")
+    status = json.loads(body)
+    assert code == 200
+    entry = next(n for n in status["nodes"] if n["node"] == "shop/frontend")
+    assert entry["certificate"]["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/frontend"
+    assert entry["certificate"]["remaining_seconds"] > 3000
+    assert {t["type"] for t in entry["streams"][0]["types"]} >= {"CDS", "LDS", "SDS"}
+    assert "PRIVATE KEY" not in body.decode()
+    code, metrics = await http_get(f"{service.admin_url}/metrics")
+    text = metrics.decode()
+    assert "meshward_xds_connected_nodes 1.0" in text
+    assert 'meshward_xds_pushes_total{type="LDS"}' in text
+    assert "meshward_xds_push_latency_seconds_bucket" in text
+    assert 'meshward_xds_cert_expiry_seconds{node="shop/frontend"}' in text
+
+
+async def test_a_change_pushes_to_the_affected_workload_only(
+    service: XdsService, clients: Clients
+) -> None:
+    nodes = ["shop/frontend", "shop/orders", "shop/orders/2", "shop/payments"]
+    opened = {name: clients.open(name, delta=name == "shop/orders/2") for name in nodes}
+    await until(lambda: all(in_sync(service, n) for n in nodes), what="initial sync")
+    before = {n: {t: v.responses for t, v in c.views.items()} for n, c in opened.items()}
+    changed = service.control.apply_policy(policy('"GET", "POST"'))
+    assert changed == {"shop/orders"}
+    await until(
+        lambda: all(
+            opened[n].views[types.LISTENER].responses > before[n][types.LISTENER]
+            for n in ("shop/orders", "shop/orders/2")
+        ),
+        what="the push to orders",
+    )
+    await until(lambda: all(in_sync(service, n) for n in nodes), what="sync")
+    for name in ("shop/frontend", "shop/payments"):
+        after = {t: v.responses for t, v in opened[name].views.items()}
+        assert after == before[name], name
+
+
+async def test_secret_nack_is_redacted_everywhere(
+    service: XdsService, clients: Clients, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="meshward")
+
+    def nack(type_url: str, response: Any) -> str | None:
+        if type_url != types.SECRET:
+            return None
+        return 'Proto constraint validation failed: name: "default" private_key { inline_bytes: "-----BEGIN PRIVATE KEY-----\\nMIGHAgEAMBMG\\n-----END PRIVATE KEY-----" }'
+
+    clients.open("shop/payments", nack=nack)
+    await until(
+        lambda: (
+            any(
+                t["last_nack"]
+                for s in node(service, "shop/payments")["streams"]
+                for t in s["types"]
+            )
+            if any(n["node"] == "shop/payments" for n in service.status()["nodes"])
+            else False
+        ),
+        what="the NACK",
+    )
+    sds = next(
+        t for t in node(service, "shop/payments")["streams"][0]["types"] if t["type"] == "SDS"
+    )
+    assert "MIGHAg" not in json.dumps(sds) and "redacted Secret NACK" in sds["last_nack"]["error"]
+    assert not any("MIGHAg" in r.getMessage() for r in caplog.records)
+    assert any("NACK SDS" in r.getMessage() for r in caplog.records)
+
+
+async def test_drift_is_flagged_and_fails_the_status_command(
+    service: XdsService, clients: Clients, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reject = {"on": False}
+
+    def nack(type_url: str, response: Any) -> str | None:
+        if reject["on"] and type_url == types.LISTENER:
+            return "Error adding/updating listener(s) inbound|8080|orders.shop: nope"
+        return None
+
+    clients.open("shop/orders", nack=nack)
+    await until(lambda: in_sync(service, "shop/orders"), what="sync")
+    args = argparse.Namespace(xds=service.admin_url, node=None, json=False, timeout=5.0)
+    assert await asyncio.to_thread(status_cli.run, args) == 0
+    reject["on"] = True
+    service.control.apply_policy(policy('"DELETE"'))
+    await until(lambda: node(service, "shop/orders")["drift"], what="drift")
+    assert await asyncio.to_thread(status_cli.run, args) == 1
+    out = capsys.readouterr().out
+    assert "DRIFT" in out and "NACK" in out and "inbound|8080|orders.shop" in out
+    _, metrics = await http_get(f"{service.admin_url}/metrics")
+    assert "meshward_xds_drifting_nodes 1.0" in metrics.decode()
+    assert 'meshward_xds_nacks_total{type="LDS"} 1.0' in metrics.decode()
+    # The ADS port works as --xds too: the admin endpoint is looked up at port + 1.
+    host_port = service.admin_url.removeprefix("http://") if service.admin_url else ""
+    host, port = host_port.rsplit(":", 1)
+    found = await asyncio.to_thread(status_cli.fetch_status, f"{host}:{int(port) - 1}")
+    assert found["ads"]["address"] == service.address
+
+
+async def test_rejected_policy_change_is_reported(service: XdsService) -> None:
+    from meshward.policy import PolicyError, Problem
+
+    version = service.control.policy.version
+    service.control.reject_policy(PolicyError([Problem("bad.yaml", 1, "spec.action", "nope")]))
+    status = service.status()
+    assert status["policy"]["version"] == version and "bad.yaml" in status["policy"]["error"]
+    args = argparse.Namespace(xds=service.admin_url, node=None, json=True, timeout=5.0)
+    assert await asyncio.to_thread(status_cli.run, args) == 1
+
+
+async def test_expiring_policy_is_repushed_at_its_instant(
+    ca: CertificateAuthority, clients: Clients
+) -> None:
+    expires = (datetime.now(UTC) + timedelta(seconds=1.5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    annotated = policy('"GET"', f', annotations: {{"meshward.dev/expires-at": "{expires}"}}')
+    svc = XdsService(annotated, ca, compiler_for(CompileOptions()), admin=None)
+    await svc.start()
+    try:
+        clients.service = svc
+        client = clients.open("shop/orders")
+        await until(lambda: in_sync(svc, "shop/orders"), what="sync")
+        assert svc.status()["policy"]["next_expiry"] is not None
+        lds_before = client.views[types.LISTENER].responses
+        await until(
+            lambda: client.views[types.LISTENER].responses > lds_before, timeout=5, what="re-push"
+        )
+        assert svc.status()["policy"]["next_expiry"] is None
+        assert svc.control.policy.version == annotated.version  # same policy, new decisions
+    finally:
+        await svc.stop()
+
+
+async def test_server_certificate_renews_without_restart(
+    service: XdsService, ca: CertificateAuthority
+) -> None:
+    import socket
+
+    from cryptography import x509
+
+    svid = ca.issue("spiffe://cluster.local/ns/shop/sa/frontend")
+    context = client_ssl_context(
+        svid.cert_chain_pem, svid.private_key_pem, ca.trust_bundle().roots_pem
+    )
+
+    def serial() -> int:
+        with (
+            socket.create_connection(("127.0.0.1", service.port or 0), timeout=5) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return int(x509.load_der_x509_certificate(der).serial_number)
+
+    first = await asyncio.to_thread(serial)
+    from meshward.xds.controlplane import SERVER_KEY
+
+    now = datetime.now(UTC)
+    service.control.schedule.retry(SERVER_KEY, now)  # make the server's renewal due now
+    service.control.maintain(now)
+    second = await asyncio.to_thread(serial)
+    assert second != first
+    assert service.status()["server_certificate"]["spiffe_id"].endswith("/sa/meshward-xds")

@@ -1,0 +1,222 @@
+"""Prometheus metrics for the Check service, served as text on an HTTP ``/metrics`` port.
+
+The per-Check cost is two pre-bound metric updates (a counter and a latency histogram). Cache
+statistics live as plain integers in the cache and are copied into metrics by ``sync()`` (at
+scrape time in a single process, every half second per worker with ``--workers``), so a cache hit
+touches no metric lock. With several worker processes prometheus_client's multiprocess mode
+aggregates them (``PROMETHEUS_MULTIPROC_DIR``); the parent process serves the sum.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from meshward.extauthz.authorizer import Authorizer, CheckResult
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+PREFIX = "meshward_extauthz_"
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._authorizer: Authorizer | None = None
+        self._last: dict[str, int] = {}
+        self._sync_lock = threading.Lock()
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        reg = None if multiprocess_enabled() else self.registry
+        if reg is not None:  # first: a scrape brings the cache counters up to date, then reads
+            reg.register(_SyncOnCollect(self))
+        self.checks = Counter(
+            PREFIX + "checks",
+            "Check calls answered, by decision, HTTP status and cache outcome",
+            ["decision", "status", "cache"],
+            registry=reg,
+        )
+        self.latency = Histogram(
+            PREFIX + "check_duration_seconds",
+            "Time to decide one Check inside the service (excluding gRPC transport)",
+            ["cache"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.errors = Counter(
+            PREFIX + "internal_errors", "Checks denied because the handler raised", registry=reg
+        )
+        self.cache_hits = Counter(PREFIX + "cache_hits", "Decision cache hits", registry=reg)
+        self.cache_misses = Counter(PREFIX + "cache_misses", "Decision cache misses", registry=reg)
+        self.cache_evictions = Counter(
+            PREFIX + "cache_evictions", "Entries evicted to make room (LRU)", registry=reg
+        )
+        self.cache_expirations = Counter(
+            PREFIX + "cache_expirations", "Entries dropped at their expiry", registry=reg
+        )
+        self.cache_size = Gauge(
+            PREFIX + "cache_entries",
+            "Entries in the decision cache",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.evaluations = Counter(
+            PREFIX + "policy_evaluations",
+            "Policy evaluations (cache misses and uncacheable checks)",
+            registry=reg,
+        )
+        self.token_verifications = Counter(
+            PREFIX + "token_verifications",
+            "JWT signature verifications (token cache misses)",
+            registry=reg,
+        )
+        self.policy_info = Gauge(
+            PREFIX + "policy_version",
+            "1 for the policy version being served, 0 for earlier ones (label: first 12 hex digits)",
+            ["version"],
+            registry=reg,
+            multiprocess_mode="liveall",
+        )
+        self._version = ""
+        self._children: dict[tuple[str, int, str], Any] = {}
+        self._latency_children = {c: self.latency.labels(c) for c in ("hit", "miss", "none")}
+
+    def record(self, result: CheckResult, seconds: float) -> None:
+        cache = "none" if result.cache_hit is None else ("hit" if result.cache_hit else "miss")
+        key = (result.decision, result.http_status, cache)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.checks.labels(*map(str, key))
+        child.inc()
+        self._latency_children[cache].observe(seconds)
+
+    def attach(self, authorizer: Authorizer) -> None:
+        """Report this authorizer's cache and counters at each ``sync()``."""
+        self._authorizer = authorizer
+
+    def sync(self) -> None:
+        authorizer = self._authorizer
+        if authorizer is None:
+            return
+        stats = authorizer.cache.stats
+        current = {
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "evictions": stats.evictions,
+            "expirations": stats.expirations,
+            "evaluations": authorizer.evaluations,
+            "verifications": authorizer.verifier.verifications,
+        }
+        targets = {
+            "hits": self.cache_hits,
+            "misses": self.cache_misses,
+            "evictions": self.cache_evictions,
+            "expirations": self.cache_expirations,
+            "evaluations": self.evaluations,
+            "verifications": self.token_verifications,
+        }
+        with self._sync_lock:
+            for name, value in current.items():
+                delta = value - self._last.get(name, 0)
+                if delta > 0:
+                    targets[name].inc(delta)
+                self._last[name] = value
+            self.cache_size.set(len(authorizer.cache))
+            version = authorizer.version[:12]
+            if version != self._version:
+                if self._version:  # 0, not removed: multiprocess files keep removed labels
+                    self.policy_info.labels(self._version).set(0)
+                self.policy_info.labels(version).set(1)
+                self._version = version
+
+    def hit_counts(self) -> tuple[float, float]:
+        if self._authorizer is None:
+            return 0.0, 0.0
+        stats = self._authorizer.cache.stats
+        return float(stats.hits), float(stats.misses)
+
+    def start_sync_thread(self, interval: float = 0.5) -> threading.Event:
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval):
+                self.sync()
+
+        threading.Thread(target=run, name="metrics-sync", daemon=True).start()
+        return stop
+
+
+class _SyncOnCollect(Collector):
+    """Brings cache counters up to date just before a scrape reads them (single process)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        self._metrics.sync()
+        return []
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+class HitRatioCollector(Collector):
+    """``meshward_extauthz_cache_hit_ratio``, derived at scrape time from hit and miss counts."""
+
+    def __init__(self, counts: Callable[[], tuple[float, float]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        hits, misses = self._counts()
+        ratio = GaugeMetricFamily(
+            PREFIX + "cache_hit_ratio", "Decision cache hits / (hits + misses) since start"
+        )
+        ratio.add_metric([], hits / (hits + misses) if hits + misses else 0.0)
+        yield ratio
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+def _counter_sums(collector: Collector) -> Callable[[], tuple[float, float]]:
+    def counts() -> tuple[float, float]:
+        hits = misses = 0.0
+        for family in collector.collect():
+            for sample in family.samples:
+                if sample.name == PREFIX + "cache_hits_total":
+                    hits += sample.value
+                elif sample.name == PREFIX + "cache_misses_total":
+                    misses += sample.value
+        return hits, misses
+
+    return counts
+
+
+def serve_metrics(
+    port: int, host: str = "127.0.0.1", *, metrics: Metrics | None = None
+) -> tuple[Any, int]:
+    """Start the ``/metrics`` HTTP server on a thread: (server, bound port). With multiprocess
+    mode on (``--workers``), it serves the sum over every worker process; else ``metrics``."""
+    from prometheus_client import start_http_server
+
+    if multiprocess_enabled():
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        collector = multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(HitRatioCollector(_counter_sums(collector)))
+    else:
+        assert metrics is not None
+        registry = metrics.registry
+        registry.register(HitRatioCollector(metrics.hit_counts))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, int(server.server_address[1])

@@ -1,0 +1,113 @@
+"""CheckResponse builders: what Envoy does with a decision, and what the caller and the app see.
+
+Allow: OK plus identity headers for the app. Headers the app trusts (``x-meshward-*``, the JWT
+payload header) are always either set by us or removed, so a client cannot forge them by sending
+them itself. Deny: the status, headers and JSON body reach the client as sent (Envoy passes a
+Denied response through unchanged; access log flag ``UAEX``). Dynamic metadata lands under
+``envoy.filters.http.ext_authz`` for the access log: ``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:policy)%``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+PRINCIPAL_HEADER = "x-meshward-principal"
+USER_HEADER = "x-meshward-user"
+DENIED_BY_HEADER = "x-meshward-denied-by"
+DENIED_BY_SERVICE = "meshward-extauthz"  # no policy decided: malformed request, internal error
+
+_OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.Value("OVERWRITE_IF_EXISTS_OR_ADD")
+_JSON = base_pb2.HeaderValueOption(
+    header=base_pb2.HeaderValue(key="content-type", value="application/json"),
+    append_action=_OVERWRITE,
+)
+_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+
+
+def _header(key: str, value: str) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def _set_metadata(response: Any, fields: Mapping[str, Any]) -> None:
+    response.dynamic_metadata.update({k: v for k, v in fields.items() if v is not None})
+
+
+def allow(
+    *,
+    set_headers: Iterable[tuple[str, str]] = (),
+    remove_headers: Sequence[str] = (),
+    remove_params: Sequence[str] = (),
+    metadata: Mapping[str, Any] | None = None,
+) -> Any:
+    ok = external_auth_pb2.OkHttpResponse(
+        headers=[_header(k, v) for k, v in set_headers],
+        headers_to_remove=list(remove_headers),
+        query_parameters_to_remove=list(remove_params),
+    )
+    response = external_auth_pb2.CheckResponse(status=_OK_STATUS, ok_response=ok)
+    if metadata:
+        _set_metadata(response, metadata)
+    return response
+
+
+def deny_body(
+    *,
+    policy: str | None,
+    rule: int | None,
+    reason: str,
+    trace_id: str,
+    error: str = "access denied",
+) -> str:
+    return json.dumps(
+        {"error": error, "policy": policy, "rule": rule, "reason": reason, "trace_id": trace_id},
+        separators=(",", ":"),
+    )
+
+
+def deny(
+    *,
+    http_status: int,
+    policy: str | None,
+    rule: int | None,
+    reason: str,
+    trace_id: str,
+    denied_by: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    www_authenticate: str | None = None,
+) -> Any:
+    """403 (policy) or 401 (token) with the JSON body the caller can act on."""
+    grpc_code = code_pb2.UNAUTHENTICATED if http_status == 401 else code_pb2.PERMISSION_DENIED
+    headers = [_JSON, _header(DENIED_BY_HEADER, denied_by or policy or DENIED_BY_SERVICE)]
+    if www_authenticate:
+        headers.append(_header("www-authenticate", www_authenticate))
+    denied = external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=http_status),
+        headers=headers,
+        body=deny_body(policy=policy, rule=rule, reason=reason, trace_id=trace_id),
+    )
+    response = external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=grpc_code, message=reason), denied_response=denied
+    )
+    if metadata:
+        _set_metadata(response, metadata)
+    return response
+
+
+def empty_allow() -> Any:
+    """The cheapest valid answer: the floor the benchmark compares against."""
+    return external_auth_pb2.CheckResponse(status=_OK_STATUS)
+
+
+def parse_deny_body(body: str) -> dict[str, Any]:
+    """For tests and `meshward denials`: the JSON a denied caller received."""
+    data: dict[str, Any] = json.loads(body)
+    return data

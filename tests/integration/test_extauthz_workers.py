@@ -1,0 +1,144 @@
+"""`meshward extauthz serve --workers 2`: two processes share one port (SO_REUSEPORT), both
+answer, /metrics sums them, and a worker that dies is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+from meshward.extauthz.client import build_check_request
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICY = """\
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: public, namespace: foo}
+spec:
+  rules: [{to: [{operation: {paths: ["/public*"]}}]}]
+"""
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def _check(port: int, path: str) -> int:
+    """One Check on a fresh connection (so the kernel may pick either worker)."""
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        response = stub.Check(build_check_request(path=path, workload="foo/httpbin"), timeout=5)
+        return int(response.status.code)
+
+
+def _worker_pids(parent: int) -> set[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children")
+    pids = {int(p) for p in children.read_text().split()} if children.exists() else set()
+    # The spawn context adds a resource tracker; workers are the ones running our entry point.
+    return {
+        p
+        for p in pids
+        if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes() and _is_worker(p)
+    }
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshward",
+            "extauthz",
+            "serve",
+            "--policy",
+            str(tmp_path),
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        assert info["workers"] == 2
+        port = int(info["listen"].rsplit(":", 1)[1])
+        metrics_port = int(info["metrics"].rsplit(":", 1)[1])
+
+        codes = [_check(port, "/public/x" if i % 2 else "/private") for i in range(20)]
+        assert codes == [7, 0] * 10
+        deadline = time.monotonic() + 5
+        while True:  # workers copy cache counters into the shared files every 0.5 s
+            samples = _metrics(metrics_port)
+            checks = sum(
+                v for k, v in samples.items() if k.startswith("meshward_extauthz_checks_total{")
+            )
+            if checks == 20 and samples.get("meshward_extauthz_cache_misses_total", 0) >= 2:
+                break
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.1)
+        assert samples["meshward_extauthz_cache_hit_ratio"] > 0
+
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            current = _worker_pids(proc.pid)
+            if len(current) == 2 and victim not in current:
+                break
+            assert time.monotonic() < deadline, f"worker not replaced: {current}"
+            time.sleep(0.1)
+        assert all(_check(port, "/public/y") == 0 for _ in range(10))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 0

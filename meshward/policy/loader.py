@@ -1012,8 +1012,8 @@ class _Reader:
         issuer = self.string(data.get("issuer"), f"{path}.issuer", required=True)
         audiences = self.str_list(data.get("audiences"), f"{path}.audiences")
         jwks_uri = self.string(data.get("jwksUri"), f"{path}.jwksUri")
-        if jwks_uri is not None and not re.match(r"^https?://[^/\s]+", jwks_uri):
-            self.error(f"{path}.jwksUri", f"{jwks_uri!r} is not an http(s) URL")
+        if jwks_uri is not None and not re.match(r"^(https?://[^/\s]+|file:///\S+)", jwks_uri):
+            self.error(f"{path}.jwksUri", f"{jwks_uri!r} is not an http(s):// or file:/// URL")
         jwks = self.string(data.get("jwks"), f"{path}.jwks")
         if jwks is not None:
             try:

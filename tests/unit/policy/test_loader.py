@@ -434,11 +434,13 @@ spec:
             "metadata: {name: jwt, namespace: foo}\nspec:\n  jwtRules:\n"
             "  - {issuer: a, jwks: 'not json'}\n  - {issuer: a, jwksUri: ftp://x}\n"
             "  - {issuer: b}\n  - {issuer: c, jwksUri: 'https://c', fromCookies: [s]}\n"
+            "  - {issuer: d, jwksUri: 'file:///etc/jwks.json'}\n"
         }
     )
     text = "\n".join(found)
+    assert not [p for p in found if "file:///etc/jwks.json" in p]  # a local JWKS file is fine
     assert "spec.jwtRules[0].jwks: not valid JSON" in text
-    assert "spec.jwtRules[1].jwksUri: 'ftp://x' is not an http(s) URL" in text
+    assert "spec.jwtRules[1].jwksUri: 'ftp://x' is not an http(s):// or file:/// URL" in text
     assert "spec.jwtRules[1].issuer: issuer 'a' is listed twice" in text
     assert "spec.jwtRules[2]: set jwks (inline JSON) or jwksUri" in text
     assert "spec.jwtRules[3].fromCookies: supported by Istio but not (yet) by Meshward" in text

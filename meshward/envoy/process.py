@@ -133,6 +133,11 @@ class EnvoyProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def returncode(self) -> int | None:
+        """Envoy's exit code once it has exited; None while running or never started."""
+        return self._proc.poll() if self._proc else None
+
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

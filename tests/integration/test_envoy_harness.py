@@ -81,3 +81,10 @@ def test_stop_kills_an_envoy_that_ignores_sigterm(envoy_factory, echo_server: Ec
     os.kill(envoy.pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM
     envoy.stop(timeout=1)
     assert not envoy.running()
+
+
+def test_returncode_is_known_after_exit(envoy_factory, echo_server: EchoServer) -> None:
+    envoy = envoy_factory(static_proxy(echo_server.port), name="rc")
+    assert envoy.returncode is None
+    envoy.stop()
+    assert envoy.returncode == 0  # SIGTERM: Envoy shuts down cleanly

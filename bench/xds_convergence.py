@@ -3,9 +3,10 @@
 Side by side in one run, against the real `meshward xds serve` process (mTLS, policy watcher):
 
 1. 10 real Envoys (one per workload): time from writing a policy file to the control plane
-   seeing every Envoy ACK the new listeners.
+   seeing every Envoy ACK the new config (a rule edit is a route config, pushed over RDS).
 2. N simulated ADS clients (default 1,000: 10 workloads x 100 replicas), grpc streams over mTLS
-   in a separate process: the same change, timed to the last client's ACK; the server's RSS
+   in a separate process, following the route configs their listeners name as Envoy does: the
+   same change, timed to the last client's ACK of a listener or route; the server's RSS
    as nodes connect (per-node cost and whether it grows linearly); and a change to one
    workload, checking that only that workload's nodes were pushed anything.
 
@@ -301,7 +302,8 @@ def worker_main(work: Path, port: int, identity: str, delta: bool) -> None:
     def on_response(client: AdsClient, type_url: str, response: Any) -> None:
         node = client.node_id
         any_count[node] = any_count.get(node, 0) + 1
-        if type_url == types.LISTENER:
+        # A rule edit arrives as a route config (RDS); a new kind of filter also as a listener.
+        if type_url in (types.LISTENER, types.ROUTE):
             lds_count[node] = lds_count.get(node, 0) + 1
             last_lds[node] = time.time()
 
@@ -314,11 +316,15 @@ def worker_main(work: Path, port: int, identity: str, delta: bool) -> None:
                 contexts[name], server_identity=identity, delta=delta,
                 subscriptions={types.CLUSTER: (), types.LISTENER: (),
                                types.SECRET: ("default", "ROOTCA")},
-                on_response=on_response,
+                on_response=on_response, follow_routes=True,
             )  # fmt: skip
             clients.append(client)
             tasks.append(asyncio.create_task(client.run()))
-        while sum(1 for c in clients if lds_count.get(c.node_id)) < total:
+
+        def configured(c: AdsClient) -> bool:  # listeners, and the routes they name
+            return bool(c.view(types.LISTENER).responses and c.view(types.ROUTE).responses)
+
+        while sum(1 for c in clients if configured(c)) < total:
             failed = [c for c in clients if c.error is not None]
             if failed:
                 raise RuntimeError(f"{len(failed)} clients failed: {failed[0].error!r}")

@@ -4,6 +4,11 @@ Istio's order is CUSTOM -> DENY -> ALLOW, and a request is allowed by ALLOW poli
 matches ANY ALLOW rule of the workload. Some rules are decided natively (RBAC), some by the
 ext_authz service (end-user JWT, CUSTOM). The HTTP chain is:
 
+0. ext_authz for requests that may carry an end-user token (``meshward.ext_authz.token``), only
+   on workloads with a RequestAuthentication: a token that does not verify is rejected with 401
+   before any authorization, as Istio's jwt_authn filter does, even when no rule reads the JWT.
+   It is enabled only on the routes that match the token locations (a header that is present,
+   a query parameter in ``:path``); token-less requests never reach Python for it;
 1. dry-run DENY / dry-run ALLOW / AUDIT: shadow-only RBAC filters (observe, never enforce);
 2. RBAC DENY with the native DENY rules (enforced; a match is a 403 naming the rule);
 3. RBAC ALLOW with the native ALLOW rules:
@@ -15,10 +20,19 @@ ext_authz service (end-user JWT, CUSTOM). The HTTP chain is:
    for ext_authz is ALLOW rules, it is enabled by ``filter_enabled_metadata`` only when the
    native ALLOW rules did *not* allow: requests a native rule allows never reach Python, and the
    rest get the union of native and ext_authz ALLOW rules. CUSTOM policies and JWT DENY rules
-   must be consulted on every request, so then ext_authz is always enabled.
+   must be consulted on every request, so then ext_authz is always enabled. On token routes it
+   is disabled: the token filter (0) already had the service decide.
+
+Rules live in the route, not in the listener. Each RBAC filter of the listener has its own
+chain name and only a shadow stat prefix; its rules are the virtual host's
+``typed_per_filter_config`` (``RBACPerRoute``) under that name. A policy edit therefore changes
+only the RouteConfiguration, which Envoy applies to open connections at their next request (a
+listener change would leave them on the old rules until they drain). The set of filters a
+listener has (its :class:`Shape`) is part of the route's name, so a route is only ever used by
+a chain it was compiled for (see meshward.compile.names.inbound_route).
 
 The ext_authz service learns which workload a Check is for (and the declared port, since
-runtime ports differ) from the route's ``context_extensions``.
+runtime ports differ) from the ``context_extensions`` of the route's ``ExtAuthzPerRoute``.
 
 Large workloads: when a workload has many rules that name exact callers, those rules go to
 RBAC's principal-indexed ``matcher`` (meshward.compile.index) so a request costs a hash lookup
@@ -27,27 +41,68 @@ on its peer identity instead of a walk over every rule. DENY gets a second enfor
 synthetic policy (``meshward-indexed-allow``) carries their verdict into the rules engine that
 holds the remaining ALLOW rules, so "any ALLOW rule matches" stays one decision; an allowed
 request then reports the synthetic name as ``enforced_effective_policy_id`` and the real rule
-in ``meshward_indexed_allow_shadow_effective_policy_id``. Plaintext filter chains never use the
-index (it needs a peer certificate).
+in ``meshward_indexed_allow_shadow_effective_policy_id``; when every ALLOW rule is indexed, the
+tree is simply the ALLOW filter's engine. The two extra indexed filters need a peer
+certificate: plaintext filter chains leave them out (their rules name callers, so they can
+never match a plaintext request) and share the route config with the mTLS chain; an ALLOW tree
+on a plaintext chain has no identity to look up and matches nothing, which is also right.
+
+Which rule a denial names: Envoy's rules engine keeps ``policies`` in a ``std::map`` and reports
+the first matching policy in *string* order of the names (Istio's behaviour too), so with
+several matching rules it can name ``...-rule[10]`` before ``...-rule[2]``, or policy
+``web-2`` before ``web`` ('-' sorts before ']'). The decision is the same; only the name
+may differ from meshward.policy.evaluate, which reports the first match in policy order and
+rule index (see :func:`envoy_policy_order`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshward.compile import index, names
 from meshward.compile.classify import Placement, RuleClass, classify_rules
+from meshward.compile.matchers import re2_escape
 from meshward.compile.rbac import RuleContext, rule_policy
-from meshward.policy.model import Action, AuthorizationPolicy
+from meshward.policy.model import Action, AuthorizationPolicy, RequestAuthentication
 
 Json = dict[str, Any]
 
 T_HTTP_RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+T_HTTP_RBAC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 T_NET_RBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
 T_EXTAUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 T_EXTAUTHZ_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
+
+
+@dataclass(frozen=True, order=True)
+class TokenSource:
+    """Where a RequestAuthentication looks for an end-user token (as meshward.extauthz does):
+    a request header, or a query parameter."""
+
+    header: str = ""  # lowercase header name
+    param: str = ""  # query parameter name
+
+    def __str__(self) -> str:
+        return f"header {self.header}" if self.header else f"query parameter {self.param}"
+
+
+def token_sources(
+    request_authentications: Iterable[RequestAuthentication],
+) -> tuple[TokenSource, ...]:
+    """Every place a token may be for a workload: each JWT rule's ``fromHeaders`` and
+    ``fromParams``, or Istio's defaults (``Authorization``, ``?access_token=``) when it names
+    neither. A RequestAuthentication without JWT rules verifies nothing."""
+    found: set[TokenSource] = set()
+    for ra in request_authentications:
+        for rule in ra.jwt_rules:
+            if not rule.from_headers and not rule.from_params:
+                found.add(TokenSource(header="authorization"))
+                found.add(TokenSource(param="access_token"))
+            found.update(TokenSource(header=h.name.lower()) for h in rule.from_headers)
+            found.update(TokenSource(param=p) for p in rule.from_params)
+    return tuple(sorted(found))
 
 
 @dataclass(frozen=True)
@@ -58,6 +113,9 @@ class AuthzPlan:
     tcp_rules: tuple[RuleClass, ...]
     has_allow: bool  # an enforced ALLOW policy selects the workload (default deny applies)
     extauthz_reasons: tuple[str, ...] = field(default=())
+    # Where end-user tokens may be (a RequestAuthentication selects the workload): requests
+    # that may carry one go to ext_authz, which rejects an invalid token with 401.
+    token_sources: tuple[TokenSource, ...] = field(default=())
 
     def native(self, action: Action, *, dry_run: bool = False) -> list[RuleClass]:
         return [
@@ -79,7 +137,18 @@ class AuthzPlan:
 
     @property
     def needs_extauthz(self) -> bool:
+        """Some rule needs the ext_authz service to be decided (the filter after RBAC)."""
         return bool(self.extauthz(Action.ALLOW, Action.DENY, Action.CUSTOM))
+
+    @property
+    def verifies_tokens(self) -> bool:
+        """Requests carrying an end-user token go to ext_authz first (the token filter)."""
+        return bool(self.token_sources)
+
+    @property
+    def uses_extauthz(self) -> bool:
+        """The workload's HTTP chains have an ext_authz filter (and the cluster)."""
+        return self.needs_extauthz or self.verifies_tokens
 
     @property
     def extauthz_always(self) -> bool:
@@ -95,10 +164,23 @@ class AuthzPlan:
         return bool(self.extauthz(Action.ALLOW)) and bool(self.native(Action.ALLOW))
 
     def summary(self) -> str:
+        return self._rules_summary() + self._token_summary()
+
+    def _token_summary(self) -> str:
+        if not self.token_sources:
+            return ""
+        where = ", ".join(str(s) for s in self.token_sources)
+        return (
+            f"; requests that may carry an end-user token ({where}) go to ext_authz first, "
+            "which rejects an invalid token with 401 (token-less requests never do)"
+        )
+
+    def _rules_summary(self) -> str:
         if not self.needs_extauthz:
+            tail = "; no ext_authz filter" if not self.verifies_tokens else ""
             if self.has_allow:
-                return "native only: RBAC DENY, then RBAC ALLOW enforced; no ext_authz filter"
-            return "native only: RBAC DENY; no ALLOW policy (allowed unless denied); no ext_authz filter"
+                return "native only: RBAC DENY, then RBAC ALLOW enforced" + tail
+            return "native only: RBAC DENY; no ALLOW policy (allowed unless denied)" + tail
         if self.extauthz_always:
             why = (
                 "CUSTOM or JWT DENY rules must see every request"
@@ -113,7 +195,10 @@ class AuthzPlan:
         )
 
 
-def plan(policies: Sequence[AuthorizationPolicy]) -> AuthzPlan:
+def plan(
+    policies: Sequence[AuthorizationPolicy],
+    request_authentications: Iterable[RequestAuthentication] = (),
+) -> AuthzPlan:
     rules = tuple(classify_rules(policies))
     tcp_rules = tuple(classify_rules(policies, tcp=True))
     has_allow = any(p.action is Action.ALLOW and not p.dry_run for p in policies)
@@ -122,33 +207,30 @@ def plan(policies: Sequence[AuthorizationPolicy]) -> AuthzPlan:
         for r in rules
         if r.placement is Placement.EXTAUTHZ and not r.policy.dry_run
     )
+    sources = token_sources(request_authentications)
+    if sources:
+        reasons += (
+            "a RequestAuthentication selects the workload: requests carrying a token are "
+            "verified by ext_authz (401 when invalid)",
+        )
     return AuthzPlan(
-        rules=rules, tcp_rules=tcp_rules, has_allow=has_allow, extauthz_reasons=reasons
+        rules=rules,
+        tcp_rules=tcp_rules,
+        has_allow=has_allow,
+        extauthz_reasons=reasons,
+        token_sources=sources,
     )
+
+
+def envoy_policy_order(rules: Iterable[RuleClass]) -> list[RuleClass]:
+    """``rules`` in the order Envoy's RBAC rules engine tries them: by name, as strings (its
+    ``policies`` map is a ``std::map``). When several match, the first of these is the
+    ``rbac_access_denied_matched_policy[...]`` / ``enforced_effective_policy_id``."""
+    return sorted(rules, key=lambda r: r.rbac_name)
 
 
 def _policies(rules: Sequence[RuleClass], ctx: RuleContext) -> dict[str, Json]:
     return {r.rbac_name: rule_policy(r.rule, ctx) for r in rules}
-
-
-def _http_rbac(
-    action: str,
-    policies: dict[str, Json] | None,
-    *,
-    shadow: dict[str, Json] | None = None,
-    shadow_prefix: str = "",
-    rules_prefix: str = "",
-) -> Json:
-    config: Json = {"@type": T_HTTP_RBAC}
-    if policies is not None:
-        config["rules"] = {"action": action, "policies": policies}
-        if rules_prefix:
-            config["rules_stat_prefix"] = rules_prefix
-        config["track_per_rule_stats"] = True
-    if shadow is not None:
-        config["shadow_rules"] = {"action": action, "policies": shadow}
-        config["shadow_rules_stat_prefix"] = shadow_prefix
-    return {"name": names.FILTER_RBAC, "typed_config": config}
 
 
 def split_indexed(
@@ -162,16 +244,6 @@ def split_indexed(
     if not indexed or len(indexed) < min_rules:
         return [], rules
     return indexed, [r for r in rules if index.exact_principals(r) is None]
-
-
-def _matcher_rbac(action: str, matcher: Json, *, shadow_prefix: str | None = None) -> Json:
-    config: Json = {"@type": T_HTTP_RBAC}
-    if shadow_prefix is None:
-        config["matcher"] = matcher
-    else:
-        config["shadow_matcher"] = matcher
-        config["shadow_rules_stat_prefix"] = shadow_prefix
-    return {"name": names.FILTER_RBAC, "typed_config": config}
 
 
 def _indexed_allowed() -> Json:
@@ -190,77 +262,142 @@ def _indexed_allowed() -> Json:
     }
 
 
-def http_authz_filters(
-    plan_: AuthzPlan,
-    port_map: Mapping[int, int],
-    *,
-    extauthz_timeout_ms: int,
-    index_min_rules: int | None = None,
-) -> list[Json]:
-    """The HTTP filters from the first RBAC filter to ext_authz (the router comes after)."""
+# ---- the chain: stages with a listener half and a route half --------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One HTTP filter of the authorization chain.
+
+    ``filter`` goes in the listener (the same for every policy of this shape); ``per_route`` is
+    its ``typed_per_filter_config`` on the inbound virtual host (the rules). ``needs_peer``:
+    principal-indexed, left out of plaintext chains.
+    """
+
+    name: str
+    code: str  # its letter(s) in the shape, e.g. "d" for RBAC DENY
+    filter: Json
+    per_route: Json
+    needs_peer: bool = False
+
+
+def _rbac_stage(
+    name: str, code: str, rbac: Json, *, shadow_prefix: str = "", needs_peer: bool = False
+) -> Stage:
+    """An RBAC filter whose engines come from the route.
+
+    The listener half has no engine (a route without this filter's config would skip it) and
+    only the shadow stat prefix, which names the filter's shadow stats. The route half repeats
+    the prefix: Envoy takes the metadata key prefix (``<prefix>shadow_engine_result``) from the
+    route config when set there, the stat names from the listener.
+    """
+    listener: Json = {"@type": T_HTTP_RBAC}
+    if shadow_prefix:
+        listener["shadow_rules_stat_prefix"] = shadow_prefix
+        rbac = {**rbac, "shadow_rules_stat_prefix": shadow_prefix}
+    return Stage(
+        name=name,
+        code=code,
+        filter={"name": name, "typed_config": listener},
+        per_route={"@type": T_HTTP_RBAC_ROUTE, "rbac": rbac},
+        needs_peer=needs_peer,
+    )
+
+
+def _enforced(action: str, policies: dict[str, Json]) -> Json:
+    return {"rules": {"action": action, "policies": policies}, "track_per_rule_stats": True}
+
+
+def _shadow(action: str, policies: dict[str, Json]) -> Json:
+    return {"shadow_rules": {"action": action, "policies": policies}}
+
+
+def rbac_stages(
+    plan_: AuthzPlan, port_map: Mapping[int, int], *, index_min_rules: int | None = None
+) -> list[Stage]:
+    """The RBAC filters a workload's HTTP ports need, in chain order, with their rules."""
     ctx = RuleContext(port_map=port_map)
-    filters: list[Json] = []
+    stages: list[Stage] = []
     dry_deny = plan_.native(Action.DENY, dry_run=True)
     if dry_deny:
-        filters.append(
-            _http_rbac(
-                "DENY",
-                None,
-                shadow=_policies(dry_deny, ctx),
+        stages.append(
+            _rbac_stage(
+                names.RBAC_DRY_RUN_DENY,
+                "dd",
+                _shadow("DENY", _policies(dry_deny, ctx)),
                 shadow_prefix=names.DRY_RUN_DENY_PREFIX,
             )
         )
     dry_allow = plan_.native(Action.ALLOW, dry_run=True)
     if dry_allow:
-        filters.append(
-            _http_rbac(
-                "ALLOW",
-                None,
-                shadow=_policies(dry_allow, ctx),
+        stages.append(
+            _rbac_stage(
+                names.RBAC_DRY_RUN_ALLOW,
+                "da",
+                _shadow("ALLOW", _policies(dry_allow, ctx)),
                 shadow_prefix=names.DRY_RUN_ALLOW_PREFIX,
             )
         )
     audit = plan_.native(Action.AUDIT) + plan_.native(Action.AUDIT, dry_run=True)
     if audit:
-        filters.append(
-            _http_rbac("LOG", None, shadow=_policies(audit, ctx), shadow_prefix=names.AUDIT_PREFIX)
+        stages.append(
+            _rbac_stage(
+                names.RBAC_AUDIT,
+                "au",
+                _shadow("LOG", _policies(audit, ctx)),
+                shadow_prefix=names.AUDIT_PREFIX,
+            )
         )
     deny_indexed, deny = split_indexed(plan_.native(Action.DENY), index_min_rules)
     if deny:
-        filters.append(_http_rbac("DENY", _policies(deny, ctx)))
+        stages.append(_rbac_stage(names.RBAC_DENY, "d", _enforced("DENY", _policies(deny, ctx))))
     if deny_indexed:
-        filters.append(_matcher_rbac("DENY", index.matcher(deny_indexed, ctx, "DENY")))
+        stages.append(
+            _rbac_stage(
+                names.RBAC_DENY_INDEXED,
+                "di",
+                {"matcher": index.matcher(deny_indexed, ctx, "DENY")},
+                needs_peer=True,
+            )
+        )
     indexed, allow = split_indexed(plan_.native(Action.ALLOW), index_min_rules)
     enforce = plan_.has_allow and not plan_.extauthz(Action.ALLOW)
     if plan_.union_shadow or enforce:
         # Without ext_authz ALLOW rules the native ALLOW rules are enforced; with them they only
         # say (in metadata) whether they allowed, and ext_authz runs when they did not.
-        final_prefix = None if enforce else names.NATIVE_ALLOW_PREFIX
+        engine: Json
         if indexed and not allow:
-            matcher = index.matcher(indexed, ctx, "ALLOW")
-            filters.append(_matcher_rbac("ALLOW", matcher, shadow_prefix=final_prefix))
+            # Only indexed rules: the tree alone decides. On a plaintext chain it has no peer
+            # identity to look up and matches nothing, which is right: every rule names callers.
+            tree = index.matcher(indexed, ctx, "ALLOW")
+            engine = {"matcher": tree} if enforce else {"shadow_matcher": tree}
         else:
             policies = _policies(allow, ctx)
             if indexed:
                 # Indexed rules first, as shadow; one synthetic policy carries their verdict
-                # into the rules engine, so the ALLOW union holds across both engines.
-                matcher = index.matcher(indexed, ctx, "ALLOW")
-                filters.append(
-                    _matcher_rbac("ALLOW", matcher, shadow_prefix=names.INDEXED_ALLOW_PREFIX)
+                # into the rules engine, so the ALLOW union holds across both engines (and a
+                # plaintext chain, which has no indexed filter, never sees that verdict).
+                stages.append(
+                    _rbac_stage(
+                        names.RBAC_ALLOW_INDEXED,
+                        "ai",
+                        {"shadow_matcher": index.matcher(indexed, ctx, "ALLOW")},
+                        shadow_prefix=names.INDEXED_ALLOW_PREFIX,
+                        needs_peer=True,
+                    )
                 )
                 policies[names.INDEXED_ALLOW_POLICY] = _indexed_allowed()
-            if final_prefix is None:
-                filters.append(_http_rbac("ALLOW", policies))
-            else:
-                filters.append(
-                    _http_rbac("ALLOW", None, shadow=policies, shadow_prefix=final_prefix)
-                )
-    if plan_.needs_extauthz:
-        filters.append(extauthz_filter(plan_, timeout_ms=extauthz_timeout_ms))
-    return filters
+            engine = _enforced("ALLOW", policies) if enforce else _shadow("ALLOW", policies)
+        if enforce:
+            stages.append(_rbac_stage(names.RBAC_ALLOW, "a", engine))
+        else:
+            stages.append(
+                _rbac_stage(names.RBAC_ALLOW, "as", engine, shadow_prefix=names.NATIVE_ALLOW_PREFIX)
+            )
+    return stages
 
 
-def extauthz_filter(plan_: AuthzPlan, *, timeout_ms: int) -> Json:
+def _extauthz_config(timeout_ms: int, *, gated: bool, stat_prefix: str = "") -> Json:
     config: Json = {
         "@type": T_EXTAUTHZ,
         "grpc_service": {
@@ -272,7 +409,9 @@ def extauthz_filter(plan_: AuthzPlan, *, timeout_ms: int) -> Json:
         "include_peer_certificate": True,
         "include_tls_session": True,  # connection.sni for the evaluator
     }
-    if not plan_.extauthz_always:
+    if stat_prefix:
+        config["stat_prefix"] = stat_prefix
+    if gated:
         # Enabled unless the native ALLOW rules allowed: a missing verdict also calls ext_authz
         # (fail closed), never skips it.
         config["filter_enabled_metadata"] = {
@@ -281,6 +420,12 @@ def extauthz_filter(plan_: AuthzPlan, *, timeout_ms: int) -> Json:
             "value": {"string_match": {"exact": "allowed"}},
             "invert": True,
         }
+    return config
+
+
+def extauthz_filter(plan_: AuthzPlan, *, timeout_ms: int) -> Json:
+    """The ext_authz filter after the RBAC filters (rules that need the service)."""
+    config = _extauthz_config(timeout_ms, gated=not plan_.extauthz_always)
     return {"name": names.FILTER_EXTAUTHZ, "typed_config": config}
 
 
@@ -294,6 +439,126 @@ def extauthz_per_route(workload_ref: str, declared_port: int) -> Json:
             }
         },
     }
+
+
+EXTAUTHZ_DISABLED: Json = {"@type": T_EXTAUTHZ_ROUTE, "disabled": True}
+
+
+@dataclass(frozen=True)
+class HttpAuthz:
+    """The authorization of one inbound HTTP port: listener filters and route-level configs."""
+
+    stages: tuple[Stage, ...]  # chain order, between the header mutation and the router
+    token_routes: tuple[Json, ...]  # routes (without action) that send requests to the token filter
+
+    @property
+    def shape(self) -> str:
+        """Which filters the chain has, e.g. ``d-a`` (RBAC DENY, RBAC ALLOW); "" for none."""
+        return "-".join(s.code for s in self.stages)
+
+    def filters(self, *, peer: bool = True) -> list[Json]:
+        """The chain's authorization filters; ``peer=False``: a plaintext chain (no index)."""
+        return [s.filter for s in self.stages if peer or not s.needs_peer]
+
+    def vhost_config(self) -> dict[str, Json]:
+        return {s.name: s.per_route for s in self.stages}
+
+
+def http_authz(
+    plan_: AuthzPlan,
+    port_map: Mapping[int, int],
+    *,
+    workload_ref: str,
+    declared_port: int,
+    extauthz_timeout_ms: int,
+    index_min_rules: int | None = None,
+) -> HttpAuthz:
+    context = extauthz_per_route(workload_ref, declared_port)
+    stages: list[Stage] = []
+    token_routes: list[Json] = []
+    late = plan_.needs_extauthz
+    if plan_.verifies_tokens:
+        config = _extauthz_config(extauthz_timeout_ms, gated=False, stat_prefix="token")
+        stages.append(
+            Stage(
+                name=names.FILTER_EXTAUTHZ_TOKEN,
+                code="t",
+                filter={"name": names.FILTER_EXTAUTHZ_TOKEN, "typed_config": config},
+                per_route=EXTAUTHZ_DISABLED,  # token-less requests: off
+            )
+        )
+        on_token_route = {names.FILTER_EXTAUTHZ_TOKEN: context}
+        if late:
+            on_token_route[names.FILTER_EXTAUTHZ] = EXTAUTHZ_DISABLED  # decided already
+        for match in token_matches(plan_.token_sources):
+            token_routes.append({**match, "typed_per_filter_config": on_token_route})
+    stages += rbac_stages(plan_, port_map, index_min_rules=index_min_rules)
+    if late:
+        stages.append(
+            Stage(
+                name=names.FILTER_EXTAUTHZ,
+                code="x" if plan_.extauthz_always else "xg",
+                filter=extauthz_filter(plan_, timeout_ms=extauthz_timeout_ms),
+                per_route=context,
+            )
+        )
+    return HttpAuthz(stages=tuple(stages), token_routes=tuple(token_routes))
+
+
+def token_matches(sources: Sequence[TokenSource]) -> list[Json]:
+    """Route ``name`` + ``match`` for requests that may carry a token: one route per header
+    (present, whatever its value) and one for all query parameters (a regex on ``:path``).
+
+    A superset of what the ext_authz service calls a token (it also wants the header's prefix,
+    a non-empty value): sending a token-less request to it costs a Check, never a decision,
+    since the service evaluates the whole policy.
+    """
+    out: list[Json] = []
+    for source in sources:
+        if source.header:
+            out.append(
+                {
+                    "name": f"token-header-{source.header}",
+                    "match": {
+                        "prefix": "/",
+                        "headers": [{"name": source.header, "present_match": True}],
+                    },
+                }
+            )
+    params = [s.param for s in sources if s.param]
+    if params:
+        alternatives = "|".join(_encoded_name(p) for p in params)
+        # The query (before any '#') has a field `<name>=<non-empty value>`; the name may be
+        # percent-encoded in part or in full, as the service decodes it.
+        regex = rf"[^?]*\?(?:[^#]*&)?(?:{alternatives})=[^&#].*"
+        out.append(
+            {
+                "name": "token-param",
+                "match": {
+                    "prefix": "/",
+                    "headers": [
+                        {"name": ":path", "string_match": {"safe_regex": {"regex": regex}}}
+                    ],
+                },
+            }
+        )
+    return out
+
+
+def _encoded_name(name: str) -> str:
+    """A regex for ``name`` as it may appear in a query: each character literal or
+    percent-encoded (either hex case); a space also as '+'."""
+    parts = []
+    for ch in name:
+        encoded = "".join(
+            "%" + "".join(f"[{h}{h.lower()}]" if h.isalpha() else h for h in f"{b:02X}")
+            for b in ch.encode()
+        )
+        alts = [re2_escape(ch), encoded]
+        if ch == " ":
+            alts.append(r"\+")
+        parts.append("(?:" + "|".join(alts) + ")")
+    return "".join(parts)
 
 
 def network_rbac_filters(plan_: AuthzPlan, port_map: Mapping[int, int], stat: str) -> list[Json]:
@@ -337,9 +602,15 @@ def _duration_ms(ms: int) -> str:
 
 __all__ = [
     "AuthzPlan",
+    "HttpAuthz",
+    "Stage",
+    "TokenSource",
+    "envoy_policy_order",
     "extauthz_filter",
     "extauthz_per_route",
-    "http_authz_filters",
+    "http_authz",
     "network_rbac_filters",
     "plan",
+    "rbac_stages",
+    "token_sources",
 ]

@@ -44,7 +44,7 @@ def explain_json(
     index_min_rules: int | None = DEFAULT_INDEX_MIN_RULES,
 ) -> dict[str, Any]:
     policies = policy_set.policies_for(workload, now)
-    plan = authz.plan(policies)
+    plan = authz.plan(policies, policy_set.request_authentications_for(workload))
     indexed = indexed_names(plan, index_min_rules)
     rules = []
     for r in plan.rules:
@@ -59,7 +59,7 @@ def explain_json(
         "policy_version": policy_set.version,
         "ports": _ports(policy_set, workload),
         "policies": [p.ref for p in policies],
-        "extauthz_filter": plan.needs_extauthz,
+        "extauthz_filter": plan.uses_extauthz,
         "extauthz_reasons": list(plan.extauthz_reasons),
         "mechanism": plan.summary(),
         "rules": rules if has_http else [],
@@ -94,7 +94,9 @@ def _rows(rules: tuple[RuleClass, ...], indexed: set[str] | None = None) -> list
 
 def explain_text(policy_set: PolicySet, workload: Workload, *, now: datetime | None = None) -> str:
     data = explain_json(policy_set, workload, now=now)
-    plan = authz.plan(policy_set.policies_for(workload, now))
+    plan = authz.plan(
+        policy_set.policies_for(workload, now), policy_set.request_authentications_for(workload)
+    )
     ports = ", ".join(f"{p['port']}/{p['protocol']} (mTLS {p['mtls']})" for p in data["ports"])
     lines = [
         f"{data['workload']}  {data['spiffe_id']}",

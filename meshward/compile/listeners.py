@@ -4,7 +4,10 @@ Inbound (one listener per declared port): mTLS per PeerAuthentication (STRICT: T
 PERMISSIVE: TLS and plaintext chains chosen by the TLS inspector; DISABLE: plaintext), then for
 HTTP the connection manager with path normalization as the evaluator assumes, client-sent
 ``x-meshward-*`` headers removed, the authorization filters and the router to the local
-application; for TCP the network RBAC filters and a TCP proxy.
+application, with the authorization rules in the route config (RDS in xDS mode, so a policy
+edit reaches open connections); for TCP the network RBAC filters and a TCP proxy (network RBAC
+has no per-route config: a TCP policy edit replaces the listener, and a connection is
+authorized once, when it opens).
 
 Outbound (one listener per peer port the workload may call): plaintext from the application on a
 local port, upstream mTLS with the workload's SVID to the peer, SNI and SAN check on the peer's
@@ -221,35 +224,30 @@ def inbound_http(
     options: CompileOptions,
     trust_domain: str,
 ) -> Built:
+    """The listener holds the authorization filters, the route config their rules
+    (meshward.compile.authz): a policy edit changes only the route."""
     binding = options.port_binding(workload, port.port)
     listener_name = names.inbound_listener(workload, port.port)
     cluster_name = names.inbound_cluster(workload, port.port)
-    route_name = names.inbound_route(workload, port.port)
-    route: Json = {
-        "name": "default",
-        "match": {"prefix": "/"},
-        "route": {"cluster": cluster_name, "timeout": "0s"},
-    }
-    if plan.needs_extauthz:
-        route["typed_per_filter_config"] = {
-            names.FILTER_EXTAUTHZ: authz.extauthz_per_route(workload.ref, port.port)
-        }
-    route_config = {
-        "name": route_name,
-        "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [route]}],
-    }
+    access = authz.http_authz(
+        plan,
+        port_map,
+        workload_ref=workload.ref,
+        declared_port=port.port,
+        extauthz_timeout_ms=options.extauthz_timeout_ms,
+        index_min_rules=options.rbac_index_min_rules,
+    )
+    route_name = names.inbound_route(workload, port.port, access.shape)
+    action = {"cluster": cluster_name, "timeout": "0s"}
+    routes = [{**r, "route": action} for r in access.token_routes]
+    routes.append({"name": "default", "match": {"prefix": "/"}, "route": action})
+    vhost: Json = {"name": "inbound", "domains": ["*"], "routes": routes}
+    if access.stages:
+        vhost["typed_per_filter_config"] = access.vhost_config()
+    route_config = {"name": route_name, "virtual_hosts": [vhost]}
 
-    def connection_manager(index_min_rules: int | None) -> list[Json]:
-        http_filters = [
-            _strip_meshward_headers(),
-            *authz.http_authz_filters(
-                plan,
-                port_map,
-                extauthz_timeout_ms=options.extauthz_timeout_ms,
-                index_min_rules=index_min_rules,
-            ),
-            _router(),
-        ]
+    def connection_manager(peer: bool) -> list[Json]:
+        http_filters = [_strip_meshward_headers(), *access.filters(peer=peer), _router()]
         hcm = _hcm(
             stat=names.stat_prefix(f"inbound_{port.port}"),
             route_name=route_name,
@@ -264,9 +262,9 @@ def inbound_http(
         )
         return [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
 
-    # The principal index needs a peer certificate: plaintext chains use the rules engine.
-    secure = connection_manager(options.rbac_index_min_rules)
-    plain = connection_manager(None)
+    # The principal index needs a peer certificate: plaintext chains leave those filters out.
+    secure = connection_manager(peer=True)
+    plain = connection_manager(peer=False)
     chains, listener_filters = _filter_chains(
         secure,
         mode,

@@ -19,12 +19,23 @@ CLUSTER_EXTAUTHZ = "meshward-extauthz"
 CLUSTER_XDS = "meshward-xds"
 CLUSTER_OTLP = "meshward-otlp"
 
-# HTTP filter names as they appear in the chain (the ext_authz per-route config is keyed by it).
+# HTTP filter names as they appear in the chain. Per-route configs (typed_per_filter_config) are
+# keyed by these names, so every RBAC filter of a chain has its own (meshward.compile.authz).
 FILTER_HEADER_MUTATION = "envoy.filters.http.header_mutation"
-FILTER_RBAC = "envoy.filters.http.rbac"
-FILTER_EXTAUTHZ = "envoy.filters.http.ext_authz"
+FILTER_RBAC = "envoy.filters.http.rbac"  # the extension's name; chain names are below
+FILTER_EXTAUTHZ = "envoy.filters.http.ext_authz"  # the ext_authz filter after the RBAC filters
+FILTER_EXTAUTHZ_TOKEN = "meshward.ext_authz.token"  # ext_authz first, for requests with a token
 FILTER_ROUTER = "envoy.filters.http.router"
 NETWORK_FILTER_RBAC = "envoy.filters.network.rbac"
+# The RBAC filters of an inbound HTTP chain, in chain order. Which of them a workload has is its
+# authorization "shape" (meshward.compile.authz.Shape); their rules live in the route config.
+RBAC_DRY_RUN_DENY = "meshward.rbac.dry_run_deny"
+RBAC_DRY_RUN_ALLOW = "meshward.rbac.dry_run_allow"
+RBAC_AUDIT = "meshward.rbac.audit"
+RBAC_DENY = "meshward.rbac.deny"
+RBAC_DENY_INDEXED = "meshward.rbac.deny_indexed"
+RBAC_ALLOW_INDEXED = "meshward.rbac.allow_indexed"
+RBAC_ALLOW = "meshward.rbac.allow"
 
 # The dynamic-metadata namespace every HTTP RBAC filter writes into (whatever its chain name).
 RBAC_METADATA_NAMESPACE = "envoy.filters.http.rbac"
@@ -72,8 +83,17 @@ def inbound_cluster(workload: Workload, port: int) -> str:
     return f"inbound|{port}||{workload_host(workload)}"
 
 
-def inbound_route(workload: Workload, port: int) -> str:
-    return inbound_listener(workload, port)
+def inbound_route(workload: Workload, port: int, shape: str = "") -> str:
+    """The inbound route config: the listener's name, plus the authorization shape (which
+    filters the listener's chain has) when it has any.
+
+    The route carries the rules for those filters, so a route config is only meaningful with a
+    chain of its shape: when the shape changes, the name changes with it. Envoy then warms the
+    new listener until the new route arrives, while connections on the old listener keep the
+    old route (make-before-break), and no mix of an old chain with new rules ever runs.
+    """
+    base = inbound_listener(workload, port)
+    return f"{base}|authz-{shape}" if shape else base
 
 
 def outbound_listener(peer: Workload, port: int) -> str:

@@ -260,7 +260,8 @@ def _metadata_enabled(matcher: Json, metadata: Mapping[str, str]) -> bool:
     return matched != bool(matcher.get("invert"))
 
 
-ExtAuthz = Callable[[Connection, str, Mapping[str, str]], bool]
+# ext_authz answers a Check: True (allow), False (403) or an HTTP status (e.g. 401).
+ExtAuthz = Callable[[Connection, str, Mapping[str, str]], bool | int]
 
 
 def http_filters(listener: Json, *, tls: bool = True) -> tuple[list[Json], Json]:
@@ -274,9 +275,69 @@ def http_filters(listener: Json, *, tls: bool = True) -> tuple[list[Json], Json]
     return hcm["http_filters"], hcm["route_config"]
 
 
+def _route_header(m: Json, req: _Request) -> bool:
+    """A route's header matcher (``present_match`` or ``string_match``; ``:path`` with query)."""
+    value = req.header(m["name"])
+    if m.get("present_match"):
+        return value is not None
+    return string_match(m["string_match"], value)
+
+
+def select_route(route_config: Json, req: _Request) -> tuple[Json, Json]:
+    """(virtual host, first matching route): every compiled route matches prefix ``/``."""
+    vhost = route_config["virtual_hosts"][0]
+    for route in vhost["routes"]:
+        match = route["match"]
+        assert match.get("prefix") == "/", match
+        if all(_route_header(h, req) for h in match.get("headers", [])):
+            return vhost, route
+    raise ValueError("no route matched")
+
+
+def per_filter_config(vhost: Json, route: Json, name: str) -> Json | None:
+    """Envoy's most specific per-filter config: the route's, else the virtual host's."""
+    found: Json | None = route.get("typed_per_filter_config", {}).get(name)
+    if found is None:
+        found = vhost.get("typed_per_filter_config", {}).get(name)
+    return found
+
+
+def _rbac(config: Json, local: Json | None, req: _Request) -> Outcome | None:
+    """One RBAC filter: engines from the route-local RBACPerRoute when present (else the
+    listener's), metadata key prefixes from the route when set there (else the listener's)."""
+    rbac = local.get("rbac", {}) if local is not None else config
+    metadata = req.metadata
+    shadow = None
+    if "shadow_rules" in rbac:
+        shadow = _engine(rbac["shadow_rules"], req)
+    elif "shadow_matcher" in rbac:
+        shadow = _matcher_engine(rbac["shadow_matcher"], req)
+    if shadow is not None:
+        allowed, matched = shadow
+        prefix = rbac.get("shadow_rules_stat_prefix") or config.get("shadow_rules_stat_prefix", "")
+        metadata[prefix + "shadow_engine_result"] = "allowed" if allowed else "denied"
+        if matched:
+            metadata[prefix + "shadow_effective_policy_id"] = matched
+    enforced = None
+    if "rules" in rbac:
+        enforced = _engine(rbac["rules"], req)
+    elif "matcher" in rbac:
+        enforced = _matcher_engine(rbac["matcher"], req)
+    if enforced is None:
+        return None
+    allowed, matched = enforced
+    metadata["enforced_engine_result"] = "allowed" if allowed else "denied"
+    if matched:
+        metadata["enforced_effective_policy_id"] = matched
+    if allowed:
+        return None
+    return Outcome(403, f"rbac_access_denied_matched_policy[{matched or 'none'}]", metadata, False)
+
+
 def run(listener: Json, conn: Connection, extauthz: ExtAuthz | None = None) -> Outcome:
     """Send ``conn`` through the listener's HTTP filters. ``extauthz(conn, normalized path,
-    context_extensions)`` answers Checks (allowed?); without it a Check fails closed (403)."""
+    context_extensions)`` answers Checks (True: allowed, False: 403, or a status such as 401);
+    without it a Check fails closed (403)."""
     try:
         path = normalize_path(conn.path)
         if "?" in conn.path:
@@ -285,50 +346,29 @@ def run(listener: Json, conn: Connection, extauthz: ExtAuthz | None = None) -> O
         return Outcome(400, "path_normalization_failed", {}, False)
     req = _Request(conn, path)
     filters, route_config = http_filters(listener, tls=conn.peer_uri is not None)
+    vhost, route = select_route(route_config, req)
     metadata = req.metadata
     called = False
     for f in filters:
         config = f["typed_config"]
         kind = config["@type"].rsplit(".", 1)[-1]
-        if f["name"] == names.FILTER_RBAC:
-            shadow = None
-            if "shadow_rules" in config:
-                shadow = _engine(config["shadow_rules"], req)
-            elif "shadow_matcher" in config:
-                shadow = _matcher_engine(config["shadow_matcher"], req)
-            if shadow is not None:
-                allowed, matched = shadow
-                prefix = config.get("shadow_rules_stat_prefix", "")
-                metadata[prefix + "shadow_engine_result"] = "allowed" if allowed else "denied"
-                if matched:
-                    metadata[prefix + "shadow_effective_policy_id"] = matched
-            enforced = None
-            if "rules" in config:
-                enforced = _engine(config["rules"], req)
-            elif "matcher" in config:
-                enforced = _matcher_engine(config["matcher"], req)
-            if enforced is not None:
-                allowed, matched = enforced
-                metadata["enforced_engine_result"] = "allowed" if allowed else "denied"
-                if matched:
-                    metadata["enforced_effective_policy_id"] = matched
-                if not allowed:
-                    return Outcome(
-                        403,
-                        f"rbac_access_denied_matched_policy[{matched or 'none'}]",
-                        metadata,
-                        False,
-                    )
-        elif f["name"] == names.FILTER_EXTAUTHZ:
+        local = per_filter_config(vhost, route, f["name"])
+        if kind == "RBAC":
+            denied = _rbac(config, local, req)
+            if denied is not None:
+                return denied
+        elif kind == "ExtAuthz":
+            if local is not None and local.get("disabled"):
+                continue
             enabled = config.get("filter_enabled_metadata")
             if enabled is not None and not _metadata_enabled(enabled, metadata):
                 continue
-            route = route_config["virtual_hosts"][0]["routes"][0]
-            per_route = route.get("typed_per_filter_config", {}).get(names.FILTER_EXTAUTHZ, {})
-            context = per_route.get("check_settings", {}).get("context_extensions", {})
+            context = (local or {}).get("check_settings", {}).get("context_extensions", {})
             called = True
-            if extauthz is None or not extauthz(conn, path, context):
-                return Outcome(403, "ext_authz_denied", metadata, True)
+            answer = extauthz(conn, path, context) if extauthz is not None else False
+            status = 200 if answer is True else 403 if answer is False else int(answer)
+            if status != 200:
+                return Outcome(status, "ext_authz_denied", metadata, True)
         elif kind in ("HeaderMutation", "Router"):
             continue
         else:

@@ -9,6 +9,7 @@ Seeded ``random.Random``: the same seed gives the same policy set and the same r
 from __future__ import annotations
 
 import random
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +18,14 @@ from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
     Condition,
+    JwtRule,
     MeshConfig,
     MtlsMode,
     Operation,
     PeerAuthentication,
     Protocol,
     Request,
+    RequestAuthentication,
     Rule,
     Source,
     Workload,
@@ -71,9 +74,10 @@ PATHS = (
     "/admin%5cusers",
 )
 HOSTS = ("api.shop", "API.Shop", "api.shop:8080", "www.example.com", "a.example.com")
+# "" is a header sent with an empty value: present (Istio's `*` matches it), equal to nothing.
 HEADER_VALUES: Mapping[str, tuple[str | None, ...]] = {
-    "x-team": (None, "blue", "red", "blue,red", "green"),
-    "x-env": (None, "prod", "dev"),
+    "x-team": (None, "blue", "red", "blue,red", "green", ""),
+    "x-env": (None, "prod", "dev", ""),
     "x-custom": (None, None, None, "deny"),
 }
 XFF = (None, None, "10.1.2.3", "192.168.7.7, 10.1.2.3", "203.0.113.9")
@@ -84,6 +88,21 @@ USERS: Mapping[str, Mapping[str, Any]] = {
     "alice": {"iss": ISSUER, "sub": "alice", "groups": ["admins", "dev"], "aud": ["shop"]},
     "bob": {"iss": ISSUER, "sub": "bob", "groups": ["users"], "aud": ["shop", "other"]},
 }
+INVALID_USER = "mallory"  # "Bearer mallory" stands for a token that does not verify
+TOKEN_PARAM = "access_token"  # Istio's default query parameter for a token
+
+
+def token_in(headers: Mapping[str, str], path: str) -> str | None:
+    """The token a request carries at Istio's default locations (``Authorization: Bearer``,
+    then ``?access_token=``), as the ext_authz service finds it; ``headers`` lowercase."""
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer " and auth[7:].strip():
+        return auth[7:].strip()
+    query = path.partition("?")[2].partition("#")[0]
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name == TOKEN_PARAM:
+            return value or None
+    return None
 
 
 def spiffe(namespace: str, sa: str) -> str:
@@ -231,6 +250,7 @@ class Profile:
     audit: bool = False
     mtls: MtlsMode = MtlsMode.PERMISSIVE
     actions: tuple[Action, ...] = field(default=(Action.ALLOW, Action.ALLOW, Action.DENY))
+    request_authn: bool = False  # a RequestAuthentication selects shop/api (invalid token: 401)
 
 
 def target_workloads(*, tcp: bool = False) -> list[Workload]:
@@ -291,6 +311,18 @@ def random_policy_set(seed: int, profile: Profile | None = None, *, tcp: bool = 
         workloads=target_workloads(tcp=tcp),
         authorization_policies=policies,
         peer_authentications=[peer],
+        request_authentications=[request_authentication()] if profile.request_authn else [],
+    )
+
+
+def request_authentication() -> RequestAuthentication:
+    """End-user JWTs for shop/api at Istio's default locations (the keys do not matter here:
+    the harness' Check server stands in for verification, see :data:`USERS`)."""
+    return RequestAuthentication(
+        namespace=TARGET_NAMESPACE,
+        name="end-user",
+        selector={"app": TARGET_NAME},
+        jwt_rules=(JwtRule(issuer=ISSUER, jwks='{"keys": []}'),),
     )
 
 
@@ -306,6 +338,7 @@ class Probe:
     headers: Mapping[str, str]
     sni: str | None
     user: str | None
+    token_param: bool = False  # the token is in ``path`` (?access_token=), not Authorization
 
     @property
     def principal(self) -> str | None:
@@ -313,14 +346,14 @@ class Probe:
 
     def wire_headers(self) -> dict[str, str]:
         out = {"Host": self.host, **self.headers}
-        if self.user:
+        if self.user and not self.token_param:
             out["Authorization"] = f"Bearer {self.user}"
         return out
 
     def request(self) -> Request:
         """The request as the evaluator sees it at the sidecar."""
         headers = {k.lower(): v for k, v in self.headers.items()}
-        if self.user:
+        if self.user and not self.token_param:
             headers["authorization"] = f"Bearer {self.user}"
         xff = headers.get("x-forwarded-for")
         remote = xff.split(",")[-1].strip() if xff else None
@@ -334,15 +367,20 @@ class Probe:
             remote_ip=remote,
             destination_ip="127.0.0.1",
             headers=headers,
-            claims=dict(USERS[self.user]) if self.user else None,
+            claims=dict(USERS[self.user]) if self.user is not None and self.user in USERS else None,
             sni=self.sni if self.identity else None,
         )
 
 
 def random_probes(
-    seed: int, count: int, *, plaintext: bool = True, jwt: bool = False
+    seed: int, count: int, *, plaintext: bool = True, jwt: bool = False, invalid: bool = False
 ) -> list[Probe]:
+    """``jwt``: some requests carry a (valid) end-user token; ``invalid``: some carry one that
+    does not verify, and tokens go in the Authorization header or the query."""
     rng = random.Random(seed)
+    users: tuple[str | None, ...] = (None, None, "alice", "bob")
+    if invalid:
+        users += (INVALID_USER,)
     identities = [i for i in IDENTITIES if plaintext or i is not None]
     probes: list[Probe] = []
     for _ in range(count):
@@ -355,17 +393,17 @@ def random_probes(
         xff = rng.choice(XFF)
         if xff:
             headers["X-Forwarded-For"] = xff
+        port = rng.choice(HTTP_PORTS)
+        method = rng.choice(METHODS)
+        path = rng.choice(PATHS)
+        host = rng.choice(HOSTS)
+        sni = rng.choice(SNIS) if identity else None
+        user = rng.choice(users) if jwt or invalid else None
+        in_query = bool(user) and invalid and rng.random() < 0.35
+        if in_query:
+            path += ("&" if "?" in path else "?") + f"{TOKEN_PARAM}={user}"
         probes.append(
-            Probe(
-                identity=identity,
-                port=rng.choice(HTTP_PORTS),
-                method=rng.choice(METHODS),
-                path=rng.choice(PATHS),
-                host=rng.choice(HOSTS),
-                headers=headers,
-                sni=rng.choice(SNIS) if identity else None,
-                user=rng.choice((None, None, "alice", "bob")) if jwt else None,
-            )
+            Probe(identity, port, method, path, host, headers, sni, user, token_param=in_query)
         )
     return probes
 
@@ -378,8 +416,8 @@ def custom_provider(policy: AuthorizationPolicy, request: Request) -> tuple[bool
 
 
 def expected_status(policy_set: PolicySet, probe: Probe, *, now: Any = None) -> int:
-    """What meshward.policy decides for ``probe`` at ``shop/api``: 200, 403, or 400 (rejected
-    path)."""
+    """What meshward.policy decides for ``probe`` at ``shop/api``: 200, 403, 400 (rejected
+    path) or 401 (a token that does not verify, when a RequestAuthentication applies)."""
     from meshward.policy import evaluate
     from meshward.policy.paths import PathRejected, normalize_path
 
@@ -389,6 +427,10 @@ def expected_status(policy_set: PolicySet, probe: Probe, *, now: Any = None) -> 
         return 400
     workload = policy_set.workload(TARGET_REF)
     assert workload is not None
+    if policy_set.request_authentications_for(workload):
+        token = token_in(probe.request().headers, probe.path)
+        if token is not None and token not in USERS:
+            return 401  # Istio: a token that does not verify is rejected before authorization
     decision = evaluate(policy_set, workload, probe.request(), now=now, custom=custom_provider)
     return 200 if decision.allowed else 403
 

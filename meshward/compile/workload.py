@@ -52,7 +52,9 @@ class WorkloadResources:
 
     @property
     def extauthz(self) -> bool:
-        return self.plan.needs_extauthz
+        """The inbound HTTP chains have an ext_authz filter (rules that need it, or tokens to
+        verify)."""
+        return self.plan.uses_extauthz
 
     def by_type(self) -> dict[str, tuple[Any, ...]]:
         """Type URL -> messages, for the xDS server."""
@@ -118,7 +120,7 @@ def compile_workload(
         workload = found
     trust_domain = policy_set.mesh.trust_domain
     policies = policy_set.policies_for(workload, now)
-    plan = authz.plan(policies)
+    plan = authz.plan(policies, policy_set.request_authentications_for(workload))
     port_map = options.runtime_ports(workload)
     built: list[listeners.Built] = []
     tls_used = False
@@ -158,7 +160,7 @@ def compile_workload(
                     )
                 )
     clusters = [c for b in built for c in b.clusters]
-    if plan.needs_extauthz:
+    if plan.uses_extauthz and any(listeners.is_http(p) for p in workload.ports):
         if options.extauthz is None:
             raise UserError(
                 f"workload {workload.ref} needs the ext_authz service "
@@ -265,7 +267,9 @@ def rule_classes(
     policy_set: PolicySet, workload: Workload, *, now: datetime | None = None
 ) -> authz.AuthzPlan:
     """Where each rule applying to ``workload`` runs (HTTP and TCP), and why."""
-    return authz.plan(policy_set.policies_for(workload, now))
+    return authz.plan(
+        policy_set.policies_for(workload, now), policy_set.request_authentications_for(workload)
+    )
 
 
 _OUTBOUND_INDEX: dict[str, dict[str, int]] = {}

@@ -1,48 +1,282 @@
-"""`meshward demo`: the README's main command."""
+"""`meshward demo`: the README's main command. Start the shop mesh on 127.0.0.1, run the tour,
+print who decided what, stop everything (or keep it running to poke at)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
+import signal
+import sys
 import tempfile
-import urllib.request
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 from meshward.errors import UserError
 
+DESCRIPTION = """\
+Run the whole product on this machine: a fresh CA, the control plane (`meshward xds serve`),
+ext_authz (`meshward extauthz serve`) and the shop from examples/ (frontend, orders, payments,
+inventory, scraper), each app behind its own Envoy sidecar, all as processes on 127.0.0.1 with
+ports picked at run time. Then a scripted tour calls between the services the way apps do (to
+the caller's sidecar, which brings the caller's mTLS identity) and prints, per call, the
+expected and actual outcome, who decided (Envoy RBAC, ext_authz or mTLS), the policy and rule,
+and the trace id; then edits a policy live, shows the same call denied, and reverts it.
+Exit status 0 only if every expectation held."""
+
+EPILOG = """\
+examples:
+  meshward demo                                  # start, tour, stop (state in a temp dir)
+  meshward demo --keep-running                   # ... and leave the mesh up to curl it
+  meshward demo --state /tmp/mw --json           # keep logs in /tmp/mw, results as JSON
+  meshward demo --otlp-endpoint 127.0.0.1:4317   # every span (Envoy + Meshward) to Jaeger
+  meshward demo --attach sidecar-config/tour.json   # only the tour, against a running mesh
+  meshward denials                               # denials of the running (last) demo
+
+state directory: policies/ (a copy of examples/: edit it while --keep-running and watch the
+sidecars follow), ca/, sidecars/<name>.<ns>/ (bootstrap, envoy.log, access.log),
+logs/ (one per process, decisions.jsonl from ext_authz), traces.jsonl (spans, when no
+--otlp-endpoint), state.json (where everything is; read by `meshward denials`).
+Without --state the temp dir is removed at exit unless something failed."""
+
+
+def _say(out: TextIO) -> Any:
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    return say
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """`kill <pid>` stops the mesh as cleanly as Ctrl-C does, and Ctrl-C works even when the
+    shell started us with SIGINT ignored (a background job)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread (tests): nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _tracer(endpoint: str) -> tuple[Any, Any]:
+    from meshward.telemetry import setup_tracing
+
+    provider = setup_tracing("meshward-demo-tour", endpoint, schedule_delay_millis=500)
+    return provider, provider.get_tracer("meshward.demo.tour")
+
+
+def _shutdown(provider: Any) -> None:
+    if hasattr(provider, "shutdown"):
+        with contextlib.suppress(Exception):
+            provider.shutdown()
+
+
+def _print_result(result: Any, args: argparse.Namespace, out: TextIO) -> None:
+    from meshward.demo.report import render
+
+    if args.json:
+        json.dump(result.to_json(), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:
+        print("", file=out)
+        print(render(result), file=out, flush=True)
+
+
+def _usage(state: Any) -> str:
+    """How to use a running mesh: the outbound ports, status, metrics, logs."""
+    lines = [
+        "",
+        "The mesh keeps running. Call a service the way an app would (via its caller's sidecar):",
+    ]
+    fe = state.workloads.get("shop/frontend")
+    if fe is not None and "shop/orders:8080" in fe.outbound:
+        lines.append(
+            f"  curl -s http://{fe.outbound['shop/orders:8080']}/orders/42      # frontend -> orders: allowed"
+        )
+        lines.append(
+            f"  curl -s -X DELETE http://{fe.outbound['shop/orders:8080']}/orders/42   # denied by Envoy RBAC"
+        )
+    orders = state.workloads.get("shop/orders")
+    if orders is not None and "shop/payments:8080" in orders.outbound:
+        lines.append(
+            f"  curl -s -X POST http://{orders.outbound['shop/payments:8080']}/payments  # no JWT: denied by ext_authz"
+        )
+    lines.append("outbound listeners (caller -> callee: address):")
+    for _ref, w in sorted(state.workloads.items()):
+        targets = ", ".join(
+            f"{k.split('/')[1].split(':')[0]} {v}" for k, v in sorted(w.outbound.items())
+        )
+        lines.append(f"  {w.name:10} {targets}")
+    lines.append(
+        f"control plane: {state.xds_admin}/status  {state.xds_admin}/metrics   (meshward status --xds {state.xds_admin.removeprefix('http://') if state.xds_admin else ''})"
+    )
+    if state.extauthz_metrics:
+        lines.append(f"ext_authz:     {state.extauthz_metrics}/metrics")
+    lines.append(
+        "sidecar admin: " + "  ".join(f"{w.name} {w.admin}" for w in state.workloads.values())
+    )
+    lines.append(f"policies:      {state.policy_dir}  (edit them: changes are pushed live)")
+    lines.append(
+        "denials:       meshward denials   (add --since 5m, --workload shop/payments, --json)"
+    )
+    if state.otlp:
+        lines.append(f"traces:        sent to {state.otlp}")
+    elif state.trace_file:
+        lines.append(
+            f"traces:        {state.trace_file} (pass --otlp-endpoint to send them to Jaeger)"
+        )
+    lines.append("Press Ctrl-C to stop everything.")
+    return "\n".join(lines)  # fmt: skip
+
 
 def run(args: argparse.Namespace) -> int:
-    from meshward.demo.echo import EchoServer
-    from meshward.envoy import EnvoyProcess, EnvoyStartError
-    from meshward.envoy.bootstrap import static_proxy
+    if args.attach:
+        return _attach(args)
+    from meshward.demo import state as demo_state
+    from meshward.demo.topology import DemoMesh, MeshOptions, find_examples
+    from meshward.demo.tour import Runner
 
-    state = Path(args.state) if args.state else Path(tempfile.mkdtemp(prefix="meshward-demo-"))
-    print(f"state: {state}")
-    with EchoServer("orders") as backend:
-        print(f"[ready] orders (echo service) on 127.0.0.1:{backend.port}")
+    out = sys.stderr if args.json else sys.stdout
+    say = _say(out)
+    examples = find_examples(args.examples)
+    temporary = args.state is None
+    state_dir = (
+        Path(tempfile.mkdtemp(prefix="meshward-demo-")) if temporary else Path(args.state).resolve()
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    say(f"meshward demo: state in {state_dir}")
+    options = MeshOptions(
+        state_dir=state_dir,
+        examples=examples,
+        otlp_endpoint=args.otlp_endpoint,
+        timeout=args.timeout,
+        tune_tracing=True,
+    )
+    failed = True
+    provider: Any = None
+    try:
+        with _signals_as_interrupt(), DemoMesh(options, out=out) as mesh:
+            assert mesh.state is not None
+            demo_state.record_last(state_dir)
+            provider, tracer = _tracer(mesh.state.otlp or mesh.otlp_endpoint)
+            runner = Runner(
+                mesh.state,
+                tracer=tracer,
+                progress=say,
+                check_alive=mesh.supervisor.check_alive,
+                each_call=args.json,  # without --json the table follows at once
+            )
+            say("")
+            say(
+                "meshward demo: the tour (each call goes app -> its sidecar -> mTLS -> callee's sidecar)"
+            )
+            result = runner.run()
+            _shutdown(provider)
+            provider = None
+            _print_result(result, args, out)
+            failed = not result.ok
+            if args.keep_running:
+                say(_usage(mesh.state))
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        mesh.supervisor.check_alive()
+                        time.sleep(0.5)
+                say("meshward demo: stopping")
+    except KeyboardInterrupt:
+        say("meshward demo: interrupted; every process stopped")
+        failed = False  # nothing went wrong; do not keep the temp dir for it
+        raise
+    finally:
+        if provider is not None:
+            _shutdown(provider)
+        if temporary and not failed:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            demo_state.forget_last(state_dir)
+            say(f"meshward demo: stopped; removed {state_dir} (--state DIR keeps it)")
+        elif temporary:
+            say(f"meshward demo: kept {state_dir} for its logs (remove it when done)")
+    if failed:
+        say("meshward demo: some expectations did not hold (see above)")
+        return 1
+    return 0
+
+
+def _attach(args: argparse.Namespace) -> int:
+    """Only the tour, against a mesh somebody else started (docker-compose's `tour` service)."""
+    from meshward.demo import state as demo_state
+    from meshward.demo.tour import Runner
+
+    out = sys.stderr if args.json else sys.stdout
+    state = demo_state.load(Path(args.attach))
+    provider, tracer = _tracer(args.otlp_endpoint) if args.otlp_endpoint else (None, None)
+    runner = Runner(state, tracer=tracer, progress=_say(out), each_call=args.json)
+    if args.wait > 0:
+        _wait_for_mesh(state, args.wait, _say(out))
+    try:
+        result = runner.run()
+    finally:
+        _shutdown(provider)
+    _print_result(result, args, out)
+    return 0 if result.ok else 1
+
+
+def _wait_for_mesh(state: Any, timeout: float, say: Any) -> None:
+    """docker-compose starts everything at once: wait until every sidecar has its config."""
+    from meshward.demo import control
+
+    deadline = time.monotonic() + timeout
+    lagging = ["no answer yet"]
+    say(f"[wait ] control plane at {state.xds_admin}: every sidecar in sync ...")
+    while time.monotonic() < deadline:
         try:
-            envoy = EnvoyProcess(
-                static_proxy(backend.port), name="orders-sidecar", workdir=state / "orders-sidecar"
+            lagging = control.lagging(
+                control.fetch_status(state.xds_admin), sorted(state.workloads)
             )
-            envoy.start()
-        except EnvoyStartError as err:
-            raise UserError(f"the orders sidecar did not start: {err}") from err
-        with envoy:
-            port = envoy.listener_port("ingress")
-            print(f"[ready] orders sidecar (Envoy) on 127.0.0.1:{port}, admin {envoy.admin_url}")
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/orders/42", timeout=5
-            ) as response:
-                body = json.loads(response.read())
-            ok = response.status == 200 and body["service"] == "orders"
-            print(
-                f"GET /orders/42 via sidecar -> {response.status} from {body['service']}: {'as expected' if ok else 'UNEXPECTED'}"
-            )
-    return 0 if ok else 1
+        except OSError as exc:
+            lagging = [str(exc)]
+        if not lagging:
+            say("[ready] mesh")
+            return
+        time.sleep(0.5)
+    raise UserError(f"the mesh did not converge in {timeout:.0f}s: {'; '.join(lagging[:4])}")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--state", metavar="DIR", help="keep certificates and logs in DIR (default: a new temp dir)"
-    )
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--state", metavar="DIR",
+                        help="keep certificates, policies, logs and state.json in DIR (reused: "
+                             "wiped and refilled each run; default: a temp dir removed at exit)")  # fmt: skip
+    parser.add_argument("--keep-running", action="store_true",
+                        help="after the tour, leave the mesh up (prints how to curl it) until Ctrl-C")  # fmt: skip
+    parser.add_argument("--otlp-endpoint", metavar="HOST:PORT",
+                        help="send every trace (Envoy's and Meshward's) to this OTLP/gRPC "
+                             "collector, e.g. Jaeger's 127.0.0.1:4317 (default: kept in "
+                             "<state>/traces.jsonl)")  # fmt: skip
+    parser.add_argument("--json", action="store_true",
+                        help="print the tour's results as JSON on stdout (progress goes to stderr)")  # fmt: skip
+    parser.add_argument("--examples", metavar="DIR",
+                        help="the shop policies and demo keys (default: the checkout's examples/)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long each component may take to become ready (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--attach", metavar="STATE",
+                        help="start nothing: run the tour against the mesh described by STATE "
+                             "(a state.json, e.g. sidecar-config/tour.json in docker-compose)")  # fmt: skip
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="with --attach: first wait up to SECONDS for every sidecar to be in "
+                             "sync (default: do not wait)")  # fmt: skip
     parser.set_defaults(func=run)

@@ -1,8 +1,9 @@
 """Starting and stopping the local mesh's processes, with progress an operator can follow.
 
 Every component (control plane, ext_authz, shop services, sidecars) is a child process with its
-own log file. A component that fails to come up is named, with its last log lines; every process
-is stopped on exit, on error and on Ctrl-C, children first in reverse start order.
+own log file. Components are launched without waiting and then awaited together, so independent
+processes start in parallel. A component that fails to come up is named, with its last log
+lines; every process is stopped on exit, on error and on Ctrl-C, in reverse start order.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +24,7 @@ from meshward.envoy.process import EnvoyProcess, EnvoyStartError
 from meshward.errors import UserError
 
 ReadyCheck = Callable[[], bool]
+WAIT_ANNOUNCE_SECONDS = 3.0
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -39,11 +41,20 @@ class Component:
     process: subprocess.Popen[bytes] | None = None
     envoy: EnvoyProcess | None = None
     started_at: float = field(default_factory=time.monotonic)
+    ready_check: ReadyCheck | None = None
+    timeout: float = 30.0
+    ready: bool = False
 
     def alive(self) -> bool:
         if self.envoy is not None:
             return self.envoy.running()
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        if self.envoy is not None:
+            return self.envoy.pid
+        return self.process.pid if self.process is not None else None
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.envoy is not None:
@@ -66,6 +77,18 @@ class ComponentFailed(UserError):
     """A component did not come up; the message names it and carries its last log lines."""
 
 
+def envoy_ready(envoy: EnvoyProcess) -> ReadyCheck:
+    """True once Envoy's admin ``/ready`` says LIVE (it has its first listeners from ADS)."""
+
+    def check() -> bool:
+        try:
+            return envoy.admin("/ready").strip() == "LIVE"
+        except (RuntimeError, OSError):  # admin address not known yet, or not LIVE (503)
+            return False
+
+    return check
+
+
 class Supervisor:
     """Owns the mesh's processes. Use as a context manager so everything stops on any exit."""
 
@@ -76,11 +99,122 @@ class Supervisor:
         self.components: dict[str, Component] = {}
         self.out = out or sys.stdout
         self.quiet = quiet
+        self.started = time.monotonic()
 
     def say(self, message: str) -> None:
         if not self.quiet:
             print(message, file=self.out, flush=True)
 
+    # -- launching (no waiting) ----------------------------------------------------------------
+    def launch(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        ready: ReadyCheck,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        what: str = "",
+    ) -> Component:
+        """Start ``argv`` in its own session (Ctrl-C reaches only us; we stop it in order) with
+        stdout and stderr in ``logs/<name>.log``; :meth:`wait_ready` waits for ``ready()``."""
+        log_path = self.logs / f"{name}.log"
+        self.say(f"[start] {name}" + (f" ({what})" if what else ""))
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+        component = Component(name, log_path, process=proc, ready_check=ready, timeout=timeout)
+        self.components[name] = component
+        return component
+
+    def launch_envoy(
+        self, name: str, envoy: EnvoyProcess, *, timeout: float = 30.0, what: str = "Envoy"
+    ) -> Component:
+        self.say(f"[start] {name}" + (f" ({what})" if what else ""))
+        component = Component(
+            name, envoy.log_path, envoy=envoy, ready_check=envoy_ready(envoy), timeout=timeout
+        )
+        self.components[name] = component
+        try:
+            envoy.start(wait=False)
+        except (OSError, EnvoyStartError) as err:
+            raise ComponentFailed(f"{name} did not start: {err}") from err
+        return component
+
+    # -- waiting -------------------------------------------------------------------------------
+    def wait_ready(self, names: Iterable[str] | None = None) -> None:
+        """Wait until every named (default: every not yet ready) component is ready, all at
+        once; raise ComponentFailed naming the first that died or timed out."""
+        pending = [
+            self.components[n]
+            for n in (names if names is not None else list(self.components))
+            if not self.components[n].ready
+        ]
+        announced = time.monotonic()
+        while pending:
+            for component in list(pending):
+                if not component.alive():
+                    raise ComponentFailed(
+                        f"{component.name} exited before it was ready; last log lines "
+                        f"({component.log_path}):\n{_tail(component.log_path)}"
+                    )
+                ok = False
+                if component.ready_check is not None:
+                    with contextlib.suppress(OSError):
+                        ok = component.ready_check()
+                if ok:
+                    component.ready = True
+                    pending.remove(component)
+                    took = time.monotonic() - component.started_at
+                    self.say(f"[ready] {component.name} ({took:.1f}s)")
+                elif time.monotonic() - component.started_at > component.timeout:
+                    raise ComponentFailed(
+                        f"{component.name} not ready after {component.timeout:.0f}s; last log "
+                        f"lines ({component.log_path}):\n{_tail(component.log_path)}"
+                    )
+            if pending and time.monotonic() - announced > WAIT_ANNOUNCE_SECONDS:
+                self.say(f"[wait ] {', '.join(c.name for c in pending)} ...")
+                announced = time.monotonic()
+            if pending:
+                time.sleep(0.05)
+
+    def wait_for(
+        self,
+        label: str,
+        check: ReadyCheck,
+        *,
+        timeout: float,
+        explain: Callable[[], str] = lambda: "",
+    ) -> float:
+        """Wait for a condition that spans components (e.g. "every sidecar has its config"),
+        with the same progress lines; return the seconds it took."""
+        started = time.monotonic()
+        announced = started
+        while True:
+            self.check_alive()
+            with contextlib.suppress(OSError):
+                if check():
+                    took = time.monotonic() - started
+                    self.say(f"[ready] {label} ({took:.1f}s)")
+                    return took
+            now = time.monotonic()
+            if now - started > timeout:
+                detail = explain()
+                raise ComponentFailed(
+                    f"{label}: not reached after {timeout:.0f}s" + (f"\n{detail}" if detail else "")
+                )
+            if now - announced > WAIT_ANNOUNCE_SECONDS:
+                self.say(f"[wait ] {label} ...")
+                announced = now
+            time.sleep(0.05)
+
+    # -- the old blocking forms ------------------------------------------------------------------
     def start_process(
         self,
         name: str,
@@ -91,54 +225,14 @@ class Supervisor:
         timeout: float = 30.0,
     ) -> Component:
         """Start ``argv`` and wait until ``ready()`` holds; raise ComponentFailed otherwise."""
-        log_path = self.logs / f"{name}.log"
-        self.say(f"[start] {name}")
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,  # our own signal handling stops it, in order
-            )
-        component = Component(name, log_path, process=proc)
-        self.components[name] = component
-        self._wait(component, ready, timeout)
+        component = self.launch(name, argv, ready=ready, env=env, timeout=timeout)
+        self.wait_ready([name])
         return component
 
     def start_envoy(self, name: str, envoy: EnvoyProcess, *, timeout: float = 30.0) -> Component:
-        self.say(f"[start] {name} (Envoy)")
-        component = Component(name, envoy.log_path, envoy=envoy)
-        self.components[name] = component
-        try:
-            envoy.start(timeout=timeout)
-        except EnvoyStartError as err:
-            raise ComponentFailed(f"{name} did not start:\n{err}") from err
-        self.say(f"[ready] {name}")
+        component = self.launch_envoy(name, envoy, timeout=timeout)
+        self.wait_ready([name])
         return component
-
-    def _wait(self, component: Component, ready: ReadyCheck, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        announced = time.monotonic()
-        while time.monotonic() < deadline:
-            if not component.alive():
-                raise ComponentFailed(
-                    f"{component.name} exited before it was ready; last log lines "
-                    f"({component.log_path}):\n{_tail(component.log_path)}"
-                )
-            with contextlib.suppress(OSError):
-                if ready():
-                    self.say(f"[ready] {component.name}")
-                    return
-            if time.monotonic() - announced > 3:
-                self.say(f"[wait ] {component.name} ...")
-                announced = time.monotonic()
-            time.sleep(0.05)
-        raise ComponentFailed(
-            f"{component.name} not ready after {timeout:.0f}s; last log lines "
-            f"({component.log_path}):\n{_tail(component.log_path)}"
-        )
 
     def check_alive(self) -> None:
         """Raise ComponentFailed naming the first component that died."""
@@ -151,7 +245,8 @@ class Supervisor:
 
     def stop_all(self) -> None:
         for component in reversed(list(self.components.values())):
-            component.stop()
+            with contextlib.suppress(Exception):
+                component.stop()
         self.components.clear()
 
     def __enter__(self) -> Supervisor:

@@ -34,9 +34,12 @@ CERT_FILE, KEY_FILE, CA_FILE = "xds-cert.pem", "xds-key.pem", "xds-ca.pem"
 BOOTSTRAP_FILE = "envoy.json"
 METADATA_WORKLOAD = "meshward.dev/workload"
 METADATA_INSTANCE = "meshward.dev/instance"
-#: Envoy command-line flags to run a sidecar with. RBAC lives in the listener, so a policy edit
-#: replaces the listener; Envoy's default drains the old one's connections (which keep the old
-#: rules) gradually over 600 s. These close them at their next response instead.
+#: Envoy command-line flags to run a sidecar with. Policy edits do not need them: the rules live
+#: in the route config (RDS), which applies to open connections at their next request. A
+#: listener is still replaced when a port's mTLS mode or its set of authorization filters
+#: changes (the first DENY policy, ext_authz becoming needed, ...); Envoy's default then drains
+#: the old listener's connections (which keep its chain and route) gradually over 600 s. These
+#: flags close them at their next response instead.
 ENVOY_ARGS = ("--drain-time-s", "5", "--drain-strategy", "immediate")
 
 

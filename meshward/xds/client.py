@@ -67,6 +67,8 @@ class AdsClient:
 
     ``nack``: called with (type_url, response); return an error string to NACK that response.
     ``on_response``: called after each response is applied (e.g. to time convergence).
+    ``follow_routes``: like Envoy, subscribe to the route configs (RDS) that the received
+    listeners name, and follow them as listeners change (authorization rules live there).
     """
 
     host: str
@@ -80,6 +82,7 @@ class AdsClient:
     )
     nack: Callable[[str, Any], str | None] | None = None
     on_response: Callable[[AdsClient, str, Any], None] | None = None
+    follow_routes: bool = False
     views: dict[str, TypeView] = field(default_factory=dict)
     error: BaseException | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -210,12 +213,34 @@ class AdsClient:
         view.responses += 1
         self.last_response_at = time.monotonic()
         self._send.put_nowait(request)
+        if self.follow_routes and type_url == types.LISTENER and error is None:
+            names = tuple(sorted({n for r in view.resources.values() for n in _route_names(r)}))
+            if names != self.subscriptions.get(types.ROUTE, ()):
+                self.subscribe(types.ROUTE, names)
         if self.on_response is not None:
             self.on_response(self, type_url, response)
 
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
+
+
+def _route_names(packed_listener: Any) -> list[str]:
+    """The RDS route config names a packed Listener's HTTP connection managers use."""
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+
+    listener = listener_pb2.Listener()
+    packed_listener.Unpack(listener)
+    found = []
+    for chain in listener.filter_chains:
+        for network_filter in chain.filters:
+            hcm = hcm_pb2.HttpConnectionManager()
+            if network_filter.typed_config.Unpack(hcm) and hcm.HasField("rds"):
+                found.append(hcm.rds.route_config_name)
+    return found
 
 
 def _name(resource: Any) -> str:

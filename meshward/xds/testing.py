@@ -111,9 +111,10 @@ def secret(name: str, payload: str = "x") -> Resource:
 
 
 # -- a local mesh: real Envoy sidecars configured over ADS ---------------------------------------
-#: A listener update (an RBAC change lives in the listener) leaves open connections on the old
-#: listener until they drain; Envoy's default drains gradually over 600 s. Closing them at the
-#: next response makes policy edits reach pooled connections within one request.
+#: A listener update (an mTLS mode change, or a new kind of authorization filter; rule edits only
+#: change the route config) leaves open connections on the old listener until they drain;
+#: Envoy's default drains gradually over 600 s. Closing them at the next response keeps tests
+#: that change the filter set quick.
 ENVOY_DRAIN_ARGS = ("--drain-time-s", "2", "--drain-strategy", "immediate")
 
 

@@ -98,8 +98,9 @@ spec:
 
 
 class FaultSwitch:
-    """Makes the compiled inbound listener of chosen workloads carry a filter type Envoy does not
-    have: a semantic error, so Envoy NACKs that listener only."""
+    """Makes the compiled inbound route config of chosen workloads carry a per-filter config of
+    a type Envoy does not have: a semantic error, so Envoy NACKs that route config only (the
+    authorization rules live there)."""
 
     def __init__(self) -> None:
         self.broken: set[str] = set()
@@ -109,12 +110,12 @@ class FaultSwitch:
             return messages
         out = []
         for message in messages:
-            if message.DESCRIPTOR.full_name == "envoy.config.listener.v3.Listener" and (
+            if message.DESCRIPTOR.full_name == "envoy.config.route.v3.RouteConfiguration" and (
                 message.name.startswith("inbound|")
             ):
                 message = type(message).FromString(message.SerializeToString())
-                bogus = message.listener_filters.add(name="meshward.test.unknown")
-                bogus.typed_config.Pack(empty_pb2.Empty())
+                bogus = message.virtual_hosts[0].typed_per_filter_config["meshward.test.unknown"]
+                bogus.Pack(empty_pb2.Empty())
             out.append(message)
         return out
 
@@ -186,7 +187,7 @@ def policies(mesh: LocalMesh) -> Iterator[Path]:
         lambda: mesh.status()["policy"]["error"] is None and mesh.converged(original),
         what="the original policy to be back",
     )
-    decisions_until(mesh, FRONTEND, ORDERS, "/orders/1", 200)  # pooled connections caught up
+    decisions_until(mesh, FRONTEND, ORDERS, "/orders/1", 200)  # draining connections closed
 
 
 def policy_version(mesh: LocalMesh) -> str:
@@ -238,20 +239,49 @@ def test_plaintext_is_refused_under_strict_and_accepted_under_permissive(mesh: L
     assert status == 200 and json.loads(body)["service"] == "inventory"
 
 
-def test_policy_edit_changes_live_decisions_without_restarting_envoy(
+def _type(mesh: LocalMesh, ref: str, kind: str) -> dict[str, Any]:
+    node = next(n for n in mesh.status()["nodes"] if n["node"] == ref)
+    return dict(next(t for t in node["streams"][0]["types"] if t["type"] == kind))
+
+
+def test_policy_edit_applies_to_open_connections_at_their_next_request(
     mesh: LocalMesh, policies: Path
 ) -> None:
+    """The rules live in the route config: an edit is an RDS push, the listener is untouched,
+    and a kept-alive connection (the test's own, and the frontend sidecar's pooled one) gets the
+    new decision on its very next request. No drain, no stale request, no Envoy restart."""
+    from meshward.compile.testing import SidecarConnection, client_context
+
     pids = {ref: envoy.pid for ref, envoy in mesh.envoys.items()}
     pushes_before = {n["node"]: n["streams"][0] for n in mesh.status()["nodes"]}
-    assert mesh.request(FRONTEND, ORDERS, "/orders/1")[0] == 200
-    old = policy_version(mesh)
-    write_policies(policies, orders_methods='"POST"')
-    wait_new_policy(mesh, old)
-    # The RBAC rules live in the listener: a pooled upstream connection still on the old
-    # listener serves at most its next request, then closes (immediate drain).
-    stale = decisions_until(mesh, FRONTEND, ORDERS, "/orders/1", 403)
-    assert stale <= 1
+    lds_before = _type(mesh, ORDERS, "LDS")
+    rds_before = _type(mesh, ORDERS, "RDS")
+    modified_before = mesh.envoys[ORDERS].stat("listener_manager.listener_modified")
+    context = client_context(
+        mesh.ca, "spiffe://cluster.local/ns/shop/sa/frontend", mesh.workdir, alpn=["http/1.1"]
+    )
+    kept = SidecarConnection(mesh.inbound_port(ORDERS), context)
+    try:
+        assert kept.fetch("GET", "/orders/1")[0] == 200
+        socket_before = kept.sock
+        assert mesh.request(FRONTEND, ORDERS, "/orders/1")[0] == 200  # pools a connection
+        old = policy_version(mesh)
+        write_policies(policies, orders_methods='"POST"')
+        wait_new_policy(mesh, old)
+        # Zero stale requests, on the same TCP/TLS connection as before the edit.
+        assert kept.fetch("GET", "/orders/1")[0] == 403
+        assert kept.sock is socket_before
+        assert kept.fetch("POST", "/orders")[0] == 200
+        assert kept.sock is socket_before
+    finally:
+        kept.close()
+    assert decisions_until(mesh, FRONTEND, ORDERS, "/orders/1", 403) == 0
     assert mesh.request(FRONTEND, ORDERS, "/orders", method="POST")[0] == 200
+    # Only the route config changed: same listener version, no listener update in Envoy.
+    lds_after, rds_after = _type(mesh, ORDERS, "LDS"), _type(mesh, ORDERS, "RDS")
+    assert lds_after["acked"] == lds_before["acked"] and lds_after["pushes"] == lds_before["pushes"]
+    assert rds_after["acked"] != rds_before["acked"] and rds_after["pushes"] > rds_before["pushes"]
+    assert mesh.envoys[ORDERS].stat("listener_manager.listener_modified") == modified_before
     assert {ref: envoy.pid for ref, envoy in mesh.envoys.items()} == pids
     assert all(envoy.running() for envoy in mesh.envoys.values())
     # Only the orders sidecar's config changed: nobody else was pushed anything.
@@ -277,7 +307,7 @@ def test_invalid_edit_changes_nothing(mesh: LocalMesh, policies: Path) -> None:
     assert mesh.request(FRONTEND, ORDERS, "/orders/1")[0] == 200
 
 
-def test_nacked_listener_leaves_traffic_on_the_old_version(
+def test_nacked_route_leaves_traffic_on_the_old_version(
     mesh: LocalMesh, policies: Path, faults: FaultSwitch
 ) -> None:
     old = policy_version(mesh)
@@ -285,25 +315,23 @@ def test_nacked_listener_leaves_traffic_on_the_old_version(
     try:
         write_policies(policies, orders_methods='"POST"')  # would deny GET, if applied
         wait_for(lambda: policy_version(mesh) != old, what="the edit")
-
-        def orders_lds() -> dict[str, Any]:
-            node = next(n for n in mesh.status()["nodes"] if n["node"] == ORDERS)
-            return next(t for t in node["streams"][0]["types"] if t["type"] == "LDS")
-
-        wait_for(lambda: orders_lds()["last_nack"] is not None, what="the NACK")
-        lds = orders_lds()
-        assert lds["rejected"] == ["inbound|8080|orders.shop"]
-        assert "inbound|8080|orders.shop" in lds["last_nack"]["error"]
-        assert not lds["in_sync"]
-        # The rejected listener's old version keeps serving: GET is still allowed.
+        wait_for(lambda: _type(mesh, ORDERS, "RDS")["last_nack"] is not None, what="the NACK")
+        rds = _type(mesh, ORDERS, "RDS")
+        assert rds["rejected"] == ["inbound|8080|orders.shop|authz-a"], rds
+        assert "meshward.test.unknown" in rds["last_nack"]["error"]
+        assert not rds["in_sync"]
+        # The rejected route's old version keeps serving: GET is still allowed.
         assert mesh.request(FRONTEND, ORDERS, "/orders/1")[0] == 200
-        wait_for(lambda: orders_lds()["drift"], timeout=5, what="drift to be flagged")
-        assert mesh.envoys[ORDERS].stat("listener_manager.lds.update_rejected") >= 1
+        wait_for(lambda: _type(mesh, ORDERS, "RDS")["drift"], timeout=5, what="drift")
+        rejected = sum(
+            v for k, v in mesh.envoys[ORDERS].stats().items() if k.endswith(".update_rejected")
+        )
+        assert rejected >= 1
     finally:
         faults.broken.discard(ORDERS)
     mesh.xds.call(mesh.xds.service.control.refresh)  # the fixed compiler output goes out
     mesh.wait_converged(policy_version(mesh))
-    assert decisions_until(mesh, FRONTEND, ORDERS, "/orders/1", 403) <= 1
+    assert decisions_until(mesh, FRONTEND, ORDERS, "/orders/1", 403) == 0
 
 
 def test_dry_run_counts_shadow_denials_and_denies_nothing(mesh: LocalMesh, policies: Path) -> None:
@@ -318,7 +346,7 @@ def test_dry_run_counts_shadow_denials_and_denies_nothing(mesh: LocalMesh, polic
         )
 
     before = shadow_denied()
-    for _ in range(4):  # the first may still ride a pooled connection on the old listener
+    for _ in range(4):  # a new filter (shape): the first may ride a draining connection
         assert mesh.request(FRONTEND, ORDERS, "/orders/1")[0] == 200
     shadow = {k: v for k, v in mesh.envoys[ORDERS].stats().items() if "shadow" in k}
     assert shadow_denied() >= before + 3, shadow

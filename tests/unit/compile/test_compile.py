@@ -90,13 +90,35 @@ def http_filters(resources: Any, port: int = 8080) -> list[dict[str, Any]]:
     return list(hcm["http_filters"])
 
 
+def route_config(resources: Any, port: int = 8080) -> dict[str, Any]:
+    """The inbound route config: inline (static mode) or the RDS resource it names (xDS)."""
+    hcm = listener(resources, f"inbound|{port}|api.shop")["filter_chains"][0]["filters"][0]
+    typed = hcm["typed_config"]
+    if "route_config" in typed:
+        return dict(typed["route_config"])
+    name = typed["rds"]["route_config_name"]
+    return next(to_dict(r) for r in resources.routes if r.name == name)
+
+
+def per_route(resources: Any, filter_name: str, port: int = 8080) -> dict[str, Any]:
+    """The virtual host's typed_per_filter_config for one filter of the chain."""
+    vhost = route_config(resources, port)["virtual_hosts"][0]
+    return dict(vhost["typed_per_filter_config"][filter_name])
+
+
+def rbac_rules(resources: Any, filter_name: str = "meshward.rbac.allow") -> dict[str, Any]:
+    """The RBAC message (rules, shadow rules, matcher) one RBAC filter gets from the route."""
+    return dict(per_route(resources, filter_name)["rbac"])
+
+
 def filter_names(resources: Any) -> list[str]:
     out = []
     for f in http_filters(resources):
         config = f["typed_config"]
-        if f["name"] == "envoy.filters.http.rbac":
-            kind = "rbac:" + ("enforce" if "rules" in config else "shadow")
-            kind += ":" + (config.get("rules") or config.get("shadow_rules")).get("action", "ALLOW")
+        if config["@type"].endswith("rbac.v3.RBAC"):
+            rbac = rbac_rules(resources, f["name"])
+            kind = "rbac:" + ("enforce" if "rules" in rbac else "shadow")
+            kind += ":" + (rbac.get("rules") or rbac.get("shadow_rules")).get("action", "ALLOW")
             out.append(kind)
         else:
             out.append(f["name"].rsplit(".", 1)[-1])
@@ -127,8 +149,7 @@ def test_no_policy_means_no_rbac_filter() -> None:
 
 def test_allow_nothing_policy_is_an_empty_enforced_allow() -> None:
     resources = compile_workload(policy_set(allow("nothing")), "shop/api")
-    rbac = http_filters(resources)[1]["typed_config"]
-    assert rbac["rules"] == {}  # ALLOW (the default) with no policies: every request denied
+    assert rbac_rules(resources)["rules"] == {}  # ALLOW, no policies: every request denied
 
 
 def test_allow_union_runs_native_allow_as_shadow_and_gates_extauthz() -> None:
@@ -142,9 +163,9 @@ def test_allow_union_runs_native_allow_as_shadow_and_gates_extauthz() -> None:
     ]
     shadow, extauthz = http_filters(resources)[1:3]
     assert shadow["typed_config"]["shadow_rules_stat_prefix"] == "meshward_native_allow_"
-    assert list(shadow["typed_config"]["shadow_rules"]["policies"]) == [
-        "ns[shop]-policy[native]-rule[0]"
-    ]
+    rules = rbac_rules(resources)
+    assert rules["shadow_rules_stat_prefix"] == "meshward_native_allow_"  # metadata keys
+    assert list(rules["shadow_rules"]["policies"]) == ["ns[shop]-policy[native]-rule[0]"]
     config = extauthz["typed_config"]
     assert config["filter_enabled_metadata"] == {
         "filter": "envoy.filters.http.rbac",
@@ -181,10 +202,8 @@ def test_extauthz_route_names_the_workload_and_declared_port() -> None:
     options = CompileOptions(mode=Mode.STATIC, extauthz=EXTAUTHZ)
     resources = compile_workload(ps, "shop/api", options)
     for port in (8080, 9090):
-        hcm = listener(resources, f"inbound|{port}|api.shop")["filter_chains"][0]["filters"][0]
-        route = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
-        per_route = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
-        assert per_route["check_settings"]["context_extensions"] == {
+        config = per_route(resources, "envoy.filters.http.ext_authz", port)
+        assert config["check_settings"]["context_extensions"] == {
             "workload": "shop/api",
             "port": str(port),
         }
@@ -209,9 +228,9 @@ def test_ports_are_translated_to_runtime_ports() -> None:
     resources = compile_workload(policy_set(allow("p", rule)), "shop/api", options)
     found = listener(resources, "inbound|8080|api.shop")
     assert found["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 31000}
-    permission = http_filters(resources)[1]["typed_config"]["rules"]["policies"][
-        "ns[shop]-policy[p]-rule[0]"
-    ]["permissions"][0]
+    permission = rbac_rules(resources)["rules"]["policies"]["ns[shop]-policy[p]-rule[0]"][
+        "permissions"
+    ][0]
     assert permission == {
         "and_rules": {
             "rules": [
@@ -239,7 +258,7 @@ def test_identity_bindings_translate_nothing() -> None:
     resources = compile_workload(policy_set(allow("p", rule)), "shop/api")
     found = listener(resources, "inbound|8080|api.shop")
     assert found["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
-    policies = http_filters(resources)[1]["typed_config"]["rules"]["policies"]
+    policies = rbac_rules(resources)["rules"]["policies"]
     assert policies["ns[shop]-policy[p]-rule[0]"]["permissions"] == [{"destination_port": 8080}]
 
 
@@ -384,8 +403,8 @@ def test_expired_emergency_policy_is_dropped_and_next_change_reported() -> None:
     after = compile_workload(ps, "shop/api", now=datetime(2031, 1, 1, tzinfo=UTC))
     assert before.next_change == expires
     assert after.next_change is None
-    names_before = http_filters(before)[1]["typed_config"]["rules"]["policies"]
-    names_after = http_filters(after)[1]["typed_config"]["rules"]["policies"]
+    names_before = rbac_rules(before)["rules"]["policies"]
+    names_after = rbac_rules(after)["rules"]["policies"]
     assert "ns[shop]-policy[emergency]-rule[0]" in names_before
     assert "ns[shop]-policy[emergency]-rule[0]" not in names_after
 
@@ -485,13 +504,18 @@ def test_many_exact_caller_rules_go_to_the_principal_index() -> None:
     resources = compile_workload(ps, "shop/api")
     found = listener(resources, "inbound|8080|api.shop")
     mtls, plain = (c["filters"][0]["typed_config"]["http_filters"] for c in found["filter_chains"])
-    kinds = [sorted(k for k in f["typed_config"] if k != "@type") for f in mtls[1:-1]]
-    assert kinds == [
-        ["matcher"],  # DENY: every rule indexed, enforced
-        ["shadow_matcher", "shadow_rules_stat_prefix"],  # ALLOW: indexed, verdict in metadata
-        ["rules", "track_per_rule_stats"],  # ALLOW: the namespace rule + the synthetic policy
+    assert [f["name"] for f in mtls[1:-1]] == [
+        "meshward.rbac.deny_indexed",  # DENY: every rule indexed, enforced
+        "meshward.rbac.allow_indexed",  # ALLOW: indexed, verdict in metadata
+        "meshward.rbac.allow",  # ALLOW: the namespace rule + the synthetic policy
     ]
-    deny_tree = mtls[1]["typed_config"]["matcher"]
+    kinds = [sorted(rbac_rules(resources, f["name"])) for f in mtls[1:-1]]
+    assert kinds == [
+        ["matcher"],
+        ["shadow_matcher", "shadow_rules_stat_prefix"],
+        ["rules", "track_per_rule_stats"],
+    ]
+    deny_tree = rbac_rules(resources, "meshward.rbac.deny_indexed")["matcher"]
     entries = deny_tree["matcher_tree"]["exact_match_map"]["map"]
     assert len(entries) == 20 and "spiffe://cluster.local/ns/team/sa/svc-3" in entries
     first = entries["spiffe://cluster.local/ns/team/sa/svc-3"]["matcher"]
@@ -501,22 +525,273 @@ def test_many_exact_caller_rules_go_to_the_principal_index() -> None:
         typed = fallback["action"]["typed_config"]
         assert typed["name"] == "meshward-no-indexed-deny-rule-matched"
         assert typed.get("action", "ALLOW") == "ALLOW"  # the proto default, omitted in JSON
-    allow_rules = mtls[3]["typed_config"]["rules"]["policies"]
+    allow_rules = rbac_rules(resources)["rules"]["policies"]
     assert mtls[2]["typed_config"]["shadow_rules_stat_prefix"] == "meshward_indexed_allow_"
     assert sorted(allow_rules) == ["meshward-indexed-allow", "ns[shop]-policy[ops]-rule[0]"]
-    # The plaintext chain has no peer identity to look up: the rules engine only.
-    assert "matcher_tree" not in json.dumps(plain)
-    assert len(plain[2]["typed_config"]["rules"]["policies"]) == 21
+    # The plaintext chain has no peer identity to look up: the indexed filters are left out
+    # (their rules name callers: a plaintext request never matches them). Same route config.
+    assert [f["name"] for f in plain[1:-1]] == ["meshward.rbac.allow"]
+    assert plain[1] == mtls[3]
 
 
 def test_index_threshold_and_opt_out() -> None:
     few = compile_workload(policy_set(_many("callers", 3)), "shop/api")
-    assert "matcher_tree" not in json.dumps(http_filters(few))
+    assert "matcher_tree" not in json.dumps(route_config(few))
     none = compile_workload(
         policy_set(_many("callers", 40)), "shop/api", CompileOptions(rbac_index_min_rules=None)
     )
-    assert "matcher_tree" not in json.dumps(http_filters(none))
+    assert "matcher_tree" not in json.dumps(route_config(none))
     indexed = compile_workload(policy_set(_many("callers", 40)), "shop/api")
-    assert [f["typed_config"].keys() - {"@type"} for f in http_filters(indexed)[1:-1]] == [
-        {"matcher"}
+    # Only indexed ALLOW rules: the tree is the ALLOW filter's engine, no synthetic policy.
+    assert [f["name"] for f in http_filters(indexed)[1:-1]] == ["meshward.rbac.allow"]
+    assert list(rbac_rules(indexed)) == ["matcher"]
+
+
+# ---- rules in the route: a policy edit changes only the RouteConfiguration --------------------
+
+
+def _listeners_and_routes(ps: PolicySet) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    return (
+        {m.name: m.SerializeToString(deterministic=True) for m in resources.listeners},
+        {m.name: m.SerializeToString(deterministic=True) for m in resources.routes},
+    )
+
+
+def test_a_rule_edit_changes_the_route_and_not_the_listener() -> None:
+    """Same kinds of rules, different rules: byte-identical listeners, a new route config under
+    the same name (RDS pushes it; open connections get it at their next request)."""
+    get = Rule(sources=(Source(principals=(WEB,)),), operations=(Operation(methods=("GET",)),))
+    post = Rule(sources=(Source(principals=(WEB,)),), operations=(Operation(methods=("POST",)),))
+    deny = allow("no-admin", Rule(operations=(Operation(paths=("/admin",)),)), action=Action.DENY)
+    before_l, before_r = _listeners_and_routes(policy_set(allow("a", get), deny))
+    after_l, after_r = _listeners_and_routes(policy_set(allow("a", post), allow("b", get), deny))
+    assert before_l == after_l
+    assert before_r.keys() == after_r.keys()
+    assert before_r["inbound|8080|api.shop|authz-d-a"] != after_r["inbound|8080|api.shop|authz-d-a"]
+    listener_bytes = before_l["inbound|8080|api.shop"]
+    assert b"GET" not in listener_bytes and b"/admin" not in listener_bytes  # no rules in there
+
+
+def test_a_new_kind_of_filter_renames_the_route() -> None:
+    """Adding the first DENY policy adds a filter: the listener changes and so does the route's
+    name, so Envoy never runs the old chain with the new route (or the reverse)."""
+    base = allow("a", NATIVE_RULE)
+    deny = allow("d", NATIVE_RULE, action=Action.DENY)
+    jwt = allow("jwt", JWT_RULE)
+    names_of = {
+        label: set(_listeners_and_routes(ps)[1])
+        for label, ps in {
+            "allow": policy_set(base),
+            "deny+allow": policy_set(base, deny),
+            "union": policy_set(base, jwt),
+            "none": policy_set(),
+        }.items()
+    }
+    inbound = {k: {n for n in v if n.startswith("inbound|")} for k, v in names_of.items()}
+    assert inbound == {
+        "allow": {"inbound|8080|api.shop|authz-a"},
+        "deny+allow": {"inbound|8080|api.shop|authz-d-a"},
+        "union": {"inbound|8080|api.shop|authz-as-xg"},  # shadow ALLOW + gated ext_authz
+        "none": {"inbound|8080|api.shop"},
+    }
+
+
+def test_every_rbac_filter_has_its_own_name_and_route_config() -> None:
+    dry = allow("trial", NATIVE_RULE, action=Action.DENY, dry_run=True)
+    audit = allow("audit", NATIVE_RULE, action=Action.AUDIT)
+    ps = policy_set(
+        allow("a", NATIVE_RULE), allow("d", NATIVE_RULE, action=Action.DENY), dry, audit
+    )
+    resources = compile_workload(ps, "shop/api")
+    chain = [f["name"] for f in http_filters(resources)]
+    assert chain == [
+        "envoy.filters.http.header_mutation",
+        "meshward.rbac.dry_run_deny",
+        "meshward.rbac.audit",
+        "meshward.rbac.deny",
+        "meshward.rbac.allow",
+        "envoy.filters.http.router",
     ]
+    vhost = route_config(resources)["virtual_hosts"][0]["typed_per_filter_config"]
+    assert sorted(vhost) == sorted(chain[1:-1])
+    for name in chain[1:-1]:
+        assert vhost[name]["@type"].endswith("RBACPerRoute")
+        listener_side = next(f for f in http_filters(resources) if f["name"] == name)
+        # No engine in the listener: the rules are only in the route.
+        assert not {"rules", "shadow_rules", "matcher", "shadow_matcher"} & set(
+            listener_side["typed_config"]
+        )
+    assert rbac_rules(resources, "meshward.rbac.dry_run_deny")["shadow_rules_stat_prefix"] == (
+        "meshward_dry_run_deny_"
+    )
+
+
+# ---- end-user tokens: requests that may carry one go to ext_authz (401 when invalid) ----------
+
+
+def _with_request_authn(*policies: AuthorizationPolicy, jwt_rule: Any = None) -> PolicySet:
+    from meshward.policy.model import JwtRule, RequestAuthentication
+
+    ra = RequestAuthentication(
+        namespace="shop",
+        name="jwt",
+        selector={"app": "api"},
+        jwt_rules=(jwt_rule or JwtRule(issuer="https://idp", jwks='{"keys": []}'),),
+    )
+    base = policy_set(*policies)
+    return PolicySet.create(
+        mesh=base.mesh,
+        workloads=base.workloads,
+        authorization_policies=base.authorization_policies,
+        peer_authentications=base.peer_authentications,
+        request_authentications=[ra],
+    )
+
+
+def test_request_authentication_sends_token_requests_to_extauthz_first() -> None:
+    """No rule reads the JWT, yet a request with a token must be verified (401 if invalid):
+    routes matching the token locations enable the token filter; the default route does not."""
+    ps = _with_request_authn(allow("a", NATIVE_RULE), allow("d", NATIVE_RULE, action=Action.DENY))
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    assert resources.extauthz and not resources.plan.needs_extauthz
+    assert [f["name"] for f in http_filters(resources)] == [
+        "envoy.filters.http.header_mutation",
+        "meshward.ext_authz.token",  # before any RBAC filter: 401 comes first, as in Istio
+        "meshward.rbac.deny",
+        "meshward.rbac.allow",
+        "envoy.filters.http.router",
+    ]
+    token_filter = http_filters(resources)[1]["typed_config"]
+    assert "filter_enabled_metadata" not in token_filter
+    assert token_filter.get("failure_mode_allow", False) is False  # fail closed
+    vhost = route_config(resources)["virtual_hosts"][0]
+    assert vhost["typed_per_filter_config"]["meshward.ext_authz.token"]["disabled"] is True
+    routes = {r["name"]: r for r in vhost["routes"]}
+    assert list(routes) == ["token-header-authorization", "token-param", "default"]
+    header_route = routes["token-header-authorization"]
+    assert header_route["match"]["headers"] == [{"name": "authorization", "present_match": True}]
+    enabled = header_route["typed_per_filter_config"]["meshward.ext_authz.token"]
+    assert enabled["check_settings"]["context_extensions"] == {
+        "workload": "shop/api",
+        "port": "8080",
+    }
+    assert "typed_per_filter_config" not in routes["default"]
+    assert "meshward-extauthz" in {c.name for c in resources.clusters}
+    with pytest.raises(UserError, match="RequestAuthentication"):
+        compile_workload(ps, "shop/api")  # no ext_authz address: cannot verify tokens
+
+
+def test_token_routes_follow_from_headers_and_params_and_disable_the_late_filter() -> None:
+    from meshward.policy.model import JwtHeader, JwtRule
+
+    rule = JwtRule(
+        issuer="https://idp",
+        jwks='{"keys": []}',
+        from_headers=(JwtHeader("X-Jwt", "Bearer "),),
+        from_params=("token",),
+    )
+    ps = _with_request_authn(allow("native", NATIVE_RULE), allow("jwt", JWT_RULE), jwt_rule=rule)
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    vhost = route_config(resources)["virtual_hosts"][0]
+    routes = {r["name"]: r for r in vhost["routes"]}
+    assert list(routes) == ["token-header-x-jwt", "token-param", "default"]
+    for name in ("token-header-x-jwt", "token-param"):
+        per_filter = routes[name]["typed_per_filter_config"]
+        assert per_filter["envoy.filters.http.ext_authz"]["disabled"] is True  # decided already
+        assert "check_settings" in per_filter["meshward.ext_authz.token"]
+    # The default route keeps the ALLOW union: the late filter, gated, with its context.
+    assert "check_settings" in vhost["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
+
+
+@pytest.mark.parametrize(
+    ("path", "matched"),
+    [
+        ("/x?access_token=abc", True),
+        ("/x?a=1&access_token=abc&b=2", True),
+        ("/x?access%5Ftoken=abc", True),  # the service decodes the name: so must the route
+        ("/x?%61ccess_token=abc", True),
+        ("/x?access_token=", False),  # empty: no token
+        ("/x?my_access_token=abc", False),
+        ("/x?access_tokens=abc", False),
+        ("/access_token=abc", False),  # not in the query
+        ("/x?a=1#&access_token=abc", False),  # in the fragment
+    ],
+)
+def test_query_token_route_matches_what_the_service_calls_a_token(path: str, matched: bool) -> None:
+    import re
+
+    from meshward.compile.authz import TokenSource, token_matches
+
+    (route,) = token_matches([TokenSource(param="access_token")])
+    regex = route["match"]["headers"][0]["string_match"]["safe_regex"]["regex"]
+    assert (re.fullmatch(regex, path) is not None) is matched
+
+
+# ---- header values: `*` is presence, even of an empty value ------------------------------------
+
+
+def test_header_star_is_presence_not_a_non_empty_regex() -> None:
+    rule = Rule(
+        conditions=(
+            Condition(key="request.headers[x-team]", values=("*",)),
+            Condition(key="request.headers[x-env]", not_values=("*",)),
+        )
+    )
+    resources = compile_workload(policy_set(allow("p", rule)), "shop/api")
+    principal = rbac_rules(resources)["rules"]["policies"]["ns[shop]-policy[p]-rule[0]"][
+        "principals"
+    ][0]
+    assert principal == {
+        "and_ids": {
+            "ids": [
+                {"header": {"name": "x-team", "present_match": True}},
+                {"not_id": {"header": {"name": "x-env", "present_match": True}}},
+            ]
+        }
+    }
+    assert ".+" not in json.dumps(route_config(resources))
+
+
+# ---- which rule a denial names (Envoy tries RBAC policies in string order of their names) ----
+
+
+def test_envoy_names_the_first_matching_rule_in_string_order() -> None:
+    """Documents the residual difference from meshward.policy.evaluate: with several matching
+    rules, Envoy's rules engine (a std::map) reports the first name in string order, the
+    evaluator the first rule in policy order and rule index."""
+    from meshward.compile import simulate
+    from meshward.compile.authz import envoy_policy_order
+    from meshward.compile.classify import classify_rules
+
+    any_get = Rule(operations=(Operation(methods=("GET",)),))
+    deny_many = allow(
+        "web",
+        *[Rule(operations=(Operation(paths=(f"/p{i}",)),)) for i in range(10)],
+        any_get,
+        action=Action.DENY,
+    )
+    deny_web2 = allow("web-2", any_get, action=Action.DENY)
+    ps = policy_set(deny_many, deny_web2, mode=MtlsMode.PERMISSIVE)
+    ordered = [
+        r.rbac_name for r in envoy_policy_order(classify_rules(ps.policies_for(ps.workloads[0])))
+    ]
+    assert ordered[:3] == [
+        "ns[shop]-policy[web-2]-rule[0]",  # '-' < ']'
+        "ns[shop]-policy[web]-rule[0]",
+        "ns[shop]-policy[web]-rule[10]",  # "10" < "1]"... < "2"
+    ]
+    resources = compile_workload(ps, "shop/api", CompileOptions(mode=Mode.STATIC))
+    outcome = simulate.run(
+        listener(resources, "inbound|8080|api.shop"),
+        simulate.Connection(
+            method="GET", path="/p2", host="api", headers={}, port=8080, peer_uri=None
+        ),
+    )
+    assert outcome.detail == "rbac_access_denied_matched_policy[ns[shop]-policy[web-2]-rule[0]]"
+    from meshward.policy import Request, evaluate
+
+    api = ps.workload("shop/api")
+    assert api is not None
+    decision = evaluate(ps, api, Request(method="GET", path="/p2", destination_port=8080))
+    assert (decision.policy, decision.rule) == ("shop/web", 2)  # the evaluator: policy order

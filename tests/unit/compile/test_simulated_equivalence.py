@@ -4,6 +4,7 @@ real-Envoy test (tests/integration/test_compile_equivalence.py) proves the model
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -38,10 +39,13 @@ def _options(index_min_rules: int | None = 16) -> CompileOptions:
 
 def _extauthz(policy_set):  # type: ignore[no-untyped-def]
     workload = policy_set.workload(synth.TARGET_REF)
+    verifies = bool(policy_set.request_authentications_for(workload))
 
-    def check(conn: simulate.Connection, path: str, context: Mapping[str, str]) -> bool:
+    def check(conn: simulate.Connection, path: str, context: Mapping[str, str]) -> bool | int:
         assert context["workload"] == synth.TARGET_REF
-        user = conn.headers.get("authorization", "").removeprefix("Bearer ") or None
+        user = synth.token_in(conn.headers, conn.path)
+        if verifies and user is not None and user not in synth.USERS:
+            return 401
         request = Request(
             method=conn.method,
             path=path,
@@ -52,7 +56,7 @@ def _extauthz(policy_set):  # type: ignore[no-untyped-def]
             remote_ip=conn.remote_ip if "x-forwarded-for" in conn.headers else None,
             destination_ip=conn.destination_ip,
             headers=dict(conn.headers),
-            claims=dict(synth.USERS[user]) if user else None,
+            claims=dict(synth.USERS[user]) if user in synth.USERS else None,
             sni=conn.sni,
         )
         return evaluate(
@@ -77,6 +81,9 @@ PROFILES = {
     "jwt": synth.Profile(jwt=True),
     "custom": synth.Profile(jwt=True, custom=True),
     "audit": synth.Profile(audit=True, policies=(2, 8)),
+    # A RequestAuthentication: tokens (some invalid, some in the query) go to ext_authz first.
+    "authn": synth.Profile(jwt=True, request_authn=True),
+    "authn-native": synth.Profile(request_authn=True),
 }
 
 
@@ -87,11 +94,14 @@ def test_simulated_envoy_decides_like_the_evaluator(profile: str, indexed: bool)
     mismatches: list[str] = []
     called = 0
     total = 0
+    statuses: Counter[int] = Counter()
+    authn = PROFILES[profile].request_authn
+    token_calls = 0
     for seed in range(100):
         policy_set = synth.random_policy_set(seed, PROFILES[profile])
         listeners = _listeners(policy_set, 1 if indexed else None)
         check = _extauthz(policy_set)
-        for probe in synth.random_probes(seed, 60, jwt=PROFILES[profile].jwt):
+        for probe in synth.random_probes(seed, 60, jwt=PROFILES[profile].jwt, invalid=authn):
             conn = simulate.Connection(
                 method=probe.method,
                 path=probe.path,
@@ -105,6 +115,9 @@ def test_simulated_envoy_decides_like_the_evaluator(profile: str, indexed: bool)
             want = synth.expected_status(policy_set, probe, now=NOW)
             total += 1
             called += outcome.extauthz_called
+            statuses[outcome.status] += 1
+            if probe.user and want != 400:
+                token_calls += 1
             if outcome.status != want:
                 mismatches.append(f"seed {seed}: {probe} -> envoy {outcome.status}, want {want}")
     assert not mismatches, "\n".join(mismatches[:10])
@@ -112,6 +125,10 @@ def test_simulated_envoy_decides_like_the_evaluator(profile: str, indexed: bool)
         assert called == 0  # Python is never consulted when every rule is native
     elif profile == "jwt":
         assert 0 < called < total  # the ALLOW union keeps some requests off ext_authz
+    elif profile == "authn-native":
+        assert called == token_calls > 0  # exactly the requests carrying a token
+    if authn:
+        assert statuses[401] > 0, statuses
 
 
 def test_plaintext_rules_under_strict_never_reach_rbac() -> None:

@@ -49,6 +49,15 @@ def policy(methods: str = '"GET"', annotations: str = "") -> Any:
     return parse({"mesh.yaml": WORKLOADS + ORDERS_POLICY % (annotations, methods)})
 
 
+def with_routes(ref: str) -> dict[str, tuple[str, ...]]:
+    """ALL_TYPES plus the node's route configs (RDS is not a wildcard type: Envoy asks for the
+    names its listeners use, and so do these clients)."""
+    from meshward.compile import compile_workload
+
+    routes = tuple(r.name for r in compile_workload(policy(), ref).routes)
+    return {**ALL_TYPES, types.ROUTE: routes}
+
+
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.ephemeral("cluster.local")
@@ -154,22 +163,66 @@ async def test_a_change_pushes_to_the_affected_workload_only(
     service: XdsService, clients: Clients
 ) -> None:
     nodes = ["shop/frontend", "shop/orders", "shop/orders/2", "shop/payments"]
-    opened = {name: clients.open(name, delta=name == "shop/orders/2") for name in nodes}
+    opened = {
+        name: clients.open(
+            name,
+            delta=name == "shop/orders/2",
+            subscriptions=with_routes("/".join(name.split("/")[:2])),
+        )
+        for name in nodes
+    }
     await until(lambda: all(in_sync(service, n) for n in nodes), what="initial sync")
     before = {n: {t: v.responses for t, v in c.views.items()} for n, c in opened.items()}
     changed = service.control.apply_policy(policy('"GET", "POST"'))
     assert changed == {"shop/orders"}
+    # A rule edit is a route config change: RDS is pushed, the listeners are not.
     await until(
         lambda: all(
-            opened[n].views[types.LISTENER].responses > before[n][types.LISTENER]
+            opened[n].views[types.ROUTE].responses > before[n][types.ROUTE]
             for n in ("shop/orders", "shop/orders/2")
         ),
-        what="the push to orders",
+        what="the RDS push to orders",
     )
     await until(lambda: all(in_sync(service, n) for n in nodes), what="sync")
+    for name in ("shop/orders", "shop/orders/2"):
+        views = opened[name].views
+        assert views[types.LISTENER].responses == before[name][types.LISTENER], name
     for name in ("shop/frontend", "shop/payments"):
         after = {t: v.responses for t, v in opened[name].views.items()}
         assert after == before[name], name
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_a_client_following_routes_gets_rule_edits_over_rds(
+    service: XdsService, clients: Clients, delta: bool
+) -> None:
+    """Like Envoy, a client with follow_routes asks for the route configs its listeners name;
+    a rule edit then reaches it as an RDS push, and a new kind of filter (the first DENY
+    policy) as a listener naming a new route config, which it follows."""
+    client = clients.open("shop/orders", delta=delta, follow_routes=True)
+    inbound = "inbound|8080|orders.shop|authz-a"
+    await until(lambda: inbound in client.view(types.ROUTE).resources, what="the inbound route")
+    await until(lambda: in_sync(service, "shop/orders"), what="sync")
+    routes, listeners = client.view(types.ROUTE).responses, client.view(types.LISTENER).responses
+    service.control.apply_policy(policy('"PUT"'))
+    await until(lambda: client.view(types.ROUTE).responses > routes, what="the RDS push")
+    await until(lambda: in_sync(service, "shop/orders"), what="sync")
+    assert client.view(types.LISTENER).responses == listeners
+    deny = parse(
+        {
+            "mesh.yaml": WORKLOADS
+            + ORDERS_POLICY % ("", '"PUT"')
+            + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            "metadata: {name: no-admin, namespace: shop}\n"
+            "spec: {selector: {matchLabels: {app: orders}}, action: DENY, "
+            'rules: [{to: [{operation: {paths: ["/admin"]}}]}]}\n'
+        }
+    )
+    service.control.apply_policy(deny)
+    renamed = "inbound|8080|orders.shop|authz-d-a"
+    await until(lambda: renamed in client.view(types.ROUTE).resources, what="the renamed route")
+    assert client.view(types.LISTENER).responses > listeners
+    assert inbound not in client.subscriptions[types.ROUTE]
 
 
 async def test_secret_nack_is_redacted_everywhere(
@@ -209,11 +262,12 @@ async def test_drift_is_flagged_and_fails_the_status_command(
     reject = {"on": False}
 
     def nack(type_url: str, response: Any) -> str | None:
-        if reject["on"] and type_url == types.LISTENER:
-            return "Error adding/updating listener(s) inbound|8080|orders.shop: nope"
+        if reject["on"] and type_url == types.ROUTE:
+            # What Envoy says for a route config it rejects (it names no resource).
+            return "Didn't find a registered implementation for 'x' with type URL: 'y'"
         return None
 
-    clients.open("shop/orders", nack=nack)
+    clients.open("shop/orders", nack=nack, subscriptions=with_routes("shop/orders"))
     await until(lambda: in_sync(service, "shop/orders"), what="sync")
     args = argparse.Namespace(xds=service.admin_url, node=None, json=False, timeout=5.0)
     assert await asyncio.to_thread(status_cli.run, args) == 0
@@ -225,7 +279,7 @@ async def test_drift_is_flagged_and_fails_the_status_command(
     assert "DRIFT" in out and "NACK" in out and "inbound|8080|orders.shop" in out
     _, metrics = await http_get(f"{service.admin_url}/metrics")
     assert "meshward_xds_drifting_nodes 1.0" in metrics.decode()
-    assert 'meshward_xds_nacks_total{type="LDS"} 1.0' in metrics.decode()
+    assert 'meshward_xds_nacks_total{type="RDS"} 1.0' in metrics.decode()
     # The ADS port works as --xds too: the admin endpoint is looked up at port + 1.
     host_port = service.admin_url.removeprefix("http://") if service.admin_url else ""
     host, port = host_port.rsplit(":", 1)

@@ -4,32 +4,47 @@ Istio's order is CUSTOM -> DENY -> ALLOW, and a request is allowed by ALLOW poli
 matches ANY ALLOW rule of the workload. Some rules are decided natively (RBAC), some by the
 ext_authz service (end-user JWT, CUSTOM). The HTTP chain is:
 
-0. ext_authz for requests that may carry an end-user token (``meshward.ext_authz.token``), only
-   on workloads with a RequestAuthentication: a token that does not verify is rejected with 401
-   before any authorization, as Istio's jwt_authn filter does, even when no rule reads the JWT.
-   It is enabled only on the routes that match the token locations (a header that is present,
-   a query parameter in ``:path``); token-less requests never reach Python for it;
+0. ext_authz for requests that may carry an end-user token (``meshward.ext_authz.token``),
+   enabled only on workloads with a RequestAuthentication: a token that does not verify is
+   rejected with 401 before any authorization, as Istio's jwt_authn filter does, even when no
+   rule reads the JWT. It is enabled only on the routes that match the token locations (a
+   header that is present, a query parameter in ``:path``); token-less requests never reach
+   Python for it;
 1. dry-run DENY / dry-run ALLOW / AUDIT: shadow-only RBAC filters (observe, never enforce);
 2. RBAC DENY with the native DENY rules (enforced; a match is a 403 naming the rule);
 3. RBAC ALLOW with the native ALLOW rules:
    - enforced when no ALLOW rule needs ext_authz (Python is never called for the decision);
-   - otherwise evaluated as *shadow* rules, with the verdict in dynamic metadata
-     ``meshward_native_allow_shadow_engine_result``;
-4. ext_authz (only when some rule needs it). The service evaluates the workload's complete
-   policy (meshward.policy.evaluate), so its answer is the whole decision. When the only reason
-   for ext_authz is ALLOW rules, it is enabled by ``filter_enabled_metadata`` only when the
-   native ALLOW rules did *not* allow: requests a native rule allows never reach Python, and the
+   - otherwise (the ALLOW union) evaluated as *shadow* rules, with the verdict in dynamic
+     metadata ``meshward_native_allow_shadow_engine_result``;
+   - no rules at all when ext_authz must see every request anyway (below);
+4. ext_authz (enabled on routes only when some rule needs it). The service evaluates the
+   workload's complete policy (meshward.policy.evaluate), so its answer is the whole decision.
+   The filter is gated by ``filter_enabled_metadata``: it runs unless the native ALLOW rules
+   allowed, so in the ALLOW union requests a native rule allows never reach Python, and the
    rest get the union of native and ext_authz ALLOW rules. CUSTOM policies and JWT DENY rules
-   must be consulted on every request, so then ext_authz is always enabled. On token routes it
-   is disabled: the token filter (0) already had the service decide.
+   must be consulted on every request: then the route gives the ALLOW filter no shadow rules,
+   no verdict is ever written, and ext_authz runs on every request. On token routes it is
+   disabled: the token filter (0) already had the service decide.
 
-Rules live in the route, not in the listener. Each RBAC filter of the listener has its own
-chain name and only a shadow stat prefix; its rules are the virtual host's
-``typed_per_filter_config`` (``RBACPerRoute``) under that name. A policy edit therefore changes
-only the RouteConfiguration, which Envoy applies to open connections at their next request (a
-listener change would leave them on the old rules until they drain). The set of filters a
-listener has (its :class:`Shape`) is part of the route's name, so a route is only ever used by
-a chain it was compiled for (see meshward.compile.names.inbound_route).
+Rules live in the route, not in the listener. Every inbound HTTP chain has the same seven RBAC
+filters (names.RBAC_*), whatever the policy; each has its own chain name, no engine and only a
+fixed shadow stat prefix in the listener, and its rules are the virtual host's
+``typed_per_filter_config`` (``RBACPerRoute``) under that name. A filter the workload's policy
+does not use gets no route config and passes every request (no engine: "allowed by default").
+Any authorization-policy edit (a rule, the first DENY, dry-run or AUDIT policy, crossing the
+index threshold) therefore changes only the RouteConfiguration, which Envoy applies to open
+connections at their next request.
+
+The one part of the chain a policy adds or removes is ext_authz: the issue demands that a
+workload without rules that need the service (or tokens to verify) has no ext_authz filter at
+all. A workload that needs it gets both ext_authz filters (0 and 4) whatever it needs them
+for, each disabled per route where it has nothing to do, and the late one always gated on
+the native ALLOW shadow verdict (when every request must reach the service, the route simply
+has no ALLOW shadow rules to set that verdict). So ext_authz appearing or going is the one
+policy edit that replaces the listener (and renames the route, see
+meshward.compile.names.inbound_route): connections opened before keep the old chain and
+rules until they drain. mTLS mode changes replace the listener too (TCP ports: network RBAC
+has no per-route config, so every TCP policy edit does).
 
 The ext_authz service learns which workload a Check is for (and the declared port, since
 runtime ports differ) from the ``context_extensions`` of the route's ``ExtAuthzPerRoute``.
@@ -49,10 +64,17 @@ on a plaintext chain has no identity to look up and matches nothing, which is al
 
 Which rule a denial names: Envoy's rules engine keeps ``policies`` in a ``std::map`` and reports
 the first matching policy in *string* order of the names (Istio's behaviour too), so with
-several matching rules it can name ``...-rule[10]`` before ``...-rule[2]``, or policy
-``web-2`` before ``web`` ('-' sorts before ']'). The decision is the same; only the name
-may differ from meshward.policy.evaluate, which reports the first match in policy order and
-rule index (see :func:`envoy_policy_order`).
+several matching rules it names ``...-rule[10]`` before ``...-rule[2]``, or policy ``web-2``
+before ``web`` ('-' sorts before ']'). meshward.policy.evaluate uses the same order
+(meshward.policy.ordering, :func:`envoy_policy_order`), so both name the same rule, and a
+request ext_authz decides is named by the evaluator itself. Residual cases, where rules in
+*different* filters match one request (the verdict is the same; only the name can differ):
+with the principal index, a request matching both an indexed and a plain DENY rule is named
+by the plain DENY filter (it runs first) even when the indexed rule sorts first; a request
+without a token matching a native DENY rule and a CUSTOM or JWT DENY rule is denied by RBAC
+before ext_authz sees it, where the evaluator (CUSTOM first, then every DENY rule in one
+order) may name the other; in the ALLOW union, a native ALLOW match skips ext_authz even when
+a JWT ALLOW rule that also matches sorts first.
 """
 
 from __future__ import annotations
@@ -66,6 +88,7 @@ from meshward.compile.classify import Placement, RuleClass, classify_rules
 from meshward.compile.matchers import re2_escape
 from meshward.compile.rbac import RuleContext, rule_policy
 from meshward.policy.model import Action, AuthorizationPolicy, RequestAuthentication
+from meshward.policy.ordering import rule_order_key
 
 Json = dict[str, Any]
 
@@ -226,7 +249,7 @@ def envoy_policy_order(rules: Iterable[RuleClass]) -> list[RuleClass]:
     """``rules`` in the order Envoy's RBAC rules engine tries them: by name, as strings (its
     ``policies`` map is a ``std::map``). When several match, the first of these is the
     ``rbac_access_denied_matched_policy[...]`` / ``enforced_effective_policy_id``."""
-    return sorted(rules, key=lambda r: r.rbac_name)
+    return sorted(rules, key=lambda r: rule_order_key(r.policy.namespace, r.policy.name, r.index))
 
 
 def _policies(rules: Sequence[RuleClass], ctx: RuleContext) -> dict[str, Json]:
@@ -269,39 +292,50 @@ def _indexed_allowed() -> Json:
 class Stage:
     """One HTTP filter of the authorization chain.
 
-    ``filter`` goes in the listener (the same for every policy of this shape); ``per_route`` is
-    its ``typed_per_filter_config`` on the inbound virtual host (the rules). ``needs_peer``:
+    ``filter`` goes in the listener and is the same for every policy; ``per_route`` is its
+    ``typed_per_filter_config`` on the inbound virtual host (the rules), None when this
+    workload's policy gives it nothing to do (it then passes every request). ``needs_peer``:
     principal-indexed, left out of plaintext chains.
     """
 
     name: str
-    code: str  # its letter(s) in the shape, e.g. "d" for RBAC DENY
     filter: Json
-    per_route: Json
+    per_route: Json | None
     needs_peer: bool = False
 
 
-def _rbac_stage(
-    name: str, code: str, rbac: Json, *, shadow_prefix: str = "", needs_peer: bool = False
-) -> Stage:
-    """An RBAC filter whose engines come from the route.
+# The RBAC filters of every inbound HTTP chain, in chain order: (name, shadow stat prefix,
+# needs a peer certificate). The prefix names the filter's shadow stats and, repeated in the
+# route, its shadow dynamic-metadata keys, so the filters never overwrite each other's results.
+RBAC_CHAIN: tuple[tuple[str, str, bool], ...] = (
+    (names.RBAC_DRY_RUN_DENY, names.DRY_RUN_DENY_PREFIX, False),
+    (names.RBAC_DRY_RUN_ALLOW, names.DRY_RUN_ALLOW_PREFIX, False),
+    (names.RBAC_AUDIT, names.AUDIT_PREFIX, False),
+    (names.RBAC_DENY, "", False),
+    (names.RBAC_DENY_INDEXED, "", True),
+    (names.RBAC_ALLOW_INDEXED, names.INDEXED_ALLOW_PREFIX, True),
+    (names.RBAC_ALLOW, names.NATIVE_ALLOW_PREFIX, False),
+)
+_PREFIX = {name: prefix for name, prefix, _ in RBAC_CHAIN}
 
-    The listener half has no engine (a route without this filter's config would skip it) and
-    only the shadow stat prefix, which names the filter's shadow stats. The route half repeats
-    the prefix: Envoy takes the metadata key prefix (``<prefix>shadow_engine_result``) from the
-    route config when set there, the stat names from the listener.
-    """
+
+def rbac_filter(name: str, shadow_prefix: str) -> Json:
+    """The listener half of an RBAC filter: no engine (a route without this filter's config
+    skips it), only the shadow stat prefix, which names the filter's shadow stats."""
     listener: Json = {"@type": T_HTTP_RBAC}
     if shadow_prefix:
         listener["shadow_rules_stat_prefix"] = shadow_prefix
-        rbac = {**rbac, "shadow_rules_stat_prefix": shadow_prefix}
-    return Stage(
-        name=name,
-        code=code,
-        filter={"name": name, "typed_config": listener},
-        per_route={"@type": T_HTTP_RBAC_ROUTE, "rbac": rbac},
-        needs_peer=needs_peer,
-    )
+    return {"name": name, "typed_config": listener}
+
+
+def _per_route(name: str, rbac: Json) -> Json:
+    """The route half: the engines. Shadow engines repeat the filter's prefix: Envoy takes the
+    metadata key prefix (``<prefix>shadow_engine_result``) from the route config when set there,
+    the stat names from the listener."""
+    prefix = _PREFIX[name]
+    if prefix and ("shadow_rules" in rbac or "shadow_matcher" in rbac):
+        rbac = {**rbac, "shadow_rules_stat_prefix": prefix}
+    return {"@type": T_HTTP_RBAC_ROUTE, "rbac": rbac}
 
 
 def _enforced(action: str, policies: dict[str, Json]) -> Json:
@@ -312,59 +346,35 @@ def _shadow(action: str, policies: dict[str, Json]) -> Json:
     return {"shadow_rules": {"action": action, "policies": policies}}
 
 
-def rbac_stages(
+def rbac_route_configs(
     plan_: AuthzPlan, port_map: Mapping[int, int], *, index_min_rules: int | None = None
-) -> list[Stage]:
-    """The RBAC filters a workload's HTTP ports need, in chain order, with their rules."""
+) -> dict[str, Json]:
+    """Filter name -> RBACPerRoute, for the RBAC filters this workload's policy uses (the
+    others get nothing and pass every request)."""
     ctx = RuleContext(port_map=port_map)
-    stages: list[Stage] = []
+    rbac: dict[str, Json] = {}
     dry_deny = plan_.native(Action.DENY, dry_run=True)
     if dry_deny:
-        stages.append(
-            _rbac_stage(
-                names.RBAC_DRY_RUN_DENY,
-                "dd",
-                _shadow("DENY", _policies(dry_deny, ctx)),
-                shadow_prefix=names.DRY_RUN_DENY_PREFIX,
-            )
-        )
+        rbac[names.RBAC_DRY_RUN_DENY] = _shadow("DENY", _policies(dry_deny, ctx))
     dry_allow = plan_.native(Action.ALLOW, dry_run=True)
     if dry_allow:
-        stages.append(
-            _rbac_stage(
-                names.RBAC_DRY_RUN_ALLOW,
-                "da",
-                _shadow("ALLOW", _policies(dry_allow, ctx)),
-                shadow_prefix=names.DRY_RUN_ALLOW_PREFIX,
-            )
-        )
+        rbac[names.RBAC_DRY_RUN_ALLOW] = _shadow("ALLOW", _policies(dry_allow, ctx))
     audit = plan_.native(Action.AUDIT) + plan_.native(Action.AUDIT, dry_run=True)
     if audit:
-        stages.append(
-            _rbac_stage(
-                names.RBAC_AUDIT,
-                "au",
-                _shadow("LOG", _policies(audit, ctx)),
-                shadow_prefix=names.AUDIT_PREFIX,
-            )
-        )
+        rbac[names.RBAC_AUDIT] = _shadow("LOG", _policies(audit, ctx))
     deny_indexed, deny = split_indexed(plan_.native(Action.DENY), index_min_rules)
     if deny:
-        stages.append(_rbac_stage(names.RBAC_DENY, "d", _enforced("DENY", _policies(deny, ctx))))
+        rbac[names.RBAC_DENY] = _enforced("DENY", _policies(deny, ctx))
     if deny_indexed:
-        stages.append(
-            _rbac_stage(
-                names.RBAC_DENY_INDEXED,
-                "di",
-                {"matcher": index.matcher(deny_indexed, ctx, "DENY")},
-                needs_peer=True,
-            )
-        )
-    indexed, allow = split_indexed(plan_.native(Action.ALLOW), index_min_rules)
+        rbac[names.RBAC_DENY_INDEXED] = {"matcher": index.matcher(deny_indexed, ctx, "DENY")}
     enforce = plan_.has_allow and not plan_.extauthz(Action.ALLOW)
-    if plan_.union_shadow or enforce:
-        # Without ext_authz ALLOW rules the native ALLOW rules are enforced; with them they only
-        # say (in metadata) whether they allowed, and ext_authz runs when they did not.
+    # Without ext_authz ALLOW rules the native ALLOW rules are enforced; with them they only
+    # say (in metadata) whether they allowed, and ext_authz runs when they did not. When
+    # ext_authz must see every request anyway (CUSTOM, JWT DENY rules) it decides the whole
+    # policy: no shadow verdict, so the gate never skips it.
+    gate = plan_.union_shadow and not plan_.extauthz_always
+    if enforce or gate:
+        indexed, allow = split_indexed(plan_.native(Action.ALLOW), index_min_rules)
         engine: Json
         if indexed and not allow:
             # Only indexed rules: the tree alone decides. On a plaintext chain it has no peer
@@ -377,24 +387,29 @@ def rbac_stages(
                 # Indexed rules first, as shadow; one synthetic policy carries their verdict
                 # into the rules engine, so the ALLOW union holds across both engines (and a
                 # plaintext chain, which has no indexed filter, never sees that verdict).
-                stages.append(
-                    _rbac_stage(
-                        names.RBAC_ALLOW_INDEXED,
-                        "ai",
-                        {"shadow_matcher": index.matcher(indexed, ctx, "ALLOW")},
-                        shadow_prefix=names.INDEXED_ALLOW_PREFIX,
-                        needs_peer=True,
-                    )
-                )
+                rbac[names.RBAC_ALLOW_INDEXED] = {
+                    "shadow_matcher": index.matcher(indexed, ctx, "ALLOW")
+                }
                 policies[names.INDEXED_ALLOW_POLICY] = _indexed_allowed()
             engine = _enforced("ALLOW", policies) if enforce else _shadow("ALLOW", policies)
-        if enforce:
-            stages.append(_rbac_stage(names.RBAC_ALLOW, "a", engine))
-        else:
-            stages.append(
-                _rbac_stage(names.RBAC_ALLOW, "as", engine, shadow_prefix=names.NATIVE_ALLOW_PREFIX)
-            )
-    return stages
+        rbac[names.RBAC_ALLOW] = engine
+    return {name: _per_route(name, config) for name, config in rbac.items()}
+
+
+def rbac_stages(
+    plan_: AuthzPlan, port_map: Mapping[int, int], *, index_min_rules: int | None = None
+) -> list[Stage]:
+    """Every RBAC filter of an inbound HTTP chain, in chain order, with this workload's rules."""
+    configs = rbac_route_configs(plan_, port_map, index_min_rules=index_min_rules)
+    return [
+        Stage(
+            name=name,
+            filter=rbac_filter(name, prefix),
+            per_route=configs.get(name),
+            needs_peer=needs_peer,
+        )
+        for name, prefix, needs_peer in RBAC_CHAIN
+    ]
 
 
 def _extauthz_config(timeout_ms: int, *, gated: bool, stat_prefix: str = "") -> Json:
@@ -423,10 +438,17 @@ def _extauthz_config(timeout_ms: int, *, gated: bool, stat_prefix: str = "") -> 
     return config
 
 
-def extauthz_filter(plan_: AuthzPlan, *, timeout_ms: int) -> Json:
-    """The ext_authz filter after the RBAC filters (rules that need the service)."""
-    config = _extauthz_config(timeout_ms, gated=not plan_.extauthz_always)
+def extauthz_filter(*, timeout_ms: int) -> Json:
+    """The ext_authz filter after the RBAC filters, the same for every policy: always gated on
+    the native ALLOW shadow verdict, which only the ALLOW union's route config produces."""
+    config = _extauthz_config(timeout_ms, gated=True)
     return {"name": names.FILTER_EXTAUTHZ, "typed_config": config}
+
+
+def token_filter(*, timeout_ms: int) -> Json:
+    """The ext_authz filter before the RBAC filters, for requests that may carry a token."""
+    config = _extauthz_config(timeout_ms, gated=False, stat_prefix="token")
+    return {"name": names.FILTER_EXTAUTHZ_TOKEN, "typed_config": config}
 
 
 def extauthz_per_route(workload_ref: str, declared_port: int) -> Json:
@@ -450,18 +472,14 @@ class HttpAuthz:
 
     stages: tuple[Stage, ...]  # chain order, between the header mutation and the router
     token_routes: tuple[Json, ...]  # routes (without action) that send requests to the token filter
-
-    @property
-    def shape(self) -> str:
-        """Which filters the chain has, e.g. ``d-a`` (RBAC DENY, RBAC ALLOW); "" for none."""
-        return "-".join(s.code for s in self.stages)
+    extauthz: bool  # the chain has the ext_authz filters (the only policy-dependent part)
 
     def filters(self, *, peer: bool = True) -> list[Json]:
         """The chain's authorization filters; ``peer=False``: a plaintext chain (no index)."""
         return [s.filter for s in self.stages if peer or not s.needs_peer]
 
     def vhost_config(self) -> dict[str, Json]:
-        return {s.name: s.per_route for s in self.stages}
+        return {s.name: s.per_route for s in self.stages if s.per_route is not None}
 
 
 def http_authz(
@@ -473,36 +491,38 @@ def http_authz(
     extauthz_timeout_ms: int,
     index_min_rules: int | None = None,
 ) -> HttpAuthz:
+    """The chain is the same for every policy except for ext_authz, which only workloads that
+    need the service have (both filters, whatever for; disabled per route where idle)."""
     context = extauthz_per_route(workload_ref, declared_port)
     stages: list[Stage] = []
     token_routes: list[Json] = []
-    late = plan_.needs_extauthz
-    if plan_.verifies_tokens:
-        config = _extauthz_config(extauthz_timeout_ms, gated=False, stat_prefix="token")
-        stages.append(
-            Stage(
-                name=names.FILTER_EXTAUTHZ_TOKEN,
-                code="t",
-                filter={"name": names.FILTER_EXTAUTHZ_TOKEN, "typed_config": config},
-                per_route=EXTAUTHZ_DISABLED,  # token-less requests: off
-            )
+    rbac = rbac_stages(plan_, port_map, index_min_rules=index_min_rules)
+    if not plan_.uses_extauthz:
+        return HttpAuthz(stages=tuple(rbac), token_routes=(), extauthz=False)
+    stages.append(
+        Stage(
+            name=names.FILTER_EXTAUTHZ_TOKEN,
+            filter=token_filter(timeout_ms=extauthz_timeout_ms),
+            per_route=EXTAUTHZ_DISABLED,  # token-less requests: off
         )
-        on_token_route = {names.FILTER_EXTAUTHZ_TOKEN: context}
-        if late:
-            on_token_route[names.FILTER_EXTAUTHZ] = EXTAUTHZ_DISABLED  # decided already
-        for match in token_matches(plan_.token_sources):
-            token_routes.append({**match, "typed_per_filter_config": on_token_route})
-    stages += rbac_stages(plan_, port_map, index_min_rules=index_min_rules)
-    if late:
-        stages.append(
-            Stage(
-                name=names.FILTER_EXTAUTHZ,
-                code="x" if plan_.extauthz_always else "xg",
-                filter=extauthz_filter(plan_, timeout_ms=extauthz_timeout_ms),
-                per_route=context,
-            )
+    )
+    # Requests that may carry a token: the token filter has the service decide, the late
+    # filter is off (decided already).
+    on_token_route = {
+        names.FILTER_EXTAUTHZ_TOKEN: context,
+        names.FILTER_EXTAUTHZ: EXTAUTHZ_DISABLED,
+    }
+    for match in token_matches(plan_.token_sources):
+        token_routes.append({**match, "typed_per_filter_config": on_token_route})
+    stages += rbac
+    stages.append(
+        Stage(
+            name=names.FILTER_EXTAUTHZ,
+            filter=extauthz_filter(timeout_ms=extauthz_timeout_ms),
+            per_route=context if plan_.needs_extauthz else EXTAUTHZ_DISABLED,
         )
-    return HttpAuthz(stages=tuple(stages), token_routes=tuple(token_routes))
+    )
+    return HttpAuthz(stages=tuple(stages), token_routes=tuple(token_routes), extauthz=True)
 
 
 def token_matches(sources: Sequence[TokenSource]) -> list[Json]:
@@ -611,6 +631,8 @@ __all__ = [
     "http_authz",
     "network_rbac_filters",
     "plan",
+    "rbac_route_configs",
     "rbac_stages",
+    "token_filter",
     "token_sources",
 ]

@@ -224,8 +224,9 @@ def inbound_http(
     options: CompileOptions,
     trust_domain: str,
 ) -> Built:
-    """The listener holds the authorization filters, the route config their rules
-    (meshward.compile.authz): a policy edit changes only the route."""
+    """The listener holds the authorization filters (the same for every policy but ext_authz),
+    the route config their rules (meshward.compile.authz): a policy edit changes only the
+    route, unless it adds or removes the workload's need for ext_authz."""
     binding = options.port_binding(workload, port.port)
     listener_name = names.inbound_listener(workload, port.port)
     cluster_name = names.inbound_cluster(workload, port.port)
@@ -237,13 +238,14 @@ def inbound_http(
         extauthz_timeout_ms=options.extauthz_timeout_ms,
         index_min_rules=options.rbac_index_min_rules,
     )
-    route_name = names.inbound_route(workload, port.port, access.shape)
+    route_name = names.inbound_route(workload, port.port, extauthz=access.extauthz)
     action = {"cluster": cluster_name, "timeout": "0s"}
     routes = [{**r, "route": action} for r in access.token_routes]
     routes.append({"name": "default", "match": {"prefix": "/"}, "route": action})
     vhost: Json = {"name": "inbound", "domains": ["*"], "routes": routes}
-    if access.stages:
-        vhost["typed_per_filter_config"] = access.vhost_config()
+    per_filter = access.vhost_config()
+    if per_filter:
+        vhost["typed_per_filter_config"] = per_filter
     route_config = {"name": route_name, "virtual_hosts": [vhost]}
 
     def connection_manager(peer: bool) -> list[Json]:
@@ -263,13 +265,11 @@ def inbound_http(
         return [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
 
     # The principal index needs a peer certificate: plaintext chains leave those filters out.
-    secure = connection_manager(peer=True)
-    plain = connection_manager(peer=False)
     chains, listener_filters = _filter_chains(
-        secure,
+        connection_manager(peer=True),
         mode,
         tls.downstream_tls(options.mode, trust_domain, alpn=tls.ALPN_HTTP),
-        plain if plain != secure else None,
+        connection_manager(peer=False),
     )
     return Built(
         listener=_listener(listener_name, binding.listen, chains, listener_filters, "INBOUND"),

@@ -9,6 +9,7 @@ built only from the policy set and the registry, so the same input always yields
 from __future__ import annotations
 
 from meshward.policy.model import Workload
+from meshward.policy.ordering import rule_name
 
 # SDS secret names (Istio's): one SVID per node.
 SECRET_DEFAULT = "default"  # the workload's own SVID (tls_certificate)
@@ -27,8 +28,8 @@ FILTER_EXTAUTHZ = "envoy.filters.http.ext_authz"  # the ext_authz filter after t
 FILTER_EXTAUTHZ_TOKEN = "meshward.ext_authz.token"  # ext_authz first, for requests with a token
 FILTER_ROUTER = "envoy.filters.http.router"
 NETWORK_FILTER_RBAC = "envoy.filters.network.rbac"
-# The RBAC filters of an inbound HTTP chain, in chain order. Which of them a workload has is its
-# authorization "shape" (meshward.compile.authz.Shape); their rules live in the route config.
+# The RBAC filters of an inbound HTTP chain, in chain order. Every inbound HTTP chain has all of
+# them, whatever the policy; their rules live in the route config (meshward.compile.authz).
 RBAC_DRY_RUN_DENY = "meshward.rbac.dry_run_deny"
 RBAC_DRY_RUN_ALLOW = "meshward.rbac.dry_run_allow"
 RBAC_AUDIT = "meshward.rbac.audit"
@@ -65,8 +66,9 @@ MESHWARD_HEADER_PREFIX = "x-meshward-"
 
 
 def rbac_policy_name(namespace: str, name: str, rule_index: int) -> str:
-    """What a denial reports in ``rbac_access_denied_matched_policy[...]``."""
-    return f"ns[{namespace}]-policy[{name}]-rule[{rule_index}]"
+    """What a denial reports in ``rbac_access_denied_matched_policy[...]``; its string order is
+    the order Envoy tries rules in (meshward.policy.ordering, shared with the evaluator)."""
+    return rule_name(namespace, name, rule_index)
 
 
 def workload_host(workload: Workload) -> str:
@@ -83,17 +85,24 @@ def inbound_cluster(workload: Workload, port: int) -> str:
     return f"inbound|{port}||{workload_host(workload)}"
 
 
-def inbound_route(workload: Workload, port: int, shape: str = "") -> str:
-    """The inbound route config: the listener's name, plus the authorization shape (which
-    filters the listener's chain has) when it has any.
+EXTAUTHZ_ROUTE_SUFFIX = "|extauthz"
 
-    The route carries the rules for those filters, so a route config is only meaningful with a
-    chain of its shape: when the shape changes, the name changes with it. Envoy then warms the
-    new listener until the new route arrives, while connections on the old listener keep the
-    old route (make-before-break), and no mix of an old chain with new rules ever runs.
+
+def inbound_route(workload: Workload, port: int, *, extauthz: bool = False) -> str:
+    """The inbound route config: the listener's name, plus ``|extauthz`` when the chain has the
+    ext_authz filters.
+
+    Every inbound HTTP chain has the same RBAC filters, so any rule edit is a new version of
+    the same route config. The ext_authz filters are the one part of the chain a policy adds
+    or removes (a workload that never needs the service has none), and a route config is only
+    meaningful with the chain it was compiled for: the ALLOW union leaves the RBAC ALLOW filter
+    in shadow mode and counts on ext_authz after it, so an old chain without ext_authz running
+    the new rules would allow what it must not. When ext_authz appears or goes, the name
+    changes with the listener: Envoy warms the new listener until the new route arrives, while
+    connections on the old listener keep the old route until they drain (make-before-break).
     """
     base = inbound_listener(workload, port)
-    return f"{base}|authz-{shape}" if shape else base
+    return base + EXTAUTHZ_ROUTE_SUFFIX if extauthz else base
 
 
 def outbound_listener(peer: Workload, port: int) -> str:

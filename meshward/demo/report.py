@@ -32,11 +32,6 @@ def _details(r: CallResult) -> list[str]:
         lines.append("dry-run (not enforced) would deny: " + ", ".join(r.would_deny))
     if r.call.note:
         lines.append(f"note: {r.call.note}")
-    if r.attempts > 1:
-        lines.append(
-            f"answered as expected on attempt {r.attempts} (earlier attempts rode a connection "
-            "opened before the change)"
-        )
     lines.extend(f"EXPECTATION FAILED: {p}" for p in r.problems)
     return [line for line in lines if line]
 

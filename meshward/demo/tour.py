@@ -47,7 +47,6 @@ class Call:
     scope: str | None = None  # send an end-user JWT with this scope
     would_deny: tuple[str, ...] | None = None  # expected dry-run would-denies (None: unchecked)
     note: str = ""
-    settle: bool = False  # first call after a policy edit: see Runner._call
 
     @property
     def who(self) -> str:
@@ -143,12 +142,12 @@ TOUR: tuple[Step, ...] = (
     PolicyEdit(S_LIVE, "add DENY shop/orders-deny-frontend-post (frontend, POST)", LIVE_EDIT_FILE,
                LIVE_DENY),
     Call(S_LIVE, FE, ORD, "POST", "/orders", DENY, RBAC, "shop/orders-deny-frontend-post", 0,
-         settle=True, note="after the edit converged"),
+         note="after the edit converged (a route update: open connections see it at once)"),
     Call(S_LIVE, FE, ORD, "GET", "/orders/42", ALLOW, RBAC, "shop/orders-allow-frontend", 0,
          note="GET is untouched"),
     PolicyEdit(S_LIVE, "revert: remove shop/orders-deny-frontend-post", LIVE_EDIT_FILE, None),
     Call(S_LIVE, FE, ORD, "POST", "/orders", ALLOW, RBAC, "shop/orders-allow-frontend", 0,
-         settle=True, note="after the revert converged"),
+         note="after the revert converged"),
 )  # fmt: skip
 
 
@@ -166,7 +165,6 @@ class CallResult:
     would_deny: tuple[str, ...]
     trace_id: str
     request_id: str
-    attempts: int = 1
     problems: tuple[str, ...] = ()
 
     @property
@@ -202,7 +200,6 @@ class CallResult:
             "would_deny": list(self.would_deny),
             "trace_id": self.trace_id,
             "request_id": self.request_id,
-            "attempts": self.attempts,
             "ok": self.ok,
             "problems": list(self.problems),
             "note": c.note,
@@ -278,7 +275,6 @@ def judge(
     *,
     request_id: str,
     trace_id: str,
-    attempts: int = 1,
 ) -> CallResult:
     actual = ALLOW if 0 < response.status < 400 else DENY
     problems: list[str] = []
@@ -332,7 +328,6 @@ def judge(
         would_deny=would_deny,
         trace_id=trace_id,
         request_id=request_id,
-        attempts=attempts,
         problems=tuple(problems),
     )
 
@@ -421,7 +416,9 @@ class Runner:
             TraceContextTextMapPropagator().inject(carrier)
             yield carrier if "traceparent" in carrier else fresh  # a no-op tracer injects nothing
 
-    def _send(self, index: int, call: Call, attempt: int) -> tuple[Response, str, str]:
+    def _call(self, call: Call) -> tuple[Response, str, str]:
+        """One request, once: a policy edit is a route update that Envoy applies to open
+        connections at their next request, so the first call after an edit already sees it."""
         # A UUID: Envoy decides whether to trace from x-request-id and does not trace a request
         # whose id is not one (it also packs its trace decision into the version digit).
         request_id = str(uuid.uuid4())
@@ -436,19 +433,6 @@ class Runner:
                 address = self.state.outbound(call.source, call.target)
             return send(address, call.method, call.path, headers), request_id, trace_id
 
-    def _call(self, index: int, call: Call) -> tuple[Response, str, str, int]:
-        """``settle``: right after a policy edit converged, a request may still ride a
-        connection accepted by the replaced listener, which keeps its old rules until Envoy
-        closes it after that response (--drain-strategy immediate). Up to 4 attempts, reported."""
-        attempts = 4 if call.settle else 1
-        for attempt in range(1, attempts + 1):
-            response, request_id, trace_id = self._send(index, call, attempt)
-            actual = ALLOW if 0 < response.status < 400 else DENY
-            if actual == call.expect or attempt == attempts:
-                return response, request_id, trace_id, attempt
-            time.sleep(0.2)
-        raise AssertionError("unreachable")
-
     # -- evidence ------------------------------------------------------------------------------
     def _read(self, path: str | None) -> str:
         if not path:
@@ -458,15 +442,13 @@ class Runner:
         except OSError:
             return ""
 
-    def _collect(
-        self, pending: list[tuple[int, Call, Response, str, str, int]]
-    ) -> list[CallResult]:
+    def _collect(self, pending: list[tuple[int, Call, Response, str, str]]) -> list[CallResult]:
         """Access logs are flushed every ~200 ms: poll until every call's line is there."""
         deadline = time.monotonic() + self.evidence_timeout
         found: dict[str, evidence.Verdict] = {}
         wanted = {
             request_key(rid): tid
-            for _, call, response, rid, tid, _ in pending
+            for _, call, response, rid, tid in pending
             if call.source is not None and response.status != 0  # no HTTP: nothing was logged
         }
         by_trace = {tid: key for key, tid in wanted.items()}
@@ -485,11 +467,11 @@ class Runner:
             time.sleep(0.1)
         records = evidence.decisions(self._read(self.state.decision_log))
         results = []
-        for index, call, response, request_id, trace_id, attempts in pending:
+        for index, call, response, request_id, trace_id in pending:
             seen = found.get(request_key(request_id))
             verdict = evidence.with_decision_log(seen, records) if seen is not None else None
             result = judge(index, call, response, verdict, request_id=request_id,
-                           trace_id=trace_id, attempts=attempts)  # fmt: skip
+                           trace_id=trace_id)  # fmt: skip
             results.append(result)
             mark = "ok" if result.ok else "FAILED: " + "; ".join(result.problems)
             if self.each_call or not result.ok:
@@ -547,7 +529,7 @@ class Runner:
     def run(self, steps: Sequence[Step] = TOUR) -> TourResult:
         started = time.monotonic()
         result = TourResult()
-        pending: list[tuple[int, Call, Response, str, str, int]] = []
+        pending: list[tuple[int, Call, Response, str, str]] = []
         try:
             for index, step in enumerate(steps, start=1):
                 if isinstance(step, PolicyEdit):
@@ -558,8 +540,8 @@ class Runner:
                     if not edit.ok:
                         self.progress(f"[edit ] FAILED: {'; '.join(edit.problems)}")
                     continue
-                response, request_id, trace_id, attempts = self._call(index, step)
-                pending.append((index, step, response, request_id, trace_id, attempts))
+                response, request_id, trace_id = self._call(step)
+                pending.append((index, step, response, request_id, trace_id))
             result.results.extend(self._collect(pending))
         finally:
             # Never leave the live edit behind (Ctrl-C, a failure): the demo's copy only.

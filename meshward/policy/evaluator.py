@@ -3,6 +3,10 @@
 Rules are compiled once per (policy set, workload) into predicate tuples, so a request costs a
 handful of comparisons. The same compiled checks carry field paths and patterns, which is what
 `explain` uses to say *why* a rule did not match.
+
+When several rules of one action match, the one reported as deciding is the first in Envoy's
+order (meshward.policy.ordering: string order of the RBAC names), so ``meshward policy explain``,
+the ext_authz service and Envoy's ``rbac_access_denied_matched_policy[...]`` name the same rule.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from meshward.policy.model import (
     Source,
     Workload,
 )
+from meshward.policy.ordering import rule_order_key
 from meshward.policy.paths import PathRejected, normalize_path
 from meshward.policy.policyset import PolicySet
 
@@ -176,17 +181,24 @@ class CompiledRule:
 @dataclass(frozen=True)
 class CompiledPolicy:
     policy: AuthorizationPolicy
-    rules: tuple[CompiledRule, ...]
+    rules: tuple[CompiledRule, ...]  # by rule index (what explain lists)
     tcp_rules: tuple[CompiledRule, ...]  # the rules as they apply on a TCP port
+    # The same rules in Envoy's order (meshward.policy.ordering): ``rule[10]`` before ``rule[2]``.
+    ordered: tuple[CompiledRule, ...]
+    tcp_ordered: tuple[CompiledRule, ...]
 
     def rules_for(self, ctx: RequestContext) -> tuple[CompiledRule, ...]:
         return self.tcp_rules if ctx.tcp else self.rules
 
     def first_match(self, ctx: RequestContext) -> int | None:
-        for rule in self.rules_for(ctx):
+        """The matching rule Envoy would name (the first in its order), or None."""
+        for rule in self.tcp_ordered if ctx.tcp else self.ordered:
             if rule.matches(ctx):
                 return rule.index
         return None
+
+    def key(self, rule: CompiledRule) -> bytes:
+        return rule_order_key(self.policy.namespace, self.policy.name, rule.index)
 
 
 # --------------------------------------------------------------------------- compiling
@@ -393,7 +405,16 @@ def compile_policy(policy: AuthorizationPolicy) -> CompiledPolicy:
     else:
         # ALLOW / AUDIT / CUSTOM on TCP: a rule needing HTTP attributes never matches.
         tcp_rules = tuple(r for r in rules if not r.http_only)
-    return CompiledPolicy(policy, rules, tcp_rules)
+
+    def envoy_order(items: tuple[CompiledRule, ...]) -> tuple[CompiledRule, ...]:
+        return tuple(sorted(items, key=lambda r: rule_order_key(ns, name, r.index)))
+
+    ns, name = policy.namespace, policy.name
+    return CompiledPolicy(policy, rules, tcp_rules, envoy_order(rules), envoy_order(tcp_rules))
+
+
+# One rule of an enforced policy, for trying every rule of an action in Envoy's order.
+Entry = tuple[CompiledPolicy, CompiledRule]
 
 
 @dataclass(frozen=True)
@@ -404,6 +425,9 @@ class Plan:
     policies: tuple[CompiledPolicy, ...]  # every selecting policy, in policies_for order
     tcp_ports: frozenset[int]
     expiring: bool
+    # Every rule of the enforced (not dry-run) policies of an action, across policies, in
+    # Envoy's order: the first match is the deciding rule. HTTP and TCP variants.
+    entries: dict[tuple[Action, bool], tuple[Entry, ...]]
 
     def active(self, now: datetime) -> tuple[CompiledPolicy, ...]:
         if not self.expiring:
@@ -411,6 +435,37 @@ class Plan:
         return tuple(
             p for p in self.policies if p.policy.expires_at is None or p.policy.expires_at > now
         )
+
+    def first_match(
+        self, action: Action, ctx: RequestContext, now: datetime
+    ) -> tuple[CompiledPolicy, int] | None:
+        """The enforced rule of ``action`` Envoy would name for ``ctx``, or None."""
+        entries = self.entries.get((action, ctx.tcp), ())
+        if not self.expiring:
+            for cp, rule in entries:
+                if rule.matches(ctx):
+                    return cp, rule.index
+            return None
+        for cp, rule in entries:
+            expires = cp.policy.expires_at
+            if expires is not None and expires <= now:
+                continue
+            if rule.matches(ctx):
+                return cp, rule.index
+        return None
+
+
+def _entries(policies: Sequence[CompiledPolicy]) -> dict[tuple[Action, bool], tuple[Entry, ...]]:
+    out: dict[tuple[Action, bool], list[tuple[bytes, Entry]]] = {}
+    for cp in policies:
+        if cp.policy.dry_run:
+            continue
+        for tcp, rules in ((False, cp.rules), (True, cp.tcp_rules)):
+            bucket = out.setdefault((cp.policy.action, tcp), [])
+            bucket.extend((cp.key(rule), (cp, rule)) for rule in rules)
+    return {
+        k: tuple(entry for _, entry in sorted(v, key=lambda item: item[0])) for k, v in out.items()
+    }
 
 
 def plan_for(policy_set: PolicySet, workload: Workload) -> Plan:
@@ -432,6 +487,7 @@ def plan_for(policy_set: PolicySet, workload: Workload) -> Plan:
         policies=tuple(compiled),
         tcp_ports=frozenset(p.port for p in workload.ports if p.protocol is Protocol.TCP),
         expiring=any(p.policy.expires_at is not None for p in compiled),
+        entries=_entries(compiled),
     )
     plans[("plan", workload)] = plan
     return plan
@@ -472,7 +528,7 @@ def evaluate(
         return Decision(allowed=False, reason=f"rejected before authorization (HTTP 400): {exc}")
     active = plan.active(when)
     enforced = [p for p in active if not p.policy.dry_run]
-    decision = _enforce(enforced, ctx, workload, request, custom)
+    decision = _enforce(plan, enforced, ctx, when, workload, request, custom)
     audits = tuple(
         p.policy.ref
         for p in enforced
@@ -484,20 +540,36 @@ def evaluate(
     return decision
 
 
+def _custom_matches(
+    plan: Plan, ctx: RequestContext, now: datetime
+) -> list[tuple[CompiledPolicy, int]]:
+    """Each matching CUSTOM policy once, with its first matching rule, in Envoy's order."""
+    seen: set[int] = set()
+    out: list[tuple[CompiledPolicy, int]] = []
+    for cp, rule in plan.entries.get((Action.CUSTOM, ctx.tcp), ()):
+        if id(cp) in seen:
+            continue
+        expires = cp.policy.expires_at
+        if expires is not None and expires <= now:
+            continue
+        if rule.matches(ctx):
+            seen.add(id(cp))
+            out.append((cp, rule.index))
+    return out
+
+
 def _enforce(
+    plan: Plan,
     enforced: Sequence[CompiledPolicy],
     ctx: RequestContext,
+    now: datetime,
     workload: Workload,
     request: Request,
     custom: CustomProvider | None,
 ) -> Decision:
+    """CUSTOM -> DENY -> ALLOW; within an action the first matching rule in Envoy's order."""
     custom_note = ""
-    for cp in enforced:
-        if cp.policy.action is not Action.CUSTOM:
-            continue
-        index = cp.first_match(ctx)
-        if index is None:
-            continue
+    for cp, index in _custom_matches(plan, ctx, now):
         ref = cp.policy.ref
         if custom is None:
             return Decision(
@@ -519,29 +591,27 @@ def _enforce(
                 action=Action.CUSTOM,
             )
         custom_note = f"; CUSTOM policy {ref} allowed it ({why})"
-    for cp in enforced:
-        if cp.policy.action is not Action.DENY:
-            continue
-        index = cp.first_match(ctx)
-        if index is not None:
-            return Decision(
-                allowed=False,
-                reason=f"denied by DENY policy {cp.policy.ref} rule {index}",
-                policy=cp.policy.ref,
-                rule=index,
-                action=Action.DENY,
-            )
+    denied = plan.first_match(Action.DENY, ctx, now)
+    if denied is not None:
+        cp, index = denied
+        return Decision(
+            allowed=False,
+            reason=f"denied by DENY policy {cp.policy.ref} rule {index}",
+            policy=cp.policy.ref,
+            rule=index,
+            action=Action.DENY,
+        )
+    allowed = plan.first_match(Action.ALLOW, ctx, now)
+    if allowed is not None:
+        cp, index = allowed
+        return Decision(
+            allowed=True,
+            reason=f"allowed by ALLOW policy {cp.policy.ref} rule {index}{custom_note}",
+            policy=cp.policy.ref,
+            rule=index,
+            action=Action.ALLOW,
+        )
     allows = [cp for cp in enforced if cp.policy.action is Action.ALLOW]
-    for cp in allows:
-        index = cp.first_match(ctx)
-        if index is not None:
-            return Decision(
-                allowed=True,
-                reason=f"allowed by ALLOW policy {cp.policy.ref} rule {index}{custom_note}",
-                policy=cp.policy.ref,
-                rule=index,
-                action=Action.ALLOW,
-            )
     if allows:
         names = ", ".join(cp.policy.ref for cp in allows)
         return Decision(

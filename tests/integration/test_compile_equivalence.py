@@ -30,6 +30,7 @@ from google.rpc import status_pb2
 
 from meshward.certs.ca import CertificateAuthority
 from meshward.compile import CompileOptions, Endpoint, synth
+from meshward.compile.names import rbac_policy_name
 from meshward.compile.testing import SidecarConnection, StaticSidecar, client_context
 from meshward.demo.echo import EchoServer
 from meshward.policy import PolicySet, Request, evaluate
@@ -241,6 +242,7 @@ def test_envoy_decides_like_the_evaluator(
     outcomes: Counter[int] = Counter()
     mismatches: list[str] = []
     index_min_rules = 1 if variant == "indexed" else None
+    answered: list[synth.Probe] = []
     with _sidecar(
         policy_set, ca, app, extauthz_port, tmp_path, index_min_rules=index_min_rules
     ) as sidecar:
@@ -250,12 +252,18 @@ def test_envoy_decides_like_the_evaluator(
             want = synth.expected_status(policy_set, probe, now=NOW)
             got, body = mesh.send(sidecar, probe)
             outcomes[got] += 1
+            if got:
+                answered.append(probe)
             if got != want:
                 mismatches.append(f"{probe}: envoy {got} {body[:60]!r}, evaluator {want}")
         mesh.close()
         resources = sidecar.resources
+        # One Envoy worker, one request at a time: the access log is in request order.
+        entries = _wait_for_log(tmp_path / "access.log", len(answered))
     assert not servicer.errors, servicer.errors[:3]
     assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:8])
+    if variant != "indexed":  # (the index: see meshward.compile.authz on which rule it names)
+        assert not _misnamed(policy_set, answered, entries)
     assert outcomes[200] and outcomes[403] and outcomes[400], outcomes  # a real mix
     calls = servicer.calls - calls_before
     if policy_set.request_authentications:
@@ -356,6 +364,31 @@ def test_union_decides_natively_first_and_names_policies_in_logs(
         "via_upstream",
         "ext_authz_denied",
     ]
+
+
+def _misnamed(
+    policy_set: PolicySet, probes: list[synth.Probe], entries: list[dict[str, Any]]
+) -> list[str]:
+    """RBAC denials whose ``rbac_access_denied_matched_policy[...]`` names another rule than
+    meshward.policy.evaluate (``none``: no ALLOW rule matched)."""
+    workload = policy_set.workload(synth.TARGET_REF)
+    assert workload is not None and len(entries) == len(probes), (len(entries), len(probes))
+    out = []
+    for probe, entry in zip(probes, entries, strict=True):
+        assert entry["method"] == probe.method, (entry, probe)
+        details = entry["response_code_details"]
+        if not details.startswith("rbac_access_denied_matched_policy["):
+            continue
+        decision = evaluate(
+            policy_set, workload, probe.request(), now=NOW, custom=synth.custom_provider
+        )
+        named = "none"
+        if decision.policy is not None and decision.rule is not None:
+            namespace, name = decision.policy.split("/")
+            named = rbac_policy_name(namespace, name, decision.rule)
+        if details != f"rbac_access_denied_matched_policy[{named}]":
+            out.append(f"{probe}: envoy {details}, evaluator {named} ({decision.reason})")
+    return out
 
 
 def _wait_for_log(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
@@ -545,14 +578,14 @@ def test_outbound_mtls_presents_own_svid_and_checks_the_peer(
             assert stats.get("cluster.outbound|8080||api.shop.ssl.fail_verify_san", 0) >= 1
 
 
-def test_denial_names_the_first_matching_rule_in_envoy_string_order(
+def test_envoy_and_the_evaluator_name_the_same_first_matching_rule(
     ca: CertificateAuthority, app: EchoServer, mesh: Mesh, tmp_path: Path
 ) -> None:
     """Several DENY rules match: real Envoy names the first in string order of the RBAC names
     (``web-2`` before ``web``, ``rule[10]`` before ``rule[2]``), which is what
-    meshward.compile.authz.envoy_policy_order predicts; meshward.policy.evaluate names the first
-    in policy order and rule index. The decision is the same; this documents the difference in
-    the name (see the compile README / issue notes)."""
+    meshward.compile.authz.envoy_policy_order predicts, and meshward.policy.evaluate (so
+    ``meshward policy explain`` and the ext_authz service) names the same rule: both take the
+    order from meshward.policy.ordering."""
     from meshward.compile.authz import envoy_policy_order
     from meshward.compile.classify import classify_rules
 
@@ -599,11 +632,11 @@ def test_denial_names_the_first_matching_rule_in_envoy_string_order(
     assert seen == {
         "both": (
             "rbac_access_denied_matched_policy[ns[shop]-policy[web-2]-rule[0]]",
-            ("shop/web", 2),
+            ("shop/web-2", 0),
         ),
         "one policy": (
             "rbac_access_denied_matched_policy[ns[shop]-policy[web]-rule[10]]",
-            ("shop/web", 2),
+            ("shop/web", 10),
         ),
     }
 

@@ -111,17 +111,34 @@ def rbac_rules(resources: Any, filter_name: str = "meshward.rbac.allow") -> dict
     return dict(per_route(resources, filter_name)["rbac"])
 
 
+RBAC_CHAIN = [
+    "meshward.rbac.dry_run_deny",
+    "meshward.rbac.dry_run_allow",
+    "meshward.rbac.audit",
+    "meshward.rbac.deny",
+    "meshward.rbac.deny_indexed",
+    "meshward.rbac.allow_indexed",
+    "meshward.rbac.allow",
+]
+
+
 def filter_names(resources: Any) -> list[str]:
+    """The chain as the default route runs it: RBAC filters with rules (the others have no
+    route config and pass every request), ext_authz filters marked ``:off`` where disabled."""
     out = []
+    vhost = route_config(resources)["virtual_hosts"][0].get("typed_per_filter_config", {})
     for f in http_filters(resources):
         config = f["typed_config"]
         if config["@type"].endswith("rbac.v3.RBAC"):
+            if f["name"] not in vhost:
+                continue
             rbac = rbac_rules(resources, f["name"])
-            kind = "rbac:" + ("enforce" if "rules" in rbac else "shadow")
-            kind += ":" + (rbac.get("rules") or rbac.get("shadow_rules")).get("action", "ALLOW")
-            out.append(kind)
+            kind = "rbac:" + ("enforce" if "rules" in rbac or "matcher" in rbac else "shadow")
+            engine = rbac.get("rules") or rbac.get("shadow_rules") or {}
+            out.append(kind + ":" + engine.get("action", "ALLOW"))
         else:
-            out.append(f["name"].rsplit(".", 1)[-1])
+            off = vhost.get(f["name"], {}).get("disabled", False)
+            out.append(f["name"].rsplit(".", 1)[-1] + (":off" if off else ""))
     return out
 
 
@@ -138,13 +155,19 @@ def test_native_only_workload_has_no_extauthz_filter_and_no_extauthz_cluster() -
         "rbac:enforce:ALLOW",
         "router",
     ]
+    chain = [f["name"] for f in http_filters(resources)]
+    assert chain == ["envoy.filters.http.header_mutation", *RBAC_CHAIN, "envoy.filters.http.router"]
     assert "meshward-extauthz" not in {c.name for c in resources.clusters}
     assert not resources.extauthz
 
 
-def test_no_policy_means_no_rbac_filter() -> None:
+def test_no_policy_means_every_rbac_filter_passes() -> None:
+    """The RBAC filters are there (so the first policy is a route change), with no engine in
+    the listener and no route config: they pass every request."""
     resources = compile_workload(policy_set(), "shop/api")
     assert filter_names(resources) == ["header_mutation", "router"]
+    assert [f["name"] for f in http_filters(resources)][1:-1] == RBAC_CHAIN
+    assert "typed_per_filter_config" not in route_config(resources)["virtual_hosts"][0]
 
 
 def test_allow_nothing_policy_is_an_empty_enforced_allow() -> None:
@@ -157,11 +180,13 @@ def test_allow_union_runs_native_allow_as_shadow_and_gates_extauthz() -> None:
     resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
     assert filter_names(resources) == [
         "header_mutation",
+        "token:off",  # no RequestAuthentication: no token route enables it
         "rbac:shadow:ALLOW",
         "ext_authz",
         "router",
     ]
-    shadow, extauthz = http_filters(resources)[1:3]
+    by_name = {f["name"]: f for f in http_filters(resources)}
+    shadow, extauthz = by_name["meshward.rbac.allow"], by_name["envoy.filters.http.ext_authz"]
     assert shadow["typed_config"]["shadow_rules_stat_prefix"] == "meshward_native_allow_"
     rules = rbac_rules(resources)
     assert rules["shadow_rules_stat_prefix"] == "meshward_native_allow_"  # metadata keys
@@ -189,11 +214,20 @@ def test_allow_union_runs_native_allow_as_shadow_and_gates_extauthz() -> None:
     ids=["custom", "jwt-deny"],
 )
 def test_custom_and_jwt_deny_need_extauthz_on_every_request(extra: AuthorizationPolicy) -> None:
+    """The late ext_authz filter is the same (gated) in every chain; here the route gives the
+    ALLOW filter no shadow rules, so no verdict ever skips ext_authz: it decides every
+    request, whole policy included."""
     ps = policy_set(allow("native", NATIVE_RULE), allow("jwt", JWT_RULE), extra)
     resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
     assert resources.plan.extauthz_always
-    extauthz = next(f for f in http_filters(resources) if f["name"].endswith("ext_authz"))
-    assert "filter_enabled_metadata" not in extauthz["typed_config"]
+    assert filter_names(resources) == ["header_mutation", "token:off", "ext_authz", "router"]
+    assert "meshward_native_allow_" not in json.dumps(route_config(resources))
+    union = compile_workload(
+        policy_set(allow("native", NATIVE_RULE), allow("jwt", JWT_RULE)),
+        "shop/api",
+        CompileOptions(extauthz=EXTAUTHZ),
+    )
+    assert http_filters(resources) == http_filters(union)  # the listener did not change
 
 
 def test_extauthz_route_names_the_workload_and_declared_port() -> None:
@@ -504,12 +538,15 @@ def test_many_exact_caller_rules_go_to_the_principal_index() -> None:
     resources = compile_workload(ps, "shop/api")
     found = listener(resources, "inbound|8080|api.shop")
     mtls, plain = (c["filters"][0]["typed_config"]["http_filters"] for c in found["filter_chains"])
-    assert [f["name"] for f in mtls[1:-1]] == [
+    assert [f["name"] for f in mtls[1:-1]] == RBAC_CHAIN
+    vhost = route_config(resources)["virtual_hosts"][0]["typed_per_filter_config"]
+    active = [name for name in RBAC_CHAIN if name in vhost]
+    assert active == [
         "meshward.rbac.deny_indexed",  # DENY: every rule indexed, enforced
         "meshward.rbac.allow_indexed",  # ALLOW: indexed, verdict in metadata
         "meshward.rbac.allow",  # ALLOW: the namespace rule + the synthetic policy
     ]
-    kinds = [sorted(rbac_rules(resources, f["name"])) for f in mtls[1:-1]]
+    kinds = [sorted(rbac_rules(resources, name)) for name in active]
     assert kinds == [
         ["matcher"],
         ["shadow_matcher", "shadow_rules_stat_prefix"],
@@ -526,12 +563,15 @@ def test_many_exact_caller_rules_go_to_the_principal_index() -> None:
         assert typed["name"] == "meshward-no-indexed-deny-rule-matched"
         assert typed.get("action", "ALLOW") == "ALLOW"  # the proto default, omitted in JSON
     allow_rules = rbac_rules(resources)["rules"]["policies"]
-    assert mtls[2]["typed_config"]["shadow_rules_stat_prefix"] == "meshward_indexed_allow_"
+    by_name = {f["name"]: f for f in mtls}
+    assert by_name["meshward.rbac.allow_indexed"]["typed_config"]["shadow_rules_stat_prefix"] == (
+        "meshward_indexed_allow_"
+    )
     assert sorted(allow_rules) == ["meshward-indexed-allow", "ns[shop]-policy[ops]-rule[0]"]
     # The plaintext chain has no peer identity to look up: the indexed filters are left out
     # (their rules name callers: a plaintext request never matches them). Same route config.
-    assert [f["name"] for f in plain[1:-1]] == ["meshward.rbac.allow"]
-    assert plain[1] == mtls[3]
+    assert [f["name"] for f in plain[1:-1]] == [n for n in RBAC_CHAIN if "indexed" not in n]
+    assert plain[-2] == by_name["meshward.rbac.allow"]
 
 
 def test_index_threshold_and_opt_out() -> None:
@@ -543,8 +583,10 @@ def test_index_threshold_and_opt_out() -> None:
     assert "matcher_tree" not in json.dumps(route_config(none))
     indexed = compile_workload(policy_set(_many("callers", 40)), "shop/api")
     # Only indexed ALLOW rules: the tree is the ALLOW filter's engine, no synthetic policy.
-    assert [f["name"] for f in http_filters(indexed)[1:-1]] == ["meshward.rbac.allow"]
+    assert filter_names(indexed) == ["header_mutation", "rbac:enforce:ALLOW", "router"]
     assert list(rbac_rules(indexed)) == ["matcher"]
+    # Crossing the threshold is a route change: the listeners are the same.
+    assert few.listeners == none.listeners == indexed.listeners
 
 
 # ---- rules in the route: a policy edit changes only the RouteConfiguration --------------------
@@ -568,33 +610,56 @@ def test_a_rule_edit_changes_the_route_and_not_the_listener() -> None:
     after_l, after_r = _listeners_and_routes(policy_set(allow("a", post), allow("b", get), deny))
     assert before_l == after_l
     assert before_r.keys() == after_r.keys()
-    assert before_r["inbound|8080|api.shop|authz-d-a"] != after_r["inbound|8080|api.shop|authz-d-a"]
+    assert before_r["inbound|8080|api.shop"] != after_r["inbound|8080|api.shop"]
     listener_bytes = before_l["inbound|8080|api.shop"]
     assert b"GET" not in listener_bytes and b"/admin" not in listener_bytes  # no rules in there
 
 
-def test_a_new_kind_of_filter_renames_the_route() -> None:
-    """Adding the first DENY policy adds a filter: the listener changes and so does the route's
-    name, so Envoy never runs the old chain with the new route (or the reverse)."""
+def test_any_rbac_policy_edit_keeps_the_listener_and_the_route_name() -> None:
+    """Every inbound HTTP chain has the same RBAC filters: the first DENY policy, the first
+    dry-run or AUDIT policy, crossing the index threshold, removing every policy: all only
+    change the route config's content, never the listener or the route's name."""
     base = allow("a", NATIVE_RULE)
-    deny = allow("d", NATIVE_RULE, action=Action.DENY)
+    variants = {
+        "none": policy_set(),
+        "allow": policy_set(base),
+        "deny+allow": policy_set(base, allow("d", NATIVE_RULE, action=Action.DENY)),
+        "dry-run": policy_set(base, allow("t", NATIVE_RULE, action=Action.DENY, dry_run=True)),
+        "audit": policy_set(base, allow("log", NATIVE_RULE, action=Action.AUDIT)),
+        "indexed": policy_set(_many("callers", 40), _many("blocked", 40, Action.DENY)),
+    }
+    compiled = {label: _listeners_and_routes(ps) for label, ps in variants.items()}
+    listeners_of = {label: ls for label, (ls, _) in compiled.items()}
+    assert all(ls == listeners_of["none"] for ls in listeners_of.values())
+    for _, routes in compiled.values():
+        assert {n for n in routes if n.startswith("inbound|")} == {"inbound|8080|api.shop"}
+    assert len({routes["inbound|8080|api.shop"] for _, routes in compiled.values()}) == len(
+        variants
+    )
+
+
+def test_only_extauthz_appearing_changes_the_listener_and_renames_the_route() -> None:
+    """ext_authz is the one policy-dependent part of the chain (workloads that never need it
+    have none). Its route is named apart, so an old chain never runs rules that count on a
+    filter it lacks. Once there, what it is needed for is again only a route change."""
+    base = allow("a", NATIVE_RULE)
     jwt = allow("jwt", JWT_RULE)
-    names_of = {
-        label: set(_listeners_and_routes(ps)[1])
-        for label, ps in {
-            "allow": policy_set(base),
-            "deny+allow": policy_set(base, deny),
-            "union": policy_set(base, jwt),
-            "none": policy_set(),
-        }.items()
-    }
-    inbound = {k: {n for n in v if n.startswith("inbound|")} for k, v in names_of.items()}
-    assert inbound == {
-        "allow": {"inbound|8080|api.shop|authz-a"},
-        "deny+allow": {"inbound|8080|api.shop|authz-d-a"},
-        "union": {"inbound|8080|api.shop|authz-as-xg"},  # shadow ALLOW + gated ext_authz
-        "none": {"inbound|8080|api.shop"},
-    }
+    custom = allow("custom", Rule(), action=Action.CUSTOM, provider="opa")
+    native_l, native_r = _listeners_and_routes(policy_set(base))
+    union_l, union_r = _listeners_and_routes(policy_set(base, jwt))
+    always_l, always_r = _listeners_and_routes(policy_set(base, jwt, custom))
+    jwt_only_l, _ = _listeners_and_routes(policy_set(jwt))
+    assert native_l != union_l
+    assert union_l == always_l == jwt_only_l
+    assert {n for n in native_r if n.startswith("inbound|")} == {"inbound|8080|api.shop"}
+    assert {n for n in union_r if n.startswith("inbound|")} == {"inbound|8080|api.shop|extauthz"}
+    assert union_r["inbound|8080|api.shop|extauthz"] != always_r["inbound|8080|api.shop|extauthz"]
+    with_tokens = compile_workload(
+        _with_request_authn(base, jwt), "shop/api", CompileOptions(extauthz=EXTAUTHZ)
+    )
+    assert {m.name: m.SerializeToString(deterministic=True) for m in with_tokens.listeners} == (
+        union_l
+    )
 
 
 def test_every_rbac_filter_has_its_own_name_and_route_config() -> None:
@@ -605,18 +670,16 @@ def test_every_rbac_filter_has_its_own_name_and_route_config() -> None:
     )
     resources = compile_workload(ps, "shop/api")
     chain = [f["name"] for f in http_filters(resources)]
-    assert chain == [
-        "envoy.filters.http.header_mutation",
-        "meshward.rbac.dry_run_deny",
+    assert chain == ["envoy.filters.http.header_mutation", *RBAC_CHAIN, "envoy.filters.http.router"]
+    vhost = route_config(resources)["virtual_hosts"][0]["typed_per_filter_config"]
+    assert sorted(vhost) == [
+        "meshward.rbac.allow",
         "meshward.rbac.audit",
         "meshward.rbac.deny",
-        "meshward.rbac.allow",
-        "envoy.filters.http.router",
+        "meshward.rbac.dry_run_deny",
     ]
-    vhost = route_config(resources)["virtual_hosts"][0]["typed_per_filter_config"]
-    assert sorted(vhost) == sorted(chain[1:-1])
     for name in chain[1:-1]:
-        assert vhost[name]["@type"].endswith("RBACPerRoute")
+        assert name not in vhost or vhost[name]["@type"].endswith("RBACPerRoute")
         listener_side = next(f for f in http_filters(resources) if f["name"] == name)
         # No engine in the listener: the rules are only in the route.
         assert not {"rules", "shadow_rules", "matcher", "shadow_matcher"} & set(
@@ -658,9 +721,17 @@ def test_request_authentication_sends_token_requests_to_extauthz_first() -> None
     assert [f["name"] for f in http_filters(resources)] == [
         "envoy.filters.http.header_mutation",
         "meshward.ext_authz.token",  # before any RBAC filter: 401 comes first, as in Istio
-        "meshward.rbac.deny",
-        "meshward.rbac.allow",
+        *RBAC_CHAIN,
+        "envoy.filters.http.ext_authz",  # off: no rule needs it (present: the chain is fixed)
         "envoy.filters.http.router",
+    ]
+    assert filter_names(resources) == [
+        "header_mutation",
+        "token:off",  # on the token routes only
+        "rbac:enforce:DENY",
+        "rbac:enforce:ALLOW",
+        "ext_authz:off",
+        "router",
     ]
     token_filter = http_filters(resources)[1]["typed_config"]
     assert "filter_enabled_metadata" not in token_filter
@@ -756,13 +827,14 @@ def test_header_star_is_presence_not_a_non_empty_regex() -> None:
 # ---- which rule a denial names (Envoy tries RBAC policies in string order of their names) ----
 
 
-def test_envoy_names_the_first_matching_rule_in_string_order() -> None:
-    """Documents the residual difference from meshward.policy.evaluate: with several matching
-    rules, Envoy's rules engine (a std::map) reports the first name in string order, the
-    evaluator the first rule in policy order and rule index."""
+def test_envoy_and_the_evaluator_name_the_same_first_matching_rule() -> None:
+    """With several matching rules, Envoy's rules engine (a std::map) reports the first name in
+    string order; the evaluator uses the same order (meshward.policy.ordering), so
+    ``meshward policy explain`` names the rule Envoy names."""
     from meshward.compile import simulate
     from meshward.compile.authz import envoy_policy_order
     from meshward.compile.classify import classify_rules
+    from meshward.policy import Request, evaluate
 
     any_get = Rule(operations=(Operation(methods=("GET",)),))
     deny_many = allow(
@@ -772,26 +844,32 @@ def test_envoy_names_the_first_matching_rule_in_string_order() -> None:
         action=Action.DENY,
     )
     deny_web2 = allow("web-2", any_get, action=Action.DENY)
-    ps = policy_set(deny_many, deny_web2, mode=MtlsMode.PERMISSIVE)
+    cases = {
+        "both": (policy_set(deny_many, deny_web2, mode=MtlsMode.PERMISSIVE), "web-2]-rule[0]"),
+        "one policy": (policy_set(deny_many, mode=MtlsMode.PERMISSIVE), "web]-rule[10]"),
+    }
+    both = cases["both"][0]
     ordered = [
-        r.rbac_name for r in envoy_policy_order(classify_rules(ps.policies_for(ps.workloads[0])))
+        r.rbac_name
+        for r in envoy_policy_order(classify_rules(both.policies_for(both.workloads[0])))
     ]
     assert ordered[:3] == [
         "ns[shop]-policy[web-2]-rule[0]",  # '-' < ']'
         "ns[shop]-policy[web]-rule[0]",
         "ns[shop]-policy[web]-rule[10]",  # "10" < "1]"... < "2"
     ]
-    resources = compile_workload(ps, "shop/api", CompileOptions(mode=Mode.STATIC))
-    outcome = simulate.run(
-        listener(resources, "inbound|8080|api.shop"),
-        simulate.Connection(
-            method="GET", path="/p2", host="api", headers={}, port=8080, peer_uri=None
-        ),
-    )
-    assert outcome.detail == "rbac_access_denied_matched_policy[ns[shop]-policy[web-2]-rule[0]]"
-    from meshward.policy import Request, evaluate
-
-    api = ps.workload("shop/api")
-    assert api is not None
-    decision = evaluate(ps, api, Request(method="GET", path="/p2", destination_port=8080))
-    assert (decision.policy, decision.rule) == ("shop/web", 2)  # the evaluator: policy order
+    for ps, tail in cases.values():
+        resources = compile_workload(ps, "shop/api", CompileOptions(mode=Mode.STATIC))
+        outcome = simulate.run(
+            listener(resources, "inbound|8080|api.shop"),
+            simulate.Connection(
+                method="GET", path="/p2", host="api", headers={}, port=8080, peer_uri=None
+            ),
+        )
+        assert outcome.detail == f"rbac_access_denied_matched_policy[ns[shop]-policy[{tail}]"
+        api = ps.workload("shop/api")
+        assert api is not None
+        decision = evaluate(ps, api, Request(method="GET", path="/p2", destination_port=8080))
+        assert not decision.allowed and decision.policy is not None
+        named = f"ns[shop]-policy[{decision.policy.split('/')[1]}]-rule[{decision.rule}]"
+        assert outcome.detail == f"rbac_access_denied_matched_policy[{named}]"

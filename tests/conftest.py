@@ -14,7 +14,7 @@ import pytest
 
 from meshward.demo.echo import EchoServer
 from meshward.envoy import EnvoyProcess
-from meshward.testing.otlp import OtlpReceiver
+from meshward.telemetry.collector import OtlpReceiver
 
 EnvoyFactory = Callable[..., EnvoyProcess]
 

@@ -484,7 +484,7 @@ def test_spans_reach_otlp_and_the_access_log_names_the_trace(
 ) -> None:
     """With an OTLP address, the inbound sidecar exports spans (service <name>.<ns>) to the
     meshward-otlp cluster, and each access-log line carries its trace id."""
-    from meshward.testing.otlp import OtlpReceiver
+    from meshward.telemetry.collector import OtlpReceiver
 
     policy_set = synth.coverage_policy_set()
     ports = {p: app.port for p in synth.HTTP_PORTS}

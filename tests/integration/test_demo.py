@@ -18,7 +18,7 @@ import pytest
 from meshward.cli import main
 from meshward.demo import evidence
 from meshward.demo.topology import DemoMesh, MeshOptions, find_examples
-from meshward.testing.otlp import OtlpReceiver
+from meshward.telemetry.collector import OtlpReceiver
 
 
 @dataclass

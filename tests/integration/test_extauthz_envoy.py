@@ -30,7 +30,7 @@ from meshward.envoy.process import EnvoyProcess
 from meshward.extauthz.envoyconfig import sidecar
 from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.policy import load
-from meshward.testing.otlp import OtlpReceiver
+from meshward.telemetry.collector import OtlpReceiver
 
 WORKLOAD = "foo/httpbin"
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NoOpTracerProvider
 
 from meshward.telemetry import setup_tracing
-from meshward.testing.otlp import OtlpReceiver
+from meshward.telemetry.collector import OtlpReceiver
 
 
 def test_scope_spans_proto_is_the_real_one() -> None:

@@ -1,7 +1,8 @@
-"""An in-process OTLP/gRPC trace receiver: the real protocol, spans kept in memory.
+"""An in-process OTLP/gRPC trace receiver: the real protocol, spans decoded as they arrive.
 
 Tests point exporters (Meshward's and Envoy's OpenTelemetry tracer) at it and assert on what
-arrived, instead of mocking the exporter.
+arrived instead of mocking the exporter; the local demo runs one as its collector when no
+``--otlp-endpoint`` is given, handing each export to a callback that writes a span file.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class ReceivedSpan:
     parent_span_id: str
     attributes: dict[str, Any] = field(default_factory=dict)
     status_code: int = 0
+    start_unix_nano: int = 0
+    end_unix_nano: int = 0
 
 
 def _value(any_value: Any) -> Any:
@@ -48,7 +51,16 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignor
 class OtlpReceiver:
     """Listens on 127.0.0.1 (kernel-chosen port); ``endpoint`` is ``127.0.0.1:<port>``."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        on_spans: Callable[[list[ReceivedSpan]], None] | None = None,
+        keep: bool = True,
+    ) -> None:
+        """``on_spans`` sees each export's spans (on a gRPC thread); ``keep=False`` stops
+        keeping them in memory, for a long-running collector that only forwards them."""
+        self._on_spans = on_spans
+        self._keep = keep
         self._spans: list[ReceivedSpan] = []
         self._lock = threading.Condition()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -76,11 +88,16 @@ class OtlpReceiver:
                             parent_span_id=span.parent_span_id.hex(),
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             status_code=span.status.code,
+                            start_unix_nano=span.start_time_unix_nano,
+                            end_unix_nano=span.end_time_unix_nano,
                         )
                     )
-        with self._lock:
-            self._spans.extend(received)
-            self._lock.notify_all()
+        if self._on_spans is not None and received:
+            self._on_spans(received)
+        if self._keep:
+            with self._lock:
+                self._spans.extend(received)
+                self._lock.notify_all()
 
     @property
     def spans(self) -> list[ReceivedSpan]:
@@ -106,7 +123,8 @@ class OtlpReceiver:
         return self
 
     def stop(self) -> None:
-        self._server.stop(grace=None)
+        # a short grace lets an export in flight finish, so the last spans are not lost
+        self._server.stop(grace=1).wait(5)
 
     def __enter__(self) -> OtlpReceiver:
         return self.start()

@@ -14,8 +14,9 @@ Heavy imports (grpc, protos) happen on first use of a name, so ``meshward --help
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meshward.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from meshward.xds.bootstrap import AdsCredentials, render_bootstrap
@@ -57,10 +58,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())

@@ -51,6 +51,16 @@ MESHWARD_KINDS = ("Workload", "MeshConfig")
 SKIPPED_KINDS = frozenset({"PolicyTests"})
 DEFAULT_NAMESPACE = "default"  # where Kubernetes puts a namespaced object that names none
 POLICY_SUFFIXES = (".yaml", ".yml")
+# Limits on hostile or broken input: a policy file is small, shallow and (nearly) alias-free.
+# Without them a 10 MB file takes minutes in PyYAML, a deeply nested document overflows
+# Python's stack, and a YAML bomb (anchors and aliases) stands for billions of nodes that
+# validation, hashing and compilation would each walk.
+MAX_FILE_BYTES = 2 * 1024 * 1024  # per file: ~8,000 policies; PyYAML reads ~0.5 MB/s here
+MAX_DEPTH = 64  # nested collections; real policies use about 10
+# YAML nodes per file, an alias counting as every node it stands for: 3x what a file of
+# MAX_FILE_BYTES written out holds, so only aliasing (a YAML bomb) reaches it.
+MAX_NODES = 1_000_000
+MAX_INT_DIGITS = 20  # longer integers are no port, count or timestamp anyone writes
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -155,13 +165,93 @@ def load(paths: Sequence[str | Path]) -> PolicySet:
 
 def _read(path: Path, texts: dict[str, str], problems: list[Problem]) -> None:
     try:
-        texts[str(path)] = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)  # never more: the file may be huge or endless
+    except OSError as exc:
+        problems.append(Problem(str(path), 0, "", f"cannot read: {exc}"))
+        return
+    if len(data) > MAX_FILE_BYTES:
+        problems.append(Problem(str(path), 0, "", _too_large()))
+        return
+    try:
+        texts[str(path)] = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         problems.append(Problem(str(path), 0, "", f"cannot read: {exc}"))
 
 
+def _too_large() -> str:
+    return (
+        f"file larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; a policy file is much "
+        "smaller: split the policies over several files"
+    )
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys silently; in a policy that hides a mistake."""
+    """PyYAML keeps the last of two equal keys silently; in a policy that hides a mistake.
+
+    Also enforces :data:`MAX_DEPTH` while composing (before Python's recursion limit is near)
+    and :data:`MAX_NODES` per file with aliases expanded (a YAML bomb is a small text whose
+    aliases stand for billions of nodes; PyYAML shares them, but every consumer walks them)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels; a policy is far shallower",
+                    event.start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            self._nodes += _expanded_size(node, {})
+            if self._nodes > MAX_NODES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"more than {MAX_NODES:,} YAML nodes once anchors and aliases are expanded "
+                    "(a YAML bomb?); write the policy out or split it over several files",
+                    node.start_mark,
+                )
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes ``node`` stands for, counting a node reached through N aliases N times. Linear in
+    the distinct nodes (memoized); recursion depth is bounded by MAX_DEPTH."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            size += _expanded_size(key, sizes) + _expanded_size(value, sizes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            size += _expanded_size(item, sizes)
+    sizes[id(node)] = size
+    return size
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = str(node.value)
+    if sum(ch.isalnum() for ch in text) > MAX_INT_DIGITS:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"integer longer than {MAX_INT_DIGITS} digits", node.start_mark
+        )
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -181,10 +271,14 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def _documents(file: str, text: str, problems: list[Problem]) -> Iterator[tuple[int, Any]]:
     index = 0
+    if len(text) > MAX_FILE_BYTES:  # parse() may be handed texts that never were files
+        problems.append(Problem(file, 0, "", _too_large()))
+        return
     try:
         for document in yaml.load_all(text, Loader=_UniqueKeyLoader):
             index += 1
@@ -194,6 +288,9 @@ def _documents(file: str, text: str, problems: list[Problem]) -> Iterator[tuple[
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         detail = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         problems.append(Problem(file, index + 1, "", f"invalid YAML{where}: {detail}"))
+    except Exception as exc:  # PyYAML's constructors give up in many ways ("!!int " -> IndexError)
+        reason = f"invalid YAML: a value does not fit its type ({type(exc).__name__}: {exc})"
+        problems.append(Problem(file, index + 1, "", reason))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -324,7 +421,7 @@ def _classify(
     if kind in SKIPPED_KINDS:
         return None
     if kind in ISTIO_KINDS:
-        if api_version not in ISTIO_API_VERSIONS:
+        if not isinstance(api_version, str) or api_version not in ISTIO_API_VERSIONS:
             problems.append(
                 Problem(
                     file,
@@ -1020,6 +1117,8 @@ class _Reader:
                 parsed = json.loads(jwks)
             except ValueError as exc:
                 self.error(f"{path}.jwks", f"not valid JSON: {exc}")
+            except RecursionError:
+                self.error(f"{path}.jwks", "not a JWKS: JSON nested too deeply")
             else:
                 if not isinstance(parsed, dict) or not isinstance(parsed.get("keys"), list):
                     self.error(f"{path}.jwks", 'expected a JWKS object: {"keys": [...]}')
@@ -1060,7 +1159,8 @@ def _port(value: int | str) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
-        if not value.isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²" (int() refuses it) and "٣" (3).
+        if not (value.isascii() and value.isdigit()) or len(value) > 5:
             return None
         value = int(value)
     return value if 1 <= value <= 65535 else None

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from meshward.errors import UserError
 
+# A reason quotes the offending value; a hostile or broken file can make that value megabytes
+# long, and the reason ends up in logs, `meshward status` and the CLI. Keep its head.
+MAX_REASON_CHARS = 500
+
 
 @dataclass(frozen=True, order=True)
 class Problem:
@@ -19,6 +23,13 @@ class Problem:
     index: int
     field: str
     reason: str
+
+    def __post_init__(self) -> None:
+        if len(self.reason) > MAX_REASON_CHARS:
+            cut = len(self.reason) - MAX_REASON_CHARS
+            object.__setattr__(
+                self, "reason", f"{self.reason[:MAX_REASON_CHARS]}... ({cut} more characters)"
+            )
 
     def __str__(self) -> str:
         where = f"{self.file}#{self.index}" if self.index else self.file

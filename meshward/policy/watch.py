@@ -4,6 +4,11 @@ Polling (not inotify) keeps this portable and dependency-free; a poll is a ``sta
 A change is loaded only after the file set has stayed the same for one whole poll interval, so an
 editor's partial write or a half-copied directory is never applied; editor temp and swap files are
 never read. An invalid policy set is reported and the last good one stays in force.
+
+Limit of any polling watcher: a writer that stalls in the middle of a file for longer than one
+poll interval can have a valid prefix of it applied (say, a truncated file that drops a DENY
+policy). Write policy files atomically — a temp file, then ``rename`` — as ``git checkout``,
+sync tools and most editors do; then every state the watcher can see is a complete file.
 """
 
 from __future__ import annotations

@@ -269,6 +269,38 @@ class CertificateAuthority:
             self.trust_domain, [g.info.root for g in self._gens if g.info.trusted(at)]
         )
 
+    def oldest_trusted_generation(self, now: datetime | None = None) -> CaGeneration:
+        """The oldest generation that is trusted at ``now`` and can sign (its intermediate is
+        valid); the active one when no other qualifies.
+
+        During a rotation's grace period a certificate it signs verifies against every bundle
+        handed out since that generation was introduced, including bundles written before the
+        rotation: what a server presents to clients that may hold an old bundle (the ADS
+        server to sidecars' bootstrap credentials).
+        """
+        at = as_utc(now)
+        for gen in self._gens:
+            intermediate = gen.info.intermediate
+            if (
+                gen.info.trusted(at)
+                and intermediate.not_valid_before_utc <= at < intermediate.not_valid_after_utc
+            ):
+                return gen.info
+        return self._active.info
+
+    def issuing_generation(self, certificate: x509.Certificate) -> CaGeneration | None:
+        """The generation whose intermediate signed ``certificate`` (matched by key identifier,
+        not verified: use on certificates TLS already verified), or None if none of the
+        generations this CA still holds did."""
+        try:
+            aki = certificate.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+        except (x509.ExtensionNotFound, ValueError):
+            return None
+        for gen in self._gens:
+            if aki.value.key_identifier == gen.aki.key_identifier:
+                return gen.info
+        return None
+
     # ---- issuance -----------------------------------------------------------------------------
 
     def issue(
@@ -277,11 +309,16 @@ class CertificateAuthority:
         *,
         ttl: timedelta = DEFAULT_SVID_TTL,
         now: datetime | None = None,
+        generation: int | None = None,
     ) -> Svid:
-        """A fresh key pair and its SVID. The key never touches disk here."""
+        """A fresh key pair and its SVID. The key never touches disk here.
+
+        ``generation``: sign with that (trusted) generation instead of the active one, e.g.
+        :meth:`oldest_trusted_generation` for a server whose clients may hold an old bundle.
+        """
         identity = self._identity(spiffe_id)
         key = new_key()
-        cert, gen = self._sign(key.public_key(), identity, ttl, now)
+        cert, gen = self._sign(key.public_key(), identity, ttl, now, generation)
         return self._svid(identity, cert, gen, key_to_pem(key))
 
     def issue_for_csr(
@@ -330,11 +367,18 @@ class CertificateAuthority:
         identity: SpiffeId,
         ttl: timedelta,
         now: datetime | None,
+        generation: int | None = None,
     ) -> tuple[x509.Certificate, _Gen]:
         if ttl < MIN_SVID_TTL:
             raise UserError(f"SVID TTL must be at least {MIN_SVID_TTL}, got {ttl}")
         at = as_utc(now)
         gen = self._active
+        if generation is not None and generation != gen.info.number:
+            gen = next((g for g in self._gens if g.info.number == generation), gen)
+            if gen is self._active or not gen.info.trusted(at):
+                raise UserError(
+                    f"CA generation {generation} is not trusted (any more); nothing was issued"
+                )
         self._check_signing_window(gen, at)
         intermediate = gen.info.intermediate
         not_before = max(at - SKEW_BACKDATE, intermediate.not_valid_before_utc)

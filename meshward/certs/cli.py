@@ -168,9 +168,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
             "every older root in the trust bundle until the grace period ends; then it is\n"
             "dropped (and its keys deleted at the next rotate). The schedule is stored in the\n"
             "CA directory, so it survives restarts. Pick a grace period longer than the\n"
-            "longest SVID TTL, so every workload is re-issued by the new root in time."
+            "longest SVID TTL, so every workload is re-issued by the new root in time.\n"
+            "\n"
+            "Sidecars: the control plane (`meshward xds serve`) picks the rotation up by itself\n"
+            "and pushes the new bundle and new-root SVIDs over SDS. But each sidecar's ADS\n"
+            "credentials (xds-cert.pem, xds-key.pem, xds-ca.pem, written by `meshward\n"
+            "bootstrap`) trust only the roots that existed when they were written: re-run\n"
+            "`meshward bootstrap` for every sidecar WITHIN THE GRACE PERIOD (Envoy watches the\n"
+            "directory and reloads them live). Until the old root is dropped, the control\n"
+            "plane presents an ADS certificate from the old root and accepts client\n"
+            "certificates of every trusted root, so sidecars not yet refreshed keep\n"
+            "(re)connecting; after it, they cannot. `meshward status` lists the sidecars\n"
+            "still on an old root (ADS CREDS: RETIRING)."
         ),
-        epilog="examples:\n  meshward ca rotate --dir certs/ca\n  meshward ca rotate --dir certs/ca --grace 2h",
+        epilog=(
+            "examples:\n  meshward ca rotate --dir certs/ca\n"
+            "  meshward ca rotate --dir certs/ca --grace 2h\n"
+            "then, for every sidecar, before the grace period ends:\n"
+            "  meshward bootstrap --workload NS/NAME --xds HOST:PORT --ca certs/ca [same options]\n"
+            "  meshward status --xds HOST:ADMIN_PORT        # ADS CREDS: ok everywhere"
+        ),
     )
     _add_dir(p)
     p.add_argument(
@@ -371,6 +388,13 @@ def _rotate(args: argparse.Namespace) -> int:
         )
         print(f"  generation {g.number} root {g.root_fingerprint[:16]}… trusted {when}")
     print("push the new trust bundle to every workload before re-issuing their SVIDs")
+    dropped_at = min((g.trusted_until for g in others if g.trusted_until), default=None)
+    if dropped_at is not None and dropped_at > now:
+        deadline = f"before {dropped_at:%Y-%m-%d %H:%M:%SZ}"
+        print(
+            f"sidecars: re-run `meshward bootstrap` for each one {deadline} (their ADS "
+            "credentials trust only the old root); `meshward status` lists those still on it"
+        )
     return 0
 
 

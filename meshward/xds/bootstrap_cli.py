@@ -38,7 +38,11 @@ writes <out>/<name>.<namespace>[.<instance>]/:
 They authenticate the ADS connection only: the control plane accepts them only for this
 workload's node ids, and sends the data-plane SVID (SDS "default", renewed at half-life) over
 it. Envoy watches the directory: re-run this command before the credentials expire to refresh
-them in a running Envoy. Run Envoy with: envoy -c {BOOTSTRAP_FILE} {ENVOY_FLAGS}
+them in a running Envoy -- and after every `meshward ca rotate`, within its grace period: the
+files trust only the roots that existed when they were written, and once the old root is
+dropped the control plane presents a certificate from the new one (`meshward status` flags
+sidecars still on an old root: ADS CREDS RETIRING).
+Run Envoy with: envoy -c {BOOTSTRAP_FILE} {ENVOY_FLAGS}
 """
 
 

@@ -57,6 +57,7 @@ class TypeView:
 
     version: str = ""
     resources: dict[str, Any] = field(default_factory=dict)  # name -> Any (packed)
+    versions: dict[str, str] = field(default_factory=dict)  # delta: name -> resource version
     nonce: str = ""
     responses: int = 0
 
@@ -64,6 +65,8 @@ class TypeView:
 @dataclass
 class AdsClient:
     """One simulated node. ``run()`` opens the stream and ACKs everything until ``close()``.
+    ``run()`` again (after the stream ended) reconnects as Envoy does: the first requests carry
+    what the client holds (SotW ``version_info``, delta ``initial_resource_versions``).
 
     ``nack``: called with (type_url, response); return an error string to NACK that response.
     ``on_response``: called after each response is applied (e.g. to time convergence).
@@ -121,6 +124,9 @@ class AdsClient:
         from grpclib.const import Cardinality
 
         self._channel = Channel(self.host, self.port, ssl=self.ssl_context)
+        self.error = None
+        while not self._send.empty():  # answers meant for an earlier stream
+            self._send.get_nowait()
         try:
             method = DELTA_METHOD if self.delta else SOTW_METHOD
             request_type: Any = (
@@ -172,11 +178,16 @@ class AdsClient:
             )
 
     def _initial(self, type_url: str, names: tuple[str, ...]) -> Any:
+        view = self.views.get(type_url) or TypeView()  # (no view for a type never answered)
         if self.delta:
             return discovery_pb2.DeltaDiscoveryRequest(
-                type_url=type_url, resource_names_subscribe=list(names)
+                type_url=type_url,
+                resource_names_subscribe=list(names),
+                initial_resource_versions=view.versions,
             )
-        return discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=list(names))
+        return discovery_pb2.DiscoveryRequest(
+            type_url=type_url, version_info=view.version, resource_names=list(names)
+        )
 
     async def _sender(self, stream: Any) -> None:
         while True:
@@ -191,8 +202,10 @@ class AdsClient:
             if error is None:
                 for resource in response.resources:
                     view.resources[resource.name] = resource.resource
+                    view.versions[resource.name] = resource.version
                 for name in response.removed_resources:
                     view.resources.pop(name, None)
+                    view.versions.pop(name, None)
                 view.version = response.system_version_info
             request = discovery_pb2.DeltaDiscoveryRequest(
                 type_url=type_url, response_nonce=response.nonce

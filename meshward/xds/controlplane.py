@@ -5,7 +5,9 @@
   get a new snapshot, so only they are pushed to.
 - Identity: a node's SVID is issued when its first stream opens, renewed at ~50% of its lifetime
   (:class:`meshward.certs.RotationSchedule`) and pushed over SDS without a restart. The ADS
-  server's own certificate renews the same way.
+  server's own certificate renews the same way, but is signed by the *oldest* CA generation
+  still trusted: sidecars verify it with the bundle `meshward bootstrap` wrote, which may predate
+  a `meshward ca rotate`; it moves to the next generation when the old root is dropped.
 - Node authentication: a stream may act as node ``ns/name[/i]`` only if its client certificate
   is the SVID of workload ``ns/name`` (see :mod:`meshward.xds.nodeid`).
 
@@ -27,11 +29,12 @@ from typing import Any
 from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import types
 from meshward.xds.cache import SnapshotCache
+from meshward.xds.clientcert import ClientCertificate, credentials_status
 from meshward.xds.credentials import ServerTls
 from meshward.xds.nodeid import NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
-from meshward.xds.snapshot import Snapshot, build_snapshot, snapshot_version
+from meshward.xds.snapshot import Snapshot, build_snapshot
 
 log = logging.getLogger("meshward.xds")
 
@@ -56,7 +59,7 @@ class NodeState:
     identity: str
     svid: Any = None  # meshward.certs.Svid
     secrets: tuple[Resource, ...] = ()
-    generation: int = 0  # certificate generation: bumps with every new secret content
+    generation: int = 0  # counts changes of its secrets (SVID renewals, bundle changes); status
     connected: bool = False
     issued: int = 0
     renew_at: datetime | None = None
@@ -119,6 +122,7 @@ class ControlPlane:
         self._ca_mtime: float | None = None
         self.server_tls: ServerTls | None = None
         self._server_svid: Any = None
+        self._server_generation: int | None = None  # the CA generation that signed it
         self._compiled_at = wall_clock()
         self._recompile(self._compiled_at)
         self._refresh_bundle(self._compiled_at)
@@ -281,6 +285,16 @@ class ControlPlane:
             }
         return details
 
+    def client_certificate(self, certificate: Any) -> ClientCertificate:
+        generation = self.ca.issuing_generation(certificate)
+        return ClientCertificate(
+            generation.number if generation is not None else None,
+            certificate.not_valid_after_utc,
+        )
+
+    def client_certificate_status(self, cert: ClientCertificate) -> dict[str, Any]:
+        return credentials_status(cert, self.ca.generations, self.wall_clock())
+
     def _issue(self, state: NodeState, now: datetime, *, reason: str) -> None:
         from meshward.certs.sds import tls_certificate_secret, validate_secret
 
@@ -312,8 +326,7 @@ class ControlPlane:
         if self._rootca is not None:
             secrets.append(self._rootca)
         resources[types.SECRET] = secrets
-        version = snapshot_version(self.policy.version, state.generation)
-        return build_snapshot(self.cache.get(str(state.node)), resources, version, self.clock())
+        return build_snapshot(self.cache.get(str(state.node)), resources, self.clock())
 
     def _refresh_node(self, state: NodeState) -> bool:
         return self.cache.set(str(state.node), self._snapshot(state))
@@ -340,35 +353,47 @@ class ControlPlane:
             state.generation += 1
             self._refresh_node(state)
         if self.server_tls is not None and self._server_svid is not None:
-            self.server_tls.update(
-                self._server_svid.private_key_pem,
-                self._server_svid.cert_chain_pem,
-                bundle.roots_pem,
-            )
+            if self._server_generation != self.ca.oldest_trusted_generation(now).number:
+                # Its root was dropped: sign from the (new) oldest trusted generation now.
+                self._renew_server(now, reason="its CA generation is no longer trusted")
+            else:  # client certificates are verified against every root trusted now
+                self.server_tls.update(
+                    self._server_svid.private_key_pem,
+                    self._server_svid.cert_chain_pem,
+                    bundle.roots_pem,
+                )
         return True
+
+    def _issue_server(self, now: datetime) -> Any:
+        generation = self.ca.oldest_trusted_generation(now)
+        svid = self.ca.issue(
+            server_spiffe_id(self.policy, self.ca.trust_domain),
+            ttl=self.server_ttl,
+            now=now,
+            generation=generation.number,
+        )
+        self._server_svid = svid
+        self._server_generation = generation.number
+        self.schedule.track(SERVER_KEY, svid)
+        return svid
 
     def make_server_tls(self) -> ServerTls:
         """Issue the ADS server's certificate and return its (renewable) TLS config."""
         now = self.wall_clock()
-        svid = self.ca.issue(
-            server_spiffe_id(self.policy, self.ca.trust_domain), ttl=self.server_ttl, now=now
-        )
-        self._server_svid = svid
-        self.schedule.track(SERVER_KEY, svid)
+        svid = self._issue_server(now)
         bundle = self.ca.trust_bundle(now=now)
         self.server_tls = ServerTls(svid.private_key_pem, svid.cert_chain_pem, bundle.roots_pem)
         return self.server_tls
 
-    def _renew_server(self, now: datetime) -> None:
-        svid = self.ca.issue(
-            server_spiffe_id(self.policy, self.ca.trust_domain), ttl=self.server_ttl, now=now
-        )
-        self._server_svid = svid
-        self.schedule.track(SERVER_KEY, svid)
+    def _renew_server(self, now: datetime, *, reason: str = "rotation") -> None:
+        svid = self._issue_server(now)
         if self.server_tls is not None:
             bundle = self.ca.trust_bundle(now=now)
             self.server_tls.update(svid.private_key_pem, svid.cert_chain_pem, bundle.roots_pem)
-        log.info("ADS server certificate renewed, expires %s", svid.not_after.isoformat())
+        log.info(
+            "ADS server certificate renewed (%s) by CA generation %d, expires %s",
+            reason, self._server_generation, svid.not_after.isoformat(),
+        )  # fmt: skip
 
     def _maybe_reload_ca(self) -> None:
         directory = getattr(self.ca, "directory", None)
@@ -423,6 +448,13 @@ class ControlPlane:
 
     def seconds_until_next(self, now: datetime) -> float:
         waits = [CA_POLL_SECONDS]
+        dropped = [
+            g.trusted_until
+            for g in self.ca.generations
+            if g.trusted_until is not None and g.trusted_until > now
+        ]
+        if dropped:  # the bundle (and maybe the server certificate) changes at that instant
+            waits.append((min(dropped) - now).total_seconds())
         renewal = self.schedule.seconds_until_next(now)
         if renewal is not None:
             waits.append(renewal)
@@ -463,6 +495,7 @@ class ControlPlane:
                 {
                     "spiffe_id": self._server_svid.spiffe_id,
                     "not_after": self._server_svid.not_after.isoformat(),
+                    "ca_generation": self._server_generation,
                 }
                 if self._server_svid is not None
                 else None

@@ -20,6 +20,17 @@ every rule below is unit-tested without a server:
 - Secrets. A node's snapshot only holds its own secrets; requesting any other name gets nothing
   and a :class:`SecretDenied` event (logged once per name by the caller, as an audit line).
 - SotW answers again whenever the requested names of a type change, even with no new version.
+- Resync without churn. Versions are content digests (:mod:`meshward.xds.snapshot`), the same
+  on every replica and after a restart. A SotW stream's first request for a type that reports
+  (``version_info``) the very version the node should have, for names the snapshot holds, is
+  not answered: the node is recorded as holding that version. A delta stream's first request
+  lists what Envoy holds (``initial_resource_versions``: per-resource content hashes); only
+  what differs is sent, and nothing at all when nothing differs.
+- Delta "in sync". A delta response carries only changes, so its ``system_version_info`` is not
+  the whole story: whenever nothing is left to send, nothing is in flight and nothing is held
+  back, every subscribed resource Envoy holds is the desired one, and the type counts as ACKed
+  at the desired version (e.g. after a NACKed change is reverted, or when only resources the
+  node does not subscribe to changed).
 """
 
 from __future__ import annotations
@@ -144,6 +155,10 @@ class TypeState:
     pushes: int = 0
     plan_key: tuple[str, frozenset[str], frozenset[str]] | None = None  # SotW: last push inputs
     denied: set[str] = field(default_factory=set)  # secret names already reported
+    # The stream's first request says what Envoy already holds (SotW: this version; delta: its
+    # initial_resource_versions): if that is what it should hold, the first answer is skipped.
+    resync: bool = False
+    resync_version: str = ""  # SotW
 
 
 class _Protocol:
@@ -320,7 +335,7 @@ class SotwProtocol(_Protocol):
                 if st.requested:
                     events.append(Ignored(st.type_url, "unknown nonce"))
                     return events
-                st.must_respond = True  # a nonce from an earlier stream: answer as new
+                self._first_request(st, request)  # a nonce from an earlier stream
             else:
                 if request.error_detail is not None:
                     events.append(self._nack(st, sent, request.error_detail, now, sotw=True))
@@ -328,10 +343,10 @@ class SotwProtocol(_Protocol):
                     events.append(self._ack(st, sent, now, sotw=True))
                 if request.response_nonce != st.latest_nonce:
                     return events  # a newer response is in flight; its ACK will follow
+        elif not st.requested:
+            self._first_request(st, request)
         else:
             st.must_respond = True
-            if request.version_info and not st.acked_version:
-                st.acked_version = request.version_info  # what Envoy kept from a previous stream
         names = tuple(request.resource_names)
         wildcard = st.type_url in types.WILDCARD_TYPES and (not names or "*" in names)
         explicit = {name for name in names if name != "*"}
@@ -344,10 +359,33 @@ class SotwProtocol(_Protocol):
         st.denied &= explicit
         return events
 
+    @staticmethod
+    def _first_request(st: TypeState, request: Request) -> None:
+        st.must_respond = True
+        if request.version_info:
+            # What Envoy kept from a previous stream (or another control plane replica).
+            if not st.acked_version:
+                st.acked_version = request.version_info
+            st.resync = True
+            st.resync_version = request.version_info
+
     def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
         desired = snapshot.resources(st.type_url)
         base = snapshot.type_version(st.type_url)
         names = sorted(desired) if st.wildcard else sorted(st.names)
+        if st.resync:
+            st.resync = False
+            if st.resync_version == base and all(name in desired for name in names):
+                # A reconnecting node that holds exactly this version (a content digest, and
+                # never a partial one): answering would only make it re-apply what it has.
+                # Nothing is held back either: it has every cluster its listeners name.
+                st.sent = {name: desired[name] for name in names}
+                st.applied = dict(st.sent)
+                st.acked_version = st.sent_version = base
+                st.acked_at = now
+                st.plan_key = (base, frozenset(), frozenset())
+                st.must_respond = False
+                return None
         content: dict[str, Resource] = {}
         held: set[str] = set()
         partial = False
@@ -402,6 +440,7 @@ class DeltaProtocol(_Protocol):
             st.requested = True
             st.requested_at = now
             st.must_respond = True
+            st.resync = bool(request.initial_versions)
             for name, version in request.initial_versions.items():
                 stub = Resource.stub(st.type_url, name, version)
                 st.sent[name] = st.applied[name] = stub
@@ -442,13 +481,27 @@ class DeltaProtocol(_Protocol):
                     removed.append(name)
                 continue
             if have is not None and have.hash == resource.hash:
+                if have.body is None:  # a stub from initial_resource_versions: it is this one
+                    st.sent[name] = resource
+                    if st.applied.get(name) is have:
+                        st.applied[name] = resource
                 continue
             if st.rejected.get(name) == resource.hash or not self._deps_ok(resource, snapshot):
                 partial = True
                 continue
             updates[name] = resource
-        if not updates and not removed and not st.must_respond:
-            return None
+        resync, st.resync = st.resync, False
+        if not updates and not removed:
+            if not partial and not st.outstanding:
+                # Nothing to send, nothing in flight, nothing held back: Envoy holds every
+                # subscribed resource at its desired content.
+                if st.acked_version != base:
+                    st.acked_version = base
+                    st.acked_at = now
+                if resync:
+                    st.must_respond = False  # a reconnect that already has it all
+            if not st.must_respond:
+                return None
         for name, resource in updates.items():
             st.sent[name] = resource
         for name in removed:

@@ -24,6 +24,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshward.xds import types
 from meshward.xds.cache import SnapshotCache
+from meshward.xds.clientcert import ClientCertificate
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.nodeid import InvalidNodeId, NodeId
 from meshward.xds.protocol import (
@@ -73,19 +74,35 @@ class NodeSource(Protocol):
     def node_details(self, node: NodeId) -> dict[str, Any]:
         """Extra status for the node (workload, certificate)."""
 
+    def client_certificate(self, certificate: Any) -> ClientCertificate:
+        """What to remember of a stream's (verified) client certificate, an x509.Certificate."""
 
-def peer_identity(context: Any) -> str | None:
-    """The SPIFFE ID in the client certificate grpc verified, or None without one."""
+    def client_certificate_status(self, cert: ClientCertificate) -> dict[str, Any]:
+        """Its status now (see :func:`meshward.xds.clientcert.credentials_status`)."""
+
+
+def peer_certificate(context: Any) -> Any | None:
+    """The client certificate grpc verified (an x509.Certificate), or None without one."""
     auth = context.auth_context() or {}
     pems = auth.get("x509_pem_cert") or []
     if not pems:
         return None
     from cryptography import x509
 
+    try:
+        return x509.load_pem_x509_certificate(pems[0])
+    except ValueError:
+        return None
+
+
+def peer_identity(context: Any, certificate: Any | None = None) -> str | None:
+    """The SPIFFE ID in the client certificate grpc verified, or None without one."""
+    certificate = certificate if certificate is not None else peer_certificate(context)
+    if certificate is None:
+        return None
     from meshward.certs.verify import SvidVerificationError, spiffe_id_of
 
     try:
-        certificate = x509.load_pem_x509_certificate(pems[0])
         return str(spiffe_id_of(certificate))
     except (ValueError, SvidVerificationError):
         return None
@@ -101,6 +118,7 @@ class Stream:
     connected_at: float  # monotonic
     connected_wall: float
     protocol: SotwProtocol | DeltaProtocol
+    client_cert: ClientCertificate | None = None
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     wake_pending: bool = False
 
@@ -176,7 +194,8 @@ class AdsServer:
 
     async def _open(self, mode: str, first: Any, context: Any) -> Stream | None:
         peer = context.peer() or "?"
-        identity = peer_identity(context)
+        certificate = peer_certificate(context)
+        identity = peer_identity(context, certificate)
         raw_id = first.node.id
         try:
             node = NodeId.parse(raw_id)
@@ -207,6 +226,9 @@ class AdsServer:
             connected_at=self.clock(),
             connected_wall=time.time(),
             protocol=protocol,
+            client_cert=(
+                self.source.client_certificate(certificate) if certificate is not None else None
+            ),
         )
         self.streams[stream.id] = stream
         self.cache.watch(str(node), stream.wake)
@@ -384,9 +406,16 @@ class AdsServer:
             streams = sorted(by_node.get(node_name, []), key=lambda s: s.id)
             entries = []
             node_drift = False
+            warning = None
             for stream in streams:
                 statuses = stream_types(stream.protocol.states, snapshot, now, self.drift_threshold)
                 node_drift = node_drift or drifting(statuses)
+                credentials = (
+                    self.source.client_certificate_status(stream.client_cert)
+                    if stream.client_cert is not None
+                    else None
+                )
+                warning = warning or (credentials or {}).get("warning")
                 entries.append(
                     {
                         "id": stream.id,
@@ -394,6 +423,7 @@ class AdsServer:
                         "peer": stream.peer,
                         "identity": stream.identity,
                         "connected_since": iso(stream.connected_wall),
+                        "ads_credentials": credentials,
                         "types": [s.as_dict(wall_offset) for s in statuses],
                     }
                 )
@@ -408,6 +438,7 @@ class AdsServer:
                     "connected_since": entries[0]["connected_since"] if entries else None,
                     "desired_version": snapshot.version if snapshot else None,
                     "drift": node_drift,
+                    "ads_credentials_warning": warning,
                     "streams": entries,
                     **details,
                 }

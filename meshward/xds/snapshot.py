@@ -1,10 +1,17 @@
-"""What one node should have: resources per type URL, each type with its own version.
+"""What one node should have: resources per type URL, each type versioned by its content.
 
-Version = ``<policy-set version, 12 hex>.<certificate generation>`` (``+<content digest>`` when
-the content changed without either changing, e.g. at an expires-at instant), assigned per type and kept
-*sticky*: a type whose content did not change keeps the version it had, so a policy change that
-does not touch a node's listeners does not push listeners to it, and "desired" never moves away
-from "ACKed" for a node that has nothing new to apply (no false drift).
+A type's version is a digest of its resources (name and content hash, sorted by name), nothing
+else: no policy version, no certificate generation, no clock. So
+
+- a type whose content did not change keeps its version (a policy change that does not touch a
+  node's listeners pushes no listeners to it, and "desired" never moves away from "ACKed" for a
+  node that has nothing new to apply: no false drift);
+- every replica, and a restarted control plane, computes the same version for the same content
+  (compile output is byte-identical for the same input), so a reconnecting Envoy that reports
+  the version it holds is recognised as in sync and sent nothing (see
+  :mod:`meshward.xds.protocol`);
+- new content always gets a new version, whatever made it change (a policy edit, an expires-at
+  instant, a renewed SVID or trust bundle).
 """
 
 from __future__ import annotations
@@ -18,15 +25,13 @@ from meshward.xds import types
 from meshward.xds.resources import Resource
 
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})
+VERSION_LENGTH = 16  # hex characters of a content version
 
 
-def _digest(fingerprint: Mapping[str, str]) -> str:
+def content_version(fingerprint: Mapping[str, str]) -> str:
+    """The version of a set of resources given as ``{name: content hash}`` (order-free)."""
     text = "\n".join(f"{name} {digest}" for name, digest in sorted(fingerprint.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def snapshot_version(policy_version: str, cert_generation: int) -> str:
-    return f"{policy_version[:12]}.{cert_generation}"
+    return hashlib.sha256(text.encode()).hexdigest()[:VERSION_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class TypeSnapshot:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """``version``: a digest of the type versions (one value per node config, for status)."""
+
     version: str
     types: Mapping[str, TypeSnapshot] = field(default_factory=dict)
 
@@ -72,12 +79,11 @@ class Snapshot:
 def build_snapshot(
     previous: Snapshot | None,
     resources: Mapping[str, Iterable[Resource]],
-    version: str,
     now: float,
 ) -> Snapshot:
     """The next snapshot of a node; types whose content is unchanged reuse the previous entry
-    (same object, same version). Types absent from ``resources`` are present and empty, so
-    a node subscribing to them gets a versioned (empty) answer."""
+    (same object, same version, same ``changed_at``). Types absent from ``resources`` are
+    present and empty, so a node subscribing to them gets a versioned (empty) answer."""
     entries: dict[str, TypeSnapshot] = {}
     for type_url in types.ORDER:
         by_name: dict[str, Resource] = {}
@@ -92,13 +98,8 @@ def build_snapshot(
         if old is not None and old.fingerprint() == fingerprint:
             entries[type_url] = old
             continue
-        type_version = version
-        if old is not None and old.version.split("+", 1)[0] == version:
-            # New content under the same policy version and certificate generation (an
-            # expires-at instant passed, or the compiler's inputs changed): the version must
-            # still change, and stays deterministic for the same content.
-            type_version = f"{version}+{_digest(fingerprint)}"
         entries[type_url] = TypeSnapshot(
-            type_version, MappingProxyType(dict(sorted(by_name.items()))), now
+            content_version(fingerprint), MappingProxyType(dict(sorted(by_name.items()))), now
         )
-    return Snapshot(version=version, types=MappingProxyType(entries))
+    node_version = content_version({t: e.version for t, e in entries.items()})
+    return Snapshot(version=node_version, types=MappingProxyType(entries))

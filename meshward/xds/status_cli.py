@@ -30,6 +30,12 @@ examples:
 columns: per xDS type, ok = ACKed the desired version; pending = being pushed (under the drift
 threshold); STALE = behind for longer than the threshold (drift); NACK = the node rejected the
 latest version and keeps its last good one; - = not subscribed.
+ADS CREDS: the CA root the sidecar's ADS client certificate (from `meshward bootstrap`) chains
+to: ok; RETIRING = that root is dropped at the end of a `meshward ca rotate` grace period: re-run
+`meshward bootstrap` for the sidecar before then; UNTRUSTED = already dropped: the sidecar
+cannot reconnect once its stream ends.
+versions: a type's version is a digest of its content (the same on every control plane replica
+and after a restart); the policy set's version is shown on its own line.
 exit status: 0 all nodes in sync or converging; 1 any node drifts, the last policy change was
 rejected, or the control plane is unreachable.
 """
@@ -93,6 +99,14 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return "STALE" if entry["drift"] else "pending"
 
 
+def _credentials_cell(stream: dict[str, Any] | None) -> str:
+    credentials = (stream or {}).get("ads_credentials")
+    if not credentials:
+        return "-"
+    state = credentials.get("state")
+    return {"ok": "ok", "root-retiring": "RETIRING", "untrusted": "UNTRUSTED"}.get(state, "?")
+
+
 def node_state(node: dict[str, Any]) -> str:
     if not node["connected"]:
         return "DISCONNECTED"
@@ -118,7 +132,7 @@ def render(status: dict[str, Any], now: datetime | None = None) -> str:
     if not nodes:
         lines.append("no nodes have connected")
         return "\n".join(lines) + "\n"
-    header = ["NODE", "MODE", "CONNECTED", *TYPES, "CERT EXPIRES", "STATE"]
+    header = ["NODE", "MODE", "CONNECTED", *TYPES, "CERT EXPIRES", "ADS CREDS", "STATE"]
     rows = []
     details: list[str] = []
     for node in nodes:
@@ -132,9 +146,12 @@ def render(status: dict[str, Any], now: datetime | None = None) -> str:
                 _age(node["connected_since"], now) if node["connected"] else "no",
                 *(_cell(by_type.get(t)) for t in TYPES),
                 f"in {_span(cert['remaining_seconds'])}" if cert else "-",
+                _credentials_cell(stream),
                 node_state(node),
             ]
         )
+        if node.get("ads_credentials_warning"):
+            details.append(f"  {node['node']}: {node['ads_credentials_warning']}")
         for entry in by_type.values():
             if entry["in_sync"]:
                 continue

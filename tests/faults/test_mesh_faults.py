@@ -213,18 +213,13 @@ def test_control_plane_restart_applies_nothing_to_envoy(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshward.xds type versions are not a function of content: a type keeps the policy "
-    "version and certificate generation current when its content last changed ('sticky'), so a "
-    "restarted control plane (or another replica) versions identical content differently "
-    "(e.g. LDS 5ff5bd423a5f.1 -> 2d5daed684fd.1 after one policy edit); see the issue 9 report",
-)
 def test_control_plane_restart_resyncs_to_the_same_versions(
     control_plane_restart: dict[str, Any],
 ) -> None:
     """Deterministic versions: after the restart every node ACKs, for listeners, routes,
-    clusters and endpoints, the very versions it had ACKed before (nothing new to apply)."""
+    clusters and endpoints, the very versions it had ACKed before (nothing new to apply), and
+    is sent none of them again (SotW: its first request reports the version it holds; delta:
+    its initial_resource_versions match)."""
     record = control_plane_restart
     before = {
         key: version
@@ -234,6 +229,15 @@ def test_control_plane_restart_resyncs_to_the_same_versions(
     after = acked_versions(record["after_status"])
     changed = {key: (v, after.get(key)) for key, v in before.items() if after.get(key) != v}
     assert not changed, changed
+    # Resynced without a push: the new control plane sent those types nothing at all.
+    pushed = {
+        (node["node"], t["type"]): t["pushes"]
+        for node in record["after_status"]["nodes"]
+        for stream in node["streams"]
+        for t in stream["types"]
+        if t["type"] != "SDS"
+    }
+    assert pushed and not any(pushed.values()), pushed
 
 
 # -- invalid policy, NACKed resource ----------------------------------------------------------------
@@ -329,7 +333,7 @@ def nacked_change(fault_mesh: Any) -> dict[str, Any]:
         time.sleep(0.05)
     record["in_sync_after_revert"] = mesh.in_sync()
     record["after_revert"] = orders_type(mesh, "LDS"), orders_type(mesh, "RDS")
-    if not mesh.in_sync():  # the delta resync bug (see the xfail below): a new stream clears it
+    if not mesh.in_sync():  # would be a delta resync bug (the test below fails): clean up
         mesh.restart_sidecar(ORDERS)
     mesh.wait_converged(old)
     return record
@@ -364,13 +368,6 @@ def test_a_resource_envoy_nacks_leaves_the_old_version_serving(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="delta ADS: after a NACKed change is reverted, the node's LDS/RDS desired version "
-    "moves back to the policy version with the *current* certificate generation, but nothing "
-    "is pushed (the content equals what Envoy has), so ACKed != desired forever: false drift "
-    "until the stream reconnects; see the issue 9 report",
-)
 def test_a_delta_node_is_back_in_sync_once_the_nacked_change_is_reverted(
     nacked_change: dict[str, Any],
 ) -> None:
@@ -536,13 +533,18 @@ def envoy_identity(envoy: Any) -> tuple[int, int]:
     return chain_generation, roots
 
 
+def ads_credentials_state(mesh: Any, ref: str) -> str:
+    return str(mesh.node(ref)["streams"][0]["ads_credentials"]["state"])
+
+
 def test_svid_and_ca_root_rotation_under_steady_mtls_traffic_drop_nothing(
     fault_mesh: Any,
 ) -> None:
     """`meshward ca rotate --grace 20s` under traffic: the control plane reloads the CA, pushes
     the bundle with old and new roots, renews every SVID from the new root (SVIDs keep rotating
     every few seconds throughout) and drops the old root when the grace period ends. Not one
-    request fails."""
+    request fails. `meshward status` flags every sidecar whose ADS credentials (its bootstrap
+    files) chain to the old root: retiring during the grace period, untrusted after it."""
     mesh = fault_mesh
     refs = list(mesh.envoys)
     issued = {ref: mesh.node(ref)["certificate"]["issued"] for ref in refs}
@@ -559,14 +561,19 @@ def test_svid_and_ca_root_rotation_under_steady_mtls_traffic_drop_nothing(
             lambda: all(envoy_identity(mesh.envoys[ref]) == (2, 2) for ref in refs),
             30, "new-root SVIDs and both roots on every sidecar",
         )  # fmt: skip
+        # Their ADS credentials (bootstrap files) still chain to the old root: flagged.
+        during = {ref: ads_credentials_state(mesh, ref) for ref in refs}
         wait_until(
             lambda: all(envoy_identity(mesh.envoys[ref]) == (2, 1) for ref in refs),
             40, "the old root dropped after the grace period",
         )  # fmt: skip
         dropped_at = time.monotonic()
         time.sleep(1.0)
+        after = {ref: ads_credentials_state(mesh, ref) for ref in refs}
     outcomes = traffic.outcomes
     assert dropped_at - rotated_at >= 19  # the old root stayed trusted for the grace period
+    assert set(during.values()) == {"root-retiring"}, during  # `meshward status`: RETIRING
+    assert set(after.values()) == {"untrusted"}, after
     # SVID rotation went on all along (several renewals per sidecar, old root and new).
     assert all(mesh.node(ref)["certificate"]["issued"] >= issued[ref] + 2 for ref in refs)
     assert len(outcomes) > 1000, summarize(outcomes)
@@ -577,20 +584,14 @@ def test_svid_and_ca_root_rotation_under_steady_mtls_traffic_drop_nothing(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after `meshward ca rotate`, the control plane issues its own ADS server certificate "
-    "from the new root at once (at start, and at each renewal), while every sidecar's ADS trust "
-    "is the bundle `meshward bootstrap` wrote before the rotation: sidecars cannot reconnect "
-    "(TLSV1_ALERT_UNKNOWN_CA) and stop receiving config and SVID renewals; see the issue 9 report",
-)
 def test_sidecar_ads_credentials_from_before_a_ca_rotation_reach_a_restarted_control_plane(
     fault_mesh: Any, tmp_path: Path
 ) -> None:
     """Credentials as `meshward bootstrap` writes them, then `meshward ca rotate` (grace 1 h:
     the old root stays trusted), then the control plane restarts: a sidecar holding those
-    credentials must still complete the ADS TLS handshake. Runs last: it leaves the control
-    plane unreachable for the module's sidecars when the bug is present."""
+    credentials must still complete the ADS TLS handshake. Runs last: it would leave the
+    control plane unreachable for the module's sidecars if the server certificate came from
+    the new root."""
     import ssl
 
     from meshward.certs import CertificateAuthority
@@ -619,3 +620,7 @@ def test_sidecar_ads_credentials_from_before_a_ca_rotation_reach_a_restarted_con
         context.wrap_socket(sock) as tls,
     ):
         assert tls.version() is not None
+        # TLS 1.3: the server's verdict on the client certificate comes with its first bytes
+        # (its HTTP/2 SETTINGS after our preface), or as an alert.
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        assert tls.recv(9)

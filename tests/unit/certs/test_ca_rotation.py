@@ -282,3 +282,48 @@ def test_leaked_intermediate_cannot_mint_outside_the_trust_domain(
     out = handshake(tmp_path, ca.issue(SERVER), bundle, forged, bundle)
     assert out.server_error is not None and reason in out.server_error, out
     assert out.server_saw is None
+
+
+# ---- issuing for peers that may hold an old bundle (the ADS server) --------------------------
+
+
+def test_oldest_trusted_generation_follows_the_grace_periods(tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path, TD, now=T0)
+    assert ca.oldest_trusted_generation(now=T0).number == 1
+    ca.rotate(grace=timedelta(hours=1), now=T0)
+    ca.rotate(grace=timedelta(hours=3), now=T0 + timedelta(minutes=30))
+    at = {minutes: ca.oldest_trusted_generation(now=T0 + timedelta(minutes=minutes)).number
+          for minutes in (0, 59, 60, 209, 210)}  # fmt: skip
+    assert at == {0: 1, 59: 1, 60: 2, 209: 2, 210: 3}
+    assert CertificateAuthority.load(tmp_path).oldest_trusted_generation(now=T0).number == 1
+
+
+def test_a_certificate_from_the_oldest_trusted_generation_verifies_with_a_pre_rotation_bundle(
+    rotated: Rotated, tmp_path: Path
+) -> None:
+    """What lets a sidecar whose bootstrap bundle predates `meshward ca rotate` reach the ADS
+    server: its certificate comes from the old generation during the grace period, and the
+    server still accepts old-root and new-root clients."""
+    ca = CertificateAuthority.load(rotated.directory)
+    oldest = ca.oldest_trusted_generation(now=T0)
+    assert oldest.number == 1 and ca.active_generation.number == 2
+    server = ca.issue(SERVER, now=T0, generation=oldest.number)
+    assert server.chain()[1].issuer == rotated.before.roots()[0].subject
+    for client, client_roots in ((rotated.old_client, rotated.before),
+                                 (rotated.new_client, rotated.overlap)):  # fmt: skip
+        outcome = handshake(tmp_path, server, rotated.overlap, client, client_roots)
+        assert outcome.ok and outcome.server_saw == CLIENT, outcome
+    assert ca.issuing_generation(server.certificate()) == oldest
+    assert ca.issuing_generation(rotated.new_client.certificate()) == ca.active_generation
+    stranger = CertificateAuthority.ephemeral(TD).issue(CLIENT)
+    assert ca.issuing_generation(stranger.certificate()) is None
+
+
+def test_issuing_from_a_generation_no_longer_trusted_is_refused(tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path, TD, now=T0)
+    ca.rotate(grace=timedelta(hours=1), now=T0)
+    assert ca.issue(CLIENT, now=T0, generation=2).chain()[1] == ca.active_generation.intermediate
+    with pytest.raises(UserError, match="generation 1 is not trusted"):
+        ca.issue(CLIENT, now=T0 + timedelta(hours=1), generation=1)
+    with pytest.raises(UserError, match="generation 7 is not trusted"):
+        ca.issue(CLIENT, now=T0, generation=7)

@@ -1,4 +1,5 @@
-"""The sans-IO ADS protocol: ordering, ACK/NACK per resource, SDS name changes, secret denial."""
+"""The sans-IO ADS protocol: ordering, ACK/NACK per resource, SDS name changes, secret denial,
+resync without churn after a reconnect, delta in-sync tracking."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from meshward.xds.protocol import (
 )
 from meshward.xds.resources import Resource
 from meshward.xds.snapshot import Snapshot, build_snapshot
+from meshward.xds.status import type_status
 from meshward.xds.testing import cluster, listener, secret
 
 C, L, S = types.CLUSTER, types.LISTENER, types.SECRET
@@ -25,7 +27,6 @@ C, L, S = types.CLUSTER, types.LISTENER, types.SECRET
 
 def snap(
     previous: Snapshot | None,
-    version: str,
     *,
     clusters: list[Resource] | None = None,
     listeners: list[Resource] | None = None,
@@ -39,7 +40,6 @@ def snap(
             L: listeners if listeners is not None else [listener("inbound")],
             S: secrets if secrets is not None else [secret("default"), secret("ROOTCA")],
         },
-        version,
         now,
     )
 
@@ -65,53 +65,55 @@ def sotw_connect(p: SotwProtocol, s: Snapshot) -> None:
 
 def test_sotw_initial_sequence_and_ack() -> None:
     p = SotwProtocol()
-    s = snap(None, "v1.1")
+    s = snap(None)
     sotw_connect(p, s)
     for t in (C, S, L):
-        assert p.states[t].acked_version == "v1.1"
+        assert p.states[t].acked_version == s.type_version(t)
         assert p.states[t].applied.keys() == s.resources(t).keys()
     assert p.plan(s, 1) == ([], [])  # nothing new: nothing sent
 
 
 def test_sotw_pushes_only_changed_types_in_order() -> None:
     p = SotwProtocol()
-    s1 = snap(None, "v1.1")
+    s1 = snap(None)
     sotw_connect(p, s1)
     s2 = snap(
         s1,
-        "v2.1",
         clusters=[cluster("app"), cluster("orders")],
         listeners=[listener("inbound", tag="x")],
     )
-    assert s2.type_version(S) == "v1.1"  # sticky: secrets did not change
+    assert s2.type_version(S) == s1.type_version(S)  # same content, same version
     pushes, _ = p.plan(s2, 1)
-    assert [(x.type_url, x.version) for x in pushes] == [(C, "v2.1"), (L, "v2.1")]
+    assert [(x.type_url, x.version) for x in pushes] == [
+        (C, s2.type_version(C)),
+        (L, s2.type_version(L)),
+    ]
     assert names(pushes[0].resources) == ["app", "orders"]
 
 
 def test_listener_held_until_its_cluster_was_sent() -> None:
     p = SotwProtocol()
-    s = snap(None, "v1.1")
+    s = snap(None)
     p.receive(Request(L), 0)  # a client that asks for listeners before clusters
     p.receive(Request(S, "", ("default", "ROOTCA")), 0)
     pushes, _ = p.plan(s, 0)
     lds = next(x for x in pushes if x.type_url == L)
-    assert lds.resources == () and lds.version == "v1.1" + PARTIAL
+    assert lds.resources == () and lds.version == s.type_version(L) + PARTIAL
     p.receive(Request(C), 0)
     pushes, _ = p.plan(s, 1)
     assert [x.type_url for x in pushes] == [C, L]  # cluster first, then the released listener
-    assert names(pushes[1].resources) == ["inbound"] and pushes[1].version == "v1.1"
+    assert names(pushes[1].resources) == ["inbound"] and pushes[1].version == s.type_version(L)
 
 
 def test_listener_never_sent_when_its_secret_is_not_offered() -> None:
     p = SotwProtocol()
-    s = snap(None, "v1.1", secrets=[secret("ROOTCA")])  # no SVID ("default") yet
+    s = snap(None, secrets=[secret("ROOTCA")])  # no SVID ("default") yet
     p.receive(Request(C), 0)
     p.receive(Request(L), 0)
     pushes, _ = p.plan(s, 0)
     lds = next(x for x in pushes if x.type_url == L)
     assert lds.resources == ()
-    s2 = snap(s, "v1.2")  # the SVID arrives
+    s2 = snap(s)  # the SVID arrives
     pushes, _ = p.plan(s2, 1)
     assert [names(x.resources) for x in pushes if x.type_url == L] == [["inbound"]]
 
@@ -119,43 +121,43 @@ def test_listener_never_sent_when_its_secret_is_not_offered() -> None:
 def test_sotw_nack_applies_the_valid_resources_and_keeps_the_rejected_one_old() -> None:
     p = SotwProtocol()
     good_a, good_b = listener("a", port=1), listener("b", port=2)
-    s1 = snap(None, "v1.1", listeners=[good_a, good_b])
+    s1 = snap(None, listeners=[good_a, good_b])
     sotw_connect(p, s1)
     bad_a, new_b = listener("a", port=1, tag="bad"), listener("b", port=2, tag="new")
-    s2 = snap(s1, "v2.1", listeners=[bad_a, new_b])
+    s2 = snap(s1, listeners=[bad_a, new_b])
     [push], _ = p.plan(s2, 1)
     error = "Error adding/updating listener(s) a: Didn't find a registered implementation\n"
-    [event] = p.receive(Request(L, "v1.1", (), push.nonce, error), 2)
+    [event] = p.receive(Request(L, s1.type_version(L), (), push.nonce, error), 2)
     assert isinstance(event, Nacked)
     assert event.nack.resources == ("a",) and not event.nack.whole_response
     st = p.states[L]
     assert st.applied["a"] is good_a and st.applied["b"] is new_b  # b applied despite the NACK
-    assert st.acked_version == "v1.1"
+    assert st.acked_version == s1.type_version(L)
     assert p.plan(s2, 3) == ([], [])  # never resend what Envoy just rejected
     # A later change elsewhere: the rejected listener goes out at its last applied version.
-    s3 = snap(s2, "v3.1", listeners=[bad_a, listener("b", port=2, tag="newer")])
+    s3 = snap(s2, listeners=[bad_a, listener("b", port=2, tag="newer")])
     [push], _ = p.plan(s3, 4)
-    assert push.version == "v3.1" + PARTIAL
+    assert push.version == s3.type_version(L) + PARTIAL
     assert {r.name: r for r in push.resources}["a"] is good_a
     # Fixing the resource clears it.
     s4 = snap(
         s3,
-        "v4.1",
         listeners=[listener("a", port=1, tag="fixed"), listener("b", port=2, tag="newer")],
     )
     [push], _ = p.plan(s4, 5)
-    assert push.version == "v4.1"
-    [event] = p.receive(Request(L, "v4.1", (), push.nonce), 6)
+    assert push.version == s4.type_version(L)
+    [event] = p.receive(Request(L, push.version, (), push.nonce), 6)
     assert isinstance(event, Acked) and not p.states[L].rejected
 
 
 def test_sotw_nack_naming_nothing_rejects_the_whole_response() -> None:
     p = SotwProtocol()
-    s1 = snap(None, "v1.1")
+    s1 = snap(None)
     sotw_connect(p, s1)
-    s2 = snap(s1, "v2.1", clusters=[cluster("app", port=9), cluster("new")])
+    s2 = snap(s1, clusters=[cluster("app", port=9), cluster("new")])
     [push], _ = p.plan(s2, 1)
-    [event] = p.receive(Request(C, "v1.1", (), push.nonce, "Proto constraint validation failed"), 2)
+    nack = Request(C, s1.type_version(C), (), push.nonce, "Proto constraint validation failed")
+    [event] = p.receive(nack, 2)
     assert isinstance(event, Nacked) and event.nack.whole_response
     assert event.nack.resources == ("app", "new")
     assert p.states[C].applied["app"].hash == cluster("app").hash
@@ -163,7 +165,7 @@ def test_sotw_nack_naming_nothing_rejects_the_whole_response() -> None:
 
 def test_sotw_sds_answers_again_when_requested_names_change() -> None:
     p = SotwProtocol()
-    s = snap(None, "v1.1")
+    s = snap(None)
     p.receive(Request(S, "", ("ROOTCA",)), 0)
     [push], _ = p.plan(s, 0)
     assert names(push.resources) == ["ROOTCA"]
@@ -177,7 +179,7 @@ def test_sotw_sds_answers_again_when_requested_names_change() -> None:
 
 def test_other_secrets_get_nothing_and_one_audit_event() -> None:
     p = SotwProtocol()
-    s = snap(None, "v1.1")
+    s = snap(None)
     evil = "spiffe://cluster.local/ns/shop/sa/payments"
     p.receive(Request(S, "", ("default", evil)), 0)
     [push], events = p.plan(s, 0)
@@ -189,14 +191,14 @@ def test_other_secrets_get_nothing_and_one_audit_event() -> None:
 
 def test_stale_nonce_is_tracked_but_not_answered() -> None:
     p = SotwProtocol()
-    s1 = snap(None, "v1.1")
+    s1 = snap(None)
     sotw_connect(p, s1)
-    s2 = snap(s1, "v2.1", clusters=[cluster("app"), cluster("x")])
+    s2 = snap(s1, clusters=[cluster("app"), cluster("x")])
     [first], _ = p.plan(s2, 1)
-    s3 = snap(s2, "v3.1", clusters=[cluster("app"), cluster("y")])
+    s3 = snap(s2, clusters=[cluster("app"), cluster("y")])
     [_second], _ = p.plan(s3, 1)
     events = p.receive(Request(C, first.version, (), first.nonce), 2)
-    assert isinstance(events[0], Acked) and p.states[C].acked_version == "v2.1"
+    assert isinstance(events[0], Acked) and p.states[C].acked_version == s2.type_version(C)
     assert p.plan(s3, 2) == ([], [])
     events = p.receive(Request(C, "v9", (), "nonsense"), 2)
     assert isinstance(events[0], Ignored)
@@ -204,12 +206,12 @@ def test_stale_nonce_is_tracked_but_not_answered() -> None:
 
 def test_delta_sends_only_changes_and_removals() -> None:
     p = DeltaProtocol()
-    s1 = snap(None, "v1.1", clusters=[cluster("a"), cluster("b")])
+    s1 = snap(None, clusters=[cluster("a"), cluster("b")])
     p.receive(DeltaRequest(C), 0)
     [push], _ = p.plan(s1, 0)
     assert names(push.resources) == ["a", "b"] and push.removed == ()
     p.receive(DeltaRequest(C, response_nonce=push.nonce), 0)
-    s2 = snap(s1, "v2.1", clusters=[cluster("a", port=1), cluster("c")])
+    s2 = snap(s1, clusters=[cluster("a", port=1), cluster("c")])
     [push], _ = p.plan(s2, 1)
     assert names(push.resources) == ["a", "c"] and push.removed == ("b",)
     [event] = p.receive(DeltaRequest(C, response_nonce=push.nonce), 2)
@@ -217,7 +219,7 @@ def test_delta_sends_only_changes_and_removals() -> None:
 
 
 def test_delta_reconnect_with_initial_versions_sends_nothing_known() -> None:
-    s = snap(None, "v1.1", clusters=[cluster("a"), cluster("b")])
+    s = snap(None, clusters=[cluster("a"), cluster("b")])
     p = DeltaProtocol()
     known = {"a": cluster("a").hash, "b": "stale"}
     p.receive(DeltaRequest(C, initial_versions=known), 0)
@@ -229,7 +231,6 @@ def test_delta_nack_reverts_and_is_not_resent() -> None:
     p = DeltaProtocol()
     s1 = snap(
         None,
-        "v1.1",
         listeners=[listener("a", port=1), listener("b", port=2)],
         secrets=[secret("default"), secret("ROOTCA")],
     )
@@ -238,9 +239,7 @@ def test_delta_nack_reverts_and_is_not_resent() -> None:
     pushes, _ = p.plan(s1, 0)
     for push in pushes:
         p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
-    s2 = snap(
-        s1, "v2.1", listeners=[listener("a", port=1, tag="bad"), listener("b", port=2, tag="ok")]
-    )
+    s2 = snap(s1, listeners=[listener("a", port=1, tag="bad"), listener("b", port=2, tag="ok")])
     [push], _ = p.plan(s2, 1)
     [event] = p.receive(
         DeltaRequest(
@@ -255,7 +254,7 @@ def test_delta_nack_reverts_and_is_not_resent() -> None:
 
 def test_delta_secret_subscription_filters_foreign_names() -> None:
     p = DeltaProtocol()
-    s = snap(None, "v1.1")
+    s = snap(None)
     p.receive(DeltaRequest(S, subscribe=("default", "ns/other/default")), 0)
     [push], events = p.plan(s, 0)
     assert names(push.resources) == ["default"]
@@ -285,12 +284,12 @@ def test_a_cluster_leaves_only_after_the_listener_routing_to_it() -> None:
                 protocol.receive(
                     Request(type_url, "", ("default", "ROOTCA") if type_url == S else ()), 0
                 )
-        s1 = snap(None, "v1.1", clusters=[cluster("app"), cluster("old")],
+        s1 = snap(None, clusters=[cluster("app"), cluster("old")],
                   listeners=[listener("in", "app"), listener("out", "old", port=2)])  # fmt: skip
         pushes, _ = protocol.plan(s1, 0)
         for push in pushes:
             ack(push)
-        s2 = snap(s1, "v2.1", clusters=[cluster("app")], listeners=[listener("in", "app")])
+        s2 = snap(s1, clusters=[cluster("app")], listeners=[listener("in", "app")])
         pushes, _ = protocol.plan(s2, 1)
         by_type = {p.type_url: p for p in pushes}
         if delta:
@@ -298,13 +297,145 @@ def test_a_cluster_leaves_only_after_the_listener_routing_to_it() -> None:
             assert by_type[L].removed == ("out",)
         else:
             assert names(by_type[C].resources) == ["app", "old"]
-            assert by_type[C].version == "v2.1" + PARTIAL
+            assert by_type[C].version == s2.type_version(C) + PARTIAL
             assert names(by_type[L].resources) == ["in"]
         for push in pushes:
             ack(push)  # Envoy dropped the listener that routed to "old"
         [again], _ = protocol.plan(s2, 2)
-        assert again.type_url == C and again.version == "v2.1"
+        assert again.type_url == C and again.version == s2.type_version(C)
         if delta:
             assert again.removed == ("old",)
         else:
             assert names(again.resources) == ["app"]
+
+
+# -- resync after a reconnect (another stream, a restarted control plane, another replica) ---------
+def test_sotw_reconnect_holding_the_desired_versions_is_sent_nothing_but_what_changed() -> None:
+    """A new stream whose first requests report the very versions the snapshot has: no
+    answer for those types, the node is recorded as holding them (in sync, nothing pushed);
+    SDS, whose content changed meanwhile (a new SVID), is the only push."""
+    s1 = snap(None)
+    sotw_connect(SotwProtocol(), s1)
+    renewed = [secret("default", "renewed"), secret("ROOTCA")]
+    restarted = snap(None, secrets=renewed)
+    p = SotwProtocol()
+    p.receive(Request(C, s1.type_version(C)), 0)
+    p.receive(Request(S, s1.type_version(S), ("default", "ROOTCA")), 0)
+    p.receive(Request(L, s1.type_version(L)), 0)
+    pushes, _ = p.plan(restarted, 0)
+    assert [x.type_url for x in pushes] == [S]
+    for t in (C, L):
+        st = p.states[t]
+        assert st.pushes == 0 and st.acked_version == restarted.type_version(t)
+        assert st.applied.keys() == restarted.resources(t).keys()
+        assert type_status(st, restarted, 100.0, 1.0).in_sync
+    assert not type_status(p.states[S], restarted, 100.0, 1.0).in_sync  # until it ACKs
+    p.receive(Request(S, pushes[0].version, ("default", "ROOTCA"), pushes[0].nonce), 1)
+    assert type_status(p.states[S], restarted, 100.0, 1.0).in_sync
+    assert p.plan(restarted, 2) == ([], [])
+    # The skipped types are tracked as sent: a later change is pushed as usual.
+    s2 = snap(restarted, clusters=[cluster("app"), cluster("more")], secrets=[*renewed])
+    [push], _ = p.plan(s2, 3)
+    assert push.type_url == C and names(push.resources) == ["app", "more"]
+
+
+def test_sotw_reconnect_with_a_nonce_of_the_earlier_stream_is_recognised_too() -> None:
+    s = snap(None)
+    p = SotwProtocol()
+    p.receive(Request(C, s.type_version(C), (), response_nonce="17"), 0)
+    assert p.plan(s, 0) == ([], [])
+    assert p.states[C].acked_version == s.type_version(C)
+
+
+def test_sotw_reconnect_is_answered_unless_it_holds_the_whole_desired_version() -> None:
+    s = snap(None)
+    cases = {
+        "older version": Request(C, "0123456789abcdef"),
+        "partial version": Request(C, s.type_version(C) + PARTIAL),
+        "fresh Envoy": Request(C),
+    }
+    for case, request in cases.items():
+        p = SotwProtocol()
+        p.receive(request, 0)
+        pushes, _ = p.plan(s, 0)
+        assert [(x.type_url, names(x.resources)) for x in pushes] == [(C, ["app"])], case
+    # A requested name the snapshot lacks: answered (with what there is), not assumed held.
+    p = SotwProtocol()
+    p.receive(Request(S, s.type_version(S), ("default", "ROOTCA", "other")), 0)
+    [push], _ = p.plan(s, 0)
+    assert names(push.resources) == ["ROOTCA", "default"]
+    # Holding the desired listeners, it holds the clusters they name: even if it asks for
+    # listeners first, nothing is held back (a partial SotW answer would remove listeners).
+    p = SotwProtocol()
+    p.receive(Request(L, s.type_version(L)), 0)
+    assert p.plan(s, 0) == ([], [])
+    p.receive(Request(C, s.type_version(C)), 0)
+    assert p.plan(s, 0) == ([], [])
+    assert p.states[L].acked_version == s.type_version(L)
+
+
+def test_delta_reconnect_holding_everything_is_sent_nothing_and_in_sync() -> None:
+    s = snap(None, clusters=[cluster("a"), cluster("b")])
+    p = DeltaProtocol()
+    have = {name: r.hash for name, r in s.resources(C).items()}
+    p.receive(DeltaRequest(C, initial_versions=have), 0)
+    assert p.plan(s, 0) == ([], [])
+    st = p.states[C]
+    assert st.pushes == 0 and st.acked_version == s.type_version(C)
+    assert type_status(st, s, 100.0, 1.0).in_sync
+    assert all(r.body is not None for r in st.sent.values())  # stubs replaced by the real ones
+    # Holding one more than desired: only the removal travels.
+    p = DeltaProtocol()
+    p.receive(DeltaRequest(C, initial_versions={**have, "gone": "0" * 16}), 0)
+    [push], _ = p.plan(s, 0)
+    assert push.resources == () and push.removed == ("gone",)
+
+
+def test_delta_node_back_in_sync_when_a_nacked_change_is_reverted() -> None:
+    """Delta: a new listener is NACKed (drift), the SVID renews meanwhile, then the change is
+    reverted: nothing is left to send, and the node is in sync again without a push."""
+    s1 = snap(None, listeners=[listener("a", port=1)])
+    p = DeltaProtocol()
+    for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ())):
+        p.receive(DeltaRequest(t, subscribe=sub), 0)
+    for push in p.plan(s1, 0)[0]:
+        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+    s2 = snap(s1, listeners=[listener("a", port=1), listener("new", port=2)])
+    [push], _ = p.plan(s2, 1)
+    nack = "Error adding/updating listener(s) new: cannot bind: address already in use"
+    p.receive(DeltaRequest(L, response_nonce=push.nonce, error_detail=nack), 2)
+    assert not type_status(p.states[L], s2, 20.0, 5.0).in_sync
+    assert type_status(p.states[L], s2, 20.0, 5.0).drift
+    s3 = snap(s2, listeners=[listener("a", port=1), listener("new", port=2)],
+              secrets=[secret("default", "renewed"), secret("ROOTCA")])  # fmt: skip
+    [sds], _ = p.plan(s3, 3)
+    p.receive(DeltaRequest(S, response_nonce=sds.nonce), 3)
+    reverted = snap(s3, listeners=[listener("a", port=1)],
+                    secrets=[secret("default", "renewed"), secret("ROOTCA")])  # fmt: skip
+    assert reverted.type_version(L) == s1.type_version(L)
+    assert p.plan(reverted, 4) == ([], [])
+    for t in (C, S, L):
+        assert type_status(p.states[t], reverted, 30.0, 5.0).in_sync, t
+
+
+def test_delta_change_to_a_resource_the_node_does_not_subscribe_to_is_no_drift() -> None:
+    s1 = snap(None, secrets=[secret("default"), secret("ROOTCA"), secret("spare")])
+    p = DeltaProtocol()
+    p.receive(DeltaRequest(S, subscribe=("default", "ROOTCA")), 0)
+    [push], _ = p.plan(s1, 0)
+    p.receive(DeltaRequest(S, response_nonce=push.nonce), 0)
+    s2 = snap(s1, secrets=[secret("default"), secret("ROOTCA"), secret("spare", "y")])
+    assert s2.type_version(S) != s1.type_version(S)
+    assert p.plan(s2, 1) == ([], [])
+    assert type_status(p.states[S], s2, 10.0, 1.0).in_sync
+
+
+def test_delta_partial_push_is_never_counted_in_sync() -> None:
+    s = snap(None, secrets=[secret("ROOTCA")])  # no SVID yet: the listener is held back
+    p = DeltaProtocol()
+    p.receive(DeltaRequest(L), 0)
+    [push], _ = p.plan(s, 0)
+    assert push.resources == () and push.version == s.type_version(L) + PARTIAL
+    p.receive(DeltaRequest(L, response_nonce=push.nonce), 1)
+    assert p.plan(s, 2) == ([], [])
+    assert not type_status(p.states[L], s, 10.0, 1.0).in_sync

@@ -1,11 +1,11 @@
-"""Resource indexing, sticky snapshot versions, NACK name parsing and redaction."""
+"""Resource indexing, content-digest snapshot versions, NACK name parsing and redaction."""
 
 from __future__ import annotations
 
 from meshward.xds import types
 from meshward.xds.redact import redact_error
 from meshward.xds.resources import rejected_names
-from meshward.xds.snapshot import build_snapshot, snapshot_version
+from meshward.xds.snapshot import build_snapshot, content_version
 from meshward.xds.testing import cluster, listener, secret
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----"
@@ -23,15 +23,31 @@ def test_hash_is_deterministic_and_content_based() -> None:
     assert cluster("a").hash != cluster("a", port=1).hash
 
 
-def test_snapshot_versions_are_sticky_per_type() -> None:
-    s1 = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, snapshot_version("ab" * 32, 1), 1.0)
-    assert s1.version == "abababababab.1"
-    s2 = build_snapshot(s1, {types.CLUSTER: [cluster("a")], types.SECRET: [secret("x")]}, "v2", 2.0)
-    assert s2.type_version(types.CLUSTER) == "abababababab.1"
+def test_snapshot_versions_are_content_digests_per_type() -> None:
+    s1 = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, 1.0)
+    s2 = build_snapshot(s1, {types.CLUSTER: [cluster("a")], types.SECRET: [secret("x")]}, 2.0)
+    assert s2.type_version(types.CLUSTER) == s1.type_version(types.CLUSTER)
     assert s2.changed_at(types.CLUSTER) == 1.0
-    assert s2.type_version(types.SECRET) == "v2"
+    assert s2.type_version(types.SECRET) != s1.type_version(types.SECRET)
     assert s2.changed_types(s1) == (types.SECRET,)
-    assert s1.type_version(types.LISTENER) == "abababababab.1"  # present, empty
+    assert s2.version != s1.version  # the node's config digest moves with any type
+    assert s1.type_version(types.LISTENER) == content_version({})  # present, empty
+    assert len(s1.type_version(types.CLUSTER)) == 16
+
+
+def test_the_same_content_gets_the_same_version_on_any_replica() -> None:
+    """A restarted control plane (no previous snapshot, another clock, resources listed in
+    another order) versions the same content exactly as the one that ran for a while."""
+    content = {types.CLUSTER: [cluster("a"), cluster("b")], types.LISTENER: [listener("in")]}
+    long_running = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, 1.0)
+    long_running = build_snapshot(long_running, {types.CLUSTER: [cluster("a", port=9)]}, 2.0)
+    long_running = build_snapshot(long_running, content, 3.0)
+    restarted = build_snapshot(
+        None, {types.LISTENER: [listener("in")], types.CLUSTER: [cluster("b"), cluster("a")]}, 99.0
+    )
+    for type_url in types.ORDER:
+        assert restarted.type_version(type_url) == long_running.type_version(type_url)
+    assert restarted.version == long_running.version
 
 
 def test_rejected_names_from_envoy_messages() -> None:
@@ -62,11 +78,14 @@ def test_other_nacks_are_scrubbed_of_key_material() -> None:
     assert shown.startswith("Error adding/updating listener(s) a: bad")
 
 
-def test_new_content_under_the_same_version_still_gets_a_new_version() -> None:
-    s1 = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, "v1.1", 1.0)
-    s2 = build_snapshot(s1, {types.CLUSTER: [cluster("a", port=2)]}, "v1.1", 2.0)
-    s3 = build_snapshot(s2, {types.CLUSTER: [cluster("a", port=3)]}, "v1.1", 3.0)
+def test_new_content_always_gets_a_new_version_and_old_content_its_old_one() -> None:
+    s1 = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, 1.0)
+    s2 = build_snapshot(s1, {types.CLUSTER: [cluster("a", port=2)]}, 2.0)
+    s3 = build_snapshot(s2, {types.CLUSTER: [cluster("a", port=3)]}, 3.0)
     versions = [s.type_version(types.CLUSTER) for s in (s1, s2, s3)]
-    assert len(set(versions)) == 3 and all(v.startswith("v1.1") for v in versions)
-    again = build_snapshot(s1, {types.CLUSTER: [cluster("a", port=2)]}, "v1.1", 2.0)
-    assert again.type_version(types.CLUSTER) == versions[1]  # deterministic
+    assert len(set(versions)) == 3
+    back = build_snapshot(s3, {types.CLUSTER: [cluster("a")]}, 4.0)  # a change reverted
+    assert back.type_version(types.CLUSTER) == versions[0]
+    assert back.changed_at(types.CLUSTER) == 4.0
+    renamed = build_snapshot(None, {types.CLUSTER: [cluster("b")]}, 1.0)
+    assert renamed.type_version(types.CLUSTER) != versions[0]

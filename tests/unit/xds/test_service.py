@@ -150,6 +150,8 @@ async def test_status_and_metrics_endpoints(service: XdsService, clients: Client
     assert entry["certificate"]["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/frontend"
     assert entry["certificate"]["remaining_seconds"] > 3000
     assert {t["type"] for t in entry["streams"][0]["types"]} >= {"CDS", "LDS", "SDS"}
+    assert entry["streams"][0]["ads_credentials"]["state"] == "ok"
+    assert entry["ads_credentials_warning"] is None
     assert "PRIVATE KEY" not in body.decode()
     code, metrics = await http_get(f"{service.admin_url}/metrics")
     text = metrics.decode()
@@ -354,3 +356,128 @@ async def test_server_certificate_renews_without_restart(
     second = await asyncio.to_thread(serial)
     assert second != first
     assert service.status()["server_certificate"]["spiffe_id"].endswith("/sa/meshward-xds")
+
+
+async def test_a_restarted_control_plane_resyncs_nodes_without_pushing_config(
+    ca: CertificateAuthority, clients: Clients
+) -> None:
+    """Clients (SotW and delta, following routes as Envoy does) reconnect to a new control
+    plane process on the same address: listeners, routes and clusters are not sent again and
+    the node ACKs the very versions it had; only SDS (a new SVID) is pushed."""
+    first = XdsService(policy('"GET", "POST"'), ca, compiler_for(CompileOptions()), admin=None)
+    await first.start()
+    clients.service = first
+    nodes = {"shop/orders": False, "shop/payments": True}  # node -> delta
+    opened = {n: clients.open(n, delta=d, follow_routes=True) for n, d in nodes.items()}
+    second: XdsService | None = None
+    try:
+        await until(lambda: all(in_sync(first, n) for n in nodes), what="sync")
+        await until(
+            lambda: all(c.view(types.ROUTE).resources for c in opened.values()), what="routes"
+        )
+        acked = {n: {t["type"]: t["acked"] for t in node(first, n)["streams"][0]["types"]}
+                 for n in nodes}  # fmt: skip
+        assert all({"CDS", "LDS", "RDS", "SDS"} <= acked[n].keys() for n in nodes)
+        responses = {n: {t: v.responses for t, v in c.views.items()} for n, c in opened.items()}
+        port = first.port
+        await first.stop()
+        await until(lambda: all(c.error is not None for c in opened.values()), what="stream end")
+        second = XdsService(
+            policy('"GET", "POST"'), ca, compiler_for(CompileOptions()),
+            admin=None, listen=f"127.0.0.1:{port}",
+        )  # fmt: skip
+        await second.start()
+        for client in opened.values():
+            clients.tasks.append(asyncio.create_task(client.run()))
+        await until(lambda: all(in_sync(second, n) for n in nodes), what="resync")
+        for name, client in opened.items():
+            after = {t["type"]: t for t in node(second, name)["streams"][0]["types"]}
+            for kind in ("CDS", "LDS", "RDS"):
+                assert after[kind]["acked"] == acked[name][kind], (name, kind)
+                assert after[kind]["pushes"] == 0, (name, kind)
+            for type_url in (types.CLUSTER, types.LISTENER, types.ROUTE):
+                assert client.view(type_url).responses == responses[name][type_url], name
+            assert after["SDS"]["acked"] != acked[name]["SDS"]  # a new SVID: pushed
+            assert client.view(types.SECRET).responses > responses[name][types.SECRET]
+    finally:
+        await first.stop()
+        if second is not None:
+            await second.stop()
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def ads_handshake(port: int, ca: CertificateAuthority, svid: Any, roots: bytes) -> tuple[int, bool]:
+    """A TLS connection to the ADS port as a sidecar with these credentials makes it: (the CA
+    generation that signed the server's certificate, whether the server accepted the client
+    certificate). Raises ssl.SSLCertVerificationError if the server's chain does not verify."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    context = client_ssl_context(svid.cert_chain_pem, svid.private_key_pem, roots)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        generation = ca.issuing_generation(x509.load_der_x509_certificate(der))
+        assert generation is not None
+        try:  # TLS 1.3: a rejected client certificate shows at the first read
+            tls.sendall(H2_PREFACE)
+            accepted = bool(tls.recv(9))
+        except (ssl.SSLError, OSError):
+            accepted = False
+        return generation.number, accepted
+
+
+async def test_ads_credentials_from_before_a_ca_rotation_work_until_the_old_root_is_dropped(
+    clients: Clients,
+) -> None:
+    """`meshward ca rotate`, then the control plane (re)starts: sidecars whose bootstrap
+    credentials predate the rotation still connect (the server certificate comes from the
+    oldest trusted generation; client certificates of every trusted root are accepted) and
+    `meshward status` flags them. When the old root is dropped, the server moves to the new
+    generation and old client certificates are refused."""
+    import ssl
+
+    ca = CertificateAuthority.ephemeral("cluster.local")
+    identity = "spiffe://cluster.local/ns/shop/sa/frontend"
+    old, old_roots = ca.issue(identity), ca.trust_bundle().roots_pem
+    ca.rotate(grace=timedelta(seconds=30))
+    svc = XdsService(policy(), ca, compiler_for(CompileOptions()), admin=None)
+    await svc.start()
+    try:
+        port = svc.port or 0
+        new, both_roots = ca.issue(identity), ca.trust_bundle().roots_pem
+        assert await asyncio.to_thread(ads_handshake, port, ca, old, old_roots) == (1, True)
+        assert await asyncio.to_thread(ads_handshake, port, ca, new, both_roots) == (1, True)
+        assert svc.status()["server_certificate"]["ca_generation"] == 1
+        # A sidecar on pre-rotation credentials is flagged by `meshward status`.
+        client = AdsClient(
+            "127.0.0.1", port, "shop/frontend",
+            client_ssl_context(old.cert_chain_pem, old.private_key_pem, old_roots),
+            server_identity=svc.server_identity, subscriptions=dict(ALL_TYPES),
+        )  # fmt: skip
+        clients.tasks.append(asyncio.create_task(client.run()))
+        await until(lambda: in_sync(svc, "shop/frontend"), what="sync")
+        entry = node(svc, "shop/frontend")
+        credentials = entry["streams"][0]["ads_credentials"]
+        assert credentials["ca_generation"] == 1 and credentials["state"] == "root-retiring"
+        assert "meshward bootstrap" in entry["ads_credentials_warning"]
+        rendered = status_cli.render(svc.status())
+        assert "RETIRING" in rendered and "re-run `meshward bootstrap`" in rendered
+        # The grace period ends: the bundle and the server certificate move on at once.
+        after_grace = datetime.now(UTC) + timedelta(seconds=40)
+        assert svc.control.seconds_until_next(datetime.now(UTC)) <= 30
+        svc.control.maintain(after_grace)
+        assert svc.status()["server_certificate"]["ca_generation"] == 2
+        assert await asyncio.to_thread(ads_handshake, port, ca, new, both_roots) == (2, True)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(ads_handshake, port, ca, new, old_roots)
+        assert await asyncio.to_thread(ads_handshake, port, ca, old, both_roots) == (2, False)
+    finally:
+        await svc.stop()

@@ -2,7 +2,8 @@
 
 Reads the control plane's admin endpoint (``GET /status``). Exit codes: 0 when every node is in
 sync or still converging; 1 when any node drifts (desired != ACKed for longer than the
-threshold), the latest policy change was rejected, or the control plane cannot be reached — so
+threshold) or holds ADS credentials from a dropped CA root, the latest policy change was
+rejected, or the control plane cannot be reached — so
 the command doubles as a health check in scripts and CI.
 """
 
@@ -36,8 +37,8 @@ to: ok; RETIRING = that root is dropped at the end of a `meshward ca rotate` gra
 cannot reconnect once its stream ends.
 versions: a type's version is a digest of its content (the same on every control plane replica
 and after a restart); the policy set's version is shown on its own line.
-exit status: 0 all nodes in sync or converging; 1 any node drifts, the last policy change was
-rejected, or the control plane is unreachable.
+exit status: 0 all nodes in sync or converging; 1 any node drifts or has UNTRUSTED ADS
+credentials, the last policy change was rejected, or the control plane is unreachable.
 """
 
 
@@ -187,8 +188,22 @@ def run(args: argparse.Namespace) -> int:
         print_json(status)
     else:
         print(render(status), end="")
-    unhealthy = bool(status["policy"].get("error")) or any(n["drift"] for n in status["nodes"])
-    return 1 if unhealthy else 0
+    return 1 if unhealthy(status) else 0
+
+
+def _untrusted(node: dict[str, Any]) -> bool:
+    return any(
+        (stream.get("ads_credentials") or {}).get("state") == "untrusted"
+        for stream in node.get("streams", [])
+    )
+
+
+def unhealthy(status: dict[str, Any]) -> bool:
+    """Worth a non-zero exit: a rejected policy change, a drifting node, or a node whose ADS
+    credentials chain to a dropped root (it cannot reconnect once its stream ends)."""
+    return bool(status["policy"].get("error")) or any(
+        node["drift"] or _untrusted(node) for node in status["nodes"]
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from meshward.certs import CertificateAuthority, Svid
 from meshward.xds.clientcert import OK, RETIRING, UNTRUSTED, ClientCertificate, credentials_status
-from meshward.xds.status_cli import render
+from meshward.xds.status_cli import render, unhealthy
 
 NOW = datetime.now(UTC)
 FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
@@ -66,3 +66,16 @@ def test_status_lists_the_sidecars_to_re_bootstrap() -> None:
     row_b = next(line for line in lines if line.startswith("shop/b"))
     assert "RETIRING" in row_a and "RETIRING" not in row_b
     assert "  shop/a: ADS credentials chain to CA generation 1 ..." in lines
+
+
+def test_untrusted_credentials_fail_the_health_check_retiring_do_not() -> None:
+    def status(state: str) -> dict[str, object]:
+        stream = {"ads_credentials": {"state": state}}
+        return {
+            "policy": {},
+            "nodes": [{"node": "shop/orders", "drift": False, "streams": [stream]}],
+        }
+
+    assert not unhealthy(status(OK))
+    assert not unhealthy(status(RETIRING))  # a warning with a deadline, not an outage yet
+    assert unhealthy(status(UNTRUSTED))

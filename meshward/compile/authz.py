@@ -481,6 +481,18 @@ class HttpAuthz:
     def vhost_config(self) -> dict[str, Json]:
         return {s.name: s.per_route for s in self.stages if s.per_route is not None}
 
+    def off_config(self) -> dict[str, Json]:
+        """Per-filter configs that switch every authorization filter off, for a route that
+        answers before authorization (meshward.compile.listeners: an invalid Host): an
+        RBACPerRoute without ``rbac`` ("the global RBAC policy will be disabled for this
+        route"), ext_authz ``disabled``."""
+        return {
+            s.name: EXTAUTHZ_DISABLED
+            if s.filter["typed_config"]["@type"] == T_EXTAUTHZ
+            else {"@type": T_HTTP_RBAC_ROUTE}
+            for s in self.stages
+        }
+
 
 def http_authz(
     plan_: AuthzPlan,

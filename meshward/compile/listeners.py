@@ -5,7 +5,10 @@ PERMISSIVE: TLS and plaintext chains chosen by the TLS inspector; DISABLE: plain
 HTTP the connection manager with path normalization as the evaluator assumes, client-sent
 ``x-meshward-*`` headers removed, the authorization filters and the router to the local
 application, with the authorization rules in the route config (RDS in xDS mode, so a policy
-edit reaches open connections); for TCP the network RBAC filters and a TCP proxy (network RBAC
+edit reaches open connections). The first route of every HTTP virtual host (inbound and
+outbound) answers 400 to a request whose Host is not one host[:port], such as two Host
+headers joined by Envoy; inbound it does so with the authorization filters off, before any
+rule, as the evaluator says (meshward.policy.paths.check_authority). For TCP the network RBAC filters and a TCP proxy (network RBAC
 has no per-route config: a TCP policy edit replaces the listener, and a connection is
 authorized once, when it opens).
 
@@ -22,6 +25,7 @@ from typing import Any
 from meshward.compile import authz, names, observe, tls
 from meshward.compile.options import CompileOptions, Endpoint, Mode
 from meshward.policy.model import MtlsMode, Protocol, Workload, WorkloadPort
+from meshward.policy.paths import AUTHORITY_REGEX
 
 Json = dict[str, Any]
 
@@ -123,6 +127,38 @@ def _strip_meshward_headers() -> Json:
             },
         },
     }
+
+
+INVALID_AUTHORITY_BODY = (
+    "meshward: bad request: the Host header must name exactly one host[:port] "
+    "(RFC 9112 3.2: a request with several Host headers is invalid)\n"
+)
+
+
+def invalid_authority_route(off: Json | None = None) -> Json:
+    """The first route of every HTTP virtual host: 400 for a request whose ``:authority`` is
+    not one host[:port] (meshward.policy.paths.AUTHORITY_REGEX, which the evaluator applies
+    too). Envoy 1.40 joins two Host lines into one authority (``payments.shop,admin.internal``)
+    instead of rejecting the request: a host rule would not match it and the application
+    would see both names. ``off``: per-filter configs switching the authorization filters off,
+    so the answer is 400 whatever the policy (it is decided before authorization)."""
+    route: Json = {
+        "name": names.ROUTE_INVALID_AUTHORITY,
+        "match": {
+            "prefix": "/",
+            "headers": [
+                {
+                    "name": ":authority",
+                    "string_match": {"safe_regex": {"regex": AUTHORITY_REGEX}},
+                    "invert_match": True,
+                }
+            ],
+        },
+        "direct_response": {"status": 400, "body": {"inline_string": INVALID_AUTHORITY_BODY}},
+    }
+    if off:
+        route["typed_per_filter_config"] = off
+    return route
 
 
 def _router() -> Json:
@@ -240,7 +276,8 @@ def inbound_http(
     )
     route_name = names.inbound_route(workload, port.port, extauthz=access.extauthz)
     action = {"cluster": cluster_name, "timeout": "0s"}
-    routes = [{**r, "route": action} for r in access.token_routes]
+    routes = [invalid_authority_route(access.off_config())]
+    routes += [{**r, "route": action} for r in access.token_routes]
     routes.append({"name": "default", "match": {"prefix": "/"}, "route": action})
     vhost: Json = {"name": "inbound", "domains": ["*"], "routes": routes}
     per_filter = access.vhost_config()
@@ -359,11 +396,12 @@ def outbound(
                     "name": "outbound",
                     "domains": ["*"],
                     "routes": [
+                        invalid_authority_route(),
                         {
                             "name": "default",
                             "match": {"prefix": "/"},
                             "route": {"cluster": name, "timeout": "0s"},
-                        }
+                        },
                     ],
                 }
             ],

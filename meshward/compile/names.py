@@ -60,6 +60,10 @@ INDEXED_ALLOW_POLICY = "meshward-indexed-allow"
 CONTEXT_WORKLOAD = "workload"  # "<ns>/<name>": whose policies to evaluate
 CONTEXT_PORT = "port"  # the declared service port the request arrived on (runtime ports differ)
 
+# The first route of every HTTP virtual host: a request whose Host (``:authority``) is not one
+# host[:port] (two Host headers, which Envoy joins with ',') gets 400 before authorization.
+ROUTE_INVALID_AUTHORITY = "meshward-invalid-authority"
+
 # Client-sent headers with this prefix are removed before any filter reads them, so only
 # Meshward (ext_authz, the sidecar) can set them for the application.
 MESHWARD_HEADER_PREFIX = "x-meshward-"

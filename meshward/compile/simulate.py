@@ -276,11 +276,14 @@ def http_filters(listener: Json, *, tls: bool = True) -> tuple[list[Json], Json]
 
 
 def _route_header(m: Json, req: _Request) -> bool:
-    """A route's header matcher (``present_match`` or ``string_match``; ``:path`` with query)."""
+    """A route's header matcher (``present_match`` or ``string_match``, maybe inverted;
+    ``:path`` with query). An absent header matches no string matcher, inverted or not."""
     value = req.header(m["name"])
     if m.get("present_match"):
         return value is not None
-    return string_match(m["string_match"], value)
+    if value is None:
+        return False
+    return string_match(m["string_match"], value) != bool(m.get("invert_match"))
 
 
 def select_route(route_config: Json, req: _Request) -> tuple[Json, Json]:
@@ -369,8 +372,12 @@ def run(listener: Json, conn: Connection, extauthz: ExtAuthz | None = None) -> O
             status = 200 if answer is True else 403 if answer is False else int(answer)
             if status != 200:
                 return Outcome(status, "ext_authz_denied", metadata, True)
-        elif kind in ("HeaderMutation", "Router"):
+        elif kind == "HeaderMutation":
             continue
+        elif kind == "Router":
+            direct = route.get("direct_response")
+            if direct is not None:
+                return Outcome(int(direct["status"]), "direct_response", metadata, called)
         else:
             raise ValueError(f"unexpected filter {f['name']}")
     return Outcome(200, "via_upstream", metadata, called)

@@ -74,6 +74,9 @@ PATHS = (
     "/admin%5cusers",
 )
 HOSTS = ("api.shop", "API.Shop", "api.shop:8080", "www.example.com", "a.example.com")
+# Requests only (never in rules): not one host[:port], what Envoy makes of two Host headers and
+# friends; the sidecar answers 400 before authorization.
+BAD_HOSTS = ("api.shop,www.example.com", "www.example.com,api.shop", "api.shop@a.example.com")
 # "" is a header sent with an empty value: present (Istio's `*` matches it), equal to nothing.
 HEADER_VALUES: Mapping[str, tuple[str | None, ...]] = {
     "x-team": (None, "blue", "red", "blue,red", "green", ""),
@@ -396,7 +399,7 @@ def random_probes(
         port = rng.choice(HTTP_PORTS)
         method = rng.choice(METHODS)
         path = rng.choice(PATHS)
-        host = rng.choice(HOSTS)
+        host = rng.choice(BAD_HOSTS) if rng.random() < 0.04 else rng.choice(HOSTS)
         sni = rng.choice(SNIS) if identity else None
         user = rng.choice(users) if jwt or invalid else None
         in_query = bool(user) and invalid and rng.random() < 0.35
@@ -417,12 +420,13 @@ def custom_provider(policy: AuthorizationPolicy, request: Request) -> tuple[bool
 
 def expected_status(policy_set: PolicySet, probe: Probe, *, now: Any = None) -> int:
     """What meshward.policy decides for ``probe`` at ``shop/api``: 200, 403, 400 (rejected
-    path) or 401 (a token that does not verify, when a RequestAuthentication applies)."""
+    path or Host) or 401 (a token that does not verify, when a RequestAuthentication applies)."""
     from meshward.policy import evaluate
-    from meshward.policy.paths import PathRejected, normalize_path
+    from meshward.policy.paths import PathRejected, check_authority, normalize_path
 
     try:
         normalize_path(probe.path)
+        check_authority(probe.host)
     except PathRejected:
         return 400
     workload = policy_set.workload(TARGET_REF)

@@ -44,7 +44,7 @@ from meshward.policy.model import (
     Workload,
 )
 from meshward.policy.ordering import rule_order_key
-from meshward.policy.paths import PathRejected, normalize_path
+from meshward.policy.paths import PathRejected, check_authority, normalize_path
 from meshward.policy.policyset import PolicySet
 
 CustomProvider = Callable[[AuthorizationPolicy, Request], tuple[bool, str]]
@@ -75,6 +75,8 @@ class RequestContext:
         self.request = request
         self.tcp = tcp
         self.path: str | None = None if tcp else normalize_path(request.path)
+        if not tcp:
+            check_authority(request.host)  # HostRejected (a PathRejected): 400 from the sidecar
         self.method = request.method
         self.host = request.host
         self.port = request.destination_port
@@ -494,7 +496,8 @@ def plan_for(policy_set: PolicySet, workload: Workload) -> Plan:
 
 
 def context_for(plan: Plan, request: Request) -> RequestContext:
-    """Raises PathRejected when Envoy would answer 400 before authorization."""
+    """Raises PathRejected (HostRejected for the Host) when Envoy would answer 400 before
+    authorization."""
     return RequestContext(request, tcp=request.destination_port in plan.tcp_ports)
 
 

@@ -19,6 +19,9 @@ _PATH_CHARS = frozenset(UNRESERVED | set("!$&'()*+,;=:@/%[]"))
 # Characters Envoy's (Chromium-derived) canonicalizer percent-encodes instead of rejecting.
 _ESCAPED = {ch: f"%{ord(ch):02X}" for ch in '"<>`{}|^'}
 # Anything else (space, control characters, raw non-ASCII, "#") makes Envoy answer 400.
+_REQUEST_LINE_REJECTS = re.compile(
+    "[^" + re.escape("".join(sorted(_PATH_CHARS | set(_ESCAPED) | {"\\"}))) + "]|%(?:2[fF]|5[cC])"
+)
 
 # Envoy's uri_template literal class (source/extensions/path/uri_template_lib): pchar without
 # "*" and "=". `{*}` is one or more of these; `{**}` is zero or more of these or "/".
@@ -29,15 +32,45 @@ _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
 _TEMPLATE_TOKEN = re.compile(r"\{\*\*\}|\{\*\}")
 
 
+# The one ``host[:port]`` an HTTP request's authority may be (RFC 9110 7.2, RFC 3986 3.2.2):
+# an IP literal or a name, without the reg-name characters no DNS name has (sub-delims,
+# ``%``, ``~``, ``@``). A comma is what Envoy makes of two Host headers
+# (``payments.shop,admin.internal``), which RFC 9112 3.2 says a server must answer with 400.
+# RE2 and Python ``re`` read it alike: the compiler gives it to Envoy as a full-match route
+# header matcher (meshward.compile.listeners) and the evaluator applies it here, so both reject
+# exactly the same requests before authorization.
+AUTHORITY_REGEX = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]*)?"
+_AUTHORITY = re.compile(AUTHORITY_REGEX)
+
+
 class PathRejected(ValueError):
     """Envoy answers such a request with 400 before any authorization runs."""
+
+
+class HostRejected(PathRejected):
+    """The request's Host (``:authority``) is not one ``host[:port]``: the sidecar answers 400
+    before any authorization runs. A PathRejected so every caller that handles "rejected before
+    authorization" handles it too."""
+
+
+def check_authority(host: str) -> None:
+    """Raise HostRejected unless ``host`` is one ``host[:port]`` (an empty host is left to
+    Envoy's own checks, as the evaluator reads it as "no host")."""
+    if host and _AUTHORITY.fullmatch(host) is None:
+        if "," in host:
+            raise HostRejected(
+                f"Host {host!r} joins several Host headers; a request must name exactly one "
+                "host[:port] (RFC 9112 3.2)"
+            )
+        raise HostRejected(f"Host {host!r} is not a valid host[:port] (RFC 9112 3.2)")
 
 
 def normalize_path(raw: str) -> str:
     """Return the path RBAC will match, as Envoy 1.40 computes it (checked against a running
     Envoy): the query removed; ``\\`` turned into ``/``; escapes of unreserved characters
     decoded (other escapes kept, case preserved); ``"<>`{}|^`` percent-encoded; dot-segments
-    removed (RFC 3986 5.2.4, ``%2e`` counts as ``.``); repeated slashes merged. Case is kept
+    removed (RFC 3986 5.2.4, ``%2e`` counts as ``.``; a literal ``.``/``..`` segment loses its
+    ``;`` parameters first, ``/x/..;/admin`` is ``/admin``); repeated slashes merged. Case is kept
     (``/ADMIN`` is not ``/admin``). Raises PathRejected where Envoy answers 400: ``%2F``/``%5C``
     (escaped slashes), ``%00``, ``#`` anywhere, and characters no request line may carry."""
     if "#" in raw:
@@ -48,8 +81,40 @@ def normalize_path(raw: str) -> str:
         raise PathRejected(f"invalid character {bad!r} in query of {raw!r}")
     if not path.startswith("/"):
         raise PathRejected(f"path must start with '/': {raw!r}")
-    decoded = _decode(path, raw)
+    _check_request_line(path, raw)
+    decoded = _decode(_strip_dot_segment_parameters(path), raw)
     return _merge_slashes(_remove_dot_segments(decoded))
+
+
+def _check_request_line(path: str, raw: str) -> None:
+    """What Envoy refuses before it touches the path: characters no request line may carry
+    (its HTTP codec) and escaped slashes (``path_with_escaped_slashes_action``). Checked on the
+    whole raw path, so they reject even inside parameters that are stripped afterwards."""
+    bad = _REQUEST_LINE_REJECTS.search(path)
+    if bad is None:
+        return
+    if bad.group().startswith("%"):
+        raise PathRejected(f"escaped slash {bad.group()!r} in path {raw!r}")
+    raise PathRejected(f"invalid character {bad.group()!r} in path {raw!r}")
+
+
+def _strip_dot_segment_parameters(path: str) -> str:
+    """Envoy 1.40 (CVE-2026-73511, runtime guard
+    ``envoy.reloadable_features.strip_path_parameters_per_segment``) drops the ``;``
+    parameters of a segment that is a literal ``.`` or ``..`` before ``;``, so ``/x/..;/admin``
+    is ``/admin`` (Tomcat and Jetty read it that way). Measured against Envoy 1.40: segments are
+    split on literal ``/`` only (``\\`` inside the parameters is dropped with them, and
+    ``/a\\..;/b`` keeps its ``..;``); escaped dots (``%2e.;``) and an escaped ``;`` (``%3B``)
+    do not count; everything up to the next ``/`` goes, even ``%00`` that would otherwise be
+    rejected."""
+    if ";" not in path:
+        return path
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        head, semicolon, _ = segment.partition(";")
+        if semicolon and (head == "." or head == ".."):
+            segments[index] = head
+    return "/".join(segments)
 
 
 def _decode(path: str, raw: str) -> str:
@@ -61,21 +126,15 @@ def _decode(path: str, raw: str) -> str:
         if ch == "%" and i + 2 < n and path[i + 1] in _HEX and path[i + 2] in _HEX:
             escape = path[i : i + 3]
             value = chr(int(escape[1:], 16))
-            if value in "/\\":
-                raise PathRejected(f"escaped slash {escape!r} in path {raw!r}")
             if value == "\0":
                 raise PathRejected(f"escaped NUL {escape!r} in path {raw!r}")
             out.append(value if value in UNRESERVED else escape)
             i += 3
             continue
-        if ch in _PATH_CHARS:
-            out.append(ch)
-        elif ch == "\\":
+        if ch == "\\":
             out.append("/")
-        elif ch in _ESCAPED:
-            out.append(_ESCAPED[ch])
-        else:
-            raise PathRejected(f"invalid character {ch!r} in path {raw!r}")
+        else:  # _check_request_line let only path characters and _ESCAPED through
+            out.append(_ESCAPED.get(ch, ch))
         i += 1
     return "".join(out)
 

@@ -383,11 +383,9 @@ def test_two_authorization_headers_never_pass(stack: Stack) -> None:
 
 # -- paths -----------------------------------------------------------------------------------------
 PATHS = [
-    pytest.param("/x/..;/admin", marks=pytest.mark.xfail(strict=True, reason=(
-        "meshward.policy.normalize_path differs from Envoy 1.40: Envoy treats a segment of "
-        "literal '.'/'..' followed by ';' as a dot-segment ('/x/..;/admin' -> '/admin', "
-        "'/a/.;x/b' -> '/a/b'); the evaluator keeps it. Envoy denies here (safe), but "
-        "`meshward policy explain/test` predict allow; see the issue 9 report"))),
+    "/x/..;/admin", "/x/.;/admin", "/x/..;x=1/admin", "/x/..;;/admin/users", "/x/y/..;/..;/admin",
+    "//x//..;//admin", "/x/..;\\..;\\admin", "/x/..;%00/admin", "/x/..;%2F/admin", "/admin/..;",
+    "/x/%2e%2e;/admin", "/x/.%2e;/admin", "/x\\..;/admin", "/x/..%3b/admin",
     "/admin", "/admin/", "/admin/users", "/./admin", "/x/../admin", "/x/%2e%2e/admin",
     "/%2e%2e/admin", "/x/%2E%2E/admin/users", "/x/.%2e/admin", "//admin", "///admin//users",
     "/admin%2Fusers", "/x%2F..%2Fadmin", "/x%2f..%2fadmin", "/x%5C..%5Cadmin", "/x\\..\\admin",
@@ -496,15 +494,50 @@ def test_the_host_the_policy_judges_is_the_host_the_app_sees(
         assert seen["headers"]["host"] == "payments.shop"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Envoy 1.40 joins two Host lines into one authority ('payments.shop,admin.internal') "
-    "instead of answering 400 (RFC 9112 3.2): a DENY rule on hosts does not match it and the app "
-    "receives both names; the compiled config does not reject it; see the issue 9 report",
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        ("payments.shop", "admin.internal"),
+        ("admin.internal", "payments.shop"),
+        ("payments.shop", "payments.shop"),
+        ("payments.shop", "payments.shop:8080"),
+    ],
 )
-def test_two_host_headers_are_refused(stack: Stack) -> None:
-    response = stack.raw("GET /payments/1 HTTP/1.1\r\nhost: payments.shop\r\nhost: admin.internal")
+def test_two_host_headers_are_refused(stack: Stack, hosts: tuple[str, str]) -> None:
+    """Envoy 1.40 joins two Host lines into one authority ('payments.shop,admin.internal'),
+    which no host rule matches and which the app would read as it likes; RFC 9112 3.2 says 400.
+    The compiled config answers 400 before authorization, and so does the evaluator."""
+    first, second = hosts
+    response = stack.raw(f"GET /payments/1 HTTP/1.1\r\nhost: {first}\r\nhost: {second}")
     assert response.status == 400, (response.status, response.body[:200])
+    assert b"exactly one host" in response.body
+    decision = evaluate(
+        stack.policy,
+        stack.policy.workload(WORKLOAD),  # type: ignore[arg-type]
+        Request(method="GET", path="/payments/1", source_principal=ORDERS_ID,
+                host=f"{first},{second}", destination_port=8080),
+    )  # fmt: skip
+    assert not decision.allowed and "rejected before authorization (HTTP 400)" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("payments.shop", 200),
+        ("PAYMENTS.shop:8080", 200),
+        ("127.0.0.1:8080", 200),
+        ("[::1]:8080", 200),
+        ("payments.shop, admin.internal", 400),
+        ("admin.internal@payments.shop", 400),
+        ("%61dmin.internal", 400),
+        ("payments.shop;admin.internal", 400),
+    ],
+)
+def test_only_one_plain_host_is_accepted(stack: Stack, host: str, status: int) -> None:
+    response = stack.raw(f"GET /payments/1 HTTP/1.1\r\nhost: {host}")
+    assert response.status == status, (response.status, response.body[:200])
+    if status == 200:
+        assert response.seen()["headers"]["host"] == host
 
 
 # -- identity ------------------------------------------------------------------------------------------

@@ -28,6 +28,21 @@ RAW_PATHS = [
     "/a/%2e%2e/b%2F", "/\\..\\..\\etc", "/a/b%5c", "/x\\..\\admin", "/a?x=%2F", "/a\"b", "/a<b",
     "/a{b}", "/a|b", "/a^b", "/a`b", "/a[b]", "/a%00b", "/a/%2e%2e%2fadmin", "/a/..%2fadmin",
     "/a/.%2E", "/a/%2e.", "/a/.%252e/b", "/a\\", "/\\admin", "/a/%5c..%5cadmin",
+    # A literal "." or ".." segment loses its ";" parameters (Envoy 1.40, CVE-2026-73511); escaped
+    # dots and an escaped ";" do not count; escaped slashes and bad characters still reject.
+    "/x/..;/admin", "/a/.;x/b", "/a/b/..;", "/a/%2e%2e;/b", "/a/..;a/b", "/a/.;/b", "/a/..;;/b",
+    "/a/%2e.;/b", "/a/.%2e;/b", "/a/%2e;/b", "/a/%2E;x/b", "/a/b/.;", "/a/b/..;x", "/a/b/.;x",
+    "/a//..;//b", "/a/..;b;/c", "/a/...;/b", "/a/.x;/b", "/a/..x;/b", "/a/;../b", "/a/;/b",
+    "/a/..;%2F/b", "/a/..;%2f", "/a/.;%2F/b", "/a/..;%5C/b", "/a/..;%5c/b", "/a/..;?x",
+    "/a/..;?x=/..;/", "/a/..;%3b/b", "/a/..%3b/b", "/a/..%3B/b", "/a/b;/..;/c", "/..;/x", "/.;/x",
+    "/..;", "/.;", "/a/.;", "/a/..;\\b", "/a/..;\\..;\\b", "/a\\..;\\b", "/a\\..;/b", "/a/b\\..;",
+    "/a/..;/..;/b", "/a/..;%2e%2e/b", "/a/..;/%2e%2e/b", "/a/.;;/b", "/a/..;=/b", "/a/..;.;/b",
+    "/a/..;..;/b", "/a/..;%00/b", "/a/.;%00", "/a/..;\\x/b", "/a/..;<x>/b", "/a/..;\"x/b",
+    "/a/..;{x}/b", "/a/..;%zz/b", "/a/..;%/b", "/a/..;%41/b", "/a/..;./b", "/a/..;../b",
+    "//..;/b", "/a/..;//b", "///..;///x", "/a/..,x/b", "/a/..=x/b", "/a/..;x=1;y=2/b",
+    "/a/b/c/..;/..;/d", "/a/b/..;/../c", "/a/b/../..;/c", "/a/./..;/b", "/a/.;/..;/b",
+    "/a/..;/./b", "/a/b/..;/", "/a/b/.;/", "/..;/..;/x", "/a;b/..;/c", "/a/..;/b;c/..;/d",
+    "/a/..;#x", "/a/..;\u00e9/b", "/a/..;\x01/b", "/a/..; x/b", "/a/..;%252F/b",
 ]  # fmt: skip
 
 
@@ -48,15 +63,20 @@ def normalizing_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]
 
 
 def _through_envoy(port: int, raw: str) -> str | None:
-    """The path the backend saw (query dropped), or None when Envoy refused the request."""
+    """The path the backend saw (query dropped), or None when Envoy refused the request.
+
+    Reads only as far as needed: after a 400 Envoy holds the connection open for its delayed
+    close timeout (1 s), which would dominate this file's run time."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(f"GET {raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         data = b""
-        while chunk := sock.recv(65536):
+        while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
             data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    if int(head.split()[1]) != 200:
-        return None
+        head, _, body = data.partition(b"\r\n\r\n")
+        if int(head.split()[1]) != 200:
+            return None
+        while chunk := sock.recv(65536):
+            body += chunk
     return str(json.loads(body)["path"]).split("?")[0]
 
 

@@ -739,7 +739,12 @@ def test_request_authentication_sends_token_requests_to_extauthz_first() -> None
     vhost = route_config(resources)["virtual_hosts"][0]
     assert vhost["typed_per_filter_config"]["meshward.ext_authz.token"]["disabled"] is True
     routes = {r["name"]: r for r in vhost["routes"]}
-    assert list(routes) == ["token-header-authorization", "token-param", "default"]
+    assert list(routes) == [
+        "meshward-invalid-authority",  # first: 400 before authorization
+        "token-header-authorization",
+        "token-param",
+        "default",
+    ]
     header_route = routes["token-header-authorization"]
     assert header_route["match"]["headers"] == [{"name": "authorization", "present_match": True}]
     enabled = header_route["typed_per_filter_config"]["meshward.ext_authz.token"]
@@ -766,7 +771,12 @@ def test_token_routes_follow_from_headers_and_params_and_disable_the_late_filter
     resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
     vhost = route_config(resources)["virtual_hosts"][0]
     routes = {r["name"]: r for r in vhost["routes"]}
-    assert list(routes) == ["token-header-x-jwt", "token-param", "default"]
+    assert list(routes) == [
+        "meshward-invalid-authority",
+        "token-header-x-jwt",
+        "token-param",
+        "default",
+    ]
     for name in ("token-header-x-jwt", "token-param"):
         per_filter = routes[name]["typed_per_filter_config"]
         assert per_filter["envoy.filters.http.ext_authz"]["disabled"] is True  # decided already
@@ -873,3 +883,118 @@ def test_envoy_and_the_evaluator_name_the_same_first_matching_rule() -> None:
         assert not decision.allowed and decision.policy is not None
         named = f"ns[shop]-policy[{decision.policy.split('/')[1]}]-rule[{decision.rule}]"
         assert outcome.detail == f"rbac_access_denied_matched_policy[{named}]"
+
+
+# ---- the Host: one host[:port], or 400 before authorization ----------------------------------
+
+
+def _route_configs(resources: Any) -> dict[str, dict[str, Any]]:
+    """Every HTTP route config of a workload (xDS mode: the RDS resources)."""
+    return {r.name: to_dict(r) for r in resources.routes}
+
+
+def test_every_http_virtual_host_answers_an_invalid_host_with_400_first() -> None:
+    """Envoy joins two Host lines into one authority ('a.shop,admin.internal'): the first route
+    of every HTTP virtual host, inbound and outbound, answers it 400 with every authorization
+    filter off, so the answer does not depend on the policy (as the evaluator says)."""
+    from meshward.compile import names
+    from meshward.policy.paths import AUTHORITY_REGEX
+
+    ps = _with_request_authn(allow("a", NATIVE_RULE), allow("d", NATIVE_RULE, action=Action.DENY))
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    configs = _route_configs(resources)
+    assert {"inbound|8080|api.shop|extauthz", "outbound|8080||web.shop"} <= set(configs)
+    for name, config in configs.items():
+        for vhost in config["virtual_hosts"]:
+            first = vhost["routes"][0]
+            assert first["name"] == names.ROUTE_INVALID_AUTHORITY, name
+            assert first["match"] == {
+                "prefix": "/",
+                "headers": [
+                    {
+                        "name": ":authority",
+                        "string_match": {"safe_regex": {"regex": AUTHORITY_REGEX}},
+                        "invert_match": True,
+                    }
+                ],
+            }
+            assert first["direct_response"]["status"] == 400
+            assert "exactly one host" in first["direct_response"]["body"]["inline_string"]
+    inbound = configs["inbound|8080|api.shop|extauthz"]["virtual_hosts"][0]
+    off = inbound["routes"][0]["typed_per_filter_config"]
+    chain = [f["name"] for f in http_filters(resources)]
+    assert set(off) == set(chain) - {
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.router",
+    }
+    for filter_name, config in off.items():
+        if "ext_authz" in filter_name:
+            assert config["disabled"] is True
+        else:  # RBACPerRoute without rbac: "the global RBAC policy will be disabled"
+            assert config == {"@type": T_RBAC_ROUTE}
+    assert set(inbound["typed_per_filter_config"]) <= set(off)  # nothing leaks through
+
+
+T_RBAC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("api.shop", 200),
+        ("API.shop:8080", 200),
+        ("10.0.0.1:8080", 200),
+        ("[::1]:8080", 200),
+        ("api.shop,admin.internal", 400),
+        ("admin.internal,api.shop", 400),
+        ("api.shop, api.shop", 400),
+        ("user@api.shop", 400),
+        ("%61pi.shop", 400),
+        ("api.shop;x", 400),
+    ],
+)
+def test_a_host_that_is_not_one_host_is_rejected_before_authorization(
+    host: str, status: int
+) -> None:
+    """Whatever the policy says (here: web may GET, nothing else; admin.internal denied), the
+    simulated sidecar and the evaluator agree: 400 before any rule, else the rules decide."""
+    from meshward.compile import simulate
+    from meshward.policy import Request, evaluate
+
+    web = Source(principals=(WEB,))
+    ps = policy_set(
+        allow("reads", Rule(sources=(web,), operations=(Operation(methods=("GET",)),))),
+        allow(
+            "no-admin",
+            Rule(operations=(Operation(hosts=("admin.internal",)),)),
+            action=Action.DENY,
+        ),
+        mode=MtlsMode.PERMISSIVE,
+    )
+    resources = compile_workload(ps, "shop/api", CompileOptions(mode=Mode.STATIC))
+    api = ps.workload("shop/api")
+    assert api is not None
+    for peer, method in ((f"spiffe://{WEB}", "GET"), (f"spiffe://{WEB}", "POST"), (None, "GET")):
+        outcome = simulate.run(
+            listener(resources, "inbound|8080|api.shop"),
+            simulate.Connection(
+                method=method, path="/x", host=host, headers={}, port=8080, peer_uri=peer
+            ),
+        )
+        decision = evaluate(
+            ps,
+            api,
+            Request(
+                method=method,
+                path="/x",
+                host=host,
+                destination_port=8080,
+                source_principal=peer,
+            ),
+        )
+        if status == 400:
+            assert (outcome.status, outcome.detail) == (400, "direct_response")
+            assert not decision.allowed
+            assert decision.reason.startswith("rejected before authorization (HTTP 400): Host")
+        else:
+            assert outcome.status == (200 if decision.allowed else 403)

@@ -25,7 +25,7 @@ from typing import Any
 from meshward.compile import authz, names, observe, tls
 from meshward.compile.options import CompileOptions, Endpoint, Mode
 from meshward.policy.model import MtlsMode, Protocol, Workload, WorkloadPort
-from meshward.policy.paths import AUTHORITY_REGEX
+from meshward.policy.paths import AUTHORITY_REGEX, DOT_SEGMENT_PARAMETERS_REGEX
 
 Json = dict[str, Any]
 
@@ -161,6 +161,40 @@ def invalid_authority_route(off: Json | None = None) -> Json:
     return route
 
 
+DOT_SEGMENT_PARAMETERS_BODY = (
+    "meshward: bad request: a '.' or '..' path segment with ';' parameters (such as "
+    "/x/%2e%2e;/admin) is refused: the application would read it as a dot segment\n"
+)
+
+
+def dot_segment_parameters_route(off: Json | None = None) -> Json:
+    """The second route of every HTTP virtual host: 400 for a request whose (normalized) path
+    has a ``.;``/``..;`` segment (meshward.policy.paths.DOT_SEGMENT_PARAMETERS_REGEX, which the
+    evaluator applies too). Envoy strips ``;`` parameters only after LITERAL dot segments, so
+    ``/x/%2e%2e;/admin`` would pass a DENY on /admin and reach a Tomcat/Jetty/Spring application
+    as /admin. The regex sees ``:path`` with its query and is anchored to the path part. ``off``:
+    per-filter configs switching the authorization filters off (decided before authorization)."""
+    route: Json = {
+        "name": names.ROUTE_DOT_SEGMENT_PARAMETERS,
+        "match": {
+            "prefix": "/",
+            "headers": [
+                {
+                    "name": ":path",
+                    "string_match": {"safe_regex": {"regex": DOT_SEGMENT_PARAMETERS_REGEX}},
+                }
+            ],
+        },
+        "direct_response": {
+            "status": 400,
+            "body": {"inline_string": DOT_SEGMENT_PARAMETERS_BODY},
+        },
+    }
+    if off:
+        route["typed_per_filter_config"] = off
+    return route
+
+
 def _router() -> Json:
     return {"name": names.FILTER_ROUTER, "typed_config": {"@type": T_ROUTER}}
 
@@ -222,7 +256,14 @@ def _hcm(
     service_name: str,
     inbound: bool,
 ) -> Json:
-    hcm: Json = {"@type": T_HCM, "stat_prefix": stat, "codec_type": "AUTO"}
+    hcm: Json = {
+        "@type": T_HCM,
+        "stat_prefix": stat,
+        "codec_type": "AUTO",
+        # ``admin.internal.`` is ``admin.internal`` to DNS: host rules and the application see
+        # it without the dot (the evaluator strips it the same way, meshward.policy.paths).
+        "strip_trailing_host_dot": True,
+    }
     if options.mode is Mode.XDS:
         hcm["rds"] = {"config_source": ADS, "route_config_name": route_name}
     else:
@@ -276,7 +317,8 @@ def inbound_http(
     )
     route_name = names.inbound_route(workload, port.port, extauthz=access.extauthz)
     action = {"cluster": cluster_name, "timeout": "0s"}
-    routes = [invalid_authority_route(access.off_config())]
+    off = access.off_config()
+    routes = [invalid_authority_route(off), dot_segment_parameters_route(off)]
     routes += [{**r, "route": action} for r in access.token_routes]
     routes.append({"name": "default", "match": {"prefix": "/"}, "route": action})
     vhost: Json = {"name": "inbound", "domains": ["*"], "routes": routes}
@@ -397,6 +439,7 @@ def outbound(
                     "domains": ["*"],
                     "routes": [
                         invalid_authority_route(),
+                        dot_segment_parameters_route(),
                         {
                             "name": "default",
                             "match": {"prefix": "/"},

@@ -63,6 +63,10 @@ CONTEXT_PORT = "port"  # the declared service port the request arrived on (runti
 # The first route of every HTTP virtual host: a request whose Host (``:authority``) is not one
 # host[:port] (two Host headers, which Envoy joins with ',') gets 400 before authorization.
 ROUTE_INVALID_AUTHORITY = "meshward-invalid-authority"
+# The second: a path with a "." or ".." segment carrying ";" parameters (``/x/%2e%2e;/admin``,
+# which Envoy forwards as ``/x/..;/admin`` and Tomcat/Jetty/Spring serve as ``/admin``) gets 400
+# before authorization.
+ROUTE_DOT_SEGMENT_PARAMETERS = "meshward-dot-segment-parameters"
 
 # Client-sent headers with this prefix are removed before any filter reads them, so only
 # Meshward (ext_authz, the sidecar) can set them for the application.

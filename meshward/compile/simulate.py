@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from meshward.compile import names
-from meshward.policy.paths import PathRejected, normalize_path
+from meshward.policy.paths import PathRejected, normalize_path, strip_trailing_host_dot
 
 Json = dict[str, Any]
 
@@ -89,8 +89,8 @@ class _Request:
         self.metadata: dict[str, str] = {}
 
     def header(self, name: str) -> str | None:
-        if name == ":authority":
-            return self.conn.host
+        if name == ":authority":  # every compiled HCM sets strip_trailing_host_dot
+            return strip_trailing_host_dot(self.conn.host)
         if name == ":method":
             return self.conn.method
         if name == ":path":

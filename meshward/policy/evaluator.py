@@ -44,8 +44,17 @@ from meshward.policy.model import (
     Workload,
 )
 from meshward.policy.ordering import rule_order_key
-from meshward.policy.paths import PathRejected, check_authority, normalize_path
+from meshward.policy.paths import (
+    PathRejected,
+    check_authority,
+    check_dot_segment_parameters,
+    normalize_path,
+    strip_trailing_host_dot,
+)
 from meshward.policy.policyset import PolicySet
+
+# How a Decision for a request the sidecar answers with 400 (bad path or Host) starts.
+REJECTED_BEFORE_AUTHORIZATION = "rejected before authorization (HTTP 400)"
 
 CustomProvider = Callable[[AuthorizationPolicy, Request], tuple[bool, str]]
 
@@ -75,10 +84,14 @@ class RequestContext:
         self.request = request
         self.tcp = tcp
         self.path: str | None = None if tcp else normalize_path(request.path)
+        host = request.host
         if not tcp:
-            check_authority(request.host)  # HostRejected (a PathRejected): 400 from the sidecar
+            host = strip_trailing_host_dot(host)  # the HCM's strip_trailing_host_dot
+            # The sidecar's first two routes answer 400 before authorization, in this order.
+            check_authority(host)  # HostRejected (a PathRejected)
+            check_dot_segment_parameters(self.path or "")  # DotSegmentRejected (a PathRejected)
         self.method = request.method
-        self.host = request.host
+        self.host = host
         self.port = request.destination_port
         peer = request.source_principal
         if not peer:
@@ -528,7 +541,7 @@ def evaluate(
     try:
         ctx = context_for(plan, request)
     except PathRejected as exc:
-        return Decision(allowed=False, reason=f"rejected before authorization (HTTP 400): {exc}")
+        return Decision(allowed=False, reason=f"{REJECTED_BEFORE_AUTHORIZATION}: {exc}")
     active = plan.active(when)
     enforced = [p for p in active if not p.policy.dry_run]
     decision = _enforce(plan, enforced, ctx, when, workload, request, custom)

@@ -9,6 +9,7 @@ from typing import Any
 
 from meshward.policy.canonical import format_time
 from meshward.policy.evaluator import (
+    REJECTED_BEFORE_AUTHORIZATION,
     CompiledPolicy,
     CustomProvider,
     RequestContext,
@@ -50,6 +51,8 @@ class Explanation:
     decision: Decision
     normalized_path: str | None
     policies: tuple[PolicyTrace, ...]
+    # Why the sidecar answers 400 before any authorization runs (bad path or Host), or None.
+    rejected: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = self.decision
@@ -74,6 +77,7 @@ class Explanation:
             "audit_policies": list(d.audit_policies),
             "workload": self.workload,
             "normalized_path": self.normalized_path,
+            "rejected_before_authorization": self.rejected,
             "policies": [
                 {
                     "policy": p.policy,
@@ -105,7 +109,12 @@ class Explanation:
             lines.append(f"  dry-run {r.action.value} {r.policy}: {verdict} ({hit})")
         if d.audit:
             lines.append(f"  audited by: {', '.join(d.audit_policies)}")
-        if not self.policies:
+        if self.rejected is not None:
+            lines.append(
+                "  rejected before authorization: the sidecar answers HTTP 400 and evaluates "
+                f"no policy: {self.rejected}"
+            )
+        elif not self.policies:
             lines.append(f"  no authorization policy selects {self.workload}")
         for p in self.policies:
             flags = [p.action.value] + (["dry-run"] if p.dry_run else [])
@@ -135,8 +144,10 @@ def explain(
     plan = plan_for(policy_set, workload)
     try:
         ctx = context_for(plan, request)
-    except PathRejected:
-        return Explanation(workload.ref, request, decision, None, ())
+    except PathRejected as exc:
+        # A plaintext request to a STRICT port is refused earlier still (no HTTP at all).
+        rejected = str(exc) if decision.reason.startswith(REJECTED_BEFORE_AUTHORIZATION) else None
+        return Explanation(workload.ref, request, decision, None, (), rejected=rejected)
     traces = tuple(_trace(cp, ctx, when) for cp in plan.policies)
     return Explanation(workload.ref, request, decision, ctx.path, traces)
 

@@ -42,6 +42,18 @@ _TEMPLATE_TOKEN = re.compile(r"\{\*\*\}|\{\*\}")
 AUTHORITY_REGEX = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]*)?"
 _AUTHORITY = re.compile(AUTHORITY_REGEX)
 
+# A request whose normalized path has a segment that is ``.`` or ``..`` followed by ``;``
+# parameters. Envoy 1.40 strips the parameters only after a LITERAL dot segment, so
+# ``/x/%2e%2e;/admin`` reaches the application as ``/x/..;/admin``, which Tomcat, Jetty and
+# Spring serve as ``/admin`` while RBAC matched ``/x/..;/admin``. Full match on ``:path``, whose
+# route matcher sees the query: ``[^?]*`` keeps the match in the path part (``/ok?next=/..;/x``
+# is fine). The escaped forms (``%2e``) never survive normalization; they are here for the
+# outbound listeners, which do not normalize. The compiler gives it to Envoy as a route header
+# matcher (meshward.compile.listeners) and the evaluator applies it here (RE2 and Python ``re``
+# read it alike), so both reject exactly the same requests before authorization.
+DOT_SEGMENT_PARAMETERS_REGEX = r"[^?]*/(?:\.|%2[Ee]){1,2};.*"
+_DOT_SEGMENT_PARAMETERS = re.compile(DOT_SEGMENT_PARAMETERS_REGEX)
+
 
 class PathRejected(ValueError):
     """Envoy answers such a request with 400 before any authorization runs."""
@@ -51,6 +63,37 @@ class HostRejected(PathRejected):
     """The request's Host (``:authority``) is not one ``host[:port]``: the sidecar answers 400
     before any authorization runs. A PathRejected so every caller that handles "rejected before
     authorization" handles it too."""
+
+
+class DotSegmentRejected(PathRejected):
+    """The normalized path has a ``.;``/``..;`` segment: the sidecar answers 400 before any
+    authorization runs (DOT_SEGMENT_PARAMETERS_REGEX)."""
+
+
+def check_dot_segment_parameters(path: str) -> None:
+    """Raise DotSegmentRejected when ``path`` (normalized, query allowed) has a segment that is
+    ``.`` or ``..`` followed by ``;``: the application would read it as a dot segment that
+    authorization never saw."""
+    if _DOT_SEGMENT_PARAMETERS.fullmatch(path) is not None:
+        raise DotSegmentRejected(
+            f"path {path!r} has a '.' or '..' segment with ';' parameters, which Tomcat, Jetty "
+            "and Spring read as a dot segment (path traversal past authorization)"
+        )
+
+
+def strip_trailing_host_dot(host: str) -> str:
+    """The Host as Envoy forwards and matches it with ``strip_trailing_host_dot: true``
+    (HeaderUtility::stripTrailingHostDot): one dot removed from the end of the name, before the
+    port if there is one (``admin.internal.:80`` is ``admin.internal:80``). Without it
+    ``admin.internal.`` would slip past ``hosts: [admin.internal]``."""
+    dot = host.rfind(".")
+    if dot == -1:
+        return host
+    if dot == len(host) - 1:
+        return host[:-1]
+    if host[dot + 1] == ":":
+        return host[:dot] + host[dot + 1 :]
+    return host
 
 
 def check_authority(host: str) -> None:

@@ -41,7 +41,7 @@ from meshward.demo.echo import EchoServer
 from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.extauthz.server import ServeOptions, start_service
 from meshward.policy import Request, evaluate, load
-from meshward.policy.paths import PathRejected, normalize_path
+from meshward.policy.paths import PathRejected, normalize_path, strip_trailing_host_dot
 
 TD = "cluster.local"
 ORDERS_ID = f"spiffe://{TD}/ns/shop/sa/orders"
@@ -394,6 +394,8 @@ PATHS = [
     "/admin%23frag", "/admin/.", "/admin/..", "/admin/../payments", "/admin%2e", "/admin.",
     "/admin%20", "/%2fadmin", "/payments/../../admin", "/payments/%2e%2e/%2e%2e/admin",
     "/admin%252F", "/.admin", "/payments",
+    # escaped dots keep their ';' parameters in Envoy: 400 before authorization
+    "/a/%2e;/b", "/%2E%2E;x/admin", "/x/%2E%2e;x=1/admin", "/ok?next=/..;/x", "/payments?x=/%2e%2e;/a",
 ]  # fmt: skip
 
 
@@ -410,7 +412,29 @@ def _expected(stack: Stack, raw: str) -> tuple[int, str | None]:
         Request(method="GET", path=raw, source_principal=ORDERS_ID, host="payments.shop",
                 destination_port=8080),
     )  # fmt: skip
+    if decision.reason.startswith("rejected before authorization (HTTP 400)"):
+        return 400, None
     return (200, path) if decision.allowed else (403, None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        ("/x/%2e%2e;/admin", 400),  # Envoy would forward /x/..;/admin: Tomcat serves /admin
+        ("/x/.%2e;/admin", 400),
+        ("/a/%2e;/b", 400),
+        ("/%2E%2E;x/admin", 400),
+        ("/ok?next=/..;/x", 200),  # the query is not the path
+        ("/x/..;/admin", 403),  # literal: Envoy strips the parameters, the DENY on /admin applies
+    ],
+)
+def test_escaped_dot_segments_with_parameters_are_refused_before_authorization(
+    stack: Stack, raw: str, status: int
+) -> None:
+    response = stack.get(raw)
+    assert response.status == status, (response.status, response.body[:200])
+    if status == 400:
+        assert b"'..' path segment with ';' parameters" in response.body
 
 
 @pytest.mark.parametrize("raw", PATHS)
@@ -476,6 +500,8 @@ def test_a_duplicated_spoofed_header_is_stripped_too(stack: Stack) -> None:
     [
         ("/payments/1", "admin.internal", True),
         ("/payments/1", "ADMIN.internal:8080", True),
+        ("/payments/1", "admin.internal.", True),  # strip_trailing_host_dot
+        ("/payments/1", "admin.internal.:8080", True),
         ("http://admin.internal/payments/1", "payments.shop", True),
         ("http://payments.shop/payments/1", "admin.internal", False),
         ("http://payments.shop/admin", "payments.shop", True),
@@ -531,13 +557,23 @@ def test_two_host_headers_are_refused(stack: Stack, hosts: tuple[str, str]) -> N
         ("admin.internal@payments.shop", 400),
         ("%61dmin.internal", 400),
         ("payments.shop;admin.internal", 400),
+        ("payments.shop.", 200),  # the app sees payments.shop
+        ("payments.shop.:8080", 200),
+        ("admin.internal.", 403),  # and so does the DENY on admin.internal
     ],
 )
 def test_only_one_plain_host_is_accepted(stack: Stack, host: str, status: int) -> None:
     response = stack.raw(f"GET /payments/1 HTTP/1.1\r\nhost: {host}")
     assert response.status == status, (response.status, response.body[:200])
     if status == 200:
-        assert response.seen()["headers"]["host"] == host
+        assert response.seen()["headers"]["host"] == strip_trailing_host_dot(host)
+    decision = evaluate(
+        stack.policy,
+        stack.policy.workload(WORKLOAD),  # type: ignore[arg-type]
+        Request(method="GET", path="/payments/1", source_principal=ORDERS_ID, host=host,
+                destination_port=8080),
+    )  # fmt: skip
+    assert decision.allowed is (status == 200), decision.reason
 
 
 # -- identity ------------------------------------------------------------------------------------------

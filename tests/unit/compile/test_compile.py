@@ -741,6 +741,7 @@ def test_request_authentication_sends_token_requests_to_extauthz_first() -> None
     routes = {r["name"]: r for r in vhost["routes"]}
     assert list(routes) == [
         "meshward-invalid-authority",  # first: 400 before authorization
+        "meshward-dot-segment-parameters",  # second: 400 before authorization
         "token-header-authorization",
         "token-param",
         "default",
@@ -773,6 +774,7 @@ def test_token_routes_follow_from_headers_and_params_and_disable_the_late_filter
     routes = {r["name"]: r for r in vhost["routes"]}
     assert list(routes) == [
         "meshward-invalid-authority",
+        "meshward-dot-segment-parameters",
         "token-header-x-jwt",
         "token-param",
         "default",
@@ -938,6 +940,102 @@ def test_every_http_virtual_host_answers_an_invalid_host_with_400_first() -> Non
 T_RBAC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
 
 
+def test_every_http_virtual_host_answers_a_dot_segment_with_parameters_with_400_second() -> None:
+    """/x/%2e%2e;/admin reaches the app as /x/..;/admin (Envoy strips ';' only after LITERAL
+    dot segments), which Tomcat/Jetty/Spring serve as /admin: the second route of every HTTP
+    virtual host, inbound and outbound, answers it 400 with the same filters off as the first."""
+    from meshward.compile import names
+    from meshward.policy.paths import DOT_SEGMENT_PARAMETERS_REGEX
+
+    ps = _with_request_authn(allow("a", NATIVE_RULE), allow("d", NATIVE_RULE, action=Action.DENY))
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    configs = _route_configs(resources)
+    assert {"inbound|8080|api.shop|extauthz", "outbound|8080||web.shop"} <= set(configs)
+    for name, config in configs.items():
+        for vhost in config["virtual_hosts"]:
+            second = vhost["routes"][1]
+            assert second["name"] == names.ROUTE_DOT_SEGMENT_PARAMETERS, name
+            assert second["match"] == {
+                "prefix": "/",
+                "headers": [
+                    {
+                        "name": ":path",
+                        "string_match": {"safe_regex": {"regex": DOT_SEGMENT_PARAMETERS_REGEX}},
+                    }
+                ],
+            }
+            assert second["direct_response"]["status"] == 400
+            assert "'..' path segment" in second["direct_response"]["body"]["inline_string"]
+            first = vhost["routes"][0]
+            assert second.get("typed_per_filter_config") == first.get("typed_per_filter_config")
+    inbound = configs["inbound|8080|api.shop|extauthz"]["virtual_hosts"][0]
+    assert inbound["routes"][1]["typed_per_filter_config"]  # authorization filters off
+
+
+@pytest.mark.parametrize(
+    ("path", "rejected"),
+    [
+        ("/x/%2e%2e;/admin", True),
+        ("/a/%2e;/b", True),
+        ("/%2E%2E;x/admin", True),
+        ("/a/.%2e;x=1/b?q=1", True),
+        ("/ok?next=/..;/x", False),  # the query is not the path
+        ("/x/..;/admin", False),  # a literal dot segment loses its parameters: /admin
+        ("/a/...;/b", False),
+        ("/a/..%3b/b", False),
+        ("/x", False),
+    ],
+)
+def test_a_dot_segment_with_parameters_is_rejected_before_authorization(
+    path: str, rejected: bool
+) -> None:
+    """The simulated sidecar and the evaluator agree, whatever the policy: 400 before any rule."""
+    from meshward.compile import simulate
+    from meshward.policy import Request, evaluate
+
+    web = Source(principals=(WEB,))
+    ps = policy_set(
+        allow("reads", Rule(sources=(web,), operations=(Operation(methods=("GET",)),))),
+        mode=MtlsMode.PERMISSIVE,
+    )
+    resources = compile_workload(ps, "shop/api", CompileOptions(mode=Mode.STATIC))
+    api = ps.workload("shop/api")
+    assert api is not None
+    for peer, method in ((f"spiffe://{WEB}", "GET"), (f"spiffe://{WEB}", "POST"), (None, "GET")):
+        outcome = simulate.run(
+            listener(resources, "inbound|8080|api.shop"),
+            simulate.Connection(
+                method=method, path=path, host="api.shop", headers={}, port=8080, peer_uri=peer
+            ),
+        )
+        decision = evaluate(
+            ps,
+            api,
+            Request(method=method, path=path, host="api.shop", destination_port=8080,
+                    source_principal=peer),
+        )  # fmt: skip
+        if rejected:
+            assert (outcome.status, outcome.detail) == (400, "direct_response")
+            assert not decision.allowed
+            assert decision.reason.startswith("rejected before authorization (HTTP 400): path")
+        else:
+            assert outcome.status == (200 if decision.allowed else 403)
+
+
+def test_every_http_connection_manager_strips_a_trailing_host_dot() -> None:
+    ps = _with_request_authn(allow("a", NATIVE_RULE))
+    resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
+    hcms = [
+        f["typed_config"]
+        for lst in map(to_dict, resources.listeners)
+        for chain in lst["filter_chains"]
+        for f in chain["filters"]
+        if f["name"] == "envoy.filters.network.http_connection_manager"
+    ]
+    assert len(hcms) >= 2  # inbound and outbound
+    assert all(h["strip_trailing_host_dot"] is True for h in hcms)
+
+
 @pytest.mark.parametrize(
     ("host", "status"),
     [
@@ -951,6 +1049,9 @@ T_RBAC_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPe
         ("user@api.shop", 400),
         ("%61pi.shop", 400),
         ("api.shop;x", 400),
+        ("admin.internal.", 403),  # the trailing dot is stripped: the DENY on the host applies
+        ("admin.internal.:8080", 403),
+        ("api.shop.", 200),
     ],
 )
 def test_a_host_that_is_not_one_host_is_rejected_before_authorization(

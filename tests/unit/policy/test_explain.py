@@ -78,3 +78,27 @@ def test_rejected_path_has_no_traces() -> None:
     result = explain(ps, w, req, now=NOW)
     assert result.policies == () and result.normalized_path is None
     assert result.to_json()["decision"] == "deny"
+
+
+def test_a_request_rejected_before_authorization_says_so_and_why() -> None:
+    """Not "no authorization policy selects ...": shop/orders has policies, none was evaluated."""
+    ps = load([EXAMPLES])
+    for path, host, why in (
+        ("/a%2fb", None, "escaped slash"),
+        ("/x/%2e%2e;/admin", None, "'..' segment with ';' parameters"),
+        ("/", "a.shop,admin.internal", "joins several Host headers"),
+    ):
+        w, req = build_request(
+            ps, destination="shop/orders", source="shop/frontend", path=path, host=host
+        )
+        result = explain(ps, w, req, now=NOW)
+        text = result.render()
+        assert "no authorization policy selects" not in text, text
+        assert "rejected before authorization: the sidecar answers HTTP 400" in text, text
+        assert why in text, text
+        assert result.rejected is not None and why in result.rejected
+        assert result.to_json()["rejected_before_authorization"] == result.rejected
+    w, req = build_request(ps, destination="shop/orders", source="shop/frontend", path="/x")
+    allowed_or_denied = explain(ps, w, req, now=NOW)
+    assert allowed_or_denied.rejected is None
+    assert "rejected before authorization" not in allowed_or_denied.render()

@@ -11,12 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshward.policy.paths import (
+    DOT_SEGMENT_PARAMETERS_REGEX,
+    DotSegmentRejected,
     PathRejected,
+    check_dot_segment_parameters,
     check_path_template,
     compiled_path_template,
     is_path_template,
     normalize_path,
     path_template_regex,
+    strip_trailing_host_dot,
 )
 
 ENVOY_1_40: list[tuple[str, str | None]] = [
@@ -274,3 +278,60 @@ def test_template_regex_is_re2_friendly() -> None:
 )
 def test_invalid_templates(template: str) -> None:
     assert check_path_template(template) is not None
+
+
+@pytest.mark.parametrize(
+    ("raw", "rejected"),
+    [
+        ("/x/%2e%2e;/admin", True),  # Envoy forwards /x/..;/admin: Tomcat serves /admin
+        ("/a/%2e;/b", True),
+        ("/%2E%2E;x/admin", True),
+        ("/a/.%2e;/b", True),
+        ("/a/%2e.;x=1", True),
+        ("/ok?next=/..;/x", False),  # in the query, not the path
+        ("/x/..;/admin", False),  # literal: the parameters go, the path is /admin
+        ("/a/.;/b", False),
+        ("/a/...;/b", False),
+        ("/a/..x;/b", False),
+        ("/a/..%3b/b", False),  # an escaped ';' is no parameter
+        ("/a;/b", False),
+    ],
+)
+def test_dot_segments_with_parameters_are_rejected(raw: str, rejected: bool) -> None:
+    path = normalize_path(raw)
+    if rejected:
+        with pytest.raises(DotSegmentRejected, match=r"'\.\.' segment with ';'"):
+            check_dot_segment_parameters(path)
+        assert isinstance(DotSegmentRejected("x"), PathRejected)
+    else:
+        check_dot_segment_parameters(path)
+    # The route regex sees :path with its query; the evaluator the normalized path.
+    query = raw.partition("?")[2]
+    with_query = path + ("?" + query if query else "")
+    assert (re.fullmatch(DOT_SEGMENT_PARAMETERS_REGEX, with_query) is not None) is rejected
+
+
+def test_the_dot_segment_regex_catches_escaped_dots_where_nothing_normalizes() -> None:
+    """Outbound listeners do not normalize: the raw escaped forms must match too."""
+    for raw in ("/x/%2e%2e;/admin", "/x/%2E.;/a", "/%2e;"):
+        assert re.fullmatch(DOT_SEGMENT_PARAMETERS_REGEX, raw), raw
+    assert re.fullmatch(DOT_SEGMENT_PARAMETERS_REGEX, "/x?a=/%2e%2e;/b") is None
+
+
+@pytest.mark.parametrize(
+    ("host", "stripped"),
+    [
+        ("admin.internal.", "admin.internal"),
+        ("admin.internal.:8080", "admin.internal:8080"),
+        ("admin.internal..", "admin.internal."),  # one dot, as Envoy
+        ("admin.internal", "admin.internal"),
+        ("admin.internal:8080", "admin.internal:8080"),
+        ("10.0.0.1.", "10.0.0.1"),
+        ("[::1]:8080", "[::1]:8080"),
+        ("[::ffff:1.2.3.4]", "[::ffff:1.2.3.4]"),
+        ("", ""),
+        (".", ""),
+    ],
+)
+def test_one_trailing_host_dot_is_stripped_like_envoy(host: str, stripped: str) -> None:
+    assert strip_trailing_host_dot(host) == stripped

@@ -161,8 +161,4 @@ def build_svid(
     )
 
 
-def clamp(value: datetime, upper: datetime) -> datetime:
-    return value if value <= upper else upper
-
-
 SKEW_BACKDATE = timedelta(seconds=60)

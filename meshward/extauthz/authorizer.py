@@ -355,11 +355,13 @@ class Authorizer:
         )
 
         def compute() -> tuple[CachedDecision, float]:
-            decision = self._decide(snapshot, plan, facts, raw_path)
+            wall = self._wall()  # one instant for the decision, the denial and the expiry
+            now = datetime.fromtimestamp(wall, UTC)
+            decision = self._decide(snapshot, plan, facts, raw_path, now)
             policy = decision.policy
             if policy is None and not decision.allowed:
-                policy = self._unmatched_allows(snapshot, plan.workload)
-            return CachedDecision(decision, policy), self._expiry(plan, token)
+                policy = self._unmatched_allows(snapshot, plan.workload, now)
+            return CachedDecision(decision, policy), self._expiry(plan, token, wall)
 
         hit: bool | None
         if plan.key_of is not None:
@@ -400,7 +402,12 @@ class Authorizer:
         return result
 
     def _decide(
-        self, snapshot: _Snapshot, plan: WorkloadPlan, facts: RequestFacts, raw_path: str
+        self,
+        snapshot: _Snapshot,
+        plan: WorkloadPlan,
+        facts: RequestFacts,
+        raw_path: str,
+        now: datetime,
     ) -> Decision:
         with self._count_lock:
             self.evaluations += 1
@@ -416,13 +423,13 @@ class Authorizer:
             claims=dict(facts.claims) if facts.claims is not None else None,
             sni=facts.sni,
         )
-        now = datetime.fromtimestamp(self._wall(), UTC)
         return self._evaluate(
             snapshot.policy_set, plan.workload, request, now=now, custom=self.custom
         )
 
-    def _unmatched_allows(self, snapshot: _Snapshot, workload: Workload) -> str | None:
-        now = datetime.fromtimestamp(self._wall(), UTC)
+    def _unmatched_allows(
+        self, snapshot: _Snapshot, workload: Workload, now: datetime
+    ) -> str | None:
         refs = [
             p.ref
             for p in snapshot.policy_set.policies_for(workload, now)
@@ -430,11 +437,10 @@ class Authorizer:
         ]
         return ",".join(refs) or None
 
-    def _expiry(self, plan: WorkloadPlan, token: VerifiedToken | None) -> float:
+    def _expiry(self, plan: WorkloadPlan, token: VerifiedToken | None, wall: float) -> float:
         """Monotonic instant the entry must be gone: TTL, the token's exp, the next policy
         expiry, whichever comes first."""
         mono = self._clock()
-        wall = self._wall()
         until = mono + self.cache.ttl
         if token is not None and token.expires_at is not None:
             until = min(until, mono + (token.expires_at - wall))

@@ -94,9 +94,6 @@ class DecisionCache(Generic[V]):
         with self._lock:
             return len(self._store)
 
-    def default_expiry(self) -> float:
-        return self.timer() + self.ttl
-
     def _live(self, key: Hashable) -> _Entry[V] | None:
         """The unexpired entry for ``key`` (caller holds the lock)."""
         entry = self._store.get(key)

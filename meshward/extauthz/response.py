@@ -105,9 +105,3 @@ def deny(
 def empty_allow() -> Any:
     """The cheapest valid answer: the floor the benchmark compares against."""
     return external_auth_pb2.CheckResponse(status=_OK_STATUS)
-
-
-def parse_deny_body(body: str) -> dict[str, Any]:
-    """For tests and `meshward denials`: the JSON a denied caller received."""
-    data: dict[str, Any] = json.loads(body)
-    return data

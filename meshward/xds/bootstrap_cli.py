@@ -20,7 +20,7 @@ from meshward.xds.bootstrap import (
     AdsCredentials,
     render_bootstrap,
 )
-from meshward.xds.nodeid import NodeId, expected_spiffe_id
+from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 
 DEFAULT_CREDENTIAL_TTL = timedelta(hours=24)
 ENVOY_FLAGS = " ".join(ENVOY_ARGS)
@@ -93,7 +93,7 @@ def write_sidecar_config(
         xds_host,
         xds_port,
         server_identity=server_identity
-        or expected_spiffe_id(trust_domain, root_namespace, "meshward-xds"),
+        or expected_spiffe_id(trust_domain, root_namespace, SERVER_SERVICE_ACCOUNT),
         credentials=AdsCredentials.in_directory(seen_as),
         delta=delta,
         admin_port=admin_port,

@@ -31,7 +31,7 @@ from meshward.xds import types
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
 from meshward.xds.credentials import ServerTls
-from meshward.xds.nodeid import NodeId, expected_spiffe_id
+from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
 from meshward.xds.snapshot import Snapshot, build_snapshot
@@ -43,7 +43,6 @@ log = logging.getLogger("meshward.xds")
 WorkloadCompiler = Callable[[PolicySet, Workload, datetime], Sequence[Any]]
 
 SERVER_KEY = "@ads-server"
-SERVER_SERVICE_ACCOUNT = "meshward-xds"
 CA_POLL_SECONDS = 5.0
 MIN_RENEWAL_INTERVAL = timedelta(seconds=1)
 

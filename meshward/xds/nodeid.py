@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from meshward.certs.spiffe import SpiffeId
+
 _PART = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 
 
@@ -53,5 +55,9 @@ class NodeId:
         return cls(*parts)
 
 
+#: The ADS server's service account (in the root namespace): sidecars pin its SPIFFE ID.
+SERVER_SERVICE_ACCOUNT = "meshward-xds"
+
+
 def expected_spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
-    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+    return str(SpiffeId(trust_domain, namespace, service_account))

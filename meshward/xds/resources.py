@@ -98,10 +98,6 @@ def make_resource(message: Any) -> Resource:
     )
 
 
-def make_resources(messages: Iterable[Any]) -> list[Resource]:
-    return [make_resource(message) for message in messages]
-
-
 def _unpack(value: Any) -> Any | None:
     try:
         descriptor = descriptor_pool.Default().FindMessageTypeByName(value.TypeName())

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meshward.xds import types
-from meshward.xds.protocol import PARTIAL, Nack, TypeState
+from meshward.xds.protocol import Nack, TypeState
 from meshward.xds.snapshot import Snapshot
 
 DEFAULT_DRIFT_THRESHOLD = 10.0  # seconds
@@ -102,7 +102,3 @@ def stream_types(
 
 def drifting(statuses: Iterable[TypeStatus]) -> bool:
     return any(s.drift for s in statuses)
-
-
-def base_version(version: str) -> str:
-    return version.removesuffix(PARTIAL)

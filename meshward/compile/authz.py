@@ -84,11 +84,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshward.compile import index, names
-from meshward.compile.classify import Placement, RuleClass, classify_rules
-from meshward.compile.matchers import re2_escape
+from meshward.compile.classify import Placement, RuleClass, classify_rules, envoy_policy_order
 from meshward.compile.rbac import RuleContext, rule_policy
 from meshward.policy.model import Action, AuthorizationPolicy, RequestAuthentication
-from meshward.policy.ordering import rule_order_key
+from meshward.policy.paths import re2_escape
 
 Json = dict[str, Any]
 
@@ -243,13 +242,6 @@ def plan(
         extauthz_reasons=reasons,
         token_sources=sources,
     )
-
-
-def envoy_policy_order(rules: Iterable[RuleClass]) -> list[RuleClass]:
-    """``rules`` in the order Envoy's RBAC rules engine tries them: by name, as strings (its
-    ``policies`` map is a ``std::map``). When several match, the first of these is the
-    ``rbac_access_denied_matched_policy[...]`` / ``enforced_effective_policy_id``."""
-    return sorted(rules, key=lambda r: rule_order_key(r.policy.namespace, r.policy.name, r.index))
 
 
 def _policies(rules: Sequence[RuleClass], ctx: RuleContext) -> dict[str, Json]:

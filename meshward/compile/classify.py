@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from meshward.compile.names import rbac_policy_name
 from meshward.policy.model import Action, AuthorizationPolicy, Rule
+from meshward.policy.ordering import rule_order_key
 
 JWT_KEY_PREFIX = "request.auth."
 HEADER_KEY_PREFIX = "request.headers["
@@ -113,6 +114,13 @@ class RuleClass:
             "reason": self.reason,
             "protocol": "TCP" if self.tcp else "HTTP",
         }
+
+
+def envoy_policy_order(rules: Iterable[RuleClass]) -> list[RuleClass]:
+    """``rules`` in the order Envoy's RBAC rules engine tries them: by name, as strings (its
+    ``policies`` map is a ``std::map``). When several match, the first of these is the
+    ``rbac_access_denied_matched_policy[...]`` / ``enforced_effective_policy_id``."""
+    return sorted(rules, key=lambda r: rule_order_key(r.policy.namespace, r.policy.name, r.index))
 
 
 def classify_rules(

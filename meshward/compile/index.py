@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from meshward.compile.classify import RuleClass
-from meshward.compile.matchers import SPIFFE, re2_escape
+from meshward.compile.classify import RuleClass, envoy_policy_order
+from meshward.compile.matchers import SPIFFE
 from meshward.compile.rbac import RuleContext, rule_policy
+from meshward.policy.paths import re2_escape
 
 Json = dict[str, Any]
 
@@ -188,7 +189,7 @@ def matcher(rules: Sequence[RuleClass], ctx: RuleContext, action: str) -> Json:
     Plaintext chains get the plain rules engine (where these rules simply never match).
     """
     by_caller: dict[str, list[Json]] = {}
-    for rule in sorted(rules, key=lambda r: r.rbac_name):
+    for rule in envoy_policy_order(rules):
         callers = exact_principals(rule)
         if callers is None:
             raise ValueError(f"{rule.rbac_name} is not indexable")

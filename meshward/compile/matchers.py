@@ -11,22 +11,18 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from meshward.policy.paths import is_path_template, path_template_regex
+from meshward.policy.matching import SPIFFE_PREFIX
+from meshward.policy.paths import is_path_template, path_template_regex, re2_escape
 
 Json = dict[str, Any]
 
-SPIFFE = "spiffe://"
-_RE2_SPECIAL = frozenset("\\.+*?()|[]{}^$")
+SPIFFE = SPIFFE_PREFIX
 
 # Matchers that need no input: Envoy's ``any`` and its negation.
 ANY_PERMISSION: Json = {"any": True}
 ANY_PRINCIPAL: Json = {"any": True}
 NO_PERMISSION: Json = {"not_rule": {"any": True}}
 NO_PRINCIPAL: Json = {"not_id": {"any": True}}
-
-
-def re2_escape(literal: str) -> str:
-    return "".join("\\" + ch if ch in _RE2_SPECIAL else ch for ch in literal)
 
 
 def regex(pattern: str) -> Json:

@@ -17,24 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from meshward.policy.matching import string_predicate
 from meshward.policy.model import Action, Rule, Workload
 
 if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
 
 Predicate = Callable[[str], bool]
-
-
-def _pattern(pattern: str) -> Predicate:
-    if pattern == "*":
-        return lambda v: bool(v)
-    if pattern.startswith("*"):
-        suffix = pattern[1:]
-        return lambda v: v.endswith(suffix)
-    if pattern.endswith("*"):
-        prefix = pattern[:-1]
-        return lambda v: v.startswith(prefix)
-    return lambda v: v == pattern
 
 
 @dataclass
@@ -78,13 +67,13 @@ def _index_rules(index: PeerIndex, ref: str, rules: list[Rule]) -> None:
             if source.principals:
                 for p in source.principals:
                     if "*" in p:
-                        index.principal_patterns.append((_pattern(p), ref))
+                        index.principal_patterns.append((string_predicate(p), ref))
                     else:
                         index.by_principal.setdefault(p, set()).add(ref)
             elif source.namespaces:
                 for ns in source.namespaces:
                     if "*" in ns:
-                        index.namespace_patterns.append((_pattern(ns), ref))
+                        index.namespace_patterns.append((string_predicate(ns), ref))
                     else:
                         index.by_namespace.setdefault(ns, set()).add(ref)
             else:

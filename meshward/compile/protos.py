@@ -87,9 +87,7 @@ def _visit(message: Any) -> None:
     if message.DESCRIPTOR.full_name != "google.protobuf.Any":
         _repack(message)
         return
-    descriptor = descriptor_pool.Default().FindMessageTypeByName(message.TypeName())
-    inner = message_factory.GetMessageClass(descriptor)()
-    message.Unpack(inner)
+    inner = unpack(message)
     _repack(inner)
     packed = any_pb2.Any()
     packed.Pack(inner, deterministic=True)

@@ -22,8 +22,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshward.compile import matchers as m
-from meshward.compile.classify import HEADER_KEY_PREFIX, JWT_KEY_PREFIX
+from meshward.compile.classify import JWT_KEY_PREFIX
 from meshward.compile.matchers import Json
+from meshward.policy.loader import header_name
 from meshward.policy.model import Condition, Operation, Rule, Source
 
 
@@ -159,10 +160,10 @@ def _condition(c: Condition, ctx: RuleContext) -> tuple[str, Json | None]:
         raise ValueError(f"{key} needs ext_authz; classify before compiling")
     side: str
     build: Callable[[str], Json | list[Json]]
-    if key.startswith(HEADER_KEY_PREFIX):
+    name = header_name(key)
+    if name is not None:
         if ctx.drop_http:
             return "principal", None
-        name = key[len(HEADER_KEY_PREFIX) : -1]
 
         def build_header(value: str) -> list[Json]:
             return m.header(name, value)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from meshward.policy.errors import PolicyError, Problem
-from meshward.policy.matching import SPIFFE_PREFIX, parse_network, wildcard_problem
+from meshward.policy.matching import parse_network, strip_spiffe, wildcard_problem
 from meshward.policy.model import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
@@ -895,9 +895,7 @@ class _Reader:
 
     def principals(self, value: Any, path: str) -> tuple[str, ...]:
         items = self.patterns(value, path)
-        return tuple(
-            item[len(SPIFFE_PREFIX) :] if item.startswith(SPIFFE_PREFIX) else item for item in items
-        )
+        return tuple(strip_spiffe(item) for item in items)
 
     def service_accounts(self, value: Any, path: str, namespace: str) -> tuple[str, ...]:
         out: list[str] = []

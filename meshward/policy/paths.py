@@ -235,14 +235,14 @@ def path_template_regex(pattern: str) -> str:
     parts: list[str] = []
     pos = 0
     for token in _TEMPLATE_TOKEN.finditer(pattern):
-        parts.append(_re2_escape(pattern[pos : token.start()]))
+        parts.append(re2_escape(pattern[pos : token.start()]))
         parts.append(_ANY_SEGMENTS if token.group() == "{**}" else _ONE_SEGMENT)
         pos = token.end()
-    parts.append(_re2_escape(pattern[pos:]))
+    parts.append(re2_escape(pattern[pos:]))
     return "".join(parts)
 
 
-def _re2_escape(literal: str) -> str:
+def re2_escape(literal: str) -> str:
     return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in literal)
 
 

@@ -30,6 +30,7 @@ from meshward.extauthz.plan import (
 )
 from meshward.extauthz.tokens import JwtVerifier, TokenRejected, VerifiedToken
 from meshward.policy import evaluate as policy_evaluate
+from meshward.policy.evaluator import REJECTED_BEFORE_AUTHORIZATION, plaintext_refusal
 from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
@@ -40,7 +41,7 @@ from meshward.policy.model import (
     Request,
     Workload,
 )
-from meshward.policy.paths import normalize_path
+from meshward.policy.paths import PathRejected, check_request_target, normalize_path
 
 log = logging.getLogger("meshward.extauthz")
 
@@ -353,6 +354,30 @@ class Authorizer:
             headers=headers,
             claims=token.claims if token is not None else None,
         )
+
+        # Refusals that happen before any rule is read depend on fields the cache key may not
+        # hold (a rule-free key would otherwise serve one bad Host's denial to good requests),
+        # so they are decided here, before the cache, by the evaluator's own checks.
+        try:
+            check_request_target(http.host, path)
+            refusal = plaintext_refusal(
+                snapshot.policy_set,
+                plan.workload,
+                Request(source_principal=source_principal, destination_port=destination_port),
+            )
+        except PathRejected as exc:
+            refusal = f"{REJECTED_BEFORE_AUTHORIZATION}: {exc}"
+        if refusal is not None:
+            return self._deny(
+                403,
+                refusal,
+                trace_id,
+                version,
+                method=method,
+                path=path,
+                source_principal=source_principal,
+                workload=ref,
+            )
 
         def compute() -> tuple[CachedDecision, float]:
             wall = self._wall()  # one instant for the decision, the denial and the expiry

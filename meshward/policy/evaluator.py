@@ -46,10 +46,8 @@ from meshward.policy.model import (
 from meshward.policy.ordering import rule_order_key
 from meshward.policy.paths import (
     PathRejected,
-    check_authority,
-    check_dot_segment_parameters,
+    check_request_target,
     normalize_path,
-    strip_trailing_host_dot,
 )
 from meshward.policy.policyset import PolicySet
 
@@ -86,10 +84,7 @@ class RequestContext:
         self.path: str | None = None if tcp else normalize_path(request.path)
         host = request.host
         if not tcp:
-            host = strip_trailing_host_dot(host)  # the HCM's strip_trailing_host_dot
-            # The sidecar's first two routes answer 400 before authorization, in this order.
-            check_authority(host)  # HostRejected (a PathRejected)
-            check_dot_segment_parameters(self.path or "")  # DotSegmentRejected (a PathRejected)
+            host = check_request_target(host, self.path or "")  # raises PathRejected
         self.method = request.method
         self.host = host
         self.port = request.destination_port
@@ -517,6 +512,18 @@ def context_for(plan: Plan, request: Request) -> RequestContext:
 # --------------------------------------------------------------------------- evaluating
 
 
+def plaintext_refusal(policy_set: PolicySet, workload: Workload, request: Request) -> str | None:
+    """Why a plaintext request never reaches authorization (STRICT mTLS on its port), or None.
+    Depends only on the peer's presence and the port, not on any rule: ext_authz checks it
+    before its decision cache, whose keys hold only what rules read."""
+    if request.source_principal:
+        return None
+    port = request.destination_port
+    if policy_set.mtls_mode(workload, port) is not MtlsMode.STRICT:
+        return None
+    return f"plaintext connection refused: PeerAuthentication makes mTLS STRICT on {workload.ref} port {port}"
+
+
 def evaluate(
     policy_set: PolicySet,
     workload: Workload,
@@ -530,14 +537,9 @@ def evaluate(
     policies; without it a matching CUSTOM policy denies (fail closed)."""
     when = now if now is not None else datetime.now(UTC)
     plan = plan_for(policy_set, workload)
-    if not request.source_principal:
-        port = request.destination_port
-        if policy_set.mtls_mode(workload, port) is MtlsMode.STRICT:
-            return Decision(
-                allowed=False,
-                reason=f"plaintext connection refused: PeerAuthentication makes mTLS STRICT "
-                f"on {workload.ref} port {port}",
-            )
+    refusal = plaintext_refusal(policy_set, workload, request)
+    if refusal is not None:
+        return Decision(allowed=False, reason=refusal)
     try:
         ctx = context_for(plan, request)
     except PathRejected as exc:

@@ -108,6 +108,17 @@ def check_authority(host: str) -> None:
         raise HostRejected(f"Host {host!r} is not a valid host[:port] (RFC 9112 3.2)")
 
 
+def check_request_target(host: str, normalized_path: str) -> str:
+    """What the sidecar's first routes check before any authorization, in their order: one
+    ``host[:port]`` (trailing dot stripped first, as the HCM does), then no ``;`` parameters on
+    a dot segment. Returns the host as Envoy matches it; raises PathRejected (HostRejected,
+    DotSegmentRejected). The evaluator and ext_authz (before its decision cache) both call it."""
+    host = strip_trailing_host_dot(host)
+    check_authority(host)
+    check_dot_segment_parameters(normalized_path)
+    return host
+
+
 def normalize_path(raw: str) -> str:
     """Return the path RBAC will match, as Envoy 1.40 computes it (checked against a running
     Envoy): the query removed; ``\\`` turned into ``/``; escapes of unreserved characters

@@ -349,3 +349,50 @@ spec:
 
     assert check("red").allowed
     assert not check("blue").allowed
+
+
+POISON_POLICY = """\
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
+spec: {ports: [{name: http, port: 8000}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-get, namespace: foo}
+spec:
+  rules:
+  - to: [{operation: {methods: ["GET"]}}]
+"""
+
+
+def test_a_request_refused_before_authorization_never_poisons_the_cache() -> None:
+    """The key holds only what rules read (here: the method). A bad Host, a ';' on a dot
+    segment or a plaintext peer under STRICT are refused before any rule: such a denial must
+    not be served, from the cache, to a good request with the same key."""
+    from meshward.extauthz.client import build_check_request
+    from meshward.policy import parse
+
+    strict = (
+        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: strict, namespace: foo}\nspec: {mtls: {mode: STRICT}}\n"
+    )
+    authorizer = Authorizer(parse({"p.yaml": POISON_POLICY + strict}))
+
+    def check(host: str = "httpbin.foo", path: str = "/x", peer: str = PEER) -> Any:
+        return authorizer.check(
+            build_check_request(
+                method="GET", path=path, host=host, source_principal=peer, workload=WORKLOAD
+            )
+        )
+
+    for bad in (
+        check(host="bad host"),
+        check(host="a.example,admin.internal"),
+        check(path="/x/%2e%2e;y/admin"),
+        check(peer=""),
+    ):
+        assert not bad.allowed and bad.cache_hit is None
+        good = check()
+        assert good.allowed, good.reason
+    assert check().cache_hit is True  # good requests still share their entry

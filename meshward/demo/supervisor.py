@@ -20,18 +20,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from meshward.envoy.process import EnvoyProcess, EnvoyStartError
+from meshward.envoy.process import EnvoyProcess, EnvoyStartError, tail
 from meshward.errors import UserError
 
 ReadyCheck = Callable[[], bool]
 WAIT_ANNOUNCE_SECONDS = 3.0
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 @dataclass
@@ -75,18 +68,6 @@ class Component:
 
 class ComponentFailed(UserError):
     """A component did not come up; the message names it and carries its last log lines."""
-
-
-def envoy_ready(envoy: EnvoyProcess) -> ReadyCheck:
-    """True once Envoy's admin ``/ready`` says LIVE (it has its first listeners from ADS)."""
-
-    def check() -> bool:
-        try:
-            return envoy.admin("/ready").strip() == "LIVE"
-        except (RuntimeError, OSError):  # admin address not known yet, or not LIVE (503)
-            return False
-
-    return check
 
 
 class Supervisor:
@@ -138,7 +119,7 @@ class Supervisor:
     ) -> Component:
         self.say(f"[start] {name}" + (f" ({what})" if what else ""))
         component = Component(
-            name, envoy.log_path, envoy=envoy, ready_check=envoy_ready(envoy), timeout=timeout
+            name, envoy.log_path, envoy=envoy, ready_check=envoy.ready, timeout=timeout
         )
         self.components[name] = component
         try:
@@ -162,7 +143,7 @@ class Supervisor:
                 if not component.alive():
                     raise ComponentFailed(
                         f"{component.name} exited before it was ready; last log lines "
-                        f"({component.log_path}):\n{_tail(component.log_path)}"
+                        f"({component.log_path}):\n{tail(component.log_path, 20)}"
                     )
                 ok = False
                 if component.ready_check is not None:
@@ -176,7 +157,7 @@ class Supervisor:
                 elif time.monotonic() - component.started_at > component.timeout:
                     raise ComponentFailed(
                         f"{component.name} not ready after {component.timeout:.0f}s; last log "
-                        f"lines ({component.log_path}):\n{_tail(component.log_path)}"
+                        f"lines ({component.log_path}):\n{tail(component.log_path, 20)}"
                     )
             if pending and time.monotonic() - announced > WAIT_ANNOUNCE_SECONDS:
                 self.say(f"[wait ] {', '.join(c.name for c in pending)} ...")
@@ -214,33 +195,13 @@ class Supervisor:
                 announced = now
             time.sleep(0.05)
 
-    # -- the old blocking forms ------------------------------------------------------------------
-    def start_process(
-        self,
-        name: str,
-        argv: Sequence[str],
-        *,
-        ready: ReadyCheck,
-        env: Mapping[str, str] | None = None,
-        timeout: float = 30.0,
-    ) -> Component:
-        """Start ``argv`` and wait until ``ready()`` holds; raise ComponentFailed otherwise."""
-        component = self.launch(name, argv, ready=ready, env=env, timeout=timeout)
-        self.wait_ready([name])
-        return component
-
-    def start_envoy(self, name: str, envoy: EnvoyProcess, *, timeout: float = 30.0) -> Component:
-        component = self.launch_envoy(name, envoy, timeout=timeout)
-        self.wait_ready([name])
-        return component
-
     def check_alive(self) -> None:
         """Raise ComponentFailed naming the first component that died."""
         for component in self.components.values():
             if not component.alive():
                 raise ComponentFailed(
                     f"{component.name} died; last log lines ({component.log_path}):\n"
-                    f"{_tail(component.log_path)}"
+                    f"{tail(component.log_path, 20)}"
                 )
 
     def stop_all(self) -> None:

@@ -29,7 +29,8 @@ class EnvoyStartError(RuntimeError):
     """Envoy exited or never became ready; the message carries its last log lines."""
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, for error messages that name a failing component."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -83,7 +84,6 @@ class EnvoyProcess:
     ) -> None:
         self.name = name
         self.config = _with_loopback_admin(config)
-        self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"meshward-{name}-"))
         self.binary = binary or find_envoy()
         self.concurrency = concurrency
@@ -149,17 +149,23 @@ class EnvoyProcess:
                 code = self._proc.returncode if self._proc else None
                 raise EnvoyStartError(
                     f"{self.name}: Envoy exited with code {code} before it was ready\n"
-                    f"{_tail(self.log_path)}"
+                    f"{tail(self.log_path)}"
                 )
-            if self._admin_url() is not None:
-                with contextlib.suppress(OSError):
-                    status, body = self._get("/ready", timeout=1.0)
-                    if status == 200 and body.strip() == "LIVE":
-                        return
+            if self.ready():
+                return
             time.sleep(0.05)
         raise EnvoyStartError(
-            f"{self.name}: Envoy not LIVE after {timeout:.0f}s\n{_tail(self.log_path)}"
+            f"{self.name}: Envoy not LIVE after {timeout:.0f}s\n{tail(self.log_path)}"
         )
+
+    def ready(self) -> bool:
+        """True once the admin ``/ready`` answers LIVE (never blocks longer than a second)."""
+        if self._admin_url() is None:
+            return False
+        with contextlib.suppress(OSError):
+            status, body = self._get("/ready", timeout=1.0)
+            return status == 200 and body.strip() == "LIVE"
+        return False
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``. Returns the exit code (None if never started)."""
@@ -190,8 +196,8 @@ class EnvoyProcess:
     ) -> None:
         self.stop()
 
-    def log_tail(self, lines: int = 30) -> str:
-        return _tail(self.log_path, lines)
+    def logtail(self, lines: int = 30) -> str:
+        return tail(self.log_path, lines)
 
     # -- admin -----------------------------------------------------------------------------------
     def _admin_url(self) -> str | None:

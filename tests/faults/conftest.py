@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from meshward.demo import control
 from meshward.demo.echo import EchoServer
 from meshward.demo.supervisor import Component, ComponentFailed, Supervisor
 from meshward.extauthz.issuer import LocalIssuer
@@ -111,11 +112,6 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/shop/sa/orders"]}}]
     to: [{operation: {methods: ["GET"], paths: ["/inventory", "/inventory/*"]}}]
 """
-
-
-def http_get_json(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -316,16 +312,13 @@ class FaultMesh:
         return self.inbound(ORDERS, SPARE_PORT)
 
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = http_get_json(f"http://127.0.0.1:{self.admin_port}/status")
-        return result
+        return control.fetch_status(f"http://127.0.0.1:{self.admin_port}")
 
     def node(self, ref: str) -> dict[str, Any]:
         return next(n for n in self.status()["nodes"] if n["node"] == ref)
 
     def converged(self, version: str | None = None) -> bool:
-        from meshward.demo.control import converged
-
-        return converged(self.status(), REFS, version)
+        return control.converged(self.status(), REFS, version)
 
     def in_sync(self) -> bool:
         """Every sidecar connected and has ACKed its desired config (whatever the policy
@@ -339,12 +332,12 @@ class FaultMesh:
         )
 
     def wait_converged(self, version: str | None = None, timeout: float = 20.0) -> None:
-        from meshward.demo.control import lagging
-
         try:
             wait_until(lambda: self.converged(version), timeout, f"convergence on {version}")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}: {lagging(self.status(), REFS, version)}") from None
+            raise AssertionError(
+                f"{exc}: {control.lagging(self.status(), REFS, version)}"
+            ) from None
 
     def policy_version(self) -> str:
         return str(self.status()["policy"]["version"])

@@ -196,7 +196,7 @@ class EnvoyProcess:
     ) -> None:
         self.stop()
 
-    def logtail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 30) -> str:
         return tail(self.log_path, lines)
 
     # -- admin -----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from meshward.compile.options import Endpoint, Mode
 from meshward.compile.workload import WorkloadResources, to_dict
+from meshward.envoy.runtime import re2_runtime
 
 Json = dict[str, Any]
 
@@ -34,6 +35,7 @@ def static_bootstrap(
             "listeners": [to_dict(m) for m in resources.listeners],
             "clusters": [to_dict(m) for m in resources.clusters],
         },
+        "layered_runtime": re2_runtime(),  # the RE2 limit policy validation checks against
     }
     if secrets:
         bootstrap["static_resources"]["secrets"] = [

@@ -279,12 +279,11 @@ class DemoMesh:
             )
             config = json.loads(path.read_text())
             if self.options.tune_tracing:
-                config["layered_runtime"] = {
-                    "layers": [
-                        {"name": "meshward-demo", "static_layer": PROMPT_TRACING},
-                        {"name": "admin", "admin_layer": {}},
-                    ]
-                }
+                runtime = config.setdefault("layered_runtime", {"layers": []})
+                runtime["layers"] += [
+                    {"name": "meshward-demo", "static_layer": PROMPT_TRACING},
+                    {"name": "admin", "admin_layer": {}},
+                ]
             envoy = EnvoyProcess(
                 config,
                 name=f"{w.name}-sidecar",

@@ -271,6 +271,7 @@ class Running:
 
 def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running:
     """Load the policy (raising PolicyError/UserError if invalid), start watching it, and serve."""
+    from meshward.compile.envoy_limits import check_policy_set
     from meshward.extauthz.authorizer import Authorizer
     from meshward.extauthz.cache import DecisionCache
     from meshward.extauthz.decisionlog import open_decision_log
@@ -280,7 +281,10 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     from meshward.policy.watch import PolicyWatcher
     from meshward.telemetry import setup_tracing
 
-    watcher = PolicyWatcher(options.policy_paths, interval=options.poll_interval)
+    # The same refusals as the control plane: both serve one policy version or neither moves.
+    watcher = PolicyWatcher(
+        options.policy_paths, interval=options.poll_interval, check=check_policy_set
+    )
     policy_set = watcher.load_initial()
     verifier = JwtVerifier(
         leeway=options.leeway,

@@ -42,7 +42,9 @@ class PolicyWatcher:
 
     ``on_change`` runs (on the watcher's thread) with each new valid set whose version differs
     from the current one; ``on_error`` with each rejected change. Both must not raise; if they do
-    the error is logged and watching goes on.
+    the error is logged and watching goes on. ``check`` runs on every loaded set and may raise
+    PolicyError to refuse it exactly like invalid YAML (the compiler's Envoy-limit check:
+    a set Envoy would refuse never becomes ``current``).
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class PolicyWatcher:
         on_change: Callable[[PolicySet], None] | None = None,
         on_error: Callable[[PolicyError], None] | None = None,
         interval: float = 0.5,
+        check: Callable[[PolicySet], None] | None = None,
     ) -> None:
         self.paths = [Path(p) for p in paths]
+        self.check = check
         self.on_change = on_change
         self.on_error = on_error
         self.interval = interval
@@ -67,8 +71,14 @@ class PolicyWatcher:
     def load_initial(self) -> PolicySet:
         """Load synchronously; a server should refuse to start on an invalid policy set."""
         self._seen = fingerprint(self.paths)
-        self.current = load(policy_files(self.paths))
+        self.current = self._load()
         return self.current
+
+    def _load(self) -> PolicySet:
+        candidate = load(policy_files(self.paths))
+        if self.check is not None:
+            self.check(candidate)
+        return candidate
 
     def poll_once(self) -> bool:
         """One poll; True when a new policy set was applied."""
@@ -82,7 +92,7 @@ class PolicyWatcher:
         self._pending = None
         self._seen = now
         try:
-            candidate = load(policy_files(self.paths))
+            candidate = self._load()
         except PolicyError as err:
             self.last_error = err
             log.warning(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from meshward.envoy.bootstrap import grpc_cluster
+from meshward.envoy.runtime import re2_runtime
 from meshward.xds.nodeid import NodeId
 
 XDS_CLUSTER = "meshward-xds"
@@ -140,6 +141,7 @@ def render_bootstrap(
             "cds_config": ads,
         },
         "static_resources": {"clusters": [cluster]},
+        "layered_runtime": re2_runtime(),  # the RE2 limit policy validation checks against
     }
 
 

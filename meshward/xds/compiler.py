@@ -19,11 +19,13 @@ def compiler_for(options: Any = None) -> WorkloadCompiler:
     from dataclasses import replace
 
     from meshward.compile import CompileOptions, Mode, compile_workload
+    from meshward.compile.envoy_limits import check_resources
 
     options = replace(options or CompileOptions(), mode=Mode.XDS)
 
     def compile_one(policy: PolicySet, workload: Workload, now: datetime) -> Sequence[Any]:
         compiled = compile_workload(policy, workload, options, now=now)
+        check_resources(compiled)  # backstop: never serve what Envoy would refuse
         return [message for messages in compiled.by_type().values() for message in messages]
 
     return compile_one

@@ -284,6 +284,16 @@ class ControlPlane:
             }
         return details
 
+    def policy_documents(self, node_name: str) -> list[str]:
+        """The policy documents behind a node's config (for a NOT ENFORCED report)."""
+        from meshward.xds.enforcement import documents
+
+        try:
+            ref = NodeId.parse(node_name).workload_ref
+        except ValueError:
+            return []
+        return documents(self.policy, ref)
+
     def client_certificate(self, certificate: Any) -> ClientCertificate:
         generation = self.ca.issuing_generation(certificate)
         return ClientCertificate(

@@ -107,6 +107,15 @@ class _StateCollector(Collector):
         )
         drift.add_metric([], sum(1 for n in nodes if n.get("drift")))
         yield drift
+        not_enforcing = GaugeMetricFamily(
+            "meshward_xds_nodes_not_enforcing",
+            "Connected nodes that rejected (NACKed) a listener or route of the desired version "
+            "and so do not enforce the policy set in force",
+        )
+        not_enforcing.add_metric(
+            [], sum(1 for n in nodes if n.get("connected") and n.get("policy_enforced") is False)
+        )
+        yield not_enforcing
         node_drift = GaugeMetricFamily(
             "meshward_xds_node_drift", "1 when the node drifts", labels=["node"]
         )

@@ -228,6 +228,11 @@ class _Protocol:
         for name, resource in sent.resources.items():
             if st.rejected.get(name) != resource.hash:
                 st.rejected.pop(name, None)
+        # A rejected resource that is gone (SotW: not in the ACKed set; delta: removed) no
+        # longer holds the node back: a later unrelated edit is enforced once ACKed.
+        gone = [n for n in st.rejected if n not in sent.resources] if sotw else sent.removed
+        for name in gone:
+            st.rejected.pop(name, None)
         st.acked_version = sent.version
         st.acked_at = now
         return Acked(st.type_url, sent.version, sent.nonce, max(0.0, now - sent.origin))

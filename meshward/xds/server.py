@@ -25,6 +25,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from meshward.xds import types
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate
+from meshward.xds.enforcement import not_enforced
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.nodeid import InvalidNodeId, NodeId
 from meshward.xds.protocol import (
@@ -347,10 +348,15 @@ class AdsServer:
             elif isinstance(event, Nacked):
                 nack = event.nack
                 self.metrics.nack(nack.type_url)
-                log.warning(
-                    "NACK %s v%s from %s: rejected %s: %s",
+                # A NACKed listener/route is a policy not in force on that node: an error.
+                secret = nack.type_url == types.SECRET
+                log.log(
+                    logging.WARNING if secret else logging.ERROR,
+                    "NACK %s v%s from %s: rejected %s%s: %s",
                     types.short(nack.type_url), nack.version, node,
-                    ", ".join(nack.resources) or "(whole response)", nack.error,
+                    ", ".join(nack.resources) or "(whole response)",
+                    "" if secret else " (the policy set is NOT ENFORCED on this node)",
+                    nack.error,
                     extra={"node": node, "type": types.short(nack.type_url),
                            "version": nack.version, "resources": list(nack.resources)},
                 )  # fmt: skip
@@ -407,9 +413,11 @@ class AdsServer:
             entries = []
             node_drift = False
             warning = None
+            rejected: dict[str, Any] | None = None
             for stream in streams:
                 statuses = stream_types(stream.protocol.states, snapshot, now, self.drift_threshold)
                 node_drift = node_drift or drifting(statuses)
+                rejected = rejected or not_enforced(statuses)
                 credentials = (
                     self.source.client_certificate_status(stream.client_cert)
                     if stream.client_cert is not None
@@ -431,6 +439,10 @@ class AdsServer:
                 details = self.source.node_details(NodeId.parse(node_name))
             except InvalidNodeId:
                 details = {}
+            if rejected is not None:
+                documents = getattr(self.source, "policy_documents", None)
+                if documents is not None:
+                    rejected["policies"] = documents(node_name)
             result.append(
                 {
                     "node": node_name,
@@ -438,6 +450,8 @@ class AdsServer:
                     "connected_since": entries[0]["connected_since"] if entries else None,
                     "desired_version": snapshot.version if snapshot else None,
                     "drift": node_drift,
+                    "policy_enforced": rejected is None,
+                    "not_enforced": rejected,
                     "ads_credentials_warning": warning,
                     "streams": entries,
                     **details,

@@ -56,11 +56,14 @@ class XdsService:
         :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%)."""
         self.watcher: Any = None
         if policy_paths:
-            from meshward.policy.watch import PolicyWatcher
-
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
             # watches from start() on. A policy passed alongside paths is ignored.
-            self.watcher = PolicyWatcher(policy_paths, interval=watch_interval)
+            from meshward.compile.envoy_limits import check_policy_set
+            from meshward.policy.watch import PolicyWatcher
+
+            self.watcher = PolicyWatcher(
+                policy_paths, interval=watch_interval, check=check_policy_set
+            )
             policy = self.watcher.load_initial()
         if policy is None:
             raise ValueError("give a policy set or policy paths to watch")

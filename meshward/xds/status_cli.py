@@ -2,7 +2,8 @@
 
 Reads the control plane's admin endpoint (``GET /status``). Exit codes: 0 when every node is in
 sync or still converging; 1 when any node drifts (desired != ACKed for longer than the
-threshold) or holds ADS credentials from a dropped CA root, the latest policy change was
+threshold), does not enforce the policy set (it NACKed a listener or route of the desired
+version), or holds ADS credentials from a dropped CA root, the latest policy change was
 rejected, or the control plane cannot be reached — so
 the command doubles as a health check in scripts and CI.
 """
@@ -31,14 +32,18 @@ examples:
 columns: per xDS type, ok = ACKed the desired version; pending = being pushed (under the drift
 threshold); STALE = behind for longer than the threshold (drift); NACK = the node rejected the
 latest version and keeps its last good one; - = not subscribed.
+STATE NOT ENFORCED: the node rejected a listener or route of the desired version, so the policy
+set in force does not apply there (the policy documents involved and Envoy's error follow the
+table); it clears once the node ACKs a version without the rejected content.
 ADS CREDS: the CA root the sidecar's ADS client certificate (from `meshward bootstrap`) chains
 to: ok; RETIRING = that root is dropped at the end of a `meshward ca rotate` grace period: re-run
 `meshward bootstrap` for the sidecar before then; UNTRUSTED = already dropped: the sidecar
 cannot reconnect once its stream ends.
 versions: a type's version is a digest of its content (the same on every control plane replica
 and after a restart); the policy set's version is shown on its own line.
-exit status: 0 all nodes in sync or converging; 1 any node drifts or has UNTRUSTED ADS
-credentials, the last policy change was rejected, or the control plane is unreachable.
+exit status: 0 all nodes in sync or converging; 1 any node drifts, is NOT ENFORCED or has
+UNTRUSTED ADS credentials, the last policy change was rejected, or the control plane is
+unreachable.
 """
 
 
@@ -111,6 +116,8 @@ def _credentials_cell(stream: dict[str, Any] | None) -> str:
 def node_state(node: dict[str, Any]) -> str:
     if not node["connected"]:
         return "DISCONNECTED"
+    if node.get("policy_enforced") is False:
+        return "NOT ENFORCED"
     if node["drift"]:
         return "DRIFT"
     synced = all(t["in_sync"] for s in node["streams"] for t in s["types"])
@@ -169,11 +176,28 @@ def render(status: dict[str, Any], now: datetime | None = None) -> str:
             details.append(text)
         if node.get("compile_error"):
             details.append(f"  {node['node']}: compile error: {node['compile_error']}")
+        details.extend(_not_enforced_lines(node, policy["version"]))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     lines.extend(details)
     return "\n".join(lines) + "\n"
+
+
+def _not_enforced_lines(node: dict[str, Any], version: str) -> list[str]:
+    """Why a node does not enforce the policy set: what it rejected, Envoy's (redacted) error,
+    and the policy documents behind that config."""
+    info = node.get("not_enforced")
+    if not node["connected"] or not info:
+        return []
+    lines = [
+        f"  {node['node']}: policy {version[:12]} NOT ENFORCED: the sidecar rejected "
+        f"{', '.join(info['resources'])} ({', '.join(info['types'])}) and keeps its old rules: "
+        f"{info['error']}"
+    ]
+    if info.get("policies"):
+        lines.append(f"    policy documents involved: {'; '.join(info['policies'])}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,7 +226,10 @@ def unhealthy(status: dict[str, Any]) -> bool:
     """Worth a non-zero exit: a rejected policy change, a drifting node, or a node whose ADS
     credentials chain to a dropped root (it cannot reconnect once its stream ends)."""
     return bool(status["policy"].get("error")) or any(
-        node["drift"] or _untrusted(node) for node in status["nodes"]
+        node["drift"]
+        or _untrusted(node)
+        or (node.get("connected", True) and node.get("policy_enforced") is False)
+        for node in status["nodes"]
     )
 
 

@@ -279,7 +279,8 @@ async def test_drift_is_flagged_and_fails_the_status_command(
     await until(lambda: node(service, "shop/orders")["drift"], what="drift")
     assert await asyncio.to_thread(status_cli.run, args) == 1
     out = capsys.readouterr().out
-    assert "DRIFT" in out and "NACK" in out and "inbound|8080|orders.shop" in out
+    assert "NOT ENFORCED" in out and "NACK" in out and "inbound|8080|orders.shop" in out
+    assert node(service, "shop/orders")["drift"]
     _, metrics = await http_get(f"{service.admin_url}/metrics")
     assert "meshward_xds_drifting_nodes 1.0" in metrics.decode()
     assert 'meshward_xds_nacks_total{type="RDS"} 1.0' in metrics.decode()
@@ -288,6 +289,52 @@ async def test_drift_is_flagged_and_fails_the_status_command(
     host, port = host_port.rsplit(":", 1)
     found = await asyncio.to_thread(status_cli.fetch_status, f"{host}:{int(port) - 1}")
     assert found["ads"]["address"] == service.address
+
+
+async def test_a_nack_is_reported_as_not_enforced_until_a_clean_version_is_acked(
+    service: XdsService,
+    clients: Clients,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Applied means enforced: the moment a node NACKs the route carrying a policy change,
+    status says NOT ENFORCED (naming the policy documents), exits 1, the metric counts the node
+    and the NACK is an error log line; a later edit without the bad content clears it."""
+    caplog.set_level(logging.INFO, logger="meshward")
+    bad = {"methods": '"DELETE"'}
+
+    def nack(type_url: str, response: Any) -> str | None:
+        if type_url == types.ROUTE and any(
+            bad["methods"].strip('"') in bytes(r.value).decode("latin-1")
+            for r in response.resources
+        ):
+            return "Didn't find a registered implementation for 'x' with type URL: 'y'"
+        return None
+
+    clients.open("shop/orders", nack=nack, subscriptions=with_routes("shop/orders"))
+    await until(lambda: in_sync(service, "shop/orders"), what="sync")
+    service.control.apply_policy(policy('"DELETE"'))
+    await until(lambda: node(service, "shop/orders")["policy_enforced"] is False, what="NACK")
+    entry = node(service, "shop/orders")
+    assert entry["not_enforced"]["resources"] == ["inbound|8080|orders.shop"]
+    assert entry["not_enforced"]["types"] == ["RDS"]
+    assert any("shop/orders-allow-frontend" in p for p in entry["not_enforced"]["policies"])
+    args = argparse.Namespace(xds=service.admin_url, node=None, json=False, timeout=5.0)
+    assert await asyncio.to_thread(status_cli.run, args) == 1
+    out = capsys.readouterr().out
+    assert "NOT ENFORCED" in out and "policy documents involved" in out
+    _, metrics = await http_get(f"{service.admin_url}/metrics")
+    assert "meshward_xds_nodes_not_enforcing 1.0" in metrics.decode()
+    assert any(
+        r.levelno == logging.ERROR and "NOT ENFORCED" in r.getMessage() for r in caplog.records
+    )
+    # The bad content goes away with the next edit: that edit is enforced (not held back).
+    service.control.apply_policy(policy('"PUT"'))
+    await until(lambda: node(service, "shop/orders")["policy_enforced"], what="enforced again")
+    await until(lambda: in_sync(service, "shop/orders"), what="sync")
+    assert await asyncio.to_thread(status_cli.run, args) == 0
+    _, metrics = await http_get(f"{service.admin_url}/metrics")
+    assert "meshward_xds_nodes_not_enforcing 0.0" in metrics.decode()
 
 
 async def test_rejected_policy_change_is_reported(service: XdsService) -> None:

@@ -1,0 +1,196 @@
+"""Limits Envoy enforces on what the compiler emits, checked before anything is served.
+
+Applied means enforced: a policy Envoy would refuse must never be reported as in force. Envoy
+refuses a whole route or listener update (a NACK) when one regex in it compiles to an RE2
+program larger than the runtime limit ``re2.max_program_size.error_level``; the sidecar then
+keeps its old config, so a new DENY silently does not apply. The loader cannot see this (the
+regex is the compiler's), so this module compiles each policy value exactly as the compiler does
+and measures every regex it produces with RE2 itself (``google-re2``, whose program sizes are the
+numbers Envoy reports: 408 for a path with 40 ``{*}`` segments, in both).
+
+Two entry points:
+
+- :func:`policy_problems`: per policy value (``spec.rules[0].to[0].operation.paths[1]``), with
+  file, document and field, for ``meshward policy validate`` and the control plane (which refuses
+  such a policy set exactly like invalid YAML: the last good version keeps serving).
+- :func:`resource_problems`: every regex in a workload's compiled resources, whatever produced
+  it (a backstop for generated regexes not tied to one policy value, e.g. token parameters).
+
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import fields
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import re2  # type: ignore[import-untyped]  # google-re2 ships no stubs
+
+from meshward.compile.index import predicate
+from meshward.compile.rbac import RuleContext, rule_policy
+from meshward.envoy.runtime import MAX_RE2_PROGRAM_SIZE, RE2_RUNTIME_KEY
+from meshward.policy.errors import PolicyError, Problem
+from meshward.policy.model import AuthorizationPolicy, Condition, Operation, Rule, Source
+
+if TYPE_CHECKING:
+    from meshward.compile.workload import WorkloadResources
+    from meshward.policy.policyset import PolicySet
+
+
+_CAMEL = {
+    "not_principals": "notPrincipals",
+    "request_principals": "requestPrincipals",
+    "not_request_principals": "notRequestPrincipals",
+    "not_namespaces": "notNamespaces",
+    "ip_blocks": "ipBlocks",
+    "not_ip_blocks": "notIpBlocks",
+    "remote_ip_blocks": "remoteIpBlocks",
+    "not_remote_ip_blocks": "notRemoteIpBlocks",
+    "not_hosts": "notHosts",
+    "not_ports": "notPorts",
+    "not_methods": "notMethods",
+    "not_paths": "notPaths",
+}
+
+
+@lru_cache(maxsize=4096)
+def program_size(regex: str) -> int | None:
+    """RE2's program size for ``regex`` (what Envoy compares to its limit); None when RE2
+    refuses the pattern altogether. Memoized: policy sets repeat their patterns."""
+    try:
+        return int(re2.compile(regex).programsize)
+    except re2.error:
+        return None
+
+
+def regex_problem(regex: str, limit: int = MAX_RE2_PROGRAM_SIZE) -> str | None:
+    """Why Envoy would refuse this regex, or None."""
+    size = program_size(regex)
+    if size is None:
+        return "compiles to a regex RE2 refuses; Envoy would reject the update"
+    if size > limit:
+        return (
+            f"compiles to a regex whose RE2 program size is {size}, over Envoy's limit of "
+            f"{limit} ({RE2_RUNTIME_KEY}): every sidecar would reject the update and keep its "
+            "old config. Use fewer {*}/{**} segments or a prefix/suffix pattern"
+        )
+    return None
+
+
+def regexes(node: Any) -> Iterator[str]:
+    """Every ``safe_regex`` regex (Envoy and xds RegexMatcher) in a resource's JSON form."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "safe_regex" and isinstance(value, dict) and "regex" in value:
+                yield str(value["regex"])
+            else:
+                yield from regexes(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from regexes(item)
+
+
+def _value_rules(rule: Rule, path: str) -> Iterator[tuple[str, Rule]]:
+    """(field path, a rule holding only that one value) for every value of ``rule``."""
+    for j, source in enumerate(rule.sources):
+        for f in fields(Source):
+            for k, value in enumerate(getattr(source, f.name)):
+                field = f"{path}.from[{j}].source.{_CAMEL.get(f.name, f.name)}[{k}]"
+                yield field, Rule(sources=(Source(**{f.name: (value,)}),))
+    for j, op in enumerate(rule.operations):
+        for f in fields(Operation):
+            for k, value in enumerate(getattr(op, f.name)):
+                field = f"{path}.to[{j}].operation.{_CAMEL.get(f.name, f.name)}[{k}]"
+                yield field, Rule(operations=(Operation(**{f.name: (value,)}),))
+    for j, cond in enumerate(rule.conditions):
+        for name, attr in (("values", "values"), ("notValues", "not_values")):
+            for k, value in enumerate(getattr(cond, attr)):
+                field = f"{path}.when[{j}].{name}[{k}]"
+                yield field, Rule(conditions=(Condition(cond.key, **{attr: (value,)}),))
+
+
+def _rule_regexes(rule: Rule) -> list[str]:
+    """The regexes the compiler emits for ``rule``: its RBAC policy, and the principal-indexed
+    matcher form (where paths gain a query tail). Values decided by ext_authz emit none."""
+    try:
+        policy = rule_policy(rule, RuleContext(port_map={}))
+    except ValueError:  # requestPrincipals / request.auth.*: ext_authz decides them
+        return []
+    forms: list[Any] = [policy]
+    for key in ("permissions", "principals"):
+        forms.extend(predicate(node) for node in policy[key])
+    return list(dict.fromkeys(r for form in forms for r in regexes(form)))
+
+
+def policy_value_problems(policy: AuthorizationPolicy) -> list[Problem]:
+    """Every value of ``policy`` that compiles to something Envoy refuses."""
+    origin = policy.origin
+    file, index = (origin.file, origin.index) if origin else ("?", 0)
+    found: list[Problem] = []
+    for i, rule in enumerate(policy.rules):
+        for field, single in _value_rules(rule, f"spec.rules[{i}]"):
+            for regex in _rule_regexes(single):
+                reason = regex_problem(regex)
+                if reason is not None:
+                    found.append(Problem(file, index, field, reason))
+                    break
+    return found
+
+
+def policy_problems(policy_set: PolicySet) -> list[Problem]:
+    """Everything in the policy set Envoy would refuse once compiled, sorted."""
+    found: list[Problem] = []
+    for policy in policy_set.authorization_policies:
+        found.extend(policy_value_problems(policy))
+    return sorted(set(found))
+
+
+def check_policy_set(policy_set: PolicySet) -> None:
+    """Raise PolicyError (as the loader does for invalid YAML) when Envoy would refuse what the
+    policy set compiles to. The control plane and ext_authz run this on every change."""
+    problems = policy_problems(policy_set)
+    if problems:
+        raise PolicyError(problems)
+
+
+def resource_problems(resources: WorkloadResources) -> list[str]:
+    """Every regex in a workload's compiled resources that Envoy would refuse, as
+    ``resource name: reason`` lines (empty when all pass)."""
+    out: list[str] = []
+    for messages in resources.by_type().values():
+        out.extend(_message_problems(messages))
+    return out
+
+
+def _message_problems(messages: Sequence[Any]) -> Iterator[str]:
+    from meshward.compile.workload import to_dict
+
+    for message in messages:
+        name = getattr(message, "name", "") or getattr(message, "cluster_name", "")
+        for regex in dict.fromkeys(regexes(to_dict(message))):
+            reason = regex_problem(regex)
+            if reason is not None:
+                head = regex if len(regex) <= 80 else regex[:80] + "..."
+                yield f"{name}: regex {head!r} {reason}"
+
+
+def check_resources(resources: WorkloadResources) -> None:
+    """Raise ValueError when a compiled resource would be refused by Envoy (the control plane's
+    compiler calls this: the workload keeps its last good config and status shows why)."""
+    problems = resource_problems(resources)
+    if problems:
+        raise ValueError(f"{resources.workload}: " + "; ".join(problems[:3]))
+
+
+__all__ = [
+    "MAX_RE2_PROGRAM_SIZE",
+    "RE2_RUNTIME_KEY",
+    "check_policy_set",
+    "check_resources",
+    "policy_problems",
+    "program_size",
+    "regex_problem",
+    "resource_problems",
+]

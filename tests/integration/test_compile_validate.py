@@ -7,13 +7,12 @@ whole file costs a handful of Envoy starts."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
 from typing import Any
-
-import os
 
 import pytest
 

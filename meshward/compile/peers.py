@@ -8,13 +8,20 @@ an ALLOW rule whose source is not narrowed by principal or namespace, is callabl
 
 Built once per policy-set version as an index from caller identity to peers, so compiling every
 workload of the mesh costs time proportional to the output, not to workloads squared.
+
+With ``now``, policies count as they apply at that instant (``PolicySet.policies_for``): an
+expired emergency ALLOW keeps its workload closed but names no caller any more, so callers that
+only it made eligible lose their outbound path at the expiry instant, when the control plane
+recompiles every workload. The index is memoized per (version, expiries passed).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from meshward.policy.matching import string_predicate
@@ -43,13 +50,15 @@ class PeerIndex:
         return refs
 
 
-def build_index(policy_set: PolicySet) -> PeerIndex:
+def build_index(policy_set: PolicySet, now: datetime | None = None) -> PeerIndex:
     index = PeerIndex()
     for dst in policy_set.workloads:
         if not dst.ports:
             continue
         allow = [
-            p for p in policy_set.policies_for(dst) if p.action is Action.ALLOW and not p.dry_run
+            p
+            for p in policy_set.policies_for(dst, now)
+            if p.action is Action.ALLOW and not p.dry_run
         ]
         if not allow:
             index.open.add(dst.ref)
@@ -81,29 +90,63 @@ def _index_rules(index: PeerIndex, ref: str, rules: list[Rule]) -> None:
                 return
 
 
-_CACHE: dict[str, PeerIndex] = {}
+_CACHE: dict[tuple[str, int], PeerIndex] = {}
 _LOCK = threading.Lock()
 _CACHE_SIZE = 4
+_INSTANTS: dict[str, list[datetime]] = {}  # version -> sorted expiry instants
 
 
-def peer_index(policy_set: PolicySet) -> PeerIndex:
-    """The index for this policy set, memoized by its content version."""
-    version = policy_set.version
-    hit = _CACHE.get(version)
+def _expiries_passed(policy_set: PolicySet, now: datetime | None) -> int:
+    """How many expiry instants lie at or before ``now`` (-1 without a clock): with the version,
+    it identifies the set of expired policies, which only grows with time."""
+    if now is None:
+        return -1
+    return bisect.bisect_right(_instants(policy_set), now)
+
+
+def next_expiry(policy_set: PolicySet, now: datetime) -> datetime | None:
+    """The first expiry instant after ``now`` anywhere in the set: any workload's outbound
+    config may change then (a peer's emergency ALLOW expiring)."""
+    instants = _instants(policy_set)
+    i = bisect.bisect_right(instants, now)
+    return instants[i] if i < len(instants) else None
+
+
+def _instants(policy_set: PolicySet) -> list[datetime]:
+    instants = _INSTANTS.get(policy_set.version)
+    if instants is None:
+        instants = sorted(
+            {p.expires_at for p in policy_set.authorization_policies if p.expires_at is not None}
+        )
+        with _LOCK:
+            if len(_INSTANTS) >= _CACHE_SIZE:
+                _INSTANTS.pop(next(iter(_INSTANTS)))
+            _INSTANTS[policy_set.version] = instants
+    return instants
+
+
+def peer_index(policy_set: PolicySet, now: datetime | None = None) -> PeerIndex:
+    """The index for this policy set at ``now``, memoized by content version and expiries."""
+    key = (policy_set.version, _expiries_passed(policy_set, now))
+    hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    built = build_index(policy_set)
+    built = build_index(policy_set, now)
     with _LOCK:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[version] = built
+        _CACHE[key] = built
     return built
 
 
-def peers_of(policy_set: PolicySet, workload: Workload) -> list[Workload]:
-    """The workloads ``workload`` may call, sorted by ref (never itself)."""
+def peers_of(
+    policy_set: PolicySet, workload: Workload, now: datetime | None = None
+) -> list[Workload]:
+    """The workloads ``workload`` may call at ``now`` (None: ignoring expiry), sorted by ref
+    (never itself)."""
     trust_domain = policy_set.mesh.trust_domain
-    refs = peer_index(policy_set).callees(workload.principal(trust_domain), workload.namespace)
+    index = peer_index(policy_set, now)
+    refs = index.callees(workload.principal(trust_domain), workload.namespace)
     refs.discard(workload.ref)
     found = (policy_set.workload(ref) for ref in sorted(refs))
     return [w for w in found if w is not None]

@@ -19,7 +19,7 @@ from meshward.compile import authz, listeners, names
 from meshward.compile import protos as _protos
 from meshward.compile.classify import Placement
 from meshward.compile.options import CompileOptions, Mode
-from meshward.compile.peers import peers_of
+from meshward.compile.peers import next_expiry, peers_of
 from meshward.errors import UserError
 from meshward.policy.model import MtlsMode, Workload
 
@@ -48,7 +48,9 @@ class WorkloadResources:
     endpoints: tuple[Any, ...]  # ClusterLoadAssignment (xDS mode; inline in static mode)
     secret_names: tuple[str, ...]  # SDS names referenced: ("ROOTCA", "default") or ()
     plan: authz.AuthzPlan
-    next_change: datetime | None  # earliest expiry of an applied policy: recompile then
+    # Earliest expiry that can change this output (its own policies; with outbound, any
+    # policy's, since a peer's emergency ALLOW decides whether it may call that peer).
+    next_change: datetime | None
 
     @property
     def extauthz(self) -> bool:
@@ -141,7 +143,7 @@ def compile_workload(
         )
     if options.outbound:
         index = _outbound_index(policy_set)
-        for peer in peers_of(policy_set, workload):
+        for peer in peers_of(policy_set, workload, now):
             for port in sorted(peer.ports, key=lambda p: p.port):
                 peer_mode = policy_set.mtls_mode(peer, port.port)
                 tls_used = tls_used or peer_mode is not MtlsMode.DISABLE
@@ -170,7 +172,14 @@ def compile_workload(
         clusters.append(listeners.grpc_cluster(names.CLUSTER_EXTAUTHZ, options.extauthz, options))
     if options.otlp is not None:
         clusters.append(listeners.grpc_cluster(names.CLUSTER_OTLP, options.otlp, options))
-    expiries = [p.expires_at for p in policies if p.expires_at is not None]
+    expiries = [
+        p.expires_at
+        for p in policies
+        if p.expires_at is not None and (now is None or p.expires_at > now)
+    ]
+    if options.outbound and now is not None:
+        peer_change = next_expiry(policy_set, now)  # callers' outbound follows peers' expiry
+        expiries.extend([peer_change] if peer_change is not None else [])
     return WorkloadResources(
         workload=workload.ref,
         policy_version=policy_set.version,

@@ -629,9 +629,15 @@ def _enforce(
             rule=index,
             action=Action.ALLOW,
         )
-    allows = [cp for cp in enforced if cp.policy.action is Action.ALLOW]
+    # Every enforced ALLOW selecting the workload counts, expired ones too: an expired
+    # emergency ALLOW matches nothing but keeps the default deny (expiry never widens).
+    allows = [
+        cp for cp in plan.policies if cp.policy.action is Action.ALLOW and not cp.policy.dry_run
+    ]
     if allows:
-        names = ", ".join(cp.policy.ref for cp in allows)
+        names = ", ".join(
+            cp.policy.ref + (" (expired)" if _expired(cp, now) else "") for cp in allows
+        )
         return Decision(
             allowed=False,
             reason=f"no ALLOW policy matched (ALLOW policies selecting {workload.ref}: {names})",
@@ -640,6 +646,11 @@ def _enforce(
         allowed=True,
         reason=f"no ALLOW policy selects {workload.ref}, so requests are allowed{custom_note}",
     )
+
+
+def _expired(cp: CompiledPolicy, now: datetime) -> bool:
+    expires = cp.policy.expires_at
+    return expires is not None and expires <= now
 
 
 def _dry_run(

@@ -157,7 +157,11 @@ def _trace(cp: CompiledPolicy, ctx: RequestContext, now: datetime) -> PolicyTrac
     expired = policy.expires_at is not None and policy.expires_at <= now
     note = ""
     if expired and policy.expires_at is not None:
-        note = f"expired at {format_time(policy.expires_at)}; not applied"
+        note = f"expired at {format_time(policy.expires_at)}; not applied" + (
+            " (matches nothing, but still counts as an ALLOW: the default deny stays)"
+            if policy.action is Action.ALLOW and not policy.dry_run
+            else ""
+        )
     elif policy.expires_at is not None:
         note = f"emergency rule, applies until {format_time(policy.expires_at)}"
     if not policy.rules:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from meshward.policy.canonical import format_time
 from meshward.policy.errors import Problem
+from meshward.policy.lint_expiry import sole_emergency_allows
 from meshward.policy.loader import claim_path
 from meshward.policy.model import (
     Action,
@@ -31,6 +32,7 @@ def lint(policy_set: PolicySet, *, now: datetime | None = None) -> list[Problem]
     for policy in policy_set.authorization_policies:
         selected = _selected(policy_set, policy.namespace, policy.selector, root)
         found.extend(_lint_policy(policy_set, policy, selected, when))
+    found.extend(sole_emergency_allows(policy_set))
     for kind, items in (
         ("PeerAuthentication", policy_set.peer_authentications),
         ("RequestAuthentication", policy_set.request_authentications),
@@ -74,10 +76,17 @@ def _lint_policy(
             where += f" with labels {labels}"
         yield warn("spec.selector", f"selects no declared workload (none in {where})")
     if policy.expires_at is not None and policy.expires_at <= now:
+        allow = policy.action is Action.ALLOW and not policy.dry_run
         yield warn(
             "metadata.annotations[meshward.dev/expires-at]",
             f"emergency rule expired at {format_time(policy.expires_at)} and no longer "
-            "applies; delete it",
+            + (
+                "allows anything (it still keeps the default deny); delete it once a regular "
+                "ALLOW covers the workload: deleting a workload's only ALLOW opens the "
+                "workload to every caller"
+                if allow
+                else "applies; delete it"
+            ),
         )
     if not policy.rules and policy.action is not Action.ALLOW:
         yield warn("spec.rules", f"a {policy.action.value} policy without rules matches nothing")
@@ -90,6 +99,21 @@ def _lint_policy(
         yield from _lint_rule(
             policy_set, policy, rule, f"spec.rules[{i}]", warn, has_jwt, tcp_only, ports, selected
         )
+
+
+def _not_host_advice(action: Action, host: str) -> str:
+    """notHosts is an exclusion, and the caller writes the Host header: the risk is the
+    opposite of a wildcard in hosts."""
+    if action is Action.DENY:
+        return (
+            f"wildcard {host!r} exempts every Host matching it from this DENY, and callers "
+            "choose the Host header: a request escapes the DENY by sending a matching Host; "
+            "deny by hosts instead"
+        )
+    return (
+        f"wildcard {host!r} excludes only the Hosts matching it; any other Host (an IP, "
+        "another name) still matches: list what to match in hosts instead"
+    )
 
 
 def _lint_rule(
@@ -149,9 +173,12 @@ def _lint_rule(
                     f"{opath}.methods",
                     f"{method!r} is not a standard HTTP method (methods are case-sensitive)",
                 )
-        for host in (*op.hosts, *op.not_hosts):
+        for host in op.hosts:
             if "*" in host and host != "*":
                 yield w(f"{opath}.hosts", f"wildcard host {host!r} matches hosts you may not own")
+        for host in op.not_hosts:
+            if "*" in host and host != "*":
+                yield w(f"{opath}.notHosts", _not_host_advice(policy.action, host))
         if ports and all(p not in ports for p in op.ports) and op.ports:
             yield w(
                 f"{opath}.ports",

@@ -6,13 +6,14 @@ not grow with policies that select other workloads once the workload has been se
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
 from meshward.policy import canonical
 from meshward.policy.errors import Problem
 from meshward.policy.model import (
+    Action,
     AuthorizationPolicy,
     MeshConfig,
     MtlsMode,
@@ -23,6 +24,27 @@ from meshward.policy.model import (
 
 _T = TypeVar("_T", AuthorizationPolicy, PeerAuthentication, RequestAuthentication)
 WorkloadKey = tuple[str, frozenset[tuple[str, str]]]
+
+
+def expired(policy: AuthorizationPolicy, now: datetime) -> bool:
+    return policy.expires_at is not None and policy.expires_at <= now
+
+
+def as_of(
+    policies: Iterable[AuthorizationPolicy], now: datetime
+) -> tuple[AuthorizationPolicy, ...]:
+    """The policies as they apply at ``now``. An expired emergency rule stops applying, but
+    expiry only ever narrows access: an expired enforced ALLOW stays as an ALLOW that matches
+    nothing (no rules), so it still counts as "an ALLOW policy selects this workload" and the
+    default deny it brought stays. Otherwise the expiry of a workload's only ALLOW would open
+    the workload to everyone. Expired DENY, AUDIT, CUSTOM and dry-run policies are dropped."""
+    out: list[AuthorizationPolicy] = []
+    for policy in policies:
+        if not expired(policy, now):
+            out.append(policy)
+        elif policy.action is Action.ALLOW and not policy.dry_run:
+            out.append(replace(policy, rules=()))
+    return tuple(out)
 
 
 def workload_key(workload: Workload) -> WorkloadKey:
@@ -145,11 +167,12 @@ class PolicySet:
         self, workload: Workload, now: datetime | None = None
     ) -> tuple[AuthorizationPolicy, ...]:
         """Authorization policies selecting the workload (its namespace, and the root namespace
-        mesh-wide), sorted by namespace/name; with `now`, expired emergency policies dropped."""
+        mesh-wide), sorted by namespace/name; with `now`, as they apply at that instant (see
+        :func:`as_of`: expiry narrows, never widens)."""
         chosen: tuple[AuthorizationPolicy, ...] = self._authz.select(workload)
         if now is None:
             return chosen
-        return tuple(p for p in chosen if p.expires_at is None or p.expires_at > now)
+        return as_of(chosen, now)
 
     def request_authentications_for(self, workload: Workload) -> tuple[RequestAuthentication, ...]:
         chosen: tuple[RequestAuthentication, ...] = self._requests.select(workload)

@@ -302,6 +302,34 @@ spec:
     assert after.allowed and after.cache_hit is False
 
 
+def test_a_sole_emergency_allow_expiring_keeps_the_default_deny(
+    policy_set_for: PolicyFactory,
+) -> None:
+    """ext_authz agrees with the evaluator: once the workload's only ALLOW expires, nothing is
+    allowed (it used to count as "no ALLOW policy", which allowed everyone)."""
+    clocks = Clocks()
+    expires = datetime.fromtimestamp(clocks.wall(), UTC) + timedelta(seconds=30)
+    emergency = f"""\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: break-glass
+  namespace: foo
+  annotations: {{meshward.dev/expires-at: "{expires.isoformat().replace("+00:00", "Z")}"}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  action: ALLOW
+  rules: [{{to: [{{operation: {{paths: ["/public*"]}}}}]}}]
+"""
+    authorizer = _authorizer(policy_set_for(emergency), clocks, ttl=600)
+    assert _check(authorizer, path="/public").allowed
+    assert not _check(authorizer, path="/other").allowed
+    clocks.advance(31)
+    for path in ("/public", "/other"):
+        after = _check(authorizer, path=path)
+        assert not after.allowed and after.cache_hit is False, path
+
+
 def test_dry_run_and_audit_are_reported_not_enforced(policy_set_for: PolicyFactory) -> None:
     dry = """\
 apiVersion: security.istio.io/v1

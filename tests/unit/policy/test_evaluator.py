@@ -481,7 +481,11 @@ def test_expired_emergency_rules_stop_applying() -> None:
     w = ps.workload("foo/httpbin")
     assert w is not None
     assert [p.name for p in ps.policies_for(w)] == ["base", "emergency"]
-    assert [p.name for p in ps.policies_for(w, now=at)] == ["base"]
+    # Expired, the emergency ALLOW stays as an ALLOW matching nothing (expiry never widens).
+    assert [(p.name, len(p.rules)) for p in ps.policies_for(w, now=at)] == [
+        ("base", 1),
+        ("emergency", 0),
+    ]
     # without `now`, evaluate uses the real clock: this 2026 expiry is long past in CI's future
     far = {"meshward.dev/expires-at": (datetime.now(UTC) - timedelta(seconds=1)).isoformat()}
     expired = policy_set(ap("  action: DENY\n  rules: [{}]\n", annotations=far))

@@ -65,14 +65,18 @@ def test_allow_everything_from_anywhere() -> None:
 
 def test_expired_emergency_rule() -> None:
     meta = "  annotations: {meshward.dev/expires-at: '2025-01-01T00:00:00Z'}\n"
-    (w,) = warnings(
+    found = warnings(
         ap(
             "old",
             "  selector: {matchLabels: {app: api}}\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
             meta,
         )
     )
+    (w,) = [w for w in found if "expired at" in w]
     assert "emergency rule expired at 2025-01-01T00:00:00Z" in w
+    # It is api's only ALLOW: deleting it would open api to everyone, and lint says so.
+    assert "opens the workload" in w
+    assert any("only ALLOW policy selecting shop/api" in w for w in found)
 
 
 def test_rules_that_can_never_match() -> None:
@@ -115,6 +119,21 @@ def test_values_istio_accepts_but_lint_questions() -> None:
     assert "names trust domain 'other.domain', but the mesh's is 'cluster.local'" in text
     assert "wildcard method 'P*'" in text
     assert "wildcard host '*.example.com'" in text
+
+
+def test_not_hosts_wildcards_name_not_hosts_and_fit_its_meaning() -> None:
+    for action, advice in (("DENY", "escapes the DENY"), ("ALLOW", "excludes only the Hosts")):
+        found = warnings(
+            ap(
+                f"nh-{action.lower()}",
+                f"  selector: {{matchLabels: {{app: api}}}}\n  action: {action}\n  rules:\n"
+                "  - to: [{operation: {notHosts: ['*.example.com'], paths: ['/a/*']}}]\n",
+            )
+        )
+        mine = [w for w in found if "'*.example.com'" in w]
+        assert len(mine) == 1, found
+        assert "spec.rules[0].to[0].operation.notHosts:" in mine[0], mine
+        assert advice in mine[0] and "you may not own" not in mine[0]
 
 
 def test_deny_on_exact_path_and_http_fields_on_tcp() -> None:

@@ -50,6 +50,7 @@ from meshward.policy.paths import (
     normalize_path,
 )
 from meshward.policy.policyset import PolicySet
+from meshward.policy.request_principal import RequestPrincipal, request_principals_predicate
 
 # How a Decision for a request the sidecar answers with 400 (bad path or Host) starts.
 REJECTED_BEFORE_AUTHORIZATION = "rejected before authorization (HTTP 400)"
@@ -99,11 +100,11 @@ class RequestContext:
         self.namespace = namespace_of(self.principal)
         claims = request.claims
         self.claims = claims
-        self.request_principal: str | None = None
+        self.request_principal: RequestPrincipal | None = None
         if claims is not None:
             iss, sub = claims.get("iss"), claims.get("sub")
             if isinstance(iss, str) and isinstance(sub, str):
-                self.request_principal = f"{iss}/{sub}"
+                self.request_principal = RequestPrincipal(iss, sub)
         self.source_ip: IpAddress | None = parse_ip(request.source_ip)
         self.remote_ip: IpAddress | None = parse_ip(request.remote_ip) or self.source_ip
         self.destination_ip: IpAddress | None = parse_ip(request.destination_ip)
@@ -266,7 +267,12 @@ _SOURCE_SPEC: dict[
     str, tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]], bool]
 ] = {
     "principals": ("peer principal", lambda c: c.principal, _strs(), False),
-    "requestPrincipals": ("request principal", lambda c: c.request_principal, _strs(), True),
+    "requestPrincipals": (
+        "request principal",
+        lambda c: c.request_principal,
+        request_principals_predicate,
+        True,
+    ),
     "namespaces": ("peer namespace", lambda c: c.namespace, _strs(), False),
     "ipBlocks": ("source ip", lambda c: c.source_ip, _nets, False),
     "remoteIpBlocks": ("remote ip", lambda c: c.remote_ip, _nets, False),
@@ -339,7 +345,7 @@ def _condition_target(
     if key == "connection.sni":
         return (key, lambda c: c.sni, _strs(), False)
     if key == "request.auth.principal":
-        return (key, lambda c: c.request_principal, _strs(), True)
+        return (key, lambda c: c.request_principal, request_principals_predicate, True)
     if key == "request.auth.audiences":
         return (key, lambda c: claim_values(c.claims, ("aud",)), _any_of_strs, True)
     if key == "request.auth.presenter":

@@ -392,3 +392,71 @@ def _wait_for_line(path: Path, needle: str, timeout: float = 5.0) -> dict[str, A
                     return entry
         time.sleep(0.1)
     raise AssertionError(f"no line with {needle!r} in {path}")
+
+
+ACME = "https://login.acme.test"
+ACME_POLICY = f"""\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: acme, namespace: foo}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  rules:
+  - from: [{{source: {{requestPrincipals: ["{ACME}/*"]}}}}]
+    to: [{{operation: {{paths: ["/acme*"]}}}}]
+"""
+
+
+def test_request_principal_issuer_split_agrees_with_the_evaluator(stack: Stack) -> None:
+    """`requestPrincipals: ["https://login.acme.test/*"]` admits tokens whose iss IS
+    https://login.acme.test, not https://login.acme.test/tenant1 (current Istio splits at the
+    last '/'). Both issuers are trusted, so only the rule decides; Envoy + ext_authz and the
+    evaluator agree on every token."""
+    from meshward.policy import Request, evaluate
+
+    home, tenant = LocalIssuer(ACME, kid="acme-1"), LocalIssuer(f"{ACME}/tenant1", kid="acme-2")
+    files = {
+        "acme.yaml": ACME_POLICY,
+        "acme-home.yaml": home.request_authentication_yaml("foo", "acme-home", {"app": "httpbin"}),
+        "acme-tenant.yaml": tenant.request_authentication_yaml(
+            "foo", "acme-tenant", {"app": "httpbin"}
+        ),
+    }
+    for name, text in files.items():
+        (stack.policy_dir / name).write_text(text)
+    try:
+        policy_set = load([stack.policy_dir])
+        version = policy_set.version[:12]
+        _wait(
+            lambda: (
+                stack.service.metrics().get(
+                    f'meshward_extauthz_policy_version{{version="{version}"}}'
+                )
+                == 1
+            )
+        )
+        workload = policy_set.workload(WORKLOAD)
+        assert workload is not None
+        cases = [(home, "alice", 200), (tenant, "alice", 403), (home, "tenant1/alice", 200)]
+        for issuer, sub, expected in cases:
+            token = issuer.token(sub)
+            status = stack.get("/acme/x", token)[0]
+            decision = evaluate(
+                policy_set,
+                workload,
+                Request(
+                    path="/acme/x", destination_port=8000, claims={"iss": issuer.issuer, "sub": sub}
+                ),
+            )
+            assert status == expected, (issuer.issuer, sub, status)
+            assert decision.allowed is (expected == 200), decision.reason
+    finally:
+        for name in files:
+            (stack.policy_dir / name).unlink()
+    original = load([stack.policy_dir]).version[:12]
+    _wait(
+        lambda: (
+            stack.service.metrics().get(f'meshward_extauthz_policy_version{{version="{original}"}}')
+            == 1
+        )
+    )

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from meshward.demo.state import DemoState, WorkloadState
+from meshward.demo.state import DemoState, WorkloadState, split_outbound
 
 NETWORK = "10.77.0.0/24"
 JAEGER_IP, XDS_IP, EXTAUTHZ_IP = "10.77.0.2", "10.77.0.3", "10.77.0.4"
@@ -94,17 +94,23 @@ def tour_state(policy: Any) -> DemoState:
     for ref in refs:
         w = policy.workload(ref)
         name = w.name
+        # The tour calls as `ref` through ref's sidecar, reached at the app's address.
+        listened, unlistened = split_outbound(
+            policy,
+            ref,
+            {
+                f"{peer}:{policy.workload(peer).ports[0].port}": f"{name}:{ports[peer]}"
+                for peer in refs
+                if peer != ref
+            },
+        )
         workloads[ref] = WorkloadState(
             ref=ref,
             spiffe_id=w.spiffe_id(policy.mesh.trust_domain),
             inbound=f"{ips[ref]}:{w.ports[0].port}",
             app=f"127.0.0.1:{APP_PORT}",
-            # The tour calls as `ref` through ref's sidecar, reached at the app's address.
-            outbound={
-                f"{peer}:{policy.workload(peer).ports[0].port}": f"{name}:{ports[peer]}"
-                for peer in refs
-                if peer != ref
-            },
+            outbound=listened,
+            unlistened=unlistened,
             access_log=f"/logs/{name}.{w.namespace}/access.log",
             admin=None,
         )

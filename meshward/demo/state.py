@@ -29,7 +29,12 @@ class WorkloadState:
     spiffe_id: str
     inbound: str  # HOST:PORT of the sidecar's inbound listener (declared port 8080)
     app: str  # HOST:PORT of the application behind it
-    outbound: Mapping[str, str] = field(default_factory=dict)  # "ns/peer:8080" -> HOST:PORT
+    # "ns/peer:8080" -> HOST:PORT, only for peers its sidecar has an outbound listener for
+    # (some policy may let it call them) when the state was written.
+    outbound: Mapping[str, str] = field(default_factory=dict)
+    # Ports reserved for the other peers: nothing listens there (connection refused) unless a
+    # later policy edit lets this workload call that peer.
+    unlistened: Mapping[str, str] = field(default_factory=dict)
     access_log: str | None = None  # the sidecar's JSON access log
     envoy_log: str | None = None
     admin: str | None = None  # the sidecar's Envoy admin URL
@@ -37,6 +42,28 @@ class WorkloadState:
     @property
     def name(self) -> str:
         return self.ref.split("/", 1)[1]
+
+
+def split_outbound(
+    policy: Any, ref: str, addresses: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(listened, unlistened) of a caller's "ns/peer:port" -> address map: listened are the
+    peers the compiler gives ``ref`` an outbound listener for, as of now."""
+    from datetime import UTC, datetime
+
+    from meshward.compile.peers import peers_of
+
+    workload = policy.workload(ref)
+    peers = (
+        set()
+        if workload is None
+        else {p.ref for p in peers_of(policy, workload, datetime.now(UTC))}
+    )
+    listened: dict[str, str] = {}
+    unlistened: dict[str, str] = {}
+    for key, address in sorted(addresses.items()):
+        (listened if key.rsplit(":", 1)[0] in peers else unlistened)[key] = address
+    return listened, unlistened
 
 
 @dataclass(frozen=True)
@@ -71,7 +98,19 @@ class DemoState:
         try:
             return self.workload(source).outbound[key]
         except KeyError:
-            raise UserError(f"{source} has no outbound listener for {key}") from None
+            raise UserError(
+                f"{source} has no outbound listener for {key}: no policy lets it call {target}"
+            ) from None
+
+    def reserved(self, source: str, target: str, port: int = 8080) -> str:
+        """The address of ``source``'s outbound listener for ``target``, or of the port kept
+        for it when there is none (to show that such a call is refused)."""
+        key = f"{target}:{port}"
+        workload = self.workload(source)
+        found = workload.outbound.get(key) or workload.unlistened.get(key)
+        if found is None:
+            raise UserError(f"{source} has no outbound port for {key}")
+        return found
 
     def alive(self) -> bool:
         """The demo process that wrote this is still running (local demos only)."""
@@ -95,7 +134,13 @@ class DemoState:
     def from_json(cls, data: Mapping[str, Any], *, source: str = "state") -> DemoState:
         try:
             workloads = {
-                ref: WorkloadState(**{**w, "outbound": dict(w.get("outbound") or {})})
+                ref: WorkloadState(
+                    **{
+                        **w,
+                        "outbound": dict(w.get("outbound") or {}),
+                        "unlistened": dict(w.get("unlistened") or {}),
+                    }
+                )
                 for ref, w in (data.get("workloads") or {}).items()
             }
             fields = {k: v for k, v in data.items() if k != "workloads"}
@@ -116,6 +161,7 @@ class DemoState:
                 **{
                     **asdict(w),
                     "outbound": dict(w.outbound),
+                    "unlistened": dict(w.unlistened),
                     "access_log": fix(w.access_log),
                     "envoy_log": fix(w.envoy_log),
                 }

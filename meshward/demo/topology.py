@@ -314,12 +314,16 @@ class DemoMesh:
             port = min(binding.ports)
             sidecar = self.supervisor.components[f"{w.name}-sidecar"]
             assert sidecar.envoy is not None
+            listened, unlistened = demo_state.split_outbound(
+                policy, w.ref, {k: str(v) for k, v in binding.outbound.items()}
+            )
             workloads[w.ref] = demo_state.WorkloadState(
                 ref=w.ref,
                 spiffe_id=w.spiffe_id(policy.mesh.trust_domain),
                 inbound=str(binding.ports[port].listen),
                 app=str(binding.ports[port].app),
-                outbound={k: str(v) for k, v in sorted(binding.outbound.items())},
+                outbound=listened,
+                unlistened=unlistened,
                 access_log=str(sidecar.envoy.workdir / ACCESS_LOG),
                 envoy_log=str(sidecar.envoy.log_path),
                 admin=sidecar.envoy.admin_url,

@@ -430,7 +430,7 @@ class Runner:
             if call.source is None:
                 address = self.state.workload(call.target).inbound
             else:
-                address = self.state.outbound(call.source, call.target)
+                address = self.state.reserved(call.source, call.target)
             return send(address, call.method, call.path, headers), request_id, trace_id
 
     # -- evidence ------------------------------------------------------------------------------

@@ -142,6 +142,25 @@ def test_denials_lists_every_denial_of_the_run(run: Run) -> None:
     assert any(d["dry_run"] and d["policy"] == "shop/payments-deny-scraper" for d in listed)
 
 
+def _state_advertises_exactly_the_outbound_listeners(path: Path) -> None:
+    """state.json's outbound addresses are the caller sidecars' live outbound listeners, no
+    more (a pair without a listener is listed as unlistened, and nothing listens there)."""
+    import urllib.request
+
+    state = json.loads(path.read_text())
+    for ref, workload in state["workloads"].items():
+        with urllib.request.urlopen(f"{workload['admin']}/listeners?format=json") as response:
+            statuses = json.loads(response.read())["listener_statuses"]
+        bound = {
+            f"{s['local_address']['socket_address']['address']}:"
+            f"{s['local_address']['socket_address']['port_value']}"
+            for s in statuses
+            if s["name"].startswith("outbound")
+        }
+        assert set(workload["outbound"].values()) == bound, ref
+        assert not set(workload["unlistened"].values()) & bound, ref
+
+
 def test_attach_runs_the_tour_against_a_running_mesh(tmp_path: Path, last_pointer: Path) -> None:
     """What the compose `tour` service does, against a mesh started outside the tour."""
     options = MeshOptions(state_dir=tmp_path / "mesh", examples=find_examples())
@@ -160,6 +179,7 @@ def test_attach_runs_the_tour_against_a_running_mesh(tmp_path: Path, last_pointe
             any(s.startswith("meshward-extauthz:") for s in d["spans"]) for d in extauthz
         )
         assert mesh.state is not None
+        _state_advertises_exactly_the_outbound_listeners(tmp_path / "mesh" / "state.json")
     assert json.loads((tmp_path / "mesh" / "state.json").read_text())["running"] is False
 
 

@@ -5,8 +5,11 @@ refuses a whole route or listener update (a NACK) when one regex in it compiles 
 program larger than the runtime limit ``re2.max_program_size.error_level``; the sidecar then
 keeps its old config, so a new DENY silently does not apply. The loader cannot see this (the
 regex is the compiler's), so this module compiles each policy value exactly as the compiler does
-and measures every regex it produces with RE2 itself (``google-re2``, whose program sizes are the
-numbers Envoy reports: 408 for a path with 40 ``{*}`` segments, in both).
+and measures every regex it produces with RE2 itself (``google-re2``). Envoy 1.40 reports the
+program size of the pattern's bytes compiled as Latin-1 (``.`` and ``[^/]`` are one byte range,
+not UTF-8 sequences): measured so, the sizes equal Envoy's own error messages (408 for a path
+with 40 ``{*}`` segments, 85 for a 60-letter namespace prefix; tests/integration compares them
+on the regexes the compiler emits).
 
 Two entry points:
 
@@ -55,12 +58,17 @@ _CAMEL = {
 }
 
 
+_LATIN1 = re2.Options()
+_LATIN1.encoding = re2.Options.Encoding.LATIN1
+
+
 @lru_cache(maxsize=4096)
 def program_size(regex: str) -> int | None:
-    """RE2's program size for ``regex`` (what Envoy compares to its limit); None when RE2
-    refuses the pattern altogether. Memoized: policy sets repeat their patterns."""
+    """RE2's program size for ``regex`` as Envoy computes it (the UTF-8 bytes, compiled as
+    Latin-1); None when RE2 refuses the pattern altogether. Memoized: policy sets repeat
+    their patterns."""
     try:
-        return int(re2.compile(regex).programsize)
+        return int(re2.compile(regex.encode("utf-8"), _LATIN1).programsize)
     except re2.error:
         return None
 
@@ -111,16 +119,27 @@ def _value_rules(rule: Rule, path: str) -> Iterator[tuple[str, Rule]]:
                 yield field, Rule(conditions=(Condition(cond.key, **{attr: (value,)}),))
 
 
-def _rule_regexes(rule: Rule) -> list[str]:
-    """The regexes the compiler emits for ``rule``: its RBAC policy, and the principal-indexed
-    matcher form (where paths gain a query tail). Values decided by ext_authz emit none."""
+def _indexable(rule: Rule) -> bool:
+    """The rule may be compiled into the principal index (every source lists exact principals,
+    as meshward.compile.index.exact_principals requires); whether it is depends on how many
+    such rules its workload has, so the index form is checked for every indexable rule."""
+    return bool(rule.sources) and all(
+        s.principals and not any("*" in p for p in s.principals) for s in rule.sources
+    )
+
+
+def _rule_regexes(rule: Rule, indexable: bool) -> list[str]:
+    """The regexes the compiler emits for ``rule``: its RBAC policy and, when the rule may be
+    indexed, the principal-index matcher form (where a path gains a query tail). Values decided
+    by ext_authz emit none."""
     try:
         policy = rule_policy(rule, RuleContext(port_map={}))
     except ValueError:  # requestPrincipals / request.auth.*: ext_authz decides them
         return []
     forms: list[Any] = [policy]
-    for key in ("permissions", "principals"):
-        forms.extend(predicate(node) for node in policy[key])
+    if indexable:
+        for key in ("permissions", "principals"):
+            forms.extend(predicate(node) for node in policy[key])
     return list(dict.fromkeys(r for form in forms for r in regexes(form)))
 
 
@@ -130,8 +149,9 @@ def policy_value_problems(policy: AuthorizationPolicy) -> list[Problem]:
     file, index = (origin.file, origin.index) if origin else ("?", 0)
     found: list[Problem] = []
     for i, rule in enumerate(policy.rules):
+        indexable = _indexable(rule)
         for field, single in _value_rules(rule, f"spec.rules[{i}]"):
-            for regex in _rule_regexes(single):
+            for regex in _rule_regexes(single, indexable):
                 reason = regex_problem(regex)
                 if reason is not None:
                     found.append(Problem(file, index, field, reason))

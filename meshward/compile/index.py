@@ -129,7 +129,21 @@ def predicate(node: Json) -> Json:
             value = _xds_string(header["string_match"])
         return _single(_header_input(header["name"]), value)
     if "url_path" in node:
-        return _single(_header_input(":path"), _path_string(node["url_path"]["path"]))
+        path = node["url_path"]["path"]
+        exact = path.get("exact")
+        if isinstance(exact, str) and "?" not in exact and "#" not in exact:
+            # The path alone, or followed by a query or fragment: plain string matchers, no
+            # regex (whose RE2 program would grow with the path, past Envoy's limit of 100).
+            header = _header_input(":path")
+            return _combine(
+                "or_matcher",
+                [
+                    _single(header, {"exact": exact}),
+                    _single(header, {"prefix": exact + "?"}),
+                    _single(header, {"prefix": exact + "#"}),
+                ],
+            )
+        return _single(_header_input(":path"), _path_string(path))
     if "destination_port" in node:
         return _single(
             _network_input("DestinationPortInput"), {"exact": str(node["destination_port"])}

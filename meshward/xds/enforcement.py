@@ -39,6 +39,12 @@ def not_enforced(statuses: Iterable[TypeStatus]) -> dict[str, Any] | None:
     }
 
 
+def compile_failure(error: str) -> dict[str, Any]:
+    """The NOT ENFORCED record of a node whose workload failed to compile (it keeps its last
+    good config)."""
+    return {"types": [], "resources": [], "error": f"compile error: {error}"}
+
+
 def documents(policy_set: Any, workload_ref: str) -> list[str]:
     """The policy documents that shape a workload's sidecar config, as ``kind ns/name
     (file#index)``: its AuthorizationPolicies and RequestAuthentications (bounded)."""

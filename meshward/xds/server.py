@@ -25,7 +25,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from meshward.xds import types
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate
-from meshward.xds.enforcement import not_enforced
+from meshward.xds.enforcement import compile_failure, not_enforced
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.nodeid import InvalidNodeId, NodeId
 from meshward.xds.protocol import (
@@ -439,6 +439,10 @@ class AdsServer:
                 details = self.source.node_details(NodeId.parse(node_name))
             except InvalidNodeId:
                 details = {}
+            if rejected is None and streams and details.get("compile_error"):
+                # Its workload did not compile: the node keeps its last good config, which is
+                # not the policy set in force.
+                rejected = compile_failure(details["compile_error"])
             if rejected is not None:
                 documents = getattr(self.source, "policy_documents", None)
                 if documents is not None:

@@ -204,3 +204,89 @@ def test_validate_envoy_names_the_workload_envoy_refuses() -> None:
     assert not verdicts["shop/orders"].ok
     assert "RE2 program size of 408 > max program size of 100" in verdicts["shop/orders"].error
     assert all(v.ok for ref, v in verdicts.items() if ref != "shop/orders")
+
+
+def _envoy_program_size(regex: str) -> int:
+    """The RE2 program size Envoy reports for ``regex`` (runtime limit 1: it always refuses)."""
+    import re
+
+    hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+    router = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+    config = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "probe",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "hcm",
+                                    "typed_config": {
+                                        "@type": hcm + "HttpConnectionManager",
+                                        "stat_prefix": "probe",
+                                        "http_filters": [
+                                            {"name": "router", "typed_config": {"@type": router}}
+                                        ],
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "v",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {
+                                                                "safe_regex": {"regex": regex}
+                                                            },
+                                                            "direct_response": {"status": 200},
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        },
+        "layered_runtime": {
+            "layers": [{"name": "probe", "static_layer": {"re2.max_program_size.error_level": 1}}]
+        },
+    }
+    ok, output = validate_config(config)
+    found = re.search(r"RE2 program size of (\d+) > max program size of 1", output)
+    assert not ok and found, output[-500:]
+    return int(found.group(1))
+
+
+def test_program_sizes_are_the_ones_envoy_reports() -> None:
+    """The limit check measures regexes as Envoy does: every distinct regex the compiler emits
+    for examples/ and the coverage set (native and principal-indexed forms), plus the issue's
+    path, a namespace prefix and non-ASCII text, gets the size Envoy prints."""
+    from meshward.compile.envoy_limits import program_size, regexes
+    from meshward.policy.paths import path_template_regex
+
+    found: set[str] = set()
+    for policy_set, ref, index in (
+        (load([ROOT / "examples"]), "shop/payments", None),
+        (synth.coverage_policy_set(), synth.TARGET_REF, None),
+        (synth.coverage_policy_set(), synth.TARGET_REF, 1),
+    ):
+        options = replace(OPTIONS, rbac_index_min_rules=index)
+        resources = compile_workload(policy_set, ref, options, now=NOW)
+        for message in (*resources.listeners, *resources.routes):
+            found.update(regexes(to_dict(message)))
+    compiled = sorted(found, key=lambda r: (len(r), r))
+    sample = [
+        *compiled[:: max(1, len(compiled) // 12)],  # at most ~12 Envoy runs
+        path_template_regex("/x/" + "/".join(["{*}"] * 40) + "/y"),  # Envoy: 408
+        "spiffe://[^/]+/ns/" + "n" * 60 + "[^/]*/.*",
+        "/caf\u00e9/.*",
+    ]
+    assert len(sample) >= 8
+    for regex in sample:
+        assert program_size(regex) == _envoy_program_size(regex), regex

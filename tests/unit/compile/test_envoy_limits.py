@@ -117,3 +117,26 @@ def test_watcher_refuses_a_set_envoy_would_refuse(tmp_path: Path) -> None:
     watcher.poll_once()
     assert watcher.poll_once()
     assert watcher.current is not first and watcher.last_error is None
+
+
+def test_sizes_follow_envoy_not_utf8_expansion() -> None:
+    # Envoy measures bytes as Latin-1: '.' and '[^/]' cost one range, so a 60-letter namespace
+    # prefix (85) passes; measured as UTF-8 it would be 103 and refused for nothing.
+    assert program_size("spiffe://[^/]+/ns/" + "n" * 60 + "[^/]*/.*") == 85
+    namespaces = deny("/x").replace(
+        'principals: ["cluster.local/ns/shop/sa/frontend"]', 'namespaces: ["' + "n" * 60 + '*"]'
+    )
+    assert policy_problems(parse({"w.yaml": WORKLOAD, "d.yaml": namespaces})) == []
+
+
+def test_a_long_exact_path_passes_even_in_the_principal_index() -> None:
+    """The index matches an exact path with string matchers (no regex), so its length does
+    not matter; a long suffix there is a regex and is refused."""
+    long_exact = "/" + "p" * 300
+    assert policy_problems(parse({"w.yaml": WORKLOAD, "d.yaml": deny(long_exact)})) == []
+    ps = parse({"w.yaml": WORKLOAD, "d.yaml": deny(long_exact)})
+    options = CompileOptions(rbac_index_min_rules=1)
+    check_resources(compile_workload(ps, "shop/orders", options))
+    long_suffix = "*" + "p" * 300
+    problems = policy_problems(parse({"w.yaml": WORKLOAD, "d.yaml": deny(long_suffix)}))
+    assert [p.field for p in problems] == ["spec.rules[0].to[0].operation.paths[0]"]

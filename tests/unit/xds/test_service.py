@@ -337,6 +337,39 @@ async def test_a_nack_is_reported_as_not_enforced_until_a_clean_version_is_acked
     assert "meshward_xds_nodes_not_enforcing 0.0" in metrics.decode()
 
 
+async def test_a_workload_that_fails_to_compile_is_not_enforced(
+    service: XdsService, clients: Clients
+) -> None:
+    """A policy set handed to the control plane without the watcher's check: the compiler's
+    backstop refuses the regex Envoy would refuse, the workload keeps its last good config,
+    and status says the policy set is NOT ENFORCED there (not merely "in sync")."""
+    long_path = "/x/" + "/".join(["{*}"] * 40) + "/y"
+    deny = f"""---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: orders-deny, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: ["{long_path}"]}}}}]}}]
+"""
+    clients.open("shop/orders", subscriptions=with_routes("shop/orders"))
+    await until(lambda: in_sync(service, "shop/orders"), what="sync")
+    service.control.apply_policy(
+        parse({"mesh.yaml": WORKLOADS + ORDERS_POLICY % ("", '"GET"') + deny})
+    )
+    entry = node(service, "shop/orders")
+    assert entry["policy_enforced"] is False
+    assert (
+        "408" in entry["not_enforced"]["error"]
+        and "compile error" in entry["not_enforced"]["error"]
+    )
+    assert any("orders-deny" in p for p in entry["not_enforced"]["policies"])
+    assert node(service, "shop/orders")["streams"]  # still connected, on its old config
+    service.control.apply_policy(policy())
+    await until(lambda: node(service, "shop/orders")["policy_enforced"], what="enforced again")
+
+
 async def test_rejected_policy_change_is_reported(service: XdsService) -> None:
     from meshward.policy import PolicyError, Problem
 

@@ -150,6 +150,25 @@ def test_sotw_nack_applies_the_valid_resources_and_keeps_the_rejected_one_old() 
     assert isinstance(event, Acked) and not p.states[L].rejected
 
 
+def test_a_rejected_resource_that_is_removed_stops_counting() -> None:
+    """Removing the resource Envoy rejected (instead of fixing it) clears the rejection once
+    the node ACKs the set without it: the node is enforcing again (not stuck NOT ENFORCED)."""
+    p = SotwProtocol()
+    s1 = snap(None, listeners=[listener("a", port=1), listener("b", port=2)])
+    sotw_connect(p, s1)
+    s2 = snap(s1, listeners=[listener("a", port=1, tag="bad"), listener("b", port=2)])
+    [push], _ = p.plan(s2, 1)
+    error = "Error adding/updating listener(s) a: Didn't find a registered implementation\n"
+    p.receive(Request(L, s1.type_version(L), (), push.nonce, error), 2)
+    assert p.states[L].rejected
+    s3 = snap(s2, listeners=[listener("b", port=2, tag="unrelated edit")])
+    [push], _ = p.plan(s3, 3)
+    assert names(push.resources) == ["b"]
+    [event] = p.receive(Request(L, push.version, (), push.nonce), 4)
+    assert isinstance(event, Acked) and not p.states[L].rejected
+    assert type_status(p.states[L], s3, 5, 10.0).in_sync
+
+
 def test_sotw_nack_naming_nothing_rejects_the_whole_response() -> None:
     p = SotwProtocol()
     s1 = snap(None)

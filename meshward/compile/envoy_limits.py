@@ -82,7 +82,7 @@ def regex_problem(regex: str, limit: int = MAX_RE2_PROGRAM_SIZE) -> str | None:
         return (
             f"compiles to a regex whose RE2 program size is {size}, over Envoy's limit of "
             f"{limit} ({RE2_RUNTIME_KEY}): every sidecar would reject the update and keep its "
-            "old config. Use fewer {*}/{**} segments or a prefix/suffix pattern"
+            "old config"
         )
     return None
 
@@ -143,6 +143,12 @@ def _rule_regexes(rule: Rule, indexable: bool) -> list[str]:
     return list(dict.fromkeys(r for form in forms for r in regexes(form)))
 
 
+def _hint(field: str) -> str:
+    if ".paths[" in field or ".notPaths[" in field:
+        return "; use fewer {*}/{**} segments, or a shorter or prefix pattern"
+    return "; use a shorter pattern (an exact value or a prefix needs no regex)"
+
+
 def policy_value_problems(policy: AuthorizationPolicy) -> list[Problem]:
     """Every value of ``policy`` that compiles to something Envoy refuses."""
     origin = policy.origin
@@ -154,7 +160,7 @@ def policy_value_problems(policy: AuthorizationPolicy) -> list[Problem]:
             for regex in _rule_regexes(single, indexable):
                 reason = regex_problem(regex)
                 if reason is not None:
-                    found.append(Problem(file, index, field, reason))
+                    found.append(Problem(file, index, field, reason + _hint(field)))
                     break
     return found
 

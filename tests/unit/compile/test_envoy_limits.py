@@ -140,3 +140,10 @@ def test_a_long_exact_path_passes_even_in_the_principal_index() -> None:
     long_suffix = "*" + "p" * 300
     problems = policy_problems(parse({"w.yaml": WORKLOAD, "d.yaml": deny(long_suffix)}))
     assert [p.field for p in problems] == ["spec.rules[0].to[0].operation.paths[0]"]
+
+
+def test_the_size_cache_is_bounded_under_a_flood_of_patterns() -> None:
+    program_size.cache_clear()
+    for i in range(6000):
+        program_size(f"/flood/{i}/.*")
+    assert program_size.cache_info().currsize <= 4096

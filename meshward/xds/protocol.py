@@ -219,15 +219,24 @@ class _Protocol:
         return [SecretDenied(tuple(new))] if new else []
 
     def _ack(self, st: TypeState, sent: Sent, now: float, *, sotw: bool) -> Event:
+        before = st.applied
         if sotw:
             st.applied = dict(sent.resources)
         else:
             st.applied.update(sent.resources)
             for name in sent.removed:
                 st.applied.pop(name, None)
+        # A partial SotW response carries a rejected resource at its last applied version: its
+        # ACK confirms the old content, not a fix, so the rejection (and NOT ENFORCED) stays.
+        carried = sotw and sent.version.endswith(PARTIAL)
         for name, resource in sent.resources.items():
-            if st.rejected.get(name) != resource.hash:
-                st.rejected.pop(name, None)
+            bad = st.rejected.get(name)
+            if bad is None or bad == resource.hash:
+                continue
+            old = before.get(name)
+            if carried and old is not None and old.hash == resource.hash:
+                continue
+            st.rejected.pop(name, None)
         # A rejected resource that is gone (SotW: not in the ACKed set; delta: removed) no
         # longer holds the node back: a later unrelated edit is enforced once ACKed.
         gone = [n for n in st.rejected if n not in sent.resources] if sotw else sent.removed

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshward.xds import types
+from meshward.xds.enforcement import not_enforced
 from meshward.xds.protocol import (
     PARTIAL,
     Acked,
@@ -139,6 +140,14 @@ def test_sotw_nack_applies_the_valid_resources_and_keeps_the_rejected_one_old() 
     [push], _ = p.plan(s3, 4)
     assert push.version == s3.type_version(L) + PARTIAL
     assert {r.name: r for r in push.resources}["a"] is good_a
+    # Its ACK confirms the old "a", not a fix: the node still does not enforce the desired
+    # config (NOT ENFORCED in status), and the bad content is not sent again.
+    [event] = p.receive(Request(L, push.version, (), push.nonce), 4)
+    assert isinstance(event, Acked) and p.states[L].rejected == {"a": bad_a.hash}
+    status = type_status(p.states[L], s3, 4, 10.0)
+    assert not status.in_sync and status.rejected == ("a",)
+    assert not_enforced([status]) is not None
+    assert p.plan(s3, 4) == ([], [])
     # Fixing the resource clears it.
     s4 = snap(
         s3,

@@ -121,6 +121,12 @@ def serve(args: argparse.Namespace) -> int:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+    from meshward.certs.ca import check_svid_ttl
+
+    try:
+        check_svid_ttl(timedelta(seconds=args.svid_ttl))
+    except UserError as exc:
+        raise UserError(f"--svid-ttl: {exc}".replace("; nothing was issued", "")) from None
     ca = CertificateAuthority.load(Path(args.ca))
     options = CompileOptions(
         bindings=load_bindings(Path(args.bindings)) if args.bindings else {},

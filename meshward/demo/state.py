@@ -96,9 +96,7 @@ class DemoState:
         """Checked field by field: a hand-edited or foreign file is named with the field that
         is wrong, never a Python TypeError from deep inside `meshward denials`."""
         problem = _check(data, _STATE_FIELDS, "")
-        raw_workloads = data.get("workloads")
-        if problem is None and not isinstance(raw_workloads, dict):
-            problem = "workloads: expected an object keyed by NAMESPACE/NAME"
+        raw_workloads: dict[str, Any] = data.get("workloads") or {}
         if problem is None:
             for ref, w in raw_workloads.items():
                 problem = _check(w, _WORKLOAD_FIELDS, f"workloads[{ref!r}].")

@@ -117,3 +117,9 @@ def test_an_svid_ttl_beyond_90_days_stops_xds_serve_before_it_starts(tmp_path) -
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "--svid-ttl: SVID TTL must be at most 90d" in result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "soon", "inf"])
+def test_status_timeout_must_be_a_positive_number(timeout: str) -> None:
+    result = run("status", "--timeout", timeout)
+    assert result.returncode == 2 and "argument --timeout" in result.stderr

@@ -444,10 +444,40 @@ def _classify(
             )
             return None
     else:
-        hint = _suggest(kind, (*ISTIO_KINDS, *MESHWARD_KINDS), cutoff=0.8)
-        warnings.append(Problem(file, index, "kind", f"unknown kind {kind!r} ignored{hint}"))
+        # An error, not a warning: `kind: AuthorisationPolicy` skipped with a warning was a DENY
+        # policy silently not enforced, and `meshward xds serve` does not print warnings.
+        known = (*ISTIO_KINDS, *MESHWARD_KINDS)
+        hint = _suggest(kind, known, cutoff=0.8)
+        problems.append(
+            Problem(
+                file,
+                index,
+                "kind",
+                f"unknown kind {kind!r}{hint}; policy files hold {', '.join(known)} (and "
+                "PolicyTests); keep other documents out of the policy directory",
+            )
+        )
         return None
     return _Doc(file, index, data, kind)
+
+
+def _relative_path_problem(pattern: str) -> str | None:
+    """A path pattern that cannot match because it does not start with ``/``.
+
+    Every request path Envoy authorizes starts with ``/`` (anything else is answered 400), so
+    an exact or prefix pattern such as ``admin`` or ``admin/*`` never matches. Istio accepts it
+    (its validation checks only emptiness and templates) and compiles a matcher that never
+    fires; that is a silent allow wherever the pattern was meant to catch something (``paths``
+    of a DENY, ``notPaths`` of an ALLOW), so Meshward refuses it everywhere. ``*`` and suffix
+    patterns (``*.php``) are fine: they do not anchor the start, and neither does a template
+    starting with ``{**}`` (zero or more segments, slashes included: ``{**}/x`` matches ``/x``);
+    one starting with ``{*}`` (one segment, no slash) cannot match the leading ``/``."""
+    if pattern.startswith(("/", "*", "{**}")):
+        return None
+    return (
+        f"{pattern!r} does not start with '/': request paths always do, so it never matches "
+        f"(write '/{pattern}'; for a suffix match, '*{pattern}')"
+    )
 
 
 def _type(value: Any) -> str:
@@ -945,7 +975,7 @@ class _Reader:
         for i, item in enumerate(items):
             problem = (
                 check_path_template(item) if is_path_template(item) else wildcard_problem(item)
-            )
+            ) or _relative_path_problem(item)
             if problem:
                 self.error(f"{path}[{i}]", problem)
         return items

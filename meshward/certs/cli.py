@@ -57,9 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "workflow:\n"
         "  meshward ca init --dir certs/ca --trust-domain cluster.local\n"
-        "  meshward ca issue --dir certs/ca --spiffe-id spiffe://cluster.local/ns/shop/sa/cart "
-        "--out /tmp/cart\n"
-        "  meshward ca inspect /tmp/cart/cert-chain.pem --bundle /tmp/cart/root-cert.pem\n"
+        "  meshward ca issue --dir certs/ca --spiffe-id spiffe://cluster.local/ns/shop/sa/orders "
+        "--out /tmp/orders\n"
+        "  meshward ca inspect /tmp/orders/cert-chain.pem --bundle /tmp/orders/root-cert.pem\n"
         "  meshward ca rotate --dir certs/ca --grace 24h   # new root; old one trusted 24h more\n"
         f"init, issue, rotate and show take --dir (default ${DEFAULT_DIR_ENV} or {DEFAULT_DIR})."
     )
@@ -108,9 +108,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         epilog=(
             "examples:\n"
             "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/shop/sa/frontend --out /tmp/fe\n"
-            "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/shop/sa/cart --ttl 15m "
-            "--out /tmp/cart\n"
-            "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/a/sa/b --csr b.csr --out /tmp/b"
+            "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/shop/sa/orders --ttl 15m "
+            "--out /tmp/orders\n"
+            "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/shop/sa/payments --csr payments.csr "
+            "--out /tmp/payments"
         ),
     )
     _add_dir(p)

@@ -91,6 +91,24 @@ def positive_float(value: str) -> float:
     return number
 
 
+def host_port(value: str) -> str:
+    """HOST:PORT with a port 1-65535 (argparse usage error otherwise)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r} (e.g. 127.0.0.1:4317)")
+    return value
+
+
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value!r}")
+    return number
+
+
 def ip_address(value: str) -> str:
     """An IPv4 or IPv6 address (no port, no CIDR), normalized."""
     try:

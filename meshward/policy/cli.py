@@ -123,15 +123,20 @@ def _validate(args: argparse.Namespace) -> int:
     else:
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        summary = ", ".join(
-            f"{n} {k.replace('_', ' ')[:-1] if n == 1 else k.replace('_', ' ')}"
-            for k, n in counts.items()
-        )
+        summary = ", ".join(f"{n} {_noun(k, n)}" for k, n in counts.items())
         print(f"valid: {summary}")
         print(f"version: {policy_set.version}")
         if warnings:
             print(f"{len(warnings)} warning(s){' (--strict: failing)' if failed else ''}")
     return 1 if failed else 0
+
+
+def _noun(key: str, count: int) -> str:
+    """``authorization_policies``, 1 -> ``authorization policy`` (not "policie")."""
+    words = key.replace("_", " ")
+    if count != 1:
+        return words
+    return words[:-3] + "y" if words.endswith("ies") else words[:-1]
 
 
 def _problem(problem: Any) -> dict[str, Any]:

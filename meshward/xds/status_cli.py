@@ -10,6 +10,7 @@ the command doubles as a health check in scripts and CI.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -77,7 +78,7 @@ def fetch_status(
     for candidate in candidates:
         try:
             return _get(candidate.rstrip("/") + "/status", timeout)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             errors.append(f"{candidate}: {reason}")
     raise UserError(
@@ -85,6 +86,19 @@ def fetch_status(
         + "; ".join(errors)
         + "); pass the admin address printed by `meshward xds serve` (default 127.0.0.1:15011)"
     )
+
+
+def _admin_target(text: str) -> str:
+    """HOST:PORT or an http(s):// URL with a numeric port (`127.0.0.1:abc` used to end in an
+    http.client traceback)."""
+    rest = text.split("://", 1)[1] if text.startswith(("http://", "https://")) else text
+    hostport = rest.split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (or http://HOST:PORT), got {text!r}, e.g. 127.0.0.1:15011"
+        )
+    return text
 
 
 def _hostport(address: str) -> str:
@@ -278,7 +292,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--xds", metavar="HOST:PORT",
+    parser.add_argument("--xds", type=_admin_target, metavar="HOST:PORT",
                         help="the control plane's admin address (`meshward xds serve --admin`; "
                              "default: the running `meshward demo`'s, else "
                              f"{DEFAULT_ADMIN}); see below for the ADS address")  # fmt: skip

@@ -114,3 +114,23 @@ def test_validate_counts_in_english(capsys: pytest.CaptureFixture[str]) -> None:
     orders, workloads = f"{EXAMPLES}/orders.yaml", f"{EXAMPLES}/workloads.yaml"
     assert main(["policy", "validate", orders, workloads]) == 0
     assert "1 authorization policy," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:abc", "127.0.0.1:99999", "localhost", ""])
+def test_status_refuses_an_address_that_is_not_one(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _exit(["status", "--xds", address], capsys)
+    assert code == 2 and "argument --xds: expected HOST:PORT" in err
+
+
+def test_explain_says_a_plaintext_call_to_strict_mtls_is_refused_before_any_http(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With a Host the sidecar would refuse too, it used to say "no authorization policy
+    selects shop/orders", which orders-allow-frontend does."""
+    argv = ["policy", "explain", EXAMPLES, "--workload", "shop/orders", "--host", "a b"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "refused before any HTTP: no authorization policy is evaluated" in out
+    assert "no authorization policy selects" not in out

@@ -6,8 +6,11 @@ import argparse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from meshward.errors import UserError
+
 from meshward.cliutil import (
     add_json_flag,
+    did_you_mean,
     duration,
     non_negative_int,
     parse_workload_ref,
@@ -63,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     workload = "/".join(args.workload) if args.workload else None
     source = "/".join(args.source) if args.source else None
+    for flag, ref in (("--workload", workload), ("--from", source)):
+        if ref is not None and state.workloads and ref not in state.workloads:
+            known = sorted(state.workloads)
+            raise UserError(
+                f"{flag} {ref}: no such workload in this demo{did_you_mean(ref, known)} "
+                f"(known: {', '.join(known)})"
+            )
     chosen = core.select(every, since=args.since, now=now, workload=workload, source=source)
     older = len(core.select(every, workload=workload, source=source)) - len(chosen)
     if args.limit:

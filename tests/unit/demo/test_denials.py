@@ -191,3 +191,13 @@ def test_cli_names_what_is_wrong_in_a_bad_state_file(
     assert main(["denials", "--state", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_workload_the_demo_does_not_have(capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to print "0 denials" for a typo."""
+    tour = str(Path(__file__).resolve().parents[3] / "sidecar-config" / "tour.json")
+    for flag in ("--workload", "--from"):
+        assert main(["denials", "--state", tour, flag, "shop/order"]) == 1
+        err = capsys.readouterr().err
+        assert f"{flag} shop/order: no such workload in this demo" in err
+        assert "did you mean 'shop/orders'?" in err

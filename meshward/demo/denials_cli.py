@@ -6,8 +6,6 @@ import argparse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from meshward.errors import UserError
-
 from meshward.cliutil import (
     add_json_flag,
     did_you_mean,
@@ -16,6 +14,7 @@ from meshward.cliutil import (
     parse_workload_ref,
     print_json,
 )
+from meshward.errors import UserError
 
 EPILOG = """\
 examples:

@@ -40,7 +40,11 @@ from meshward.policy.model import (
     Workload,
     WorkloadPort,
 )
-from meshward.policy.paths import check_path_template, is_path_template
+from meshward.policy.paths import (
+    check_path_template,
+    is_path_template,
+    unanchored_path_problem,
+)
 from meshward.policy.policyset import PolicySet
 
 ISTIO_API_VERSIONS = frozenset({"security.istio.io/v1", "security.istio.io/v1beta1"})
@@ -459,25 +463,6 @@ def _classify(
         )
         return None
     return _Doc(file, index, data, kind)
-
-
-def _relative_path_problem(pattern: str) -> str | None:
-    """A path pattern that cannot match because it does not start with ``/``.
-
-    Every request path Envoy authorizes starts with ``/`` (anything else is answered 400), so
-    an exact or prefix pattern such as ``admin`` or ``admin/*`` never matches. Istio accepts it
-    (its validation checks only emptiness and templates) and compiles a matcher that never
-    fires; that is a silent allow wherever the pattern was meant to catch something (``paths``
-    of a DENY, ``notPaths`` of an ALLOW), so Meshward refuses it everywhere. ``*`` and suffix
-    patterns (``*.php``) are fine: they do not anchor the start, and neither does a template
-    starting with ``{**}`` (zero or more segments, slashes included: ``{**}/x`` matches ``/x``);
-    one starting with ``{*}`` (one segment, no slash) cannot match the leading ``/``."""
-    if pattern.startswith(("/", "*", "{**}")):
-        return None
-    return (
-        f"{pattern!r} does not start with '/': request paths always do, so it never matches "
-        f"(write '/{pattern}'; for a suffix match, '*{pattern}')"
-    )
 
 
 def _type(value: Any) -> str:
@@ -975,7 +960,7 @@ class _Reader:
         for i, item in enumerate(items):
             problem = (
                 check_path_template(item) if is_path_template(item) else wildcard_problem(item)
-            ) or _relative_path_problem(item)
+            ) or unanchored_path_problem(item)
             if problem:
                 self.error(f"{path}[{i}]", problem)
         return items

@@ -225,6 +225,25 @@ def _merge_slashes(path: str) -> str:
     return re.sub("/{2,}", "/", path)
 
 
+def unanchored_path_problem(pattern: str) -> str | None:
+    """A path pattern that cannot match because it does not start with ``/``.
+
+    Every request path Envoy authorizes starts with ``/`` (anything else is answered 400), so
+    an exact or prefix pattern such as ``admin`` or ``admin/*`` never matches. Istio accepts it
+    (its validation checks only emptiness and templates) and compiles a matcher that never
+    fires; that is a silent allow wherever the pattern was meant to catch something (``paths``
+    of a DENY, ``notPaths`` of an ALLOW), so Meshward refuses it everywhere. ``*`` and suffix
+    patterns (``*.php``) are fine: they do not anchor the start, and neither does a template
+    starting with ``{**}`` (zero or more segments, slashes included: ``{**}/x`` matches ``/x``);
+    one starting with ``{*}`` (one segment, no slash) cannot match the leading ``/``."""
+    if pattern.startswith(("/", "*", "{**}")):
+        return None
+    return (
+        f"{pattern!r} does not start with '/': request paths always do, so it never matches "
+        f"(write '/{pattern}'; for a suffix match, '*{pattern}')"
+    )
+
+
 def is_path_template(pattern: str) -> bool:
     """Istio reads a path containing ``{*}`` or ``{**}`` as an Envoy URI template."""
     return "{*}" in pattern or "{**}" in pattern

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import positive_float
+from meshward.cliutil import ip_address, positive_float
 from meshward.errors import UserError
 
 EPILOG = """\
@@ -237,9 +237,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                    help="sidecar access log path, or 'off' (default: %(default)s)")  # fmt: skip
     p.add_argument("--access-log-format", choices=["json", "text"], default="json")
-    p.add_argument("--listen-host", default="0.0.0.0",
+    p.add_argument("--listen-host", type=ip_address, default="0.0.0.0",
                    help="where sidecars bind inbound listeners without bindings (default: %(default)s)")  # fmt: skip
-    p.add_argument("--app-host", default="127.0.0.1",
+    p.add_argument("--app-host", type=ip_address, default="127.0.0.1",
                    help="where sidecars find their app without bindings (default: %(default)s)")  # fmt: skip
     p.add_argument("--watch-interval", type=positive_float, default=0.5, metavar="SECONDS",
                    help="policy directory poll interval (default: %(default)s)")  # fmt: skip

@@ -84,6 +84,9 @@ def test_bootstrap_caps_its_credentials_ttl(
         (["--watch-interval", "0"], 2, "argument --watch-interval: must be a positive number"),
         (["--drift-threshold", "-5s"], 2, "a duration cannot be negative"),
         (["--ready-file", "/nonexistent-dir/ready.json"], 1, "its directory does not exist"),
+        # Envoy listener addresses and STATIC endpoints are IP addresses; a name went into config
+        (["--listen-host", "sidecar.local"], 2, "'sidecar.local' is not an IP address"),
+        (["--app-host", "999.0.0.1"], 2, "'999.0.0.1' is not an IP address"),
     ],
 )
 def test_xds_serve_refuses_before_starting(

@@ -3,7 +3,8 @@
 A group module exposes ``configure(parser)``: it adds its subcommands and sets ``func`` (a
 callable taking the parsed namespace and returning an exit code) on each. This file only wires
 groups together and owns the exit-code contract: 0 ok, 1 user error (one line on stderr, no
-traceback), 2 usage error.
+traceback), 2 usage error, 141 when the reader of stdout went away (``| head``: quietly, as
+a process killed by SIGPIPE would).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from meshward import __version__
+from meshward.cliutil import Parser, silence_closed_pipe
 from meshward.errors import UserError
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 
 # (command, module that configures it, one-line help). Modules are imported only to build the
 # parser; they keep heavy imports (grpc, protos) inside their handlers so `--help` stays fast.
@@ -46,7 +49,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="meshward",
         description=(
             "Meshward gives Envoy sidecars identity-based micro-segmentation: every workload gets "
@@ -96,8 +99,25 @@ def _unavailable(name: str) -> Handler:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Output piped into a reader that stops early (``| head``) ends the
+    command quietly, whichever command printed: the EPIPE is caught here, once, not in every
+    handler, and stdout is flushed here so the error cannot surface later at interpreter exit."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        silence_closed_pipe()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:  # --help, --version, usage errors: what they printed must reach the pipe
+        sys.stdout.flush()
+        raise
     func: Handler | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import ipaddress
 import json
+import os
+import re
 import sys
+from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser class of every `meshward` command (subcommands inherit it from their parent).
+
+    argparse reads an argument starting with ``-`` as an option unless it looks like a plain
+    negative number, so ``--grace -5m`` failed with "expected one argument" before the duration
+    parser could say what is wrong. Here anything starting with ``-`` and a digit is a value
+    (no Meshward option looks like that), and the flag's own type check gives the clear error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +39,97 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+def silence_closed_pipe() -> None:
+    """After EPIPE (``meshward ... --json | head``): point stdout and stderr at /dev/null so
+    the interpreter's final flush of what is still buffered cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        # not a real file (captured in tests): nothing is left to flush to a pipe
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def parse_workload_ref(value: str) -> tuple[str, str]:
     """`NS/NAME` -> (ns, name); argparse turns the ValueError into a usage error (exit 2)."""
     namespace, sep, name = value.partition("/")
     if not sep or not namespace or not name or "/" in name:
         raise argparse.ArgumentTypeError(f"expected NAMESPACE/NAME, got {value!r}")
     return namespace, name
+
+
+def port_number(value: str) -> int:
+    """A TCP port, 1-65535 (argparse usage error otherwise)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number (1-65535), got {value!r}"
+        ) from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
+    return number
+
+
+def host_port(value: str) -> str:
+    """HOST:PORT with a port 1-65535 (argparse usage error otherwise)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r} (e.g. 127.0.0.1:4317)")
+    return value
+
+
+def non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value!r}")
+    return number
+
+
+def ip_address(value: str) -> str:
+    """An IPv4 or IPv6 address (no port, no CIDR), normalized."""
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an IP address (e.g. 10.0.0.7 or fd00::7)"
+        ) from None
+
+
+def duration(value: str) -> timedelta:
+    """A flag's DURATION (``90s``, ``30m``, ``1h30m``, ``7d``); argparse shows the reason."""
+    from meshward.certs.duration import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def did_you_mean(word: str, options: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` when ``word`` is close to one of ``options``, else ``""``."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""

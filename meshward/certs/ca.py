@@ -57,12 +57,32 @@ DEFAULT_ROOT_TTL = timedelta(days=3650)
 DEFAULT_INTERMEDIATE_TTL = timedelta(days=5 * 365)
 DEFAULT_GRACE = timedelta(hours=24)
 MIN_SVID_TTL = timedelta(minutes=1)
+# An SVID is a short-lived credential: renewal, not lifetime, keeps a workload running, and a
+# stolen key is good until not_after. Istio's ceiling for workload certificates is 90 days
+# (MAX_WORKLOAD_CERT_TTL); a longer request is a mistake (`--ttl 100000d`), not a wish.
+MAX_SVID_TTL = timedelta(days=90)
 
 STATE_FILE = "ca.json"
 STATE_FORMAT = "meshward-ca/1"
 ROOT_CERT, ROOT_KEY = "root.pem", "root.key"
 INTERMEDIATE_CERT, INTERMEDIATE_KEY = "intermediate.pem", "intermediate.key"
 _GEN_DIR_RE = re.compile(r"^gen-\d{4,}$")
+
+
+def check_svid_ttl(ttl: timedelta) -> None:
+    """Raise UserError unless MIN_SVID_TTL <= ttl <= MAX_SVID_TTL (said in the flags' units)."""
+    from meshward.certs.duration import format_duration
+
+    if ttl < MIN_SVID_TTL:
+        raise UserError(
+            f"SVID TTL must be at least {format_duration(MIN_SVID_TTL)}, got "
+            f"{format_duration(ttl)}; nothing was issued"
+        )
+    if ttl > MAX_SVID_TTL:
+        raise UserError(
+            f"SVID TTL must be at most {format_duration(MAX_SVID_TTL)} (SVIDs are short-lived and "
+            f"renewed), got {format_duration(ttl)}; nothing was issued"
+        )
 
 
 @dataclass(frozen=True)
@@ -369,8 +389,7 @@ class CertificateAuthority:
         now: datetime | None,
         generation: int | None = None,
     ) -> tuple[x509.Certificate, _Gen]:
-        if ttl < MIN_SVID_TTL:
-            raise UserError(f"SVID TTL must be at least {MIN_SVID_TTL}, got {ttl}")
+        check_svid_ttl(ttl)
         at = as_utc(now)
         gen = self._active
         if generation is not None and generation != gen.info.number:

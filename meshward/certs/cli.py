@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meshward.certs.duration import format_duration, parse_duration
-from meshward.cliutil import add_json_flag, print_json
+from meshward.certs.duration import format_duration
+from meshward.cliutil import add_json_flag, duration, print_json
 from meshward.errors import UserError
 
 DEFAULT_DIR_ENV = "MESHWARD_CA_DIR"
@@ -21,13 +21,6 @@ DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 # Istio's file names, so tools that read Istio's output directory read ours.
 CHAIN_FILE, KEY_FILE, ROOTS_FILE = "cert-chain.pem", "key.pem", "root-cert.pem"
-
-
-def _duration(text: str) -> Any:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_dir(parser: argparse.ArgumentParser) -> None:
@@ -44,14 +37,14 @@ def _add_dir(parser: argparse.ArgumentParser) -> None:
 def _add_ca_ttls(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root-ttl",
-        type=_duration,
+        type=duration,
         default=None,
         metavar="DURATION",
         help="root certificate lifetime (default: 3650d)",
     )
     parser.add_argument(
         "--intermediate-ttl",
-        type=_duration,
+        type=duration,
         default=None,
         metavar="DURATION",
         help="intermediate (signing) certificate lifetime, capped at the root's (default: 1825d)",
@@ -64,9 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "workflow:\n"
         "  meshward ca init --dir certs/ca --trust-domain cluster.local\n"
-        "  meshward ca issue --dir certs/ca --spiffe-id spiffe://cluster.local/ns/shop/sa/cart "
-        "--out /tmp/cart\n"
-        "  meshward ca inspect /tmp/cart/cert-chain.pem --bundle /tmp/cart/root-cert.pem\n"
+        "  meshward ca issue --dir certs/ca --spiffe-id spiffe://cluster.local/ns/shop/sa/orders "
+        "--out /tmp/orders\n"
+        "  meshward ca inspect /tmp/orders/cert-chain.pem --bundle /tmp/orders/root-cert.pem\n"
         "  meshward ca rotate --dir certs/ca --grace 24h   # new root; old one trusted 24h more\n"
         f"init, issue, rotate and show take --dir (default ${DEFAULT_DIR_ENV} or {DEFAULT_DIR})."
     )
@@ -115,9 +108,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         epilog=(
             "examples:\n"
             "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/shop/sa/frontend --out /tmp/fe\n"
-            "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/shop/sa/cart --ttl 15m "
-            "--out /tmp/cart\n"
-            "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/a/sa/b --csr b.csr --out /tmp/b"
+            "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/shop/sa/orders --ttl 15m "
+            "--out /tmp/orders\n"
+            "  meshward ca issue --spiffe-id spiffe://cluster.local/ns/shop/sa/payments --csr payments.csr "
+            "--out /tmp/payments"
         ),
     )
     _add_dir(p)
@@ -125,10 +119,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     p.add_argument(
         "--ttl",
-        type=_duration,
+        type=duration,
         default=None,
         metavar="DURATION",
-        help="SVID lifetime, e.g. 30m, 1h, 24h (default: 1h; capped at the intermediate's)",
+        help="SVID lifetime, e.g. 30m, 1h, 24h (default: 1h; 1m to 90d, and never past the "
+        "signing intermediate's end)",
     )
     p.add_argument(
         "--csr", type=Path, metavar="FILE", help="sign this PEM CSR instead of making a key"
@@ -192,7 +187,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _add_dir(p)
     p.add_argument(
         "--grace",
-        type=_duration,
+        type=duration,
         default=None,
         metavar="DURATION",
         help="how long older roots stay trusted (default: 24h; 0 drops them now)",
@@ -266,12 +261,20 @@ def _init(args: argparse.Namespace) -> int:
 
 def _issue(args: argparse.Namespace) -> int:
     from meshward.certs import files
-    from meshward.certs.ca import DEFAULT_SVID_TTL, CertificateAuthority
+    from meshward.certs.ca import DEFAULT_SVID_TTL, CertificateAuthority, check_svid_ttl
     from meshward.certs.lifetime import utcnow
 
     ca = CertificateAuthority.load(args.dir)
     ttl = args.ttl if args.ttl is not None else DEFAULT_SVID_TTL
     now = utcnow()
+    check_svid_ttl(ttl)
+    signer_ends = ca.active_generation.intermediate.not_valid_after_utc
+    if now < signer_ends < now + ttl:  # (an expired signer: the CA says so itself)
+        raise UserError(
+            f"--ttl {format_duration(ttl)} outlives the signing intermediate (valid until "
+            f"{signer_ends:%Y-%m-%d %H:%M:%SZ}, {format_duration(signer_ends - now)} from now); "
+            "ask for less, or `meshward ca rotate` first; nothing was issued"
+        )
     if args.csr is not None:
         svid = ca.issue_for_csr(files.read_bytes(args.csr), args.spiffe_id, ttl=ttl, now=now)
     else:

@@ -11,6 +11,8 @@ from datetime import timedelta
 
 _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _PART_RE = re.compile(r"(\d+)([dhms])")
+# Far beyond any TTL or window that makes sense, and far below what timedelta overflows on.
+MAX_SECONDS = 100 * 366 * 86400
 
 
 def parse_duration(text: str) -> timedelta:
@@ -18,6 +20,13 @@ def parse_duration(text: str) -> timedelta:
     value = text.strip().lower()
     if value == "0":
         return timedelta(0)
+    if len(value) > 40:
+        raise ValueError(f"invalid duration {text[:40]!r}...: too long; use e.g. 90s, 30m or 7d")
+    if value.startswith("-"):
+        raise ValueError(
+            f"invalid duration {text!r}: a duration cannot be negative; use e.g. 90s, 30m, "
+            "1h, 1h30m or 7d (or 0)"
+        )
     pos = 0
     seconds = 0
     seen: set[str] = set()
@@ -29,6 +38,8 @@ def parse_duration(text: str) -> timedelta:
         pos = match.end()
     if not value or pos != len(value):
         raise ValueError(f"invalid duration {text!r}: use e.g. 90s, 30m, 1h, 1h30m or 7d")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"invalid duration {text!r}: longer than 100 years")
     return timedelta(seconds=seconds)
 
 

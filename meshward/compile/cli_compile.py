@@ -15,11 +15,11 @@ from meshward.cliutil import add_json_flag, parse_workload_ref, print_json
 
 EPILOG = """\
 examples:
-  meshward policy compile examples/ --workload shop/checkout --explain
+  meshward policy compile examples/ --workload shop/payments --explain
       where each rule runs (native Envoy RBAC or ext_authz) and why
-  meshward policy compile examples/ --workload shop/checkout --json
+  meshward policy compile examples/ --workload shop/payments --json
       the Envoy resources (listeners, routes, clusters, endpoints) as the control plane serves them
-  meshward policy compile examples/ --workload shop/checkout --mode static --json
+  meshward policy compile examples/ --workload shop/payments --mode static --json
       the same with inline routes/endpoints, as a static bootstrap would hold them
 
 Rules Envoy can decide from the connection and headers (principals, namespaces, IPs, ports,

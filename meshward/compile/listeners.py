@@ -163,16 +163,17 @@ def invalid_authority_route(off: Json | None = None) -> Json:
 
 DOT_SEGMENT_PARAMETERS_BODY = (
     "meshward: bad request: a '.' or '..' path segment with ';' parameters (such as "
-    "/x/%2e%2e;/admin) is refused: the application would read it as a dot segment\n"
+    "/x/%2e%2e;/admin or /x/..%3b/admin) is refused: the application would read it as a dot "
+    "segment\n"
 )
 
 
 def dot_segment_parameters_route(off: Json | None = None) -> Json:
     """The second route of every HTTP virtual host: 400 for a request whose (normalized) path
-    has a ``.;``/``..;`` segment (meshward.policy.paths.DOT_SEGMENT_PARAMETERS_REGEX, which the
-    evaluator applies too). Envoy strips ``;`` parameters only after LITERAL dot segments, so
-    ``/x/%2e%2e;/admin`` would pass a DENY on /admin and reach a Tomcat/Jetty/Spring application
-    as /admin. The regex sees ``:path`` with its query and is anchored to the path part. ``off``:
+    has a ``.;``/``..;`` segment, ``;`` raw or escaped as ``%3B``
+    (meshward.policy.paths.DOT_SEGMENT_PARAMETERS_REGEX, which the evaluator applies too).
+    Envoy strips ``;`` parameters only after LITERAL dot segments, so ``/x/%2e%2e;/admin`` would
+    pass a DENY on /admin and reach a Tomcat/Jetty/Spring application as /admin. The regex sees ``:path`` with its query and is anchored to the path part. ``off``:
     per-filter configs switching the authorization filters off (decided before authorization)."""
     route: Json = {
         "name": names.ROUTE_DOT_SEGMENT_PARAMETERS,

@@ -75,6 +75,10 @@ PATHS = (
     # a dot segment with ";" parameters Envoy does not strip (escaped dots): 400 before authz
     "/x/%2e%2e;/admin",
     "/api/items?next=/..;/admin",
+    # ... and with the ";" escaped (Envoy keeps %3B/%3b as sent): 400 too
+    "/x/..%3b/admin",
+    "/x/%2E%2e%3B/admin",
+    "/admin/.%3b",
 )
 HOSTS = (
     "api.shop",

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from meshward.cliutil import host_port, non_negative_float, positive_float
 from meshward.errors import UserError
 
 DESCRIPTION = """\
@@ -156,7 +157,12 @@ def run(args: argparse.Namespace) -> int:
     state_dir = (
         Path(tempfile.mkdtemp(prefix="meshward-demo-")) if temporary else Path(args.state).resolve()
     )
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"--state {args.state}: cannot use it as a directory: {exc.strerror}"
+        ) from None
     say(f"meshward demo: state in {state_dir}")
     options = MeshOptions(
         state_dir=state_dir,
@@ -263,7 +269,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "wiped and refilled each run; default: a temp dir removed at exit)")  # fmt: skip
     parser.add_argument("--keep-running", action="store_true",
                         help="after the tour, leave the mesh up (prints how to curl it) until Ctrl-C")  # fmt: skip
-    parser.add_argument("--otlp-endpoint", metavar="HOST:PORT",
+    parser.add_argument("--otlp-endpoint", type=host_port, metavar="HOST:PORT",
                         help="send every trace (Envoy's and Meshward's) to this OTLP/gRPC "
                              "collector, e.g. Jaeger's 127.0.0.1:4317 (default: kept in "
                              "<state>/traces.jsonl)")  # fmt: skip
@@ -271,12 +277,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="print the tour's results as JSON on stdout (progress goes to stderr)")  # fmt: skip
     parser.add_argument("--examples", metavar="DIR",
                         help="the shop policies and demo keys (default: the checkout's examples/)")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="how long each component may take to become ready (default: %(default)s)")  # fmt: skip
     parser.add_argument("--attach", metavar="STATE",
                         help="start nothing: run the tour against the mesh described by STATE "
                              "(a state.json, e.g. sidecar-config/tour.json in docker-compose)")  # fmt: skip
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--wait", type=non_negative_float, default=0.0, metavar="SECONDS",
                         help="with --attach: first wait up to SECONDS for every sidecar to be in "
                              "sync (default: do not wait)")  # fmt: skip
     parser.set_defaults(func=run)

@@ -6,7 +6,15 @@ import argparse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from meshward.cliutil import add_json_flag, parse_workload_ref, print_json
+from meshward.cliutil import (
+    add_json_flag,
+    did_you_mean,
+    duration,
+    non_negative_int,
+    parse_workload_ref,
+    print_json,
+)
+from meshward.errors import UserError
 
 EPILOG = """\
 examples:
@@ -25,13 +33,12 @@ with http.status_code=403.
 """
 
 
-def _duration(text: str) -> timedelta:
-    from meshward.certs.duration import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text) <= len("https://"):
+        raise argparse.ArgumentTypeError(
+            f"expected an http(s) URL such as http://localhost:16686, got {text!r}"
+        )
+    return text
 
 
 def _read(path: str | None) -> str:
@@ -58,6 +65,13 @@ def run(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     workload = "/".join(args.workload) if args.workload else None
     source = "/".join(args.source) if args.source else None
+    for flag, ref in (("--workload", workload), ("--from", source)):
+        if ref is not None and state.workloads and ref not in state.workloads:
+            known = sorted(state.workloads)
+            raise UserError(
+                f"{flag} {ref}: no such workload in this demo{did_you_mean(ref, known)} "
+                f"(known: {', '.join(known)})"
+            )
     chosen = core.select(every, since=args.since, now=now, workload=workload, source=source)
     older = len(core.select(every, workload=workload, source=source)) - len(chosen)
     if args.limit:
@@ -94,7 +108,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--since", type=_duration, default=timedelta(hours=1), metavar="DURATION",
+    parser.add_argument("--since", type=duration, default=timedelta(hours=1), metavar="DURATION",
                         help="only denials newer than this, e.g. 10m, 2h (default: 1h)")  # fmt: skip
     parser.add_argument("--workload", type=parse_workload_ref, metavar="NS/NAME",
                         help="only denials made at this workload's sidecar (the callee)")  # fmt: skip
@@ -103,11 +117,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", metavar="DIR",
                         help="the demo's state directory or state.json (default: the last "
                              "`meshward demo` run, as recorded at start)")  # fmt: skip
-    parser.add_argument("--jaeger", metavar="URL",
+    parser.add_argument("--jaeger", type=_url, metavar="URL",
                         help="print a link to each trace in this Jaeger UI, e.g. http://localhost:16686")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true",
                         help="also list what dry-run policies would have denied (nothing was)")  # fmt: skip
-    parser.add_argument("--limit", type=int, default=0, metavar="N",
+    parser.add_argument("--limit", type=non_negative_int, default=0, metavar="N",
                         help="only the newest N (default: all)")  # fmt: skip
     add_json_flag(parser)
     parser.set_defaults(func=run)

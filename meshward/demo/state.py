@@ -132,21 +132,33 @@ class DemoState:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, source: str = "state") -> DemoState:
-        try:
-            workloads = {
-                ref: WorkloadState(
-                    **{
-                        **w,
-                        "outbound": dict(w.get("outbound") or {}),
-                        "unlistened": dict(w.get("unlistened") or {}),
-                    }
-                )
-                for ref, w in (data.get("workloads") or {}).items()
-            }
-            fields = {k: v for k, v in data.items() if k != "workloads"}
-            return cls(**{**fields, "workloads": workloads})
-        except TypeError as exc:
-            raise UserError(f"{source} is not a Meshward demo state file ({exc})") from None
+        """Checked field by field: a hand-edited or foreign file is named with the field that
+        is wrong, never a Python TypeError from deep inside `meshward denials`."""
+        problem = _check(data, _STATE_FIELDS, "")
+        raw_workloads: dict[str, Any] = data.get("workloads") or {}
+        if problem is None:
+            for ref, w in raw_workloads.items():
+                problem = _check(w, _WORKLOAD_FIELDS, f"workloads[{ref!r}].")
+                if problem:
+                    break
+        if problem is None and data.get("kind") not in ("local", "compose"):
+            problem = f"kind: expected 'local' or 'compose', got {data.get('kind')!r}"
+        if problem is None and data.get("format", FORMAT) != FORMAT:
+            problem = f"format {data.get('format')!r}: this Meshward reads format {FORMAT}"
+        if problem is not None:
+            raise UserError(f"{source} is not a valid Meshward demo state file: {problem}")
+        workloads = {
+            ref: WorkloadState(
+                **{
+                    **w,
+                    "outbound": dict(w.get("outbound") or {}),
+                    "unlistened": dict(w.get("unlistened") or {}),
+                }
+            )
+            for ref, w in raw_workloads.items()
+        }
+        fields = {k: v for k, v in data.items() if k != "workloads"}
+        return cls(**{**fields, "workloads": workloads})
 
     def resolve(self, base: Path) -> DemoState:
         """Relative paths in the file are relative to the file's directory."""
@@ -178,6 +190,87 @@ class DemoState:
             logs={k: fix(v) for k, v in self.logs.items()},
         )
         return DemoState(**data)
+
+
+# Each field of state.json: (allowed JSON types, required). "map" = object of strings.
+_STR, _OPT_STR = ((str,), True), ((str, type(None)), False)
+_STRING_MAPS = frozenset({"outbound", "unlistened", "logs"})
+_WORKLOAD_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "ref": _STR,
+    "spiffe_id": _STR,
+    "inbound": _STR,
+    "app": _STR,
+    "outbound": ((dict, type(None)), False),
+    "unlistened": ((dict, type(None)), False),
+    "access_log": _OPT_STR,
+    "envoy_log": _OPT_STR,
+    "admin": _OPT_STR,
+}
+_STATE_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "kind": _STR,
+    "policy_dir": _STR,
+    "xds_admin": ((str, type(None)), True),
+    "extauthz": ((str, type(None)), True),
+    "decision_log": ((str, type(None)), True),
+    "workloads": ((dict,), True),
+    "signing_key": _OPT_STR,
+    "extauthz_metrics": _OPT_STR,
+    "otlp": _OPT_STR,
+    "trace_file": _OPT_STR,
+    "state_dir": _OPT_STR,
+    "ads": _OPT_STR,
+    "pid": ((int, type(None)), False),
+    "running": ((bool,), False),
+    "started_at": _OPT_STR,
+    "logs": ((dict,), False),
+    "format": ((int,), False),
+}
+
+
+def _check(
+    value: Any, fields: Mapping[str, tuple[tuple[type, ...], bool]], where: str
+) -> str | None:
+    """What is wrong with one JSON object against ``fields`` (None when nothing is)."""
+    if not isinstance(value, dict):
+        return f"{where.rstrip('.') or 'the file'}: expected an object"
+    for key in value:
+        if key not in fields:
+            return f"{where}{key}: unknown field"
+    for key, (types, required) in fields.items():
+        if key not in value:
+            if required:
+                return f"{where}{key}: missing"
+            continue
+        item = value[key]
+        # bool is an int in Python; JSON true is not a pid
+        if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
+            return f"{where}{key}: expected {_names(types)}, got {_json_type(item)}"
+        if (
+            isinstance(item, dict)
+            and key in _STRING_MAPS
+            and not all(isinstance(k, str) and isinstance(v, str) for k, v in item.items())
+        ):
+            return f"{where}{key}: expected an object of strings"
+    return None
+
+
+def _names(types: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "a number", bool: "true or false", dict: "an object"}
+    return " or ".join(names.get(t, "null") for t in types)
+
+
+def _json_type(value: Any) -> str:
+    return (
+        _names((type(value),))
+        if type(value) in (str, int, bool, dict)
+        else (
+            "null"
+            if value is None
+            else "a list"
+            if isinstance(value, list)
+            else type(value).__name__
+        )
+    )
 
 
 def save(state: DemoState, path: Path) -> None:

@@ -46,7 +46,7 @@ examples:
   meshward extauthz serve --policy examples/ --listen 127.0.0.1:9191
   meshward extauthz serve --policy policies/ --listen 127.0.0.1:9191 --workers 2 \\
       --metrics-listen 127.0.0.1:9192 --otlp-endpoint 127.0.0.1:4317 --decision-log decisions.jsonl
-  meshward extauthz check --server 127.0.0.1:9191 --workload foo/httpbin --path /admin \\
+  meshward extauthz check --server 127.0.0.1:9191 --workload shop/payments --path /admin \\
       --token "$TOKEN"
 """
 
@@ -214,7 +214,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "check",
         help="send one Check to a running service and print the answer",
         description="Build a CheckRequest like Envoy's and print the decision the service returns.",
-        epilog="example:\n  meshward extauthz check --server 127.0.0.1:9191 --workload foo/httpbin "
+        epilog="example:\n  meshward extauthz check --server 127.0.0.1:9191 --workload shop/payments "
         '--method GET --path /admin --token "$TOKEN"',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -25,7 +25,10 @@ the loader skips it)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +62,64 @@ CASE_FIELDS = (
     "dryRunDenies",
     "audit",
 )
+
+
+# What a mesh caller's identity looks like: Istio's TD/ns/NS/sa/SA, optionally spiffe://-prefixed.
+_PRINCIPAL = re.compile(r"(?:spiffe://)?[a-z0-9._-]+/ns/[A-Za-z0-9._-]+/sa/[A-Za-z0-9._-]+")
+# RFC 9110 5.6.2 token: what a method and a header name may be.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def check_principal(value: str) -> str:
+    """A caller identity as `explain`/`test` take it; ValueError saying what it should be."""
+    if _PRINCIPAL.fullmatch(value) is None:
+        raise ValueError(
+            f"{value!r} is not a mesh identity: expected spiffe://TRUST_DOMAIN/ns/NS/sa/SA or "
+            "TRUST_DOMAIN/ns/NS/sa/SA (e.g. cluster.local/ns/shop/sa/frontend); to call as a "
+            "declared workload, name it as NS/NAME instead (--source-workload, or from:)"
+        )
+    return value
+
+
+def check_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (e.g. 10.0.0.7 or fd00::7)") from None
+
+
+def check_port(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ValueError(f"{value!r} is not a port number (1-65535)")
+    return value
+
+
+def check_method(value: str) -> str:
+    if _TOKEN.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not an HTTP method (a token such as GET or POST)")
+    return value
+
+
+def check_header(name: str, value: str) -> tuple[str, str]:
+    if _TOKEN.fullmatch(name) is None:
+        raise ValueError(f"header name {name!r} is not an HTTP token (e.g. x-request-id)")
+    if any(ch in value for ch in "\r\n\0"):
+        raise ValueError(f"header {name!r}: a value must not hold CR, LF or NUL")
+    return name.lower(), value
+
+
+DOC_FIELDS = ("apiVersion", "kind", "metadata", "now", "cases")
+
+
+def _did_you_mean(key: object, fields: Sequence[str]) -> str:
+    """`` (did you mean 'sourceIp'?)`` for a near miss (case-insensitively too: ``sourceip``),
+    else the list of fields, so a typo in a case is fixed without opening the docs."""
+    text = str(key)
+    by_lower = {f.lower(): f for f in fields}
+    close = difflib.get_close_matches(text.lower(), list(by_lower), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {by_lower[close[0]]!r}?)"
+    return f" (expected one of: {', '.join(fields)})"
 
 
 @dataclass(frozen=True)
@@ -121,15 +182,28 @@ def build_request(
     defaults to the destination's first port and the host to the destination's name."""
     from meshward.errors import UserError
 
+    try:
+        if principal is not None:
+            check_principal(principal)
+        if source_ip is not None:
+            source_ip = check_ip(source_ip)
+        if port is not None:
+            check_port(port)
+        check_method(method)
+        headers = dict(check_header(k, v) for k, v in (headers or {}).items())
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     workload = policy_set.workload(destination)
     if workload is None:
-        known = ", ".join(w.ref for w in policy_set.workloads) or "none declared"
-        raise UserError(f"unknown workload {destination!r} (known: {known})")
+        raise UserError(f"unknown workload {destination!r}{_known(policy_set, destination)}")
     td = policy_set.mesh.trust_domain
     if source is not None:
         caller = policy_set.workload(source)
         if caller is None:
-            raise UserError(f"unknown source workload {source!r}; declare it as a Workload")
+            raise UserError(
+                f"unknown source workload {source!r}{_known(policy_set, source)}; "
+                "declare it as a Workload"
+            )
         principal = caller.spiffe_id(td)
         source_ip = source_ip or caller.address
     elif principal is not None and not principal.startswith("spiffe://"):
@@ -148,6 +222,13 @@ def build_request(
         claims=dict(claims) if claims is not None else None,
         sni=sni,
     )
+
+
+def _known(policy_set: PolicySet, ref: str) -> str:
+    refs = [w.ref for w in policy_set.workloads]
+    close = difflib.get_close_matches(ref, refs, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f" ({hint}known: {', '.join(refs) or 'none declared'})"
 
 
 @dataclass(frozen=True)
@@ -173,11 +254,18 @@ class CaseResult:
 
 
 def load_cases(path: str | Path) -> tuple[Case, ...]:
+    from meshward.errors import UserError
+
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError([Problem(file, 0, "", f"cannot read: {exc}")]) from exc
+    except FileNotFoundError:
+        raise UserError(f"cases file {file} does not exist (--cases CASES.yaml)") from None
+    except IsADirectoryError:
+        raise UserError(f"cases file {file} is a directory; --cases takes one YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc.reason})"
+        raise UserError(f"cannot read cases file {file}: {reason}") from None
     return parse_cases(file, text)
 
 
@@ -186,7 +274,9 @@ def parse_cases(file: str, text: str) -> tuple[Case, ...]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise PolicyError([Problem(file, 0, "", f"invalid YAML: {exc}")]) from exc
+        raise PolicyError(
+            [Problem(file, 0, "", f"invalid YAML: {exc}")], where="the cases file"
+        ) from exc
     cases: list[Case] = []
     for index, doc in enumerate(docs, start=1):
 
@@ -199,8 +289,8 @@ def parse_cases(file: str, text: str) -> tuple[Case, ...]:
         if doc.get("apiVersion") != MESHWARD_API_VERSION:
             err("apiVersion", f"expected {MESHWARD_API_VERSION}")
         for key in doc:
-            if key not in ("apiVersion", "kind", "metadata", "now", "cases"):
-                err(str(key), "unknown field")
+            if key not in DOC_FIELDS:
+                err(str(key), f"unknown field{_did_you_mean(key, DOC_FIELDS)}")
         default_now = _time(doc.get("now"), "now", err)
         raw_cases = doc.get("cases")
         if not isinstance(raw_cases, list) or not raw_cases:
@@ -211,7 +301,7 @@ def parse_cases(file: str, text: str) -> tuple[Case, ...]:
             if case is not None:
                 cases.append(case)
     if problems:
-        raise PolicyError(problems)
+        raise PolicyError(problems, where="the cases file")
     return tuple(cases)
 
 
@@ -239,7 +329,7 @@ def _case(raw: Any, path: str, err: Any, default_now: datetime | None, where: st
     bad = False
     for key in raw:
         if key not in CASE_FIELDS:
-            err(f"{path}.{key}", "unknown field")
+            err(f"{path}.{key}", f"unknown field{_did_you_mean(key, CASE_FIELDS)}")
             bad = True
 
     def text(key: str, *, required: bool = False) -> str | None:
@@ -290,6 +380,19 @@ def _case(raw: Any, path: str, err: Any, default_now: datetime | None, where: st
     source, principal = text("from"), text("principal")
     method, req_path, host = text("method"), text("path"), text("host")
     source_ip, sni = text("sourceIp"), text("sni")
+    checks: tuple[tuple[str, object, Callable[[Any], object]], ...] = (
+        ("principal", principal, check_principal),
+        ("sourceIp", source_ip, check_ip),
+        ("method", method, check_method),
+        ("port", port if type(port) is int else None, check_port),
+    )
+    for key, value, check in checks:
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                err(f"{path}.{key}", str(exc))
+                bad = True
     if bad or to is None or expect is None:
         return None
     return Case(

@@ -142,10 +142,7 @@ def _validate(args: argparse.Namespace) -> int:
             print(
                 f"error: Envoy refused {verdict['workload']}: {verdict['error']}", file=sys.stderr
             )
-        summary = ", ".join(
-            f"{n} {k.replace('_', ' ')[:-1] if n == 1 else k.replace('_', ' ')}"
-            for k, n in counts.items()
-        )
+        summary = ", ".join(f"{n} {_noun(k, n)}" for k, n in counts.items())
         print(f"valid: {summary}")
         print(f"version: {policy_set.version}")
         if envoy is not None:
@@ -175,6 +172,14 @@ def _envoy_verdicts(policy_set: Any, args: argparse.Namespace) -> list[dict[str,
     ]
 
 
+def _noun(key: str, count: int) -> str:
+    """``authorization_policies``, 1 -> ``authorization policy`` (not "policie")."""
+    words = key.replace("_", " ")
+    if count != 1:
+        return words
+    return words[:-3] + "y" if words.endswith("ies") else words[:-1]
+
+
 def _problem(problem: Any) -> dict[str, Any]:
     return {
         "file": problem.file,
@@ -188,11 +193,43 @@ def _problem(problem: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- explain
 
 
+def _checked(check: Any) -> Any:
+    """An argparse type from a meshward.policy.cases check: its ValueError is a usage error
+    (exit 2) naming the flag, the same words `policy test` uses for a bad case field."""
+
+    def parse(value: str) -> Any:
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = check.__name__.removeprefix("check_")
+    return parse
+
+
+def _port(value: str) -> int:
+    from meshward.policy.cases import check_port
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)") from None
+    try:
+        return check_port(number)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _header(value: str) -> tuple[str, str]:
+    from meshward.policy.cases import check_header
+
     name, sep, val = value.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
-    return name.strip().lower(), val
+    try:
+        return check_header(name.strip(), val)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _claims(value: str) -> dict[str, Any]:
@@ -206,6 +243,8 @@ def _claims(value: str) -> dict[str, Any]:
 
 
 def _configure_explain(sub: Any) -> None:
+    from meshward.policy.cases import check_ip, check_method, check_principal
+
     p = sub.add_parser(
         "explain",
         help="decide one request and show why",
@@ -234,6 +273,7 @@ def _configure_explain(sub: Any) -> None:
     who = p.add_mutually_exclusive_group()
     who.add_argument(
         "--source-principal",
+        type=_checked(check_principal),
         metavar="P",
         help="the caller's identity: spiffe://TD/ns/NS/sa/SA or Istio's TD/ns/NS/sa/SA "
         "(default: a plaintext caller with no identity)",
@@ -244,7 +284,13 @@ def _configure_explain(sub: Any) -> None:
         metavar="NS/NAME",
         help="the caller as a declared workload (its SPIFFE ID and address)",
     )
-    p.add_argument("--method", default="GET", metavar="M", help="HTTP method (default: GET)")
+    p.add_argument(
+        "--method",
+        type=_checked(check_method),
+        default="GET",
+        metavar="M",
+        help="HTTP method (default: GET)",
+    )
     p.add_argument(
         "--path",
         default="/",
@@ -253,7 +299,7 @@ def _configure_explain(sub: Any) -> None:
     )
     p.add_argument(
         "--port",
-        type=int,
+        type=_port,
         metavar="N",
         help="destination port (default: the workload's first port)",
     )
@@ -266,7 +312,9 @@ def _configure_explain(sub: Any) -> None:
         metavar="K=V",
         help="a request header (repeatable)",
     )
-    p.add_argument("--source-ip", metavar="IP", help="the caller's address")
+    p.add_argument(
+        "--source-ip", type=_checked(check_ip), metavar="IP", help="the caller's IP address"
+    )
     p.add_argument("--sni", metavar="NAME", help="TLS SNI the caller sent")
     p.add_argument(
         "--claims",

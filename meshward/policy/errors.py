@@ -41,8 +41,10 @@ class Problem:
 class PolicyError(UserError):
     """The policy set is invalid. Carries every problem, not just the first."""
 
-    def __init__(self, problems: tuple[Problem, ...] | list[Problem]) -> None:
+    def __init__(
+        self, problems: tuple[Problem, ...] | list[Problem], *, where: str = "policy files"
+    ) -> None:
         self.problems: tuple[Problem, ...] = tuple(problems)
         count = len(self.problems)
-        head = f"{count} problem{'s' if count != 1 else ''} in policy files; fix them and re-run"
+        head = f"{count} problem{'s' if count != 1 else ''} in {where}; fix them and re-run"
         super().__init__("\n".join([head, *(f"  {p}" for p in self.problems)]))

@@ -114,6 +114,9 @@ class Explanation:
                 "  rejected before authorization: the sidecar answers HTTP 400 and evaluates "
                 f"no policy: {self.rejected}"
             )
+        elif not self.policies and self.normalized_path is None and not d.allowed:
+            # refused before any HTTP (plaintext to a STRICT port): not "no policy selects it"
+            lines.append("  refused before any HTTP: no authorization policy is evaluated")
         elif not self.policies:
             lines.append(f"  no authorization policy selects {self.workload}")
         for p in self.policies:

@@ -3,6 +3,7 @@ here changes a decision; `meshward policy validate` prints these and `--strict` 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 
@@ -33,6 +34,7 @@ def lint(policy_set: PolicySet, *, now: datetime | None = None) -> list[Problem]
         selected = _selected(policy_set, policy.namespace, policy.selector, root)
         found.extend(_lint_policy(policy_set, policy, selected, when))
     found.extend(sole_emergency_allows(policy_set))
+    found.extend(_principals_no_workload_has(policy_set))
     for kind, items in (
         ("PeerAuthentication", policy_set.peer_authentications),
         ("RequestAuthentication", policy_set.request_authentications),
@@ -219,3 +221,43 @@ def _lint_rule(
             else "it never matches"
         )
         yield w(path, f"uses HTTP attributes but every selected workload port is TCP: {effect}")
+
+
+def _principals_no_workload_has(policy_set: PolicySet) -> Iterator[Problem]:
+    """A principal ``TD/ns/NS/sa/SA`` of this mesh whose service account no declared workload
+    runs as: a typo (``sa/fronted``) or a workload not declared yet. In ``principals`` it
+    allows or denies nobody; in ``notPrincipals`` it excludes nobody. Only when workloads are
+    declared (a policy-only directory has nothing to compare with)."""
+    if not policy_set.workloads:
+        return
+    td = policy_set.mesh.trust_domain
+    known = sorted({w.principal(td) for w in policy_set.workloads})
+    # suggestions compare ns/NS/sa/SA: the shared trust domain makes any two principals alike
+    tails = {p.split("/", 1)[1]: p for p in known}
+    for policy in policy_set.authorization_policies:
+        for i, rule in enumerate(policy.rules):
+            for j, source in enumerate(rule.sources):
+                for field, values, effect in (
+                    ("principals", source.principals, "it matches no mesh workload"),
+                    ("notPrincipals", source.not_principals, "it excludes no mesh workload"),
+                ):
+                    for principal in values:
+                        parts = principal.split("/")
+                        if (
+                            "*" in principal
+                            or len(parts) != 5
+                            or parts[0] != td
+                            or (parts[1], parts[3]) != ("ns", "sa")
+                            or principal in known
+                        ):
+                            continue
+                        close = difflib.get_close_matches(
+                            principal.split("/", 1)[1], list(tails), n=1, cutoff=0.8
+                        )
+                        hint = f" (did you mean {tails[close[0]]!r}?)" if close else ""
+                        yield _at(
+                            policy.origin,
+                            f"spec.rules[{i}].from[{j}].source.{field}",
+                            f"{principal!r}: no declared workload runs as service account "
+                            f"{parts[4]!r} in namespace {parts[2]!r}, so {effect}{hint}",
+                        )

@@ -40,7 +40,11 @@ from meshward.policy.model import (
     Workload,
     WorkloadPort,
 )
-from meshward.policy.paths import check_path_template, is_path_template
+from meshward.policy.paths import (
+    check_path_template,
+    is_path_template,
+    unanchored_path_problem,
+)
 from meshward.policy.policyset import PolicySet
 
 ISTIO_API_VERSIONS = frozenset({"security.istio.io/v1", "security.istio.io/v1beta1"})
@@ -444,8 +448,19 @@ def _classify(
             )
             return None
     else:
-        hint = _suggest(kind, (*ISTIO_KINDS, *MESHWARD_KINDS), cutoff=0.8)
-        warnings.append(Problem(file, index, "kind", f"unknown kind {kind!r} ignored{hint}"))
+        # An error, not a warning: `kind: AuthorisationPolicy` skipped with a warning was a DENY
+        # policy silently not enforced, and `meshward xds serve` does not print warnings.
+        known = (*ISTIO_KINDS, *MESHWARD_KINDS)
+        hint = _suggest(kind, known, cutoff=0.8)
+        problems.append(
+            Problem(
+                file,
+                index,
+                "kind",
+                f"unknown kind {kind!r}{hint}; policy files hold {', '.join(known)} (and "
+                "PolicyTests); keep other documents out of the policy directory",
+            )
+        )
         return None
     return _Doc(file, index, data, kind)
 
@@ -945,7 +960,7 @@ class _Reader:
         for i, item in enumerate(items):
             problem = (
                 check_path_template(item) if is_path_template(item) else wildcard_problem(item)
-            )
+            ) or unanchored_path_problem(item)
             if problem:
                 self.error(f"{path}[{i}]", problem)
         return items

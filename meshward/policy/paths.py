@@ -43,15 +43,19 @@ AUTHORITY_REGEX = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]*)?"
 _AUTHORITY = re.compile(AUTHORITY_REGEX)
 
 # A request whose normalized path has a segment that is ``.`` or ``..`` followed by ``;``
-# parameters. Envoy 1.40 strips the parameters only after a LITERAL dot segment, so
-# ``/x/%2e%2e;/admin`` reaches the application as ``/x/..;/admin``, which Tomcat, Jetty and
-# Spring serve as ``/admin`` while RBAC matched ``/x/..;/admin``. Full match on ``:path``, whose
-# route matcher sees the query: ``[^?]*`` keeps the match in the path part (``/ok?next=/..;/x``
-# is fine). The escaped forms (``%2e``) never survive normalization; they are here for the
-# outbound listeners, which do not normalize. The compiler gives it to Envoy as a route header
-# matcher (meshward.compile.listeners) and the evaluator applies it here (RE2 and Python ``re``
-# read it alike), so both reject exactly the same requests before authorization.
-DOT_SEGMENT_PARAMETERS_REGEX = r"[^?]*/(?:\.|%2[Ee]){1,2};.*"
+# parameters, the ``;`` raw or escaped (``%3B``, ``%3b``). Envoy 1.40 strips the parameters only
+# after a LITERAL dot segment and a LITERAL ``;``, so ``/x/%2e%2e;/admin`` reaches the application
+# as ``/x/..;/admin``, which Tomcat, Jetty and Spring serve as ``/admin`` while RBAC matched
+# ``/x/..;/admin``; and ``/x/..%3b/admin`` reaches it unchanged, where any layer that decodes
+# once before splitting parameters (a proxy, a servlet filter, ``URLDecoder`` in the app) reads
+# ``..;`` again. Envoy keeps ``%3B``/``%3b`` as sent (not unreserved, case preserved), hence both
+# cases. Full match on ``:path``, whose route matcher sees the query: ``[^?]*`` keeps the match in
+# the path part (``/ok?next=/..;/x`` is fine). The escaped dots (``%2e``) never survive
+# normalization; they are here for the outbound listeners, which do not normalize. The compiler
+# gives it to Envoy as a route header matcher (meshward.compile.listeners) and the evaluator
+# applies it here (RE2 and Python ``re`` read it alike), so both reject exactly the same
+# requests before authorization.
+DOT_SEGMENT_PARAMETERS_REGEX = r"[^?]*/(?:\.|%2[Ee]){1,2}(?:;|%3[Bb]).*"
 _DOT_SEGMENT_PARAMETERS = re.compile(DOT_SEGMENT_PARAMETERS_REGEX)
 
 
@@ -72,12 +76,13 @@ class DotSegmentRejected(PathRejected):
 
 def check_dot_segment_parameters(path: str) -> None:
     """Raise DotSegmentRejected when ``path`` (normalized, query allowed) has a segment that is
-    ``.`` or ``..`` followed by ``;``: the application would read it as a dot segment that
-    authorization never saw."""
+    ``.`` or ``..`` followed by ``;`` or its escape ``%3B``: the application would read it as a
+    dot segment that authorization never saw."""
     if _DOT_SEGMENT_PARAMETERS.fullmatch(path) is not None:
         raise DotSegmentRejected(
-            f"path {path!r} has a '.' or '..' segment with ';' parameters, which Tomcat, Jetty "
-            "and Spring read as a dot segment (path traversal past authorization)"
+            f"path {path!r} has a '.' or '..' segment with ';' parameters (';' raw or escaped as "
+            "%3B), which Tomcat, Jetty and Spring read as a dot segment (path traversal past "
+            "authorization)"
         )
 
 
@@ -218,6 +223,25 @@ def _merge_slashes(path: str) -> str:
     if "//" not in path:
         return path
     return re.sub("/{2,}", "/", path)
+
+
+def unanchored_path_problem(pattern: str) -> str | None:
+    """A path pattern that cannot match because it does not start with ``/``.
+
+    Every request path Envoy authorizes starts with ``/`` (anything else is answered 400), so
+    an exact or prefix pattern such as ``admin`` or ``admin/*`` never matches. Istio accepts it
+    (its validation checks only emptiness and templates) and compiles a matcher that never
+    fires; that is a silent allow wherever the pattern was meant to catch something (``paths``
+    of a DENY, ``notPaths`` of an ALLOW), so Meshward refuses it everywhere. ``*`` and suffix
+    patterns (``*.php``) are fine: they do not anchor the start, and neither does a template
+    starting with ``{**}`` (zero or more segments, slashes included: ``{**}/x`` matches ``/x``);
+    one starting with ``{*}`` (one segment, no slash) cannot match the leading ``/``."""
+    if pattern.startswith(("/", "*", "{**}")):
+        return None
+    return (
+        f"{pattern!r} does not start with '/': request paths always do, so it never matches "
+        f"(write '/{pattern}'; for a suffix match, '*{pattern}')"
+    )
 
 
 def is_path_template(pattern: str) -> bool:

@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import parse_workload_ref
+from meshward.cliutil import parse_workload_ref, port_number
 from meshward.errors import UserError
 from meshward.xds.bootstrap import (
     BOOTSTRAP_FILE,
@@ -44,6 +44,17 @@ dropped the control plane presents a certificate from the new one (`meshward sta
 sidecars still on an old root: ADS CREDS RETIRING).
 Run Envoy with: envoy -c {BOOTSTRAP_FILE} {ENVOY_FLAGS}
 """
+
+
+def _admin_port(value: str) -> int:
+    if value == "0":
+        return 0
+    try:
+        return port_number(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number 0-65535 (0: any free port), got {value!r}"
+        ) from None
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -112,6 +123,13 @@ def run(args: argparse.Namespace) -> int:
         host, port = split_address(args.xds)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if not 1 <= port <= 65535:
+        raise UserError(f"--xds {args.xds}: port {port} is out of range (1-65535)")
+    if args.path_prefix is not None and not args.path_prefix.startswith("/"):
+        raise UserError(
+            f"--path-prefix {args.path_prefix!r} must be an absolute path (where Envoy finds "
+            "the files, e.g. /etc/meshward)"
+        )
     trust_domain, root_namespace, account = (
         args.trust_domain,
         args.root_namespace,
@@ -140,7 +158,50 @@ def run(args: argparse.Namespace) -> int:
         ttl = parse_duration(args.ttl)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    path = write_sidecar_config(
+    if ca is not None:
+        from meshward.certs.ca import check_svid_ttl
+
+        check_svid_ttl(ttl)  # before anything is written
+    _check_identities(args, trust_domain, root_namespace, node.namespace, account or node.workload)
+    try:
+        path = _write_config(args, node, host, port, ca, trust_domain, root_namespace, account, ttl)
+    except OSError as exc:
+        raise UserError(f"cannot write under --out {args.out}: {exc.strerror or exc}") from None
+    print(f"wrote {path}")
+    if ca is None:
+        print(
+            f"no --ca: put {CERT_FILE}, {KEY_FILE} (an SVID for this workload) and {CA_FILE} "
+            f"next to it, or re-run with --ca DIR"
+        )
+    print(f"run: envoy -c {path} {ENVOY_FLAGS}")
+    return 0
+
+
+def _check_identities(
+    args: argparse.Namespace, trust_domain: str, root_namespace: str, namespace: str, account: str
+) -> None:
+    """The identities the bootstrap names must be valid SPIFFE IDs (InvalidSpiffeId is a
+    UserError that says which part is wrong); a bad --service-account used to be written."""
+    from meshward.certs.spiffe import parse_spiffe_id, spiffe_id
+
+    spiffe_id(trust_domain, namespace, account)
+    spiffe_id(trust_domain, root_namespace, SERVER_SERVICE_ACCOUNT)
+    if args.xds_identity:
+        parse_spiffe_id(args.xds_identity)
+
+
+def _write_config(
+    args: argparse.Namespace,
+    node: NodeId,
+    host: str,
+    port: int,
+    ca: Any,
+    trust_domain: str,
+    root_namespace: str,
+    account: str | None,
+    ttl: timedelta,
+) -> Path:
+    return write_sidecar_config(
         Path(args.out),
         node,
         host,
@@ -155,14 +216,6 @@ def run(args: argparse.Namespace) -> int:
         path_prefix=args.path_prefix,
         server_identity=args.xds_identity,
     )
-    print(f"wrote {path}")
-    if ca is None:
-        print(
-            f"no --ca: put {CERT_FILE}, {KEY_FILE} (an SVID for this workload) and {CA_FILE} "
-            f"next to it, or re-run with --ca DIR"
-        )
-    print(f"run: envoy -c {path} {ENVOY_FLAGS}")
-    return 0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -184,7 +237,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="replica id, appended to the node id (NS/NAME/ID)")  # fmt: skip
     parser.add_argument("--delta", action="store_true",
                         help="use incremental (delta) ADS instead of state of the world")  # fmt: skip
-    parser.add_argument("--admin-port", type=int, default=0, metavar="PORT",
+    parser.add_argument("--admin-port", type=_admin_port, default=0, metavar="PORT",
                         help="Envoy admin port on 127.0.0.1 (default: 0, any free port)")  # fmt: skip
     parser.add_argument("--ttl", default="24h", metavar="DURATION",
                         help="lifetime of the ADS credentials (default: %(default)s)")  # fmt: skip

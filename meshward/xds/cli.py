@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshward.cliutil import ip_address, positive_float
 from meshward.errors import UserError
 
 EPILOG = """\
@@ -48,6 +49,11 @@ def _address(text: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r} (e.g. 127.0.0.1:15010)")
     return text
+
+
+def _admin_address(text: str) -> str:
+    """``off`` or HOST:PORT (a bad one used to end in an event-loop traceback at start)."""
+    return text if text == "off" else _address(text)
 
 
 def load_bindings(path: Path) -> dict[str, Any]:
@@ -121,6 +127,14 @@ def serve(args: argparse.Namespace) -> int:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+    from meshward.certs.ca import check_svid_ttl
+
+    try:
+        check_svid_ttl(timedelta(seconds=args.svid_ttl))
+    except UserError as exc:
+        raise UserError(f"--svid-ttl: {exc}".replace("; nothing was issued", "")) from None
+    if args.ready_file and not Path(args.ready_file).resolve().parent.is_dir():
+        raise UserError(f"--ready-file {args.ready_file}: its directory does not exist")
     ca = CertificateAuthority.load(Path(args.ca))
     options = CompileOptions(
         bindings=load_bindings(Path(args.bindings)) if args.bindings else {},
@@ -207,7 +221,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", required=True, metavar="DIR", help="CA directory (`meshward ca init`)")
     p.add_argument("--listen", type=_address, default="127.0.0.1:15010", metavar="HOST:PORT",
                    help="ADS (mTLS) address; port 0 picks a free one (default: %(default)s)")  # fmt: skip
-    p.add_argument("--admin", default="127.0.0.1:15011", metavar="HOST:PORT",
+    p.add_argument("--admin", type=_admin_address, default="127.0.0.1:15011", metavar="HOST:PORT",
                    help="HTTP admin address for /status and /metrics, or 'off' "
                         "(default: %(default)s; keep it on loopback)")  # fmt: skip
     p.add_argument("--svid-ttl", type=_duration_seconds, default=3600.0, metavar="DURATION",
@@ -223,11 +237,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--access-log", default="/dev/stdout", metavar="PATH",
                    help="sidecar access log path, or 'off' (default: %(default)s)")  # fmt: skip
     p.add_argument("--access-log-format", choices=["json", "text"], default="json")
-    p.add_argument("--listen-host", default="0.0.0.0",
+    p.add_argument("--listen-host", type=ip_address, default="0.0.0.0",
                    help="where sidecars bind inbound listeners without bindings (default: %(default)s)")  # fmt: skip
-    p.add_argument("--app-host", default="127.0.0.1",
+    p.add_argument("--app-host", type=ip_address, default="127.0.0.1",
                    help="where sidecars find their app without bindings (default: %(default)s)")  # fmt: skip
-    p.add_argument("--watch-interval", type=float, default=0.5, metavar="SECONDS",
+    p.add_argument("--watch-interval", type=positive_float, default=0.5, metavar="SECONDS",
                    help="policy directory poll interval (default: %(default)s)")  # fmt: skip
     p.add_argument("--ready-file", metavar="FILE",
                    help="write {ads, admin, server_identity, policy_version, pid} as JSON once "

@@ -11,23 +11,30 @@ the command doubles as a health check in scripts and CI.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from meshward.cliutil import add_json_flag, print_json
+from meshward.cliutil import add_json_flag, did_you_mean, positive_float, print_json
 from meshward.errors import UserError
 
 TYPES = ("CDS", "EDS", "SDS", "LDS", "RDS")
+DEFAULT_ADMIN = "127.0.0.1:15011"  # `meshward xds serve --admin` default
 
 EPILOG = """\
 examples:
-  meshward status --xds 127.0.0.1:15011
-  meshward status --xds 127.0.0.1:15010 --json      # the ADS port works too: the admin
-                                                    # endpoint is found at port + 1
+  meshward status                                   # the running `meshward demo`, else
+                                                    # 127.0.0.1:15011 (xds serve's default admin)
+  meshward status --xds 127.0.0.1:15011 --json
   meshward status --xds 127.0.0.1:15011 --node shop/orders
+
+--xds takes the admin address `meshward xds serve` prints (its --admin). Given the ADS address
+instead, status uses the admin endpoint of the running demo whose ADS that is, else tries
+port + 1 (xds serve's default layout: ADS 15010, admin 15011); the demo picks free ports, so
+there only its recorded admin address works.
 
 columns: per xDS type, ok = ACKed the desired version; pending = being pushed (under the drift
 threshold); STALE = behind for longer than the threshold (drift); NACK = the node rejected the
@@ -42,8 +49,8 @@ cannot reconnect once its stream ends.
 versions: a type's version is a digest of its content (the same on every control plane replica
 and after a restart); the policy set's version is shown on its own line.
 exit status: 0 all nodes in sync or converging; 1 any node drifts, is NOT ENFORCED or has
-UNTRUSTED ADS credentials, the last policy change was rejected, or the control plane is
-unreachable.
+UNTRUSTED ADS credentials, the last policy change was rejected, the control plane is
+unreachable, or a --node names no node there.
 """
 
 
@@ -53,19 +60,29 @@ def _get(url: str, timeout: float) -> dict[str, Any]:
         return data
 
 
-def fetch_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
-    """GET /status from the admin endpoint at ``address`` (or, when that is the ADS port, at
-    port + 1, the default admin port)."""
+def fetch_status(
+    address: str,
+    timeout: float = 5.0,
+    *,
+    demo_admin: str | None = None,
+    demo_ads: str | None = None,
+) -> dict[str, Any]:
+    """GET /status from the admin endpoint at ``address``. When ``address`` is the ADS address
+    of the running demo (``demo_ads``), its recorded admin endpoint; otherwise, after
+    ``address`` itself, port + 1 (`meshward xds serve`'s default admin next to its ADS)."""
     base = address if "://" in address else f"http://{address}"
-    host, _, port = base.rpartition(":")
-    candidates = [base]
-    if port.isdigit():
-        candidates.append(f"{host}:{int(port) + 1}")
+    if demo_admin and demo_ads and _hostport(address) == _hostport(demo_ads):
+        candidates = [demo_admin]
+    else:
+        candidates = [base]
+        host, _, port = base.rpartition(":")
+        if port.isdigit() and int(port) < 65535:
+            candidates.append(f"{host}:{int(port) + 1}")
     errors = []
     for candidate in candidates:
         try:
             return _get(candidate.rstrip("/") + "/status", timeout)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             errors.append(f"{candidate}: {reason}")
     raise UserError(
@@ -73,6 +90,56 @@ def fetch_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
         + "; ".join(errors)
         + "); pass the admin address printed by `meshward xds serve` (default 127.0.0.1:15011)"
     )
+
+
+def _admin_target(text: str) -> str:
+    """HOST:PORT or an http(s):// URL with a numeric port (`127.0.0.1:abc` used to end in an
+    http.client traceback)."""
+    rest = text.split("://", 1)[1] if text.startswith(("http://", "https://")) else text
+    hostport = rest.split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (or http://HOST:PORT), got {text!r}, e.g. 127.0.0.1:15011"
+        )
+    return text
+
+
+def _hostport(address: str) -> str:
+    return address.split("://", 1)[-1].rstrip("/").lower()
+
+
+def _running_demo() -> Any:
+    """The running `meshward demo` (as `meshward denials` finds it), or None."""
+    from meshward.demo import state as demo_state
+
+    try:
+        state = demo_state.load(demo_state.find_state(None))
+    except UserError:
+        return None
+    if state.kind != "local" or not state.alive() or not state.xds_admin:
+        return None
+    return state
+
+
+def _select_nodes(status: dict[str, Any], wanted: list[str]) -> None:
+    """Keep the nodes asked for; a name matching no node is an error that lists the nodes
+    there are (it used to print "no nodes have connected" and exit 0)."""
+    nodes = status["nodes"]
+    names = {n["node"] for n in nodes} | {n["workload"] for n in nodes if n.get("workload")}
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        connected = sorted({n["node"] for n in nodes})
+        hints = "".join(did_you_mean(w, sorted(names)) for w in unknown[:1])
+        raise UserError(
+            f"no node {', '.join(unknown)} in this control plane's status{hints}; "
+            + (
+                f"{len(connected)} node(s): {', '.join(connected)}"
+                if connected
+                else "no nodes have connected"
+            )
+        )
+    status["nodes"] = [n for n in nodes if n["node"] in wanted or n.get("workload") in wanted]
 
 
 def _age(iso: str | None, now: datetime) -> str:
@@ -201,13 +268,24 @@ def _not_enforced_lines(node: dict[str, Any], version: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    status = fetch_status(args.xds, timeout=args.timeout)
+    demo = _running_demo()
+    if args.xds is None:
+        address = demo.xds_admin if demo is not None else DEFAULT_ADMIN
+        try:
+            status = fetch_status(address, timeout=args.timeout)
+        except UserError as exc:
+            if demo is None:
+                raise UserError(f"{exc}; no running `meshward demo` was found either") from None
+            raise
+    else:
+        status = fetch_status(
+            args.xds,
+            timeout=args.timeout,
+            demo_admin=demo.xds_admin if demo else None,
+            demo_ads=demo.ads if demo else None,
+        )
     if args.node:
-        wanted = set(args.node)
-        status["nodes"] = [
-            n for n in status["nodes"]
-            if n["node"] in wanted or n.get("workload") in wanted
-        ]  # fmt: skip
+        _select_nodes(status, args.node)
     if args.json:
         print_json(status)
     else:
@@ -240,12 +318,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--xds", default="127.0.0.1:15011", metavar="HOST:PORT",
-                        help="the control plane's admin address (or its ADS address: the admin "
-                             "endpoint is then tried at port + 1) (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--xds", type=_admin_target, metavar="HOST:PORT",
+                        help="the control plane's admin address (`meshward xds serve --admin`; "
+                             "default: the running `meshward demo`'s, else "
+                             f"{DEFAULT_ADMIN}); see below for the ADS address")  # fmt: skip
     parser.add_argument("--node", action="append", metavar="NODE",
-                        help="only this node id or workload NS/NAME (repeatable)")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="only this node id or workload NS/NAME (repeatable; an unknown one "
+                             "is an error listing the nodes there are)")  # fmt: skip
+    parser.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
                         help="HTTP timeout (default: %(default)s)")  # fmt: skip
     add_json_flag(parser)
     parser.set_defaults(func=run)

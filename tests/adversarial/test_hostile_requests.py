@@ -396,6 +396,8 @@ PATHS = [
     "/admin%252F", "/.admin", "/payments",
     # escaped dots keep their ';' parameters in Envoy: 400 before authorization
     "/a/%2e;/b", "/%2E%2E;x/admin", "/x/%2E%2e;x=1/admin", "/ok?next=/..;/x", "/payments?x=/%2e%2e;/a",
+    # and with the ';' escaped
+    "/x/%2e%2e%3b/admin", "/x/..%3B/admin", "/x/.%3b/admin", "/payments/..%3b", "/a/b..%3b/c",
 ]  # fmt: skip
 
 
@@ -426,6 +428,15 @@ def _expected(stack: Stack, raw: str) -> tuple[int, str | None]:
         ("/%2E%2E;x/admin", 400),
         ("/ok?next=/..;/x", 200),  # the query is not the path
         ("/x/..;/admin", 403),  # literal: Envoy strips the parameters, the DENY on /admin applies
+        # the ';' escaped: Envoy keeps %3B as sent and strips nothing; an app (or a proxy) that
+        # decodes once reads /x/..;/admin. Refused like the raw form (these used to pass).
+        ("/x/..%3b/admin", 400),
+        ("/x/..%3B/admin", 400),
+        ("/x/%2e%2e%3b/admin", 400),
+        ("/x/%2E%2e%3B/admin", 400),
+        ("/x/.%3B/admin", 400),
+        ("/x/.%2E%3bx=1/admin", 400),
+        ("/ok?next=/..%3b/x", 200),  # the query is not the path
     ],
 )
 def test_escaped_dot_segments_with_parameters_are_refused_before_authorization(

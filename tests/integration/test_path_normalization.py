@@ -43,6 +43,10 @@ RAW_PATHS = [
     "/a/b/c/..;/..;/d", "/a/b/..;/../c", "/a/b/../..;/c", "/a/./..;/b", "/a/.;/..;/b",
     "/a/..;/./b", "/a/b/..;/", "/a/b/.;/", "/..;/..;/x", "/a;b/..;/c", "/a/..;/b;c/..;/d",
     "/a/..;#x", "/a/..;\u00e9/b", "/a/..;\x01/b", "/a/..; x/b", "/a/..;%252F/b",
+    # An escaped ";" stays as sent (case kept) and strips nothing, after any dot form: the route
+    # that answers 400 (DOT_SEGMENT_PARAMETERS_REGEX) sees exactly these.
+    "/a/%2e%2e%3b/b", "/a/%2E%2e%3B/b", "/a/.%3b/b", "/a/.%3B", "/a/%2e.%3bx=1/b", "/..%3b/x",
+    "/a/..%3b%2fb", "/a/..%253b/b",
 ]  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,55 @@ def test_doctor_passes_on_this_installation() -> None:
     result = run("doctor", "--json")
     assert result.returncode == 0, result.stderr
     assert '"ok": true' in result.stdout
+
+
+def _into_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run with stdout a real pipe whose reader is already gone (`... | head` once head exits):
+    the first write fails with EPIPE."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "meshward", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("policy", "compile", "examples/", "--workload", "shop/orders", "--json"),
+        ("policy", "explain", "examples/", "--workload", "shop/orders", "--json"),
+        ("policy", "validate", "examples/", "--json"),
+        ("policy", "test", "examples/", "--cases", "examples/cases.yaml"),
+        ("--help",),
+        ("policy", "compile", "--help"),
+    ],
+)
+def test_output_into_a_closed_pipe_ends_quietly(args: tuple[str, ...]) -> None:
+    result = _into_closed_pipe(*args)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+    assert result.stderr == ""
+    # 141: as a shell reports a process killed by SIGPIPE; argparse swallows write errors of
+    # --help itself, so there nothing is left to fail and it exits 0
+    assert result.returncode == (0 if "--help" in args else 141)
+
+
+def test_an_svid_ttl_beyond_90_days_stops_xds_serve_before_it_starts(tmp_path) -> None:
+    result = run(
+        "xds", "serve", "--policy", "examples/", "--ca", str(tmp_path), "--svid-ttl", "1000d"
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--svid-ttl: SVID TTL must be at most 90d" in result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "soon", "inf"])
+def test_status_timeout_must_be_a_positive_number(timeout: str) -> None:
+    result = run("status", "--timeout", timeout)
+    assert result.returncode == 2 and "argument --timeout" in result.stderr

@@ -245,3 +245,45 @@ def test_help_teaches_and_does_not_import_cryptography() -> None:
     first, _, help_text = result.stdout.partition("\n")
     assert first == "False"
     assert "examples:" in help_text and "key.pem" in help_text and "default: 1h" in help_text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["rotate", "--grace", "-5m"], "a duration cannot be negative"),
+        (["issue", "--spiffe-id", FRONTEND, "--out", "x", "--ttl", "-1h"], "cannot be negative"),
+        (["init", "--root-ttl", "-1d"], "cannot be negative"),
+        (["init", "--intermediate-ttl", "-2d"], "cannot be negative"),
+        (["issue", "--spiffe-id", FRONTEND, "--out", "x", "--ttl", "100000d"], "100 years"),
+        (["rotate", "--grace", "9" * 60 + "d"], "too long"),
+    ],
+)
+def test_negative_and_absurd_durations_are_usage_errors_that_say_why(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--grace -5m` used to end in argparse's "expected one argument" (it read -5m as an
+    option), before the duration parser could say what was wrong."""
+    with pytest.raises(SystemExit) as exc:
+        main(["ca", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert message in err and "expected one argument" not in err
+
+
+def test_an_svid_ttl_is_capped_at_90_days_and_at_the_signer(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ca issue --ttl 1000d` used to issue an SVID living as long as the intermediate (5 years)."""
+    base = ["issue", "--dir", str(store), "--spiffe-id", FRONTEND, "--out", str(tmp_path / "o")]
+    code, _, err = run(capsys, *base, "--ttl", "1000d")
+    assert code == 1 and "SVID TTL must be at most 90d" in err and "got 1000d" in err
+    assert not (tmp_path / "o").exists()
+    short = tmp_path / "short"
+    code, _, _ = run(capsys, "init", "--dir", str(short), "--intermediate-ttl", "2d")
+    assert code == 0
+    base[2] = str(short)
+    code, _, err = run(capsys, *base, "--ttl", "3d")
+    assert code == 1 and "outlives the signing intermediate" in err and "meshward ca rotate" in err
+    assert not (tmp_path / "o").exists()
+    code, out, _ = run(capsys, *base, "--ttl", "1d", "--json")
+    assert code == 0 and json.loads(out)["spiffe_id"] == FRONTEND

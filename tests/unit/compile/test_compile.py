@@ -982,7 +982,9 @@ def test_every_http_virtual_host_answers_a_dot_segment_with_parameters_with_400_
         ("/ok?next=/..;/x", False),  # the query is not the path
         ("/x/..;/admin", False),  # a literal dot segment loses its parameters: /admin
         ("/a/...;/b", False),
-        ("/a/..%3b/b", False),
+        ("/a/..%3b/b", True),  # an escaped ';' counts as the raw one
+        ("/x/%2e%2E%3B/admin", True),
+        ("/a/b..%3b/c", False),
         ("/x", False),
     ],
 )

@@ -142,3 +142,62 @@ def test_cli_without_a_demo(
     with pytest.raises(SystemExit) as exit_info:
         main(["denials", "--since", "soon"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--limit", "-1"], "argument --limit: must be 0 or more, got -1"),
+        (["--limit", "ten"], "argument --limit: expected a whole number"),
+        (["--since", "-5m"], "a duration cannot be negative"),
+        (["--jaeger", "localhost:16686"], "expected an http(s) URL"),
+    ],
+)
+def test_cli_refuses_bad_flags(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["denials", "--state", str(tmp_path), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+GOOD_STATE = {"kind": "local", "policy_dir": "p", "xds_admin": None, "extauthz": None,
+              "decision_log": None, "workloads": {}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({**GOOD_STATE, "decision_log": 5}, "decision_log: expected a string or null, got a number"),
+        ({**GOOD_STATE, "pid": "x", "running": True}, "pid: expected a number or null"),
+        ({**GOOD_STATE, "workloads": [1]}, "workloads: expected an object, got a list"),
+        ({**GOOD_STATE, "workloads": {"a/b": 1}}, "workloads['a/b']: expected an object"),
+        (
+            {**GOOD_STATE, "workloads": {"a/b": {"ref": "a/b", "spiffe_id": "s", "inbound": "h:1",
+                                                 "app": "h:2", "access_log": 7}}},
+            "workloads['a/b'].access_log: expected a string or null, got a number",
+        ),
+        ({**GOOD_STATE, "colour": "red"}, "colour: unknown field"),
+        ({**GOOD_STATE, "kind": "cloud"}, "kind: expected 'local' or 'compose'"),
+        ({"workloads": {}}, "kind: missing"),
+        ([], "is not a Meshward demo state file"),
+    ],
+)  # fmt: skip
+def test_cli_names_what_is_wrong_in_a_bad_state_file(
+    content: object, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hand-edited state file used to end in a Python TypeError/AttributeError traceback."""
+    (tmp_path / "state.json").write_text(json.dumps(content))
+    assert main(["denials", "--state", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_workload_the_demo_does_not_have(capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to print "0 denials" for a typo."""
+    tour = str(Path(__file__).resolve().parents[3] / "sidecar-config" / "tour.json")
+    for flag in ("--workload", "--from"):
+        assert main(["denials", "--state", tour, flag, "shop/order"]) == 1
+        err = capsys.readouterr().err
+        assert f"{flag} shop/order: no such workload in this demo" in err
+        assert "did you mean 'shop/orders'?" in err

@@ -134,6 +134,79 @@ def test_explain_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1 and "unknown workload 'shop/nope'" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--source-ip", "999.1.1.1"], "argument --source-ip: '999.1.1.1' is not an IP address"),
+        (["--source-ip", "10.0.0.1:80"], "is not an IP address"),
+        (["--port", "99999"], "argument --port: 99999 is not a port number (1-65535)"),
+        (["--port", "0"], "is not a port number"),
+        (["--port", "-1"], "is not a port number"),
+        (["--port", "http"], "'http' is not a port number"),
+        (["--source-principal", "frontend"], "'frontend' is not a mesh identity"),
+        (["--source-principal", "spiffe://cluster.local/sa/x"], "is not a mesh identity"),
+        (["--method", "GE T"], "is not an HTTP method"),
+        (["--header", "bad name=1"], "is not an HTTP token"),
+    ],
+)
+def test_explain_refuses_inputs_no_request_could_carry(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """These used to be explained as if they were real (a principal 'frontend', port 99999)."""
+    with pytest.raises(SystemExit) as info:
+        main(["policy", "explain", str(EXAMPLES), "--workload", "shop/orders", *flags])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_explain_accepts_both_principal_forms_and_suggests_a_workload(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for principal in (
+        "cluster.local/ns/shop/sa/frontend",
+        "spiffe://cluster.local/ns/shop/sa/frontend",
+    ):
+        code, out, _ = run(capsys, "explain", str(EXAMPLES), "--workload", "shop/orders",
+                           "--source-principal", principal, "--source-ip", "fd00::7",
+                           "--method", "POST", "--path", "/orders", "--port", "8080", "--json")  # fmt: skip
+        assert code == 0 and json.loads(out)["decision"] == "allow"
+    code, _, err = run(capsys, "explain", str(EXAMPLES), "--workload", "shop/order")
+    assert code == 1 and "did you mean 'shop/orders'?" in err
+
+
+def test_policy_test_says_the_cases_file_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to be reported as "1 problem in policy files"."""
+    code, _, err = run(capsys, "test", str(EXAMPLES), "--cases", str(tmp_path / "nope.yaml"))
+    assert code == 1 and "Traceback" not in err
+    assert f"cases file {tmp_path / 'nope.yaml'} does not exist" in err
+    assert "policy files" not in err
+    code, _, err = run(capsys, "test", str(EXAMPLES), "--cases", str(tmp_path))
+    assert code == 1 and "is a directory" in err
+
+
+def test_policy_test_suggests_the_field_a_typo_meant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        "apiVersion: meshward.dev/v1\nkind: PolicyTests\nnwo: 2030-01-01T00:00:00Z\ncases:\n"
+        "  - {to: shop/orders, expect: allow, form: shop/frontend, sourceip: 10.0.0.1,"
+        " dryrunDenies: [], zzz: 1}\n"
+        "  - {to: shop/orders, expect: deny, principal: frontend, port: 99999}\n"
+    )
+    code, _, err = run(capsys, "test", str(EXAMPLES), "--cases", str(cases))
+    assert code == 1 and "in the cases file" in err and "policy files" not in err
+    assert "nwo: unknown field (did you mean 'now'?)" in err
+    assert "cases[0].form: unknown field (did you mean 'from'?)" in err
+    assert "cases[0].sourceip: unknown field (did you mean 'sourceIp'?)" in err
+    assert "cases[0].dryrunDenies: unknown field (did you mean 'dryRunDenies'?)" in err
+    assert "cases[0].zzz: unknown field (expected one of: name, to, from," in err
+    assert "cases[1].principal: 'frontend' is not a mesh identity" in err
+    assert "cases[1].port: 99999 is not a port number" in err
+
+
 def test_policy_test_passes_on_examples(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "test", str(EXAMPLES), "--cases", str(CASES))
     assert code == 0, out

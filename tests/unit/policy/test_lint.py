@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from meshward.policy import parse
+import pytest
+
+from meshward.policy import PolicyError, parse
 from meshward.policy.lint import lint
 
 WORKLOADS = """
@@ -37,7 +39,7 @@ def test_clean_policy_has_no_warnings() -> None:
         warnings(
             ap(
                 "ok",
-                "  selector: {matchLabels: {app: api}}\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]\n"
+                "  selector: {matchLabels: {app: api}}\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/db]}}]\n"
                 "    to: [{operation: {methods: [GET], paths: ['/api/*']}}]\n",
             )
         )
@@ -153,6 +155,45 @@ def test_deny_on_exact_path_and_http_fields_on_tcp() -> None:
     assert "uses HTTP attributes but every selected workload port is TCP: it never matches" in text
 
 
-def test_loader_warnings_are_included() -> None:
-    found = warnings("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
-    assert found == ["p.yaml#1 kind: unknown kind 'ConfigMap' ignored"]
+def test_an_unknown_kind_is_an_error_not_a_warning() -> None:
+    """It used to be skipped with a warning: `kind: AuthorisationPolicy` was a DENY policy that
+    `meshward xds serve` silently did not enforce."""
+    with pytest.raises(PolicyError) as info:
+        warnings(
+            "apiVersion: security.istio.io/v1\nkind: AuthorisationPolicy\nmetadata: {name: x}\n"
+        )
+    [problem] = [str(p) for p in info.value.problems]
+    assert problem.startswith("p.yaml#1 kind: unknown kind 'AuthorisationPolicy' (did you mean ")
+    assert "'AuthorizationPolicy'?)" in problem
+
+
+def test_a_principal_no_declared_workload_runs_as_is_flagged() -> None:
+    found = warnings(
+        ap(
+            "typo",
+            "  selector: {matchLabels: {app: api}}\n  rules:\n"
+            "  - from: [{source: {principals: [cluster.local/ns/shop/sa/dbb, cluster.local/ns/shop/sa/db,"
+            " cluster.local/ns/shop/sa/*, cluster.local/ns/other/sa/db]}}]\n"
+            "  - from: [{source: {notPrincipals: [spiffe://cluster.local/ns/shop/sa/ghost]}}]\n",
+        )
+    )
+    assert found == [
+        "p.yaml#1 spec.rules[0].from[0].source.principals: 'cluster.local/ns/other/sa/db': no "
+        "declared workload runs as service account 'db' in namespace 'other', so it matches no "
+        "mesh workload",
+        "p.yaml#1 spec.rules[0].from[0].source.principals: 'cluster.local/ns/shop/sa/dbb': no "
+        "declared workload runs as service account 'dbb' in namespace 'shop', so it matches no "
+        "mesh workload (did you mean 'cluster.local/ns/shop/sa/db'?)",
+        "p.yaml#1 spec.rules[1].from[0].source.notPrincipals: 'cluster.local/ns/shop/sa/ghost': "
+        "no declared workload runs as service account 'ghost' in namespace 'shop', so it "
+        "excludes no mesh workload",
+    ]
+    # without declared workloads there is nothing to compare with
+    ps = parse(
+        {
+            "p.yaml": ap(
+                "x", "  rules:\n  - from: [{source: {principals: [cluster.local/ns/a/sa/b]}}]\n"
+            )
+        }
+    )
+    assert not [str(w) for w in lint(ps) if "no declared workload runs as" in str(w)]

@@ -143,15 +143,39 @@ def test_experimental_keys_are_refused_clearly() -> None:
     assert found.startswith("a.yaml#1 spec.rules[0].when[0].key: unsupported key 'experimental.")
 
 
-def test_unknown_kinds_are_ignored_with_a_warning_and_missing_kind_is_an_error() -> None:
+def test_unknown_and_missing_kinds_are_errors() -> None:
     svc = "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n"
-    ps = parse({"a.yaml": svc + "---\n" + WORKLOAD})
-    assert [str(w) for w in ps.warnings] == ["a.yaml#1 kind: unknown kind 'Service' ignored"]
-    assert len(ps.workloads) == 1
+    [found] = problems({"a.yaml": svc + "---\n" + WORKLOAD})
+    assert found.startswith("a.yaml#1 kind: unknown kind 'Service'; policy files hold ")
     found = problems({"a.yaml": "apiVersion: v1\nmetadata: {name: x}\n"})
     assert found == ["a.yaml#1 kind: missing (e.g. kind: AuthorizationPolicy)"]
-    typo = parse({"a.yaml": "apiVersion: security.istio.io/v1\nkind: AuthorisationPolicy\n"})
-    assert "did you mean 'AuthorizationPolicy'" in str(typo.warnings[0])
+    [typo] = problems({"a.yaml": "apiVersion: security.istio.io/v1\nkind: AuthorisationPolicy\n"})
+    assert "did you mean 'AuthorizationPolicy'" in typo
+
+
+@pytest.mark.parametrize("pattern", ["admin", "admin/*", "admin*", "{*}/admin", "api/v1"])
+def test_a_path_without_a_leading_slash_is_an_error(pattern: str) -> None:
+    """Request paths always start with '/': such a pattern never matches, which in a DENY's
+    paths (or an ALLOW's notPaths) silently lets through what it was meant to stop."""
+    for field in ("paths", "notPaths"):
+        spec = (
+            "  selector: {matchLabels: {app: httpbin}}\n  action: DENY\n  rules:\n"
+            f"  - to: [{{operation: {{{field}: ['{pattern}']}}}}]\n"
+        )
+        [found] = problems({"a.yaml": WORKLOAD + "---\n" + policy(spec)})
+        assert (
+            f"spec.rules[0].to[0].operation.{field}[0]: {pattern!r} does not start with '/'"
+            in found
+        )
+
+
+@pytest.mark.parametrize("pattern", ["*", "*.php", "*/admin", "/admin", "/admin*", "/a/{*}"])
+def test_paths_that_can_match_still_load(pattern: str) -> None:
+    spec = (
+        "  selector: {matchLabels: {app: httpbin}}\n  action: DENY\n  rules:\n"
+        f"  - to: [{{operation: {{paths: ['{pattern}']}}}}]\n"
+    )
+    assert parse({"a.yaml": WORKLOAD + "---\n" + policy(spec)}).authorization_policies
 
 
 def test_policy_tests_documents_are_skipped() -> None:

@@ -293,14 +293,25 @@ def test_invalid_templates(template: str) -> None:
         ("/a/.;/b", False),
         ("/a/...;/b", False),
         ("/a/..x;/b", False),
-        ("/a/..%3b/b", False),  # an escaped ';' is no parameter
+        # an escaped ';' after a dot segment: treated as the raw form (it used to pass)
+        ("/a/..%3b/b", True),
+        ("/a/..%3B/b", True),
+        ("/x/%2e%2e%3b/admin", True),
+        ("/x/%2E%2e%3B/admin", True),
+        ("/x/.%3B/admin", True),
+        ("/x/.%2e%3bx=1/admin", True),
+        ("/admin/..%3b", True),
+        ("/a/b..%3b/c", False),  # not a dot segment
+        ("/a/..x%3b/b", False),
+        ("/a/%3b../b", False),
+        ("/ok?next=/..%3b/x", False),  # in the query
         ("/a;/b", False),
     ],
 )
 def test_dot_segments_with_parameters_are_rejected(raw: str, rejected: bool) -> None:
     path = normalize_path(raw)
     if rejected:
-        with pytest.raises(DotSegmentRejected, match=r"'\.\.' segment with ';'"):
+        with pytest.raises(DotSegmentRejected, match=r"'\.\.' segment with ';' parameters"):
             check_dot_segment_parameters(path)
         assert isinstance(DotSegmentRejected("x"), PathRejected)
     else:
@@ -313,7 +324,7 @@ def test_dot_segments_with_parameters_are_rejected(raw: str, rejected: bool) -> 
 
 def test_the_dot_segment_regex_catches_escaped_dots_where_nothing_normalizes() -> None:
     """Outbound listeners do not normalize: the raw escaped forms must match too."""
-    for raw in ("/x/%2e%2e;/admin", "/x/%2E.;/a", "/%2e;"):
+    for raw in ("/x/%2e%2e;/admin", "/x/%2E.;/a", "/%2e;", "/x/%2e%2e%3b/admin", "/%2E%3B"):
         assert re.fullmatch(DOT_SEGMENT_PARAMETERS_REGEX, raw), raw
     assert re.fullmatch(DOT_SEGMENT_PARAMETERS_REGEX, "/x?a=/%2e%2e;/b") is None
 
@@ -335,3 +346,25 @@ def test_the_dot_segment_regex_catches_escaped_dots_where_nothing_normalizes() -
 )
 def test_one_trailing_host_dot_is_stripped_like_envoy(host: str, stripped: str) -> None:
     assert strip_trailing_host_dot(host) == stripped
+
+
+@pytest.mark.parametrize("raw", ["/payments/..%3b/admin", "/payments/%2e%2E%3B/admin", "/x/.%3b"])
+def test_the_evaluator_refuses_an_escaped_semicolon_on_a_dot_segment(raw: str) -> None:
+    """As the sidecar does (400 before authorization): an ALLOW on /payments* must not let
+    /payments/..%3b/admin through to an application that decodes it to /payments/..;/admin."""
+    from pathlib import Path
+
+    from meshward.policy import Request, evaluate, load
+
+    policy = load([Path(__file__).resolve().parents[3] / "examples"])
+    workload = policy.workload("shop/payments")
+    assert workload is not None
+    decision = evaluate(
+        policy,
+        workload,
+        Request(method="POST", path=raw, host="payments", destination_port=8080,
+                source_principal="spiffe://cluster.local/ns/shop/sa/orders"),
+    )  # fmt: skip
+    assert not decision.allowed
+    assert decision.reason.startswith("rejected before authorization (HTTP 400)")
+    assert "escaped as %3B" in decision.reason

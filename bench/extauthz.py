@@ -202,8 +202,7 @@ def wrk(url: str, *, duration: float, connections: int, token: str) -> WrkResult
 
 def miss_cost(issuer: LocalIssuer, policies: int, requests: int) -> float:
     """Mean seconds per Check that misses the decision cache (a distinct path each time)."""
-    from meshward.extauthz.authorizer import Authorizer
-    from meshward.extauthz.cache import DecisionCache
+    from meshward.extauthz.authorizer import Authorizer, decision_cache
     from meshward.extauthz.client import build_check_request
     from meshward.policy import parse
     from meshward.policy.model import Action, AuthorizationPolicy, Condition, Operation, Rule
@@ -232,7 +231,7 @@ def miss_cost(issuer: LocalIssuer, policies: int, requests: int) -> float:
         request_authentications=base.request_authentications,
     )
     assert len(policy_set.authorization_policies) == policies
-    authorizer = Authorizer(policy_set, cache=DecisionCache(maxsize=requests * 2 + 10))
+    authorizer = Authorizer(policy_set, cache=decision_cache(1 << 30, 60.0))
     token = issuer.token(groups=["admin"])
     headers = {"authorization": f"Bearer {token}"}
     warm = [

@@ -37,8 +37,10 @@ def _duration(text: str) -> timedelta:
 def _read(path: str | None) -> str:
     if not path:
         return ""
+    from meshward.telemetry.limits import read_rotated  # the file and its rotated backups
+
     try:
-        return Path(path).read_text(errors="replace")
+        return read_rotated(Path(path))
     except OSError:
         return ""
 

@@ -71,6 +71,32 @@ def _positive_int(value: str) -> int:
     return number
 
 
+_UNITS = {
+    "": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+}
+
+
+def byte_size(value: str) -> int:
+    """``65536``, ``512KiB``, ``64MiB``, ``1GiB`` (k/m/g accepted; powers of 1024)."""
+    text = value.strip().lower().replace(" ", "")
+    digits = text.rstrip("kmgib")
+    unit = text[len(digits) :]
+    if not digits.isdigit() or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"expected a size like 65536, 512KiB or 64MiB, got {value!r}"
+        )
+    number = int(digits) * _UNITS[unit]
+    if number < 1024:
+        raise argparse.ArgumentTypeError(f"{value!r} is below the minimum of 1KiB")
+    return number
+
+
 def _non_negative_float(value: str) -> float:
     number = float(value)
     if number < 0:
@@ -136,6 +162,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="append JSON decision lines here (default: the server log on stderr)",
     )
     serve.add_argument(
+        "--decision-log-max-bytes",
+        type=byte_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="the decision log and its 3 rotated files (FILE.1..3) hold at most this much "
+        "(default 64MiB); fields longer than 1024 characters are cut with a marker",
+    )
+    serve.add_argument(
         "--log-allows",
         action="store_true",
         help="also write a decision line for every allow (default: denials, dry-run, AUDIT)",
@@ -147,11 +181,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus /metrics here (default: off)",
     )
     serve.add_argument(
-        "--cache-size",
-        type=_positive_int,
-        default=100_000,
-        metavar="N",
-        help="decision cache entries per process, LRU (default 100000)",
+        "--cache-bytes",
+        type=byte_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="decision cache budget per process, in accounted bytes, LRU (default 64MiB); keys "
+        "are hashed, so a long path costs no more than a short one",
     )
     serve.add_argument(
         "--cache-ttl",
@@ -264,7 +299,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_allows=args.log_allows,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
-        cache_size=args.cache_size,
+        cache_bytes=args.cache_bytes,
+        decision_log_max_bytes=args.decision_log_max_bytes,
         cache_ttl=args.cache_ttl,
         leeway=args.jwt_leeway,
         max_token_bytes=args.max_token_bytes,

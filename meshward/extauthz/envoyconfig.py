@@ -29,8 +29,8 @@ ACCESS_LOG_FORMAT = {
     "code": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",
-    "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "method": "%REQ(:METHOD):256%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):1024%",
     "trace_id": "%TRACE_ID%",
     "ext_authz": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%",
 }

@@ -229,10 +229,11 @@ class ServeOptions:
     threads: int = DEFAULT_THREADS
     otlp_endpoint: str | None = None
     decision_log: Path | None = None
+    decision_log_max_bytes: int = 64 * 1024 * 1024  # the log and its rotated files together
     log_allows: bool = False
     metrics_host: str = LOOPBACK
     metrics_port: int | None = None  # None: no /metrics endpoint
-    cache_size: int = 100_000
+    cache_bytes: int = 64 * 1024 * 1024  # decision cache budget (accounted bytes)
     cache_ttl: float = 60.0
     leeway: float = 60.0
     max_token_bytes: int = 8192
@@ -271,8 +272,7 @@ class Running:
 
 def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running:
     """Load the policy (raising PolicyError/UserError if invalid), start watching it, and serve."""
-    from meshward.extauthz.authorizer import Authorizer
-    from meshward.extauthz.cache import DecisionCache
+    from meshward.extauthz.authorizer import Authorizer, decision_cache
     from meshward.extauthz.decisionlog import open_decision_log
     from meshward.extauthz.metrics import Metrics, serve_metrics
     from meshward.extauthz.service import CheckService
@@ -291,7 +291,7 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     authorizer = Authorizer(
         policy_set,
         verifier=verifier,
-        cache=DecisionCache(options.cache_size, options.cache_ttl),
+        cache=decision_cache(options.cache_bytes, options.cache_ttl),
     )
     watcher.on_change = authorizer.update
     watcher.on_error = lambda err: log.warning(
@@ -299,7 +299,7 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
         authorizer.version[:12],
         extra={"error": str(err)},
     )
-    open_decision_log(options.decision_log)
+    open_decision_log(options.decision_log, max_bytes=options.decision_log_max_bytes)
     provider = setup_tracing(options.service_name, options.otlp_endpoint)
     metrics = Metrics()
     metrics.attach(authorizer)

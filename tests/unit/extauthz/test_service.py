@@ -153,7 +153,7 @@ def test_handler_exception_is_a_denial_with_a_reason(
     kind: str, policy_set_for: Callable[..., Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A CUSTOM provider hook that raises: grpcio would swallow it and Envoy would see UNKNOWN."""
-    authorizer = Authorizer(policy_set_for(POLICY), custom=_raising_hook)
+    authorizer = Authorizer(policy_set_for(POLICY, verbose=True), custom=_raising_hook)
     assert authorizer.plan(WORKLOAD).key_of is None  # a hook may read anything: not cacheable
     metrics = Metrics()
     service = CheckService(authorizer, metrics=metrics)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
+from meshward.cliutil import add_json_flag, print_json
 from meshward.errors import UserError
 from meshward.net import LOOPBACK
 
@@ -15,6 +16,12 @@ native RBAC cannot decide: rules on a verified end-user JWT (requestPrincipals,
 request.auth.claims[...], audiences, presenter) and CUSTOM policies. Every decision comes from
 the same evaluator as `meshward policy explain`; repeated inputs are answered from a decision
 cache. The standard gRPC health service (grpc.health.v1.Health) answers on the same port.
+
+Check is served over mTLS only. --tls-dir holds the service's SVID, which must be
+spiffe://<trust domain>/ns/<root namespace>/sa/meshward-extauthz (the identity the compiled
+sidecars pin). A caller must present a mesh sidecar's SVID and may ask only about its own
+workload; any other Check is refused (gRPC PERMISSION_DENIED) before it reaches the decision
+cache or the decision log.
 """
 
 SERVE_EPILOG = """\
@@ -25,7 +32,11 @@ which workload a Check is for:
 answers:
   allow   200 upstream, with x-meshward-principal (peer SPIFFE ID) and x-meshward-user
           (JWT iss/sub) set for the app; forged copies of these headers are removed.
-  deny    403 with JSON {"error","policy","rule","reason","trace_id"} and x-meshward-denied-by.
+  deny    403 with JSON {"error","code","trace_id"}: a stable reason code (no_matching_allow,
+          denied_by_policy, request_rejected, ...) and the trace id, nothing about policies.
+          Operators find the policy, rule and reason by trace id: `meshward denials`, the
+          decision log. With MeshConfig spec.denialDetails: verbose (development), the body
+          also has "policy","rule","reason" and the x-meshward-denied-by header is set.
   401     a token was present but invalid (expired, not yet valid, bad signature, alg none,
           unknown key, wrong issuer/audience, malformed, too large). No token = anonymous.
   Dry-run policies and AUDIT are logged and traced, never enforced.
@@ -42,12 +53,39 @@ policy changes:
   effect on the next request (cached decisions of the old version become unreachable). An
   invalid change is logged and the last good set keeps serving.
 
+limits (everything is bounded):
+  --cache-bytes            decision cache, accounted bytes (keys are hashed; default 64MiB)
+  --decision-log-max-bytes decision log + 3 rotated files (default 64MiB); fields > 1024
+                           characters are cut with "...[truncated N chars]"
+  spans                    attributes cut at 1024 characters, 64 per span, 32 spans per export
+
 examples:
-  meshward extauthz serve --policy examples/ --listen 127.0.0.1:9191
-  meshward extauthz serve --policy policies/ --listen 127.0.0.1:9191 --workers 2 \\
-      --metrics-listen 127.0.0.1:9192 --otlp-endpoint 127.0.0.1:4317 --decision-log decisions.jsonl
-  meshward extauthz check --server 127.0.0.1:9191 --workload foo/httpbin --path /admin \\
-      --token "$TOKEN"
+  meshward ca issue --dir ca --spiffe-id spiffe://cluster.local/ns/meshward-system/sa/meshward-extauthz \\
+      --ttl 24h --out extauthz-tls
+  meshward extauthz serve --policy examples/ --listen 127.0.0.1:9191 --tls-dir extauthz-tls
+  meshward extauthz serve --policy policies/ --listen 127.0.0.1:9191 --tls-dir extauthz-tls \\
+      --workers 2 --metrics-listen 127.0.0.1:9192 --otlp-endpoint 127.0.0.1:4317 \\
+      --decision-log decisions.jsonl --decision-log-max-bytes 256MiB --cache-bytes 128MiB
+  meshward extauthz check --server 127.0.0.1:9191 --tls-dir httpbin-svid --workload foo/httpbin \\
+      --path /admin --token "$TOKEN"
+"""
+
+CHECK_EPILOG = """\
+answers and exit codes:
+  0  allowed: prints "allow 200" and the headers set for the app
+  1  denied (403/401): prints the denial (code, trace id; with a verbose mesh also policy, rule
+     and reason), or the Check could not be made (refused, unreachable, TLS): one line on stderr
+
+ext_authz answers a caller only about its own workload: --tls-dir must hold an SVID of the
+workload named by --workload (e.g. `meshward ca issue --spiffe-id
+spiffe://cluster.local/ns/foo/sa/httpbin --out httpbin-svid`). The server must present
+--server-id (default: meshward-extauthz in the root namespace of the client's trust domain).
+
+examples:
+  meshward extauthz check --server 127.0.0.1:9191 --tls-dir httpbin-svid --workload foo/httpbin \\
+      --method GET --path /admin --token "$TOKEN"
+  meshward extauthz check --server 127.0.0.1:9191 --tls-dir httpbin-svid --workload foo/httpbin \\
+      --path /public --json | jq .http_status
 """
 
 
@@ -121,6 +159,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="PATH",
         help="policy file or directory (repeatable); watched for changes",
+    )
+    serve.add_argument(
+        "--tls-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the service's SVID: cert-chain.pem, key.pem, root-cert.pem (as `meshward ca issue` "
+        "writes them); reloaded when the files change",
     )
     serve.add_argument(
         "--listen",
@@ -248,13 +294,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     check = commands.add_parser(
         "check",
         help="send one Check to a running service and print the answer",
-        description="Build a CheckRequest like Envoy's and print the decision the service returns.",
-        epilog="example:\n  meshward extauthz check --server 127.0.0.1:9191 --workload foo/httpbin "
-        '--method GET --path /admin --token "$TOKEN"',
+        description="Build a CheckRequest like Envoy's, send it over mTLS as the workload's "
+        "sidecar would, and print the decision the service returns.",
+        epilog=CHECK_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument(
         "--server", type=_address, required=True, metavar="HOST:PORT", help="the ext_authz service"
+    )
+    check.add_argument(
+        "--tls-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="client SVID of the workload (cert-chain.pem, key.pem, root-cert.pem)",
+    )
+    check.add_argument(
+        "--server-id",
+        metavar="SPIFFE_ID",
+        help="the server's required SPIFFE ID (default: spiffe://<your trust domain>/ns/"
+        "meshward-system/sa/meshward-extauthz)",
     )
     check.add_argument(
         "--workload", required=True, metavar="NS/NAME", help="context_extensions.workload"
@@ -274,6 +333,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     check.add_argument(
         "--timeout", type=_non_negative_float, default=5.0, help="seconds (default 5)"
     )
+    add_json_flag(check)
     check.set_defaults(func=_check)
 
 
@@ -287,8 +347,11 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"--policy {path}: no such file or directory")
     host, port = args.listen
     metrics_host, metrics_port = args.metrics_listen if args.metrics_listen else (LOOPBACK, None)
+    if not args.tls_dir.is_dir():
+        raise UserError(f"--tls-dir {args.tls_dir}: no such directory")
     options = ServeOptions(
         policy_paths=list(args.policy),
+        tls_dir=args.tls_dir,
         host=host,
         port=port,
         workers=args.workers,
@@ -314,9 +377,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import grpc
-
-    from meshward.extauthz.client import build_check_request, describe_response
+    from meshward.extauthz.callers import TlsFiles, certificate_identity
+    from meshward.extauthz.client import (
+        CheckFailed,
+        build_check_request,
+        check_once,
+        describe_response,
+    )
+    from meshward.policy.model import DEFAULT_ROOT_NAMESPACE
 
     headers = {}
     for item in args.header:
@@ -326,6 +394,12 @@ def _check(args: argparse.Namespace) -> int:
         headers[name.lower()] = value
     if args.token:
         headers["authorization"] = f"Bearer {args.token}"
+    files = TlsFiles(args.tls_dir)
+    key, chain, roots = files.read()
+    identity = certificate_identity(chain, f"--tls-dir {args.tls_dir}")
+    server_id = args.server_id or (
+        identity.split("/ns/")[0] + f"/ns/{DEFAULT_ROOT_NAMESPACE}/sa/meshward-extauthz"
+    )
     request = build_check_request(
         method=args.method,
         path=args.path,
@@ -334,16 +408,43 @@ def _check(args: argparse.Namespace) -> int:
         source_principal=args.principal,
         workload=args.workload,
     )
-    from envoy.service.auth.v3 import external_auth_pb2_grpc
-
     host, port = args.server
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
-        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        try:
-            response = stub.Check(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            raise UserError(
-                f"Check to {host}:{port} failed: {exc.code().name} {exc.details()}"
-            ) from None
-    print(json.dumps(describe_response(response), indent=2, sort_keys=True))
-    return 0
+    try:
+        response = check_once(
+            host,
+            port,
+            request,
+            cert_chain_pem=chain,
+            key_pem=key,
+            roots_pem=roots,
+            server_id=server_id,
+            timeout=args.timeout,
+        )
+    except CheckFailed as exc:
+        raise UserError(f"Check to {host}:{port} as {identity} failed: {exc}") from None
+    answer = describe_response(response)
+    allowed = answer["http_status"] == 200
+    if args.json:
+        print_json({"allowed": allowed, **answer})
+    else:
+        _print_answer(answer, allowed)
+    return 0 if allowed else 1
+
+
+def _print_answer(answer: dict[str, Any], allowed: bool) -> None:
+    status = answer["http_status"]
+    if allowed:
+        print(f"allow {status}")
+        for name, value in sorted(answer.get("headers", {}).items()):
+            print(f"  set {name}: {value}")
+        for name in answer.get("headers_to_remove", []):
+            print(f"  remove {name}")
+        return
+    body = answer.get("body")
+    print(f"deny {status}")
+    if isinstance(body, dict):
+        for key in ("code", "trace_id", "policy", "rule", "reason"):
+            if body.get(key) not in (None, ""):
+                print(f"  {key}: {body[key]}")
+    elif body:
+        print(f"  body: {body}")

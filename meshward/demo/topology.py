@@ -2,7 +2,8 @@
 
 - a fresh CA in ``<state>/ca`` and the example policies copied to ``<state>/policies`` (the live
   edit changes the copy, never the repository);
-- ``meshward xds serve`` (control plane) and ``meshward extauthz serve`` as processes;
+- ``meshward xds serve`` (control plane) and ``meshward extauthz serve`` as processes (ext_authz
+  over mTLS with an SVID for ``meshward-extauthz`` from the demo's CA, in ``run/extauthz-tls``);
 - each shop workload's app (``python -m meshward.demo.echo``) and its Envoy sidecar, with the
   bootstrap ``meshward bootstrap`` writes (ADS over mTLS; everything else over ADS);
 - a trace collector of its own when no ``--otlp-endpoint`` is given (Envoy stamps trace ids only
@@ -188,13 +189,17 @@ class DemoMesh:
         bindings_file = self.dir / "run" / "bindings.json"
         bindings_file.write_text(json.dumps(dump_bindings(bindings), indent=2) + "\n")
 
+        from meshward.testing.extauthz import issue_service_tls
+
         extauthz_port = free_port()
         extauthz_ready = self.dir / "run" / "extauthz.json"
+        extauthz_tls = issue_service_tls(ca, policy.mesh, self.dir / "run" / "extauthz-tls")
         decision_log = self.dir / "logs" / "decisions.jsonl"
         extauthz_argv = [
             python, "-m", "meshward", "extauthz", "serve",
             "--policy", str(self.dir / "policies"),
             "--listen", f"127.0.0.1:{extauthz_port}",
+            "--tls-dir", str(extauthz_tls.directory),
             "--metrics-listen", "127.0.0.1:0",
             "--decision-log", str(decision_log),
             "--otlp-endpoint", otlp,

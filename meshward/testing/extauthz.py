@@ -56,3 +56,17 @@ def client_for(
         roots_pem=roots,
         server_id=extauthz_spiffe_id(mesh),
     )
+
+
+def sidecar_tls(ca: CertificateAuthority, spiffe_id: str, mesh: MeshConfig) -> dict[str, Any]:
+    """The ext_authz cluster's transport socket for a static sidecar (meshward.extauthz.
+    envoyconfig.sidecar) of the workload with ``spiffe_id``."""
+    from meshward.extauthz.envoyconfig import extauthz_upstream_tls
+
+    svid = ca.issue(spiffe_id)
+    return extauthz_upstream_tls(
+        cert_chain=svid.cert_chain_pem.decode(),
+        private_key=svid.private_key_pem.decode(),
+        roots=ca.trust_bundle().roots_pem.decode(),
+        server_id=extauthz_spiffe_id(mesh),
+    )

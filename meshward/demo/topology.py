@@ -121,6 +121,7 @@ class DemoMesh:
         self.state: demo_state.DemoState | None = None
         self.refs: list[str] = []
         self._sink: Any = None
+        self._rotator: Any = None  # keeps the sidecars' access logs under their cap
         self.otlp_endpoint = ""  # where spans go: --otlp-endpoint or the demo's own collector
 
     # -- preparation (no processes) -----------------------------------------------------------
@@ -256,6 +257,7 @@ class DemoMesh:
             timeout=self.options.timeout,
             explain=status_problems,
         )
+        self._rotate_access_logs(workloads)
         extauthz_info = _json_file(extauthz_ready) or {}
         self.state = self._state(
             bindings, xds_info, extauthz_info, extauthz_port, decision_log, otlp, trace_file
@@ -300,6 +302,18 @@ class DemoMesh:
             self.supervisor.launch_envoy(
                 f"{w.name}-sidecar", envoy, timeout=self.options.timeout, what=f"Envoy for {w.ref}"
             )
+
+    def _rotate_access_logs(self, workloads: list[Any]) -> None:
+        """Envoy never rotates its file access logs: rotate each sidecar's by size (64 MiB
+        with its backups) and have Envoy reopen it (meshward.envoy.logrotate)."""
+        from meshward.envoy.logrotate import AccessLogRotator
+
+        rotator = AccessLogRotator()
+        for w in workloads:
+            envoy = self.supervisor.components[f"{w.name}-sidecar"].envoy
+            if envoy is not None and envoy.pid is not None:
+                rotator.watch(envoy.workdir / ACCESS_LOG, envoy.pid)
+        self._rotator = rotator.start()
 
     def _state(
         self,
@@ -363,6 +377,9 @@ class DemoMesh:
 
     def stop(self) -> None:
         try:
+            if self._rotator is not None:
+                self._rotator.stop()
+                self._rotator = None
             self.supervisor.stop_all()
         finally:
             if self._sink is not None:

@@ -28,6 +28,8 @@ from meshward.extauthz.plan import (
     attributes_read,
     key_function,
 )
+from meshward.extauthz.response import decision_metadata as _metadata
+from meshward.extauthz.response import deny_response
 from meshward.extauthz.tokens import JwtVerifier, TokenRejected, VerifiedToken
 from meshward.policy import evaluate as policy_evaluate
 from meshward.policy.evaluator import REJECTED_BEFORE_AUTHORIZATION, plaintext_refusal
@@ -43,7 +45,6 @@ from meshward.policy.model import (
     Workload,
 )
 from meshward.policy.paths import PathRejected, check_request_target, normalize_path
-from meshward.telemetry.limits import clip
 
 log = logging.getLogger("meshward.extauthz")
 
@@ -622,57 +623,6 @@ class Authorizer:
         )
         result.response = deny_response(result, trace_id)
         return result
-
-
-def deny_response(result: CheckResult, trace_id: str) -> Any:
-    """The Denied response: quiet (code + trace id) unless the mesh asks for verbose bodies."""
-    www_authenticate = None
-    if result.http_status == 401:
-        www_authenticate = 'Bearer error="invalid_token"'
-        if result.verbose:
-            www_authenticate += f', error_description="{_quote(result.reason)}"'
-    return responses.deny(
-        http_status=result.http_status,
-        policy=result.policy,
-        rule=result.rule,
-        reason=result.reason,
-        trace_id=trace_id,
-        code=result.code or "denied",
-        verbose=result.verbose,
-        metadata=_metadata(result),
-        www_authenticate=www_authenticate,
-    )
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "").replace('"', "'")[:200]
-
-
-def _metadata(result: CheckResult) -> dict[str, Any]:
-    """Envoy's access log reads these (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%``).
-    Allows carry the essentials only: Envoy parses this on every request."""
-    cache = None if result.cache_hit is None else ("hit" if result.cache_hit else "miss")
-    if result.allowed:
-        return {
-            "decision": "allow",
-            "policy": result.policy,
-            "rule": result.rule,
-            "user": result.user,
-            "cache": cache,
-            "policy_version": result.policy_version[:12] or None,
-        }
-    return {
-        "decision": "deny",
-        "status": result.http_status,
-        "code": result.code or None,
-        "policy": result.policy,
-        "rule": result.rule,
-        "reason": clip(result.reason),  # the access log: bounded lines
-        "workload": result.workload,
-        "user": result.user,
-        "policy_version": result.policy_version[:12] or None,
-        "cache": cache,
-    }
 
 
 def _owner_of(plan: WorkloadPlan) -> tuple[str | None, int | None]:

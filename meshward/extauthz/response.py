@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
+
+from meshward.telemetry.limits import clip
+
+if TYPE_CHECKING:
+    from meshward.extauthz.authorizer import CheckResult
 
 PRINCIPAL_HEADER = "x-meshward-principal"
 USER_HEADER = "x-meshward-user"
@@ -134,6 +139,57 @@ def deny(
     if metadata:
         _set_metadata(response, metadata)
     return response
+
+
+def deny_response(result: CheckResult, trace_id: str) -> Any:
+    """The Denied response: quiet (code + trace id) unless the mesh asks for verbose bodies."""
+    www_authenticate = None
+    if result.http_status == 401:
+        www_authenticate = 'Bearer error="invalid_token"'
+        if result.verbose:
+            www_authenticate += f', error_description="{_quote(result.reason)}"'
+    return deny(
+        http_status=result.http_status,
+        policy=result.policy,
+        rule=result.rule,
+        reason=result.reason,
+        trace_id=trace_id,
+        code=result.code or "denied",
+        verbose=result.verbose,
+        metadata=decision_metadata(result),
+        www_authenticate=www_authenticate,
+    )
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "").replace('"', "'")[:200]
+
+
+def decision_metadata(result: CheckResult) -> dict[str, Any]:
+    """Envoy's access log reads these (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%``).
+    Allows carry the essentials only: Envoy parses this on every request."""
+    cache = None if result.cache_hit is None else ("hit" if result.cache_hit else "miss")
+    if result.allowed:
+        return {
+            "decision": "allow",
+            "policy": result.policy,
+            "rule": result.rule,
+            "user": result.user,
+            "cache": cache,
+            "policy_version": result.policy_version[:12] or None,
+        }
+    return {
+        "decision": "deny",
+        "status": result.http_status,
+        "code": result.code or None,
+        "policy": result.policy,
+        "rule": result.rule,
+        "reason": clip(result.reason),  # the access log: bounded lines
+        "workload": result.workload,
+        "user": result.user,
+        "policy_version": result.policy_version[:12] or None,
+        "cache": cache,
+    }
 
 
 def empty_allow() -> Any:

@@ -17,8 +17,9 @@ from opentelemetry.trace import NoOpTracerProvider, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshward.extauthz import decisionlog
-from meshward.extauthz.authorizer import Authorizer, CheckResult, deny_response
+from meshward.extauthz.authorizer import Authorizer, CheckResult
 from meshward.extauthz.metrics import Metrics
+from meshward.extauthz.response import deny_response
 from meshward.telemetry.limits import clip
 
 log = logging.getLogger("meshward.extauthz")

@@ -40,7 +40,8 @@ LOG_BUDGET = 1024 * 1024
 REQUESTS = 1_000  # ~15 MB of distinct paths: many times the cache budget and the log's
 # What the process may grow by beyond the cache budget: glibc arenas and gRPC buffers that
 # 15 KB messages leave behind (measured: +2 MiB in all). Before issue 13 the same flood kept
-# every raw path in the cache keys and the path-normalization memo (the same flood grew RSS by 31 MiB on the old code, linearly).
+# every raw path in the cache keys and the path-normalization memo: the same flood grew RSS
+# by 31 MiB on the old code, linearly.
 SLACK = 12 * 1024 * 1024
 
 
@@ -66,32 +67,16 @@ def test_flooding_a_real_service_keeps_memory_and_disk_bounded(tmp_path: Path) -
     ca = CertificateAuthority.ephemeral("cluster.local")
     tls = issue_service_tls(ca, policy.mesh, tmp_path / "tls")
     ready, log = tmp_path / "ready.json", tmp_path / "decisions.jsonl"
+    argv = [
+        sys.executable, "-m", "meshward", "extauthz", "serve",
+        "--policy", str(tmp_path / "policies"), "--listen", "127.0.0.1:0",
+        "--tls-dir", str(tls.directory), "--metrics-listen", "127.0.0.1:0",
+        "--cache-bytes", f"{CACHE_BUDGET}", "--decision-log", str(log),
+        "--decision-log-max-bytes", f"{LOG_BUDGET}", "--ready-file", str(ready),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshward",
-            "extauthz",
-            "serve",
-            "--policy",
-            str(tmp_path / "policies"),
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-dir",
-            str(tls.directory),
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--cache-bytes",
-            f"{CACHE_BUDGET}",
-            "--decision-log",
-            str(log),
-            "--decision-log-max-bytes",
-            f"{LOG_BUDGET}",
-            "--ready-file",
-            str(ready),
-            "--log-level",
-            "WARNING",
-        ],  # fmt: skip
+        argv,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

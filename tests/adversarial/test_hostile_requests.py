@@ -361,6 +361,7 @@ def test_hostile_tokens_are_refused(stack: Stack, case: str) -> None:
     body = json.loads(response.body)  # quiet: a code and the trace id, no reason (issue 13)
     assert body["code"] == ("invalid_token" if response.status == 401 else "no_matching_allow")
     assert "reason" not in body and "policy" not in body, body
+    assert "x-meshward-denied-by" not in response.headers
 
 
 def test_a_1mb_token_never_reaches_the_app(stack: Stack) -> None:

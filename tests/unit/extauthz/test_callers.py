@@ -233,3 +233,27 @@ def test_check_command_json_and_exit_codes(
     assert main([*other, "--path", "/public"]) == 1
     err = capsys.readouterr().err
     assert "PERMISSION_DENIED" in err and "Traceback" not in err
+
+
+def test_the_compiled_extauthz_cluster_is_mtls_pinned_to_the_extauthz_identity() -> None:
+    """Envoy presents the workload's SVID (SDS default) and accepts only ext_authz's SPIFFE ID."""
+    from meshward.compile import CompileOptions, Endpoint, compile_workload
+    from meshward.compile.workload import to_dict
+
+    root = Path(__file__).resolve().parents[3]
+    policy = load([root / "examples"])
+    built = compile_workload(
+        policy, "shop/payments", CompileOptions(extauthz=Endpoint("127.0.0.1", 9191))
+    )
+    (cluster,) = [c for c in map(to_dict, built.clusters) if c["name"] == "meshward-extauthz"]
+    tls = cluster["transport_socket"]["typed_config"]
+    common = tls["common_tls_context"]
+    assert [s["name"] for s in common["tls_certificate_sds_secret_configs"]] == ["default"]
+    sans = common["combined_validation_context"]["default_validation_context"]
+    assert sans["match_typed_subject_alt_names"] == [
+        {
+            "san_type": "URI",
+            "matcher": {"exact": "spiffe://cluster.local/ns/meshward-system/sa/meshward-extauthz"},
+        }
+    ]
+    assert "default" in built.secret_names and "ROOTCA" in built.secret_names

@@ -259,3 +259,90 @@ def write_credentials(directory: Path, svid: Any, roots_pem: bytes) -> TlsFiles:
     files.write_public(directory / CHAIN_FILE, svid.cert_chain_pem)
     files.write_public(directory / ROOTS_FILE, roots_pem)
     return TlsFiles(directory)
+
+
+class CaCredentials:
+    """ext_authz's SVID issued from the mesh CA in ``directory`` (``serve --ca``), the way the
+    control plane issues its own: signed by the oldest trusted CA generation (clients may hold an
+    old bundle), renewed at half life, and re-issued with a new trust bundle when the CA on disk
+    changes (``meshward ca rotate``), so ext_authz follows a root rotation like the sidecars do.
+    The alternative, ``--tls-dir``, keeps the CA key out of ext_authz; then renewing the files
+    is the operator's job (they are reloaded when they change)."""
+
+    def __init__(self, directory: Path, spiffe_id: str, *, ttl_seconds: float = 3600.0) -> None:
+        from meshward.certs.ca import CertificateAuthority
+
+        self.directory = directory
+        self.spiffe_id = spiffe_id
+        self.ttl_seconds = ttl_seconds
+        self.ca = CertificateAuthority.load(directory)
+        self._stamp = self._ca_stamp()
+        self._renew_at = 0.0
+        self._generation = -1
+        self._bundle = ""
+
+    def _ca_stamp(self) -> float:
+        try:
+            return (self.directory / "ca.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def issue(self) -> tuple[bytes, bytes, bytes]:
+        """(key, chain, roots) PEM: a fresh SVID and every root trusted now."""
+        from datetime import UTC, datetime, timedelta
+
+        now = datetime.now(UTC)
+        generation = self.ca.oldest_trusted_generation(now).number
+        svid = self.ca.issue(
+            self.spiffe_id,
+            ttl=timedelta(seconds=self.ttl_seconds),
+            now=now,
+            generation=generation,
+        )
+        bundle = self.ca.trust_bundle(now=now)
+        self._generation, self._bundle = generation, bundle.version
+        lifetime = (svid.not_after - svid.not_before).total_seconds()
+        self._renew_at = time.time() + lifetime / 2
+        return svid.private_key_pem, svid.cert_chain_pem, bundle.roots_pem
+
+    def due(self) -> str | None:
+        """Why the credentials must be re-issued now (None: they are fine)."""
+        from datetime import UTC, datetime
+
+        from meshward.certs.ca import CertificateAuthority
+
+        stamp = self._ca_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self.ca = CertificateAuthority.load(self.directory)
+        now = datetime.now(UTC)
+        if self.ca.trust_bundle(now=now).version != self._bundle:
+            return "the trust bundle changed"
+        if self.ca.oldest_trusted_generation(now).number != self._generation:
+            return "its CA generation is no longer the oldest trusted"
+        if time.time() >= self._renew_at:
+            return "half of its lifetime passed"
+        return None
+
+    def watch(self, tls: Any, interval: float) -> Callable[[], None]:
+        """Re-issue into ``tls`` whenever :meth:`due`; returns stop()."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval):
+                try:
+                    why = self.due()
+                    if why is not None:
+                        tls.update(*self.issue())
+                        log.info("ext_authz certificate re-issued: %s", why)
+                except Exception:  # a broken CA directory must not stop serving
+                    log.exception("re-issuing the ext_authz certificate failed; retrying")
+
+        thread = threading.Thread(target=run, name="extauthz-svid", daemon=True)
+        thread.start()
+
+        def stopper() -> None:
+            stop.set()
+            thread.join(interval + 1)
+
+        return stopper

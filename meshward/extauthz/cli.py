@@ -160,13 +160,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="policy file or directory (repeatable); watched for changes",
     )
-    serve.add_argument(
+    credentials = serve.add_mutually_exclusive_group(required=True)
+    credentials.add_argument(
         "--tls-dir",
         type=Path,
-        required=True,
         metavar="DIR",
         help="the service's SVID: cert-chain.pem, key.pem, root-cert.pem (as `meshward ca issue` "
-        "writes them); reloaded when the files change",
+        "writes them); reloaded when the files change (renewing them is yours to do)",
+    )
+    credentials.add_argument(
+        "--ca",
+        type=Path,
+        metavar="DIR",
+        help="instead: issue the SVID from the mesh CA in DIR (as `xds serve --ca` does for "
+        "itself), renewed at half life and re-issued when the CA rotates; ext_authz then "
+        "holds the CA key",
     )
     serve.add_argument(
         "--listen",
@@ -347,11 +355,13 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"--policy {path}: no such file or directory")
     host, port = args.listen
     metrics_host, metrics_port = args.metrics_listen if args.metrics_listen else (LOOPBACK, None)
-    if not args.tls_dir.is_dir():
-        raise UserError(f"--tls-dir {args.tls_dir}: no such directory")
+    for flag, directory in (("--tls-dir", args.tls_dir), ("--ca", args.ca)):
+        if directory is not None and not directory.is_dir():
+            raise UserError(f"{flag} {directory}: no such directory")
     options = ServeOptions(
         policy_paths=list(args.policy),
         tls_dir=args.tls_dir,
+        ca_dir=args.ca,
         host=host,
         port=port,
         workers=args.workers,

@@ -253,6 +253,7 @@ class ServeOptions:
     # mTLS credentials (cert-chain.pem, key.pem, root-cert.pem of the ext_authz SVID). Required
     # unless ``plaintext`` (in-process tests and the benchmark; not offered by the CLI).
     tls_dir: Path | None = None
+    ca_dir: Path | None = None  # or: issue (and renew) its own SVID from this CA
     plaintext: bool = False
     host: str = LOOPBACK
     port: int = 0
@@ -306,7 +307,14 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     """Load the policy (raising PolicyError/UserError if invalid), start watching it, and serve
     (over mTLS from ``options.tls_dir``; UserError without it unless ``options.plaintext``)."""
     from meshward.extauthz.authorizer import Authorizer, decision_cache
-    from meshward.extauthz.callers import CallerGate, TlsFiles, server_tls, watch_tls
+    from meshward.extauthz.callers import (
+        CaCredentials,
+        CallerGate,
+        TlsFiles,
+        expected_server_identity,
+        server_tls,
+        watch_tls,
+    )
     from meshward.extauthz.decisionlog import open_decision_log
     from meshward.extauthz.metrics import Metrics, serve_metrics
     from meshward.extauthz.service import CheckService
@@ -314,18 +322,28 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     from meshward.policy.watch import PolicyWatcher
     from meshward.telemetry import setup_tracing
 
-    if options.tls_dir is None and not options.plaintext:
+    if options.tls_dir is None and options.ca_dir is None and not options.plaintext:
         raise UserError(
             "ext_authz serves Check only over mTLS: pass --tls-dir DIR with the ext_authz SVID "
             "(cert-chain.pem, key.pem, root-cert.pem; `meshward ca issue --spiffe-id "
-            "spiffe://<trust domain>/ns/<root namespace>/sa/meshward-extauthz --out DIR`)"
+            "spiffe://<trust domain>/ns/<root namespace>/sa/meshward-extauthz --out DIR`), "
+            "or --ca DIR to issue it from the mesh CA"
         )
     watcher = PolicyWatcher(options.policy_paths, interval=options.poll_interval)
     policy_set = watcher.load_initial()
-    tls = None
+    tls: Any = None
+    renew: Callable[[], Callable[[], None]] | None = None
+    interval = max(options.poll_interval, 1.0)
     if options.tls_dir is not None:
         tls_files = TlsFiles(options.tls_dir)
         tls = server_tls(tls_files, policy_set)
+        renew = lambda: watch_tls(tls_files, tls, interval)  # noqa: E731
+    elif options.ca_dir is not None:
+        from meshward.xds.credentials import ServerTls
+
+        issuer = CaCredentials(options.ca_dir, expected_server_identity(policy_set))
+        tls = ServerTls(*issuer.issue())
+        renew = lambda: issuer.watch(tls, interval)  # noqa: E731
     verifier = JwtVerifier(
         leeway=options.leeway,
         max_token_bytes=options.max_token_bytes,
@@ -361,8 +379,8 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
         gate=None if tls is None else CallerGate(lambda: authorizer.policy_set, metrics=metrics),
     ).start()
     running = Running(server, service, authorizer, watcher, provider, metrics)
-    if tls is not None:
-        running._stops.append(watch_tls(tls_files, tls, max(options.poll_interval, 1.0)))
+    if renew is not None:
+        running._stops.append(renew())
     watcher.start()
     running._stops.append(watcher.stop)
     if hasattr(provider, "shutdown"):

@@ -197,14 +197,11 @@ class FaultMesh:
         self.ads_port, self.admin_port = free_port(), free_port()
         self.extauthz_port, self.extauthz_metrics_port = free_port(), free_port()
         python = sys.executable
-        from meshward.testing.extauthz import issue_service_tls
-
-        extauthz_tls = issue_service_tls(ca, policy.mesh, self.root / "extauthz-tls")
         self.extauthz_argv = [
             python, "-m", "meshward", "extauthz", "serve",
             "--policy", str(self.policy_dir),
             "--listen", f"127.0.0.1:{self.extauthz_port}",
-            "--tls-dir", str(extauthz_tls.directory),
+            "--ca", str(self.ca_dir),  # its own SVID; follows the CA rotation test
             "--metrics-listen", f"127.0.0.1:{self.extauthz_metrics_port}",
             "--poll-interval", str(WATCH_INTERVAL),
             "--ready-file", str(self.root / "extauthz.json"),

@@ -257,3 +257,38 @@ def test_the_compiled_extauthz_cluster_is_mtls_pinned_to_the_extauthz_identity()
         }
     ]
     assert "default" in built.secret_names and "ROOTCA" in built.secret_names
+
+
+def test_serve_with_ca_follows_a_root_rotation(tmp_path: Path) -> None:
+    """`serve --ca`: ext_authz issues its own SVID and, when the CA rotates on disk, trusts the
+    sidecars' new-root SVIDs (its bundle follows) without a restart."""
+    import time
+
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "p.yaml").write_text(POLICY)
+    policy = load([tmp_path / "policies"])
+    CertificateAuthority.init(tmp_path / "ca", TD)
+    running = start_service(
+        ServeOptions(
+            policy_paths=[tmp_path / "policies"], ca_dir=tmp_path / "ca", poll_interval=0.2
+        )
+    )
+    try:
+
+        def ask(name: str) -> int:
+            ca = CertificateAuthority.load(tmp_path / "ca")
+            client = client_for(ca, HTTPBIN, tmp_path / name, running.port, policy.mesh)
+            return int(_check(client, path="/public/x", workload="foo/httpbin").status.code)
+
+        assert ask("before") == 0
+        assert main(["ca", "rotate", "--dir", str(tmp_path / "ca"), "--grace", "1h"]) == 0
+        deadline = time.monotonic() + 15
+        while True:  # the service polls the CA once a second
+            try:
+                assert ask("after") == 0
+                break
+            except CheckFailed:
+                assert time.monotonic() < deadline, "new-root SVIDs still refused"
+                time.sleep(0.2)
+    finally:
+        running.stop()

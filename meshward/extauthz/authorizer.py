@@ -48,8 +48,6 @@ from meshward.policy.paths import PathRejected, check_request_target, normalize_
 
 log = logging.getLogger("meshward.extauthz")
 
-PLAINTEXT_PREFIX = "plaintext connection refused"  # meshward.policy.evaluator.plaintext_refusal
-
 # ExtAuthzPerRoute check_settings.context_extensions keys (set by meshward.compile).
 WORKLOAD_KEY = "workload"  # "<ns>/<name>"
 PORT_KEY = "port"  # the declared service port the request arrived on (runtime ports differ)
@@ -417,6 +415,7 @@ class Authorizer:
         # Refusals that happen before any rule is read depend on fields the cache key may not
         # hold (a rule-free key would otherwise serve one bad Host's denial to good requests),
         # so they are decided here, before the cache, by the evaluator's own checks.
+        code = "mtls_required"
         try:
             check_request_target(http.host, path)
             refusal = plaintext_refusal(
@@ -425,7 +424,7 @@ class Authorizer:
                 Request(source_principal=source_principal, destination_port=destination_port),
             )
         except PathRejected as exc:
-            refusal = f"{REJECTED_BEFORE_AUTHORIZATION}: {exc}"
+            refusal, code = f"{REJECTED_BEFORE_AUTHORIZATION}: {exc}", "request_rejected"
         if refusal is not None:
             return self._deny(
                 403,
@@ -436,9 +435,7 @@ class Authorizer:
                 path=path,
                 source_principal=source_principal,
                 workload=ref,
-                code="mtls_required"
-                if refusal.startswith(PLAINTEXT_PREFIX)
-                else "request_rejected",
+                code=code,
             )
 
         def compute() -> tuple[CachedDecision, float]:

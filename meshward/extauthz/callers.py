@@ -132,7 +132,11 @@ class CallerGate:
         return index
 
     def __call__(self, request: Any, peer: str | None) -> str | None:
-        refusal = caller_refusal(self._identities(), peer, request)
+        try:
+            refusal = caller_refusal(self._identities(), peer, request)
+        except Exception:  # grpcio would swallow it: log, and refuse (fail closed)
+            log.exception("checking the caller failed; refusing the Check")
+            return "refused: internal error checking the caller"
         if refusal is None:
             return None
         kind, why = refusal

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_clip_marks_what_it_cut() -> None:
 
 
 @pytest.fixture
-def decision_log(tmp_path: Path) -> Path:
+def decision_log(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "decisions.jsonl"
     decisionlog.open_decision_log(path, max_bytes=BUDGET)
     yield path

@@ -59,9 +59,10 @@ def policy_yaml(issuer: LocalIssuer) -> str:
 
 @contextlib.contextmanager
 def service_process(
-    kind: str, policy_dir: Path | None, workers: int = 1, threads: int = 4
+    kind: str, policy_dir: Path | None, tls_dir: Path, workers: int = 1, threads: int = 4
 ) -> Iterator[tuple[int, int]]:
-    """The real service via the CLI, or (policy_dir None) an empty handler; yields (port, pid)."""
+    """The real service via the CLI, or (policy_dir None) an empty handler, both over mTLS with
+    the SVID in ``tls_dir``; yields (port, pid)."""
     ready = Path(tempfile.mkdtemp(prefix="bench-extauthz-")) / "ready.json"
     if policy_dir is None:
         argv = [
@@ -74,6 +75,8 @@ def service_process(
             str(ready),
             "--threads",
             str(threads),
+            "--tls-dir",
+            str(tls_dir),
         ]
     else:
         argv = [
@@ -90,6 +93,8 @@ def service_process(
             kind,
             "--workers",
             str(workers),
+            "--tls-dir",
+            str(tls_dir),
             "--ready-file",
             str(ready),
             "--log-level",
@@ -119,14 +124,17 @@ def service_process(
         shutil.rmtree(ready.parent, ignore_errors=True)
 
 
-def empty_server(kind: str, ready_file: Path, threads: int) -> None:
+def empty_server(kind: str, ready_file: Path, threads: int, tls_dir: Path) -> None:
     import signal
     import threading
 
+    from meshward.extauthz.callers import TlsFiles
     from meshward.extauthz.server import ExtAuthzServer
     from meshward.extauthz.service import EmptyCheckService
+    from meshward.xds.credentials import ServerTls
 
-    server = ExtAuthzServer(EmptyCheckService(), kind=kind, threads=threads).start()  # type: ignore[arg-type]
+    tls = ServerTls(*TlsFiles(tls_dir).read())
+    server = ExtAuthzServer(EmptyCheckService(), kind=kind, threads=threads, tls=tls).start()  # type: ignore[arg-type]
     ready_file.write_text(json.dumps({"listen": server.address}))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -202,8 +210,7 @@ def wrk(url: str, *, duration: float, connections: int, token: str) -> WrkResult
 
 def miss_cost(issuer: LocalIssuer, policies: int, requests: int) -> float:
     """Mean seconds per Check that misses the decision cache (a distinct path each time)."""
-    from meshward.extauthz.authorizer import Authorizer
-    from meshward.extauthz.cache import DecisionCache
+    from meshward.extauthz.authorizer import Authorizer, decision_cache
     from meshward.extauthz.client import build_check_request
     from meshward.policy import parse
     from meshward.policy.model import Action, AuthorizationPolicy, Condition, Operation, Rule
@@ -232,7 +239,7 @@ def miss_cost(issuer: LocalIssuer, policies: int, requests: int) -> float:
         request_authentications=base.request_authentications,
     )
     assert len(policy_set.authorization_policies) == policies
-    authorizer = Authorizer(policy_set, cache=DecisionCache(maxsize=requests * 2 + 10))
+    authorizer = Authorizer(policy_set, cache=decision_cache(1 << 30, 60.0))
     token = issuer.token(groups=["admin"])
     headers = {"authorization": f"Bearer {token}"}
     warm = [
@@ -266,8 +273,9 @@ def main() -> None:
         sub.add_argument("--kind", default="sync")
         sub.add_argument("--ready-file", type=Path, required=True)
         sub.add_argument("--threads", type=int, default=4)
+        sub.add_argument("--tls-dir", type=Path, required=True)
         ns = sub.parse_args()
-        empty_server(ns.kind, ns.ready_file, ns.threads)
+        empty_server(ns.kind, ns.ready_file, ns.threads, ns.tls_dir)
         return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run (default 3)")
@@ -294,6 +302,17 @@ def main() -> None:
     policy_dir = workdir / "policy"
     policy_dir.mkdir()
     (policy_dir / "bench.yaml").write_text(policy_yaml(issuer))
+    # ext_authz speaks only mTLS: the sidecar presents the workload's SVID (issue 13).
+    from meshward.certs.ca import CertificateAuthority
+    from meshward.policy import load
+    from meshward.testing.extauthz import issue_service_tls, sidecar_tls
+
+    ca = CertificateAuthority.ephemeral("cluster.local")
+    mesh = load([policy_dir]).mesh
+    tls_dir = issue_service_tls(ca, mesh, workdir / "extauthz-tls").directory
+    upstream_tls = sidecar_tls(
+        ca, f"spiffe://cluster.local/ns/foo/sa/{WORKLOAD.split('/')[1]}", mesh
+    )
     print(
         f"cpus: {os.cpu_count()}  wrk -t1 -c{args.connections} -d{args.duration:g}s x {args.rounds} rounds (median)"
     )
@@ -319,9 +338,14 @@ def main() -> None:
                 config = sidecar(workload=WORKLOAD, extauthz_port=None, extra_filters=extra)
             else:
                 port, pids[name] = stack.enter_context(
-                    service_process(kind, policies, workers, args.threads)
+                    service_process(kind, policies, tls_dir, workers, args.threads)
                 )
-                config = sidecar(workload=WORKLOAD, extauthz_port=port, timeout_ms=2000)
+                config = sidecar(
+                    workload=WORKLOAD,
+                    extauthz_port=port,
+                    timeout_ms=2000,
+                    extauthz_tls=upstream_tls,
+                )
             envoy = stack.enter_context(
                 EnvoyProcess(config, name=f"bench-{name}", workdir=workdir / name)
             )

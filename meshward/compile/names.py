@@ -8,7 +8,7 @@ built only from the policy set and the registry, so the same input always yields
 
 from __future__ import annotations
 
-from meshward.policy.model import Workload
+from meshward.policy.model import MeshConfig, Workload
 from meshward.policy.ordering import rule_name
 
 # SDS secret names (Istio's): one SVID per node.
@@ -19,6 +19,15 @@ SECRET_ROOTCA = "ROOTCA"  # the trust bundle (validation_context)
 CLUSTER_EXTAUTHZ = "meshward-extauthz"
 CLUSTER_XDS = "meshward-xds"
 CLUSTER_OTLP = "meshward-otlp"
+
+# The ext_authz service's identity (in the root namespace): its compiled cluster requires a
+# server certificate with exactly this SPIFFE ID, as sidecars pin the control plane's.
+EXTAUTHZ_SERVICE_ACCOUNT = "meshward-extauthz"
+
+
+def extauthz_spiffe_id(mesh: MeshConfig) -> str:
+    return Workload(mesh.root_namespace, EXTAUTHZ_SERVICE_ACCOUNT).spiffe_id(mesh.trust_domain)
+
 
 # HTTP filter names as they appear in the chain. Per-route configs (typed_per_filter_config) are
 # keyed by these names, so every RBAC filter of a chain has its own (meshward.compile.authz).

@@ -18,12 +18,18 @@ Json = dict[str, Any]
 T_FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 T_OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
 
+# Request-controlled fields are cut to these many bytes (Envoy's %REQ(X):N%), so a 16 KiB path
+# or a 60 KiB header cannot make every log line that large (issue 13). The total size of the file
+# is bounded by whoever runs Envoy rotating it (meshward.envoy.logrotate in the demo).
+MAX_PATH_LOG = 1024
+MAX_HEADER_LOG = 256
+
 # Field names of the JSON access log (the denials reader keys on them).
 HTTP_LOG_FIELDS: dict[str, str] = {
     "time": "%START_TIME%",
-    "method": "%REQ(:METHOD)%",
-    "path": "%REQ(:PATH)%",
-    "authority": "%REQ(:AUTHORITY)%",
+    "method": f"%REQ(:METHOD):{MAX_HEADER_LOG}%",
+    "path": f"%REQ(:PATH):{MAX_PATH_LOG}%",
+    "authority": f"%REQ(:AUTHORITY):{MAX_HEADER_LOG}%",
     "protocol": "%PROTOCOL%",
     "response_code": "%RESPONSE_CODE%",
     "response_code_details": "%RESPONSE_CODE_DETAILS%",
@@ -35,7 +41,7 @@ HTTP_LOG_FIELDS: dict[str, str] = {
     "source_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
     "sni": "%REQUESTED_SERVER_NAME%",
     "upstream_host": "%UPSTREAM_HOST%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
+    "request_id": f"%REQ(X-REQUEST-ID):{MAX_HEADER_LOG}%",
     "trace_id": "%TRACE_ID%",
     "rbac": f"%DYNAMIC_METADATA({names.RBAC_METADATA_NAMESPACE})%",
     "ext_authz": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
-from meshward.compile import authz, listeners, names
+from meshward.compile import authz, listeners, names, tls
 from meshward.compile import protos as _protos
 from meshward.compile.classify import Placement
 from meshward.compile.options import CompileOptions, Mode
@@ -169,7 +169,14 @@ def compile_workload(
                 f"({plan.extauthz_reasons[0]}) but no ext_authz address was given; "
                 "set it (e.g. --extauthz 127.0.0.1:9191)"
             )
-        clusters.append(listeners.grpc_cluster(names.CLUSTER_EXTAUTHZ, options.extauthz, options))
+        # mTLS to ext_authz with the workload's own SVID (ext_authz answers a sidecar only about
+        # its own workload), pinned to ext_authz's identity (issue 13).
+        extauthz = listeners.grpc_cluster(names.CLUSTER_EXTAUTHZ, options.extauthz, options)
+        extauthz["transport_socket"] = tls.upstream_tls(
+            options.mode, names.extauthz_spiffe_id(policy_set.mesh), alpn=["h2"]
+        )
+        clusters.append(extauthz)
+        tls_used = True
     if options.otlp is not None:
         clusters.append(listeners.grpc_cluster(names.CLUSTER_OTLP, options.otlp, options))
     expiries = [

@@ -37,6 +37,7 @@ EXTAUTHZ_PORT, EXTAUTHZ_METRICS_PORT = 9191, 9192
 CREDENTIALS_IN_CONTAINER = "/etc/meshward/sidecar"  # --path-prefix: where certs/sidecars is mounted
 ACCESS_LOG = "/var/log/meshward/access.log"  # in each sidecar container (a named volume)
 DECISION_LOG = "/var/log/meshward/decisions.jsonl"  # in the extauthz container
+EXTAUTHZ_TLS_DIR = "/etc/meshward/extauthz"  # its SVID (./certs/extauthz, by `credentials`)
 POLICY_DIR = "/policies"  # a named volume filled from examples/ by the `policies` service
 EXAMPLES_IN_IMAGE = "/app/examples"
 

@@ -44,8 +44,10 @@ def _url(text: str) -> str:
 def _read(path: str | None) -> str:
     if not path:
         return ""
+    from meshward.telemetry.limits import read_rotated  # the file and its rotated backups
+
     try:
-        return Path(path).read_text(errors="replace")
+        return read_rotated(Path(path))
     except OSError:
         return ""
 

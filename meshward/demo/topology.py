@@ -2,7 +2,8 @@
 
 - a fresh CA in ``<state>/ca`` and the example policies copied to ``<state>/policies`` (the live
   edit changes the copy, never the repository);
-- ``meshward xds serve`` (control plane) and ``meshward extauthz serve`` as processes;
+- ``meshward xds serve`` (control plane) and ``meshward extauthz serve`` as processes (ext_authz
+  over mTLS with an SVID for ``meshward-extauthz`` from the demo's CA, in ``run/extauthz-tls``);
 - each shop workload's app (``python -m meshward.demo.echo``) and its Envoy sidecar, with the
   bootstrap ``meshward bootstrap`` writes (ADS over mTLS; everything else over ADS);
 - a trace collector of its own when no ``--otlp-endpoint`` is given (Envoy stamps trace ids only
@@ -120,6 +121,7 @@ class DemoMesh:
         self.state: demo_state.DemoState | None = None
         self.refs: list[str] = []
         self._sink: Any = None
+        self._rotator: Any = None  # keeps the sidecars' access logs under their cap
         self.otlp_endpoint = ""  # where spans go: --otlp-endpoint or the demo's own collector
 
     # -- preparation (no processes) -----------------------------------------------------------
@@ -188,13 +190,17 @@ class DemoMesh:
         bindings_file = self.dir / "run" / "bindings.json"
         bindings_file.write_text(json.dumps(dump_bindings(bindings), indent=2) + "\n")
 
+        from meshward.testing.extauthz import issue_service_tls
+
         extauthz_port = free_port()
         extauthz_ready = self.dir / "run" / "extauthz.json"
+        extauthz_tls = issue_service_tls(ca, policy.mesh, self.dir / "run" / "extauthz-tls")
         decision_log = self.dir / "logs" / "decisions.jsonl"
         extauthz_argv = [
             python, "-m", "meshward", "extauthz", "serve",
             "--policy", str(self.dir / "policies"),
             "--listen", f"127.0.0.1:{extauthz_port}",
+            "--tls-dir", str(extauthz_tls.directory),
             "--metrics-listen", "127.0.0.1:0",
             "--decision-log", str(decision_log),
             "--otlp-endpoint", otlp,
@@ -251,6 +257,7 @@ class DemoMesh:
             timeout=self.options.timeout,
             explain=status_problems,
         )
+        self._rotate_access_logs(workloads)
         extauthz_info = _json_file(extauthz_ready) or {}
         self.state = self._state(
             bindings, xds_info, extauthz_info, extauthz_port, decision_log, otlp, trace_file
@@ -294,6 +301,18 @@ class DemoMesh:
             self.supervisor.launch_envoy(
                 f"{w.name}-sidecar", envoy, timeout=self.options.timeout, what=f"Envoy for {w.ref}"
             )
+
+    def _rotate_access_logs(self, workloads: list[Any]) -> None:
+        """Envoy never rotates its file access logs: rotate each sidecar's by size (64 MiB
+        with its backups) and have Envoy reopen it (meshward.envoy.logrotate)."""
+        from meshward.envoy.logrotate import AccessLogRotator
+
+        rotator = AccessLogRotator()
+        for w in workloads:
+            envoy = self.supervisor.components[f"{w.name}-sidecar"].envoy
+            if envoy is not None and envoy.pid is not None:
+                rotator.watch(envoy.workdir / ACCESS_LOG, envoy.pid)
+        self._rotator = rotator.start()
 
     def _state(
         self,
@@ -361,6 +380,9 @@ class DemoMesh:
 
     def stop(self) -> None:
         try:
+            if self._rotator is not None:
+                self._rotator.stop()
+                self._rotator = None
             self.supervisor.stop_all()
         finally:
             if self._sink is not None:

@@ -437,8 +437,10 @@ class Runner:
     def _read(self, path: str | None) -> str:
         if not path:
             return ""
+        from meshward.telemetry.limits import read_rotated  # the file and its rotated backups
+
         try:
-            return Path(path).read_text(errors="replace")
+            return read_rotated(Path(path))
         except OSError:
             return ""
 

@@ -5,7 +5,9 @@ Modules, each with one job (this package imports nothing heavy, so ``meshward --
 
 - ``plan``        which request attributes a workload's policies read: the cache key (pure).
 - ``tokens``      locating and verifying JWTs per RequestAuthentication; JWKS sources.
-- ``cache``       the decision cache (LRU + per-entry expiry + one computation per key).
+- ``cache``       the decision cache (LRU bounded in bytes, hashed keys, per-entry expiry, one
+                  computation per key).
+- ``callers``     who may ask: mTLS credentials and the caller gate (own workload only).
 - ``authorizer``  one Check without gRPC: workload, identity, decision, CheckResponse.
 - ``response``    CheckResponse builders (allow headers, JSON denials, dynamic metadata).
 - ``service``     the handler both gRPC servers call: span, metrics, decision log, fail closed.
@@ -20,10 +22,10 @@ Modules, each with one job (this package imports nothing heavy, so ``meshward --
 In-process (the demo, tests)::
 
     from meshward.extauthz.server import ServeOptions, start_service
-    running = start_service(ServeOptions(policy_paths=[Path("examples")], port=0))
-    running.port  # point the sidecars' meshward-extauthz cluster here
+    running = start_service(ServeOptions(policy_paths=[Path("examples")], port=0, tls_dir=svid_dir))
+    running.port  # point the sidecars' meshward-extauthz cluster here (mTLS)
     running.stop()
 
-As a process: ``meshward extauthz serve --policy DIR --listen 127.0.0.1:0 --ready-file F``
+As a process: ``meshward extauthz serve --policy DIR --tls-dir SVID_DIR --listen 127.0.0.1:0 --ready-file F``
 prints (and writes to F) one JSON line with ``listen`` and ``metrics`` addresses once serving.
 """

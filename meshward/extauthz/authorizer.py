@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meshward.extauthz import response as responses
-from meshward.extauthz.cache import DecisionCache
+from meshward.extauthz.cache import DEFAULT_MAX_BYTES, DEFAULT_TTL, DecisionCache
 from meshward.extauthz.plan import (
     HEADER_PREFIX,
     AttributePlan,
@@ -28,6 +28,8 @@ from meshward.extauthz.plan import (
     attributes_read,
     key_function,
 )
+from meshward.extauthz.response import decision_metadata as _metadata
+from meshward.extauthz.response import deny_response
 from meshward.extauthz.tokens import JwtVerifier, TokenRejected, VerifiedToken
 from meshward.policy import evaluate as policy_evaluate
 from meshward.policy.evaluator import REJECTED_BEFORE_AUTHORIZATION, plaintext_refusal
@@ -35,6 +37,7 @@ from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
     Decision,
+    DenialDetails,
     DryRunResult,
     JwtRule,
     Protocol,
@@ -57,7 +60,13 @@ Evaluate = Callable[..., Decision]
 
 
 # Paths repeat; normalizing is pure. (lru_cache does not keep exceptions: rejected paths redo it.)
-_normalize = functools.lru_cache(maxsize=8192)(normalize_path)
+# Only short paths are memoized: 8192 memoized 16 KiB paths would hold ~256 MiB (issue 13).
+_MEMO_PATH_CHARS = 512
+_normalize_memo = functools.lru_cache(maxsize=8192)(normalize_path)
+
+
+def _normalize(path: str) -> str:
+    return _normalize_memo(path) if len(path) <= _MEMO_PATH_CHARS else normalize_path(path)
 
 
 @dataclass
@@ -79,10 +88,20 @@ class CheckResult:
     policy_version: str = ""
     dry_run: tuple[DryRunResult, ...] = ()
     audit_policies: tuple[str, ...] = ()
+    code: str = ""  # a denial's stable reason code (meshward.extauthz.response.REASON_CODES)
+    verbose: bool = False  # the mesh's denialDetails: verbose (the caller sees policy + reason)
 
     @property
     def decision(self) -> str:
         return "allow" if self.allowed else "deny"
+
+
+# Accounted bytes of a cached decision besides its strings: the CachedDecision, its Decision,
+# their dicts and tuples (measured ~700 on CPython 3.12), and per memoized allow response the
+# upb message, its Python wrapper and the memo key tuple (measured ~3x the serialized size + 600).
+DECISION_OVERHEAD = 1024
+RESPONSE_OVERHEAD = 1024
+MEMO_LIMIT = 16  # allow responses memoized per decision (identities sharing it)
 
 
 @dataclass
@@ -95,6 +114,22 @@ class CachedDecision:
     # policies that were in force, comma-separated, so the caller knows what to ask for.
     policy: str | None = None
     responses: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    memo_bytes: int = 0  # accounted bytes of ``responses`` (kept up to date with it)
+
+    def accounted_bytes(self) -> int:
+        """What the decision cache charges for this value (see meshward.extauthz.cache)."""
+        d = self.decision
+        strings = len(d.reason) + len(d.policy or "") + len(self.policy or "")
+        strings += sum(len(r.policy) + 64 for r in d.dry_run)
+        strings += sum(len(p) + 64 for p in d.audit_policies)
+        return DECISION_OVERHEAD + 2 * strings + self.memo_bytes
+
+
+def decision_cache(
+    max_bytes: int, ttl: float, *, timer: Callable[[], float] = time.monotonic
+) -> DecisionCache[CachedDecision]:
+    """The cache an Authorizer uses, weighing each decision by its accounted bytes."""
+    return DecisionCache(max_bytes, ttl, timer=timer, sizeof=CachedDecision.accounted_bytes)
 
 
 @dataclass(frozen=True)
@@ -118,6 +153,7 @@ class _Snapshot:
     def __init__(self, policy_set: Any, authorizer: Authorizer) -> None:
         self.policy_set = policy_set
         self.version: str = policy_set.version
+        self.verbose = policy_set.mesh.denial_details is DenialDetails.VERBOSE
         self._authorizer = authorizer
         self._plans: dict[str, WorkloadPlan | None] = {}
         self._by_principal: dict[str, list[str]] | None = None
@@ -204,7 +240,9 @@ class Authorizer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.verifier = verifier if verifier is not None else JwtVerifier()
-        self.cache: DecisionCache[CachedDecision] = cache if cache is not None else DecisionCache()
+        self.cache: DecisionCache[CachedDecision] = (
+            cache if cache is not None else decision_cache(DEFAULT_MAX_BYTES, DEFAULT_TTL)
+        )
         self.custom = custom
         self._evaluate = evaluate or policy_evaluate
         self._wall = wall_clock
@@ -228,6 +266,11 @@ class Authorizer:
     def version(self) -> str:
         return self._snapshot.version
 
+    @property
+    def verbose_denials(self) -> bool:
+        """The mesh's ``denialDetails: verbose``: denial bodies name policy, rule and reason."""
+        return self._snapshot.verbose
+
     def plan(self, ref: str) -> WorkloadPlan | None:
         return self._snapshot.plan(ref)
 
@@ -247,13 +290,22 @@ class Authorizer:
                 version,
                 method=method,
                 path=raw_path,
+                code="malformed_request",
             )
         headers: Mapping[str, str] = http.headers
         if not headers and len(http.header_map.headers):
             headers = _header_map(http.header_map)
         too_big = _oversized(raw_path, headers)
         if too_big:
-            return self._deny(403, too_big, trace_id, version, method=method, path=raw_path[:256])
+            return self._deny(
+                403,
+                too_big,
+                trace_id,
+                version,
+                method=method,
+                path=raw_path[:256],
+                code="request_too_large",
+            )
         source_principal = attrs.source.principal or None
 
         # Which workload: the compiler's per-route context extension, else the server identity.
@@ -269,6 +321,7 @@ class Authorizer:
                     method=method,
                     path=raw_path,
                     source_principal=source_principal,
+                    code="unknown_workload",
                 )
             ref, why = snapshot.workload_for_principal(destination)
             if ref is None:
@@ -280,6 +333,7 @@ class Authorizer:
                     method=method,
                     path=raw_path,
                     source_principal=source_principal,
+                    code="unknown_workload",
                 )
         plan = snapshot.plan(ref)
         if plan is None:
@@ -292,6 +346,7 @@ class Authorizer:
                 path=raw_path,
                 source_principal=source_principal,
                 workload=ref,
+                code="unknown_workload",
             )
 
         if plan.reads_headers and any(k != k.lower() for k in headers):
@@ -310,6 +365,7 @@ class Authorizer:
                 path=raw_path,
                 source_principal=source_principal,
                 workload=ref,
+                code="request_rejected",
             )
 
         token: VerifiedToken | None = None
@@ -331,6 +387,7 @@ class Authorizer:
                     workload=ref,
                     policy=owner[0],
                     rule=owner[1],
+                    code="invalid_token",
                 )
         user = token.principal if token is not None else None
 
@@ -358,6 +415,7 @@ class Authorizer:
         # Refusals that happen before any rule is read depend on fields the cache key may not
         # hold (a rule-free key would otherwise serve one bad Host's denial to good requests),
         # so they are decided here, before the cache, by the evaluator's own checks.
+        code = "mtls_required"
         try:
             check_request_target(http.host, path)
             refusal = plaintext_refusal(
@@ -366,7 +424,7 @@ class Authorizer:
                 Request(source_principal=source_principal, destination_port=destination_port),
             )
         except PathRejected as exc:
-            refusal = f"{REJECTED_BEFORE_AUTHORIZATION}: {exc}"
+            refusal, code = f"{REJECTED_BEFORE_AUTHORIZATION}: {exc}", "request_rejected"
         if refusal is not None:
             return self._deny(
                 403,
@@ -377,6 +435,7 @@ class Authorizer:
                 path=path,
                 source_principal=source_principal,
                 workload=ref,
+                code=code,
             )
 
         def compute() -> tuple[CachedDecision, float]:
@@ -389,6 +448,7 @@ class Authorizer:
             return CachedDecision(decision, policy), self._expiry(plan, token, wall)
 
         hit: bool | None
+        key: tuple[object, ...] | None = None
         if plan.key_of is not None:
             key = (version, ref, *plan.key_of(facts))
             cached, hit = self.cache.get_or_compute(key, compute)
@@ -414,16 +474,15 @@ class Authorizer:
             audit_policies=decision.audit_policies if decision.audit else (),
         )
         if decision.allowed:
-            result.response = self._allow_response(cached, plan, result, token)
+            result.response = self._allow_response(cached, plan, result, token, key)
         else:
-            result.response = responses.deny(
-                http_status=403,
-                policy=result.policy,
-                rule=decision.rule,
-                reason=decision.reason,
-                trace_id=trace_id,
-                metadata=_metadata(result),
+            result.code = (
+                "denied_by_policy"
+                if decision.action in (Action.DENY, Action.CUSTOM)
+                else "no_matching_allow"
             )
+            result.verbose = snapshot.verbose
+            result.response = deny_response(result, trace_id)
         return result
 
     def _decide(
@@ -480,6 +539,7 @@ class Authorizer:
         plan: WorkloadPlan,
         result: CheckResult,
         token: VerifiedToken | None,
+        key: tuple[object, ...] | None = None,
     ) -> Any:
         memo_key = (
             result.source_principal,
@@ -518,9 +578,14 @@ class Authorizer:
             remove_params=remove_params,
             metadata=_metadata(result),
         )
-        if len(cached.responses) >= 16:  # many identities share this decision: keep the memo small
+        size = RESPONSE_OVERHEAD + 3 * built.ByteSize() + sum(len(str(p)) for p in memo_key)
+        if len(cached.responses) >= MEMO_LIMIT:  # many identities share it: keep the memo small
             cached.responses.clear()
+            cached.memo_bytes = 0
         cached.responses[memo_key] = built
+        cached.memo_bytes += size
+        if key is not None:
+            self.cache.recharge(key)  # the entry grew: charge it, evicting others to fit
         return built
 
     def _deny(
@@ -536,12 +601,15 @@ class Authorizer:
         workload: str | None = None,
         policy: str | None = None,
         rule: int | None = None,
+        code: str = "request_rejected",
     ) -> CheckResult:
         result = CheckResult(
             response=None,
             allowed=False,
             http_status=status,
             reason=reason,
+            code=code,
+            verbose=self._snapshot.verbose,
             policy=policy,
             rule=rule,
             workload=workload,
@@ -552,52 +620,6 @@ class Authorizer:
         )
         result.response = deny_response(result, trace_id)
         return result
-
-
-def deny_response(result: CheckResult, trace_id: str) -> Any:
-    return responses.deny(
-        http_status=result.http_status,
-        policy=result.policy,
-        rule=result.rule,
-        reason=result.reason,
-        trace_id=trace_id,
-        metadata=_metadata(result),
-        www_authenticate=(
-            f'Bearer error="invalid_token", error_description="{_quote(result.reason)}"'
-            if result.http_status == 401
-            else None
-        ),
-    )
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "").replace('"', "'")[:200]
-
-
-def _metadata(result: CheckResult) -> dict[str, Any]:
-    """Envoy's access log reads these (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%``).
-    Allows carry the essentials only: Envoy parses this on every request."""
-    cache = None if result.cache_hit is None else ("hit" if result.cache_hit else "miss")
-    if result.allowed:
-        return {
-            "decision": "allow",
-            "policy": result.policy,
-            "rule": result.rule,
-            "user": result.user,
-            "cache": cache,
-            "policy_version": result.policy_version[:12] or None,
-        }
-    return {
-        "decision": "deny",
-        "status": result.http_status,
-        "policy": result.policy,
-        "rule": result.rule,
-        "reason": result.reason,
-        "workload": result.workload,
-        "user": result.user,
-        "policy_version": result.policy_version[:12] or None,
-        "cache": cache,
-    }
 
 
 def _owner_of(plan: WorkloadPlan) -> tuple[str | None, int | None]:

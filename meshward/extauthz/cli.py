@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import Any
 
+from meshward.cliutil import add_json_flag, print_json
 from meshward.errors import UserError
 from meshward.net import LOOPBACK
 
@@ -15,6 +16,12 @@ native RBAC cannot decide: rules on a verified end-user JWT (requestPrincipals,
 request.auth.claims[...], audiences, presenter) and CUSTOM policies. Every decision comes from
 the same evaluator as `meshward policy explain`; repeated inputs are answered from a decision
 cache. The standard gRPC health service (grpc.health.v1.Health) answers on the same port.
+
+Check is served over mTLS only. --tls-dir holds the service's SVID, which must be
+spiffe://<trust domain>/ns/<root namespace>/sa/meshward-extauthz (the identity the compiled
+sidecars pin). A caller must present a mesh sidecar's SVID and may ask only about its own
+workload; any other Check is refused (gRPC PERMISSION_DENIED) before it reaches the decision
+cache or the decision log.
 """
 
 SERVE_EPILOG = """\
@@ -25,7 +32,11 @@ which workload a Check is for:
 answers:
   allow   200 upstream, with x-meshward-principal (peer SPIFFE ID) and x-meshward-user
           (JWT iss/sub) set for the app; forged copies of these headers are removed.
-  deny    403 with JSON {"error","policy","rule","reason","trace_id"} and x-meshward-denied-by.
+  deny    403 with JSON {"error","code","trace_id"}: a stable reason code (no_matching_allow,
+          denied_by_policy, request_rejected, ...) and the trace id, nothing about policies.
+          Operators find the policy, rule and reason by trace id: `meshward denials`, the
+          decision log. With MeshConfig spec.denialDetails: verbose (development), the body
+          also has "policy","rule","reason" and the x-meshward-denied-by header is set.
   401     a token was present but invalid (expired, not yet valid, bad signature, alg none,
           unknown key, wrong issuer/audience, malformed, too large). No token = anonymous.
   Dry-run policies and AUDIT are logged and traced, never enforced.
@@ -42,12 +53,39 @@ policy changes:
   effect on the next request (cached decisions of the old version become unreachable). An
   invalid change is logged and the last good set keeps serving.
 
+limits (everything is bounded):
+  --cache-bytes            decision cache, accounted bytes (keys are hashed; default 64MiB)
+  --decision-log-max-bytes decision log + 3 rotated files (default 64MiB); fields > 1024
+                           characters are cut with "...[truncated N chars]"
+  spans                    attributes cut at 1024 characters, 64 per span, 32 spans per export
+
 examples:
-  meshward extauthz serve --policy examples/ --listen 127.0.0.1:9191
-  meshward extauthz serve --policy policies/ --listen 127.0.0.1:9191 --workers 2 \\
-      --metrics-listen 127.0.0.1:9192 --otlp-endpoint 127.0.0.1:4317 --decision-log decisions.jsonl
-  meshward extauthz check --server 127.0.0.1:9191 --workload shop/payments --path /admin \\
-      --token "$TOKEN"
+  meshward ca issue --dir ca --spiffe-id spiffe://cluster.local/ns/meshward-system/sa/meshward-extauthz \\
+      --ttl 24h --out extauthz-tls
+  meshward extauthz serve --policy examples/ --listen 127.0.0.1:9191 --tls-dir extauthz-tls
+  meshward extauthz serve --policy policies/ --listen 127.0.0.1:9191 --tls-dir extauthz-tls \\
+      --workers 2 --metrics-listen 127.0.0.1:9192 --otlp-endpoint 127.0.0.1:4317 \\
+      --decision-log decisions.jsonl --decision-log-max-bytes 256MiB --cache-bytes 128MiB
+  meshward extauthz check --server 127.0.0.1:9191 --tls-dir payments-svid --workload shop/payments \\
+      --path /admin --token "$TOKEN"
+"""
+
+CHECK_EPILOG = """\
+answers and exit codes:
+  0  allowed: prints "allow 200" and the headers set for the app
+  1  denied (403/401): prints the denial (code, trace id; with a verbose mesh also policy, rule
+     and reason), or the Check could not be made (refused, unreachable, TLS): one line on stderr
+
+ext_authz answers a caller only about its own workload: --tls-dir must hold an SVID of the
+workload named by --workload (e.g. `meshward ca issue --spiffe-id
+spiffe://cluster.local/ns/shop/sa/payments --out payments-svid`). The server must present
+--server-id (default: meshward-extauthz in the root namespace of the client's trust domain).
+
+examples:
+  meshward extauthz check --server 127.0.0.1:9191 --tls-dir payments-svid --workload shop/payments \\
+      --method GET --path /admin --token "$TOKEN"
+  meshward extauthz check --server 127.0.0.1:9191 --tls-dir payments-svid --workload shop/payments \\
+      --path /public --json | jq .http_status
 """
 
 
@@ -68,6 +106,32 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+_UNITS = {
+    "": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+}
+
+
+def byte_size(value: str) -> int:
+    """``65536``, ``512KiB``, ``64MiB``, ``1GiB`` (k/m/g accepted; powers of 1024)."""
+    text = value.strip().lower().replace(" ", "")
+    digits = text.rstrip("kmgib")
+    unit = text[len(digits) :]
+    if not digits.isdigit() or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"expected a size like 65536, 512KiB or 64MiB, got {value!r}"
+        )
+    number = int(digits) * _UNITS[unit]
+    if number < 1024:
+        raise argparse.ArgumentTypeError(f"{value!r} is below the minimum of 1KiB")
     return number
 
 
@@ -95,6 +159,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="PATH",
         help="policy file or directory (repeatable); watched for changes",
+    )
+    credentials = serve.add_mutually_exclusive_group(required=True)
+    credentials.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="the service's SVID: cert-chain.pem, key.pem, root-cert.pem (as `meshward ca issue` "
+        "writes them); reloaded when the files change (renewing them is yours to do)",
+    )
+    credentials.add_argument(
+        "--ca",
+        type=Path,
+        metavar="DIR",
+        help="instead: issue the SVID from the mesh CA in DIR (as `xds serve --ca` does for "
+        "itself), renewed at half life and re-issued when the CA rotates; ext_authz then "
+        "holds the CA key",
     )
     serve.add_argument(
         "--listen",
@@ -136,6 +216,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="append JSON decision lines here (default: the server log on stderr)",
     )
     serve.add_argument(
+        "--decision-log-max-bytes",
+        type=byte_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="the decision log and its 3 rotated files (FILE.1..3) hold at most this much "
+        "(default 64MiB); fields longer than 1024 characters are cut with a marker",
+    )
+    serve.add_argument(
         "--log-allows",
         action="store_true",
         help="also write a decision line for every allow (default: denials, dry-run, AUDIT)",
@@ -147,11 +235,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus /metrics here (default: off)",
     )
     serve.add_argument(
-        "--cache-size",
-        type=_positive_int,
-        default=100_000,
-        metavar="N",
-        help="decision cache entries per process, LRU (default 100000)",
+        "--cache-bytes",
+        type=byte_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="decision cache budget per process, in accounted bytes, LRU (default 64MiB); keys "
+        "are hashed, so a long path costs no more than a short one",
     )
     serve.add_argument(
         "--cache-ttl",
@@ -213,13 +302,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     check = commands.add_parser(
         "check",
         help="send one Check to a running service and print the answer",
-        description="Build a CheckRequest like Envoy's and print the decision the service returns.",
-        epilog="example:\n  meshward extauthz check --server 127.0.0.1:9191 --workload shop/payments "
-        '--method GET --path /admin --token "$TOKEN"',
+        description="Build a CheckRequest like Envoy's, send it over mTLS as the workload's "
+        "sidecar would, and print the decision the service returns.",
+        epilog=CHECK_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument(
         "--server", type=_address, required=True, metavar="HOST:PORT", help="the ext_authz service"
+    )
+    check.add_argument(
+        "--tls-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="client SVID of the workload (cert-chain.pem, key.pem, root-cert.pem)",
+    )
+    check.add_argument(
+        "--server-id",
+        metavar="SPIFFE_ID",
+        help="the server's required SPIFFE ID (default: spiffe://<your trust domain>/ns/"
+        "meshward-system/sa/meshward-extauthz)",
     )
     check.add_argument(
         "--workload", required=True, metavar="NS/NAME", help="context_extensions.workload"
@@ -239,6 +341,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     check.add_argument(
         "--timeout", type=_non_negative_float, default=5.0, help="seconds (default 5)"
     )
+    add_json_flag(check)
     check.set_defaults(func=_check)
 
 
@@ -252,8 +355,13 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"--policy {path}: no such file or directory")
     host, port = args.listen
     metrics_host, metrics_port = args.metrics_listen if args.metrics_listen else (LOOPBACK, None)
+    for flag, directory in (("--tls-dir", args.tls_dir), ("--ca", args.ca)):
+        if directory is not None and not directory.is_dir():
+            raise UserError(f"{flag} {directory}: no such directory")
     options = ServeOptions(
         policy_paths=list(args.policy),
+        tls_dir=args.tls_dir,
+        ca_dir=args.ca,
         host=host,
         port=port,
         workers=args.workers,
@@ -264,7 +372,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_allows=args.log_allows,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
-        cache_size=args.cache_size,
+        cache_bytes=args.cache_bytes,
+        decision_log_max_bytes=args.decision_log_max_bytes,
         cache_ttl=args.cache_ttl,
         leeway=args.jwt_leeway,
         max_token_bytes=args.max_token_bytes,
@@ -278,9 +387,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    import grpc
-
-    from meshward.extauthz.client import build_check_request, describe_response
+    from meshward.extauthz.callers import TlsFiles, certificate_identity
+    from meshward.extauthz.client import (
+        CheckFailed,
+        build_check_request,
+        check_once,
+        describe_response,
+    )
+    from meshward.policy.model import DEFAULT_ROOT_NAMESPACE
 
     headers = {}
     for item in args.header:
@@ -290,6 +404,12 @@ def _check(args: argparse.Namespace) -> int:
         headers[name.lower()] = value
     if args.token:
         headers["authorization"] = f"Bearer {args.token}"
+    files = TlsFiles(args.tls_dir)
+    key, chain, roots = files.read()
+    identity = certificate_identity(chain, f"--tls-dir {args.tls_dir}")
+    server_id = args.server_id or (
+        identity.split("/ns/")[0] + f"/ns/{DEFAULT_ROOT_NAMESPACE}/sa/meshward-extauthz"
+    )
     request = build_check_request(
         method=args.method,
         path=args.path,
@@ -298,16 +418,43 @@ def _check(args: argparse.Namespace) -> int:
         source_principal=args.principal,
         workload=args.workload,
     )
-    from envoy.service.auth.v3 import external_auth_pb2_grpc
-
     host, port = args.server
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
-        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        try:
-            response = stub.Check(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            raise UserError(
-                f"Check to {host}:{port} failed: {exc.code().name} {exc.details()}"
-            ) from None
-    print(json.dumps(describe_response(response), indent=2, sort_keys=True))
-    return 0
+    try:
+        response = check_once(
+            host,
+            port,
+            request,
+            cert_chain_pem=chain,
+            key_pem=key,
+            roots_pem=roots,
+            server_id=server_id,
+            timeout=args.timeout,
+        )
+    except CheckFailed as exc:
+        raise UserError(f"Check to {host}:{port} as {identity} failed: {exc}") from None
+    answer = describe_response(response)
+    allowed = answer["http_status"] == 200
+    if args.json:
+        print_json({"allowed": allowed, **answer})
+    else:
+        _print_answer(answer, allowed)
+    return 0 if allowed else 1
+
+
+def _print_answer(answer: dict[str, Any], allowed: bool) -> None:
+    status = answer["http_status"]
+    if allowed:
+        print(f"allow {status}")
+        for name, value in sorted(answer.get("headers", {}).items()):
+            print(f"  set {name}: {value}")
+        for name in answer.get("headers_to_remove", []):
+            print(f"  remove {name}")
+        return
+    body = answer.get("body")
+    print(f"deny {status}")
+    if isinstance(body, dict):
+        for key in ("code", "trace_id", "policy", "rule", "reason"):
+            if body.get(key) not in (None, ""):
+                print(f"  {key}: {body[key]}")
+    elif body:
+        print(f"  body: {body}")

@@ -24,13 +24,14 @@ T_EXTAUTHZ_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.
 T_RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 T_OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
 T_FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+T_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 ACCESS_LOG_FORMAT = {
     "code": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "flags": "%RESPONSE_FLAGS%",
-    "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "method": "%REQ(:METHOD):256%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):1024%",
     "trace_id": "%TRACE_ID%",
     "ext_authz": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%",
 }
@@ -58,6 +59,35 @@ def ext_authz_per_route(workload: str, port: int | None = None) -> dict[str, Any
     if port is not None:
         extensions["port"] = str(port)
     return {"@type": T_EXTAUTHZ_ROUTE, "check_settings": {"context_extensions": extensions}}
+
+
+def extauthz_upstream_tls(
+    *, cert_chain: str, private_key: str, roots: str, server_id: str
+) -> dict[str, Any]:
+    """mTLS to ext_authz with inline PEMs (the compiled config uses SDS instead): present the
+    workload's SVID, require ext_authz's SPIFFE ID."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": T_UPSTREAM_TLS,
+            "sni": server_id,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"inline_string": cert_chain},
+                        "private_key": {"inline_string": private_key},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"inline_string": roots},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": server_id}}
+                    ],
+                },
+            },
+        },
+    }
 
 
 def rbac_allow_paths(prefixes: list[str]) -> dict[str, Any]:
@@ -91,10 +121,13 @@ def sidecar(
     service_name: str = "sidecar",
     timeout_ms: int = 250,
     declared_port: int | None = None,
+    extauthz_tls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One HTTP listener named ``ingress``: [extra filters] -> [ext_authz] -> router, to
     ``upstream_port`` (or a 200 direct response when None). ``extauthz_port=None`` leaves the
-    ext_authz filter out. With ``otlp_port``, Envoy traces every request over OTLP."""
+    ext_authz filter out. With ``otlp_port``, Envoy traces every request over OTLP.
+    ``extauthz_tls`` (:func:`extauthz_upstream_tls`): the ext_authz cluster's transport socket;
+    ``meshward extauthz serve`` speaks only mTLS."""
     route: dict[str, Any] = {"match": {"prefix": "/"}}
     if upstream_port is None:
         route["direct_response"] = {"status": 200, "body": {"inline_string": "ok\n"}}
@@ -124,9 +157,12 @@ def sidecar(
     if upstream_port is not None:
         clusters.append(static_cluster("upstream", "127.0.0.1", upstream_port))
     if extauthz_port is not None:
-        clusters.append(
-            grpc_cluster(EXTAUTHZ_CLUSTER, "127.0.0.1", extauthz_port, connect_timeout="0.25s")
+        cluster = grpc_cluster(
+            EXTAUTHZ_CLUSTER, "127.0.0.1", extauthz_port, connect_timeout="0.25s"
         )
+        if extauthz_tls is not None:
+            cluster["transport_socket"] = extauthz_tls
+        clusters.append(cluster)
     bootstrap: dict[str, Any] = {
         "node": {"id": f"{service_name}~{workload}", "cluster": service_name},
         "admin": admin(),

@@ -63,6 +63,19 @@ class Metrics:
         self.cache_expirations = Counter(
             PREFIX + "cache_expirations", "Entries dropped at their expiry", registry=reg
         )
+        self.refused = Counter(
+            PREFIX + "refused_checks",
+            "Checks refused before any decision (caller not a mesh sidecar, or asking about "
+            "another workload); label: reason",
+            ["reason"],
+            registry=reg,
+        )
+        self.cache_bytes = Gauge(
+            PREFIX + "cache_bytes",
+            "Accounted bytes held by the decision cache (bounded by --cache-bytes)",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self.cache_size = Gauge(
             PREFIX + "cache_entries",
             "Entries in the decision cache",
@@ -131,6 +144,7 @@ class Metrics:
                     targets[name].inc(delta)
                 self._last[name] = value
             self.cache_size.set(len(authorizer.cache))
+            self.cache_bytes.set(authorizer.cache.size_bytes)
             version = authorizer.version[:12]
             if version != self._version:
                 if self._version:  # 0, not removed: multiprocess files keep removed labels

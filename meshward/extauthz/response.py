@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
+
+from meshward.telemetry.limits import clip
+
+if TYPE_CHECKING:
+    from meshward.extauthz.authorizer import CheckResult
 
 PRINCIPAL_HEADER = "x-meshward-principal"
 USER_HEADER = "x-meshward-user"
@@ -59,18 +64,38 @@ def allow(
     return response
 
 
+#: Stable reason codes of a denial (the quiet body's ``code``; also in the decision log and the
+#: access log's ext_authz metadata). Callers may branch on them; they never name a policy.
+REASON_CODES = {
+    "denied_by_policy": "a DENY or CUSTOM policy matched the request",
+    "no_matching_allow": "ALLOW policies select the workload and none matched",
+    "invalid_token": "a token was presented and rejected (401)",
+    "mtls_required": "plaintext request where mTLS is STRICT",
+    "request_rejected": "the request was refused before any rule (path, Host)",
+    "request_too_large": "path or headers over ext_authz's limits",
+    "malformed_request": "the CheckRequest lacks the HTTP attributes",
+    "unknown_workload": "the Check names no workload of the policy set",
+    "internal_error": "ext_authz failed; denied (fail closed)",
+}
+
+
 def deny_body(
     *,
     policy: str | None,
     rule: int | None,
     reason: str,
     trace_id: str,
+    code: str = "denied",
+    verbose: bool = True,
     error: str = "access denied",
 ) -> str:
-    return json.dumps(
-        {"error": error, "policy": policy, "rule": rule, "reason": reason, "trace_id": trace_id},
-        separators=(",", ":"),
-    )
+    """Quiet: what went wrong in general (``code``) and where operators look (``trace_id``).
+    Verbose adds the policy, rule and reason (development meshes only: it tells any caller
+    which policies guard the workload)."""
+    body: dict[str, object] = {"error": error, "code": code, "trace_id": trace_id}
+    if verbose:
+        body.update(policy=policy, rule=rule, reason=reason)
+    return json.dumps(body, separators=(",", ":"))
 
 
 def deny(
@@ -80,26 +105,91 @@ def deny(
     rule: int | None,
     reason: str,
     trace_id: str,
+    code: str = "denied",
+    verbose: bool = False,
     denied_by: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     www_authenticate: str | None = None,
 ) -> Any:
-    """403 (policy) or 401 (token) with the JSON body the caller can act on."""
+    """403 (policy) or 401 (token) with a JSON body: quiet by default (code + trace id, no
+    ``x-meshward-denied-by``), the full reason when ``verbose``."""
     grpc_code = code_pb2.UNAUTHENTICATED if http_status == 401 else code_pb2.PERMISSION_DENIED
-    headers = [_JSON, _header(DENIED_BY_HEADER, denied_by or policy or DENIED_BY_SERVICE)]
+    headers = [_JSON]
+    if verbose:
+        headers.append(_header(DENIED_BY_HEADER, denied_by or policy or DENIED_BY_SERVICE))
     if www_authenticate:
         headers.append(_header("www-authenticate", www_authenticate))
     denied = external_auth_pb2.DeniedHttpResponse(
         status=http_status_pb2.HttpStatus(code=http_status),
         headers=headers,
-        body=deny_body(policy=policy, rule=rule, reason=reason, trace_id=trace_id),
+        body=deny_body(
+            policy=policy,
+            rule=rule,
+            reason=reason,
+            trace_id=trace_id,
+            code=code,
+            verbose=verbose,
+            error="unauthenticated" if http_status == 401 else "access denied",
+        ),
     )
     response = external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=grpc_code, message=reason), denied_response=denied
+        status=status_pb2.Status(code=grpc_code, message=reason if verbose else code),
+        denied_response=denied,
     )
     if metadata:
         _set_metadata(response, metadata)
     return response
+
+
+def deny_response(result: CheckResult, trace_id: str) -> Any:
+    """The Denied response: quiet (code + trace id) unless the mesh asks for verbose bodies."""
+    www_authenticate = None
+    if result.http_status == 401:
+        www_authenticate = 'Bearer error="invalid_token"'
+        if result.verbose:
+            www_authenticate += f', error_description="{_quote(result.reason)}"'
+    return deny(
+        http_status=result.http_status,
+        policy=result.policy,
+        rule=result.rule,
+        reason=result.reason,
+        trace_id=trace_id,
+        code=result.code or "denied",
+        verbose=result.verbose,
+        metadata=decision_metadata(result),
+        www_authenticate=www_authenticate,
+    )
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "").replace('"', "'")[:200]
+
+
+def decision_metadata(result: CheckResult) -> dict[str, Any]:
+    """Envoy's access log reads these (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz)%``).
+    Allows carry the essentials only: Envoy parses this on every request."""
+    cache = None if result.cache_hit is None else ("hit" if result.cache_hit else "miss")
+    if result.allowed:
+        return {
+            "decision": "allow",
+            "policy": result.policy,
+            "rule": result.rule,
+            "user": result.user,
+            "cache": cache,
+            "policy_version": result.policy_version[:12] or None,
+        }
+    return {
+        "decision": "deny",
+        "status": result.http_status,
+        "code": result.code or None,
+        "policy": result.policy,
+        "rule": result.rule,
+        "reason": clip(result.reason),  # the access log: bounded lines
+        "workload": result.workload,
+        "user": result.user,
+        "policy_version": result.policy_version[:12] or None,
+        "cache": cache,
+    }
 
 
 def empty_allow() -> Any:

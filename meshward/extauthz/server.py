@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
+from meshward.errors import UserError
 from meshward.net import LOOPBACK
 
 log = logging.getLogger("meshward.extauthz")
@@ -44,6 +45,10 @@ class Checker(Protocol):
     def check(self, request: Any, metadata: Any = None) -> Any: ...
 
 
+#: ``gate(request, peer SPIFFE ID or None) -> refusal or None`` (meshward.extauthz.callers).
+Gate = Callable[[Any, "str | None"], "str | None"]
+
+
 def _grpc_options(reuse_port: bool) -> list[tuple[str, Any]]:
     # grpcio turns SO_REUSEPORT on by default on Linux; off unless asked, so a second server on
     # a taken port fails loudly instead of silently sharing it.
@@ -55,7 +60,12 @@ def _grpc_options(reuse_port: bool) -> list[tuple[str, Any]]:
 
 class ExtAuthzServer:
     """A gRPC server answering ``Authorization/Check`` with ``checker`` plus the standard health
-    service, on ``host:port`` (0: the kernel picks; read ``.port``). Context manager."""
+    service, on ``host:port`` (0: the kernel picks; read ``.port``). Context manager.
+
+    ``tls`` (a meshward.xds.credentials.ServerTls): mTLS, client certificate required; without
+    it the port is plaintext (in-process tests and the benchmark only: ``meshward extauthz
+    serve`` always has TLS). ``gate`` runs before ``checker`` and a refusal ends the call with
+    PERMISSION_DENIED: nothing reaches the decision cache or the decision log."""
 
     def __init__(
         self,
@@ -66,8 +76,12 @@ class ExtAuthzServer:
         kind: ServerKind = DEFAULT_KIND,
         threads: int = DEFAULT_THREADS,
         reuse_port: bool = False,
+        tls: Any = None,
+        gate: Gate | None = None,
     ) -> None:
         self.checker = checker
+        self.tls = tls
+        self.gate = gate
         self.host = host
         self.kind = kind
         self.threads = threads
@@ -95,13 +109,15 @@ class ExtAuthzServer:
 
     def _bind(self, server: Any) -> int:
         try:
-            port = int(server.add_insecure_port(f"{self.host}:{self._requested_port}"))
+            address = f"{self.host}:{self._requested_port}"
+            if self.tls is not None:
+                port = int(server.add_secure_port(address, self.tls.credentials()))
+            else:
+                port = int(server.add_insecure_port(address))
         except RuntimeError as exc:
             port = 0
             log.debug("bind failed: %s", exc)
         if port == 0:
-            from meshward.errors import UserError
-
             raise UserError(
                 f"cannot listen on {self.host}:{self._requested_port} (in use?); pick another --listen port"
             )
@@ -112,10 +128,16 @@ class ExtAuthzServer:
         from envoy.service.auth.v3 import external_auth_pb2_grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-        checker = self.checker
+        from meshward.extauthz.callers import peer_identity
+
+        checker, gate = self.checker, self.gate
 
         class Servicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
             def Check(self, request: Any, context: Any) -> Any:
+                if gate is not None:
+                    refusal = gate(request, peer_identity(context))
+                    if refusal is not None:
+                        context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
                 return checker.check(request, context.invocation_metadata())
 
         server = grpc.server(
@@ -163,10 +185,16 @@ class ExtAuthzServer:
         from envoy.service.auth.v3 import external_auth_pb2_grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-        checker = self.checker
+        from meshward.extauthz.callers import peer_identity
+
+        checker, gate = self.checker, self.gate
 
         class Servicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
             async def Check(self, request: Any, context: Any) -> Any:
+                if gate is not None:
+                    refusal = gate(request, peer_identity(context))
+                    if refusal is not None:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
                 return checker.check(request, context.invocation_metadata())
 
         server = grpc.aio.server(options=_grpc_options(self.reuse_port))
@@ -222,6 +250,11 @@ class ServeOptions:
     """Everything `meshward extauthz serve` takes; the demo builds one of these directly."""
 
     policy_paths: list[Path]
+    # mTLS credentials (cert-chain.pem, key.pem, root-cert.pem of the ext_authz SVID). Required
+    # unless ``plaintext`` (in-process tests and the benchmark; not offered by the CLI).
+    tls_dir: Path | None = None
+    ca_dir: Path | None = None  # or: issue (and renew) its own SVID from this CA
+    plaintext: bool = False
     host: str = LOOPBACK
     port: int = 0
     workers: int = 1
@@ -229,10 +262,11 @@ class ServeOptions:
     threads: int = DEFAULT_THREADS
     otlp_endpoint: str | None = None
     decision_log: Path | None = None
+    decision_log_max_bytes: int = 64 * 1024 * 1024  # the log and its rotated files together
     log_allows: bool = False
     metrics_host: str = LOOPBACK
     metrics_port: int | None = None  # None: no /metrics endpoint
-    cache_size: int = 100_000
+    cache_bytes: int = 64 * 1024 * 1024  # decision cache budget (accounted bytes)
     cache_ttl: float = 60.0
     leeway: float = 60.0
     max_token_bytes: int = 8192
@@ -270,10 +304,18 @@ class Running:
 
 
 def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running:
-    """Load the policy (raising PolicyError/UserError if invalid), start watching it, and serve."""
+    """Load the policy (raising PolicyError/UserError if invalid), start watching it, and serve
+    (over mTLS from ``options.tls_dir``; UserError without it unless ``options.plaintext``)."""
     from meshward.compile.envoy_limits import check_policy_set
-    from meshward.extauthz.authorizer import Authorizer
-    from meshward.extauthz.cache import DecisionCache
+    from meshward.extauthz.authorizer import Authorizer, decision_cache
+    from meshward.extauthz.callers import (
+        CaCredentials,
+        CallerGate,
+        TlsFiles,
+        expected_server_identity,
+        server_tls,
+        watch_tls,
+    )
     from meshward.extauthz.decisionlog import open_decision_log
     from meshward.extauthz.metrics import Metrics, serve_metrics
     from meshward.extauthz.service import CheckService
@@ -281,11 +323,31 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     from meshward.policy.watch import PolicyWatcher
     from meshward.telemetry import setup_tracing
 
+    if options.tls_dir is None and options.ca_dir is None and not options.plaintext:
+        raise UserError(
+            "ext_authz serves Check only over mTLS: pass --tls-dir DIR with the ext_authz SVID "
+            "(cert-chain.pem, key.pem, root-cert.pem; `meshward ca issue --spiffe-id "
+            "spiffe://<trust domain>/ns/<root namespace>/sa/meshward-extauthz --out DIR`), "
+            "or --ca DIR to issue it from the mesh CA"
+        )
     # The same refusals as the control plane: both serve one policy version or neither moves.
     watcher = PolicyWatcher(
         options.policy_paths, interval=options.poll_interval, check=check_policy_set
     )
     policy_set = watcher.load_initial()
+    tls: Any = None
+    renew: Callable[[], Callable[[], None]] | None = None
+    interval = max(options.poll_interval, 1.0)
+    if options.tls_dir is not None:
+        tls_files = TlsFiles(options.tls_dir)
+        tls = server_tls(tls_files, policy_set)
+        renew = lambda: watch_tls(tls_files, tls, interval)  # noqa: E731
+    elif options.ca_dir is not None:
+        from meshward.xds.credentials import ServerTls
+
+        issuer = CaCredentials(options.ca_dir, expected_server_identity(policy_set))
+        tls = ServerTls(*issuer.issue())
+        renew = lambda: issuer.watch(tls, interval)  # noqa: E731
     verifier = JwtVerifier(
         leeway=options.leeway,
         max_token_bytes=options.max_token_bytes,
@@ -295,7 +357,7 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     authorizer = Authorizer(
         policy_set,
         verifier=verifier,
-        cache=DecisionCache(options.cache_size, options.cache_ttl),
+        cache=decision_cache(options.cache_bytes, options.cache_ttl),
     )
     watcher.on_change = authorizer.update
     watcher.on_error = lambda err: log.warning(
@@ -303,7 +365,7 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
         authorizer.version[:12],
         extra={"error": str(err)},
     )
-    open_decision_log(options.decision_log)
+    open_decision_log(options.decision_log, max_bytes=options.decision_log_max_bytes)
     provider = setup_tracing(options.service_name, options.otlp_endpoint)
     metrics = Metrics()
     metrics.attach(authorizer)
@@ -317,8 +379,12 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
         kind=options.kind,
         threads=options.threads,
         reuse_port=reuse_port,
+        tls=tls,
+        gate=None if tls is None else CallerGate(lambda: authorizer.policy_set, metrics=metrics),
     ).start()
     running = Running(server, service, authorizer, watcher, provider, metrics)
+    if renew is not None:
+        running._stops.append(renew())
     watcher.start()
     running._stops.append(watcher.stop)
     if hasattr(provider, "shutdown"):
@@ -341,6 +407,7 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
             "kind": options.kind,
             "policy_version": authorizer.version[:12],
             "metrics_port": running.metrics_port,
+            "mtls": tls is not None,
         },
     )
     return running
@@ -508,8 +575,6 @@ def _await_workers(
 ) -> str | None:
     """The policy version once every worker serves; UserError if one fails or dies first."""
     import queue
-
-    from meshward.errors import UserError
 
     version = ""
     started: set[int] = set()

@@ -17,8 +17,10 @@ from opentelemetry.trace import NoOpTracerProvider, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshward.extauthz import decisionlog
-from meshward.extauthz.authorizer import Authorizer, CheckResult, deny_response
+from meshward.extauthz.authorizer import Authorizer, CheckResult
 from meshward.extauthz.metrics import Metrics
+from meshward.extauthz.response import deny_response
+from meshward.telemetry.limits import clip
 
 log = logging.getLogger("meshward.extauthz")
 
@@ -91,6 +93,8 @@ class CheckService:
                 http_status=403,
                 reason=f"internal error in ext_authz ({type(exc).__name__}); denied (fail closed)",
                 policy_version=self.authorizer.version,
+                code="internal_error",
+                verbose=self.authorizer.verbose_denials,
             )
             result.response = deny_response(result, trace_id)
             if self.metrics is not None:
@@ -142,7 +146,7 @@ def _annotate(span: Any, result: CheckResult) -> None:
         attributes["meshward.audit"] = list(result.audit_policies)
     span.set_attributes(attributes)
     if not result.allowed:
-        span.set_status(Status(StatusCode.ERROR, result.reason))
+        span.set_status(Status(StatusCode.ERROR, clip(result.reason)))
 
 
 class EmptyCheckService:

@@ -19,6 +19,7 @@ from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
     Condition,
+    DenialDetails,
     JwtRule,
     MeshConfig,
     MtlsMode,
@@ -71,11 +72,14 @@ def _selector(selector: Mapping[str, str] | None) -> dict[str, Any]:
 
 
 def mesh_document(mesh: MeshConfig) -> dict[str, Any]:
+    spec: dict[str, Any] = {"trustDomain": mesh.trust_domain, "rootNamespace": mesh.root_namespace}
+    if mesh.denial_details is not DenialDetails.QUIET:  # the default leaves versions unchanged
+        spec["denialDetails"] = mesh.denial_details.value
     return {
         "apiVersion": MESHWARD_API,
         "kind": "MeshConfig",
         "metadata": {"name": "mesh"},
-        "spec": {"trustDomain": mesh.trust_domain, "rootNamespace": mesh.root_namespace},
+        "spec": spec,
     }
 
 

@@ -26,6 +26,7 @@ from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
     Condition,
+    DenialDetails,
     JwtHeader,
     JwtRule,
     MeshConfig,
@@ -640,7 +641,9 @@ class _Reader:
         data = self.doc.data
         self.mapping(data, "", ("apiVersion", "kind", "metadata", "spec"))
         self.mapping(data.get("metadata"), "metadata", METADATA_FIELDS, ignored=KUBERNETES_METADATA)
-        spec = self.mapping(data.get("spec"), "spec", ("trustDomain", "rootNamespace"))
+        spec = self.mapping(
+            data.get("spec"), "spec", ("trustDomain", "rootNamespace", "denialDetails")
+        )
         trust_domain = DEFAULT_TRUST_DOMAIN
         root = DEFAULT_ROOT_NAMESPACE
         if "trustDomain" in spec:
@@ -653,7 +656,17 @@ class _Reader:
                 self.name(spec["rootNamespace"], "spec.rootNamespace", _DNS_LABEL, "namespace")
                 or DEFAULT_ROOT_NAMESPACE
             )
-        return MeshConfig(trust_domain=trust_domain, root_namespace=root)
+        details = DenialDetails.QUIET
+        text = self.string(spec.get("denialDetails"), "spec.denialDetails")
+        if text is not None:
+            try:
+                details = DenialDetails(text)
+            except ValueError:
+                self.error(
+                    "spec.denialDetails",
+                    f"{text!r} is not one of {', '.join(d.value for d in DenialDetails)}",
+                )
+        return MeshConfig(trust_domain=trust_domain, root_namespace=root, denial_details=details)
 
     def workload(self) -> Workload | None:
         count = len(self.problems)

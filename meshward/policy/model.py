@@ -35,10 +35,21 @@ class Origin:
         return f"{self.file}#{self.index}"
 
 
+class DenialDetails(StrEnum):
+    """What a denied caller is told. QUIET (default): a stable reason code and the trace id,
+    nothing about policy names or rules (a caller must not learn the policy by probing);
+    operators read the full story in the decision log / ``meshward denials`` by trace id.
+    VERBOSE: the deciding policy, rule and reason in the body (development)."""
+
+    QUIET = "quiet"
+    VERBOSE = "verbose"
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    denial_details: DenialDetails = DenialDetails.QUIET
 
 
 class Protocol(StrEnum):

@@ -48,6 +48,9 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignor
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+MAX_EXPORT_BYTES = 16 * 1024 * 1024
+
+
 class OtlpReceiver:
     """Listens on 127.0.0.1 (kernel-chosen port); ``endpoint`` is ``127.0.0.1:<port>``."""
 
@@ -63,7 +66,11 @@ class OtlpReceiver:
         self._keep = keep
         self._spans: list[ReceivedSpan] = []
         self._lock = threading.Condition()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        # Envoy's and other exporters' batches are not ours to size: take up to 16 MiB.
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            options=[("grpc.max_receive_message_length", MAX_EXPORT_BYTES)],
+        )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _TraceService(self), self._server
         )

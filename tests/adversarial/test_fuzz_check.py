@@ -84,8 +84,12 @@ def services(
                 + "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
                 + f"metadata: {{name: {name}, namespace: foo}}\n{spec}\n"
             )
+            # Plaintext, in process: the fuzz targets the authorizer behind the caller gate
+            # (tests/unit/extauthz/test_callers.py covers the gate and mTLS).
             running = start_service(
-                ServeOptions(policy_paths=[directory], metrics_port=0, poll_interval=60)
+                ServeOptions(
+                    policy_paths=[directory], metrics_port=0, poll_interval=60, plaintext=True
+                )
             )
             started[name] = Service(running)
         yield started

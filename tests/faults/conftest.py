@@ -201,6 +201,7 @@ class FaultMesh:
             python, "-m", "meshward", "extauthz", "serve",
             "--policy", str(self.policy_dir),
             "--listen", f"127.0.0.1:{self.extauthz_port}",
+            "--ca", str(self.ca_dir),  # its own SVID; follows the CA rotation test
             "--metrics-listen", f"127.0.0.1:{self.extauthz_metrics_port}",
             "--poll-interval", str(WATCH_INTERVAL),
             "--ready-file", str(self.root / "extauthz.json"),

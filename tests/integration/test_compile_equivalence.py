@@ -30,7 +30,7 @@ from google.rpc import status_pb2
 
 from meshward.certs.ca import CertificateAuthority
 from meshward.compile import CompileOptions, Endpoint, synth
-from meshward.compile.names import rbac_policy_name
+from meshward.compile.names import extauthz_spiffe_id, rbac_policy_name
 from meshward.compile.testing import SidecarConnection, StaticSidecar, client_context
 from meshward.demo.echo import EchoServer
 from meshward.policy import PolicySet, Request, evaluate
@@ -108,11 +108,18 @@ class CheckServer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore
 
 
 @pytest.fixture(scope="module")
-def check_server() -> Iterator[tuple[CheckServer, int]]:
+def check_server(ca: CertificateAuthority) -> Iterator[tuple[CheckServer, int]]:
+    """Over mTLS with the ext_authz identity, as the compiled cluster requires (issue 13)."""
     servicer = CheckServer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    svid = ca.issue(extauthz_spiffe_id(MeshConfig(trust_domain=synth.TRUST_DOMAIN)))
+    credentials = grpc.ssl_server_credentials(
+        [(svid.private_key_pem, svid.cert_chain_pem)],
+        root_certificates=ca.trust_bundle().roots_pem,
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     yield servicer, port
     server.stop(grace=None)

@@ -20,6 +20,7 @@ import yaml
 from meshward.certs.ca import CertificateAuthority
 from meshward.cli import main
 from meshward.compile import CompileOptions, Endpoint, Mode, compile_workload, static_bootstrap
+from meshward.compile.names import extauthz_spiffe_id
 from meshward.compile.testing import workload_secrets
 from meshward.compile.workload import to_dict
 from meshward.demo import compose
@@ -138,7 +139,13 @@ def test_services_agree_with_the_generated_files(config: dict[str, Any], policy:
     assert f"--access-log={compose.ACCESS_LOG}" in xds_args
     assert f"--admin=0.0.0.0:{compose.XDS_ADMIN_PORT}" in xds_args
     assert f"--decision-log={compose.DECISION_LOG}" in services["extauthz"]["command"]
+    assert f"--tls-dir={compose.EXTAUTHZ_TLS_DIR}" in services["extauthz"]["command"]
     credentials = " ".join(services["credentials"]["command"])
+    # ext_authz's SVID is the identity the compiled sidecars pin (issue 13: mTLS to ext_authz).
+    assert f"--spiffe-id {extauthz_spiffe_id(policy.mesh)}" in credentials
+    assert any(
+        target == compose.EXTAUTHZ_TLS_DIR for _, target, _ in _bind_mounts(services["extauthz"])
+    )
     assert " ".join(compose.BOOTSTRAP_ARGS) in credentials
     assert all(ref.split("/")[1] in credentials for ref in refs)
     envoy_version = subprocess.run(

@@ -25,12 +25,14 @@ from typing import Any
 
 import pytest
 
+from meshward.certs.ca import CertificateAuthority
 from meshward.demo.echo import EchoServer
 from meshward.envoy.process import EnvoyProcess
 from meshward.extauthz.envoyconfig import sidecar
 from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.policy import load
 from meshward.telemetry.collector import OtlpReceiver
+from meshward.testing.extauthz import issue_service_tls, sidecar_tls
 
 WORKLOAD = "foo/httpbin"
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +42,13 @@ apiVersion: meshward.dev/v1
 kind: Workload
 metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
 spec: {ports: [{name: http, port: 8000}]}
+---
+# Development mode: denial bodies name policy, rule and reason (the default is quiet; see
+# tests/adversarial/test_hostile_requests.py), so this module can check them end to end.
+apiVersion: meshward.dev/v1
+kind: MeshConfig
+metadata: {name: mesh}
+spec: {denialDetails: verbose}
 """
 ADMINS_YAML = """\
 apiVersion: security.istio.io/v1
@@ -96,8 +105,9 @@ class _JwksServer:
 class ExtAuthzProcess:
     """`python -m meshward extauthz serve` as a child process; restartable on the same port."""
 
-    def __init__(self, workdir: Path, policy_dir: Path, otlp_endpoint: str) -> None:
+    def __init__(self, workdir: Path, policy_dir: Path, otlp_endpoint: str, tls_dir: Path) -> None:
         self.workdir = workdir
+        self.tls_dir = tls_dir
         self.policy_dir = policy_dir
         self.otlp_endpoint = otlp_endpoint
         self.decision_log = workdir / "decisions.jsonl"
@@ -112,6 +122,7 @@ class ExtAuthzProcess:
             sys.executable, "-m", "meshward", "extauthz", "serve",
             "--policy", str(self.policy_dir),
             "--listen", f"127.0.0.1:{self.port}",
+            "--tls-dir", str(self.tls_dir),
             "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
             "--otlp-endpoint", self.otlp_endpoint,
             "--decision-log", str(self.decision_log),
@@ -211,7 +222,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         (policy_dir / "jwt.yaml").write_text(
             issuer.request_authentication_yaml("foo", "jwt", {"app": "httpbin"}, jwks_uri=jwks.url)
         )
-        service = ExtAuthzProcess(workdir, policy_dir, otlp.endpoint)
+        ca = CertificateAuthority.ephemeral("cluster.local")
+        mesh = load([policy_dir]).mesh
+        tls = issue_service_tls(ca, mesh, workdir / "extauthz-tls")
+        service = ExtAuthzProcess(workdir, policy_dir, otlp.endpoint, tls.directory)
         service.start()
         try:
             config = sidecar(
@@ -221,6 +235,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 otlp_port=otlp.port,
                 access_log_path=str(access_log),
                 declared_port=8000,
+                extauthz_tls=sidecar_tls(ca, "spiffe://cluster.local/ns/foo/sa/httpbin", mesh),
             )
             with EnvoyProcess(config, name="sidecar", workdir=workdir / "envoy") as envoy:
                 yield Stack(issuer, envoy, service, otlp, policy_dir, access_log)

@@ -12,10 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-
-from meshward.extauthz.client import build_check_request
+from meshward.certs.ca import CertificateAuthority
+from meshward.extauthz.client import build_check_request, check_once
+from meshward.policy import load
+from meshward.testing.extauthz import issue_service_tls, issue_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = """\
@@ -42,14 +42,22 @@ def _metrics(port: int) -> dict[str, float]:
     }
 
 
-def _check(port: int, path: str) -> int:
-    """One Check on a fresh connection (so the kernel may pick either worker)."""
-    with grpc.insecure_channel(
-        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
-    ) as channel:
-        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        response = stub.Check(build_check_request(path=path, workload="foo/httpbin"), timeout=5)
-        return int(response.status.code)
+def _check(port: int, path: str, client_tls: Path) -> int:
+    """One Check over mTLS as foo/httpbin's sidecar, on a fresh connection (so the kernel may
+    pick either worker)."""
+    key, chain, roots = (
+        (client_tls / n).read_bytes() for n in ("key.pem", "cert-chain.pem", "root-cert.pem")
+    )
+    response = check_once(
+        "127.0.0.1",
+        port,
+        build_check_request(path=path, workload="foo/httpbin"),
+        cert_chain_pem=chain,
+        key_pem=key,
+        roots_pem=roots,
+        server_id="spiffe://cluster.local/ns/meshward-system/sa/meshward-extauthz",
+    )
+    return int(response.status.code)
 
 
 def _worker_pids(parent: int) -> set[int]:
@@ -73,6 +81,11 @@ def _is_worker(pid: int) -> bool:
 def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: Path) -> None:
     (tmp_path / "policy.yaml").write_text(POLICY)
     ready = tmp_path / "ready.json"
+    ca = CertificateAuthority.ephemeral("cluster.local")
+    server_tls = issue_service_tls(ca, load([tmp_path / "policy.yaml"]).mesh, tmp_path / "tls")
+    client = issue_tls(
+        ca, "spiffe://cluster.local/ns/foo/sa/httpbin", tmp_path / "client"
+    ).directory
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -84,6 +97,8 @@ def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: P
             str(tmp_path),
             "--listen",
             "127.0.0.1:0",
+            "--tls-dir",
+            str(server_tls.directory),
             "--workers",
             "2",
             "--metrics-listen",
@@ -108,7 +123,7 @@ def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: P
         port = int(info["listen"].rsplit(":", 1)[1])
         metrics_port = int(info["metrics"].rsplit(":", 1)[1])
 
-        codes = [_check(port, "/public/x" if i % 2 else "/private") for i in range(20)]
+        codes = [_check(port, "/public/x" if i % 2 else "/private", client) for i in range(20)]
         assert codes == [7, 0] * 10
         deadline = time.monotonic() + 5
         while True:  # workers copy cache counters into the shared files every 0.5 s
@@ -133,7 +148,7 @@ def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: P
                 break
             assert time.monotonic() < deadline, f"worker not replaced: {current}"
             time.sleep(0.1)
-        assert all(_check(port, "/public/y") == 0 for _ in range(10))
+        assert all(_check(port, "/public/y", client) == 0 for _ in range(10))
     finally:
         proc.terminate()
         try:

@@ -17,6 +17,14 @@ spec: {ports: [{name: http, port: 8000}]}
 """
 
 
+VERBOSE_MESH_YAML = """\
+apiVersion: meshward.dev/v1
+kind: MeshConfig
+metadata: {name: mesh}
+spec: {denialDetails: verbose}
+"""
+
+
 @pytest.fixture(scope="session")
 def issuer() -> LocalIssuer:
     return LocalIssuer()
@@ -33,11 +41,15 @@ PolicyFactory = Callable[..., PolicySet]
 
 @pytest.fixture(scope="session")
 def policy_set_for(issuer: LocalIssuer) -> PolicyFactory:
-    """``policy_set_for(*docs, ra_extra="")``: the workload, a RequestAuthentication trusting
+    """``policy_set_for(*docs, ra_extra="", verbose=False)``: the workload, a RequestAuthentication trusting
     ``issuer`` and the given documents."""
 
-    def build(*docs: str, ra_extra: str = "", with_ra: bool = True) -> PolicySet:
+    def build(
+        *docs: str, ra_extra: str = "", with_ra: bool = True, verbose: bool = False
+    ) -> PolicySet:
         parts = [WORKLOAD_YAML]
+        if verbose:  # denial bodies name policy, rule and reason (default: quiet)
+            parts.append(VERBOSE_MESH_YAML)
         if with_ra:
             parts.append(
                 issuer.request_authentication_yaml("foo", "jwt", {"app": "httpbin"}, extra=ra_extra)

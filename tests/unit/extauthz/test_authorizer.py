@@ -51,7 +51,7 @@ class Clocks:
 def _authorizer(policy_set: Any, clocks: Clocks | None = None, **kw: Any) -> Authorizer:
     clocks = clocks or Clocks()
     verifier = JwtVerifier(clock=clocks.mono, wall_clock=clocks.wall)
-    cache: DecisionCache[Any] = DecisionCache(1000, ttl=kw.pop("ttl", 60.0), timer=clocks.mono)
+    cache: DecisionCache[Any] = DecisionCache(1 << 24, ttl=kw.pop("ttl", 60.0), timer=clocks.mono)
     return Authorizer(
         policy_set, verifier=verifier, cache=cache, wall_clock=clocks.wall, clock=clocks.mono, **kw
     )
@@ -103,10 +103,39 @@ def test_anonymous_allow_removes_forged_identity_headers(policy_set_for: PolicyF
     assert set(out["headers_to_remove"]) == {"x-meshward-principal", "x-meshward-user"}
 
 
+def test_denials_are_quiet_by_default(policy_set_for: PolicyFactory, issuer: LocalIssuer) -> None:
+    """A caller learns a stable code and the trace id, never policy names, rules or reasons
+    (issue 13); the decision log / CheckResult keep the full story for operators."""
+    authorizer = _authorizer(policy_set_for(ADMIN_POLICY))
+    result = _check(authorizer, token=issuer.token(groups=["dev"]))
+    out = describe_response(result.response)
+    assert out["http_status"] == 403 and out["grpc_code"] == 7
+    assert out["body"] == {
+        "error": "access denied",
+        "code": "no_matching_allow",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+    }
+    assert "x-meshward-denied-by" not in out["headers"]
+    assert result.policy == "foo/admins" and "no ALLOW policy matched" in result.reason
+    expired = _check(authorizer, path="/public", token=issuer.token(exp=int(time.time()) - 3600))
+    out = describe_response(expired.response)
+    assert out["http_status"] == 401 and out["body"]["code"] == "invalid_token"
+    assert set(out["body"]) == {"error", "code", "trace_id"}
+    assert out["headers"]["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert "expired" not in str((out["body"], out["headers"])) and expired.reason == "token expired"
+    deny = _check(authorizer, path="/x/../../etc")
+    assert describe_response(deny.response)["body"]["code"] in (
+        "request_rejected",
+        "no_matching_allow",
+    )
+
+
 def test_wrong_claim_is_403_naming_the_policy(
     policy_set_for: PolicyFactory, issuer: LocalIssuer
 ) -> None:
-    result = _check(_authorizer(policy_set_for(ADMIN_POLICY)), token=issuer.token(groups=["dev"]))
+    result = _check(
+        _authorizer(policy_set_for(ADMIN_POLICY, verbose=True)), token=issuer.token(groups=["dev"])
+    )
     assert not result.allowed and result.http_status == 403
     out = describe_response(result.response)
     assert out["http_status"] == 403 and out["grpc_code"] == 7
@@ -131,7 +160,9 @@ spec:
   rules:
   - when: [{key: "request.auth.claims[role]", values: ["intern"]}]
 """
-    result = _check(_authorizer(policy_set_for(deny)), token=issuer.token(role="intern"))
+    result = _check(
+        _authorizer(policy_set_for(deny, verbose=True)), token=issuer.token(role="intern")
+    )
     body = describe_response(result.response)["body"]
     assert (body["policy"], body["rule"]) == ("foo/no-interns", 0)
 
@@ -140,7 +171,7 @@ def test_bad_token_is_401_naming_the_request_authentication(
     policy_set_for: PolicyFactory, issuer: LocalIssuer
 ) -> None:
     result = _check(
-        _authorizer(policy_set_for(ADMIN_POLICY)),
+        _authorizer(policy_set_for(ADMIN_POLICY, verbose=True)),
         path="/public",
         token=issuer.token(exp=int(time.time()) - 3600),
     )
@@ -148,7 +179,8 @@ def test_bad_token_is_401_naming_the_request_authentication(
     out = describe_response(result.response)
     assert out["grpc_code"] == 16
     assert out["body"] == {
-        "error": "access denied",
+        "error": "unauthenticated",
+        "code": "invalid_token",
         "policy": "foo/jwt",
         "rule": 0,
         "reason": "token expired",
@@ -240,7 +272,8 @@ def test_negative_decisions_are_cached(policy_set_for: PolicyFactory, issuer: Lo
     assert [r.allowed for r in results] == [False] * 3
     assert [r.cache_hit for r in results] == [False, True, True]
     assert authorizer.evaluations == 1
-    assert describe_response(results[2].response)["body"]["policy"] == "foo/admins"
+    assert results[2].policy == "foo/admins"
+    assert describe_response(results[2].response)["body"]["code"] == "no_matching_allow"
 
 
 def test_entry_never_outlives_the_token(policy_set_for: PolicyFactory, issuer: LocalIssuer) -> None:

@@ -192,4 +192,6 @@ def test_any_request_gets_a_well_formed_answer_without_internal_errors(
         assert kind == "ok_response" and result.allowed
     else:
         assert kind == "denied_response" and not result.allowed
-        assert response.denied_response.body.startswith('{"error":"access denied"')
+        assert response.denied_response.body.startswith(
+            ('{"error":"access denied","code":', '{"error":"unauthenticated","code":')
+        )

@@ -1,0 +1,39 @@
+"""`meshward extauthz serve` limit flags: sizes parse with units, nonsense is a usage error (exit
+2, one line), and --help teaches the limits."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from meshward.cli import main
+from meshward.extauthz.cli import byte_size
+
+
+def test_sizes_with_units() -> None:
+    assert byte_size("65536") == 65536
+    assert byte_size("512KiB") == 512 * 1024
+    assert byte_size("64MiB") == byte_size("64m") == 64 << 20
+    assert byte_size("1GiB") == 1 << 30
+    for bad in ("", "-5", "12XB", "1.5MiB", "100"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            byte_size(bad)
+
+
+def test_bad_limits_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag in ("--cache-bytes", "--decision-log-max-bytes"):
+        with pytest.raises(SystemExit) as exited:
+            main(["extauthz", "serve", "--policy", "examples", "--ca", ".", flag, "lots"])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "expected a size like 65536" in err and "Traceback" not in err
+
+
+def test_help_teaches_the_limits_and_the_doors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["extauthz", "serve", "--help"])
+    out = capsys.readouterr().out
+    for text in ("--cache-bytes", "--decision-log-max-bytes", "--tls-dir", "--ca", "mTLS only",
+                 "only about its own", "denialDetails: verbose", "[truncated N chars]"):  # fmt: skip
+        assert text in out, text

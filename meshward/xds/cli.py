@@ -152,6 +152,13 @@ def serve(args: argparse.Namespace) -> int:
                 f"policy trust domain {service.control.policy.mesh.trust_domain!r} differs from "
                 f"the CA's {ca.trust_domain!r}; fix MeshConfig.spec.trustDomain or use another CA"
             )
+        errors = service.control.compile_errors()
+        if errors:
+            first = next(iter(errors.values())).removeprefix("UserError: ")
+            raise UserError(
+                f"refusing to start: {len(errors)} workload(s) cannot be compiled "
+                f"({', '.join(list(errors)[:5])}{', ...' if len(errors) > 5 else ''}): {first}"
+            )
         await service.start()
         ready = {
             "ads": service.address,
@@ -179,8 +186,12 @@ def serve(args: argparse.Namespace) -> int:
         finally:
             await service.stop()
 
+    from meshward.xds.server import AddressInUse
+
     try:
         asyncio.run(main())
+    except AddressInUse as exc:
+        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(
             f"cannot listen on {args.listen} or {args.admin}: {exc.strerror or exc}"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from meshward.errors import UserError
 from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import types
 from meshward.xds.cache import SnapshotCache
@@ -123,7 +124,9 @@ class ControlPlane:
         self._server_svid: Any = None
         self._server_generation: int | None = None  # the CA generation that signed it
         self._compiled_at = wall_clock()
+        self._first_compile = True
         self._recompile(self._compiled_at)
+        self._first_compile = False
         self._refresh_bundle(self._compiled_at)
 
     # -- policy --------------------------------------------------------------------------------
@@ -137,7 +140,13 @@ class ControlPlane:
                 resources = _sort_resources(self.compiler(self.policy, workload, now))
                 config = WorkloadConfig(resources, _fingerprint(resources))
             except Exception as exc:  # keep the last good config of this workload
-                log.exception("compiling %s failed; it keeps its previous config", workload.ref)
+                if not isinstance(exc, UserError):  # a bug: the traceback helps
+                    log.exception("compiling %s failed; it keeps its previous config", workload.ref)
+                elif not self._first_compile:
+                    # The policy asks for what this server was not given (e.g. --extauthz): one
+                    # line. The first compile's errors are the constructor's caller's to report
+                    # (`xds serve` refuses to start; XdsService.start logs them).
+                    log.error("%s; it keeps its previous config", exc)
                 config = WorkloadConfig(
                     previous.resources if previous else {},
                     previous.fingerprint if previous else (),
@@ -209,6 +218,10 @@ class ControlPlane:
         changed = self._recompile(now)
         log.info("expires-at reached: recompiled, %d workload(s) changed", len(changed))
         self._refresh_nodes(changed)
+
+    def compile_errors(self) -> dict[str, str]:
+        """Workload ref -> why its config could not be compiled (it keeps its previous one)."""
+        return {ref: c.error for ref, c in sorted(self.configs.items()) if c.error}
 
     # -- nodes ---------------------------------------------------------------------------------
     def _workload(self, node: NodeId) -> Workload | None:

@@ -50,6 +50,10 @@ _WAKE = object()
 _END = object()
 
 
+class AddressInUse(OSError):
+    """The ADS address cannot be bound (another process holds it: never shared)."""
+
+
 class NodeRejected(Exception):
     """The stream's node may not connect; ``reason`` is a short label, the message says why."""
 
@@ -155,6 +159,9 @@ class AdsServer:
         (only for tests of the protocol itself; node authentication then fails closed)."""
         server = grpc.aio.server(
             options=[
+                # grpcio sets SO_REUSEPORT by default: a second control plane (maybe with another
+                # CA) would silently share this port and take half the sidecars. Never share.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -162,10 +169,18 @@ class AdsServer:
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio's "Failed to bind to address ..."
+            port = 0
+        if not port:
+            raise AddressInUse(
+                f"cannot listen on {address}: the address is in use (another control plane?) "
+                "or not local; stop the other process or pick another --listen"
+            )
         await server.start()
         self._server = server
         self.port = int(port)

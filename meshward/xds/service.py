@@ -89,12 +89,19 @@ class XdsService:
         return server_spiffe_id(self.control.policy, self.control.ca.trust_domain)
 
     async def start(self) -> XdsService:
+        for ref, error in self.control.compile_errors().items():
+            log.error("workload %s cannot be compiled (it gets no config): %s", ref, error)
         tls = self.control.make_server_tls()
         self.port = await self.ads.start(self.listen, tls.credentials())
         if self.admin_address is not None:
             host, port = split_address(self.admin_address)
-            self.admin = AdminServer(self.status, self.metrics.exposition)
-            await self.admin.start(host, port)
+            admin = AdminServer(self.status, self.metrics.exposition)
+            try:
+                await admin.start(host, port)
+            except OSError:  # e.g. the admin port is taken: release the ADS port too
+                await self.ads.stop(0)
+                raise
+            self.admin = admin
         self._tasks.append(asyncio.create_task(self.control.run(), name="meshward-xds-timers"))
         if self.watcher is not None:
             on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from meshward.policy import PolicySet
 from meshward.xds.admin import AdminServer
 from meshward.xds.controlplane import ControlPlane, WorkloadCompiler, server_spiffe_id
+from meshward.xds.limits import NodeLimits
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.server import AdsServer
 from meshward.xds.status import DEFAULT_DRIFT_THRESHOLD
@@ -48,12 +49,14 @@ class XdsService:
         policy_paths: Sequence[str | Path] | None = None,
         watch_interval: float = 0.5,
         schedule: Any = None,
+        limits: NodeLimits | None = None,
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
         :func:`meshward.xds.compiler.compiler_for` with the mesh's CompileOptions. ``listen``:
         the ADS address (mTLS); ``admin``: /status and /metrics (None: off). ``schedule``: a
-        :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%)."""
+        :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%). ``limits``:
+        per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`)."""
         self.watcher: Any = None
         if policy_paths:
             from meshward.policy.watch import PolicyWatcher
@@ -65,9 +68,14 @@ class XdsService:
         if policy is None:
             raise ValueError("give a policy set or policy paths to watch")
         self.metrics = XdsMetrics()
-        self.control = ControlPlane(policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule)
+        self.limits = limits or NodeLimits()
+        self.control = ControlPlane(
+            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits
+        )
         self.control.metrics = self.metrics
-        self.ads = AdsServer(self.control, metrics=self.metrics, drift_threshold=drift_threshold)
+        self.ads = AdsServer(
+            self.control, metrics=self.metrics, drift_threshold=drift_threshold, limits=self.limits
+        )
         self.metrics.add_state(self.status)
         self.listen = listen
         self.admin_address = admin

@@ -32,7 +32,7 @@ class WorkloadState:
     outbound: Mapping[str, str] = field(default_factory=dict)  # "ns/peer:8080" -> HOST:PORT
     access_log: str | None = None  # the sidecar's JSON access log
     envoy_log: str | None = None
-    admin: str | None = None  # the sidecar's Envoy admin URL
+    admin: str | None = None  # the sidecar's Envoy admin Unix socket (mode 0600)
 
     @property
     def name(self) -> str:

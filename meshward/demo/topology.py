@@ -323,7 +323,7 @@ class DemoMesh:
                 outbound={k: str(v) for k, v in sorted(binding.outbound.items())},
                 access_log=str(sidecar.envoy.workdir / ACCESS_LOG),
                 envoy_log=str(sidecar.envoy.log_path),
-                admin=sidecar.envoy.admin_url,
+                admin=str(sidecar.envoy.admin_socket),
             )
         metrics = extauthz.get("metrics")
         return demo_state.DemoState(

@@ -330,3 +330,27 @@ async def test_a_request_flood_on_one_stream_stays_within_its_queue(start: Any) 
     await until(lambda: stream.queue.empty(), what="the server to read them")
     assert 1 <= stream.queue_peak <= 4
     await still_works(mesh, FRONTEND)
+
+
+class _StuckContext:
+    """A stream whose node never reads: HTTP/2 flow control leaves the write pending forever."""
+
+    async def write(self, message: object) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_push_the_node_never_reads_closes_its_stream(
+    start: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from meshward.xds.protocol import Push
+
+    caplog.set_level(logging.WARNING, logger="meshward.xds.audit")
+    mesh = await start(NodeLimits(write_timeout=0.2))
+    client = mesh.open(FRONTEND)
+    await until(lambda: mesh.in_sync(FRONTEND), what="the node")
+    [stream] = mesh.service.ads.streams.values()
+    push = Push(type_url=types.CLUSTER, version="v", nonce="n", resources=())
+    assert not await mesh.service.ads._write(stream, _StuckContext(), push)
+    assert mesh.metric("meshward_xds_streams_closed_total", reason="not-reading") == 1
+    assert any("did not read a push" in r.getMessage() for r in caplog.records)
+    assert client.error is None

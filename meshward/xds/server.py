@@ -243,12 +243,15 @@ class AdsServer:
             )
             await self._reject(context, STREAM_LIMIT, message, raw_id, identity, peer)
             return None
+        self._count_stream(identity, +1)  # held from here, so concurrent opens cannot overshoot
         try:
             await self.source.node_connected(node)
         except NodeRejected as err:  # a per-identity limit (instances, SVID rate)
+            self._count_stream(identity, -1)
             await self._reject(context, err.reason, str(err), raw_id, identity, peer)
             return None
         except Exception:  # e.g. the CA cannot issue: say so, and let Envoy retry
+            self._count_stream(identity, -1)
             log.exception("preparing node %s failed", node)
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the control plane cannot serve this node now"
@@ -272,8 +275,6 @@ class AdsServer:
             queue=asyncio.Queue(self.limits.stream_queue),
         )
         self.streams[stream.id] = stream
-        if identity is not None:
-            self.identity_streams[identity] = self.identity_streams.get(identity, 0) + 1
         self.cache.watch(str(node), stream.wake)
         log.info(
             "node %s connected (%s, stream %d, %s)", node, mode, stream.id, identity,
@@ -306,13 +307,18 @@ class AdsServer:
         )
         await context.abort(code, message)
 
+    def _count_stream(self, identity: str | None, delta: int) -> None:
+        if identity is None:
+            return
+        count = self.identity_streams.get(identity, 0) + delta
+        if count > 0:
+            self.identity_streams[identity] = count
+        else:
+            self.identity_streams.pop(identity, None)
+
     def _close(self, stream: Stream) -> None:
-        if self.streams.pop(stream.id, None) is not None and stream.identity is not None:
-            left = self.identity_streams.get(stream.identity, 1) - 1
-            if left > 0:
-                self.identity_streams[stream.identity] = left
-            else:
-                self.identity_streams.pop(stream.identity, None)
+        if self.streams.pop(stream.id, None) is not None:
+            self._count_stream(stream.identity, -1)
         self.cache.unwatch(str(stream.node), stream.wake)
         if not any(s.node == stream.node for s in self.streams.values()):
             self.source.node_disconnected(stream.node)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -152,3 +153,24 @@ def test_single_worker_extauthz_refuses_a_taken_port(kind: str) -> None:
         with pytest.raises(UserError, match="in use"):
             other.start()
         other.stop()
+
+
+async def test_a_running_server_logs_one_line_per_workload_for_a_change_it_cannot_compile(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ca = CertificateAuthority.ephemeral("cluster.local")
+    service = XdsService(
+        parse({"m.yaml": WORKLOAD}), ca, compiler_for(CompileOptions()), admin=None
+    )
+    await service.start()
+    try:
+        before = service.control.configs["shop/orders"].fingerprint
+        with caplog.at_level(logging.ERROR, logger="meshward.xds"):
+            service.control.apply_policy(parse({"m.yaml": WORKLOAD + CUSTOM}))
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info is None  # one line, no traceback
+        assert "needs the ext_authz service" in errors[0].getMessage()
+        assert service.control.configs["shop/orders"].fingerprint == before  # last good kept
+        assert "shop/orders" in service.control.compile_errors()
+    finally:
+        await service.stop()

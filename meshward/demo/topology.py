@@ -268,15 +268,18 @@ class DemoMesh:
 
         host, port = split_address(ads)
         for w in workloads:
-            path = write_sidecar_config(
-                self.dir / "sidecars",
-                NodeId(w.namespace, w.name),
-                host,
-                port,
-                ca=ca,
-                root_namespace=policy.mesh.root_namespace,
-                service_account=w.service_account or w.name,
-            )
+            try:
+                path = write_sidecar_config(
+                    self.dir / "sidecars",
+                    NodeId(w.namespace, w.name),
+                    host,
+                    port,
+                    ca=ca,
+                    root_namespace=policy.mesh.root_namespace,
+                    service_account=w.service_account or w.name,
+                )
+            except ValueError as exc:  # the admin socket path is too long for a Unix socket
+                raise UserError(f"{exc}: use a shorter --state directory") from None
             config = json.loads(path.read_text())
             if self.options.tune_tracing:
                 config["layered_runtime"] = {

@@ -18,7 +18,7 @@ examples:
   meshward xds serve --policy examples/ --ca certs/ca --listen 127.0.0.1:15010
   meshward xds serve --policy examples/ --ca certs/ca --listen 127.0.0.1:0 \\
       --admin 127.0.0.1:0 --bindings bindings.json --ready-file xds.json
-  meshward xds serve --policy examples/ --ca certs/ca --max-instances 20 --svid-rate 0.5 \
+  meshward xds serve --policy examples/ --ca certs/ca --max-instances 20 --svid-rate 0.5 \\
       --node-gc-after 5m          # tighter per-identity limits (see "per-identity limits")
 
 The ADS listener is mTLS only: its certificate is issued by the CA for

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from meshward.compile.options import Endpoint, Mode
+from meshward.compile.options import Mode
 from meshward.compile.workload import WorkloadResources, to_dict
 from meshward.envoy.runtime import re2_runtime
 
@@ -22,10 +22,12 @@ def static_bootstrap(
     secrets: Sequence[Any] = (),
     *,
     node_id: str | None = None,
-    admin: Endpoint | None = None,
+    admin_socket: str | None = None,
 ) -> Json:
     """A complete bootstrap dict (Envoy JSON) for ``resources`` with ``secrets`` (Secret protos
-    or dicts) inline. Without secrets, a config that references them will not load."""
+    or dicts) inline. Without secrets, a config that references them will not load.
+    ``admin_socket``: Envoy's admin on that Unix socket, mode 0600 (never a TCP port, which
+    any local process could use to drain or stop the sidecar)."""
     if resources.mode is not Mode.STATIC:
         raise ValueError("static_bootstrap needs resources compiled with Mode.STATIC")
     node = node_id or resources.workload
@@ -41,8 +43,6 @@ def static_bootstrap(
         bootstrap["static_resources"]["secrets"] = [
             s if isinstance(s, dict) else to_dict(s) for s in secrets
         ]
-    if admin is not None:
-        bootstrap["admin"] = {
-            "address": {"socket_address": {"address": admin.host, "port_value": admin.port}}
-        }
+    if admin_socket is not None:
+        bootstrap["admin"] = {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}}
     return bootstrap

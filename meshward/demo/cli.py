@@ -127,8 +127,9 @@ def _usage(state: Any) -> str:
     if state.extauthz_metrics:
         lines.append(f"ext_authz:     {state.extauthz_metrics}/metrics")
     lines.append(
-        "sidecar admin: " + "  ".join(f"{w.name} {w.admin}" for w in state.workloads.values())
+        "sidecar admin (Unix sockets, 0600; curl --unix-socket SOCKET http://envoy/ready):"
     )
+    lines.extend(f"  {w.name:10} {w.admin}" for w in state.workloads.values() if w.admin)
     lines.append(f"policies:      {state.policy_dir}  (edit them: changes are pushed live)")
     lines.append(
         "denials:       meshward denials   (add --since 5m, --workload shop/payments, --json)"

@@ -30,7 +30,9 @@ JAEGER_IP, XDS_IP, EXTAUTHZ_IP = "10.77.0.2", "10.77.0.3", "10.77.0.4"
 FIRST_APP_IP = 11  # 10.77.0.11, .12, ... in sorted workload order
 APP_PORT = 9080  # the echo app, on 127.0.0.1 inside its network namespace
 OUTBOUND_BASE = 15100
-ADMIN_PORT = 15000  # each sidecar's Envoy admin, on 127.0.0.1 inside its network namespace
+# Each sidecar's Envoy admin: a 0600 Unix socket in the sidecar container's own /tmp (its
+# bootstrap directory is a read-only mount), never a TCP port other containers could reach.
+ADMIN_SOCKET = "/tmp/envoy-admin.sock"
 XDS = "xds:15010"
 XDS_ADMIN_PORT = 15011
 EXTAUTHZ_PORT, EXTAUTHZ_METRICS_PORT = 9191, 9192
@@ -44,7 +46,7 @@ EXAMPLES_IN_IMAGE = "/app/examples"
 BOOTSTRAP_ARGS = (
     "--xds", XDS,
     "--policy", "examples",
-    "--admin-port", str(ADMIN_PORT),
+    "--admin-socket", ADMIN_SOCKET,
     "--path-prefix", CREDENTIALS_IN_CONTAINER,
 )  # fmt: skip
 

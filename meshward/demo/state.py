@@ -37,7 +37,7 @@ class WorkloadState:
     unlistened: Mapping[str, str] = field(default_factory=dict)
     access_log: str | None = None  # the sidecar's JSON access log
     envoy_log: str | None = None
-    admin: str | None = None  # the sidecar's Envoy admin URL
+    admin: str | None = None  # the sidecar's Envoy admin Unix socket (mode 0600)
 
     @property
     def name(self) -> str:

@@ -275,15 +275,18 @@ class DemoMesh:
 
         host, port = split_address(ads)
         for w in workloads:
-            path = write_sidecar_config(
-                self.dir / "sidecars",
-                NodeId(w.namespace, w.name),
-                host,
-                port,
-                ca=ca,
-                root_namespace=policy.mesh.root_namespace,
-                service_account=w.service_account or w.name,
-            )
+            try:
+                path = write_sidecar_config(
+                    self.dir / "sidecars",
+                    NodeId(w.namespace, w.name),
+                    host,
+                    port,
+                    ca=ca,
+                    root_namespace=policy.mesh.root_namespace,
+                    service_account=w.service_account or w.name,
+                )
+            except ValueError as exc:  # the admin socket path is too long for a Unix socket
+                raise UserError(f"{exc}: use a shorter --state directory") from None
             config = json.loads(path.read_text())
             if self.options.tune_tracing:
                 runtime = config.setdefault("layered_runtime", {"layers": []})
@@ -345,7 +348,7 @@ class DemoMesh:
                 unlistened=unlistened,
                 access_log=str(sidecar.envoy.workdir / ACCESS_LOG),
                 envoy_log=str(sidecar.envoy.log_path),
-                admin=sidecar.envoy.admin_url,
+                admin=str(sidecar.envoy.admin_socket),
             )
         metrics = extauthz.get("metrics")
         return demo_state.DemoState(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshward.envoy.admin import ADMIN_SOCKET_FILE, admin_pipe
+
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HTTP_PROTOCOL_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -49,8 +51,10 @@ def grpc_cluster(name: str, host: str, port: int, *, connect_timeout: str = "1s"
     return cluster
 
 
-def admin(host: str = "127.0.0.1", port: int = 0) -> dict[str, Any]:
-    return {"address": socket_address(host, port)}
+def admin(path: str = ADMIN_SOCKET_FILE) -> dict[str, Any]:
+    """Admin on a Unix socket, mode 0600 (relative paths: Envoy's working directory;
+    :class:`meshward.envoy.EnvoyProcess` places them in its workdir)."""
+    return admin_pipe(path)
 
 
 def http_proxy_listener(

@@ -1,9 +1,10 @@
 """Running one real Envoy process on loopback, and talking to its admin interface.
 
 Many Envoys run side by side (demo, tests, benchmarks), so each gets ``--disable-hot-restart``
-(no shared memory, nothing left in /dev/shm) and an admin port chosen by the kernel: the admin
-address is bound to ``127.0.0.1:0`` and read back from ``--admin-address-path``. Listeners may use
-port 0 as well; :meth:`EnvoyProcess.listener_port` reads the bound port from ``/listeners``.
+(no shared memory, nothing left in /dev/shm) and its admin on a Unix socket of its own, mode 0600,
+never a TCP port (any local process could drain or stop a TCP admin: see
+:mod:`meshward.envoy.admin`). Listeners may use port 0; :meth:`EnvoyProcess.listener_port` reads
+the bound port from ``/listeners``.
 """
 
 from __future__ import annotations
@@ -11,17 +12,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from meshward.envoy.admin import (
+    ADMIN_SOCKET_FILE,
+    MAX_SOCKET_PATH,
+    AdminClient,
+    admin_pipe,
+    admin_socket_of,
+)
 from meshward.envoy.binary import find_envoy
 
 
@@ -64,10 +71,11 @@ def validate_config(config: Mapping[str, Any], *, binary: Path | None = None) ->
 
 
 class EnvoyProcess:
-    """One Envoy with its own working directory, log file and admin port.
+    """One Envoy with its own working directory, log file and admin socket.
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`. The bootstrap's ``admin``
-    section is forced onto 127.0.0.1 with a kernel-chosen port unless the caller set one.
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. The bootstrap's admin is
+    kept where it is if it is a Unix socket (``pipe``), else put on ``<workdir>/admin.sock``
+    (mode 0600; a short private directory under /tmp when that path is too long for a socket).
     """
 
     def __init__(
@@ -83,8 +91,9 @@ class EnvoyProcess:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
-        self.config = _with_loopback_admin(config)
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"meshward-{name}-"))
+        self._socket_dir: Path | None = None  # a private short directory, removed at stop()
+        self.config, self.admin_socket = self._with_admin_socket(config)
         self.binary = binary or find_envoy()
         self.concurrency = concurrency
         self.log_level = log_level
@@ -92,23 +101,34 @@ class EnvoyProcess:
         self.env = dict(env) if env is not None else None
         self.config_path = self.workdir / "envoy.json"
         self.log_path = self.workdir / "envoy.log"
-        self.admin_address_path = self.workdir / "admin.address"
         self._proc: subprocess.Popen[bytes] | None = None
-        self._admin: str | None = None
+
+    def _with_admin_socket(self, config: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+        result: dict[str, Any] = json.loads(json.dumps(config))  # deep copy; proves it is JSON
+        given = admin_socket_of(result)
+        if given is not None:
+            path = Path(given) if os.path.isabs(given) else self.workdir.resolve() / given
+            result["admin"]["address"]["pipe"]["path"] = str(path)
+            return result, path
+        path = self.workdir.resolve() / ADMIN_SOCKET_FILE
+        if len(str(path).encode()) > MAX_SOCKET_PATH:
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="mw-admin-"))  # mode 0700
+            path = self._socket_dir / ADMIN_SOCKET_FILE
+        result["admin"] = {**result.get("admin", {}), **admin_pipe(path)}
+        return result, path
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, *, wait: bool = True, timeout: float = 30.0) -> EnvoyProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config, indent=1))
         with contextlib.suppress(FileNotFoundError):
-            self.admin_address_path.unlink()
+            self.admin_socket.unlink()  # a stale socket from an earlier run
         argv = [
             str(self.binary),
             "-c", str(self.config_path),
             "--disable-hot-restart",
             "--concurrency", str(self.concurrency),
             "--file-flush-interval-msec", "200",
-            "--admin-address-path", str(self.admin_address_path),
             "-l", self.log_level,
             *self.extra_args,
         ]  # fmt: skip
@@ -160,7 +180,7 @@ class EnvoyProcess:
 
     def ready(self) -> bool:
         """True once the admin ``/ready`` answers LIVE (never blocks longer than a second)."""
-        if self._admin_url() is None:
+        if not self.admin_socket.exists():
             return False
         with contextlib.suppress(OSError):
             status, body = self._get("/ready", timeout=1.0)
@@ -172,6 +192,13 @@ class EnvoyProcess:
         proc = self._proc
         if proc is None:
             return None
+        try:
+            return self._stop(proc, timeout)
+        finally:
+            if self._socket_dir is not None:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _stop(self, proc: subprocess.Popen[bytes], timeout: float) -> int | None:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -199,32 +226,9 @@ class EnvoyProcess:
     def log_tail(self, lines: int = 30) -> str:
         return tail(self.log_path, lines)
 
-    # -- admin -----------------------------------------------------------------------------------
-    def _admin_url(self) -> str | None:
-        if self._admin is None:
-            try:
-                address = self.admin_address_path.read_text().strip()
-            except FileNotFoundError:
-                return None
-            if not address:
-                return None
-            self._admin = f"http://{address}"
-        return self._admin
-
-    @property
-    def admin_url(self) -> str:
-        url = self._admin_url()
-        if url is None:
-            raise EnvoyStartError(f"{self.name}: admin address not known yet (not started?)")
-        return url
-
+    # -- admin (over its Unix socket) -------------------------------------------------------------
     def _get(self, path: str, *, timeout: float = 5.0, method: str = "GET") -> tuple[int, str]:
-        request = urllib.request.Request(self.admin_url + path, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode(errors="replace")
+        return AdminClient(self.admin_socket, timeout=timeout).request(path, method=method)
 
     def admin(self, path: str, *, method: str = "GET") -> str:
         """GET (or POST) an admin path; raise on a non-2xx answer."""
@@ -267,10 +271,3 @@ class EnvoyProcess:
             if listener.get("name") == name:
                 return int(listener["local_address"]["socket_address"]["port_value"])
         raise KeyError(f"{self.name}: no active listener named {name!r}")
-
-
-def _with_loopback_admin(config: Mapping[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(json.dumps(config))  # deep copy; proves it is JSON
-    admin = result.setdefault("admin", {})
-    admin.setdefault("address", {"socket_address": {"address": "127.0.0.1", "port_value": 0}})
-    return result

@@ -1,7 +1,7 @@
 """A sidecar's Envoy bootstrap for Meshward's ADS server (pure: values in, dict out).
 
-The bootstrap holds exactly one thing besides the node and the admin address: how to reach the
-control plane. Everything else (listeners, clusters, routes, endpoints, secrets) arrives over ADS.
+The bootstrap holds exactly one thing besides the node and the admin socket (a Unix socket,
+mode 0600: no TCP admin any local process could use): how to reach the control plane. Everything else (listeners, clusters, routes, endpoints, secrets) arrives over ADS.
 
 - ``ads_config``: ``api_type`` GRPC (state of the world) or DELTA_GRPC (incremental), V3,
   ``set_node_on_first_message_only``; LDS and CDS from ``ads`` (DESIGN.md field notes).
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshward.envoy.admin import ADMIN_SOCKET_FILE, admin_pipe
 from meshward.envoy.bootstrap import grpc_cluster
 from meshward.envoy.runtime import re2_runtime
 from meshward.xds.nodeid import NodeId
@@ -109,8 +110,7 @@ def render_bootstrap(
     server_identity: str,
     credentials: AdsCredentials,
     delta: bool = False,
-    admin_host: str = "127.0.0.1",
-    admin_port: int = 0,
+    admin_socket: str = ADMIN_SOCKET_FILE,
     metadata: Mapping[str, str] | None = None,
     connect_timeout: str = "1s",
 ) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def render_bootstrap(
     ads = {"ads": {}, "resource_api_version": "V3"}
     return {
         "node": {"id": str(node), "cluster": node.envoy_cluster(), "metadata": node_metadata},
-        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
+        "admin": admin_pipe(admin_socket),  # a 0600 Unix socket: no TCP admin for anyone
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "DELTA_GRPC" if delta else "GRPC",

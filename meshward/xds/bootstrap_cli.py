@@ -9,7 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import parse_workload_ref, port_number
+from meshward.cliutil import parse_workload_ref
+from meshward.envoy.admin import ADMIN_SOCKET_FILE
 from meshward.errors import UserError
 from meshward.xds.bootstrap import (
     BOOTSTRAP_FILE,
@@ -32,7 +33,9 @@ examples:
       --out sidecar-config/ --path-prefix /etc/meshward --delta
 
 writes <out>/<name>.<namespace>[.<instance>]/:
-  {BOOTSTRAP_FILE}   Envoy bootstrap: node id NS/NAME[/INSTANCE], admin on 127.0.0.1, ADS only
+  {BOOTSTRAP_FILE}   Envoy bootstrap: node id NS/NAME[/INSTANCE], ADS only, admin on the Unix
+               socket {ADMIN_SOCKET_FILE} beside it (mode 0600; --admin-socket), never TCP:
+               curl --unix-socket <dir>/{ADMIN_SOCKET_FILE} http://envoy/ready
   {CERT_FILE}  first-connection credentials (with --ca): an SVID for the workload's own
   {KEY_FILE}   identity (default TTL 24h; key 0600) and the trust bundle ({CA_FILE}).
 They authenticate the ADS connection only: the control plane accepts them only for this
@@ -44,17 +47,6 @@ dropped the control plane presents a certificate from the new one (`meshward sta
 sidecars still on an old root: ADS CREDS RETIRING).
 Run Envoy with: envoy -c {BOOTSTRAP_FILE} {ENVOY_FLAGS}
 """
-
-
-def _admin_port(value: str) -> int:
-    if value == "0":
-        return 0
-    try:
-        return port_number(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a port number 0-65535 (0: any free port), got {value!r}"
-        ) from None
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -78,13 +70,14 @@ def write_sidecar_config(
     root_namespace: str = "meshward-system",
     service_account: str | None = None,
     delta: bool = False,
-    admin_port: int = 0,
+    admin_socket: str | None = None,
     ttl: timedelta = DEFAULT_CREDENTIAL_TTL,
     path_prefix: str | None = None,
     server_identity: str | None = None,
 ) -> Path:
     """Write ``<out_dir>/<name>.<ns>[.<instance>]/`` (bootstrap + credentials); return the
-    bootstrap's path. ``path_prefix``: the directory as Envoy will see it (e.g. in a container)."""
+    bootstrap's path. ``path_prefix``: the directory as Envoy will see it (e.g. in a container).
+    ``admin_socket``: Envoy's admin socket path (default: ``admin.sock`` in that directory)."""
     directory = out_dir / ".".join(p for p in (node.workload, node.namespace, node.instance) if p)
     directory.mkdir(parents=True, exist_ok=True)
     if ca is not None:
@@ -107,7 +100,7 @@ def write_sidecar_config(
         or expected_spiffe_id(trust_domain, root_namespace, SERVER_SERVICE_ACCOUNT),
         credentials=AdsCredentials.in_directory(seen_as),
         delta=delta,
-        admin_port=admin_port,
+        admin_socket=admin_socket or f"{seen_as}/{ADMIN_SOCKET_FILE}",
     )
     path = directory / BOOTSTRAP_FILE
     _write(path, (json.dumps(config, indent=2) + "\n").encode(), 0o644)
@@ -165,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
     _check_identities(args, trust_domain, root_namespace, node.namespace, account or node.workload)
     try:
         path = _write_config(args, node, host, port, ca, trust_domain, root_namespace, account, ttl)
+    except ValueError as exc:  # e.g. an admin socket path too long for a Unix socket
+        raise UserError(f"{exc} (--admin-socket)") from None
     except OSError as exc:
         raise UserError(f"cannot write under --out {args.out}: {exc.strerror or exc}") from None
     print(f"wrote {path}")
@@ -211,7 +206,7 @@ def _write_config(
         root_namespace=root_namespace,
         service_account=account,
         delta=args.delta,
-        admin_port=args.admin_port,
+        admin_socket=args.admin_socket,
         ttl=ttl,
         path_prefix=args.path_prefix,
         server_identity=args.xds_identity,
@@ -221,7 +216,7 @@ def _write_config(
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Render a sidecar's Envoy bootstrap for Meshward's ADS server: node id and metadata, "
-        "admin on loopback, ADS (SotW or delta) over mTLS, and nothing else; everything else "
+        "admin on a 0600 Unix socket, ADS (SotW or delta) over mTLS, and nothing else; everything else "
         "arrives over ADS. With --ca, also write the first-connection credentials."
     )
     parser.epilog = EPILOG
@@ -237,8 +232,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="replica id, appended to the node id (NS/NAME/ID)")  # fmt: skip
     parser.add_argument("--delta", action="store_true",
                         help="use incremental (delta) ADS instead of state of the world")  # fmt: skip
-    parser.add_argument("--admin-port", type=_admin_port, default=0, metavar="PORT",
-                        help="Envoy admin port on 127.0.0.1 (default: 0, any free port)")  # fmt: skip
+    parser.add_argument("--admin-socket", metavar="PATH",
+                        help="Envoy admin's Unix socket, mode 0600, as Envoy sees it (default: "
+                             f"{ADMIN_SOCKET_FILE} in the sidecar's directory)")  # fmt: skip
     parser.add_argument("--ttl", default="24h", metavar="DURATION",
                         help="lifetime of the ADS credentials (default: %(default)s)")  # fmt: skip
     parser.add_argument("--policy", action="append", metavar="PATH",

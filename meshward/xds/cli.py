@@ -19,6 +19,8 @@ examples:
   meshward xds serve --policy examples/ --ca certs/ca --listen 127.0.0.1:15010
   meshward xds serve --policy examples/ --ca certs/ca --listen 127.0.0.1:0 \\
       --admin 127.0.0.1:0 --bindings bindings.json --ready-file xds.json
+  meshward xds serve --policy examples/ --ca certs/ca --max-instances 20 --svid-rate 0.5 \\
+      --node-gc-after 5m          # tighter per-identity limits (see "per-identity limits")
 
 The ADS listener is mTLS only: its certificate is issued by the CA for
 spiffe://<td>/ns/<root namespace>/sa/meshward-xds, and every sidecar must present the SVID of
@@ -42,6 +44,26 @@ def _duration_seconds(text: str) -> float:
         return parse_duration(text).total_seconds()
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _address(text: str) -> str:
@@ -146,6 +168,19 @@ def serve(args: argparse.Namespace) -> int:
         app_host=args.app_host,
     )
 
+    from meshward.xds.limits import NodeLimits
+
+    try:
+        limits = NodeLimits(
+            max_instances=args.max_instances,
+            max_streams=args.max_streams,
+            svid_rate=args.svid_rate,
+            svid_burst=args.svid_burst,
+            node_gc_after=args.node_gc_after,
+        )
+    except ValueError as exc:
+        raise UserError(f"invalid limit: {exc}") from None
+
     async def main() -> None:
         try:
             service = XdsService(
@@ -158,6 +193,7 @@ def serve(args: argparse.Namespace) -> int:
                 drift_threshold=args.drift_threshold,
                 policy_paths=args.policy,
                 watch_interval=args.watch_interval,
+                limits=limits,
             )
         except PolicyError as exc:
             raise UserError(f"the policy set is invalid; not starting.\n{exc}") from None
@@ -165,6 +201,13 @@ def serve(args: argparse.Namespace) -> int:
             raise UserError(
                 f"policy trust domain {service.control.policy.mesh.trust_domain!r} differs from "
                 f"the CA's {ca.trust_domain!r}; fix MeshConfig.spec.trustDomain or use another CA"
+            )
+        errors = service.control.compile_errors()
+        if errors:
+            first = next(iter(errors.values())).removeprefix("UserError: ")
+            raise UserError(
+                f"refusing to start: {len(errors)} workload(s) cannot be compiled "
+                f"({', '.join(list(errors)[:5])}{', ...' if len(errors) > 5 else ''}): {first}"
             )
         await service.start()
         ready = {
@@ -193,8 +236,12 @@ def serve(args: argparse.Namespace) -> int:
         finally:
             await service.stop()
 
+    from meshward.xds.server import AddressInUse
+
     try:
         asyncio.run(main())
+    except AddressInUse as exc:
+        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(
             f"cannot listen on {args.listen} or {args.admin}: {exc.strerror or exc}"
@@ -243,6 +290,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="where sidecars find their app without bindings (default: %(default)s)")  # fmt: skip
     p.add_argument("--watch-interval", type=positive_float, default=0.5, metavar="SECONDS",
                    help="policy directory poll interval (default: %(default)s)")  # fmt: skip
+    limits = p.add_argument_group(
+        "per-identity limits",
+        "Bound what one workload certificate can make the control plane hold or sign; a node "
+        "over a limit is refused with RESOURCE_EXHAUSTED (Envoy retries), counted in "
+        "meshward_xds_rejected_streams{reason} and logged once a minute per identity.",
+    )
+    limits.add_argument("--max-instances", type=_positive_int, default=100, metavar="N",
+                        help="node ids (NS/NAME/INSTANCE) one identity may have at once; a new "
+                             "one replaces the longest-disconnected (default: %(default)s)")  # fmt: skip
+    limits.add_argument("--max-streams", type=_positive_int, default=200, metavar="N",
+                        help="concurrent ADS streams per identity (default: %(default)s)")  # fmt: skip
+    limits.add_argument("--svid-rate", type=_positive_float, default=1.0, metavar="PER_SECOND",
+                        help="SVIDs signed per second per identity for new or reconnecting "
+                             "nodes; scheduled renewals do not count (default: %(default)s)")  # fmt: skip
+    limits.add_argument("--svid-burst", type=_positive_int, default=20, metavar="N",
+                        help="SVIDs one identity may get at once before --svid-rate applies "
+                             "(default: %(default)s)")  # fmt: skip
+    limits.add_argument("--node-gc-after", type=_duration_seconds, default=600.0,
+                        metavar="DURATION",
+                        help="forget a node (status, SVID) this long after its last stream "
+                             "closed (default: 10m)")  # fmt: skip
     p.add_argument("--ready-file", metavar="FILE",
                    help="write {ads, admin, server_identity, policy_version, pid} as JSON once "
                         "listening (for supervisors and scripts)")  # fmt: skip

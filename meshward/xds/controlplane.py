@@ -26,11 +26,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from meshward.errors import UserError
 from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import types
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
 from meshward.xds.credentials import ServerTls
+from meshward.xds.limits import (
+    INSTANCE_LIMIT,
+    SVID_RATE_LIMIT,
+    NodeLimits,
+    SvidRateLimiter,
+    expired,
+    make_room,
+    next_expiry,
+)
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
@@ -62,6 +72,7 @@ class NodeState:
     connected: bool = False
     issued: int = 0
     renew_at: datetime | None = None
+    disconnected_at: float | None = None  # monotonic; garbage-collected after limits.node_gc_after
 
 
 @dataclass
@@ -96,6 +107,7 @@ class ControlPlane:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         clock: Callable[[], float] = time.monotonic,
         reload_ca: bool = True,
+        limits: NodeLimits | None = None,
     ) -> None:
         from meshward.certs import RotationSchedule
 
@@ -108,6 +120,8 @@ class ControlPlane:
         self.wall_clock = wall_clock
         self.clock = clock
         self.reload_ca = reload_ca
+        self.limits = limits or NodeLimits()
+        self.svid_limiter = SvidRateLimiter(self.limits)
         self.cache = SnapshotCache()
         self.nodes: dict[str, NodeState] = {}
         self.configs: dict[str, WorkloadConfig] = {}
@@ -123,7 +137,9 @@ class ControlPlane:
         self._server_svid: Any = None
         self._server_generation: int | None = None  # the CA generation that signed it
         self._compiled_at = wall_clock()
+        self._first_compile = True
         self._recompile(self._compiled_at)
+        self._first_compile = False
         self._refresh_bundle(self._compiled_at)
 
     # -- policy --------------------------------------------------------------------------------
@@ -137,7 +153,13 @@ class ControlPlane:
                 resources = _sort_resources(self.compiler(self.policy, workload, now))
                 config = WorkloadConfig(resources, _fingerprint(resources))
             except Exception as exc:  # keep the last good config of this workload
-                log.exception("compiling %s failed; it keeps its previous config", workload.ref)
+                if not isinstance(exc, UserError):  # a bug: the traceback helps
+                    log.exception("compiling %s failed; it keeps its previous config", workload.ref)
+                elif not self._first_compile:
+                    # The policy asks for what this server was not given (e.g. --extauthz): one
+                    # line. The first compile's errors are the constructor's caller's to report
+                    # (`xds serve` refuses to start; XdsService.start logs them).
+                    log.error("%s; it keeps its previous config", exc)
                 config = WorkloadConfig(
                     previous.resources if previous else {},
                     previous.fingerprint if previous else (),
@@ -210,6 +232,10 @@ class ControlPlane:
         log.info("expires-at reached: recompiled, %d workload(s) changed", len(changed))
         self._refresh_nodes(changed)
 
+    def compile_errors(self) -> dict[str, str]:
+        """Workload ref -> why its config could not be compiled (it keeps its previous one)."""
+        return {ref: c.error for ref, c in sorted(self.configs.items()) if c.error}
+
     # -- nodes ---------------------------------------------------------------------------------
     def _workload(self, node: NodeId) -> Workload | None:
         return self.policy.workload(node.workload_ref)
@@ -235,16 +261,40 @@ class ControlPlane:
             )
 
     async def node_connected(self, node: NodeId) -> None:
+        """Raises NodeRejected when a per-identity limit refuses the node (see limits.py)."""
         key = str(node)
         state = self.nodes.get(key)
-        if state is None:
-            state = self.nodes[key] = NodeState(node, self.expected_identity(node))
-        state.connected = True
         now = self.wall_clock()
-        if (
-            state.svid is None
+        identity = state.identity if state else self.expected_identity(node)
+        evict: str | None = None
+        if state is None:
+            evict, ok = make_room(self.nodes, identity, self.limits.max_instances)
+            if not ok:
+                raise NodeRejected(
+                    INSTANCE_LIMIT,
+                    f"{identity} already has {self.limits.max_instances} connected node(s), "
+                    f"the most one identity may have (--max-instances); node {node} refused",
+                )
+        issue = (
+            state is None
+            or state.svid is None
             or now >= state.svid.not_after - (state.svid.not_after - state.svid.not_before) / 2
-        ):
+        )
+        if issue and not self.svid_limiter.allow(identity, self.clock()):
+            raise NodeRejected(
+                SVID_RATE_LIMIT,
+                f"{identity} asked for SVIDs faster than {self.limits.svid_rate:g}/s "
+                f"(burst {self.limits.svid_burst}; --svid-rate, --svid-burst); node {node} "
+                "refused for now, retry later",
+            )
+        if state is None:
+            if evict is not None:
+                log.info("node %s forgotten to make room for %s (--max-instances)", evict, node)
+                self.forget_node(evict)
+            state = self.nodes[key] = NodeState(node, identity)
+        state.connected = True
+        state.disconnected_at = None
+        if issue:
             self._issue(state, now, reason="first-request" if state.svid is None else "reconnect")
         elif key not in self.schedule:
             self.schedule.track(key, state.svid)
@@ -255,7 +305,28 @@ class ControlPlane:
         state = self.nodes.get(str(node))
         if state is not None:
             state.connected = False
+            state.disconnected_at = self.clock()
             self.schedule.forget(str(node))  # renewed on reconnect if due by then
+
+    def forget_node(self, key: str) -> None:
+        """Drop a disconnected node: its state, snapshot and renewal (it is new if it returns)."""
+        self.nodes.pop(key, None)
+        self.cache.discard(key)
+        self.schedule.forget(key)
+
+    def collect_nodes(self) -> list[str]:
+        """Forget nodes disconnected for ``limits.node_gc_after``; return their keys."""
+        keys = list(expired(self.nodes, self.clock(), self.limits.node_gc_after))
+        for key in keys:
+            self.forget_node(key)
+        if keys:
+            if self.metrics is not None:
+                self.metrics.nodes_collected.inc(len(keys))
+            log.info(
+                "forgot %d node(s) disconnected for %gs or more: %s",
+                len(keys), self.limits.node_gc_after, ", ".join(keys[:10]),
+            )  # fmt: skip
+        return keys
 
     def node_details(self, node: NodeId) -> dict[str, Any]:
         state = self.nodes.get(str(node))
@@ -454,6 +525,7 @@ class ControlPlane:
             self._expire(now)
         self._maybe_reload_ca()
         self._refresh_bundle(now)
+        self.collect_nodes()
 
     def seconds_until_next(self, now: datetime) -> float:
         waits = [CA_POLL_SECONDS]
@@ -470,6 +542,9 @@ class ControlPlane:
         expiry = self.next_expiry(now)
         if expiry is not None:
             waits.append(max(0.0, (expiry - now).total_seconds()))
+        collect = next_expiry(self.nodes.values(), self.clock(), self.limits.node_gc_after)
+        if collect is not None:
+            waits.append(collect)
         return max(0.0, min(waits))
 
     async def run(self) -> None:
@@ -483,8 +558,11 @@ class ControlPlane:
                 log.exception("control plane maintenance failed")
             delay = self.seconds_until_next(self.wall_clock())
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as
+            # the wait ends (a poke during shutdown), and stop() then waits for this forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay + 0.001)
+                async with asyncio.timeout(delay + 0.001):
+                    await self._wake.wait()
 
     # -- status ------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

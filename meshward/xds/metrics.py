@@ -58,6 +58,17 @@ class XdsMetrics:
         self.svids_issued = Counter(
             "meshward_xds_svids_issued", "SVIDs issued to nodes", ["reason"], registry=self.registry
         )
+        self.nodes_collected = Counter(
+            "meshward_xds_nodes_collected",
+            "Disconnected nodes forgotten after --node-gc-after",
+            registry=self.registry,
+        )
+        self.streams_closed = Counter(
+            "meshward_xds_streams_closed",
+            "ADS streams the server closed (reason=not-reading: a push went unread too long)",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def push(self, type_url: str) -> None:
         self.pushes.labels(types.short(type_url)).inc()

@@ -12,6 +12,7 @@ N+1th sidecar would get nothing (DESIGN.md field notes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -26,6 +27,7 @@ from meshward.xds import types
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate
 from meshward.xds.enforcement import compile_failure, not_enforced
+from meshward.xds.limits import LIMIT_REASONS, STREAM_LIMIT, NodeLimits, RefusalLog
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.nodeid import InvalidNodeId, NodeId
 from meshward.xds.protocol import (
@@ -49,6 +51,10 @@ CONTROL_PLANE_ID = "meshward"
 OWN_SECRETS = frozenset({"default", "ROOTCA"})  # the SDS names every node may have
 _WAKE = object()
 _END = object()
+
+
+class AddressInUse(OSError):
+    """The ADS address cannot be bound (another process holds it: never shared)."""
 
 
 class NodeRejected(Exception):
@@ -120,13 +126,19 @@ class Stream:
     connected_wall: float
     protocol: SotwProtocol | DeltaProtocol
     client_cert: ClientCertificate | None = None
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    # Requests read ahead of the loop, bounded: when it is full the reader waits, so gRPC's flow
+    # control pushes back on the node. Wake-ups are a flag plus at most one item (dropped when
+    # the queue is full: the loop plans after draining it anyway, from the latest snapshot).
+    queue: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(64))
     wake_pending: bool = False
+    ended: bool = False
+    queue_peak: int = 0  # the most requests ever waiting (tests, flood checks)
 
     def wake(self) -> None:
         if not self.wake_pending:
             self.wake_pending = True
-            self.queue.put_nowait(_WAKE)
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(_WAKE)
 
 
 class AdsServer:
@@ -139,8 +151,12 @@ class AdsServer:
         metrics: XdsMetrics | None = None,
         drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
         clock: Callable[[], float] = time.monotonic,
+        limits: NodeLimits | None = None,
     ) -> None:
         self.source = source
+        self.limits = limits or NodeLimits()
+        self.refusals = RefusalLog(audit)
+        self.identity_streams: dict[str, int] = {}
         self.cache = source.cache
         self.metrics = metrics or XdsMetrics()
         self.drift_threshold = drift_threshold
@@ -156,6 +172,9 @@ class AdsServer:
         (only for tests of the protocol itself; node authentication then fails closed)."""
         server = grpc.aio.server(
             options=[
+                # grpcio sets SO_REUSEPORT by default: a second control plane (maybe with another
+                # CA) would silently share this port and take half the sidecars. Never share.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -163,10 +182,18 @@ class AdsServer:
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio's "Failed to bind to address ..."
+            port = 0
+        if not port:
+            raise AddressInUse(
+                f"cannot listen on {address}: the address is in use (another control plane?) "
+                "or not local; stop the other process or pick another --listen"
+            )
         await server.start()
         self._server = server
         self.port = int(port)
@@ -207,9 +234,25 @@ class AdsServer:
         except NodeRejected as err:
             await self._reject(context, err.reason, str(err), raw_id, identity, peer)
             return None
+        if (
+            identity is not None
+            and self.identity_streams.get(identity, 0) >= self.limits.max_streams
+        ):
+            message = (
+                f"{identity} already has {self.limits.max_streams} open ADS stream(s), the most "
+                f"one identity may have (--max-streams); node {node} refused"
+            )
+            await self._reject(context, STREAM_LIMIT, message, raw_id, identity, peer)
+            return None
+        self._count_stream(identity, +1)  # held from here, so concurrent opens cannot overshoot
         try:
             await self.source.node_connected(node)
+        except NodeRejected as err:  # a per-identity limit (instances, SVID rate)
+            self._count_stream(identity, -1)
+            await self._reject(context, err.reason, str(err), raw_id, identity, peer)
+            return None
         except Exception:  # e.g. the CA cannot issue: say so, and let Envoy retry
+            self._count_stream(identity, -1)
             log.exception("preparing node %s failed", node)
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the control plane cannot serve this node now"
@@ -230,6 +273,7 @@ class AdsServer:
             client_cert=(
                 self.source.client_certificate(certificate) if certificate is not None else None
             ),
+            queue=asyncio.Queue(self.limits.stream_queue),
         )
         self.streams[stream.id] = stream
         self.cache.watch(str(node), stream.wake)
@@ -243,14 +287,20 @@ class AdsServer:
         self, context: Any, reason: str, message: str, node: str, identity: str | None, peer: str
     ) -> None:
         self.metrics.rejected_streams.labels(reason).inc()
-        audit.warning(
-            "ADS stream refused: node %r, certificate identity %s, peer %s: %s",
-            node[:200], identity, peer, message,
-            extra={"audit": "ads-stream-refused", "node": node[:200], "identity": identity,
-                   "peer": peer, "reason": reason},
+        # Once per identity and reason per minute: a flood of refused attempts is counted in
+        # the metric, not written line by line.
+        self.refusals.refused(
+            identity,
+            reason,
+            f"ADS stream refused: node {node[:200]!r}, certificate identity {identity}, "
+            f"peer {peer}: {message}",
+            self.clock(),
+            audit="ads-stream-refused", node=node[:200], identity=identity, peer=peer,
         )  # fmt: skip
         code = (
-            grpc.StatusCode.INVALID_ARGUMENT
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+            if reason in LIMIT_REASONS
+            else grpc.StatusCode.INVALID_ARGUMENT
             if reason == "invalid-node-id"
             else grpc.StatusCode.UNAUTHENTICATED
             if identity is None
@@ -258,8 +308,18 @@ class AdsServer:
         )
         await context.abort(code, message)
 
+    def _count_stream(self, identity: str | None, delta: int) -> None:
+        if identity is None:
+            return
+        count = self.identity_streams.get(identity, 0) + delta
+        if count > 0:
+            self.identity_streams[identity] = count
+        else:
+            self.identity_streams.pop(identity, None)
+
     def _close(self, stream: Stream) -> None:
-        self.streams.pop(stream.id, None)
+        if self.streams.pop(stream.id, None) is not None:
+            self._count_stream(stream.identity, -1)
         self.cache.unwatch(str(stream.node), stream.wake)
         if not any(s.node == stream.node for s in self.streams.values()):
             self.source.node_disconnected(stream.node)
@@ -268,33 +328,39 @@ class AdsServer:
     async def _read(self, stream: Stream, request_iterator: AsyncIterator[Any]) -> None:
         try:
             async for request in request_iterator:
-                stream.queue.put_nowait(request)
+                await stream.queue.put(request)  # waits while the loop is behind (bounded)
+                stream.queue_peak = max(stream.queue_peak, stream.queue.qsize())
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         except Exception:
             log.exception("reading ADS stream %d of %s failed", stream.id, stream.node)
         finally:
-            stream.queue.put_nowait(_END)
+            stream.ended = True
+            with contextlib.suppress(asyncio.QueueFull):  # full: the loop sees ``ended``
+                stream.queue.put_nowait(_END)
 
     async def _loop(self, stream: Stream, first: Any, context: Any) -> None:
         node = str(stream.node)
         self._receive(stream, first)
         while True:
-            # Drain everything queued (requests and wake-ups), then plan once.
+            # Drain everything queued (requests and wake-ups), then plan once from the latest
+            # snapshot: changes made while a push was in flight coalesce into the next plan.
             while not stream.queue.empty():
                 item = stream.queue.get_nowait()
                 if item is _END:
                     return
-                if item is _WAKE:
-                    stream.wake_pending = False
-                else:
+                if item is not _WAKE:
                     self._receive(stream, item)
+            if stream.ended:
+                return
+            stream.wake_pending = False
             snapshot = self.cache.get(node)
             if snapshot is not None:
                 pushes, events = stream.protocol.plan(snapshot, self.clock())
                 self._handle(stream, events)
                 for push in pushes:
-                    await context.write(self._encode(stream.mode, push))
+                    if not await self._write(stream, context, push):
+                        return
                     self.metrics.push(push.type_url)
                     log.debug(
                         "push %s %s v%s (%d resources) to %s",
@@ -304,10 +370,28 @@ class AdsServer:
             item = await stream.queue.get()
             if item is _END:
                 return
-            if item is _WAKE:
-                stream.wake_pending = False
-            else:
+            if item is not _WAKE:
                 self._receive(stream, item)
+
+    async def _write(self, stream: Stream, context: Any, push: Push) -> bool:
+        """Send one push; False (and the stream is to close) when the node has not read it for
+        ``limits.write_timeout``: HTTP/2 flow control holds at most one unread push per stream,
+        and a stuck stream must not keep its slot (or its identity's stream quota) forever."""
+        try:
+            async with asyncio.timeout(self.limits.write_timeout):  # (wait_for can lose a cancel)
+                await context.write(self._encode(stream.mode, push))
+        except TimeoutError:
+            self.metrics.streams_closed.labels("not-reading").inc()
+            self.refusals.refused(
+                stream.identity,
+                "not-reading",
+                f"node {stream.node} did not read a push for {self.limits.write_timeout:g}s: "
+                f"stream {stream.id} closed",
+                self.clock(),
+                node=str(stream.node),
+            )
+            return False
+        return True
 
     def _receive(self, stream: Stream, message: Any) -> None:
         now = self.clock()

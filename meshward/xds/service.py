@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from meshward.policy import PolicySet
 from meshward.xds.admin import AdminServer
 from meshward.xds.controlplane import ControlPlane, WorkloadCompiler, server_spiffe_id
+from meshward.xds.limits import NodeLimits
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.server import AdsServer
 from meshward.xds.status import DEFAULT_DRIFT_THRESHOLD
@@ -48,12 +49,14 @@ class XdsService:
         policy_paths: Sequence[str | Path] | None = None,
         watch_interval: float = 0.5,
         schedule: Any = None,
+        limits: NodeLimits | None = None,
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
         :func:`meshward.xds.compiler.compiler_for` with the mesh's CompileOptions. ``listen``:
         the ADS address (mTLS); ``admin``: /status and /metrics (None: off). ``schedule``: a
-        :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%)."""
+        :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%). ``limits``:
+        per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`)."""
         self.watcher: Any = None
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
@@ -68,9 +71,14 @@ class XdsService:
         if policy is None:
             raise ValueError("give a policy set or policy paths to watch")
         self.metrics = XdsMetrics()
-        self.control = ControlPlane(policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule)
+        self.limits = limits or NodeLimits()
+        self.control = ControlPlane(
+            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits
+        )
         self.control.metrics = self.metrics
-        self.ads = AdsServer(self.control, metrics=self.metrics, drift_threshold=drift_threshold)
+        self.ads = AdsServer(
+            self.control, metrics=self.metrics, drift_threshold=drift_threshold, limits=self.limits
+        )
         self.metrics.add_state(self.status)
         self.listen = listen
         self.admin_address = admin
@@ -92,12 +100,19 @@ class XdsService:
         return server_spiffe_id(self.control.policy, self.control.ca.trust_domain)
 
     async def start(self) -> XdsService:
+        for ref, error in self.control.compile_errors().items():
+            log.error("workload %s cannot be compiled (it gets no config): %s", ref, error)
         tls = self.control.make_server_tls()
         self.port = await self.ads.start(self.listen, tls.credentials())
         if self.admin_address is not None:
             host, port = split_address(self.admin_address)
-            self.admin = AdminServer(self.status, self.metrics.exposition)
-            await self.admin.start(host, port)
+            admin = AdminServer(self.status, self.metrics.exposition)
+            try:
+                await admin.start(host, port)
+            except OSError:  # e.g. the admin port is taken: release the ADS port too
+                await self.ads.stop(0)
+                raise
+            self.admin = admin
         self._tasks.append(asyncio.create_task(self.control.run(), name="meshward-xds-timers"))
         if self.watcher is not None:
             on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())

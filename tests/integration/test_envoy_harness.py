@@ -45,8 +45,8 @@ def test_five_envoys_run_at_once_and_all_stop(envoy_factory, echo_server: EchoSe
     ]
     for envoy in envoys:
         envoy.wait_ready(60)
-    admin_urls = {envoy.admin_url for envoy in envoys}
-    assert len(admin_urls) == 5  # five distinct kernel-chosen admin ports
+    sockets = {envoy.admin_socket for envoy in envoys}
+    assert len(sockets) == 5  # five distinct admin sockets, one per workdir
     for envoy in envoys:
         status, body = _get(envoy.listener_port("ingress"), "/")
         assert status == 200 and body["service"] == "echo"
@@ -88,3 +88,46 @@ def test_returncode_is_known_after_exit(envoy_factory, echo_server: EchoServer) 
     assert envoy.returncode is None
     envoy.stop()
     assert envoy.returncode == 0  # SIGTERM: Envoy shuts down cleanly
+
+
+def _listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports process ``pid`` listens on: its socket inodes matched against /proc/net/tcp*."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            for line in handle.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_admin_is_a_private_unix_socket_and_never_a_tcp_port(
+    envoy_factory, echo_server: EchoServer
+) -> None:
+    import stat
+
+    config = static_proxy(echo_server.port)
+    # Even a config asking for a TCP admin gets the socket: no local process can drain,
+    # reconfigure or stop a sidecar (or read its config_dump) through a port.
+    config["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+    envoy = envoy_factory(config, name="private")
+    mode = envoy.admin_socket.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    assert envoy.pid is not None
+    assert _listening_tcp_ports(envoy.pid) == {envoy.listener_port("ingress")}
+    # Meshward's tools read it through the socket.
+    assert envoy.ready()
+    assert envoy.stats("cluster.upstream")
+    assert envoy.config_dump()["configs"]
+    assert "ingress" in json.dumps(envoy.listeners())

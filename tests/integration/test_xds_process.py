@@ -60,7 +60,11 @@ def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixt
             assert main(["bootstrap", "--workload", "shop/orders", "--xds", info["ads"],
                          "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "sidecars")]) == 0  # fmt: skip
             config = json.loads((tmp_path / "sidecars" / "orders.shop" / "envoy.json").read_text())
+            socket_path = tmp_path / "sidecars" / "orders.shop" / "admin.sock"
+            assert config["admin"]["address"] == {"pipe": {"path": str(socket_path), "mode": 0o600}}
             with EnvoyProcess(config, name="orders", workdir=tmp_path / "envoy") as envoy:
+                assert envoy.admin_socket == socket_path  # the bootstrap's own socket, 0600
+                assert socket_path.stat().st_mode & 0o777 == 0o600
                 deadline = time.monotonic() + 15
                 while http_request(listen, "/x")[0] != 200:
                     assert time.monotonic() < deadline, envoy.log_tail()

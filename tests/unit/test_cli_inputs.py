@@ -39,8 +39,6 @@ BOOT = ["bootstrap", "--workload", "shop/orders", "--xds", "127.0.0.1:15010"]
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
-        (["--admin-port", "99999"], 2, "argument --admin-port: expected a port number 0-65535"),
-        (["--admin-port", "-5"], 2, "argument --admin-port: expected a port number 0-65535"),
         (["--service-account", "BAD SA"], 1, "service account 'BAD SA' may contain only"),
         (["--trust-domain", "BAD"], 1, "trust domain 'BAD' must be lowercase"),
         (["--xds-identity", "xds"], 1, "'xds' is not a SPIFFE ID"),

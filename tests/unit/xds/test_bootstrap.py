@@ -55,7 +55,7 @@ def test_rendered_bootstrap_validates_with_envoy(tmp_path: Path, ca_dir: Path, d
         "cluster": "orders.shop",
         "metadata": {"meshward.dev/workload": "shop/orders", "meshward.dev/instance": "2"},
     }
-    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    assert config["admin"]["address"] == {"pipe": {"path": "admin.sock", "mode": 0o600}}
     [cluster] = config["static_resources"]["clusters"]  # ADS only: nothing else is static
     assert cluster["name"] == "meshward-xds"
     assert "http2_protocol_options" in json.dumps(cluster["typed_extension_protocol_options"])

@@ -1,0 +1,183 @@
+"""Per-identity limits on ADS nodes, and the garbage collection of nodes that went away.
+
+Any workload credential can open ADS streams, and a node id's instance part is free text: without
+limits one certificate could create unlimited nodes (each with a signed SVID, a snapshot and a
+row in ``/status``), unlimited streams, and unlimited CA work. So, per certificate identity
+(a SPIFFE ID):
+
+- ``max_instances``: node ids known at once (connected, or disconnected and not yet collected).
+  A new instance beyond it takes the place of the identity's longest-disconnected node (a
+  restarted replica with a new pod name must not wait for garbage collection); when every
+  instance is connected, it is refused.
+- ``max_streams``: concurrent ADS streams (one per Envoy normally; a reconnect may overlap).
+- ``svid_rate`` / ``svid_burst``: SVIDs signed for new or reconnecting nodes (a token bucket;
+  renewals the control plane schedules itself do not count). A refused node retries, as Envoy
+  does with backoff.
+- ``node_gc_after``: a node with no stream for this long is forgotten (status, snapshot, SVID).
+
+Refusals answer RESOURCE_EXHAUSTED, count in ``meshward_xds_rejected_streams{reason}`` and are
+logged once per identity and reason per :data:`REFUSAL_LOG_INTERVAL`, with the number suppressed,
+so a flood cannot flood the log. Everything here is pure (``now`` is an argument) and bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+#: Refusal reasons that mean "a limit was hit" (RESOURCE_EXHAUSTED, not PERMISSION_DENIED).
+INSTANCE_LIMIT = "instance-limit"
+STREAM_LIMIT = "stream-limit"
+SVID_RATE_LIMIT = "svid-rate-limit"
+LIMIT_REASONS = frozenset({INSTANCE_LIMIT, STREAM_LIMIT, SVID_RATE_LIMIT})
+
+REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines for one (identity, reason)
+MAX_TRACKED = 4096  # identities with a token bucket / refusal-log entry, at most
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """The limits (see the module docstring); ``meshward xds serve`` flags set them."""
+
+    max_instances: int = 100
+    max_streams: int = 200
+    svid_rate: float = 1.0  # per second, per identity
+    svid_burst: int = 20
+    node_gc_after: float = 600.0  # seconds
+    stream_queue: int = 64  # requests read ahead per stream before the reader waits
+    write_timeout: float = 60.0  # a push a node does not read for this long closes its stream
+
+    def __post_init__(self) -> None:
+        for name in ("max_instances", "max_streams", "svid_burst", "stream_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("svid_rate", "node_gc_after", "write_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+
+class TokenBucket:
+    """``capacity`` tokens, refilled at ``rate`` per second; pure (the caller passes ``now``)."""
+
+    __slots__ = ("capacity", "rate", "tokens", "updated")
+
+    def __init__(self, capacity: float, rate: float, now: float) -> None:
+        self.capacity, self.rate = capacity, rate
+        self.tokens, self.updated = float(capacity), now
+
+    def _refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = max(self.updated, now)
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.capacity
+
+
+class SvidRateLimiter:
+    """One token bucket per identity. Bounded: a full bucket is the same as no bucket, so full
+    ones are dropped first; past :data:`MAX_TRACKED` the least recently used goes."""
+
+    def __init__(self, limits: NodeLimits, *, max_tracked: int = MAX_TRACKED) -> None:
+        self.limits = limits
+        self.max_tracked = max_tracked
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def allow(self, identity: str, now: float) -> bool:
+        bucket = self._buckets.get(identity)
+        if bucket is None:
+            if len(self._buckets) >= self.max_tracked:
+                self._prune(now)
+            bucket = TokenBucket(self.limits.svid_burst, self.limits.svid_rate, now)
+            self._buckets[identity] = bucket
+        self._buckets.move_to_end(identity)
+        return bucket.take(now)
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, b in self._buckets.items() if b.full(now)]:
+            del self._buckets[key]
+        while len(self._buckets) >= self.max_tracked:
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class RefusalLog:
+    """Log a refusal the first time per (identity, reason), then at most once per ``interval``
+    with the count suppressed in between. Bounded to ``max_tracked`` keys (oldest dropped)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval: float = REFUSAL_LOG_INTERVAL,
+        max_tracked: int = MAX_TRACKED,
+    ) -> None:
+        self.logger, self.interval, self.max_tracked = logger, interval, max_tracked
+        self._seen: OrderedDict[tuple[str, str], list[float]] = OrderedDict()  # [at, suppressed]
+
+    def refused(self, who: str | None, reason: str, message: str, now: float, **extra: Any) -> bool:
+        """Log (or count silently) a refusal of ``who`` (an identity); True when logged."""
+        key = (who or "-", reason)
+        entry = self._seen.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return False
+        suppressed = int(entry[1]) if entry is not None else 0
+        self._seen[key] = [now, 0]
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_tracked:
+            self._seen.popitem(last=False)
+        more = f" ({suppressed} more like it since the last report)" if suppressed else ""
+        self.logger.warning(
+            "%s%s", message, more, extra={**extra, "reason": reason, "suppressed": suppressed}
+        )
+        return True
+
+
+class _Node(Protocol):
+    identity: str
+    connected: bool
+    disconnected_at: float | None
+
+
+def make_room(nodes: Mapping[str, _Node], identity: str, limit: int) -> tuple[str | None, bool]:
+    """Room for one more instance of ``identity``: (node key to forget first or None, ok).
+    Not ok when ``limit`` instances are known and every one of them is connected."""
+    mine = [(key, node) for key, node in nodes.items() if node.identity == identity]
+    if len(mine) < limit:
+        return None, True
+    idle = [(node.disconnected_at or 0.0, key) for key, node in mine if not node.connected]
+    if not idle:
+        return None, False
+    return min(idle)[1], True
+
+
+def expired(nodes: Mapping[str, _Node], now: float, after: float) -> Iterator[str]:
+    """Keys of nodes disconnected for at least ``after`` seconds."""
+    for key, node in nodes.items():
+        since = node.disconnected_at
+        if not node.connected and since is not None and now - since >= after:
+            yield key
+
+
+def next_expiry(nodes: Iterable[_Node], now: float, after: float) -> float | None:
+    """Seconds until the next disconnected node is due for collection (None: none waits)."""
+    due = [
+        node.disconnected_at + after - now
+        for node in nodes
+        if not node.connected and node.disconnected_at is not None
+    ]
+    return max(0.0, min(due)) if due else None

@@ -145,12 +145,13 @@ def test_denials_lists_every_denial_of_the_run(run: Run) -> None:
 def _state_advertises_exactly_the_outbound_listeners(path: Path) -> None:
     """state.json's outbound addresses are the caller sidecars' live outbound listeners, no
     more (a pair without a listener is listed as unlistened, and nothing listens there)."""
-    import urllib.request
+    from meshward.envoy.admin import AdminClient
 
     state = json.loads(path.read_text())
     for ref, workload in state["workloads"].items():
-        with urllib.request.urlopen(f"{workload['admin']}/listeners?format=json") as response:
-            statuses = json.loads(response.read())["listener_statuses"]
+        code, body = AdminClient(workload["admin"]).get("/listeners?format=json")
+        assert code == 200, (ref, body)
+        statuses = json.loads(body)["listener_statuses"]
         bound = {
             f"{s['local_address']['socket_address']['address']}:"
             f"{s['local_address']['socket_address']['port_value']}"

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from meshward.cli import build_parser
+from meshward.compile.names import EXTAUTHZ_SERVICE_ACCOUNT
 from meshward.policy import load
+from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 REF = r"([a-z0-9][a-z0-9-]*/[a-z0-9][a-z0-9-]*)"
@@ -49,6 +51,9 @@ def test_help_examples_name_what_examples_declare(command: str) -> None:
     identities = {
         (w.namespace, w.principal(policy.mesh.trust_domain).rsplit("/", 1)[1])
         for w in policy.workloads
+    } | {  # Meshward's own services run as these, in the root namespace
+        (policy.mesh.root_namespace, account)
+        for account in (SERVER_SERVICE_ACCOUNT, EXTAUTHZ_SERVICE_ACCOUNT)
     }
     policies = {f"{p.namespace}/{p.name}" for p in policy.authorization_policies}
     text = HELP[command]

@@ -18,6 +18,7 @@ from google.protobuf import json_format
 from meshward.compile import authz, listeners, names
 from meshward.compile import protos as _protos
 from meshward.compile.classify import Placement
+from meshward.compile.fragments import FragmentCache, PeerFragment
 from meshward.compile.options import CompileOptions, Mode
 from meshward.compile.peers import peers_of
 from meshward.errors import UserError
@@ -100,6 +101,7 @@ def compile_workload(
     *,
     now: datetime | None = None,
     _memo: dict[tuple[str, str], Any] | None = None,
+    fragments: FragmentCache | None = None,
 ) -> WorkloadResources:
     """Compile one workload's sidecar config (inbound, outbound, infrastructure clusters).
 
@@ -107,9 +109,15 @@ def compile_workload(
     ``next_change`` says when the next one expires (recompile and push then). None keeps every
     policy (a pure function of the policy set alone). Raises UserError for an unknown workload
     ref, or when a rule needs ext_authz and ``options.extauthz`` is unset.
+
+    ``fragments``: outbound fragments shared with other workloads' compiles (same options);
+    the cluster, endpoints and route of a peer are then the same proto objects in every
+    caller's result (read-only). None: a private cache.
     """
     options = options or CompileOptions()
     memo = _memo if _memo is not None else {}
+    if fragments is None or fragments.options != options:
+        fragments = FragmentCache(options)
     if isinstance(workload, str):
         found = policy_set.workload(workload)
         if found is None:
@@ -139,6 +147,7 @@ def compile_workload(
                 trust_domain=trust_domain,
             )
         )
+    outbound: list[tuple[Any, PeerFragment]] = []
     if options.outbound:
         index = _outbound_index(policy_set)
         for peer in peers_of(policy_set, workload):
@@ -148,14 +157,13 @@ def compile_workload(
                 bind = options.outbound_endpoint(
                     workload, peer, port.port, index[names.peer_key(peer, port.port)]
                 )
-                built.append(
-                    listeners.outbound(
+                outbound.append(
+                    fragments.outbound(
                         workload,
                         peer,
                         port,
                         bind=bind,
                         peer_mode=peer_mode,
-                        options=options,
                         trust_domain=trust_domain,
                     )
                 )
@@ -175,11 +183,23 @@ def compile_workload(
         workload=workload.ref,
         policy_version=policy_set.version,
         mode=options.mode,
-        listeners=_sorted(_listener(memo, b) for b in built),
-        routes=_sorted(_shared(memo, "route", b.route) for b in built if b.route is not None),
-        clusters=_sorted(_shared(memo, "cluster", c) for c in clusters),
+        listeners=_sorted(
+            [*(_protos.listener(b.listener) for b in built), *(m for m, _ in outbound)]
+        ),
+        routes=_sorted(
+            [
+                *(_shared(memo, "route", b.route) for b in built if b.route is not None),
+                *(f.route for _, f in outbound if f.route is not None),
+            ]
+        ),
+        clusters=_sorted(
+            [*(_shared(memo, "cluster", c) for c in clusters), *(f.cluster for _, f in outbound)]
+        ),
         endpoints=_sorted(
-            (_shared(memo, "endpoint", e) for b in built for e in b.endpoints),
+            [
+                *(_shared(memo, "endpoint", e) for b in built for e in b.endpoints),
+                *(e for _, f in outbound for e in f.endpoints),
+            ],
             key="cluster_name",
         ),
         secret_names=(names.SECRET_ROOTCA, names.SECRET_DEFAULT) if tls_used else (),
@@ -197,59 +217,18 @@ def compile_mesh(
     """Every workload of the mesh, by ref.
 
     Resources that are the same for every caller (a peer's outbound cluster, endpoints and
-    route) are converted to protos once and copied, which is most of the outbound work.
+    route) are built once and shared (meshward.compile.fragments): the same proto objects in
+    every caller's result, to be treated as read-only.
     """
     memo: dict[tuple[str, str], Any] = {}
+    fragments = FragmentCache(options or CompileOptions())
     return {
-        w.ref: compile_workload(policy_set, w, options, now=now, _memo=memo)
+        w.ref: compile_workload(policy_set, w, options, now=now, _memo=memo, fragments=fragments)
         for w in policy_set.workloads
     }
 
 
 _PARSERS = {"route": _protos.route, "cluster": _protos.cluster, "endpoint": _protos.endpoint}
-
-
-def _listener(memo: dict[tuple[str, str], Any], built: listeners.Built) -> Any:
-    """Outbound listeners of one workload differ only in their name, bind address, stat prefix
-    and route (HTTP) or cluster (TCP): parse one template per shape and patch those fields,
-    which gives the same bytes as parsing each (tests check it) at a fraction of the cost."""
-    data = built.listener
-    if data.get("traffic_direction") != "OUTBOUND":
-        return _protos.listener(data)
-    socket = data["address"]["socket_address"]
-    inner = data["filter_chains"][0]["filters"][0]["typed_config"]
-    template = json.loads(json.dumps(data))
-    template["name"] = ""
-    template["address"]["socket_address"] = {"address": "", "port_value": 0}
-    shape = template["filter_chains"][0]["filters"][0]["typed_config"]
-    for name in ("stat_prefix", "cluster"):
-        if name in shape:
-            shape[name] = ""
-    shape.pop("rds", None)
-    shape.pop("route_config", None)
-    key = ("listener", json.dumps(template, sort_keys=True))
-    parsed = memo.get(key)
-    if parsed is None:
-        parsed = _protos.listener(template)
-        memo[key] = parsed
-    message = type(parsed)()
-    message.CopyFrom(parsed)
-    message.name = data["name"]
-    message.address.socket_address.address = socket["address"]
-    message.address.socket_address.port_value = socket["port_value"]
-    typed = message.filter_chains[0].filters[0].typed_config
-    config = _protos.unpack(typed)
-    config.stat_prefix = inner["stat_prefix"]
-    if "cluster" in inner:
-        config.cluster = inner["cluster"]
-    if "rds" in inner:
-        config.rds.config_source.ads.SetInParent()
-        config.rds.config_source.resource_api_version = 2  # V3
-        config.rds.route_config_name = inner["rds"]["route_config_name"]
-    if "route_config" in inner:
-        config.route_config.CopyFrom(_shared(memo, "route", inner["route_config"]))
-    typed.Pack(config, deterministic=True)
-    return message
 
 
 def _shared(memo: dict[tuple[str, str], Any], kind: str, data: Json) -> Any:

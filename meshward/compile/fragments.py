@@ -26,6 +26,7 @@ since fragments depend only on the peer, its mTLS mode, the trust domain and the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ from meshward.policy.model import MtlsMode, Workload, WorkloadPort
 # field is the caller's (access log, tracing) or the same for everyone.
 _PEER_FIELDS = frozenset({"stat_prefix", "rds", "route_config", "cluster"})
 Fields = tuple[tuple[int, bytes], ...]
+#: (peer, its port, the peer's mTLS mode on it, trust domain): what a peer fragment is built from
+PeerKey = tuple[Workload, WorkloadPort, MtlsMode, str]
 
 
 def _varint(value: int) -> bytes:
@@ -90,6 +93,7 @@ class PeerFragment:
     endpoints: tuple[Any, ...]  # ClusterLoadAssignment (xDS mode)
     route: Any | None  # RouteConfiguration (HTTP ports, xDS mode)
     http: bool
+    tls: bool  # the cluster speaks mTLS (references the caller's SDS secrets)
     head: bytes  # the Listener's fields before its address (its name)
     tail: bytes  # the Listener's fields after its filter chains (traffic direction)
     filter_name: bytes  # Filter.name, encoded
@@ -130,7 +134,7 @@ class FragmentCache:
     incremental compiler drops entries of workloads that left it)."""
 
     options: CompileOptions
-    peers: dict[tuple[Any, ...], PeerFragment] = field(default_factory=dict)
+    peers: dict[PeerKey, PeerFragment] = field(default_factory=dict)
     callers: dict[tuple[str, bool], CallerPart] = field(default_factory=dict)
     addresses: dict[Endpoint, bytes] = field(default_factory=dict)
 
@@ -145,7 +149,7 @@ class FragmentCache:
         trust_domain: str,
     ) -> tuple[Any, PeerFragment]:
         """(``workload``'s outbound listener for ``peer``'s ``port``, the shared fragment)."""
-        key = (peer, port, peer_mode, trust_domain)
+        key: PeerKey = (peer, port, peer_mode, trust_domain)
         fragment = self.peers.get(key)
         http = listeners.is_http(port)
         caller_key = (workload.ref, http)
@@ -186,6 +190,7 @@ class FragmentCache:
             endpoints=tuple(_protos.endpoint(e) for e in built.endpoints),
             route=_protos.route(built.route) if built.route is not None else None,
             http=http,
+            tls="transport_socket" in built.clusters[0],
             head=_join(tuple(f for f in own if f[0] < _ADDRESS)),
             tail=_join(tuple(f for f in own if f[0] > _FILTER_CHAINS)),
             filter_name=_delimited(1, typed.name.encode()),
@@ -219,10 +224,11 @@ class FragmentCache:
         )
         return _LISTENER.FromString(data)
 
-    def retain(self, refs: set[str]) -> None:
-        """Drop the entries of workloads no longer in the registry (bounds the cache)."""
-        self.peers = {k: v for k, v in self.peers.items() if k[0].ref in refs}
-        self.callers = {k: v for k, v in self.callers.items() if k[0] in refs}
+    def retain(self, live: Callable[[PeerKey], bool], callers: Collection[str]) -> None:
+        """Keep only the fragments of ``live`` peer ports and the parts of ``callers`` (the
+        incremental compiler passes the current registry: the cache stays bounded by it)."""
+        self.peers = {k: v for k, v in self.peers.items() if live(k)}
+        self.callers = {k: v for k, v in self.callers.items() if k[0] in callers}
 
 
 _LISTENER = type(_protos.listener({}))

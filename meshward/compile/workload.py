@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +18,11 @@ from google.protobuf import json_format
 from meshward.compile import authz, listeners, names
 from meshward.compile import protos as _protos
 from meshward.compile.classify import Placement
-from meshward.compile.fragments import FragmentCache, PeerFragment
-from meshward.compile.options import CompileOptions, Mode
+from meshward.compile.fragments import FragmentCache
+from meshward.compile.options import CompileOptions, Endpoint, Mode
 from meshward.compile.peers import peers_of
 from meshward.errors import UserError
-from meshward.policy.model import MtlsMode, Workload
+from meshward.policy.model import MtlsMode, Workload, WorkloadPort
 
 if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
@@ -126,6 +126,48 @@ def compile_workload(
                 "check the NAMESPACE/NAME spelling"
             )
         workload = found
+    inbound = compile_inbound(policy_set, workload, options, now=now, memo=memo)
+    targets = outbound_targets(policy_set, workload, options, _outbound_index(policy_set))
+    outbound = compile_outbound(workload, targets, fragments, policy_set.mesh.trust_domain)
+    return assemble(workload, policy_set.version, options, inbound, outbound)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One half of a workload's resources, inbound or outbound, each tuple sorted by name.
+
+    The halves change for different reasons: the inbound half with the policies selecting the
+    workload (authorization), the outbound half with who it may call and how those peers are
+    reached. The incremental compiler (meshward.compile.incremental) recompiles each on its own.
+    ``parsed``: the protos of this half by their JSON source, so the next compile of the half
+    reuses every resource whose source did not change (same object, no parsing).
+    """
+
+    listeners: tuple[Any, ...] = ()
+    routes: tuple[Any, ...] = ()
+    clusters: tuple[Any, ...] = ()
+    endpoints: tuple[Any, ...] = ()
+    tls_used: bool = False
+    plan: authz.AuthzPlan | None = None  # inbound only
+    next_change: datetime | None = None  # inbound only
+    parsed: Mapping[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+
+
+#: (peer, its port, the peer's mTLS mode on it, where the caller's outbound listener binds)
+Target = tuple[Workload, WorkloadPort, MtlsMode, Endpoint]
+
+
+def compile_inbound(
+    policy_set: PolicySet,
+    workload: Workload,
+    options: CompileOptions,
+    *,
+    now: datetime | None,
+    memo: dict[tuple[str, str], Any],
+) -> Part:
+    """The inbound half: a listener (and route) per declared port with the authorization
+    filters and rules, the local application's clusters, and the ext_authz and OTLP clusters.
+    ``memo``: JSON source -> proto, shared with other compiles (read-only protos)."""
     trust_domain = policy_set.mesh.trust_domain
     policies = policy_set.policies_for(workload, now)
     plan = authz.plan(policies, policy_set.request_authentications_for(workload))
@@ -147,26 +189,6 @@ def compile_workload(
                 trust_domain=trust_domain,
             )
         )
-    outbound: list[tuple[Any, PeerFragment]] = []
-    if options.outbound:
-        index = _outbound_index(policy_set)
-        for peer in peers_of(policy_set, workload):
-            for port in sorted(peer.ports, key=lambda p: p.port):
-                peer_mode = policy_set.mtls_mode(peer, port.port)
-                tls_used = tls_used or peer_mode is not MtlsMode.DISABLE
-                bind = options.outbound_endpoint(
-                    workload, peer, port.port, index[names.peer_key(peer, port.port)]
-                )
-                outbound.append(
-                    fragments.outbound(
-                        workload,
-                        peer,
-                        port,
-                        bind=bind,
-                        peer_mode=peer_mode,
-                        trust_domain=trust_domain,
-                    )
-                )
     clusters = [c for b in built for c in b.clusters]
     if plan.uses_extauthz and any(listeners.is_http(p) for p in workload.ports):
         if options.extauthz is None:
@@ -179,32 +201,86 @@ def compile_workload(
     if options.otlp is not None:
         clusters.append(listeners.grpc_cluster(names.CLUSTER_OTLP, options.otlp, options))
     expiries = [p.expires_at for p in policies if p.expires_at is not None]
-    return WorkloadResources(
-        workload=workload.ref,
-        policy_version=policy_set.version,
-        mode=options.mode,
-        listeners=_sorted(
-            [*(_protos.listener(b.listener) for b in built), *(m for m, _ in outbound)]
-        ),
-        routes=_sorted(
-            [
-                *(_shared(memo, "route", b.route) for b in built if b.route is not None),
-                *(f.route for _, f in outbound if f.route is not None),
-            ]
-        ),
-        clusters=_sorted(
-            [*(_shared(memo, "cluster", c) for c in clusters), *(f.cluster for _, f in outbound)]
-        ),
+    used: dict[tuple[str, str], Any] = {}
+    return Part(
+        listeners=_sorted(_shared(memo, used, "listener", b.listener) for b in built),
+        routes=_sorted(_shared(memo, used, "route", b.route) for b in built if b.route),
+        clusters=_sorted(_shared(memo, used, "cluster", c) for c in clusters),
         endpoints=_sorted(
-            [
-                *(_shared(memo, "endpoint", e) for b in built for e in b.endpoints),
-                *(e for _, f in outbound for e in f.endpoints),
-            ],
+            (_shared(memo, used, "endpoint", e) for b in built for e in b.endpoints),
             key="cluster_name",
         ),
-        secret_names=(names.SECRET_ROOTCA, names.SECRET_DEFAULT) if tls_used else (),
+        tls_used=tls_used,
         plan=plan,
         next_change=min(expiries) if expiries else None,
+        parsed=used,
+    )
+
+
+def outbound_targets(
+    policy_set: PolicySet,
+    workload: Workload,
+    options: CompileOptions,
+    index: Mapping[str, int],
+    *,
+    peers: Iterable[Workload] | None = None,
+) -> list[Target]:
+    """What the outbound half is compiled from: every port of every peer ``workload`` may
+    call, with the peer's mTLS mode and the outbound listener's address. ``index``: the
+    registry's (peer, port) positions (the default outbound port offsets); ``peers``: the
+    result of :func:`peers_of` when the caller has it already."""
+    if not options.outbound:
+        return []
+    targets: list[Target] = []
+    for peer in peers_of(policy_set, workload) if peers is None else peers:
+        for port in sorted(peer.ports, key=lambda p: p.port):
+            bind = options.outbound_endpoint(
+                workload, peer, port.port, index[names.peer_key(peer, port.port)]
+            )
+            targets.append((peer, port, policy_set.mtls_mode(peer, port.port), bind))
+    return targets
+
+
+def compile_outbound(
+    workload: Workload, targets: Iterable[Target], fragments: FragmentCache, trust_domain: str
+) -> Part:
+    """The outbound half: per target, a listener assembled for this caller and the peer's
+    shared cluster, route and endpoints (meshward.compile.fragments)."""
+    out = [
+        fragments.outbound(
+            workload, peer, port, bind=bind, peer_mode=mode, trust_domain=trust_domain
+        )
+        for peer, port, mode, bind in targets
+    ]
+    return Part(
+        listeners=_sorted(m for m, _ in out),
+        routes=_sorted(f.route for _, f in out if f.route is not None),
+        clusters=_sorted(f.cluster for _, f in out),
+        endpoints=_sorted((e for _, f in out for e in f.endpoints), key="cluster_name"),
+        tls_used=any(f.tls for _, f in out),
+    )
+
+
+def assemble(
+    workload: Workload, version: str, options: CompileOptions, inbound: Part, outbound: Part
+) -> WorkloadResources:
+    """One workload's resources from its two halves."""
+    assert inbound.plan is not None
+    return WorkloadResources(
+        workload=workload.ref,
+        policy_version=version,
+        mode=options.mode,
+        listeners=_sorted([*inbound.listeners, *outbound.listeners]),
+        routes=_sorted([*inbound.routes, *outbound.routes]),
+        clusters=_sorted([*inbound.clusters, *outbound.clusters]),
+        endpoints=_sorted([*inbound.endpoints, *outbound.endpoints], key="cluster_name"),
+        secret_names=(
+            (names.SECRET_ROOTCA, names.SECRET_DEFAULT)
+            if inbound.tls_used or outbound.tls_used
+            else ()
+        ),
+        plan=inbound.plan,
+        next_change=inbound.next_change,
     )
 
 
@@ -228,18 +304,25 @@ def compile_mesh(
     }
 
 
-_PARSERS = {"route": _protos.route, "cluster": _protos.cluster, "endpoint": _protos.endpoint}
+_PARSERS = {
+    "listener": _protos.listener,
+    "route": _protos.route,
+    "cluster": _protos.cluster,
+    "endpoint": _protos.endpoint,
+}
 
 
-def _shared(memo: dict[tuple[str, str], Any], kind: str, data: Json) -> Any:
+def _shared(
+    memo: dict[tuple[str, str], Any], used: dict[tuple[str, str], Any], kind: str, data: Json
+) -> Any:
+    """The proto for ``data``, parsed once per distinct source and shared (read-only)."""
     key = (kind, json.dumps(data, sort_keys=True))
     message = memo.get(key)
     if message is None:
         message = _PARSERS[kind](data)
         memo[key] = message
-    copy = type(message)()
-    copy.CopyFrom(message)
-    return copy
+    used[key] = message
+    return message
 
 
 def rule_classes(

@@ -168,7 +168,6 @@ class CompileWorker:
         self._pending: PolicySet | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self.busy = asyncio.Event()  # set while a compile runs in the worker (tests, status)
 
     def submit(self, policy: PolicySet) -> None:
         self._pending = policy
@@ -189,7 +188,6 @@ class CompileWorker:
             )
         while self._pending is not None:
             policy, self._pending = self._pending, None
-            self.busy.set()
             try:
                 compiled = await loop.run_in_executor(self._executor, self._compile, policy)
             except Exception:
@@ -197,9 +195,10 @@ class CompileWorker:
                     "compiling policy %s failed; keeping the one in force", policy.version[:12]
                 )
                 continue
-            finally:
-                self.busy.clear()
-            self._install(compiled)
+            try:
+                self._install(compiled)
+            except Exception:
+                log.exception("installing policy %s failed", policy.version[:12])
 
     async def idle(self) -> None:
         """Wait until every submitted compile is installed."""

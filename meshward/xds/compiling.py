@@ -22,7 +22,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -151,7 +151,7 @@ class CompileWorker:
     """Runs :func:`compile_configs` in one worker thread for the control plane's loop.
 
     ``submit(policy)`` (on the loop) queues a compile of ``policy``; while one runs, further
-    submissions replace the queued one (only the newest policy matters). ``install`` is called
+    submissions replace the queued one (only the newest policy matters). ``install`` is awaited
     on the loop with each result. ``lock`` serializes every compile of the control plane, in
     the worker or on the loop.
     """
@@ -159,7 +159,7 @@ class CompileWorker:
     def __init__(
         self,
         run: Callable[[PolicySet], Compiled],
-        install: Callable[[Compiled], None],
+        install: Callable[[Compiled], Awaitable[None]],
         lock: threading.Lock,
     ) -> None:
         self._run = run
@@ -196,7 +196,7 @@ class CompileWorker:
                 )
                 continue
             try:
-                self._install(compiled)
+                await self._install(compiled)
             except Exception:
                 log.exception("installing policy %s failed", policy.version[:12])
 
@@ -211,3 +211,20 @@ class CompileWorker:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+#: Nodes refreshed between two pauses when a worker compile's result is pushed out.
+FANOUT_BATCH = 32
+FANOUT_PAUSE = 0.002  # seconds
+
+
+async def paced(
+    steps: Iterable[object], batch: int = FANOUT_BATCH, pause: float = FANOUT_PAUSE
+) -> None:
+    """Run ``steps`` (each wakes one node's streams), pausing after every ``batch``: the
+    streams already woken push their config, and every other stream's requests are served,
+    before more nodes are woken. A mesh-wide change then never puts all nodes' pushes ahead of
+    one stream's answer at once (a few ms more to reach the last node)."""
+    for count, _ in enumerate(steps, 1):
+        if count % batch == 0:
+            await asyncio.sleep(pause)

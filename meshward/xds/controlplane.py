@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +38,7 @@ from meshward.xds.compiling import (
     WorkloadConfig,
     compile_configs,
     mesh_compiler,
+    paced,
 )
 from meshward.xds.credentials import ServerTls
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
@@ -169,20 +170,25 @@ class ControlPlane:
         self._latest_policy = policy
         self.compile_worker.submit(policy)
 
-    def _installed(self, compiled: Compiled) -> None:
-        """On the loop: a worker compile is done."""
+    async def _installed(self, compiled: Compiled) -> None:
+        """On the loop: a worker compile is done; its nodes are woken a batch at a time."""
         if compiled.policy is not self._latest_policy:
             return  # a newer policy was applied meanwhile
         with self.compile_worker.lock:
             self.policy = compiled.policy
             self._install(compiled)
-        self._applied(compiled.policy, compiled.changed)
-
-    def _applied(self, policy: PolicySet, changed: set[str]) -> None:
         self.policy_applied_at = self.wall_clock()
         self.policy_error = None
         self.policy_error_at = None
-        self._refresh_nodes(changed)
+        await paced(self._refresh_steps(compiled.changed))
+        self._applied(compiled.policy, compiled.changed, refresh=False)
+
+    def _applied(self, policy: PolicySet, changed: set[str], *, refresh: bool = True) -> None:
+        if refresh:
+            self.policy_applied_at = self.wall_clock()
+            self.policy_error = None
+            self.policy_error_at = None
+            self._refresh_nodes(changed)
         if self.metrics is not None:
             self.metrics.policy_updates.labels("applied").inc()
         log.info(
@@ -354,11 +360,13 @@ class ControlPlane:
         return self.cache.set(str(state.node), self._snapshot(state))
 
     def _refresh_nodes(self, workload_refs: set[str]) -> int:
-        pushed = 0
-        for state in self.nodes.values():
-            if state.node.workload_ref in workload_refs and self._refresh_node(state):
-                pushed += 1
-        return pushed
+        return sum(self._refresh_steps(workload_refs))
+
+    def _refresh_steps(self, workload_refs: set[str]) -> Iterator[bool]:
+        """Refresh the nodes of ``workload_refs`` one at a time (True: it was pushed to)."""
+        for state in list(self.nodes.values()):
+            if state.node.workload_ref in workload_refs:
+                yield self._refresh_node(state)
 
     # -- trust bundle and the server's own certificate -------------------------------------------
     def _refresh_bundle(self, now: datetime) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +18,7 @@ from meshward.policy import PolicySet, parse
 from meshward.xds import types
 from meshward.xds.client import AdsClient, client_ssl_context
 from meshward.xds.compiler import MeshCompiler
-from meshward.xds.compiling import Outcome, compile_configs, mesh_compiler
+from meshward.xds.compiling import Outcome, compile_configs, mesh_compiler, paced
 from meshward.xds.service import XdsService
 
 WORKLOADS = "".join(
@@ -228,3 +228,23 @@ def test_each_shared_proto_is_packed_once() -> None:
         r for r in again.configs["shop/frontend"].resources[types.CLUSTER] if r.name == cluster
     )
     assert kept is holders[0]
+
+
+async def test_paced_fanout_lets_other_streams_run_between_batches() -> None:
+    """After a worker compile, nodes are woken a batch at a time: other tasks (the streams'
+    answers) run between batches instead of queuing behind every node's push."""
+    progress: list[str] = []
+
+    def steps() -> Iterator[object]:
+        for i in range(10):
+            progress.append(f"node{i}")
+            yield i
+
+    async def other_stream() -> None:
+        await asyncio.sleep(0)
+        progress.append("answer")
+
+    task = asyncio.create_task(other_stream())
+    await paced(steps(), batch=3, pause=0)
+    await task
+    assert "answer" in progress and progress.index("answer") < progress.index("node9")

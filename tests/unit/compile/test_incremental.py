@@ -312,3 +312,26 @@ def test_incremental_equals_full_compile_over_random_edits(
         ps, now = apply_edit(ps, edit, pick, now)
         state, _ = compile_incremental(ps, options, now=now, previous=state)
         assert_equal(state, full(ps, options, now))
+
+
+def test_fragment_cache_stays_bounded_by_the_registry() -> None:
+    """Flood of edits to one peer (a new address each time) and workloads leaving: the shared
+    fragments kept are those of the registry as it is now, not every version ever seen."""
+    ps = base()
+    state, _ = compile_incremental(ps, OPTIONS, now=T0)
+    live = len(state.fragments.peers)
+    peer = ps.workloads[1]
+    for i in range(30):
+        workloads = [
+            dataclasses.replace(w, address=f"10.1.0.{i}") if w.ref == peer.ref else w
+            for w in ps.workloads
+        ]
+        ps = rebuild(ps, workloads=workloads)
+        state, _ = compile_incremental(ps, OPTIONS, now=T0, previous=state)
+        assert len(state.fragments.peers) <= live
+    fewer = rebuild(ps, workloads=ps.workloads[:4])
+    state, _ = compile_incremental(fewer, OPTIONS, now=T0, previous=state)
+    refs = {w.ref for w in fewer.workloads}
+    assert {key[0].ref for key in state.fragments.peers} <= refs
+    assert {ref for ref, _ in state.fragments.callers} <= refs
+    assert_equal(state, full(fewer, OPTIONS, T0))

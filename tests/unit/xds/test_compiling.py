@@ -248,3 +248,20 @@ async def test_paced_fanout_lets_other_streams_run_between_batches() -> None:
     await paced(steps(), batch=3, pause=0)
     await task
     assert "answer" in progress and progress.index("answer") < progress.index("node9")
+
+
+def test_packed_protos_are_only_those_in_force() -> None:
+    """The id -> Resource map is rebuilt each compile: after many edits it holds no more than
+    the resources of the configs in force (bounded, whatever the history)."""
+    compile_mesh = mesh_compiler(MeshCompiler(CompileOptions()))
+    now = datetime(2030, 1, 1)
+    compiled = compile_configs(compile_mesh, policy('"GET"'), now, None, {}, {})
+    for i in range(20):
+        methods = '"GET"' if i % 2 else '"POST"'
+        compiled = compile_configs(
+            compile_mesh, policy(methods), now, compiled.state, compiled.configs, compiled.packed
+        )
+        in_force = {
+            id(r) for c in compiled.configs.values() for rs in c.resources.values() for r in rs
+        }
+        assert len(compiled.packed) == len(in_force)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +18,11 @@ from google.protobuf import json_format
 from meshward.compile import authz, listeners, names, tls
 from meshward.compile import protos as _protos
 from meshward.compile.classify import Placement
-from meshward.compile.options import CompileOptions, Mode
+from meshward.compile.fragments import FragmentCache
+from meshward.compile.options import CompileOptions, Endpoint, Mode
 from meshward.compile.peers import next_expiry, peers_of
 from meshward.errors import UserError
-from meshward.policy.model import MtlsMode, Workload
+from meshward.policy.model import MtlsMode, Workload, WorkloadPort
 
 if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
@@ -102,6 +103,7 @@ def compile_workload(
     *,
     now: datetime | None = None,
     _memo: dict[tuple[str, str], Any] | None = None,
+    fragments: FragmentCache | None = None,
 ) -> WorkloadResources:
     """Compile one workload's sidecar config (inbound, outbound, infrastructure clusters).
 
@@ -109,9 +111,15 @@ def compile_workload(
     ``next_change`` says when the next one expires (recompile and push then). None keeps every
     policy (a pure function of the policy set alone). Raises UserError for an unknown workload
     ref, or when a rule needs ext_authz and ``options.extauthz`` is unset.
+
+    ``fragments``: outbound fragments shared with other workloads' compiles (same options);
+    the cluster, endpoints and route of a peer are then the same proto objects in every
+    caller's result (read-only). None: a private cache.
     """
     options = options or CompileOptions()
     memo = _memo if _memo is not None else {}
+    if fragments is None or fragments.options != options:
+        fragments = FragmentCache(options)
     if isinstance(workload, str):
         found = policy_set.workload(workload)
         if found is None:
@@ -120,6 +128,55 @@ def compile_workload(
                 "check the NAMESPACE/NAME spelling"
             )
         workload = found
+    inbound = compile_inbound(policy_set, workload, options, now=now, memo=memo)
+    targets = outbound_targets(policy_set, workload, options, _outbound_index(policy_set), now=now)
+    outbound = compile_outbound(workload, targets, fragments, policy_set.mesh.trust_domain)
+    return assemble(
+        workload,
+        policy_set.version,
+        options,
+        inbound,
+        outbound,
+        outbound_change=outbound_change(policy_set, options, now),
+    )
+
+
+@dataclass(frozen=True)
+class Part:
+    """One half of a workload's resources, inbound or outbound, each tuple sorted by name.
+
+    The halves change for different reasons: the inbound half with the policies selecting the
+    workload (authorization), the outbound half with who it may call and how those peers are
+    reached. The incremental compiler (meshward.compile.incremental) recompiles each on its own.
+    ``parsed``: the protos of this half by their JSON source, so the next compile of the half
+    reuses every resource whose source did not change (same object, no parsing).
+    """
+
+    listeners: tuple[Any, ...] = ()
+    routes: tuple[Any, ...] = ()
+    clusters: tuple[Any, ...] = ()
+    endpoints: tuple[Any, ...] = ()
+    tls_used: bool = False
+    plan: authz.AuthzPlan | None = None  # inbound only
+    next_change: datetime | None = None  # inbound only
+    parsed: Mapping[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+
+
+#: (peer, its port, the peer's mTLS mode on it, where the caller's outbound listener binds)
+Target = tuple[Workload, WorkloadPort, MtlsMode, Endpoint]
+
+
+def compile_inbound(
+    policy_set: PolicySet,
+    workload: Workload,
+    options: CompileOptions,
+    *,
+    now: datetime | None,
+    memo: dict[tuple[str, str], Any],
+) -> Part:
+    """The inbound half: a listener (and route) per declared port with the authorization
+    filters and rules, the local application's clusters, and the ext_authz and OTLP clusters.
+    ``memo``: JSON source -> proto, shared with other compiles (read-only protos)."""
     trust_domain = policy_set.mesh.trust_domain
     policies = policy_set.policies_for(workload, now)
     plan = authz.plan(policies, policy_set.request_authentications_for(workload))
@@ -141,26 +198,6 @@ def compile_workload(
                 trust_domain=trust_domain,
             )
         )
-    if options.outbound:
-        index = _outbound_index(policy_set)
-        for peer in peers_of(policy_set, workload, now):
-            for port in sorted(peer.ports, key=lambda p: p.port):
-                peer_mode = policy_set.mtls_mode(peer, port.port)
-                tls_used = tls_used or peer_mode is not MtlsMode.DISABLE
-                bind = options.outbound_endpoint(
-                    workload, peer, port.port, index[names.peer_key(peer, port.port)]
-                )
-                built.append(
-                    listeners.outbound(
-                        workload,
-                        peer,
-                        port,
-                        bind=bind,
-                        peer_mode=peer_mode,
-                        options=options,
-                        trust_domain=trust_domain,
-                    )
-                )
     clusters = [c for b in built for c in b.clusters]
     if plan.uses_extauthz and any(listeners.is_http(p) for p in workload.ports):
         if options.extauthz is None:
@@ -184,24 +221,108 @@ def compile_workload(
         for p in policies
         if p.expires_at is not None and (now is None or p.expires_at > now)
     ]
-    if options.outbound and now is not None:
-        peer_change = next_expiry(policy_set, now)  # callers' outbound follows peers' expiry
-        expiries.extend([peer_change] if peer_change is not None else [])
-    return WorkloadResources(
-        workload=workload.ref,
-        policy_version=policy_set.version,
-        mode=options.mode,
-        listeners=_sorted(_listener(memo, b) for b in built),
-        routes=_sorted(_shared(memo, "route", b.route) for b in built if b.route is not None),
-        clusters=_sorted(_shared(memo, "cluster", c) for c in clusters),
+    used: dict[tuple[str, str], Any] = {}
+    return Part(
+        listeners=_sorted(_shared(memo, used, "listener", b.listener) for b in built),
+        routes=_sorted(_shared(memo, used, "route", b.route) for b in built if b.route),
+        clusters=_sorted(_shared(memo, used, "cluster", c) for c in clusters),
         endpoints=_sorted(
-            (_shared(memo, "endpoint", e) for b in built for e in b.endpoints),
+            (_shared(memo, used, "endpoint", e) for b in built for e in b.endpoints),
             key="cluster_name",
         ),
-        secret_names=(names.SECRET_ROOTCA, names.SECRET_DEFAULT) if tls_used else (),
+        tls_used=tls_used,
         plan=plan,
         next_change=min(expiries) if expiries else None,
+        parsed=used,
     )
+
+
+def outbound_targets(
+    policy_set: PolicySet,
+    workload: Workload,
+    options: CompileOptions,
+    index: Mapping[str, int],
+    *,
+    now: datetime | None = None,
+    peers: Iterable[Workload] | None = None,
+) -> list[Target]:
+    """What the outbound half is compiled from: every port of every peer ``workload`` may
+    call, with the peer's mTLS mode and the outbound listener's address. ``index``: the
+    registry's (peer, port) positions (the default outbound port offsets); ``peers``: the
+    result of :func:`peers_of` when the caller has it already."""
+    if not options.outbound:
+        return []
+    targets: list[Target] = []
+    for peer in peers_of(policy_set, workload, now) if peers is None else peers:
+        for port in sorted(peer.ports, key=lambda p: p.port):
+            bind = options.outbound_endpoint(
+                workload, peer, port.port, index[names.peer_key(peer, port.port)]
+            )
+            targets.append((peer, port, policy_set.mtls_mode(peer, port.port), bind))
+    return targets
+
+
+def compile_outbound(
+    workload: Workload, targets: Iterable[Target], fragments: FragmentCache, trust_domain: str
+) -> Part:
+    """The outbound half: per target, a listener assembled for this caller and the peer's
+    shared cluster, route and endpoints (meshward.compile.fragments)."""
+    out = [
+        fragments.outbound(
+            workload, peer, port, bind=bind, peer_mode=mode, trust_domain=trust_domain
+        )
+        for peer, port, mode, bind in targets
+    ]
+    return Part(
+        listeners=_sorted(m for m, _ in out),
+        routes=_sorted(f.route for _, f in out if f.route is not None),
+        clusters=_sorted(f.cluster for _, f in out),
+        endpoints=_sorted((e for _, f in out for e in f.endpoints), key="cluster_name"),
+        tls_used=any(f.tls for _, f in out),
+    )
+
+
+def outbound_change(
+    policy_set: PolicySet, options: CompileOptions, now: datetime | None
+) -> datetime | None:
+    """When a caller's outbound half may next change: the next expiry anywhere in the set (a
+    peer's emergency ALLOW decides whether it may call that peer)."""
+    return next_expiry(policy_set, now) if options.outbound and now is not None else None
+
+
+def assemble(
+    workload: Workload,
+    version: str,
+    options: CompileOptions,
+    inbound: Part,
+    outbound: Part,
+    *,
+    outbound_change: datetime | None = None,
+) -> WorkloadResources:
+    """One workload's resources from its two halves; ``outbound_change``: see
+    :func:`outbound_change`."""
+    assert inbound.plan is not None
+    return WorkloadResources(
+        workload=workload.ref,
+        policy_version=version,
+        mode=options.mode,
+        listeners=_sorted([*inbound.listeners, *outbound.listeners]),
+        routes=_sorted([*inbound.routes, *outbound.routes]),
+        clusters=_sorted([*inbound.clusters, *outbound.clusters]),
+        endpoints=_sorted([*inbound.endpoints, *outbound.endpoints], key="cluster_name"),
+        secret_names=(
+            (names.SECRET_ROOTCA, names.SECRET_DEFAULT)
+            if inbound.tls_used or outbound.tls_used
+            else ()
+        ),
+        plan=inbound.plan,
+        next_change=earliest(inbound.next_change, outbound_change),
+    )
+
+
+def earliest(*instants: datetime | None) -> datetime | None:
+    known = [t for t in instants if t is not None]
+    return min(known) if known else None
 
 
 def compile_mesh(
@@ -213,70 +334,36 @@ def compile_mesh(
     """Every workload of the mesh, by ref.
 
     Resources that are the same for every caller (a peer's outbound cluster, endpoints and
-    route) are converted to protos once and copied, which is most of the outbound work.
+    route) are built once and shared (meshward.compile.fragments): the same proto objects in
+    every caller's result, to be treated as read-only.
     """
     memo: dict[tuple[str, str], Any] = {}
+    fragments = FragmentCache(options or CompileOptions())
     return {
-        w.ref: compile_workload(policy_set, w, options, now=now, _memo=memo)
+        w.ref: compile_workload(policy_set, w, options, now=now, _memo=memo, fragments=fragments)
         for w in policy_set.workloads
     }
 
 
-_PARSERS = {"route": _protos.route, "cluster": _protos.cluster, "endpoint": _protos.endpoint}
+_PARSERS = {
+    "listener": _protos.listener,
+    "route": _protos.route,
+    "cluster": _protos.cluster,
+    "endpoint": _protos.endpoint,
+}
 
 
-def _listener(memo: dict[tuple[str, str], Any], built: listeners.Built) -> Any:
-    """Outbound listeners of one workload differ only in their name, bind address, stat prefix
-    and route (HTTP) or cluster (TCP): parse one template per shape and patch those fields,
-    which gives the same bytes as parsing each (tests check it) at a fraction of the cost."""
-    data = built.listener
-    if data.get("traffic_direction") != "OUTBOUND":
-        return _protos.listener(data)
-    socket = data["address"]["socket_address"]
-    inner = data["filter_chains"][0]["filters"][0]["typed_config"]
-    template = json.loads(json.dumps(data))
-    template["name"] = ""
-    template["address"]["socket_address"] = {"address": "", "port_value": 0}
-    shape = template["filter_chains"][0]["filters"][0]["typed_config"]
-    for name in ("stat_prefix", "cluster"):
-        if name in shape:
-            shape[name] = ""
-    shape.pop("rds", None)
-    shape.pop("route_config", None)
-    key = ("listener", json.dumps(template, sort_keys=True))
-    parsed = memo.get(key)
-    if parsed is None:
-        parsed = _protos.listener(template)
-        memo[key] = parsed
-    message = type(parsed)()
-    message.CopyFrom(parsed)
-    message.name = data["name"]
-    message.address.socket_address.address = socket["address"]
-    message.address.socket_address.port_value = socket["port_value"]
-    typed = message.filter_chains[0].filters[0].typed_config
-    config = _protos.unpack(typed)
-    config.stat_prefix = inner["stat_prefix"]
-    if "cluster" in inner:
-        config.cluster = inner["cluster"]
-    if "rds" in inner:
-        config.rds.config_source.ads.SetInParent()
-        config.rds.config_source.resource_api_version = 2  # V3
-        config.rds.route_config_name = inner["rds"]["route_config_name"]
-    if "route_config" in inner:
-        config.route_config.CopyFrom(_shared(memo, "route", inner["route_config"]))
-    typed.Pack(config, deterministic=True)
-    return message
-
-
-def _shared(memo: dict[tuple[str, str], Any], kind: str, data: Json) -> Any:
+def _shared(
+    memo: dict[tuple[str, str], Any], used: dict[tuple[str, str], Any], kind: str, data: Json
+) -> Any:
+    """The proto for ``data``, parsed once per distinct source and shared (read-only)."""
     key = (kind, json.dumps(data, sort_keys=True))
     message = memo.get(key)
     if message is None:
         message = _PARSERS[kind](data)
         memo[key] = message
-    copy = type(message)()
-    copy.CopyFrom(message)
-    return copy
+    used[key] = message
+    return message
 
 
 def rule_classes(

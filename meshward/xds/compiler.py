@@ -1,31 +1,68 @@
-"""The bridge from meshward.compile to the control plane: one workload -> resource protos."""
+"""The bridge from meshward.compile to the control plane: one workload -> resource protos, and
+the whole mesh incrementally (meshward.compile.incremental)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from meshward.policy import PolicySet, Workload
-from meshward.xds.controlplane import WorkloadCompiler
+from meshward.xds.compiling import Outcome
 
 
-def compiler_for(options: Any = None) -> WorkloadCompiler:
-    """A :data:`WorkloadCompiler` over :func:`meshward.compile.compile_workload` in xDS mode.
+class MeshCompiler:
+    """A :data:`meshward.xds.compiling.WorkloadCompiler` over
+    :func:`meshward.compile.compile_workload` in xDS mode, which also compiles the whole mesh
+    incrementally (:meth:`mesh`, what the control plane calls)."""
 
-    ``options``: a :class:`meshward.compile.CompileOptions` (its ``mode`` is forced to XDS:
-    routes over RDS, endpoints over EDS, secrets over SDS).
-    """
-    from dataclasses import replace
+    def __init__(self, options: Any = None) -> None:
+        from meshward.compile import CompileOptions, Mode
+        from meshward.compile.envoy_limits import check_resources
 
-    from meshward.compile import CompileOptions, Mode, compile_workload
-    from meshward.compile.envoy_limits import check_resources
+        self.options = replace(options or CompileOptions(), mode=Mode.XDS)
+        self._check = check_resources
+        # ref -> (the result Envoy would refuse, why): an unchanged result stays refused
+        self._refused: dict[str, tuple[Any, str]] = {}
 
-    options = replace(options or CompileOptions(), mode=Mode.XDS)
+    def __call__(self, policy: PolicySet, workload: Workload, now: datetime) -> Sequence[Any]:
+        from meshward.compile import compile_workload
 
-    def compile_one(policy: PolicySet, workload: Workload, now: datetime) -> Sequence[Any]:
-        compiled = compile_workload(policy, workload, options, now=now)
-        check_resources(compiled)  # backstop: never serve what Envoy would refuse
+        compiled = compile_workload(policy, workload, self.options, now=now)
+        self._check(compiled)  # backstop: never serve what Envoy would refuse
         return [message for messages in compiled.by_type().values() for message in messages]
 
-    return compile_one
+    def mesh(
+        self, policy: PolicySet, now: datetime, previous: Any
+    ) -> tuple[Any, Mapping[str, Outcome]]:
+        """Every workload, reusing ``previous`` (a CompileState, or None) where the edit did
+        not reach; failed workloads map to their error."""
+        from meshward.compile.incremental import compile_incremental
+
+        state, recompiled = compile_incremental(policy, self.options, now=now, previous=previous)
+        out: dict[str, Outcome] = dict(state.errors)
+        refused: dict[str, tuple[Any, str]] = {}
+        for ref, compiled in state.results.items():
+            # The Envoy-limits backstop, only where something was recompiled: the rest was
+            # checked when it was built (and stays refused while it is the same result).
+            earlier = self._refused.get(ref)
+            if earlier is not None and earlier[0] is compiled:
+                refused[ref] = earlier
+            elif ref in recompiled.workloads or previous is None:
+                try:
+                    self._check(compiled)
+                except ValueError as exc:
+                    refused[ref] = (compiled, f"ValueError: {exc}")
+            if ref in refused:
+                out[ref] = refused[ref][1]
+            else:
+                out[ref] = [m for messages in compiled.by_type().values() for m in messages]
+        self._refused = refused
+        return state, out
+
+
+def compiler_for(options: Any = None) -> MeshCompiler:
+    """The control plane's compiler for a mesh's CompileOptions (its ``mode`` is forced to
+    XDS: routes over RDS, endpoints over EDS, secrets over SDS)."""
+    return MeshCompiler(options)

@@ -12,7 +12,8 @@
   is the SVID of workload ``ns/name`` (see :mod:`meshward.xds.nodeid`).
 
 Everything here runs on the server's event loop; the policy watcher's thread hops onto it with
-``call_soon_threadsafe`` (see :meth:`ControlPlane.watcher_callbacks`).
+``call_soon_threadsafe`` (see :meth:`ControlPlane.watcher_callbacks`), and the compile a policy
+change needs runs in a worker thread (meshward.xds.compiling), so streams are served meanwhile.
 """
 
 from __future__ import annotations
@@ -20,17 +21,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from meshward.errors import UserError
 from meshward.policy import PolicyError, PolicySet, Workload
-from meshward.xds import types
+from meshward.xds import compiling, types
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
+from meshward.xds.compiling import (
+    Compiled,
+    CompileWorker,
+    WorkloadConfig,
+    compile_configs,
+    mesh_compiler,
+    paced,
+)
 from meshward.xds.credentials import ServerTls
 from meshward.xds.limits import (
     INSTANCE_LIMIT,
@@ -48,9 +57,7 @@ from meshward.xds.snapshot import Snapshot, build_snapshot
 
 log = logging.getLogger("meshward.xds")
 
-#: Compiles one workload: (policy set, workload, now) -> resource protos (any mix of Listener,
-#: Cluster, ClusterLoadAssignment, RouteConfiguration). Pure.
-WorkloadCompiler = Callable[[PolicySet, Workload, datetime], Sequence[Any]]
+WorkloadCompiler = compiling.WorkloadCompiler  # where the service and older callers find it
 
 SERVER_KEY = "@ads-server"
 CA_POLL_SECONDS = 5.0
@@ -73,25 +80,6 @@ class NodeState:
     issued: int = 0
     renew_at: datetime | None = None
     disconnected_at: float | None = None  # monotonic; garbage-collected after limits.node_gc_after
-
-
-@dataclass
-class WorkloadConfig:
-    resources: dict[str, list[Resource]] = field(default_factory=dict)
-    fingerprint: tuple[tuple[str, str, str], ...] = ()
-    error: str | None = None
-
-
-def _sort_resources(messages: Iterable[Any]) -> dict[str, list[Resource]]:
-    by_type: dict[str, list[Resource]] = {}
-    for message in messages:
-        resource = make_resource(message)
-        by_type.setdefault(resource.type_url, []).append(resource)
-    return by_type
-
-
-def _fingerprint(resources: dict[str, list[Resource]]) -> tuple[tuple[str, str, str], ...]:
-    return tuple(sorted((t, r.name, r.hash) for t, items in resources.items() for r in items))
 
 
 class ControlPlane:
@@ -138,49 +126,85 @@ class ControlPlane:
         self._server_generation: int | None = None  # the CA generation that signed it
         self._compiled_at = wall_clock()
         self._first_compile = True
+        self._mesh_compile = mesh_compiler(compiler)
+        self._compile_state: Any = None  # the compiler's incremental state
+        self._packed: Any = {}  # id(proto) -> (proto, Resource): each proto packed once
+        self._latest_policy = policy  # the newest policy asked for (worker results older: dropped)
+        self.compile_worker = CompileWorker(self._compile_newest, self._installed, threading.Lock())
         self._recompile(self._compiled_at)
         self._first_compile = False
         self._refresh_bundle(self._compiled_at)
 
     # -- policy --------------------------------------------------------------------------------
-    def _recompile(self, now: datetime) -> set[str]:
-        """Compile every workload; return the refs whose resources changed."""
-        changed: set[str] = set()
-        fresh: dict[str, WorkloadConfig] = {}
-        for workload in self.policy.workloads:
-            previous = self.configs.get(workload.ref)
-            try:
-                resources = _sort_resources(self.compiler(self.policy, workload, now))
-                config = WorkloadConfig(resources, _fingerprint(resources))
-            except Exception as exc:  # keep the last good config of this workload
-                if not isinstance(exc, UserError):  # a bug: the traceback helps
-                    log.exception("compiling %s failed; it keeps its previous config", workload.ref)
-                elif not self._first_compile:
-                    # The policy asks for what this server was not given (e.g. --extauthz): one
-                    # line. The first compile's errors are the constructor's caller's to report
-                    # (`xds serve` refuses to start; XdsService.start logs them).
-                    log.error("%s; it keeps its previous config", exc)
-                config = WorkloadConfig(
-                    previous.resources if previous else {},
-                    previous.fingerprint if previous else (),
-                    f"{type(exc).__name__}: {exc}",
-                )
-            fresh[workload.ref] = config
-            if previous is None or previous.fingerprint != config.fingerprint:
-                changed.add(workload.ref)
-        changed.update(ref for ref in self.configs if ref not in fresh)  # removed workloads
-        self.configs = fresh
-        self._compiled_at = now
-        return changed
+    def _recompile(self, now: datetime, *, full: bool = False) -> set[str]:
+        """Compile every workload (incrementally unless ``full``), here and now; return the
+        refs whose resources changed."""
+        with self.compile_worker.lock:
+            compiled = compile_configs(
+                self._mesh_compile,
+                self.policy,
+                now,
+                None if full else self._compile_state,
+                self.configs,
+                self._packed,
+                quiet=self._first_compile,
+            )
+            self._install(compiled)
+        return compiled.changed
+
+    def _install(self, compiled: Compiled) -> None:
+        self.configs = compiled.configs
+        self._compile_state = compiled.state
+        self._packed = compiled.packed
+        self._compiled_at = compiled.now
+
+    def _compile_newest(self, policy: PolicySet) -> Compiled:
+        """In the worker thread (under the compile lock): compile ``policy`` from the state in
+        force."""
+        return compile_configs(
+            self._mesh_compile,
+            policy,
+            self.wall_clock(),
+            self._compile_state,
+            self.configs,
+            self._packed,
+        )
 
     def apply_policy(self, policy: PolicySet) -> set[str]:
-        """A new valid policy set: recompile, push to the nodes of affected workloads only."""
+        """A new valid policy set: recompile (here, blocking the caller), push to the nodes of
+        affected workloads only."""
+        self._latest_policy = policy
         self.policy = policy
+        changed = self._recompile(self.wall_clock())
+        self._applied(policy, changed)
+        return changed
+
+    def apply_policy_later(self, policy: PolicySet) -> None:
+        """A new valid policy set, compiled in the worker thread: the loop keeps serving streams
+        and installs the result when it is ready (a newer policy arriving meanwhile replaces
+        this one)."""
+        self._latest_policy = policy
+        self.compile_worker.submit(policy)
+
+    async def _installed(self, compiled: Compiled) -> None:
+        """On the loop: a worker compile is done; its nodes are woken a batch at a time."""
+        if compiled.policy is not self._latest_policy:
+            return  # a newer policy was applied meanwhile
+        with self.compile_worker.lock:
+            self.policy = compiled.policy
+            self._install(compiled)
         self.policy_applied_at = self.wall_clock()
         self.policy_error = None
         self.policy_error_at = None
-        changed = self._recompile(self.wall_clock())
-        self._refresh_nodes(changed)
+        await paced(self._refresh_steps(compiled.changed))
+        self._applied(compiled.policy, compiled.changed, refresh=False)
+
+    def _applied(self, policy: PolicySet, changed: set[str], *, refresh: bool = True) -> None:
+        if refresh:
+            self.policy_applied_at = self.wall_clock()
+            self.policy_error = None
+            self.policy_error_at = None
+            self._refresh_nodes(changed)
         if self.metrics is not None:
             self.metrics.policy_updates.labels("applied").inc()
         log.info(
@@ -188,12 +212,11 @@ class ControlPlane:
             policy.version[:12], len(changed), f" ({', '.join(sorted(changed))})" if changed else "",
         )  # fmt: skip
         self._poke()
-        return changed
 
     def refresh(self) -> set[str]:
         """Recompile the current policy set (e.g. after the compiler's inputs changed) and push
         whatever changed."""
-        changed = self._recompile(self.wall_clock())
+        changed = self._recompile(self.wall_clock(), full=True)
         self._refresh_nodes(changed)
         self._poke()
         return changed
@@ -212,7 +235,7 @@ class ControlPlane:
         """``on_change``/``on_error`` for a PolicyWatcher thread: they hop onto ``loop``."""
 
         def on_change(policy: PolicySet) -> None:
-            loop.call_soon_threadsafe(self.apply_policy, policy)
+            loop.call_soon_threadsafe(self.apply_policy_later, policy)
 
         def on_error(error: PolicyError) -> None:
             loop.call_soon_threadsafe(self.reject_policy, error)
@@ -412,11 +435,13 @@ class ControlPlane:
         return self.cache.set(str(state.node), self._snapshot(state))
 
     def _refresh_nodes(self, workload_refs: set[str]) -> int:
-        pushed = 0
-        for state in self.nodes.values():
-            if state.node.workload_ref in workload_refs and self._refresh_node(state):
-                pushed += 1
-        return pushed
+        return sum(self._refresh_steps(workload_refs))
+
+    def _refresh_steps(self, workload_refs: set[str]) -> Iterator[bool]:
+        """Refresh the nodes of ``workload_refs`` one at a time (True: it was pushed to)."""
+        for state in list(self.nodes.values()):
+            if state.node.workload_ref in workload_refs:
+                yield self._refresh_node(state)
 
     # -- trust bundle and the server's own certificate -------------------------------------------
     def _refresh_bundle(self, now: datetime) -> bool:
@@ -550,6 +575,13 @@ class ControlPlane:
     async def run(self) -> None:
         """Timers: SVID renewals, expires-at re-pushes, CA reloads. Cancel to stop."""
         self._wake = asyncio.Event()
+        try:
+            await self._timers()
+        finally:
+            self.compile_worker.close()
+
+    async def _timers(self) -> None:
+        assert self._wake is not None
         while True:
             now = self.wall_clock()
             try:

@@ -13,6 +13,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 # Importing these registers the message types that sit inside Anys of listeners and clusters, so
@@ -29,6 +30,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, descriptor_pool, message_factory
 
 from meshward.xds import types
@@ -61,10 +63,48 @@ class Resource:
     def sensitive(self) -> bool:
         return self.type_url == types.SECRET
 
+    @cached_property
+    def sotw_entry(self) -> bytes:
+        """This resource as one encoded ``resources`` entry of a DiscoveryResponse: encoded on
+        first use, then the same bytes for every node it is sent to."""
+        return _entry(self.body.SerializeToString())
+
+    @cached_property
+    def delta_entry(self) -> bytes:
+        """The same for a DeltaDiscoveryResponse (name, version and the resource)."""
+        entry = discovery_pb2.Resource(name=self.name, version=self.hash, resource=self.body)
+        return _entry(entry.SerializeToString())
+
     @classmethod
     def stub(cls, type_url: str, name: str, version: str) -> Resource:
         """What a delta client says it already has (``initial_resource_versions``)."""
         return cls(type_url=type_url, name=name, hash=version, body=None)
+
+
+# Field 2 is ``resources`` in both DiscoveryResponse and DeltaDiscoveryResponse.
+_RESOURCES_TAG = bytes([2 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _entry(payload: bytes) -> bytes:
+    return _RESOURCES_TAG + _varint(len(payload)) + payload
+
+
+def encode_response(head: Any, resources: Iterable[Resource], *, delta: bool) -> bytes:
+    """A discovery response on the wire: ``head`` (every field but ``resources``) encoded,
+    followed by each resource's cached entry. Protobuf reads fields in any order and appends
+    repeated ones in the order they come, so this decodes exactly as the message with the
+    resources set, without re-encoding any resource for each node."""
+    body: bytes = head.SerializeToString()
+    return body + b"".join(r.delta_entry if delta else r.sotw_entry for r in resources)
 
 
 def resource_name(message: Any) -> str:

@@ -42,6 +42,7 @@ from meshward.xds.protocol import (
     SecretDenied,
     SotwProtocol,
 )
+from meshward.xds.resources import encode_response
 from meshward.xds.status import DEFAULT_DRIFT_THRESHOLD, drifting, iso, stream_types
 
 log = logging.getLogger("meshward.xds")
@@ -181,7 +182,7 @@ class AdsServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
         )
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
+        server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
         try:
             if credentials is None:
                 port = server.add_insecure_port(address)
@@ -462,25 +463,23 @@ class AdsServer:
             elif isinstance(event, Ignored):
                 log.debug("ignored %s request from %s: %s", event.type_url, node, event.reason)
 
-    def _encode(self, mode: str, push: Push) -> Any:
+    def _encode(self, mode: str, push: Push) -> bytes:
+        """The response's bytes: each resource is encoded once and the same bytes go to every
+        node (meshward.xds.resources.encode_response)."""
+        head: Any
         if mode == "sotw":
-            response = discovery_pb2.DiscoveryResponse(
+            head = discovery_pb2.DiscoveryResponse(
                 version_info=push.version, type_url=push.type_url, nonce=push.nonce
             )
-            response.resources.extend(r.body for r in push.resources)
         else:
-            response = discovery_pb2.DeltaDiscoveryResponse(
+            head = discovery_pb2.DeltaDiscoveryResponse(
                 system_version_info=push.version,
                 type_url=push.type_url,
                 nonce=push.nonce,
                 removed_resources=list(push.removed),
             )
-            response.resources.extend(
-                discovery_pb2.Resource(name=r.name, version=r.hash, resource=r.body)
-                for r in push.resources
-            )
-        response.control_plane.identifier = CONTROL_PLANE_ID
-        return response
+        head.control_plane.identifier = CONTROL_PLANE_ID
+        return encode_response(head, push.resources, delta=mode != "sotw")
 
     # -- status --------------------------------------------------------------------------------
     def node_status(self) -> list[dict[str, Any]]:
@@ -546,6 +545,34 @@ class AdsServer:
                 }
             )
         return result
+
+
+def _serialize(response: Any) -> bytes:
+    """Responses are written already encoded (``_encode``); anything else is a message."""
+    if isinstance(response, bytes):
+        return response
+    data: bytes = response.SerializeToString()
+    return data
+
+
+def _handlers(servicer: _Servicer) -> Any:
+    """The ADS service as ads_pb2_grpc registers it, but with a response serializer that
+    passes pre-encoded bytes through."""
+    return grpc.method_handlers_generic_handler(
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                servicer.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_serialize,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                servicer.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_serialize,
+            ),
+        },
+    )
 
 
 class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]

@@ -171,6 +171,7 @@ class LocalMesh:
         from meshward.policy import load
         from meshward.xds.bootstrap import AdsCredentials, render_bootstrap
         from meshward.xds.compiler import compiler_for
+        from meshward.xds.compiling import WorkloadCompiler
         from meshward.xds.nodeid import NodeId
         from meshward.xds.service import XdsServiceThread
 
@@ -190,7 +191,7 @@ class LocalMesh:
         options = CompileOptions(
             bindings=self.bindings, listen_host="127.0.0.1", access_log_path="/dev/stdout"
         )
-        compiler = compiler_for(options)
+        compiler: WorkloadCompiler = compiler_for(options)
         if self.compiler_hook is not None:
             inner, hook = compiler, self.compiler_hook
 

@@ -1,0 +1,97 @@
+"""Compile time at fleet scale: full compile, one-policy edit, mesh-wide edit (CPU seconds).
+
+On the realistic topologies of meshward.testing.topology (fleet: ~10 named callers per service
+plus namespace-wide rules; worst: one namespace-wide ALLOW over N services), one process, one
+pass per size (CPU time, so other load on the machine moves the figures less). "full" is compile_mesh (every workload from scratch); the edits are
+compile_incremental from the previous state (meshward.compile.incremental): the methods of one
+service's ALLOW, then a root-namespace DENY that selects every workload.
+
+    python bench/compile_scale.py [--topology fleet,worst] [--fleet 100,300,1000] [--worst 100,200,400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+from meshward.compile import CompileOptions, compile_mesh
+from meshward.compile.incremental import compile_incremental
+from meshward.policy.model import Action, AuthorizationPolicy, Operation, Rule
+from meshward.policy.policyset import PolicySet
+from meshward.testing import topology
+
+
+def cpu(fn: Any) -> tuple[float, Any]:
+    start = time.process_time()
+    result = fn()
+    return time.process_time() - start, result
+
+
+def edits(ps: PolicySet) -> tuple[PolicySet, PolicySet]:
+    policies = list(ps.authorization_policies)
+    target = next((p for p in policies if p.selector is not None), policies[0])
+    rule = target.rules[0]
+    policies[policies.index(target)] = dataclasses.replace(
+        target, rules=(dataclasses.replace(rule, operations=(Operation(methods=("PUT",)),)),)
+    )
+    one = PolicySet.create(mesh=ps.mesh, workloads=ps.workloads, authorization_policies=policies)
+    deny = AuthorizationPolicy(
+        namespace=ps.mesh.root_namespace,
+        name="deny-debug",
+        action=Action.DENY,
+        rules=(Rule(operations=(Operation(paths=("/debug",)),)),),
+    )
+    mesh = PolicySet.create(
+        mesh=ps.mesh, workloads=ps.workloads, authorization_policies=[*policies, deny]
+    )
+    return one, mesh
+
+
+def measure(kind: str, n: int) -> dict[str, float]:
+    ps = topology.worst_case(n) if kind == "worst" else topology.fleet(n)
+    options = CompileOptions()
+    full, compiled = cpu(lambda: compile_mesh(ps, options))
+    resources = sum(
+        len(r.listeners) + len(r.routes) + len(r.clusters) + len(r.endpoints)
+        for r in compiled.values()
+    )
+    del compiled
+    cold, (state, _) = cpu(lambda: compile_incremental(ps, options))
+    one_ps, mesh_ps = edits(ps)
+    one, (state, one_done) = cpu(lambda: compile_incremental(one_ps, options, previous=state))
+    mesh, (state, _) = cpu(lambda: compile_incremental(mesh_ps, options, previous=state))
+    return {
+        "full": full,
+        "cold": cold,
+        "one": one,
+        "one_halves": len(one_done.inbound) + len(one_done.outbound),
+        "mesh": mesh,
+        "resources": resources,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--topology", default="fleet,worst")
+    parser.add_argument("--fleet", default="100,300,1000")
+    parser.add_argument("--worst", default="100,200,400")
+    args = parser.parse_args()
+    print("compile CPU seconds (one process, one pass per size)")
+    print(f"{'topology':>8} {'services':>8} {'resources':>9} {'full':>7} {'1-edit':>7} "
+          f"{'halves':>6} {'mesh-wide':>9}")  # fmt: skip
+    for kind in args.topology.split(","):
+        sizes = [int(s) for s in getattr(args, kind).split(",")]
+        rows = [(n, measure(kind, n)) for n in sizes]
+        for n, m in rows:
+            print(f"{kind:>8} {n:8d} {m['resources']:9.0f} {m['full']:7.2f} {m['one']:7.3f} "
+                  f"{m['one_halves']:6.0f} {m['mesh']:9.2f}")  # fmt: skip
+        (a, first), (b, last) = rows[0], rows[-1]
+        print(f"{kind:>8} growth {a} -> {b} services ({b / a:.1f}x): full compile "
+              f"{last['full'] / first['full']:.1f}x, mesh-wide edit {last['mesh'] / first['mesh']:.1f}x, "
+              f"resources {last['resources'] / first['resources']:.1f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

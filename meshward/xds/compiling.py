@@ -1,0 +1,235 @@
+"""Compiling the mesh for the control plane: incremental, packed once, off the event loop.
+
+- **Incremental.** A compiler made by :func:`meshward.xds.compiler.compiler_for` also compiles
+  the whole mesh from the previous compile's state (meshward.compile.incremental), so an edit
+  recompiles only the workloads and halves it affects. Any other :data:`WorkloadCompiler` (a
+  plain function of one workload, as tests and the demo pass) is run for every workload.
+- **Packed once.** The compiler shares protos between workloads (a peer's cluster, route and
+  endpoints; a listener whose source did not change) and between compiles: each distinct proto
+  object is packed, hashed and scanned for its dependencies once (:class:`Packed`), and every
+  node holding it gets the same :class:`Resource`.
+- **Off the event loop.** :class:`CompileWorker` runs compiles in one worker thread, one at a
+  time, the newest policy winning over those still queued; the ADS streams keep being served
+  on the loop meanwhile (the compile is pure Python, so it shares the interpreter with them,
+  but never holds the loop). Compiles that the loop itself asks for (a synchronous
+  ``apply_policy``, an expires-at instant) take the same lock, so two compiles never mutate
+  one incremental state at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from meshward.policy import PolicySet, Workload
+from meshward.xds.resources import Resource, make_resource
+
+log = logging.getLogger("meshward.xds")
+
+#: Compiles one workload: (policy set, workload, now) -> resource protos (any mix of Listener,
+#: Cluster, ClusterLoadAssignment, RouteConfiguration). Pure.
+WorkloadCompiler = Callable[[PolicySet, Workload, datetime], Sequence[Any]]
+#: A workload's outcome: its resource protos, or why its compile failed.
+Outcome = Sequence[Any] | str
+
+
+class MeshCompiler(Protocol):
+    """(policy set, now, the previous call's state or None) -> (state for the next call,
+    outcome by workload ref). Pure."""
+
+    def __call__(
+        self, policy: PolicySet, now: datetime, previous: Any
+    ) -> tuple[Any, Mapping[str, Outcome]]: ...
+
+
+def mesh_compiler(compiler: WorkloadCompiler) -> MeshCompiler:
+    """The compiler's own mesh compile (``compiler.mesh``) if it has one, else ``compiler``
+    run for every workload."""
+    mesh = getattr(compiler, "mesh", None)
+    if callable(mesh):
+        found: MeshCompiler = mesh
+        return found
+
+    def every_workload(
+        policy: PolicySet, now: datetime, previous: Any
+    ) -> tuple[Any, Mapping[str, Outcome]]:
+        out: dict[str, Outcome] = {}
+        for workload in policy.workloads:
+            try:
+                out[workload.ref] = list(compiler(policy, workload, now))
+            except Exception as exc:  # reported by compile_configs; the others still compile
+                out[workload.ref] = f"{type(exc).__name__}: {exc}"
+        return None, out
+
+    return every_workload
+
+
+@dataclass
+class WorkloadConfig:
+    resources: dict[str, list[Resource]] = field(default_factory=dict)
+    fingerprint: tuple[tuple[str, str, str], ...] = ()
+    error: str | None = None
+
+
+#: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)
+Packed = Mapping[int, tuple[Any, Resource]]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """One compile's result, ready to install on the loop."""
+
+    policy: PolicySet
+    now: datetime
+    state: Any
+    configs: dict[str, WorkloadConfig]
+    changed: set[str]  # refs whose resources changed (added and removed included)
+    packed: Packed
+
+
+def _pack(
+    messages: Iterable[Any], previous: Packed, packed: dict[int, tuple[Any, Resource]]
+) -> dict[str, list[Resource]]:
+    by_type: dict[str, list[Resource]] = {}
+    for message in messages:
+        key = id(message)
+        hit = packed.get(key) or previous.get(key)
+        if hit is None or hit[0] is not message:
+            hit = (message, make_resource(message))
+        packed[key] = hit
+        resource = hit[1]
+        by_type.setdefault(resource.type_url, []).append(resource)
+    return by_type
+
+
+def _fingerprint(resources: dict[str, list[Resource]]) -> tuple[tuple[str, str, str], ...]:
+    return tuple(sorted((t, r.name, r.hash) for t, items in resources.items() for r in items))
+
+
+def compile_configs(
+    compiler: MeshCompiler,
+    policy: PolicySet,
+    now: datetime,
+    state: Any,
+    configs: Mapping[str, WorkloadConfig],
+    packed: Packed,
+    *,
+    quiet: bool = False,
+) -> Compiled:
+    """Compile ``policy`` and pack the result. A workload whose compile failed keeps its
+    previous config (with the error), logged in one line unless ``quiet`` (the first compile's
+    errors are the caller's to report: `xds serve` refuses to start). Pure: safe to run in a
+    worker thread."""
+    next_state, outcomes = compiler(policy, now, state)
+    fresh: dict[str, WorkloadConfig] = {}
+    now_packed: dict[int, tuple[Any, Resource]] = {}
+    changed: set[str] = set()
+    for workload in policy.workloads:
+        ref = workload.ref
+        previous = configs.get(ref)
+        outcome = outcomes.get(ref, "no compile result")
+        if isinstance(outcome, str):
+            if not quiet:
+                log.error("compiling %s failed; it keeps its previous config: %s", ref, outcome)
+            config = WorkloadConfig(
+                previous.resources if previous else {},
+                previous.fingerprint if previous else (),
+                outcome,
+            )
+        else:
+            resources = _pack(outcome, packed, now_packed)
+            config = WorkloadConfig(resources, _fingerprint(resources))
+        fresh[ref] = config
+        if previous is None or previous.fingerprint != config.fingerprint:
+            changed.add(ref)
+    changed.update(ref for ref in configs if ref not in fresh)
+    return Compiled(policy, now, next_state, fresh, changed, now_packed)
+
+
+class CompileWorker:
+    """Runs :func:`compile_configs` in one worker thread for the control plane's loop.
+
+    ``submit(policy)`` (on the loop) queues a compile of ``policy``; while one runs, further
+    submissions replace the queued one (only the newest policy matters). ``install`` is awaited
+    on the loop with each result. ``lock`` serializes every compile of the control plane, in
+    the worker or on the loop.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[PolicySet], Compiled],
+        install: Callable[[Compiled], Awaitable[None]],
+        lock: threading.Lock,
+    ) -> None:
+        self._run = run
+        self._install = install
+        self.lock = lock
+        self._pending: PolicySet | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, policy: PolicySet) -> None:
+        self._pending = policy
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._drain(), name="meshward-xds-compile"
+            )
+
+    def _compile(self, policy: PolicySet) -> Compiled:
+        with self.lock:
+            return self._run(policy)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="meshward-compile"
+            )
+        while self._pending is not None:
+            policy, self._pending = self._pending, None
+            try:
+                compiled = await loop.run_in_executor(self._executor, self._compile, policy)
+            except Exception:
+                log.exception(
+                    "compiling policy %s failed; keeping the one in force", policy.version[:12]
+                )
+                continue
+            try:
+                await self._install(compiled)
+            except Exception:
+                log.exception("installing policy %s failed", policy.version[:12])
+
+    async def idle(self) -> None:
+        """Wait until every submitted compile is installed."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+#: Nodes refreshed between two pauses when a worker compile's result is pushed out.
+FANOUT_BATCH = 32
+FANOUT_PAUSE = 0.002  # seconds
+
+
+async def paced(
+    steps: Iterable[object], batch: int = FANOUT_BATCH, pause: float = FANOUT_PAUSE
+) -> None:
+    """Run ``steps`` (each wakes one node's streams), pausing after every ``batch``: the
+    streams already woken push their config, and every other stream's requests are served,
+    before more nodes are woken. A mesh-wide change then never puts all nodes' pushes ahead of
+    one stream's answer at once (a few ms more to reach the last node)."""
+    for count, _ in enumerate(steps, 1):
+        if count % batch == 0:
+            await asyncio.sleep(pause)

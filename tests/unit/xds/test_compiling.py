@@ -1,0 +1,267 @@
+"""Compiles run off the event loop: while a policy change is being compiled, the ADS streams
+keep being served (a new node is answered, ACKs are processed), and the result is installed
+when it is ready. Each distinct proto is packed once. Real gRPC and mTLS, simulated clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from meshward.certs import CertificateAuthority
+from meshward.compile import CompileOptions
+from meshward.policy import PolicySet, parse
+from meshward.xds import types
+from meshward.xds.client import AdsClient, client_ssl_context
+from meshward.xds.compiler import MeshCompiler
+from meshward.xds.compiling import Outcome, compile_configs, mesh_compiler, paced
+from meshward.xds.service import XdsService
+
+WORKLOADS = "".join(
+    f"""---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
+spec:
+  ports: [{{name: http, port: 8080, protocol: HTTP}}]
+"""
+    for name in ("frontend", "orders", "payments")
+)
+POLICY = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: orders-allow-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: orders}}
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+      to: [{operation: {methods: [%s]}}]
+"""
+SUBSCRIPTIONS = {types.CLUSTER: (), types.LISTENER: (), types.SECRET: ("default", "ROOTCA")}
+
+
+def policy(methods: str) -> PolicySet:
+    return parse({"mesh.yaml": WORKLOADS + POLICY % methods})
+
+
+class BlockingCompiler(MeshCompiler):
+    """The real compiler, except that the compile of ``block`` signals ``started`` and then
+    waits for ``release``: a mesh-wide recompile as long as the test wants."""
+
+    def __init__(self) -> None:
+        super().__init__(CompileOptions())
+        self.block: str | None = None
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.threads: set[str] = set()
+
+    def mesh(
+        self, policy: PolicySet, now: datetime, previous: Any
+    ) -> tuple[Any, dict[str, Outcome]]:
+        self.threads.add(threading.current_thread().name)
+        if policy.version == self.block:
+            self.started.set()
+            self.release.wait(60)
+        state, out = super().mesh(policy, now, previous)
+        return state, dict(out)
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.ephemeral("cluster.local")
+
+
+@pytest.fixture
+def compiler() -> BlockingCompiler:
+    return BlockingCompiler()
+
+
+@pytest.fixture
+async def service(
+    ca: CertificateAuthority, compiler: BlockingCompiler
+) -> AsyncIterator[XdsService]:
+    svc = XdsService(policy('"GET"'), ca, compiler, admin=None)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        compiler.release.set()
+        await svc.stop()
+
+
+def open_client(
+    service: XdsService, ca: CertificateAuthority, node: str
+) -> tuple[AdsClient, asyncio.Task[None]]:
+    namespace, name = node.split("/")[:2]
+    svid = ca.issue(f"spiffe://cluster.local/ns/{namespace}/sa/{name}")
+    client = AdsClient(
+        "127.0.0.1",
+        service.port or 0,
+        node,
+        client_ssl_context(svid.cert_chain_pem, svid.private_key_pem, ca.trust_bundle().roots_pem),
+        server_identity=service.server_identity,
+        subscriptions=dict(SUBSCRIPTIONS),
+        follow_routes=True,
+    )
+    return client, asyncio.create_task(client.run())
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Bounded wait (a failure detector, not a timing assertion)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def configured(client: AdsClient) -> bool:
+    listeners = client.view(types.LISTENER).resources
+    return bool(listeners) and bool(client.view(types.ROUTE).resources)
+
+
+async def test_streams_are_served_while_a_policy_change_compiles(
+    service: XdsService, ca: CertificateAuthority, compiler: BlockingCompiler
+) -> None:
+    first, first_task = open_client(service, ca, "shop/orders")
+    second_task: asyncio.Task[None] | None = None
+    try:
+        await until(lambda: configured(first), "the first node's config")
+        routes_before = dict(first.view(types.ROUTE).resources)
+        old_version = service.control.policy.version
+        new = policy('"GET", "POST"')
+        compiler.block = new.version
+        # The policy watcher's path: its thread hands the change to the loop.
+        on_change, _ = service.control.watcher_callbacks(asyncio.get_running_loop())
+        await asyncio.to_thread(on_change, new)
+        assert await asyncio.to_thread(compiler.started.wait, 30), "the compile never started"
+
+        # The compile is in progress (blocked in the worker): the loop still serves streams.
+        second, second_task = open_client(service, ca, "shop/payments")
+        await until(lambda: configured(second), "a new node answered during the compile")
+        acked = first.view(types.LISTENER).responses
+        first.subscribe(types.ROUTE, [*first.subscriptions[types.ROUTE], "nonexistent"])
+        await until(
+            lambda: (
+                first.view(types.ROUTE).responses > 0
+                and service.control.policy.version == old_version
+            ),
+            "a subscription change answered during the compile",
+        )
+        assert compiler.started.is_set() and not compiler.release.is_set()
+        assert service.control.policy.version == old_version  # not installed yet
+        assert first.view(types.LISTENER).responses == acked
+
+        compiler.release.set()
+        await until(
+            lambda: service.control.policy.version == new.version, "the new policy installed"
+        )
+        await until(
+            lambda: first.view(types.ROUTE).resources != routes_before, "the new rules pushed"
+        )
+        assert compiler.threads - {threading.main_thread().name}, "compiled on the loop thread"
+    finally:
+        for task in (first_task, second_task):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (first_task, second_task) if t), return_exceptions=True)
+
+
+async def test_the_newest_policy_wins_when_changes_queue_up(
+    service: XdsService, compiler: BlockingCompiler
+) -> None:
+    middle, last = policy('"PUT"'), policy('"DELETE"')
+    compiler.block = middle.version
+    service.control.apply_policy_later(middle)
+    assert await asyncio.to_thread(compiler.started.wait, 30)
+    service.control.apply_policy_later(policy('"PATCH"'))  # replaced before it runs
+    service.control.apply_policy_later(last)
+    compiler.release.set()
+    await service.control.compile_worker.idle()
+    assert service.control.policy.version == last.version
+
+
+async def test_a_synchronous_apply_after_a_queued_one_is_not_undone(
+    service: XdsService, compiler: BlockingCompiler
+) -> None:
+    queued, direct = policy('"PUT"'), policy('"HEAD"')
+    compiler.block = queued.version
+    service.control.apply_policy_later(queued)
+    assert await asyncio.to_thread(compiler.started.wait, 30)
+
+    def release_soon() -> None:
+        compiler.release.set()
+
+    # The synchronous apply waits for the worker's compile (one compile at a time), then wins.
+    asyncio.get_running_loop().call_later(0.05, release_soon)
+    changed = await asyncio.to_thread(service.control.apply_policy, direct)
+    assert changed == {"shop/orders"}
+    await service.control.compile_worker.idle()
+    assert service.control.policy.version == direct.version
+
+
+def test_each_shared_proto_is_packed_once() -> None:
+    """A peer's cluster is one proto shared by every caller: every node of every caller gets
+    the same Resource object (packed and hashed once), and so does the next compile when the
+    proto did not change."""
+    compile_mesh = mesh_compiler(MeshCompiler(CompileOptions()))
+    ps = policy('"GET"')
+    now = datetime(2030, 1, 1)
+    first = compile_configs(compile_mesh, ps, now, None, {}, {})
+    cluster = "outbound|8080||payments.shop"
+    holders = [
+        r
+        for config in first.configs.values()
+        for r in config.resources[types.CLUSTER]
+        if r.name == cluster
+    ]
+    assert len(holders) == 2 and holders[0] is holders[1]
+    again = compile_configs(
+        compile_mesh, policy('"POST"'), now, first.state, first.configs, first.packed
+    )
+    assert again.changed == {"shop/orders"}
+    kept = next(
+        r for r in again.configs["shop/frontend"].resources[types.CLUSTER] if r.name == cluster
+    )
+    assert kept is holders[0]
+
+
+async def test_paced_fanout_lets_other_streams_run_between_batches() -> None:
+    """After a worker compile, nodes are woken a batch at a time: other tasks (the streams'
+    answers) run between batches instead of queuing behind every node's push."""
+    progress: list[str] = []
+
+    def steps() -> Iterator[object]:
+        for i in range(10):
+            progress.append(f"node{i}")
+            yield i
+
+    async def other_stream() -> None:
+        await asyncio.sleep(0)
+        progress.append("answer")
+
+    task = asyncio.create_task(other_stream())
+    await paced(steps(), batch=3, pause=0)
+    await task
+    assert "answer" in progress and progress.index("answer") < progress.index("node9")
+
+
+def test_packed_protos_are_only_those_in_force() -> None:
+    """The id -> Resource map is rebuilt each compile: after many edits it holds no more than
+    the resources of the configs in force (bounded, whatever the history)."""
+    compile_mesh = mesh_compiler(MeshCompiler(CompileOptions()))
+    now = datetime(2030, 1, 1)
+    compiled = compile_configs(compile_mesh, policy('"GET"'), now, None, {}, {})
+    for i in range(20):
+        methods = '"GET"' if i % 2 else '"POST"'
+        compiled = compile_configs(
+            compile_mesh, policy(methods), now, compiled.state, compiled.configs, compiled.packed
+        )
+        in_force = {
+            id(r) for c in compiled.configs.values() for rs in c.resources.values() for r in rs
+        }
+        assert len(compiled.packed) == len(in_force)

@@ -81,6 +81,16 @@ def non_negative_int(value: str) -> int:
     return number
 
 
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def positive_float(value: str) -> float:
     try:
         number = float(value)

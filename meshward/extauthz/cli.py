@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import add_json_flag, print_json
+from meshward.cliutil import add_json_flag, positive_int, print_json
 from meshward.errors import UserError
 from meshward.net import LOOPBACK
 
@@ -102,13 +102,6 @@ def _address(value: str) -> tuple[str, int]:
     return host or LOOPBACK, number
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
 _UNITS = {
     "": 1,
     "k": 1 << 10,
@@ -185,7 +178,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="processes sharing the port via SO_REUSEPORT, one core each (default 1); "
@@ -199,7 +192,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         metavar="N",
         help="sync server pool size per process (default 4: more threads only add GIL handoffs)",
@@ -259,7 +252,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--max-token-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=8192,
         metavar="N",
         help="longer tokens are rejected with 401 (default 8192)",

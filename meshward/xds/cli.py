@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import ip_address, positive_float
+from meshward.cliutil import ip_address, positive_float, positive_int
 from meshward.errors import UserError
 
 EPILOG = """\
@@ -44,26 +44,6 @@ def _duration_seconds(text: str) -> float:
         return parse_duration(text).total_seconds()
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def _address(text: str) -> str:
@@ -296,15 +276,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "over a limit is refused with RESOURCE_EXHAUSTED (Envoy retries), counted in "
         "meshward_xds_rejected_streams{reason} and logged once a minute per identity.",
     )
-    limits.add_argument("--max-instances", type=_positive_int, default=100, metavar="N",
+    limits.add_argument("--max-instances", type=positive_int, default=100, metavar="N",
                         help="node ids (NS/NAME/INSTANCE) one identity may have at once; a new "
                              "one replaces the longest-disconnected (default: %(default)s)")  # fmt: skip
-    limits.add_argument("--max-streams", type=_positive_int, default=200, metavar="N",
+    limits.add_argument("--max-streams", type=positive_int, default=200, metavar="N",
                         help="concurrent ADS streams per identity (default: %(default)s)")  # fmt: skip
-    limits.add_argument("--svid-rate", type=_positive_float, default=1.0, metavar="PER_SECOND",
+    limits.add_argument("--svid-rate", type=positive_float, default=1.0, metavar="PER_SECOND",
                         help="SVIDs signed per second per identity for new or reconnecting "
                              "nodes; scheduled renewals do not count (default: %(default)s)")  # fmt: skip
-    limits.add_argument("--svid-burst", type=_positive_int, default=20, metavar="N",
+    limits.add_argument("--svid-burst", type=positive_int, default=20, metavar="N",
                         help="SVIDs one identity may get at once before --svid-rate applies "
                              "(default: %(default)s)")  # fmt: skip
     limits.add_argument("--node-gc-after", type=_duration_seconds, default=600.0,

@@ -40,6 +40,7 @@ test: $(STAMP) tools
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from meshward.compile import matchers as m
 from meshward.compile.classify import JWT_KEY_PREFIX
 from meshward.compile.matchers import Json
-from meshward.policy.loader import header_name
 from meshward.policy.model import Condition, Operation, Rule, Source
+from meshward.policy.vocabulary import header_name
 
 
 @dataclass(frozen=True)

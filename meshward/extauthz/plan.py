@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from meshward.policy.loader import claim_path as loader_claim_path
-from meshward.policy.loader import header_name
 from meshward.policy.model import Action, AuthorizationPolicy, Condition, Operation, Source
+from meshward.policy.vocabulary import claim_path as loader_claim_path
+from meshward.policy.vocabulary import header_name
 
 # Attribute names. Headers and claims are parameterised: "request.headers[x-team]",
 # "request.auth.claims[groups]" (nested: "request.auth.claims[a][b]").

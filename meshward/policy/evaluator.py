@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from meshward.policy.loader import IP_KEYS, claim_path, header_name
 from meshward.policy.matching import (
     SPIFFE_PREFIX,
     IpAddress,
@@ -51,6 +50,7 @@ from meshward.policy.paths import (
 )
 from meshward.policy.policyset import PolicySet
 from meshward.policy.request_principal import RequestPrincipal, request_principals_predicate
+from meshward.policy.vocabulary import IP_KEYS, claim_path, header_name
 
 # How a Decision for a request the sidecar answers with 400 (bad path or Host) starts.
 REJECTED_BEFORE_AUTHORIZATION = "rejected before authorization (HTTP 400)"

@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from meshward.policy.canonical import format_time
 from meshward.policy.errors import Problem
 from meshward.policy.lint_expiry import sole_emergency_allows
-from meshward.policy.loader import claim_path
 from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
@@ -20,6 +19,7 @@ from meshward.policy.model import (
     Workload,
 )
 from meshward.policy.policyset import PolicySet, selects
+from meshward.policy.vocabulary import claim_path
 
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}

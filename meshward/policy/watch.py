@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from meshward.policy import PolicyError, PolicySet, load
-from meshward.policy.loader import policy_files
+from meshward.policy.files import policy_files
 
 log = logging.getLogger("meshward.policy.watch")
 

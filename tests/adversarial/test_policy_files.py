@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshward.policy import PolicyError, load, parse
-from meshward.policy.loader import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
+from meshward.policy.yamlsafe import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES
 
 POLICY_HEAD = """\
 apiVersion: security.istio.io/v1

@@ -1,0 +1,1 @@
+"""One schema module per document kind, over the generic shapes in base."""

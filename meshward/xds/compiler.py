@@ -10,11 +10,12 @@ from meshward.policy import PolicySet, Workload
 from meshward.xds.controlplane import WorkloadCompiler
 
 
-def compiler_for(options: Any = None) -> WorkloadCompiler:
+def compiler_for(options: Any = None, *, agent_secrets: bool = False) -> WorkloadCompiler:
     """A :data:`WorkloadCompiler` over :func:`meshward.compile.compile_workload` in xDS mode.
 
     ``options``: a :class:`meshward.compile.CompileOptions` (its ``mode`` is forced to XDS:
-    routes over RDS, endpoints over EDS, secrets over SDS).
+    routes over RDS, endpoints over EDS, secrets over SDS). ``agent_secrets``: secrets come from
+    each node's `meshward agent` over its Unix socket (:mod:`meshward.xds.agentsds`), not ADS.
     """
     from dataclasses import replace
 
@@ -26,6 +27,11 @@ def compiler_for(options: Any = None) -> WorkloadCompiler:
     def compile_one(policy: PolicySet, workload: Workload, now: datetime) -> Sequence[Any]:
         compiled = compile_workload(policy, workload, options, now=now)
         check_resources(compiled)  # backstop: never serve what Envoy would refuse
-        return [message for messages in compiled.by_type().values() for message in messages]
+        messages = [message for messages in compiled.by_type().values() for message in messages]
+        if agent_secrets:
+            from meshward.xds.agentsds import secrets_from_agent
+
+            return secrets_from_agent(messages)
+        return messages
 
     return compile_one

@@ -108,7 +108,10 @@ class ControlPlane:
         clock: Callable[[], float] = time.monotonic,
         reload_ca: bool = True,
         limits: NodeLimits | None = None,
+        issue_svids: bool = True,
     ) -> None:
+        """``issue_svids`` False: sidecars run under `meshward agent`, which makes its own key and
+        gets its SVID by CSR (:mod:`meshward.xds.certservice`); no keyed SVID is made here."""
         from meshward.certs import RotationSchedule
 
         self.policy = policy
@@ -121,6 +124,7 @@ class ControlPlane:
         self.clock = clock
         self.reload_ca = reload_ca
         self.limits = limits or NodeLimits()
+        self.issue_svids = issue_svids
         self.svid_limiter = SvidRateLimiter(self.limits)
         self.cache = SnapshotCache()
         self.nodes: dict[str, NodeState] = {}
@@ -275,7 +279,7 @@ class ControlPlane:
                     f"{identity} already has {self.limits.max_instances} connected node(s), "
                     f"the most one identity may have (--max-instances); node {node} refused",
                 )
-        issue = (
+        issue = self.issue_svids and (
             state is None
             or state.svid is None
             or now >= state.svid.not_after - (state.svid.not_after - state.svid.not_before) / 2
@@ -296,7 +300,7 @@ class ControlPlane:
         state.disconnected_at = None
         if issue:
             self._issue(state, now, reason="first-request" if state.svid is None else "reconnect")
-        elif key not in self.schedule:
+        elif state.svid is not None and key not in self.schedule:
             self.schedule.track(key, state.svid)
         self._refresh_node(state)
         self._poke()

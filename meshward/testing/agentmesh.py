@@ -58,12 +58,10 @@ class AgentMesh:
         from meshward.net import free_port
         from meshward.policy import load
         from meshward.xds.compiler import compiler_for
-        from meshward.xds.service import XdsServiceThread
 
         policy = load([self.policy_dir])
         self.trust_domain = policy.mesh.trust_domain
         CertificateAuthority.init(self.ca_dir, self.trust_domain)
-        ca = CertificateAuthority.load(self.ca_dir)
         for ref in self.refs:
             echo = EchoServer(ref.split("/")[1])
             echo.__enter__()
@@ -79,10 +77,24 @@ class AgentMesh:
         options = CompileOptions(
             bindings=self.bindings, listen_host="127.0.0.1", access_log_path="/dev/stdout"
         )
+        self._compiler = compiler_for(options, agent_secrets=True)
+        self.start_control_plane()
+        for ref in self.refs:
+            self.start_agent(ref, join=True)
+        for ref in self.refs:
+            self.wait_agent(ref, timeout)
+        self.wait_converged(timeout)
+        return self
+
+    def start_control_plane(self, listen: str = "127.0.0.1:0") -> None:
+        from meshward.certs import CertificateAuthority
+        from meshward.xds.service import XdsServiceThread
+
         self.xds = XdsServiceThread(
             None,
-            ca,
-            compiler_for(options, agent_secrets=True),
+            CertificateAuthority.load(self.ca_dir),
+            self._compiler,
+            listen=listen,
             policy_paths=[self.policy_dir],
             watch_interval=0.2,
             svid_ttl=self.svid_ttl,
@@ -90,12 +102,13 @@ class AgentMesh:
             join_listen="127.0.0.1:0",
             agent_secrets=True,
         ).start()
-        for ref in self.refs:
-            self.start_agent(ref, join=True)
-        for ref in self.refs:
-            self.wait_agent(ref, timeout)
-        self.wait_converged(timeout)
-        return self
+
+    def restart_control_plane(self, down: float) -> None:
+        """Stop the control plane, stay down ``down`` seconds, start it on the same ADS port."""
+        address = self.xds.service.address
+        self.xds.stop()
+        time.sleep(down)
+        self.start_control_plane(address)
 
     def state_dir(self, ref: str) -> Path:
         return self.state_root / ref.replace("/", "-")

@@ -166,3 +166,109 @@ def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: Age
     assert resumed["renewals"] >= 1 and renewed >= 0
     status, body = mesh.request(FRONTEND, ORDERS)
     assert status == 200, body
+
+
+class Traffic:
+    """frontend -> orders in a background thread, counting failures, until stopped."""
+
+    def __init__(self, mesh: AgentMesh) -> None:
+        import threading
+
+        self.mesh, self.sent, self.failures = mesh, 0, []  # type: list[tuple[int, str]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            status, body = self.mesh.request(FRONTEND, ORDERS)
+            self.sent += 1
+            if status != 200:
+                self.failures.append((status, body[:200]))
+            time.sleep(0.02)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_control_plane_down_across_a_renewal(mesh: AgentMesh) -> None:
+    """Renewals fail while the control plane is down: the agents keep serving their current
+    SVIDs, retry with backoff, and renew once it is back; no request fails meanwhile."""
+    with Traffic(mesh) as traffic:
+        failed_before = {ref: mesh.agent_status(ref)["renewal_failures"] for ref in mesh.refs}
+        mesh.restart_control_plane(down=10.0)  # longer than the ~6 s renewal interval
+        for ref in mesh.refs:
+            mesh.wait_for(ref, lambda s, r=ref: s["renewal_failures"] > failed_before[r])
+        after = {ref: mesh.agent_status(ref)["renewals"] for ref in mesh.refs}
+        for ref in mesh.refs:
+            mesh.wait_for(ref, lambda s, r=ref: s["renewals"] > after[r] and not s["last_error"])
+        mesh.wait_converged()
+    assert traffic.sent > 50
+    assert traffic.failures == [], (
+        f"{len(traffic.failures)} of {traffic.sent}: {traffic.failures[:5]}"
+    )
+
+
+def test_ca_rotation_under_traffic(mesh: AgentMesh) -> None:
+    """`ca rotate`: agents serve the bundle with both roots, renew onto the new root, and drop
+    the old root when its grace period ends; no request fails."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from meshward.certs import CertificateAuthority
+
+    with Traffic(mesh) as traffic:
+        new = CertificateAuthority.load(mesh.ca_dir).rotate(grace=timedelta(seconds=25))
+
+        def roots(ref: str) -> list[str]:
+            pem = (mesh.state_dir(ref) / "bundle.pem").read_bytes()
+            return [
+                c.fingerprint(hashes.SHA256()).hex() for c in x509.load_pem_x509_certificates(pem)
+            ]
+
+        for ref in mesh.refs:  # both roots first
+            deadline = time.monotonic() + 30
+            while len(roots(ref)) != 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert roots(ref)[1] == new.root_fingerprint
+        for ref in mesh.refs:  # then the new root only, once the grace period is over
+            deadline = time.monotonic() + 60
+            while len(roots(ref)) != 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert roots(ref) == [new.root_fingerprint]
+            chain = (mesh.state_dir(ref) / "svid.pem").read_bytes()
+            leaf_issuer = x509.load_pem_x509_certificates(
+                chain[chain.index(b"-----BEGIN CERTIFICATE-----") :]
+            )[1]
+            assert leaf_issuer == new.intermediate  # renewed onto the new root
+        time.sleep(2)  # traffic with the new root only
+        mesh.wait_converged()
+    assert traffic.sent > 50
+    assert traffic.failures == [], (
+        f"{len(traffic.failures)} of {traffic.sent}: {traffic.failures[:5]}"
+    )
+
+
+def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: AgentMesh) -> None:
+    import signal
+
+    first = mesh.agent_status(ORDERS)["envoy"]["pid"]
+    os.kill(first, signal.SIGKILL)
+    status = mesh.wait_for(
+        ORDERS, lambda s: s["envoy"]["restarts"] >= 1 and s["envoy"]["pid"] != first
+    )
+    assert status["envoy"]["running"]
+    mesh.wait_converged()
+    deadline = time.monotonic() + 30
+    while mesh.request(FRONTEND, ORDERS)[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert mesh.request(FRONTEND, ORDERS)[0] == 200
+    second = status["envoy"]["pid"]
+    assert mesh.stop_agent(ORDERS) == 0  # SIGTERM: drain, stop Envoy, exit 0
+    assert mesh.agent_status(ORDERS)["state"] == "stopped"
+    with pytest.raises(ProcessLookupError):
+        os.kill(second, 0)

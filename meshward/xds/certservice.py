@@ -255,9 +255,14 @@ class CertService:
                 result = fn(request, context)
             except Refusal as exc:
                 self._count(f"{method}:{exc.reason}")
-                who = peer_identity(context) or context.peer()
+                # Keyed by identity; every caller without a certificate shares one key, so a
+                # flood of new connections logs one line a minute, not one per connection.
+                who = peer_identity(context)
                 self.refusals.refused(
-                    who, exc.reason, f"certificate {method} refused for {who}: {exc}", self.clock()
+                    who or "anonymous",
+                    exc.reason,
+                    f"certificate {method} refused for {who or context.peer()}: {exc}",
+                    self.clock(),
                 )
                 await context.abort(exc.code, f"{exc.reason}: {exc}")
                 raise  # unreachable: abort raises

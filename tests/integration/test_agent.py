@@ -159,8 +159,9 @@ def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: Age
         time.sleep(0.05)
     renewed = mesh.agent_status(ORDERS)["renewals"]
     mesh.start_agent(ORDERS, join=False)  # no token: it renews with the SVID on disk
-    resumed = mesh.wait_for(
-        ORDERS, lambda s: s.get("state") == "serving" and s["renewals"] >= 1 and s["pid"] != 0
+    resumed = mesh.wait_for(  # Envoy reconnected to the new agent's SDS and got the renewal
+        ORDERS,
+        lambda s: s.get("state") == "serving" and s["renewals"] >= 1 and s["sds"]["pushes"] >= 2,
     )
     assert resumed["envoy"]["pid"] == envoy_pid  # adopted, not a second Envoy
     assert resumed["renewals"] >= 1 and renewed >= 0

@@ -265,3 +265,27 @@ def test_decode_refuses_bad_requests() -> None:
         with pytest.raises(Refusal):
             decode(data, ("workload",))
     assert decode(b'{"workload": "a/b", "n": 1}', ("workload",)) == {"workload": "a/b"}
+
+
+async def test_a_flood_of_bad_requests_stays_bounded(service: XdsService, ca_dir: Path) -> None:
+    """Garbage, forged tokens and unknown workloads: each refused with its reason; the counters
+    and the refusal log stay small (fixed labels, one log line per identity and reason)."""
+    import asyncio
+
+    assert service.join_address is not None
+    ctx = server_only_context(roots(ca_dir))
+
+    async def bad(i: int) -> str:
+        message = {"workload": f"ns{i}/w{i}", "csr": "x", "token": f"mwjoin1.{i}.{i}"}
+        try:
+            await call(service.join_address or "", JOIN, message, context=ctx,
+                       server_id=service.server_identity)  # fmt: skip
+        except CertCallFailed as exc:
+            return exc.code
+        return "OK"
+
+    codes = await asyncio.gather(*(bad(i) for i in range(200)))
+    assert set(codes) == {"PERMISSION_DENIED"}
+    assert set(service.certs.counts) == {"Join:bad-signature"}
+    assert len(service.certs.refusals._seen) == 1  # one key for every anonymous caller
+    assert len(service.certs.limiter) == 0  # refused before any CSR work or bucket

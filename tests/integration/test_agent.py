@@ -95,6 +95,12 @@ def test_agents_join_and_envoy_serves_mtls_with_their_svids(mesh: AgentMesh) -> 
         assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(state / "svid.pem").st_mode) == 0o600
         assert stat.S_IMODE(os.stat(state / "sds.sock").st_mode) == 0o600
+        # What the node holds: the SVID (key + chain), the bundle, sockets, Envoy's files. No
+        # second, longer-lived credential for the control plane: ADS uses the SVID too.
+        assert {p.name for p in state.iterdir()} <= {
+            "svid.pem", "bundle.pem", "sds.sock", "admin.sock", "status.json", "envoy"
+        }  # fmt: skip
+        assert "inline_bytes" not in (state / "envoy" / "envoy.json").read_text()
         agent = mesh.agent_status(ref)
         assert agent["spiffe_id"] == f"spiffe://cluster.local/ns/shop/sa/{ref.split('/')[1]}"
     # The control plane made no SVID of its own for these nodes.
@@ -138,11 +144,11 @@ def test_svids_renew_under_traffic_without_a_failed_request(mesh: AgentMesh) -> 
         sent += 1
         if status != 200:
             failures.append((status, body[:200]))
-        if all(mesh.agent_status(ref).get("renewals", 0) >= 4 for ref in mesh.refs):
+        if all(mesh.agent_status(ref).get("renewals", 0) >= 5 for ref in mesh.refs):
             break
         time.sleep(0.02)
     renewals = {ref: mesh.agent_status(ref)["renewals"] for ref in mesh.refs}
-    assert all(n >= 4 for n in renewals.values()), renewals
+    assert all(n >= 5 for n in renewals.values()), renewals
     assert failures == [], f"{len(failures)} of {sent} failed: {failures[:5]}"
     for ref in mesh.refs:
         assert mesh.agent_status(ref)["serial"] != start[ref]

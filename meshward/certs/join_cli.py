@@ -14,7 +14,7 @@ examples:
   meshward ca join-token --dir certs/ca --workload shop/orders --json
 
 The token names the workload, expires after --ttl (at most 24h) and is accepted once: the
-control plane records spent tokens in its state directory (join-tokens-used.json), across
+control plane records spent tokens in its state directory (join-tokens-used.log), across
 restarts. Give it to `meshward agent --join-token-file`; after the first SVID the agent renews
 with its certificate and never needs a token again (while its --dir is kept).
 The MAC key is join-token.key in the CA directory (0600, created on first use).

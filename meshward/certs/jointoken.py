@@ -8,10 +8,10 @@ the only verifier is the control plane, which holds the CA directory anyway, and
 cannot be confused with anything the CA signs for workloads.
 
 Single use is state, not a property of the token: :class:`UsedTokens` records spent ids in
-``join-tokens-used.json`` in the control plane's state directory (written atomically before the
-SVID is returned), so a restart does not re-enable them. An id is kept until its token expires
-(after that the token is refused as expired anyway), so the file is bounded by the number of
-tokens minted within one maximum TTL, and capped at :data:`MAX_USED`.
+``join-tokens-used.log`` in the control plane's state directory (appended and fsync-ed before
+the SVID is returned), so a restart does not re-enable them. An id is kept until its token
+expires (after that the token is refused as expired anyway), so the file is bounded by the
+number of tokens minted within one maximum TTL, and capped at :data:`MAX_USED`.
 
 Verification is pure: ``now`` is an argument. Every refusal is a :class:`JoinRefused` whose
 ``reason`` is a short label (``expired``, ``used``, ``wrong-workload``, ``bad-signature``,
@@ -37,11 +37,12 @@ from meshward.errors import UserError
 
 PREFIX = "mwjoin1"
 KEY_FILE = "join-token.key"
-USED_FILE = "join-tokens-used.json"
+USED_FILE = "join-tokens-used.log"
 MAX_TOKEN_TTL = timedelta(hours=24)
 MIN_TOKEN_TTL = timedelta(seconds=1)
 MAX_TOKEN_BYTES = 1024
 MAX_USED = 100_000
+PRUNE_EVERY = 1024  # appends between two passes that drop expired ids
 _KEY_BYTES = 32
 
 EXPIRED, USED, WRONG_WORKLOAD, BAD_SIGNATURE, MALFORMED = (
@@ -162,26 +163,52 @@ def verify(key: bytes, token: str, *, workload: str, now: datetime | None = None
 class UsedTokens:
     """Spent token ids, persisted in ``directory`` so a restarted control plane refuses them.
 
-    Not thread-safe: the certificate service calls it from its event loop only.
+    The file is an append-only log, one ``<token id> <expiry epoch>`` line per spent token,
+    fsync-ed before the SVID is returned: O(1) per join however many tokens are recorded. It is
+    compacted (rewritten atomically with the live entries) when it holds more than twice as many
+    lines as live entries. A torn last line (a crash mid-append) is ignored: the join it records
+    was never answered. Any other malformed content fails closed. Not thread-safe: the
+    certificate service calls it from its event loop only.
     """
 
     def __init__(self, directory: Path, *, max_entries: int = MAX_USED) -> None:
         self.path = Path(directory) / USED_FILE
         self.max_entries = max_entries
+        self._lines = 0
+        self._since_prune = 0
         self._used: dict[str, float] = self._load()
+
+    def _corrupt(self) -> UserError:
+        # Failing open here would re-enable every spent token: refuse to start instead.
+        return UserError(
+            f"{self.path} is unreadable or corrupt; spent join tokens cannot be told apart. "
+            "Restore it, or delete it only if every token minted in the last 24h is expired"
+        )
 
     def _load(self) -> dict[str, float]:
         if not self.path.exists():
             return {}
         try:
-            data = json.loads(self.path.read_bytes())
-            return {str(k): float(v) for k, v in data["used"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            # Failing open here would re-enable every spent token: refuse to start instead.
-            raise UserError(
-                f"{self.path} is unreadable or corrupt; spent join tokens cannot be told apart. "
-                "Restore it, or delete it only if every token minted in the last 24h is expired"
-            ) from None
+            files.check_private_permissions(self.path)
+            data = self.path.read_bytes().decode()
+        except (OSError, UnicodeDecodeError):
+            raise self._corrupt() from None
+        lines = data.split("\n")
+        if lines and lines[-1] != "":
+            lines = lines[:-1]  # torn final append: never answered
+        used: dict[str, float] = {}
+        for line in lines:
+            if not line:
+                continue
+            token_id, _, exp = line.partition(" ")
+            try:
+                used[token_id] = float(exp)
+            except ValueError:
+                raise self._corrupt() from None
+            if not token_id:
+                raise self._corrupt()
+        self._lines = len(used)
+        return used
 
     def check(self, claims: JoinClaims) -> None:
         """Raise JoinRefused(USED) if the token was spent already."""
@@ -196,16 +223,47 @@ class UsedTokens:
     def consume(self, claims: JoinClaims, now: datetime) -> None:
         """Mark the token spent (durably) or raise JoinRefused(USED)."""
         self.check(claims)
-        stamp = as_utc(now).timestamp()
-        self._used = {k: v for k, v in self._used.items() if v > stamp}  # expired: moot
+        self._since_prune += 1
+        if self._since_prune >= PRUNE_EVERY or len(self._used) >= self.max_entries:
+            self.prune(now)
         if len(self._used) >= self.max_entries:
             raise JoinRefused(
                 USED, "too many join tokens in flight; try again once some have expired"
             )
-        self._used[claims.token_id] = claims.expires_at.timestamp()
-        data = json.dumps({"format": "meshward-join-used/1", "used": self._used}).encode()
+        expiry = claims.expires_at.timestamp()
+        self._append(f"{claims.token_id} {expiry:.0f}\n".encode())
+        self._used[claims.token_id] = expiry
+        self._lines += 1
+
+    def prune(self, now: datetime) -> None:
+        """Forget ids whose token expired (refused as expired anyway); compact the log when
+        most of its lines are such ids."""
+        stamp = as_utc(now).timestamp()
+        self._used = {k: v for k, v in self._used.items() if v > stamp}
+        self._since_prune = 0
+        if self._lines > 2 * len(self._used):
+            self._compact()
+
+    def _append(self, line: bytes) -> None:
+        files.ensure_dir(self.path.parent)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, files.PRIVATE_MODE)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise UserError(
+                f"cannot record a spent join token in {self.path}: {exc.strerror}"
+            ) from None
+
+    def _compact(self) -> None:
+        data = "".join(f"{k} {v:.0f}\n" for k, v in self._used.items()).encode()
         files.ensure_dir(self.path.parent)
         files.write_private(self.path, data, overwrite=True)
+        self._lines = len(self._used)
 
     def __contains__(self, token_id: object) -> bool:
         return token_id in self._used

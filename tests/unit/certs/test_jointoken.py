@@ -86,7 +86,9 @@ def test_spent_ids_are_forgotten_once_their_token_expired(tmp_path: Path) -> Non
     later = NOW + timedelta(minutes=2)
     token = mint(KEY, "shop/orders", ttl=timedelta(minutes=1), now=later)
     used.consume(verify(KEY, token, workload="shop/orders", now=later), later)
+    used.prune(later)
     assert len(used) == 1
+    assert len(UsedTokens(tmp_path)) == 1  # compacted on disk too
 
 
 def test_flood_of_tokens_is_bounded(tmp_path: Path) -> None:
@@ -101,9 +103,33 @@ def test_flood_of_tokens_is_bounded(tmp_path: Path) -> None:
 
 
 def test_corrupt_record_fails_closed(tmp_path: Path) -> None:
-    (tmp_path / jointoken.USED_FILE).write_text("{not json")
+    path = tmp_path / jointoken.USED_FILE
+    path.write_text("abc notanumber\n")
+    path.chmod(0o600)
     with pytest.raises(UserError, match="corrupt"):
         UsedTokens(tmp_path)
+    path.write_text("abc 123\n")
+    path.chmod(0o644)  # someone else could have edited it
+    with pytest.raises(UserError, match="corrupt"):
+        UsedTokens(tmp_path)
+
+
+def test_torn_last_append_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / jointoken.USED_FILE
+    path.write_text("abc 9999999999\ndef 99")  # crash mid-append: that join was never answered
+    path.chmod(0o600)
+    used = UsedTokens(tmp_path)
+    assert "abc" in used and "def" not in used
+
+
+def test_log_is_compacted(tmp_path: Path) -> None:
+    used = UsedTokens(tmp_path)
+    for i in range(1100):  # each expires a minute later: all moot at the end
+        at = NOW + timedelta(minutes=i)
+        token = mint(KEY, "shop/orders", ttl=timedelta(minutes=1), now=at)
+        used.consume(verify(KEY, token, workload="shop/orders", now=at), at)
+    lines = (tmp_path / jointoken.USED_FILE).read_text().count("\n")
+    assert lines < 1100 and len(UsedTokens(tmp_path)) <= lines
 
 
 def test_key_is_created_private_and_reused(tmp_path: Path) -> None:

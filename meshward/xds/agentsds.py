@@ -10,6 +10,7 @@ the compiler stays unaware of who serves secrets.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,26 +56,66 @@ def _rewrite_socket(socket: Any, kind: Any) -> None:
     config.Pack(context)
 
 
+def _rewrite(message: Any) -> Any:
+    """A copy of a Listener/Cluster with its TLS contexts pointed at the agent; anything else
+    (routes, endpoints) is returned as is."""
+    if isinstance(message, listener_pb2.Listener):
+        message = _copy(message)
+        chains = list(message.filter_chains)
+        if message.HasField("default_filter_chain"):
+            chains.append(message.default_filter_chain)
+        for chain in chains:
+            if chain.HasField("transport_socket"):
+                _rewrite_socket(chain.transport_socket, tls_pb2.DownstreamTlsContext)
+    elif isinstance(message, cluster_pb2.Cluster):
+        message = _copy(message)
+        if message.HasField("transport_socket"):
+            _rewrite_socket(message.transport_socket, tls_pb2.UpstreamTlsContext)
+        for match in message.transport_socket_matches:
+            _rewrite_socket(match.transport_socket, tls_pb2.UpstreamTlsContext)
+    return message
+
+
 def secrets_from_agent(messages: Sequence[Any]) -> list[Any]:
     """Copies of ``messages`` whose TLS contexts fetch ``default``/``ROOTCA`` from the agent."""
-    result: list[Any] = []
-    for message in messages:
-        if isinstance(message, listener_pb2.Listener):
-            message = _copy(message)
-            chains = list(message.filter_chains)
-            if message.HasField("default_filter_chain"):
-                chains.append(message.default_filter_chain)
-            for chain in chains:
-                if chain.HasField("transport_socket"):
-                    _rewrite_socket(chain.transport_socket, tls_pb2.DownstreamTlsContext)
-        elif isinstance(message, cluster_pb2.Cluster):
-            message = _copy(message)
-            if message.HasField("transport_socket"):
-                _rewrite_socket(message.transport_socket, tls_pb2.UpstreamTlsContext)
-            for match in message.transport_socket_matches:
-                _rewrite_socket(match.transport_socket, tls_pb2.UpstreamTlsContext)
-        result.append(message)
-    return result
+    return [_rewrite(message) for message in messages]
+
+
+class SecretsFromAgent:
+    """:func:`secrets_from_agent`, memoized by object identity.
+
+    The compiler shares proto objects between workloads and between compiles (a peer's cluster
+    is built once for every caller), and the control plane packs each distinct object once. The
+    same input object therefore always maps to the same rewritten object here, so that sharing
+    survives the rewrite. Bounded: least recently used entries beyond ``max_entries`` go (they
+    are merely rewritten again). An entry holds its input, so its ``id`` cannot be reused.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._cache: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+
+    def __call__(self, messages: Sequence[Any]) -> list[Any]:
+        result: list[Any] = []
+        for message in messages:
+            if not isinstance(message, listener_pb2.Listener | cluster_pb2.Cluster):
+                result.append(message)
+                continue
+            key = id(message)
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] is message:
+                self._cache.move_to_end(key)
+                result.append(hit[1])
+                continue
+            rewritten = _rewrite(message)
+            self._cache[key] = (message, rewritten)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+            result.append(rewritten)
+        return result
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
 
 def _copy(message: Any) -> Any:

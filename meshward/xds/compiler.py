@@ -23,15 +23,16 @@ def compiler_for(options: Any = None, *, agent_secrets: bool = False) -> Workloa
     from meshward.compile.envoy_limits import check_resources
 
     options = replace(options or CompileOptions(), mode=Mode.XDS)
+    rewrite = None
+    if agent_secrets:
+        from meshward.xds.agentsds import SecretsFromAgent
+
+        rewrite = SecretsFromAgent()
 
     def compile_one(policy: PolicySet, workload: Workload, now: datetime) -> Sequence[Any]:
         compiled = compile_workload(policy, workload, options, now=now)
         check_resources(compiled)  # backstop: never serve what Envoy would refuse
         messages = [message for messages in compiled.by_type().values() for message in messages]
-        if agent_secrets:
-            from meshward.xds.agentsds import secrets_from_agent
-
-            return secrets_from_agent(messages)
-        return messages
+        return rewrite(messages) if rewrite is not None else messages
 
     return compile_one

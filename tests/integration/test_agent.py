@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from meshward.agent import envoyproc
 from meshward.testing.agentmesh import AgentMesh
 from meshward.xds.testing import http_request
 
@@ -173,6 +174,12 @@ def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: Age
     assert resumed["renewals"] >= 1 and renewed >= 0
     status, body = mesh.request(FRONTEND, ORDERS)
     assert status == 200, body
+    # SIGTERM to the agent that adopted Envoy (not its child) still drains and stops it.
+    assert mesh.stop_agent(ORDERS) == 0
+    deadline = time.monotonic() + 15
+    while envoyproc._alive(envoy_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not envoyproc._alive(envoy_pid)
 
 
 class Traffic:

@@ -377,7 +377,15 @@ class ControlPlane:
         )
 
     def client_certificate_status(self, cert: ClientCertificate) -> dict[str, Any]:
-        return credentials_status(cert, self.ca.generations, self.wall_clock())
+        status = credentials_status(cert, self.ca.generations, self.wall_clock())
+        if not self.issue_svids and status["warning"]:
+            # Under `meshward agent` the stream's certificate is the renewed SVID: nothing to
+            # re-run; the stream's next connection presents the agent's current one.
+            status["warning"] = (
+                f"this stream opened with an SVID from CA generation {cert.ca_generation}; the "
+                "agent renews onto the new root and the next connection uses it"
+            )
+        return status
 
     def _issue(self, state: NodeState, now: datetime, *, reason: str) -> None:
         from meshward.certs.sds import tls_certificate_secret, validate_secret

@@ -289,3 +289,19 @@ async def test_a_flood_of_bad_requests_stays_bounded(service: XdsService, ca_dir
     assert set(service.certs.counts) == {"Join:bad-signature"}
     assert len(service.certs.refusals._seen) == 1  # one key for every anonymous caller
     assert len(service.certs.limiter) == 0  # refused before any CSR work or bucket
+
+
+async def test_status_advice_after_rotation_fits_agents(service: XdsService, ca_dir: Path) -> None:
+    """`meshward bootstrap` advice is for bootstrap-file sidecars; agents renew by themselves."""
+    from datetime import UTC, datetime
+
+    from meshward.xds.clientcert import RETIRING, ClientCertificate
+
+    CertificateAuthority.load(ca_dir).rotate(grace=timedelta(hours=1))
+    service.control.ca = CertificateAuthority.load(ca_dir)
+    status = service.control.client_certificate_status(
+        ClientCertificate(1, datetime.now(UTC) + timedelta(minutes=5))
+    )
+    assert status["state"] == RETIRING
+    assert "agent renews onto the new root" in status["warning"]
+    assert "meshward bootstrap" not in status["warning"]

@@ -36,6 +36,11 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
     ("extauthz", "meshward.extauthz.cli", "serve Envoy's ext_authz Check for L7 / end-user rules"),
     ("bootstrap", "meshward.xds.bootstrap_cli", "render a sidecar's Envoy bootstrap for ADS"),
     (
+        "agent",
+        "meshward.agent.cli",
+        "the node agent: key on the node, SVID by CSR, SDS to Envoy, Envoy supervised",
+    ),
+    (
         "status",
         "meshward.xds.status_cli",
         "per-node applied versions, NACKs, drift and cert expiry",

@@ -61,6 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out /tmp/orders\n"
         "  meshward ca inspect /tmp/orders/cert-chain.pem --bundle /tmp/orders/root-cert.pem\n"
         "  meshward ca rotate --dir certs/ca --grace 24h   # new root; old one trusted 24h more\n"
+        "  meshward ca join-token --dir certs/ca --workload shop/orders --ttl 10m  # for an agent\n"
         f"init, issue, rotate and show take --dir (default ${DEFAULT_DIR_ENV} or {DEFAULT_DIR})."
     )
     sub = parser.add_subparsers(dest="ca_command", metavar="SUBCOMMAND", title="subcommands")
@@ -206,6 +207,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _add_dir(p)
     add_json_flag(p)
     p.set_defaults(func=_show)
+
+    from meshward.certs import join_cli
+
+    join_cli.configure(sub, _add_dir)
 
 
 # ---- handlers -------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ examples:
       --admin 127.0.0.1:0 --bindings bindings.json --ready-file xds.json
   meshward xds serve --policy examples/ --ca certs/ca --max-instances 20 --svid-rate 0.5 \\
       --node-gc-after 5m          # tighter per-identity limits (see "per-identity limits")
+  meshward xds serve --policy examples/ --ca certs/ca --secrets agent \\
+      --join-listen 127.0.0.1:15012   # sidecars under `meshward agent` (keys stay on nodes)
 
 The ADS listener is mTLS only: its certificate is issued by the CA for
 spiffe://<td>/ns/<root namespace>/sa/meshward-xds, and every sidecar must present the SVID of
@@ -166,7 +168,7 @@ def serve(args: argparse.Namespace) -> int:
             service = XdsService(
                 None,
                 ca,
-                compiler_for(options),
+                compiler_for(options, agent_secrets=args.secrets == "agent"),
                 listen=args.listen,
                 admin=None if args.admin == "off" else args.admin,
                 svid_ttl=timedelta(seconds=args.svid_ttl),
@@ -174,6 +176,9 @@ def serve(args: argparse.Namespace) -> int:
                 policy_paths=args.policy,
                 watch_interval=args.watch_interval,
                 limits=limits,
+                join_listen=args.join_listen,
+                state_dir=Path(args.state_dir) if args.state_dir else None,
+                agent_secrets=args.secrets == "agent",
             )
         except PolicyError as exc:
             raise UserError(f"the policy set is invalid; not starting.\n{exc}") from None
@@ -193,6 +198,7 @@ def serve(args: argparse.Namespace) -> int:
         ready = {
             "ads": service.address,
             "admin": service.admin_url,
+            "join": service.join_address,
             "server_identity": service.server_identity,
             "policy_version": service.control.policy.version,
             "pid": os.getpid(),
@@ -291,6 +297,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         metavar="DURATION",
                         help="forget a node (status, SVID) this long after its last stream "
                              "closed (default: 10m)")  # fmt: skip
+    agents = p.add_argument_group(
+        "node agents (`meshward agent`)",
+        "Agents keep workload keys on their node and get SVIDs by CSR: renewals over mTLS on "
+        "the ADS port, first contact with a join token (`meshward ca join-token`) on "
+        "--join-listen.",
+    )
+    agents.add_argument("--secrets", choices=["control-plane", "agent"], default="control-plane",
+                        help="who serves sidecars their SVID: this server over ADS (keys made "
+                             "here), or each node's agent over its Unix socket (keys never "
+                             "leave the node) (default: %(default)s)")  # fmt: skip
+    agents.add_argument("--join-listen", type=_address, metavar="HOST:PORT",
+                        help="accept join tokens here (TLS, server-authenticated only)")  # fmt: skip
+    agents.add_argument("--state-dir", metavar="DIR",
+                        help="where spent join tokens are recorded (default: the CA directory)")  # fmt: skip
     p.add_argument("--ready-file", metavar="FILE",
                    help="write {ads, admin, server_identity, policy_version, pid} as JSON once "
                         "listening (for supervisors and scripts)")  # fmt: skip

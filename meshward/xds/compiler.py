@@ -17,11 +17,18 @@ class MeshCompiler:
     :func:`meshward.compile.compile_workload` in xDS mode, which also compiles the whole mesh
     incrementally (:meth:`mesh`, what the control plane calls)."""
 
-    def __init__(self, options: Any = None) -> None:
+    def __init__(self, options: Any = None, *, agent_secrets: bool = False) -> None:
         from meshward.compile import CompileOptions, Mode
         from meshward.compile.envoy_limits import check_resources
 
         self.options = replace(options or CompileOptions(), mode=Mode.XDS)
+        # Secrets from each node's `meshward agent` (meshward.xds.agentsds), not over ADS; the
+        # rewrite is memoized by object identity, so shared protos stay shared (packed once).
+        self._agent: Any = None
+        if agent_secrets:
+            from meshward.xds.agentsds import SecretsFromAgent
+
+            self._agent = SecretsFromAgent()
         self._check = check_resources
         # ref -> (the result Envoy would refuse, why): an unchanged result stays refused
         self._refused: dict[str, tuple[Any, str]] = {}
@@ -31,7 +38,10 @@ class MeshCompiler:
 
         compiled = compile_workload(policy, workload, self.options, now=now)
         self._check(compiled)  # backstop: never serve what Envoy would refuse
-        return [message for messages in compiled.by_type().values() for message in messages]
+        return self._secrets([m for messages in compiled.by_type().values() for m in messages])
+
+    def _secrets(self, messages: list[Any]) -> list[Any]:
+        return self._agent(messages) if self._agent is not None else messages
 
     def mesh(
         self, policy: PolicySet, now: datetime, previous: Any
@@ -57,12 +67,15 @@ class MeshCompiler:
             if ref in refused:
                 out[ref] = refused[ref][1]
             else:
-                out[ref] = [m for messages in compiled.by_type().values() for m in messages]
+                out[ref] = self._secrets(
+                    [m for messages in compiled.by_type().values() for m in messages]
+                )
         self._refused = refused
         return state, out
 
 
-def compiler_for(options: Any = None) -> MeshCompiler:
+def compiler_for(options: Any = None, *, agent_secrets: bool = False) -> MeshCompiler:
     """The control plane's compiler for a mesh's CompileOptions (its ``mode`` is forced to
-    XDS: routes over RDS, endpoints over EDS, secrets over SDS)."""
-    return MeshCompiler(options)
+    XDS: routes over RDS, endpoints over EDS, secrets over SDS). ``agent_secrets``: secrets come
+    from each node's `meshward agent` over its Unix socket (:mod:`meshward.xds.agentsds`)."""
+    return MeshCompiler(options, agent_secrets=agent_secrets)

@@ -96,7 +96,10 @@ class ControlPlane:
         clock: Callable[[], float] = time.monotonic,
         reload_ca: bool = True,
         limits: NodeLimits | None = None,
+        issue_svids: bool = True,
     ) -> None:
+        """``issue_svids`` False: sidecars run under `meshward agent`, which makes its own key and
+        gets its SVID by CSR (:mod:`meshward.xds.certservice`); no keyed SVID is made here."""
         from meshward.certs import RotationSchedule
 
         self.policy = policy
@@ -109,6 +112,7 @@ class ControlPlane:
         self.clock = clock
         self.reload_ca = reload_ca
         self.limits = limits or NodeLimits()
+        self.issue_svids = issue_svids
         self.svid_limiter = SvidRateLimiter(self.limits)
         self.cache = SnapshotCache()
         self.nodes: dict[str, NodeState] = {}
@@ -298,7 +302,7 @@ class ControlPlane:
                     f"{identity} already has {self.limits.max_instances} connected node(s), "
                     f"the most one identity may have (--max-instances); node {node} refused",
                 )
-        issue = (
+        issue = self.issue_svids and (
             state is None
             or state.svid is None
             or now >= state.svid.not_after - (state.svid.not_after - state.svid.not_before) / 2
@@ -319,7 +323,7 @@ class ControlPlane:
         state.disconnected_at = None
         if issue:
             self._issue(state, now, reason="first-request" if state.svid is None else "reconnect")
-        elif key not in self.schedule:
+        elif state.svid is not None and key not in self.schedule:
             self.schedule.track(key, state.svid)
         self._refresh_node(state)
         self._poke()
@@ -396,7 +400,15 @@ class ControlPlane:
         )
 
     def client_certificate_status(self, cert: ClientCertificate) -> dict[str, Any]:
-        return credentials_status(cert, self.ca.generations, self.wall_clock())
+        status = credentials_status(cert, self.ca.generations, self.wall_clock())
+        if not self.issue_svids and status["warning"]:
+            # Under `meshward agent` the stream's certificate is the renewed SVID: nothing to
+            # re-run; the stream's next connection presents the agent's current one.
+            status["warning"] = (
+                f"this stream opened with an SVID from CA generation {cert.ca_generation}; the "
+                "agent renews onto the new root and the next connection uses it"
+            )
+        return status
 
     def _issue(self, state: NodeState, now: datetime, *, reason: str) -> None:
         from meshward.certs.sds import tls_certificate_secret, validate_secret

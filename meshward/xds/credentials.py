@@ -34,6 +34,11 @@ class ServerTls:
             self._current = (key_pem, chain_pem, roots_pem)
             self._pending = self._config(key_pem, chain_pem, roots_pem)
 
+    def current(self) -> tuple[bytes, bytes, bytes]:
+        """(key, chain, roots) in force: for other listeners that present the same certificate."""
+        with self._lock:
+            return self._current
+
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         with self._lock:
             pending, self._pending = self._pending, None

@@ -155,7 +155,10 @@ def _walk(message: Any, secrets: set[str], clusters: set[str], routes: set[str])
             _walk(inner, secrets, clusters, routes)
         return
     if full_name == _SDS_SECRET_CONFIG:
-        secrets.add(message.name)
+        # Only secrets fetched over ADS depend on this snapshot; under `meshward agent` they
+        # come from the node's agent (an api_config_source), which the control plane never sees.
+        if not message.HasField("sds_config") or message.sds_config.HasField("ads"):
+            secrets.add(message.name)
         return
     if full_name == _RDS:
         routes.add(message.route_config_name)

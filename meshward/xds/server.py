@@ -166,6 +166,8 @@ class AdsServer:
         self._ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
+        # More services on the ADS port (its mTLS), e.g. the certificate service's renewals.
+        self.extra_handlers: list[grpc.GenericRpcHandler] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -183,6 +185,8 @@ class AdsServer:
             ]
         )
         server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
+        if self.extra_handlers:
+            server.add_generic_rpc_handlers(tuple(self.extra_handlers))
         try:
             if credentials is None:
                 port = server.add_insecure_port(address)

@@ -50,13 +50,22 @@ class XdsService:
         watch_interval: float = 0.5,
         schedule: Any = None,
         limits: NodeLimits | None = None,
+        join_listen: str | None = None,
+        state_dir: Path | None = None,
+        agent_secrets: bool = False,
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
         :func:`meshward.xds.compiler.compiler_for` with the mesh's CompileOptions. ``listen``:
         the ADS address (mTLS); ``admin``: /status and /metrics (None: off). ``schedule``: a
         :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%). ``limits``:
-        per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`)."""
+        per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`).
+        ``join_listen``: where node agents present join tokens (None: no joins; renewals by CSR
+        are always served on the ADS port, see :mod:`meshward.xds.certservice`); ``state_dir``:
+        where spent join tokens are recorded (default: the CA directory). ``agent_secrets``:
+        every sidecar runs under `meshward agent`, which holds its key and serves its secrets:
+        the control plane issues no keyed SVIDs (``compiler`` should come from
+        ``compiler_for(..., agent_secrets=True)``)."""
         self.watcher: Any = None
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
@@ -73,8 +82,11 @@ class XdsService:
         self.metrics = XdsMetrics()
         self.limits = limits or NodeLimits()
         self.control = ControlPlane(
-            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits
-        )
+            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits,
+            issue_svids=not agent_secrets,
+        )  # fmt: skip
+        self.certs = _cert_service(self.control, self.limits, ca, state_dir)
+        self.join_listen = join_listen
         self.control.metrics = self.metrics
         self.ads = AdsServer(
             self.control, metrics=self.metrics, drift_threshold=drift_threshold, limits=self.limits
@@ -96,6 +108,13 @@ class XdsService:
         return self.admin.url if self.admin is not None else None
 
     @property
+    def join_address(self) -> str | None:
+        """Where agents present join tokens (HOST:PORT), or None without joins."""
+        if self.join_listen is None or self.certs.join_port is None:
+            return None
+        return f"{split_address(self.join_listen)[0]}:{self.certs.join_port}"
+
+    @property
     def server_identity(self) -> str:
         return server_spiffe_id(self.control.policy, self.control.ca.trust_domain)
 
@@ -103,7 +122,14 @@ class XdsService:
         for ref, error in self.control.compile_errors().items():
             log.error("workload %s cannot be compiled (it gets no config): %s", ref, error)
         tls = self.control.make_server_tls()
+        self.ads.extra_handlers.append(self.certs.handler())  # CSR renewals on the ADS port
         self.port = await self.ads.start(self.listen, tls.credentials())
+        if self.join_listen is not None:
+            try:
+                await self.certs.start_join(self.join_listen, tls)
+            except OSError:
+                await self.ads.stop(0)
+                raise
         if self.admin_address is not None:
             host, port = split_address(self.admin_address)
             admin = AdminServer(self.status, self.metrics.exposition)
@@ -134,6 +160,7 @@ class XdsService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        await self.certs.stop()
         await self.ads.stop(0.5)
         if self.admin is not None:
             await self.admin.stop()
@@ -151,9 +178,22 @@ class XdsService:
             self.control.policy_error_at = None
         result = self.control.status()
         result["ads"] = {"address": self.address, "server_identity": self.server_identity}
+        result["certificates"] = {"join": self.join_address, "requests": dict(self.certs.counts)}
         result["drift_threshold_seconds"] = self.ads.drift_threshold
         result["nodes"] = self.ads.node_status()
         return result
+
+
+def _cert_service(control: Any, limits: NodeLimits, ca: Any, state_dir: Path | None) -> Any:
+    """The CSR service; joins need the CA directory's join-token key and a state directory."""
+    from meshward.certs.jointoken import load_or_create_key
+    from meshward.xds.certservice import CertService
+
+    directory = getattr(ca, "directory", None)
+    key = load_or_create_key(directory) if directory is not None else None
+    return CertService(
+        control, join_key=key, state_dir=state_dir or directory if key else None, limits=limits
+    )
 
 
 class XdsServiceThread:

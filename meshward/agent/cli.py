@@ -1,0 +1,161 @@
+"""`meshward agent`: run the node agent beside one Envoy (see :mod:`meshward.agent`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from meshward.cliutil import host_port, positive_float
+from meshward.errors import UserError
+
+EPILOG = """\
+examples:
+  # on the control plane's machine: a one-time token for this workload, valid 10 minutes
+  meshward ca join-token --dir certs/ca --workload shop/orders --ttl 10m > orders.token
+  # on the node: key generated here (0600), first SVID by CSR with the token, Envoy started
+  meshward agent --workload shop/orders --xds 127.0.0.1:15010 --join 127.0.0.1:15012 \\
+      --join-token-file orders.token --root-cert certs/ca/gen-0001/root.pem --dir /var/lib/mw/orders
+  # after a restart the SVID in --dir renews itself: no token needed
+  meshward agent --workload shop/orders --xds 127.0.0.1:15010 --dir /var/lib/mw/orders
+
+The control plane must run with `meshward xds serve --secrets agent --join-listen HOST:PORT`.
+State directory (0700): svid.pem (key + chain, 0600), bundle.pem, sds.sock (0600, Envoy's
+SDS), admin.sock (Envoy admin), envoy/ (bootstrap, log, pid) and status.json (health: state,
+SVID serial and expiry, renewals, Envoy pid/restarts). Exit codes: 0 stopped by a signal,
+1 could not start (no valid SVID and no usable token, refused join, bad flags).
+"""
+
+
+def _fraction(text: str) -> float:
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
+    return value
+
+
+def _jitter(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {text}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from meshward.agent.run import Agent, AgentConfig
+    from meshward.certs.jointoken import read_token_file
+    from meshward.certs.spiffe import spiffe_id
+    from meshward.xds.bootstrap import ENVOY_ARGS
+    from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, InvalidNodeId, NodeId
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        node = NodeId.parse(args.workload)
+    except InvalidNodeId as exc:
+        raise UserError(f"--workload: {exc}") from None
+    if node.instance:
+        raise UserError("--workload is NAMESPACE/NAME; give the instance with --instance")
+    token = read_token_file(Path(args.join_token_file)) if args.join_token_file else None
+    roots = None
+    if args.root_cert:
+        try:
+            roots = Path(args.root_cert).read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read --root-cert {args.root_cert}: {exc.strerror}") from None
+    identity = str(
+        spiffe_id(args.trust_domain, node.namespace, args.service_account or node.workload)
+    )
+    server = args.server_identity or str(
+        spiffe_id(args.trust_domain, args.root_namespace, SERVER_SERVICE_ACCOUNT)
+    )
+    config = AgentConfig(
+        workload=str(node),
+        xds=args.xds,
+        state_dir=Path(args.dir),
+        spiffe_id=identity,
+        server_identity=server,
+        instance=args.instance or "",
+        join=args.join,
+        join_token=token,
+        root_cert_pem=roots,
+        renew_fraction=args.renew_fraction,
+        jitter=args.jitter,
+        bundle_poll=args.bundle_poll,
+        envoy=not args.no_envoy,
+        delta=args.delta,
+        envoy_log_level=args.envoy_log_level,
+        envoy_args=tuple(args.envoy_arg) if args.envoy_arg else ENVOY_ARGS,
+        drain_seconds=args.drain_seconds,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(config).run(stop)
+
+    asyncio.run(main())
+    print("meshward agent: stopped", file=sys.stderr)
+    return 0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Run the node agent beside one Envoy: generate the workload key here, obtain and renew "
+        "its SVID by CSR (first contact with a join token), serve SVID and trust bundle to Envoy "
+        "over SDS on a Unix socket, and start, restart and drain Envoy."
+    )
+    parser.epilog = EPILOG
+    parser.add_argument("--workload", required=True, metavar="NS/NAME",
+                        help="the workload this sidecar serves")  # fmt: skip
+    parser.add_argument("--instance", metavar="ID",
+                        help="instance id (node id NS/NAME/ID), when one workload has several")  # fmt: skip
+    parser.add_argument("--xds", required=True, type=host_port, metavar="HOST:PORT",
+                        help="the control plane's ADS address (mTLS; renewals go there too)")  # fmt: skip
+    parser.add_argument("--dir", required=True, metavar="DIR",
+                        help="state directory (created 0700; keep it across restarts)")  # fmt: skip
+    first = parser.add_argument_group("first contact (only while --dir holds no valid SVID)")
+    first.add_argument("--join", type=host_port, metavar="HOST:PORT",
+                       help="the control plane's join address (`xds serve --join-listen`)")  # fmt: skip
+    first.add_argument("--join-token-file", metavar="FILE",
+                       help="file holding a token from `meshward ca join-token`")  # fmt: skip
+    first.add_argument("--root-cert", metavar="FILE",
+                       help="the mesh root(s), PEM: authenticates the control plane at join")  # fmt: skip
+    ident = parser.add_argument_group("identity")
+    ident.add_argument("--trust-domain", default="cluster.local", help="(default: %(default)s)")
+    ident.add_argument("--service-account", metavar="SA",
+                       help="the workload's service account (default: its name)")  # fmt: skip
+    ident.add_argument("--root-namespace", default="meshward-system",
+                       help="the control plane's namespace (default: %(default)s)")  # fmt: skip
+    ident.add_argument("--server-identity", metavar="SPIFFE_ID",
+                       help="the control plane's SPIFFE ID (default: "
+                            "spiffe://TD/ns/ROOT_NAMESPACE/sa/meshward-xds)")  # fmt: skip
+    timing = parser.add_argument_group("renewal")
+    timing.add_argument("--renew-fraction", type=_fraction, default=0.5, metavar="F",
+                        help="renew at this fraction of the SVID's lifetime (default: %(default)s)")  # fmt: skip
+    timing.add_argument("--jitter", type=_jitter, default=0.1, metavar="F",
+                        help="± this fraction of the lifetime, spreads renewals (default: %(default)s)")  # fmt: skip
+    timing.add_argument("--bundle-poll", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="how often to fetch the trust bundle (CA rotations; default: %(default)s)")  # fmt: skip
+    envoy = parser.add_argument_group("Envoy")
+    envoy.add_argument("--no-envoy", action="store_true",
+                       help="serve SDS only; Envoy is run by someone else")  # fmt: skip
+    envoy.add_argument("--delta", action="store_true", help="ADS in delta (incremental) mode")
+    envoy.add_argument("--envoy-log-level", default="warning", help="(default: %(default)s)")
+    envoy.add_argument("--envoy-arg", action="append", metavar="ARG",
+                       help="extra Envoy argument (repeatable; replaces the default drain flags)")  # fmt: skip
+    envoy.add_argument("--drain-seconds", type=positive_float, default=2.0, metavar="SECONDS",
+                       help="on SIGTERM, drain listeners this long before stopping Envoy "
+                            "(default: %(default)s)")  # fmt: skip
+    parser.set_defaults(func=run)

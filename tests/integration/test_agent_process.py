@@ -1,0 +1,127 @@
+"""The operator's path with the node agent: `meshward ca init`, `meshward xds serve --secrets
+agent --join-listen` as a process, `meshward ca join-token`, `meshward agent` as a process
+(its Envoy answers through mTLS it set up), `meshward status`, SIGTERM everywhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from meshward.certs import CertificateAuthority
+from meshward.cli import main
+from meshward.demo.echo import EchoServer
+from meshward.net import free_port
+from meshward.xds.testing import http_request
+
+pytestmark = pytest.mark.envoy
+
+POLICY = """
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: orders, namespace: shop, labels: {app: orders}}
+spec: {ports: [{name: http, port: 8080, protocol: HTTP}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: permissive, namespace: meshward-system}
+spec: {mtls: {mode: PERMISSIVE}}
+"""
+
+
+def _wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+def test_serve_join_token_agent_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    CertificateAuthority.init(tmp_path / "ca", "cluster.local")
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "mesh.yaml").write_text(POLICY)
+    listen = free_port()
+    state = Path(tempfile.mkdtemp(prefix="mwa-"))  # short: Unix socket paths
+    procs: list[subprocess.Popen[bytes]] = []
+    with EchoServer("orders") as app:
+        (tmp_path / "bindings.json").write_text(json.dumps({
+            "shop/orders": {"ports": {"8080": {"listen": f"127.0.0.1:{listen}",
+                                               "app": f"127.0.0.1:{app.port}"}}}
+        }))  # fmt: skip
+        ready = tmp_path / "ready.json"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "meshward", "xds", "serve", "--policy", str(tmp_path / "policies"),
+             "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+             "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(ready),
+             "--secrets", "agent", "--join-listen", "127.0.0.1:0"],
+            stdout=(tmp_path / "xds.log").open("wb"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        procs.append(server)
+        try:
+            _wait_file(ready, server, tmp_path / "xds.log")
+            info = json.loads(ready.read_text())
+            assert info["join"]
+            capsys.readouterr()
+            assert main(["ca", "join-token", "--dir", str(tmp_path / "ca"),
+                         "--workload", "shop/orders", "--ttl", "2m"]) == 0  # fmt: skip
+            (tmp_path / "orders.token").write_text(capsys.readouterr().out)
+            (tmp_path / "root.pem").write_bytes(
+                CertificateAuthority.load(tmp_path / "ca").trust_bundle().roots_pem
+            )
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "meshward", "agent", "--workload", "shop/orders",
+                 "--xds", info["ads"], "--join", info["join"], "--dir", str(state / "orders"),
+                 "--join-token-file", str(tmp_path / "orders.token"),
+                 "--root-cert", str(tmp_path / "root.pem")],
+                stdout=(tmp_path / "agent.log").open("wb"), stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            procs.append(agent)
+            deadline = time.monotonic() + 30
+            while http_request(listen, "/x")[0] != 200:  # PERMISSIVE: plaintext reaches the app
+                assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
+                time.sleep(0.1)
+            code = 1
+            for _ in range(50):  # the first ACKs may still be in flight
+                code = main(["status", "--xds", info["admin"].removeprefix("http://")])
+                if code == 0 and "SYNCED" in capsys.readouterr().out:
+                    break
+                time.sleep(0.1)
+            assert code == 0
+            main(["status", "--xds", info["admin"].removeprefix("http://"), "--json"])
+            [node] = json.loads(capsys.readouterr().out)["nodes"]
+            assert node["node"] == "shop/orders"
+            assert "certificate" not in node  # no SVID (and no key) made by the control plane
+            [stream] = node["streams"]
+            assert stream["identity"] == "spiffe://cluster.local/ns/shop/sa/orders"
+            status = json.loads((state / "orders" / "status.json").read_text())
+            assert status["state"] == "serving" and status["envoy"]["running"]
+            # The token was spent: a second agent with it is refused, with the reason.
+            again = subprocess.run(
+                [sys.executable, "-m", "meshward", "agent", "--workload", "shop/orders",
+                 "--xds", info["ads"], "--join", info["join"], "--dir", str(state / "other"),
+                 "--join-token-file", str(tmp_path / "orders.token"),
+                 "--root-cert", str(tmp_path / "root.pem"), "--no-envoy"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert again.returncode == 1
+            assert "used: join token was already used" in again.stderr
+            assert "Traceback" not in again.stderr
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(30) == 0
+            assert http_request(listen, "/x")[0] == 0  # Envoy drained and stopped with it
+        finally:
+            for proc in reversed(procs):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(30)
+            shutil.rmtree(state, ignore_errors=True)
+    assert server.returncode == 0

@@ -10,7 +10,8 @@ The filter (one per inbound HTTP chain of a workload a RequestAuthentication sel
   unite, any ``forwardOriginalToken`` forwards); keys inline (``local_jwks``): the control plane
   fetches every ``jwksUri`` (meshward.xds.jwks) and passes the documents in as data, so compile
   stays pure and sidecars need no route to the identity provider. A ``jwksUri`` whose keys were
-  never fetched gets an empty key set: every token for that issuer fails (401), fail closed;
+  never fetched gets a key nobody holds (:data:`NO_KEYS_JWKS`): every token for that issuer
+  fails (401), fail closed;
 - requirement ``requires_any`` of every provider plus ``allow_missing``: Istio's semantics - no
   token passes without a request principal, a present token that no provider verifies is 401;
 - every provider writes the verified payload to the same dynamic metadata key
@@ -31,6 +32,7 @@ Matchers (same meaning as meshward.policy.evaluate; the equivalence test drives 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,7 +49,15 @@ T_JWT_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.Pe
 PAYLOAD_KEY = "payload"  # dynamic metadata key of the verified payload (every provider)
 JWT_CACHE_SIZE = 1000  # verified tokens cached per worker thread (Envoy's default is 100)
 JWT_MAX_TOKEN_BYTES = 8192  # tokens above this are not cached (still verified)
-EMPTY_JWKS = '{"keys":[]}'
+# Envoy refuses a provider whose local JWKS has no valid public key (the whole listener would
+# be NACKed), so an issuer without keys (a jwksUri never fetched, an inline JWKS with no key)
+# gets this one: a P-256 public key whose private half was discarded when it was generated.
+# Nothing verifies against it: every token for that issuer is a 401 (fail closed).
+NO_KEYS_JWKS = (
+    '{"keys":[{"kty":"EC","crv":"P-256","x":"ik0cDL6cMOpCafqlr7uIrmAkAX47_SzkhyS-VJWNP7g",'
+    '"y":"E3Wwtcy-QlJxN8WNXyeJkx8s2S5rtK3dH0Gq_cuUlJ4","kid":"meshward-no-keys","alg":"ES256",'
+    '"use":"sig"}]}'
+)
 JWT_ROUTE_DISABLED: Json = {"@type": T_JWT_ROUTE, "disabled": True}
 
 
@@ -66,11 +76,19 @@ class _Provider:
 
 
 def _keys(rule: JwtRule, jwks: Mapping[str, str]) -> str:
-    if rule.jwks is not None:
-        return rule.jwks
-    if rule.jwks_uri is not None:
-        return jwks.get(rule.jwks_uri, EMPTY_JWKS)
-    return EMPTY_JWKS
+    text = rule.jwks
+    if text is None and rule.jwks_uri is not None:
+        text = jwks.get(rule.jwks_uri)
+    return text if text is not None and _has_keys(text) else NO_KEYS_JWKS
+
+
+def _has_keys(text: str) -> bool:
+    """A JWKS object with at least one key (Envoy refuses an empty one)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("keys"), list) and bool(doc["keys"])
 
 
 def _providers(
@@ -158,11 +176,15 @@ def jwt_authn_filter(
 
 
 def _metadata(path: Sequence[str], value: Json) -> Json:
+    """A Principal on the request's dynamic metadata (``sourced_metadata``: Envoy 1.40 marks
+    the older ``metadata`` principal deprecated)."""
     return {
-        "metadata": {
-            "filter": FILTER_JWT_AUTHN,
-            "path": [{"key": PAYLOAD_KEY}, *({"key": k} for k in path)],
-            "value": value,
+        "sourced_metadata": {
+            "metadata_matcher": {
+                "filter": FILTER_JWT_AUTHN,
+                "path": [{"key": PAYLOAD_KEY}, *({"key": k} for k in path)],
+                "value": value,
+            }
         }
     }
 
@@ -251,6 +273,7 @@ def condition_value(key: str, pattern: str) -> Json:
 __all__ = [
     "FILTER_JWT_AUTHN",
     "JWT_ROUTE_DISABLED",
+    "NO_KEYS_JWKS",
     "PAYLOAD_KEY",
     "T_JWT_AUTHN",
     "claim",

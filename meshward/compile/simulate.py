@@ -156,8 +156,10 @@ def principal(p: Json, req: _Request) -> bool:
         return _cidr(p["remote_ip"], req.conn.remote_ip)
     if "header" in p:
         return _header(p["header"], req)
-    if "metadata" in p and p["metadata"]["filter"] == FILTER_JWT_AUTHN:
-        return _payload_match(p["metadata"], req.payload)
+    if "sourced_metadata" in p:
+        matcher = p["sourced_metadata"]["metadata_matcher"]
+        assert matcher["filter"] == FILTER_JWT_AUTHN
+        return _payload_match(matcher, req.payload)
     if "metadata" in p:
         m = p["metadata"]
         assert m["filter"] == names.RBAC_METADATA_NAMESPACE

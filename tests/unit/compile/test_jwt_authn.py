@@ -111,8 +111,8 @@ def test_one_provider_per_issuer_with_istio_semantics() -> None:
     assert idp["payload_in_metadata"] == jwt_authn.PAYLOAD_KEY
     assert idp["jwt_cache_config"]["jwt_cache_size"] > 0
     other = providers["origins-1"]
-    # never fetched: no keys, so every token from it fails (401), fail closed
-    assert other["local_jwks"] == {"inline_string": jwt_authn.EMPTY_JWKS}
+    # never fetched: a key nobody holds, so every token from it fails (401), fail closed
+    assert other["local_jwks"] == {"inline_string": jwt_authn.NO_KEYS_JWKS}
     assert "from_headers" not in other and "audiences" not in other  # Envoy's defaults
     requirements = config["rules"][0]["requires"]["requires_any"]["requirements"]
     # any provider, or no token at all (no request principal); a bad token is a 401
@@ -154,7 +154,7 @@ def test_jwt_rules_are_native_rbac_and_the_invalid_host_route_disables_jwt_authn
     )
     rbac = vhost["typed_per_filter_config"]["meshward.rbac.allow"]["rbac"]["rules"]
     principal = rbac["policies"]["ns[shop]-policy[users]-rule[0]"]["principals"][0]
-    assert principal["and_ids"]["ids"][0]["metadata"] == {
+    assert principal["and_ids"]["ids"][0]["sourced_metadata"]["metadata_matcher"] == {
         "filter": "envoy.filters.http.jwt_authn",
         "path": [{"key": "payload"}, {"key": "iss"}],
         "value": {"string_match": {"exact": "https://idp"}},
@@ -246,3 +246,10 @@ def test_claim_matchers_agree_with_the_evaluator(key: str, path: tuple[str, ...]
         want = any(pred(v) for v in claim_values(claims, path))
         got = simulate.principal(jwt_authn.condition_value(key, pattern), _request(claims))
         assert got == want, (key, pattern, claims)
+
+
+def test_an_inline_jwks_without_keys_gets_a_key_nobody_holds() -> None:
+    """Envoy refuses a provider with no valid key (the listener would be NACKed)."""
+    ras = (_ra("a", JwtRule(issuer="https://idp", jwks='{"keys": []}')),)
+    idp = _filters(_set(ras=ras))[1]["typed_config"]["providers"]["origins-0"]
+    assert idp["local_jwks"] == {"inline_string": jwt_authn.NO_KEYS_JWKS}

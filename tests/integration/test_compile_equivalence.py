@@ -38,6 +38,7 @@ from meshward.demo.echo import EchoServer
 from meshward.extauthz.issuer import LocalIssuer
 from meshward.extauthz.tokens import payload_from_metadata
 from meshward.policy import PolicySet, Request, evaluate
+from meshward.policy.explain import explain
 from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
@@ -323,6 +324,8 @@ def test_envoy_decides_like_the_evaluator(
     else:
         policy_set, probes = _mixed(*CASES[name])
     policy_set = _jwt_mode(policy_set, native, issuer)
+    workload = policy_set.workload(synth.TARGET_REF)
+    assert workload is not None
     mesh.tokens = real_tokens if native else None
     servicer, extauthz_port = check_server
     servicer.policy_set = policy_set
@@ -344,6 +347,17 @@ def test_envoy_decides_like_the_evaluator(
                 answered.append(probe)
             if got != want:
                 mismatches.append(f"{probe}: envoy {got} {body[:60]!r}, evaluator {want}")
+            # `policy explain` says the same, 401 included (--token-invalid)
+            said = explain(
+                policy_set,
+                workload,
+                probe.request(),
+                now=NOW,
+                custom=synth.custom_provider,
+                token_invalid=probe.user == synth.INVALID_USER,
+            ).status
+            if got and said != got:
+                mismatches.append(f"{probe}: envoy {got}, policy explain {said}")
         mesh.close()
         resources = sidecar.resources
         # One Envoy worker, one request at a time: the access log is in request order.

@@ -48,7 +48,7 @@ spec: {ports: [{name: http, port: 8000}]}
 apiVersion: meshward.dev/v1
 kind: MeshConfig
 metadata: {name: mesh}
-spec: {denialDetails: verbose}
+spec: {denialDetails: verbose, jwtEnforcement: extauthz}
 """
 ADMINS_YAML = """\
 apiVersion: security.istio.io/v1

@@ -2,7 +2,11 @@
 
 Istio's order is CUSTOM -> DENY -> ALLOW, and a request is allowed by ALLOW policies if it
 matches ANY ALLOW rule of the workload. Some rules are decided natively (RBAC), some by the
-ext_authz service (end-user JWT, CUSTOM). The HTTP chain is:
+ext_authz service (CUSTOM). End-user JWTs (MeshConfig ``jwtEnforcement: native``, the default)
+are Envoy's too: a RequestAuthentication puts the jwt_authn filter first in the chain and JWT
+rules are RBAC metadata matchers on its payload (meshward.compile.jwt_authn); the ext_authz
+parts below that mention tokens and JWT rules apply only under ``jwtEnforcement: extauthz``,
+kept for comparison. The HTTP chain is:
 
 0. ext_authz for requests that may carry an end-user token (``meshward.ext_authz.token``),
    enabled only on workloads with a RequestAuthentication: a token that does not verify is

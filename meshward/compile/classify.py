@@ -1,8 +1,10 @@
 """Where each rule is decided: natively by Envoy's RBAC filter, or by the ext_authz service.
 
 Envoy decides everything it can read from the connection and the request headers (the hot path,
-no Python). Only rules that read a verified end-user JWT (``requestPrincipals``,
-``request.auth.*``) and CUSTOM policies need the ext_authz service. ``meshward policy compile
+no Python), and, with ``jwt_native`` (MeshConfig ``jwtEnforcement: native``, the default),
+rules that read the verified end-user JWT (``requestPrincipals``, ``request.auth.*``: RBAC
+metadata matchers on jwt_authn's payload). CUSTOM policies, and JWT rules under
+``jwtEnforcement: extauthz``, need the ext_authz service. ``meshward policy compile
 --explain`` prints this classification rule by rule, with the reason.
 """
 

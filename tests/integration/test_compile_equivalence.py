@@ -35,7 +35,7 @@ from meshward.compile.classify import rule_extauthz_reason
 from meshward.compile.names import extauthz_spiffe_id, rbac_policy_name
 from meshward.compile.testing import SidecarConnection, StaticSidecar, client_context
 from meshward.demo.echo import EchoServer
-from meshward.extauthz.issuer import LocalIssuer
+from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.extauthz.tokens import payload_from_metadata
 from meshward.policy import PolicySet, Request, evaluate
 from meshward.policy.explain import explain
@@ -523,14 +523,25 @@ def test_jwt_rules_are_decided_by_envoy_with_real_tokens(
         assert not sidecar.resources.extauthz
         results = {user: mesh.send(sidecar, probe(user)) for user in ("alice", "bob", None)}
         forged = mesh.send(sidecar, probe(synth.INVALID_USER))
+        # hostile tokens: jwt_authn refuses each with 401 (Istio: present but invalid)
+        exp = int(time.time()) + 600
+        hostile = {
+            "expired": issuer.token("alice", ttl=-3600),
+            "unknown issuer": LocalIssuer("https://other.example", kid=issuer.kid).token("alice"),
+            "alg none": unsigned_token({"iss": synth.ISSUER, "sub": "alice", "exp": exp}),
+            "garbage": "not.a.jwt",
+        }
+        mesh.tokens = {**real_tokens, **hostile}
+        refused = {label: mesh.send(sidecar, probe(label))[0] for label in hostile}
         mesh.close()
-        log = _wait_for_log(tmp_path / "a" / "access.log", 4)
+        log = _wait_for_log(tmp_path / "a" / "access.log", 4 + len(hostile))
     assert results["alice"][0] == 200
     echoed = json.loads(results["alice"][1])["headers"]
     assert "authorization" not in echoed  # Istio default: the app never sees the token
     assert results["bob"] == (403, b"RBAC: access denied")
     assert results[None] == (403, b"RBAC: access denied")  # no token: no request principal
     assert forged[0] == 401
+    assert refused == dict.fromkeys(hostile, 401)
     assert servicer.calls == before  # Envoy alone decided every request
     details = [e["response_code_details"] for e in log]
     assert details[0] == "via_upstream" and details[1].startswith("rbac_access_denied")

@@ -104,6 +104,7 @@ def explain_text(policy_set: PolicySet, workload: Workload, *, now: datetime | N
         f"policies: {', '.join(data['policies']) or 'none (every request is allowed)'}",
         f"authorization: {data['mechanism']}",
         f"ext_authz filter: {'yes' if data['extauthz_filter'] else 'no'}",
+        f"jwt_authn filter: {'yes' if data['jwt_authn_filter'] else 'no'}",
     ]
     indexed = {r["rbac_policy"] for r in data["rules"] if r["principal_index"]}
     if data["rules"]:

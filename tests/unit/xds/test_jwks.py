@@ -180,3 +180,16 @@ def test_the_service_fetches_before_the_first_compile_and_reports_failures(
     metrics = service.metrics.exposition().decode()
     assert 'meshward_xds_jwks_fetches_total{result="error"} 1.0' in metrics
     assert "meshward_xds_jwks_failing 1.0" in metrics
+
+
+def test_serve_jwks_refresh_flag_is_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshward.cli import main
+
+    for bad in ("0s", "nonsense"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["xds", "serve", "--jwks-refresh", bad])
+        assert exit_info.value.code == 2
+        assert "--jwks-refresh" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["xds", "serve", "--help"])
+    assert "--jwks-refresh" in capsys.readouterr().out

@@ -43,6 +43,9 @@ WORKLOAD = "foo/bench"
 
 def policy_yaml(issuer: LocalIssuer) -> str:
     return (
+        # the ext_authz JWT path is what this measures (bench/jwt_native.py compares it with jwt_authn)
+        "apiVersion: meshward.dev/v1\nkind: MeshConfig\nmetadata: {name: mesh}\n"
+        "spec: {jwtEnforcement: extauthz}\n---\n"
         "apiVersion: meshward.dev/v1\nkind: Workload\n"
         "metadata: {name: bench, namespace: foo, labels: {app: bench}}\nspec: {}\n---\n"
         + issuer.request_authentication_yaml("foo", "jwt", {"app": "bench"})

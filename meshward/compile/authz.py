@@ -2,7 +2,11 @@
 
 Istio's order is CUSTOM -> DENY -> ALLOW, and a request is allowed by ALLOW policies if it
 matches ANY ALLOW rule of the workload. Some rules are decided natively (RBAC), some by the
-ext_authz service (end-user JWT, CUSTOM). The HTTP chain is:
+ext_authz service (CUSTOM). End-user JWTs (MeshConfig ``jwtEnforcement: native``, the default)
+are Envoy's too: a RequestAuthentication puts the jwt_authn filter first in the chain and JWT
+rules are RBAC metadata matchers on its payload (meshward.compile.jwt_authn); the ext_authz
+parts below that mention tokens and JWT rules apply only under ``jwtEnforcement: extauthz``,
+kept for comparison. The HTTP chain is:
 
 0. ext_authz for requests that may carry an end-user token (``meshward.ext_authz.token``),
    enabled only on workloads with a RequestAuthentication: a token that does not verify is
@@ -83,7 +87,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshward.compile import index, names
+from meshward.compile import index, jwt_authn, names
 from meshward.compile.classify import Placement, RuleClass, classify_rules, envoy_policy_order
 from meshward.compile.rbac import RuleContext, rule_policy
 from meshward.policy.model import Action, AuthorizationPolicy, RequestAuthentication
@@ -138,6 +142,15 @@ class AuthzPlan:
     # Where end-user tokens may be (a RequestAuthentication selects the workload): requests
     # that may carry one go to ext_authz, which rejects an invalid token with 401.
     token_sources: tuple[TokenSource, ...] = field(default=())
+    # jwtEnforcement native (the default): RequestAuthentications compile to a jwt_authn filter
+    # (meshward.compile.jwt_authn) and JWT rules to RBAC metadata matchers.
+    jwt_native: bool = False
+    request_authentications: tuple[RequestAuthentication, ...] = field(default=())
+
+    @property
+    def verifies_jwt_natively(self) -> bool:
+        """The chain starts with Envoy's jwt_authn filter (some JWT rule selects the workload)."""
+        return self.jwt_native and any(ra.jwt_rules for ra in self.request_authentications)
 
     def native(self, action: Action, *, dry_run: bool = False) -> list[RuleClass]:
         return [
@@ -189,6 +202,11 @@ class AuthzPlan:
         return self._rules_summary() + self._token_summary()
 
     def _token_summary(self) -> str:
+        if self.verifies_jwt_natively:
+            return (
+                "; end-user tokens are verified by Envoy's jwt_authn (401 when invalid; no "
+                "token: no request principal) and JWT rules are RBAC metadata matchers"
+            )
         if not self.token_sources:
             return ""
         where = ", ".join(str(s) for s in self.token_sources)
@@ -220,8 +238,14 @@ class AuthzPlan:
 def plan(
     policies: Sequence[AuthorizationPolicy],
     request_authentications: Iterable[RequestAuthentication] = (),
+    *,
+    jwt_native: bool = False,
 ) -> AuthzPlan:
-    rules = tuple(classify_rules(policies))
+    """Where each rule runs. ``jwt_native`` (MeshConfig ``jwtEnforcement: native``, the
+    default): tokens are verified by jwt_authn and JWT rules are native RBAC; otherwise both
+    go to ext_authz (kept for comparison)."""
+    request_authentications = tuple(request_authentications)
+    rules = tuple(classify_rules(policies, jwt_native=jwt_native))
     tcp_rules = tuple(classify_rules(policies, tcp=True))
     has_allow = any(p.action is Action.ALLOW and not p.dry_run for p in policies)
     reasons = tuple(
@@ -229,7 +253,7 @@ def plan(
         for r in rules
         if r.placement is Placement.EXTAUTHZ and not r.policy.dry_run
     )
-    sources = token_sources(request_authentications)
+    sources = () if jwt_native else token_sources(request_authentications)
     if sources:
         reasons += (
             "a RequestAuthentication selects the workload: requests carrying a token are "
@@ -241,6 +265,8 @@ def plan(
         has_allow=has_allow,
         extauthz_reasons=reasons,
         token_sources=sources,
+        jwt_native=jwt_native,
+        request_authentications=request_authentications if jwt_native else (),
     )
 
 
@@ -415,6 +441,9 @@ def _extauthz_config(timeout_ms: int, *, gated: bool, stat_prefix: str = "") -> 
         "failure_mode_allow": False,
         "include_peer_certificate": True,
         "include_tls_session": True,  # connection.sni for the evaluator
+        # The payload jwt_authn verified (jwtEnforcement: native): CUSTOM providers and the
+        # evaluator read the end-user claims from it, the token itself may be gone.
+        "metadata_context_namespaces": [jwt_authn.FILTER_JWT_AUTHN],
     }
     if stat_prefix:
         config["stat_prefix"] = stat_prefix
@@ -478,10 +507,12 @@ class HttpAuthz:
         answers before authorization (meshward.compile.listeners: an invalid Host): an
         RBACPerRoute without ``rbac`` ("the global RBAC policy will be disabled for this
         route"), ext_authz ``disabled``."""
+        off = {
+            T_EXTAUTHZ: EXTAUTHZ_DISABLED,
+            jwt_authn.T_JWT_AUTHN: jwt_authn.JWT_ROUTE_DISABLED,
+        }
         return {
-            s.name: EXTAUTHZ_DISABLED
-            if s.filter["typed_config"]["@type"] == T_EXTAUTHZ
-            else {"@type": T_HTTP_RBAC_ROUTE}
+            s.name: off.get(s.filter["typed_config"]["@type"], {"@type": T_HTTP_RBAC_ROUTE})
             for s in self.stages
         }
 
@@ -494,15 +525,22 @@ def http_authz(
     declared_port: int,
     extauthz_timeout_ms: int,
     index_min_rules: int | None = None,
+    jwks: Mapping[str, str] | None = None,
 ) -> HttpAuthz:
-    """The chain is the same for every policy except for ext_authz, which only workloads that
-    need the service have (both filters, whatever for; disabled per route where idle)."""
+    """The chain is the same for every policy except for jwt_authn (workloads a
+    RequestAuthentication selects, in front) and ext_authz, which only workloads that need the
+    service have (both filters, whatever for; disabled per route where idle). ``jwks``: the
+    fetched JWKS documents by ``jwksUri`` (data from the control plane, inlined)."""
     context = extauthz_per_route(workload_ref, declared_port)
     stages: list[Stage] = []
+    if plan_.verifies_jwt_natively:
+        verify = jwt_authn.jwt_authn_filter(plan_.request_authentications, jwks or {})
+        if verify is not None:
+            stages.append(Stage(name=jwt_authn.FILTER_JWT_AUTHN, filter=verify, per_route=None))
     token_routes: list[Json] = []
     rbac = rbac_stages(plan_, port_map, index_min_rules=index_min_rules)
     if not plan_.uses_extauthz:
-        return HttpAuthz(stages=tuple(rbac), token_routes=(), extauthz=False)
+        return HttpAuthz(stages=tuple(stages + rbac), token_routes=(), extauthz=False)
     stages.append(
         Stage(
             name=names.FILTER_EXTAUTHZ_TOKEN,

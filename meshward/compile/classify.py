@@ -1,8 +1,10 @@
 """Where each rule is decided: natively by Envoy's RBAC filter, or by the ext_authz service.
 
 Envoy decides everything it can read from the connection and the request headers (the hot path,
-no Python). Only rules that read a verified end-user JWT (``requestPrincipals``,
-``request.auth.*``) and CUSTOM policies need the ext_authz service. ``meshward policy compile
+no Python), and, with ``jwt_native`` (MeshConfig ``jwtEnforcement: native``, the default),
+rules that read the verified end-user JWT (``requestPrincipals``, ``request.auth.*``: RBAC
+metadata matchers on jwt_authn's payload). CUSTOM policies, and JWT rules under
+``jwtEnforcement: extauthz``, need the ext_authz service. ``meshward policy compile
 --explain`` prints this classification rule by rule, with the reason.
 """
 
@@ -124,17 +126,21 @@ def envoy_policy_order(rules: Iterable[RuleClass]) -> list[RuleClass]:
 
 
 def classify_rules(
-    policies: Iterable[AuthorizationPolicy], *, tcp: bool = False
+    policies: Iterable[AuthorizationPolicy], *, tcp: bool = False, jwt_native: bool = False
 ) -> list[RuleClass]:
-    """Every rule of ``policies`` (in order) with where it runs and why."""
+    """Every rule of ``policies`` (in order) with where it runs and why. ``jwt_native``: rules
+    reading the end-user JWT are RBAC metadata matchers on jwt_authn's payload (the mesh's
+    default, MeshConfig ``jwtEnforcement: native``), not ext_authz."""
     out: list[RuleClass] = []
     for policy in policies:
         for index, rule in enumerate(policy.rules):
-            out.append(_classify(policy, index, rule, tcp=tcp))
+            out.append(_classify(policy, index, rule, tcp=tcp, jwt_native=jwt_native))
     return out
 
 
-def _classify(policy: AuthorizationPolicy, index: int, rule: Rule, *, tcp: bool) -> RuleClass:
+def _classify(
+    policy: AuthorizationPolicy, index: int, rule: Rule, *, tcp: bool, jwt_native: bool
+) -> RuleClass:
     if tcp:
         return _classify_tcp(policy, index, rule)
     if policy.action is Action.CUSTOM:
@@ -142,6 +148,11 @@ def _classify(policy: AuthorizationPolicy, index: int, rule: Rule, *, tcp: bool)
             policy, index, Placement.EXTAUTHZ, f"CUSTOM action (provider {policy.provider!r})"
         )
     reason = rule_extauthz_reason(rule)
+    if reason is not None and jwt_native:
+        jwt_note = reason.replace("reads the verified end-user JWT", "reads jwt_authn's payload")
+        reason = None
+    else:
+        jwt_note = ""
     if reason is not None:
         if policy.action is Action.AUDIT:
             return RuleClass(policy, index, Placement.INERT, f"AUDIT rule not compiled: {reason}")
@@ -159,7 +170,10 @@ def _classify(policy: AuthorizationPolicy, index: int, rule: Rule, *, tcp: bool)
     }[policy.action]
     if policy.dry_run:
         what += " shadow rule (dry-run: evaluated and logged, never enforced)"
-    return RuleClass(policy, index, Placement.NATIVE, f"{what}: every field is readable by Envoy")
+    readable = "every field is readable by Envoy"
+    if jwt_note:
+        readable += f" ({jwt_note}: RBAC metadata matchers)"
+    return RuleClass(policy, index, Placement.NATIVE, f"{what}: {readable}")
 
 
 def _classify_tcp(policy: AuthorizationPolicy, index: int, rule: Rule) -> RuleClass:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import re2  # type: ignore[import-untyped]  # google-re2 ships no stubs
 
+from meshward.compile.classify import rule_extauthz_reason
 from meshward.compile.index import predicate
 from meshward.compile.rbac import RuleContext, rule_policy
 from meshward.envoy.runtime import MAX_RE2_PROGRAM_SIZE, RE2_RUNTIME_KEY
@@ -123,8 +124,10 @@ def _indexable(rule: Rule) -> bool:
     """The rule may be compiled into the principal index (every source lists exact principals,
     as meshward.compile.index.exact_principals requires); whether it is depends on how many
     such rules its workload has, so the index form is checked for every indexable rule."""
-    return bool(rule.sources) and all(
-        s.principals and not any("*" in p for p in s.principals) for s in rule.sources
+    return (
+        bool(rule.sources)
+        and rule_extauthz_reason(rule) is None  # JWT rules are never indexed
+        and all(s.principals and not any("*" in p for p in s.principals) for s in rule.sources)
     )
 
 
@@ -134,7 +137,7 @@ def _rule_regexes(rule: Rule, indexable: bool) -> list[str]:
     by ext_authz emit none."""
     try:
         policy = rule_policy(rule, RuleContext(port_map={}))
-    except ValueError:  # requestPrincipals / request.auth.*: ext_authz decides them
+    except ValueError:  # a value the loader should have refused: no regex to check
         return []
     forms: list[Any] = [policy]
     if indexable:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from meshward.compile import authz
 from meshward.compile.classify import RuleClass
 from meshward.compile.options import CompileOptions
+from meshward.compile.workload import rule_classes
 from meshward.policy.model import Action, Protocol, Workload
 
 DEFAULT_INDEX_MIN_RULES = CompileOptions.rbac_index_min_rules
@@ -44,7 +45,7 @@ def explain_json(
     index_min_rules: int | None = DEFAULT_INDEX_MIN_RULES,
 ) -> dict[str, Any]:
     policies = policy_set.policies_for(workload, now)
-    plan = authz.plan(policies, policy_set.request_authentications_for(workload))
+    plan = rule_classes(policy_set, workload, now=now)
     indexed = indexed_names(plan, index_min_rules)
     rules = []
     for r in plan.rules:
@@ -60,6 +61,7 @@ def explain_json(
         "ports": _ports(policy_set, workload),
         "policies": [p.ref for p in policies],
         "extauthz_filter": plan.uses_extauthz,
+        "jwt_authn_filter": plan.verifies_jwt_natively,
         "extauthz_reasons": list(plan.extauthz_reasons),
         "mechanism": plan.summary(),
         "rules": rules if has_http else [],
@@ -94,9 +96,7 @@ def _rows(rules: tuple[RuleClass, ...], indexed: set[str] | None = None) -> list
 
 def explain_text(policy_set: PolicySet, workload: Workload, *, now: datetime | None = None) -> str:
     data = explain_json(policy_set, workload, now=now)
-    plan = authz.plan(
-        policy_set.policies_for(workload, now), policy_set.request_authentications_for(workload)
-    )
+    plan = rule_classes(policy_set, workload, now=now)
     ports = ", ".join(f"{p['port']}/{p['protocol']} (mTLS {p['mtls']})" for p in data["ports"])
     lines = [
         f"{data['workload']}  {data['spiffe_id']}",
@@ -104,6 +104,7 @@ def explain_text(policy_set: PolicySet, workload: Workload, *, now: datetime | N
         f"policies: {', '.join(data['policies']) or 'none (every request is allowed)'}",
         f"authorization: {data['mechanism']}",
         f"ext_authz filter: {'yes' if data['extauthz_filter'] else 'no'}",
+        f"jwt_authn filter: {'yes' if data['jwt_authn_filter'] else 'no'}",
     ]
     indexed = {r["rbac_policy"] for r in data["rules"] if r["principal_index"]}
     if data["rules"]:

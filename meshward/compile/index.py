@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from meshward.compile.classify import RuleClass, envoy_policy_order
+from meshward.compile.classify import RuleClass, envoy_policy_order, rule_extauthz_reason
 from meshward.compile.matchers import SPIFFE
 from meshward.compile.rbac import RuleContext, rule_policy
 from meshward.policy.paths import re2_escape
@@ -42,7 +42,9 @@ def exact_principals(rule: RuleClass) -> tuple[str, ...] | None:
     """The callers that could match ``rule`` (full SPIFFE IDs), or None when it is not limited
     to exact identities (every ``from`` entry must list exact principals)."""
     sources = rule.rule.sources
-    if not sources:
+    if not sources or rule_extauthz_reason(rule.rule) is not None:
+        # No sources, or the rule reads the end-user JWT: its payload matchers (dynamic
+        # metadata) have no matcher-tree form here, so it stays in the rules engine.
         return None
     out: list[str] = []
     for source in sources:

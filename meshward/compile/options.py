@@ -101,6 +101,9 @@ class CompileOptions:
     # peer's URI SAN) when a workload has at least this many of them for one action; below it,
     # the plain rules engine is simpler and as fast. None: never index.
     rbac_index_min_rules: int | None = 16
+    # Fetched JWKS documents by jwksUri (meshward.xds.jwks fetches them; compile does no I/O),
+    # inlined into jwt_authn providers. A jwksUri missing here gets no keys: its tokens fail.
+    jwks: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def port_binding(self, workload: Workload, port: int) -> PortBinding:
         bound = self.bindings.get(workload.ref)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from meshward.compile import jwt_authn
 from meshward.compile import matchers as m
 from meshward.compile.classify import JWT_KEY_PREFIX
 from meshward.compile.matchers import Json
@@ -136,8 +137,20 @@ def _source(src: Source, ctx: RuleContext) -> Json | None:
         parts.append(_field(src.remote_ip_blocks, _remote_ip, permission=False))
     if src.not_remote_ip_blocks:
         parts.append(_field(src.not_remote_ip_blocks, _remote_ip, permission=False, negate=True))
-    if (src.request_principals or src.not_request_principals) and not ctx.drop_http:
-        raise ValueError("requestPrincipals need ext_authz; classify before compiling")
+    if not ctx.drop_http:  # end-user JWT (meshward.compile.jwt_authn): HTTP only
+        if src.request_principals:
+            parts.append(
+                _field(src.request_principals, jwt_authn.request_principal, permission=False)
+            )
+        if src.not_request_principals:
+            parts.append(
+                _field(
+                    src.not_request_principals,
+                    jwt_authn.request_principal,
+                    permission=False,
+                    negate=True,
+                )
+            )
     if not parts:
         return None if ctx.drop_http else m.ANY_PRINCIPAL
     return m.and_principals(parts)
@@ -157,7 +170,11 @@ def _condition(c: Condition, ctx: RuleContext) -> tuple[str, Json | None]:
     if key.startswith(JWT_KEY_PREFIX):
         if ctx.drop_http:
             return "principal", None
-        raise ValueError(f"{key} needs ext_authz; classify before compiling")
+
+        def build_jwt(value: str) -> Json:
+            return jwt_authn.condition_value(key, value)
+
+        return "principal", _values(c, build_jwt, permission=False)
     side: str
     build: Callable[[str], Json | list[Json]]
     name = header_name(key)
@@ -179,14 +196,19 @@ def _condition(c: Condition, ctx: RuleContext) -> tuple[str, Json | None]:
         side, build = "permission", m.sni
     else:
         raise ValueError(f"unsupported condition key {key!r}")
-    permission = side == "permission"
+    return side, _values(c, build, permission=side == "permission")
+
+
+def _values(
+    c: Condition, build: Callable[[str], Json | list[Json]], *, permission: bool
+) -> Json | None:
     parts: list[Json] = []
     if c.values:
         parts.append(_field(c.values, build, permission=permission))
     if c.not_values:
         parts.append(_field(c.not_values, build, permission=permission, negate=True))
     if not parts:
-        return side, None
+        return None
     if permission:
-        return side, m.and_permissions(parts)
-    return side, m.and_principals(parts)
+        return m.and_permissions(parts)
+    return m.and_principals(parts)

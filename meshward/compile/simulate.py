@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from meshward.compile import names
+from meshward.compile.jwt_authn import FILTER_JWT_AUTHN, PAYLOAD_KEY
 from meshward.policy.paths import PathRejected, normalize_path, strip_trailing_host_dot
 
 Json = dict[str, Any]
@@ -87,6 +88,7 @@ class _Request:
             k: v for k, v in conn.headers.items() if not k.startswith(names.MESHWARD_HEADER_PREFIX)
         }
         self.metadata: dict[str, str] = {}
+        self.payload: Mapping[str, Any] | None = None  # jwt_authn's verified payload
 
     def header(self, name: str) -> str | None:
         if name == ":authority":  # every compiled HCM sets strip_trailing_host_dot
@@ -154,11 +156,34 @@ def principal(p: Json, req: _Request) -> bool:
         return _cidr(p["remote_ip"], req.conn.remote_ip)
     if "header" in p:
         return _header(p["header"], req)
+    if "sourced_metadata" in p:
+        matcher = p["sourced_metadata"]["metadata_matcher"]
+        assert matcher["filter"] == FILTER_JWT_AUTHN
+        return _payload_match(matcher, req.payload)
     if "metadata" in p:
         m = p["metadata"]
         assert m["filter"] == names.RBAC_METADATA_NAMESPACE
         return string_match(m["value"]["string_match"], req.metadata.get(m["path"][0]["key"]))
     raise ValueError(f"unsupported principal {p}")
+
+
+def _payload_match(m: Json, payload: Mapping[str, Any] | None) -> bool:
+    """An RBAC metadata matcher on jwt_authn's payload: Envoy's ValueMatcher on the value at
+    the path (a string for ``string_match``, a list with a matching string for ``list_match``)."""
+    keys = [step["key"] for step in m["path"]]
+    assert keys[0] == PAYLOAD_KEY
+    node: Any = payload
+    for key in keys[1:]:
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    value = m["value"]
+    if "string_match" in value:
+        return isinstance(node, str) and string_match(value["string_match"], node)
+    inner = value["list_match"]["one_of"]["string_match"]
+    return isinstance(node, list) and any(
+        isinstance(v, str) and string_match(inner, v) for v in node
+    )
 
 
 # ---- the generic matcher API (RBAC ``matcher`` / ``shadow_matcher``) ----------------------
@@ -260,6 +285,9 @@ def _metadata_enabled(matcher: Json, metadata: Mapping[str, str]) -> bool:
     return matched != bool(matcher.get("invert"))
 
 
+# jwt_authn: the verified payload, None (no token) or False (invalid token: 401).
+JwtVerify = Callable[[Connection, Json], "Mapping[str, Any] | bool | None"]
+
 # ext_authz answers a Check: True (allow), False (403) or an HTTP status (e.g. 401).
 ExtAuthz = Callable[[Connection, str, Mapping[str, str]], bool | int]
 
@@ -337,10 +365,17 @@ def _rbac(config: Json, local: Json | None, req: _Request) -> Outcome | None:
     return Outcome(403, f"rbac_access_denied_matched_policy[{matched or 'none'}]", metadata, False)
 
 
-def run(listener: Json, conn: Connection, extauthz: ExtAuthz | None = None) -> Outcome:
+def run(
+    listener: Json,
+    conn: Connection,
+    extauthz: ExtAuthz | None = None,
+    jwt: JwtVerify | None = None,
+) -> Outcome:
     """Send ``conn`` through the listener's HTTP filters. ``extauthz(conn, normalized path,
     context_extensions)`` answers Checks (True: allowed, False: 403, or a status such as 401);
-    without it a Check fails closed (403)."""
+    without it a Check fails closed (403). ``jwt(conn, jwt_authn config)`` stands in for token
+    verification: the verified payload, None (no token) or False (a token that does not
+    verify: 401); without it every request is token-less."""
     try:
         path = normalize_path(conn.path)
         if "?" in conn.path:
@@ -372,6 +407,13 @@ def run(listener: Json, conn: Connection, extauthz: ExtAuthz | None = None) -> O
             status = 200 if answer is True else 403 if answer is False else int(answer)
             if status != 200:
                 return Outcome(status, "ext_authz_denied", metadata, True)
+        elif kind == "JwtAuthentication":
+            if local is not None and local.get("disabled"):
+                continue
+            verified = jwt(conn, config) if jwt is not None else None
+            if verified is False:
+                return Outcome(401, "jwt_authn_access_denied", metadata, called)
+            req.payload = verified if isinstance(verified, Mapping) else None
         elif kind == "HeaderMutation":
             continue
         elif kind == "Router":

@@ -22,7 +22,7 @@ from meshward.compile.fragments import FragmentCache
 from meshward.compile.options import CompileOptions, Endpoint, Mode
 from meshward.compile.peers import next_expiry, peers_of
 from meshward.errors import UserError
-from meshward.policy.model import MtlsMode, Workload, WorkloadPort
+from meshward.policy.model import JwtEnforcement, MtlsMode, Workload, WorkloadPort
 
 if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
@@ -179,7 +179,11 @@ def compile_inbound(
     ``memo``: JSON source -> proto, shared with other compiles (read-only protos)."""
     trust_domain = policy_set.mesh.trust_domain
     policies = policy_set.policies_for(workload, now)
-    plan = authz.plan(policies, policy_set.request_authentications_for(workload))
+    plan = authz.plan(
+        policies,
+        policy_set.request_authentications_for(workload),
+        jwt_native=policy_set.mesh.jwt_enforcement is JwtEnforcement.NATIVE,
+    )
     port_map = options.runtime_ports(workload)
     built: list[listeners.Built] = []
     tls_used = False
@@ -371,7 +375,9 @@ def rule_classes(
 ) -> authz.AuthzPlan:
     """Where each rule applying to ``workload`` runs (HTTP and TCP), and why."""
     return authz.plan(
-        policy_set.policies_for(workload, now), policy_set.request_authentications_for(workload)
+        policy_set.policies_for(workload, now),
+        policy_set.request_authentications_for(workload),
+        jwt_native=policy_set.mesh.jwt_enforcement is JwtEnforcement.NATIVE,
     )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from meshward.demo import control, evidence
-from meshward.demo.evidence import EXTAUTHZ, MTLS, NO_ROUTE, RBAC
+from meshward.demo.evidence import MTLS, NO_ROUTE, RBAC
 from meshward.demo.state import DemoState
 
 ALLOW, DENY = "allow", "deny"
@@ -97,7 +97,10 @@ FE, ORD, PAY, INV, SCR = (
     "shop/scraper",
 )
 S_ORDERS = "orders: the frontend may read and create orders, nothing else"
-S_PAY = "payments: orders may charge only for an end user holding payments:write (ext_authz)"
+S_PAY = (
+    "payments: orders may charge only for an end user holding payments:write "
+    "(Envoy: jwt_authn + RBAC)"
+)
 S_ADMIN = "payments /admin: nobody, whatever their token or path tricks"
 S_INV = "inventory: read-only to orders"
 S_SCRAPER = "scraper: GET /metrics everywhere; a dry-run tightening reports what it would break"
@@ -109,14 +112,15 @@ TOUR: tuple[Step, ...] = (
     Call(S_ORDERS, FE, ORD, "GET", "/orders/42", ALLOW, RBAC, "shop/orders-allow-frontend", 0),
     Call(S_ORDERS, FE, ORD, "POST", "/orders", ALLOW, RBAC, "shop/orders-allow-frontend", 0),
     Call(S_ORDERS, FE, ORD, "DELETE", "/orders/42", DENY, RBAC, NONE),
-    Call(S_PAY, ORD, PAY, "POST", "/payments", ALLOW, EXTAUTHZ,
-         "shop/payments-allow-orders-with-user", 0, scope="payments:write"),
-    Call(S_PAY, ORD, PAY, "POST", "/payments", DENY, EXTAUTHZ, NONE, note="no end-user token"),
-    Call(S_PAY, ORD, PAY, "POST", "/payments", DENY, EXTAUTHZ, NONE, scope="payments:read",
+    Call(S_PAY, ORD, PAY, "POST", "/payments", ALLOW, RBAC,
+         "shop/payments-allow-orders-with-user", 0, scope="payments:write",
+         note="jwt_authn verified the token; RBAC matched iss, sub and scope in its payload"),
+    Call(S_PAY, ORD, PAY, "POST", "/payments", DENY, RBAC, NONE,
+         note="no end-user token: no request principal"),
+    Call(S_PAY, ORD, PAY, "POST", "/payments", DENY, RBAC, NONE, scope="payments:read",
          note="token lacks payments:write"),
-    Call(S_ADMIN, ORD, PAY, "POST", "/admin", DENY, EXTAUTHZ, "shop/payments-deny-admin", 0,
-         scope="payments:write",
-         note="a request carrying a token is decided whole by ext_authz (token verified first)"),
+    Call(S_ADMIN, ORD, PAY, "POST", "/admin", DENY, RBAC, "shop/payments-deny-admin", 0,
+         scope="payments:write", note="a valid token does not open /admin"),
     Call(S_ADMIN, ORD, PAY, "POST", "/payments/../admin/users", DENY, RBAC,
          "shop/payments-deny-admin", 0, note="dot-segments are normalized before RBAC matches"),
     Call(S_ADMIN, SCR, PAY, "GET", "/admin", DENY, RBAC, "shop/payments-deny-admin", 0,

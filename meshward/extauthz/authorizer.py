@@ -30,7 +30,14 @@ from meshward.extauthz.plan import (
 )
 from meshward.extauthz.response import decision_metadata as _metadata
 from meshward.extauthz.response import deny_response
-from meshward.extauthz.tokens import JwtVerifier, TokenRejected, VerifiedToken
+from meshward.extauthz.tokens import (
+    JwtVerifier,
+    TokenRejected,
+    VerifiedToken,
+    payload_expiry,
+    payload_from_metadata,
+    payload_principal,
+)
 from meshward.policy import evaluate as policy_evaluate
 from meshward.policy.evaluator import REJECTED_BEFORE_AUTHORIZATION, plaintext_refusal
 from meshward.policy.model import (
@@ -39,6 +46,7 @@ from meshward.policy.model import (
     Decision,
     DenialDetails,
     DryRunResult,
+    JwtEnforcement,
     JwtRule,
     Protocol,
     Request,
@@ -154,6 +162,9 @@ class _Snapshot:
         self.policy_set = policy_set
         self.version: str = policy_set.version
         self.verbose = policy_set.mesh.denial_details is DenialDetails.VERBOSE
+        # Envoy's jwt_authn verifies tokens (MeshConfig jwtEnforcement: native): claims come
+        # from the Check's metadata context, never from a token we verify again.
+        self.jwt_native = policy_set.mesh.jwt_enforcement is JwtEnforcement.NATIVE
         self._authorizer = authorizer
         self._plans: dict[str, WorkloadPlan | None] = {}
         self._by_principal: dict[str, list[str]] | None = None
@@ -369,7 +380,12 @@ class Authorizer:
             )
 
         token: VerifiedToken | None = None
-        if plan.jwt_rules:
+        claims: Mapping[str, Any] | None = None
+        if plan.jwt_rules and snapshot.jwt_native:
+            # jwt_authn verified the token before us (401 when invalid) and may have removed
+            # it: the verified payload is in the Check's metadata context.
+            claims = payload_from_metadata(attrs.metadata_context)
+        elif plan.jwt_rules:
             try:
                 token = self.verifier.authenticate(
                     plan.jwt_rules, headers, raw_path, rules_id=plan.rules_id
@@ -389,7 +405,10 @@ class Authorizer:
                     rule=owner[1],
                     code="invalid_token",
                 )
-        user = token.principal if token is not None else None
+        if token is not None:
+            claims = token.claims
+        user = token.principal if token is not None else payload_principal(claims)
+        expires_at = token.expires_at if token is not None else payload_expiry(claims)
 
         dest = attrs.destination.address.socket_address
         source_address = attrs.source.address.socket_address.address
@@ -409,7 +428,7 @@ class Authorizer:
             destination_ip=dest.address or None,
             sni=attrs.tls_session.sni or None,
             headers=headers,
-            claims=token.claims if token is not None else None,
+            claims=claims,
         )
 
         # Refusals that happen before any rule is read depend on fields the cache key may not
@@ -445,7 +464,7 @@ class Authorizer:
             policy = decision.policy
             if policy is None and not decision.allowed:
                 policy = self._unmatched_allows(snapshot, plan.workload, now)
-            return CachedDecision(decision, policy), self._expiry(plan, token, wall)
+            return CachedDecision(decision, policy), self._expiry(plan, expires_at, wall)
 
         hit: bool | None
         key: tuple[object, ...] | None = None
@@ -521,13 +540,13 @@ class Authorizer:
         ]
         return ",".join(refs) or None
 
-    def _expiry(self, plan: WorkloadPlan, token: VerifiedToken | None, wall: float) -> float:
+    def _expiry(self, plan: WorkloadPlan, expires_at: float | None, wall: float) -> float:
         """Monotonic instant the entry must be gone: TTL, the token's exp, the next policy
         expiry, whichever comes first."""
         mono = self._clock()
         until = mono + self.cache.ttl
-        if token is not None and token.expires_at is not None:
-            until = min(until, mono + (token.expires_at - wall))
+        if expires_at is not None:
+            until = min(until, mono + (expires_at - wall))
         next_expiry = plan.next_expiry(wall)
         if next_expiry is not None:
             until = min(until, mono + (next_expiry - wall))

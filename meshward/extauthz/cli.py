@@ -102,6 +102,16 @@ def _address(value: str) -> tuple[str, int]:
     return host or LOOPBACK, number
 
 
+def default_workers() -> int:
+    """One worker per core this process may use (one CPython process is bound to one core)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 _UNITS = {
     "": 1,
     "k": 1 << 10,
@@ -179,10 +189,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--workers",
         type=positive_int,
-        default=1,
+        default=default_workers(),
         metavar="N",
-        help="processes sharing the port via SO_REUSEPORT, one core each (default 1); "
-        "each has its own decision cache",
+        help="processes sharing the port via SO_REUSEPORT, one core each (default: the cores "
+        f"this process may run on, {default_workers()} here); each has its own decision cache",
     )
     serve.add_argument(
         "--server",

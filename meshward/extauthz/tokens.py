@@ -26,6 +26,7 @@ from typing import Any
 
 import jwt
 from cachetools import LRUCache
+from google.protobuf import json_format
 
 from meshward.policy.model import JwtHeader, JwtRule
 
@@ -281,6 +282,39 @@ class JwksSource:
             self._fetched_at = now
             self._error = None
             return True
+
+
+# ---- a payload Envoy's jwt_authn verified (jwtEnforcement: native) ---------------------------
+
+JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"  # meshward.compile.jwt_authn writes here
+JWT_PAYLOAD_KEY = "payload"
+
+
+def payload_from_metadata(metadata_context: Any) -> dict[str, Any] | None:
+    """The verified JWT payload jwt_authn put in dynamic metadata, as Envoy's ext_authz sends
+    it (``metadata_context_namespaces``); None when the request carried no token."""
+    namespace = metadata_context.filter_metadata.get(JWT_AUTHN_NAMESPACE)
+    if namespace is None or JWT_PAYLOAD_KEY not in namespace.fields:
+        return None
+    value = namespace.fields[JWT_PAYLOAD_KEY]
+    if value.WhichOneof("kind") != "struct_value":
+        return None
+    payload = json_format.MessageToDict(value.struct_value)
+    return payload if isinstance(payload, dict) else None
+
+
+def payload_principal(claims: Mapping[str, Any] | None) -> str | None:
+    """Istio's request principal ``iss/sub`` of a verified payload."""
+    if claims is None:
+        return None
+    iss, sub = claims.get("iss"), claims.get("sub")
+    return f"{iss}/{sub}" if isinstance(iss, str) and isinstance(sub, str) else None
+
+
+def payload_expiry(claims: Mapping[str, Any] | None) -> float | None:
+    """The payload's ``exp`` (epoch seconds), for cache entries that must not outlive it."""
+    exp = claims.get("exp") if claims is not None else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
 # ---- verification ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from meshward.policy.model import (
     AuthorizationPolicy,
     Condition,
     DenialDetails,
+    JwtEnforcement,
     JwtRule,
     MeshConfig,
     MtlsMode,
@@ -75,6 +76,8 @@ def mesh_document(mesh: MeshConfig) -> dict[str, Any]:
     spec: dict[str, Any] = {"trustDomain": mesh.trust_domain, "rootNamespace": mesh.root_namespace}
     if mesh.denial_details is not DenialDetails.QUIET:  # the default leaves versions unchanged
         spec["denialDetails"] = mesh.denial_details.value
+    if mesh.jwt_enforcement is not JwtEnforcement.NATIVE:  # the default leaves versions unchanged
+        spec["jwtEnforcement"] = mesh.jwt_enforcement.value
     return {
         "apiVersion": MESHWARD_API,
         "kind": "MeshConfig",

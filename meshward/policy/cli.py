@@ -257,8 +257,11 @@ def _configure_explain(sub: Any) -> None:
         "      --source-principal cluster.local/ns/shop/sa/frontend --method POST --path /orders\n"
         "  meshward policy explain examples/ --workload shop/payments --source-workload \\\n"
         "      shop/orders --method POST --path /charge --claims "
-        '\'{"iss":"https://auth.shop.example","sub":"alice","scope":"payments:write"}\' --json\n\n'
-        "--json prints an object with decision (allow|deny), policy (ns/name or null), rule "
+        '\'{"iss":"https://auth.shop.example","sub":"alice","scope":"payments:write"}\' --json\n'
+        "  meshward policy explain examples/ --workload shop/payments --source-workload \\\n"
+        "      shop/orders --method POST --path /payments --token-invalid   # HTTP 401\n\n"
+        "--json prints an object with decision (allow|deny), status (200|400|401|403), policy "
+        "(ns/name or null), rule "
         "(index or null),\nreason, dry_run (would-be decisions), audit, and per-policy traces.",
         formatter_class=RAW,
     )
@@ -316,12 +319,19 @@ def _configure_explain(sub: Any) -> None:
         "--source-ip", type=_checked(check_ip), metavar="IP", help="the caller's IP address"
     )
     p.add_argument("--sni", metavar="NAME", help="TLS SNI the caller sent")
-    p.add_argument(
+    token = p.add_mutually_exclusive_group()
+    token.add_argument(
         "--claims",
         type=_claims,
         metavar="JSON",
         help="already-verified JWT claims; iss and sub form the request principal ISS/SUB "
         "(default: no token)",
+    )
+    token.add_argument(
+        "--token-invalid",
+        action="store_true",
+        help="the request carries an end-user token that does not verify: HTTP 401 where a "
+        "RequestAuthentication selects the workload (as Envoy's jwt_authn answers)",
     )
     _add_now(p)
     add_json_flag(p)
@@ -348,7 +358,7 @@ def _explain(args: argparse.Namespace) -> int:
         source_ip=args.source_ip,
         sni=args.sni,
     )
-    result = explain(policy_set, workload, request, now=args.now)
+    result = explain(policy_set, workload, request, now=args.now, token_invalid=args.token_invalid)
     if args.json:
         print_json(result.to_json())
     else:

@@ -53,11 +53,25 @@ class Explanation:
     policies: tuple[PolicyTrace, ...]
     # Why the sidecar answers 400 before any authorization runs (bad path or Host), or None.
     rejected: str | None = None
+    # Why the request's end-user token is rejected with 401 before authorization, or None.
+    token_rejected: str | None = None
+
+    @property
+    def status(self) -> int:
+        """The HTTP status the sidecar answers with: 400 (rejected path or Host), 401 (invalid
+        end-user token), 403 (denied) or 200."""
+        if self.rejected is not None:
+            return 400
+        if self.token_rejected is not None:
+            return 401
+        return 200 if self.decision.allowed else 403
 
     def to_json(self) -> dict[str, Any]:
         d = self.decision
         return {
             "decision": d.verdict,
+            "status": self.status,
+            "token_rejected": self.token_rejected,
             "policy": d.policy,
             "rule": d.rule,
             "action": d.action.value if d.action else None,
@@ -109,7 +123,9 @@ class Explanation:
             lines.append(f"  dry-run {r.action.value} {r.policy}: {verdict} ({hit})")
         if d.audit:
             lines.append(f"  audited by: {', '.join(d.audit_policies)}")
-        if self.rejected is not None:
+        if self.token_rejected is not None:
+            lines.append("  HTTP 401 from the sidecar: no authorization policy is evaluated")
+        elif self.rejected is not None:
             lines.append(
                 "  rejected before authorization: the sidecar answers HTTP 400 and evaluates "
                 f"no policy: {self.rejected}"
@@ -141,7 +157,12 @@ def explain(
     *,
     now: datetime | None = None,
     custom: CustomProvider | None = None,
+    token_invalid: bool = False,
 ) -> Explanation:
+    """``token_invalid``: the request carries an end-user token that does not verify (bad
+    signature, expired, wrong audience, unknown issuer). Where a RequestAuthentication selects
+    the workload that is a 401 before any authorization (Istio; Envoy's jwt_authn); elsewhere
+    no one checks the token and the request is decided without a request principal."""
     when = now if now is not None else datetime.now(UTC)
     decision = evaluate(policy_set, workload, request, now=when, custom=custom)
     plan = plan_for(policy_set, workload)
@@ -151,6 +172,19 @@ def explain(
         # A plaintext request to a STRICT port is refused earlier still (no HTTP at all).
         rejected = str(exc) if decision.reason.startswith(REJECTED_BEFORE_AUTHORIZATION) else None
         return Explanation(workload.ref, request, decision, None, (), rejected=rejected)
+    if token_invalid:
+        authns = [
+            f"{ra.namespace}/{ra.name}"
+            for ra in policy_set.request_authentications_for(workload)
+            if ra.jwt_rules
+        ]
+        if authns and not ctx.tcp:
+            why = (
+                "the end-user token does not verify: rejected before any authorization "
+                f"(RequestAuthentication {', '.join(authns)}; Envoy's jwt_authn)"
+            )
+            denied = Decision(allowed=False, reason=why)
+            return Explanation(workload.ref, request, denied, ctx.path, (), token_rejected=why)
     traces = tuple(_trace(cp, ctx, when) for cp in plan.policies)
     return Explanation(workload.ref, request, decision, ctx.path, traces)
 

@@ -48,6 +48,14 @@ def _duration_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _jwks_refresh(text: str) -> float:
+    """A --jwks-refresh duration: at least a second (the fetcher must not hammer an IdP)."""
+    seconds = _duration_seconds(text)
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is under 1s; use e.g. 30s or 5m")
+    return seconds
+
+
 def _address(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -121,6 +129,7 @@ def serve(args: argparse.Namespace) -> int:
     from meshward.policy import PolicyError
     from meshward.telemetry import setup_json_logging
     from meshward.xds.compiler import compiler_for
+    from meshward.xds.jwks import JwksCache
     from meshward.xds.service import XdsService
 
     if args.log_format == "json":
@@ -168,7 +177,11 @@ def serve(args: argparse.Namespace) -> int:
             service = XdsService(
                 None,
                 ca,
-                compiler_for(options, agent_secrets=args.secrets == "agent"),
+                compiler_for(
+                    options,
+                    agent_secrets=args.secrets == "agent",
+                    jwks=JwksCache(refresh_interval=args.jwks_refresh),
+                ),
                 listen=args.listen,
                 admin=None if args.admin == "off" else args.admin,
                 svid_ttl=timedelta(seconds=args.svid_ttl),
@@ -276,6 +289,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="where sidecars find their app without bindings (default: %(default)s)")  # fmt: skip
     p.add_argument("--watch-interval", type=positive_float, default=0.5, metavar="SECONDS",
                    help="policy directory poll interval (default: %(default)s)")  # fmt: skip
+    p.add_argument("--jwks-refresh", type=_jwks_refresh, default=300.0, metavar="DURATION",
+                   help="refetch every RequestAuthentication jwksUri this often and push rotated "
+                   "keys to the sidecars (default 5m; a failed fetch keeps the last good keys "
+                   "and is retried after 10s)")  # fmt: skip
     limits = p.add_argument_group(
         "per-identity limits",
         "Bound what one workload certificate can make the control plane hold or sign; a node "

@@ -10,6 +10,7 @@ from typing import Any
 
 from meshward.policy import PolicySet, Workload
 from meshward.xds.compiling import Outcome
+from meshward.xds.jwks import JwksCache
 
 
 class MeshCompiler:
@@ -17,11 +18,15 @@ class MeshCompiler:
     :func:`meshward.compile.compile_workload` in xDS mode, which also compiles the whole mesh
     incrementally (:meth:`mesh`, what the control plane calls)."""
 
-    def __init__(self, options: Any = None, *, agent_secrets: bool = False) -> None:
+    def __init__(
+        self, options: Any = None, *, agent_secrets: bool = False, jwks: JwksCache | None = None
+    ) -> None:
         from meshward.compile import CompileOptions, Mode
         from meshward.compile.envoy_limits import check_resources
 
-        self.options = replace(options or CompileOptions(), mode=Mode.XDS)
+        self._options = replace(options or CompileOptions(), mode=Mode.XDS)
+        # The fetched JWKS documents each compile inlines (XdsService keeps fetching them).
+        self.jwks = jwks if jwks is not None else JwksCache()
         # Secrets from each node's `meshward agent` (meshward.xds.agentsds), not over ADS; the
         # rewrite is memoized by object identity, so shared protos stay shared (packed once).
         self._agent: Any = None
@@ -32,6 +37,12 @@ class MeshCompiler:
         self._check = check_resources
         # ref -> (the result Envoy would refuse, why): an unchanged result stays refused
         self._refused: dict[str, tuple[Any, str]] = {}
+
+    @property
+    def options(self) -> Any:
+        """The options with the JWKS documents in force (a snapshot, replaced whole on change:
+        compile stays pure, and an unchanged snapshot keeps the incremental state valid)."""
+        return replace(self._options, jwks=self.jwks.documents)
 
     def __call__(self, policy: PolicySet, workload: Workload, now: datetime) -> Sequence[Any]:
         from meshward.compile import compile_workload
@@ -74,8 +85,11 @@ class MeshCompiler:
         return state, out
 
 
-def compiler_for(options: Any = None, *, agent_secrets: bool = False) -> MeshCompiler:
+def compiler_for(
+    options: Any = None, *, agent_secrets: bool = False, jwks: JwksCache | None = None
+) -> MeshCompiler:
     """The control plane's compiler for a mesh's CompileOptions (its ``mode`` is forced to
     XDS: routes over RDS, endpoints over EDS, secrets over SDS). ``agent_secrets``: secrets come
-    from each node's `meshward agent` over its Unix socket (:mod:`meshward.xds.agentsds`)."""
-    return MeshCompiler(options, agent_secrets=agent_secrets)
+    from each node's `meshward agent` over its Unix socket (:mod:`meshward.xds.agentsds`).
+    ``jwks``: the JWKS cache (default: a new one, which XdsService keeps fetching)."""
+    return MeshCompiler(options, agent_secrets=agent_secrets, jwks=jwks)

@@ -55,6 +55,12 @@ class XdsMetrics:
             ["result"],
             registry=self.registry,
         )
+        self.jwks_fetches = Counter(
+            "meshward_xds_jwks_fetches",
+            "JWKS fetches for jwt_authn (result=ok|error; an error keeps the last good keys)",
+            ["result"],
+            registry=self.registry,
+        )
         self.svids_issued = Counter(
             "meshward_xds_svids_issued", "SVIDs issued to nodes", ["reason"], registry=self.registry
         )
@@ -127,6 +133,13 @@ class _StateCollector(Collector):
             [], sum(1 for n in nodes if n.get("connected") and n.get("policy_enforced") is False)
         )
         yield not_enforcing
+        jwks = status.get("jwks") or {}
+        failing = GaugeMetricFamily(
+            "meshward_xds_jwks_failing",
+            "jwksUris whose last fetch failed (the last good keys, if any, are still served)",
+        )
+        failing.add_metric([], len(jwks.get("failing", [])))
+        yield failing
         node_drift = GaugeMetricFamily(
             "meshward_xds_node_drift", "1 when the node drifts", labels=["node"]
         )

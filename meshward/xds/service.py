@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from meshward.policy import PolicySet
 from meshward.xds.admin import AdminServer
 from meshward.xds.controlplane import ControlPlane, WorkloadCompiler, server_spiffe_id
+from meshward.xds.jwks import JwksCache, jwks_uris
 from meshward.xds.limits import NodeLimits
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.server import AdsServer
@@ -80,6 +81,12 @@ class XdsService:
         if policy is None:
             raise ValueError("give a policy set or policy paths to watch")
         self.metrics = XdsMetrics()
+        # The compiler's JWKS cache (meshward.xds.jwks): fetched once now, before the first
+        # compile, so sidecars start with the keys; then kept fresh by a task (start()).
+        self.jwks: JwksCache | None = getattr(compiler, "jwks", None)
+        if self.jwks is not None:
+            self.jwks.on_fetch = lambda result: self.metrics.jwks_fetches.labels(result).inc()
+            self.jwks.refresh(jwks_uris(policy))
         self.limits = limits or NodeLimits()
         self.control = ControlPlane(
             policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits,
@@ -140,6 +147,8 @@ class XdsService:
                 raise
             self.admin = admin
         self._tasks.append(asyncio.create_task(self.control.run(), name="meshward-xds-timers"))
+        if self.jwks is not None:
+            self._tasks.append(asyncio.create_task(self._jwks_loop(), name="meshward-xds-jwks"))
         if self.watcher is not None:
             on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())
             self.watcher.on_change, self.watcher.on_error = on_change, on_error
@@ -165,6 +174,19 @@ class XdsService:
         if self.admin is not None:
             await self.admin.stop()
 
+    async def _jwks_loop(self) -> None:
+        """Refetch due JWKS URIs (new ones within a second of a policy naming them) off the
+        event loop; re-push when the keys changed."""
+        assert self.jwks is not None
+        while True:
+            try:
+                if await asyncio.to_thread(self.jwks.refresh, jwks_uris(self.control.policy)):
+                    changed = self.control.refresh()
+                    log.info("JWKS changed: %d workload(s) re-pushed", len(changed))
+            except Exception:
+                log.exception("JWKS refresh failed")
+            await asyncio.sleep(min(1.0, max(0.05, self.jwks.seconds_until_due())))
+
     def status(self) -> dict[str, Any]:
         """Everything `meshward status` shows: control plane state and every node."""
         if (
@@ -181,6 +203,8 @@ class XdsService:
         result["certificates"] = {"join": self.join_address, "requests": dict(self.certs.counts)}
         result["drift_threshold_seconds"] = self.ads.drift_threshold
         result["nodes"] = self.ads.node_status()
+        if self.jwks is not None:
+            result["jwks"] = self.jwks.status()
         return result
 
 

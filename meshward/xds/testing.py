@@ -140,6 +140,7 @@ class LocalMesh:
         drift_threshold: float = 10.0,
         log_level: str = "warning",
         watch_interval: float = 0.1,
+        jwks_refresh_interval: float | None = None,
     ) -> None:
         from datetime import timedelta
         from pathlib import Path
@@ -154,6 +155,7 @@ class LocalMesh:
         self.drift_threshold = drift_threshold
         self.log_level = log_level
         self.watch_interval = watch_interval
+        self.jwks_refresh_interval = jwks_refresh_interval  # None: meshward.xds.jwks default
         self.echoes: dict[str, Any] = {}
         self.envoys: dict[str, Any] = {}
         self.xds: Any = None
@@ -191,12 +193,22 @@ class LocalMesh:
         options = CompileOptions(
             bindings=self.bindings, listen_host="127.0.0.1", access_log_path="/dev/stdout"
         )
-        compiler: WorkloadCompiler = compiler_for(options)
+        from meshward.xds.jwks import JwksCache
+
+        jwks = (
+            JwksCache(refresh_interval=self.jwks_refresh_interval, retry_interval=0.2)
+            if self.jwks_refresh_interval is not None
+            else JwksCache()
+        )
+        compiler: WorkloadCompiler = compiler_for(options, jwks=jwks)
         if self.compiler_hook is not None:
             inner, hook = compiler, self.compiler_hook
 
             def compiler(policy_set: Any, workload: Any, now: Any) -> Any:
                 return hook(workload, list(inner(policy_set, workload, now)))
+
+            # XdsService finds the cache here and keeps it fresh
+            compiler.jwks = jwks  # type: ignore[attr-defined]
 
         self.ca = CertificateAuthority.ephemeral(policy.mesh.trust_domain)
         self.xds = XdsServiceThread(
@@ -255,10 +267,13 @@ class LocalMesh:
         method: str = "GET",
         port: int = 8080,
         timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, str]:
         """``source`` calls ``target`` through its sidecar (outbound listener -> mTLS -> target's
         inbound listener -> target's app): (status, body)."""
-        return http_request(self.outbound_port(source, target, port), path, method, timeout)
+        return http_request(
+            self.outbound_port(source, target, port), path, method, timeout, headers=headers
+        )
 
     def plaintext(self, target: str, path: str = "/", *, method: str = "GET") -> tuple[int, str]:
         """A client without a sidecar calling ``target``'s inbound listener directly."""
@@ -321,7 +336,12 @@ class LocalMesh:
 
 
 def http_request(
-    port: int, path: str, method: str = "GET", timeout: float = 5.0
+    port: int,
+    path: str,
+    method: str = "GET",
+    timeout: float = 5.0,
+    *,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """(status, body) of one HTTP/1.1 request to 127.0.0.1:port; (0, error) if the connection
     fails (e.g. a plaintext client refused by an mTLS-only listener)."""
@@ -329,7 +349,7 @@ def http_request(
 
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request(method, path)
+        connection.request(method, path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.read().decode(errors="replace")
     except (OSError, http.client.HTTPException) as exc:

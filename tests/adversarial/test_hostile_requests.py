@@ -52,7 +52,7 @@ BASE = """\
 apiVersion: meshward.dev/v1
 kind: MeshConfig
 metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
+spec: {trustDomain: cluster.local, rootNamespace: meshward-system, jwtEnforcement: extauthz}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication

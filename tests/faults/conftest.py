@@ -52,7 +52,8 @@ MESH_YAML = """\
 apiVersion: meshward.dev/v1
 kind: MeshConfig
 metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
+# jwtEnforcement extauthz: payments' JWT rule goes to ext_authz, whose faults these tests inject
+spec: {trustDomain: cluster.local, rootNamespace: meshward-system, jwtEnforcement: extauthz}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,20 +31,28 @@ from google.rpc import status_pb2
 
 from meshward.certs.ca import CertificateAuthority
 from meshward.compile import CompileOptions, Endpoint, synth
+from meshward.compile.classify import rule_extauthz_reason
 from meshward.compile.names import extauthz_spiffe_id, rbac_policy_name
 from meshward.compile.testing import SidecarConnection, StaticSidecar, client_context
 from meshward.demo.echo import EchoServer
+from meshward.extauthz.issuer import LocalIssuer, unsigned_token
+from meshward.extauthz.tokens import payload_from_metadata
 from meshward.policy import PolicySet, Request, evaluate
+from meshward.policy.explain import explain
 from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
+    JwtEnforcement,
+    JwtRule,
     MeshConfig,
     MtlsMode,
     Operation,
     PeerAuthentication,
+    RequestAuthentication,
     Rule,
     Source,
 )
+from meshward.testing.jwt import with_jwt_enforcement
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -85,10 +94,17 @@ class CheckServer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore
         assert workload is not None
         http = attributes.request.http
         headers = {k: v for k, v in http.headers.items() if not k.startswith(":")}
-        token = synth.token_in(headers, http.path)
-        verifies = bool(policy_set.request_authentications_for(workload))
-        if verifies and token is not None and token not in synth.USERS:
-            return 401
+        claims: dict[str, Any] | None
+        if policy_set.mesh.jwt_enforcement is JwtEnforcement.NATIVE:
+            # Envoy's jwt_authn verified the token (401 before us) and may have removed it:
+            # the claims come from its payload, as the real service reads them.
+            claims = payload_from_metadata(attributes.metadata_context)
+        else:
+            token = synth.token_in(headers, http.path)
+            verifies = bool(policy_set.request_authentications_for(workload))
+            if verifies and token is not None and token not in synth.USERS:
+                return 401
+            claims = dict(synth.USERS[token]) if token in synth.USERS else None
         xff = headers.get("x-forwarded-for")
         request = Request(
             method=http.method,
@@ -100,7 +116,7 @@ class CheckServer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore
             remote_ip=xff.split(",")[-1].strip() if xff else None,
             destination_ip=attributes.destination.address.socket_address.address,
             headers=headers,
-            claims=dict(synth.USERS[token]) if token in synth.USERS else None,
+            claims=claims,
             sni=attributes.tls_session.sni or None,
         )
         decision = evaluate(policy_set, workload, request, now=NOW, custom=synth.custom_provider)
@@ -126,6 +142,49 @@ def check_server(ca: CertificateAuthority) -> Iterator[tuple[CheckServer, int]]:
 
 
 @pytest.fixture(scope="module")
+def issuer() -> LocalIssuer:
+    return LocalIssuer(synth.ISSUER, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def real_tokens(issuer: LocalIssuer) -> dict[str, str]:
+    """synth's users as real RS256 tokens; the invalid user's token is signed by a forger's
+    key (same issuer and kid), which jwt_authn must reject with 401."""
+    tokens = {
+        user: issuer.token(
+            user, ttl=3600, **{k: v for k, v in claims.items() if k not in ("iss", "sub")}
+        )
+        for user, claims in synth.USERS.items()
+    }
+    tokens[synth.INVALID_USER] = LocalIssuer(synth.ISSUER, kid=issuer.kid).token(
+        synth.INVALID_USER, ttl=3600
+    )
+    return tokens
+
+
+def _jwt_mode(policy_set: PolicySet, native: bool, issuer: LocalIssuer) -> PolicySet:
+    """The set under jwtEnforcement native (a RequestAuthentication trusting ``issuer``, so
+    Envoy verifies the real tokens; synth's stand-in tokens count as verified by the
+    evaluator) or extauthz (the stand-in Check server verifies the stand-ins)."""
+    if not native:
+        return with_jwt_enforcement(policy_set, JwtEnforcement.EXTAUTHZ)
+    jwtish = policy_set.request_authentications or any(
+        rule_extauthz_reason(r) is not None  # reads the end-user JWT
+        for p in policy_set.authorization_policies
+        for r in p.rules
+    )
+    if not jwtish:
+        return policy_set
+    ra = RequestAuthentication(
+        namespace=synth.TARGET_NAMESPACE,
+        name="end-user",
+        selector={"app": synth.TARGET_NAME},
+        jwt_rules=(JwtRule(issuer=synth.ISSUER, jwks=issuer.jwks_json()),),
+    )
+    return with_jwt_enforcement(policy_set, JwtEnforcement.NATIVE, request_authentications=(ra,))
+
+
+@pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.ephemeral(synth.TRUST_DOMAIN)
 
@@ -146,8 +205,19 @@ class Mesh:
             if identity is not None
         }
         self.connections: dict[tuple[Any, ...], SidecarConnection] = {}
+        # synth's stand-in token ("alice") -> a real JWT, for jwt_authn (None: sent as is,
+        # for the stand-in Check server of jwtEnforcement: extauthz)
+        self.tokens: dict[str, str] | None = None
 
     def send(self, sidecar: StaticSidecar, probe: synth.Probe) -> tuple[int, bytes]:
+        if probe.user and self.tokens is not None:
+            real = self.tokens[probe.user]
+            path = probe.path
+            if probe.token_param:
+                path = path.replace(
+                    f"{synth.TOKEN_PARAM}={probe.user}", f"{synth.TOKEN_PARAM}={real}"
+                )
+            probe = replace(probe, user=real, path=path)
         key = (sidecar.port(probe.port), probe.identity, probe.sni)
         conn = self.connections.get(key)
         if conn is None:
@@ -227,6 +297,11 @@ def _mixed(profile: synth.Profile, start: int) -> tuple[PolicySet, list[synth.Pr
         "native+indexed",
         "jwt-union+indexed",
         "authn-jwt+indexed",
+        # jwtEnforcement: extauthz (the comparison path): JWT rules and tokens in Python
+        "jwt-union+extauthz",
+        "custom-and-jwt+extauthz",
+        "authn-jwt+extauthz",
+        "authn-native+extauthz",
     ],
 )
 def test_envoy_decides_like_the_evaluator(
@@ -236,13 +311,22 @@ def test_envoy_decides_like_the_evaluator(
     check_server: tuple[CheckServer, int],
     mesh: Mesh,
     tmp_path: Path,
+    issuer: LocalIssuer,
+    real_tokens: dict[str, str],
 ) -> None:
+    """JWT cases run natively by default: real tokens through Envoy's jwt_authn (invalid ones
+    signed by a forger: 401) and RBAC metadata matchers on the verified payload."""
     name, _, variant = case.partition("+")
+    native = variant != "extauthz"
     if name == "coverage":
         policy_set = synth.coverage_policy_set()
         probes = synth.random_probes(7, 2 * PROBES_PER_SET)
     else:
         policy_set, probes = _mixed(*CASES[name])
+    policy_set = _jwt_mode(policy_set, native, issuer)
+    workload = policy_set.workload(synth.TARGET_REF)
+    assert workload is not None
+    mesh.tokens = real_tokens if native else None
     servicer, extauthz_port = check_server
     servicer.policy_set = policy_set
     calls_before = servicer.calls
@@ -263,18 +347,33 @@ def test_envoy_decides_like_the_evaluator(
                 answered.append(probe)
             if got != want:
                 mismatches.append(f"{probe}: envoy {got} {body[:60]!r}, evaluator {want}")
+            # `policy explain` says the same, 401 included (--token-invalid)
+            said = explain(
+                policy_set,
+                workload,
+                probe.request(),
+                now=NOW,
+                custom=synth.custom_provider,
+                token_invalid=probe.user == synth.INVALID_USER,
+            ).status
+            if got and said != got:
+                mismatches.append(f"{probe}: envoy {got}, policy explain {said}")
         mesh.close()
         resources = sidecar.resources
         # One Envoy worker, one request at a time: the access log is in request order.
         entries = _wait_for_log(tmp_path / "access.log", len(answered))
     assert not servicer.errors, servicer.errors[:3]
     assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:8])
+    if native and policy_set.request_authentications:
+        assert resources.plan.verifies_jwt_natively  # the jwt_authn filter is in the chain
     if variant != "indexed":  # (the index: see meshward.compile.authz on which rule it names)
         assert not _misnamed(policy_set, answered, entries)
     assert outcomes[200] and outcomes[403] and outcomes[400], outcomes  # a real mix
     calls = servicer.calls - calls_before
-    if policy_set.request_authentications:
+    if policy_set.request_authentications and any(p.user == synth.INVALID_USER for p in probes):
         assert outcomes[401], outcomes
+    if native and name != "custom-and-jwt":
+        assert not resources.extauthz and calls == 0  # JWT too: Envoy alone decides
     if not resources.extauthz:
         assert calls == 0  # no ext_authz filter at all: Python never sees these requests
     elif not resources.plan.needs_extauthz:
@@ -318,13 +417,14 @@ def test_union_decides_natively_first_and_names_policies_in_logs(
         ),
     ]
     policy_set = PolicySet.create(
-        mesh=MeshConfig(trust_domain=synth.TRUST_DOMAIN),
+        mesh=MeshConfig(trust_domain=synth.TRUST_DOMAIN, jwt_enforcement=JwtEnforcement.EXTAUTHZ),
         workloads=synth.target_workloads(),
         authorization_policies=policies,
         peer_authentications=[
             PeerAuthentication(namespace="shop", name="default", mode=MtlsMode.STRICT)
         ],
     )
+    mesh.tokens = None  # synth's stand-in tokens, verified by the stand-in Check server
     servicer, extauthz_port = check_server
     servicer.policy_set = policy_set
 
@@ -373,6 +473,87 @@ def test_union_decides_natively_first_and_names_policies_in_logs(
     ]
 
 
+def test_jwt_rules_are_decided_by_envoy_with_real_tokens(
+    ca: CertificateAuthority,
+    app: EchoServer,
+    check_server: tuple[CheckServer, int],
+    mesh: Mesh,
+    tmp_path: Path,
+    issuer: LocalIssuer,
+    real_tokens: dict[str, str],
+) -> None:
+    """jwtEnforcement native: jwt_authn verifies (a forged token: 401, no token: no request
+    principal), RBAC matches the payload's iss/sub, and no request reaches Python. A jwksUri
+    whose keys were never fetched verifies nothing (401), fail closed."""
+    policies = [
+        AuthorizationPolicy(
+            namespace="shop",
+            name="admins",
+            rules=(Rule(sources=(Source(request_principals=(f"{synth.ISSUER}/alice",)),)),),
+        ),
+    ]
+
+    def policy_set(jwt_rule: JwtRule) -> PolicySet:
+        return PolicySet.create(
+            mesh=MeshConfig(trust_domain=synth.TRUST_DOMAIN),
+            workloads=synth.target_workloads(),
+            authorization_policies=policies,
+            peer_authentications=[
+                PeerAuthentication(namespace="shop", name="default", mode=MtlsMode.STRICT)
+            ],
+            request_authentications=[
+                RequestAuthentication(
+                    namespace="shop", name="jwt", selector={"app": "api"}, jwt_rules=(jwt_rule,)
+                )
+            ],
+        )
+
+    servicer, extauthz_port = check_server
+    mesh.tokens = real_tokens
+    trusted = policy_set(JwtRule(issuer=synth.ISSUER, jwks=issuer.jwks_json()))
+    servicer.policy_set = trusted
+
+    def probe(user: str | None) -> synth.Probe:
+        return synth.Probe(("ops", "admin"), 8080, "POST", "/items", "api.shop", {}, None, user)
+
+    before = servicer.calls
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with _sidecar(trusted, ca, app, extauthz_port, tmp_path / "a") as sidecar:
+        assert not sidecar.resources.extauthz
+        results = {user: mesh.send(sidecar, probe(user)) for user in ("alice", "bob", None)}
+        forged = mesh.send(sidecar, probe(synth.INVALID_USER))
+        # hostile tokens: jwt_authn refuses each with 401 (Istio: present but invalid)
+        exp = int(time.time()) + 600
+        hostile = {
+            "expired": issuer.token("alice", ttl=-3600),
+            "unknown issuer": LocalIssuer("https://other.example", kid=issuer.kid).token("alice"),
+            "alg none": unsigned_token({"iss": synth.ISSUER, "sub": "alice", "exp": exp}),
+            "garbage": "not.a.jwt",
+        }
+        mesh.tokens = {**real_tokens, **hostile}
+        refused = {label: mesh.send(sidecar, probe(label))[0] for label in hostile}
+        mesh.close()
+        log = _wait_for_log(tmp_path / "a" / "access.log", 4 + len(hostile))
+    assert results["alice"][0] == 200
+    echoed = json.loads(results["alice"][1])["headers"]
+    assert "authorization" not in echoed  # Istio default: the app never sees the token
+    assert results["bob"] == (403, b"RBAC: access denied")
+    assert results[None] == (403, b"RBAC: access denied")  # no token: no request principal
+    assert forged[0] == 401
+    assert refused == dict.fromkeys(hostile, 401)
+    assert servicer.calls == before  # Envoy alone decided every request
+    details = [e["response_code_details"] for e in log]
+    assert details[0] == "via_upstream" and details[1].startswith("rbac_access_denied")
+    assert "jwt" in details[3].lower() or "jwt" in json.dumps(log[3]).lower()
+
+    unfetched = policy_set(JwtRule(issuer=synth.ISSUER, jwks_uri="https://idp.invalid/jwks"))
+    with _sidecar(unfetched, ca, app, extauthz_port, tmp_path / "b") as sidecar:
+        status, _ = mesh.send(sidecar, probe("alice"))
+        mesh.close()
+    assert status == 401  # no keys fetched: nothing verifies
+
+
 def _misnamed(
     policy_set: PolicySet, probes: list[synth.Probe], entries: list[dict[str, Any]]
 ) -> list[str]:
@@ -389,6 +570,10 @@ def _misnamed(
         decision = evaluate(
             policy_set, workload, probe.request(), now=NOW, custom=synth.custom_provider
         )
+        if decision.action is Action.CUSTOM and not decision.allowed:
+            # Documented residual (meshward.compile.authz): RBAC DENY runs before ext_authz,
+            # so a request a native DENY rule and a CUSTOM policy both deny is named by RBAC.
+            continue
         named = "none"
         if decision.policy is not None and decision.rule is not None:
             namespace, name = decision.policy.split("/")
@@ -688,3 +873,110 @@ def test_indexed_only_allow_on_a_permissive_port(
     want = {(p.identity, p.method): synth.expected_status(policy_set, p, now=NOW) for p in probes}
     assert got == want
     assert got[(None, "GET")] == 403 and got[(("shop", "web"), "GET")] == 200
+
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "istio-authz"
+CORPUS_WORKLOAD = """
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: httpbin, namespace: foo, labels: {app: httpbin, version: v1}}
+spec: {ports: [{name: http, port: 8000, protocol: HTTP}]}
+"""
+# Tokens for the corpus' JWT rules: requestPrincipals without '/' (iss only, empty sub),
+# issuer/subject pairs, and the audiences/presenter/nested claims allow-full-rule reads.
+CORPUS_TOKENS: dict[str, dict[str, Any]] = {
+    "rp1": {"iss": "requestPrincipals1", "sub": ""},
+    "rp2": {"iss": "requestPrincipals2", "sub": ""},
+    "rp-prefix": {"iss": "requestPrincipals-prefix-x", "sub": "s"},
+    "example": {
+        "iss": "https://example.com",
+        "sub": "alice",
+        "aud": ["audiences", "x"],
+        "azp": "presenter",
+        "nested1": {"nested2": "nested"},
+    },
+}
+
+
+@pytest.mark.parametrize("name", ["multiple-policies-in.yaml", "allow-full-rule-in.yaml"])
+def test_conformance_jwt_cases_through_envoy(
+    name: str,
+    ca: CertificateAuthority,
+    app: EchoServer,
+    check_server: tuple[CheckServer, int],
+    mesh: Mesh,
+    tmp_path: Path,
+) -> None:
+    """The Istio corpus files whose rules read the end-user JWT, through real Envoy with
+    jwt_authn (real tokens, one provider per issuer; a forged token: 401) against
+    meshward.policy.evaluate and `policy explain` (--token-invalid for the 401)."""
+    from meshward.policy import parse
+
+    path = CORPUS / name
+    if not path.exists():
+        pytest.skip(f"{name} not in the corpus")
+    issuers = {
+        label: LocalIssuer(claims["iss"], kid=f"k-{label}")
+        for label, claims in CORPUS_TOKENS.items()
+    }
+    import yaml
+
+    docs = list(yaml.safe_load_all(path.read_text()))
+    for doc in docs:  # experimental.* keys are refused (tests/conformance checks that)
+        for rule in (doc or {}).get("spec", {}).get("rules", []) or []:
+            if rule.get("when"):
+                rule["when"] = [c for c in rule["when"] if not c["key"].startswith("experimental.")]
+    base = parse({"workload.yaml": CORPUS_WORKLOAD, name: yaml.safe_dump_all(docs)})
+    ra = RequestAuthentication(
+        namespace="foo",
+        name="jwt",
+        selector={"app": "httpbin"},
+        jwt_rules=tuple(JwtRule(issuer=i.issuer, jwks=i.jwks_json()) for i in issuers.values()),
+    )
+    policy_set = with_jwt_enforcement(base, JwtEnforcement.NATIVE, request_authentications=(ra,))
+    workload = policy_set.workload("foo/httpbin")
+    assert workload is not None
+    tokens = {
+        label: issuers[label].token(
+            claims["sub"], ttl=3600, **{k: v for k, v in claims.items() if k not in ("iss", "sub")}
+        )
+        for label, claims in CORPUS_TOKENS.items()
+    }
+    tokens["forged"] = LocalIssuer("requestPrincipals1", kid="k-rp1").token("", ttl=3600)
+    servicer, extauthz_port = check_server
+    servicer.policy_set = policy_set
+    mesh.tokens = None  # real tokens below
+    ports = {8000: app.port}
+    options = CompileOptions(
+        extauthz=Endpoint("127.0.0.1", extauthz_port),
+        access_log_path=str(tmp_path / "access.log"),
+    )
+    mismatches: list[str] = []
+    statuses: Counter[int] = Counter()
+    with StaticSidecar(
+        policy_set, "foo/httpbin", ca, ports, options=options, workdir=tmp_path
+    ) as sidecar:
+        for label in [None, *tokens]:
+            for method, path_ in (("GET", "/x"), ("PUT", "/v2"), ("PUT", "/x")):
+                probe = synth.Probe(
+                    ("shop", "web"), 8000, method, path_, "httpbin.foo", {}, None,
+                    tokens[label] if label else None,
+                )  # fmt: skip
+                got, body = mesh.send(sidecar, probe)
+                statuses[got] += 1
+                claims = CORPUS_TOKENS.get(label) if label else None
+                request = replace(probe.request(), claims=dict(claims) if claims else None)
+                said = explain(
+                    policy_set, workload, request, now=NOW, token_invalid=label == "forged"
+                )
+                want = 401 if label == "forged" else (200 if said.decision.allowed else 403)
+                if got != want or said.status != got:
+                    mismatches.append(
+                        f"{label} {method} {path_}: envoy {got} {body[:50]!r}, evaluator "
+                        f"{want}, explain {said.status} ({said.decision.reason})"
+                    )
+        mesh.close()
+    assert not mismatches, "\n".join(mismatches)
+    assert statuses[401] == 3 and statuses[403], statuses
+    if name.startswith("multiple"):
+        assert statuses[200], statuses  # httpbin-6: requestPrincipals1/2 (or GET: httpbin-1)

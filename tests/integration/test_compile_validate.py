@@ -7,6 +7,7 @@ whole file costs a handful of Envoy starts."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -31,7 +32,8 @@ from meshward.compile.testing import workload_secrets
 from meshward.compile.workload import to_dict
 from meshward.envoy.process import validate_config
 from meshward.policy import PolicySet, load, parse
-from meshward.policy.model import MtlsMode
+from meshward.policy.model import JwtEnforcement, MtlsMode
+from meshward.testing.jwt import with_jwt_enforcement
 
 ROOT = Path(__file__).resolve().parents[2]
 # The shared Istio conformance corpus sits next to the repository (../shared).
@@ -145,9 +147,16 @@ def test_istio_conformance_inputs_compile_and_validate(ca: CertificateAuthority)
     policy_set = parse(texts)
     assert len(policy_set.authorization_policies) >= 10
     resources = compile_workload(policy_set, "foo/httpbin", OPTIONS, now=NOW)
-    assert resources.extauthz  # requestPrincipals / request.auth.* rules are in the corpus
+    # requestPrincipals / request.auth.* rules are in the corpus: RBAC metadata matchers now
+    # (jwtEnforcement native), no ext_authz; the extauthz setting still compiles and validates
+    assert not resources.extauthz
+    assert any(
+        "envoy.filters.http.jwt_authn" in json.dumps(to_dict(x)) for x in resources.listeners
+    )
     assert refused in ([], ["allow-full-rule-in.yaml"])
-    assert _validate([(policy_set, "foo/httpbin")], ca) == 3
+    legacy = with_jwt_enforcement(policy_set, JwtEnforcement.EXTAUTHZ)
+    assert compile_workload(legacy, "foo/httpbin", OPTIONS, now=NOW).extauthz
+    assert _validate([(policy_set, "foo/httpbin"), (legacy, "foo/httpbin")], ca) == 6
 
 
 def test_meshward_policy_validate_envoy_passes_on_examples(

@@ -48,7 +48,7 @@ spec: {ports: [{name: http, port: 8000}]}
 apiVersion: meshward.dev/v1
 kind: MeshConfig
 metadata: {name: mesh}
-spec: {denialDetails: verbose}
+spec: {denialDetails: verbose, jwtEnforcement: extauthz}
 """
 ADMINS_YAML = """\
 apiVersion: security.istio.io/v1
@@ -122,6 +122,8 @@ class ExtAuthzProcess:
             sys.executable, "-m", "meshward", "extauthz", "serve",
             "--policy", str(self.policy_dir),
             "--listen", f"127.0.0.1:{self.port}",
+            # one process: these tests read one decision cache (a second worker has its own)
+            "--workers", "1",
             "--tls-dir", str(self.tls_dir),
             "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
             "--otlp-endpoint", self.otlp_endpoint,

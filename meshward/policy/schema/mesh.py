@@ -8,6 +8,7 @@ from meshward.policy.model import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
     DenialDetails,
+    JwtEnforcement,
     MeshConfig,
     Protocol,
     Workload,
@@ -32,7 +33,9 @@ class MeshSchema(DocumentReader):
         self.mapping(data, "", ("apiVersion", "kind", "metadata", "spec"))
         self.mapping(data.get("metadata"), "metadata", METADATA_FIELDS, ignored=KUBERNETES_METADATA)
         spec = self.mapping(
-            data.get("spec"), "spec", ("trustDomain", "rootNamespace", "denialDetails")
+            data.get("spec"),
+            "spec",
+            ("trustDomain", "rootNamespace", "denialDetails", "jwtEnforcement"),
         )
         trust_domain = DEFAULT_TRUST_DOMAIN
         root = DEFAULT_ROOT_NAMESPACE
@@ -56,7 +59,22 @@ class MeshSchema(DocumentReader):
                     "spec.denialDetails",
                     f"{text!r} is not one of {', '.join(d.value for d in DenialDetails)}",
                 )
-        return MeshConfig(trust_domain=trust_domain, root_namespace=root, denial_details=details)
+        enforcement = JwtEnforcement.NATIVE
+        text = self.string(spec.get("jwtEnforcement"), "spec.jwtEnforcement")
+        if text is not None:
+            try:
+                enforcement = JwtEnforcement(text)
+            except ValueError:
+                self.error(
+                    "spec.jwtEnforcement",
+                    f"{text!r} is not one of {', '.join(e.value for e in JwtEnforcement)}",
+                )
+        return MeshConfig(
+            trust_domain=trust_domain,
+            root_namespace=root,
+            denial_details=details,
+            jwt_enforcement=enforcement,
+        )
 
     def workload(self) -> Workload | None:
         count = len(self.problems)

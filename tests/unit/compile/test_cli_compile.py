@@ -33,11 +33,38 @@ spec:
 """
 
 
+EXTAUTHZ_MESH = """
+---
+apiVersion: meshward.dev/v1
+kind: MeshConfig
+metadata: {name: mesh}
+spec: {jwtEnforcement: extauthz}
+"""
+
+
 @pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
+    """JWT rules decided in ext_authz (jwtEnforcement: extauthz), the comparison path."""
     path = tmp_path / "policy.yaml"
-    path.write_text(POLICY)
+    path.write_text(POLICY + EXTAUTHZ_MESH)
     return path
+
+
+def test_explain_says_jwt_rules_are_native_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "native.yaml"
+    path.write_text(POLICY)
+    argv = ["policy", "compile", str(path), "--workload", "shop/api", "--explain"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ext_authz filter: no" in out
+    lines = [line for line in out.splitlines() if "shop/allow rule[" in line]
+    assert "native" in lines[1] and "jwt_authn's payload" in lines[1]
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["placement"] for r in data["rules"]] == ["native", "native"]
+    assert data["extauthz_filter"] is False and data["jwt_authn_filter"] is False  # no RA
 
 
 def test_explain_says_where_each_rule_runs(

@@ -25,6 +25,7 @@ from meshward.policy.model import (
     Action,
     AuthorizationPolicy,
     Condition,
+    JwtEnforcement,
     MeshConfig,
     MtlsMode,
     Operation,
@@ -55,7 +56,10 @@ def policy_set(
     workloads: tuple[Workload, ...] | None = None,
     mode: MtlsMode = MtlsMode.STRICT,
     port_level: dict[int, MtlsMode] | None = None,
+    jwt: JwtEnforcement = JwtEnforcement.EXTAUTHZ,
 ) -> PolicySet:
+    """``jwt``: these tests pin the ext_authz JWT path (MeshConfig jwtEnforcement: extauthz);
+    the native path (jwt_authn + RBAC) has its own tests in test_jwt_authn.py."""
     peers = [PeerAuthentication(namespace="shop", name="default", mode=mode)]
     if port_level:
         peers.append(
@@ -64,7 +68,7 @@ def policy_set(
             )
         )
     return PolicySet.create(
-        mesh=MeshConfig(trust_domain=TD),
+        mesh=MeshConfig(trust_domain=TD, jwt_enforcement=jwt),
         workloads=workloads or (workload("api", HTTP), workload("web", HTTP)),
         authorization_policies=policies,
         peer_authentications=peers,

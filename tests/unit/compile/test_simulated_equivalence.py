@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -13,7 +14,8 @@ import pytest
 from meshward.compile import CompileOptions, Endpoint, Mode, compile_workload, simulate, synth
 from meshward.compile.workload import to_dict
 from meshward.policy import Request, evaluate
-from meshward.policy.model import MtlsMode
+from meshward.policy.model import JwtEnforcement, MtlsMode
+from meshward.policy.policyset import PolicySet
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 RUNTIME = {8080: 18080, 9090: 19090, 7000: 17000}
@@ -66,6 +68,18 @@ def _extauthz(policy_set):  # type: ignore[no-untyped-def]
     return check
 
 
+def _jwt(
+    conn: simulate.Connection, config: Mapping[str, object]
+) -> Mapping[str, object] | bool | None:
+    """jwt_authn with synth's tokens at Istio's default locations: "Bearer alice" verifies to
+    alice's claims, an unknown user is a token that does not verify (401)."""
+    assert config["providers"], "a jwt_authn filter with no provider"
+    user = synth.token_in(conn.headers, conn.path)
+    if user is None:
+        return None
+    return synth.USERS.get(user, False)
+
+
 def _listeners(policy_set, index_min_rules=16):  # type: ignore[no-untyped-def]
     options = _options(index_min_rules)
     resources = compile_workload(policy_set, synth.TARGET_REF, options, now=NOW)
@@ -87,10 +101,35 @@ PROFILES = {
 }
 
 
+def _with_enforcement(
+    policy_set: PolicySet, enforcement: JwtEnforcement, profile: synth.Profile
+) -> PolicySet:
+    """The set under ``enforcement``. synth's tokens count as verified in every JWT profile
+    (its stand-in Check server verifies them); natively only a RequestAuthentication makes
+    Envoy verify a token, so JWT profiles get one."""
+    authns = policy_set.request_authentications
+    if enforcement is JwtEnforcement.NATIVE and profile.jwt and not authns:
+        authns = (synth.request_authentication(),)
+    return PolicySet.create(
+        mesh=replace(policy_set.mesh, jwt_enforcement=enforcement),
+        workloads=policy_set.workloads,
+        authorization_policies=policy_set.authorization_policies,
+        peer_authentications=policy_set.peer_authentications,
+        request_authentications=authns,
+    )
+
+
+@pytest.mark.parametrize("enforcement", list(JwtEnforcement), ids=lambda e: f"jwt-{e.value}")
 @pytest.mark.parametrize("indexed", [False, True], ids=["rules", "indexed"])
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_simulated_envoy_decides_like_the_evaluator(profile: str, indexed: bool) -> None:
-    """``indexed``: every rule naming exact callers goes to the principal-indexed matcher."""
+def test_simulated_envoy_decides_like_the_evaluator(
+    profile: str, indexed: bool, enforcement: JwtEnforcement
+) -> None:
+    """``indexed``: every rule naming exact callers goes to the principal-indexed matcher.
+    ``enforcement``: JWT rules as jwt_authn + RBAC (native, the default) or in ext_authz."""
+    native_jwt = enforcement is JwtEnforcement.NATIVE
+    if not native_jwt and not (PROFILES[profile].jwt or PROFILES[profile].request_authn):
+        pytest.skip("no JWT in this profile: both settings compile the same")
     mismatches: list[str] = []
     called = 0
     total = 0
@@ -98,7 +137,9 @@ def test_simulated_envoy_decides_like_the_evaluator(profile: str, indexed: bool)
     authn = PROFILES[profile].request_authn
     token_calls = 0
     for seed in range(100):
-        policy_set = synth.random_policy_set(seed, PROFILES[profile])
+        policy_set = _with_enforcement(
+            synth.random_policy_set(seed, PROFILES[profile]), enforcement, PROFILES[profile]
+        )
         listeners = _listeners(policy_set, 1 if indexed else None)
         check = _extauthz(policy_set)
         for probe in synth.random_probes(seed, 60, jwt=PROFILES[profile].jwt, invalid=authn):
@@ -111,7 +152,7 @@ def test_simulated_envoy_decides_like_the_evaluator(profile: str, indexed: bool)
                 peer_uri=probe.principal,
                 sni=probe.sni,
             )
-            outcome = simulate.run(listeners[RUNTIME[probe.port]], conn, check)
+            outcome = simulate.run(listeners[RUNTIME[probe.port]], conn, check, _jwt)
             want = synth.expected_status(policy_set, probe, now=NOW)
             total += 1
             called += outcome.extauthz_called
@@ -121,8 +162,11 @@ def test_simulated_envoy_decides_like_the_evaluator(profile: str, indexed: bool)
             if outcome.status != want:
                 mismatches.append(f"seed {seed}: {probe} -> envoy {outcome.status}, want {want}")
     assert not mismatches, "\n".join(mismatches[:10])
-    if profile == "native":
-        assert called == 0  # Python is never consulted when every rule is native
+    if profile == "native" or (native_jwt and profile != "custom"):
+        # Python is never consulted when every rule is native (JWT rules included: jwt_authn)
+        assert called == 0
+    elif profile == "custom":
+        assert called > 0
     elif profile == "jwt":
         assert 0 < called < total  # the ALLOW union keeps some requests off ext_authz
     elif profile == "authn-native":

@@ -69,7 +69,9 @@ def test_tour_covers_the_issue() -> None:
     calls = [s for s in tour.TOUR if isinstance(s, tour.Call)]
     edits = [s for s in tour.TOUR if isinstance(s, tour.PolicyEdit)]
     deciders = {c.decider for c in calls}
-    assert {evidence.RBAC, evidence.EXTAUTHZ, evidence.MTLS} <= deciders
+    assert {evidence.RBAC, evidence.MTLS} <= deciders
+    # issue 16: end-user JWT rules are Envoy's (jwt_authn + RBAC), never ext_authz's
+    assert all(c.decider == evidence.RBAC for c in calls if c.scope is not None)
     assert [e.content is None for e in edits] == [False, True]  # add, then revert
     assert any(c.would_deny for c in calls) and any(".." in c.path for c in calls)
     scopes = {c.scope for c in calls if c.target == "shop/payments"}

@@ -17,11 +17,13 @@ spec: {ports: [{name: http, port: 8000}]}
 """
 
 
-VERBOSE_MESH_YAML = """\
+def mesh_yaml(*, verbose: bool = False, jwt: str = "extauthz") -> str:
+    details = "verbose" if verbose else "quiet"
+    return f"""\
 apiVersion: meshward.dev/v1
 kind: MeshConfig
-metadata: {name: mesh}
-spec: {denialDetails: verbose}
+metadata: {{name: mesh}}
+spec: {{denialDetails: {details}, jwtEnforcement: {jwt}}}
 """
 
 
@@ -41,15 +43,19 @@ PolicyFactory = Callable[..., PolicySet]
 
 @pytest.fixture(scope="session")
 def policy_set_for(issuer: LocalIssuer) -> PolicyFactory:
-    """``policy_set_for(*docs, ra_extra="", verbose=False)``: the workload, a RequestAuthentication trusting
-    ``issuer`` and the given documents."""
+    """``policy_set_for(*docs, ra_extra="", verbose=False, jwt="extauthz")``: the workload, a
+    RequestAuthentication trusting ``issuer`` and the given documents. ``jwt``: the mesh's
+    jwtEnforcement; these tests default to the service verifying tokens itself."""
 
     def build(
-        *docs: str, ra_extra: str = "", with_ra: bool = True, verbose: bool = False
+        *docs: str,
+        ra_extra: str = "",
+        with_ra: bool = True,
+        verbose: bool = False,
+        jwt: str = "extauthz",
     ) -> PolicySet:
-        parts = [WORKLOAD_YAML]
-        if verbose:  # denial bodies name policy, rule and reason (default: quiet)
-            parts.append(VERBOSE_MESH_YAML)
+        # verbose: denial bodies name policy, rule and reason (default: quiet)
+        parts = [WORKLOAD_YAML, mesh_yaml(verbose=verbose, jwt=jwt)]
         if with_ra:
             parts.append(
                 issuer.request_authentication_yaml("foo", "jwt", {"app": "httpbin"}, extra=ra_extra)

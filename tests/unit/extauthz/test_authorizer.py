@@ -457,3 +457,55 @@ def test_a_request_refused_before_authorization_never_poisons_the_cache() -> Non
         good = check()
         assert good.allowed, good.reason
     assert check().cache_hit is True  # good requests still share their entry
+
+
+# ---- jwtEnforcement native: claims from jwt_authn's payload ------------------------------------
+
+
+def _with_payload(request: Any, payload: dict[str, Any]) -> Any:
+    """What Envoy's ext_authz filter sends with metadata_context_namespaces: jwt_authn's
+    verified payload under envoy.filters.http.jwt_authn / payload."""
+    namespace = request.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"]
+    namespace.update({"payload": payload})
+    return request
+
+
+def test_native_mode_reads_the_verified_payload_and_never_a_raw_token(
+    policy_set_for: PolicyFactory, issuer: LocalIssuer
+) -> None:
+    """Under jwtEnforcement native, Envoy verified the token (and may have removed it): the
+    service takes the claims from the metadata context; a token in the headers that jwt_authn
+    did not vouch for counts for nothing (it is never verified a second time)."""
+    clocks = Clocks()
+    authorizer = _authorizer(policy_set_for(ADMIN_POLICY, jwt="native"), clocks)
+    exp = clocks.wall() + 300
+    payload = {"iss": issuer.issuer, "sub": "alice", "groups": ["admin"], "exp": exp}
+    allowed = authorizer.check(
+        _with_payload(build_check_request(path="/admin", workload=WORKLOAD), payload), ""
+    )
+    assert allowed.allowed and allowed.user == f"{issuer.issuer}/alice"
+    assert (allowed.policy, allowed.rule) == ("foo/admins", 0)
+    other = {**payload, "groups": ["users"]}
+    denied = authorizer.check(
+        _with_payload(build_check_request(path="/admin", workload=WORKLOAD), other), ""
+    )
+    assert not denied.allowed and denied.http_status == 403
+    # a valid token in the header, but no payload from jwt_authn: no claims, denied (not 401)
+    raw = _check(authorizer, token=issuer.token("alice", groups=["admin"]))
+    assert not raw.allowed and raw.http_status == 403 and raw.user is None
+
+
+def test_native_cache_entries_never_outlive_the_payload_exp(
+    policy_set_for: PolicyFactory, issuer: LocalIssuer
+) -> None:
+    clocks = Clocks()
+    authorizer = _authorizer(policy_set_for(ADMIN_POLICY, jwt="native"), clocks, ttl=3600.0)
+    payload = {"iss": issuer.issuer, "sub": "alice", "groups": ["admin"], "exp": clocks.wall() + 30}
+
+    def check() -> Any:
+        request = build_check_request(path="/admin", workload=WORKLOAD)
+        return authorizer.check(_with_payload(request, payload), "")
+
+    assert check().cache_hit is False and check().cache_hit is True
+    clocks.offset += 31  # past exp: the entry is gone although the cache TTL is an hour
+    assert check().cache_hit is False

@@ -239,9 +239,12 @@ def test_the_compiled_extauthz_cluster_is_mtls_pinned_to_the_extauthz_identity()
     """Envoy presents the workload's SVID (SDS default) and accepts only ext_authz's SPIFFE ID."""
     from meshward.compile import CompileOptions, Endpoint, compile_workload
     from meshward.compile.workload import to_dict
+    from meshward.policy.model import JwtEnforcement
+    from meshward.testing.jwt import with_jwt_enforcement
 
     root = Path(__file__).resolve().parents[3]
-    policy = load([root / "examples"])
+    # payments' JWT rules in ext_authz (natively, payments would have no ext_authz at all)
+    policy = with_jwt_enforcement(load([root / "examples"]), JwtEnforcement.EXTAUTHZ)
     built = compile_workload(
         policy, "shop/payments", CompileOptions(extauthz=Endpoint("127.0.0.1", 9191))
     )

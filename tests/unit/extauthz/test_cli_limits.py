@@ -37,3 +37,11 @@ def test_help_teaches_the_limits_and_the_doors(capsys: pytest.CaptureFixture[str
     for text in ("--cache-bytes", "--decision-log-max-bytes", "--tls-dir", "--ca", "mTLS only",
                  "only about its own", "denialDetails: verbose", "[truncated N chars]"):  # fmt: skip
         assert text in out, text
+
+
+def test_workers_default_to_the_cores_this_process_may_use() -> None:
+    import os
+
+    from meshward.extauthz.cli import default_workers
+
+    assert default_workers() == len(os.sched_getaffinity(0)) >= 1

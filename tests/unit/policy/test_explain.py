@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from meshward.policy import Request, evaluate, load, parse
 from meshward.policy.cases import build_request
@@ -102,3 +103,43 @@ def test_a_request_rejected_before_authorization_says_so_and_why() -> None:
     allowed_or_denied = explain(ps, w, req, now=NOW)
     assert allowed_or_denied.rejected is None
     assert "rejected before authorization" not in allowed_or_denied.render()
+
+
+def test_token_invalid_is_a_401_only_where_a_request_authentication_applies() -> None:
+    """Issue 16: explain can say "invalid token", so the 401 case compares with Envoy."""
+    ps = load([EXAMPLES])
+    payments, request = build_request(
+        ps, destination="shop/payments", source="shop/orders", method="POST", path="/payments"
+    )
+    result = explain(ps, payments, request, token_invalid=True)
+    assert result.status == 401 and not result.decision.allowed
+    assert result.to_json()["status"] == 401
+    assert "shop/payments-end-user-jwt" in (result.token_rejected or "")
+    assert "HTTP 401" in result.render()
+    # a rejected path is still a 400 first (the sidecar answers before jwt_authn runs)
+    _, bad = build_request(
+        ps, destination="shop/payments", source="shop/orders", method="POST", path="/a/%2F/b"
+    )
+    assert explain(ps, payments, bad, token_invalid=True).status in (400, 401)
+    # no RequestAuthentication on orders: nobody checks the token, the policy decides
+    orders, plain = build_request(
+        ps, destination="shop/orders", source="shop/frontend", method="POST", path="/orders"
+    )
+    result = explain(ps, orders, plain, token_invalid=True)
+    assert result.status == 200 and result.token_rejected is None
+
+
+def test_explain_cli_token_invalid_and_claims_exclude_each_other(capsys: Any) -> None:
+    import json
+
+    import pytest
+
+    from meshward.cli import main
+
+    argv = ["policy", "explain", str(EXAMPLES), "--workload", "shop/payments",
+            "--source-workload", "shop/orders", "--method", "POST", "--path", "/payments"]  # fmt: skip
+    assert main([*argv, "--token-invalid", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == 401
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--token-invalid", "--claims", "{}"])
+    assert exit_info.value.code == 2

@@ -165,6 +165,8 @@ class AdsServer:
         self._ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
+        # Other services on the same mTLS port (the flow collector, meshward.flows.collector).
+        self.services: list[Callable[[grpc.aio.Server], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -182,6 +184,8 @@ class AdsServer:
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
+        for add in self.services:
+            add(server)
         try:
             if credentials is None:
                 port = server.add_insecure_port(address)

@@ -50,13 +50,16 @@ class XdsService:
         watch_interval: float = 0.5,
         schedule: Any = None,
         limits: NodeLimits | None = None,
+        flows_db: str | None = None,
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
         :func:`meshward.xds.compiler.compiler_for` with the mesh's CompileOptions. ``listen``:
         the ADS address (mTLS); ``admin``: /status and /metrics (None: off). ``schedule``: a
         :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%). ``limits``:
-        per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`)."""
+        per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`).
+        ``flows_db``: the flow store (a SQLite file or ``postgresql://...``) behind the flow
+        collector on the ADS port and the admin's /flows and /denials (None: no collector)."""
         self.watcher: Any = None
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
@@ -79,6 +82,12 @@ class XdsService:
         self.ads = AdsServer(
             self.control, metrics=self.metrics, drift_threshold=drift_threshold, limits=self.limits
         )
+        self.flows: Any = None
+        if flows_db is not None:
+            from meshward.flows.service import FlowService
+
+            self.flows = FlowService(flows_db, self.control)
+            self.ads.services.append(self.flows.collector.add_to)
         self.metrics.add_state(self.status)
         self.listen = listen
         self.admin_address = admin
@@ -106,7 +115,8 @@ class XdsService:
         self.port = await self.ads.start(self.listen, tls.credentials())
         if self.admin_address is not None:
             host, port = split_address(self.admin_address)
-            admin = AdminServer(self.status, self.metrics.exposition)
+            routes = self.flows.routes() if self.flows is not None else None
+            admin = AdminServer(self.status, self.metrics.exposition, routes)
             try:
                 await admin.start(host, port)
             except OSError:  # e.g. the admin port is taken: release the ADS port too
@@ -114,6 +124,8 @@ class XdsService:
                 raise
             self.admin = admin
         self._tasks.append(asyncio.create_task(self.control.run(), name="meshward-xds-timers"))
+        if self.flows is not None:
+            self._tasks.append(asyncio.create_task(self.flows.run(), name="meshward-flows"))
         if self.watcher is not None:
             on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())
             self.watcher.on_change, self.watcher.on_error = on_change, on_error
@@ -137,6 +149,8 @@ class XdsService:
         await self.ads.stop(0.5)
         if self.admin is not None:
             await self.admin.stop()
+        if self.flows is not None:
+            await asyncio.to_thread(self.flows.close)
 
     def status(self) -> dict[str, Any]:
         """Everything `meshward status` shows: control plane state and every node."""
@@ -153,6 +167,8 @@ class XdsService:
         result["ads"] = {"address": self.address, "server_identity": self.server_identity}
         result["drift_threshold_seconds"] = self.ads.drift_threshold
         result["nodes"] = self.ads.node_status()
+        if self.flows is not None:
+            result["flows"] = self.flows.status()
         return result
 
 

@@ -1,0 +1,119 @@
+"""Flows collected from real Envoy sidecars over gRPC ALS into the control plane's store.
+
+One small mesh (frontend, orders, payments; STRICT mTLS; orders admits only frontend on
+/orders*): an allowed call, an RBAC denial (POST), a plaintext (mTLS-refused) connection and a call to
+a path no rule admits, then ``/flows`` and ``/denials`` on the control plane's admin address.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meshward.xds.testing import LocalMesh
+
+FRONTEND, ORDERS, PAYMENTS = "shop/frontend", "shop/orders", "shop/payments"
+POLICY = """
+apiVersion: meshward.dev/v1
+kind: MeshConfig
+metadata: {name: mesh}
+spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: meshward-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: orders-allow-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: orders}}
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+      to: [{operation: {methods: ["GET"], paths: ["/orders", "/orders/*"]}}]
+""" + "".join(
+    f"""---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
+spec:
+  ports: [{{name: http, port: 8080, protocol: HTTP}}]
+"""
+    for name in ("frontend", "orders", "payments")
+)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    base = tmp_path_factory.mktemp("flows")
+    policies = base / "policies"
+    policies.mkdir()
+    (policies / "mesh.yaml").write_text(POLICY)
+    with LocalMesh(
+        policies, base / "run", [FRONTEND, ORDERS, PAYMENTS], flows_db=base / "flows.db"
+    ) as m:
+        yield m
+
+
+def admin(mesh: LocalMesh, path: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{mesh.xds.admin_url}{path}", timeout=5) as response:
+        rows: list[dict[str, Any]] = json.loads(response.read())["rows"]
+    return rows
+
+
+def wait_rows(mesh: LocalMesh, path: str, want: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        rows = admin(mesh, path)
+        if want(rows):
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"{path}: not seen in {timeout}s: {rows}")
+
+
+def test_calls_become_flows_and_denials(mesh: LocalMesh) -> None:
+    assert mesh.request(FRONTEND, ORDERS, "/orders/42")[0] == 200
+    assert mesh.request(FRONTEND, ORDERS, "/orders/43")[0] == 200
+    assert mesh.request(FRONTEND, ORDERS, "/orders/7", method="POST")[0] == 403
+    assert mesh.plaintext(ORDERS, "/orders/1")[0] == 0  # STRICT: no TLS, no HTTP
+
+    def allowed(rows: list[dict[str, Any]]) -> bool:
+        return any(
+            r["source"] == FRONTEND and r["destination"] == ORDERS and r["path"] == "/orders/{*}"
+            and r["decision"] == "allow" and r["count"] == 2
+            for r in rows
+        )  # fmt: skip
+
+    rows = wait_rows(mesh, "/flows", allowed)
+    flow = next(r for r in rows if r["source"] == FRONTEND and r["decision"] == "allow")
+    assert flow["method"] == "GET" and flow["port"] == 8080
+    assert flow["policy"] == "shop/orders-allow-frontend#0"
+    denied = wait_rows(
+        mesh,
+        "/denials",
+        lambda rows: (
+            any(r["method"] == "POST" for r in rows)
+            and any(r["reason"].startswith("mTLS") for r in rows)
+        ),
+    )
+    rbac = next(r for r in denied if r["method"] == "POST")
+    assert (
+        rbac["source"] == FRONTEND
+        and rbac["destination"] == ORDERS
+        and rbac["path"] == "/orders/{*}"
+    )
+    assert rbac["reason"] == "no ALLOW rule matched (default deny)"
+    mtls = next(r for r in denied if r["reason"].startswith("mTLS"))
+    assert mtls["destination"] == ORDERS and mtls["source"] == "plaintext"
+    assert mtls["kind"] == "connection"
+    only = admin(mesh, "/flows?from=shop/frontend&decision=deny")
+    assert only and all(r["source"] == FRONTEND and r["decision"] == "deny" for r in only)
+    assert [r["method"] for r in only] == ["POST"]

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from meshward.flows.records import FlowRecord, RecordError, from_http, from_tcp
+from meshward.flows.records import FlowRecord, ForeignWorkload, RecordError, from_http, from_tcp
 from meshward.flows.store import FlowStore
 from meshward.xds.limits import RefusalLog
 from meshward.xds.nodeid import InvalidNodeId, NodeId
@@ -116,9 +116,12 @@ class FlowCollector:
             for entry in entries:
                 try:
                     record = self._record(entry, node)
-                except RecordError as exc:
+                except ForeignWorkload as exc:
                     await self._refuse(context, "other-workload", str(exc), identity)
                     return
+                except RecordError:
+                    self.dropped["untagged"] += 1
+                    continue
                 except Exception:  # garbage the parser did not foresee: count, never crash
                     self.dropped["invalid"] += 1
                     continue

@@ -44,7 +44,11 @@ _FLAG_NAMES = {
 
 
 class RecordError(ValueError):
-    """The entry is not one a Meshward sidecar writes (missing tags, wrong workload...)."""
+    """The entry is not one a Meshward sidecar writes (no flow tags): dropped and counted."""
+
+
+class ForeignWorkload(RecordError):
+    """The entry is about another workload than the reporting node's: the stream is refused."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def from_http(
     common = entry.common_properties
     workload, direction, port, kind = _tags(common)
     if workload != node_workload:
-        raise RecordError(f"entry for workload {workload[:100]!r} from a node of {node_workload}")
+        raise ForeignWorkload(f"entry for workload {workload[:100]!r} from a node of {node_workload}")
     headers = dict(entry.request.request_headers)
     principal = _peer_principal(common)
     flags = _flags(common)
@@ -234,7 +238,7 @@ def from_tcp(
     common = entry.common_properties
     workload, direction, port, kind = _tags(common)
     if workload != node_workload:
-        raise RecordError(f"entry for workload {workload[:100]!r} from a node of {node_workload}")
+        raise ForeignWorkload(f"entry for workload {workload[:100]!r} from a node of {node_workload}")
     principal = _peer_principal(common)
     flags = _flags(common)
     failure = _cut(common.downstream_transport_failure_reason)

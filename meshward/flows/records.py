@@ -142,7 +142,9 @@ def from_http(
     common = entry.common_properties
     workload, direction, port, kind = _tags(common)
     if workload != node_workload:
-        raise ForeignWorkload(f"entry for workload {workload[:100]!r} from a node of {node_workload}")
+        raise ForeignWorkload(
+            f"entry for workload {workload[:100]!r} from a node of {node_workload}"
+        )
     headers = dict(entry.request.request_headers)
     principal = _peer_principal(common)
     flags = _flags(common)
@@ -238,7 +240,9 @@ def from_tcp(
     common = entry.common_properties
     workload, direction, port, kind = _tags(common)
     if workload != node_workload:
-        raise ForeignWorkload(f"entry for workload {workload[:100]!r} from a node of {node_workload}")
+        raise ForeignWorkload(
+            f"entry for workload {workload[:100]!r} from a node of {node_workload}"
+        )
     principal = _peer_principal(common)
     flags = _flags(common)
     failure = _cut(common.downstream_transport_failure_reason)

@@ -122,6 +122,7 @@ def test_a_flood_of_distinct_paths_and_callers_stays_bounded(plane: XdsServiceTh
     assert plane.service is not None
     store = plane.service.flows.store
     limits = store.limits
+
     def word(i: int) -> str:  # distinct paths that are not ids (ids fold to {*} anyway)
         return "".join(chr(ord("a") + int(d)) for d in str(i))
 

@@ -117,6 +117,11 @@ def _trace_id(headers: Mapping[str, str]) -> str:
     return match.group(1) if match else ""
 
 
+def _request_id(value: str) -> str:
+    compact = value.replace("-", "").lower()
+    return compact if len(compact) == 32 and all(c in "0123456789abcdef" for c in compact) else ""
+
+
 def _tags(common: Any) -> tuple[str, str, int, str]:
     tags = common.custom_tags
     workload = tags.get(TAG_WORKLOAD, "")
@@ -157,7 +162,9 @@ def from_http(
         "rbac": _struct(common, names.RBAC_METADATA_NAMESPACE),
         "ext_authz": _struct(common, "envoy.filters.http.ext_authz"),
         "peer_principal": principal,
-        "trace_id": _trace_id(headers),
+        # Without tracing there is no traceparent: Envoy's x-request-id (a UUID) stands in, so
+        # every denial still has one id to find it by (`meshward denials --trace ID`).
+        "trace_id": _trace_id(headers) or _request_id(entry.request.request_id),
         "method": _cut(_method(entry.request.request_method)),
         "path": entry.request.path[:2048],
     }  # fmt: skip

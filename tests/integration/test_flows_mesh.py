@@ -117,3 +117,33 @@ def test_calls_become_flows_and_denials(mesh: LocalMesh) -> None:
     only = admin(mesh, "/flows?from=shop/frontend&decision=deny")
     assert only and all(r["source"] == FRONTEND and r["decision"] == "deny" for r in only)
     assert [r["method"] for r in only] == ["POST"]
+
+
+def test_cli_reads_flows_and_denials_from_the_admin_address(
+    mesh: LocalMesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meshward.cli import main
+
+    assert mesh.request(FRONTEND, ORDERS, "/orders/99")[0] == 200
+    assert mesh.request(FRONTEND, ORDERS, "/orders/98", method="DELETE")[0] == 403
+    wait_rows(mesh, "/denials", lambda rows: any(r["method"] == "DELETE" for r in rows))
+    address = mesh.xds.admin_url.removeprefix("http://")
+    assert main(["flows", "--xds", address, "--from", FRONTEND, "--to", ORDERS, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["flows"]
+    for key in ("source", "destination", "decision", "method", "path", "policy", "count",
+                "last_seen"):  # fmt: skip
+        assert all(key in r for r in rows), key
+    assert {(r["method"], r["decision"]) for r in rows} >= {("GET", "allow"), ("DELETE", "deny")}
+    assert main(["flows", "--xds", address, "--decision", "deny", "--since", "1h"]) == 0
+    text = capsys.readouterr().out
+    assert "shop/frontend" in text and "DELETE /orders/{*}" in text and "GET /orders" not in text
+    assert main(["denials", "--xds", address, "--json"]) == 0
+    denials = json.loads(capsys.readouterr().out)["denials"]
+    for key in ("source", "destination", "reason", "policy", "trace_id"):
+        assert all(key in r for r in denials), key
+    delete = next(r for r in denials if r["method"] == "DELETE")
+    assert main(["denials", "--xds", address, "--trace", delete["trace_id"], "--json"]) == 0
+    [one] = json.loads(capsys.readouterr().out)["denials"]
+    assert one["method"] == "DELETE" and one["trace_id"] == delete["trace_id"]
+    assert main(["flows", "--xds", "127.0.0.1:1"]) == 1  # unreachable: a clear error, exit 1
+    assert "cannot read /flows" in capsys.readouterr().err

@@ -64,6 +64,8 @@ class FlowCollector:
         self.entries = 0
         self.streams = 0
         self.refusals = RefusalLog(audit)
+        # Called with each batch of records after the store (the Prometheus metrics).
+        self.observers: list[Callable[[list[FlowRecord]], None]] = []
 
     def add_to(self, server: grpc.aio.Server) -> None:
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(_Servicer(self), server)
@@ -129,6 +131,8 @@ class FlowCollector:
                     records.append(record)
             self.entries += len(records)
             self.store.add(records)
+            for observe in self.observers:
+                observe(records)
 
     def _record(self, entry: Any, node: NodeId) -> FlowRecord | None:
         from envoy.data.accesslog.v3 import accesslog_pb2

@@ -30,6 +30,7 @@ class FlowService:
         store_limits: StoreLimits | None = None,
         collector_limits: CollectorLimits | None = None,
         flush_interval: float = 1.0,
+        registry: Any = None,  # a prometheus_client CollectorRegistry for the flow metrics
     ) -> None:
         self.control = control
         self.store = FlowStore.open(url, store_limits)
@@ -40,6 +41,12 @@ class FlowService:
             limits=collector_limits,
         )
         self.flush_interval = flush_interval
+        if registry is not None:
+            from meshward.flows.metrics import FlowMetrics
+
+            self.metrics = FlowMetrics(registry)
+            self.collector.observers.append(self.metrics.observe)
+            self.metrics.add_collector(registry, self.collector.status)
         self._ids: tuple[str, dict[str, str]] = ("", {})
 
     def resolve(self, spiffe_id: str) -> str | None:

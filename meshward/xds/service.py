@@ -86,7 +86,7 @@ class XdsService:
         if flows_db is not None:
             from meshward.flows.service import FlowService
 
-            self.flows = FlowService(flows_db, self.control)
+            self.flows = FlowService(flows_db, self.control, registry=self.metrics.registry)
             self.ads.services.append(self.flows.collector.add_to)
         self.metrics.add_state(self.status)
         self.listen = listen

@@ -147,3 +147,23 @@ def test_cli_reads_flows_and_denials_from_the_admin_address(
     assert one["method"] == "DELETE" and one["trace_id"] == delete["trace_id"]
     assert main(["flows", "--xds", "127.0.0.1:1"]) == 1  # unreachable: a clear error, exit 1
     assert "cannot read /flows" in capsys.readouterr().err
+
+
+def test_metrics_count_flows_by_source_and_destination(mesh: LocalMesh) -> None:
+    assert mesh.request(FRONTEND, ORDERS, "/orders/5")[0] == 200
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"{mesh.xds.admin_url}/metrics", timeout=5) as response:
+            text: str = response.read().decode()
+        return text
+
+    want = 'meshward_flows_total{decision="allow",destination="shop/orders",source="shop/frontend"}'
+    deadline = time.monotonic() + 30
+    text = scrape()
+    while want not in text and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text = scrape()
+    assert want in text
+    assert 'meshward_flow_denials_total{policy="none"}' in text  # the POST: no ALLOW rule
+    assert 'meshward_flow_enforcement_seconds_bucket{decision="allow",le="0.005"}' in text
+    assert "meshward_flow_collector_refused_total" in text

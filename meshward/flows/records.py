@@ -33,7 +33,6 @@ _FLAG_NAMES = {
     "upstream_connection_failure": "UF",
     "no_healthy_upstream": "UH",
     "upstream_retry_limit_exceeded": "URX",
-    "unauthorized_details": "UAEX",
     "downstream_protocol_error": "DPE",
     "upstream_protocol_error": "UPE",
     "local_reset": "LR",
@@ -80,7 +79,10 @@ def _cut(value: Any) -> str:
 
 def _flags(common: Any) -> list[str]:
     flags = common.response_flags
-    return [short for field, short in _FLAG_NAMES.items() if getattr(flags, field, False)]
+    found = [short for field, short in _FLAG_NAMES.items() if getattr(flags, field, False) is True]
+    if flags.HasField("unauthorized_details"):  # a message, not a bool
+        found.append("UAEX")
+    return found
 
 
 def _struct(common: Any, namespace: str) -> dict[str, Any]:

@@ -138,3 +138,21 @@ def test_a_flood_of_distinct_paths_and_callers_stays_bounded(plane: XdsServiceTh
     # Unknown callers fold into one source; distinct paths fold into {other} past max_paths.
     assert flows <= limits.max_paths + 5
     assert store.counters.folded_paths >= 3000 - limits.max_paths
+
+
+def test_a_flooding_stream_is_rate_limited_and_counted(plane: XdsServiceThread) -> None:
+    from meshward.flows.collector import CollectorLimits
+
+    c = collector(plane)
+    saved = c.limits
+    c.limits = CollectorLimits(rate=1.0, burst=100.0, max_entries=150)
+    try:
+        before_rate, before_big = c.dropped["rate"], c.dropped["oversized-message"]
+        entries = [als.http_entry("shop/orders", path="/flood") for _ in range(200)]
+        messages = [als.message("shop/orders", entries)] + [als.message(None, entries)] * 2
+        assert send(plane, ORDERS_ID, messages)[0] == "OK"
+        assert c.dropped["oversized-message"] - before_big == 3 * 50  # cut to max_entries
+        # 450 admitted by size, at most the burst (plus what the rate refills) by rate
+        assert c.dropped["rate"] - before_rate >= 450 - 100 - 5
+    finally:
+        c.limits = saved

@@ -114,6 +114,8 @@ def test_calls_become_flows_and_denials(mesh: LocalMesh) -> None:
     mtls = next(r for r in denied if r["reason"].startswith("mTLS"))
     assert mtls["destination"] == ORDERS and mtls["source"] == "plaintext"
     assert mtls["kind"] == "connection"
+    # the listener log records refused connections only (its CEL filter), not every connection
+    assert [r for r in denied if r["kind"] == "connection"] == [mtls]
     only = admin(mesh, "/flows?from=shop/frontend&decision=deny")
     assert only and all(r["source"] == FRONTEND and r["decision"] == "deny" for r in only)
     assert [r["method"] for r in only] == ["POST"]

@@ -52,9 +52,7 @@ class AdminServer:
             self._server = None
 
     def _route(self, path: str) -> tuple[int, str, bytes]:
-        path, _, query = path.partition("?")
-        if path in self._routes:
-            return self._routes[path](dict(parse_qsl(query)[:32]))
+        path = path.partition("?")[0]
         if path == "/status":
             body = json.dumps(self._status(), indent=2, sort_keys=True, default=str) + "\n"
             return 200, "application/json", body.encode()
@@ -75,7 +73,13 @@ class AdminServer:
                 status, ctype, body = 405, "text/plain", b"only GET\n"
             else:
                 try:
-                    status, ctype, body = self._route(path)
+                    route, _, query = path.partition("?")
+                    if route in self._routes:  # database reads (flows): off the event loop
+                        params = dict(parse_qsl(query)[:32])
+                        handler = self._routes[route]
+                        status, ctype, body = await asyncio.to_thread(handler, params)
+                    else:
+                        status, ctype, body = self._route(path)
                 except Exception as exc:  # never let a status bug kill the endpoint
                     status, ctype, body = 500, "text/plain", f"{type(exc).__name__}\n".encode()
             reason = {200: "OK", 400: "Bad Request", 404: "Not Found",

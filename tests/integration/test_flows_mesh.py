@@ -169,3 +169,13 @@ def test_metrics_count_flows_by_source_and_destination(mesh: LocalMesh) -> None:
     assert 'meshward_flow_denials_total{policy="none"}' in text  # the POST: no ALLOW rule
     assert 'meshward_flow_enforcement_seconds_bucket{decision="allow",le="0.005"}' in text
     assert "meshward_flow_collector_refused_total" in text
+
+
+def test_bad_query_parameters_are_a_400_with_a_reason(mesh: LocalMesh) -> None:
+    import urllib.error
+
+    for query, reason in (("decision=maybe", "decision must be"), ("limit=0", "limit must be"),
+                          ("since=yesterday", "since must be")):  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as info:
+            admin(mesh, f"/flows?{query}")
+        assert info.value.code == 400 and reason in info.value.read().decode()

@@ -36,6 +36,7 @@ audit = logging.getLogger("meshward.flows.audit")
 @dataclass(frozen=True)
 class CollectorLimits:
     max_streams: int = 1024
+    max_streams_per_identity: int = 8  # a sidecar needs one (per worker thread at most)
     max_entries: int = 5000  # per message; Envoy batches ~16 KiB
     rate: float = 2000.0  # entries per second per stream
     burst: float = 20000.0
@@ -63,6 +64,7 @@ class FlowCollector:
         self.dropped: Counter[str] = Counter()
         self.entries = 0
         self.streams = 0
+        self.identity_streams: Counter[str] = Counter()  # bounded: at most max_streams keys
         self.refusals = RefusalLog(audit)
         # Called with each batch of records after the store (the Prometheus metrics).
         self.observers: list[Callable[[list[FlowRecord]], None]] = []
@@ -77,18 +79,32 @@ class FlowCollector:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
     async def stream(self, requests: AsyncIterator[Any], context: Any) -> Any:
+        identity = peer_identity(context)
+        key = identity or "-"
         if self.streams >= self.limits.max_streams:
             self.refused["stream-limit"] += 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many flow log streams")
+        if self.identity_streams[key] >= self.limits.max_streams_per_identity:
+            self.refused["identity-stream-limit"] += 1
+            self.refusals.refused(identity, "identity-stream-limit",
+                                  f"flow log refused: too many streams for {key}", self.clock())  # fmt: skip
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many flow log streams for this identity"
+            )
         self.streams += 1
+        self.identity_streams[key] += 1
         try:
-            await self._serve(requests, context)
+            await self._serve(requests, context, identity)
         finally:
             self.streams -= 1
+            self.identity_streams[key] -= 1
+            if self.identity_streams[key] <= 0:
+                del self.identity_streams[key]
         return als_pb2.StreamAccessLogsResponse()
 
-    async def _serve(self, requests: AsyncIterator[Any], context: Any) -> None:
-        identity = peer_identity(context)
+    async def _serve(
+        self, requests: AsyncIterator[Any], context: Any, identity: str | None
+    ) -> None:
         node: NodeId | None = None
         tokens, last = self.limits.burst, self.clock()
         async for message in requests:

@@ -125,7 +125,13 @@ def engine_for(url: str) -> sa.Engine:
         raise UserError(f"--flows-db {url.split('://')[0]}://...: use a file path or postgresql://")
     try:
         if url.startswith("sqlite"):
-            return sa.create_engine(url, connect_args={"check_same_thread": False})
+            engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+
+            @sa.event.listens_for(engine, "connect")
+            def _wal(connection: Any, _: Any) -> None:  # readers do not block the writer
+                connection.execute("PRAGMA journal_mode=WAL")
+
+            return engine
         return sa.create_engine(url, pool_size=2, max_overflow=2, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise UserError(f"--flows-db: {exc}") from None

@@ -156,3 +156,44 @@ def test_a_flooding_stream_is_rate_limited_and_counted(plane: XdsServiceThread) 
         assert c.dropped["rate"] - before_rate >= 450 - 100 - 5
     finally:
         c.limits = saved
+
+
+def test_streams_per_identity_are_bounded(plane: XdsServiceThread) -> None:
+    from envoy.service.accesslog.v3 import als_pb2
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+
+    from meshward.flows.collector import CollectorLimits
+
+    c = collector(plane)
+    saved = c.limits
+    c.limits = CollectorLimits(max_streams_per_identity=1)
+    before = c.refused["identity-stream-limit"]
+
+    async def scenario() -> str:
+        context = context_for(plane, ORDERS_ID)
+        first = Channel("127.0.0.1", plane.port, ssl=context)
+        kinds: Any = (Cardinality.STREAM_UNARY, als_pb2.StreamAccessLogsMessage,
+                      als_pb2.StreamAccessLogsResponse)  # fmt: skip
+        try:
+            async with first.request(als.METHOD, *kinds) as open_stream:
+                await open_stream.send_message(als.message("shop/orders", []))
+                for _ in range(100):  # the first stream is being served
+                    if c.streams >= 1:
+                        break
+                    await asyncio.sleep(0.05)
+                second = als.send(
+                    "127.0.0.1", plane.port, context, [als.message("shop/orders", [])]
+                )
+                status, _ = await asyncio.wait_for(second, 10)
+                await open_stream.end()
+                await asyncio.wait_for(open_stream.recv_message(), 10)
+                return status
+        finally:
+            first.close()
+
+    try:
+        assert asyncio.run(scenario()) == "RESOURCE_EXHAUSTED"
+        assert c.refused["identity-stream-limit"] == before + 1
+    finally:
+        c.limits = saved

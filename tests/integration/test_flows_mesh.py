@@ -17,8 +17,9 @@ import pytest
 
 from meshward.xds.testing import LocalMesh
 
-FRONTEND, ORDERS, PAYMENTS = "shop/frontend", "shop/orders", "shop/payments"
-POLICY = """
+FRONTEND, ORDERS, PAYMENTS, DB = "shop/frontend", "shop/orders", "shop/payments", "shop/db"
+POLICY = (
+    """
 apiVersion: meshward.dev/v1
 kind: MeshConfig
 metadata: {name: mesh}
@@ -38,15 +39,32 @@ spec:
   rules:
     - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
       to: [{operation: {methods: ["GET"], paths: ["/orders", "/orders/*"]}}]
-""" + "".join(
-    f"""---
+"""
+    + "".join(
+        f"""---
 apiVersion: meshward.dev/v1
 kind: Workload
 metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
 spec:
   ports: [{{name: http, port: 8080, protocol: HTTP}}]
 """
-    for name in ("frontend", "orders", "payments")
+        for name in ("frontend", "orders", "payments")
+    )
+    + """---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec:
+  ports: [{name: tcp, port: 8080, protocol: TCP}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-allow-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
+"""
 )
 
 
@@ -57,7 +75,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     policies.mkdir()
     (policies / "mesh.yaml").write_text(POLICY)
     with LocalMesh(
-        policies, base / "run", [FRONTEND, ORDERS, PAYMENTS], flows_db=base / "flows.db"
+        policies, base / "run", [FRONTEND, ORDERS, PAYMENTS, DB], flows_db=base / "flows.db"
     ) as m:
         yield m
 
@@ -179,3 +197,15 @@ def test_bad_query_parameters_are_a_400_with_a_reason(mesh: LocalMesh) -> None:
         with pytest.raises(urllib.error.HTTPError) as info:
             admin(mesh, f"/flows?{query}")
         assert info.value.code == 400 and reason in info.value.read().decode()
+
+
+def test_tcp_connections_are_flows_too(mesh: LocalMesh) -> None:
+    """A TCP port: the TCP proxy's gRPC log (one record per connection, no method or path)."""
+    assert mesh.request(FRONTEND, DB, "/anything")[0] == 200  # HTTP through the TCP proxy
+
+    def seen(rows: list[dict[str, Any]]) -> bool:
+        return any(r["source"] == FRONTEND and r["decision"] == "allow" for r in rows)
+
+    rows = wait_rows(mesh, "/flows?to=shop/db", seen)
+    flow = next(r for r in rows if r["source"] == FRONTEND)
+    assert flow["port"] == 8080 and flow["method"] == "" and flow["path"] == ""

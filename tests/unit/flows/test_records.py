@@ -123,3 +123,16 @@ def test_hostile_fields_are_cut() -> None:
 )
 def test_path_templates(path: str, want: str) -> None:
     assert template(path) == want
+
+
+def test_a_network_rbac_denial_names_the_rule() -> None:
+    entry = _tcp("tcp")
+    entry.common_properties.connection_termination_details = (
+        "rbac_access_denied_matched_policy[ns[shop]-policy[db-deny]-rule[2]]"
+    )
+    entry.common_properties.tls_properties.peer_certificate_properties.subject_alt_name.add(
+        uri=FRONTEND
+    )
+    r = records.from_tcp(entry, node_workload="shop/orders", resolve=resolve)
+    assert r is not None and r.decision == records.DENY and r.policy == "shop/db-deny#2"
+    assert r.source == "shop/frontend" and r.kind == "tcp"

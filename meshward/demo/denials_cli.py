@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
         if args.workload:
             args.to = args.workload
         return run_denials(args)
-    from meshward.demo import denials as core
     from meshward.demo import state as demo_state
     from meshward.demo.traces import read_spans
+    from meshward.flows import denials as core
 
     location = demo_state.find_state(args.state)
     state = demo_state.load(location)

@@ -7,4 +7,7 @@
 - :mod:`meshward.flows.store`: aggregation per time bucket and the bounded SQL store
   (SQLite by default, PostgreSQL for replicas), through SQLAlchemy Core.
 - :mod:`meshward.flows.query`: the admin endpoints ``/flows`` and ``/denials``.
+- :mod:`meshward.flows.evidence` / :mod:`meshward.flows.denials`: who decided a request, read
+  from access-log lines and the ext_authz decision log (pure; the demo's ``meshward denials``
+  without ``--xds`` reads files with them).
 """

@@ -1,8 +1,7 @@
 """One Envoy ALS entry -> one :class:`FlowRecord` (pure: protobuf in, facts out).
 
 The entry is read into the shape of the JSON file access log (meshward.compile.observe) and
-judged by the same code that reads those files (:func:`meshward.demo.evidence.
-verdict_from_access_log`), so a denial reads the same in a file, in ``meshward denials`` and in
+judged by the same code that reads those files (:func:`meshward.flows.evidence.verdict_from_access_log`), so a denial reads the same in a file, in ``meshward denials`` and in
 the flow store. The custom tags set at compile time (meshward.compile.observe.flow_log) say
 which workload, direction and port the entry belongs to.
 """
@@ -19,7 +18,7 @@ from google.protobuf import json_format
 
 from meshward.compile import names
 from meshward.compile.observe import TAG_DIRECTION, TAG_KIND, TAG_PORT, TAG_WORKLOAD
-from meshward.demo import evidence
+from meshward.flows import evidence
 from meshward.flows.paths import template
 
 MAX_FIELD = 256  # request-controlled strings are cut to this many characters

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from meshward.cli import main
-from meshward.demo import evidence
 from meshward.demo.topology import DemoMesh, MeshOptions, find_examples
+from meshward.flows import evidence
 from meshward.telemetry.collector import OtlpReceiver
 
 

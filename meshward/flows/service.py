@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from meshward.flows import query
 from meshward.flows.collector import CollectorLimits, FlowCollector
 from meshward.flows.store import FlowStore, StoreLimits
 from meshward.xds.admin import Route
+from meshward.xds.limits import RefusalLog
 
 log = logging.getLogger("meshward.flows")
 
@@ -48,6 +50,7 @@ class FlowService:
             self.collector.observers.append(self.metrics.observe)
             self.metrics.add_collector(registry, self.collector.status)
         self._ids: tuple[str, dict[str, str]] = ("", {})
+        self._refusals = RefusalLog(log)
 
     def resolve(self, spiffe_id: str) -> str | None:
         """The workload a caller's SPIFFE ID names (several workloads may share a service
@@ -69,8 +72,12 @@ class FlowService:
     async def flush(self) -> None:
         try:
             await asyncio.to_thread(self.store.flush)
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning("flow store write failed (batch dropped): %s", str(exc).splitlines()[0])
+        except sa.exc.SQLAlchemyError as exc:  # logged once a minute: a down database
+            self._refusals.refused(  # must not flood the log at every flush
+                "flow-store", "write-failed",
+                f"flow store write failed (batch dropped): {str(exc).splitlines()[0][:300]}",
+                time.monotonic(),
+            )  # fmt: skip
 
     def routes(self) -> dict[str, Route]:
         def handler(fn: Any) -> Route:

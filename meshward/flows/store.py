@@ -31,6 +31,7 @@ from meshward.flows.records import DENY, FlowRecord
 
 OTHER_PATH = "{other}"
 DEFAULT_BUCKET_SECONDS = 60
+RETAIN_EVERY_SECONDS = 30  # retention runs at most this often (and after a big batch)
 
 metadata = sa.MetaData()
 flows_table = sa.Table(
@@ -155,6 +156,7 @@ class FlowStore:
         self._denials: list[FlowRecord] = []
         self._paths: dict[tuple[Any, ...], set[str]] = {}
         self._paths_bucket = -1
+        self._retained_at = float("-inf")
         metadata.create_all(self.engine)
 
     @classmethod
@@ -222,6 +224,9 @@ class FlowStore:
             pending, self._pending = self._pending, {}
             denials, self._denials = self._denials, []
         now = now or datetime.now(UTC)
+        retain = _ts(now) - self._retained_at >= RETAIN_EVERY_SECONDS
+        if not pending and not denials and not retain:
+            return 0
         try:
             with self.engine.begin() as conn:
                 if pending:
@@ -261,7 +266,9 @@ class FlowStore:
                             for d in denials
                         ],
                     )  # fmt: skip
-                self._retain(conn, _ts(now))
+                if retain or len(pending) + len(denials) >= self.limits.max_pending // 2:
+                    self._retain(conn, _ts(now))
+                    self._retained_at = _ts(now)
         except sa.exc.SQLAlchemyError:
             self.counters.flush_errors += 1
             raise

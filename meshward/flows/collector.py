@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from meshward.flows.records import FlowRecord, ForeignWorkload, RecordError, from_http, from_tcp
@@ -151,8 +152,6 @@ class FlowCollector:
                 observe(records)
 
     def _record(self, entry: Any, node: NodeId) -> FlowRecord | None:
-        from envoy.data.accesslog.v3 import accesslog_pb2
-
         if isinstance(entry, accesslog_pb2.HTTPAccessLogEntry):
             return from_http(entry, node_workload=node.workload_ref, resolve=self.resolve)
         return from_tcp(entry, node_workload=node.workload_ref, resolve=self.resolve)

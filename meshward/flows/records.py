@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
 from meshward.compile import names
@@ -200,13 +201,12 @@ def from_http(
     )
 
 
-def _method(value: int) -> str:
-    from envoy.config.core.v3 import base_pb2
+_METHODS = {v.number: v.name for v in base_pb2.RequestMethod.DESCRIPTOR.values}
 
-    try:
-        return str(base_pb2.RequestMethod.Name(value))
-    except ValueError:
-        return ""
+
+def _method(value: int) -> str:
+    name = _METHODS.get(value, "")
+    return "" if name == "METHOD_UNSPECIFIED" else name
 
 
 def _outbound_refusal(flags: list[str], details: str) -> tuple[str, str]:

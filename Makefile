@@ -8,8 +8,9 @@ OTEL_PROTO := $(shell sed -n 's/^opentelemetry-proto==//p' constraints.txt)
 .PHONY: demo test lint typecheck check bench clean venv tools
 
 # Debian tools the tests and benchmarks use: docker-compose validates the compose file (no
-# engine runs here), wrk generates load. Installed when missing and we are root (as in CI).
-SYSTEM_TOOLS := docker-compose wrk
+# engine runs here), wrk generates load, PostgreSQL (initdb, pg_ctl) backs the flow-store tests.
+# Installed when missing and we are root (as in CI). Each entry is COMMAND:PACKAGE.
+SYSTEM_TOOLS := docker-compose:docker-compose wrk:wrk initdb:postgresql
 
 venv: $(STAMP)
 
@@ -24,12 +25,13 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 tools:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(SYSTEM_TOOLS); do cmd=$${t%%:*}; \
+	  command -v $$cmd >/dev/null || ls /usr/lib/postgresql/*/bin/$$cmd >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing (Debian packages)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "note: install$$missing (Debian packages) for the compose-file check and load tests"; fi; \
+	  else echo "note: install$$missing (Debian packages) for the compose-file check, load tests and PostgreSQL flow-store tests"; fi; \
 	fi
 
 demo: $(STAMP)

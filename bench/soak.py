@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from meshward.demo import tokens  # noqa: E402
-from meshward.demo.evidence import EXTAUTHZ, RBAC  # noqa: E402
 from meshward.demo.topology import (  # noqa: E402
     ComponentFailed,
     DemoMesh,
@@ -47,6 +46,7 @@ from meshward.demo.topology import (  # noqa: E402
     find_examples,
 )
 from meshward.demo.tour import ALLOW, TOUR, Call  # noqa: E402
+from meshward.flows.evidence import EXTAUTHZ, RBAC  # noqa: E402
 from meshward.testing.traffic import Flow, Outcome, SteadyTraffic, percentile  # noqa: E402
 
 RSS_GROWTH_LIMIT = 0.10  # flat: at most 10% (and 8 MiB) more than after warm-up

@@ -45,7 +45,8 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
         "meshward.xds.status_cli",
         "per-node applied versions, NACKs, drift and cert expiry",
     ),
-    ("denials", "meshward.demo.denials_cli", "list recent denials from decision and access logs"),
+    ("denials", "meshward.demo.denials_cli", "list recent denials (fleet-wide with --xds)"),
+    ("flows", "meshward.flows.cli", "the fleet's flows: who called whom, and what was decided"),
     ("demo", "meshward.demo.cli", "run the local mesh and its scripted tour on 127.0.0.1"),
     ("doctor", "meshward.doctor", "check this installation: Envoy binary, protos, telemetry"),
 )

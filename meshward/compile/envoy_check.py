@@ -35,6 +35,7 @@ OPTIONS = CompileOptions(
     extauthz=Endpoint("127.0.0.1", 9191),
     otlp=Endpoint("127.0.0.1", 4317),
     access_log_path="/dev/null",
+    flow_log_cluster="meshward-otlp",  # any static HTTP/2 cluster: the flow loggers get checked
 )
 _ERROR_LINE = re.compile(r"\[(?:critical|error)\]\[[^\]]*\]\s*(?:\[[^\]]*\]\s*)?(.*)")
 

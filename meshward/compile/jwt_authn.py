@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 
 from meshward.compile import matchers as m
 from meshward.compile.matchers import Json
-from meshward.policy.vocabulary import claim_path
 from meshward.policy.matching import SPACE_DELIMITED_CLAIMS
 from meshward.policy.model import JwtRule, RequestAuthentication
 from meshward.policy.paths import re2_escape
+from meshward.policy.vocabulary import claim_path
 
 FILTER_JWT_AUTHN = "envoy.filters.http.jwt_authn"
 T_JWT_AUTHN = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"

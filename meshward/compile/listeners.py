@@ -246,6 +246,14 @@ def _listener(
     return listener
 
 
+def _connection_log(
+    listener: Json, options: CompileOptions, workload: Workload, port: WorkloadPort
+) -> None:
+    log = observe.connection_flow_log(options, workload=workload.ref, port=port.port)
+    if log:
+        listener["access_log"] = log
+
+
 def _hcm(
     *,
     stat: str,
@@ -352,8 +360,10 @@ def inbound_http(
         tls.downstream_tls(options.mode, trust_domain, alpn=tls.ALPN_HTTP),
         connection_manager(peer=False),
     )
+    listener = _listener(listener_name, binding.listen, chains, listener_filters, "INBOUND")
+    _connection_log(listener, options, workload, port)
     return Built(
-        listener=_listener(listener_name, binding.listen, chains, listener_filters, "INBOUND"),
+        listener=listener,
         route=route_config if options.mode is Mode.XDS else None,
         clusters=(static_cluster(cluster_name, binding.app, options, h2=is_h2(port)),),
         endpoints=(),
@@ -387,8 +397,10 @@ def inbound_tcp(
     chains, listener_filters = _filter_chains(
         filters, mode, tls.downstream_tls(options.mode, trust_domain, alpn=None)
     )
+    listener = _listener(listener_name, binding.listen, chains, listener_filters, "INBOUND")
+    _connection_log(listener, options, workload, port)
     return Built(
-        listener=_listener(listener_name, binding.listen, chains, listener_filters, "INBOUND"),
+        listener=listener,
         route=None,
         clusters=(static_cluster(cluster_name, binding.app, options),),
         endpoints=(),

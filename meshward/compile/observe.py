@@ -70,9 +70,10 @@ def access_log(
 ) -> list[Json]:
     """Inbound logs name the declared port; outbound logs name the peer through
     ``upstream_cluster`` (``outbound|<port>||<name>.<ns>``), so every outbound listener of a
-    workload shares one log config."""
+    workload shares one log config. The flow log (:func:`flow_log`) rides along."""
+    flows = flow_log(options, workload=workload, direction=direction, port=port, tcp=tcp)
     if not options.access_log_path:
-        return []
+        return flows
     fields = dict(TCP_LOG_FIELDS if tcp else HTTP_LOG_FIELDS)
     static = {"workload": workload, "direction": direction}
     if port is not None:
@@ -92,7 +93,8 @@ def access_log(
                 "path": options.access_log_path,
                 "log_format": log_format,
             },
-        }
+        },
+        *flows,
     ]
 
 
@@ -113,3 +115,97 @@ def tracing(options: CompileOptions, service_name: str) -> Json | None:
             },
         },
     }
+
+
+# ---- flow logs (Envoy gRPC ALS to the control plane's collector, meshward.flows) ------------
+
+T_HTTP_GRPC_LOG = (
+    "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+)
+T_TCP_GRPC_LOG = (
+    "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
+)
+T_CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+FLOW_LOG_NAME = "meshward-flows"
+#: Custom tags every flow log entry carries (the collector keys on them).
+TAG_WORKLOAD, TAG_DIRECTION, TAG_PORT, TAG_KIND = "workload", "direction", "port", "kind"
+#: The caller's trace context: its trace id is the flow's (the span id differs per hop).
+FLOW_REQUEST_HEADERS = ("traceparent",)
+#: Outbound flow logs keep only refusals the caller's own sidecar saw: no route, the peer
+#: unreachable or refusing the TLS handshake (an mTLS refusal seen from the caller's side).
+OUTBOUND_FAILURE_FLAGS = ("NR", "UF", "UH", "URX")
+#: Connection-level (listener) flow logs keep only refused connections: a failed TLS handshake
+#: (no client certificate, untrusted certificate) or no filter chain (plaintext to STRICT).
+CONNECTION_REFUSED_CEL = 'connection.transport_failure_reason != "" || response.flags != 0'
+
+
+def _flow_common(cluster: str, tags: dict[str, str]) -> Json:
+    return {
+        "log_name": FLOW_LOG_NAME,
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+        "transport_api_version": "V3",
+        "buffer_flush_interval": "0.5s",
+        "custom_tags": [{"tag": k, "literal": {"value": v}} for k, v in sorted(tags.items())],
+    }
+
+
+def flow_log(
+    options: CompileOptions,
+    *,
+    workload: str,
+    direction: str,
+    port: int | None = None,
+    tcp: bool = False,
+) -> list[Json]:
+    """The gRPC access logger to the flow collector (meshward.flows), or nothing without
+    ``options.flow_log_cluster``. Inbound HTTP logs every request (the callee decides);
+    outbound logs only the caller-side refusals (OUTBOUND_FAILURE_FLAGS), so a flow is not
+    counted twice."""
+    if options.flow_log_cluster is None:
+        return []
+    tags = {TAG_WORKLOAD: workload, TAG_DIRECTION: direction, TAG_KIND: "tcp" if tcp else "http"}
+    if port is not None:
+        tags[TAG_PORT] = str(port)
+    common = _flow_common(options.flow_log_cluster, tags)
+    logger: Json
+    if tcp:
+        logger = {
+            "name": "envoy.access_loggers.tcp_grpc",
+            "typed_config": {"@type": T_TCP_GRPC_LOG, "common_config": common},
+        }
+    else:
+        logger = {
+            "name": "envoy.access_loggers.http_grpc",
+            "typed_config": {
+                "@type": T_HTTP_GRPC_LOG,
+                "common_config": common,
+                "additional_request_headers_to_log": list(FLOW_REQUEST_HEADERS),
+            },
+        }
+    if direction == "outbound":
+        logger["filter"] = {"response_flag_filter": {"flags": list(OUTBOUND_FAILURE_FLAGS)}}
+    return [logger]
+
+
+def connection_flow_log(options: CompileOptions, *, workload: str, port: int) -> list[Json]:
+    """The listener's own access log: connections refused before any HTTP (mTLS handshake
+    failures, plaintext to a STRICT port), which no connection manager ever sees."""
+    if options.flow_log_cluster is None:
+        return []
+    tags = {TAG_WORKLOAD: workload, TAG_DIRECTION: "inbound", TAG_PORT: str(port),
+            TAG_KIND: "connection"}  # fmt: skip
+    return [
+        {
+            "name": "envoy.access_loggers.tcp_grpc",
+            "filter": {
+                "extension_filter": {
+                    "name": "envoy.access_loggers.extension_filters.cel",
+                    "typed_config": {"@type": T_CEL_FILTER, "expression": CONNECTION_REFUSED_CEL},
+                }
+            },
+            "typed_config": {
+                "@type": T_TCP_GRPC_LOG,
+                "common_config": _flow_common(options.flow_log_cluster, tags),
+            },
+        }
+    ]

@@ -91,6 +91,9 @@ class CompileOptions:
     otlp: Endpoint | None = None  # OTLP gRPC collector (cluster meshward-otlp); None: no tracing
     access_log_path: str | None = "/dev/stdout"  # None: no access log
     access_log_format: AccessLogFormat = AccessLogFormat.JSON
+    # The cluster reaching the control plane's flow collector (Envoy gRPC ALS); in xDS mode the
+    # bootstrap's ``meshward-xds`` (HTTP/2, mTLS as the node's workload). None: no flow logs.
+    flow_log_cluster: str | None = None
     outbound: bool = True  # compile outbound listeners and clusters for peers
     listen_host: str = "0.0.0.0"
     app_host: str = "127.0.0.1"

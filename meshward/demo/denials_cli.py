@@ -24,8 +24,11 @@ examples:
   meshward denials --jaeger http://localhost:16686   # a link to each trace
   meshward denials --state /tmp/mw --dry-run    # a finished `meshward demo --state /tmp/mw`,
                                                 # with what dry-run policies would deny
+  meshward denials --xds 127.0.0.1:15011        # fleet-wide: every sidecar's denials, mTLS
+                                                # refusals included, from the control plane
+  meshward denials --xds 127.0.0.1:15011 --trace 4bf92f3577b34da6a3ce929d0e0e4736
 
-sources: each sidecar's JSON access log (Envoy RBAC denials: rbac_access_denied_matched_policy,
+sources (without --xds): each sidecar's JSON access log (Envoy RBAC denials: rbac_access_denied_matched_policy,
 ext_authz denials: ext_authz_denied) and the ext_authz decision log (policy, rule, reason), as
 listed in the demo's state.json; an ext_authz denial found in both is listed once.
 In Jaeger: service meshward-extauthz with tag meshward.decision=deny, or the sidecars' spans
@@ -53,9 +56,15 @@ def _read(path: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshward.demo import denials as core
+    if args.xds is not None:  # fleet-wide, from the control plane's flow store
+        from meshward.flows.cli import run_denials
+
+        if args.workload:
+            args.to = args.workload
+        return run_denials(args)
     from meshward.demo import state as demo_state
     from meshward.demo.traces import read_spans
+    from meshward.flows import denials as core
 
     location = demo_state.find_state(args.state)
     state = demo_state.load(location)
@@ -75,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
                 f"(known: {', '.join(known)})"
             )
     chosen = core.select(every, since=args.since, now=now, workload=workload, source=source)
+    if args.trace:
+        chosen = [d for d in chosen if d.trace_id == args.trace.lower()]
     older = len(core.select(every, workload=workload, source=source)) - len(chosen)
     if args.limit:
         chosen = chosen[-args.limit :]
@@ -125,6 +136,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also list what dry-run policies would have denied (nothing was)")  # fmt: skip
     parser.add_argument("--limit", type=non_negative_int, default=0, metavar="N",
                         help="only the newest N (default: all)")  # fmt: skip
+    parser.add_argument("--trace", metavar="ID", help="only the denial(s) of this trace id")
+    from meshward.flows.cli import add_xds_flags
+
+    add_xds_flags(parser)
     add_json_flag(parser)
     parser.set_defaults(func=run)
 

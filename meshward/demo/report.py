@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from meshward.demo.evidence import EXTAUTHZ, RBAC
 from meshward.demo.tour import CallResult, EditResult, TourResult
+from meshward.flows.evidence import EXTAUTHZ, RBAC
 
 HEADERS = ("#", "caller -> callee", "request", "expect", "actual", "decided by", "policy#rule")
 

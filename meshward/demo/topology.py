@@ -229,6 +229,7 @@ class DemoMesh:
                 "--otlp", otlp,
                 "--access-log", ACCESS_LOG,
                 "--watch-interval", "0.2",
+                "--flows-db", str(self.dir / "flows.db"),
                 "--ready-file", str(xds_ready),
         ]  # fmt: skip
         sup.launch(

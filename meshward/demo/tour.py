@@ -4,7 +4,7 @@ Calls are made the way an application would make them: to the caller's own sidec
 outbound listener for the callee), which opens mTLS with the caller's SVID, so the callee's
 sidecar sees the caller's real identity. Each call carries its own ``x-request-id`` and W3C
 ``traceparent``; the runner finds the callee's access-log line by request id and, through the
-trace id, the ext_authz decision-log lines (meshward.demo.evidence), then judges the result
+trace id, the ext_authz decision-log lines (meshward.flows.evidence), then judges the result
 against the expectation (pure: :func:`judge`).
 
 The runner needs only a :class:`~meshward.demo.state.DemoState`, so the same tour runs against
@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshward.demo import control, evidence
-from meshward.demo.evidence import MTLS, NO_ROUTE, RBAC
+from meshward.demo import control
 from meshward.demo.state import DemoState
+from meshward.flows import evidence
+from meshward.flows.evidence import MTLS, NO_ROUTE, RBAC
 
 ALLOW, DENY = "allow", "deny"
 NONE = "none"  # expected policy: no rule matched

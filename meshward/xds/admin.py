@@ -10,16 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
+
+#: Extra GET routes: path -> handler(query parameters) -> (status, content type, body).
+Route = Callable[[dict[str, str]], tuple[int, str, bytes]]
 
 MAX_REQUEST = 8192
 
 
 class AdminServer:
-    def __init__(self, status: Callable[[], dict[str, Any]], metrics: Callable[[], bytes]) -> None:
+    def __init__(
+        self,
+        status: Callable[[], dict[str, Any]],
+        metrics: Callable[[], bytes],
+        routes: Mapping[str, Route] | None = None,
+    ) -> None:
         self._status = status
         self._metrics = metrics
+        self._routes = dict(routes or {})
         self._server: asyncio.Server | None = None
         self.port: int | None = None
         self.host = "127.0.0.1"
@@ -42,7 +52,7 @@ class AdminServer:
             self._server = None
 
     def _route(self, path: str) -> tuple[int, str, bytes]:
-        path = path.split("?", 1)[0]
+        path = path.partition("?")[0]
         if path == "/status":
             body = json.dumps(self._status(), indent=2, sort_keys=True, default=str) + "\n"
             return 200, "application/json", body.encode()
@@ -50,7 +60,8 @@ class AdminServer:
             return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics()
         if path in ("/healthz", "/ready"):
             return 200, "text/plain", b"ok\n"
-        return 404, "text/plain", b"not found: try /status, /metrics or /healthz\n"
+        more = "".join(f", {p}" for p in sorted(self._routes))
+        return 404, "text/plain", f"not found: try /status, /metrics{more} or /healthz\n".encode()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -62,10 +73,17 @@ class AdminServer:
                 status, ctype, body = 405, "text/plain", b"only GET\n"
             else:
                 try:
-                    status, ctype, body = self._route(path)
+                    route, _, query = path.partition("?")
+                    if route in self._routes:  # database reads (flows): off the event loop
+                        params = dict(parse_qsl(query)[:32])
+                        handler = self._routes[route]
+                        status, ctype, body = await asyncio.to_thread(handler, params)
+                    else:
+                        status, ctype, body = self._route(path)
                 except Exception as exc:  # never let a status bug kill the endpoint
                     status, ctype, body = 500, "text/plain", f"{type(exc).__name__}\n".encode()
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(status, "Error")
+            reason = {200: "OK", 400: "Bad Request", 404: "Not Found",
+                      405: "Method Not Allowed"}.get(status, "Error")  # fmt: skip
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

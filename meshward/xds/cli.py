@@ -120,6 +120,19 @@ def dump_bindings(bindings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _flows_db(args: argparse.Namespace) -> str | None:
+    """--flows-db: None for 'off'; default ``flows.db`` beside the CA directory (the control
+    plane's state); a plain path's directory must exist."""
+    value = args.flows_db
+    if value == "off":
+        return None
+    if value is None:
+        value = str(Path(args.ca).resolve().parent / "flows.db")
+    if "://" not in value and not Path(value).resolve().parent.is_dir():
+        raise UserError(f"--flows-db {value}: its directory does not exist")
+    return str(value)
+
+
 def serve(args: argparse.Namespace) -> int:
     import asyncio
     from datetime import timedelta
@@ -149,12 +162,16 @@ def serve(args: argparse.Namespace) -> int:
     if args.ready_file and not Path(args.ready_file).resolve().parent.is_dir():
         raise UserError(f"--ready-file {args.ready_file}: its directory does not exist")
     ca = CertificateAuthority.load(Path(args.ca))
+    from meshward.xds.bootstrap import XDS_CLUSTER
+
+    flows_db = _flows_db(args)
     options = CompileOptions(
         bindings=load_bindings(Path(args.bindings)) if args.bindings else {},
         extauthz=Endpoint.parse(args.extauthz) if args.extauthz else None,
         otlp=Endpoint.parse(args.otlp) if args.otlp else None,
         access_log_path=None if args.access_log == "off" else args.access_log,
         access_log_format=AccessLogFormat(args.access_log_format),
+        flow_log_cluster=None if flows_db is None else XDS_CLUSTER,
         listen_host=args.listen_host,
         app_host=args.app_host,
     )
@@ -192,9 +209,15 @@ def serve(args: argparse.Namespace) -> int:
                 join_listen=args.join_listen,
                 state_dir=Path(args.state_dir) if args.state_dir else None,
                 agent_secrets=args.secrets == "agent",
+                flows_db=flows_db,
             )
         except PolicyError as exc:
             raise UserError(f"the policy set is invalid; not starting.\n{exc}") from None
+        except Exception as exc:  # the flow store (SQLAlchemy): unreachable, bad URL, no rights
+            if type(exc).__module__.startswith("sqlalchemy"):
+                first = str(exc).splitlines()[0][:300]
+                raise UserError(f"--flows-db: cannot open the flow store: {first}") from None
+            raise
         if service.control.policy.mesh.trust_domain != ca.trust_domain:
             raise UserError(
                 f"policy trust domain {service.control.policy.mesh.trust_domain!r} differs from "
@@ -328,6 +351,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="accept join tokens here (TLS, server-authenticated only)")  # fmt: skip
     agents.add_argument("--state-dir", metavar="DIR",
                         help="where spent join tokens are recorded (default: the CA directory)")  # fmt: skip
+    p.add_argument("--flows-db", metavar="PATH|URL",
+                   help="the flow store behind `meshward flows|denials --xds`: a SQLite file, "
+                        "postgresql://USER@HOST/DB (replicas sharing one store), or 'off' "
+                        "(default: flows.db next to the --ca directory)")  # fmt: skip
     p.add_argument("--ready-file", metavar="FILE",
                    help="write {ads, admin, server_identity, policy_version, pid} as JSON once "
                         "listening (for supervisors and scripts)")  # fmt: skip

@@ -168,6 +168,8 @@ class AdsServer:
         self.port: int | None = None
         # More services on the ADS port (its mTLS), e.g. the certificate service's renewals.
         self.extra_handlers: list[grpc.GenericRpcHandler] = []
+        # Other services on the same mTLS port (the flow collector, meshward.flows.collector).
+        self.services: list[Callable[[grpc.aio.Server], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -187,6 +189,8 @@ class AdsServer:
         server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
         if self.extra_handlers:
             server.add_generic_rpc_handlers(tuple(self.extra_handlers))
+        for add in self.services:
+            add(server)
         try:
             if credentials is None:
                 port = server.add_insecure_port(address)

@@ -54,6 +54,7 @@ class XdsService:
         join_listen: str | None = None,
         state_dir: Path | None = None,
         agent_secrets: bool = False,
+        flows_db: str | None = None,
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
@@ -66,7 +67,8 @@ class XdsService:
         where spent join tokens are recorded (default: the CA directory). ``agent_secrets``:
         every sidecar runs under `meshward agent`, which holds its key and serves its secrets:
         the control plane issues no keyed SVIDs (``compiler`` should come from
-        ``compiler_for(..., agent_secrets=True)``)."""
+        ``compiler_for(..., agent_secrets=True)``). ``flows_db``: the flow store (a SQLite file or ``postgresql://...``) behind the flow
+        collector on the ADS port and the admin's /flows and /denials (None: no collector)."""
         self.watcher: Any = None
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
@@ -98,6 +100,12 @@ class XdsService:
         self.ads = AdsServer(
             self.control, metrics=self.metrics, drift_threshold=drift_threshold, limits=self.limits
         )
+        self.flows: Any = None
+        if flows_db is not None:
+            from meshward.flows.service import FlowService
+
+            self.flows = FlowService(flows_db, self.control, registry=self.metrics.registry)
+            self.ads.services.append(self.flows.collector.add_to)
         self.metrics.add_state(self.status)
         self.listen = listen
         self.admin_address = admin
@@ -139,7 +147,8 @@ class XdsService:
                 raise
         if self.admin_address is not None:
             host, port = split_address(self.admin_address)
-            admin = AdminServer(self.status, self.metrics.exposition)
+            routes = self.flows.routes() if self.flows is not None else None
+            admin = AdminServer(self.status, self.metrics.exposition, routes)
             try:
                 await admin.start(host, port)
             except OSError:  # e.g. the admin port is taken: release the ADS port too
@@ -149,6 +158,8 @@ class XdsService:
         self._tasks.append(asyncio.create_task(self.control.run(), name="meshward-xds-timers"))
         if self.jwks is not None:
             self._tasks.append(asyncio.create_task(self._jwks_loop(), name="meshward-xds-jwks"))
+        if self.flows is not None:
+            self._tasks.append(asyncio.create_task(self.flows.run(), name="meshward-flows"))
         if self.watcher is not None:
             on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())
             self.watcher.on_change, self.watcher.on_error = on_change, on_error
@@ -173,6 +184,8 @@ class XdsService:
         await self.ads.stop(0.5)
         if self.admin is not None:
             await self.admin.stop()
+        if self.flows is not None:
+            await asyncio.to_thread(self.flows.close)
 
     async def _jwks_loop(self) -> None:
         """Refetch due JWKS URIs (new ones within a second of a policy naming them) off the
@@ -205,6 +218,8 @@ class XdsService:
         result["nodes"] = self.ads.node_status()
         if self.jwks is not None:
             result["jwks"] = self.jwks.status()
+        if self.flows is not None:
+            result["flows"] = self.flows.status()
         return result
 
 

@@ -141,6 +141,7 @@ class LocalMesh:
         log_level: str = "warning",
         watch_interval: float = 0.1,
         jwks_refresh_interval: float | None = None,
+        flows_db: Any = None,
     ) -> None:
         from datetime import timedelta
         from pathlib import Path
@@ -156,6 +157,7 @@ class LocalMesh:
         self.log_level = log_level
         self.watch_interval = watch_interval
         self.jwks_refresh_interval = jwks_refresh_interval  # None: meshward.xds.jwks default
+        self.flows_db = flows_db  # a flow store: sidecars stream flow logs to the control plane
         self.echoes: dict[str, Any] = {}
         self.envoys: dict[str, Any] = {}
         self.xds: Any = None
@@ -190,8 +192,13 @@ class LocalMesh:
         }
         supply = (free_port() for _ in itertools.count())
         self.bindings = runtime_bindings(policy.workloads, supply, app_ports=app_ports)
+        from meshward.xds.bootstrap import XDS_CLUSTER
+
         options = CompileOptions(
-            bindings=self.bindings, listen_host="127.0.0.1", access_log_path="/dev/stdout"
+            bindings=self.bindings,
+            listen_host="127.0.0.1",
+            access_log_path="/dev/stdout",
+            flow_log_cluster=XDS_CLUSTER if self.flows_db is not None else None,
         )
         from meshward.xds.jwks import JwksCache
 
@@ -220,6 +227,7 @@ class LocalMesh:
             svid_ttl=self.svid_ttl,
             schedule=self.schedule,
             drift_threshold=self.drift_threshold,
+            flows_db=None if self.flows_db is None else str(self.flows_db),
         ).start()
         service = self.xds.service
         roots = self.ca.trust_bundle().roots_pem

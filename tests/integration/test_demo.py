@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from meshward.cli import main
-from meshward.demo import evidence
 from meshward.demo.topology import DemoMesh, MeshOptions, find_examples
+from meshward.flows import evidence
 from meshward.telemetry.collector import OtlpReceiver
 
 
@@ -149,13 +149,13 @@ def test_denials_lists_every_denial_of_the_run(run: Run) -> None:
 def _state_advertises_exactly_the_outbound_listeners(path: Path) -> None:
     """state.json's outbound addresses are the caller sidecars' live outbound listeners, no
     more (a pair without a listener is listed as unlistened, and nothing listens there)."""
-    from meshward.envoy.admin import AdminClient
+    from meshward.envoy.admin import AdminClient  # Envoy's admin is a Unix socket (issue 13)
 
     state = json.loads(path.read_text())
     for ref, workload in state["workloads"].items():
-        code, body = AdminClient(workload["admin"]).get("/listeners?format=json")
-        assert code == 200, (ref, body)
-        statuses = json.loads(body)["listener_statuses"]
+        code, text = AdminClient(workload["admin"]).get("/listeners?format=json")
+        assert code == 200, text
+        statuses = json.loads(text)["listener_statuses"]
         bound = {
             f"{s['local_address']['socket_address']['address']}:"
             f"{s['local_address']['socket_address']['port_value']}"
@@ -164,6 +164,20 @@ def _state_advertises_exactly_the_outbound_listeners(path: Path) -> None:
         }
         assert set(workload["outbound"].values()) == bound, ref
         assert not set(workload["unlistened"].values()) & bound, ref
+
+
+def _wait_rows(argv: list[str], key: str, want: Any) -> list[dict[str, Any]]:
+    import time
+
+    rows: list[dict[str, Any]] = []
+    for _ in range(100):
+        code, out, err = _run(argv)
+        assert code == 0, err
+        rows = json.loads(out)[key]
+        if want(rows):
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"{' '.join(argv)}: not seen: {rows}")
 
 
 def test_attach_runs_the_tour_against_a_running_mesh(tmp_path: Path, last_pointer: Path) -> None:
@@ -184,6 +198,14 @@ def test_attach_runs_the_tour_against_a_running_mesh(tmp_path: Path, last_pointe
         assert rbac and any(any(s.startswith("payments.shop:") for s in d["spans"]) for d in rbac)
         assert mesh.state is not None
         _state_advertises_exactly_the_outbound_listeners(tmp_path / "mesh" / "state.json")
+        # Fleet-wide, from the control plane's flow collector (every sidecar's gRPC access log)
+        admin = mesh.state.xds_admin
+        flows = _wait_rows(["flows", "--xds", admin, "--json"], "flows", lambda rows: any(
+            r["decision"] == "allow" and r["source"] == "shop/frontend" for r in rows))  # fmt: skip
+        assert any(r["decision"] == "deny" for r in flows)
+        denials = _wait_rows(["denials", "--xds", admin, "--json"], "denials", lambda rows: any(
+            r["reason"].startswith("mTLS") for r in rows))  # fmt: skip
+        assert {"source", "destination", "reason", "policy", "trace_id"} <= set(denials[0])
     assert json.loads((tmp_path / "mesh" / "state.json").read_text())["running"] is False
 
 

@@ -27,6 +27,7 @@ OPTIONS = {
         mode=Mode.XDS,
         extauthz=Endpoint("127.0.0.1", 9191),
         otlp=Endpoint("127.0.0.1", 4317),
+        flow_log_cluster="meshward-xds",  # as `meshward xds serve` compiles (flows on)
     ),
     "static": CompileOptions(mode=Mode.STATIC, extauthz=Endpoint("127.0.0.1", 9191)),
 }

@@ -8,8 +8,8 @@ from types import ModuleType
 import pytest
 
 from meshward.cli import main
-from meshward.demo import denials, evidence
 from meshward.demo.state import DemoState, WorkloadState, save
+from meshward.flows import denials, evidence
 
 
 def collect(S: ModuleType, **kwargs: object) -> list[denials.Denial]:

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import pytest
 
-from meshward.demo import evidence
+from meshward.flows import evidence
 
 
 def verdict(text: str) -> evidence.Verdict:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from meshward.demo import control, evidence, report, tour
+from meshward.demo import control, report, tour
 from meshward.demo.state import DemoState, WorkloadState, load, save
 from meshward.demo.tokens import AUDIENCE, ISSUER, mint
+from meshward.flows import evidence
 from meshward.policy import Request, evaluate, parse
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from meshward.demo import evidence
+from meshward.flows import evidence
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""The flow collector, store and admin routes wired to one control plane (one small hook in
+:class:`meshward.xds.service.XdsService`): the collector shares the ADS server's mTLS port, the
+store is flushed off the event loop every ``flush_interval`` seconds, and the admin address
+serves ``/flows`` and ``/denials``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from meshward.flows import query
+from meshward.flows.collector import CollectorLimits, FlowCollector
+from meshward.flows.store import FlowStore, StoreLimits
+from meshward.xds.admin import Route
+from meshward.xds.limits import RefusalLog
+
+log = logging.getLogger("meshward.flows")
+
+
+class FlowService:
+    def __init__(
+        self,
+        url: str,
+        control: Any,  # meshward.xds.controlplane.ControlPlane
+        *,
+        store_limits: StoreLimits | None = None,
+        collector_limits: CollectorLimits | None = None,
+        flush_interval: float = 1.0,
+        registry: Any = None,  # a prometheus_client CollectorRegistry for the flow metrics
+    ) -> None:
+        self.control = control
+        self.store = FlowStore.open(url, store_limits)
+        self.collector = FlowCollector(
+            self.store,
+            authorize=control.authorize,
+            resolve=self.resolve,
+            limits=collector_limits,
+        )
+        self.flush_interval = flush_interval
+        if registry is not None:
+            from meshward.flows.metrics import FlowMetrics
+
+            self.metrics = FlowMetrics(registry)
+            self.collector.observers.append(self.metrics.observe)
+            self.metrics.add_collector(registry, self.collector.status)
+        self._ids: tuple[str, dict[str, str]] = ("", {})
+        self._refusals = RefusalLog(log)
+
+    def resolve(self, spiffe_id: str) -> str | None:
+        """The workload a caller's SPIFFE ID names (several workloads may share a service
+        account: the first by name), or None."""
+        policy = self.control.policy
+        if self._ids[0] != policy.version:
+            td = policy.mesh.trust_domain
+            ids: dict[str, str] = {}
+            for w in sorted(policy.workloads, key=lambda w: w.ref):
+                ids.setdefault(w.spiffe_id(td), w.ref)
+            self._ids = (policy.version, ids)
+        return self._ids[1].get(spiffe_id)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        try:
+            await asyncio.to_thread(self.store.flush)
+        except sa.exc.SQLAlchemyError as exc:  # logged once a minute: a down database
+            self._refusals.refused(  # must not flood the log at every flush
+                "flow-store", "write-failed",
+                f"flow store write failed (batch dropped): {str(exc).splitlines()[0][:300]}",
+                time.monotonic(),
+            )  # fmt: skip
+
+    def routes(self) -> dict[str, Route]:
+        def handler(fn: Any) -> Route:
+            def route(params: dict[str, str]) -> tuple[int, str, bytes]:
+                try:
+                    rows = fn(self.store, params)
+                except query.QueryError as exc:
+                    return 400, "text/plain", f"{exc}\n".encode()
+                except sa.exc.SQLAlchemyError as exc:
+                    return 503, "text/plain", f"flow store: {type(exc).__name__}\n".encode()
+                body = json.dumps({"rows": rows}, indent=1, sort_keys=True) + "\n"
+                return 200, "application/json", body.encode()
+
+            return route
+
+        return {"/flows": handler(query.flows), "/denials": handler(query.denials)}
+
+    def status(self) -> dict[str, Any]:
+        return self.collector.status()
+
+    def close(self) -> None:
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            self.store.flush()
+        self.store.close()

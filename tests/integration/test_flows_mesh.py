@@ -1,0 +1,211 @@
+"""Flows collected from real Envoy sidecars over gRPC ALS into the control plane's store.
+
+One small mesh (frontend, orders, payments; STRICT mTLS; orders admits only frontend on
+/orders*): an allowed call, an RBAC denial (POST), a plaintext (mTLS-refused) connection and a call to
+a path no rule admits, then ``/flows`` and ``/denials`` on the control plane's admin address.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meshward.xds.testing import LocalMesh
+
+FRONTEND, ORDERS, PAYMENTS, DB = "shop/frontend", "shop/orders", "shop/payments", "shop/db"
+POLICY = (
+    """
+apiVersion: meshward.dev/v1
+kind: MeshConfig
+metadata: {name: mesh}
+spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: meshward-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: orders-allow-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: orders}}
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+      to: [{operation: {methods: ["GET"], paths: ["/orders", "/orders/*"]}}]
+"""
+    + "".join(
+        f"""---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
+spec:
+  ports: [{{name: http, port: 8080, protocol: HTTP}}]
+"""
+        for name in ("frontend", "orders", "payments")
+    )
+    + """---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec:
+  ports: [{name: tcp, port: 8080, protocol: TCP}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-allow-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    base = tmp_path_factory.mktemp("flows")
+    policies = base / "policies"
+    policies.mkdir()
+    (policies / "mesh.yaml").write_text(POLICY)
+    with LocalMesh(
+        policies, base / "run", [FRONTEND, ORDERS, PAYMENTS, DB], flows_db=base / "flows.db"
+    ) as m:
+        yield m
+
+
+def admin(mesh: LocalMesh, path: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{mesh.xds.admin_url}{path}", timeout=5) as response:
+        rows: list[dict[str, Any]] = json.loads(response.read())["rows"]
+    return rows
+
+
+def wait_rows(mesh: LocalMesh, path: str, want: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        rows = admin(mesh, path)
+        if want(rows):
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"{path}: not seen in {timeout}s: {rows}")
+
+
+def test_calls_become_flows_and_denials(mesh: LocalMesh) -> None:
+    assert mesh.request(FRONTEND, ORDERS, "/orders/42")[0] == 200
+    assert mesh.request(FRONTEND, ORDERS, "/orders/43")[0] == 200
+    assert mesh.request(FRONTEND, ORDERS, "/orders/7", method="POST")[0] == 403
+    assert mesh.plaintext(ORDERS, "/orders/1")[0] == 0  # STRICT: no TLS, no HTTP
+
+    def allowed(rows: list[dict[str, Any]]) -> bool:
+        return any(
+            r["source"] == FRONTEND and r["destination"] == ORDERS and r["path"] == "/orders/{*}"
+            and r["decision"] == "allow" and r["count"] == 2
+            for r in rows
+        )  # fmt: skip
+
+    rows = wait_rows(mesh, "/flows", allowed)
+    flow = next(r for r in rows if r["source"] == FRONTEND and r["decision"] == "allow")
+    assert flow["method"] == "GET" and flow["port"] == 8080
+    assert flow["policy"] == "shop/orders-allow-frontend#0"
+    denied = wait_rows(
+        mesh,
+        "/denials",
+        lambda rows: (
+            any(r["method"] == "POST" for r in rows)
+            and any(r["reason"].startswith("mTLS") for r in rows)
+        ),
+    )
+    rbac = next(r for r in denied if r["method"] == "POST")
+    assert (
+        rbac["source"] == FRONTEND
+        and rbac["destination"] == ORDERS
+        and rbac["path"] == "/orders/{*}"
+    )
+    assert rbac["reason"] == "no ALLOW rule matched (default deny)"
+    mtls = next(r for r in denied if r["reason"].startswith("mTLS"))
+    assert mtls["destination"] == ORDERS and mtls["source"] == "plaintext"
+    assert mtls["kind"] == "connection"
+    # the listener log records refused connections only (its CEL filter), not every connection
+    assert [r for r in denied if r["kind"] == "connection"] == [mtls]
+    only = admin(mesh, "/flows?from=shop/frontend&decision=deny")
+    assert only and all(r["source"] == FRONTEND and r["decision"] == "deny" for r in only)
+    assert [r["method"] for r in only] == ["POST"]
+
+
+def test_cli_reads_flows_and_denials_from_the_admin_address(
+    mesh: LocalMesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meshward.cli import main
+
+    assert mesh.request(FRONTEND, ORDERS, "/orders/99")[0] == 200
+    assert mesh.request(FRONTEND, ORDERS, "/orders/98", method="DELETE")[0] == 403
+    wait_rows(mesh, "/denials", lambda rows: any(r["method"] == "DELETE" for r in rows))
+    address = mesh.xds.admin_url.removeprefix("http://")
+    assert main(["flows", "--xds", address, "--from", FRONTEND, "--to", ORDERS, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["flows"]
+    for key in ("source", "destination", "decision", "method", "path", "policy", "count",
+                "last_seen"):  # fmt: skip
+        assert all(key in r for r in rows), key
+    assert {(r["method"], r["decision"]) for r in rows} >= {("GET", "allow"), ("DELETE", "deny")}
+    assert main(["flows", "--xds", address, "--decision", "deny", "--since", "1h"]) == 0
+    text = capsys.readouterr().out
+    assert "shop/frontend" in text and "DELETE /orders/{*}" in text and "GET /orders" not in text
+    assert main(["denials", "--xds", address, "--json"]) == 0
+    denials = json.loads(capsys.readouterr().out)["denials"]
+    for key in ("source", "destination", "reason", "policy", "trace_id"):
+        assert all(key in r for r in denials), key
+    delete = next(r for r in denials if r["method"] == "DELETE")
+    assert main(["denials", "--xds", address, "--trace", delete["trace_id"], "--json"]) == 0
+    [one] = json.loads(capsys.readouterr().out)["denials"]
+    assert one["method"] == "DELETE" and one["trace_id"] == delete["trace_id"]
+    assert main(["flows", "--xds", "127.0.0.1:1"]) == 1  # unreachable: a clear error, exit 1
+    assert "cannot read /flows" in capsys.readouterr().err
+
+
+def test_metrics_count_flows_by_source_and_destination(mesh: LocalMesh) -> None:
+    assert mesh.request(FRONTEND, ORDERS, "/orders/5")[0] == 200
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"{mesh.xds.admin_url}/metrics", timeout=5) as response:
+            text: str = response.read().decode()
+        return text
+
+    want = 'meshward_flows_total{decision="allow",destination="shop/orders",source="shop/frontend"}'
+    deadline = time.monotonic() + 30
+    text = scrape()
+    while want not in text and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text = scrape()
+    assert want in text
+    assert 'meshward_flow_denials_total{policy="none"}' in text  # the POST: no ALLOW rule
+    assert 'meshward_flow_enforcement_seconds_bucket{decision="allow",le="0.005"}' in text
+    assert "meshward_flow_collector_refused_total" in text
+
+
+def test_bad_query_parameters_are_a_400_with_a_reason(mesh: LocalMesh) -> None:
+    import urllib.error
+
+    for query, reason in (("decision=maybe", "decision must be"), ("limit=0", "limit must be"),
+                          ("since=yesterday", "since must be")):  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as info:
+            admin(mesh, f"/flows?{query}")
+        assert info.value.code == 400 and reason in info.value.read().decode()
+
+
+def test_tcp_connections_are_flows_too(mesh: LocalMesh) -> None:
+    """A TCP port: the TCP proxy's gRPC log (one record per connection, no method or path)."""
+    assert mesh.request(FRONTEND, DB, "/anything")[0] == 200  # HTTP through the TCP proxy
+
+    def seen(rows: list[dict[str, Any]]) -> bool:
+        return any(r["source"] == FRONTEND and r["decision"] == "allow" for r in rows)
+
+    rows = wait_rows(mesh, "/flows?to=shop/db", seen)
+    flow = next(r for r in rows if r["source"] == FRONTEND)
+    assert flow["port"] == 8080 and flow["method"] == "" and flow["path"] == ""

@@ -203,6 +203,9 @@ class FaultMesh:
             "--policy", str(self.policy_dir),
             "--listen", f"127.0.0.1:{self.extauthz_port}",
             "--ca", str(self.ca_dir),  # its own SVID; follows the CA rotation test
+            # one process, as the kill/restart faults assume (the worker supervisor has its own
+            # tests, tests/integration/test_extauthz_workers.py)
+            "--workers", "1",
             "--metrics-listen", f"127.0.0.1:{self.extauthz_metrics_port}",
             "--poll-interval", str(WATCH_INTERVAL),
             "--ready-file", str(self.root / "extauthz.json"),

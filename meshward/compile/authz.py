@@ -249,16 +249,12 @@ def _policies(rules: Sequence[RuleClass], ctx: RuleContext) -> dict[str, Json]:
 
 
 def split_indexed(
-    rules: list[RuleClass], min_rules: int | None
+    rules: list[RuleClass], min_rules: int | None, trust_domain: str = ""
 ) -> tuple[list[RuleClass], list[RuleClass]]:
-    """(indexed, plain): rules with exact callers go to the principal index when there are at
-    least ``min_rules`` of them (None: never)."""
-    if min_rules is None:
-        return [], rules
-    indexed = [r for r in rules if index.exact_principals(r) is not None]
-    if not indexed or len(indexed) < min_rules:
-        return [], rules
-    return indexed, [r for r in rules if index.exact_principals(r) is None]
+    """(indexed, plain): rules that name their callers (exact identities, principal prefixes,
+    namespaces) go to the principal index when there are at least ``min_rules`` of them (None:
+    never); meshward.compile.index.split decides."""
+    return index.split(rules, min_rules, trust_domain)
 
 
 def _indexed_allowed() -> Json:
@@ -339,7 +335,11 @@ def _shadow(action: str, policies: dict[str, Json]) -> Json:
 
 
 def rbac_route_configs(
-    plan_: AuthzPlan, port_map: Mapping[int, int], *, index_min_rules: int | None = None
+    plan_: AuthzPlan,
+    port_map: Mapping[int, int],
+    *,
+    index_min_rules: int | None = None,
+    trust_domain: str = "",
 ) -> dict[str, Json]:
     """Filter name -> RBACPerRoute, for the RBAC filters this workload's policy uses (the
     others get nothing and pass every request)."""
@@ -354,11 +354,13 @@ def rbac_route_configs(
     audit = plan_.native(Action.AUDIT) + plan_.native(Action.AUDIT, dry_run=True)
     if audit:
         rbac[names.RBAC_AUDIT] = _shadow("LOG", _policies(audit, ctx))
-    deny_indexed, deny = split_indexed(plan_.native(Action.DENY), index_min_rules)
+    deny_indexed, deny = split_indexed(plan_.native(Action.DENY), index_min_rules, trust_domain)
     if deny:
         rbac[names.RBAC_DENY] = _enforced("DENY", _policies(deny, ctx))
     if deny_indexed:
-        rbac[names.RBAC_DENY_INDEXED] = {"matcher": index.matcher(deny_indexed, ctx, "DENY")}
+        rbac[names.RBAC_DENY_INDEXED] = {
+            "matcher": index.matcher(deny_indexed, ctx, "DENY", trust_domain)
+        }
     enforce = plan_.has_allow and not plan_.extauthz(Action.ALLOW)
     # Without ext_authz ALLOW rules the native ALLOW rules are enforced; with them they only
     # say (in metadata) whether they allowed, and ext_authz runs when they did not. When
@@ -366,12 +368,12 @@ def rbac_route_configs(
     # policy: no shadow verdict, so the gate never skips it.
     gate = plan_.union_shadow and not plan_.extauthz_always
     if enforce or gate:
-        indexed, allow = split_indexed(plan_.native(Action.ALLOW), index_min_rules)
+        indexed, allow = split_indexed(plan_.native(Action.ALLOW), index_min_rules, trust_domain)
         engine: Json
         if indexed and not allow:
             # Only indexed rules: the tree alone decides. On a plaintext chain it has no peer
             # identity to look up and matches nothing, which is right: every rule names callers.
-            tree = index.matcher(indexed, ctx, "ALLOW")
+            tree = index.matcher(indexed, ctx, "ALLOW", trust_domain)
             engine = {"matcher": tree} if enforce else {"shadow_matcher": tree}
         else:
             policies = _policies(allow, ctx)
@@ -380,7 +382,7 @@ def rbac_route_configs(
                 # into the rules engine, so the ALLOW union holds across both engines (and a
                 # plaintext chain, which has no indexed filter, never sees that verdict).
                 rbac[names.RBAC_ALLOW_INDEXED] = {
-                    "shadow_matcher": index.matcher(indexed, ctx, "ALLOW")
+                    "shadow_matcher": index.matcher(indexed, ctx, "ALLOW", trust_domain)
                 }
                 policies[names.INDEXED_ALLOW_POLICY] = _indexed_allowed()
             engine = _enforced("ALLOW", policies) if enforce else _shadow("ALLOW", policies)
@@ -389,10 +391,16 @@ def rbac_route_configs(
 
 
 def rbac_stages(
-    plan_: AuthzPlan, port_map: Mapping[int, int], *, index_min_rules: int | None = None
+    plan_: AuthzPlan,
+    port_map: Mapping[int, int],
+    *,
+    index_min_rules: int | None = None,
+    trust_domain: str = "",
 ) -> list[Stage]:
     """Every RBAC filter of an inbound HTTP chain, in chain order, with this workload's rules."""
-    configs = rbac_route_configs(plan_, port_map, index_min_rules=index_min_rules)
+    configs = rbac_route_configs(
+        plan_, port_map, index_min_rules=index_min_rules, trust_domain=trust_domain
+    )
     return [
         Stage(
             name=name,
@@ -494,13 +502,14 @@ def http_authz(
     declared_port: int,
     extauthz_timeout_ms: int,
     index_min_rules: int | None = None,
+    trust_domain: str = "",
 ) -> HttpAuthz:
     """The chain is the same for every policy except for ext_authz, which only workloads that
     need the service have (both filters, whatever for; disabled per route where idle)."""
     context = extauthz_per_route(workload_ref, declared_port)
     stages: list[Stage] = []
     token_routes: list[Json] = []
-    rbac = rbac_stages(plan_, port_map, index_min_rules=index_min_rules)
+    rbac = rbac_stages(plan_, port_map, index_min_rules=index_min_rules, trust_domain=trust_domain)
     if not plan_.uses_extauthz:
         return HttpAuthz(stages=tuple(rbac), token_routes=(), extauthz=False)
     stages.append(

@@ -114,13 +114,20 @@ class Server:
         self.admin = info["admin"]
         self.identity = info["server_identity"]
 
-    def status_seconds(self) -> float:
+    def status_seconds(self) -> tuple[float, float]:
+        """(GET /status: the summary; every node's document, /status?view=nodes page by page,
+        as `meshward status` reads it)."""
         import urllib.request
+
+        from meshward.xds.status_cli import fetch_nodes
 
         start = time.perf_counter()
         with urllib.request.urlopen(self.admin + "/status", timeout=120) as response:
             response.read()
-        return time.perf_counter() - start
+        summary = time.perf_counter() - start
+        start = time.perf_counter()
+        fetch_nodes(self.admin, 120, ())
+        return summary, time.perf_counter() - start
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -229,7 +236,7 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
             mesh = worker.ask(f"wait {json.dumps(nodes)} 600")
             mesh_cpu = server.cpu_seconds() - cpu0
             probe = worker.ask("probe off")
-            status = server.status_seconds()
+            status, status_nodes = server.status_seconds()
             return {
                 "nodes": len(nodes),
                 "services": len(ps.workloads),
@@ -248,6 +255,7 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
                 "stall": probe["max_stall"],
                 "probes": probe["answers"],
                 "status": status,
+                "status_nodes": status_nodes,
             }
         finally:
             worker.stop()
@@ -447,14 +455,14 @@ def main() -> None:
     print(f"xDS at fleet scale ({args.topology}; replicas {args.replicas}; {args.rounds} round(s); "
           "SotW; simulated nodes decode before ACK and follow EDS/RDS)")  # fmt: skip
     print(f"{'services':>8} {'nodes':>6} {'cold s':>7} {'1-edit ms':>9} {'mesh s':>7} "
-          f"{'CPU/change s':>12} {'us/resource':>11} {'+KiB/node':>9} {'stall ms':>8} {'/status s':>9}")  # fmt: skip
+          f"{'CPU/change s':>12} {'us/resource':>11} {'+KiB/node':>9} {'stall ms':>8} {'/status s':>9} {'nodes s':>7}")  # fmt: skip
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))} for n, rs in results.items()}  # fmt: skip
     for n in sizes:
         m = med[n]
         per_resource = m["mesh_cpu"] * 1e6 / max(1, m["mesh_resources"])
         print(f"{m['services']:8.0f} {m['nodes']:6.0f} {m['cold']:7.1f} {m['one'] * 1000:9.0f} {m['mesh']:7.2f} "
               f"{m['mesh_cpu']:12.2f} {per_resource:11.1f} {(m['rss'] - m['rss0']) * 1024 / m['nodes']:9.0f} "
-              f"{m['stall'] * 1000:8.0f} {m['status']:9.2f}")  # fmt: skip
+              f"{m['stall'] * 1000:8.0f} {m['status']:9.2f} {m['status_nodes']:7.2f}")  # fmt: skip
         print(f"{'':8} one-policy edit: {m['one_nodes']:.0f} affected nodes, {m['one_touched']:.0f} "
               f"nodes got anything, server CPU {m['one_cpu'] * 1000:.0f} ms; cold start server CPU "
               f"{m['cold_cpu']:.1f} s, RSS {m['rss0']:.0f} MiB compiled, {m['rss']:.0f} MiB with every node "

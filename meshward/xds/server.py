@@ -43,7 +43,13 @@ from meshward.xds.protocol import (
     SotwProtocol,
 )
 from meshward.xds.resources import encode_response
-from meshward.xds.status import DEFAULT_DRIFT_THRESHOLD, drifting, iso, stream_types
+from meshward.xds.status import (
+    DEFAULT_DRIFT_THRESHOLD,
+    FleetCounts,
+    drifting,
+    iso,
+    stream_types,
+)
 
 log = logging.getLogger("meshward.xds")
 audit = logging.getLogger("meshward.xds.audit")
@@ -482,15 +488,42 @@ class AdsServer:
         return encode_response(head, push.resources, delta=mode != "sotw")
 
     # -- status --------------------------------------------------------------------------------
-    def node_status(self) -> list[dict[str, Any]]:
-        """Per node: streams, per-type desired/ACKed versions, NACKs, drift (no secrets)."""
-        now = self.clock()
-        wall_offset = time.time() - now
+    def _streams_by_node(self) -> dict[str, list[Stream]]:
         by_node: dict[str, list[Stream]] = {}
         for stream in self.streams.values():
             by_node.setdefault(str(stream.node), []).append(stream)
-        result = []
+        return by_node
+
+    def node_names(self) -> list[str]:
+        """Every node with a stream or a snapshot, sorted (the per-node view's order)."""
+        return sorted({str(s.node) for s in self.streams.values()} | set(self.cache.nodes()))
+
+    def fleet_counts(self) -> FleetCounts:
+        """Counts over every node without building the per-node documents (the summary)."""
+        now = self.clock()
+        by_node = self._streams_by_node()
+        counts = FleetCounts()
         for node_name in sorted(set(by_node) | set(self.cache.nodes())):
+            snapshot = self.cache.get(node_name)
+            counts.add(
+                node_name,
+                (
+                    (s.mode, stream_types(s.protocol.states, snapshot, now, self.drift_threshold))
+                    for s in sorted(by_node.get(node_name, []), key=lambda s: s.id)
+                ),
+            )
+        return counts
+
+    def node_status(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """Per node: streams, per-type desired/ACKed versions, NACKs, drift (no secrets).
+        ``names``: only these nodes (in that order; unknown names are skipped)."""
+        now = self.clock()
+        wall_offset = time.time() - now
+        by_node = self._streams_by_node()
+        known = set(by_node) | set(self.cache.nodes())
+        wanted = sorted(known) if names is None else [n for n in names if n in known]
+        result = []
+        for node_name in wanted:
             snapshot = self.cache.get(node_name)
             streams = sorted(by_node.get(node_name, []), key=lambda s: s.id)
             entries = []

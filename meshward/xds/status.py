@@ -102,3 +102,75 @@ def stream_types(
 
 def drifting(statuses: Iterable[TypeStatus]) -> bool:
     return any(s.drift for s in statuses)
+
+
+# ---- the fleet at a glance (``GET /status``'s default view) ---------------------------------
+
+ATTENTION_LIMIT = 20  # nodes listed by name in the summary; the rest are counted
+
+
+@dataclass
+class FleetCounts:
+    """Counts over every node, built in one pass without the per-node documents (certificates,
+    workload details, redacted NACKs) that make the per-node view cost O(nodes) of JSON."""
+
+    nodes: int = 0
+    connected: int = 0
+    in_sync: int = 0
+    pending: int = 0  # out of sync, within the drift threshold
+    drifting: int = 0
+    not_enforced: int = 0
+    streams_sotw: int = 0
+    streams_delta: int = 0
+    attention: list[dict[str, Any]] | None = None
+    attention_total: int = 0
+
+    def add(self, node: str, streams: Iterable[tuple[str, list[TypeStatus]]]) -> None:
+        """One node: its streams as (mode, type statuses)."""
+        from meshward.xds.enforcement import not_enforced  # (enforcement imports this module)
+
+        self.nodes += 1
+        modes = [(mode, statuses) for mode, statuses in streams]
+        if not modes:
+            return
+        self.connected += 1
+        reasons: list[str] = []
+        synced = True
+        for mode, statuses in modes:
+            if mode == "delta":
+                self.streams_delta += 1
+            else:
+                self.streams_sotw += 1
+            synced = synced and all(s.in_sync for s in statuses)
+            if drifting(statuses) and "drift" not in reasons:
+                reasons.append("drift")
+            if not_enforced(statuses) is not None and "not enforced" not in reasons:
+                reasons.append("not enforced")
+        if synced:
+            self.in_sync += 1
+        elif "drift" in reasons:
+            self.drifting += 1
+        else:
+            self.pending += 1
+        if "not enforced" in reasons:
+            self.not_enforced += 1
+        if reasons:
+            self.attention_total += 1
+            listed = self.attention if self.attention is not None else []
+            if len(listed) < ATTENTION_LIMIT:
+                listed.append({"node": node, "problems": reasons})
+            self.attention = listed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.nodes,
+            "connected": self.connected,
+            "disconnected": self.nodes - self.connected,
+            "in_sync": self.in_sync,
+            "pending": self.pending,
+            "drifting": self.drifting,
+            "not_enforced": self.not_enforced,
+            "streams": {"sotw": self.streams_sotw, "delta": self.streams_delta},
+            "attention": self.attention or [],
+            "attention_total": self.attention_total,
+        }

@@ -49,9 +49,11 @@ has no per-route config, so every TCP policy edit does).
 The ext_authz service learns which workload a Check is for (and the declared port, since
 runtime ports differ) from the ``context_extensions`` of the route's ``ExtAuthzPerRoute``.
 
-Large workloads: when a workload has many rules that name exact callers, those rules go to
-RBAC's principal-indexed ``matcher`` (meshward.compile.index) so a request costs a hash lookup
-on its peer identity instead of a walk over every rule. DENY gets a second enforced filter
+Large workloads: when a workload has many rules that name their callers (exact identities,
+principal prefixes, namespaces; notPrincipals may narrow them), those rules go to RBAC's
+principal-indexed ``matcher`` (meshward.compile.index): a prefix map on the peer's URI SAN, so
+a request costs a lookup on its peer identity and a walk over that caller's rules only, instead
+of a walk over every rule. DENY gets a second enforced filter
 (either filter's match denies). For ALLOW the indexed rules run first as shadow, and one
 synthetic policy (``meshward-indexed-allow``) carries their verdict into the rules engine that
 holds the remaining ALLOW rules, so "any ALLOW rule matches" stays one decision; an allowed

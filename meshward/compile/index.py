@@ -2,12 +2,15 @@
 
 Envoy's RBAC ``rules`` engine walks every policy until one matches, so a workload with 1,000
 rules pays for 1,000 checks on every request it allows late or denies. Least-privilege rules
-mostly say *who* may call (``from.source.principals`` with exact identities). Such rules can
-only match a request whose peer certificate carries one of those identities, so they compile to
-RBAC's ``matcher`` form instead: a matcher tree keyed on the URI SAN (a hash lookup) whose
-entries hold only that caller's rules, each with the complete rule as its predicate and the
-rule's name as the action name (a denial still reports
-``rbac_access_denied_matched_policy[ns[..]-policy[..]-rule[..]]``).
+mostly say *who* may call: exact identities, principal prefixes (``td/ns/team/*``), namespaces
+or namespace prefixes, sometimes narrowed by notPrincipals. Such a rule can only match a
+request whose peer URI SAN starts with one of a few known prefixes (``spiffe://td/ns/team/`` for
+a namespace), so these rules compile to RBAC's ``matcher`` form instead: a matcher tree with a
+prefix map on the URI SAN, whose entry for the longest matching prefix holds only the rules that
+SAN can match, each with the complete rule as its predicate and the rule's name as the action
+name (a denial still reports ``rbac_access_denied_matched_policy[ns[..]-policy[..]-rule[..]]``).
+Rules with suffix or ``*`` principals, ``*...`` namespaces, only negations or no ``from`` stay
+in the rules engine.
 
 The predicates are a mechanical translation of the same RBAC policy JSON the ``rules`` engine
 gets (meshward.compile.rbac), into the generic matcher API's inputs: request headers, the path,

@@ -19,6 +19,12 @@ stream during the mesh-wide recompile (the probe changes its RDS subscription ev
 times each answer).
 
     python bench/xds_fleet.py [--topology fleet] [--services 100,300] [--replicas 2] [--rounds 1]
+
+``/status s`` times the default summary, ``nodes s`` every node's document (``?view=nodes``, page
+by page, as `meshward status` reads it). ``--burst-only``: only the cold start, every node at
+once, failed streams retried after 500 ms like Envoy and counted by error (one JSON line per
+size). The server runs with per-identity limits raised: simulated replicas share their
+service's certificate.
 """
 
 from __future__ import annotations
@@ -100,6 +106,10 @@ class Server:
             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--access-log", "off",
             "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(self.ready),
             "--listen-host", "127.0.0.1", "--log-format", "text",
+            # Simulated replicas share their service's identity (one certificate per service):
+            # per-identity limits sized for real sidecars would refuse a burst of them.
+            "--max-instances", "100000", "--max-streams", "100000",
+            "--svid-rate", "100000", "--svid-burst", "100000",
         ]  # fmt: skip
         self.started = time.time()
         with self.log.open("wb") as log:
@@ -262,6 +272,36 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
             server.stop()
 
 
+def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
+    """Only the cold start: every node connects at once; failed streams are retried after
+    500 ms (as Envoy does) and counted by error, and the server log is searched for what it
+    says about them."""
+    ps = policy_set(topology, services)
+    with tempfile.TemporaryDirectory(prefix="meshward-bench-burst-") as tmp:
+        work = Path(tmp)
+        nodes = prepare(work, ps, replicas)
+        t0 = time.time()
+        server = Server(work)
+        worker = Worker(work, server)
+        try:
+            connected = worker.ask("connect retry")
+            status, status_nodes = server.status_seconds()
+            log = server.log.read_text(errors="replace")
+            words = ("cancel", "refused", "not read", "Traceback", "reset", "timed out")
+            return {
+                "nodes": len(nodes),
+                "cold": connected["all_configured_wall"] - t0,
+                "failures": connected["failures"],
+                "server_log": {w: log.count(w) for w in words},
+                "rss": server.rss_mb(),
+                "status": status,
+                "status_nodes": status_nodes,
+            }
+        finally:
+            worker.stop()
+            server.stop()
+
+
 # -- the simulated nodes ------------------------------------------------------------------------
 def worker_main(work: Path, port: int, identity: str) -> None:
     from google.protobuf import descriptor_pool, message_factory
@@ -335,21 +375,37 @@ def worker_main(work: Path, port: int, identity: str) -> None:
             c.view(t).responses for t in (types.CLUSTER, types.LISTENER, types.ROUTE, types.SECRET)
         ) and (not c.subscriptions.get(types.ENDPOINT) or bool(c.view(types.ENDPOINT).responses))
 
-    async def connect() -> dict[str, Any]:
+    failures: dict[str, int] = {}
+
+    async def again(client: AdsClient) -> None:
+        """Reconnect after a failure, as Envoy does (its ADS backoff starts at 500 ms)."""
+        while True:
+            await client.run()
+            if client.error is None:
+                return
+            kind = f"{type(client.error).__name__}: {str(client.error)[:100]}"
+            failures[kind] = failures.get(kind, 0) + 1
+            await asyncio.sleep(0.5)
+
+    async def connect(retry: bool = False) -> dict[str, Any]:
         for node in nodes:
             client = new_client(node)
             clients.append(client)
-            tasks.append(asyncio.create_task(client.run()))
+            tasks.append(asyncio.create_task(again(client) if retry else client.run()))
             await asyncio.sleep(0)  # a burst, as a fleet restarting its sidecars
         start = time.monotonic()
         while not all(configured(c) for c in clients):
             failed = [c for c in clients if c.error is not None]
-            if failed:
+            if failed and not retry:
                 raise RuntimeError(f"{len(failed)} clients failed: {failed[0].error!r}")
             if time.monotonic() - start > 900:
                 raise TimeoutError("clients did not all get their config")
             await asyncio.sleep(0.02)
-        return {"all_configured_wall": time.time(), "resources": delivered[0]}
+        return {
+            "all_configured_wall": time.time(),
+            "resources": delivered[0],
+            "failures": failures,
+        }
 
     async def wait(targets: list[str], timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -391,7 +447,7 @@ def worker_main(work: Path, port: int, identity: str) -> None:
             command, _, rest = line.partition(" ")
             try:
                 if command == "connect":
-                    answer = await connect()
+                    answer = await connect(retry=rest == "retry")
                 elif command == "mark":
                     marked.update(
                         routes=dict(route_count), any=dict(any_count), delivered=delivered[0]
@@ -441,6 +497,11 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
+        "--burst-only",
+        action="store_true",
+        help="only the cold start: every node at once, failed streams retried and counted",
+    )
+    parser.add_argument(
         "--worker", nargs=3, metavar=("WORK", "PORT", "IDENTITY"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -448,6 +509,11 @@ def main() -> None:
         worker_main(Path(args.worker[0]), int(args.worker[1]), args.worker[2])
         return
     sizes = [int(s) for s in args.services.split(",")]
+    if args.burst_only:
+        for n in sizes:
+            print(json.dumps({"services": n, "replicas": args.replicas,
+                              **run_burst(args.topology, n, args.replicas)}), flush=True)  # fmt: skip
+        return
     results: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     for _ in range(args.rounds):
         for n in sizes:  # interleaved: every size once per round

@@ -48,6 +48,7 @@ from meshward.xds.status import (
     FleetCounts,
     drifting,
     iso,
+    stream_flags,
     stream_types,
 )
 
@@ -508,7 +509,7 @@ class AdsServer:
             counts.add(
                 node_name,
                 (
-                    (s.mode, stream_types(s.protocol.states, snapshot, now, self.drift_threshold))
+                    (s.mode, stream_flags(s.protocol.states, snapshot, now, self.drift_threshold))
                     for s in sorted(by_node.get(node_name, []), key=lambda s: s.id)
                 ),
             )

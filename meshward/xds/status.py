@@ -104,6 +104,26 @@ def drifting(statuses: Iterable[TypeStatus]) -> bool:
     return any(s.drift for s in statuses)
 
 
+def stream_flags(
+    states: Mapping[str, TypeState], snapshot: Snapshot | None, now: float, threshold: float
+) -> tuple[bool, bool, bool]:
+    """(in sync, drifting, not enforcing) for one stream: what :func:`stream_types`,
+    :func:`drifting` and meshward.xds.enforcement.not_enforced say, without building the
+    per-type documents (the summary reads every stream of the fleet)."""
+    in_sync, drift, rejected = True, False, False
+    for type_url, st in states.items():
+        if not st.requested:
+            continue
+        desired = snapshot.type_version(type_url) if snapshot else ""
+        if st.acked_version == desired:
+            continue
+        in_sync = False
+        since = max(snapshot.changed_at(type_url) if snapshot else 0.0, st.requested_at)
+        drift = drift or max(0.0, now - since) > threshold
+        rejected = rejected or (type_url != types.SECRET and bool(st.rejected))
+    return in_sync, drift, rejected
+
+
 # ---- the fleet at a glance (``GET /status``'s default view) ---------------------------------
 
 ATTENTION_LIMIT = 20  # nodes listed by name in the summary; the rest are counted
@@ -125,26 +145,24 @@ class FleetCounts:
     attention: list[dict[str, Any]] | None = None
     attention_total: int = 0
 
-    def add(self, node: str, streams: Iterable[tuple[str, list[TypeStatus]]]) -> None:
-        """One node: its streams as (mode, type statuses)."""
-        from meshward.xds.enforcement import not_enforced  # (enforcement imports this module)
-
+    def add(self, node: str, streams: Iterable[tuple[str, tuple[bool, bool, bool]]]) -> None:
+        """One node: its streams as (mode, :func:`stream_flags`)."""
         self.nodes += 1
-        modes = [(mode, statuses) for mode, statuses in streams]
+        modes = list(streams)
         if not modes:
             return
         self.connected += 1
         reasons: list[str] = []
         synced = True
-        for mode, statuses in modes:
+        for mode, (in_sync, drift, rejected) in modes:
             if mode == "delta":
                 self.streams_delta += 1
             else:
                 self.streams_sotw += 1
-            synced = synced and all(s.in_sync for s in statuses)
-            if drifting(statuses) and "drift" not in reasons:
+            synced = synced and in_sync
+            if drift and "drift" not in reasons:
                 reasons.append("drift")
-            if not_enforced(statuses) is not None and "not enforced" not in reasons:
+            if rejected and "not enforced" not in reasons:
                 reasons.append("not enforced")
         if synced:
             self.in_sync += 1

@@ -123,6 +123,16 @@ def peer_identity(context: Any, certificate: Any | None = None) -> str | None:
         return None
 
 
+# How long a new ADS stream may wait in gRPC core before the event loop takes it (core's
+# ``grpc.server_max_unrequested_time_in_server``, default 30 s). grpc.aio takes new calls one
+# at a time on the loop, between the work of the streams already open (each new node: its SVID,
+# its first pushes), so in a burst of thousands of nodes the last ones waited past 30 s and core
+# cancelled them before any Meshward code saw them. The queue itself stays bounded by core's
+# pending-call limits (``grpc.server.max_pending_requests`` 1,000 / ``..._hard_limit`` 3,000:
+# between them new calls are refused at random, beyond the hard limit all are; Envoy retries).
+UNREQUESTED_CALL_SECONDS = 300
+
+
 @dataclass
 class Stream:
     id: int
@@ -187,6 +197,10 @@ class AdsServer:
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # A new stream waits in gRPC core until the event loop asks for the next call;
+                # after this long unasked, core cancels it (CANCELLED, nothing logged here).
+                # Core's default, 30 s, is what a burst of thousands of nodes exceeded.
+                ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_CALL_SECONDS),
             ]
         )
         server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))

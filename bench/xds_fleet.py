@@ -287,11 +287,14 @@ def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
             connected = worker.ask("connect retry")
             status, status_nodes = server.status_seconds()
             log = server.log.read_text(errors="replace")
+            if os.environ.get("MESHWARD_BENCH_KEEP_LOG"):
+                Path(os.environ["MESHWARD_BENCH_KEEP_LOG"]).write_text(log)
             words = ("cancel", "refused", "not read", "Traceback", "reset", "timed out")
             return {
                 "nodes": len(nodes),
                 "cold": connected["all_configured_wall"] - t0,
                 "failures": connected["failures"],
+                "failure_times (started s, lasted s, types received)": connected["failure_times"],
                 "server_log": {w: log.count(w) for w in words},
                 "rss": server.rss_mb(),
                 "status": status,
@@ -377,17 +380,28 @@ def worker_main(work: Path, port: int, identity: str) -> None:
 
     failures: dict[str, int] = {}
 
+    burst_start = [0.0]
+
     async def again(client: AdsClient) -> None:
         """Reconnect after a failure, as Envoy does (its ADS backoff starts at 500 ms)."""
         while True:
+            began = time.monotonic()
             await client.run()
             if client.error is None:
                 return
             kind = f"{type(client.error).__name__}: {str(client.error)[:100]}"
             failures[kind] = failures.get(kind, 0) + 1
+            # When (since the burst began), after how long a stream, and with what received.
+            got = sum(1 for t in types.ORDER if client.view(t).responses)
+            when.append(
+                (round(began - burst_start[0], 1), round(time.monotonic() - began, 1), got)
+            )
             await asyncio.sleep(0.5)
 
+    when: list[tuple[float, float, int]] = []
+
     async def connect(retry: bool = False) -> dict[str, Any]:
+        burst_start[0] = time.monotonic()
         for node in nodes:
             client = new_client(node)
             clients.append(client)
@@ -405,6 +419,7 @@ def worker_main(work: Path, port: int, identity: str) -> None:
             "all_configured_wall": time.time(),
             "resources": delivered[0],
             "failures": failures,
+            "failure_times": sorted(when)[:: max(1, len(when) // 40)],
         }
 
     async def wait(targets: list[str], timeout: float) -> dict[str, Any]:

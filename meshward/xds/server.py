@@ -123,14 +123,19 @@ def peer_identity(context: Any, certificate: Any | None = None) -> str | None:
         return None
 
 
-# How long a new ADS stream may wait in gRPC core before the event loop takes it (core's
-# ``grpc.server_max_unrequested_time_in_server``, default 30 s). grpc.aio takes new calls one
-# at a time on the loop, between the work of the streams already open (each new node: its SVID,
-# its first pushes), so in a burst of thousands of nodes the last ones waited past 30 s and core
-# cancelled them before any Meshward code saw them. The queue itself stays bounded by core's
-# pending-call limits (``grpc.server.max_pending_requests`` 1,000 / ``..._hard_limit`` 3,000:
-# between them new calls are refused at random, beyond the hard limit all are; Envoy retries).
+# New ADS streams wait in gRPC core until the event loop takes them: grpc.aio asks core for
+# the next call one at a time on the loop, between the work of the streams already open (each
+# new node: its SVID, its first pushes). In a burst of thousands of nodes more calls arrive
+# than the loop takes, and core sheds the queue before any Meshward code sees the calls (the
+# node gets CANCELLED, nothing is logged): beyond ``grpc.server.max_pending_requests`` (core's
+# default 1,000) it cancels new calls at random, beyond ``..._hard_limit`` (3,000) all of them,
+# and any call left waiting past ``grpc.server_max_unrequested_time_in_server`` (30 s).
+# bench/xds_fleet.py --burst-only with 5,050 nodes: 782-1,271 streams cancelled that way.
+# Sized for a burst of a whole 5,000-node fleet (still bounded: a pending call is a stream of
+# an already open connection; beyond the hard limit the node retries, as Envoy does).
 UNREQUESTED_CALL_SECONDS = 300
+PENDING_CALLS_SOFT = 10_000
+PENDING_CALLS_HARD = 20_000
 
 
 @dataclass
@@ -201,6 +206,8 @@ class AdsServer:
                 # after this long unasked, core cancels it (CANCELLED, nothing logged here).
                 # Core's default, 30 s, is what a burst of thousands of nodes exceeded.
                 ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_CALL_SECONDS),
+                ("grpc.server.max_pending_requests", PENDING_CALLS_SOFT),
+                ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD),
             ]
         )
         server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +99,10 @@ class Server:
         self.identity = info["server_identity"]
 
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.admin + "/status", timeout=30) as response:
-            data: dict[str, Any] = json.loads(response.read())
-            return data
+        """The per-node view, every page (as `meshward status` reads it)."""
+        from meshward.xds.status_cli import fetch_nodes
+
+        return fetch_nodes(self.admin, 30, ())
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -19,6 +19,12 @@ stream during the mesh-wide recompile (the probe changes its RDS subscription ev
 times each answer).
 
     python bench/xds_fleet.py [--topology fleet] [--services 100,300] [--replicas 2] [--rounds 1]
+
+``/status s`` times the default summary, ``nodes s`` every node's document (``?view=nodes``, page
+by page, as `meshward status` reads it). ``--burst-only``: only the cold start, every node at
+once, failed streams retried after 500 ms like Envoy and counted by error (one JSON line per
+size). The server runs with per-identity limits raised: simulated replicas share their
+service's certificate.
 """
 
 from __future__ import annotations
@@ -100,6 +106,10 @@ class Server:
             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--access-log", "off",
             "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(self.ready),
             "--listen-host", "127.0.0.1", "--log-format", "text",
+            # Simulated replicas share their service's identity (one certificate per service):
+            # per-identity limits sized for real sidecars would refuse a burst of them.
+            "--max-instances", "100000", "--max-streams", "100000",
+            "--svid-rate", "100000", "--svid-burst", "100000",
         ]  # fmt: skip
         self.started = time.time()
         with self.log.open("wb") as log:
@@ -114,13 +124,20 @@ class Server:
         self.admin = info["admin"]
         self.identity = info["server_identity"]
 
-    def status_seconds(self) -> float:
+    def status_seconds(self) -> tuple[float, float]:
+        """(GET /status: the summary; every node's document, /status?view=nodes page by page,
+        as `meshward status` reads it)."""
         import urllib.request
+
+        from meshward.xds.status_cli import fetch_nodes
 
         start = time.perf_counter()
         with urllib.request.urlopen(self.admin + "/status", timeout=120) as response:
             response.read()
-        return time.perf_counter() - start
+        summary = time.perf_counter() - start
+        start = time.perf_counter()
+        fetch_nodes(self.admin, 120, ())
+        return summary, time.perf_counter() - start
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -229,7 +246,7 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
             mesh = worker.ask(f"wait {json.dumps(nodes)} 600")
             mesh_cpu = server.cpu_seconds() - cpu0
             probe = worker.ask("probe off")
-            status = server.status_seconds()
+            status, status_nodes = server.status_seconds()
             return {
                 "nodes": len(nodes),
                 "services": len(ps.workloads),
@@ -248,6 +265,40 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
                 "stall": probe["max_stall"],
                 "probes": probe["answers"],
                 "status": status,
+                "status_nodes": status_nodes,
+            }
+        finally:
+            worker.stop()
+            server.stop()
+
+
+def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
+    """Only the cold start: every node connects at once; failed streams are retried after
+    500 ms (as Envoy does) and counted by error, and the server log is searched for what it
+    says about them."""
+    ps = policy_set(topology, services)
+    with tempfile.TemporaryDirectory(prefix="meshward-bench-burst-") as tmp:
+        work = Path(tmp)
+        nodes = prepare(work, ps, replicas)
+        t0 = time.time()
+        server = Server(work)
+        worker = Worker(work, server)
+        try:
+            connected = worker.ask("connect retry")
+            status, status_nodes = server.status_seconds()
+            log = server.log.read_text(errors="replace")
+            if os.environ.get("MESHWARD_BENCH_KEEP_LOG"):
+                Path(os.environ["MESHWARD_BENCH_KEEP_LOG"]).write_text(log)
+            words = ("cancel", "refused", "not read", "Traceback", "reset", "timed out")
+            return {
+                "nodes": len(nodes),
+                "cold": connected["all_configured_wall"] - t0,
+                "failures": connected["failures"],
+                "failure_times (started s, lasted s, types received)": connected["failure_times"],
+                "server_log": {w: log.count(w) for w in words},
+                "rss": server.rss_mb(),
+                "status": status,
+                "status_nodes": status_nodes,
             }
         finally:
             worker.stop()
@@ -327,21 +378,47 @@ def worker_main(work: Path, port: int, identity: str) -> None:
             c.view(t).responses for t in (types.CLUSTER, types.LISTENER, types.ROUTE, types.SECRET)
         ) and (not c.subscriptions.get(types.ENDPOINT) or bool(c.view(types.ENDPOINT).responses))
 
-    async def connect() -> dict[str, Any]:
+    failures: dict[str, int] = {}
+
+    burst_start = [0.0]
+
+    async def again(client: AdsClient) -> None:
+        """Reconnect after a failure, as Envoy does (its ADS backoff starts at 500 ms)."""
+        while True:
+            began = time.monotonic()
+            await client.run()
+            if client.error is None:
+                return
+            kind = f"{type(client.error).__name__}: {str(client.error)[:100]}"
+            failures[kind] = failures.get(kind, 0) + 1
+            # When (since the burst began), after how long a stream, and with what received.
+            got = sum(1 for t in types.ORDER if client.view(t).responses)
+            when.append((round(began - burst_start[0], 1), round(time.monotonic() - began, 1), got))
+            await asyncio.sleep(0.5)
+
+    when: list[tuple[float, float, int]] = []
+
+    async def connect(retry: bool = False) -> dict[str, Any]:
+        burst_start[0] = time.monotonic()
         for node in nodes:
             client = new_client(node)
             clients.append(client)
-            tasks.append(asyncio.create_task(client.run()))
+            tasks.append(asyncio.create_task(again(client) if retry else client.run()))
             await asyncio.sleep(0)  # a burst, as a fleet restarting its sidecars
         start = time.monotonic()
         while not all(configured(c) for c in clients):
             failed = [c for c in clients if c.error is not None]
-            if failed:
+            if failed and not retry:
                 raise RuntimeError(f"{len(failed)} clients failed: {failed[0].error!r}")
             if time.monotonic() - start > 900:
                 raise TimeoutError("clients did not all get their config")
             await asyncio.sleep(0.02)
-        return {"all_configured_wall": time.time(), "resources": delivered[0]}
+        return {
+            "all_configured_wall": time.time(),
+            "resources": delivered[0],
+            "failures": failures,
+            "failure_times": sorted(when)[:: max(1, len(when) // 40)],
+        }
 
     async def wait(targets: list[str], timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -383,7 +460,7 @@ def worker_main(work: Path, port: int, identity: str) -> None:
             command, _, rest = line.partition(" ")
             try:
                 if command == "connect":
-                    answer = await connect()
+                    answer = await connect(retry=rest == "retry")
                 elif command == "mark":
                     marked.update(
                         routes=dict(route_count), any=dict(any_count), delivered=delivered[0]
@@ -433,6 +510,11 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
+        "--burst-only",
+        action="store_true",
+        help="only the cold start: every node at once, failed streams retried and counted",
+    )
+    parser.add_argument(
         "--worker", nargs=3, metavar=("WORK", "PORT", "IDENTITY"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -440,6 +522,11 @@ def main() -> None:
         worker_main(Path(args.worker[0]), int(args.worker[1]), args.worker[2])
         return
     sizes = [int(s) for s in args.services.split(",")]
+    if args.burst_only:
+        for n in sizes:
+            print(json.dumps({"services": n, "replicas": args.replicas,
+                              **run_burst(args.topology, n, args.replicas)}), flush=True)  # fmt: skip
+        return
     results: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     for _ in range(args.rounds):
         for n in sizes:  # interleaved: every size once per round
@@ -447,14 +534,14 @@ def main() -> None:
     print(f"xDS at fleet scale ({args.topology}; replicas {args.replicas}; {args.rounds} round(s); "
           "SotW; simulated nodes decode before ACK and follow EDS/RDS)")  # fmt: skip
     print(f"{'services':>8} {'nodes':>6} {'cold s':>7} {'1-edit ms':>9} {'mesh s':>7} "
-          f"{'CPU/change s':>12} {'us/resource':>11} {'+KiB/node':>9} {'stall ms':>8} {'/status s':>9}")  # fmt: skip
+          f"{'CPU/change s':>12} {'us/resource':>11} {'+KiB/node':>9} {'stall ms':>8} {'/status s':>9} {'nodes s':>7}")  # fmt: skip
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))} for n, rs in results.items()}  # fmt: skip
     for n in sizes:
         m = med[n]
         per_resource = m["mesh_cpu"] * 1e6 / max(1, m["mesh_resources"])
         print(f"{m['services']:8.0f} {m['nodes']:6.0f} {m['cold']:7.1f} {m['one'] * 1000:9.0f} {m['mesh']:7.2f} "
               f"{m['mesh_cpu']:12.2f} {per_resource:11.1f} {(m['rss'] - m['rss0']) * 1024 / m['nodes']:9.0f} "
-              f"{m['stall'] * 1000:8.0f} {m['status']:9.2f}")  # fmt: skip
+              f"{m['stall'] * 1000:8.0f} {m['status']:9.2f} {m['status_nodes']:7.2f}")  # fmt: skip
         print(f"{'':8} one-policy edit: {m['one_nodes']:.0f} affected nodes, {m['one_touched']:.0f} "
               f"nodes got anything, server CPU {m['one_cpu'] * 1000:.0f} ms; cold start server CPU "
               f"{m['cold_cpu']:.1f} s, RSS {m['rss0']:.0f} MiB compiled, {m['rss']:.0f} MiB with every node "

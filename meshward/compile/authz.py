@@ -53,9 +53,11 @@ has no per-route config, so every TCP policy edit does).
 The ext_authz service learns which workload a Check is for (and the declared port, since
 runtime ports differ) from the ``context_extensions`` of the route's ``ExtAuthzPerRoute``.
 
-Large workloads: when a workload has many rules that name exact callers, those rules go to
-RBAC's principal-indexed ``matcher`` (meshward.compile.index) so a request costs a hash lookup
-on its peer identity instead of a walk over every rule. DENY gets a second enforced filter
+Large workloads: when a workload has many rules that name their callers (exact identities,
+principal prefixes, namespaces; notPrincipals may narrow them), those rules go to RBAC's
+principal-indexed ``matcher`` (meshward.compile.index): a prefix map on the peer's URI SAN, so
+a request costs a lookup on its peer identity and a walk over that caller's rules only, instead
+of a walk over every rule. DENY gets a second enforced filter
 (either filter's match denies). For ALLOW the indexed rules run first as shadow, and one
 synthetic policy (``meshward-indexed-allow``) carries their verdict into the rules engine that
 holds the remaining ALLOW rules, so "any ALLOW rule matches" stays one decision; an allowed
@@ -275,16 +277,12 @@ def _policies(rules: Sequence[RuleClass], ctx: RuleContext) -> dict[str, Json]:
 
 
 def split_indexed(
-    rules: list[RuleClass], min_rules: int | None
+    rules: list[RuleClass], min_rules: int | None, trust_domain: str = ""
 ) -> tuple[list[RuleClass], list[RuleClass]]:
-    """(indexed, plain): rules with exact callers go to the principal index when there are at
-    least ``min_rules`` of them (None: never)."""
-    if min_rules is None:
-        return [], rules
-    indexed = [r for r in rules if index.exact_principals(r) is not None]
-    if not indexed or len(indexed) < min_rules:
-        return [], rules
-    return indexed, [r for r in rules if index.exact_principals(r) is None]
+    """(indexed, plain): rules that name their callers (exact identities, principal prefixes,
+    namespaces) go to the principal index when there are at least ``min_rules`` of them (None:
+    never); meshward.compile.index.split decides."""
+    return index.split(rules, min_rules, trust_domain)
 
 
 def _indexed_allowed() -> Json:
@@ -365,7 +363,11 @@ def _shadow(action: str, policies: dict[str, Json]) -> Json:
 
 
 def rbac_route_configs(
-    plan_: AuthzPlan, port_map: Mapping[int, int], *, index_min_rules: int | None = None
+    plan_: AuthzPlan,
+    port_map: Mapping[int, int],
+    *,
+    index_min_rules: int | None = None,
+    trust_domain: str = "",
 ) -> dict[str, Json]:
     """Filter name -> RBACPerRoute, for the RBAC filters this workload's policy uses (the
     others get nothing and pass every request)."""
@@ -380,11 +382,13 @@ def rbac_route_configs(
     audit = plan_.native(Action.AUDIT) + plan_.native(Action.AUDIT, dry_run=True)
     if audit:
         rbac[names.RBAC_AUDIT] = _shadow("LOG", _policies(audit, ctx))
-    deny_indexed, deny = split_indexed(plan_.native(Action.DENY), index_min_rules)
+    deny_indexed, deny = split_indexed(plan_.native(Action.DENY), index_min_rules, trust_domain)
     if deny:
         rbac[names.RBAC_DENY] = _enforced("DENY", _policies(deny, ctx))
     if deny_indexed:
-        rbac[names.RBAC_DENY_INDEXED] = {"matcher": index.matcher(deny_indexed, ctx, "DENY")}
+        rbac[names.RBAC_DENY_INDEXED] = {
+            "matcher": index.matcher(deny_indexed, ctx, "DENY", trust_domain)
+        }
     enforce = plan_.has_allow and not plan_.extauthz(Action.ALLOW)
     # Without ext_authz ALLOW rules the native ALLOW rules are enforced; with them they only
     # say (in metadata) whether they allowed, and ext_authz runs when they did not. When
@@ -392,12 +396,12 @@ def rbac_route_configs(
     # policy: no shadow verdict, so the gate never skips it.
     gate = plan_.union_shadow and not plan_.extauthz_always
     if enforce or gate:
-        indexed, allow = split_indexed(plan_.native(Action.ALLOW), index_min_rules)
+        indexed, allow = split_indexed(plan_.native(Action.ALLOW), index_min_rules, trust_domain)
         engine: Json
         if indexed and not allow:
             # Only indexed rules: the tree alone decides. On a plaintext chain it has no peer
             # identity to look up and matches nothing, which is right: every rule names callers.
-            tree = index.matcher(indexed, ctx, "ALLOW")
+            tree = index.matcher(indexed, ctx, "ALLOW", trust_domain)
             engine = {"matcher": tree} if enforce else {"shadow_matcher": tree}
         else:
             policies = _policies(allow, ctx)
@@ -406,7 +410,7 @@ def rbac_route_configs(
                 # into the rules engine, so the ALLOW union holds across both engines (and a
                 # plaintext chain, which has no indexed filter, never sees that verdict).
                 rbac[names.RBAC_ALLOW_INDEXED] = {
-                    "shadow_matcher": index.matcher(indexed, ctx, "ALLOW")
+                    "shadow_matcher": index.matcher(indexed, ctx, "ALLOW", trust_domain)
                 }
                 policies[names.INDEXED_ALLOW_POLICY] = _indexed_allowed()
             engine = _enforced("ALLOW", policies) if enforce else _shadow("ALLOW", policies)
@@ -415,10 +419,16 @@ def rbac_route_configs(
 
 
 def rbac_stages(
-    plan_: AuthzPlan, port_map: Mapping[int, int], *, index_min_rules: int | None = None
+    plan_: AuthzPlan,
+    port_map: Mapping[int, int],
+    *,
+    index_min_rules: int | None = None,
+    trust_domain: str = "",
 ) -> list[Stage]:
     """Every RBAC filter of an inbound HTTP chain, in chain order, with this workload's rules."""
-    configs = rbac_route_configs(plan_, port_map, index_min_rules=index_min_rules)
+    configs = rbac_route_configs(
+        plan_, port_map, index_min_rules=index_min_rules, trust_domain=trust_domain
+    )
     return [
         Stage(
             name=name,
@@ -526,6 +536,7 @@ def http_authz(
     extauthz_timeout_ms: int,
     index_min_rules: int | None = None,
     jwks: Mapping[str, str] | None = None,
+    trust_domain: str = "",
 ) -> HttpAuthz:
     """The chain is the same for every policy except for jwt_authn (workloads a
     RequestAuthentication selects, in front) and ext_authz, which only workloads that need the
@@ -538,7 +549,7 @@ def http_authz(
         if verify is not None:
             stages.append(Stage(name=jwt_authn.FILTER_JWT_AUTHN, filter=verify, per_route=None))
     token_routes: list[Json] = []
-    rbac = rbac_stages(plan_, port_map, index_min_rules=index_min_rules)
+    rbac = rbac_stages(plan_, port_map, index_min_rules=index_min_rules, trust_domain=trust_domain)
     if not plan_.uses_extauthz:
         return HttpAuthz(stages=tuple(stages + rbac), token_routes=(), extauthz=False)
     stages.append(

@@ -28,11 +28,13 @@ def _ports(policy_set: PolicySet, workload: Workload) -> list[dict[str, Any]]:
     ]
 
 
-def indexed_names(plan: authz.AuthzPlan, index_min_rules: int | None) -> set[str]:
+def indexed_names(
+    plan: authz.AuthzPlan, index_min_rules: int | None, trust_domain: str = ""
+) -> set[str]:
     """RBAC names of the rules that go to the principal-indexed matcher (mTLS chains)."""
     out: set[str] = set()
     for action in (Action.ALLOW, Action.DENY):
-        indexed, _ = authz.split_indexed(plan.native(action), index_min_rules)
+        indexed, _ = authz.split_indexed(plan.native(action), index_min_rules, trust_domain)
         out.update(r.rbac_name for r in indexed)
     return out
 
@@ -46,7 +48,7 @@ def explain_json(
 ) -> dict[str, Any]:
     policies = policy_set.policies_for(workload, now)
     plan = rule_classes(policy_set, workload, now=now)
-    indexed = indexed_names(plan, index_min_rules)
+    indexed = indexed_names(plan, index_min_rules, policy_set.mesh.trust_domain)
     rules = []
     for r in plan.rules:
         entry = r.to_json()

@@ -2,12 +2,15 @@
 
 Envoy's RBAC ``rules`` engine walks every policy until one matches, so a workload with 1,000
 rules pays for 1,000 checks on every request it allows late or denies. Least-privilege rules
-mostly say *who* may call (``from.source.principals`` with exact identities). Such rules can
-only match a request whose peer certificate carries one of those identities, so they compile to
-RBAC's ``matcher`` form instead: a matcher tree keyed on the URI SAN (a hash lookup) whose
-entries hold only that caller's rules, each with the complete rule as its predicate and the
-rule's name as the action name (a denial still reports
-``rbac_access_denied_matched_policy[ns[..]-policy[..]-rule[..]]``).
+mostly say *who* may call: exact identities, principal prefixes (``td/ns/team/*``), namespaces
+or namespace prefixes, sometimes narrowed by notPrincipals. Such a rule can only match a
+request whose peer URI SAN starts with one of a few known prefixes (``spiffe://td/ns/team/`` for
+a namespace), so these rules compile to RBAC's ``matcher`` form instead: a matcher tree with a
+prefix map on the URI SAN, whose entry for the longest matching prefix holds only the rules that
+SAN can match, each with the complete rule as its predicate and the rule's name as the action
+name (a denial still reports ``rbac_access_denied_matched_policy[ns[..]-policy[..]-rule[..]]``).
+Rules with suffix or ``*`` principals, ``*...`` namespaces, only negations or no ``from`` stay
+in the rules engine.
 
 The predicates are a mechanical translation of the same RBAC policy JSON the ``rules`` engine
 gets (meshward.compile.rbac), into the generic matcher API's inputs: request headers, the path,
@@ -18,11 +21,13 @@ input, so path patterns are matched against ``:path`` with an optional query/fra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from meshward.compile.classify import RuleClass, envoy_policy_order, rule_extauthz_reason
 from meshward.compile.matchers import SPIFFE
 from meshward.compile.rbac import RuleContext, rule_policy
+from meshward.policy.model import Source
 from meshward.policy.paths import re2_escape
 
 Json = dict[str, Any]
@@ -36,6 +41,47 @@ _QUERY_TAIL = r"(?:[?#].*)?"
 
 # The action when no indexed DENY rule matched: the request goes on to the next filter.
 NO_DENY_MATCHED = "meshward-no-indexed-deny-rule-matched"
+# The action of an entry with no rule (never taken: its predicate never holds).
+NO_INDEXED_RULE = "meshward-no-indexed-rule"
+
+
+def _source_keys(source: Source, trust_domain: str) -> list[tuple[str, bool]] | None:
+    """URI SAN prefixes that every peer matching ``source`` has (``(prefix, any_td)``), or None
+    when the source admits peers no prefix covers (a suffix or ``*`` principal, a ``*...``
+    namespace, only negations or IP blocks). ``any_td``: a namespace pattern, which matches in
+    any trust domain; its prefix is written for the mesh's own one."""
+    if source.principals:
+        if any(p.startswith("*") for p in source.principals):
+            return None
+        return [(SPIFFE + (p[:-1] if p.endswith("*") else p), False) for p in source.principals]
+    if source.namespaces and trust_domain:
+        if any(n.startswith("*") for n in source.namespaces):
+            return None
+        base = f"{SPIFFE}{trust_domain}/ns/"
+        return [(base + (n[:-1] if n.endswith("*") else n + "/"), True) for n in source.namespaces]
+    return None
+
+
+def keyable_source(source: Source) -> bool:
+    """The source can be keyed in some mesh (namespaces need the trust domain): for checks that
+    must cover every rule that may be indexed (meshward.compile.envoy_limits)."""
+    return _source_keys(source, "td") is not None
+
+
+def rule_keys(rule: RuleClass, trust_domain: str = "") -> tuple[tuple[str, bool], ...] | None:
+    """The URI SAN prefixes under which ``rule`` is filed in the index (a peer that can match
+    the rule has one of them), or None when the rule is not indexable: some ``from`` entry
+    admits callers no prefix covers, or the rule has no ``from`` at all."""
+    sources = rule.rule.sources
+    if not sources:
+        return None
+    out: list[tuple[str, bool]] = []
+    for source in sources:
+        keys = _source_keys(source, trust_domain)
+        if keys is None:
+            return None
+        out.extend(keys)
+    return tuple(dict.fromkeys(out))
 
 
 def exact_principals(rule: RuleClass) -> tuple[str, ...] | None:
@@ -192,37 +238,121 @@ def rule_predicate(rule: RuleClass, ctx: RuleContext) -> Json:
     return _combine("and_matcher", [permission, principal])
 
 
-def matcher(rules: Sequence[RuleClass], ctx: RuleContext, action: str) -> Json:
-    """The matcher tree for indexable ``rules`` (every one must have exact principals).
+# An index whose entries would repeat rules more often than this (a namespace rule is filed
+# under every caller of that namespace the index also names exactly) keeps only the rules that
+# name exact callers: the route stays small, the rest go to the rules engine.
+MAX_ENTRY_RULES = 20_000
 
-    ALLOW: a request is allowed by the first of its caller's rules that matches; anything else
-    (another caller, no rule matching) is no match, which RBAC denies. DENY: a match denies,
-    naming the rule; anything else ends in the NO_DENY_MATCHED allow action (set on every level,
-    so it holds whether or not Envoy falls back to the outer ``on_no_match``).
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each indexed rule is filed: prefix -> positions (in Envoy's policy order)."""
+
+    rules: tuple[RuleClass, ...]  # Envoy's policy order
+    entries: dict[str, tuple[int, ...]]
+    any_td: tuple[int, ...]  # rules with a namespace key: the only ones a foreign peer can match
+    own: str  # ``spiffe://<trust domain>/``, or "" without a trust domain
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.entries.values()) + len(self.any_td)
+
+
+def _layout(rules: Sequence[RuleClass], trust_domain: str) -> _Layout:
+    """Each prefix's entry holds every rule filed under a prefix of it, so whichever prefix is
+    the longest one a peer's SAN starts with (the one Envoy's prefix map picks) holds every rule
+    that peer can match, in policy order. Namespace keys are written for the mesh's trust
+    domain; a peer of another trust domain can still match them (Istio's namespace ignores the
+    trust domain), so entries outside the own domain, and the no-match branch, add those rules;
+    the own domain's root is a key of its own, so local peers never reach that branch."""
+    ordered = tuple(envoy_policy_order(rules))
+    filed: dict[str, list[int]] = {}
+    any_td: list[int] = []
+    for pos, rule in enumerate(ordered):
+        keys = rule_keys(rule, trust_domain)
+        if keys is None:
+            raise ValueError(f"{rule.rbac_name} is not indexable")
+        if any(flag for _, flag in keys):
+            any_td.append(pos)
+        for key, _ in keys:
+            filed.setdefault(key, []).append(pos)
+    own = f"{SPIFFE}{trust_domain}/" if trust_domain else ""
+    prefixes = set(filed)
+    if any_td and own:
+        prefixes.add(own)
+    entries: dict[str, tuple[int, ...]] = {}
+    for key in sorted(prefixes):
+        members: set[int] = set()
+        for end in range(1, len(key) + 1):
+            members.update(filed.get(key[:end], ()))
+        if any_td and not key.startswith(own):
+            members.update(any_td)
+        entries[key] = tuple(sorted(members))
+    return _Layout(ordered, entries, tuple(any_td), own)
+
+
+def split(
+    rules: Sequence[RuleClass], min_rules: int | None, trust_domain: str = ""
+) -> tuple[list[RuleClass], list[RuleClass]]:
+    """(indexed, plain): the rules the index can take, when there are at least ``min_rules``
+    of them (None: never). Rules naming callers by exact identity, prefix or namespace are
+    indexed; when filing the prefixes and namespaces would repeat rules past MAX_ENTRY_RULES,
+    only the exact ones are."""
+    rules = list(rules)
+    if min_rules is None:
+        return [], rules
+    keyed = [r for r in rules if rule_keys(r, trust_domain) is not None]
+    if keyed and _layout(keyed, trust_domain).size > MAX_ENTRY_RULES:
+        keyed = [r for r in keyed if exact_principals(r) is not None]
+    if not keyed or len(keyed) < min_rules:
+        return [], rules
+    chosen = {id(r) for r in keyed}
+    return keyed, [r for r in rules if id(r) not in chosen]
+
+
+# A predicate that never holds: an ALLOW entry with no rule to try.
+NEVER: Json = {"not_matcher": TRUE}
+
+
+def matcher(
+    rules: Sequence[RuleClass], ctx: RuleContext, action: str, trust_domain: str = ""
+) -> Json:
+    """The matcher tree for indexable ``rules`` (see :func:`split`).
+
+    A prefix map on the peer's URI SAN: the entry of the longest prefix the SAN starts with
+    lists every rule that SAN can match, in Envoy's policy order, each with the complete rule
+    as its predicate. ALLOW: a request is allowed by the first of those rules that matches;
+    anything else is no match, which RBAC denies. DENY: a match denies, naming the rule;
+    anything else ends in the NO_DENY_MATCHED allow action (set on every level, so it holds
+    whether or not Envoy falls back to an outer ``on_no_match`` or a shorter prefix, which
+    would only try rules already tried).
 
     Only for mTLS filter chains: when the URI SAN input has no value (a plaintext connection)
     Envoy cannot evaluate the tree at all and RBAC denies, whatever ``on_no_match`` says.
     Plaintext chains get the plain rules engine (where these rules simply never match).
     """
-    by_caller: dict[str, list[Json]] = {}
-    for rule in envoy_policy_order(rules):
-        callers = exact_principals(rule)
-        if callers is None:
-            raise ValueError(f"{rule.rbac_name} is not indexable")
-        entry = {
-            "predicate": rule_predicate(rule, ctx),
-            "on_match": _action(rule.rbac_name, action),
-        }
-        for caller in callers:
-            by_caller.setdefault(caller, []).append(entry)
+    layout = _layout(rules, trust_domain)
+    built = [
+        {"predicate": rule_predicate(rule, ctx), "on_match": _action(rule.rbac_name, action)}
+        for rule in layout.rules
+    ]
     fallback = _action(NO_DENY_MATCHED, "ALLOW") if action == "DENY" else None
-    entries: Json = {}
-    for caller in sorted(by_caller):
-        nested: Json = {"matcher_list": {"matchers": by_caller[caller]}}
+
+    def listing(positions: Sequence[int]) -> Json:
+        if not positions:
+            if fallback is not None:
+                return fallback
+            never = {"predicate": NEVER, "on_match": _action(NO_INDEXED_RULE, "DENY")}
+            return {"matcher": {"matcher_list": {"matchers": [never]}}}
+        nested: Json = {"matcher_list": {"matchers": [built[i] for i in positions]}}
         if fallback is not None:
             nested["on_no_match"] = fallback
-        entries[caller] = {"matcher": nested}
-    tree: Json = {"matcher_tree": {"input": URI_SAN, "exact_match_map": {"map": entries}}}
-    if fallback is not None:
+        return {"matcher": nested}
+
+    entries = {key: listing(positions) for key, positions in layout.entries.items()}
+    tree: Json = {"matcher_tree": {"input": URI_SAN, "prefix_match_map": {"map": entries}}}
+    if layout.any_td:
+        tree["on_no_match"] = listing(layout.any_td)
+    elif fallback is not None:
         tree["on_no_match"] = fallback
     return tree

@@ -324,6 +324,7 @@ def inbound_http(
         extauthz_timeout_ms=options.extauthz_timeout_ms,
         index_min_rules=options.rbac_index_min_rules,
         jwks=options.jwks,
+        trust_domain=trust_domain,
     )
     route_name = names.inbound_route(workload, port.port, extauthz=access.extauthz)
     action = {"cluster": cluster_name, "timeout": "0s"}

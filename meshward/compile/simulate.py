@@ -239,7 +239,13 @@ def _match(matcher: Json, req: _Request) -> Json | None:
         key = _input(tree["input"], req)
         if key is None:
             return None  # Envoy: no input value, no match, and the tree's on_no_match unused
-        entry = tree["exact_match_map"]["map"].get(key)
+        if "exact_match_map" in tree:
+            entry = tree["exact_match_map"]["map"].get(key)
+        else:  # the longest prefix of the value that is a key (no fallback to shorter ones)
+            table = tree["prefix_match_map"]["map"]
+            entry = next(
+                (table[key[:end]] for end in range(len(key), 0, -1) if key[:end] in table), None
+            )
         if entry is not None:
             result = _on_match(entry, req)
     if result is None and "on_no_match" in matcher:

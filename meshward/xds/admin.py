@@ -1,6 +1,11 @@
 """The control plane's admin endpoint: ``GET /status`` (JSON), ``/metrics`` (Prometheus),
 ``/healthz``. Loopback only; read-only; no secrets in anything it serves.
 
+``/status`` is a summary by default (counts over the fleet and the nodes that need attention,
+cheap at thousands of nodes); ``/status?view=nodes`` gives the per-node documents, a page at a
+time (``limit``, default and maximum 1,000; ``offset``; ``next_offset`` in ``page``), only the
+nodes named by ``node=`` (node names or workload refs, repeatable) when given.
+
 A few lines of asyncio instead of a web framework: three GET routes do not justify a dependency,
 and running on the server's own loop means status is read without locks.
 """
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -18,12 +24,59 @@ from urllib.parse import parse_qsl
 Route = Callable[[dict[str, str]], tuple[int, str, bytes]]
 
 MAX_REQUEST = 8192
+MAX_PAGE = 1000  # per-node documents per /status?view=nodes answer
+MAX_NODE_FILTERS = 100
+
+
+class BadQuery(ValueError):
+    """A /status query the endpoint cannot answer: a 400 with this message."""
+
+
+def status_query(query: str) -> dict[str, Any]:
+    """``/status`` query parameters as keyword arguments of ``XdsService.status``."""
+    try:
+        params = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=False)
+    except ValueError as exc:
+        raise BadQuery(f"unreadable query: {exc}") from None
+    unknown = sorted(set(params) - {"view", "node", "offset", "limit"})
+    if unknown:
+        raise BadQuery(f"unknown parameter {unknown[0]!r}: use view, node, offset, limit")
+    view = params.get("view", ["summary"])[-1]
+    if view not in ("summary", "nodes"):
+        raise BadQuery(f"view must be summary or nodes, not {view!r}")
+    if view == "summary":
+        if set(params) - {"view"}:
+            raise BadQuery("node, offset and limit need view=nodes")
+        return {"view": "summary"}
+    nodes = params.get("node", [])
+    if len(nodes) > MAX_NODE_FILTERS:
+        raise BadQuery(f"at most {MAX_NODE_FILTERS} node= filters")
+    return {
+        "view": "nodes",
+        "nodes": tuple(nodes),
+        "offset": _count(params, "offset", 0, None),
+        "limit": _count(params, "limit", MAX_PAGE, MAX_PAGE),
+    }
+
+
+def _count(params: dict[str, list[str]], name: str, default: int, most: int | None) -> int:
+    if name not in params:
+        return default
+    text = params[name][-1]
+    if not text.isdigit() or len(text) > 9:
+        raise BadQuery(f"{name} must be a whole number, not {text[:20]!r}")
+    value = int(text)
+    if name == "limit" and value == 0:
+        raise BadQuery("limit must be at least 1")
+    if most is not None and value > most:
+        raise BadQuery(f"{name} must be at most {most}")
+    return value
 
 
 class AdminServer:
     def __init__(
         self,
-        status: Callable[[], dict[str, Any]],
+        status: Callable[..., dict[str, Any]],
         metrics: Callable[[], bytes],
         routes: Mapping[str, Route] | None = None,
     ) -> None:
@@ -52,10 +105,17 @@ class AdminServer:
             self._server = None
 
     def _route(self, path: str) -> tuple[int, str, bytes]:
-        path = path.partition("?")[0]
+        path, _, query = path.partition("?")
         if path == "/status":
-            body = json.dumps(self._status(), indent=2, sort_keys=True, default=str) + "\n"
-            return 200, "application/json", body.encode()
+            try:
+                kwargs = status_query(query)
+            except BadQuery as exc:
+                return 400, "text/plain", f"{exc}\n".encode()
+            # The per-node view is compact: indenting thousands of documents costs more than
+            # building them.
+            indent = 2 if kwargs["view"] == "summary" else None
+            body = json.dumps(self._status(**kwargs), indent=indent, sort_keys=True, default=str)
+            return 200, "application/json", (body + "\n").encode()
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self._metrics()
         if path in ("/healthz", "/ready"):

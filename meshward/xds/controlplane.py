@@ -609,7 +609,9 @@ class ControlPlane:
                     await self._wake.wait()
 
     # -- status ------------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self, *, workloads: bool = True) -> dict[str, Any]:
+        """The control plane's own state; ``workloads=False``: per-workload resource counts
+        reduced to totals and the workloads that failed to compile (the summary view)."""
         now = self.wall_clock()
         expiry = self.next_expiry(now)
         return {
@@ -631,13 +633,21 @@ class ControlPlane:
                 if self._server_svid is not None
                 else None
             ),
-            "workloads": {
-                ref: {
-                    "resources": {
-                        types.short(t): len(items) for t, items in sorted(config.resources.items())
-                    },
-                    "error": config.error,
-                }
-                for ref, config in sorted(self.configs.items())
+            "workloads": self._workload_status()
+            if workloads
+            else {
+                "count": len(self.configs),
+                "errors": {ref: c.error for ref, c in sorted(self.configs.items()) if c.error},
             },
+        }
+
+    def _workload_status(self) -> dict[str, Any]:
+        return {
+            ref: {
+                "resources": {
+                    types.short(t): len(items) for t, items in sorted(config.resources.items())
+                },
+                "error": config.error,
+            }
+            for ref, config in sorted(self.configs.items())
         }

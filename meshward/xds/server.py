@@ -43,7 +43,14 @@ from meshward.xds.protocol import (
     SotwProtocol,
 )
 from meshward.xds.resources import encode_response
-from meshward.xds.status import DEFAULT_DRIFT_THRESHOLD, drifting, iso, stream_types
+from meshward.xds.status import (
+    DEFAULT_DRIFT_THRESHOLD,
+    FleetCounts,
+    drifting,
+    iso,
+    stream_flags,
+    stream_types,
+)
 
 log = logging.getLogger("meshward.xds")
 audit = logging.getLogger("meshward.xds.audit")
@@ -116,6 +123,21 @@ def peer_identity(context: Any, certificate: Any | None = None) -> str | None:
         return None
 
 
+# New ADS streams wait in gRPC core until the event loop takes them: grpc.aio asks core for
+# the next call one at a time on the loop, between the work of the streams already open (each
+# new node: its SVID, its first pushes). In a burst of thousands of nodes more calls arrive
+# than the loop takes, and core sheds the queue before any Meshward code sees the calls (the
+# node gets CANCELLED, nothing is logged): beyond ``grpc.server.max_pending_requests`` (core's
+# default 1,000) it cancels new calls at random, beyond ``..._hard_limit`` (3,000) all of them,
+# and any call left waiting past ``grpc.server_max_unrequested_time_in_server`` (30 s).
+# bench/xds_fleet.py --burst-only with 5,050 nodes: 782-1,271 streams cancelled that way.
+# Sized for a burst of a whole 5,000-node fleet (still bounded: a pending call is a stream of
+# an already open connection; beyond the hard limit the node retries, as Envoy does).
+UNREQUESTED_CALL_SECONDS = 300
+PENDING_CALLS_SOFT = 10_000
+PENDING_CALLS_HARD = 20_000
+
+
 @dataclass
 class Stream:
     id: int
@@ -184,6 +206,12 @@ class AdsServer:
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # A new stream waits in gRPC core until the event loop asks for the next call;
+                # after this long unasked, core cancels it (CANCELLED, nothing logged here).
+                # Core's default, 30 s, is what a burst of thousands of nodes exceeded.
+                ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_CALL_SECONDS),
+                ("grpc.server.max_pending_requests", PENDING_CALLS_SOFT),
+                ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD),
             ]
         )
         server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
@@ -490,15 +518,42 @@ class AdsServer:
         return encode_response(head, push.resources, delta=mode != "sotw")
 
     # -- status --------------------------------------------------------------------------------
-    def node_status(self) -> list[dict[str, Any]]:
-        """Per node: streams, per-type desired/ACKed versions, NACKs, drift (no secrets)."""
-        now = self.clock()
-        wall_offset = time.time() - now
+    def _streams_by_node(self) -> dict[str, list[Stream]]:
         by_node: dict[str, list[Stream]] = {}
         for stream in self.streams.values():
             by_node.setdefault(str(stream.node), []).append(stream)
-        result = []
+        return by_node
+
+    def node_names(self) -> list[str]:
+        """Every node with a stream or a snapshot, sorted (the per-node view's order)."""
+        return sorted({str(s.node) for s in self.streams.values()} | set(self.cache.nodes()))
+
+    def fleet_counts(self) -> FleetCounts:
+        """Counts over every node without building the per-node documents (the summary)."""
+        now = self.clock()
+        by_node = self._streams_by_node()
+        counts = FleetCounts()
         for node_name in sorted(set(by_node) | set(self.cache.nodes())):
+            snapshot = self.cache.get(node_name)
+            counts.add(
+                node_name,
+                (
+                    (s.mode, stream_flags(s.protocol.states, snapshot, now, self.drift_threshold))
+                    for s in sorted(by_node.get(node_name, []), key=lambda s: s.id)
+                ),
+            )
+        return counts
+
+    def node_status(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """Per node: streams, per-type desired/ACKed versions, NACKs, drift (no secrets).
+        ``names``: only these nodes (in that order; unknown names are skipped)."""
+        now = self.clock()
+        wall_offset = time.time() - now
+        by_node = self._streams_by_node()
+        known = set(by_node) | set(self.cache.nodes())
+        wanted = sorted(known) if names is None else [n for n in names if n in known]
+        result = []
+        for node_name in wanted:
             snapshot = self.cache.get(node_name)
             streams = sorted(by_node.get(node_name, []), key=lambda s: s.id)
             entries = []

@@ -22,6 +22,7 @@ from meshward.xds.controlplane import ControlPlane, WorkloadCompiler, server_spi
 from meshward.xds.jwks import JwksCache, jwks_uris
 from meshward.xds.limits import NodeLimits
 from meshward.xds.metrics import XdsMetrics
+from meshward.xds.nodeid import InvalidNodeId, NodeId
 from meshward.xds.server import AdsServer
 from meshward.xds.status import DEFAULT_DRIFT_THRESHOLD
 
@@ -200,8 +201,19 @@ class XdsService:
                 log.exception("JWKS refresh failed")
             await asyncio.sleep(min(1.0, max(0.05, self.jwks.seconds_until_due())))
 
-    def status(self) -> dict[str, Any]:
-        """Everything `meshward status` shows: control plane state and every node."""
+    def status(
+        self,
+        view: str = "nodes",
+        *,
+        nodes: Sequence[str] = (),
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """``view="nodes"``: everything `meshward status` shows, control plane state and the
+        per-node documents (only ``nodes``, node names or workload refs, when given; a page of
+        ``limit`` from ``offset``). ``view="summary"``: control plane state and counts over the
+        fleet, with the nodes that need attention by name: O(nodes) arithmetic, no per-node
+        documents, what ``GET /status`` serves by default."""
         if (
             self.watcher is not None
             and self.watcher.last_error is None
@@ -211,16 +223,40 @@ class XdsService:
             # (same version) but the rejection is over.
             self.control.policy_error = None
             self.control.policy_error_at = None
-        result = self.control.status()
+        result = self.control.status(workloads=view != "summary")
         result["ads"] = {"address": self.address, "server_identity": self.server_identity}
         result["certificates"] = {"join": self.join_address, "requests": dict(self.certs.counts)}
         result["drift_threshold_seconds"] = self.ads.drift_threshold
-        result["nodes"] = self.ads.node_status()
         if self.jwks is not None:
             result["jwks"] = self.jwks.status()
         if self.flows is not None:
             result["flows"] = self.flows.status()
+        if view == "summary":
+            result["view"] = "summary"
+            result["fleet"] = self.ads.fleet_counts().as_dict()
+            return result
+        names = self.ads.node_names()
+        if nodes:
+            wanted = set(nodes)
+            names = [n for n in names if n in wanted or _workload_ref(n) in wanted]
+        total = len(names)
+        end = total if limit is None else min(total, offset + limit)
+        result["nodes"] = self.ads.node_status(names[offset:end])
+        if limit is not None or offset:
+            result["page"] = {
+                "offset": offset,
+                "limit": limit,
+                "total": total,
+                "next_offset": end if end < total else None,
+            }
         return result
+
+
+def _workload_ref(node_name: str) -> str | None:
+    try:
+        return NodeId.parse(node_name).workload_ref
+    except InvalidNodeId:
+        return None
 
 
 def _cert_service(control: Any, limits: NodeLimits, ca: Any, state_dir: Path | None) -> Any:

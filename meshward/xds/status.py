@@ -102,3 +102,93 @@ def stream_types(
 
 def drifting(statuses: Iterable[TypeStatus]) -> bool:
     return any(s.drift for s in statuses)
+
+
+def stream_flags(
+    states: Mapping[str, TypeState], snapshot: Snapshot | None, now: float, threshold: float
+) -> tuple[bool, bool, bool]:
+    """(in sync, drifting, not enforcing) for one stream: what :func:`stream_types`,
+    :func:`drifting` and meshward.xds.enforcement.not_enforced say, without building the
+    per-type documents (the summary reads every stream of the fleet)."""
+    in_sync, drift, rejected = True, False, False
+    for type_url, st in states.items():
+        if not st.requested:
+            continue
+        desired = snapshot.type_version(type_url) if snapshot else ""
+        if st.acked_version == desired:
+            continue
+        in_sync = False
+        since = max(snapshot.changed_at(type_url) if snapshot else 0.0, st.requested_at)
+        drift = drift or max(0.0, now - since) > threshold
+        rejected = rejected or (type_url != types.SECRET and bool(st.rejected))
+    return in_sync, drift, rejected
+
+
+# ---- the fleet at a glance (``GET /status``'s default view) ---------------------------------
+
+ATTENTION_LIMIT = 20  # nodes listed by name in the summary; the rest are counted
+
+
+@dataclass
+class FleetCounts:
+    """Counts over every node, built in one pass without the per-node documents (certificates,
+    workload details, redacted NACKs) that make the per-node view cost O(nodes) of JSON."""
+
+    nodes: int = 0
+    connected: int = 0
+    in_sync: int = 0
+    pending: int = 0  # out of sync, within the drift threshold
+    drifting: int = 0
+    not_enforced: int = 0
+    streams_sotw: int = 0
+    streams_delta: int = 0
+    attention: list[dict[str, Any]] | None = None
+    attention_total: int = 0
+
+    def add(self, node: str, streams: Iterable[tuple[str, tuple[bool, bool, bool]]]) -> None:
+        """One node: its streams as (mode, :func:`stream_flags`)."""
+        self.nodes += 1
+        modes = list(streams)
+        if not modes:
+            return
+        self.connected += 1
+        reasons: list[str] = []
+        synced = True
+        for mode, (in_sync, drift, rejected) in modes:
+            if mode == "delta":
+                self.streams_delta += 1
+            else:
+                self.streams_sotw += 1
+            synced = synced and in_sync
+            if drift and "drift" not in reasons:
+                reasons.append("drift")
+            if rejected and "not enforced" not in reasons:
+                reasons.append("not enforced")
+        if synced:
+            self.in_sync += 1
+        elif "drift" in reasons:
+            self.drifting += 1
+        else:
+            self.pending += 1
+        if "not enforced" in reasons:
+            self.not_enforced += 1
+        if reasons:
+            self.attention_total += 1
+            listed = self.attention if self.attention is not None else []
+            if len(listed) < ATTENTION_LIMIT:
+                listed.append({"node": node, "problems": reasons})
+            self.attention = listed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.nodes,
+            "connected": self.connected,
+            "disconnected": self.nodes - self.connected,
+            "in_sync": self.in_sync,
+            "pending": self.pending,
+            "drifting": self.drifting,
+            "not_enforced": self.not_enforced,
+            "streams": {"sotw": self.streams_sotw, "delta": self.streams_delta},
+            "attention": self.attention or [],
+            "attention_total": self.attention_total,
+        }

@@ -11,7 +11,9 @@ One Envoy per policy set, connections reused, so a few hundred requests take sec
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import socket
 import threading
 import time
@@ -286,8 +288,66 @@ def _mixed(profile: synth.Profile, start: int) -> tuple[PolicySet, list[synth.Pr
     raise AssertionError(f"no seed in {start}..{start + 49} gives a mix of outcomes")
 
 
+def _keyed_source(rng: random.Random) -> Source:
+    """A ``from`` entry the exact-identity index could not take but the prefix index can: a
+    namespace, a namespace prefix, a principal prefix or an exact identity, sometimes with
+    notPrincipals or a notNamespaces narrowing it."""
+    td = synth.TRUST_DOMAIN
+    kind = rng.choice(["namespaces", "ns-prefix", "principal-prefix", "exact"])
+    values: dict[str, tuple[str, ...]] = {}
+    if kind == "namespaces":
+        values["namespaces"] = tuple(rng.sample(["shop", "ops", "other"], rng.randint(1, 2)))
+    elif kind == "ns-prefix":
+        values["namespaces"] = (rng.choice(["sh*", "o*", "oth*"]),)
+    elif kind == "principal-prefix":
+        values["principals"] = (rng.choice([f"{td}/ns/shop/*", f"{td}/ns/ops/sa/ad*", "clu*"]),)
+    else:
+        values["principals"] = (rng.choice([f"{td}/ns/shop/sa/web", f"{td}/ns/ops/sa/admin"]),)
+    if rng.random() < 0.4:
+        values["not_principals"] = (rng.choice([f"{td}/ns/shop/sa/worker", "*/sa/admin"]),)
+    elif rng.random() < 0.2:
+        values["not_namespaces"] = (rng.choice(["ops", "shop"]),)
+    return Source(**values)
+
+
+def _keyed_set(seed: int) -> PolicySet:
+    """A random native policy set whose every rule names callers by namespace or prefix (or
+    exactly): all of it goes to the prefix index (meshward.compile.index)."""
+    base = synth.random_policy_set(seed, synth.Profile(policies=(3, 6)))
+    rng = random.Random(seed)
+    policies = [
+        dataclasses.replace(
+            policy,
+            rules=tuple(
+                dataclasses.replace(
+                    rule, sources=tuple(_keyed_source(rng) for _ in range(rng.choice((1, 1, 2))))
+                )
+                for rule in policy.rules
+            ),
+        )
+        for policy in base.authorization_policies
+    ]
+    return PolicySet.create(
+        mesh=base.mesh,
+        workloads=list(base.workloads),
+        authorization_policies=policies,
+        peer_authentications=list(base.peer_authentications),
+    )
+
+
+def _mixed_keyed(start: int) -> tuple[PolicySet, list[synth.Probe]]:
+    for seed in range(start, start + 50):
+        policy_set = _keyed_set(seed)
+        probes = synth.random_probes(seed, PROBES_PER_SET)
+        counts = Counter(synth.expected_status(policy_set, p, now=NOW) for p in probes)
+        if min(counts[200], counts[403]) >= PROBES_PER_SET // 5:
+            return policy_set, probes
+    raise AssertionError(f"no seed in {start}..{start + 49} gives a mix of outcomes")
+
+
 # "+indexed": every rule naming exact callers compiles to RBAC's principal-indexed matcher
-# (meshward.compile.index), the form large workloads get.
+# (meshward.compile.index), the form large workloads get. "keyed": every rule names its callers
+# by namespace, prefix or identity (with notPrincipals), so it is all in the prefix map.
 @pytest.mark.parametrize(
     "case",
     [
@@ -302,6 +362,7 @@ def _mixed(profile: synth.Profile, start: int) -> tuple[PolicySet, list[synth.Pr
         "custom-and-jwt+extauthz",
         "authn-jwt+extauthz",
         "authn-native+extauthz",
+        "keyed+indexed",
     ],
 )
 def test_envoy_decides_like_the_evaluator(
@@ -321,6 +382,8 @@ def test_envoy_decides_like_the_evaluator(
     if name == "coverage":
         policy_set = synth.coverage_policy_set()
         probes = synth.random_probes(7, 2 * PROBES_PER_SET)
+    elif name == "keyed":
+        policy_set, probes = _mixed_keyed(700)
     else:
         policy_set, probes = _mixed(*CASES[name])
     policy_set = _jwt_mode(policy_set, native, issuer)
@@ -339,6 +402,8 @@ def test_envoy_decides_like_the_evaluator(
     ) as sidecar:
         if variant == "indexed":
             assert "matcher" in json.dumps(sidecar.config)  # the index is really in use
+            if name == "keyed":
+                assert "prefix_match_map" in json.dumps(sidecar.config)
         for probe in probes:
             want = synth.expected_status(policy_set, probe, now=NOW)
             got, body = mesh.send(sidecar, probe)

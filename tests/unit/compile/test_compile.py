@@ -532,7 +532,8 @@ def _many(name: str, count: int, action: Action = Action.ALLOW) -> Authorization
 
 
 def test_many_exact_caller_rules_go_to_the_principal_index() -> None:
-    namespace_rule = allow("ops", Rule(sources=(Source(namespaces=("ops",)),)))
+    # A namespace suffix pattern: no URI SAN prefix covers its callers, so not indexable.
+    namespace_rule = allow("ops", Rule(sources=(Source(namespaces=("*ps",)),)))
     ps = policy_set(
         _many("callers", 20),
         namespace_rule,
@@ -557,7 +558,7 @@ def test_many_exact_caller_rules_go_to_the_principal_index() -> None:
         ["rules", "track_per_rule_stats"],
     ]
     deny_tree = rbac_rules(resources, "meshward.rbac.deny_indexed")["matcher"]
-    entries = deny_tree["matcher_tree"]["exact_match_map"]["map"]
+    entries = deny_tree["matcher_tree"]["prefix_match_map"]["map"]
     assert len(entries) == 20 and "spiffe://cluster.local/ns/team/sa/svc-3" in entries
     first = entries["spiffe://cluster.local/ns/team/sa/svc-3"]["matcher"]
     action = first["matcher_list"]["matchers"][0]["on_match"]["action"]["typed_config"]

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -143,7 +144,7 @@ async def http_get(url: str) -> tuple[int, bytes]:
 async def test_status_and_metrics_endpoints(service: XdsService, clients: Clients) -> None:
     clients.open("shop/frontend")
     await until(lambda: in_sync(service, "shop/frontend"), what="sync")
-    code, body = await http_get(f"{service.admin_url}/status")
+    code, body = await http_get(f"{service.admin_url}/status?view=nodes")
     status = json.loads(body)
     assert code == 200
     entry = next(n for n in status["nodes"] if n["node"] == "shop/frontend")
@@ -561,3 +562,65 @@ async def test_ads_credentials_from_before_a_ca_rotation_work_until_the_old_root
         assert await asyncio.to_thread(ads_handshake, port, ca, old, both_roots) == (2, False)
     finally:
         await svc.stop()
+
+
+async def test_status_is_a_summary_by_default_with_a_paged_filterable_node_view(
+    service: XdsService, clients: Clients
+) -> None:
+    """GET /status counts the fleet and names the nodes needing attention (no per-node
+    documents); ?view=nodes gives those documents, filtered by node or workload and a page at
+    a time; a query it cannot answer is a 400 that says why."""
+
+    def nack(type_url: str, response: Any) -> str | None:
+        return "rejected for the test" if type_url == types.ROUTE else None
+
+    clients.open("shop/frontend")
+    clients.open("shop/orders", nack=nack, subscriptions=with_routes("shop/orders"))
+    await until(lambda: in_sync(service, "shop/frontend"), what="sync")
+    await until(
+        lambda: any(n["node"] == "shop/orders" and not n["policy_enforced"]
+                    for n in service.status()["nodes"]),
+        what="the NACK",
+    )  # fmt: skip
+    code, body = await http_get(f"{service.admin_url}/status")
+    summary = json.loads(body)
+    assert code == 200 and summary["view"] == "summary" and "nodes" not in summary
+    fleet = summary["fleet"]
+    assert fleet["connected"] == 2 and fleet["in_sync"] == 1 and fleet["not_enforced"] == 1
+    assert fleet["streams"] == {"sotw": 2, "delta": 0}
+    assert fleet["attention"] == [{"node": "shop/orders", "problems": ["not enforced"]}]
+    assert summary["workloads"]["count"] >= 2 and summary["workloads"]["errors"] == {}
+    assert summary["policy"]["version"] == service.control.policy.version
+
+    code, body = await http_get(f"{service.admin_url}/status?view=nodes&node=shop/orders")
+    only = json.loads(body)
+    assert [n["node"] for n in only["nodes"]] == ["shop/orders"]
+    assert only["nodes"][0]["not_enforced"]["types"] == ["RDS"]
+
+    code, body = await http_get(f"{service.admin_url}/status?view=nodes&limit=1")
+    first = json.loads(body)
+    assert len(first["nodes"]) == 1 and first["page"]["total"] == 2
+    assert first["page"]["next_offset"] == 1
+    code, body = await http_get(f"{service.admin_url}/status?view=nodes&limit=1&offset=1")
+    second = json.loads(body)
+    assert second["page"]["next_offset"] is None
+    assert {first["nodes"][0]["node"], second["nodes"][0]["node"]} == {
+        "shop/frontend",
+        "shop/orders",
+    }
+    # `meshward status` reads every page.
+    every = await asyncio.to_thread(status_cli.fetch_nodes, service.admin_url or "", 5, ())
+    assert sorted(n["node"] for n in every["nodes"]) == ["shop/frontend", "shop/orders"]
+
+    for query, why in (
+        ("view=everything", "view must be summary or nodes"),
+        ("view=nodes&limit=0", "limit must be at least 1"),
+        ("view=nodes&limit=5000", "limit must be at most 1000"),
+        ("view=nodes&offset=-1", "offset must be a whole number"),
+        ("limit=5", "need view=nodes"),
+        ("colour=blue", "unknown parameter 'colour'"),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            await http_get(f"{service.admin_url}/status?{query}")
+        assert caught.value.code == 400
+        assert why in caught.value.read().decode(), query

@@ -73,7 +73,9 @@ def rule_keys(rule: RuleClass, trust_domain: str = "") -> tuple[tuple[str, bool]
     the rule has one of them), or None when the rule is not indexable: some ``from`` entry
     admits callers no prefix covers, or the rule has no ``from`` at all."""
     sources = rule.rule.sources
-    if not sources:
+    if not sources or rule_extauthz_reason(rule.rule) is not None:
+        # No sources, or the rule reads the end-user JWT: its payload matchers (dynamic
+        # metadata) have no matcher-tree form here, so it stays in the rules engine.
         return None
     out: list[tuple[str, bool]] = []
     for source in sources:

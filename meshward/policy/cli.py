@@ -4,7 +4,6 @@ compiler package plugs in through meshward.compile.cli_compile when it is instal
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from datetime import UTC, datetime
@@ -31,15 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _configure_compile(sub: Any) -> None:
-    """The compiler engineer's module adds `compile`; absent, the command is simply missing."""
-    name = "meshward.compile.cli_compile"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        return
-    module.configure_compile(sub)
+    """`policy compile` lives with the compiler; imported here, when the parser is built."""
+    from meshward.compile.cli_compile import configure_compile
+
+    configure_compile(sub)
 
 
 def _now(value: str) -> datetime:
@@ -153,12 +147,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _check_enforceable(policy_set: Any) -> None:
-    """Raise PolicyError for values Envoy would refuse once compiled (the compiler's check,
-    when the compiler is installed)."""
-    try:
-        from meshward.compile.envoy_limits import check_policy_set
-    except ModuleNotFoundError:  # pragma: no cover - policy-only install
-        return
+    """Raise PolicyError for values Envoy would refuse once compiled (the compiler's check)."""
+    from meshward.compile.envoy_limits import check_policy_set
+
     check_policy_set(policy_set)
 
 

@@ -48,6 +48,13 @@ def _now(value: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
+def _clock(args: argparse.Namespace) -> datetime:
+    """`--now` if given, else the clock: the one place policy commands read it (policy/ is
+    pure; its functions take `now`)."""
+    now: datetime | None = getattr(args, "now", None)
+    return now if now is not None else datetime.now(UTC)
+
+
 def _add_now(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--now",
@@ -108,7 +115,7 @@ def _validate(args: argparse.Namespace) -> int:
             count = len(exc.problems)
             print(f"{count} error{'s' if count != 1 else ''}; nothing was loaded", file=sys.stderr)
         return 1
-    warnings = lint(policy_set, now=args.now)
+    warnings = lint(policy_set, now=_clock(args))
     counts = {
         "workloads": len(policy_set.workloads),
         "authorization_policies": len(policy_set.authorization_policies),
@@ -156,7 +163,7 @@ def _check_enforceable(policy_set: Any) -> None:
 def _envoy_verdicts(policy_set: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     from meshward.compile.envoy_check import validate_with_envoy
 
-    now = args.now if args.now is not None else datetime.now(UTC)
+    now = _clock(args)
     return [
         {"workload": v.workload, "ok": v.ok, "error": v.error}
         for v in validate_with_envoy(policy_set, now)
@@ -339,7 +346,7 @@ def _explain(args: argparse.Namespace) -> int:
         source_ip=args.source_ip,
         sni=args.sni,
     )
-    result = explain(policy_set, workload, request, now=args.now)
+    result = explain(policy_set, workload, request, now=_clock(args))
     if args.json:
         print_json(result.to_json())
     else:
@@ -391,7 +398,7 @@ def _test(args: argparse.Namespace) -> int:
 
     policy_set = load(args.paths)
     cases = load_cases(args.cases)
-    results = run_cases(policy_set, cases)
+    results = run_cases(policy_set, cases, now=datetime.now(UTC))
     failed = [r for r in results if not r.passed]
     if args.json:
         print_json(
@@ -450,7 +457,7 @@ def _diff(args: argparse.Namespace) -> int:
     from meshward.policy import load
     from meshward.policy.diff import diff
 
-    result = diff(load([args.old]), load([args.new]), now=args.now)
+    result = diff(load([args.old]), load([args.new]), now=_clock(args))
     if args.json:
         print_json(
             {

@@ -4,7 +4,7 @@ workload, which rule matched or the first field that did not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from meshward.policy.canonical import format_time
@@ -139,10 +139,11 @@ def explain(
     workload: Workload,
     request: Request,
     *,
-    now: datetime | None = None,
+    now: datetime,
     custom: CustomProvider | None = None,
 ) -> Explanation:
-    when = now if now is not None else datetime.now(UTC)
+    """Why `request` gets its decision at `now` (the caller reads the clock)."""
+    when = now
     decision = evaluate(policy_set, workload, request, now=when, custom=custom)
     plan = plan_for(policy_set, workload)
     try:

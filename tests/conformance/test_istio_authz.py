@@ -8,6 +8,7 @@ must then load and evaluate.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def decide(ps: PolicySet, **overrides: Any) -> Decision:
     base.update(overrides)
     httpbin = ps.workload("foo/httpbin")
     assert httpbin is not None
-    return evaluate(ps, httpbin, Request(**base))
+    return evaluate(ps, httpbin, Request(**base), now=datetime.now(UTC))
 
 
 def corpus(name: str) -> PolicySet:

@@ -91,12 +91,14 @@ class InconsistentSnapshot(ValueError):
 
 def inconsistencies(types_: Mapping[str, Mapping[str, Resource]]) -> list[str]:
     """References that do not resolve inside the snapshot, as go-control-plane's
-    ``Snapshot.Consistent()`` checks them: every SDS secret any resource names and every RDS
-    route configuration a listener names must be in the snapshot. Cluster names are not
+    ``Snapshot.Consistent()`` checks them: every SDS secret any resource names, every RDS
+    route configuration a listener names and every EDS load assignment a cluster names must be
+    in the snapshot. Cluster names are not
     checked: listeners also route to clusters of the static bootstrap (ext_authz, OTLP), which
     no snapshot holds; the protocol already orders the snapshot's own clusters first."""
     secrets = types_.get(types.SECRET, _EMPTY)
     routes = types_.get(types.ROUTE, _EMPTY)
+    endpoints = types_.get(types.ENDPOINT, _EMPTY)
     missing: list[str] = []
     for type_url in types.ORDER:
         for name, resource in types_.get(type_url, _EMPTY).items():
@@ -108,6 +110,10 @@ def inconsistencies(types_: Mapping[str, Mapping[str, Resource]]) -> list[str]:
             missing.extend(
                 f"{kind} {name!r} names route configuration {ref!r}, not in the snapshot"
                 for ref in sorted(resource.routes - routes.keys())
+            )
+            missing.extend(
+                f"{kind} {name!r} names load assignment {ref!r}, not in the snapshot"
+                for ref in sorted(resource.endpoints - endpoints.keys())
             )
     return missing
 

@@ -122,3 +122,43 @@ def test_snapshot_consistency_is_checked_when_built() -> None:
     # no secrets referenced: consistent without any
     plain = [listener("in", secrets=False)]
     assert build_snapshot(None, {types.LISTENER: plain}, 1.0).resources(types.LISTENER)
+
+
+def test_snapshot_consistency_covers_rds_and_eds_names() -> None:
+    """A listener's RDS name needs its RouteConfiguration, an EDS cluster its load assignment."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+
+    from meshward.xds.resources import make_resource
+    from meshward.xds.snapshot import InconsistentSnapshot
+
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix="in")
+    hcm.rds.route_config_name = "in-routes"
+    hcm.rds.config_source.ads.SetInParent()
+    message = listener_pb2.Listener(name="in")
+    message.filter_chains.add().filters.add(name="hcm").typed_config.Pack(hcm)
+    rds_listener = make_resource(message)
+    eds = cluster_pb2.Cluster(name="out", type=cluster_pb2.Cluster.EDS)
+    eds.eds_cluster_config.service_name = "out-eds"
+    eds.eds_cluster_config.eds_config.ads.SetInParent()
+    eds_cluster = make_resource(eds)
+    routes = make_resource(route_pb2.RouteConfiguration(name="in-routes"))
+    assignment = make_resource(endpoint_pb2.ClusterLoadAssignment(cluster_name="out-eds"))
+    assert (rds_listener.routes, eds_cluster.endpoints) == ({"in-routes"}, {"out-eds"})
+
+    whole = {
+        types.LISTENER: [rds_listener],
+        types.ROUTE: [routes],
+        types.CLUSTER: [eds_cluster],
+        types.ENDPOINT: [assignment],
+    }
+    assert build_snapshot(None, whole, 1.0).resources(types.ENDPOINT)
+    with pytest.raises(InconsistentSnapshot, match="route configuration 'in-routes'"):
+        build_snapshot(None, {**whole, types.ROUTE: []}, 1.0)
+    with pytest.raises(InconsistentSnapshot, match="load assignment 'out-eds'"):
+        build_snapshot(None, {**whole, types.ENDPOINT: []}, 1.0)

@@ -127,14 +127,6 @@ def expiry_instants(policy_set: PolicySet) -> tuple[datetime, ...]:
     )
 
 
-def next_expiry(policy_set: PolicySet, now: datetime) -> datetime | None:
-    """The first expiry instant after ``now`` anywhere in the set: any workload's outbound
-    config may change then (a peer's emergency ALLOW expiring)."""
-    instants = expiry_instants(policy_set)
-    i = bisect.bisect_right(instants, now)
-    return instants[i] if i < len(instants) else None
-
-
 def peers_of(
     policy_set: PolicySet,
     workload: Workload,

@@ -74,13 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help_text, description=help_text[:1].upper() + help_text[1:] + "."
         )
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            sub.set_defaults(func=_unavailable(name))
-            continue
+        module = importlib.import_module(module_name)
         module.configure(sub)
         if sub.get_default("func") is None:
             sub.set_defaults(func=_print_help(sub))
@@ -93,13 +87,6 @@ def _print_help(parser: argparse.ArgumentParser) -> Handler:
     def handler(_: argparse.Namespace) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-
-    return handler
-
-
-def _unavailable(name: str) -> Handler:
-    def handler(_: argparse.Namespace) -> int:
-        raise UserError(f"`meshward {name}` is not part of this build")
 
     return handler
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshward.compile.bootstrap import static_bootstrap
 from meshward.compile.options import CompileOptions, Endpoint, Mode, runtime_bindings
+from meshward.compile.peers import mesh_index
 from meshward.compile.workload import compile_workload, to_dict
 from meshward.envoy.runtime import re2_runtime
 
@@ -64,8 +65,9 @@ def _bootstrap(
     options = replace(base, bindings=runtime_bindings(policy_set.workloads, count(FIRST_PORT)))
     listeners: list[dict[str, Any]] = []
     clusters: dict[str, dict[str, Any]] = {}
+    index = mesh_index(policy_set, now)
     for n, ref in enumerate(refs):
-        config = static_bootstrap(compile_workload(policy_set, ref, options, now=now))
+        config = static_bootstrap(compile_workload(policy_set, ref, options, now=now, index=index))
         for listener in config["static_resources"]["listeners"]:
             listener["name"] += f"#{n}"
             listeners.append(listener)

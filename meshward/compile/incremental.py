@@ -35,7 +35,7 @@ from typing import Any
 from meshward.compile import names
 from meshward.compile.fragments import FragmentCache, PeerKey
 from meshward.compile.options import CompileOptions
-from meshward.compile.peers import peers_of
+from meshward.compile.peers import mesh_index, peers_of
 from meshward.compile.workload import (
     Part,
     WorkloadResources,
@@ -156,7 +156,8 @@ def compile_incremental(
     outbound_parts: dict[str, Outbound] = {}
     did_inbound: set[str] = set()
     did_outbound: set[str] = set()
-    change = outbound_change(policy_set, options, now)
+    mesh = mesh_index(policy_set, now)  # built once per compile, passed down (no global memo)
+    change = outbound_change(mesh, options, now)
     for workload in policy_set.workloads:
         ref = workload.ref
         try:
@@ -168,7 +169,9 @@ def compile_incremental(
                 memo = dict(old_in[1].parsed) if old_in is not None else {}
                 inbound = compile_inbound(policy_set, workload, options, now=now, memo=memo)
                 did_inbound.add(ref)
-            callee_workloads = peers_of(policy_set, workload, now) if options.outbound else []
+            callee_workloads = (
+                peers_of(policy_set, workload, now, index=mesh.peers) if options.outbound else []
+            )
             callees = tuple(w.ref for w in callee_workloads)
             old_out = base.outbound.get(ref) if base is not None else None
             if (

@@ -12,18 +12,20 @@ workload of the mesh costs time proportional to the output, not to workloads squ
 With ``now``, policies count as they apply at that instant (``PolicySet.policies_for``): an
 expired emergency ALLOW keeps its workload closed but names no caller any more, so callers that
 only it made eligible lose their outbound path at the expiry instant, when the control plane
-recompiles every workload. The index is memoized per (version, expiries passed).
+recompiles every workload. The index is built once per compile of the mesh by the caller
+(:func:`mesh_index`) and passed in: no module-global memo.
 """
 
 from __future__ import annotations
 
 import bisect
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from meshward.compile import names
 from meshward.policy.matching import string_predicate
 from meshward.policy.model import Action, Rule, Workload
 
@@ -90,62 +92,54 @@ def _index_rules(index: PeerIndex, ref: str, rules: list[Rule]) -> None:
                 return
 
 
-_CACHE: dict[tuple[str, int], PeerIndex] = {}
-_LOCK = threading.Lock()
-_CACHE_SIZE = 4
-_INSTANTS: dict[str, list[datetime]] = {}  # version -> sorted expiry instants
+@dataclass(frozen=True)
+class MeshIndex:
+    """What every workload's compile reads from the whole policy set at one instant, built once
+    per compile of the mesh (by its caller) and passed in: the callers -> peers index, the
+    registry's (peer, port) positions (default outbound port offsets) and the sorted expiry
+    instants. An explicit value instead of a module-global memo, so compile stays pure."""
+
+    peers: PeerIndex
+    ports: Mapping[str, int]
+    expiries: tuple[datetime, ...]
+
+    def next_expiry(self, now: datetime) -> datetime | None:
+        """The first expiry instant after ``now`` anywhere in the set."""
+        i = bisect.bisect_right(self.expiries, now)
+        return self.expiries[i] if i < len(self.expiries) else None
 
 
-def _expiries_passed(policy_set: PolicySet, now: datetime | None) -> int:
-    """How many expiry instants lie at or before ``now`` (-1 without a clock): with the version,
-    it identifies the set of expired policies, which only grows with time."""
-    if now is None:
-        return -1
-    return bisect.bisect_right(_instants(policy_set), now)
+def mesh_index(policy_set: PolicySet, now: datetime | None = None) -> MeshIndex:
+    """The :class:`MeshIndex` of ``policy_set`` at ``now`` (None: ignoring expiry)."""
+    keys = sorted(names.peer_key(w, p.port) for w in policy_set.workloads for p in w.ports)
+    return MeshIndex(
+        peers=build_index(policy_set, now),
+        ports=MappingProxyType({key: i for i, key in enumerate(keys)}),
+        expiries=expiry_instants(policy_set),
+    )
 
 
-def next_expiry(policy_set: PolicySet, now: datetime) -> datetime | None:
-    """The first expiry instant after ``now`` anywhere in the set: any workload's outbound
-    config may change then (a peer's emergency ALLOW expiring)."""
-    instants = _instants(policy_set)
-    i = bisect.bisect_right(instants, now)
-    return instants[i] if i < len(instants) else None
-
-
-def _instants(policy_set: PolicySet) -> list[datetime]:
-    instants = _INSTANTS.get(policy_set.version)
-    if instants is None:
-        instants = sorted(
+def expiry_instants(policy_set: PolicySet) -> tuple[datetime, ...]:
+    return tuple(
+        sorted(
             {p.expires_at for p in policy_set.authorization_policies if p.expires_at is not None}
         )
-        with _LOCK:
-            if len(_INSTANTS) >= _CACHE_SIZE:
-                _INSTANTS.pop(next(iter(_INSTANTS)))
-            _INSTANTS[policy_set.version] = instants
-    return instants
-
-
-def peer_index(policy_set: PolicySet, now: datetime | None = None) -> PeerIndex:
-    """The index for this policy set at ``now``, memoized by content version and expiries."""
-    key = (policy_set.version, _expiries_passed(policy_set, now))
-    hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
-    built = build_index(policy_set, now)
-    with _LOCK:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = built
-    return built
+    )
 
 
 def peers_of(
-    policy_set: PolicySet, workload: Workload, now: datetime | None = None
+    policy_set: PolicySet,
+    workload: Workload,
+    now: datetime | None = None,
+    *,
+    index: PeerIndex | None = None,
 ) -> list[Workload]:
     """The workloads ``workload`` may call at ``now`` (None: ignoring expiry), sorted by ref
-    (never itself)."""
+    (never itself). ``index``: ``build_index(policy_set, now)`` when the caller asks for many
+    workloads (built here otherwise)."""
     trust_domain = policy_set.mesh.trust_domain
-    index = peer_index(policy_set, now)
+    if index is None:
+        index = build_index(policy_set, now)
     refs = index.callees(workload.principal(trust_domain), workload.namespace)
     refs.discard(workload.ref)
     found = (policy_set.workload(ref) for ref in sorted(refs))

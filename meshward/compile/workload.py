@@ -20,7 +20,7 @@ from meshward.compile import protos as _protos
 from meshward.compile.classify import Placement
 from meshward.compile.fragments import FragmentCache
 from meshward.compile.options import CompileOptions, Endpoint, Mode
-from meshward.compile.peers import next_expiry, peers_of
+from meshward.compile.peers import MeshIndex, mesh_index, peers_of
 from meshward.errors import UserError
 from meshward.policy.model import JwtEnforcement, MtlsMode, Workload, WorkloadPort
 
@@ -104,6 +104,7 @@ def compile_workload(
     now: datetime | None = None,
     _memo: dict[tuple[str, str], Any] | None = None,
     fragments: FragmentCache | None = None,
+    index: MeshIndex | None = None,
 ) -> WorkloadResources:
     """Compile one workload's sidecar config (inbound, outbound, infrastructure clusters).
 
@@ -115,6 +116,9 @@ def compile_workload(
     ``fragments``: outbound fragments shared with other workloads' compiles (same options);
     the cluster, endpoints and route of a peer are then the same proto objects in every
     caller's result (read-only). None: a private cache.
+
+    ``index``: ``mesh_index(policy_set, now)`` (the same arguments) when compiling many
+    workloads of one set; None builds it here.
     """
     options = options or CompileOptions()
     memo = _memo if _memo is not None else {}
@@ -128,8 +132,11 @@ def compile_workload(
                 "check the NAMESPACE/NAME spelling"
             )
         workload = found
+    if index is None:
+        index = mesh_index(policy_set, now)
     inbound = compile_inbound(policy_set, workload, options, now=now, memo=memo)
-    targets = outbound_targets(policy_set, workload, options, _outbound_index(policy_set), now=now)
+    peers = peers_of(policy_set, workload, now, index=index.peers) if options.outbound else []
+    targets = outbound_targets(policy_set, workload, options, index.ports, peers=peers)
     outbound = compile_outbound(workload, targets, fragments, policy_set.mesh.trust_domain)
     return assemble(
         workload,
@@ -137,7 +144,7 @@ def compile_workload(
         options,
         inbound,
         outbound,
-        outbound_change=outbound_change(policy_set, options, now),
+        outbound_change=outbound_change(index, options, now),
     )
 
 
@@ -287,11 +294,11 @@ def compile_outbound(
 
 
 def outbound_change(
-    policy_set: PolicySet, options: CompileOptions, now: datetime | None
+    index: MeshIndex, options: CompileOptions, now: datetime | None
 ) -> datetime | None:
     """When a caller's outbound half may next change: the next expiry anywhere in the set (a
     peer's emergency ALLOW decides whether it may call that peer)."""
-    return next_expiry(policy_set, now) if options.outbound and now is not None else None
+    return index.next_expiry(now) if options.outbound and now is not None else None
 
 
 def assemble(
@@ -343,8 +350,11 @@ def compile_mesh(
     """
     memo: dict[tuple[str, str], Any] = {}
     fragments = FragmentCache(options or CompileOptions())
+    index = mesh_index(policy_set, now)
     return {
-        w.ref: compile_workload(policy_set, w, options, now=now, _memo=memo, fragments=fragments)
+        w.ref: compile_workload(
+            policy_set, w, options, now=now, _memo=memo, fragments=fragments, index=index
+        )
         for w in policy_set.workloads
     }
 
@@ -379,21 +389,6 @@ def rule_classes(
         policy_set.request_authentications_for(workload),
         jwt_native=policy_set.mesh.jwt_enforcement is JwtEnforcement.NATIVE,
     )
-
-
-_OUTBOUND_INDEX: dict[str, dict[str, int]] = {}
-
-
-def _outbound_index(policy_set: PolicySet) -> Mapping[str, int]:
-    """(peer, port) -> position in the sorted registry: the default outbound port offset."""
-    hit = _OUTBOUND_INDEX.get(policy_set.version)
-    if hit is None:
-        keys = sorted(names.peer_key(w, p.port) for w in policy_set.workloads for p in w.ports)
-        hit = {key: i for i, key in enumerate(keys)}
-        if len(_OUTBOUND_INDEX) >= 4:
-            _OUTBOUND_INDEX.pop(next(iter(_OUTBOUND_INDEX)))
-        _OUTBOUND_INDEX[policy_set.version] = hit
-    return hit
 
 
 def _sorted(messages: Iterable[Any], *, key: str = "name") -> tuple[Any, ...]:

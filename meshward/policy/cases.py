@@ -419,14 +419,15 @@ def _case(raw: Any, path: str, err: Any, default_now: datetime | None, where: st
     )
 
 
-def run_case(policy_set: PolicySet, case: Case) -> CaseResult:
+def run_case(policy_set: PolicySet, case: Case, *, now: datetime) -> CaseResult:
+    """Run one case at its own ``now:`` if it names one, else at ``now`` (the caller's clock)."""
     from meshward.errors import UserError
 
     try:
         workload, request = case.build(policy_set)
     except UserError as exc:
         return CaseResult(case, None, (), str(exc))
-    decision = evaluate(policy_set, workload, request, now=case.now or datetime.now(UTC))
+    decision = evaluate(policy_set, workload, request, now=case.now or now)
     mismatches: list[str] = []
 
     def check(what: str, expected: object, actual: object) -> None:
@@ -449,5 +450,5 @@ def run_case(policy_set: PolicySet, case: Case) -> CaseResult:
     return CaseResult(case, decision, tuple(mismatches))
 
 
-def run_cases(policy_set: PolicySet, cases: Sequence[Case]) -> list[CaseResult]:
-    return [run_case(policy_set, c) for c in cases]
+def run_cases(policy_set: PolicySet, cases: Sequence[Case], *, now: datetime) -> list[CaseResult]:
+    return [run_case(policy_set, c, now=now) for c in cases]

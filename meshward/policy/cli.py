@@ -4,7 +4,6 @@ compiler package plugs in through meshward.compile.cli_compile when it is instal
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from datetime import UTC, datetime
@@ -31,15 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _configure_compile(sub: Any) -> None:
-    """The compiler engineer's module adds `compile`; absent, the command is simply missing."""
-    name = "meshward.compile.cli_compile"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        return
-    module.configure_compile(sub)
+    """`policy compile` lives with the compiler; imported here, when the parser is built."""
+    from meshward.compile.cli_compile import configure_compile
+
+    configure_compile(sub)
 
 
 def _now(value: str) -> datetime:
@@ -52,6 +46,13 @@ def _now(value: str) -> datetime:
     if parsed.tzinfo is None:
         raise argparse.ArgumentTypeError("the time needs a zone, e.g. a trailing Z for UTC")
     return parsed.astimezone(UTC)
+
+
+def _clock(args: argparse.Namespace) -> datetime:
+    """`--now` if given, else the clock: the one place policy commands read it (policy/ is
+    pure; its functions take `now`)."""
+    now: datetime | None = getattr(args, "now", None)
+    return now if now is not None else datetime.now(UTC)
 
 
 def _add_now(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +115,7 @@ def _validate(args: argparse.Namespace) -> int:
             count = len(exc.problems)
             print(f"{count} error{'s' if count != 1 else ''}; nothing was loaded", file=sys.stderr)
         return 1
-    warnings = lint(policy_set, now=args.now)
+    warnings = lint(policy_set, now=_clock(args))
     counts = {
         "workloads": len(policy_set.workloads),
         "authorization_policies": len(policy_set.authorization_policies),
@@ -153,19 +154,16 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _check_enforceable(policy_set: Any) -> None:
-    """Raise PolicyError for values Envoy would refuse once compiled (the compiler's check,
-    when the compiler is installed)."""
-    try:
-        from meshward.compile.envoy_limits import check_policy_set
-    except ModuleNotFoundError:  # pragma: no cover - policy-only install
-        return
+    """Raise PolicyError for values Envoy would refuse once compiled (the compiler's check)."""
+    from meshward.compile.envoy_limits import check_policy_set
+
     check_policy_set(policy_set)
 
 
 def _envoy_verdicts(policy_set: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     from meshward.compile.envoy_check import validate_with_envoy
 
-    now = args.now if args.now is not None else datetime.now(UTC)
+    now = _clock(args)
     return [
         {"workload": v.workload, "ok": v.ok, "error": v.error}
         for v in validate_with_envoy(policy_set, now)
@@ -358,7 +356,9 @@ def _explain(args: argparse.Namespace) -> int:
         source_ip=args.source_ip,
         sni=args.sni,
     )
-    result = explain(policy_set, workload, request, now=args.now, token_invalid=args.token_invalid)
+    result = explain(
+        policy_set, workload, request, now=_clock(args), token_invalid=args.token_invalid
+    )
     if args.json:
         print_json(result.to_json())
     else:
@@ -410,7 +410,7 @@ def _test(args: argparse.Namespace) -> int:
 
     policy_set = load(args.paths)
     cases = load_cases(args.cases)
-    results = run_cases(policy_set, cases)
+    results = run_cases(policy_set, cases, now=datetime.now(UTC))
     failed = [r for r in results if not r.passed]
     if args.json:
         print_json(
@@ -469,7 +469,7 @@ def _diff(args: argparse.Namespace) -> int:
     from meshward.policy import load
     from meshward.policy.diff import diff
 
-    result = diff(load([args.old]), load([args.new]), now=args.now)
+    result = diff(load([args.old]), load([args.new]), now=_clock(args))
     if args.json:
         print_json(
             {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from meshward.policy.evaluator import evaluate
@@ -82,8 +82,8 @@ class PolicyDiff:
         return bool(self.changes or self.added_workloads or self.removed_workloads)
 
 
-def diff(old: PolicySet, new: PolicySet, *, now: datetime | None = None) -> PolicyDiff:
-    when = now if now is not None else datetime.now(UTC)
+def diff(old: PolicySet, new: PolicySet, *, now: datetime) -> PolicyDiff:
+    when = now  # required: the caller (the CLI) reads the clock
     old_refs = {w.ref for w in old.workloads}
     new_refs = {w.ref for w in new.workloads}
     common = sorted(old_refs & new_refs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from meshward.policy.matching import (
@@ -535,13 +535,14 @@ def evaluate(
     workload: Workload,
     request: Request,
     *,
-    now: datetime | None = None,
+    now: datetime,
     custom: CustomProvider | None = None,
 ) -> Decision:
-    """Decide one request to `workload`. `now` defaults to the current time so an expired
-    emergency rule never applies by accident. `custom` answers CUSTOM (ext_authz provider)
-    policies; without it a matching CUSTOM policy denies (fail closed)."""
-    when = now if now is not None else datetime.now(UTC)
+    """Decide one request to `workload` at `now` (required: the caller reads the clock, so an
+    expired emergency rule never applies by accident and evaluation stays pure). `custom`
+    answers CUSTOM (ext_authz provider) policies; without it a matching CUSTOM policy denies
+    (fail closed)."""
+    when = now
     plan = plan_for(policy_set, workload)
     refusal = plaintext_refusal(policy_set, workload, request)
     if refusal is not None:

@@ -4,7 +4,7 @@ workload, which rule matched or the first field that did not."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from meshward.policy.canonical import format_time
@@ -155,7 +155,7 @@ def explain(
     workload: Workload,
     request: Request,
     *,
-    now: datetime | None = None,
+    now: datetime,
     custom: CustomProvider | None = None,
     token_invalid: bool = False,
 ) -> Explanation:
@@ -163,7 +163,7 @@ def explain(
     signature, expired, wrong audience, unknown issuer). Where a RequestAuthentication selects
     the workload that is a 401 before any authorization (Istio; Envoy's jwt_authn); elsewhere
     no one checks the token and the request is decided without a request principal."""
-    when = now if now is not None else datetime.now(UTC)
+    when = now
     decision = evaluate(policy_set, workload, request, now=when, custom=custom)
     plan = plan_for(policy_set, workload)
     try:

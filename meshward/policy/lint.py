@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 
 from meshward.policy.canonical import format_time
 from meshward.policy.errors import Problem
@@ -26,8 +26,8 @@ HTTP_METHODS = frozenset(
 )
 
 
-def lint(policy_set: PolicySet, *, now: datetime | None = None) -> list[Problem]:
-    when = now if now is not None else datetime.now(UTC)
+def lint(policy_set: PolicySet, *, now: datetime) -> list[Problem]:
+    when = now  # required: the caller (the CLI) reads the clock
     found: list[Problem] = list(policy_set.warnings)
     root = policy_set.mesh.root_namespace
     for policy in policy_set.authorization_policies:

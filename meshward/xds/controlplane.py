@@ -53,7 +53,7 @@ from meshward.xds.limits import (
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
-from meshward.xds.snapshot import Snapshot, build_snapshot
+from meshward.xds.snapshot import InconsistentSnapshot, Snapshot, build_snapshot
 
 log = logging.getLogger("meshward.xds")
 
@@ -80,6 +80,7 @@ class NodeState:
     issued: int = 0
     renew_at: datetime | None = None
     disconnected_at: float | None = None  # monotonic; garbage-collected after limits.node_gc_after
+    snapshot_error: str | None = None  # why its newest snapshot was refused (InconsistentSnapshot)
 
 
 class ControlPlane:
@@ -366,6 +367,8 @@ class ControlPlane:
         config = self.configs.get(node.workload_ref)
         if config is not None and config.error:
             details["compile_error"] = config.error
+        elif state is not None and state.snapshot_error:
+            details["compile_error"] = state.snapshot_error
         if state is not None and state.svid is not None:
             now = self.wall_clock()
             svid = state.svid
@@ -444,7 +447,17 @@ class ControlPlane:
         return build_snapshot(self.cache.get(str(state.node)), resources, self.clock())
 
     def _refresh_node(self, state: NodeState) -> bool:
-        return self.cache.set(str(state.node), self._snapshot(state))
+        """Build and store the node's snapshot. An inconsistent one is refused: the node keeps
+        its last good snapshot and status shows why (as a compile error: not enforced)."""
+        try:
+            snapshot = self._snapshot(state)
+        except InconsistentSnapshot as exc:
+            if state.snapshot_error != str(exc):
+                log.error("node %s keeps its last good config: %s", state.node, exc)
+            state.snapshot_error = str(exc)
+            return False
+        state.snapshot_error = None
+        return self.cache.set(str(state.node), snapshot)
 
     def _refresh_nodes(self, workload_refs: set[str]) -> int:
         return sum(self._refresh_steps(workload_refs))

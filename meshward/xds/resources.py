@@ -58,6 +58,7 @@ class Resource:
     secrets: frozenset[str] = frozenset()
     clusters: frozenset[str] = frozenset()
     routes: frozenset[str] = frozenset()
+    endpoints: frozenset[str] = frozenset()  # EDS names a cluster asks for (consistency check)
 
     @property
     def sensitive(self) -> bool:
@@ -127,6 +128,9 @@ def make_resource(message: Any) -> Resource:
     routes: set[str] = set()
     if type_url != types.SECRET:  # a secret names nothing, and must never be walked or logged
         _walk(message, secrets, clusters, routes)
+    endpoints: frozenset[str] = frozenset()
+    if type_url == types.CLUSTER and message.HasField("eds_cluster_config"):
+        endpoints = frozenset({message.eds_cluster_config.service_name or message.name})
     return Resource(
         type_url=type_url,
         name=resource_name(message),
@@ -135,6 +139,7 @@ def make_resource(message: Any) -> Resource:
         secrets=frozenset(secrets),
         clusters=frozenset(clusters),
         routes=frozenset(routes),
+        endpoints=endpoints,
     )
 
 

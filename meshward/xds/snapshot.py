@@ -25,6 +25,7 @@ from meshward.xds import types
 from meshward.xds.resources import Resource
 
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})
+MAX_REPORTED = 5  # missing references named in an InconsistentSnapshot message (bounded)
 VERSION_LENGTH = 16  # hex characters of a content version
 
 
@@ -76,14 +77,60 @@ class Snapshot:
         )
 
 
+class InconsistentSnapshot(ValueError):
+    """A snapshot names a resource it does not hold. Serving it would leave Envoy warming a
+    listener for its ``initial_fetch_timeout`` and then going live without it (no cert: 503s),
+    so it is refused where it is built; the node keeps its last good snapshot."""
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        shown = "; ".join(missing[:MAX_REPORTED])
+        more = f" (and {len(missing) - MAX_REPORTED} more)" if len(missing) > MAX_REPORTED else ""
+        super().__init__(f"inconsistent snapshot: {shown}{more}")
+
+
+def inconsistencies(types_: Mapping[str, Mapping[str, Resource]]) -> list[str]:
+    """References that do not resolve inside the snapshot, as go-control-plane's
+    ``Snapshot.Consistent()`` checks them: every SDS secret any resource names, every RDS
+    route configuration a listener names and every EDS load assignment a cluster names must be
+    in the snapshot. Cluster names are not
+    checked: listeners also route to clusters of the static bootstrap (ext_authz, OTLP), which
+    no snapshot holds; the protocol already orders the snapshot's own clusters first."""
+    secrets = types_.get(types.SECRET, _EMPTY)
+    routes = types_.get(types.ROUTE, _EMPTY)
+    endpoints = types_.get(types.ENDPOINT, _EMPTY)
+    missing: list[str] = []
+    for type_url in types.ORDER:
+        for name, resource in types_.get(type_url, _EMPTY).items():
+            kind = types.short(type_url)
+            missing.extend(
+                f"{kind} {name!r} names secret {ref!r}, not in the snapshot"
+                for ref in sorted(resource.secrets - secrets.keys())
+            )
+            missing.extend(
+                f"{kind} {name!r} names route configuration {ref!r}, not in the snapshot"
+                for ref in sorted(resource.routes - routes.keys())
+            )
+            missing.extend(
+                f"{kind} {name!r} names load assignment {ref!r}, not in the snapshot"
+                for ref in sorted(resource.endpoints - endpoints.keys())
+            )
+    return missing
+
+
 def build_snapshot(
     previous: Snapshot | None,
     resources: Mapping[str, Iterable[Resource]],
     now: float,
+    *,
+    check: bool = True,
 ) -> Snapshot:
     """The next snapshot of a node; types whose content is unchanged reuse the previous entry
     (same object, same version, same ``changed_at``). Types absent from ``resources`` are
-    present and empty, so a node subscribing to them gets a versioned (empty) answer."""
+    present and empty, so a node subscribing to them gets a versioned (empty) answer.
+
+    Raises InconsistentSnapshot when a reference does not resolve (see :func:`inconsistencies`).
+    ``check=False`` is for tests of the protocol's own defences against such snapshots."""
     entries: dict[str, TypeSnapshot] = {}
     for type_url in types.ORDER:
         by_name: dict[str, Resource] = {}
@@ -101,5 +148,9 @@ def build_snapshot(
         entries[type_url] = TypeSnapshot(
             content_version(fingerprint), MappingProxyType(dict(sorted(by_name.items()))), now
         )
+    if check:
+        missing = inconsistencies({t: e.resources for t, e in entries.items()})
+        if missing:
+            raise InconsistentSnapshot(missing)
     node_version = content_version({t: e.version for t, e in entries.items()})
     return Snapshot(version=node_version, types=MappingProxyType(entries))

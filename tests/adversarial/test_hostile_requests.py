@@ -418,6 +418,7 @@ def _expected(stack: Stack, raw: str) -> tuple[int, str | None]:
         workload,
         Request(method="GET", path=raw, source_principal=ORDERS_ID, host="payments.shop",
                 destination_port=8080),
+        now=datetime.now(UTC),
     )  # fmt: skip
     if decision.reason.startswith("rejected before authorization (HTTP 400)"):
         return 400, None
@@ -558,6 +559,7 @@ def test_two_host_headers_are_refused(stack: Stack, hosts: tuple[str, str]) -> N
         stack.policy.workload(WORKLOAD),  # type: ignore[arg-type]
         Request(method="GET", path="/payments/1", source_principal=ORDERS_ID,
                 host=f"{first},{second}", destination_port=8080),
+        now=datetime.now(UTC),
     )  # fmt: skip
     assert not decision.allowed and "rejected before authorization (HTTP 400)" in decision.reason
 
@@ -588,6 +590,7 @@ def test_only_one_plain_host_is_accepted(stack: Stack, host: str, status: int) -
         stack.policy.workload(WORKLOAD),  # type: ignore[arg-type]
         Request(method="GET", path="/payments/1", source_principal=ORDERS_ID, host=host,
                 destination_port=8080),
+        now=datetime.now(UTC),
     )  # fmt: skip
     assert decision.allowed is (status == 200), decision.reason
 

@@ -8,7 +8,7 @@ must then load and evaluate.
 
 from __future__ import annotations
 
-import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,11 @@ import pytest
 import yaml
 
 from meshward.policy import Decision, PolicyError, PolicySet, Request, evaluate, parse
+from meshward.testing.corpus import conformance_corpus
 
-CORPUS = Path(
-    os.environ.get(
-        "MESHWARD_CONFORMANCE_DIR",
-        Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "istio-authz",
-    )
-)
-FILES = sorted(CORPUS.glob("*.yaml")) if CORPUS.is_dir() else []
+# A missing corpus fails collection (CorpusMissing), never a silent skip.
+CORPUS = conformance_corpus()
+FILES = sorted(CORPUS.glob("*.yaml"))
 WORKLOAD = """
 apiVersion: meshward.dev/v1
 kind: Workload
@@ -34,11 +31,6 @@ metadata:
 spec:
   ports: [{name: http, port: 8000, protocol: HTTP}]
 """
-
-if not FILES and os.environ.get("CI"):
-    # CI always has shared/ beside the clone: a missing corpus there is a broken setup, not a skip.
-    raise RuntimeError(f"conformance corpus not found at {CORPUS}")
-pytestmark = pytest.mark.skipif(not FILES, reason=f"conformance corpus not found at {CORPUS}")
 
 
 def _without_experimental(text: str) -> str:
@@ -99,13 +91,13 @@ def decide(ps: PolicySet, **overrides: Any) -> Decision:
     base.update(overrides)
     httpbin = ps.workload("foo/httpbin")
     assert httpbin is not None
-    return evaluate(ps, httpbin, Request(**base))
+    return evaluate(ps, httpbin, Request(**base), now=datetime.now(UTC))
 
 
 def corpus(name: str) -> PolicySet:
+    """A named corpus file; a missing one fails (the corpus changed under the test)."""
     path = CORPUS / name
-    if not path.exists():
-        pytest.skip(f"{name} not in the corpus")
+    assert path.is_file(), f"{name} is not in the corpus at {CORPUS}"
     return load_corpus_file(path)
 
 

@@ -8,7 +8,6 @@ whole file costs a handful of Envoy starts."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from datetime import UTC, datetime
 from itertools import count
@@ -33,21 +32,10 @@ from meshward.compile.workload import to_dict
 from meshward.envoy.process import validate_config
 from meshward.policy import PolicySet, load, parse
 from meshward.policy.model import JwtEnforcement, MtlsMode
+from meshward.testing.corpus import conformance_corpus
 from meshward.testing.jwt import with_jwt_enforcement
 
 ROOT = Path(__file__).resolve().parents[2]
-# The shared Istio conformance corpus sits next to the repository (../shared).
-CONFORMANCE = ROOT.parent / "shared" / "conformance" / "istio-authz"
-
-
-def conformance_corpus() -> Path:
-    """The corpus, or a skip; under CI=true a missing corpus fails (a gate must not pass by
-    not running)."""
-    if not CONFORMANCE.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{CONFORMANCE} is missing (CI=true): check out the shared corpus")
-        pytest.skip(f"{CONFORMANCE} not present")
-    return CONFORMANCE
 
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)

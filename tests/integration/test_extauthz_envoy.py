@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +465,7 @@ def test_request_principal_issuer_split_agrees_with_the_evaluator(stack: Stack) 
                 Request(
                     path="/acme/x", destination_port=8000, claims={"iss": issuer.issuer, "sub": sub}
                 ),
+                now=datetime.now(UTC),
             )
             assert status == expected, (issuer.issuer, sub, status)
             assert decision.allowed is (expected == 200), decision.reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -886,7 +887,9 @@ def test_envoy_and_the_evaluator_name_the_same_first_matching_rule() -> None:
         assert outcome.detail == f"rbac_access_denied_matched_policy[ns[shop]-policy[{tail}]"
         api = ps.workload("shop/api")
         assert api is not None
-        decision = evaluate(ps, api, Request(method="GET", path="/p2", destination_port=8080))
+        decision = evaluate(
+            ps, api, Request(method="GET", path="/p2", destination_port=8080), now=datetime.now(UTC)
+        )
         assert not decision.allowed and decision.policy is not None
         named = f"ns[shop]-policy[{decision.policy.split('/')[1]}]-rule[{decision.rule}]"
         assert outcome.detail == f"rbac_access_denied_matched_policy[{named}]"
@@ -1020,6 +1023,7 @@ def test_a_dot_segment_with_parameters_is_rejected_before_authorization(
             api,
             Request(method=method, path=path, host="api.shop", destination_port=8080,
                     source_principal=peer),
+            now=datetime.now(UTC),
         )  # fmt: skip
         if rejected:
             assert (outcome.status, outcome.detail) == (400, "direct_response")
@@ -1099,6 +1103,7 @@ def test_a_host_that_is_not_one_host_is_rejected_before_authorization(
                 destination_port=8080,
                 source_principal=peer,
             ),
+            now=datetime.now(UTC),
         )
         if status == 400:
             assert (outcome.status, outcome.detail) == (400, "direct_response")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def test_each_expectation_is_what_the_evaluator_decides(call: tour.Call, policy:
         workload,
         Request(method=call.method, path=call.path, destination_port=8080,
                 source_principal=source.spiffe_id(trust_domain), claims=claims),
+        now=datetime.now(UTC),
     )  # fmt: skip
     assert decision.verdict == call.expect, decision.reason
     if call.policy is not None:

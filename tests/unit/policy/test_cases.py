@@ -33,7 +33,7 @@ def test_case_fields_and_defaults() -> None:
     assert request.source_principal == "spiffe://cluster.local/ns/shop/sa/frontend"
     assert request.destination_port == 8080 and request.host == "orders"
     assert request.headers == {"x-a": "1"}
-    result = run_case(ps, case)
+    result = run_case(ps, case, now=datetime.now(UTC))
     assert not result.passed  # GET / is not an orders path
     assert "decision: - expected 'allow'" in result.render()
 

@@ -486,11 +486,11 @@ def test_expired_emergency_rules_stop_applying() -> None:
         ("base", 1),
         ("emergency", 0),
     ]
-    # without `now`, evaluate uses the real clock: this 2026 expiry is long past in CI's future
+    # the caller's clock decides: an expiry one second before it no longer applies
     far = {"meshward.dev/expires-at": (datetime.now(UTC) - timedelta(seconds=1)).isoformat()}
     expired = policy_set(ap("  action: DENY\n  rules: [{}]\n", annotations=far))
     wx = expired.workload("foo/httpbin")
-    assert wx is not None and evaluate(expired, wx, request()).allowed
+    assert wx is not None and evaluate(expired, wx, request(), now=datetime.now(UTC)).allowed
 
 
 def test_tcp_ports_follow_istio() -> None:
@@ -618,4 +618,4 @@ def test_model_objects_can_be_evaluated_without_yaml() -> None:
         authorization_policies=[AuthorizationPolicy(namespace="a", name="x", rules=(Rule(),))],
     )
     assert ps.workload("a/b") == Workload(namespace="a", name="b", service_account="b")
-    assert evaluate(ps, w, Request()).allowed
+    assert evaluate(ps, w, Request(), now=NOW).allowed

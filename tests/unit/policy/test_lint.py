@@ -196,4 +196,6 @@ def test_a_principal_no_declared_workload_runs_as_is_flagged() -> None:
             )
         }
     )
-    assert not [str(w) for w in lint(ps) if "no declared workload runs as" in str(w)]
+    assert not [
+        str(w) for w in lint(ps, now=datetime.now(UTC)) if "no declared workload runs as" in str(w)
+    ]

@@ -5,6 +5,7 @@ with those settings to an echo server; None means Envoy answered 400."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -364,6 +365,7 @@ def test_the_evaluator_refuses_an_escaped_semicolon_on_a_dot_segment(raw: str) -
         workload,
         Request(method="POST", path=raw, host="payments", destination_port=8080,
                 source_principal="spiffe://cluster.local/ns/shop/sa/orders"),
+        now=datetime.now(UTC),
     )  # fmt: skip
     assert not decision.allowed
     assert decision.reason.startswith("rejected before authorization (HTTP 400)")

@@ -3,6 +3,7 @@ issuer must equal (or prefix/suffix-match) the part before it, the subject the p
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -81,7 +82,7 @@ def test_evaluator_uses_the_split(key: str) -> None:
 
     def decide(iss: str) -> bool:
         request = Request(destination_port=8080, claims={"iss": iss, "sub": "alice"})
-        return evaluate(ps, api, request).allowed
+        return evaluate(ps, api, request, now=datetime.now(UTC)).allowed
 
     assert decide(ACME)
     assert not decide(f"{ACME}/tenant1")

@@ -178,3 +178,24 @@ async def test_ca_rotation_pushes_the_new_bundle(tmp_path: Path, clock: Clock) -
         control, "shop/orders", "ROOTCA"
     ).validation_context.trusted_ca.inline_bytes
     assert new_roots != roots and roots.strip() in new_roots  # old root still trusted, new added
+
+
+async def test_inconsistent_snapshot_is_refused_and_reported(control: ControlPlane) -> None:
+    """A snapshot whose listener names a secret it does not hold is an error, not a listener
+    silently held back: the node keeps its last good snapshot and status says why (not
+    enforced); the next consistent snapshot clears it."""
+    node = NodeId("shop", "orders")
+    await control.node_connected(node)
+    good = control.cache.get(str(node))
+    assert good is not None and "compile_error" not in control.node_details(node)
+    state = control.nodes[str(node)]
+    svid_secrets = state.secrets
+    state.secrets = ()  # e.g. an issuance that left the node without its SVID secret
+    await control.node_connected(node)  # reconnect: the snapshot is rebuilt
+    assert control.cache.get(str(node)) is good
+    error = control.node_details(node)["compile_error"]
+    assert error.startswith("inconsistent snapshot: ") and "names secret 'default'" in error
+    state.secrets = svid_secrets
+    await control.node_connected(node)
+    assert control.cache.get(str(node)) is good  # the same content: nothing new to push
+    assert "compile_error" not in control.node_details(node)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from meshward.xds import types
 from meshward.xds.redact import redact_error
 from meshward.xds.resources import rejected_names
@@ -38,12 +40,20 @@ def test_snapshot_versions_are_content_digests_per_type() -> None:
 def test_the_same_content_gets_the_same_version_on_any_replica() -> None:
     """A restarted control plane (no previous snapshot, another clock, resources listed in
     another order) versions the same content exactly as the one that ran for a while."""
-    content = {types.CLUSTER: [cluster("a"), cluster("b")], types.LISTENER: [listener("in")]}
+    content = {
+        types.CLUSTER: [cluster("a"), cluster("b")],
+        types.LISTENER: [listener("in", secrets=False)],
+    }
     long_running = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, 1.0)
     long_running = build_snapshot(long_running, {types.CLUSTER: [cluster("a", port=9)]}, 2.0)
     long_running = build_snapshot(long_running, content, 3.0)
     restarted = build_snapshot(
-        None, {types.LISTENER: [listener("in")], types.CLUSTER: [cluster("b"), cluster("a")]}, 99.0
+        None,
+        {
+            types.LISTENER: [listener("in", secrets=False)],
+            types.CLUSTER: [cluster("b"), cluster("a")],
+        },
+        99.0,
     )
     for type_url in types.ORDER:
         assert restarted.type_version(type_url) == long_running.type_version(type_url)
@@ -89,3 +99,66 @@ def test_new_content_always_gets_a_new_version_and_old_content_its_old_one() -> 
     assert back.changed_at(types.CLUSTER) == 4.0
     renamed = build_snapshot(None, {types.CLUSTER: [cluster("b")]}, 1.0)
     assert renamed.type_version(types.CLUSTER) != versions[0]
+
+
+def test_snapshot_consistency_is_checked_when_built() -> None:
+    """As go-control-plane's Consistent(): every secret and RDS name a resource references is
+    in the snapshot, or building it fails naming each dangling reference (bounded message)."""
+    from meshward.xds.snapshot import MAX_REPORTED, InconsistentSnapshot, inconsistencies
+
+    ok = {types.LISTENER: [listener("in")], types.SECRET: [secret("default"), secret("ROOTCA")]}
+    assert build_snapshot(None, ok, 1.0).resources(types.LISTENER)
+    with pytest.raises(InconsistentSnapshot) as caught:
+        build_snapshot(None, {types.LISTENER: [listener("in")], types.SECRET: []}, 1.0)
+    assert caught.value.missing == [
+        "LDS 'in' names secret 'ROOTCA', not in the snapshot",
+        "LDS 'in' names secret 'default', not in the snapshot",
+    ]
+    many = {types.LISTENER: [listener(f"l{i}", port=i + 1) for i in range(10)]}
+    with pytest.raises(InconsistentSnapshot, match=r"\(and 15 more\)"):
+        build_snapshot(None, many, 1.0)
+    assert len(inconsistencies({types.LISTENER: {r.name: r for r in many[types.LISTENER]}})) == 20
+    assert MAX_REPORTED == 5
+    # no secrets referenced: consistent without any
+    plain = [listener("in", secrets=False)]
+    assert build_snapshot(None, {types.LISTENER: plain}, 1.0).resources(types.LISTENER)
+
+
+def test_snapshot_consistency_covers_rds_and_eds_names() -> None:
+    """A listener's RDS name needs its RouteConfiguration, an EDS cluster its load assignment."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+
+    from meshward.xds.resources import make_resource
+    from meshward.xds.snapshot import InconsistentSnapshot
+
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix="in")
+    hcm.rds.route_config_name = "in-routes"
+    hcm.rds.config_source.ads.SetInParent()
+    message = listener_pb2.Listener(name="in")
+    message.filter_chains.add().filters.add(name="hcm").typed_config.Pack(hcm)
+    rds_listener = make_resource(message)
+    eds = cluster_pb2.Cluster(name="out", type=cluster_pb2.Cluster.EDS)
+    eds.eds_cluster_config.service_name = "out-eds"
+    eds.eds_cluster_config.eds_config.ads.SetInParent()
+    eds_cluster = make_resource(eds)
+    routes = make_resource(route_pb2.RouteConfiguration(name="in-routes"))
+    assignment = make_resource(endpoint_pb2.ClusterLoadAssignment(cluster_name="out-eds"))
+    assert (rds_listener.routes, eds_cluster.endpoints) == ({"in-routes"}, {"out-eds"})
+
+    whole = {
+        types.LISTENER: [rds_listener],
+        types.ROUTE: [routes],
+        types.CLUSTER: [eds_cluster],
+        types.ENDPOINT: [assignment],
+    }
+    assert build_snapshot(None, whole, 1.0).resources(types.ENDPOINT)
+    with pytest.raises(InconsistentSnapshot, match="route configuration 'in-routes'"):
+        build_snapshot(None, {**whole, types.ROUTE: []}, 1.0)
+    with pytest.raises(InconsistentSnapshot, match="load assignment 'out-eds'"):
+        build_snapshot(None, {**whole, types.ENDPOINT: []}, 1.0)

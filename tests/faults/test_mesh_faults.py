@@ -415,6 +415,9 @@ def test_a_half_written_policy_directory_is_never_applied(fault_mesh: Any, polic
     everyone), is applied only once complete."""
     mesh = fault_mesh
     old = mesh.policy_version()
+    # Both servers start on the version in force (an earlier test's change may still be
+    # reaching ext_authz), so every version recorded below comes from this test's writes.
+    wait_until(lambda: mesh.extauthz_version() == old[:12], 10, "ext_authz on the version in force")
     orders = policies / "orders.yaml"
     final = orders.read_text().replace('["GET", "POST"]', '["GET", "POST", "PATCH"]')
     with SteadyTraffic(mesh.flows(), rate=RATE) as traffic, VersionRecorder(mesh) as versions:

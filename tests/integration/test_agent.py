@@ -20,8 +20,6 @@ from meshward.agent import envoyproc
 from meshward.testing.agentmesh import AgentMesh
 from meshward.xds.testing import http_request
 
-pytestmark = pytest.mark.envoy
-
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
 POLICY = """
 apiVersion: meshward.dev/v1

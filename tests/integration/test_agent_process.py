@@ -21,8 +21,6 @@ from meshward.demo.echo import EchoServer
 from meshward.net import free_port
 from meshward.xds.testing import http_request
 
-pytestmark = pytest.mark.envoy
-
 POLICY = """
 apiVersion: meshward.dev/v1
 kind: Workload

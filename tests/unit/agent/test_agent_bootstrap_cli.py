@@ -42,7 +42,6 @@ def test_ads_authenticates_with_the_sds_delivered_svid() -> None:
     )
 
 
-@pytest.mark.envoy
 def test_envoy_accepts_the_bootstrap() -> None:
     ok, output = validate_config(bootstrap())
     assert ok, output

@@ -111,7 +111,7 @@ def test_token_invalid_is_a_401_only_where_a_request_authentication_applies() ->
     payments, request = build_request(
         ps, destination="shop/payments", source="shop/orders", method="POST", path="/payments"
     )
-    result = explain(ps, payments, request, token_invalid=True)
+    result = explain(ps, payments, request, token_invalid=True, now=NOW)
     assert result.status == 401 and not result.decision.allowed
     assert result.to_json()["status"] == 401
     assert "shop/payments-end-user-jwt" in (result.token_rejected or "")
@@ -120,12 +120,12 @@ def test_token_invalid_is_a_401_only_where_a_request_authentication_applies() ->
     _, bad = build_request(
         ps, destination="shop/payments", source="shop/orders", method="POST", path="/a/%2F/b"
     )
-    assert explain(ps, payments, bad, token_invalid=True).status in (400, 401)
+    assert explain(ps, payments, bad, token_invalid=True, now=NOW).status in (400, 401)
     # no RequestAuthentication on orders: nobody checks the token, the policy decides
     orders, plain = build_request(
         ps, destination="shop/orders", source="shop/frontend", method="POST", path="/orders"
     )
-    result = explain(ps, orders, plain, token_invalid=True)
+    result = explain(ps, orders, plain, token_invalid=True, now=NOW)
     assert result.status == 200 and result.token_rejected is None
 
 

@@ -1,4 +1,5 @@
-"""CheckResponse builders: what Envoy does with a decision, and what the caller and the app see.
+"""Step 4 of a Check (OPA-Envoy's "response"): the CheckResult and CheckResponse for a decision
+or a rejection: what Envoy does with it, and what the caller and the app see.
 
 Allow: OK plus identity headers for the app. Headers the app trusts (``x-meshward-*``, the JWT
 payload header) are always either set by us or removed, so a client cannot forge them by sending
@@ -10,18 +11,19 @@ Denied response through unchanged; access log flag ``UAEX``). Dynamic metadata l
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from meshward.extauthz.decision import CachedDecision, Outcome
+from meshward.extauthz.inputs import CheckInput
+from meshward.extauthz.result import CheckResult, Rejection
+from meshward.policy.model import Action
 from meshward.telemetry.limits import clip
-
-if TYPE_CHECKING:
-    from meshward.extauthz.authorizer import CheckResult
 
 PRINCIPAL_HEADER = "x-meshward-principal"
 USER_HEADER = "x-meshward-user"
@@ -195,3 +197,124 @@ def decision_metadata(result: CheckResult) -> dict[str, Any]:
 def empty_allow() -> Any:
     """The cheapest valid answer: the floor the benchmark compares against."""
     return external_auth_pb2.CheckResponse(status=_OK_STATUS)
+
+
+RESPONSE_OVERHEAD = 1024  # accounted bytes of a memoized allow response besides 3x its size
+MEMO_LIMIT = 16  # allow responses memoized per decision (identities sharing it)
+
+
+def respond(
+    inp: CheckInput,
+    outcome: Outcome,
+    *,
+    version: str,
+    verbose: bool,
+    trace_id: str,
+    recharge: Callable[[tuple[object, ...]], None] = lambda key: None,
+) -> CheckResult:
+    """The result of a decided Check. ``recharge(key)``: the cache entry grew (a memoized
+    allow response) and must be charged again."""
+    decision = outcome.cached.decision
+    result = CheckResult(
+        response=None,
+        allowed=decision.allowed,
+        http_status=200 if decision.allowed else 403,
+        reason=decision.reason,
+        policy=outcome.cached.policy if not decision.allowed else decision.policy,
+        rule=decision.rule,
+        workload=inp.ref,
+        source_principal=inp.facts.source_principal,
+        user=inp.user,
+        method=inp.facts.method,
+        path=inp.facts.path,
+        cache_hit=outcome.hit,
+        policy_version=version,
+        dry_run=decision.dry_run,
+        audit_policies=decision.audit_policies if decision.audit else (),
+    )
+    if decision.allowed:
+        result.response, grew = allow_for(inp, outcome.cached, result)
+        if grew and outcome.key is not None:
+            recharge(outcome.key)  # the entry grew: charge it, evicting others to fit
+    else:
+        result.code = (
+            "denied_by_policy"
+            if decision.action in (Action.DENY, Action.CUSTOM)
+            else "no_matching_allow"
+        )
+        result.verbose = verbose
+        result.response = deny_response(result, trace_id)
+    return result
+
+
+def allow_for(inp: CheckInput, cached: CachedDecision, result: CheckResult) -> tuple[Any, bool]:
+    """(the OK response, whether it was built now and memoized on ``cached``). Identity
+    headers are set or removed, never left to the client; the token is removed unless its
+    rule forwards it (Istio's default: the app never sees it)."""
+    token = inp.token
+    memo_key = (
+        result.source_principal,
+        result.user,
+        result.cache_hit,
+        token.location if token else None,
+        token.payload_segment if token and token.rule.output_payload_to_header else None,
+    )
+    found = cached.responses.get(memo_key)
+    if found is not None:
+        return found, False
+    set_headers: list[tuple[str, str]] = []
+    remove: list[str] = []
+    remove_params: list[str] = []
+    if result.source_principal:
+        set_headers.append((PRINCIPAL_HEADER, result.source_principal))
+    else:
+        remove.append(PRINCIPAL_HEADER)
+    payload_headers = inp.plan.payload_headers
+    if token is not None:
+        set_headers.append((USER_HEADER, token.principal))
+        payload_header = token.rule.output_payload_to_header
+        if payload_header:
+            set_headers.append((payload_header.lower(), token.payload_segment))
+        remove.extend(h for h in payload_headers if h != (payload_header or "").lower())
+        if not token.rule.forward_original_token:
+            if token.location.header is not None:
+                remove.append(token.location.header)
+            elif token.location.param is not None:
+                remove_params.append(token.location.param)
+    else:
+        remove.append(USER_HEADER)
+        remove.extend(payload_headers)
+    built = allow(
+        set_headers=set_headers,
+        remove_headers=remove,
+        remove_params=remove_params,
+        metadata=decision_metadata(result),
+    )
+    size = RESPONSE_OVERHEAD + 3 * built.ByteSize() + sum(len(str(p)) for p in memo_key)
+    if len(cached.responses) >= MEMO_LIMIT:  # many identities share it: keep the memo small
+        cached.responses.clear()
+        cached.memo_bytes = 0
+    cached.responses[memo_key] = built
+    cached.memo_bytes += size
+    return built, True
+
+
+def rejected(rejection: Rejection, *, version: str, verbose: bool, trace_id: str) -> CheckResult:
+    """The result of a Check refused before any rule was read."""
+    result = CheckResult(
+        response=None,
+        allowed=False,
+        http_status=rejection.status,
+        reason=rejection.reason,
+        code=rejection.code,
+        verbose=verbose,
+        policy=rejection.policy,
+        rule=rejection.rule,
+        workload=rejection.workload,
+        source_principal=rejection.source_principal,
+        method=rejection.method,
+        path=rejection.path,
+        policy_version=version,
+    )
+    result.response = deny_response(result, trace_id)
+    return result

@@ -7,11 +7,15 @@
    per-workload index makes it independent of policies selecting other workloads).
 3. End to end through Envoy: ext_authz (cache hits) vs the same route decided by native RBAC
    only; requests/s and the p50/p99 latency ext_authz adds.
+4. In-process (the Check handler called directly): CUSTOM and allow cache hits vs an empty
+   handler, tracing off and on (the demo's setting: real OTLP exporter, real receiver), side by
+   side (bench/extauthz_tracing.py; runs alone too, without Envoy or wrk).
 
 Rounds are interleaved (A B C A B C ...) and the median is reported, because the cores are shared
-with other work. Tracing is off (no OTLP endpoint), as in a service without a collector.
+with other work. Tracing is off (no OTLP endpoint) in 1-3, as in a service without a collector.
 
     python bench/extauthz.py [--duration 3] [--rounds 3] [--connections 16] [--workers 2]
+                             [--tracing-calls 3000]
 """
 
 from __future__ import annotations
@@ -292,6 +296,12 @@ def main() -> None:
     )
     parser.add_argument("--miss-requests", type=int, default=3000)
     parser.add_argument(
+        "--tracing-calls",
+        type=int,
+        default=3000,
+        help="section 4: Checks per variant per round (0: skip)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=4, help="sync server pool size (default 4, as the CLI)"
     )
     args = parser.parse_args()
@@ -445,6 +455,11 @@ def main() -> None:
         "  service share this machine's 2 cores, so --workers cannot add a core here."
     )
     shutil.rmtree(workdir, ignore_errors=True)
+    if args.tracing_calls:
+        from bench import extauthz_tracing
+
+        print()
+        extauthz_tracing.report(extauthz_tracing.run(args.tracing_calls, args.rounds))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 
 from meshward.cliutil import add_json_flag, positive_int, print_json
 from meshward.errors import UserError
+from meshward.extauthz.tracing import DEFAULT_MAX_PER_SECOND, DEFAULT_RATIO
 from meshward.net import LOOPBACK
 
 SERVE_DESCRIPTION = """\
@@ -210,7 +211,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--otlp-endpoint",
         metavar="HOST:PORT",
-        help="export a span per Check over OTLP/gRPC (default $MESHWARD_OTLP_ENDPOINT; unset: off)",
+        help="export Check spans over OTLP/gRPC (default $MESHWARD_OTLP_ENDPOINT; unset: off)",
+    )
+    serve.add_argument(
+        "--trace-sample-ratio",
+        type=_ratio,
+        default=DEFAULT_RATIO,
+        metavar="R",
+        help=(
+            f"share of decision-cache hits that get a span (default {DEFAULT_RATIO:g}); every "
+            "evaluated Check gets one, unless Envoy's traceparent says the trace is not "
+            "sampled, at most --max-spans-per-second in all. A span costs ~140 us of CPU, a "
+            "cache hit ~20 us: 1 traces everything at that price"
+        ),
+    )
+    serve.add_argument(
+        "--max-spans-per-second",
+        type=positive_int,
+        default=DEFAULT_MAX_PER_SECOND,
+        metavar="N",
+        help=f"spans per second at most, per process (default {DEFAULT_MAX_PER_SECOND})",
     )
     serve.add_argument(
         "--decision-log",
@@ -371,6 +391,8 @@ def _serve(args: argparse.Namespace) -> int:
         kind=args.server,
         threads=args.threads,
         otlp_endpoint=args.otlp_endpoint,
+        trace_sample_ratio=args.trace_sample_ratio,
+        max_spans_per_second=args.max_spans_per_second,
         decision_log=args.decision_log,
         log_allows=args.log_allows,
         metrics_host=metrics_host,
@@ -461,3 +483,13 @@ def _print_answer(answer: dict[str, Any], allowed: bool) -> None:
                 print(f"  {key}: {body[key]}")
     elif body:
         print(f"  body: {body}")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
+    return value

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, Literal, Protocol
 
 from meshward.errors import UserError
+from meshward.extauthz.tracing import DEFAULT_MAX_PER_SECOND, DEFAULT_RATIO
 from meshward.net import LOOPBACK
 
 log = logging.getLogger("meshward.extauthz")
@@ -261,6 +262,10 @@ class ServeOptions:
     kind: ServerKind = DEFAULT_KIND
     threads: int = DEFAULT_THREADS
     otlp_endpoint: str | None = None
+    trace_sample_ratio: float = (
+        DEFAULT_RATIO  # cache hits that get a span (meshward.extauthz.tracing)
+    )
+    max_spans_per_second: int = DEFAULT_MAX_PER_SECOND
     decision_log: Path | None = None
     decision_log_max_bytes: int = 64 * 1024 * 1024  # the log and its rotated files together
     log_allows: bool = False
@@ -370,7 +375,12 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     metrics = Metrics()
     metrics.attach(authorizer)
     service = CheckService(
-        authorizer, metrics=metrics, tracer_provider=provider, log_allows=options.log_allows
+        authorizer,
+        metrics=metrics,
+        tracer_provider=provider,
+        log_allows=options.log_allows,
+        sample_ratio=options.trace_sample_ratio,
+        max_spans_per_second=options.max_spans_per_second,
     )
     server = ExtAuthzServer(
         service,

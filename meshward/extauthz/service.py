@@ -3,7 +3,8 @@ Envoy's trace, metrics, the decision log, and a denial (never a crash) when anyt
 
 The span's parent is the ``traceparent`` in the gRPC call's metadata, which Envoy's ext_authz
 client sets to its own ext_authz span; the ``traceparent`` inside ``CheckRequest`` HTTP headers is
-the downstream caller's and would attach our span one level too high.
+the downstream caller's and would attach our span one level too high. Which Checks get a span,
+and why the span is made after the Check, is meshward.extauthz.tracing's.
 """
 
 from __future__ import annotations
@@ -13,19 +14,27 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from opentelemetry.trace import NoOpTracerProvider, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    NoOpTracerProvider,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
 
 from meshward.extauthz import decisionlog
 from meshward.extauthz.authorizer import Authorizer, CheckResult
 from meshward.extauthz.metrics import Metrics
 from meshward.extauthz.response import deny_response
+from meshward.extauthz.tracing import DEFAULT_MAX_PER_SECOND, DEFAULT_RATIO, Sampler, Traceparent
 from meshward.telemetry.limits import clip
 
 log = logging.getLogger("meshward.extauthz")
 
 SPAN_NAME = "meshward.extauthz.check"
-_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def traceparent_of(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
@@ -37,16 +46,8 @@ def traceparent_of(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 
 def trace_id_of(traceparent: str | None) -> str:
     """The trace id in a W3C traceparent (``00-<32 hex>-<16 hex>-<2 hex>``), or ""."""
-    if not traceparent:
-        return ""
-    parts = traceparent.split("-")
-    if len(parts) >= 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-        try:
-            int(parts[1], 16)
-        except ValueError:
-            return ""
-        return parts[1].lower()
-    return ""
+    parsed = Traceparent.parse(traceparent)
+    return parsed.trace_id_hex if parsed is not None else ""
 
 
 class CheckService:
@@ -59,7 +60,11 @@ class CheckService:
         metrics: Metrics | None = None,
         tracer_provider: Any = None,
         log_allows: bool = False,
+        sample_ratio: float = DEFAULT_RATIO,
+        max_spans_per_second: int = DEFAULT_MAX_PER_SECOND,
     ) -> None:
+        """``sample_ratio``: the share of cache hits traced (every evaluated Check is, within
+        ``max_spans_per_second``); see meshward.extauthz.tracing."""
         self.authorizer = authorizer
         self.metrics = metrics
         provider = tracer_provider or NoOpTracerProvider()
@@ -69,20 +74,21 @@ class CheckService:
             else provider.get_tracer("meshward.extauthz")
         )
         self.log_allows = log_allows
+        self.sampler = Sampler(sample_ratio, max_spans_per_second)
 
     def check(self, request: Any, metadata: Iterable[tuple[str, Any]] | None = None) -> Any:
         started = time.perf_counter()
-        traceparent = traceparent_of(metadata)
-        span = None
-        trace_id = ""
-        if self._tracer is not None:
-            parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
-            span = self._tracer.start_span(SPAN_NAME, context=parent, kind=SpanKind.SERVER)
-            context = span.get_span_context()
-            if context.is_valid:
-                trace_id = format(context.trace_id, "032x")
-        if not trace_id:
-            trace_id = trace_id_of(traceparent)
+        start_ns = time.time_ns()
+        parent = Traceparent.parse(traceparent_of(metadata))
+        root = None
+        trace_id = parent.trace_id_hex if parent is not None else ""
+        if parent is None and self._tracer is not None and self.sampler.wants(None, None):
+            # No trace to continue (Envoy traces nothing; with tracing on it always sends a
+            # traceparent): a sampled share of these Checks starts a trace, up front, so a
+            # denial body names it.
+            root = self._tracer.start_span(SPAN_NAME, kind=SpanKind.SERVER, start_time=start_ns)
+            if root.get_span_context().is_valid:
+                trace_id = format(root.get_span_context().trace_id, "032x")
         try:
             result = self.authorizer.check(request, trace_id)
         except Exception as exc:  # grpcio would swallow it; Envoy would see UNKNOWN and 403 blind
@@ -99,9 +105,14 @@ class CheckService:
             result.response = deny_response(result, trace_id)
             if self.metrics is not None:
                 self.metrics.errors.inc()
-        if span is not None:
-            _annotate(span, result)
-            span.end()
+        if root is not None:
+            _finish(root, result)
+        elif (
+            parent is not None
+            and self._tracer is not None
+            and self.sampler.wants(parent, result.cache_hit)
+        ):
+            self._span(parent, result, start_ns)
         if self.metrics is not None:
             self.metrics.record(result, time.perf_counter() - started)
         if not result.allowed or result.dry_run or result.audit_policies or self.log_allows:
@@ -111,10 +122,31 @@ class CheckService:
                 log.exception("decision log write failed")
         return result.response
 
+    def _span(self, parent: Traceparent, result: CheckResult, start_ns: int) -> None:
+        """The Check's span, made after the fact with its real start time."""
+        assert self._tracer is not None
+        context = SpanContext(
+            parent.trace_id, parent.span_id, is_remote=True, trace_flags=TraceFlags(1)
+        )
+        span = self._tracer.start_span(
+            SPAN_NAME,
+            context=set_span_in_context(NonRecordingSpan(context)),
+            kind=SpanKind.SERVER,
+            attributes=_attributes(result),
+            start_time=start_ns,
+        )
+        _finish(span, result, attributes=False)
 
-def _annotate(span: Any, result: CheckResult) -> None:
-    if not span.is_recording():
-        return
+
+def _finish(span: Any, result: CheckResult, *, attributes: bool = True) -> None:
+    if attributes and span.is_recording():
+        span.set_attributes(_attributes(result))
+    if not result.allowed:
+        span.set_status(Status(StatusCode.ERROR, clip(result.reason)))
+    span.end()
+
+
+def _attributes(result: CheckResult) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "meshward.decision": result.decision,
         "meshward.status": result.http_status,
@@ -144,9 +176,7 @@ def _annotate(span: Any, result: CheckResult) -> None:
         ]
     if result.audit_policies:
         attributes["meshward.audit"] = list(result.audit_policies)
-    span.set_attributes(attributes)
-    if not result.allowed:
-        span.set_status(Status(StatusCode.ERROR, clip(result.reason)))
+    return attributes
 
 
 class EmptyCheckService:

@@ -89,7 +89,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshward.compile import index, jwt_authn, names
+from meshward.compile import custom_gate, index, jwt_authn, names
 from meshward.compile.classify import Placement, RuleClass, classify_rules, envoy_policy_order
 from meshward.compile.rbac import RuleContext, rule_policy
 from meshward.policy.model import Action, AuthorizationPolicy, RequestAuthentication
@@ -190,7 +190,9 @@ class AuthzPlan:
     @property
     def extauthz_always(self) -> bool:
         """ext_authz must see every request (CUSTOM or JWT DENY rules), or only the requests no
-        native ALLOW rule allowed."""
+        native ALLOW rule allowed (or a CUSTOM rule matched: meshward.compile.custom_gate)."""
+        if custom_gate.applies(self):
+            return False
         if self.extauthz(Action.DENY, Action.CUSTOM):
             return True
         return not self.native(Action.ALLOW)
@@ -223,6 +225,8 @@ class AuthzPlan:
             if self.has_allow:
                 return "native only: RBAC DENY, then RBAC ALLOW enforced" + tail
             return "native only: RBAC DENY; no ALLOW policy (allowed unless denied)" + tail
+        if custom_gate.applies(self):
+            return custom_gate.SUMMARY
         if self.extauthz_always:
             why = (
                 "CUSTOM or JWT DENY rules must see every request"
@@ -415,6 +419,11 @@ def rbac_route_configs(
                 policies[names.INDEXED_ALLOW_POLICY] = _indexed_allowed()
             engine = _enforced("ALLOW", policies) if enforce else _shadow("ALLOW", policies)
         rbac[names.RBAC_ALLOW] = engine
+    if custom_gate.applies(plan_):  # ext_authz only where a CUSTOM rule matches
+        rbac[names.RBAC_ALLOW] = {
+            **rbac.get(names.RBAC_ALLOW, {}),
+            **custom_gate.shadow_rules(plan_, ctx),
+        }
     return {name: _per_route(name, config) for name, config in rbac.items()}
 
 

@@ -27,11 +27,24 @@ from typing import Any
 from meshward.demo import control
 from meshward.demo.state import DemoState
 from meshward.flows import evidence
-from meshward.flows.evidence import MTLS, NO_ROUTE, RBAC
+from meshward.flows.evidence import EXTAUTHZ, MTLS, NO_ROUTE, RBAC
 
 ALLOW, DENY = "allow", "deny"
 NONE = "none"  # expected policy: no rule matched
+CACHE_MISS, CACHE_HIT, NOT_ASKED = "miss", "hit", "not asked"  # ext_authz, per request
 LIVE_EDIT_FILE = "tour-live-edit.yaml"
+CUSTOM_EDIT_FILE = "tour-custom.yaml"
+
+
+def _drain_seconds() -> float:
+    """Envoy's --drain-time-s as the demo's sidecars run (meshward.xds.bootstrap.ENVOY_ARGS)."""
+    from meshward.xds.bootstrap import ENVOY_ARGS
+
+    args = list(ENVOY_ARGS)
+    return float(args[args.index("--drain-time-s") + 1]) if "--drain-time-s" in args else 5.0
+
+
+LISTENER_SETTLE = _drain_seconds() + 1.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,9 @@ class Call:
     scope: str | None = None  # send an end-user JWT with this scope
     would_deny: tuple[str, ...] | None = None  # expected dry-run would-denies (None: unchecked)
     note: str = ""
+    # expected ext_authz involvement, from its metadata in the callee's access log: CACHE_MISS
+    # (it evaluated the policy), CACHE_HIT (its decision cache answered), NOT_ASKED; None: unchecked
+    extauthz: str | None = None
 
     @property
     def who(self) -> str:
@@ -65,6 +81,10 @@ class PolicyEdit:
     title: str
     file: str
     content: str | None  # None: remove the file (revert)
+    # Seconds to wait once every sidecar ACKed: an edit that adds or removes ext_authz
+    # replaces the listener, and a connection opened before (the caller's sidecar pools them)
+    # keeps the old filter chain until Envoy's drain time closes it.
+    settle: float = 0.0
 
 
 Step = Call | PolicyEdit
@@ -90,6 +110,30 @@ spec:
             methods: ["POST"]
 """
 
+CUSTOM_COSTS = """\
+# Written by the demo tour into the demo's copy of the policies; removed again.
+# Supplier costs need an external approval service (action: CUSTOM). Meshward sends the
+# requests these rules match, and only those, to its ext_authz service, which asks the provider
+# named here; the demo runs no such provider, so ext_authz denies them (fail closed) and caches
+# the decision.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: inventory-costs-need-approval
+  namespace: shop
+spec:
+  selector:
+    matchLabels:
+      app: inventory
+  action: CUSTOM
+  provider:
+    name: cost-approvals
+  rules:
+    - to:
+        - operation:
+            paths: ["/inventory/costs", "/inventory/costs/*"]
+"""
+
 FE, ORD, PAY, INV, SCR = (
     "shop/frontend",
     "shop/orders",
@@ -108,6 +152,10 @@ S_SCRAPER = "scraper: GET /metrics everywhere; a dry-run tightening reports what
 S_EMERGENCY = "emergency allow with an expiry (meshward.dev/expires-at 2099-12-31T23:59:59Z)"
 S_REFUSED = "refused before any HTTP: STRICT mTLS, and no route where no policy could allow"
 S_LIVE = "live policy edit: deny frontend -> orders POST, then revert"
+S_CUSTOM = (
+    "CUSTOM policy: ext_authz decides only what its rules match, and caches (inventory costs)"
+)
+COSTS_POLICY = "shop/inventory-costs-need-approval"
 
 TOUR: tuple[Step, ...] = (
     Call(S_ORDERS, FE, ORD, "GET", "/orders/42", ALLOW, RBAC, "shop/orders-allow-frontend", 0),
@@ -153,6 +201,24 @@ TOUR: tuple[Step, ...] = (
     PolicyEdit(S_LIVE, "revert: remove shop/orders-deny-frontend-post", LIVE_EDIT_FILE, None),
     Call(S_LIVE, FE, ORD, "POST", "/orders", ALLOW, RBAC, "shop/orders-allow-frontend", 0,
          note="after the revert converged"),
+    Call(S_CUSTOM, ORD, INV, "GET", "/inventory/costs/sku-123", ALLOW, RBAC,
+         "shop/inventory-allow-orders-read", 0, extauthz=NOT_ASKED, note="before the edit"),
+    PolicyEdit(S_CUSTOM, f"add CUSTOM {COSTS_POLICY} (/inventory/costs*: provider cost-approvals)",
+               CUSTOM_EDIT_FILE, CUSTOM_COSTS, settle=LISTENER_SETTLE),
+    Call(S_CUSTOM, ORD, INV, "GET", "/inventory/costs/sku-123", DENY, EXTAUTHZ, COSTS_POLICY, 0,
+         extauthz=CACHE_MISS,
+         note="ext_authz evaluated it: no provider cost-approvals answers, so it denies "
+              "(fail closed)"),
+    Call(S_CUSTOM, ORD, INV, "GET", "/inventory/costs/sku-123", DENY, EXTAUTHZ, COSTS_POLICY, 0,
+         extauthz=CACHE_HIT, note="the repeat: ext_authz's decision cache answered"),
+    Call(S_CUSTOM, ORD, INV, "GET", "/inventory/sku-123", ALLOW, RBAC,
+         "shop/inventory-allow-orders-read", 0, extauthz=NOT_ASKED,
+         note="no CUSTOM rule matches: Envoy decides alone, ext_authz is never asked"),
+    PolicyEdit(S_CUSTOM, f"revert: remove {COSTS_POLICY}", CUSTOM_EDIT_FILE, None,
+               settle=LISTENER_SETTLE),
+    Call(S_CUSTOM, ORD, INV, "GET", "/inventory/costs/sku-123", ALLOW, RBAC,
+         "shop/inventory-allow-orders-read", 0, extauthz=NOT_ASKED,
+         note="after the revert: no ext_authz on inventory at all"),
 )  # fmt: skip
 
 
@@ -171,6 +237,7 @@ class CallResult:
     trace_id: str
     request_id: str
     problems: tuple[str, ...] = ()
+    extauthz: str = ""  # CACHE_MISS, CACHE_HIT, NOT_ASKED, or "" (no access-log line)
 
     @property
     def ok(self) -> bool:
@@ -203,6 +270,8 @@ class CallResult:
             "rule": self.rule,
             "reason": self.reason,
             "would_deny": list(self.would_deny),
+            "expected_extauthz": c.extauthz,
+            "extauthz": self.extauthz,
             "trace_id": self.trace_id,
             "request_id": self.request_id,
             "ok": self.ok,
@@ -321,6 +390,9 @@ def judge(
         problems.append(
             f"expected dry-run would-deny {list(call.would_deny)}, got {list(would_deny)}"
         )
+    asked = extauthz_involvement(verdict) if verdict is not None else ""
+    if call.extauthz is not None and verdict is not None and asked != call.extauthz:
+        problems.append(f"expected ext_authz {call.extauthz}, got {asked}")
     return CallResult(
         index=index,
         call=call,
@@ -334,7 +406,18 @@ def judge(
         trace_id=trace_id,
         request_id=request_id,
         problems=tuple(problems),
+        extauthz=asked,
     )
+
+
+def extauthz_involvement(verdict: evidence.Verdict) -> str:
+    """What ext_authz did for the request, from the metadata it returned (the access log's
+    ``ext_authz`` field): no metadata means Envoy never asked it."""
+    meta = verdict.raw.get("ext_authz")
+    if not isinstance(meta, dict) or not meta:
+        return NOT_ASKED
+    cache = meta.get("cache")
+    return cache if cache in (CACHE_MISS, CACHE_HIT) else "uncached"
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -510,6 +593,12 @@ class Runner:
         seconds = time.monotonic() - started
         if not problems:
             self.progress(f"[edit ] converged in {seconds:.1f}s")
+            if edit.settle:
+                self.progress(
+                    f"[edit ] the listener changed: {edit.settle:.0f}s for connections opened "
+                    "before to drain"
+                )
+                time.sleep(edit.settle)
         return EditResult(index, edit, version, seconds, tuple(problems))
 
     def _wait_converged(self, version: str) -> list[str]:

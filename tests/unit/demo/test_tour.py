@@ -75,7 +75,18 @@ def test_tour_covers_the_issue() -> None:
     assert {evidence.RBAC, evidence.MTLS} <= deciders
     # issue 16: end-user JWT rules are Envoy's (jwt_authn + RBAC), never ext_authz's
     assert all(c.decider == evidence.RBAC for c in calls if c.scope is not None)
-    assert [e.content is None for e in edits] == [False, True]  # add, then revert
+    assert [e.content is None for e in edits] == [False, True, False, True]  # add, revert, x2
+    # issue 16: ext_authz decides only CUSTOM policies, and the repeat is a cache hit
+    extauthz = [c for c in calls if c.decider == evidence.EXTAUTHZ]
+    assert extauthz and all(c.policy == tour.COSTS_POLICY for c in extauthz)
+    assert [c.extauthz for c in extauthz] == [tour.CACHE_MISS, tour.CACHE_HIT]
+    assert len({(c.source, c.target, c.method, c.path) for c in extauthz}) == 1
+    assert any(
+        c.extauthz == tour.NOT_ASKED
+        and c.target == extauthz[0].target
+        and c.section == extauthz[0].section
+        for c in calls
+    )
     assert any(c.would_deny for c in calls) and any(".." in c.path for c in calls)
     scopes = {c.scope for c in calls if c.target == "shop/payments"}
     assert {"payments:write", "payments:read", None} <= scopes
@@ -142,6 +153,27 @@ def test_judge_dry_run_and_rule_index() -> None:
         _verdict(allowed=True, status=200, policy="shop/allow", rule=0),
     ):
         assert not tour.judge(1, call, tour.Response(200, ""), bad, request_id="r", trace_id="x").ok
+
+
+def test_judge_ext_authz_involvement() -> None:
+    call = tour.Call("s", "shop/orders", "shop/inventory", "GET", "/costs/1", tour.DENY,
+                     evidence.EXTAUTHZ, "shop/c", 0, extauthz=tour.CACHE_HIT)  # fmt: skip
+
+    def verdict(meta: object) -> evidence.Verdict:
+        return _verdict(decider=evidence.EXTAUTHZ, policy="shop/c", rule=0, raw={"ext_authz": meta})
+
+    hit = tour.judge(
+        1, call, tour.Response(403, ""), verdict({"cache": "hit"}), request_id="r", trace_id="x"
+    )
+    assert hit.ok and hit.extauthz == tour.CACHE_HIT and hit.to_json()["extauthz"] == "hit"
+    for meta, got in (
+        ({"cache": "miss"}, "miss"),
+        (None, "not asked"),
+        ("-", "not asked"),
+        ({"decision": "deny"}, "uncached"),
+    ):
+        r = tour.judge(1, call, tour.Response(403, ""), verdict(meta), request_id="r", trace_id="x")
+        assert not r.ok and f"expected ext_authz hit, got {got}" in r.problems
 
 
 def test_judge_without_http() -> None:

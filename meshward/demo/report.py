@@ -30,6 +30,8 @@ def _details(r: CallResult) -> list[str]:
     lines = [first.strip()]
     if r.would_deny:
         lines.append("dry-run (not enforced) would deny: " + ", ".join(r.would_deny))
+    if r.extauthz in ("miss", "hit"):  # what ext_authz reported back (access-log metadata)
+        lines.append(f"ext_authz decision cache: {r.extauthz}")
     if r.call.note:
         lines.append(f"note: {r.call.note}")
     lines.extend(f"EXPECTATION FAILED: {p}" for p in r.problems)

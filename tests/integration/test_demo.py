@@ -87,11 +87,25 @@ def test_every_expectation_held(run: Run) -> None:
     assert scrape["actual"] == "allow" and scrape["would_deny"] == ["shop/payments-deny-scraper"]
     # the live edit: denied while it is in force, allowed again after the revert
     edits = [s for s in run.result["steps"] if s["kind"] == "policy-edit"]
-    assert len(edits) == 2 and all(e["ok"] for e in edits)
+    assert len(edits) == 4 and all(e["ok"] for e in edits)
     posts = [s["actual"] for s in _steps(run, section=edits[0]["section"], method="POST")]
     assert posts == ["allow", "deny", "allow"]
-    # the edit touched the demo's copy only, and the revert removed it again
+    # a CUSTOM policy: ext_authz decides what its rules match (a miss, then a cache hit on the
+    # repeat); every other request stays Envoy's, and ext_authz decides nothing else
+    custom = _steps(run, section=edits[2]["section"])
+    assert [(s["decider"], s["extauthz"]) for s in custom] == [
+        (evidence.RBAC, "not asked"),
+        (evidence.EXTAUTHZ, "miss"),
+        (evidence.EXTAUTHZ, "hit"),
+        (evidence.RBAC, "not asked"),
+        (evidence.RBAC, "not asked"),
+    ]
+    assert {s["policy"] for s in _steps(run, decider=evidence.EXTAUTHZ)} == {
+        "shop/inventory-costs-need-approval"
+    }
+    # the edits touched the demo's copy only, and the reverts removed them again
     assert not (run.state / "policies" / "tour-live-edit.yaml").exists()
+    assert not (run.state / "policies" / "tour-custom.yaml").exists()
     state = json.loads((run.state / "state.json").read_text())
     assert state["running"] is False and state["otlp"] == run.receiver.endpoint
 

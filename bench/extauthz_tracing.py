@@ -237,6 +237,88 @@ def run(calls: int, rounds: int) -> dict[str, Any]:
     return out
 
 
+# ---- through gRPC: the capacity ratio vs an empty handler ----------------------------------
+
+
+def _client(address: str, calls: int, path: str, workload: str) -> None:
+    """Sends ``calls`` Checks one after another, each with a fresh sampled traceparent."""
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+    from meshward.extauthz.client import build_check_request
+
+    request = build_check_request(
+        path=path, workload=workload, source_principal=PEER, destination_port=8080
+    )
+    with grpc.insecure_channel(address) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        for _ in range(calls):
+            tp = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+            stub.Check(request, metadata=[("traceparent", tp)], timeout=5)
+
+
+def run_grpc(calls: int, rounds: int) -> dict[str, Any]:
+    """CUSTOM cache hits vs an empty handler behind the real sync gRPC server (in this process;
+    the client is another process): server CPU per Check, tracing off, on, every span."""
+    from meshward.extauthz.decisionlog import open_decision_log
+    from meshward.extauthz.server import ExtAuthzServer
+    from meshward.extauthz.service import EmptyCheckService
+
+    open_decision_log(Path(tempfile.mkdtemp(prefix="bench-decisions-")) / "decisions.jsonl")
+    per: dict[str, list[float]] = {}
+    with receiver_process() as (endpoint, _), contextlib.ExitStack() as stack:
+        variants: dict[str, tuple[str, Any]] = {}
+        empty = stack.enter_context(ExtAuthzServer(EmptyCheckService()))
+        variants["empty"] = (empty.address, None)
+        for mode, traced, ratio in (
+            ("off", None, None),
+            ("on", endpoint, None),
+            ("every span", endpoint, 1.0),
+        ):
+            handler, provider = _service(
+                CUSTOM_POLICY, traced, f"grpc-{mode}".replace(" ", "-"), ratio
+            )
+            server = stack.enter_context(ExtAuthzServer(handler))
+            variants[mode] = (server.address, provider)
+        for address, _ in variants.values():  # warm: the miss, connections
+            _client(address, 5, "/refunds/42", "shop/payments")
+        per = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, (address, provider) in variants.items():
+                start = time.process_time()
+                subprocess.run(
+                    [sys.executable, __file__, "_client", address, str(calls)], check=True
+                )
+                if hasattr(provider, "force_flush"):
+                    provider.force_flush()
+                per[name].append((time.process_time() - start) / calls * 1e6)
+        for _, provider in variants.values():
+            if hasattr(provider, "shutdown"):
+                provider.shutdown()
+    open_decision_log(None)
+    return {
+        "calls": calls,
+        "cpu_us": {name: statistics.median(v) for name, v in per.items()},
+        "capacity_ratio": {
+            name: statistics.median(e / v for e, v in zip(per["empty"], per[name], strict=True))
+            for name in per
+            if name != "empty"
+        },
+    }
+
+
+def report_grpc(r: dict[str, Any]) -> None:
+    cpu, ratio = r["cpu_us"], r["capacity_ratio"]
+    print(
+        f"  through the sync gRPC server ({r['calls']:,} Checks per variant per round from a client "
+        "process): server CPU per Check, capacity ratio vs the empty handler"
+    )
+    print(f"  {'empty':<18} {cpu['empty']:6.1f} us   1.00")
+    for name in ("off", "on", "every span"):
+        label = f"CUSTOM deny {name}"
+        print(f"  {label:<18} {cpu[name]:6.1f} us   {ratio[name]:.2f}")
+
+
 def report(r: dict[str, Any]) -> None:
     print(
         f"4. ext_authz cache hits vs an empty handler, in-process (handler called directly, no gRPC),"
@@ -261,17 +343,30 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_receiver":
         _receiver(Path(sys.argv[2]), Path(sys.argv[3]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_client":
+        _client(sys.argv[2], int(sys.argv[3]), "/refunds/42", "shop/payments")
+        return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000, help="Checks per variant per round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--grpc-calls",
+        type=int,
+        default=2000,
+        help="Checks per variant per round through gRPC (0: skip)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     result = run(args.calls, args.rounds)
     result["cpus"] = os.cpu_count()
+    if args.grpc_calls:
+        result["grpc"] = run_grpc(args.grpc_calls, args.rounds)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         report(result)
+        if args.grpc_calls:
+            report_grpc(result["grpc"])
 
 
 if __name__ == "__main__":

@@ -460,6 +460,7 @@ def main() -> None:
 
         print()
         extauthz_tracing.report(extauthz_tracing.run(args.tracing_calls, args.rounds))
+        extauthz_tracing.report_grpc(extauthz_tracing.run_grpc(args.tracing_calls, args.rounds))
 
 
 if __name__ == "__main__":

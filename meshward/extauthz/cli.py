@@ -221,8 +221,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=(
             f"share of decision-cache hits that get a span (default {DEFAULT_RATIO:g}); every "
             "evaluated Check gets one, unless Envoy's traceparent says the trace is not "
-            "sampled, at most --max-spans-per-second in all. A span costs ~140 us of CPU, a "
-            "cache hit ~20 us: 1 traces everything at that price"
+            "sampled, at most --max-spans-per-second in all. A span costs ~140 us of CPU here, "
+            "several cache hits' worth (bench/extauthz_tracing.py): 1 traces every hit at "
+            "that price"
         ),
     )
     serve.add_argument(

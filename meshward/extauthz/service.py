@@ -1,5 +1,6 @@
-"""The Check handler shared by the sync and asyncio gRPC servers: a span per Check continuing
-Envoy's trace, metrics, the decision log, and a denial (never a crash) when anything raises.
+"""The Check handler shared by the sync and asyncio gRPC servers: a span continuing Envoy's
+trace (for every evaluated Check and a sample of cache hits), metrics, the decision log, and
+a denial (never a crash) when anything raises.
 
 The span's parent is the ``traceparent`` in the gRPC call's metadata, which Envoy's ext_authz
 client sets to its own ext_authz span; the ``traceparent`` inside ``CheckRequest`` HTTP headers is

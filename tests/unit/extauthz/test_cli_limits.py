@@ -45,3 +45,19 @@ def test_workers_default_to_the_cores_this_process_may_use() -> None:
     from meshward.extauthz.cli import default_workers
 
     assert default_workers() == len(os.sched_getaffinity(0)) >= 1
+
+
+def test_trace_sampling_flags_refuse_nonsense(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag, value, message in (
+        ("--trace-sample-ratio", "1.5", "must be within [0, 1]"),
+        ("--trace-sample-ratio", "half", "not a number"),
+        ("--max-spans-per-second", "-3", "--max-spans-per-second"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(["extauthz", "serve", "--policy", "examples", "--ca", ".", flag, value])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["extauthz", "serve", "--help"])
+    assert "share of decision-cache hits that get a span" in capsys.readouterr().out

@@ -12,6 +12,10 @@ from meshward.compile.workload import authz_placement
 from meshward.policy.model import Action, Protocol, Workload
 
 DEFAULT_INDEX_MIN_RULES = CompileOptions.rbac_index_min_rules
+TCP_ONLY_MECHANISM = (
+    "TCP ports only: network RBAC (dry-run shadow rules, DENY incl. CUSTOM, then ALLOW); no "
+    "ext_authz filter (no provider is consulted for TCP: a matching CUSTOM rule denies)"
+)
 
 if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
@@ -56,16 +60,19 @@ def explain_json(
         rules.append(entry)
     has_tcp = any(p.protocol is Protocol.TCP for p in workload.ports)
     has_http = any(p.protocol is not Protocol.TCP for p in workload.ports) or not workload.ports
+    # A TCP-only workload has no HTTP chain: no ext_authz or jwt_authn filter, whatever the
+    # HTTP placement of its rules would be (CUSTOM on TCP is a network RBAC DENY).
+    tcp_only = has_tcp and not has_http
     return {
         "workload": workload.ref,
         "spiffe_id": workload.spiffe_id(policy_set.mesh.trust_domain),
         "policy_version": policy_set.version,
         "ports": _ports(policy_set, workload),
         "policies": [p.ref for p in policies],
-        "extauthz_filter": placement.uses_extauthz,
-        "jwt_authn_filter": placement.verifies_jwt_natively,
-        "extauthz_reasons": list(placement.extauthz_reasons),
-        "mechanism": placement.summary(),
+        "extauthz_filter": placement.uses_extauthz and not tcp_only,
+        "jwt_authn_filter": placement.verifies_jwt_natively and not tcp_only,
+        "extauthz_reasons": [] if tcp_only else list(placement.extauthz_reasons),
+        "mechanism": TCP_ONLY_MECHANISM if tcp_only else placement.summary(),
         "rules": rules if has_http else [],
         "tcp_rules": [r.to_json() for r in placement.tcp_rules] if has_tcp else [],
     }

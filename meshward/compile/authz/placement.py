@@ -250,7 +250,9 @@ def token_sources(
 
 @dataclass(frozen=True)
 class AuthzPlacement:
-    """Where every rule of a workload runs (HTTP ports)."""
+    """The plan for one workload: where each of its rules runs on its HTTP ports (``rules``) and
+    its TCP ports (``tcp_rules``), and which filters its HTTP chains need (ext_authz, jwt_authn,
+    token routes). The builders read the policies only through this."""
 
     rules: tuple[PlacedRule, ...]
     tcp_rules: tuple[PlacedRule, ...]

@@ -332,7 +332,7 @@ def test_policy_change_takes_effect_on_the_next_request(stack: Stack) -> None:
         _wait(
             lambda: (
                 stack.service.metrics().get(
-                    f'meshward_extauthz_policy_version{{version="{version}"}}'
+                    f'meshward_extauthz_policy_info{{version="{version}"}}'
                 )
                 == 1
             )
@@ -343,7 +343,7 @@ def test_policy_change_takes_effect_on_the_next_request(stack: Stack) -> None:
     original = load([stack.policy_dir]).version[:12]
     _wait(
         lambda: (
-            stack.service.metrics().get(f'meshward_extauthz_policy_version{{version="{original}"}}')
+            stack.service.metrics().get(f'meshward_extauthz_policy_info{{version="{original}"}}')
             == 1
         )
     )
@@ -448,7 +448,7 @@ def test_request_principal_issuer_split_agrees_with_the_evaluator(stack: Stack) 
         _wait(
             lambda: (
                 stack.service.metrics().get(
-                    f'meshward_extauthz_policy_version{{version="{version}"}}'
+                    f'meshward_extauthz_policy_info{{version="{version}"}}'
                 )
                 == 1
             )
@@ -475,7 +475,7 @@ def test_request_principal_issuer_split_agrees_with_the_evaluator(stack: Stack) 
     original = load([stack.policy_dir]).version[:12]
     _wait(
         lambda: (
-            stack.service.metrics().get(f'meshward_extauthz_policy_version{{version="{original}"}}')
+            stack.service.metrics().get(f'meshward_extauthz_policy_info{{version="{original}"}}')
             == 1
         )
     )

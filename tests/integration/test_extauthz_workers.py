@@ -133,9 +133,9 @@ def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: P
             )
             versions = [k for k in samples if k.startswith("meshward_extauthz_policy_info{")]
             served = sum(samples[k] for k in versions)
-            if checks == 20 and samples.get("meshward_extauthz_cache_misses_total", 0) >= 2:
-                if served == 2:  # both workers report the version they serve
-                    break
+            misses = samples.get("meshward_extauthz_cache_misses_total", 0)
+            if checks == 20 and misses >= 2 and served == 2:  # both workers report their version
+                break
             assert time.monotonic() < deadline, samples
             time.sleep(0.1)
         assert "meshward_extauthz_cache_hit_ratio" not in samples  # a PromQL job

@@ -76,10 +76,12 @@ def metric_names(expr: str) -> set[str]:
     found = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         name = match.group(0)
-        rest = text[match.end():].lstrip()
+        rest = text[match.end() :].lstrip()
         if rest.startswith("(") or re.match(r"(by|without)\b", rest) or name.lower() in KEYWORDS:
             continue
-        if match.start() > 0 and (text[match.start() - 1].isdigit() or text[match.start() - 1] == "."):
+        if match.start() > 0 and (
+            text[match.start() - 1].isdigit() or text[match.start() - 1] == "."
+        ):
             continue  # a duration or number suffix (5m, 1e3)
         found.add(name)
     return found

@@ -285,6 +285,10 @@ async def test_drift_is_flagged_and_fails_the_status_command(
     _, metrics = await http_get(f"{service.admin_url}/metrics")
     assert "meshward_xds_drifting_nodes 1.0" in metrics.decode()
     assert 'meshward_xds_nacks_total{type="RDS"} 1.0' in metrics.decode()
+    assert "meshward_xds_drift_events_total 1.0" in metrics.decode()
+    assert 'meshward_xds_node_in_sync{node="shop/orders"} 0.0' in metrics.decode()
+    assert 'meshward_xds_node_policy_enforced{node="shop/orders"} 0.0' in metrics.decode()
+    assert "meshward_xds_policy_rollout_pending 1.0" in metrics.decode()  # never ACKed
     # The ADS port works as --xds too: the admin endpoint is looked up at port + 1.
     host_port = service.admin_url.removeprefix("http://") if service.admin_url else ""
     host, port = host_port.rsplit(":", 1)

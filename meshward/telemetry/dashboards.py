@@ -160,10 +160,12 @@ def on_call() -> dict[str, Any]:
             _panel("ACKs (last 5 min)", "timeseries", [
                 ("sum by (type) (increase(meshward_xds_acks_total[5m]))", "{{type}}"),
             ], w=8),
-            _panel("Sidecars out of sync (0: behind the desired version)", "table", [
-                ("meshward_xds_node_in_sync == 0", "{{node}}"),
-                ("meshward_xds_node_policy_enforced == 0", "{{node}}"),
-            ], instant=True),
+            _panel("Sidecars: seconds since last ACK, in sync, enforcing", "table", [
+                ("time() - meshward_xds_node_last_ack_timestamp_seconds", "{{node}}"),
+                ("meshward_xds_node_in_sync", "{{node}}"),
+                ("meshward_xds_node_policy_enforced", "{{node}}"),
+            ], instant=True,
+               description="Per connected sidecar: when it last ACKed, and 1/0 for in sync with the desired version and enforcing the policy in force"),
             _panel("Enforcement latency heatmap", "heatmap", [
                 (f"sum by (le) (rate({LATENCY}[1m]))", "{{le}}"),
             ]),

@@ -2,10 +2,11 @@
 events, certificate and CA expiry, and per-node health, all with bounded label sets.
 
 They are computed from the same status document the admin endpoint serves (so the two can
-never disagree) plus the ACK times the ADS server reports as they happen. Why each one exists:
+never disagree), ACK times included. Why each one exists:
 
 - ``meshward_xds_policy_rollout_seconds`` (histogram): from a policy version being applied to the
-  last ACK (of a non-secret type) that brought every connected node in sync with it: "how long
+  latest ACK (of a non-secret type) among the connected nodes, observed at the first scrape that
+  finds every connected node in sync with it: "how long
   until a change is enforced everywhere", the number an operator is asked after a change. A
   rollout that a newer version supersedes before it completes is counted in
   ``meshward_xds_policy_rollouts_total{result="superseded"}``, not observed.
@@ -18,7 +19,9 @@ never disagree) plus the ACK times the ADS server reports as they happen. Why ea
   for the ADS server's own SVID.
 - per node, at most :data:`MAX_NODE_SERIES` nodes (sorted by name; the rest are only counted in
   ``meshward_xds_node_series_dropped``): ``meshward_xds_node_in_sync{node}``,
-  ``meshward_xds_node_policy_enforced{node}`` and
+  ``meshward_xds_node_policy_enforced{node}``,
+  ``meshward_xds_node_last_ack_timestamp_seconds{node}`` (sidecar health: when it last ACKed
+  anything) and
   ``meshward_xds_node_credential_expiry_timestamp_seconds{node}`` (the earliest expiry of the
   client certificates its ADS streams presented: the agent's credential).
 """
@@ -26,8 +29,7 @@ never disagree) plus the ACK times the ADS server reports as they happen. Why ea
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -52,8 +54,7 @@ class FleetMetrics:
     """State kept between scrapes (the rollout in progress, the nodes drifting last time) and the
     families derived from each status document. Thread-safe: scrapes may overlap."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.rollout = Histogram(
             "meshward_xds_policy_rollout_seconds",
@@ -76,13 +77,7 @@ class FleetMetrics:
         self._applied_at: float | None = None
         self._pending = False
         self._generation = 0
-        self._last_ack: float = 0.0
         self._drifting: set[str] = set()
-
-    def acked(self, short_type: str) -> None:
-        """An ACK arrived (called by the ADS server as it happens)."""
-        if short_type not in SECRET_TYPES:
-            self._last_ack = self.clock()
 
     def families(
         self, status: Mapping[str, Any], ca: Any = None
@@ -124,8 +119,10 @@ class FleetMetrics:
             return
         self._pending = False
         self.rollouts.labels("completed").inc()
+        last_ack = max((_last_ack(n, policy_only=True) for n in nodes if n.get("connected")),
+                       default=0.0)  # fmt: skip
         if self._applied_at is not None:
-            self.rollout.observe(max(0.0, self._last_ack - self._applied_at))
+            self.rollout.observe(max(0.0, last_ack - self._applied_at))
 
     def _track_drift(self, nodes: list[Mapping[str, Any]]) -> None:
         drifting = {str(n["node"]) for n in nodes if n.get("drift")}
@@ -150,6 +147,18 @@ def _fleet_in_sync(nodes: Iterable[Mapping[str, Any]]) -> bool:
 
 def _node_in_sync(node: Mapping[str, Any]) -> bool:
     return all(t.get("in_sync") for s in node.get("streams", []) for t in s.get("types", []))
+
+
+def _last_ack(node: Mapping[str, Any], *, policy_only: bool = False) -> float:
+    """The node's latest ACK as Unix time (0: none); ``policy_only``: secrets (rotations) left
+    out, since they do not carry policy."""
+    times = [
+        _timestamp(t.get("acked_at")) or 0.0
+        for s in node.get("streams", [])
+        for t in s.get("types", [])
+        if not (policy_only and t.get("type") in SECRET_TYPES)
+    ]
+    return max(times, default=0.0)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -194,6 +203,11 @@ def _node_families(nodes: list[Mapping[str, Any]]) -> Iterator[Metric]:
         "or route, or its workload failed to compile)",
         labels=["node"],
     )
+    last_ack = GaugeMetricFamily(
+        "meshward_xds_node_last_ack_timestamp_seconds",
+        "When the connected node last ACKed a response (Unix time)",
+        labels=["node"],
+    )
     credential = GaugeMetricFamily(
         "meshward_xds_node_credential_expiry_timestamp_seconds",
         "When the earliest client certificate the node's ADS streams presented expires (the "
@@ -205,6 +219,9 @@ def _node_families(nodes: list[Mapping[str, Any]]) -> Iterator[Metric]:
         name = str(node["node"])
         in_sync.add_metric([name], 1 if _node_in_sync(node) else 0)
         enforced.add_metric([name], 1 if node.get("policy_enforced") else 0)
+        acked = _last_ack(node)
+        if acked:
+            last_ack.add_metric([name], acked)
         expiries = [
             _timestamp((s.get("ads_credentials") or {}).get("not_after"))
             for s in node.get("streams", [])
@@ -214,6 +231,7 @@ def _node_families(nodes: list[Mapping[str, Any]]) -> Iterator[Metric]:
             credential.add_metric([name], min(known))
     yield in_sync
     yield enforced
+    yield last_ack
     yield credential
     yield _gauge(
         "meshward_xds_node_series_dropped",

@@ -99,7 +99,6 @@ class XdsMetrics:
         label = types.short(type_url)
         self.acks.labels(label).inc()
         self.push_latency.labels(label).observe(latency)
-        self.fleet.acked(label)
 
     def nack(self, type_url: str) -> None:
         self.nacks.labels(types.short(type_url)).inc()

@@ -654,6 +654,7 @@ async def test_metrics_time_a_policy_rollout_until_every_node_acked(
     assert first['meshward_xds_node_policy_enforced{node="shop/orders"}'] == 1
     now = datetime.now(UTC).timestamp()
     assert first['meshward_xds_node_credential_expiry_timestamp_seconds{node="shop/orders"}'] > now
+    assert 0 < now - first['meshward_xds_node_last_ack_timestamp_seconds{node="shop/orders"}'] < 60
     assert first['meshward_ca_expiry_timestamp_seconds{certificate="root"}'] > now
     assert first['meshward_ca_expiry_timestamp_seconds{certificate="intermediate"}'] > now
     assert first["meshward_xds_server_cert_expiry_timestamp_seconds"] > now

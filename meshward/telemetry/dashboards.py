@@ -101,7 +101,7 @@ def executive() -> dict[str, Any]:
         "Is the mesh enforcing what was decided, and how often does it say no?",
         [
             _panel("Policy compliance (nodes enforcing the policy in force)", "stat", [
-                ("sum(meshward_xds_node_policy_enforced) / clamp_min(meshward_xds_connected_nodes, 1)", "compliance"),
+                ("1 - meshward_xds_nodes_not_enforcing / clamp_min(meshward_xds_connected_nodes, 1)", "compliance"),
             ], w=6, unit="percentunit",
                description="Connected sidecars that ACKed the listeners and routes of the policy version in force"),
             _panel("Denied flows (last 7 days)", "stat", [

@@ -1,4 +1,4 @@
-"""ext_authz sees only the requests a CUSTOM rule matches (meshward.compile.custom_gate), and
+"""ext_authz sees only the requests a CUSTOM rule matches (AuthzPlacement.custom_gated), and
 the compiled chain still decides like the evaluator: compiled config through the model of
 Envoy's filters (meshward.compile.simulate), which the real-Envoy equivalence test keeps
 faithful."""
@@ -18,11 +18,10 @@ from meshward.compile import (
     PortBinding,
     WorkloadBinding,
     compile_workload,
-    custom_gate,
     simulate,
     synth,
 )
-from meshward.compile.authz import plan
+from meshward.compile.authz import place
 from meshward.compile.workload import to_dict
 from meshward.policy import Request, evaluate
 from meshward.policy.model import (
@@ -158,12 +157,14 @@ def test_ext_authz_rules_besides_custom_keep_ext_authz_on_every_request() -> Non
     owns the shadow engine), and ext_authz sees every request it saw before."""
     policy_set = _policy_set(CUSTOM, JWT_ALLOW, jwt=JwtEnforcement.EXTAUTHZ)
     workload = policy_set.workload(synth.TARGET_REF)
-    authz = plan(policy_set.policies_for(workload, NOW), jwt_native=False)
-    assert not custom_gate.applies(authz) and authz.extauthz_always
+    authz = place(policy_set.policies_for(workload, NOW), jwt_native=False)
+    assert not authz.custom_gated and authz.extauthz_always
     assert _run(policy_set, "GET", "/else", WEB) == (403, True)
     native = _policy_set(CUSTOM, JWT_ALLOW)
-    native_plan = plan(native.policies_for(native.workload(synth.TARGET_REF), NOW), jwt_native=True)
-    assert custom_gate.applies(native_plan) and "CUSTOM rule matches" in native_plan.summary()
+    native_plan = place(
+        native.policies_for(native.workload(synth.TARGET_REF), NOW), jwt_native=True
+    )
+    assert native_plan.custom_gated and "CUSTOM rule matches" in native_plan.summary()
 
 
 def test_a_custom_rule_reading_the_token_under_extauthz_mode_is_not_gated() -> None:
@@ -172,10 +173,10 @@ def test_a_custom_rule_reading_the_token_under_extauthz_mode_is_not_gated() -> N
         rules=(Rule(sources=(Source(not_request_principals=("*",)),)),),
     )
     policy_set = _policy_set(reads_token, ALLOW_WEB, jwt=JwtEnforcement.EXTAUTHZ)
-    authz = plan(
+    authz = place(
         policy_set.policies_for(policy_set.workload(synth.TARGET_REF), NOW), jwt_native=False
     )
-    assert not custom_gate.applies(authz)
+    assert not authz.custom_gated
     # token-less: the CUSTOM rule matches, the provider is asked (and allows, its default)
     assert _run(policy_set, "GET", "/anything", WEB) == (200, True)
     assert _run(policy_set, "GET", "/anything", WEB, {"x-custom": "deny"}) == (403, True)

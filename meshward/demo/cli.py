@@ -25,7 +25,8 @@ inventory, scraper), each app behind its own Envoy sidecar, all as processes on 
 ports picked at run time. Then a scripted tour calls between the services the way apps do (to
 the caller's sidecar, which brings the caller's mTLS identity) and prints, per call, the
 expected and actual outcome, who decided (Envoy RBAC, ext_authz or mTLS), the policy and rule,
-and the trace id; then edits a policy live, shows the same call denied, and reverts it.
+and the trace id; then edits a policy live, shows the same call denied, and reverts it; then
+adds a CUSTOM policy that ext_authz decides (a cache hit on the repeat), and removes it.
 Exit status 0 only if every expectation held."""
 
 EPILOG = """\

@@ -133,6 +133,26 @@ def _flows_db(args: argparse.Namespace) -> str | None:
     return str(value)
 
 
+def _history_keep(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected 1..1000, got {value!r}")
+    return int(value)
+
+
+def _history_dir(args: argparse.Namespace) -> Path | None:
+    """--history-dir: None for 'off'; default ``history`` next to flows.db (beside the CA
+    directory, or in --state-dir when given)."""
+    value = args.history_dir
+    if value == "off":
+        return None
+    if value is None:
+        base = Path(args.state_dir) if args.state_dir else Path(args.ca).resolve().parent
+        return base / "history"
+    if not Path(value).resolve().parent.is_dir():
+        raise UserError(f"--history-dir {value}: its parent directory does not exist")
+    return Path(value)
+
+
 def serve(args: argparse.Namespace) -> int:
     import asyncio
     from datetime import timedelta
@@ -210,6 +230,8 @@ def serve(args: argparse.Namespace) -> int:
                 state_dir=Path(args.state_dir) if args.state_dir else None,
                 agent_secrets=args.secrets == "agent",
                 flows_db=flows_db,
+                history_dir=_history_dir(args),
+                history_keep=args.history,
             )
         except PolicyError as exc:
             raise UserError(f"the policy set is invalid; not starting.\n{exc}") from None
@@ -355,6 +377,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="the flow store behind `meshward flows|denials --xds`: a SQLite file, "
                         "postgresql://USER@HOST/DB (replicas sharing one store), or 'off' "
                         "(default: flows.db next to the --ca directory)")  # fmt: skip
+    p.add_argument("--history", type=_history_keep, default=20, metavar="N",
+                   help="keep the last N applied policy sets for `meshward policy history` and "
+                        "`rollback` (1..1000, default %(default)s)")  # fmt: skip
+    p.add_argument("--history-dir", metavar="DIR",
+                   help="where the policy history and the audit log of policy changes live, or "
+                        "'off' (default: history/ in --state-dir, else next to the --ca "
+                        "directory)")  # fmt: skip
     p.add_argument("--ready-file", metavar="FILE",
                    help="write {ads, admin, server_identity, policy_version, pid} as JSON once "
                         "listening (for supervisors and scripts)")  # fmt: skip

@@ -1,5 +1,7 @@
 """`meshward policy ...`: validate, explain, test and diff policy files (and `compile`, which the
-compiler package plugs in through meshward.compile.cli_compile when it is installed)."""
+compiler package plugs in through meshward.compile.cli_compile when it is installed; `suggest`,
+`history` and `rollback`, which talk to a control plane: meshward.flows.suggest_cli and
+meshward.xds.history_cli)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _configure_test(sub)
     _configure_diff(sub)
     _configure_compile(sub)
+    _configure_flows(sub)
+
+
+def _configure_flows(sub: Any) -> None:
+    """`policy suggest` (from observed flows) and `policy history|rollback` (the control
+    plane's applied sets) live with the code they drive; imported when the parser is built."""
+    from meshward.flows.suggest_cli import configure_suggest
+    from meshward.xds.history_cli import configure_history, configure_rollback
+
+    configure_suggest(sub)
+    configure_history(sub)
+    configure_rollback(sub)
 
 
 def _configure_compile(sub: Any) -> None:

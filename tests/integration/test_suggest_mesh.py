@@ -126,6 +126,20 @@ def test_suggest_enforce_then_audit(
     closing = {(c["source"], c["destination"]) for c in report["would_deny"]["changes"]}
     assert (PAYMENTS, ORDERS) in closing and (FRONTEND, PAYMENTS) in closing
     assert main(["policy", "validate", "--envoy", str(mesh.policy_dir), str(out)]) == 0
+    # the text report; a rerun replaces its own files, never someone else's
+    capsys.readouterr()
+    assert main(["policy", "suggest", "--xds", admin, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 AuthorizationPolicy file(s) (dry-run)" in text
+    assert "coverage: 3/3 observed allowed flows allowed by the suggestion (100.0%)" in text
+    assert "  shop/payments -> shop/orders: " in text
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "suggested-shop.orders.yaml").write_text("# my own file\n")
+    assert main(["policy", "suggest", "--xds", admin, "--out", str(tmp_path / "mine")]) == 1
+    assert "was not written by `policy suggest`" in capsys.readouterr().err
+    assert main(["policy", "suggest", "--xds", admin, "--out", str(out), "--namespace", "x"]) == 1
+    assert "no workload of the policy set is in it" in capsys.readouterr().err
+    main(["policy", "suggest", "--xds", admin, "--out", str(out), "--mode", "enforce"])
 
     # enforce: copy the files into the policy directory, as an operator would
     for file in out.glob("*.yaml"):

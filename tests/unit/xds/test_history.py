@@ -172,3 +172,36 @@ def test_restore_swaps_the_directory_and_keeps_the_old_files(tmp_path: Path) -> 
     assert watcher.current is not None and watcher.current.version == target.version
     with pytest.raises(UserError, match="not a directory"):
         restore(tmp_path / "missing", target.version, target.dump(), NOW)
+
+
+def test_the_history_directory_flag(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import argparse
+    import logging
+
+    from meshward.xds.cli import _history_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    def args(**kw: object) -> argparse.Namespace:
+        base: dict[str, object] = {
+            "history_dir": None,
+            "state_dir": None,
+            "ca": str(tmp_path / "ca"),
+        }
+        return argparse.Namespace(**{**base, **kw})
+
+    assert _history_dir(args(history_dir="off"), None) is None
+    assert (
+        _history_dir(args(state_dir=str(tmp_path / "state")), None)
+        == tmp_path / "state" / "history"
+    )
+    flows = str(tmp_path / "var" / "flows.db")
+    assert _history_dir(args(), flows) == tmp_path / "var" / "history"
+    assert _history_dir(args(), "postgresql://db/x") == tmp_path / "history"
+    # a default that cannot be created (think: a read-only CA mount) turns history off, loudly
+    with caplog.at_level(logging.WARNING, logger="meshward.xds"):
+        assert _history_dir(args(ca=str(blocker / "ca")), None) is None
+    assert "no policy history" in caplog.text
+    with pytest.raises(UserError, match="--history-dir"):
+        _history_dir(args(history_dir=str(blocker / "h")), None)

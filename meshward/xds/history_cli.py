@@ -225,6 +225,9 @@ def run_rollback(args: argparse.Namespace) -> int:
         else:
             served = (s["version"] or "?")[:12]
             why = f"; last policy error: {s['error']}" if s["error"] else ""
+            if served != version[:12] and not s["error"]:
+                why = (f"; is {args.policy_dir} the directory `xds serve --policy` watches? "
+                       "(moved files are in .meshward-rollback/ there)")  # fmt: skip
             print(f"NOT converged within {args.wait:g}s: serving {served}, "
                   f"{s['in_sync']}/{s['connected']} node(s) in sync{why}", flush=True)  # fmt: skip
     return 0 if ok else 1

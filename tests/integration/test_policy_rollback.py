@@ -157,6 +157,14 @@ def test_apply_two_versions_then_roll_back(
                              "--policy-dir", str(policies)]) == 1  # fmt: skip
                 assert "not in the history" in capsys.readouterr().err
                 assert sorted(p.name for p in policies.glob("*.yaml")) == [f"policy-{v1[:12]}.yaml"]
+                # the wrong directory: nothing the control plane watches changes, it says so
+                elsewhere = tmp_path / "elsewhere"
+                elsewhere.mkdir()
+                capsys.readouterr()
+                assert main(["policy", "rollback", v2, "--xds", admin, "--policy-dir",
+                             str(elsewhere), "--wait", "1"]) == 1  # fmt: skip
+                out = capsys.readouterr().out
+                assert "NOT converged within 1s" in out and "`xds serve --policy` watches" in out
         finally:
             server.send_signal(signal.SIGTERM)
             assert server.wait(15) == 0

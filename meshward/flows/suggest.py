@@ -195,6 +195,7 @@ def suggest(
         targets.append(dst_ref)
         used.extend(dst_flows)
         _thin(policy_set, dst_flows, now_ts, window, warnings, td)
+        _unrecorded(policy_set, dst, warnings)
     return Suggestion(
         policies=tuple(policies),
         workloads=tuple(targets),
@@ -397,6 +398,36 @@ def _thin(
                 f"{caller} shares its identity with {', '.join(others[:3])}: those get the "
                 "same access",
                 f"{caller} -> {dst}",
+            )
+
+
+def _unrecorded(policy_set: PolicySet, dst: Workload, warnings: _Notes) -> None:
+    """What the current ALLOW policies require that flows do not record (end-user tokens,
+    conditions, hosts, addresses): the suggestion cannot carry it over, so replacing them with
+    the suggestion would drop it. Said per policy, so the operator keeps those rules."""
+    for policy in policy_set.policies_for(dst):
+        if policy.action is not Action.ALLOW or policy.dry_run:
+            continue
+        needs = sorted(
+            {
+                what
+                for rule in policy.rules
+                for what, present in (
+                    ("end-user tokens (requestPrincipals)",
+                     any(s.request_principals or s.not_request_principals for s in rule.sources)),
+                    ("conditions (when)", bool(rule.conditions)),
+                    ("hosts", any(o.hosts or o.not_hosts for o in rule.operations)),
+                    ("ip blocks", any(s.ip_blocks or s.remote_ip_blocks for s in rule.sources)),
+                )
+                if present
+            }
+        )  # fmt: skip
+        if needs:
+            warnings.add(
+                "unrecorded-requirements",
+                f"{policy.ref} also requires {', '.join(needs)}, which flows do not record: the "
+                "suggestion does not carry it over; keep that policy (or its rule)",
+                dst.ref,
             )
 
 

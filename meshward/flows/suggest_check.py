@@ -19,7 +19,7 @@ from meshward.flows.suggest import ObservedFlow, Suggestion, sample_path
 from meshward.policy import canonical
 from meshward.policy.diff import PolicyDiff, diff
 from meshward.policy.evaluator import evaluate
-from meshward.policy.model import AuthorizationPolicy, Request
+from meshward.policy.model import Action, AuthorizationPolicy, Request
 from meshward.policy.policyset import PolicySet
 
 MAX_DIFF_CHANGES = 500
@@ -88,9 +88,39 @@ def coverage(policy_set: PolicySet, suggestion: Suggestion, *, now: datetime) ->
     return Coverage(len(suggestion.used), len(suggestion.used) - len(denied), tuple(denied))
 
 
-def would_deny(policy_set: PolicySet, suggestion: Suggestion, *, now: datetime) -> PolicyDiff:
-    """Flows the current set allows and the current set plus the enforced suggestion denies."""
-    after = with_policies(policy_set, suggestion.enforced(), keep_existing=True)
+def existing_allows(policy_set: PolicySet, suggestion: Suggestion) -> tuple[str, ...]:
+    """Enforced ALLOW policies already selecting a suggested workload (other than an earlier
+    suggestion): next to them the suggestion narrows nothing, as ALLOW policies add up."""
+    refs: set[str] = set()
+    mine = {p.ref for p in suggestion.policies}
+    for ref in suggestion.workloads:
+        workload = policy_set.workload(ref)
+        assert workload is not None
+        for p in policy_set.policies_for(workload):
+            if p.action is Action.ALLOW and not p.dry_run and p.ref not in mine:
+                refs.add(p.ref)
+    return tuple(sorted(refs))
+
+
+def would_deny(
+    policy_set: PolicySet, suggestion: Suggestion, *, now: datetime, replacing: bool = False
+) -> PolicyDiff:
+    """Flows the current set allows and the current set plus the enforced suggestion denies;
+    ``replacing``: with the ALLOW policies of :func:`existing_allows` removed (the suggestion
+    taking their place; only the suggested workloads are probed)."""
+    base = policy_set
+    if replacing:
+        gone = set(existing_allows(policy_set, suggestion))
+        base = PolicySet.create(
+            mesh=policy_set.mesh,
+            workloads=policy_set.workloads,
+            authorization_policies=[
+                p for p in policy_set.authorization_policies if p.ref not in gone
+            ],
+            peer_authentications=policy_set.peer_authentications,
+            request_authentications=policy_set.request_authentications,
+        )
+    after = with_policies(base, suggestion.enforced(), keep_existing=True)
     destinations = set(suggestion.workloads)
     result = diff(
         policy_set, after, now=now, destinations=destinations, max_changes=MAX_DIFF_CHANGES

@@ -89,7 +89,7 @@ def current_policy(address: str, timeout: float) -> Any:
 def run(args: argparse.Namespace) -> int:
     from meshward.flows.cli import default_admin
     from meshward.flows.suggest import Mode, ObservedFlow, suggest
-    from meshward.flows.suggest_check import coverage, files, would_deny
+    from meshward.flows.suggest_check import coverage, existing_allows, files, would_deny
 
     address = args.xds or default_admin()
     now = datetime.now(UTC)
@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     )
     cover = coverage(policy_set, suggestion, now=now)
     closing = would_deny(policy_set, suggestion, now=now)
+    replaced = existing_allows(policy_set, suggestion)
+    replacing = would_deny(policy_set, suggestion, now=now, replacing=True) if replaced else None
     written = _write(Path(args.out), files(suggestion))
     problem = _validate(policy_set, {p.ref for p in suggestion.policies}, written)
     report = {
@@ -129,6 +131,13 @@ def run(args: argparse.Namespace) -> int:
             "changes": [c.to_json() for c in closing.changes],
             "truncated": closing.truncated,
         },
+        "replaces": list(replaced),
+        "would_deny_replacing": None
+        if replacing is None
+        else {
+            "changes": [c.to_json() for c in replacing.changes],
+            "truncated": replacing.truncated,
+        },
         "skipped": [n.to_json() for n in suggestion.skipped],
         "warnings": [n.to_json() for n in suggestion.warnings],
         "valid": problem is None,
@@ -137,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
     else:
-        _print(report, suggestion, closing)
+        _print(report, suggestion, closing, replacing)
     return 0 if problem is None and cover.allowed == cover.total else 1
 
 
@@ -190,7 +199,7 @@ def _validate(policy_set: Any, refs: set[str], written: list[Path]) -> str | Non
     return None
 
 
-def _print(report: dict[str, Any], suggestion: Any, closing: Any) -> None:
+def _print(report: dict[str, Any], suggestion: Any, closing: Any, replacing: Any) -> None:
     files = report["files"]
     window = report["window"]
     print(
@@ -207,15 +216,12 @@ def _print(report: dict[str, Any], suggestion: Any, closing: Any) -> None:
     for d in cov["denied"]:
         print(f"  NOT ALLOWED: {d['flow']}: {d['reason']}")
     print("valid: yes" if report["valid"] else f"valid: NO\n{report['validation_error']}")
-    pairs: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for c in closing.changes:
-        pairs[(c.source, c.destination)].append(f"{c.probe.method} :{c.probe.port}{c.probe.path}")
-    more = " (truncated)" if closing.truncated else ""
-    print(f"would deny once enforced (allowed by the current policy): {len(closing.changes)} "
-          f"probe(s) on {len(pairs)} caller -> workload pair(s){more}")  # fmt: skip
-    for (src, dst), probes in sorted(pairs.items()):
-        shown = ", ".join(probes[:4]) + (f", +{len(probes) - 4}" if len(probes) > 4 else "")
-        print(f"  {src} -> {dst}: {shown}")
+    _print_closing("would deny once enforced (allowed by the current policy)", closing)
+    if replacing is not None:
+        print(f"note: {', '.join(report['replaces'])} already allow(s) traffic to these "
+              "workloads; ALLOW policies add up, so next to them the suggestion narrows "
+              "nothing.")  # fmt: skip
+        _print_closing("would deny if it replaced them", replacing)
     if suggestion.skipped:
         print(f"skipped (not expressible without widening): {len(suggestion.skipped)}")
         for n in suggestion.skipped:
@@ -224,6 +230,18 @@ def _print(report: dict[str, Any], suggestion: Any, closing: Any) -> None:
         print(f"thin evidence: {len(suggestion.warnings)} warning(s)")
         for n in suggestion.warnings:
             print(f"  [{n.kind}] {n.flow}: {n.message}" if n.flow else f"  [{n.kind}] {n.message}")
+
+
+def _print_closing(title: str, closing: Any) -> None:
+    pairs: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for c in closing.changes:
+        pairs[(c.source, c.destination)].append(f"{c.probe.method} :{c.probe.port}{c.probe.path}")
+    more = " (truncated)" if closing.truncated else ""
+    print(f"{title}: {len(closing.changes)} probe(s) on {len(pairs)} caller -> workload "
+          f"pair(s){more}")  # fmt: skip
+    for (src, dst), probes in sorted(pairs.items()):
+        shown = ", ".join(probes[:4]) + (f", +{len(probes) - 4}" if len(probes) > 4 else "")
+        print(f"  {src} -> {dst}: {shown}")
 
 
 def configure_suggest(sub: Any) -> None:

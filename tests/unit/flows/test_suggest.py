@@ -260,3 +260,29 @@ def test_allowed_if_and_only_if_observed(flows: list[ObservedFlow]) -> None:
                             assert got and not any(f.destination == dst for f in flows)
                         else:
                             assert got == seen, (src, dst, port, method, path)
+
+
+def test_what_flows_do_not_record_is_called_out() -> None:
+    jwt_allow = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: orders-with-user, namespace: shop}
+spec:
+  selector: {matchLabels: {app: orders}}
+  rules:
+    - from: [{source: {requestPrincipals: ["https://issuer.example/*"]}}]
+      when: [{key: "request.auth.claims[role]", values: ["buyer"]}]
+"""
+    ps = _set(*(_workload(*r.split("/")) for r in ("shop/frontend", "shop/orders")), jwt_allow)
+    result = suggest(ps, [flow("shop/frontend", "shop/orders", "GET", "/x")], now=NOW)
+    [note] = [n for n in result.warnings if n.kind == "unrecorded-requirements"]
+    assert "shop/orders-with-user also requires conditions (when), end-user tokens" in note.message
+    from meshward.flows.suggest_check import existing_allows
+
+    assert existing_allows(ps, result) == ("shop/orders-with-user",)
+    # added next to it, the suggestion narrows nothing; replacing it, others lose access
+    assert would_deny(ps, result, now=NOW).changes == ()
+    replacing = would_deny(ps, result, now=NOW, replacing=True)
+    assert replacing.changes and all(c.before.allowed for c in replacing.changes)
+    # e.g. a buyer's token on a path the window never saw
+    assert any(c.probe.claims is not None and c.probe.path != "/x" for c in replacing.changes)

@@ -179,22 +179,23 @@ def suggest(
             f"the evidence covers {_human(window)} (less than {_human(MIN_WINDOW_SECONDS)}): "
             "rare but legitimate calls (batch jobs, daily reports, failover) may be missing",
         )
+    index = _Index.of(policy_set)
     policies: list[AuthorizationPolicy] = []
     used: list[ObservedFlow] = []
     targets: list[str] = []
     for dst_ref in sorted(by_dst):
         dst = policy_set.workload(dst_ref)
         assert dst is not None  # _inexpressible checked it
-        alone = _selector_problem(policy_set, dst)
+        alone = _selector_problem(index, dst)
         if alone is not None:
             for flow in by_dst[dst_ref]:
                 skipped.add("shared-selector", alone, flow.describe())
             continue
         dst_flows = by_dst[dst_ref]
-        policies.append(_policy(policy_set, dst, dst_flows, mode))
+        policies.append(_policy(policy_set, index, dst, dst_flows, mode))
         targets.append(dst_ref)
         used.extend(dst_flows)
-        _thin(policy_set, dst_flows, now_ts, window, warnings, td)
+        _thin(policy_set, index, dst_flows, now_ts, window, warnings, td)
         _unrecorded(policy_set, dst, warnings)
     return Suggestion(
         policies=tuple(policies),
@@ -270,14 +271,35 @@ def _normalized(flow: ObservedFlow) -> ObservedFlow:
     return flow if flow.tcp else replace(flow, path=_normalize_template(flow.path))
 
 
-def _selector_problem(policy_set: PolicySet, dst: Workload) -> str | None:
+@dataclass(frozen=True)
+class _Index:
+    """Per policy set, built once per suggestion (not per workload: a mesh of 1,000)."""
+
+    by_namespace: Mapping[str, tuple[Workload, ...]]
+    sharing: Mapping[str, tuple[str, ...]]  # principal -> workload refs
+
+    @classmethod
+    def of(cls, policy_set: PolicySet) -> _Index:
+        td = policy_set.mesh.trust_domain
+        by_ns: dict[str, list[Workload]] = defaultdict(list)
+        sharing: dict[str, list[str]] = defaultdict(list)
+        for w in policy_set.workloads:
+            by_ns[w.namespace].append(w)
+            sharing[w.principal(td)].append(w.ref)
+        return cls(
+            {ns: tuple(ws) for ns, ws in by_ns.items()},
+            {p: tuple(refs) for p, refs in sharing.items()},
+        )
+
+
+def _selector_problem(index: _Index, dst: Workload) -> str | None:
     """A policy is selected by labels: it must select this workload and no other."""
     if not dst.labels:
         return f"{dst.ref} has no labels: a policy cannot select it alone"
     others = [
         w.ref
-        for w in policy_set.workloads
-        if w.namespace == dst.namespace and w.ref != dst.ref and selects(dst.labels, w.labels)
+        for w in index.by_namespace.get(dst.namespace, ())
+        if w.ref != dst.ref and selects(dst.labels, w.labels)
     ]
     if others:
         return (
@@ -288,7 +310,11 @@ def _selector_problem(policy_set: PolicySet, dst: Workload) -> str | None:
 
 
 def _policy(
-    policy_set: PolicySet, dst: Workload, flows: Sequence[ObservedFlow], mode: Mode
+    policy_set: PolicySet,
+    index: _Index,
+    dst: Workload,
+    flows: Sequence[ObservedFlow],
+    mode: Mode,
 ) -> AuthorizationPolicy:
     td = policy_set.mesh.trust_domain
     per_caller: dict[str, tuple[Operation, ...]] = {}
@@ -301,7 +327,7 @@ def _policy(
     for caller, ops in per_caller.items():
         groups[ops].append(caller)
     rules = [
-        Rule(sources=_sources(policy_set, set(callers), td), operations=ops)
+        Rule(sources=_sources(policy_set, index, set(callers), td), operations=ops)
         for ops, callers in groups.items()
     ]
     rules.sort(key=lambda r: (repr(r.sources), repr(r.operations)))
@@ -335,12 +361,13 @@ def _operations(flows: Sequence[ObservedFlow]) -> tuple[Operation, ...]:
     return tuple(ops)
 
 
-def _sources(policy_set: PolicySet, callers: set[str], td: str) -> tuple[Source, ...]:
+def _sources(
+    policy_set: PolicySet, index: _Index, callers: set[str], td: str
+) -> tuple[Source, ...]:
     namespaces: list[str] = []
-    by_ns: dict[str, list[Workload]] = defaultdict(list)
-    for w in policy_set.workloads:
-        by_ns[w.namespace].append(w)
-    for ns, members in sorted(by_ns.items()):
+    caller_ns = {ref.partition("/")[0] for ref in callers}
+    for ns in sorted(caller_ns):
+        members = index.by_namespace.get(ns, ())
         if len(members) >= MIN_NAMESPACE_WORKLOADS and all(w.ref in callers for w in members):
             namespaces.append(ns)
     principals = sorted(
@@ -361,6 +388,7 @@ def _sources(policy_set: PolicySet, callers: set[str], td: str) -> tuple[Source,
 
 def _thin(
     policy_set: PolicySet,
+    index: _Index,
     flows: Sequence[ObservedFlow],
     now: float,
     window: float,
@@ -385,13 +413,10 @@ def _thin(
                 " little evidence of what it normally does",
                 f"{caller} -> {dst}",
             )
-    sharing: dict[str, list[str]] = defaultdict(list)
-    for w in policy_set.workloads:
-        sharing[w.principal(td)].append(w.ref)
     for caller in sorted(first_by_caller):
         caller_w = policy_set.workload(caller)
         assert caller_w is not None
-        others = [r for r in sharing[caller_w.principal(td)] if r != caller]
+        others = [r for r in index.sharing.get(caller_w.principal(td), ()) if r != caller]
         if others:
             warnings.add(
                 "shared-identity",

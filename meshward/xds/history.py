@@ -242,6 +242,11 @@ class PolicyHistory:
         except PolicyError:
             return None
 
+    def close(self) -> None:
+        for handler in list(self.audit.handlers):
+            handler.close()
+            self.audit.removeHandler(handler)
+
     # -- reading -------------------------------------------------------------------------------
     def resolve(self, version: str) -> str:
         """A full version from a full one or a unique prefix of at least 8 hex digits."""

@@ -63,6 +63,10 @@ class HistoryService:
             except Exception:  # a full disk must not stop the control plane
                 log.exception("recording policy %s in the history failed", policy.version[:12])
 
+    def close(self) -> None:
+        if self.history is not None:
+            self.history.close()
+
     # -- admin routes (in the admin's threads) -------------------------------------------------
     def routes(self) -> dict[str, Route]:
         routes: dict[str, Route] = {"/policy": self._policy}

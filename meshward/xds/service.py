@@ -205,6 +205,7 @@ class XdsService:
             await self.admin.stop()
         if self.flows is not None:
             await asyncio.to_thread(self.flows.close)
+        self.history.close()
 
     async def _jwks_loop(self) -> None:
         """Refetch due JWKS URIs (new ones within a second of a policy naming them) off the

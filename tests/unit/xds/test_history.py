@@ -205,3 +205,17 @@ def test_the_history_directory_flag(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert "no policy history" in caplog.text
     with pytest.raises(UserError, match="--history-dir"):
         _history_dir(args(history_dir=str(blocker / "h")), None)
+
+
+def test_rejected_changes_are_audited(tmp_path: Path) -> None:
+    history = PolicyHistory(tmp_path)
+    v1 = version()
+    history.record(v1, now=NOW)
+    history.rejected(
+        "bad.yaml#1 spec.action: 'ALOW' is not one of ...", now=NOW, current=v1.version
+    )
+    history.close()
+    lines = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()]
+    assert lines[-1]["action"] == "rejected" and lines[-1]["version"] == v1.version
+    assert "ALOW" in lines[-1]["error"]
+    assert [e["action"] for e in PolicyHistory(tmp_path).listing()] == ["start"]  # not applied

@@ -27,7 +27,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from meshward.flows.paths import ID, REST
+from meshward.flows.paths import ID, MAX_SEGMENTS, REST
 from meshward.flows.records import ALLOW, PLAINTEXT, UNKNOWN
 from meshward.flows.store import OTHER_PATH
 from meshward.policy.model import (
@@ -167,6 +167,13 @@ def suggest(
         if reason is not None:
             skipped.add(reason[0], reason[1], flow.describe())
             continue
+        if REST in flow.path:
+            warnings.add(
+                "deep-path",
+                f"the store keeps at most {MAX_SEGMENTS} segments: {flow.path} allows any deeper "
+                "path under that prefix",
+                flow.describe(),
+            )
         by_dst[flow.destination].append(_normalized(flow))
     window_start = start
     if window_start is None:

@@ -160,6 +160,11 @@ def test_thin_evidence_warnings() -> None:
     result = suggest(SHOP, flows, now=NOW, since=NOW - timedelta(days=1))
     kinds = sorted(n.kind for n in result.warnings)
     assert kinds == ["recent-caller", "seen-once"]
+    deep = suggest(SHOP, [flow("shop/frontend", "shop/orders", "GET", "/a/b/c/d/e/f/g/h/{**}")],
+                   now=NOW)  # fmt: skip
+    assert [n.kind for n in deep.warnings if n.kind == "deep-path"] == ["deep-path"]
+    assert allowed(enforced(SHOP, list(deep.used)), "shop/frontend", "shop/orders", "GET",
+                   "/a/b/c/d/e/f/g/h/i/j")  # fmt: skip
     short = suggest(SHOP, flows, now=NOW, since=NOW - timedelta(minutes=10))
     assert "short-window" in {n.kind for n in short.warnings}
     shared = _set(_workload("shop", "a", sa="common"), _workload("shop", "b", sa="common"),

@@ -147,6 +147,7 @@ def _validate(args: argparse.Namespace) -> int:
                 "counts": counts,
                 "errors": [],
                 "warnings": [_problem(w) for w in warnings],
+                "audit_namespaces": sorted(policy_set.mesh.audit_namespaces),
                 **({"envoy": envoy} if envoy is not None else {}),
             }
         )
@@ -160,6 +161,9 @@ def _validate(args: argparse.Namespace) -> int:
         summary = ", ".join(f"{n} {_noun(k, n)}" for k, n in counts.items())
         print(f"valid: {summary}")
         print(f"version: {policy_set.version}")
+        if policy_set.mesh.audit_namespaces:
+            audited = ", ".join(sorted(policy_set.mesh.audit_namespaces))
+            print(f"audit mode (every policy dry-run, CUSTOM excepted): {audited}")
         if envoy is not None:
             print(f"envoy --mode validate: {len(envoy) - len(refused)}/{len(envoy)} workloads ok")
         if warnings:

@@ -5,7 +5,9 @@ under the same mesh-wide policy, stay enforced; CUSTOM stays enforced and lint s
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +156,17 @@ spec:
     assert not decide(ps, "shop/frontend", "shop/orders", "/ext").allowed  # type: ignore[attr-defined]
     warnings = [str(p) for p in lint(ps, now=NOW)]
     assert any("CUSTOM policy stays enforced in audit namespace(s) shop" in w for w in warnings)
+
+
+def test_validate_says_which_namespaces_are_in_audit_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meshward.cli import main
+
+    (tmp_path / "set.yaml").write_text(
+        "---".join([mesh("{namespaces: {shop: audit}}"), *WORKLOADS])
+    )
+    assert main(["policy", "validate", str(tmp_path)]) == 0
+    assert "audit mode (every policy dry-run, CUSTOM excepted): shop" in capsys.readouterr().out
+    assert main(["policy", "validate", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["audit_namespaces"] == ["shop"]

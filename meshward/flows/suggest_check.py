@@ -25,6 +25,7 @@ from meshward.policy.model import Action, AuthorizationPolicy, Request
 from meshward.policy.policyset import PolicySet
 
 MAX_DIFF_CHANGES = 500
+UNSEEN_ID = "0b7c2f4e-9d1a-4c3b-8e5f-6a7d8c9e0f12"
 MAX_DIFF_EVALUATIONS = 200_000  # probe pairs: a big mesh answers in seconds, marked truncated
 
 
@@ -85,9 +86,14 @@ def coverage(policy_set: PolicySet, suggestion: Suggestion, *, now: datetime) ->
     judged = with_policies(policy_set, suggestion.enforced(), keep_existing=False)
     denied: list[tuple[ObservedFlow, str]] = []
     for flow in suggestion.used:
-        decision = replay(judged, flow, now=now)
-        if not decision.allowed:
-            denied.append((flow, decision.reason))
+        # a folded path is replayed with a short id and with a UUID: the template must admit
+        # ids it never saw, not just one
+        idents = ("1", UNSEEN_ID) if "{*" in flow.path else ("1",)
+        for ident in idents:
+            decision = replay(judged, flow, now=now, ident=ident)
+            if not decision.allowed:
+                denied.append((flow, f"{decision.reason} (id {ident})"))
+                break
     return Coverage(len(suggestion.used), len(suggestion.used) - len(denied), tuple(denied))
 
 

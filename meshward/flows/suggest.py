@@ -226,8 +226,12 @@ def _inexpressible(policy_set: PolicySet, flow: ObservedFlow) -> tuple[str, str]
     if flow.source in (UNKNOWN, PLAINTEXT) or policy_set.workload(flow.source) is None:
         what = "without mTLS" if flow.source == PLAINTEXT else "whose identity names no workload"
         return "unknown-caller", f"caller {what}: no principal to allow (left to other policy)"
-    if flow.tcp:
-        return None
+    if not any(p.port == flow.port for p in dst.ports):
+        return "unknown-port", f"port {flow.port} is not a declared port of {dst.ref}"
+    if flow.tcp or is_tcp_port(dst, flow.port):
+        if flow.tcp and is_tcp_port(dst, flow.port):
+            return None
+        return "incomplete", "an HTTP flow without method and path, or a request on a TCP port"
     if flow.path == OTHER_PATH:
         return (
             "folded-paths",

@@ -142,12 +142,15 @@ def test_what_cannot_be_expressed_is_skipped_and_said() -> None:
         flow("shop/frontend", "shop/orders", "GET", "/files*"),
         flow("shop/frontend", "shop/twin-a", "GET", "/a"),  # its labels select twin-b too
         flow("shop/frontend", "shop/gone", "GET", "/a"),
+        flow("shop/frontend", "shop/orders", "GET", "/a", port=1234),
+        flow("shop/frontend", "shop/orders", "", "", port=8080),  # no method and path on HTTP
         flow("shop/frontend", "shop/orders", "GET", "/ok"),
     ]
     result = suggest(ps, flows, now=NOW)
     kinds = sorted(n.kind for n in result.skipped)
-    assert kinds == ["folded-paths", "shared-selector", "unknown-caller", "unknown-caller",
-                     "unknown-destination", "wildcard-path"]  # fmt: skip
+    assert kinds == ["folded-paths", "incomplete", "shared-selector", "unknown-caller",
+                     "unknown-caller", "unknown-destination", "unknown-port",
+                     "wildcard-path"]  # fmt: skip
     assert result.workloads == ("shop/orders",)
     assert [(f.method, f.path) for f in result.used] == [("GET", "/ok")]
 

@@ -35,6 +35,7 @@ class HistoryService:
         self.current = current
         self.clock = clock
         self.skipped = 0
+        self._dumped: tuple[str, bytes] = ("", b"")  # (version, /policy body): dumped once
         self._queue: asyncio.Queue[tuple[PolicySet, datetime]] | None = None
 
     # -- recording (on the event loop) ---------------------------------------------------------
@@ -77,8 +78,10 @@ class HistoryService:
 
     def _policy(self, params: dict[str, str]) -> tuple[int, str, bytes]:
         policy = self.current()
-        text = f"# meshward policy version {policy.version}\n" + policy.dump()
-        return 200, "application/yaml", text.encode()
+        if self._dumped[0] != policy.version:
+            text = f"# meshward policy version {policy.version}\n" + policy.dump()
+            self._dumped = (policy.version, text.encode())
+        return 200, "application/yaml", self._dumped[1]
 
     def _listing(self, params: dict[str, str]) -> tuple[int, str, bytes]:
         assert self.history is not None

@@ -121,7 +121,7 @@ class XdsService:
         )
         self.control.on_applied.append(self.history.applied)
         self.control.on_rejected.append(self.history.rejected)
-        self.metrics.add_state(self.status)
+        self.metrics.add_state(self.status, ca=lambda: self.control.ca)
         self.listen = listen
         self.admin_address = admin
         self.admin: AdminServer | None = None

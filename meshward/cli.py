@@ -26,7 +26,11 @@ EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGP
 # (command, module that configures it, one-line help). Modules are imported only to build the
 # parser; they keep heavy imports (grpc, protos) inside their handlers so `--help` stays fast.
 GROUPS: tuple[tuple[str, str, str], ...] = (
-    ("policy", "meshward.policy.cli", "validate, explain, test, diff and compile policy files"),
+    (
+        "policy",
+        "meshward.policy.cli",
+        "validate, explain, test, diff and compile policy files; suggest, history, rollback",
+    ),
     (
         "ca",
         "meshward.certs.cli",

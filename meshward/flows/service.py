@@ -93,7 +93,22 @@ class FlowService:
 
             return route
 
-        return {"/flows": handler(query.flows), "/denials": handler(query.denials)}
+        def observed(params: dict[str, str]) -> tuple[int, str, bytes]:
+            from meshward.flows.suggest_query import observed as rows
+
+            try:
+                body = json.dumps(rows(self.store, params), sort_keys=True) + "\n"
+            except query.QueryError as exc:
+                return 400, "text/plain", f"{exc}\n".encode()
+            except sa.exc.SQLAlchemyError as exc:
+                return 503, "text/plain", f"flow store: {type(exc).__name__}\n".encode()
+            return 200, "application/json", body.encode()
+
+        return {
+            "/flows": handler(query.flows),
+            "/denials": handler(query.denials),
+            "/flows/observed": observed,  # everything `meshward policy suggest` reads
+        }
 
     def status(self) -> dict[str, Any]:
         return self.collector.status()

@@ -78,6 +78,8 @@ def mesh_document(mesh: MeshConfig) -> dict[str, Any]:
         spec["denialDetails"] = mesh.denial_details.value
     if mesh.jwt_enforcement is not JwtEnforcement.NATIVE:  # the default leaves versions unchanged
         spec["jwtEnforcement"] = mesh.jwt_enforcement.value
+    if mesh.audit_namespaces:  # none (the default) leaves versions unchanged
+        spec["enforcement"] = {"namespaces": {ns: "audit" for ns in sorted(mesh.audit_namespaces)}}
     return {
         "apiVersion": MESHWARD_API,
         "kind": "MeshConfig",

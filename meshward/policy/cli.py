@@ -1,5 +1,7 @@
 """`meshward policy ...`: validate, explain, test and diff policy files (and `compile`, which the
-compiler package plugs in through meshward.compile.cli_compile when it is installed)."""
+compiler package plugs in through meshward.compile.cli_compile when it is installed; `suggest`,
+`history` and `rollback`, which talk to a control plane: meshward.flows.suggest_cli and
+meshward.xds.history_cli)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _configure_test(sub)
     _configure_diff(sub)
     _configure_compile(sub)
+    _configure_flows(sub)
+
+
+def _configure_flows(sub: Any) -> None:
+    """`policy suggest` (from observed flows) and `policy history|rollback` (the control
+    plane's applied sets) live with the code they drive; imported when the parser is built."""
+    from meshward.flows.suggest_cli import configure_suggest
+    from meshward.xds.history_cli import configure_history, configure_rollback
+
+    configure_suggest(sub)
+    configure_history(sub)
+    configure_rollback(sub)
 
 
 def _configure_compile(sub: Any) -> None:
@@ -133,6 +147,7 @@ def _validate(args: argparse.Namespace) -> int:
                 "counts": counts,
                 "errors": [],
                 "warnings": [_problem(w) for w in warnings],
+                "audit_namespaces": sorted(policy_set.mesh.audit_namespaces),
                 **({"envoy": envoy} if envoy is not None else {}),
             }
         )
@@ -146,6 +161,9 @@ def _validate(args: argparse.Namespace) -> int:
         summary = ", ".join(f"{n} {_noun(k, n)}" for k, n in counts.items())
         print(f"valid: {summary}")
         print(f"version: {policy_set.version}")
+        if policy_set.mesh.audit_namespaces:
+            audited = ", ".join(sorted(policy_set.mesh.audit_namespaces))
+            print(f"audit mode (every policy dry-run, CUSTOM excepted): {audited}")
         if envoy is not None:
             print(f"envoy --mode validate: {len(envoy) - len(refused)}/{len(envoy)} workloads ok")
         if warnings:

@@ -76,19 +76,36 @@ class PolicyDiff:
     removed_workloads: tuple[str, ...]
     version_before: str
     version_after: str
+    truncated: bool = False  # stopped at max_changes
 
     @property
     def changed(self) -> bool:
         return bool(self.changes or self.added_workloads or self.removed_workloads)
 
 
-def diff(old: PolicySet, new: PolicySet, *, now: datetime) -> PolicyDiff:
+def diff(
+    old: PolicySet,
+    new: PolicySet,
+    *,
+    now: datetime,
+    destinations: Iterable[str] | None = None,
+    max_changes: int | None = None,
+    max_evaluations: int | None = None,
+) -> PolicyDiff:
+    """``destinations``: probe only flows to these workloads (callers who know which workloads'
+    policies changed, like the control plane's history, skip the rest); ``max_changes``: stop
+    after that many changes; ``max_evaluations``: stop after that many probe pairs evaluated (a
+    budget for callers that diff on every change). ``truncated`` says when either stopped it."""
     when = now  # required: the caller (the CLI) reads the clock
     old_refs = {w.ref for w in old.workloads}
     new_refs = {w.ref for w in new.workloads}
     common = sorted(old_refs & new_refs)
+    targets = common if destinations is None else sorted(set(destinations) & set(common))
     changes: list[FlowChange] = []
-    for dst_ref in common:
+    truncated = False
+    for dst_ref in targets:
+        if truncated:
+            break
         old_dst, new_dst = old.workload(dst_ref), new.workload(dst_ref)
         assert old_dst is not None and new_dst is not None
         probes = _probes(old, old_dst, new, new_dst)
@@ -96,16 +113,27 @@ def diff(old: PolicySet, new: PolicySet, *, now: datetime) -> PolicyDiff:
             if src_ref == dst_ref:
                 continue
             for probe in probes:
+                if max_evaluations is not None:
+                    max_evaluations -= 1
+                    if max_evaluations < 0:
+                        truncated = True
+                        break
                 before = _decide(old, old_dst, src_ref, probe, when)
                 after = _decide(new, new_dst, src_ref, probe, when)
                 if before.allowed != after.allowed:
+                    if max_changes is not None and len(changes) >= max_changes:
+                        truncated = True
+                        break
                     changes.append(FlowChange(src_ref, dst_ref, probe, before, after))
+            if truncated:
+                break
     return PolicyDiff(
         changes=tuple(changes),
         added_workloads=tuple(sorted(new_refs - old_refs)),
         removed_workloads=tuple(sorted(old_refs - new_refs)),
         version_before=old.version,
         version_after=new.version,
+        truncated=truncated,
     )
 
 

@@ -492,7 +492,7 @@ def plan_for(policy_set: PolicySet, workload: Workload) -> Plan:
         return plan
     compiled: list[CompiledPolicy] = []
     for policy in policy_set.policies_for(workload):
-        key = ("policy", policy.namespace, policy.name)
+        key = ("policy", policy.namespace, policy.name, policy.dry_run)  # audit mode: both forms
         cp = plans.get(key)
         if cp is None:
             cp = compile_policy(policy)

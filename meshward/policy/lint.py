@@ -35,6 +35,7 @@ def lint(policy_set: PolicySet, *, now: datetime) -> list[Problem]:
         found.extend(_lint_policy(policy_set, policy, selected, when))
     found.extend(sole_emergency_allows(policy_set))
     found.extend(_principals_no_workload_has(policy_set))
+    found.extend(_custom_in_audit(policy_set, root))
     for kind, items in (
         ("PeerAuthentication", policy_set.peer_authentications),
         ("RequestAuthentication", policy_set.request_authentications),
@@ -47,6 +48,26 @@ def lint(policy_set: PolicySet, *, now: datetime) -> list[Problem]:
                     _at(item.origin, "spec.selector", f"{kind} selects no declared workload")
                 )
     return sorted(set(found))
+
+
+def _custom_in_audit(policy_set: PolicySet, root: str) -> Iterator[Problem]:
+    """Audit mode makes policies dry-run, except CUSTOM (ext_authz has no dry-run): say so
+    where it applies, so nobody reads "audit" as "nothing is denied here"."""
+    audit = policy_set.mesh.audit_namespaces
+    for policy in policy_set.authorization_policies:
+        if policy.action is not Action.CUSTOM or not audit:
+            continue
+        hit = sorted(
+            {w.namespace for w in _selected(policy_set, policy.namespace, policy.selector, root)}
+            & audit
+        )
+        if hit:
+            yield _at(
+                policy.origin,
+                "spec.action",
+                f"CUSTOM policy stays enforced in audit namespace(s) {', '.join(hit)}: ext_authz "
+                "has no dry-run",
+            )
 
 
 def _at(origin: Origin | None, field: str, reason: str) -> Problem:

@@ -54,12 +54,24 @@ class JwtEnforcement(StrEnum):
     EXTAUTHZ = "extauthz"
 
 
+class Enforcement(StrEnum):
+    """Per namespace (``MeshConfig.spec.enforcement.namespaces``). ENFORCE (default): policies
+    act as written. AUDIT: every authorization policy selecting a workload of the namespace acts
+    as dry-run (evaluated, logged, compiled to RBAC shadow rules, never denies): "permissive
+    first", then enforcement one namespace at a time. CUSTOM policies stay enforced (ext_authz
+    has no dry-run, as in Istio); `policy validate` warns about them."""
+
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     denial_details: DenialDetails = DenialDetails.QUIET
     jwt_enforcement: JwtEnforcement = JwtEnforcement.NATIVE
+    audit_namespaces: frozenset[str] = frozenset()  # Enforcement.AUDIT namespaces
 
 
 class Protocol(StrEnum):

@@ -55,6 +55,14 @@ def selects(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bo
     return selector is None or all(labels.get(k) == v for k, v in selector.items())
 
 
+def _audited(policy: Any) -> Any:
+    """A policy as it acts on a workload of an audit namespace: dry-run (CUSTOM excepted: an
+    ext_authz call has no dry-run form, so it stays enforced rather than silently dropped)."""
+    if policy.action is Action.CUSTOM or policy.dry_run:
+        return policy
+    return replace(policy, dry_run=True)
+
+
 def _by_name(item: Any) -> tuple[str, str]:
     return (item.namespace, item.name)
 
@@ -62,8 +70,11 @@ def _by_name(item: Any) -> tuple[str, str]:
 class _Scoped:
     """Objects of one kind grouped by namespace, selected per workload with a cache."""
 
-    def __init__(self, items: Iterable[_T], root_namespace: str) -> None:
+    def __init__(
+        self, items: Iterable[_T], root_namespace: str, audit: frozenset[str] = frozenset()
+    ) -> None:
         self.root = root_namespace
+        self.audit = audit  # namespaces whose workloads see every policy as dry-run
         self.by_namespace: dict[str, list[Any]] = {}
         for item in items:
             self.by_namespace.setdefault(item.namespace, []).append(item)
@@ -80,6 +91,8 @@ class _Scoped:
         chosen = tuple(
             sorted((c for c in candidates if selects(c.selector, workload.labels)), key=_by_name)
         )
+        if workload.namespace in self.audit:
+            chosen = tuple(_audited(c) for c in chosen)
         self.cache[key] = chosen
         return chosen
 
@@ -105,7 +118,9 @@ class PolicySet:
     def __post_init__(self) -> None:
         root = self.mesh.root_namespace
         object.__setattr__(self, "_workloads", {w.ref: w for w in self.workloads})
-        object.__setattr__(self, "_authz", _Scoped(self.authorization_policies, root))
+        object.__setattr__(
+            self, "_authz", _Scoped(self.authorization_policies, root, self.mesh.audit_namespaces)
+        )
         object.__setattr__(self, "_peers", _Scoped(self.peer_authentications, root))
         object.__setattr__(self, "_requests", _Scoped(self.request_authentications, root))
         object.__setattr__(self, "plans", {})
@@ -167,8 +182,10 @@ class PolicySet:
         self, workload: Workload, now: datetime | None = None
     ) -> tuple[AuthorizationPolicy, ...]:
         """Authorization policies selecting the workload (its namespace, and the root namespace
-        mesh-wide), sorted by namespace/name; with `now`, as they apply at that instant (see
-        :func:`as_of`: expiry narrows, never widens)."""
+        mesh-wide), sorted by namespace/name, as they act on it: all dry-run in an audit
+        namespace (MeshConfig enforcement); with `now`, as they apply at that instant (see
+        :func:`as_of`: expiry narrows, never widens). Every consumer (evaluator, compiler,
+        ext_authz) reads policies through here, so audit mode means the same everywhere."""
         chosen: tuple[AuthorizationPolicy, ...] = self._authz.select(workload)
         if now is None:
             return chosen

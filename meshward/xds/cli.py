@@ -133,6 +133,45 @@ def _flows_db(args: argparse.Namespace) -> str | None:
     return str(value)
 
 
+def _history_keep(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected 1..1000, got {value!r}")
+    return int(value)
+
+
+def _history_dir(args: argparse.Namespace, flows_db: str | None) -> Path | None:
+    """--history-dir: None for 'off'; default ``history/`` in --state-dir, else beside a local
+    flows.db, else beside the CA directory. A default that cannot be written (a read-only CA
+    mount) turns the history off with a warning; an explicit one that cannot is an error."""
+    value = args.history_dir
+    if value == "off":
+        return None
+    if value is not None:
+        path = Path(value)
+    elif args.state_dir:
+        path = Path(args.state_dir) / "history"
+    elif flows_db is not None and "://" not in flows_db:
+        path = Path(flows_db).resolve().parent / "history"
+    else:
+        path = Path(args.ca).resolve().parent / "history"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as exc:
+        if value is not None:
+            raise UserError(f"--history-dir {value}: {exc}") from None
+        import logging
+
+        logging.getLogger("meshward.xds").warning(
+            "no policy history (`policy history`/`rollback` unavailable): %s; pass "
+            "--history-dir DIR (writable) or --history-dir off",
+            exc,
+        )
+        return None
+    return path
+
+
 def serve(args: argparse.Namespace) -> int:
     import asyncio
     from datetime import timedelta
@@ -210,6 +249,8 @@ def serve(args: argparse.Namespace) -> int:
                 state_dir=Path(args.state_dir) if args.state_dir else None,
                 agent_secrets=args.secrets == "agent",
                 flows_db=flows_db,
+                history_dir=_history_dir(args, flows_db),
+                history_keep=args.history,
             )
         except PolicyError as exc:
             raise UserError(f"the policy set is invalid; not starting.\n{exc}") from None
@@ -355,6 +396,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="the flow store behind `meshward flows|denials --xds`: a SQLite file, "
                         "postgresql://USER@HOST/DB (replicas sharing one store), or 'off' "
                         "(default: flows.db next to the --ca directory)")  # fmt: skip
+    p.add_argument("--history", type=_history_keep, default=20, metavar="N",
+                   help="keep the last N applied policy sets for `meshward policy history` and "
+                        "`rollback` (1..1000, default %(default)s)")  # fmt: skip
+    p.add_argument("--history-dir", metavar="DIR",
+                   help="where the policy history and the audit log of policy changes live, or "
+                        "'off' (default: history/ in --state-dir, else next to a local "
+                        "--flows-db, else next to the --ca directory)")  # fmt: skip
     p.add_argument("--ready-file", metavar="FILE",
                    help="write {ads, admin, server_identity, policy_version, pid} as JSON once "
                         "listening (for supervisors and scripts)")  # fmt: skip

@@ -122,6 +122,9 @@ class ControlPlane:
         self.policy_error: str | None = None
         self.policy_error_at: datetime | None = None
         self.metrics: Any = None  # XdsMetrics, set by XdsService
+        # Told of every applied policy set and every rejected change (the policy history).
+        self.on_applied: list[Callable[[PolicySet], None]] = []
+        self.on_rejected: list[Callable[[str], None]] = []
         self._bundle_version = ""
         self._rootca: Resource | None = None
         self._wake: asyncio.Event | None = None
@@ -216,6 +219,8 @@ class ControlPlane:
             "policy %s applied: %d workload(s) changed%s",
             policy.version[:12], len(changed), f" ({', '.join(sorted(changed))})" if changed else "",
         )  # fmt: skip
+        for observer in self.on_applied:
+            observer(policy)
         self._poke()
 
     def refresh(self) -> set[str]:
@@ -233,6 +238,8 @@ class ControlPlane:
         if self.metrics is not None:
             self.metrics.policy_updates.labels("rejected").inc()
         log.warning("policy change rejected, keeping %s: %s", self.policy.version[:12], error)
+        for observer in self.on_rejected:
+            observer(str(error))
 
     def watcher_callbacks(
         self, loop: asyncio.AbstractEventLoop

@@ -56,6 +56,8 @@ class XdsService:
         state_dir: Path | None = None,
         agent_secrets: bool = False,
         flows_db: str | None = None,
+        history_dir: Path | None = None,
+        history_keep: int = 20,
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
@@ -69,7 +71,9 @@ class XdsService:
         every sidecar runs under `meshward agent`, which holds its key and serves its secrets:
         the control plane issues no keyed SVIDs (``compiler`` should come from
         ``compiler_for(..., agent_secrets=True)``). ``flows_db``: the flow store (a SQLite file or ``postgresql://...``) behind the flow
-        collector on the ADS port and the admin's /flows and /denials (None: no collector)."""
+        collector on the ADS port and the admin's /flows and /denials (None: no collector).
+        ``history_dir``: where the last ``history_keep`` applied policy sets and the audit log
+        are kept (meshward.xds.history; None: no history, /policy is still served)."""
         self.watcher: Any = None
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
@@ -107,6 +111,16 @@ class XdsService:
 
             self.flows = FlowService(flows_db, self.control, registry=self.metrics.registry)
             self.ads.services.append(self.flows.collector.add_to)
+        from meshward.xds.history import PolicyHistory
+        from meshward.xds.history_service import HistoryService
+
+        self.history = HistoryService(
+            PolicyHistory(history_dir, keep=history_keep) if history_dir is not None else None,
+            lambda: self.control.policy,
+            self.control.wall_clock,
+        )
+        self.control.on_applied.append(self.history.applied)
+        self.control.on_rejected.append(self.history.rejected)
         self.metrics.add_state(self.status, ca=lambda: self.control.ca)
         self.listen = listen
         self.admin_address = admin
@@ -148,7 +162,10 @@ class XdsService:
                 raise
         if self.admin_address is not None:
             host, port = split_address(self.admin_address)
-            routes = self.flows.routes() if self.flows is not None else None
+            routes = {
+                **(self.flows.routes() if self.flows is not None else {}),
+                **self.history.routes(),
+            }
             admin = AdminServer(self.status, self.metrics.exposition, routes)
             try:
                 await admin.start(host, port)
@@ -161,6 +178,7 @@ class XdsService:
             self._tasks.append(asyncio.create_task(self._jwks_loop(), name="meshward-xds-jwks"))
         if self.flows is not None:
             self._tasks.append(asyncio.create_task(self.flows.run(), name="meshward-flows"))
+        self._tasks.append(asyncio.create_task(self.history.run(), name="meshward-history"))
         if self.watcher is not None:
             on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())
             self.watcher.on_change, self.watcher.on_error = on_change, on_error
@@ -187,6 +205,7 @@ class XdsService:
             await self.admin.stop()
         if self.flows is not None:
             await asyncio.to_thread(self.flows.close)
+        self.history.close()
 
     async def _jwks_loop(self) -> None:
         """Refetch due JWKS URIs (new ones within a second of a policy naming them) off the

@@ -8,6 +8,7 @@ from meshward.policy.model import (
     DEFAULT_ROOT_NAMESPACE,
     DEFAULT_TRUST_DOMAIN,
     DenialDetails,
+    Enforcement,
     JwtEnforcement,
     MeshConfig,
     Protocol,
@@ -35,7 +36,7 @@ class MeshSchema(DocumentReader):
         spec = self.mapping(
             data.get("spec"),
             "spec",
-            ("trustDomain", "rootNamespace", "denialDetails", "jwtEnforcement"),
+            ("trustDomain", "rootNamespace", "denialDetails", "jwtEnforcement", "enforcement"),
         )
         trust_domain = DEFAULT_TRUST_DOMAIN
         root = DEFAULT_ROOT_NAMESPACE
@@ -74,7 +75,39 @@ class MeshSchema(DocumentReader):
             root_namespace=root,
             denial_details=details,
             jwt_enforcement=enforcement,
+            audit_namespaces=self.audit_namespaces(spec.get("enforcement")),
         )
+
+    def audit_namespaces(self, value: Any) -> frozenset[str]:
+        """``enforcement: {namespaces: {shop: audit, billing: enforce}}``."""
+        section = self.mapping(value, "spec.enforcement", ("namespaces",))
+        namespaces = section.get("namespaces")
+        if namespaces is None:
+            return frozenset()
+        if not isinstance(namespaces, dict):
+            self.error(
+                "spec.enforcement.namespaces",
+                f"expected a mapping of namespace: audit|enforce, got {type_name(namespaces)}",
+            )
+            return frozenset()
+        audit: set[str] = set()
+        for ns, mode in namespaces.items():
+            path = f"spec.enforcement.namespaces.{ns}"
+            if not isinstance(ns, str) or self.name(ns, path, DNS_LABEL, "namespace") is None:
+                continue
+            text = self.string(mode, path, required=True)
+            if text is None:
+                continue
+            try:
+                chosen = Enforcement(text)
+            except ValueError:
+                self.error(
+                    path, f"{text!r} is not one of {', '.join(e.value for e in Enforcement)}"
+                )
+                continue
+            if chosen is Enforcement.AUDIT:
+                audit.add(ns)
+        return frozenset(audit)
 
     def workload(self) -> Workload | None:
         count = len(self.problems)

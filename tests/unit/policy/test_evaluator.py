@@ -607,7 +607,7 @@ def test_plans_are_cached_and_only_selecting_policies_are_compiled() -> None:
     assert w is not None
     assert decide(ps).allowed
     compiled = [k for k in ps.plans if k[0] == "policy"]
-    assert compiled == [("policy", "foo", "p")]
+    assert compiled == [("policy", "foo", "p", False)]
     assert ps.policies_for(w) is ps.policies_for(w)
 
 

@@ -1,0 +1,301 @@
+"""Reachability and blast radius under a policy set (pure: policy set and ``now`` in, facts out).
+
+Which workload may call which, with which methods and paths, is decided by the policy
+evaluator itself — the same function behind ``meshward policy explain`` — never by a second
+reading of the rules: for every ordered pair of the mesh's workloads and every port of the
+callee, a small set of *probe* requests is evaluated. The probes come from the rules that select
+the callee: every method and path pattern a rule names (``/orders/*`` is probed as
+``/orders/probe``), plus one method and one path no rule names (standing for "any other").
+A callee no rule constrains costs one probe per caller. So the answer is exact for everything
+the rules distinguish, and "any other" is one request that stands for all the rest.
+
+Probes carry the caller's mesh identity (its SPIFFE ID and address), the callee's name as Host,
+no end-user token and no extra headers: rules that need a token, a header or another ``when``
+condition do not open a path here; they are listed per callee as ``conditional_rules``. A
+CUSTOM policy is decided without its provider, as ``explain`` does: fail closed.
+
+Blast radius: the workloads a compromised workload could call directly (its edges in the
+reachability graph) and transitively (by moving through each workload it reaches in turn).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from meshward.policy.evaluator import evaluate
+from meshward.policy.model import Action, AuthorizationPolicy, Protocol, Request, Workload
+from meshward.policy.policyset import PolicySet
+
+OTHER = "*"  # in methods/paths lists: "any method (path) no rule names"
+PROBE_SEGMENT = "meshward-probe"
+OTHER_PATH = f"/{PROBE_SEGMENT}-other"
+STANDARD_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+MAX_WORKLOADS = 400  # reachability is N^2 pairs: past this, the report says it stopped
+MAX_PROBES = 4096  # per callee port (methods x paths); more patterns are cut and counted
+MAX_REQUESTS_LISTED = 200  # allowed probe requests listed per edge
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One request tried against a callee port: ``method`` and ``path`` are "" on TCP."""
+
+    port: int
+    method: str
+    path: str
+    method_label: str  # the pattern it stands for: a method, or OTHER
+    path_label: str  # the rule's path pattern it stands for, or OTHER
+
+    def to_json(self) -> dict[str, Any]:
+        return {"port": self.port, "method": self.method, "path": self.path}
+
+
+@dataclass(frozen=True)
+class Edge:
+    """What ``source`` may call on ``destination`` (only pairs with at least one allowed probe)."""
+
+    source: str
+    destination: str
+    allowed: tuple[Probe, ...]
+    probes: int  # tried on this pair
+    rules: tuple[str, ...]  # the policy#rule refs that allowed them; "" = no ALLOW policy
+
+    @property
+    def everything(self) -> bool:
+        return len(self.allowed) == self.probes
+
+    def access(self) -> list[dict[str, Any]]:
+        """Allowed (methods, paths) groups, per port: paths with the same allowed methods
+        together. OTHER stands for methods or paths no rule names."""
+        by_path: dict[tuple[int, str], list[str]] = {}
+        for p in self.allowed:
+            by_path.setdefault((p.port, p.path_label), []).append(p.method_label)
+        groups: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+        for (port, path), methods in by_path.items():
+            groups.setdefault((port, tuple(sorted(set(methods)))), []).append(path)
+        return [
+            {"port": port, "methods": list(methods), "paths": sorted(paths)}
+            for (port, methods), paths in sorted(groups.items())
+        ]
+
+    def summary(self) -> str:
+        if self.everything:
+            return "anything"
+        parts = []
+        for group in self.access():
+            methods = "any method" if group["methods"] == [OTHER] else ", ".join(group["methods"])
+            paths = ", ".join("any other path" if p == OTHER else p for p in group["paths"])
+            parts.append(f"{methods} {paths}".strip() if paths else f"{methods} (connection)")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        listed = self.allowed[:MAX_REQUESTS_LISTED]
+        return {
+            "source": self.source,
+            "destination": self.destination,
+            "anything": self.everything,
+            "access": self.access(),
+            "summary": self.summary(),
+            "allowed_probes": len(self.allowed),
+            "probes": self.probes,
+            "requests": [p.to_json() for p in listed],
+            "requests_truncated": len(self.allowed) - len(listed),
+            "rules": list(self.rules),
+        }
+
+
+@dataclass
+class Reachability:
+    workloads: tuple[str, ...]
+    edges: dict[tuple[str, str], Edge]
+    probes: dict[str, tuple[Probe, ...]]  # per callee
+    conditional_rules: dict[str, tuple[str, ...]]  # per callee: rules probes cannot satisfy
+    skipped: str = ""  # why reachability was not computed ("" when it was)
+    cut_probes: int = 0  # probes not tried because a callee named too many patterns
+    evaluations: int = 0
+    graph: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        out: dict[str, set[str]] = {w: set() for w in self.workloads}
+        for src, dst in self.edges:
+            out.setdefault(src, set()).add(dst)
+        self.graph = {k: frozenset(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def _path_example(pattern: str) -> str:
+    """A concrete path the pattern matches (templates and wildcards filled in)."""
+    if pattern == "*":
+        return "/" + PROBE_SEGMENT
+    if pattern.startswith("*"):
+        return "/" + PROBE_SEGMENT + pattern[1:]
+    if pattern.endswith("*"):
+        base = pattern[:-1]
+        return base + PROBE_SEGMENT if base.endswith("/") else base + "-" + PROBE_SEGMENT
+    return pattern.replace("{**}", PROBE_SEGMENT).replace("{*}", PROBE_SEGMENT)
+
+
+def _named(policies: Iterable[AuthorizationPolicy]) -> tuple[set[str], set[str]]:
+    methods: set[str] = set()
+    paths: set[str] = set()
+    for policy in policies:
+        for rule in policy.rules:
+            for op in rule.operations:
+                methods.update(op.methods, op.not_methods)
+                paths.update(op.paths, op.not_paths)
+    return methods, paths
+
+
+def _conditional(policies: Iterable[AuthorizationPolicy]) -> tuple[str, ...]:
+    """ALLOW rules a probe cannot satisfy: they need an end-user token, a header or a
+    ``when`` condition."""
+    out = []
+    for policy in policies:
+        if policy.action is not Action.ALLOW or policy.dry_run:
+            continue
+        for i, rule in enumerate(policy.rules):
+            if rule.conditions or any(
+                s.request_principals or s.not_request_principals for s in rule.sources
+            ):
+                out.append(f"{policy.ref}#{i}")
+    return tuple(out)
+
+
+def probes_for(policy_set: PolicySet, workload: Workload) -> tuple[tuple[Probe, ...], int]:
+    """The probes for a callee (every port), and how many were cut by MAX_PROBES."""
+    policies = policy_set.policies_for(workload)
+    named_methods, named_paths = _named(policies)
+    methods = sorted(m for m in named_methods if m != "*")
+    other_method = next((m for m in STANDARD_METHODS if m not in named_methods), "GET")
+    if not methods:
+        other_method = "GET"
+    method_probes = [(m, m) for m in methods] + [(other_method, OTHER)]
+    path_probes: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for pattern in sorted(p for p in named_paths if p != "*"):
+        example = _path_example(pattern)
+        if example not in seen:
+            seen.add(example)
+            path_probes.append((example, pattern))
+    path_probes.append((OTHER_PATH, OTHER))
+    ports = workload.ports or ()
+    out: list[Probe] = []
+    cut = 0
+    for wp in ports:
+        if wp.protocol is Protocol.TCP:
+            out.append(Probe(wp.port, "", "", OTHER, ""))
+            continue
+        budget = MAX_PROBES
+        for method, mlabel in method_probes:
+            for path, plabel in path_probes:
+                if budget == 0:
+                    cut += 1
+                    continue
+                budget -= 1
+                out.append(Probe(wp.port, method, path, mlabel, plabel))
+    if not ports:  # a workload without declared ports: port 0, as explain defaults it
+        out.append(Probe(0, "GET", OTHER_PATH, OTHER, OTHER))
+    return tuple(out), cut
+
+
+def request_for(policy_set: PolicySet, caller: Workload, callee: Workload, probe: Probe) -> Request:
+    """The request `explain --source-workload CALLER --workload CALLEE` builds for a probe."""
+    return Request(
+        method=probe.method or "GET",
+        path=probe.path or "/",
+        host=callee.name,
+        destination_port=probe.port,
+        source_principal=caller.spiffe_id(policy_set.mesh.trust_domain),
+        source_ip=caller.address,
+        destination_ip=callee.address,
+    )
+
+
+# --------------------------------------------------------------------------- reachability
+
+
+def reachability(
+    policy_set: PolicySet,
+    *,
+    now: datetime,
+    workloads: Sequence[Workload] | None = None,
+    max_workloads: int = MAX_WORKLOADS,
+) -> Reachability:
+    """Every ordered pair of distinct workloads (``workloads``: default all of the set's)."""
+    chosen = tuple(sorted(workloads or policy_set.workloads, key=lambda w: w.ref))
+    refs = tuple(w.ref for w in chosen)
+    if len(chosen) > max_workloads:
+        return Reachability(
+            refs,
+            {},
+            {},
+            {},
+            skipped=f"{len(chosen)} workloads: reachability is computed for at most "
+            f"{max_workloads} (N^2 pairs)",
+        )
+    edges: dict[tuple[str, str], Edge] = {}
+    probes: dict[str, tuple[Probe, ...]] = {}
+    conditional: dict[str, tuple[str, ...]] = {}
+    cut_total = evaluations = 0
+    for callee in chosen:
+        tried, cut = probes_for(policy_set, callee)
+        probes[callee.ref] = tried
+        cut_total += cut
+        rules = _conditional(policy_set.policies_for(callee))
+        if rules:
+            conditional[callee.ref] = rules
+        for caller in chosen:
+            if caller.ref == callee.ref:
+                continue
+            allowed: list[Probe] = []
+            deciding: set[str] = set()
+            for probe in tried:
+                decision = evaluate(
+                    policy_set, callee, request_for(policy_set, caller, callee, probe), now=now
+                )
+                evaluations += 1
+                if decision.allowed:
+                    allowed.append(probe)
+                    deciding.add(
+                        f"{decision.policy}#{decision.rule}" if decision.policy is not None else ""
+                    )
+            if allowed:
+                edges[(caller.ref, callee.ref)] = Edge(
+                    caller.ref, callee.ref, tuple(allowed), len(tried), tuple(sorted(deciding))
+                )
+    return Reachability(refs, edges, probes, conditional, "", cut_total, evaluations)
+
+
+# --------------------------------------------------------------------------- blast radius
+
+
+def blast_radius(graph: Mapping[str, Iterable[str]]) -> dict[str, dict[str, Any]]:
+    """Per node: ``direct`` (its out-neighbours) and ``transitive`` (every node reachable by
+    one or more edges; itself only through a cycle back to it is not counted: a compromised
+    workload already holds itself)."""
+    adjacency = {node: frozenset(targets) for node, targets in graph.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for node in sorted(adjacency):
+        direct = sorted(t for t in adjacency[node] if t != node)
+        seen: set[str] = set()
+        queue = deque(adjacency[node])
+        while queue:
+            current = queue.popleft()
+            if current in seen:
+                continue
+            seen.add(current)
+            queue.extend(adjacency.get(current, ()))
+        seen.discard(node)
+        transitive = sorted(seen)
+        out[node] = {
+            "direct": direct,
+            "direct_count": len(direct),
+            "transitive": transitive,
+            "transitive_count": len(transitive),
+        }
+    return out

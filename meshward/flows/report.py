@@ -101,7 +101,9 @@ def emergency(policy_set: PolicySet, now: datetime, soon: timedelta) -> list[dic
         if policy.expires_at is None:
             continue
         left = (policy.expires_at - now).total_seconds()
-        state = "expired" if left <= 0 else "expiring" if left <= soon.total_seconds() else "in force"
+        state = (
+            "expired" if left <= 0 else "expiring" if left <= soon.total_seconds() else "in force"
+        )
         out.append(
             {
                 "policy": policy.ref,

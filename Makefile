@@ -10,7 +10,7 @@ OTEL_PROTO := $(shell sed -n 's/^opentelemetry-proto==//p' constraints.txt)
 # Debian tools the tests and benchmarks use: docker-compose validates the compose file (no
 # engine runs here), wrk generates load, PostgreSQL (initdb, pg_ctl) backs the flow-store tests.
 # Installed when missing and we are root (as in CI). Each entry is COMMAND:PACKAGE.
-SYSTEM_TOOLS := docker-compose:docker-compose wrk:wrk initdb:postgresql
+SYSTEM_TOOLS := docker-compose:docker-compose wrk:wrk initdb:postgresql chromium:chromium
 
 venv: $(STAMP)
 
@@ -31,7 +31,7 @@ tools:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing (Debian packages)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "note: install$$missing (Debian packages) for the compose-file check, load tests and PostgreSQL flow-store tests"; fi; \
+	  else echo "note: install$$missing (Debian packages) for the compose-file check, load tests, PostgreSQL flow-store tests and the HTML report test (headless chromium)"; fi; \
 	fi
 
 demo: $(STAMP)

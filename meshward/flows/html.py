@@ -140,7 +140,7 @@ def layout(nodes: list[str], edges: list[tuple[str, str]]) -> dict[str, tuple[fl
     for col, members in columns.items():
         offset = (tallest - len(members)) * ROW_GAP / 2  # centre short columns
         for row, n in enumerate(members):
-            out[n] = (MARGIN + col * COL_GAP, MARGIN + 20 + offset + row * ROW_GAP)
+            out[n] = (MARGIN + col * COL_GAP, MARGIN + 40 + offset + row * ROW_GAP)
     return out
 
 
@@ -176,6 +176,13 @@ def _edge_path(
         x1, y1 = ax + NODE_W, ay + NODE_H / 2 + slot[0] + bend / 3
         x2, y2 = bx - 2, by + NODE_H / 2 + slot[1] + bend / 3
         dx = (x2 - x1) / 2
+        span = round((bx - ax) / COL_GAP)
+        if span > 1:  # over the columns between: arc above them instead of through their nodes
+            lift = 22 * (span - 1) + NODE_H / 2 + abs(bend)
+            return (
+                f"M{x1:.1f},{y1:.1f} C{x1 + COL_GAP / 2:.1f},{y1 - lift:.1f} "
+                f"{x2 - COL_GAP / 2:.1f},{y2 - lift:.1f} {x2:.1f},{y2:.1f}"
+            )
         return (
             f"M{x1:.1f},{y1:.1f} C{x1 + dx:.1f},{y1:.1f} {x2 - dx:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
         )
@@ -206,7 +213,13 @@ def svg(doc: dict[str, Any]) -> str:
     edges = doc["edges"]
     pos = layout(nodes, [(e["source"], e["destination"]) for e in edges])
     width = max((x for x, _ in pos.values()), default=0) + NODE_W + 2 * MARGIN
-    height = max((y for _, y in pos.values()), default=0) + NODE_H + 2 * MARGIN + 120
+    backwards = any(
+        pos[e["source"]][0] >= pos[e["destination"]][0]
+        for e in edges
+        if e["source"] in pos and e["destination"] in pos and e["source"] != e["destination"]
+    )
+    height = max((y for _, y in pos.values()), default=0) + NODE_H + 2 * MARGIN
+    height += 120 if backwards else 0
     parts = [
         f'<svg id="graph" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '
         f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" role="img" '

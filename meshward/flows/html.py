@@ -21,6 +21,11 @@ from html import escape
 from typing import Any
 
 NODE_W, NODE_H = 168, 46
+# A picture stops helping long before the mesh ends: past these, the graph shows the busiest
+# workloads and edges and says so (the tables and --json have the rest).
+MAX_GRAPH_NODES = 80
+MAX_GRAPH_EDGES = 1200
+MAX_TABLE_ROWS = 500
 COL_GAP, ROW_GAP = 250, 78
 MARGIN = 40
 KINDS = (
@@ -207,10 +212,34 @@ def _edge_kinds(edge: dict[str, Any]) -> list[tuple[str, int, str]]:
     return out
 
 
-def svg(doc: dict[str, Any]) -> str:
+def _traffic(edge: dict[str, Any]) -> int:
+    return int(edge["allowed"] + edge["denied"] + edge.get("errors", 0))
+
+
+def shown(doc: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The nodes and edges the picture draws: all of them, or the busiest MAX_GRAPH_NODES
+    nodes (traffic, then edges) and the busiest MAX_GRAPH_EDGES edges among them."""
     nodes = [n["id"] for n in doc["nodes"]]
+    edges = list(doc["edges"])
+    if len(nodes) > MAX_GRAPH_NODES:
+        weight: dict[str, tuple[int, int]] = {n: (0, 0) for n in nodes}
+        for e in edges:
+            for end in (e["source"], e["destination"]):
+                if end in weight:
+                    t, d = weight[end]
+                    weight[end] = (t + _traffic(e), d + 1)
+        keep = set(sorted(nodes, key=lambda n: (-weight[n][0], -weight[n][1], n))[:MAX_GRAPH_NODES])
+        nodes = [n for n in nodes if n in keep]
+        edges = [e for e in edges if e["source"] in keep and e["destination"] in keep]
+    if len(edges) > MAX_GRAPH_EDGES:
+        edges = sorted(edges, key=lambda e: (-_traffic(e), -e["would_deny"], e["source"],
+                                             e["destination"]))[:MAX_GRAPH_EDGES]  # fmt: skip
+    return nodes, edges
+
+
+def svg(doc: dict[str, Any]) -> str:
+    nodes, edges = shown(doc)
     workloads = {n["id"] for n in doc["nodes"] if n["workload"]}
-    edges = doc["edges"]
     pos = layout(nodes, [(e["source"], e["destination"]) for e in edges])
     width = max((x for x, _ in pos.values()), default=0) + NODE_W + 2 * MARGIN
     backwards = any(
@@ -292,9 +321,14 @@ def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]], empty: str) ->
         return f"<p class='meta'>{escape(empty)}</p>"
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>"
+        for row in rows[:MAX_TABLE_ROWS]
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    more = len(rows) - MAX_TABLE_ROWS
+    note = (
+        f"<p class='meta'>… and {more} more rows (meshward report --json)</p>" if more > 0 else ""
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
 def _pct(value: Any) -> str:
@@ -389,6 +423,16 @@ def _sections(doc: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _graph_note(doc: dict[str, Any]) -> str:
+    nodes, edges = shown(doc)
+    if len(nodes) == len(doc["nodes"]) and len(edges) == len(doc["edges"]):
+        return ""
+    return (
+        f"<p class='warn'>Showing the busiest {len(nodes)} of {len(doc['nodes'])} workloads and "
+        f"{len(edges)} of {len(doc['edges'])} edges.</p>"
+    )
+
+
 def render(doc: dict[str, Any]) -> str:
     """The whole page. ``doc``: the ``/report`` document."""
     data = json.dumps({"blast_radius": doc.get("blast_radius", {})}, sort_keys=True).replace(
@@ -413,7 +457,7 @@ def render(doc: dict[str, Any]) -> str:
         "<h2>Service graph</h2>"
         f"<p class='legend'>{legend}</p>"
         "<p id='focus' class='meta'>The red badge on a workload is its blast radius.</p>"
-        f"<div class='graph'>{svg(doc)}</div>"
+        f"{_graph_note(doc)}<div class='graph'>{svg(doc)}</div>"
         f"{_sections(doc)}"
         f"<script type='application/json' id='report-data'>{data}</script>"
         f"<script>{SCRIPT}</script>"

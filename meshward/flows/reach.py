@@ -20,7 +20,6 @@ reachability graph) and transitively (by moving through each workload it reaches
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,7 +34,7 @@ OTHER = "*"  # in methods/paths lists: "any method (path) no rule names"
 PROBE_SEGMENT = "meshward-probe"
 OTHER_PATH = f"/{PROBE_SEGMENT}-other"
 STANDARD_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
-MAX_WORKLOADS = 400  # reachability is N^2 pairs: past this, the report says it stopped
+MAX_WORKLOADS = 1000  # reachability is N^2 pairs: past this, the report says it stopped
 MAX_PROBES = 4096  # per callee port (methods x paths); more patterns are cut and counted
 MAX_REQUESTS_LISTED = 200  # allowed probe requests listed per edge
 
@@ -225,8 +224,34 @@ def _rule_checks(rule: CompiledRule) -> tuple[Check, ...]:
             *rule.conditions)  # fmt: skip
 
 
+CallerView = tuple[Any, Any, Any]  # what a RequestContext holds of the caller
+# Check labels (meshward.policy.evaluator) that read only the request, never the caller: they
+# answer alike for every caller of one probe, so they are left out of the grouping key. Any
+# other label — one added later included — is kept: it can only split groups, never merge.
+REQUEST_ONLY = frozenset(
+    {"host", "destination port", "method", "path", "destination.ip", "destination.port",
+     "connection.sni", "request.auth.principal", "request.auth.audiences",
+     "request.auth.presenter", "request principal"}
+)  # fmt: skip
+
+
+def caller_view(policy_set: PolicySet, caller: Workload) -> CallerView:
+    """The request attributes that come from the caller, derived by the evaluator's own
+    RequestContext: peer principal, peer namespace, source address (= remote address here)."""
+    ctx = RequestContext(
+        Request(source_principal=caller.spiffe_id(policy_set.mesh.trust_domain),
+                source_ip=caller.address),
+        tcp=True,
+    )  # fmt: skip
+    return ctx.principal, ctx.namespace, ctx.source_ip
+
+
 def caller_classes(
-    policy_set: PolicySet, callee: Workload, callers: Sequence[Workload], probe: Probe
+    policy_set: PolicySet,
+    callee: Workload,
+    callers: Sequence[Workload],
+    probe: Probe,
+    views: Mapping[str, CallerView] | None = None,
 ) -> list[list[Workload]]:
     """Callers the callee's rules cannot tell apart, grouped: one evaluation per group stands
     for all of its members. A caller reaches a decision only through the rules' checks (its
@@ -234,21 +259,34 @@ def caller_classes(
     of every rule selecting the callee gives the same answer get the same decision for every
     request. Checks that read the request, not the caller, answer alike for all callers of
     one probe and split nothing. This makes a mesh of N workloads cost N x (distinct kinds of
-    caller) evaluations per probe instead of N x N."""
+    caller) evaluations per probe instead of N x N.
+
+    One context is built per callee and only its caller attributes (those
+    :func:`caller_view` reads) are swapped per caller: building a context per pair was most
+    of the cost at a thousand workloads."""
     plan = plan_for(policy_set, callee)
-    checks = tuple(
-        check
+    unique = {
+        id(check): check
         for cp in plan.policies
         for rule in (*cp.rules, *cp.tcp_rules)
         for check in _rule_checks(rule)
-    )
+        if check.label not in REQUEST_ONLY
+    }
+    checks = tuple(unique.values())
     groups: dict[tuple[Any, ...], list[Workload]] = {}
+    if not callers:
+        return []
+    if not checks:  # no rule looks at anything: every caller alike
+        return [list(callers)]
+    try:
+        ctx = RequestContext(request_for(policy_set, callers[0], callee, probe))
+    except PathRejected:  # cannot happen for a probe path; never merge callers on a guess
+        return [[c] for c in callers]
     for caller in callers:
-        try:
-            ctx = RequestContext(request_for(policy_set, caller, callee, probe))
-            key: tuple[Any, ...] = tuple(check.test(ctx) for check in checks)
-        except PathRejected:  # cannot happen for a probe path; never merge callers on a guess
-            key = ("alone", caller.ref)
+        view = views[caller.ref] if views is not None else caller_view(policy_set, caller)
+        ctx.principal, ctx.namespace, ctx.source_ip = view
+        ctx.remote_ip = view[2]
+        key = tuple(check.test(ctx) for check in checks)
         groups.setdefault(key, []).append(caller)
     return list(groups.values())
 
@@ -279,6 +317,7 @@ def reachability(
     probes: dict[str, tuple[Probe, ...]] = {}
     conditional: dict[str, tuple[str, ...]] = {}
     cut_total = evaluations = 0
+    views = {w.ref: caller_view(policy_set, w) for w in chosen}
     for callee in chosen:
         tried, cut = probes_for(policy_set, callee)
         probes[callee.ref] = tried
@@ -287,7 +326,7 @@ def reachability(
         if rules:
             conditional[callee.ref] = rules
         callers = [c for c in chosen if c.ref != callee.ref]
-        for group in caller_classes(policy_set, callee, callers, tried[0]):
+        for group in caller_classes(policy_set, callee, callers, tried[0], views):
             allowed: list[Probe] = []
             deciding: set[str] = set()
             for probe in tried:
@@ -313,26 +352,90 @@ def reachability(
 
 def blast_radius(graph: Mapping[str, Iterable[str]]) -> dict[str, dict[str, Any]]:
     """Per node: ``direct`` (its out-neighbours) and ``transitive`` (every node reachable by
-    one or more edges; itself only through a cycle back to it is not counted: a compromised
-    workload already holds itself)."""
-    adjacency = {node: frozenset(targets) for node, targets in graph.items()}
+    one or more edges, itself left out: a compromised workload already holds itself).
+
+    Strongly connected components first (every member of one reaches the same nodes), then
+    one pass over them callees-first, each component's reach an integer bit set: a dense mesh
+    of a thousand workloads costs a million bit operations, not a billion edge visits."""
+    nodes = sorted(set(graph) | {t for targets in graph.values() for t in targets})
+    index = {n: i for i, n in enumerate(nodes)}
+    succ = [sorted({index[t] for t in graph.get(n, ())}) for n in nodes]
+    components = _components(succ)  # callees before callers (Tarjan's order)
+    component_of = [0] * len(nodes)
+    for c, members in enumerate(components):
+        for m in members:
+            component_of[m] = c
+    reach = [0] * len(components)
+    for c, members in enumerate(components):
+        bits = 0
+        for m in members:
+            for t in succ[m]:
+                tc = component_of[t]
+                bits |= 1 << t
+                if tc != c:
+                    bits |= reach[tc]
+        if len(members) > 1:  # a cycle: every member reaches every member
+            for m in members:
+                bits |= 1 << m
+        reach[c] = bits
     out: dict[str, dict[str, Any]] = {}
-    for node in sorted(adjacency):
-        direct = sorted(t for t in adjacency[node] if t != node)
-        seen: set[str] = set()
-        queue = deque(adjacency[node])
-        while queue:
-            current = queue.popleft()
-            if current in seen:
-                continue
-            seen.add(current)
-            queue.extend(adjacency.get(current, ()))
-        seen.discard(node)
-        transitive = sorted(seen)
+    for node in graph:
+        i = index[node]
+        bits = reach[component_of[i]] & ~(1 << i)
+        transitive = [nodes[j] for j in range(len(nodes)) if bits >> j & 1]
+        direct = [nodes[j] for j in succ[i] if j != i]
         out[node] = {
             "direct": direct,
             "direct_count": len(direct),
             "transitive": transitive,
             "transitive_count": len(transitive),
         }
+    return dict(sorted(out.items()))
+
+
+def _components(succ: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Tarjan's strongly connected components, iterative (no recursion limit at scale); each
+    component is emitted after every component it reaches."""
+    counter = 0
+    number: list[int | None] = [None] * len(succ)
+    low = [0] * len(succ)
+    on_stack = [False] * len(succ)
+    stack: list[int] = []
+    out: list[list[int]] = []
+    for root in range(len(succ)):
+        if number[root] is not None:
+            continue
+        work: list[tuple[int, int]] = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                number[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on_stack[v] = True
+            recurse = False
+            for j in range(i, len(succ[v])):
+                w = succ[v][j]
+                nw = number[w]
+                if nw is None:
+                    work.append((v, j + 1))
+                    work.append((w, 0))
+                    recurse = True
+                    break
+                if on_stack[w]:
+                    low[v] = min(low[v], nw)
+            if recurse:
+                continue
+            if low[v] == number[v]:
+                members = []
+                while True:
+                    w = stack.pop()
+                    on_stack[w] = False
+                    members.append(w)
+                    if w == v:
+                        break
+                out.append(members)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
     return out

@@ -30,6 +30,10 @@ DEFAULT_SOON = timedelta(hours=24)  # an emergency allow ending within this is "
 READY = "ready to enforce"
 WOULD_DENY = "would deny"
 NO_EVIDENCE = "no traffic seen"
+# What one document lists at most (counts stay exact): a mesh of 1,000 workloads that all may
+# call each other has a million edges, which no reader and no HTTP answer should carry.
+MAX_EDGES_LISTED = 20_000
+MAX_RADIUS_LISTED = 500  # names per blast-radius list
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -240,7 +244,11 @@ def graph_edges(reach: Reachability, totals: Sequence[FlowTotal]) -> list[dict[s
         e[field] += total.count
         if total.dry_run:
             e["would_deny"] += total.count
-    return [edges[k] for k in sorted(edges)]
+    # busiest first, so a cut (MAX_EDGES_LISTED) drops edges no traffic used
+    return sorted(
+        edges.values(),
+        key=lambda e: (-(e["allowed"] + e["denied"] + e["errors"]), e["source"], e["destination"]),
+    )
 
 
 # --------------------------------------------------------------------------- the report
@@ -261,6 +269,12 @@ def build(
     reachability for this policy set at ``now`` (the control plane caches it per version)."""
     reach = reach or reachability(policy_set, now=now)
     radius = blast_radius(reach.graph)
+    for entry in radius.values():
+        for name in ("direct", "transitive"):
+            entry[f"{name}_truncated"] = max(0, len(entry[name]) - MAX_RADIUS_LISTED)
+            entry[name] = entry[name][:MAX_RADIUS_LISTED]
+    listed = sorted(reach.edges)[:MAX_EDGES_LISTED]
+    edges = graph_edges(reach, totals)
     nodes = sorted(
         set(reach.workloads) | {t.source for t in totals} | {t.destination for t in totals}
     )
@@ -271,10 +285,11 @@ def build(
         "window": {"since": _iso(since), "until": _iso(now), "flows_truncated": truncated},
         "workloads": list(reach.workloads),
         "nodes": [{"id": n, "workload": n in declared} for n in nodes],
-        "reachability": [reach.edges[k].to_json() for k in sorted(reach.edges)],
+        "reachability": [reach.edges[k].to_json() for k in listed],
         "reachability_summary": {
             "pairs": len(reach.workloads) * max(0, len(reach.workloads) - 1),
             "reachable_pairs": len(reach.edges),
+            "listed": len(listed),
             "unrestricted_pairs": sum(1 for e in reach.edges.values() if e.everything),
             "evaluations": reach.evaluations,
             "skipped": reach.skipped,
@@ -290,5 +305,6 @@ def build(
         "dry_run": dry_runs(policy_set, totals),
         "compliance": compliance(totals),
         "mtls": mtls(policy_set, totals),
-        "edges": graph_edges(reach, totals),
+        "edges": edges[:MAX_EDGES_LISTED],
+        "edges_truncated": max(0, len(edges) - MAX_EDGES_LISTED),
     }

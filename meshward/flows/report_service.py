@@ -9,6 +9,7 @@ and set of expired policies — the only inputs it depends on — one entry at a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,9 @@ from meshward.flows.report_query import flow_totals
 from meshward.policy.policyset import PolicySet
 
 MAX_SOON = 366 * 24 * 3600
+# Reports are computed off the event loop, one reachability at a time: two operators asking at
+# once for a new policy version wait for one computation instead of running two.
+_REACH_LOCK = threading.Lock()
 
 
 def _number(query: Mapping[str, str], name: str, most: float | None = None) -> float | None:
@@ -44,13 +48,14 @@ def cached_reachability(
         if p.expires_at is not None and p.expires_at <= now
     )
     key = (policy_set.version, expired)
-    found = cache.get(key)
-    if isinstance(found, Reachability):
-        return found
-    result = reachability(policy_set, now=now)
-    cache.clear()  # one entry: the policy in force
-    cache[key] = result
-    return result
+    with _REACH_LOCK:
+        found = cache.get(key)
+        if isinstance(found, Reachability):
+            return found
+        result = reachability(policy_set, now=now)
+        cache.clear()  # one entry: the policy in force
+        cache[key] = result
+        return result
 
 
 def build_report(service: Any, query: Mapping[str, str], now: datetime) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,3 +100,21 @@ def _cyclic(nodes: list[str], edges: list[tuple[str, str]]) -> bool:
         return False
 
     return any(n not in state and visit(n) for n in nodes)
+
+
+def test_a_big_graph_shows_the_busiest_part_and_says_so() -> None:
+    from meshward.testing.topology import worst_case
+
+    totals = [FlowTotal("mesh/svc0003", "mesh/svc0004", 8080, "allow", "", (), 9)]
+    doc = build(worst_case(30), totals, now=NOW)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(html, "MAX_GRAPH_NODES", 10)
+        mp.setattr(html, "MAX_GRAPH_EDGES", 40)
+        mp.setattr(html, "MAX_TABLE_ROWS", 25)
+        nodes, edges = html.shown(doc)
+        assert len(nodes) == 10 and len(edges) == 40
+        assert {"mesh/svc0003", "mesh/svc0004"} <= set(nodes)  # the busiest stay
+        page = html.render(doc)
+    assert "Showing the busiest 10 of 30 workloads and 40 of 870 edges" in page
+    assert page.count('class="node"') == 10 and page.count('class="edge ') == 40
+    assert "… and 845 more rows" in page

@@ -200,3 +200,20 @@ def test_reachability_is_cached_per_version_and_expiry(
     later = build_report(svc, {}, NOW + timedelta(hours=7))
     assert len(svc.reach_cache) == 1 and next(iter(svc.reach_cache)) != key
     assert later["reachability_summary"] == first["reachability_summary"]  # legacy-later stays
+
+
+def test_a_dense_mesh_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every workload may call every other: counts stay exact, lists stop at their bounds."""
+    from meshward.flows import report
+    from meshward.testing.topology import worst_case
+
+    monkeypatch.setattr(report, "MAX_EDGES_LISTED", 50)
+    monkeypatch.setattr(report, "MAX_RADIUS_LISTED", 7)
+    doc = build(worst_case(30), [], now=NOW)
+    summary = doc["reachability_summary"]
+    assert summary["reachable_pairs"] == summary["pairs"] == 30 * 29
+    assert summary["listed"] == len(doc["reachability"]) == 50
+    assert len(doc["edges"]) == 50 and doc["edges_truncated"] == 30 * 29 - 50
+    radius = doc["blast_radius"]["mesh/svc0000"]
+    assert radius["transitive_count"] == 29 and len(radius["transitive"]) == 7
+    assert radius["transitive_truncated"] == 22

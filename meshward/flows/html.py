@@ -172,22 +172,39 @@ def _slots(
     return out_slot, in_slot
 
 
+def _clearing(x1: float, x2: float, y0: float, ceiling: float) -> float:
+    """The control height of a cubic arc from (x1, y0) to (x2, y0) with control points
+    (x1, cy), (x2, cy) that is at or above ``ceiling`` over the columns between: from the right
+    side of the first column in between to the left side of the last (a node's width past
+    each end). x(t) = x1 + (x2 - x1)(3t^2 - 2t^3), y(t) = y0((1-t)^3 + t^3) + 3t(1-t) cy."""
+    f = min(0.5, (COL_GAP - NODE_W) / max(1.0, x2 - x1))
+    lo, hi = 0.0, 0.5
+    for _ in range(40):  # 3t^2 - 2t^3 = f, by bisection (monotonic on [0, 0.5])
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 3 * mid * mid - 2 * mid**3 < f else (lo, mid)
+    t = max(lo, 0.05)
+    cy = (ceiling - y0 * ((1 - t) ** 3 + t**3)) / (3 * t * (1 - t))
+    return max(cy, (4 - 0.25 * y0) / 0.75)  # the apex (t = 1/2) stays inside the picture
+
+
 def _edge_path(
-    a: tuple[float, float], b: tuple[float, float], bend: float, slot: tuple[float, float]
+    a: tuple[float, float],
+    b: tuple[float, float],
+    bend: float,
+    slot: tuple[float, float],
+    ceiling: float | None = None,
 ) -> str:
+    """``ceiling``: for an edge over columns in between, the height its arc must clear (the
+    top of the highest node it passes), so it never seems to end at a node it skips."""
     ax, ay = a
     bx, by = b
     if bx > ax:  # forward: right side of the caller to the left side of the callee
         x1, y1 = ax + NODE_W, ay + NODE_H / 2 + slot[0] + bend / 3
         x2, y2 = bx - 2, by + NODE_H / 2 + slot[1] + bend / 3
         dx = (x2 - x1) / 2
-        span = round((bx - ax) / COL_GAP)
-        if span > 1:  # over the columns between: arc above them instead of through their nodes
-            lift = 22 * (span - 1) + NODE_H / 2 + abs(bend)
-            return (
-                f"M{x1:.1f},{y1:.1f} C{x1 + COL_GAP / 2:.1f},{y1 - lift:.1f} "
-                f"{x2 - COL_GAP / 2:.1f},{y2 - lift:.1f} {x2:.1f},{y2:.1f}"
-            )
+        if ceiling is not None:  # arc above the columns between
+            cy = _clearing(x1, x2, max(y1, y2), ceiling - abs(bend))
+            return f"M{x1:.1f},{y1:.1f} C{x1:.1f},{cy:.1f} {x2:.1f},{cy:.1f} {x2:.1f},{y2:.1f}"
         return (
             f"M{x1:.1f},{y1:.1f} C{x1 + dx:.1f},{y1:.1f} {x2 - dx:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"
         )
@@ -266,6 +283,7 @@ def svg(doc: dict[str, Any]) -> str:
     drawn = [(e["source"], e["destination"]) for e in edges
              if e["source"] in pos and e["destination"] in pos]  # fmt: skip
     out_slot, in_slot = _slots(drawn, pos)
+    long_edges = 0
     for e in edges:
         a, b = pos.get(e["source"]), pos.get(e["destination"])
         if a is None or b is None or e["source"] == e["destination"]:
@@ -273,12 +291,17 @@ def svg(doc: dict[str, Any]) -> str:
         kinds = _edge_kinds(e)
         key = (e["source"], e["destination"])
         slot = (out_slot.get(key, 0.0), in_slot.get(key, 0.0))
+        between = [y for x, y in pos.values() if a[0] < x < b[0]]
+        ceiling = None
+        if between:  # each long edge a little higher than the last, so they stay apart
+            ceiling = min(between) - 14 - 5 * (long_edges % 6)
+            long_edges += 1
         for i, (kind, count, text) in enumerate(kinds):
             bend = (i - (len(kinds) - 1) / 2) * 9
             title = f"{e['source']} → {e['destination']}: {text}"
             parts.append(
                 f'<path class="edge edge-{kind}" data-source="{escape(e["source"])}" '
-                f'data-target="{escape(e["destination"])}" d="{_edge_path(a, b, bend, slot)}" '
+                f'data-target="{escape(e["destination"])}" d="{_edge_path(a, b, bend, slot, ceiling)}" '
                 f'stroke="{COLORS[kind]}" stroke-width="{_width(count)}" '
                 f'marker-end="url(#arrow-{kind})"><title>{escape(title)}</title></path>'
             )

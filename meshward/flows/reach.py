@@ -33,6 +33,7 @@ from meshward.policy.policyset import PolicySet
 OTHER = "*"  # in methods/paths lists: "any method (path) no rule names"
 PROBE_SEGMENT = "meshward-probe"
 OTHER_PATH = f"/{PROBE_SEGMENT}-other"
+OTHER_HOST = f"{PROBE_SEGMENT}-other.invalid"
 STANDARD_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 MAX_WORKLOADS = 1000  # reachability is N^2 pairs: past this, the report says it stopped
 MAX_PROBES = 4096  # per callee port (methods x paths); more patterns are cut and counted
@@ -48,9 +49,11 @@ class Probe:
     path: str
     method_label: str  # the pattern it stands for: a method, or OTHER
     path_label: str  # the rule's path pattern it stands for, or OTHER
+    host: str = ""  # "" = the callee's name, as explain defaults it
+    host_label: str = OTHER  # the rule's host pattern it stands for, or OTHER
 
     def to_json(self) -> dict[str, Any]:
-        return {"port": self.port, "method": self.method, "path": self.path}
+        return {"port": self.port, "method": self.method, "path": self.path, "host": self.host}
 
 
 @dataclass(frozen=True)
@@ -70,16 +73,21 @@ class Edge:
     def access(self) -> list[dict[str, Any]]:
         """Allowed (methods, paths) groups, per port: paths with the same allowed methods
         together. OTHER stands for methods or paths no rule names."""
-        by_path: dict[tuple[int, str], list[str]] = {}
+        by_path: dict[tuple[int, str, str], list[str]] = {}
         for p in self.allowed:
-            by_path.setdefault((p.port, p.path_label), []).append(p.method_label)
-        groups: dict[tuple[int, tuple[str, ...]], list[str]] = {}
-        for (port, path), methods in by_path.items():
-            groups.setdefault((port, tuple(sorted(set(methods)))), []).append(path)
-        return [
-            {"port": port, "methods": list(methods), "paths": sorted(paths)}
-            for (port, methods), paths in sorted(groups.items())
-        ]
+            by_path.setdefault((p.port, p.host_label, p.path_label), []).append(p.method_label)
+        groups: dict[tuple[int, str, tuple[str, ...]], list[str]] = {}
+        for (port, host, path), named in by_path.items():
+            groups.setdefault((port, host, tuple(sorted(set(named)))), []).append(path)
+        out = []
+        for (port, host, methods), paths in sorted(groups.items()):
+            # "A & B" (a request matching both) says nothing more beside A or B themselves
+            shown = [p for p in paths if not (" & " in p and set(p.split(" & ")) & set(paths))]
+            group: dict[str, Any] = {"port": port, "methods": list(methods), "paths": sorted(shown)}
+            if host != OTHER:  # only where a rule names hosts
+                group["host"] = host
+            out.append(group)
+        return out
 
     def summary(self) -> str:
         if self.everything:
@@ -88,7 +96,8 @@ class Edge:
         for group in self.access():
             methods = "any method" if group["methods"] == [OTHER] else ", ".join(group["methods"])
             paths = ", ".join("any other path" if p == OTHER else p for p in group["paths"])
-            parts.append(f"{methods} {paths}".strip() if paths else f"{methods} (connection)")
+            text = f"{methods} {paths}".strip() if paths else f"{methods} (connection)"
+            parts.append(f"{text} (Host {group['host']})" if "host" in group else text)
         return "; ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -140,15 +149,51 @@ def _path_example(pattern: str) -> str:
     return pattern.replace("{**}", PROBE_SEGMENT).replace("{*}", PROBE_SEGMENT)
 
 
-def _named(policies: Iterable[AuthorizationPolicy]) -> tuple[set[str], set[str]]:
+def _named(policies: Iterable[AuthorizationPolicy]) -> tuple[set[str], set[str], set[str]]:
     methods: set[str] = set()
     paths: set[str] = set()
+    hosts: set[str] = set()
     for policy in policies:
         for rule in policy.rules:
             for op in rule.operations:
                 methods.update(op.methods, op.not_methods)
                 paths.update(op.paths, op.not_paths)
-    return methods, paths
+                hosts.update(op.hosts, op.not_hosts)
+    return methods, paths, hosts
+
+
+def _host_example(pattern: str) -> str:
+    if pattern == "*":
+        return PROBE_SEGMENT
+    if pattern.startswith("*"):
+        return PROBE_SEGMENT + pattern[1:]
+    if pattern.endswith("*"):
+        return pattern[:-1] + PROBE_SEGMENT
+    return pattern
+
+
+def _path_probes(named: set[str]) -> list[tuple[str, str]]:
+    """(path, label) per named pattern, then each prefix or template pattern combined with
+    each suffix pattern (``/api/*`` with ``*.json``: ``/api/meshward-probe.json``, which only
+    a request matching both reaches), then one path no rule names."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+
+    def add(path: str, label: str) -> None:
+        if path not in seen:
+            seen.add(path)
+            out.append((path, label))
+
+    patterns = sorted(p for p in named if p != "*")
+    for pattern in patterns:
+        add(_path_example(pattern), pattern)
+    suffixes = [p for p in patterns if p.startswith("*")]
+    stems = [p for p in patterns if p.endswith("*") or "{*}" in p or "{**}" in p]
+    for stem in stems:
+        for suffix in suffixes:
+            add(_path_example(stem) + suffix[1:], f"{stem} & {suffix}")
+    add(OTHER_PATH, OTHER)
+    return out
 
 
 def _conditional(policies: Iterable[AuthorizationPolicy]) -> tuple[str, ...]:
@@ -169,20 +214,19 @@ def _conditional(policies: Iterable[AuthorizationPolicy]) -> tuple[str, ...]:
 def probes_for(policy_set: PolicySet, workload: Workload) -> tuple[tuple[Probe, ...], int]:
     """The probes for a callee (every port), and how many were cut by MAX_PROBES."""
     policies = policy_set.policies_for(workload)
-    named_methods, named_paths = _named(policies)
+    named_methods, named_paths, named_hosts = _named(policies)
     methods = sorted(m for m in named_methods if m != "*")
     other_method = next((m for m in STANDARD_METHODS if m not in named_methods), "GET")
     if not methods:
         other_method = "GET"
     method_probes = [(m, m) for m in methods] + [(other_method, OTHER)]
-    path_probes: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for pattern in sorted(p for p in named_paths if p != "*"):
-        example = _path_example(pattern)
-        if example not in seen:
-            seen.add(example)
-            path_probes.append((example, pattern))
-    path_probes.append((OTHER_PATH, OTHER))
+    path_probes = _path_probes(named_paths)
+    # Hosts only where a rule names them (else the callee's name, what explain sends, stands
+    # for every Host): then the callee's name, each named pattern and one Host none names.
+    host_probes: list[tuple[str, str]] = [("", OTHER)]
+    if named_hosts:
+        named = {(_host_example(h), h) for h in named_hosts if _host_example(h) != workload.name}
+        host_probes = [("", workload.name), *sorted(named), (OTHER_HOST, OTHER)]
     ports = workload.ports or ()
     out: list[Probe] = []
     cut = 0
@@ -191,13 +235,14 @@ def probes_for(policy_set: PolicySet, workload: Workload) -> tuple[tuple[Probe, 
             out.append(Probe(wp.port, "", "", OTHER, ""))
             continue
         budget = MAX_PROBES
-        for method, mlabel in method_probes:
-            for path, plabel in path_probes:
-                if budget == 0:
-                    cut += 1
-                    continue
-                budget -= 1
-                out.append(Probe(wp.port, method, path, mlabel, plabel))
+        for host, hlabel in host_probes:
+            for method, mlabel in method_probes:
+                for path, plabel in path_probes:
+                    if budget == 0:
+                        cut += 1
+                        continue
+                    budget -= 1
+                    out.append(Probe(wp.port, method, path, mlabel, plabel, host, hlabel))
     if not ports:  # a workload without declared ports: port 0, as explain defaults it
         out.append(Probe(0, "GET", OTHER_PATH, OTHER, OTHER))
     return tuple(out), cut
@@ -208,7 +253,7 @@ def request_for(policy_set: PolicySet, caller: Workload, callee: Workload, probe
     return Request(
         method=probe.method or "GET",
         path=probe.path or "/",
-        host=callee.name,
+        host=probe.host or callee.name,
         destination_port=probe.port,
         source_principal=caller.spiffe_id(policy_set.mesh.trust_domain),
         source_ip=caller.address,

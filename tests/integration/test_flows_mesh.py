@@ -240,7 +240,7 @@ def test_report_from_real_sidecar_flows(
     assert set(doc["blast_radius"][FRONTEND]["direct"]) == {ORDERS, PAYMENTS, DB}
     policy = parse({"mesh.yaml": POLICY})
     now = datetime.now(UTC)
-    listed = {(e["source"], e["destination"]): {(r["port"], r["method"], r["path"])
+    listed = {(e["source"], e["destination"]): {(r["port"], r["method"], r["path"], r["host"])
               for r in e["requests"]} for e in doc["reachability"]}  # fmt: skip
     for dst in doc["workloads"]:
         for src in doc["workloads"]:
@@ -250,8 +250,8 @@ def test_report_from_real_sidecar_flows(
             for p in doc["probes"][dst]:
                 callee, request = build_request(policy, destination=dst, source=src,
                                                 method=p["method"] or "GET", path=p["path"] or "/",
-                                                port=p["port"])  # fmt: skip
+                                                port=p["port"], host=p["host"] or None)  # fmt: skip
                 if explain(policy, callee, request, now=now).decision.allowed:
-                    allowed.add((p["port"], p["method"], p["path"]))
+                    allowed.add((p["port"], p["method"], p["path"], p["host"]))
             assert allowed == listed.get((src, dst), set()), (src, dst)
     assert 'data-id="shop/db"' in page.read_text()

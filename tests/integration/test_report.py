@@ -130,9 +130,11 @@ def test_report_against_a_running_control_plane(
     # Reachability equals `policy explain` over every workload pair and every probe.
     policy = load([EXAMPLES])
     allowed = {
-        (e["source"], e["destination"]): {(r["port"], r["method"], r["path"]) for r in e["requests"]}
+        (e["source"], e["destination"]): {
+            (r["port"], r["method"], r["path"], r["host"]) for r in e["requests"]
+        }
         for e in doc["reachability"]
-    }  # fmt: skip
+    }
     workloads = [w.ref for w in policy.workloads]
     assert sorted(doc["workloads"]) == sorted(workloads)
     reachable_pairs = 0
@@ -145,9 +147,12 @@ def test_report_against_a_running_control_plane(
                 callee, request = build_request(
                     policy, destination=dst, source=src, method=probe["method"] or "GET",
                     path=probe["path"] or "/", port=probe["port"],
+                    host=probe["host"] or None,
                 )  # fmt: skip
                 if explain(policy, callee, request, now=now).decision.allowed:
-                    explained_allowed.add((probe["port"], probe["method"], probe["path"]))
+                    explained_allowed.add(
+                        (probe["port"], probe["method"], probe["path"], probe["host"])
+                    )
             assert explained_allowed == allowed.get((src, dst), set()), (src, dst)
             reachable_pairs += bool(explained_allowed)
     assert doc["reachability_summary"]["reachable_pairs"] == reachable_pairs == 7

@@ -12,9 +12,19 @@ from hypothesis import strategies as st
 
 from meshward.flows import reach
 from meshward.flows.reach import OTHER, blast_radius, probes_for, reachability, request_for
-from meshward.policy import PolicySet, load, parse
+from meshward.policy import PolicySet, evaluate, load, parse
 from meshward.policy.cases import build_request
 from meshward.policy.explain import explain
+from meshward.policy.model import (
+    Action,
+    AuthorizationPolicy,
+    Operation,
+    Protocol,
+    Rule,
+    Source,
+    Workload,
+    WorkloadPort,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
@@ -131,7 +141,7 @@ def assert_matches_explain(policy_set: PolicySet, now: datetime) -> int:
             if caller.ref == callee.ref:
                 continue
             edge = result.edges.get((caller.ref, callee.ref))
-            allowed = {(p.port, p.method, p.path) for p in edge.allowed} if edge else set()
+            allowed = {(p.port, p.method, p.path, p.host) for p in edge.allowed} if edge else set()
             for probe in result.probes[callee.ref]:
                 # the request `meshward policy explain --source-workload ... --workload ...` builds
                 _, request = build_request(
@@ -141,10 +151,11 @@ def assert_matches_explain(policy_set: PolicySet, now: datetime) -> int:
                     method=probe.method or "GET",
                     path=probe.path or "/",
                     port=probe.port,
+                    host=probe.host or None,
                 )
                 assert request == request_for(policy_set, caller, callee, probe)
                 verdict = explain(policy_set, callee, request, now=now).decision.allowed
-                assert verdict == ((probe.port, probe.method, probe.path) in allowed), (
+                assert verdict == ((probe.port, probe.method, probe.path, probe.host) in allowed), (
                     caller.ref,
                     callee.ref,
                     probe,
@@ -273,3 +284,100 @@ def test_probes_per_port_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     probes, cut = probes_for(policy_set, callee)
     assert len(probes) == 100 and cut == 3 * 301 - 100
     assert reachability(policy_set, now=NOW).cut_probes == cut
+
+
+# --------------------------------------------------------------------------- soundness
+
+NAMES = ("w0", "w1", "w2", "w3")
+PATTERNS = ("/api/*", "/api/v1", "*.json", "/items/{*}", "/admin", "/x", "*")
+PATHS = ("/api/v1", "/api/v2.json", "/api/z", "/items/7", "/items/7.json", "/admin", "/x",
+         "/y.json", "/", "/other")  # fmt: skip
+HOSTS = ("w1", "api.example", "*.example")
+METHODS = ("GET", "POST", "DELETE")
+
+
+def _subset(items: tuple[str, ...]) -> st.SearchStrategy[tuple[str, ...]]:
+    return st.lists(st.sampled_from(items), max_size=2, unique=True).map(tuple)
+
+
+def _principal(name: str) -> str:
+    return f"cluster.local/ns/{'a' if name in ('w0', 'w1') else 'b'}/sa/{name}"
+
+
+rules = st.builds(
+    Rule,
+    sources=st.lists(
+        st.builds(
+            Source,
+            principals=_subset(NAMES).map(lambda t: tuple(_principal(n) for n in t)),
+            not_principals=_subset(NAMES).map(lambda t: tuple(_principal(n) for n in t)),
+            namespaces=_subset(("a", "b")),
+        ),
+        max_size=1,
+    ).map(tuple),
+    operations=st.lists(
+        st.builds(
+            Operation,
+            methods=_subset(METHODS),
+            not_methods=_subset(METHODS),
+            paths=_subset(PATTERNS),
+            not_paths=_subset(PATTERNS),
+            hosts=st.one_of(st.just(()), _subset(HOSTS)),
+        ),
+        max_size=1,
+    ).map(tuple),
+)
+policies = st.lists(
+    st.builds(
+        lambda i, action, app, dry, rs: AuthorizationPolicy(
+            namespace="a" if app in ("w0", "w1", None) else "b",
+            name=f"p{i}",
+            action=action,
+            selector=None if app is None else {"app": app},
+            rules=tuple(rs),
+            dry_run=dry,
+        ),
+        st.integers(0, 10**6),
+        st.sampled_from((Action.ALLOW, Action.DENY)),
+        st.one_of(st.none(), st.sampled_from(NAMES)),
+        st.booleans(),
+        st.lists(rules, max_size=2),
+    ),
+    max_size=4,
+    unique_by=lambda p: p.name,
+)
+TRIES = [
+    (src, dst, method, path, host)
+    for src in NAMES
+    for dst in NAMES
+    if src != dst
+    for method in (*METHODS, "PUT")
+    for path in PATHS
+    for host in ("", "api.example", "x.example", "zzz")
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(policies)
+def test_no_request_is_allowed_that_reachability_misses(aps: list[AuthorizationPolicy]) -> None:
+    """Soundness: for random policies and every request of a grid wider than the probes
+    (methods, paths and Hosts no rule names, paths matching several patterns), a request the evaluator allows is never between workloads the reachability says
+    cannot connect, and its method is among those reported for the pair."""
+    workloads = [
+        Workload(namespace="a" if n in ("w0", "w1") else "b", name=n, labels={"app": n},
+                 ports=(WorkloadPort("http", 8080, Protocol.HTTP),))
+        for n in NAMES
+    ]  # fmt: skip
+    policy_set = PolicySet.create(workloads=workloads, authorization_policies=aps)
+    result = reachability(policy_set, now=NOW)
+    by_name = {w.name: w for w in policy_set.workloads}
+    for src, dst, method, path, host in TRIES:
+        caller, callee = by_name[src], by_name[dst]
+        probe = reach.Probe(8080, method, path, OTHER, OTHER, host)
+        request = request_for(policy_set, caller, callee, probe)
+        if not evaluate(policy_set, callee, request, now=NOW).allowed:
+            continue
+        edge = result.edges.get((caller.ref, callee.ref))
+        assert edge is not None, (caller.ref, callee.ref, method, path, host)
+        reported = {m for g in edge.access() for m in g["methods"]}
+        assert method in reported or OTHER in reported, (reported, method)

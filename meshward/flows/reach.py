@@ -4,12 +4,15 @@ Which workload may call which, with which methods and paths, is decided by the p
 evaluator itself — the same function behind ``meshward policy explain`` — never by a second
 reading of the rules: for every ordered pair of the mesh's workloads and every port of the
 callee, a small set of *probe* requests is evaluated. The probes come from the rules that select
-the callee: every method and path pattern a rule names (``/orders/*`` is probed as
-``/orders/probe``), plus one method and one path no rule names (standing for "any other").
-A callee no rule constrains costs one probe per caller. So the answer is exact for everything
-the rules distinguish, and "any other" is one request that stands for all the rest.
+the callee: every method, path and Host pattern a rule names (``/orders/*`` is probed as
+``/orders/meshward-probe``), each prefix or template path combined with each suffix path
+(``/api/*`` with ``*.json``), plus one method, path and Host no rule names (standing for "any
+other"). A callee no rule constrains costs one probe per caller. A property test checks that
+no request of a wider grid is allowed between workloads reported as unable to connect; overlaps
+of patterns rarer than prefix-with-suffix (two templates of one shape, say) are not probed.
 
-Probes carry the caller's mesh identity (its SPIFFE ID and address), the callee's name as Host,
+Probes carry the caller's mesh identity (its SPIFFE ID and address), the callee's name as Host
+(unless a rule names Hosts),
 no end-user token and no extra headers: rules that need a token, a header or another ``when``
 condition do not open a path here; they are listed per callee as ``conditional_rules``. A
 CUSTOM policy is decided without its provider, as ``explain`` does: fail closed.

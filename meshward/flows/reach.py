@@ -12,10 +12,10 @@ no request of a wider grid is allowed between workloads reported as unable to co
 of patterns rarer than prefix-with-suffix (two templates of one shape, say) are not probed.
 
 Probes carry the caller's mesh identity (its SPIFFE ID and address), the callee's name as Host
-(unless a rule names Hosts),
-no end-user token and no extra headers: rules that need a token, a header or another ``when``
-condition do not open a path here; they are listed per callee as ``conditional_rules``. A
-CUSTOM policy is decided without its provider, as ``explain`` does: fail closed.
+(unless a rule names Hosts), no end-user token and no extra headers: rules that need a token, a
+header or another ``when`` condition do not open a path here; they are listed per callee as
+``conditional_rules``. A CUSTOM policy is decided without its provider, as ``explain`` does:
+fail closed.
 
 Blast radius: the workloads a compromised workload could call directly (its edges in the
 reachability graph) and transitively (by moving through each workload it reaches in turn).

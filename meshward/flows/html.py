@@ -354,6 +354,13 @@ def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]], empty: str) ->
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
+def _names(names: list[str], count: int, most: int = 20) -> str:
+    if not names:
+        return "-"
+    more = count - min(len(names), most)
+    return ", ".join(names[:most]) + (f" … and {more} more" if more > 0 else "")
+
+
 def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{100 * float(value):.1f} %"
 
@@ -396,7 +403,7 @@ def _sections(doc: dict[str, Any]) -> str:
     radius = sorted(doc["blast_radius"].items(), key=lambda kv: (-kv[1]["transitive_count"], kv[0]))
     out.append(_table(
         ("workload", "direct", "transitive", "could reach"),
-        [(w, r["direct_count"], r["transitive_count"], ", ".join(r["transitive"]) or "-")
+        [(w, r["direct_count"], r["transitive_count"], _names(r["transitive"], r["transitive_count"]))
          for w, r in radius],
         "No workloads.",
     ))  # fmt: skip
@@ -458,9 +465,14 @@ def _graph_note(doc: dict[str, Any]) -> str:
 
 def render(doc: dict[str, Any]) -> str:
     """The whole page. ``doc``: the ``/report`` document."""
-    data = json.dumps({"blast_radius": doc.get("blast_radius", {})}, sort_keys=True).replace(
-        "</", "<\\/"
-    )
+    nodes, _ = shown(doc)
+    drawn = set(nodes)
+    radius = {  # what the click handler needs: the drawn nodes and what of the drawing they reach
+        n: {**r, "transitive": [t for t in r["transitive"] if t in drawn]}
+        for n, r in doc.get("blast_radius", {}).items()
+        if n in drawn
+    }
+    data = json.dumps({"blast_radius": radius}, sort_keys=True).replace("</", "<\\/")
     legend = "".join(
         f"<span><i style='border-color:{color}'></i>{escape(text)}</span>"
         for _, color, text in KINDS

@@ -214,10 +214,14 @@ def mtls(policy_set: PolicySet, totals: Sequence[FlowTotal]) -> dict[str, Any]:
     }
 
 
-def graph_edges(reach: Reachability, totals: Sequence[FlowTotal]) -> list[dict[str, Any]]:
+def graph_edges(
+    reach: Reachability, totals: Sequence[FlowTotal], limit: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
     """One edge per (source, destination) that policy allows or flows used: what the picture
     draws. Observed counts by decision, the dry-run would-deny count, and whether the current
-    policy lets the source call the destination at all."""
+    policy lets the source call the destination at all. Busiest first; at most ``limit``
+    (edges traffic used come before those only policy allows), with how many were left out —
+    only the listed ones are built, so a million allowed pairs cost no million documents."""
     edges: dict[tuple[str, str], dict[str, Any]] = {}
 
     def edge(source: str, destination: str) -> dict[str, Any]:
@@ -236,19 +240,27 @@ def graph_edges(reach: Reachability, totals: Sequence[FlowTotal]) -> list[dict[s
             }
         return edges[key]
 
-    for src, dst in reach.edges:
-        edge(src, dst)
     for total in totals:
         e = edge(total.source, total.destination)
         field = {ALLOW: "allowed", DENY: "denied"}.get(total.decision, "errors")
         e[field] += total.count
         if total.dry_run:
             e["would_deny"] += total.count
-    # busiest first, so a cut (MAX_EDGES_LISTED) drops edges no traffic used
-    return sorted(
+    observed = sorted(
         edges.values(),
         key=lambda e: (-(e["allowed"] + e["denied"] + e["errors"]), e["source"], e["destination"]),
     )
+    room = len(reach.edges) + len(observed) if limit is None else limit
+    out = observed[:room]
+    unused = 0
+    for key in sorted(reach.edges):
+        if key in edges:
+            continue
+        if len(out) < room:
+            out.append(edge(*key))
+        else:
+            unused += 1
+    return out, max(0, len(observed) - room) + unused
 
 
 # --------------------------------------------------------------------------- the report
@@ -274,7 +286,7 @@ def build(
             entry[f"{name}_truncated"] = max(0, len(entry[name]) - MAX_RADIUS_LISTED)
             entry[name] = entry[name][:MAX_RADIUS_LISTED]
     listed = sorted(reach.edges)[:MAX_EDGES_LISTED]
-    edges = graph_edges(reach, totals)
+    edges, edges_cut = graph_edges(reach, totals, MAX_EDGES_LISTED)
     nodes = sorted(
         set(reach.workloads) | {t.source for t in totals} | {t.destination for t in totals}
     )
@@ -305,6 +317,6 @@ def build(
         "dry_run": dry_runs(policy_set, totals),
         "compliance": compliance(totals),
         "mtls": mtls(policy_set, totals),
-        "edges": edges[:MAX_EDGES_LISTED],
-        "edges_truncated": max(0, len(edges) - MAX_EDGES_LISTED),
+        "edges": edges,
+        "edges_truncated": edges_cut,
     }

@@ -110,7 +110,8 @@ class FlowService:
             return 400, "text/plain", f"{exc}\n".encode()
         except sa.exc.SQLAlchemyError as exc:
             return 503, "text/plain", f"flow store: {type(exc).__name__}\n".encode()
-        body = json.dumps(document, indent=1, sort_keys=True) + "\n"
+        # compact: a big mesh's report is tens of megabytes, indentation would add a third
+        body = json.dumps(document, separators=(",", ":"), sort_keys=True) + "\n"
         return 200, "application/json", body.encode()
 
     def status(self) -> dict[str, Any]:

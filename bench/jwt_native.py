@@ -43,8 +43,8 @@ from meshward.extauthz.issuer import LocalIssuer  # noqa: E402
 def native_filters(issuer: LocalIssuer) -> list[dict[str, Any]]:
     """What Meshward compiles for the bench workload under jwtEnforcement native: the jwt_authn
     filter and the RBAC ALLOW rule on its payload (meshward.compile, not hand-written)."""
-    from meshward.compile import jwt_authn
-    from meshward.compile.rbac import RuleContext, rule_policy
+    from meshward.compile.authz import jwt_authn
+    from meshward.compile.authz.rbac_policy import RuleContext, rule_policy
     from meshward.policy import parse
 
     text = xb.policy_yaml(issuer).replace("jwtEnforcement: extauthz", "jwtEnforcement: native")

@@ -7,7 +7,7 @@
    the same seven RBAC filters (so any policy edit is a route update), each without rules,
    passing every request; its ratio is what those always-present filters cost. What each
    row measures: "1000 rules" name their callers by exact identity, so the principal index
-   (meshward.compile.index) finds the caller's rules with one lookup on its URI SAN (a request
+   (meshward.compile.authz.principal_index) finds the caller's rules with one lookup on its URI SAN (a request
    does NOT walk every rule); "1000 keyed" name callers by namespace, namespace prefix,
    principal prefix or principal prefix + notPrincipals (the caller by its namespace), which
    the index takes as a prefix map (target >= 0.85); the "no index" rows compile the same

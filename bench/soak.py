@@ -12,6 +12,8 @@ It checks, and exits 1 unless all hold:
 - nothing the policy denies was allowed;
 - every denial is a policy denial (Envoy RBAC's ``RBAC: access denied`` or ext_authz's JSON body
   naming the policy), never a proxy or transport error;
+- flows are collected: the control plane's flow collector (gRPC access log from every sidecar)
+  received entries and dropped none for lack of room (its store may fold paths, by design);
 - memory stays flat: RSS of every Meshward process at the end of the run vs after warm-up (the
   warm-up lasts at least one full cycle through every variant, so the caches hold their working
   set before the baseline is taken).
@@ -260,11 +262,31 @@ def main() -> int:
         finally:
             traffic.stop()
         rss_end = {name: rss_kib(pid) for name, pid in pids.items()}
-        return report(args, tally, measured, measured_requests, traffic, sink, pids,
-                      rss_start, rss_warm, rss_end)  # fmt: skip
+        flows_ok = report_flows(state.xds_admin, state_dir / "flows.db")
+        ok = report(args, tally, measured, measured_requests, traffic, sink, pids,
+                    rss_start, rss_warm, rss_end)  # fmt: skip
+        return ok if flows_ok else 1
     finally:
         mesh.stop()
         sink.stop()
+
+
+def report_flows(admin: str, db: Path) -> bool:
+    """The flow collector's counters from the control plane's /status, and the store's size."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{admin}/status", timeout=10) as response:
+        flows = json.loads(response.read()).get("flows") or {}
+    size = sum(p.stat().st_size for p in db.parent.glob(db.name + "*") if p.is_file())
+    dropped = {k: v for k, v in (flows.get("dropped") or {}).items() if v}
+    print(f"flows: {flows.get('entries', 0)} access-log entries collected over "
+          f"{flows.get('streams', 0)} streams; refused {flows.get('refused') or {}}; "
+          f"dropped {dropped}; store {flows.get('store') or {}}; flows.db {size / 2**20:.1f} MiB")  # fmt: skip
+    ok = bool(flows.get("entries")) and not dropped
+    if not ok:
+        print("flow collection: FAIL (nothing collected, or entries dropped)")
+    return ok
 
 
 def report(

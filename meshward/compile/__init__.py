@@ -6,9 +6,14 @@ The control plane calls :func:`compile_workload` (or :func:`compile_mesh`) with
 endpoints; secrets are referenced by the SDS names ``default`` and ``ROOTCA``.
 """
 
-from meshward.compile.authz import AuthzPlan
+from meshward.compile.authz import (
+    AuthzPlacement,
+    PlacedRule,
+    Placement,
+    needs_extauthz,
+    place_rules,
+)
 from meshward.compile.bootstrap import static_bootstrap
-from meshward.compile.classify import Placement, RuleClass, classify_rules, needs_extauthz
 from meshward.compile.names import (
     CLUSTER_EXTAUTHZ,
     CLUSTER_OTLP,
@@ -36,9 +41,9 @@ from meshward.compile.workload import (
     ROUTE,
     SECRET,
     WorkloadResources,
+    authz_placement,
     compile_mesh,
     compile_workload,
-    rule_classes,
 )
 
 __all__ = [
@@ -55,22 +60,22 @@ __all__ = [
     "SECRET_DEFAULT",
     "SECRET_ROOTCA",
     "AccessLogFormat",
-    "AuthzPlan",
+    "AuthzPlacement",
     "CompileOptions",
     "Endpoint",
     "Mode",
+    "PlacedRule",
     "Placement",
     "PortBinding",
-    "RuleClass",
     "WorkloadBinding",
     "WorkloadResources",
-    "classify_rules",
+    "authz_placement",
     "compile_mesh",
     "compile_workload",
     "needs_extauthz",
     "peers_of",
+    "place_rules",
     "rbac_policy_name",
-    "rule_classes",
     "runtime_bindings",
     "static_bootstrap",
 ]

@@ -136,7 +136,7 @@ def summary_text(resources: Any) -> str:
     lines = [
         f"{resources.workload}: policy version {resources.policy_version[:12]}, "
         f"mode {resources.mode.value}",
-        f"authorization: {resources.plan.summary()}",
+        f"authorization: {resources.placement.summary()}",
         f"secrets (SDS): {', '.join(resources.secret_names) or 'none'}",
         "listeners:",
     ]

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import re2  # type: ignore[import-untyped]  # google-re2 ships no stubs
 
-from meshward.compile.classify import rule_extauthz_reason
-from meshward.compile.index import keyable_source, predicate
-from meshward.compile.rbac import RuleContext, rule_policy
+from meshward.compile.authz.placement import rule_extauthz_reason
+from meshward.compile.authz.principal_index import keyable_source, predicate
+from meshward.compile.authz.rbac_policy import RuleContext, rule_policy
 from meshward.envoy.runtime import MAX_RE2_PROGRAM_SIZE, RE2_RUNTIME_KEY
 from meshward.policy.errors import PolicyError, Problem
 from meshward.policy.model import AuthorizationPolicy, Condition, Operation, Rule, Source
@@ -122,7 +122,7 @@ def _value_rules(rule: Rule, path: str) -> Iterator[tuple[str, Rule]]:
 
 def _indexable(rule: Rule) -> bool:
     """The rule may be compiled into the principal index (every source names its callers by
-    identity, prefix or namespace, as meshward.compile.index.rule_keys requires, and it reads no
+    identity, prefix or namespace, as meshward.compile.authz.principal_index.rule_keys requires, and it reads no
     JWT: JWT rules are never indexed); whether it is depends on how many such rules its workload
     has, so the index form is checked for every indexable rule."""
     return (

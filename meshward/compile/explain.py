@@ -6,12 +6,16 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from meshward.compile import authz
-from meshward.compile.classify import RuleClass
+from meshward.compile.authz import PlacedRule
 from meshward.compile.options import CompileOptions
-from meshward.compile.workload import rule_classes
+from meshward.compile.workload import authz_placement
 from meshward.policy.model import Action, Protocol, Workload
 
 DEFAULT_INDEX_MIN_RULES = CompileOptions.rbac_index_min_rules
+TCP_ONLY_MECHANISM = (
+    "TCP ports only: network RBAC (dry-run shadow rules, DENY incl. CUSTOM, then ALLOW); no "
+    "ext_authz filter (no provider is consulted for TCP: a matching CUSTOM rule denies)"
+)
 
 if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
@@ -29,12 +33,12 @@ def _ports(policy_set: PolicySet, workload: Workload) -> list[dict[str, Any]]:
 
 
 def indexed_names(
-    plan: authz.AuthzPlan, index_min_rules: int | None, trust_domain: str = ""
+    placement: authz.AuthzPlacement, index_min_rules: int | None, trust_domain: str = ""
 ) -> set[str]:
     """RBAC names of the rules that go to the principal-indexed matcher (mTLS chains)."""
     out: set[str] = set()
     for action in (Action.ALLOW, Action.DENY):
-        indexed, _ = authz.split_indexed(plan.native(action), index_min_rules, trust_domain)
+        indexed, _ = authz.split_indexed(placement.native(action), index_min_rules, trust_domain)
         out.update(r.rbac_name for r in indexed)
     return out
 
@@ -47,31 +51,34 @@ def explain_json(
     index_min_rules: int | None = DEFAULT_INDEX_MIN_RULES,
 ) -> dict[str, Any]:
     policies = policy_set.policies_for(workload, now)
-    plan = rule_classes(policy_set, workload, now=now)
-    indexed = indexed_names(plan, index_min_rules, policy_set.mesh.trust_domain)
+    placement = authz_placement(policy_set, workload, now=now)
+    indexed = indexed_names(placement, index_min_rules, policy_set.mesh.trust_domain)
     rules = []
-    for r in plan.rules:
+    for r in placement.rules:
         entry = r.to_json()
         entry["principal_index"] = r.rbac_name in indexed
         rules.append(entry)
     has_tcp = any(p.protocol is Protocol.TCP for p in workload.ports)
     has_http = any(p.protocol is not Protocol.TCP for p in workload.ports) or not workload.ports
+    # A TCP-only workload has no HTTP chain: no ext_authz or jwt_authn filter, whatever the
+    # HTTP placement of its rules would be (CUSTOM on TCP is a network RBAC DENY).
+    tcp_only = has_tcp and not has_http
     return {
         "workload": workload.ref,
         "spiffe_id": workload.spiffe_id(policy_set.mesh.trust_domain),
         "policy_version": policy_set.version,
         "ports": _ports(policy_set, workload),
         "policies": [p.ref for p in policies],
-        "extauthz_filter": plan.uses_extauthz,
-        "jwt_authn_filter": plan.verifies_jwt_natively,
-        "extauthz_reasons": list(plan.extauthz_reasons),
-        "mechanism": plan.summary(),
+        "extauthz_filter": placement.uses_extauthz and not tcp_only,
+        "jwt_authn_filter": placement.verifies_jwt_natively and not tcp_only,
+        "extauthz_reasons": [] if tcp_only else list(placement.extauthz_reasons),
+        "mechanism": TCP_ONLY_MECHANISM if tcp_only else placement.summary(),
         "rules": rules if has_http else [],
-        "tcp_rules": [r.to_json() for r in plan.tcp_rules] if has_tcp else [],
+        "tcp_rules": [r.to_json() for r in placement.tcp_rules] if has_tcp else [],
     }
 
 
-def _rows(rules: tuple[RuleClass, ...], indexed: set[str] | None = None) -> list[str]:
+def _rows(rules: tuple[PlacedRule, ...], indexed: set[str] | None = None) -> list[str]:
     indexed = indexed or set()
     table = [
         (
@@ -98,7 +105,7 @@ def _rows(rules: tuple[RuleClass, ...], indexed: set[str] | None = None) -> list
 
 def explain_text(policy_set: PolicySet, workload: Workload, *, now: datetime | None = None) -> str:
     data = explain_json(policy_set, workload, now=now)
-    plan = rule_classes(policy_set, workload, now=now)
+    placement = authz_placement(policy_set, workload, now=now)
     ports = ", ".join(f"{p['port']}/{p['protocol']} (mTLS {p['mtls']})" for p in data["ports"])
     lines = [
         f"{data['workload']}  {data['spiffe_id']}",
@@ -110,11 +117,11 @@ def explain_text(policy_set: PolicySet, workload: Workload, *, now: datetime | N
     ]
     indexed = {r["rbac_policy"] for r in data["rules"] if r["principal_index"]}
     if data["rules"]:
-        lines += ["", "HTTP ports, rule by rule:", *_rows(plan.rules, indexed)]
+        lines += ["", "HTTP ports, rule by rule:", *_rows(placement.rules, indexed)]
     if data["tcp_rules"]:
         lines += [
             "",
             "TCP ports, rule by rule (network RBAC, no ext_authz):",
-            *_rows(plan.tcp_rules),
+            *_rows(placement.tcp_rules),
         ]
     return "\n".join(lines) + "\n"

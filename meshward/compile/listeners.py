@@ -304,20 +304,20 @@ def inbound_http(
     workload: Workload,
     port: WorkloadPort,
     *,
-    plan: authz.AuthzPlan,
+    placement: authz.AuthzPlacement,
     port_map: dict[int, int],
     mode: MtlsMode,
     options: CompileOptions,
     trust_domain: str,
 ) -> Built:
     """The listener holds the authorization filters (the same for every policy but ext_authz),
-    the route config their rules (meshward.compile.authz): a policy edit changes only the
+    the route config their rules (meshward.compile.authz.builder): a policy edit changes only the
     route, unless it adds or removes the workload's need for ext_authz."""
     binding = options.port_binding(workload, port.port)
     listener_name = names.inbound_listener(workload, port.port)
     cluster_name = names.inbound_cluster(workload, port.port)
-    access = authz.http_authz(
-        plan,
+    access = authz.build_http(
+        placement,
         port_map,
         workload_ref=workload.ref,
         declared_port=port.port,
@@ -375,7 +375,7 @@ def inbound_tcp(
     workload: Workload,
     port: WorkloadPort,
     *,
-    plan: authz.AuthzPlan,
+    placement: authz.AuthzPlacement,
     port_map: dict[int, int],
     mode: MtlsMode,
     options: CompileOptions,
@@ -392,7 +392,7 @@ def inbound_tcp(
     if log:
         proxy["access_log"] = log
     filters = [
-        *authz.network_rbac_filters(plan, port_map, stat),
+        *authz.build_tcp(placement, port_map, stat),
         {"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy},
     ]
     chains, listener_filters = _filter_chains(

@@ -30,7 +30,7 @@ def extauthz_spiffe_id(mesh: MeshConfig) -> str:
 
 
 # HTTP filter names as they appear in the chain. Per-route configs (typed_per_filter_config) are
-# keyed by these names, so every RBAC filter of a chain has its own (meshward.compile.authz).
+# keyed by these names, so every RBAC filter of a chain has its own (meshward.compile.authz.http_rbac).
 FILTER_HEADER_MUTATION = "envoy.filters.http.header_mutation"
 FILTER_RBAC = "envoy.filters.http.rbac"  # the extension's name; chain names are below
 FILTER_EXTAUTHZ = "envoy.filters.http.ext_authz"  # the ext_authz filter after the RBAC filters
@@ -38,7 +38,7 @@ FILTER_EXTAUTHZ_TOKEN = "meshward.ext_authz.token"  # ext_authz first, for reque
 FILTER_ROUTER = "envoy.filters.http.router"
 NETWORK_FILTER_RBAC = "envoy.filters.network.rbac"
 # The RBAC filters of an inbound HTTP chain, in chain order. Every inbound HTTP chain has all of
-# them, whatever the policy; their rules live in the route config (meshward.compile.authz).
+# them, whatever the policy; their rules live in the route config (meshward.compile.authz.http_rbac).
 RBAC_DRY_RUN_DENY = "meshward.rbac.dry_run_deny"
 RBAC_DRY_RUN_ALLOW = "meshward.rbac.dry_run_allow"
 RBAC_AUDIT = "meshward.rbac.audit"
@@ -59,7 +59,7 @@ DRY_RUN_DENY_PREFIX = "meshward_dry_run_deny_"
 DRY_RUN_ALLOW_PREFIX = "meshward_dry_run_allow_"
 AUDIT_PREFIX = "meshward_audit_"
 NATIVE_ALLOW_RESULT_KEY = NATIVE_ALLOW_PREFIX + "shadow_engine_result"
-# Principal-indexed ALLOW rules evaluated first (meshward.compile.index), and the synthetic
+# Principal-indexed ALLOW rules evaluated first (meshward.compile.authz.principal_index), and the synthetic
 # policy that carries their verdict into the rules engine.
 INDEXED_ALLOW_PREFIX = "meshward_indexed_allow_"
 INDEXED_ALLOW_RESULT_KEY = INDEXED_ALLOW_PREFIX + "shadow_engine_result"

@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from meshward.compile import names
-from meshward.compile.jwt_authn import FILTER_JWT_AUTHN, PAYLOAD_KEY
+from meshward.compile.authz.jwt_authn import FILTER_JWT_AUTHN, PAYLOAD_KEY
 from meshward.policy.paths import PathRejected, normalize_path, strip_trailing_host_dot
 
 Json = dict[str, Any]

@@ -17,7 +17,6 @@ from google.protobuf import json_format
 
 from meshward.compile import authz, listeners, names, tls
 from meshward.compile import protos as _protos
-from meshward.compile.classify import Placement
 from meshward.compile.fragments import FragmentCache
 from meshward.compile.options import CompileOptions, Endpoint, Mode
 from meshward.compile.peers import MeshIndex, mesh_index, peers_of
@@ -48,7 +47,7 @@ class WorkloadResources:
     clusters: tuple[Any, ...]  # Cluster
     endpoints: tuple[Any, ...]  # ClusterLoadAssignment (xDS mode; inline in static mode)
     secret_names: tuple[str, ...]  # SDS names referenced: ("ROOTCA", "default") or ()
-    plan: authz.AuthzPlan
+    placement: authz.AuthzPlacement  # where each rule of its inbound policies runs
     # Earliest expiry that can change this output (its own policies; with outbound, any
     # policy's, since a peer's emergency ALLOW decides whether it may call that peer).
     next_change: datetime | None
@@ -57,7 +56,7 @@ class WorkloadResources:
     def extauthz(self) -> bool:
         """The inbound HTTP chains have an ext_authz filter (rules that need it, or tokens to
         verify)."""
-        return self.plan.uses_extauthz
+        return self.placement.uses_extauthz
 
     def by_type(self) -> dict[str, tuple[Any, ...]]:
         """Type URL -> messages, for the xDS server."""
@@ -164,7 +163,7 @@ class Part:
     clusters: tuple[Any, ...] = ()
     endpoints: tuple[Any, ...] = ()
     tls_used: bool = False
-    plan: authz.AuthzPlan | None = None  # inbound only
+    placement: authz.AuthzPlacement | None = None  # inbound only
     next_change: datetime | None = None  # inbound only
     parsed: Mapping[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
@@ -186,7 +185,7 @@ def compile_inbound(
     ``memo``: JSON source -> proto, shared with other compiles (read-only protos)."""
     trust_domain = policy_set.mesh.trust_domain
     policies = policy_set.policies_for(workload, now)
-    plan = authz.plan(
+    placement = authz.place(
         policies,
         policy_set.request_authentications_for(workload),
         jwt_native=policy_set.mesh.jwt_enforcement is JwtEnforcement.NATIVE,
@@ -202,7 +201,7 @@ def compile_inbound(
             build(
                 workload,
                 port,
-                plan=plan,
+                placement=placement,
                 port_map=port_map,
                 mode=mode,
                 options=options,
@@ -210,11 +209,11 @@ def compile_inbound(
             )
         )
     clusters = [c for b in built for c in b.clusters]
-    if plan.uses_extauthz and any(listeners.is_http(p) for p in workload.ports):
+    if placement.uses_extauthz and any(listeners.is_http(p) for p in workload.ports):
         if options.extauthz is None:
             raise UserError(
                 f"workload {workload.ref} needs the ext_authz service "
-                f"({plan.extauthz_reasons[0]}) but no ext_authz address was given; "
+                f"({placement.extauthz_reasons[0]}) but no ext_authz address was given; "
                 "set it (e.g. --extauthz 127.0.0.1:9191)"
             )
         # mTLS to ext_authz with the workload's own SVID (ext_authz answers a sidecar only about
@@ -242,7 +241,7 @@ def compile_inbound(
             key="cluster_name",
         ),
         tls_used=tls_used,
-        plan=plan,
+        placement=placement,
         next_change=min(expiries) if expiries else None,
         parsed=used,
     )
@@ -312,7 +311,7 @@ def assemble(
 ) -> WorkloadResources:
     """One workload's resources from its two halves; ``outbound_change``: see
     :func:`outbound_change`."""
-    assert inbound.plan is not None
+    assert inbound.placement is not None
     return WorkloadResources(
         workload=workload.ref,
         policy_version=version,
@@ -326,7 +325,7 @@ def assemble(
             if inbound.tls_used or outbound.tls_used
             else ()
         ),
-        plan=inbound.plan,
+        placement=inbound.placement,
         next_change=earliest(inbound.next_change, outbound_change),
     )
 
@@ -380,11 +379,11 @@ def _shared(
     return message
 
 
-def rule_classes(
+def authz_placement(
     policy_set: PolicySet, workload: Workload, *, now: datetime | None = None
-) -> authz.AuthzPlan:
-    """Where each rule applying to ``workload`` runs (HTTP and TCP), and why."""
-    return authz.plan(
+) -> authz.AuthzPlacement:
+    """The plan step: where each rule applying to ``workload`` runs (HTTP and TCP), and why."""
+    return authz.place(
         policy_set.policies_for(workload, now),
         policy_set.request_authentications_for(workload),
         jwt_native=policy_set.mesh.jwt_enforcement is JwtEnforcement.NATIVE,
@@ -401,9 +400,8 @@ __all__ = [
     "LISTENER",
     "ROUTE",
     "SECRET",
-    "Placement",
     "WorkloadResources",
+    "authz_placement",
     "compile_mesh",
     "compile_workload",
-    "rule_classes",
 ]

@@ -561,13 +561,16 @@ class Runner:
 
 
 def extauthz_lagging(metrics_url: str, version: str) -> list[str]:
-    """ext_authz reports the version it serves as ``..._policy_version{version="<12 hex>"} 1``."""
+    """ext_authz reports the versions it serves as ``..._policy_info{version="<12 hex>"} N``
+    (N: processes serving it)."""
     import urllib.request
 
     with urllib.request.urlopen(metrics_url.rstrip("/") + "/metrics", timeout=2) as response:
         text = response.read().decode(errors="replace")
     serving = [
-        line for line in text.splitlines() if "policy_version{" in line and line.endswith(" 1.0")
+        line
+        for line in text.splitlines()
+        if line.startswith("meshward_extauthz_policy_info{") and not line.endswith(" 0.0")
     ]
     if any(f'version="{version[:12]}"' in line for line in serving):
         return []

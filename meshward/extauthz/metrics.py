@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 PREFIX = "meshward_extauthz_"
+POLICY_ID = PREFIX + "policy_id"
 
 
 def multiprocess_enabled() -> bool:
@@ -92,14 +93,19 @@ class Metrics:
             "JWT signature verifications (token cache misses)",
             registry=reg,
         )
-        self.policy_info = Gauge(
-            PREFIX + "policy_version",
-            "1 for the policy version being served, 0 for earlier ones (label: first 12 hex digits)",
-            ["version"],
-            registry=reg,
+        # The version served, as a number (its first 12 hex digits: 48 bits, exact in a float)
+        # and not as a label: a multiprocess file keeps every label value it ever held, so a
+        # label per version would grow with every policy change. policy_info{version} is
+        # derived from it at scrape time (PolicyInfoCollector) with only the versions served.
+        self.policy_id = Gauge(
+            POLICY_ID,
+            "The policy version served, as the integer value of its first 12 hex digits",
+            registry=None,  # written to the multiprocess files; policy_info reads it
             multiprocess_mode="liveall",
         )
         self._version = ""
+        if reg is not None:
+            reg.register(PolicyInfoCollector(self.served_versions))
         self._children: dict[tuple[str, int, str], Any] = {}
         self._latency_children = {c: self.latency.labels(c) for c in ("hit", "miss", "none")}
 
@@ -147,16 +153,12 @@ class Metrics:
             self.cache_bytes.set(authorizer.cache.size_bytes)
             version = authorizer.version[:12]
             if version != self._version:
-                if self._version:  # 0, not removed: multiprocess files keep removed labels
-                    self.policy_info.labels(self._version).set(0)
-                self.policy_info.labels(version).set(1)
+                self.policy_id.set(version_number(version))
                 self._version = version
 
-    def hit_counts(self) -> tuple[float, float]:
-        if self._authorizer is None:
-            return 0.0, 0.0
-        stats = self._authorizer.cache.stats
-        return float(stats.hits), float(stats.misses)
+    def served_versions(self) -> dict[str, int]:
+        """{version: 1} for the version this process serves (empty before the first sync)."""
+        return {self._version: 1} if self._version else {}
 
     def start_sync_thread(self, interval: float = 0.5) -> threading.Event:
         stop = threading.Event()
@@ -183,36 +185,57 @@ class _SyncOnCollect(Collector):
         return []
 
 
-class HitRatioCollector(Collector):
-    """``meshward_extauthz_cache_hit_ratio``, derived at scrape time from hit and miss counts."""
+def version_number(version: str) -> int:
+    """A policy version's first 12 hex digits as an integer (0 if it is not hex)."""
+    try:
+        return int(version[:12], 16)
+    except ValueError:
+        return 0
 
-    def __init__(self, counts: Callable[[], tuple[float, float]]) -> None:
-        self._counts = counts
+
+class PolicyInfoCollector(Collector):
+    """``meshward_extauthz_policy_info{version}``: the number of processes serving each policy
+    version; only versions served now, so at most one series per worker process."""
+
+    def __init__(self, served: Callable[[], dict[str, int]]) -> None:
+        self._served = served
 
     def collect(self) -> Iterator[Any]:
-        hits, misses = self._counts()
-        ratio = GaugeMetricFamily(
-            PREFIX + "cache_hit_ratio", "Decision cache hits / (hits + misses) since start"
+        info = GaugeMetricFamily(
+            PREFIX + "policy_info",
+            "Processes serving each policy version (label: its first 12 hex digits)",
+            labels=["version"],
         )
-        ratio.add_metric([], hits / (hits + misses) if hits + misses else 0.0)
-        yield ratio
+        for version, count in sorted(self._served().items()):
+            info.add_metric([version], count)
+        yield info
 
     def describe(self) -> Iterable[Any]:
         return []
 
 
-def _counter_sums(collector: Collector) -> Callable[[], tuple[float, float]]:
-    def counts() -> tuple[float, float]:
-        hits = misses = 0.0
-        for family in collector.collect():
-            for sample in family.samples:
-                if sample.name == PREFIX + "cache_hits_total":
-                    hits += sample.value
-                elif sample.name == PREFIX + "cache_misses_total":
-                    misses += sample.value
-        return hits, misses
+class _WorkersCollector(Collector):
+    """The multiprocess sum, with the workers' numeric policy ids turned into policy_info."""
 
-    return counts
+    def __init__(self, inner: Collector) -> None:
+        self._inner = inner
+
+    def served(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for family in self._inner.collect():
+            for sample in family.samples:
+                if sample.name == POLICY_ID and sample.value > 0:
+                    version = f"{int(sample.value):012x}"
+                    counts[version] = counts.get(version, 0) + 1
+        return counts
+
+    def collect(self) -> Iterator[Any]:
+        for family in self._inner.collect():
+            if family.name != POLICY_ID:
+                yield family
+
+    def describe(self) -> Iterable[Any]:
+        return []
 
 
 def serve_metrics(
@@ -226,11 +249,12 @@ def serve_metrics(
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        collector = multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        registry.register(HitRatioCollector(_counter_sums(collector)))
+        inner = multiprocess.MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+        workers = _WorkersCollector(inner)
+        registry.register(workers)
+        registry.register(PolicyInfoCollector(workers.served))
     else:
         assert metrics is not None
         registry = metrics.registry
-        registry.register(HitRatioCollector(metrics.hit_counts))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server, int(server.server_address[1])

@@ -286,7 +286,7 @@ class JwksSource:
 
 # ---- a payload Envoy's jwt_authn verified (jwtEnforcement: native) ---------------------------
 
-JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"  # meshward.compile.jwt_authn writes here
+JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"  # meshward.compile.authz.jwt_authn writes here
 JWT_PAYLOAD_KEY = "payload"
 
 

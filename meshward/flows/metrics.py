@@ -7,6 +7,9 @@
   ``other`` -> ``other``, so no caller can grow the series count.
 - ``meshward_flow_denials_total{policy}``: denials by deciding policy (``none``: no rule
   matched); at most :data:`MAX_POLICIES` policies, then ``other``.
+- ``meshward_flow_rule_decisions_total{policy,rule,decision}``: decisions by deciding rule
+  (``policy``/``rule`` ``none`` when no rule decided); at most :data:`MAX_RULES` (policy, rule)
+  pairs, then ``other``: the debug dashboard's "which rule decided" without the flow store.
 - ``meshward_flow_enforcement_seconds{decision}``: request durations as the callee's sidecar
   measured them (a histogram: heatmaps and quantiles are PromQL's job).
 - ``meshward_flow_collector_refused_total{reason}`` / ``..._dropped_total{reason}``: what the
@@ -26,6 +29,7 @@ from meshward.flows.records import DENY, FlowRecord
 
 MAX_PAIRS = 1000
 MAX_POLICIES = 500
+MAX_RULES = 1000
 OTHER = "other"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -44,6 +48,12 @@ class FlowMetrics:
             ["policy"],
             registry=registry,
         )
+        self.rules = Counter(
+            "meshward_flow_rule_decisions",
+            "Requests and connections by deciding policy rule (none: no rule decided)",
+            ["policy", "rule", "decision"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "meshward_flow_enforcement_seconds",
             "Request duration at the callee's sidecar (enforcement included)",
@@ -53,6 +63,7 @@ class FlowMetrics:
         )
         self._pairs: set[tuple[str, str]] = set()
         self._policies: set[str] = set()
+        self._rules: set[tuple[str, str]] = set()
 
     def observe(self, records: Iterable[FlowRecord]) -> None:
         for r in records:
@@ -71,6 +82,14 @@ class FlowMetrics:
                     else:
                         self._policies.add(policy)
                 self.denials.labels(policy).inc()
+            name, _, index = r.policy.partition("#")
+            rule = (name or "none", index if name else "none")
+            if rule not in self._rules:
+                if len(self._rules) >= MAX_RULES:
+                    rule = (OTHER, OTHER)
+                else:
+                    self._rules.add(rule)
+            self.rules.labels(rule[0], rule[1], r.decision).inc()
             if r.kind == "http" and r.direction == "inbound":
                 self.latency.labels(r.decision).observe(r.duration_ms / 1000)
 

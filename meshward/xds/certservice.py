@@ -244,13 +244,23 @@ class CertService:
         return encode({"trust_bundle": bundle.roots_pem.decode(), "bundle_version": bundle.version})
 
     # -- gRPC ----------------------------------------------------------------------------------
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, seconds: float | None = None) -> None:
+        """``outcome``: ``METHOD:result`` (result ok, error or a refusal reason: a fixed set, so
+        the metric's labels are bounded); ``seconds``: how long a signed CSR took."""
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        metrics = getattr(self.control, "metrics", None)
+        if metrics is None:
+            return
+        method, result = outcome.split(":", 1)
+        metrics.svid_requests.labels(method, result).inc()
+        if seconds is not None:
+            metrics.svid_issuance.labels(method).observe(seconds)
 
     def _wrap(
         self, method: str, fn: Callable[[bytes, Any], Issued | bytes]
     ) -> Callable[[bytes, Any], Awaitable[bytes]]:
         async def handler(request: bytes, context: Any) -> bytes:
+            started = time.perf_counter()
             try:
                 result = fn(request, context)
             except Refusal as exc:
@@ -272,7 +282,7 @@ class CertService:
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; nothing issued")
                 raise
             if isinstance(result, Issued):
-                self._count(f"{method}:ok")
+                self._count(f"{method}:ok", time.perf_counter() - started)
                 log.info("SVID for %s issued by CSR (%s), serial %x", result.identity,
                          method.lower(), result.serial)  # fmt: skip
                 return result.response

@@ -1,5 +1,5 @@
 """The control plane's JWKS fetcher: every ``jwksUri`` of the policy set, fetched and cached here
-and inlined into the sidecars' jwt_authn providers (meshward.compile.jwt_authn).
+and inlined into the sidecars' jwt_authn providers (meshward.compile.authz.jwt_authn).
 
 Why here: sidecars then need no route to the identity provider, compile stays pure (the
 documents are data passed in, ``CompileOptions.jwks``), and a key rotation is one fetch and one

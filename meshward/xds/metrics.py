@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from meshward.telemetry.fleet import FleetMetrics
 from meshward.xds import types
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -64,6 +65,20 @@ class XdsMetrics:
         self.svids_issued = Counter(
             "meshward_xds_svids_issued", "SVIDs issued to nodes", ["reason"], registry=self.registry
         )
+        self.svid_requests = Counter(
+            "meshward_xds_svid_requests",
+            "Certificate service requests (Join/Renew/Bundle) by outcome: ok, error (internal) "
+            "or the refusal reason (a fixed set: identity, token, limits, malformed CSR)",
+            ["method", "result"],
+            registry=self.registry,
+        )
+        self.svid_issuance = Histogram(
+            "meshward_xds_svid_issuance_seconds",
+            "Time to answer a CSR (Join or Renew) that was signed",
+            ["method"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.nodes_collected = Counter(
             "meshward_xds_nodes_collected",
             "Disconnected nodes forgotten after --node-gc-after",
@@ -75,6 +90,7 @@ class XdsMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.fleet = FleetMetrics()
 
     def push(self, type_url: str) -> None:
         self.pushes.labels(types.short(type_url)).inc()
@@ -87,17 +103,27 @@ class XdsMetrics:
     def nack(self, type_url: str) -> None:
         self.nacks.labels(types.short(type_url)).inc()
 
-    def add_state(self, status: Callable[[], Mapping[str, Any]]) -> None:
-        """Gauges computed from the live status (``AdsServer.status`` + control plane)."""
-        self.registry.register(_StateCollector(status))
+    def add_state(
+        self, status: Callable[[], Mapping[str, Any]], ca: Callable[[], Any] | None = None
+    ) -> None:
+        """Gauges computed from the live status (``AdsServer.status`` + control plane); ``ca``
+        returns the CertificateAuthority for the CA expiry gauges."""
+        self.registry.register(_StateCollector(status, self.fleet, ca))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _StateCollector(Collector):
-    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        status: Callable[[], Mapping[str, Any]],
+        fleet: FleetMetrics,
+        ca: Callable[[], Any] | None,
+    ) -> None:
         self._status = status
+        self._fleet = fleet
+        self._ca = ca
 
     def describe(self) -> list[Metric]:
         return []  # computed at scrape time; nothing to pre-register
@@ -167,3 +193,4 @@ class _StateCollector(Collector):
         )
         error.add_metric([], 1 if policy.get("error") else 0)
         yield error
+        yield from self._fleet.families(status, self._ca() if self._ca is not None else None)

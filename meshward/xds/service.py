@@ -107,7 +107,7 @@ class XdsService:
 
             self.flows = FlowService(flows_db, self.control, registry=self.metrics.registry)
             self.ads.services.append(self.flows.collector.add_to)
-        self.metrics.add_state(self.status)
+        self.metrics.add_state(self.status, ca=lambda: self.control.ca)
         self.listen = listen
         self.admin_address = admin
         self.admin: AdminServer | None = None

@@ -34,6 +34,7 @@ class TypeStatus:
     nacks: int
     rejected: tuple[str, ...]
     last_nack: Nack | None
+    acked_at: float = 0.0  # monotonic time of the last ACK (0: none yet)
 
     def as_dict(self, wall_offset: float) -> dict[str, Any]:
         return {
@@ -48,6 +49,7 @@ class TypeStatus:
             "nacks": self.nacks,
             "rejected": list(self.rejected),
             "last_nack": nack_dict(self.last_nack, wall_offset),
+            "acked_at": iso(self.acked_at + wall_offset) if self.acked_at else None,
         }
 
 
@@ -86,6 +88,7 @@ def type_status(
         nacks=st.nacks,
         rejected=tuple(sorted(st.rejected)),
         last_nack=st.last_nack,
+        acked_at=st.acked_at,
     )
 
 

@@ -354,7 +354,7 @@ class FaultMesh:
         ) as response:
             text = response.read().decode()
         for line in text.splitlines():
-            if line.startswith("meshward_extauthz_policy_version{") and line.endswith(" 1.0"):
+            if line.startswith("meshward_extauthz_policy_info{") and not line.endswith(" 0.0"):
                 return line.split('version="', 1)[1].split('"', 1)[0]
         raise AssertionError("ext_authz exposes no policy version")
 

@@ -33,7 +33,7 @@ from google.rpc import status_pb2
 
 from meshward.certs.ca import CertificateAuthority
 from meshward.compile import CompileOptions, Endpoint, synth
-from meshward.compile.classify import rule_extauthz_reason
+from meshward.compile.authz import rule_extauthz_reason
 from meshward.compile.names import extauthz_spiffe_id, rbac_policy_name
 from meshward.compile.testing import SidecarConnection, StaticSidecar, client_context
 from meshward.demo.echo import EchoServer
@@ -312,7 +312,7 @@ def _keyed_source(rng: random.Random) -> Source:
 
 def _keyed_set(seed: int) -> PolicySet:
     """A random native policy set whose every rule names callers by namespace or prefix (or
-    exactly): all of it goes to the prefix index (meshward.compile.index)."""
+    exactly): all of it goes to the prefix index (meshward.compile.authz.principal_index)."""
     base = synth.random_policy_set(seed, synth.Profile(policies=(3, 6)))
     rng = random.Random(seed)
     policies = [
@@ -346,7 +346,7 @@ def _mixed_keyed(start: int) -> tuple[PolicySet, list[synth.Probe]]:
 
 
 # "+indexed": every rule naming exact callers compiles to RBAC's principal-indexed matcher
-# (meshward.compile.index), the form large workloads get. "keyed": every rule names its callers
+# (meshward.compile.authz.principal_index), the form large workloads get. "keyed": every rule names its callers
 # by namespace, prefix or identity (with notPrincipals), so it is all in the prefix map.
 @pytest.mark.parametrize(
     "case",
@@ -430,8 +430,8 @@ def test_envoy_decides_like_the_evaluator(
     assert not servicer.errors, servicer.errors[:3]
     assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:8])
     if native and policy_set.request_authentications:
-        assert resources.plan.verifies_jwt_natively  # the jwt_authn filter is in the chain
-    if variant != "indexed":  # (the index: see meshward.compile.authz on which rule it names)
+        assert resources.placement.verifies_jwt_natively  # the jwt_authn filter is in the chain
+    if variant != "indexed":  # (the index: see meshward.compile.authz.builder, which rule)
         assert not _misnamed(policy_set, answered, entries)
     assert outcomes[200] and outcomes[403] and outcomes[400], outcomes  # a real mix
     calls = servicer.calls - calls_before
@@ -441,11 +441,11 @@ def test_envoy_decides_like_the_evaluator(
         assert not resources.extauthz and calls == 0  # JWT too: Envoy alone decides
     if not resources.extauthz:
         assert calls == 0  # no ext_authz filter at all: Python never sees these requests
-    elif not resources.plan.needs_extauthz:
+    elif not resources.placement.needs_extauthz:
         # Only token verification: exactly the requests carrying a token reach Python.
         with_token = [p for p in probes if p.user and synth.expected_status(policy_set, p) != 400]
         assert calls == len(with_token) > 0
-    elif not resources.plan.extauthz_always:
+    elif not resources.placement.extauthz_always:
         assert 0 < calls < len(probes)  # the ALLOW union skips ext_authz for native allows
 
 
@@ -636,7 +636,7 @@ def _misnamed(
             policy_set, workload, probe.request(), now=NOW, custom=synth.custom_provider
         )
         if decision.action is Action.CUSTOM and not decision.allowed:
-            # Documented residual (meshward.compile.authz): RBAC DENY runs before ext_authz,
+            # Documented residual (meshward.compile.authz.builder): RBAC DENY runs before ext_authz,
             # so a request a native DENY rule and a CUSTOM policy both deny is named by RBAC.
             continue
         named = "none"
@@ -843,8 +843,7 @@ def test_envoy_and_the_evaluator_name_the_same_first_matching_rule(
     meshward.compile.authz.envoy_policy_order predicts, and meshward.policy.evaluate (so
     ``meshward policy explain`` and the ext_authz service) names the same rule: both take the
     order from meshward.policy.ordering."""
-    from meshward.compile.authz import envoy_policy_order
-    from meshward.compile.classify import classify_rules
+    from meshward.compile.authz import envoy_policy_order, place_rules
 
     get = Rule(operations=(Operation(methods=("GET",)),))
     deny_web = AuthorizationPolicy(
@@ -874,7 +873,7 @@ def test_envoy_and_the_evaluator_name_the_same_first_matching_rule(
         matching = {("shop/web", 2), ("shop/web", 10), ("shop/web-2", 0)}  # GET /p2
         predicted = next(
             r.rbac_name
-            for r in envoy_policy_order(classify_rules(policy_set.policies_for(workload)))
+            for r in envoy_policy_order(place_rules(policy_set.policies_for(workload)))
             if (r.policy.ref, r.index) in matching
         )
         workdir = tmp_path / label.replace(" ", "-")

@@ -211,3 +211,62 @@ def test_the_compose_control_plane_serves_valid_envoy_config(policy: Any) -> Non
         results = list(pool.map(validate, sorted(policy.workloads, key=lambda w: w.ref)))
     for ref, ok, output in results:
         assert ok, f"{ref}: {output}"
+
+
+def test_prometheus_and_grafana_see_the_mesh_and_the_host_reaches_the_admin_address(
+    config: dict[str, Any],
+) -> None:
+    """Prometheus scrapes the control plane's admin port and ext_authz's metrics with the alert
+    rules loaded; Grafana gets the datasource and the three dashboards; the admin port is
+    published on the host's loopback only, so `meshward status/flows/denials --xds` work there."""
+    services = config["services"]
+    assert _ports(services["xds"]) == [
+        ("127.0.0.1", compose.XDS_ADMIN_PORT, compose.XDS_ADMIN_PORT)
+    ]
+    prom_mounts = {t: s for s, t, _ in _bind_mounts(services["prometheus"])}
+    prom_config = yaml.safe_load(prom_mounts["/etc/prometheus/prometheus.yml"].read_text())
+    assert prom_mounts["/etc/prometheus/alerts.yml"] == ROOT / "deploy/prometheus/alerts.yml"
+    assert prom_config["rule_files"] == ["alerts.yml"]
+    targets = {
+        job["job_name"]: job["static_configs"][0]["targets"]
+        for job in prom_config["scrape_configs"]
+    }  # fmt: skip
+    assert targets["meshward-control-plane"] == [f"xds:{compose.XDS_ADMIN_PORT}"]
+    assert targets["meshward-extauthz"] == [f"extauthz:{compose.EXTAUTHZ_METRICS_PORT}"]
+    assert (
+        f"--metrics-listen=0.0.0.0:{compose.EXTAUTHZ_METRICS_PORT}"
+        in services["extauthz"]["command"]
+    )
+    graf = {t: s for s, t, _ in _bind_mounts(services["grafana"])}
+    provider = yaml.safe_load(
+        (graf["/etc/grafana/provisioning"] / "dashboards/meshward.yaml").read_text()
+    )
+    dashboards_dir = provider["providers"][0]["options"]["path"]
+    assert graf[dashboards_dir] == ROOT / "deploy/grafana/dashboards"
+    assert len(list(graf[dashboards_dir].glob("meshward-*.json"))) == 3
+    datasource = yaml.safe_load(
+        (graf["/etc/grafana/provisioning"] / "datasources/prometheus.yaml").read_text()
+    )["datasources"][0]
+    board = json.loads((graf[dashboards_dir] / "meshward-oncall.json").read_text())
+    assert board["panels"][0]["datasource"]["uid"] == datasource["uid"]
+    assert datasource["url"] == "http://prometheus:9090"
+    for name in ("prometheus", "grafana"):
+        assert all(host == "127.0.0.1" for host, _, _ in _ports(services[name]))
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        check = subprocess.run([promtool, "check", "config", str(prom_mounts["/etc/prometheus/prometheus.yml"])],
+                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(host ip, published, target) of each published port, in either syntax docker-compose
+    prints (v1: "IP:PUBLISHED:TARGET/tcp" strings; v2: mappings)."""
+    result = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            result.append((port.get("host_ip", ""), int(port["published"]), int(port["target"])))
+        else:
+            host, published, target = str(port).split("/")[0].rsplit(":", 2)
+            result.append((host, int(published), int(target)))
+    return result

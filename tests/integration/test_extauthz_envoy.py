@@ -331,9 +331,7 @@ def test_policy_change_takes_effect_on_the_next_request(stack: Stack) -> None:
         version = load([stack.policy_dir]).version[:12]
         _wait(
             lambda: (
-                stack.service.metrics().get(
-                    f'meshward_extauthz_policy_version{{version="{version}"}}'
-                )
+                stack.service.metrics().get(f'meshward_extauthz_policy_info{{version="{version}"}}')
                 == 1
             )
         )
@@ -343,7 +341,7 @@ def test_policy_change_takes_effect_on_the_next_request(stack: Stack) -> None:
     original = load([stack.policy_dir]).version[:12]
     _wait(
         lambda: (
-            stack.service.metrics().get(f'meshward_extauthz_policy_version{{version="{original}"}}')
+            stack.service.metrics().get(f'meshward_extauthz_policy_info{{version="{original}"}}')
             == 1
         )
     )
@@ -447,9 +445,7 @@ def test_request_principal_issuer_split_agrees_with_the_evaluator(stack: Stack) 
         version = policy_set.version[:12]
         _wait(
             lambda: (
-                stack.service.metrics().get(
-                    f'meshward_extauthz_policy_version{{version="{version}"}}'
-                )
+                stack.service.metrics().get(f'meshward_extauthz_policy_info{{version="{version}"}}')
                 == 1
             )
         )
@@ -475,7 +471,7 @@ def test_request_principal_issuer_split_agrees_with_the_evaluator(stack: Stack) 
     original = load([stack.policy_dir]).version[:12]
     _wait(
         lambda: (
-            stack.service.metrics().get(f'meshward_extauthz_policy_version{{version="{original}"}}')
+            stack.service.metrics().get(f'meshward_extauthz_policy_info{{version="{original}"}}')
             == 1
         )
     )

@@ -131,11 +131,16 @@ def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: P
             checks = sum(
                 v for k, v in samples.items() if k.startswith("meshward_extauthz_checks_total{")
             )
-            if checks == 20 and samples.get("meshward_extauthz_cache_misses_total", 0) >= 2:
+            versions = [k for k in samples if k.startswith("meshward_extauthz_policy_info{")]
+            served = sum(samples[k] for k in versions)
+            misses = samples.get("meshward_extauthz_cache_misses_total", 0)
+            if checks == 20 and misses >= 2 and served == 2:  # both workers report their version
                 break
             assert time.monotonic() < deadline, samples
             time.sleep(0.1)
-        assert samples["meshward_extauthz_cache_hit_ratio"] > 0
+        assert "meshward_extauthz_cache_hit_ratio" not in samples  # a PromQL job
+        assert len(versions) == 1, samples  # one version, served by both workers
+        assert not any(k.startswith("meshward_extauthz_policy_id") for k in samples)
 
         workers = _worker_pids(proc.pid)
         assert len(workers) == 2

@@ -224,7 +224,7 @@ def test_custom_and_jwt_deny_need_extauthz_on_every_request(extra: Authorization
     request, whole policy included."""
     ps = policy_set(allow("native", NATIVE_RULE), allow("jwt", JWT_RULE), extra)
     resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
-    assert resources.plan.extauthz_always
+    assert resources.placement.extauthz_always
     assert filter_names(resources) == ["header_mutation", "token:off", "ext_authz", "router"]
     assert "meshward_native_allow_" not in json.dumps(route_config(resources))
     union = compile_workload(
@@ -723,7 +723,7 @@ def test_request_authentication_sends_token_requests_to_extauthz_first() -> None
     routes matching the token locations enable the token filter; the default route does not."""
     ps = _with_request_authn(allow("a", NATIVE_RULE), allow("d", NATIVE_RULE, action=Action.DENY))
     resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))
-    assert resources.extauthz and not resources.plan.needs_extauthz
+    assert resources.extauthz and not resources.placement.needs_extauthz
     assert [f["name"] for f in http_filters(resources)] == [
         "envoy.filters.http.header_mutation",
         "meshward.ext_authz.token",  # before any RBAC filter: 401 comes first, as in Istio
@@ -850,8 +850,7 @@ def test_envoy_and_the_evaluator_name_the_same_first_matching_rule() -> None:
     string order; the evaluator uses the same order (meshward.policy.ordering), so
     ``meshward policy explain`` names the rule Envoy names."""
     from meshward.compile import simulate
-    from meshward.compile.authz import envoy_policy_order
-    from meshward.compile.classify import classify_rules
+    from meshward.compile.authz import envoy_policy_order, place_rules
     from meshward.policy import Request, evaluate
 
     any_get = Rule(operations=(Operation(methods=("GET",)),))
@@ -868,8 +867,7 @@ def test_envoy_and_the_evaluator_name_the_same_first_matching_rule() -> None:
     }
     both = cases["both"][0]
     ordered = [
-        r.rbac_name
-        for r in envoy_policy_order(classify_rules(both.policies_for(both.workloads[0])))
+        r.rbac_name for r in envoy_policy_order(place_rules(both.policies_for(both.workloads[0])))
     ]
     assert ordered[:3] == [
         "ns[shop]-policy[web-2]-rule[0]",  # '-' < ']'

@@ -72,7 +72,7 @@ def assert_equal(state: CompileState, expected: dict[str, Any]) -> None:
         assert have.serialize() == want.serialize(), ref
         assert have.secret_names == want.secret_names, ref
         assert have.next_change == want.next_change, ref
-        assert have.plan == want.plan, ref
+        assert have.placement == want.placement, ref
         assert have.policy_version == want.policy_version, ref
         assert have.to_json() == want.to_json(), ref
 

@@ -1,5 +1,5 @@
 """The principal index takes rules that name callers by prefix or namespace, not only by exact
-identity: a prefix map on the peer's URI SAN (meshward.compile.index). Decisions are checked
+identity: a prefix map on the peer's URI SAN (meshward.compile.authz.principal_index). Decisions are checked
 against meshward.policy.evaluate through the Envoy model (meshward.compile.simulate), including
 peers of other trust domains, which Istio's namespace matching admits; the real-Envoy check is
 tests/integration/test_compile_equivalence.py ("keyed+indexed")."""
@@ -19,10 +19,10 @@ from meshward.compile import (
     PortBinding,
     WorkloadBinding,
     compile_workload,
-    index,
     simulate,
 )
-from meshward.compile.classify import classify_rules
+from meshward.compile.authz import place_rules
+from meshward.compile.authz import principal_index as index
 from meshward.compile.workload import to_dict
 from meshward.policy import PolicySet, Request, evaluate
 from meshward.policy.model import (
@@ -189,7 +189,7 @@ def test_an_own_domain_peer_in_an_unnamed_namespace_walks_no_rule() -> None:
     """The entry for ``spiffe://<td>/`` is empty: a local peer the rules do not name is
     answered by one lookup, not a walk over the namespace rules kept for foreign peers."""
     ps = _policy_set(_policy("keyed", *_keyed_rules(40)))
-    rules = classify_rules(ps.policies_for(API, NOW))
+    rules = place_rules(ps.policies_for(API, NOW))
     layout = index._layout(rules, TD)
     assert layout.entries[f"spiffe://{TD}/"] == ()
     assert layout.entries[f"spiffe://{TD}/ns/team-0/"]  # the namespace rule
@@ -206,7 +206,7 @@ def test_unkeyable_rules_stay_in_the_rules_engine() -> None:
         Rule(sources=(Source(principals=("*",)),)),
     ]
     ps = _policy_set(_policy("keyed", *_keyed_rules(20)), _policy("plain", *unkeyable))
-    rules = classify_rules(ps.policies_for(API, NOW))
+    rules = place_rules(ps.policies_for(API, NOW))
     indexed, plain = index.split(rules, 16, TD)
     assert len(indexed) == 20
     assert sorted(r.rbac_name for r in plain) == sorted(
@@ -222,7 +222,7 @@ def test_the_entry_budget_falls_back_to_exact_identities(monkeypatch: pytest.Mon
     only rules naming exact identities are indexed (the route stays small)."""
     exact = [Rule(sources=(Source(principals=(f"{TD}/ns/team-0/sa/svc-{i}",)),)) for i in range(20)]
     ps = _policy_set(_policy("mixed", *exact, *_keyed_rules(20)))
-    rules = classify_rules(ps.policies_for(API, NOW))
+    rules = place_rules(ps.policies_for(API, NOW))
     assert len(index.split(rules, 16, TD)[0]) == 40
     monkeypatch.setattr(index, "MAX_ENTRY_RULES", 30)
     indexed, plain = index.split(rules, 16, TD)

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from meshward.compile import CompileOptions, Endpoint, compile_workload, jwt_authn, simulate
+from meshward.compile import CompileOptions, Endpoint, compile_workload, simulate
+from meshward.compile.authz import jwt_authn
 from meshward.compile.workload import to_dict
 from meshward.policy import PolicySet
 from meshward.policy.matching import claim_values, strings_predicate

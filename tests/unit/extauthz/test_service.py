@@ -210,7 +210,9 @@ def test_metrics_endpoint_reports_cache_and_latency(served: Any, issuer: LocalIs
     }
     assert samples["meshward_extauthz_cache_hits_total"] == 3
     assert samples["meshward_extauthz_cache_misses_total"] == 1
-    assert samples["meshward_extauthz_cache_hit_ratio"] == 0.75
+    assert "meshward_extauthz_cache_hit_ratio" not in samples  # hits / (hits + misses): PromQL's
+    info = [k for k in samples if k.startswith("meshward_extauthz_policy_info{")]
+    assert len(info) == 1 and samples[info[0]] == 1
     assert samples["meshward_extauthz_cache_entries"] == 1
     assert samples["meshward_extauthz_policy_evaluations_total"] == 1
     assert samples['meshward_extauthz_check_duration_seconds_count{cache="hit"}'] == 3

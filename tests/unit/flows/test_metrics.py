@@ -34,3 +34,9 @@ def test_a_flood_of_distinct_pairs_and_policies_keeps_series_bounded() -> None:
     assert 'source="other"' in text
     assert len(denials) == metrics.MAX_POLICIES + 1
     assert 'meshward_flow_denials_total{policy="other"} 1000.0' in text
+    rules = [x for x in text.splitlines() if x.startswith("meshward_flow_rule_decisions_total{")]
+    assert len(rules) == metrics.MAX_RULES + 1
+    assert (
+        'meshward_flow_rule_decisions_total{decision="deny",policy="other",rule="other"} 500.0'
+        in text
+    )

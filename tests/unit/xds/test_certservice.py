@@ -126,6 +126,10 @@ async def test_join_then_renew_with_the_svid(service: XdsService, ca_dir: Path) 
     third = await renew(service, second)  # the renewed SVID authenticates the next renewal
     assert third.serial != second.serial
     assert service.certs.counts == {"Join:ok": 1, "Renew:ok": 2}
+    text = service.metrics.exposition().decode()
+    assert 'meshward_xds_svid_requests_total{method="Join",result="ok"} 1.0' in text
+    assert 'meshward_xds_svid_requests_total{method="Renew",result="ok"} 2.0' in text
+    assert 'meshward_xds_svid_issuance_seconds_count{method="Renew"} 2.0' in text
 
 
 async def test_a_token_works_once_even_across_restarts(ca_dir: Path) -> None:
@@ -287,6 +291,12 @@ async def test_a_flood_of_bad_requests_stays_bounded(service: XdsService, ca_dir
     codes = await asyncio.gather(*(bad(i) for i in range(200)))
     assert set(codes) == {"PERMISSION_DENIED"}
     assert set(service.certs.counts) == {"Join:bad-signature"}
+    text = service.metrics.exposition().decode()
+    series = [x for x in text.splitlines() if x.startswith("meshward_xds_svid_requests_total{")]
+    assert series == [
+        'meshward_xds_svid_requests_total{method="Join",result="bad-signature"} 200.0'
+    ]
+    assert 'meshward_xds_svid_issuance_seconds_count{method="Join"}' not in text  # none signed
     assert len(service.certs.refusals._seen) == 1  # one key for every anonymous caller
     assert len(service.certs.limiter) == 0  # refused before any CSR work or bucket
 

@@ -16,7 +16,7 @@ import pytest
 
 from meshward.certs import CertificateAuthority
 from meshward.compile import CompileOptions
-from meshward.compile.jwt_authn import NO_KEYS_JWKS
+from meshward.compile.authz.jwt_authn import NO_KEYS_JWKS
 from meshward.policy import parse
 from meshward.xds import jwks
 from meshward.xds.compiler import compiler_for

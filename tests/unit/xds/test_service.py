@@ -285,6 +285,10 @@ async def test_drift_is_flagged_and_fails_the_status_command(
     _, metrics = await http_get(f"{service.admin_url}/metrics")
     assert "meshward_xds_drifting_nodes 1.0" in metrics.decode()
     assert 'meshward_xds_nacks_total{type="RDS"} 1.0' in metrics.decode()
+    assert "meshward_xds_drift_events_total 1.0" in metrics.decode()
+    assert 'meshward_xds_node_in_sync{node="shop/orders"} 0.0' in metrics.decode()
+    assert 'meshward_xds_node_policy_enforced{node="shop/orders"} 0.0' in metrics.decode()
+    assert "meshward_xds_policy_rollout_pending 1.0" in metrics.decode()  # never ACKed
     # The ADS port works as --xds too: the admin endpoint is looked up at port + 1.
     host_port = service.admin_url.removeprefix("http://") if service.admin_url else ""
     host, port = host_port.rsplit(":", 1)
@@ -624,3 +628,46 @@ async def test_status_is_a_summary_by_default_with_a_paged_filterable_node_view(
             await http_get(f"{service.admin_url}/status?{query}")
         assert caught.value.code == 400
         assert why in caught.value.read().decode(), query
+
+
+def _samples(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+async def test_metrics_time_a_policy_rollout_until_every_node_acked(
+    service: XdsService, clients: Clients
+) -> None:
+    """The rollout histogram observes once per version, when the last connected node ACKed it;
+    per-node sync and the CA and credential expiry gauges come with the same scrape."""
+    for name in ("shop/frontend", "shop/orders"):
+        clients.open(name, subscriptions=with_routes(name))
+    await until(lambda: in_sync(service, "shop/frontend") and in_sync(service, "shop/orders"))
+    first = _samples(service.metrics.exposition().decode())
+    assert first["meshward_xds_policy_generation"] == 1
+    assert first["meshward_xds_policy_rollout_pending"] == 0
+    assert first["meshward_xds_policy_rollout_seconds_count"] == 1
+    assert first['meshward_xds_node_in_sync{node="shop/orders"}'] == 1
+    assert first['meshward_xds_node_policy_enforced{node="shop/orders"}'] == 1
+    now = datetime.now(UTC).timestamp()
+    assert first['meshward_xds_node_credential_expiry_timestamp_seconds{node="shop/orders"}'] > now
+    assert 0 < now - first['meshward_xds_node_last_ack_timestamp_seconds{node="shop/orders"}'] < 60
+    assert first['meshward_ca_expiry_timestamp_seconds{certificate="root"}'] > now
+    assert first['meshward_ca_expiry_timestamp_seconds{certificate="intermediate"}'] > now
+    assert first["meshward_xds_server_cert_expiry_timestamp_seconds"] > now
+    assert not any("version=" in k for k in first if k.startswith("meshward_xds_policy_gen"))
+
+    service.control.apply_policy(policy('"GET", "POST"'))
+    pending = _samples(service.metrics.exposition().decode())
+    assert pending["meshward_xds_policy_generation"] == 2
+    await until(lambda: in_sync(service, "shop/orders"), what="the new version ACKed")
+    done = _samples(service.metrics.exposition().decode())
+    assert done["meshward_xds_policy_rollout_pending"] == 0
+    assert done["meshward_xds_policy_rollout_seconds_count"] == 2
+    assert done['meshward_xds_policy_rollouts_total{result="completed"}'] == 2
+    assert 0 <= done["meshward_xds_policy_rollout_seconds_sum"] < 60
+    infos = [k for k in done if k.startswith("meshward_xds_policy_info{")]
+    assert len(infos) == 1  # only the version in force, never one series per version

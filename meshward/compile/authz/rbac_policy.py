@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from meshward.compile import jwt_authn
-from meshward.compile import matchers as m
-from meshward.compile.classify import JWT_KEY_PREFIX
-from meshward.compile.matchers import Json
+from meshward.compile.authz import jwt_authn
+from meshward.compile.authz import matchers as m
+from meshward.compile.authz.matchers import Json
+from meshward.compile.authz.placement import JWT_KEY_PREFIX
 from meshward.policy.model import Condition, Operation, Rule, Source
 from meshward.policy.vocabulary import header_name
 
@@ -137,7 +137,7 @@ def _source(src: Source, ctx: RuleContext) -> Json | None:
         parts.append(_field(src.remote_ip_blocks, _remote_ip, permission=False))
     if src.not_remote_ip_blocks:
         parts.append(_field(src.not_remote_ip_blocks, _remote_ip, permission=False, negate=True))
-    if not ctx.drop_http:  # end-user JWT (meshward.compile.jwt_authn): HTTP only
+    if not ctx.drop_http:  # end-user JWT (meshward.compile.authz.jwt_authn): HTTP only
         if src.request_principals:
             parts.append(
                 _field(src.request_principals, jwt_authn.request_principal, permission=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshward.compile import Placement, classify_rules, needs_extauthz
+from meshward.compile import Placement, needs_extauthz, place_rules
 from meshward.policy.model import Action, AuthorizationPolicy, Condition, Operation, Rule, Source
 
 NATIVE = Rule(
@@ -52,7 +52,7 @@ def test_custom_needs_extauthz_unless_it_has_no_rules() -> None:
 
 def test_classification_per_rule() -> None:
     jwt = Rule(sources=(Source(request_principals=("*",)),))
-    classes = classify_rules(
+    classes = place_rules(
         [
             policy(Action.ALLOW, NATIVE, jwt),
             policy(Action.DENY, NATIVE, dry_run=True),
@@ -72,7 +72,7 @@ def test_classification_per_rule() -> None:
 
 def test_tcp_classification_follows_istio() -> None:
     http = Rule(operations=(Operation(methods=("GET",)),))
-    tcp = classify_rules(
+    tcp = place_rules(
         [
             policy(Action.ALLOW, http, NATIVE),
             policy(Action.DENY, http),

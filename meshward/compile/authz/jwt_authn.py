@@ -36,8 +36,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshward.compile import matchers as m
-from meshward.compile.matchers import Json
+from meshward.compile.authz import matchers as m
+from meshward.compile.authz.matchers import Json
 from meshward.policy.matching import SPACE_DELIMITED_CLAIMS
 from meshward.policy.model import JwtRule, RequestAuthentication
 from meshward.policy.paths import re2_escape

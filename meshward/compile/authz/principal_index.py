@@ -13,7 +13,7 @@ Rules with suffix or ``*`` principals, ``*...`` namespaces, only negations or no
 in the rules engine.
 
 The predicates are a mechanical translation of the same RBAC policy JSON the ``rules`` engine
-gets (meshward.compile.rbac), into the generic matcher API's inputs: request headers, the path,
+gets (meshward.compile.authz.rbac_policy), into the generic matcher API's inputs: request headers, the path,
 ports, addresses, SNI and the URI SAN. ``url_path`` (the path without its query) has no matcher
 input, so path patterns are matched against ``:path`` with an optional query/fragment tail.
 """
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshward.compile.classify import RuleClass, envoy_policy_order, rule_extauthz_reason
-from meshward.compile.matchers import SPIFFE
-from meshward.compile.rbac import RuleContext, rule_policy
+from meshward.compile.authz.matchers import SPIFFE
+from meshward.compile.authz.placement import PlacedRule, envoy_policy_order, rule_extauthz_reason
+from meshward.compile.authz.rbac_policy import RuleContext, rule_policy
 from meshward.policy.model import Source
 from meshward.policy.paths import re2_escape
 
@@ -68,7 +68,7 @@ def keyable_source(source: Source) -> bool:
     return _source_keys(source, "td") is not None
 
 
-def rule_keys(rule: RuleClass, trust_domain: str = "") -> tuple[tuple[str, bool], ...] | None:
+def rule_keys(rule: PlacedRule, trust_domain: str = "") -> tuple[tuple[str, bool], ...] | None:
     """The URI SAN prefixes under which ``rule`` is filed in the index (a peer that can match
     the rule has one of them), or None when the rule is not indexable: some ``from`` entry
     admits callers no prefix covers, or the rule has no ``from`` at all."""
@@ -86,7 +86,7 @@ def rule_keys(rule: RuleClass, trust_domain: str = "") -> tuple[tuple[str, bool]
     return tuple(dict.fromkeys(out))
 
 
-def exact_principals(rule: RuleClass) -> tuple[str, ...] | None:
+def exact_principals(rule: PlacedRule) -> tuple[str, ...] | None:
     """The callers that could match ``rule`` (full SPIFFE IDs), or None when it is not limited
     to exact identities (every ``from`` entry must list exact principals)."""
     sources = rule.rule.sources
@@ -233,7 +233,7 @@ def _action(name: str, action: str) -> Json:
     }
 
 
-def rule_predicate(rule: RuleClass, ctx: RuleContext) -> Json:
+def rule_predicate(rule: PlacedRule, ctx: RuleContext) -> Json:
     policy = rule_policy(rule.rule, ctx)
     permission = _combine("or_matcher", [predicate(p) for p in policy["permissions"]])
     principal = _combine("or_matcher", [predicate(p) for p in policy["principals"]])
@@ -250,7 +250,7 @@ MAX_ENTRY_RULES = 20_000
 class _Layout:
     """Where each indexed rule is filed: prefix -> positions (in Envoy's policy order)."""
 
-    rules: tuple[RuleClass, ...]  # Envoy's policy order
+    rules: tuple[PlacedRule, ...]  # Envoy's policy order
     entries: dict[str, tuple[int, ...]]
     any_td: tuple[int, ...]  # rules with a namespace key: the only ones a foreign peer can match
     own: str  # ``spiffe://<trust domain>/``, or "" without a trust domain
@@ -260,7 +260,7 @@ class _Layout:
         return sum(len(v) for v in self.entries.values()) + len(self.any_td)
 
 
-def _layout(rules: Sequence[RuleClass], trust_domain: str) -> _Layout:
+def _layout(rules: Sequence[PlacedRule], trust_domain: str) -> _Layout:
     """Each prefix's entry holds every rule filed under a prefix of it, so whichever prefix is
     the longest one a peer's SAN starts with (the one Envoy's prefix map picks) holds every rule
     that peer can match, in policy order. Namespace keys are written for the mesh's trust
@@ -294,8 +294,8 @@ def _layout(rules: Sequence[RuleClass], trust_domain: str) -> _Layout:
 
 
 def split(
-    rules: Sequence[RuleClass], min_rules: int | None, trust_domain: str = ""
-) -> tuple[list[RuleClass], list[RuleClass]]:
+    rules: Sequence[PlacedRule], min_rules: int | None, trust_domain: str = ""
+) -> tuple[list[PlacedRule], list[PlacedRule]]:
     """(indexed, plain): the rules the index can take, when there are at least ``min_rules``
     of them (None: never). Rules naming callers by exact identity, prefix or namespace are
     indexed; when filing the prefixes and namespaces would repeat rules past MAX_ENTRY_RULES,
@@ -317,7 +317,7 @@ NEVER: Json = {"not_matcher": TRUE}
 
 
 def matcher(
-    rules: Sequence[RuleClass], ctx: RuleContext, action: str, trust_domain: str = ""
+    rules: Sequence[PlacedRule], ctx: RuleContext, action: str, trust_domain: str = ""
 ) -> Json:
     """The matcher tree for indexable ``rules`` (see :func:`split`).
 

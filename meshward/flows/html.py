@@ -135,11 +135,19 @@ def ranks(nodes: list[str], edges: list[tuple[str, str]]) -> dict[str, int]:
 
 
 def layout(nodes: list[str], edges: list[tuple[str, str]]) -> dict[str, tuple[float, float]]:
-    """Top-left corner per node."""
+    """Top-left corner per node. Callers left of callees; but where cycles make that a chain
+    far wider than tall (everyone calls everyone), columns of about the square root of the
+    node count instead, in the same order: a block, not a ribbon."""
     rank = ranks(nodes, edges)
     columns: dict[int, list[str]] = defaultdict(list)
     for n in sorted(nodes, key=lambda n: (n.split("/")[0], n)):
         columns[rank[n]].append(n)
+    width = math.ceil(math.sqrt(len(nodes))) if nodes else 1
+    if len(columns) > 2 * width + 1:
+        ordered = sorted(nodes, key=lambda n: (rank[n], n.split("/")[0], n))
+        columns = defaultdict(list)
+        for i, n in enumerate(ordered):
+            columns[i // width].append(n)
     tallest = max((len(c) for c in columns.values()), default=1)
     out: dict[str, tuple[float, float]] = {}
     for col, members in columns.items():

@@ -357,7 +357,7 @@ TRIES = [
 ]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(policies)
 def test_no_request_is_allowed_that_reachability_misses(aps: list[AuthorizationPolicy]) -> None:
     """Soundness: for random policies and every request of a grid wider than the probes

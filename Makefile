@@ -8,9 +8,10 @@ OTEL_PROTO := $(shell sed -n 's/^opentelemetry-proto==//p' constraints.txt)
 .PHONY: demo test lint typecheck check bench clean venv tools
 
 # Debian tools the tests and benchmarks use: docker-compose validates the compose file (no
-# engine runs here), wrk generates load, PostgreSQL (initdb, pg_ctl) backs the flow-store tests.
+# engine runs here), wrk generates load, PostgreSQL (initdb, pg_ctl) backs the flow-store tests,
+# promtool checks the alert rules, headless chromium renders the HTML report.
 # Installed when missing and we are root (as in CI). Each entry is COMMAND:PACKAGE.
-SYSTEM_TOOLS := docker-compose:docker-compose wrk:wrk initdb:postgresql promtool:prometheus
+SYSTEM_TOOLS := docker-compose:docker-compose wrk:wrk initdb:postgresql promtool:prometheus chromium:chromium
 
 venv: $(STAMP)
 
@@ -31,7 +32,7 @@ tools:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing (Debian packages)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "note: install$$missing (Debian packages) for the compose-file check, load tests, PostgreSQL flow-store tests and Prometheus rule tests"; fi; \
+	  else echo "note: install$$missing (Debian packages) for the compose-file check, load tests, PostgreSQL flow-store tests, Prometheus rule tests and the HTML report test (headless chromium)"; fi; \
 	fi
 
 demo: $(STAMP)

@@ -51,6 +51,11 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
     ),
     ("denials", "meshward.demo.denials_cli", "list recent denials (fleet-wide with --xds)"),
     ("flows", "meshward.flows.cli", "the fleet's flows: who called whom, and what was decided"),
+    (
+        "report",
+        "meshward.flows.report_cli",
+        "reachability, blast radius, unused rules, compliance; --html draws the service graph",
+    ),
     ("demo", "meshward.demo.cli", "run the local mesh and its scripted tour on 127.0.0.1"),
     ("doctor", "meshward.doctor", "check this installation: Envoy binary, protos, telemetry"),
 )

@@ -7,6 +7,10 @@
 - :mod:`meshward.flows.store`: aggregation per time bucket and the bounded SQL store
   (SQLite by default, PostgreSQL for replicas), through SQLAlchemy Core.
 - :mod:`meshward.flows.query`: the admin endpoints ``/flows`` and ``/denials``.
+- :mod:`meshward.flows.reach` / :mod:`meshward.flows.report` / :mod:`meshward.flows.html`:
+  reachability and blast radius under the policy set (the evaluator over every workload pair),
+  the report joining them with the flow store's totals, and its HTML page (all pure);
+  :mod:`meshward.flows.report_service` serves it at ``/report``, ``meshward report`` reads it.
 - :mod:`meshward.flows.evidence` / :mod:`meshward.flows.denials`: who decided a request, read
   from access-log lines and the ext_authz decision log (pure; the demo's ``meshward denials``
   without ``--xds`` reads files with them).

@@ -52,12 +52,23 @@ def default_admin() -> str:
 
 
 def fetch(address: str, path: str, params: dict[str, str], timeout: float) -> list[dict[str, Any]]:
+    rows = fetch_json(address, path, params, timeout).get("rows")
+    if not isinstance(rows, list):
+        raise UserError(f"{address}{path}: the answer has no rows (not a Meshward control plane?)")
+    return rows
+
+
+def fetch_json(address: str, path: str, params: dict[str, str], timeout: float) -> dict[str, Any]:
+    """One JSON object from the admin address; every failure is a UserError that says what to
+    do (never a traceback)."""
     base = address if "://" in address else f"http://{address}"
     url = f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            rows: list[dict[str, Any]] = json.loads(response.read())["rows"]
-            return rows
+            document = json.loads(response.read())
+            if not isinstance(document, dict):
+                raise ValueError("not a JSON object")
+            return document
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             raise UserError(

@@ -1,7 +1,7 @@
 """The flow collector, store and admin routes wired to one control plane (one small hook in
 :class:`meshward.xds.service.XdsService`): the collector shares the ADS server's mTLS port, the
 store is flushed off the event loop every ``flush_interval`` seconds, and the admin address
-serves ``/flows`` and ``/denials``."""
+serves ``/flows``, ``/denials`` and ``/report``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,6 +52,7 @@ class FlowService:
             self.metrics.add_collector(registry, self.collector.status)
         self._ids: tuple[str, dict[str, str]] = ("", {})
         self._refusals = RefusalLog(log)
+        self.reach_cache: dict[Any, Any] = {}  # meshward.flows.report_service
 
     def resolve(self, spiffe_id: str) -> str | None:
         """The workload a caller's SPIFFE ID names (several workloads may share a service
@@ -108,7 +110,21 @@ class FlowService:
             "/flows": handler(query.flows),
             "/denials": handler(query.denials),
             "/flows/observed": observed,  # everything `meshward policy suggest` reads
+            "/report": self._report_route,
         }
+
+    def _report_route(self, params: dict[str, str]) -> tuple[int, str, bytes]:
+        from meshward.flows import report_service
+
+        try:
+            document = report_service.build_report(self, params, datetime.now(UTC))
+        except query.QueryError as exc:
+            return 400, "text/plain", f"{exc}\n".encode()
+        except sa.exc.SQLAlchemyError as exc:
+            return 503, "text/plain", f"flow store: {type(exc).__name__}\n".encode()
+        # compact: a big mesh's report is tens of megabytes, indentation would add a third
+        body = json.dumps(document, separators=(",", ":"), sort_keys=True) + "\n"
+        return 200, "application/json", body.encode()
 
     def status(self) -> dict[str, Any]:
         return self.collector.status()

@@ -11,6 +11,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,3 +210,48 @@ def test_tcp_connections_are_flows_too(mesh: LocalMesh) -> None:
     rows = wait_rows(mesh, "/flows?to=shop/db", seen)
     flow = next(r for r in rows if r["source"] == FRONTEND)
     assert flow["port"] == 8080 and flow["method"] == "" and flow["path"] == ""
+
+
+def test_report_from_real_sidecar_flows(
+    mesh: LocalMesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`meshward report` over flows real Envoys reported: the deciding rule they named is used,
+    the plaintext refusal lowers mTLS coverage, and reachability equals `policy explain`."""
+    from datetime import UTC, datetime
+
+    from meshward.cli import main
+    from meshward.policy import parse
+    from meshward.policy.cases import build_request
+    from meshward.policy.explain import explain
+
+    assert mesh.request(FRONTEND, ORDERS, "/orders/11")[0] == 200
+    assert mesh.request(FRONTEND, ORDERS, "/orders/12", method="PUT")[0] == 403
+    assert mesh.plaintext(ORDERS, "/orders/1")[0] == 0
+    wait_rows(mesh, "/denials", lambda rows: any(r["method"] == "PUT" for r in rows))
+    address = mesh.xds.admin_url.removeprefix("http://")
+    page = tmp_path / "report.html"
+    assert main(["report", "--xds", address, "--json", "--html", str(page)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "shop/orders-allow-frontend#0" not in {u["rule"] for u in doc["unused_rules"]}
+    edge = next(e for e in doc["edges"] if (e["source"], e["destination"]) == (FRONTEND, ORDERS))
+    assert edge["allowed"] >= 1 and edge["denied"] >= 1 and edge["policy_allows"]
+    assert doc["mtls"]["plaintext"] >= 1 and doc["mtls"]["coverage"] < 1
+    assert doc["compliance"]["explicit"] >= 1
+    assert set(doc["blast_radius"][FRONTEND]["direct"]) == {ORDERS, PAYMENTS, DB}
+    policy = parse({"mesh.yaml": POLICY})
+    now = datetime.now(UTC)
+    listed = {(e["source"], e["destination"]): {(r["port"], r["method"], r["path"], r["host"])
+              for r in e["requests"]} for e in doc["reachability"]}  # fmt: skip
+    for dst in doc["workloads"]:
+        for src in doc["workloads"]:
+            if src == dst:
+                continue
+            allowed = set()
+            for p in doc["probes"][dst]:
+                callee, request = build_request(policy, destination=dst, source=src,
+                                                method=p["method"] or "GET", path=p["path"] or "/",
+                                                port=p["port"], host=p["host"] or None)  # fmt: skip
+                if explain(policy, callee, request, now=now).decision.allowed:
+                    allowed.add((p["port"], p["method"], p["path"], p["host"]))
+            assert allowed == listed.get((src, dst), set()), (src, dst)
+    assert 'data-id="shop/db"' in page.read_text()

@@ -49,6 +49,9 @@ def test_xds_serve_refuses_a_bad_flows_db(
         ["flows", "--limit", "0"],
         ["flows", "--from", "nonsense"],
         ["denials", "--xds", "127.0.0.1:abc"],
+        ["report", "--xds", "abc"],
+        ["report", "--since", "soon"],
+        ["report", "--expiring-within", "-1h"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -75,7 +75,7 @@ class XdsService:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
             # watches from start() on. A policy passed alongside paths is ignored.
             from meshward.compile.envoy_limits import check_policy_set
-            from meshward.policy.watch import PolicyWatcher
+            from meshward.xds.watch import PolicyWatcher
 
             self.watcher = PolicyWatcher(
                 policy_paths, interval=watch_interval, check=check_policy_set

@@ -5,6 +5,11 @@ A change is loaded only after the file set has stayed the same for one whole pol
 editor's partial write or a half-copied directory is never applied; editor temp and swap files are
 never read. An invalid policy set is reported and the last good one stays in force.
 
+Loading is incremental per file: the watcher keeps a ParseCache (meshward.policy.loader), so a
+one-file edit re-parses that file's YAML and rebuilds the set from the other files' parsed
+documents; the set, version included, is the one a full load gives. The watcher lives with the
+services that run it (meshward.policy stays pure: no threads).
+
 Limit of any polling watcher: a writer that stalls in the middle of a file for longer than one
 poll interval can have a valid prefix of it applied (say, a truncated file that drops a DENY
 policy). Write policy files atomically — a temp file, then ``rename`` — as ``git checkout``,
@@ -20,8 +25,9 @@ from pathlib import Path
 
 from meshward.policy import PolicyError, PolicySet, load
 from meshward.policy.files import policy_files
+from meshward.policy.loader import ParseCache
 
-log = logging.getLogger("meshward.policy.watch")
+log = logging.getLogger("meshward.xds.watch")
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -67,6 +73,7 @@ class PolicyWatcher:
         self._pending: Fingerprint | None = None  # a change waiting to stay still for a poll
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.cache = ParseCache()  # per-file parse results, bounded by the files of the set
 
     def load_initial(self) -> PolicySet:
         """Load synchronously; a server should refuse to start on an invalid policy set."""
@@ -75,7 +82,7 @@ class PolicyWatcher:
         return self.current
 
     def _load(self) -> PolicySet:
-        candidate = load(policy_files(self.paths))
+        candidate = load(policy_files(self.paths), cache=self.cache)
         if self.check is not None:
             self.check(candidate)
         return candidate

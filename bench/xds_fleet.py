@@ -53,10 +53,30 @@ def policy_set(topology: str, services: int) -> Any:
     return topo.worst_case(services) if topology == "worst" else topo.fleet(services)
 
 
-def write_policy(directory: Path, text: str) -> None:
-    tmp = directory / ".mesh.yaml.tmp"
-    tmp.write_text(text)
-    tmp.replace(directory / "mesh.yaml")
+def policy_files(ps: Any) -> dict[str, str]:
+    """One file per namespace (and one for the MeshConfig), as a policy repository is laid
+    out: an edit changes one file, which is what the watcher's per-file loading is for."""
+    from meshward.policy import canonical
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for doc in ps.canonical_documents():
+        name = "_mesh" if doc["kind"] == "MeshConfig" else doc["metadata"]["namespace"]
+        groups.setdefault(name, []).append(doc)
+    return {f"{name}.yaml": canonical.dump_documents(docs) for name, docs in groups.items()}
+
+
+def write_policy(directory: Path, ps: Any) -> int:
+    """Write the files whose text changed (each atomically); returns how many."""
+    written = 0
+    for name, text in policy_files(ps).items():
+        target = directory / name
+        if target.exists() and target.read_text() == text:
+            continue
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(target)
+        written += 1
+    return written
 
 
 def one_policy_edit(ps: Any) -> tuple[Any, str]:
@@ -208,7 +228,7 @@ def prepare(work: Path, ps: Any, replicas: int) -> list[str]:
         nodes += [f"{w.ref}/r{i}" for i in range(replicas)]
     (creds / "ca.pem").write_bytes(ca.trust_bundle().roots_pem)
     (work / "policies").mkdir()
-    write_policy(work / "policies", ps.dump())
+    write_policy(work / "policies", ps)
     (work / "nodes.json").write_text(json.dumps(nodes))
     return nodes
 
@@ -233,7 +253,7 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
             affected = [n for n in nodes if callee == "*" or n.startswith(callee + "/")]
             worker.ask("mark")
             cpu0, start = server.cpu_seconds(), time.time()
-            write_policy(work / "policies", edited.dump())
+            write_policy(work / "policies", edited)
             one = worker.ask(f"wait {json.dumps(affected)} 120")
             time.sleep(1.0)  # anything else pushed would have arrived by now
             touched = worker.ask("touched")["nodes"]
@@ -242,7 +262,7 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
             worker.ask("mark")
             worker.ask("probe on")
             cpu0, start2 = server.cpu_seconds(), time.time()
-            write_policy(work / "policies", mesh_wide_edit(edited).dump())
+            write_policy(work / "policies", mesh_wide_edit(edited))
             mesh = worker.ask(f"wait {json.dumps(nodes)} 600")
             mesh_cpu = server.cpu_seconds() - cpu0
             probe = worker.ask("probe off")

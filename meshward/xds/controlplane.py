@@ -385,6 +385,20 @@ class ControlPlane:
             }
         return details
 
+    def certificate_remaining(self) -> dict[str, float]:
+        """Seconds until each node's SVID expires (negative: expired), for the metrics: the
+        one figure of :meth:`node_details` a scrape needs, without the rest of it."""
+        now = self.wall_clock()
+        return {
+            name: round((state.svid.not_after - now).total_seconds(), 3)
+            for name, state in self.nodes.items()
+            if state.svid is not None
+        }
+
+    def failed_workloads(self) -> set[str]:
+        """Workload refs whose last compile failed (they keep their previous config)."""
+        return {ref for ref, config in self.configs.items() if config.error}
+
     def policy_documents(self, node_name: str) -> list[str]:
         """The policy documents behind a node's config (for a NOT ENFORCED report)."""
         from meshward.xds.enforcement import documents

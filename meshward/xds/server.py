@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -528,11 +528,15 @@ class AdsServer:
         """Every node with a stream or a snapshot, sorted (the per-node view's order)."""
         return sorted({str(s.node) for s in self.streams.values()} | set(self.cache.nodes()))
 
-    def fleet_counts(self) -> FleetCounts:
-        """Counts over every node without building the per-node documents (the summary)."""
+    def fleet_counts(
+        self, failed_workloads: Collection[str] = (), *, per_node_drift: bool = False
+    ) -> FleetCounts:
+        """Counts over every node without building the per-node documents (the summary and
+        the metrics). ``failed_workloads``: refs whose compile failed (their connected nodes
+        are not enforcing); ``per_node_drift``: also each node's drift flag."""
         now = self.clock()
         by_node = self._streams_by_node()
-        counts = FleetCounts()
+        counts = FleetCounts(drift={} if per_node_drift else None)
         for node_name in sorted(set(by_node) | set(self.cache.nodes())):
             snapshot = self.cache.get(node_name)
             counts.add(
@@ -541,6 +545,8 @@ class AdsServer:
                     (s.mode, stream_flags(s.protocol.states, snapshot, now, self.drift_threshold))
                     for s in sorted(by_node.get(node_name, []), key=lambda s: s.id)
                 ),
+                compile_failed=bool(failed_workloads)
+                and "/".join(node_name.split("/")[:2]) in failed_workloads,
             )
         return counts
 

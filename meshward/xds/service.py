@@ -107,7 +107,7 @@ class XdsService:
 
             self.flows = FlowService(flows_db, self.control, registry=self.metrics.registry)
             self.ads.services.append(self.flows.collector.add_to)
-        self.metrics.add_state(self.status)
+        self.metrics.add_state(self.metrics_state)
         self.listen = listen
         self.admin_address = admin
         self.admin: AdminServer | None = None
@@ -201,6 +201,31 @@ class XdsService:
                 log.exception("JWKS refresh failed")
             await asyncio.sleep(min(1.0, max(0.05, self.jwks.seconds_until_due())))
 
+    def _settle_policy_error(self) -> None:
+        if (
+            self.watcher is not None
+            and self.watcher.last_error is None
+            and self.control.policy_error
+        ):
+            # The files were fixed back to the version in force: the watcher reports no change
+            # (same version) but the rejection is over.
+            self.control.policy_error = None
+            self.control.policy_error_at = None
+
+    def metrics_state(self) -> dict[str, Any]:
+        """What a /metrics scrape needs: fleet counts (as the summary), each node's drift and
+        certificate expiry, the policy version and error; no per-node status documents, which
+        cost O(nodes) of JSON per scrape at fleet scale."""
+        self._settle_policy_error()
+        counts = self.ads.fleet_counts(self.control.failed_workloads(), per_node_drift=True)
+        return {
+            "fleet": counts.as_dict(),
+            "node_drift": counts.drift or {},
+            "certificate_remaining": self.control.certificate_remaining(),
+            "policy": {"version": self.control.policy.version, "error": self.control.policy_error},
+            "jwks": self.jwks.status() if self.jwks is not None else None,
+        }
+
     def status(
         self,
         view: str = "nodes",
@@ -214,15 +239,7 @@ class XdsService:
         ``limit`` from ``offset``). ``view="summary"``: control plane state and counts over the
         fleet, with the nodes that need attention by name: O(nodes) arithmetic, no per-node
         documents, what ``GET /status`` serves by default."""
-        if (
-            self.watcher is not None
-            and self.watcher.last_error is None
-            and self.control.policy_error
-        ):
-            # The files were fixed back to the version in force: the watcher reports no change
-            # (same version) but the rejection is over.
-            self.control.policy_error = None
-            self.control.policy_error_at = None
+        self._settle_policy_error()
         result = self.control.status(workloads=view != "summary")
         result["ads"] = {"address": self.address, "server_identity": self.server_identity}
         result["certificates"] = {"join": self.join_address, "requests": dict(self.certs.counts)}
@@ -233,7 +250,7 @@ class XdsService:
             result["flows"] = self.flows.status()
         if view == "summary":
             result["view"] = "summary"
-            result["fleet"] = self.ads.fleet_counts().as_dict()
+            result["fleet"] = self.ads.fleet_counts(self.control.failed_workloads()).as_dict()
             return result
         names = self.ads.node_names()
         if nodes:

@@ -367,6 +367,9 @@ spec:
     )
     assert any("orders-deny" in p for p in entry["not_enforced"]["policies"])
     assert node(service, "shop/orders")["streams"]  # still connected, on its old config
+    # The metrics (and the summary) count it too, from fleet counts, not per-node documents.
+    assert service.metrics_state()["fleet"]["not_enforced"] == 1
+    assert service.status("summary")["fleet"]["not_enforced"] == 1
     service.control.apply_policy(policy())
     await until(lambda: node(service, "shop/orders")["policy_enforced"], what="enforced again")
 
@@ -624,3 +627,29 @@ async def test_status_is_a_summary_by_default_with_a_paged_filterable_node_view(
             await http_get(f"{service.admin_url}/status?{query}")
         assert caught.value.code == 400
         assert why in caught.value.read().decode(), query
+
+
+async def test_metrics_state_agrees_with_the_per_node_view(
+    service: XdsService, clients: Clients
+) -> None:
+    """/metrics reads fleet counts (no per-node documents); they say what the per-node view
+    says: connected nodes, streams, drift per node, certificate expiry per node."""
+    clients.open("shop/frontend")
+    clients.open("shop/orders", subscriptions=with_routes("shop/orders"))
+    await until(
+        lambda: in_sync(service, "shop/frontend") and in_sync(service, "shop/orders"),
+        what="sync",
+    )
+    state = service.metrics_state()
+    nodes = service.status()["nodes"]
+    assert state["fleet"]["connected"] == sum(1 for n in nodes if n["connected"]) == 2
+    assert state["fleet"]["streams"]["sotw"] == sum(len(n["streams"]) for n in nodes)
+    assert state["node_drift"] == {n["node"]: n["drift"] for n in nodes}
+    assert state["certificate_remaining"].keys() == {
+        n["node"] for n in nodes if n.get("certificate")
+    }
+    for n in nodes:
+        if n.get("certificate"):
+            remaining = state["certificate_remaining"][n["node"]]
+            assert abs(remaining - n["certificate"]["remaining_seconds"]) < 5
+    assert state["policy"]["version"] == service.control.policy.version

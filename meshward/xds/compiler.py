@@ -37,6 +37,10 @@ class MeshCompiler:
         self._check = check_resources
         # ref -> (the result Envoy would refuse, why): an unchanged result stays refused
         self._refused: dict[str, tuple[Any, str]] = {}
+        # id(message) -> (the message, kept alive so its id is not reused; its problems): the
+        # Envoy-limits check of a message shared by many workloads (a peer's outbound cluster,
+        # route and listener) runs once, not once per caller. Bounded by the compiled mesh.
+        self._checked: dict[int, tuple[Any, list[str]]] = {}
 
     @property
     def options(self) -> Any:
@@ -64,6 +68,7 @@ class MeshCompiler:
         state, recompiled = compile_incremental(policy, self.options, now=now, previous=previous)
         out: dict[str, Outcome] = dict(state.errors)
         refused: dict[str, tuple[Any, str]] = {}
+        checked: dict[int, tuple[Any, list[str]]] = {}
         for ref, compiled in state.results.items():
             # The Envoy-limits backstop, only where something was recompiled: the rest was
             # checked when it was built (and stays refused while it is the same result).
@@ -71,10 +76,10 @@ class MeshCompiler:
             if earlier is not None and earlier[0] is compiled:
                 refused[ref] = earlier
             elif ref in recompiled.workloads or previous is None:
-                try:
-                    self._check(compiled)
-                except ValueError as exc:
-                    refused[ref] = (compiled, f"ValueError: {exc}")
+                problems = self._problems(compiled, checked)
+                if problems:
+                    reason = f"{compiled.workload}: " + "; ".join(problems[:3])
+                    refused[ref] = (compiled, f"ValueError: {reason}")
             if ref in refused:
                 out[ref] = refused[ref][1]
             else:
@@ -82,7 +87,23 @@ class MeshCompiler:
                     [m for messages in compiled.by_type().values() for m in messages]
                 )
         self._refused = refused
+        self._checked = checked
         return state, out
+
+    def _problems(self, compiled: Any, checked: dict[int, tuple[Any, list[str]]]) -> list[str]:
+        """What :func:`check_resources` finds, each distinct message checked once."""
+        from meshward.compile.envoy_limits import message_problems
+
+        problems: list[str] = []
+        for messages in compiled.by_type().values():
+            for message in messages:
+                key = id(message)
+                hit = checked.get(key) or self._checked.get(key)
+                if hit is None or hit[0] is not message:
+                    hit = (message, message_problems(message))
+                checked[key] = hit
+                problems.extend(hit[1])
+        return problems
 
 
 def compiler_for(

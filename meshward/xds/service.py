@@ -74,12 +74,9 @@ class XdsService:
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
             # watches from start() on. A policy passed alongside paths is ignored.
-            from meshward.compile.envoy_limits import check_policy_set
-            from meshward.xds.watch import PolicyWatcher
+            from meshward.xds.watch import PolicyCheck, PolicyWatcher
 
-            self.watcher = PolicyWatcher(
-                policy_paths, interval=watch_interval, check=check_policy_set
-            )
+            self.watcher = PolicyWatcher(policy_paths, interval=watch_interval, check=PolicyCheck())
             policy = self.watcher.load_initial()
         if policy is None:
             raise ValueError("give a policy set or policy paths to watch")

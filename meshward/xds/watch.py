@@ -22,8 +22,9 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from meshward.policy import PolicyError, PolicySet, load
+from meshward.policy import PolicyError, PolicySet, Problem, load
 from meshward.policy.files import policy_files
 from meshward.policy.loader import ParseCache
 
@@ -150,3 +151,28 @@ class PolicyWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+class PolicyCheck:
+    """:func:`meshward.compile.envoy_limits.check_policy_set` for a watcher, each policy object
+    checked once: with the watcher's per-file parse cache, the policies of unchanged files are
+    the same objects as last time, so a one-file edit checks that file's policies, not the set.
+    Bounded by the policies of the last set checked."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Any, list[Problem]]] = {}
+
+    def __call__(self, policy_set: PolicySet) -> None:
+        from meshward.compile.envoy_limits import policy_value_problems
+
+        seen: dict[int, tuple[Any, list[Problem]]] = {}
+        found: list[Problem] = []
+        for policy in policy_set.authorization_policies:
+            hit = self._seen.get(id(policy))
+            if hit is None or hit[0] is not policy:
+                hit = (policy, policy_value_problems(policy))
+            seen[id(policy)] = hit
+            found.extend(hit[1])
+        self._seen = seen
+        if found:
+            raise PolicyError(sorted(set(found)))

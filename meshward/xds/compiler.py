@@ -41,6 +41,9 @@ class MeshCompiler:
         # Envoy-limits check of a message shared by many workloads (a peer's outbound cluster,
         # route and listener) runs once, not once per caller. Bounded by the compiled mesh.
         self._checked: dict[int, tuple[Any, list[str]]] = {}
+        # ref -> (its compile result, the message list handed out for it): a result with the
+        # same messages hands out the same list, which the packing step recognizes and skips.
+        self._handed: dict[str, tuple[Any, list[Any]]] = {}
 
     @property
     def options(self) -> Any:
@@ -69,6 +72,7 @@ class MeshCompiler:
         out: dict[str, Outcome] = dict(state.errors)
         refused: dict[str, tuple[Any, str]] = {}
         checked: dict[int, tuple[Any, list[str]]] = {}
+        handed: dict[str, tuple[Any, list[Any]]] = {}
         for ref, compiled in state.results.items():
             # The Envoy-limits backstop, only where something was recompiled: the rest was
             # checked when it was built (and stays refused while it is the same result).
@@ -82,11 +86,16 @@ class MeshCompiler:
                     refused[ref] = (compiled, f"ValueError: {reason}")
             if ref in refused:
                 out[ref] = refused[ref][1]
+                continue
+            prior = self._handed.get(ref)
+            if prior is not None and _same_messages(prior[0], compiled):
+                handed[ref] = prior
             else:
-                out[ref] = self._secrets(
-                    [m for messages in compiled.by_type().values() for m in messages]
-                )
+                messages = [m for group in compiled.by_type().values() for m in group]
+                handed[ref] = (compiled, self._secrets(messages))
+            out[ref] = handed[ref][1]
         self._refused = refused
+        self._handed = handed
         self._checked = checked
         return state, out
 
@@ -104,6 +113,15 @@ class MeshCompiler:
                 checked[key] = hit
                 problems.extend(hit[1])
         return problems
+
+
+def _same_messages(a: Any, b: Any) -> bool:
+    """The same message tuples (an unchanged workload's result is re-stamped with the new
+    policy version by the incremental compiler, its messages kept)."""
+    if a is b:
+        return True
+    mine, theirs = a.by_type(), b.by_type()
+    return mine.keys() == theirs.keys() and all(mine[t] is theirs[t] for t in mine)
 
 
 def compiler_for(

@@ -75,6 +75,10 @@ class WorkloadConfig:
     resources: dict[str, list[Resource]] = field(default_factory=dict)
     fingerprint: tuple[tuple[str, str, str], ...] = ()
     error: str | None = None
+    # The compiler's message list this was packed from: the compiler hands out the same list
+    # for an unchanged workload, which is then not packed and fingerprinted again (a one-policy
+    # edit costs O(affected workloads) here, not O(every resource of the mesh)).
+    source: Any = field(default=None, compare=False, repr=False)
 
 
 #: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)
@@ -142,9 +146,15 @@ def compile_configs(
                 previous.fingerprint if previous else (),
                 outcome,
             )
+        elif previous is not None and previous.source is outcome and previous.error is None:
+            for message in outcome:  # keep their packing for the next compile
+                hit = packed.get(id(message))
+                if hit is not None:
+                    now_packed[id(message)] = hit
+            config = previous
         else:
             resources = _pack(outcome, packed, now_packed)
-            config = WorkloadConfig(resources, _fingerprint(resources))
+            config = WorkloadConfig(resources, _fingerprint(resources), source=outcome)
         fresh[ref] = config
         if previous is None or previous.fingerprint != config.fingerprint:
             changed.add(ref)

@@ -265,3 +265,32 @@ def test_packed_protos_are_only_those_in_force() -> None:
             id(r) for c in compiled.configs.values() for rs in c.resources.values() for r in rs
         }
         assert len(compiled.packed) == len(in_force)
+
+
+def test_a_one_policy_edit_repacks_only_the_workloads_it_changed() -> None:
+    """Unchanged workloads keep their packed config (the same object: not packed or
+    fingerprinted again); the result equals a compile from scratch."""
+    from meshward.testing import topology
+
+    fleet = topology.fleet(40)
+    compiler = MeshCompiler(CompileOptions())
+    now = datetime(2026, 1, 1)
+    first = compile_configs(compiler.mesh, fleet, now, None, {}, {}, quiet=True)
+    policies = list(fleet.authorization_policies)
+    target = next(p for p in policies if p.selector is not None)
+    policies.remove(target)
+    edited = PolicySet.create(
+        mesh=fleet.mesh,
+        workloads=fleet.workloads,
+        authorization_policies=policies,
+    )
+    second = compile_configs(
+        compiler.mesh, edited, now, first.state, first.configs, first.packed, quiet=True
+    )
+    assert second.changed and len(second.changed) < len(second.configs) // 4
+    for ref, config in second.configs.items():
+        assert (config is first.configs[ref]) == (ref not in second.changed)
+    fresh = compile_configs(MeshCompiler(CompileOptions()).mesh, edited, now, None, {}, {})
+    assert {r: c.fingerprint for r, c in second.configs.items()} == {
+        r: c.fingerprint for r, c in fresh.configs.items()
+    }

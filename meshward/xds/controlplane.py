@@ -201,7 +201,7 @@ class ControlPlane:
         self.policy_applied_at = self.wall_clock()
         self.policy_error = None
         self.policy_error_at = None
-        await paced(self._refresh_steps(compiled.changed))
+        await paced(self._refresh_steps(compiled.changed), backlog=lambda: self.cache.pushing)
         self._applied(compiled.policy, compiled.changed, refresh=False)
 
     def _applied(self, policy: PolicySet, changed: set[str], *, refresh: bool = True) -> None:

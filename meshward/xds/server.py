@@ -157,11 +157,23 @@ class Stream:
     ended: bool = False
     queue_peak: int = 0  # the most requests ever waiting (tests, flood checks)
 
+    backlog: SnapshotCache | None = None  # counts this stream while woken and not yet pushed
+    counted: bool = False
+
     def wake(self) -> None:
         if not self.wake_pending:
             self.wake_pending = True
+            if self.backlog is not None and not self.counted:
+                self.counted = True
+                self.backlog.pushing += 1
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(_WAKE)
+
+    def settle(self) -> None:
+        """Its pushes are written (or it ended): it no longer counts as woken."""
+        if self.counted and self.backlog is not None:
+            self.counted = False
+            self.backlog.pushing -= 1
 
 
 class AdsServer:
@@ -311,6 +323,7 @@ class AdsServer:
                 self.source.client_certificate(certificate) if certificate is not None else None
             ),
             queue=asyncio.Queue(self.limits.stream_queue),
+            backlog=self.cache,
         )
         self.streams[stream.id] = stream
         self.cache.watch(str(node), stream.wake)
@@ -358,6 +371,7 @@ class AdsServer:
         if self.streams.pop(stream.id, None) is not None:
             self._count_stream(stream.identity, -1)
         self.cache.unwatch(str(stream.node), stream.wake)
+        stream.settle()
         if not any(s.node == stream.node for s in self.streams.values()):
             self.source.node_disconnected(stream.node)
         log.info("node %s disconnected (stream %d)", stream.node, stream.id)
@@ -404,6 +418,8 @@ class AdsServer:
                         types.short(push.type_url), push.nonce, push.version,
                         len(push.resources), node,
                     )  # fmt: skip
+            if not stream.wake_pending:
+                stream.settle()
             item = await stream.queue.get()
             if item is _END:
                 return

@@ -250,6 +250,50 @@ async def test_paced_fanout_lets_other_streams_run_between_batches() -> None:
     assert "answer" in progress and progress.index("answer") < progress.index("node9")
 
 
+async def test_paced_fanout_waits_for_the_pushes_in_flight() -> None:
+    """With a backlog, the next batch is woken only once the pushes of the earlier ones have
+    drained to at most one batch: pushes in flight stay bounded."""
+    in_flight = [0]
+    peak = [0]
+
+    def steps() -> Iterator[object]:
+        for i in range(12):
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            yield i
+
+    async def drain() -> None:
+        while True:
+            await asyncio.sleep(0.003)
+            in_flight[0] = max(0, in_flight[0] - 1)
+
+    drainer = asyncio.create_task(drain())
+    try:
+        await paced(steps(), batch=3, pause=0.001, backlog=lambda: in_flight[0])
+    finally:
+        drainer.cancel()
+    assert peak[0] <= 3 + 3  # at most one batch waiting plus the batch being woken
+
+
+async def test_the_push_backlog_returns_to_zero(
+    service: XdsService, ca: CertificateAuthority
+) -> None:
+    """Every stream woken by a change is counted until its pushes are written, then not."""
+    first, first_task = open_client(service, ca, "shop/orders")
+    second, second_task = open_client(service, ca, "shop/payments")
+    try:
+        await until(lambda: configured(first) and configured(second), "both configured")
+        service.control.apply_policy(policy('"GET", "PUT"'))
+        assert service.control.cache.pushing >= 1  # woken (synchronously), nothing written yet
+        await until(lambda: service.control.cache.pushing == 0, "the pushes written")
+        assert service.control.cache.pushing == 0
+    finally:
+        for task in (first_task, second_task):
+            task.cancel()
+        await asyncio.gather(first_task, second_task, return_exceptions=True)
+    await until(lambda: service.control.cache.pushing == 0, "streams closed")
+
+
 def test_packed_protos_are_only_those_in_force() -> None:
     """The id -> Resource map is rebuilt each compile: after many edits it holds no more than
     the resources of the configs in force (bounded, whatever the history)."""

@@ -15,8 +15,8 @@ Sizes are interleaved (round 1 of every size, then round 2, ...). Per size it pr
 (server start to every node configured), a one-policy edit converged at the affected nodes, a
 mesh-wide edit (a root-namespace DENY) converged at every node, server CPU per change and per
 delivered resource, server RSS per node and per service, and the longest stall of a probe
-stream during the mesh-wide recompile (the probe changes its RDS subscription every 10 ms and
-times each answer).
+stream during the mesh-wide recompile (the probe, in a process of its own, changes its RDS
+subscription every 10 ms and times each answer).
 
     python bench/xds_fleet.py [--topology fleet] [--services 100,300] [--replicas 2] [--rounds 1]
 
@@ -246,6 +246,9 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
         server = Server(work)
         rss0 = server.rss_mb()  # compiled, no node connected yet
         worker = Worker(work, server)
+        # The probe in a process of its own: its answers are timed without waiting behind the
+        # simulated nodes' decoding (in the nodes' process, that delay was part of the stall).
+        prober = Worker(work, server)
         try:
             connected = worker.ask("connect")
             cold = connected["all_configured_wall"] - t0
@@ -264,12 +267,12 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
             one_cpu = server.cpu_seconds() - cpu0
             # Mesh-wide: a root-namespace DENY changes every node's inbound route.
             worker.ask("mark")
-            worker.ask("probe on")
+            prober.ask("probe on")
             cpu0, start2 = server.cpu_seconds(), time.time()
             write_policy(work / "policies", mesh_wide_edit(edited))
             mesh = worker.ask(f"wait {json.dumps(nodes)} 600")
             mesh_cpu = server.cpu_seconds() - cpu0
-            probe = worker.ask("probe off")
+            probe = prober.ask("probe off")
             status, status_nodes, metrics = server.status_seconds()
             return {
                 "nodes": len(nodes),
@@ -293,6 +296,7 @@ def run_size(topology: str, services: int, replicas: int) -> dict[str, Any]:
                 "metrics": metrics,
             }
         finally:
+            prober.stop()
             worker.stop()
             server.stop()
 

@@ -478,7 +478,7 @@ def worker_main(work: Path, port: int, identity: str) -> None:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
+        reader = asyncio.StreamReader(limit=1 << 24)  # "wait" lists every node id (5,000: ~100 KB)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         probe_client: AdsClient | None = None
         probe_task: asyncio.Task[None] | None = None

@@ -139,3 +139,29 @@ def test_mesh_compile_equals_workload_by_workload_compile() -> None:
     for ref in ("team-000/svc-0003", "team-002/svc-0029"):
         alone = compile_workload(policy_set, ref, options)
         assert mesh[ref].serialize() == alone.serialize()
+
+
+def test_shared_listeners_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-caller listeners (tracing on: one per caller and peer port) past the cap are
+    assembled each time instead of kept; the output is the same."""
+    from meshward.compile import fragments
+
+    policy_set = topology.worst_case(8)
+    options = CompileOptions(otlp=Endpoint("127.0.0.1", 4317))
+    expected = {ref: c.serialize() for ref, c in compile_mesh(policy_set, options).items()}
+    monkeypatch.setattr(fragments, "MAX_SHARED_LISTENERS", 5)
+    cache = FragmentCache(options)
+    for peer in policy_set.workloads[1:]:
+        for caller in policy_set.workloads:
+            if caller.ref != peer.ref:
+                cache.outbound(
+                    caller,
+                    peer,
+                    peer.ports[0],
+                    bind=Endpoint("127.0.0.1", 15100),
+                    peer_mode=MtlsMode.STRICT,
+                    trust_domain=policy_set.mesh.trust_domain,
+                )
+    assert len(cache.shared) == 5
+    capped = compile_mesh(policy_set, options)
+    assert {ref: c.serialize() for ref, c in capped.items()} == expected

@@ -197,6 +197,7 @@ class AdsServer:
         self.drift_threshold = drift_threshold
         self.clock = clock
         self.streams: dict[int, Stream] = {}
+        self._node_streams: dict[str, int] = {}  # open streams per node (disconnect in O(1))
         self._ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -326,6 +327,7 @@ class AdsServer:
             backlog=self.cache,
         )
         self.streams[stream.id] = stream
+        self._node_streams[str(node)] = self._node_streams.get(str(node), 0) + 1
         self.cache.watch(str(node), stream.wake)
         log.info(
             "node %s connected (%s, stream %d, %s)", node, mode, stream.id, identity,
@@ -368,11 +370,17 @@ class AdsServer:
             self.identity_streams.pop(identity, None)
 
     def _close(self, stream: Stream) -> None:
+        name = str(stream.node)
         if self.streams.pop(stream.id, None) is not None:
             self._count_stream(stream.identity, -1)
-        self.cache.unwatch(str(stream.node), stream.wake)
+            left = self._node_streams.get(name, 1) - 1
+            if left > 0:
+                self._node_streams[name] = left
+            else:
+                self._node_streams.pop(name, None)
+        self.cache.unwatch(name, stream.wake)
         stream.settle()
-        if not any(s.node == stream.node for s in self.streams.values()):
+        if name not in self._node_streams:
             self.source.node_disconnected(stream.node)
         log.info("node %s disconnected (stream %d)", stream.node, stream.id)
 

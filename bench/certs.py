@@ -56,21 +56,36 @@ def _csr(spiffe_id: str) -> bytes:
     )
 
 
-def _rate(label: str, count: int, work: Callable[[int], object]) -> float:
-    start = time.perf_counter()
-    for i in range(count):
-        work(i)
-    elapsed = time.perf_counter() - start
-    rate = count / elapsed
-    print(
-        f"  {label:<44} {rate:>9,.0f}/s   {elapsed * 1e3 / count:7.3f} ms each   ({elapsed:.2f}s)"
-    )
-    return rate
+def _interleaved(
+    variants: list[tuple[str, Callable[[int], object]]], count: int, rounds: int
+) -> dict[str, float]:
+    """Each variant's rate (median over ``rounds``), the rounds interleaved: every variant runs
+    a slice of ``count // rounds`` items per round, in an order rotated each round, so a change
+    of machine load during the run moves every variant alike (the ratios are what is compared)."""
+    chunk = max(1, count // rounds)
+    rates: dict[str, list[float]] = {label: [] for label, _ in variants}
+    for r in range(rounds):
+        shift = r % len(variants)
+        for label, work in variants[shift:] + variants[:shift]:
+            start = time.perf_counter()
+            for i in range(r * chunk, (r + 1) * chunk):
+                work(i)
+            rates[label].append(chunk / (time.perf_counter() - start))
+    out: dict[str, float] = {}
+    for label, _ in variants:
+        rate = statistics.median(rates[label])
+        print(
+            f"  {label:<44} {rate:>9,.0f}/s   {1e3 / rate:7.3f} ms each   "
+            f"(min {min(rates[label]):,.0f}, max {max(rates[label]):,.0f} over {rounds} rounds)"
+        )
+        out[label] = rate
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row")
     parser.add_argument("--e2e-count", type=int, default=500, help="0: skip the end-to-end rows")
     parser.add_argument("--agent-starts", type=int, default=3)
     args = parser.parse_args()
@@ -81,23 +96,29 @@ def main() -> None:
     ids = _ids(count)
     csrs = [_csr(i) for i in ids]  # made up front: the key stays with the workload
     ca.issue(ids[0])  # warm up
-
-    print(f"meshward.certs: {count} SVIDs per row (ECDSA P-256, 1h TTL)")
-    issue = _rate("issue (new key + sign + PEM)", count, lambda i: ca.issue(ids[i]))
-    csr = _rate(
-        "issue_for_csr (verify CSR + sign)", count, lambda i: ca.issue_for_csr(csrs[i], ids[i])
-    )
     svids = [ca.issue(i) for i in ids]
-    verify = _rate(
-        "verify_svid (cryptography verifier)",
-        count,
-        lambda i: verify_svid(svids[i].cert_chain_pem, bundle),
+
+    print(
+        f"meshward.certs: {count} SVIDs per row (ECDSA P-256, 1h TTL), "
+        f"{args.rounds} interleaved rounds"
     )
-    sds = _rate(
-        "workload_secrets (issue + validate SDS pair)",
+    rows = _interleaved(
+        [
+            ("issue (new key + sign + PEM)", lambda i: ca.issue(ids[i])),
+            ("issue_for_csr (verify CSR + sign)", lambda i: ca.issue_for_csr(csrs[i], ids[i])),
+            (
+                "verify_svid (cryptography verifier)",
+                lambda i: verify_svid(svids[i].cert_chain_pem, bundle),
+            ),
+            (
+                "workload_secrets (issue + validate SDS pair)",
+                lambda i: workload_secrets(ca, ids[i]),
+            ),
+        ],
         count,
-        lambda i: workload_secrets(ca, ids[i]),
+        args.rounds,
     )
+    issue, csr, verify, sds = rows.values()
 
     print("ratios (same run):")
     print(f"  CSR signing vs issuance:              {csr / issue:5.2f}x the rate")

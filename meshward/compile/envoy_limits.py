@@ -206,6 +206,12 @@ def _message_problems(messages: Sequence[Any]) -> Iterator[str]:
                 yield f"{name}: regex {head!r} {reason}"
 
 
+def message_problems(message: Any) -> list[str]:
+    """:func:`resource_problems` of one compiled message (the control plane checks a message
+    shared by many workloads, such as a peer's outbound cluster, once)."""
+    return list(_message_problems([message]))
+
+
 def check_resources(resources: WorkloadResources) -> None:
     """Raise ValueError when a compiled resource would be refused by Envoy (the control plane's
     compiler calls this: the workload keeps its last good config and status shows why)."""
@@ -219,6 +225,7 @@ __all__ = [
     "RE2_RUNTIME_KEY",
     "check_policy_set",
     "check_resources",
+    "message_problems",
     "policy_problems",
     "program_size",
     "regex_problem",

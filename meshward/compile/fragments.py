@@ -2,8 +2,8 @@
 
 Every caller that may reach a peer port gets the same cluster, endpoints and route for it, and
 an outbound listener that differs between callers only in the caller's own parts of the
-connection manager (or TCP proxy): its access log (which names the caller) and its tracing
-service name, the same for all of that caller's outbound listeners. So:
+connection manager (or TCP proxy): its tracing service name, and outside xDS mode its access
+log (in xDS mode the log reads the caller from the node's metadata). So:
 
 - per peer port (once, whoever calls it): the cluster, endpoints and route are compiled to
   protos, and the listener's peer fields (name, stat prefix, RDS name or inline route, TCP
@@ -12,7 +12,8 @@ service name, the same for all of that caller's outbound listeners. So:
 - per (caller, peer port) pair: the listener is assembled from those serialized fields (a few
   byte joins and one parse), and the cluster, endpoints and route are the shared protos
   themselves, not copies. A namespace-wide ALLOW over N services thus costs O(N) compiles plus
-  N^2 cheap joins, where it cost N^2 compiles.
+  N^2 cheap joins, where it cost N^2 compiles; callers whose parts are the same bytes (xDS mode
+  without tracing) share the assembled listener itself, so it is packed once per peer port.
 
 The shared protos must be treated as read-only by every consumer (the control plane packs them
 once and never mutates them). Assembly relies on the deterministic encoding writing fields in
@@ -41,6 +42,9 @@ _PEER_FIELDS = frozenset({"stat_prefix", "rds", "route_config", "cluster"})
 Fields = tuple[tuple[int, bytes], ...]
 #: (peer, its port, the peer's mTLS mode on it, trust domain): what a peer fragment is built from
 PeerKey = tuple[Workload, WorkloadPort, MtlsMode, str]
+#: Shared listeners kept at most (when every caller's part differs, as with tracing on, there is
+#: one per caller and peer port; past this they are assembled on every compile instead).
+MAX_SHARED_LISTENERS = 1 << 18
 
 
 def _varint(value: int) -> bytes:
@@ -137,6 +141,10 @@ class FragmentCache:
     peers: dict[PeerKey, PeerFragment] = field(default_factory=dict)
     callers: dict[tuple[str, bool], CallerPart] = field(default_factory=dict)
     addresses: dict[Endpoint, bytes] = field(default_factory=dict)
+    # Assembled listeners by (peer port, the caller's part, bind): callers whose parts are the
+    # same bytes (xDS mode without tracing: the access logs name the caller through the node's
+    # metadata) share one listener proto, so it is packed once, not once per caller.
+    shared: dict[tuple[PeerKey, Fields, Endpoint], Any] = field(default_factory=dict)
 
     def outbound(
         self,
@@ -177,7 +185,13 @@ class FragmentCache:
                 )
                 caller = _caller_part(fields, fragment)
                 self.callers[caller_key] = caller
-        return self._listener(fragment, caller, bind), fragment
+        shared_key = (key, caller.fields, bind)
+        listener = self.shared.get(shared_key)
+        if listener is None:
+            listener = self._listener(fragment, caller, bind)
+            if len(self.shared) < MAX_SHARED_LISTENERS:
+                self.shared[shared_key] = listener
+        return listener, fragment
 
     def _fragment(
         self, built: listeners.Built, message: Any, inner: Any, http: bool
@@ -229,6 +243,8 @@ class FragmentCache:
         incremental compiler passes the current registry: the cache stays bounded by it)."""
         self.peers = {k: v for k, v in self.peers.items() if live(k)}
         self.callers = {k: v for k, v in self.callers.items() if k[0] in callers}
+        parts = {part.fields for part in self.callers.values()}
+        self.shared = {k: v for k, v in self.shared.items() if k[0] in self.peers and k[1] in parts}
 
 
 _LISTENER = type(_protos.listener({}))

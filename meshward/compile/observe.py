@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshward.compile import names
-from meshward.compile.options import AccessLogFormat, CompileOptions
+from meshward.compile.options import AccessLogFormat, CompileOptions, Mode
 
 Json = dict[str, Any]
 
@@ -23,6 +23,14 @@ T_OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
 # is bounded by whoever runs Envoy rotating it (meshward.envoy.logrotate in the demo).
 MAX_PATH_LOG = 1024
 MAX_HEADER_LOG = 256
+
+#: The node metadata key the xDS bootstrap sets to the node's workload ("ns/name"). In xDS mode
+#: outbound access logs read the caller from it (``%CEL(xds.node.metadata[...])%``), not from a
+#: literal: the outbound listener for a peer is then the same bytes for every caller, built and
+#: packed once per peer instead of once per (caller, peer) pair (namespace-wide rules over N
+#: services would otherwise cost N^2 listeners).
+NODE_WORKLOAD_METADATA = "meshward.dev/workload"
+NODE_WORKLOAD = f"%CEL(xds.node.metadata['{NODE_WORKLOAD_METADATA}'])%"
 
 # Field names of the JSON access log (the denials reader keys on them).
 HTTP_LOG_FIELDS: dict[str, str] = {
@@ -69,13 +77,15 @@ def access_log(
     tcp: bool = False,
 ) -> list[Json]:
     """Inbound logs name the declared port; outbound logs name the peer through
-    ``upstream_cluster`` (``outbound|<port>||<name>.<ns>``), so every outbound listener of a
-    workload shares one log config. The flow log (:func:`flow_log`) rides along."""
+    ``upstream_cluster`` (``outbound|<port>||<name>.<ns>``) and, in xDS mode, the caller through
+    the node's metadata (:data:`NODE_WORKLOAD`), so every caller's outbound listener for a peer
+    is the same. The flow log (:func:`flow_log`) rides along."""
     flows = flow_log(options, workload=workload, direction=direction, port=port, tcp=tcp)
     if not options.access_log_path:
         return flows
     fields = dict(TCP_LOG_FIELDS if tcp else HTTP_LOG_FIELDS)
-    static = {"workload": workload, "direction": direction}
+    shared = direction == "outbound" and options.mode is Mode.XDS
+    static = {"workload": NODE_WORKLOAD if shared else workload, "direction": direction}
     if port is not None:
         static["port"] = str(port)
     else:
@@ -160,10 +170,14 @@ def flow_log(
     """The gRPC access logger to the flow collector (meshward.flows), or nothing without
     ``options.flow_log_cluster``. Inbound HTTP logs every request (the callee decides);
     outbound logs only the caller-side refusals (OUTBOUND_FAILURE_FLAGS), so a flow is not
-    counted twice."""
+    counted twice. Outbound logs carry no workload tag: the collector attributes them to the
+    node that opened the ALS stream (its first message names it, and the node is authenticated
+    by its certificate), so the outbound listener for a peer is the same for every caller."""
     if options.flow_log_cluster is None:
         return []
-    tags = {TAG_WORKLOAD: workload, TAG_DIRECTION: direction, TAG_KIND: "tcp" if tcp else "http"}
+    tags = {TAG_DIRECTION: direction, TAG_KIND: "tcp" if tcp else "http"}
+    if direction != "outbound":
+        tags[TAG_WORKLOAD] = workload
     if port is not None:
         tags[TAG_PORT] = str(port)
     common = _flow_common(options.flow_log_cluster, tags)

@@ -325,8 +325,8 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     from meshward.extauthz.metrics import Metrics, serve_metrics
     from meshward.extauthz.service import CheckService
     from meshward.extauthz.tokens import JwtVerifier
-    from meshward.policy.watch import PolicyWatcher
     from meshward.telemetry import setup_tracing
+    from meshward.xds.watch import PolicyWatcher
 
     if options.tls_dir is None and options.ca_dir is None and not options.plaintext:
         raise UserError(

@@ -124,10 +124,12 @@ def _request_id(value: str) -> str:
     return compact if len(compact) == 32 and all(c in "0123456789abcdef" for c in compact) else ""
 
 
-def _tags(common: Any) -> tuple[str, str, int, str]:
+def _tags(common: Any, node_workload: str) -> tuple[str, str, int, str]:
+    """Outbound entries carry no workload tag (their listener is the same for every caller):
+    they are the reporting node's own; inbound ones must name it."""
     tags = common.custom_tags
-    workload = tags.get(TAG_WORKLOAD, "")
     direction = tags.get(TAG_DIRECTION, "")
+    workload = tags.get(TAG_WORKLOAD, node_workload if direction == "outbound" else "")
     kind = tags.get(TAG_KIND, "")
     port_text = tags.get(TAG_PORT, "0")
     if not workload or direction not in ("inbound", "outbound") or not port_text.isdigit():
@@ -147,7 +149,7 @@ def from_http(
     """An ``HTTPAccessLogEntry``; ``node_workload``: the reporting node's workload (the entry
     must be about it, or RecordError); ``resolve``: SPIFFE ID -> workload ref or None."""
     common = entry.common_properties
-    workload, direction, port, kind = _tags(common)
+    workload, direction, port, kind = _tags(common, node_workload)
     if workload != node_workload:
         raise ForeignWorkload(
             f"entry for workload {workload[:100]!r} from a node of {node_workload}"
@@ -246,7 +248,7 @@ def from_tcp(
     """A ``TCPAccessLogEntry`` (TCP proxy or listener): a refused connection or a TCP flow;
     None for a listener entry that refused nothing."""
     common = entry.common_properties
-    workload, direction, port, kind = _tags(common)
+    workload, direction, port, kind = _tags(common, node_workload)
     if workload != node_workload:
         raise ForeignWorkload(
             f"entry for workload {workload[:100]!r} from a node of {node_workload}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshward.compile.observe import NODE_WORKLOAD_METADATA
 from meshward.envoy.admin import ADMIN_SOCKET_FILE, admin_pipe
 from meshward.envoy.bootstrap import grpc_cluster
 from meshward.envoy.runtime import re2_runtime
@@ -34,7 +35,7 @@ XDS_CLUSTER = "meshward-xds"
 UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 CERT_FILE, KEY_FILE, CA_FILE = "xds-cert.pem", "xds-key.pem", "xds-ca.pem"
 BOOTSTRAP_FILE = "envoy.json"
-METADATA_WORKLOAD = "meshward.dev/workload"
+METADATA_WORKLOAD = NODE_WORKLOAD_METADATA  # outbound access logs read it (compile.observe)
 METADATA_INSTANCE = "meshward.dev/instance"
 #: Envoy command-line flags to run a sidecar with. Policy edits do not need them: the rules live
 #: in the route config (RDS), which applies to open connections at their next request. A

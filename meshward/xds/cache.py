@@ -19,6 +19,10 @@ class SnapshotCache:
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, set[Waker]] = {}
         self.sets = 0  # snapshots that changed something (for tests and benchmarks)
+        # Streams woken whose pushes are not written yet (the server counts them): a mesh-wide
+        # fan-out wakes more nodes only while this is small, so a stream's own request never
+        # queues behind thousands of pushes (meshward.xds.compiling.paced).
+        self.pushing = 0
 
     def get(self, node: str) -> Snapshot | None:
         return self._snapshots.get(node)

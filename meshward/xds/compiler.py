@@ -37,6 +37,13 @@ class MeshCompiler:
         self._check = check_resources
         # ref -> (the result Envoy would refuse, why): an unchanged result stays refused
         self._refused: dict[str, tuple[Any, str]] = {}
+        # id(message) -> (the message, kept alive so its id is not reused; its problems): the
+        # Envoy-limits check of a message shared by many workloads (a peer's outbound cluster,
+        # route and listener) runs once, not once per caller. Bounded by the compiled mesh.
+        self._checked: dict[int, tuple[Any, list[str]]] = {}
+        # ref -> (its compile result, the message list handed out for it): a result with the
+        # same messages hands out the same list, which the packing step recognizes and skips.
+        self._handed: dict[str, tuple[Any, list[Any]]] = {}
 
     @property
     def options(self) -> Any:
@@ -64,6 +71,8 @@ class MeshCompiler:
         state, recompiled = compile_incremental(policy, self.options, now=now, previous=previous)
         out: dict[str, Outcome] = dict(state.errors)
         refused: dict[str, tuple[Any, str]] = {}
+        checked: dict[int, tuple[Any, list[str]]] = {}
+        handed: dict[str, tuple[Any, list[Any]]] = {}
         for ref, compiled in state.results.items():
             # The Envoy-limits backstop, only where something was recompiled: the rest was
             # checked when it was built (and stays refused while it is the same result).
@@ -71,18 +80,48 @@ class MeshCompiler:
             if earlier is not None and earlier[0] is compiled:
                 refused[ref] = earlier
             elif ref in recompiled.workloads or previous is None:
-                try:
-                    self._check(compiled)
-                except ValueError as exc:
-                    refused[ref] = (compiled, f"ValueError: {exc}")
+                problems = self._problems(compiled, checked)
+                if problems:
+                    reason = f"{compiled.workload}: " + "; ".join(problems[:3])
+                    refused[ref] = (compiled, f"ValueError: {reason}")
             if ref in refused:
                 out[ref] = refused[ref][1]
+                continue
+            prior = self._handed.get(ref)
+            if prior is not None and _same_messages(prior[0], compiled):
+                handed[ref] = prior
             else:
-                out[ref] = self._secrets(
-                    [m for messages in compiled.by_type().values() for m in messages]
-                )
+                messages = [m for group in compiled.by_type().values() for m in group]
+                handed[ref] = (compiled, self._secrets(messages))
+            out[ref] = handed[ref][1]
         self._refused = refused
+        self._handed = handed
+        self._checked = checked
         return state, out
+
+    def _problems(self, compiled: Any, checked: dict[int, tuple[Any, list[str]]]) -> list[str]:
+        """What :func:`check_resources` finds, each distinct message checked once."""
+        from meshward.compile.envoy_limits import message_problems
+
+        problems: list[str] = []
+        for messages in compiled.by_type().values():
+            for message in messages:
+                key = id(message)
+                hit = checked.get(key) or self._checked.get(key)
+                if hit is None or hit[0] is not message:
+                    hit = (message, message_problems(message))
+                checked[key] = hit
+                problems.extend(hit[1])
+        return problems
+
+
+def _same_messages(a: Any, b: Any) -> bool:
+    """The same message tuples (an unchanged workload's result is re-stamped with the new
+    policy version by the incremental compiler, its messages kept)."""
+    if a is b:
+        return True
+    mine, theirs = a.by_type(), b.by_type()
+    return mine.keys() == theirs.keys() and all(mine[t] is theirs[t] for t in mine)
 
 
 def compiler_for(

@@ -75,6 +75,10 @@ class WorkloadConfig:
     resources: dict[str, list[Resource]] = field(default_factory=dict)
     fingerprint: tuple[tuple[str, str, str], ...] = ()
     error: str | None = None
+    # The compiler's message list this was packed from: the compiler hands out the same list
+    # for an unchanged workload, which is then not packed and fingerprinted again (a one-policy
+    # edit costs O(affected workloads) here, not O(every resource of the mesh)).
+    source: Any = field(default=None, compare=False, repr=False)
 
 
 #: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)
@@ -142,9 +146,15 @@ def compile_configs(
                 previous.fingerprint if previous else (),
                 outcome,
             )
+        elif previous is not None and previous.source is outcome and previous.error is None:
+            for message in outcome:  # keep their packing for the next compile
+                hit = packed.get(id(message))
+                if hit is not None:
+                    now_packed[id(message)] = hit
+            config = previous
         else:
             resources = _pack(outcome, packed, now_packed)
-            config = WorkloadConfig(resources, _fingerprint(resources))
+            config = WorkloadConfig(resources, _fingerprint(resources), source=outcome)
         fresh[ref] = config
         if previous is None or previous.fingerprint != config.fingerprint:
             changed.add(ref)
@@ -221,15 +231,26 @@ class CompileWorker:
 #: Nodes refreshed between two pauses when a worker compile's result is pushed out.
 FANOUT_BATCH = 32
 FANOUT_PAUSE = 0.002  # seconds
+#: The most a batch waits for earlier pushes to drain (a stream that never reads has its own
+#: write timeout; this only keeps a miscount from stopping the fan-out).
+FANOUT_MAX_WAIT = 2.0
 
 
 async def paced(
-    steps: Iterable[object], batch: int = FANOUT_BATCH, pause: float = FANOUT_PAUSE
+    steps: Iterable[object],
+    batch: int = FANOUT_BATCH,
+    pause: float = FANOUT_PAUSE,
+    backlog: Callable[[], int] | None = None,
 ) -> None:
     """Run ``steps`` (each wakes one node's streams), pausing after every ``batch``: the
     streams already woken push their config, and every other stream's requests are served,
-    before more nodes are woken. A mesh-wide change then never puts all nodes' pushes ahead of
-    one stream's answer at once (a few ms more to reach the last node)."""
+    before more nodes are woken. ``backlog``: streams woken and not yet pushed; after a batch
+    the next waits until it is at most ``batch`` (bounded by FANOUT_MAX_WAIT), so pushes in
+    flight stay bounded and a stream's own request never waits behind thousands of them."""
+    loop = asyncio.get_running_loop()
     for count, _ in enumerate(steps, 1):
         if count % batch == 0:
             await asyncio.sleep(pause)
+            deadline = loop.time() + FANOUT_MAX_WAIT
+            while backlog is not None and backlog() > batch and loop.time() < deadline:
+                await asyncio.sleep(pause)

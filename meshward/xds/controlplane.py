@@ -128,6 +128,10 @@ class ControlPlane:
         self._bundle_version = ""
         self._rootca: Resource | None = None
         self._wake: asyncio.Event | None = None
+        # When the timer loop next wakes by itself: a connecting node pokes it only when its
+        # renewal is due before that (a poke costs a pass over every node; one per connection
+        # made a burst of N connections cost O(N^2)).
+        self._wake_at: datetime | None = None
         self._ca_mtime: float | None = None
         self.server_tls: ServerTls | None = None
         self._server_svid: Any = None
@@ -204,7 +208,7 @@ class ControlPlane:
         self.policy_applied_at = self.wall_clock()
         self.policy_error = None
         self.policy_error_at = None
-        await paced(self._refresh_steps(compiled.changed))
+        await paced(self._refresh_steps(compiled.changed), backlog=lambda: self.cache.pushing)
         self._applied(compiled.policy, compiled.changed, refresh=False)
 
     def _applied(self, policy: PolicySet, changed: set[str], *, refresh: bool = True) -> None:
@@ -329,12 +333,15 @@ class ControlPlane:
             state = self.nodes[key] = NodeState(node, identity)
         state.connected = True
         state.disconnected_at = None
+        due: datetime | None = None
         if issue:
             self._issue(state, now, reason="first-request" if state.svid is None else "reconnect")
+            due = state.renew_at
         elif state.svid is not None and key not in self.schedule:
-            self.schedule.track(key, state.svid)
+            due = self.schedule.track(key, state.svid).due_at
         self._refresh_node(state)
-        self._poke()
+        if due is not None and (self._wake_at is None or due < self._wake_at):
+            self._poke()
 
     def node_disconnected(self, node: NodeId) -> None:
         state = self.nodes.get(str(node))
@@ -391,6 +398,20 @@ class ControlPlane:
                 "issued": state.issued,
             }
         return details
+
+    def certificate_remaining(self) -> dict[str, float]:
+        """Seconds until each node's SVID expires (negative: expired), for the metrics: the
+        one figure of :meth:`node_details` a scrape needs, without the rest of it."""
+        now = self.wall_clock()
+        return {
+            name: round((state.svid.not_after - now).total_seconds(), 3)
+            for name, state in self.nodes.items()
+            if state.svid is not None
+        }
+
+    def failed_workloads(self) -> set[str]:
+        """Workload refs whose last compile failed (they keep their previous config)."""
+        return {ref for ref, config in self.configs.items() if config.error}
 
     def policy_documents(self, node_name: str) -> list[str]:
         """The policy documents behind a node's config (for a NOT ENFORCED report)."""
@@ -620,7 +641,9 @@ class ControlPlane:
                 self.maintain(now)
             except Exception:
                 log.exception("control plane maintenance failed")
-            delay = self.seconds_until_next(self.wall_clock())
+            checked = self.wall_clock()
+            delay = self.seconds_until_next(checked)
+            self._wake_at = checked + timedelta(seconds=delay)
             self._wake.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as
             # the wait ends (a poke during shutdown), and stop() then waits for this forever.

@@ -3,7 +3,7 @@ so tests and benchmarks can run several servers in one process).
 
 Counters and the latency histogram are updated as events happen; gauges that describe current
 state (connected nodes, drift, certificate expiry) are computed when scraped, from the same
-status the admin endpoint serves, so the two can never disagree.
+fleet counts the admin endpoint's summary serves, so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ class XdsMetrics:
     def add_state(
         self, status: Callable[[], Mapping[str, Any]], ca: Callable[[], Any] | None = None
     ) -> None:
-        """Gauges computed from the live status (``AdsServer.status`` + control plane); ``ca``
-        returns the CertificateAuthority for the CA expiry gauges."""
+        """Gauges computed at scrape time from ``XdsService.metrics_state`` (fleet counts and
+        light per-node health, not the per-node status documents); ``ca`` returns the
+        CertificateAuthority for the CA expiry gauges."""
         self.registry.register(_StateCollector(status, self.fleet, ca))
 
     def exposition(self) -> bytes:
@@ -129,35 +130,30 @@ class _StateCollector(Collector):
         return []  # computed at scrape time; nothing to pre-register
 
     def collect(self) -> Iterator[Metric]:
-        status = self._status()
-        nodes = status.get("nodes", [])
+        status = self._status()  # XdsService.metrics_state: counts, no per-node documents
+        fleet = status["fleet"]
         connected = GaugeMetricFamily(
             "meshward_xds_connected_nodes", "Nodes with at least one open ADS stream"
         )
-        connected.add_metric([], sum(1 for n in nodes if n.get("connected")))
+        connected.add_metric([], fleet["connected"])
         yield connected
         streams = GaugeMetricFamily("meshward_xds_streams", "Open ADS streams", labels=["mode"])
-        counts: dict[str, int] = {"sotw": 0, "delta": 0}
-        for node in nodes:
-            for stream in node.get("streams", []):
-                counts[stream["mode"]] = counts.get(stream["mode"], 0) + 1
-        for mode, count in sorted(counts.items()):
+        for mode, count in sorted(fleet["streams"].items()):
             streams.add_metric([mode], count)
         yield streams
         drift = GaugeMetricFamily(
             "meshward_xds_drifting_nodes",
             "Nodes whose ACKed version differs from the desired one for longer than the threshold",
         )
-        drift.add_metric([], sum(1 for n in nodes if n.get("drift")))
+        node_drift_flags: Mapping[str, bool] = status["node_drift"]
+        drift.add_metric([], sum(1 for flag in node_drift_flags.values() if flag))
         yield drift
         not_enforcing = GaugeMetricFamily(
             "meshward_xds_nodes_not_enforcing",
             "Connected nodes that rejected (NACKed) a listener or route of the desired version "
             "and so do not enforce the policy set in force",
         )
-        not_enforcing.add_metric(
-            [], sum(1 for n in nodes if n.get("connected") and n.get("policy_enforced") is False)
-        )
+        not_enforcing.add_metric([], fleet["not_enforced"])
         yield not_enforcing
         jwks = status.get("jwks") or {}
         failing = GaugeMetricFamily(
@@ -174,11 +170,10 @@ class _StateCollector(Collector):
             "Seconds until the node's SVID expires (negative: expired)",
             labels=["node"],
         )
-        for node in nodes:
-            node_drift.add_metric([node["node"]], 1 if node.get("drift") else 0)
-            cert = node.get("certificate")
-            if cert:
-                expiry.add_metric([node["node"]], cert["remaining_seconds"])
+        for name, flag in node_drift_flags.items():
+            node_drift.add_metric([name], 1 if flag else 0)
+        for name, remaining in sorted(status["certificate_remaining"].items()):
+            expiry.add_metric([name], remaining)
         yield node_drift
         yield expiry
         policy = status.get("policy") or {}

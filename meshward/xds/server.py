@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -157,11 +157,23 @@ class Stream:
     ended: bool = False
     queue_peak: int = 0  # the most requests ever waiting (tests, flood checks)
 
+    backlog: SnapshotCache | None = None  # counts this stream while woken and not yet pushed
+    counted: bool = False
+
     def wake(self) -> None:
         if not self.wake_pending:
             self.wake_pending = True
+            if self.backlog is not None and not self.counted:
+                self.counted = True
+                self.backlog.pushing += 1
             with contextlib.suppress(asyncio.QueueFull):
                 self.queue.put_nowait(_WAKE)
+
+    def settle(self) -> None:
+        """Its pushes are written (or it ended): it no longer counts as woken."""
+        if self.counted and self.backlog is not None:
+            self.counted = False
+            self.backlog.pushing -= 1
 
 
 class AdsServer:
@@ -185,6 +197,7 @@ class AdsServer:
         self.drift_threshold = drift_threshold
         self.clock = clock
         self.streams: dict[int, Stream] = {}
+        self._node_streams: dict[str, int] = {}  # open streams per node (disconnect in O(1))
         self._ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -311,8 +324,10 @@ class AdsServer:
                 self.source.client_certificate(certificate) if certificate is not None else None
             ),
             queue=asyncio.Queue(self.limits.stream_queue),
+            backlog=self.cache,
         )
         self.streams[stream.id] = stream
+        self._node_streams[str(node)] = self._node_streams.get(str(node), 0) + 1
         self.cache.watch(str(node), stream.wake)
         log.info(
             "node %s connected (%s, stream %d, %s)", node, mode, stream.id, identity,
@@ -355,10 +370,17 @@ class AdsServer:
             self.identity_streams.pop(identity, None)
 
     def _close(self, stream: Stream) -> None:
+        name = str(stream.node)
         if self.streams.pop(stream.id, None) is not None:
             self._count_stream(stream.identity, -1)
-        self.cache.unwatch(str(stream.node), stream.wake)
-        if not any(s.node == stream.node for s in self.streams.values()):
+            left = self._node_streams.get(name, 1) - 1
+            if left > 0:
+                self._node_streams[name] = left
+            else:
+                self._node_streams.pop(name, None)
+        self.cache.unwatch(name, stream.wake)
+        stream.settle()
+        if name not in self._node_streams:
             self.source.node_disconnected(stream.node)
         log.info("node %s disconnected (stream %d)", stream.node, stream.id)
 
@@ -404,6 +426,8 @@ class AdsServer:
                         types.short(push.type_url), push.nonce, push.version,
                         len(push.resources), node,
                     )  # fmt: skip
+            if not stream.wake_pending:
+                stream.settle()
             item = await stream.queue.get()
             if item is _END:
                 return
@@ -528,11 +552,15 @@ class AdsServer:
         """Every node with a stream or a snapshot, sorted (the per-node view's order)."""
         return sorted({str(s.node) for s in self.streams.values()} | set(self.cache.nodes()))
 
-    def fleet_counts(self) -> FleetCounts:
-        """Counts over every node without building the per-node documents (the summary)."""
+    def fleet_counts(
+        self, failed_workloads: Collection[str] = (), *, per_node_drift: bool = False
+    ) -> FleetCounts:
+        """Counts over every node without building the per-node documents (the summary and
+        the metrics). ``failed_workloads``: refs whose compile failed (their connected nodes
+        are not enforcing); ``per_node_drift``: also each node's drift flag."""
         now = self.clock()
         by_node = self._streams_by_node()
-        counts = FleetCounts()
+        counts = FleetCounts(drift={} if per_node_drift else None)
         for node_name in sorted(set(by_node) | set(self.cache.nodes())):
             snapshot = self.cache.get(node_name)
             counts.add(
@@ -541,8 +569,57 @@ class AdsServer:
                     (s.mode, stream_flags(s.protocol.states, snapshot, now, self.drift_threshold))
                     for s in sorted(by_node.get(node_name, []), key=lambda s: s.id)
                 ),
+                compile_failed=bool(failed_workloads)
+                and "/".join(node_name.split("/")[:2]) in failed_workloads,
             )
         return counts
+
+    def node_health(self, failed_workloads: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Per connected node, what the fleet metrics read (in sync, drift, enforcing, ACK
+        times, the ADS credential's expiry), in the per-node view's shape but without its
+        expensive parts (workload details, credential checks against the CA, NACK texts)."""
+        now = self.clock()
+        wall_offset = time.time() - now
+        by_node = self._streams_by_node()
+        result = []
+        for node_name in sorted(by_node):
+            snapshot = self.cache.get(node_name)
+            streams = sorted(by_node[node_name], key=lambda s: s.id)
+            drift = rejected = False
+            entries = []
+            for stream in streams:
+                _, stream_drift, stream_rejected = stream_flags(
+                    stream.protocol.states, snapshot, now, self.drift_threshold
+                )
+                drift, rejected = drift or stream_drift, rejected or stream_rejected
+                statuses = stream_types(stream.protocol.states, snapshot, now, self.drift_threshold)
+                not_after = stream.client_cert.not_after if stream.client_cert else None
+                entries.append(
+                    {
+                        "types": [
+                            {
+                                "type": types.short(st.type_url),
+                                "in_sync": st.in_sync,
+                                "acked_at": iso(st.acked_at + wall_offset) if st.acked_at else None,
+                            }
+                            for st in statuses
+                        ],
+                        "ads_credentials": {"not_after": not_after.isoformat()}
+                        if not_after
+                        else None,
+                    }
+                )
+            compile_failed = "/".join(node_name.split("/")[:2]) in failed_workloads
+            result.append(
+                {
+                    "node": node_name,
+                    "connected": bool(streams),
+                    "drift": drift,
+                    "policy_enforced": not (rejected or compile_failed),
+                    "streams": entries,
+                }
+            )
+        return result
 
     def node_status(self, names: list[str] | None = None) -> list[dict[str, Any]]:
         """Per node: streams, per-type desired/ACKed versions, NACKs, drift (no secrets).

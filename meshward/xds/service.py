@@ -78,12 +78,9 @@ class XdsService:
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
             # watches from start() on. A policy passed alongside paths is ignored.
-            from meshward.compile.envoy_limits import check_policy_set
-            from meshward.policy.watch import PolicyWatcher
+            from meshward.xds.watch import PolicyCheck, PolicyWatcher
 
-            self.watcher = PolicyWatcher(
-                policy_paths, interval=watch_interval, check=check_policy_set
-            )
+            self.watcher = PolicyWatcher(policy_paths, interval=watch_interval, check=PolicyCheck())
             policy = self.watcher.load_initial()
         if policy is None:
             raise ValueError("give a policy set or policy paths to watch")
@@ -121,7 +118,7 @@ class XdsService:
         )
         self.control.on_applied.append(self.history.applied)
         self.control.on_rejected.append(self.history.rejected)
-        self.metrics.add_state(self.status, ca=lambda: self.control.ca)
+        self.metrics.add_state(self.metrics_state, ca=lambda: self.control.ca)
         self.listen = listen
         self.admin_address = admin
         self.admin: AdminServer | None = None
@@ -220,6 +217,36 @@ class XdsService:
                 log.exception("JWKS refresh failed")
             await asyncio.sleep(min(1.0, max(0.05, self.jwks.seconds_until_due())))
 
+    def _settle_policy_error(self) -> None:
+        if (
+            self.watcher is not None
+            and self.watcher.last_error is None
+            and self.control.policy_error
+        ):
+            # The files were fixed back to the version in force: the watcher reports no change
+            # (same version) but the rejection is over.
+            self.control.policy_error = None
+            self.control.policy_error_at = None
+
+    def metrics_state(self) -> dict[str, Any]:
+        """What a /metrics scrape needs: fleet counts (as the summary), each node's drift and
+        certificate expiry, light per-node health (ACK times, in sync, enforcing) for the fleet
+        metrics, the policy state; not the per-node status documents, which cost O(nodes) of
+        JSON per scrape at fleet scale."""
+        self._settle_policy_error()
+        failed = self.control.failed_workloads()
+        counts = self.ads.fleet_counts(failed, per_node_drift=True)
+        control = self.control.status(workloads=False)
+        return {
+            "fleet": counts.as_dict(),
+            "node_drift": counts.drift or {},
+            "certificate_remaining": self.control.certificate_remaining(),
+            "policy": control["policy"],
+            "server_certificate": control["server_certificate"],
+            "nodes": self.ads.node_health(failed),
+            "jwks": self.jwks.status() if self.jwks is not None else None,
+        }
+
     def status(
         self,
         view: str = "nodes",
@@ -233,15 +260,7 @@ class XdsService:
         ``limit`` from ``offset``). ``view="summary"``: control plane state and counts over the
         fleet, with the nodes that need attention by name: O(nodes) arithmetic, no per-node
         documents, what ``GET /status`` serves by default."""
-        if (
-            self.watcher is not None
-            and self.watcher.last_error is None
-            and self.control.policy_error
-        ):
-            # The files were fixed back to the version in force: the watcher reports no change
-            # (same version) but the rejection is over.
-            self.control.policy_error = None
-            self.control.policy_error_at = None
+        self._settle_policy_error()
         result = self.control.status(workloads=view != "summary")
         result["ads"] = {"address": self.address, "server_identity": self.server_identity}
         result["certificates"] = {"join": self.join_address, "requests": dict(self.certs.counts)}
@@ -252,7 +271,7 @@ class XdsService:
             result["flows"] = self.flows.status()
         if view == "summary":
             result["view"] = "summary"
-            result["fleet"] = self.ads.fleet_counts().as_dict()
+            result["fleet"] = self.ads.fleet_counts(self.control.failed_workloads()).as_dict()
             return result
         names = self.ads.node_names()
         if nodes:

@@ -147,15 +147,27 @@ class FleetCounts:
     streams_delta: int = 0
     attention: list[dict[str, Any]] | None = None
     attention_total: int = 0
+    # Per node, whether it drifts (the metrics' per-node gauge); None: not collected.
+    drift: dict[str, bool] | None = None
 
-    def add(self, node: str, streams: Iterable[tuple[str, tuple[bool, bool, bool]]]) -> None:
-        """One node: its streams as (mode, :func:`stream_flags`)."""
+    def add(
+        self,
+        node: str,
+        streams: Iterable[tuple[str, tuple[bool, bool, bool]]],
+        *,
+        compile_failed: bool = False,
+    ) -> None:
+        """One node: its streams as (mode, :func:`stream_flags`); ``compile_failed``: its
+        workload did not compile, so a connected node runs its last good config, not the
+        policy set in force (not enforced, as the per-node view says)."""
         self.nodes += 1
         modes = list(streams)
+        if self.drift is not None:
+            self.drift[node] = any(flags[1] for _, flags in modes)
         if not modes:
             return
         self.connected += 1
-        reasons: list[str] = []
+        reasons: list[str] = ["not enforced"] if compile_failed else []
         synced = True
         for mode, (in_sync, drift, rejected) in modes:
             if mode == "delta":

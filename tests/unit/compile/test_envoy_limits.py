@@ -17,7 +17,7 @@ from meshward.compile.envoy_limits import (
 from meshward.envoy.runtime import MAX_RE2_PROGRAM_SIZE, re2_runtime
 from meshward.policy import PolicyError, parse
 from meshward.policy.paths import path_template_regex
-from meshward.policy.watch import PolicyWatcher
+from meshward.xds.watch import PolicyCheck, PolicyWatcher
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -103,10 +103,12 @@ def test_bootstraps_pin_the_limit() -> None:
     assert layer == {"re2.max_program_size.error_level": MAX_RE2_PROGRAM_SIZE}
 
 
-def test_watcher_refuses_a_set_envoy_would_refuse(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [False, True])
+def test_watcher_refuses_a_set_envoy_would_refuse(tmp_path: Path, cached: bool) -> None:
     (tmp_path / "w.yaml").write_text(WORKLOAD)
     errors: list[PolicyError] = []
-    watcher = PolicyWatcher([tmp_path], check=check_policy_set, on_error=errors.append)
+    check = PolicyCheck() if cached else check_policy_set
+    watcher = PolicyWatcher([tmp_path], check=check, on_error=errors.append)
     first = watcher.load_initial()
     (tmp_path / "d.yaml").write_text(deny("/orders/42", LONG))
     assert not watcher.poll_once()  # seen, waiting for it to hold still
@@ -147,3 +149,20 @@ def test_the_size_cache_is_bounded_under_a_flood_of_patterns() -> None:
     for i in range(6000):
         program_size(f"/flood/{i}/.*")
     assert program_size.cache_info().currsize <= 4096
+
+
+def test_the_cached_check_refuses_what_the_full_check_refuses_checking_each_policy_once() -> None:
+    other = deny("/orders/1").replace("orders-deny", "orders-deny-1")
+    texts = {"w.yaml": WORKLOAD, "ok.yaml": other, "d.yaml": deny("/orders/42", LONG)}
+    bad = parse(texts)
+    check = PolicyCheck()
+    with pytest.raises(PolicyError) as full:
+        check_policy_set(bad)
+    with pytest.raises(PolicyError) as cached:
+        check(bad)
+    assert cached.value.problems == full.value.problems
+    fixed = parse({**texts, "d.yaml": deny("/orders/42")})
+    check(fixed)
+    kept = dict(check._seen)
+    check(fixed)  # the same policy objects: nothing checked again
+    assert all(check._seen[k][1] is kept[k][1] for k in kept) and len(kept) == 2

@@ -106,6 +106,32 @@ def test_namespace_wide_allow_shares_each_peer_fragment() -> None:
     assert all(len(ids) == 1 for name, ids in routes.items() if name.startswith("outbound"))
 
 
+def test_xds_outbound_listeners_are_one_object_per_peer_whatever_the_caller() -> None:
+    """In xDS mode the outbound access and flow logs name the caller through the node (its
+    metadata, the ALS stream), not a literal: every caller's listener for a peer port is the
+    same proto, packed once. With tracing (a per-caller service name) they differ again."""
+    policy_set = topology.worst_case(12)
+    options = CompileOptions(flow_log_cluster="meshward-xds")
+    mesh = compile_mesh(policy_set, options)
+    by_name: dict[str, set[int]] = {}
+    for compiled in mesh.values():
+        for listener in compiled.listeners:
+            by_name.setdefault(listener.name, set()).add(id(listener))
+    outbound = {name: ids for name, ids in by_name.items() if name.startswith("outbound")}
+    assert len(outbound) == 12 and all(len(ids) == 1 for ids in outbound.values())
+    sample = next(iter(mesh.values())).listeners[-1]
+    assert sample.name.startswith("outbound") and b"xds.node.metadata" in _bytes(sample)
+
+    traced = compile_mesh(policy_set, CompileOptions(otlp=Endpoint("127.0.0.1", 4317)))
+    distinct = {
+        _bytes(listener)
+        for compiled in traced.values()
+        for listener in compiled.listeners
+        if listener.name == next(iter(outbound))
+    }
+    assert len(distinct) == 11  # every caller but the peer itself
+
+
 def test_mesh_compile_equals_workload_by_workload_compile() -> None:
     policy_set = synth.scale_policy_set(30, 120)
     options = CompileOptions(extauthz=Endpoint("127.0.0.1", 9191))
@@ -113,3 +139,29 @@ def test_mesh_compile_equals_workload_by_workload_compile() -> None:
     for ref in ("team-000/svc-0003", "team-002/svc-0029"):
         alone = compile_workload(policy_set, ref, options)
         assert mesh[ref].serialize() == alone.serialize()
+
+
+def test_shared_listeners_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-caller listeners (tracing on: one per caller and peer port) past the cap are
+    assembled each time instead of kept; the output is the same."""
+    from meshward.compile import fragments
+
+    policy_set = topology.worst_case(8)
+    options = CompileOptions(otlp=Endpoint("127.0.0.1", 4317))
+    expected = {ref: c.serialize() for ref, c in compile_mesh(policy_set, options).items()}
+    monkeypatch.setattr(fragments, "MAX_SHARED_LISTENERS", 5)
+    cache = FragmentCache(options)
+    for peer in policy_set.workloads[1:]:
+        for caller in policy_set.workloads:
+            if caller.ref != peer.ref:
+                cache.outbound(
+                    caller,
+                    peer,
+                    peer.ports[0],
+                    bind=Endpoint("127.0.0.1", 15100),
+                    peer_mode=MtlsMode.STRICT,
+                    trust_domain=policy_set.mesh.trust_domain,
+                )
+    assert len(cache.shared) == 5
+    capped = compile_mesh(policy_set, options)
+    assert {ref: c.serialize() for ref, c in capped.items()} == expected

@@ -136,3 +136,19 @@ def test_a_network_rbac_denial_names_the_rule() -> None:
     r = records.from_tcp(entry, node_workload="shop/orders", resolve=resolve)
     assert r is not None and r.decision == records.DENY and r.policy == "shop/db-deny#2"
     assert r.source == "shop/frontend" and r.kind == "tcp"
+
+
+def test_an_outbound_entry_without_a_workload_tag_is_the_reporting_nodes() -> None:
+    """Outbound listeners are the same for every caller (no workload tag): the node that opened
+    the ALS stream is the caller; an inbound entry must still name its workload."""
+    entry = _tcp("tcp", direction="outbound")
+    del entry.common_properties.custom_tags["workload"]
+    entry.common_properties.custom_tags["port"] = "0"
+    entry.common_properties.upstream_cluster = "outbound|8080||payments.shop"
+    entry.common_properties.response_flags.upstream_connection_failure = True
+    r = records.from_tcp(entry, node_workload="shop/frontend", resolve=resolve)
+    assert r is not None and (r.source, r.destination) == ("shop/frontend", "shop/payments")
+    inbound = _tcp("tcp")
+    del inbound.common_properties.custom_tags["workload"]
+    with pytest.raises(records.RecordError):
+        records.from_tcp(inbound, node_workload="shop/orders", resolve=resolve)

@@ -250,6 +250,50 @@ async def test_paced_fanout_lets_other_streams_run_between_batches() -> None:
     assert "answer" in progress and progress.index("answer") < progress.index("node9")
 
 
+async def test_paced_fanout_waits_for_the_pushes_in_flight() -> None:
+    """With a backlog, the next batch is woken only once the pushes of the earlier ones have
+    drained to at most one batch: pushes in flight stay bounded."""
+    in_flight = [0]
+    peak = [0]
+
+    def steps() -> Iterator[object]:
+        for i in range(12):
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            yield i
+
+    async def drain() -> None:
+        while True:
+            await asyncio.sleep(0.003)
+            in_flight[0] = max(0, in_flight[0] - 1)
+
+    drainer = asyncio.create_task(drain())
+    try:
+        await paced(steps(), batch=3, pause=0.001, backlog=lambda: in_flight[0])
+    finally:
+        drainer.cancel()
+    assert peak[0] <= 3 + 3  # at most one batch waiting plus the batch being woken
+
+
+async def test_the_push_backlog_returns_to_zero(
+    service: XdsService, ca: CertificateAuthority
+) -> None:
+    """Every stream woken by a change is counted until its pushes are written, then not."""
+    first, first_task = open_client(service, ca, "shop/orders")
+    second, second_task = open_client(service, ca, "shop/payments")
+    try:
+        await until(lambda: configured(first) and configured(second), "both configured")
+        service.control.apply_policy(policy('"GET", "PUT"'))
+        assert service.control.cache.pushing >= 1  # woken (synchronously), nothing written yet
+        await until(lambda: service.control.cache.pushing == 0, "the pushes written")
+        assert service.control.cache.pushing == 0
+    finally:
+        for task in (first_task, second_task):
+            task.cancel()
+        await asyncio.gather(first_task, second_task, return_exceptions=True)
+    await until(lambda: service.control.cache.pushing == 0, "streams closed")
+
+
 def test_packed_protos_are_only_those_in_force() -> None:
     """The id -> Resource map is rebuilt each compile: after many edits it holds no more than
     the resources of the configs in force (bounded, whatever the history)."""
@@ -265,3 +309,32 @@ def test_packed_protos_are_only_those_in_force() -> None:
             id(r) for c in compiled.configs.values() for rs in c.resources.values() for r in rs
         }
         assert len(compiled.packed) == len(in_force)
+
+
+def test_a_one_policy_edit_repacks_only_the_workloads_it_changed() -> None:
+    """Unchanged workloads keep their packed config (the same object: not packed or
+    fingerprinted again); the result equals a compile from scratch."""
+    from meshward.testing import topology
+
+    fleet = topology.fleet(40)
+    compiler = MeshCompiler(CompileOptions())
+    now = datetime(2026, 1, 1)
+    first = compile_configs(compiler.mesh, fleet, now, None, {}, {}, quiet=True)
+    policies = list(fleet.authorization_policies)
+    target = next(p for p in policies if p.selector is not None)
+    policies.remove(target)
+    edited = PolicySet.create(
+        mesh=fleet.mesh,
+        workloads=fleet.workloads,
+        authorization_policies=policies,
+    )
+    second = compile_configs(
+        compiler.mesh, edited, now, first.state, first.configs, first.packed, quiet=True
+    )
+    assert second.changed and len(second.changed) < len(second.configs) // 4
+    for ref, config in second.configs.items():
+        assert (config is first.configs[ref]) == (ref not in second.changed)
+    fresh = compile_configs(MeshCompiler(CompileOptions()).mesh, edited, now, None, {}, {})
+    assert {r: c.fingerprint for r, c in second.configs.items()} == {
+        r: c.fingerprint for r, c in fresh.configs.items()
+    }

@@ -14,7 +14,7 @@ import pytest
 from meshward.errors import UserError
 from meshward.policy import load, parse
 from meshward.policy.policyset import PolicySet
-from meshward.policy.watch import PolicyWatcher
+from meshward.xds.watch import PolicyWatcher
 from meshward.xds.history import PolicyHistory, UnknownVersion, touched_workloads
 from meshward.xds.history_cli import BACKUP_DIR, restore
 from meshward.xds.history_service import MAX_QUEUE, HistoryService

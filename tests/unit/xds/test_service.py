@@ -371,6 +371,9 @@ spec:
     )
     assert any("orders-deny" in p for p in entry["not_enforced"]["policies"])
     assert node(service, "shop/orders")["streams"]  # still connected, on its old config
+    # The metrics (and the summary) count it too, from fleet counts, not per-node documents.
+    assert service.metrics_state()["fleet"]["not_enforced"] == 1
+    assert service.status("summary")["fleet"]["not_enforced"] == 1
     service.control.apply_policy(policy())
     await until(lambda: node(service, "shop/orders")["policy_enforced"], what="enforced again")
 
@@ -671,3 +674,37 @@ async def test_metrics_time_a_policy_rollout_until_every_node_acked(
     assert 0 <= done["meshward_xds_policy_rollout_seconds_sum"] < 60
     infos = [k for k in done if k.startswith("meshward_xds_policy_info{")]
     assert len(infos) == 1  # only the version in force, never one series per version
+
+
+async def test_metrics_state_agrees_with_the_per_node_view(
+    service: XdsService, clients: Clients
+) -> None:
+    """/metrics reads fleet counts (no per-node documents); they say what the per-node view
+    says: connected nodes, streams, drift per node, certificate expiry per node."""
+    clients.open("shop/frontend")
+    clients.open("shop/orders", subscriptions=with_routes("shop/orders"))
+    await until(
+        lambda: in_sync(service, "shop/frontend") and in_sync(service, "shop/orders"),
+        what="sync",
+    )
+    state = service.metrics_state()
+    nodes = service.status()["nodes"]
+    assert state["fleet"]["connected"] == sum(1 for n in nodes if n["connected"]) == 2
+    assert state["fleet"]["streams"]["sotw"] == sum(len(n["streams"]) for n in nodes)
+    assert state["node_drift"] == {n["node"]: n["drift"] for n in nodes}
+    assert state["certificate_remaining"].keys() == {
+        n["node"] for n in nodes if n.get("certificate")
+    }
+    for n in nodes:
+        if n.get("certificate"):
+            remaining = state["certificate_remaining"][n["node"]]
+            assert abs(remaining - n["certificate"]["remaining_seconds"]) < 5
+    assert state["policy"]["version"] == service.control.policy.version
+    health = {h["node"]: h for h in state["nodes"]}
+    assert health.keys() == {n["node"] for n in nodes if n["connected"]}
+    for n in nodes:
+        light = health[n["node"]]
+        assert (light["drift"], light["policy_enforced"]) == (n["drift"], n["policy_enforced"])
+        assert [[t["in_sync"] for t in s["types"]] for s in light["streams"]] == [
+            [t["in_sync"] for t in s["types"]] for s in n["streams"]
+        ]

@@ -5,6 +5,11 @@ A change is loaded only after the file set has stayed the same for one whole pol
 editor's partial write or a half-copied directory is never applied; editor temp and swap files are
 never read. An invalid policy set is reported and the last good one stays in force.
 
+Loading is incremental per file: the watcher keeps a ParseCache (meshward.policy.loader), so a
+one-file edit re-parses that file's YAML and rebuilds the set from the other files' parsed
+documents; the set, version included, is the one a full load gives. The watcher lives with the
+services that run it (meshward.policy stays pure: no threads).
+
 Limit of any polling watcher: a writer that stalls in the middle of a file for longer than one
 poll interval can have a valid prefix of it applied (say, a truncated file that drops a DENY
 policy). Write policy files atomically — a temp file, then ``rename`` — as ``git checkout``,
@@ -17,11 +22,13 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from meshward.policy import PolicyError, PolicySet, load
+from meshward.policy import PolicyError, PolicySet, Problem, load
 from meshward.policy.files import policy_files
+from meshward.policy.loader import ParseCache
 
-log = logging.getLogger("meshward.policy.watch")
+log = logging.getLogger("meshward.xds.watch")
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -67,6 +74,7 @@ class PolicyWatcher:
         self._pending: Fingerprint | None = None  # a change waiting to stay still for a poll
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.cache = ParseCache()  # per-file parse results, bounded by the files of the set
 
     def load_initial(self) -> PolicySet:
         """Load synchronously; a server should refuse to start on an invalid policy set."""
@@ -75,7 +83,7 @@ class PolicyWatcher:
         return self.current
 
     def _load(self) -> PolicySet:
-        candidate = load(policy_files(self.paths))
+        candidate = load(policy_files(self.paths), cache=self.cache)
         if self.check is not None:
             self.check(candidate)
         return candidate
@@ -143,3 +151,28 @@ class PolicyWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+class PolicyCheck:
+    """:func:`meshward.compile.envoy_limits.check_policy_set` for a watcher, each policy object
+    checked once: with the watcher's per-file parse cache, the policies of unchanged files are
+    the same objects as last time, so a one-file edit checks that file's policies, not the set.
+    Bounded by the policies of the last set checked."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Any, list[Problem]]] = {}
+
+    def __call__(self, policy_set: PolicySet) -> None:
+        from meshward.compile.envoy_limits import policy_value_problems
+
+        seen: dict[int, tuple[Any, list[Problem]]] = {}
+        found: list[Problem] = []
+        for policy in policy_set.authorization_policies:
+            hit = self._seen.get(id(policy))
+            if hit is None or hit[0] is not policy:
+                hit = (policy, policy_value_problems(policy))
+            seen[id(policy)] = hit
+            found.extend(hit[1])
+        self._seen = seen
+        if found:
+            raise PolicyError(sorted(set(found)))

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshward.certs.ca import CertificateAuthority
 from meshward.certs.sds import workload_secrets
 from meshward.certs.verify import verify_svid
+from meshward.testing.processes import Launcher, meshward_argv
 
 TD = "cluster.local"
 
@@ -122,24 +121,16 @@ def _policy(directory: Path) -> None:
     (directory / "mesh.yaml").write_text("---\n".join(docs))
 
 
-def _serve(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def _serve(tmp: Path, launcher: Launcher) -> dict[str, Any]:
     _policy(tmp / "policy")
     CertificateAuthority.init(tmp / "ca", TD)
-    ready = tmp / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshward", "xds", "serve", "--policy", str(tmp / "policy"),
-         "--ca", str(tmp / "ca"), "--listen", "127.0.0.1:0", "--admin", "off",
-         "--secrets", "agent", "--join-listen", "127.0.0.1:0", "--access-log", "off",
-         "--svid-rate", "1000000", "--svid-burst", "1000000", "--max-instances", "1000000",
-         "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL, stderr=(tmp / "xds.log").open("wb"),
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"xds serve did not start:\n{(tmp / 'xds.log').read_text()}")
-        time.sleep(0.1)
-    return proc, json.loads(ready.read_text())
+    return launcher.start("xds", meshward_argv(
+        "xds", "serve", "--policy", str(tmp / "policy"),
+        "--ca", str(tmp / "ca"), "--listen", "127.0.0.1:0", "--admin", "off",
+        "--secrets", "agent", "--join-listen", "127.0.0.1:0", "--access-log", "off",
+        "--svid-rate", "1000000", "--svid-burst", "1000000", "--max-instances", "1000000",
+        "--ready-file", str(tmp / "ready.json"),
+    ), ready_path=tmp / "ready.json", timeout=60)  # fmt: skip
 
 
 async def _calls(count: int, make: Callable[[int], Awaitable[object]]) -> float:
@@ -161,8 +152,8 @@ def end_to_end(count: int) -> tuple[float, float]:
 
     with tempfile.TemporaryDirectory(prefix="mw-bench-") as name:
         tmp = Path(name)
-        proc, ready = _serve(tmp)
-        try:
+        with Launcher(tmp, quiet=True) as launcher:
+            ready = _serve(tmp, launcher)
             server_id = ready["server_identity"]
             roots = CertificateAuthority.load(tmp / "ca").trust_bundle().roots_pem
             join_key = load_or_create_key(tmp / "ca")
@@ -197,16 +188,13 @@ def end_to_end(count: int) -> tuple[float, float]:
                 )  # fmt: skip
 
             renewals = asyncio.run(_calls(count, renew))
-        finally:
-            proc.terminate()
-            proc.wait(10)
     return joins, renewals
 
 
 def agent_start_to_ready(starts: int) -> list[float]:
     """Seconds from `meshward agent` start (join included) to Envoy's /ready LIVE."""
     from meshward.envoy.admin import AdminClient
-    from meshward.testing.agentmesh import AgentMesh
+    from meshward.testing.mesh import Mesh
 
     results: list[float] = []
     with tempfile.TemporaryDirectory(prefix="mw-bench-") as name:
@@ -217,7 +205,7 @@ def agent_start_to_ready(starts: int) -> list[float]:
             "shop}\nspec:\n  ports: [{name: http, port: 8080, protocol: HTTP}]\n"
         )
         ref = "shop/orders"
-        with AgentMesh(tmp / "policy", tmp, [ref]) as mesh:
+        with Mesh(tmp / "policy", tmp, [ref]) as mesh:
             for _ in range(starts):
                 mesh.stop_agent(ref)
                 shutil.rmtree(mesh.state_dir(ref))

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshward.testing.processes import Launcher
+
 WORKLOADS = [f"svc{i:02d}" for i in range(10)]
 NAMESPACE = "bench"
 WATCH_INTERVAL = 0.05
@@ -77,7 +79,6 @@ class Server:
     def __init__(self, work: Path, name: str, bindings: Path) -> None:
         self.work = work
         self.ready = work / f"{name}.ready.json"
-        self.log = work / f"{name}.log"
         argv = [
             sys.executable, "-m", "meshward", "xds", "serve",
             "--policy", str(work / "policies"), "--ca", str(work / "ca"),
@@ -86,14 +87,11 @@ class Server:
             "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(self.ready),
             "--listen-host", "127.0.0.1",
         ]  # fmt: skip
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"xds server did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        info = json.loads(self.ready.read_text())
+        self.launcher = Launcher(work, quiet=True)
+        info = self.launcher.start(name, argv, ready_path=self.ready, timeout=60)
+        self.proc = self.launcher[name].process
+        assert self.proc is not None
+        self.log = self.launcher[name].log_path
         self.ads_port = int(info["ads"].rsplit(":", 1)[1])
         self.admin = info["admin"]
         self.identity = info["server_identity"]
@@ -115,11 +113,7 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.launcher.stop_all()
 
 
 def all_synced(status: dict[str, Any], version: str, nodes: int) -> bool:

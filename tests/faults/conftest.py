@@ -15,11 +15,8 @@ also runs under continuous SVID rotation.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import os
-import signal
 import sys
 import time
 import urllib.request
@@ -32,8 +29,8 @@ import pytest
 
 from meshward.demo import control
 from meshward.demo.echo import EchoServer
-from meshward.demo.supervisor import Component, ComponentFailed, Supervisor
 from meshward.extauthz.issuer import LocalIssuer
+from meshward.testing.processes import Component, ComponentFailed, Launcher
 from meshward.testing.traffic import Flow
 
 TD = "cluster.local"
@@ -140,7 +137,7 @@ class FaultMesh:
         self.issuer = issuer
         self.policy_dir = root / "policies"
         self.ca_dir = root / "ca"
-        self.supervisor = Supervisor(root, quiet=True)
+        self.supervisor = Launcher(root, quiet=True)
         self.echoes: dict[str, EchoServer] = {}
         self.envoys: dict[str, Any] = {}
         self.bindings: dict[str, Any] = {}
@@ -232,14 +229,7 @@ class FaultMesh:
         return self
 
     def _launch(self, name: str, argv: list[str], ready_file: Path) -> Component:
-        ready_file.unlink(missing_ok=True)
-        return self.supervisor.launch(
-            name,
-            argv,
-            ready=ready_file.exists,
-            env={"PYTHONUNBUFFERED": "1"},
-            timeout=60,
-        )
+        return self.supervisor.launch(name, argv, ready_path=ready_file, timeout=60)
 
     def start_extauthz(self, *, wait: bool = True) -> None:
         self._launch("extauthz", self.extauthz_argv, self.root / "extauthz.json")
@@ -253,28 +243,15 @@ class FaultMesh:
 
     def kill(self, name: str) -> None:
         """SIGKILL a server process (no goodbye to anyone) and reap it."""
-        component = self.supervisor.components[name]
-        assert component.process is not None and component.process.poll() is None, name
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(component.process.pid, signal.SIGKILL)
-        component.process.wait(10)
+        assert self.supervisor[name].alive(), name
+        self.supervisor.kill(name)
 
     def restart_sidecar(self, ref: str) -> None:
         """Stop a sidecar and start a fresh Envoy with the same bootstrap (new ADS stream)."""
-        from meshward.envoy import EnvoyProcess
-
-        old = self.envoys[ref]
-        old.stop()
-        envoy = EnvoyProcess(
-            old.config,
-            name=old.name,
-            workdir=old.workdir,
-            log_level=old.log_level,
-            extra_args=old.extra_args,
-        )
-        self.envoys[ref] = envoy
-        self.supervisor.launch_envoy(old.name, envoy, timeout=60)
-        self.supervisor.wait_ready([old.name])
+        name = f"{ref.split('/')[1]}-sidecar"
+        component = self.supervisor.restart(name)
+        assert component.envoy is not None
+        self.envoys[ref] = component.envoy
 
     def _start_sidecars(self, ca: Any, policy: Any) -> None:
         from meshward.envoy import EnvoyProcess

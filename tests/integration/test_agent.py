@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from meshward.agent import envoyproc
-from meshward.testing.agentmesh import AgentMesh
+from meshward.testing.mesh import Mesh
 from meshward.xds.testing import http_request
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
@@ -50,15 +50,15 @@ spec:
 )
 
 
-def _mesh(tmp_path: Path, **kwargs: object) -> AgentMesh:
+def _mesh(tmp_path: Path, **kwargs: object) -> Mesh:
     policy_dir = tmp_path / "policy"
     policy_dir.mkdir()
     (policy_dir / "mesh.yaml").write_text(POLICY)
-    return AgentMesh(policy_dir, tmp_path, [FRONTEND, ORDERS], **kwargs)  # type: ignore[arg-type]
+    return Mesh(policy_dir, tmp_path, [FRONTEND, ORDERS], **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[AgentMesh]:
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
     # 1-minute SVIDs renewed at ~10% of their lifetime: a renewal every ~6 s.
     m = _mesh(
         tmp_path,
@@ -74,14 +74,14 @@ def mesh(tmp_path: Path) -> Iterator[AgentMesh]:
             print(f"--- agent {ref}\n{m.agent_log(ref)[-3000:]}")
 
 
-def _key_line(mesh: AgentMesh, ref: str) -> bytes:
+def _key_line(mesh: Mesh, ref: str) -> bytes:
     """A line from the middle of the agent's private key (base64 body)."""
     data = (mesh.state_dir(ref) / "svid.pem").read_bytes()
     key = data.split(b"-----END PRIVATE KEY-----")[0]
     return key.splitlines()[1]
 
 
-def test_agents_join_and_envoy_serves_mtls_with_their_svids(mesh: AgentMesh) -> None:
+def test_agents_join_and_envoy_serves_mtls_with_their_svids(mesh: Mesh) -> None:
     status, body = mesh.request(FRONTEND, ORDERS)
     assert status == 200, body
     # orders' sidecar saw frontend's agent-provided SVID (mTLS), and presented its own.
@@ -107,7 +107,7 @@ def test_agents_join_and_envoy_serves_mtls_with_their_svids(mesh: AgentMesh) -> 
     assert all(state.svid is None and not state.secrets for state in control.nodes.values())
 
 
-def test_private_keys_never_reach_the_control_plane(mesh: AgentMesh) -> None:
+def test_private_keys_never_reach_the_control_plane(mesh: Mesh) -> None:
     """Scan what the control plane holds (state, snapshots), logs, serves (status) and stores
     (CA directory, spent tokens) for the agents' keys: none, and no private key at all."""
     import json
@@ -133,7 +133,7 @@ def test_private_keys_never_reach_the_control_plane(mesh: AgentMesh) -> None:
     assert b"PRIVATE KEY" not in blob
 
 
-def test_svids_renew_under_traffic_without_a_failed_request(mesh: AgentMesh) -> None:
+def test_svids_renew_under_traffic_without_a_failed_request(mesh: Mesh) -> None:
     start = {ref: mesh.agent_status(ref)["serial"] for ref in mesh.refs}
     failures: list[tuple[int, str]] = []
     sent = 0
@@ -155,7 +155,7 @@ def test_svids_renew_under_traffic_without_a_failed_request(mesh: AgentMesh) -> 
     mesh.wait_converged()
 
 
-def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: AgentMesh) -> None:
+def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: Mesh) -> None:
     envoy_pid = mesh.agent_status(ORDERS)["envoy"]["pid"]
     mesh.kill_agent(ORDERS)
     for _ in range(20):  # Envoy keeps serving with the certificate it holds
@@ -183,7 +183,7 @@ def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: Age
 class Traffic:
     """frontend -> orders in a background thread, counting failures, until stopped."""
 
-    def __init__(self, mesh: AgentMesh) -> None:
+    def __init__(self, mesh: Mesh) -> None:
         import threading
 
         self.mesh, self.sent, self.failures = mesh, 0, []  # type: list[tuple[int, str]]
@@ -207,7 +207,7 @@ class Traffic:
         self._thread.join(10)
 
 
-def test_control_plane_down_across_a_renewal(mesh: AgentMesh) -> None:
+def test_control_plane_down_across_a_renewal(mesh: Mesh) -> None:
     """Renewals fail while the control plane is down: the agents keep serving their current
     SVIDs, retry with backoff, and renew once it is back; no request fails meanwhile."""
     with Traffic(mesh) as traffic:
@@ -225,7 +225,7 @@ def test_control_plane_down_across_a_renewal(mesh: AgentMesh) -> None:
     )
 
 
-def test_ca_rotation_under_traffic(mesh: AgentMesh) -> None:
+def test_ca_rotation_under_traffic(mesh: Mesh) -> None:
     """`ca rotate`: agents serve the bundle with both roots, renew onto the new root, and drop
     the old root when its grace period ends; no request fails."""
     from cryptography import x509
@@ -265,7 +265,7 @@ def test_ca_rotation_under_traffic(mesh: AgentMesh) -> None:
     )
 
 
-def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: AgentMesh) -> None:
+def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: Mesh) -> None:
     import signal
 
     first = mesh.agent_status(ORDERS)["envoy"]["pid"]

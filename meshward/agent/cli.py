@@ -44,6 +44,13 @@ def _jitter(text: str) -> float:
     return value
 
 
+def _runtime_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -95,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         envoy_log_level=args.envoy_log_level,
         envoy_args=tuple(args.envoy_arg) if args.envoy_arg else ENVOY_ARGS,
         drain_seconds=args.drain_seconds,
+        envoy_runtime=tuple(args.envoy_runtime or ()),
     )
 
     async def main() -> None:
@@ -155,6 +163,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     envoy.add_argument("--envoy-log-level", default="warning", help="(default: %(default)s)")
     envoy.add_argument("--envoy-arg", action="append", metavar="ARG",
                        help="extra Envoy argument (repeatable; replaces the default drain flags)")  # fmt: skip
+    envoy.add_argument("--envoy-runtime", action="append", type=_runtime_pair, metavar="KEY=VALUE",
+                       help="an Envoy runtime value (repeatable), e.g. "
+                            "tracing.opentelemetry.min_flush_spans=1")  # fmt: skip
     envoy.add_argument("--drain-seconds", type=positive_float, default=2.0, metavar="SECONDS",
                        help="on SIGTERM, drain listeners this long before stopping Envoy "
                             "(default: %(default)s)")  # fmt: skip

@@ -73,6 +73,7 @@ class AgentConfig:
     envoy_log_level: str = "warning"
     envoy_args: tuple[str, ...] = ()
     drain_seconds: float = 2.0
+    envoy_runtime: tuple[tuple[str, str], ...] = ()  # extra Envoy runtime keys (static layer)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.renew_fraction < 1.0:
@@ -293,6 +294,7 @@ class Agent:
                     sds_socket=str(sds_path),
                     admin_socket=str((cfg.state_dir / ADMIN_SOCKET).resolve()),
                     delta=cfg.delta,
+                    runtime=dict(cfg.envoy_runtime),
                 )
                 self.supervisor = Supervisor(
                     bootstrap,

@@ -33,8 +33,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from meshward.envoy.process import EnvoyProcess
-from meshward.testing.processes import Component, Launcher, ReadyCheck, meshward_argv
+from meshward.envoy.process import EnvoyProcess, tail
+from meshward.testing.processes import (
+    Component,
+    Launcher,
+    ReadyCheck,
+    StartFailed,
+    meshward_argv,
+)
 from meshward.xds.testing import http_request
 
 Sidecars = Literal["agent", "bootstrap"]
@@ -114,16 +120,22 @@ def agent_status(state_dir: Path) -> dict[str, Any]:
 
 
 def agent_serving(state_dir: Path) -> ReadyCheck:
-    """Ready once the agent holds an SVID and its Envoy answers ``/ready`` LIVE."""
+    """Ready once the agent holds an SVID and its Envoy answers ``/ready`` LIVE. An Envoy that
+    exits before it was ever ready is a failed start (StartFailed, with Envoy's log), though the
+    agent keeps restarting it with backoff as it should in production."""
     envoy = AgentEnvoy(state_dir)
 
     def check() -> bool:
         status = agent_status(state_dir)
-        return (
-            status.get("state") == "serving"
-            and bool((status.get("envoy") or {}).get("running"))
-            and envoy.ready()
-        )
+        proxy = status.get("envoy") or {}
+        if status.get("state") == "serving" and proxy.get("running") and envoy.ready():
+            return True
+        if proxy.get("restarts", 0) >= 1:
+            raise StartFailed(
+                f"its Envoy exited before it was ready; Envoy's last log lines "
+                f"({envoy.log_path}):\n{tail(envoy.log_path, 10)}"
+            )
+        return False
 
     return check
 
@@ -333,11 +345,7 @@ class Mesh:
             schedule=self.schedule,
             drift_threshold=self.drift_threshold,
             flows_db=None if self.flows_db is None else str(self.flows_db),
-            **(
-                {"join_listen": "127.0.0.1:0", "agent_secrets": True}
-                if agent
-                else {}
-            ),
+            **({"join_listen": "127.0.0.1:0", "agent_secrets": True} if agent else {}),
         ).start()
 
     def stop_control_plane(self) -> str:

@@ -139,6 +139,11 @@ class ComponentFailed(UserError):
     """A component did not come up; the message names it and carries its last log lines."""
 
 
+class StartFailed(Exception):
+    """Raised by a ready check that knows the component will never be ready (e.g. an agent
+    whose Envoy exited before it was ever ready); the message says why, with evidence."""
+
+
 class Launcher:
     """Owns a set of processes. Use as a context manager so everything stops on any exit."""
 
@@ -290,8 +295,15 @@ class Launcher:
                     )
                 ok = False
                 if component.ready_check is not None:
-                    with contextlib.suppress(OSError):
-                        ok = component.ready_check()
+                    try:
+                        with contextlib.suppress(OSError):
+                            ok = component.ready_check()
+                    except StartFailed as exc:
+                        raise ComponentFailed(
+                            f"{component.name} exited before it was ready: {exc}\n"
+                            f"last log lines ({component.log_path}):\n"
+                            f"{tail(component.log_path, 10)}"
+                        ) from None
                 if ok:
                     component.ready = True
                     pending.remove(component)

@@ -22,7 +22,8 @@ examples:
 The control plane must run with `meshward xds serve --secrets agent --join-listen HOST:PORT`.
 State directory (0700): svid.pem (key + chain, 0600), bundle.pem, sds.sock (0600, Envoy's
 SDS), admin.sock (Envoy admin), envoy/ (bootstrap, log, pid) and status.json (health: state,
-SVID serial and expiry, renewals, Envoy pid/restarts). Exit codes: 0 stopped by a signal,
+SVID serial and expiry, renewals, Envoy pid/restarts); with --health-listen the same over HTTP
+(GET /healthz: 200 or 503 with the reasons; GET /status). Exit codes: 0 stopped by a signal,
 1 could not start (no valid SVID and no usable token, refused join, bad flags).
 """
 
@@ -42,6 +43,13 @@ def _jitter(text: str) -> float:
     if not 0 <= value < 0.5:
         raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {text}")
     return value
+
+
+def _listen(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 0: any), got {text!r}")
+    return text
 
 
 def _runtime_pair(text: str) -> tuple[str, str]:
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         envoy_args=tuple(args.envoy_arg) if args.envoy_arg else ENVOY_ARGS,
         drain_seconds=args.drain_seconds,
         envoy_runtime=tuple(args.envoy_runtime or ()),
+        health_listen=args.health_listen,
     )
 
     async def main() -> None:
@@ -149,6 +158,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ident.add_argument("--server-identity", metavar="SPIFFE_ID",
                        help="the control plane's SPIFFE ID (default: "
                             "spiffe://TD/ns/ROOT_NAMESPACE/sa/meshward-xds)")  # fmt: skip
+    parser.add_argument("--health-listen", type=_listen, metavar="HOST:PORT",
+                        help="serve GET /healthz (200 healthy / 503 with reasons) and GET /status "
+                             "over HTTP here; keep it on 127.0.0.1 (port 0: any free port, "
+                             "written to status.json as 'health')")  # fmt: skip
     timing = parser.add_argument_group("renewal")
     timing.add_argument("--renew-fraction", type=_fraction, default=0.5, metavar="F",
                         help="renew at this fraction of the SVID's lifetime (default: %(default)s)")  # fmt: skip

@@ -445,7 +445,9 @@ class Mesh:
         return agent_status(self.state_dir(ref))
 
     def agent_log(self, ref: str) -> str:
-        return self.component(ref).log()
+        """The agent's output (still there after :meth:`stop`)."""
+        path = self.launcher.logs / f"{self._name(ref)}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def envoy_log(self, ref: str) -> str:
         path = self.envoys[ref].log_path
@@ -525,7 +527,7 @@ class Mesh:
                 return
             time.sleep(0.05)
         logs = "\n".join(
-            f"--- {ref}\n{self.component(ref).log()[-2000:]}\n{self.envoy_log(ref)[-2000:]}"
+            f"--- {ref}\n{self.agent_log(ref)[-2000:]}\n{self.envoy_log(ref)[-2000:]}"
             for ref in self.refs
         )
         raise TimeoutError(f"mesh did not converge in {timeout}s: {self.status()['nodes']}\n{logs}")

@@ -57,13 +57,17 @@ def _mesh(tmp_path: Path, **kwargs: object) -> Mesh:
     return Mesh(policy_dir, tmp_path, [FRONTEND, ORDERS], **kwargs)  # type: ignore[arg-type]
 
 
+AGENT_ARGS = ("--renew-fraction", "0.1", "--jitter", "0.02", "--bundle-poll", "1",
+              "--health-listen", "127.0.0.1:0")  # fmt: skip
+
+
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
     # 1-minute SVIDs renewed at ~10% of their lifetime: a renewal every ~6 s.
     m = _mesh(
         tmp_path,
         svid_ttl=timedelta(minutes=1),
-        agent_args=("--renew-fraction", "0.1", "--jitter", "0.02", "--bundle-poll", "1"),
+        agent_args=AGENT_ARGS,
     )
     try:
         m.start()
@@ -265,11 +269,29 @@ def test_ca_rotation_under_traffic(mesh: Mesh) -> None:
     )
 
 
+def _healthz(mesh: Mesh, ref: str) -> tuple[int, dict[str, object]]:
+    import json
+
+    port = int(mesh.agent_status(ref)["health"].rsplit(":", 1)[1])
+    code, body = http_request(port, "/healthz")
+    return code, json.loads(body) if code else {}
+
+
 def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: Mesh) -> None:
+    """...and the health endpoint says so: 200 while serving, 503 naming the dead Envoy until
+    the agent has restarted it, 200 again."""
     import signal
 
+    code, body = _healthz(mesh, ORDERS)
+    assert code == 200 and body["healthy"] is True and body["envoy_running"] is True, body
+    assert body["not_after"] == mesh.agent_status(ORDERS)["not_after"]
     first = mesh.agent_status(ORDERS)["envoy"]["pid"]
     os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (health := _healthz(mesh, ORDERS))[0] != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health[0] == 503, health
+    assert any("Envoy is not running" in p for p in health[1]["problems"]), health  # type: ignore[union-attr]
     status = mesh.wait_for(
         ORDERS, lambda s: s["envoy"]["restarts"] >= 1 and s["envoy"]["pid"] != first
     )
@@ -279,6 +301,7 @@ def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: Mesh) -> None:
     while mesh.request(FRONTEND, ORDERS)[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert mesh.request(FRONTEND, ORDERS)[0] == 200
+    assert _healthz(mesh, ORDERS)[0] == 200
     second = status["envoy"]["pid"]
     assert mesh.stop_agent(ORDERS) == 0  # SIGTERM: drain, stop Envoy, exit 0
     assert mesh.agent_status(ORDERS)["state"] == "stopped"

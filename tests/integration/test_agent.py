@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,14 +230,49 @@ def test_control_plane_down_across_a_renewal(mesh: Mesh) -> None:
     )
 
 
+def _old_root_client(mesh: Mesh, directory: Path) -> Any:
+    """GET / on orders' inbound listener presenting a frontend SVID from the CA as it is now
+    (the root that is about to be rotated out); the server is not verified (only its verdict
+    on our certificate matters). Returns a call: status, or 0 when the TLS peer refused us."""
+    import ssl
+
+    from meshward.certs import CertificateAuthority
+    from meshward.compile.testing import SidecarConnection
+
+    directory.mkdir(parents=True, exist_ok=True)
+    svid = CertificateAuthority.load(mesh.ca_dir).issue(
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    )
+    (directory / "chain.pem").write_bytes(svid.cert_chain_pem)
+    (directory / "key.pem").write_bytes(svid.private_key_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(directory / "chain.pem", directory / "key.pem")
+
+    def call() -> int:
+        connection = SidecarConnection(mesh.inbound_port(ORDERS), context, timeout=5)
+        try:
+            return connection.fetch("GET", "/")[0]
+        except (OSError, ssl.SSLError):
+            return 0
+        finally:
+            connection.close()
+
+    return call
+
+
 def test_ca_rotation_under_traffic(mesh: Mesh) -> None:
     """`ca rotate`: agents serve the bundle with both roots, renew onto the new root, and drop
-    the old root when its grace period ends; no request fails."""
+    the old root when its grace period ends; no request fails. A frontend certificate from the
+    old root is accepted by orders' sidecar during the grace period and refused after it."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
     from meshward.certs import CertificateAuthority
 
+    old_client = _old_root_client(mesh, mesh.ca_dir.parent / "old-root-client")
+    assert old_client() == 200  # before the rotation
     with Traffic(mesh) as traffic:
         new = CertificateAuthority.load(mesh.ca_dir).rotate(grace=timedelta(seconds=25))
 
@@ -251,6 +287,7 @@ def test_ca_rotation_under_traffic(mesh: Mesh) -> None:
             while len(roots(ref)) != 2 and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert roots(ref)[1] == new.root_fingerprint
+        assert old_client() == 200  # grace period: the old root is still trusted
         for ref in mesh.refs:  # then the new root only, once the grace period is over
             deadline = time.monotonic() + 60
             while len(roots(ref)) != 1 and time.monotonic() < deadline:
@@ -263,6 +300,7 @@ def test_ca_rotation_under_traffic(mesh: Mesh) -> None:
             assert leaf_issuer == new.intermediate  # renewed onto the new root
         time.sleep(2)  # traffic with the new root only
         mesh.wait_converged()
+        assert old_client() == 0  # the old root is no longer trusted by orders' sidecar
     assert traffic.sent > 50
     assert traffic.failures == [], (
         f"{len(traffic.failures)} of {traffic.sent}: {traffic.failures[:5]}"

@@ -1,6 +1,7 @@
-# The meshward image: control plane, ext_authz, the demo's echo apps and the tour (docker-compose.yml).
-# The sidecars run the official Envoy image instead.
+# The meshward image: control plane, ext_authz, the demo's echo apps, the tour, and the sidecars
+# (`meshward agent`, which runs Envoy: the binary comes from the official image).
 FROM python:3.11-slim
+COPY --from=envoyproxy/envoy:v1.40.0 /usr/local/bin/envoy /usr/local/bin/envoy
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -3,12 +3,15 @@
 Measured side by side in one run (same process, same machine load), so the ratios are what to
 compare across machines; absolute rates move with the load of the shared cores.
 
-    python bench/certs.py [--count 1000] [--e2e-count 500] [--agent-starts 3]
+    python bench/certs.py [--count 1000] [--e2e-count 500] [--agent-starts 3] [--clients 2]
 
 The end-to-end rows run `meshward xds serve --secrets agent` as a process and call it as agents
-do (a new TLS connection per call, the CSR made on the agent's side beforehand): joins with a
-token over server-authenticated TLS, renewals over mTLS; 16 calls in flight. Per-identity limits
-are lifted for that server (they would otherwise be what is measured). "agent start -> Envoy
+do (a new TLS connection per call, the CSR made on the agent's side beforehand) from --clients
+processes (agents are many; one Python client would measure itself): joins with a token over
+server-authenticated TLS (the spent token durably recorded before the SVID leaves), renewals
+over mTLS; 16 calls in flight. Per-identity limits are lifted for that server (they would
+otherwise be what is measured). Besides SVIDs/s, each row gives the control plane's own CPU
+time per SVID (from /proc), which does not depend on what else the shared cores run. "agent start -> Envoy
 ready" starts a real `meshward agent` (join, SDS, Envoy) and waits for Envoy's /ready.
 """
 
@@ -16,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshward.certs.ca import CertificateAuthority
 from meshward.certs.sds import workload_secrets
 from meshward.certs.verify import verify_svid
+from meshward.testing.processes import Launcher, meshward_argv
 
 TD = "cluster.local"
 
@@ -88,6 +91,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row")
     parser.add_argument("--e2e-count", type=int, default=500, help="0: skip the end-to-end rows")
     parser.add_argument("--agent-starts", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=2,
+                        help="client processes for the end-to-end rows (agents are many)")  # fmt: skip
     args = parser.parse_args()
     count = args.count
 
@@ -126,7 +131,7 @@ def main() -> None:
     print(f"  SDS pair (issue+validate) vs issuance: {sds / issue:5.2f}x the rate")
     print(f"issuing {count} SVIDs took {count / issue:.2f}s")
     if args.e2e_count:
-        e2e_main(args.e2e_count, args.agent_starts)
+        e2e_main(args.e2e_count, args.agent_starts, args.clients)
 
 
 WORKLOADS = 100
@@ -143,91 +148,116 @@ def _policy(directory: Path) -> None:
     (directory / "mesh.yaml").write_text("---\n".join(docs))
 
 
-def _serve(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def _serve(tmp: Path, launcher: Launcher) -> dict[str, Any]:
     _policy(tmp / "policy")
     CertificateAuthority.init(tmp / "ca", TD)
-    ready = tmp / "ready.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshward", "xds", "serve", "--policy", str(tmp / "policy"),
-         "--ca", str(tmp / "ca"), "--listen", "127.0.0.1:0", "--admin", "off",
-         "--secrets", "agent", "--join-listen", "127.0.0.1:0", "--access-log", "off",
-         "--svid-rate", "1000000", "--svid-burst", "1000000", "--max-instances", "1000000",
-         "--ready-file", str(ready)],
-        stdout=subprocess.DEVNULL, stderr=(tmp / "xds.log").open("wb"),
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"xds serve did not start:\n{(tmp / 'xds.log').read_text()}")
-        time.sleep(0.1)
-    return proc, json.loads(ready.read_text())
+    return launcher.start("xds", meshward_argv(
+        "xds", "serve", "--policy", str(tmp / "policy"),
+        "--ca", str(tmp / "ca"), "--listen", "127.0.0.1:0", "--admin", "off",
+        "--secrets", "agent", "--join-listen", "127.0.0.1:0", "--access-log", "off",
+        "--svid-rate", "1000000", "--svid-burst", "1000000", "--max-instances", "1000000",
+        "--ready-file", str(tmp / "ready.json"),
+    ), ready_path=tmp / "ready.json", timeout=60)  # fmt: skip
 
 
-async def _calls(count: int, make: Callable[[int], Awaitable[object]]) -> float:
-    gate = asyncio.Semaphore(CONCURRENCY)
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _client(job: dict[str, Any]) -> list[tuple[int, str, str]]:
+    """One client process: its share of the calls, CONCURRENCY // clients in flight; the
+    replies it needs later (the first WORKLOADS joins' chains, for the renewals)."""
+    from meshward.agent.certclient import JOIN, call, mtls_context, server_only_context
+
+    held: list[tuple[int, str, str]] = []
+    if job["method"] == JOIN:
+        context = server_only_context(job["roots"])
+    else:
+        contexts = {w: mtls_context(*pems) for w, pems in job["credentials"].items()}
 
     async def one(i: int) -> None:
-        async with gate:
-            await make(i)
+        message = {"workload": job["refs"][i], "csr": job["csrs"][i], "instance": str(i)}
+        if job["method"] == JOIN:
+            message["token"] = job["tokens"][i]
+        reply = await call(
+            job["address"], job["method"], message,
+            context=context if job["method"] == JOIN else contexts[i % WORKLOADS],
+            server_id=job["server_id"],
+        )  # fmt: skip
+        if job["method"] == JOIN and i < WORKLOADS:
+            held.append((i, reply["cert_chain"], reply["trust_bundle"]))
 
+    async def run() -> None:
+        gate = asyncio.Semaphore(job["in_flight"])
+
+        async def gated(i: int) -> None:
+            async with gate:
+                await one(i)
+
+        await asyncio.gather(*(gated(i) for i in job["indices"]))
+
+    asyncio.run(run())
+    return held
+
+
+def _phase(
+    pool: Any, pid: int, clients: int, count: int, job: dict[str, Any]
+) -> tuple[float, float, list[tuple[int, str, str]]]:
+    """(SVIDs/s, control-plane CPU ms per SVID, held replies) for ``count`` calls spread over
+    ``clients`` processes."""
+    jobs = [
+        {**job, "indices": list(range(k, count, clients)), "in_flight": CONCURRENCY // clients}
+        for k in range(clients)
+    ]
+    cpu = _cpu_seconds(pid)
     start = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(count)))
-    return count / (time.perf_counter() - start)
+    results = list(pool.map(_client, jobs))
+    elapsed = time.perf_counter() - start
+    cpu_ms = (_cpu_seconds(pid) - cpu) * 1e3 / count
+    return count / elapsed, cpu_ms, [h for r in results for h in r]
 
 
-def end_to_end(count: int) -> tuple[float, float]:
-    from meshward.agent.certclient import JOIN, RENEW, call, mtls_context, server_only_context
-    from meshward.agent.identity import Credentials, key_pem, make_csr, new_key
+def end_to_end(count: int, clients: int) -> dict[str, tuple[float, float]]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from meshward.agent.certclient import JOIN, RENEW
+    from meshward.agent.identity import key_pem, make_csr, new_key
     from meshward.certs.jointoken import load_or_create_key, mint
 
     with tempfile.TemporaryDirectory(prefix="mw-bench-") as name:
         tmp = Path(name)
-        proc, ready = _serve(tmp)
-        try:
-            server_id = ready["server_identity"]
-            roots = CertificateAuthority.load(tmp / "ca").trust_bundle().roots_pem
+        with Launcher(tmp, quiet=True) as launcher, ProcessPoolExecutor(clients) as pool:
+            ready = _serve(tmp, launcher)
+            pid = launcher["xds"].pid
+            assert pid is not None
             join_key = load_or_create_key(tmp / "ca")
             refs = [f"bench/w{i % WORKLOADS}" for i in range(count)]
             ids = [f"spiffe://{TD}/ns/bench/sa/w{i % WORKLOADS}" for i in range(count)]
             keys = [new_key() for _ in range(count)]
             csrs = [make_csr(k, i).decode() for k, i in zip(keys, ids, strict=True)]
-            tokens = [mint(join_key, r, ttl=timedelta(minutes=10)) for r in refs]
-            server_ctx = server_only_context(roots)
-            held: dict[int, Credentials] = {}
-
-            async def join(i: int) -> None:
-                reply = await call(
-                    ready["join"], JOIN,
-                    {"workload": refs[i], "csr": csrs[i], "token": tokens[i], "instance": str(i)},
-                    context=server_ctx, server_id=server_id,
-                )  # fmt: skip
-                if i < WORKLOADS:
-                    held[i] = Credentials.build(key_pem(keys[i]), reply["cert_chain"].encode(),
-                                                reply["trust_bundle"].encode(), "bench")  # fmt: skip
-
-            joins = asyncio.run(_calls(count, join))
-            contexts = {
-                i: mtls_context(c.chain_pem, c.key_pem, c.bundle_pem) for i, c in held.items()
+            base = {"refs": refs, "csrs": csrs, "server_id": ready["server_identity"]}
+            join_job = {
+                **base,
+                "method": JOIN,
+                "address": ready["join"],
+                "tokens": [mint(join_key, r, ttl=timedelta(minutes=10)) for r in refs],
+                "roots": CertificateAuthority.load(tmp / "ca").trust_bundle().roots_pem,
             }
-
-            async def renew(i: int) -> None:
-                await call(
-                    ready["ads"], RENEW,
-                    {"workload": refs[i], "csr": csrs[i], "instance": str(i)},
-                    context=contexts[i % WORKLOADS], server_id=server_id,
-                )  # fmt: skip
-
-            renewals = asyncio.run(_calls(count, renew))
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    return joins, renewals
+            joins, join_cpu, held = _phase(pool, pid, clients, count, join_job)
+            credentials = {
+                i: (chain.encode(), key_pem(keys[i]), bundle.encode()) for i, chain, bundle in held
+            }
+            renew_job = {**base, "method": RENEW, "address": ready["ads"],
+                         "credentials": credentials}  # fmt: skip
+            renewals, renew_cpu, _ = _phase(pool, pid, clients, count, renew_job)
+    return {"join": (joins, join_cpu), "renew": (renewals, renew_cpu)}
 
 
 def agent_start_to_ready(starts: int) -> list[float]:
     """Seconds from `meshward agent` start (join included) to Envoy's /ready LIVE."""
     from meshward.envoy.admin import AdminClient
-    from meshward.testing.agentmesh import AgentMesh
+    from meshward.testing.mesh import Mesh
 
     results: list[float] = []
     with tempfile.TemporaryDirectory(prefix="mw-bench-") as name:
@@ -238,7 +268,7 @@ def agent_start_to_ready(starts: int) -> list[float]:
             "shop}\nspec:\n  ports: [{name: http, port: 8080, protocol: HTTP}]\n"
         )
         ref = "shop/orders"
-        with AgentMesh(tmp / "policy", tmp, [ref]) as mesh:
+        with Mesh(tmp / "policy", tmp, [ref]) as mesh:
             for _ in range(starts):
                 mesh.stop_agent(ref)
                 shutil.rmtree(mesh.state_dir(ref))
@@ -257,12 +287,17 @@ def agent_start_to_ready(starts: int) -> list[float]:
     return results
 
 
-def e2e_main(count: int, starts: int) -> None:
+def e2e_main(count: int, starts: int, clients: int) -> None:
     print(f"end to end (agent -> control plane process), {count} SVIDs per row, "
-          f"{CONCURRENCY} in flight:")  # fmt: skip
-    joins, renewals = end_to_end(count)
-    print(f"  join (token, TLS, CSR, sign, spent-id write) {joins:>9,.0f} SVIDs/s")
-    print(f"  renew (mTLS with the SVID, CSR, sign)        {renewals:>9,.0f} SVIDs/s")
+          f"{CONCURRENCY} in flight from {clients} client processes:")  # fmt: skip
+    rows = end_to_end(count, clients)
+    labels = {
+        "join": "join (token, TLS, CSR, sign, spent-id fsync)",
+        "renew": "renew (mTLS with the SVID, CSR, sign)",
+    }
+    for key, (rate, cpu_ms) in rows.items():
+        print(f"  {labels[key]:<46} {rate:>7,.0f} SVIDs/s   control plane CPU {cpu_ms:.2f} ms "
+              f"per SVID (~{1e3 / cpu_ms:,.0f}/s per core it has)")  # fmt: skip
     if starts:
         times = agent_start_to_ready(starts)
         print(f"  agent start -> Envoy ready (join included): median {statistics.median(times):.2f}s"

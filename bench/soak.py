@@ -1,8 +1,8 @@
 """Soak: a fixed request rate through the demo topology for a long time (not a test).
 
 Starts the local demo mesh (meshward.demo.topology.DemoMesh: control plane, ext_authz, five shop
-apps, one Envoy sidecar each, as processes on 127.0.0.1) and sends the demo tour's calls
-round-robin at ``--rate`` requests/s for ``--duration`` seconds, each call through the caller's
+apps, one `meshward agent` + Envoy sidecar each, as processes on 127.0.0.1) and sends the demo
+tour's calls round-robin at ``--rate`` requests/s for ``--duration`` seconds, each call through the caller's
 own sidecar over mTLS, with end-user tokens where the tour uses them. Requests vary (order ids,
 payment ids, end users) over ``--distinct`` values, so the decision and token caches fill up to
 their steady state instead of serving one entry.
@@ -166,12 +166,20 @@ def rss_kib(pid: int) -> int:
 
 
 def processes(mesh: DemoMesh) -> dict[str, int]:
-    """Every process of the mesh by component name (control plane, ext_authz, apps, sidecars)."""
-    return {
+    """Every process of the mesh by component name (control plane, ext_authz, apps, sidecar
+    agents) and each agent's Envoy (``<name>-envoy``)."""
+    from meshward.testing.mesh import AgentEnvoy
+
+    found = {
         name: component.pid
         for name, component in sorted(mesh.supervisor.components.items())
         if component.pid is not None
     }
+    for ref, state in sorted(mesh.agents.items()):
+        pid = AgentEnvoy(state).pid
+        if pid is not None:
+            found[f"{ref.split('/')[1]}-envoy"] = pid
+    return found
 
 
 def start_mesh(options: MeshOptions, attempts: int = 3) -> tuple[DemoMesh, Any]:

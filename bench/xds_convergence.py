@@ -2,8 +2,9 @@
 
 Side by side in one run, against the real `meshward xds serve` process (mTLS, policy watcher):
 
-1. 10 real Envoys (one per workload): time from writing a policy file to the control plane
-   seeing every Envoy ACK the new config (a rule edit is a route config, pushed over RDS).
+1. 10 real sidecars (one per workload, each a `meshward agent` running its Envoy, the control
+   plane with --secrets agent): time from writing a policy file to the control plane seeing
+   every Envoy ACK the new config (a rule edit is a route config, pushed over RDS).
 2. N simulated ADS clients (default 1,000: 10 workloads x 100 replicas), grpc streams over mTLS
    in a separate process, following the route configs their listeners name as Envoy does: the
    same change, timed to the last client's ACK of a listener or route; the server's RSS
@@ -31,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from meshward.testing.processes import Launcher
 
 WORKLOADS = [f"svc{i:02d}" for i in range(10)]
 NAMESPACE = "bench"
@@ -74,29 +77,26 @@ def write_policy(directory: Path, text: str) -> None:
 
 # -- the server process ----------------------------------------------------------------------------
 class Server:
-    def __init__(self, work: Path, name: str, bindings: Path) -> None:
+    def __init__(self, work: Path, name: str, bindings: Path, extra: tuple[str, ...] = ()) -> None:
         self.work = work
         self.ready = work / f"{name}.ready.json"
-        self.log = work / f"{name}.log"
         argv = [
             sys.executable, "-m", "meshward", "xds", "serve",
             "--policy", str(work / "policies"), "--ca", str(work / "ca"),
             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
             "--bindings", str(bindings), "--access-log", "off",
             "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(self.ready),
-            "--listen-host", "127.0.0.1",
+            "--listen-host", "127.0.0.1", *extra,
         ]  # fmt: skip
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"xds server did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        info = json.loads(self.ready.read_text())
+        self.launcher = Launcher(work, quiet=True)
+        info = self.launcher.start(name, argv, ready_path=self.ready, timeout=60)
+        self.proc = self.launcher[name].process
+        assert self.proc is not None
+        self.log = self.launcher[name].log_path
         self.ads_port = int(info["ads"].rsplit(":", 1)[1])
         self.admin = info["admin"]
         self.identity = info["server_identity"]
+        self.join = info.get("join")
 
     def status(self) -> dict[str, Any]:
         """The per-node view, every page (as `meshward status` reads it)."""
@@ -115,11 +115,7 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.launcher.stop_all()
 
 
 def all_synced(status: dict[str, Any], version: str, nodes: int) -> bool:
@@ -145,42 +141,49 @@ def new_version(text: str) -> str:
 
 # -- scenario 1: real Envoys -----------------------------------------------------------------------
 def real_envoys(work: Path, bindings: Path, rounds: int, delta: bool) -> dict[str, Any]:
-    from meshward.certs import CertificateAuthority
-    from meshward.envoy import EnvoyProcess
-    from meshward.xds.bootstrap_cli import write_sidecar_config
-    from meshward.xds.nodeid import NodeId
+    """Every sidecar as in production: a `meshward agent` (join token, key on the node, SDS)
+    running its Envoy, started through the test launcher; the control plane with
+    --secrets agent."""
+    import shutil
 
-    server = Server(work, "envoys", bindings)
-    envoys: list[Any] = []
+    from meshward.certs import CertificateAuthority
+    from meshward.testing.mesh import agent_argv, agent_serving, write_join_token
+
+    server = Server(
+        work, "envoys", bindings, ("--secrets", "agent", "--join-listen", "127.0.0.1:0")
+    )
+    agents = Launcher(work, quiet=True, logs=work / "agent-logs")
+    state_root = Path(tempfile.mkdtemp(prefix="mwc-"))  # short: Unix socket paths
     try:
-        ca = CertificateAuthority.load(work / "ca")
+        roots = work / "root.pem"
+        roots.write_bytes(CertificateAuthority.load(work / "ca").trust_bundle().roots_pem)
         for name in WORKLOADS:
-            path = write_sidecar_config(
-                work / "sidecars", NodeId(NAMESPACE, name), "127.0.0.1", server.ads_port,
-                ca=ca, delta=delta, server_identity=server.identity,
+            ref = f"{NAMESPACE}/{name}"
+            argv = agent_argv(
+                ref, f"127.0.0.1:{server.ads_port}", state_root / name,
+                join=server.join, root_cert=roots, delta=delta, envoy_args=("--drain-time-s", "2"),
+                token_file=write_join_token(work / "ca", ref, work / f"{name}.token"),
             )  # fmt: skip
-            envoy = EnvoyProcess(json.loads(path.read_text()), name=name, workdir=work / f"envoy-{name}",
-                                 log_level="warning", extra_args=["--drain-time-s", "2"])  # fmt: skip
-            envoys.append(envoy.start(wait=False))
-        for envoy in envoys:
-            envoy.wait_ready(60)
+            agents.launch(name, argv, ready=agent_serving(state_root / name), timeout=60)
+        agents.wait_ready()
         current = new_version((work / "policies" / "mesh.yaml").read_text())
-        wait_until(lambda: all_synced(server.status(), current, len(envoys)), 60, "initial sync")
+        count = len(WORKLOADS)
+        wait_until(lambda: all_synced(server.status(), current, count), 60, "initial sync")
         times, after_apply = [], []
         for round_ in range(1, rounds + 1):
             text = policy_text(1000 + round_)
             version = new_version(text)
             start = time.time()
             write_policy(work / "policies", text)
-            wait_until(lambda v=version: all_synced(server.status(), v, len(envoys)), 30, "sync")
+            wait_until(lambda v=version: all_synced(server.status(), v, count), 30, "sync")
             end = time.time()
             times.append(end - start)
             after_apply.append(end - applied_at(server.status()))
         return {"convergence": times, "after_apply": after_apply, "rss_mb": server.rss_mb()}
     finally:
-        for envoy in envoys:
-            envoy.stop()
+        agents.stop_all()
         server.stop()
+        shutil.rmtree(state_root, ignore_errors=True)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> None:

@@ -94,7 +94,9 @@ def render_agent_bootstrap(
     sds_socket: str,
     admin_socket: str,
     delta: bool = False,
+    runtime: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """``runtime``: extra Envoy runtime keys, in a static layer over Meshward's own."""
     placeholder = AdsCredentials(b"-", b"-", b"-")  # replaced below: nothing is inlined
     config = render_bootstrap(
         node,
@@ -111,4 +113,8 @@ def render_agent_bootstrap(
         if cluster["name"] == XDS_CLUSTER:
             cluster["transport_socket"] = ads_tls_from_sds(server_identity)
     clusters.insert(0, sds_cluster(sds_socket))
+    if runtime:
+        layers = config.setdefault("layered_runtime", {"layers": []})["layers"]
+        values = {k: int(v) if v.isdigit() else v for k, v in runtime.items()}
+        layers.append({"name": "meshward-agent", "static_layer": values})
     return config

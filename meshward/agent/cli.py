@@ -22,7 +22,8 @@ examples:
 The control plane must run with `meshward xds serve --secrets agent --join-listen HOST:PORT`.
 State directory (0700): svid.pem (key + chain, 0600), bundle.pem, sds.sock (0600, Envoy's
 SDS), admin.sock (Envoy admin), envoy/ (bootstrap, log, pid) and status.json (health: state,
-SVID serial and expiry, renewals, Envoy pid/restarts). Exit codes: 0 stopped by a signal,
+SVID serial and expiry, renewals, Envoy pid/restarts); with --health-listen the same over HTTP
+(GET /healthz: 200 or 503 with the reasons; GET /status). Exit codes: 0 stopped by a signal,
 1 could not start (no valid SVID and no usable token, refused join, bad flags).
 """
 
@@ -42,6 +43,20 @@ def _jitter(text: str) -> float:
     if not 0 <= value < 0.5:
         raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {text}")
     return value
+
+
+def _listen(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 0: any), got {text!r}")
+    return text
+
+
+def _runtime_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         envoy_log_level=args.envoy_log_level,
         envoy_args=tuple(args.envoy_arg) if args.envoy_arg else ENVOY_ARGS,
         drain_seconds=args.drain_seconds,
+        envoy_runtime=tuple(args.envoy_runtime or ()),
+        health_listen=args.health_listen,
     )
 
     async def main() -> None:
@@ -141,6 +158,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ident.add_argument("--server-identity", metavar="SPIFFE_ID",
                        help="the control plane's SPIFFE ID (default: "
                             "spiffe://TD/ns/ROOT_NAMESPACE/sa/meshward-xds)")  # fmt: skip
+    parser.add_argument("--health-listen", type=_listen, metavar="HOST:PORT",
+                        help="serve GET /healthz (200 healthy / 503 with reasons) and GET /status "
+                             "over HTTP here; keep it on 127.0.0.1 (port 0: any free port, "
+                             "written to status.json as 'health')")  # fmt: skip
     timing = parser.add_argument_group("renewal")
     timing.add_argument("--renew-fraction", type=_fraction, default=0.5, metavar="F",
                         help="renew at this fraction of the SVID's lifetime (default: %(default)s)")  # fmt: skip
@@ -155,6 +176,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     envoy.add_argument("--envoy-log-level", default="warning", help="(default: %(default)s)")
     envoy.add_argument("--envoy-arg", action="append", metavar="ARG",
                        help="extra Envoy argument (repeatable; replaces the default drain flags)")  # fmt: skip
+    envoy.add_argument("--envoy-runtime", action="append", type=_runtime_pair, metavar="KEY=VALUE",
+                       help="an Envoy runtime value (repeatable), e.g. "
+                            "tracing.opentelemetry.min_flush_spans=1")  # fmt: skip
     envoy.add_argument("--drain-seconds", type=positive_float, default=2.0, metavar="SECONDS",
                        help="on SIGTERM, drain listeners this long before stopping Envoy "
                             "(default: %(default)s)")  # fmt: skip

@@ -73,6 +73,8 @@ class AgentConfig:
     envoy_log_level: str = "warning"
     envoy_args: tuple[str, ...] = ()
     drain_seconds: float = 2.0
+    health_listen: str | None = None  # HOST:PORT of the health endpoint (port 0: any)
+    envoy_runtime: tuple[tuple[str, str], ...] = ()  # extra Envoy runtime keys (static layer)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.renew_fraction < 1.0:
@@ -104,6 +106,8 @@ class Agent:
         self.renewals = 0
         self.failures = 0
         self.last_error: str | None = None
+        self.last_renewal: datetime | None = None
+        self.health: Any = None  # HealthServer with --health-listen
         self.state = "starting"
         self._status_written = ""
 
@@ -199,6 +203,7 @@ class Agent:
         await self.sds.update(fresh)
         self.credentials = fresh
         self.renewals += 1
+        self.last_renewal = self._now()
         self.last_error = None
         self._schedule(fresh)
         log.info("SVID renewed (serial %x, expires %s)", fresh.serial, fresh.not_after.isoformat())
@@ -245,6 +250,8 @@ class Agent:
             "not_after": creds.not_after.isoformat() if creds else None,
             "expired": bool(creds and creds.not_after <= self._now()),
             "renewals": self.renewals,
+            "last_renewal": self.last_renewal.isoformat() if self.last_renewal else None,
+            "health": self.health.address if self.health else None,
             "renewal_failures": self.failures,
             "last_error": self.last_error,
             "sds": {"streams": self.sds.streams, "pushes": self.sds.pushes, "nacks": self.sds.nacks}
@@ -281,6 +288,16 @@ class Agent:
         credentials = await self.initial_credentials()
         self.sds = SdsServer(credentials)
         await self.sds.start(sds_path)
+        if cfg.health_listen:
+            from meshward.agent.health import HealthServer
+
+            self.health = HealthServer(self.status)
+            try:
+                address = await self.health.start(cfg.health_listen)
+            except OSError as exc:
+                await self.sds.stop()
+                raise UserError(f"--health-listen {cfg.health_listen}: {exc.strerror}") from None
+            log.info("health endpoint on http://%s/healthz", address)
         try:
             if cfg.envoy:
                 namespace, name = cfg.workload.split("/")
@@ -293,6 +310,7 @@ class Agent:
                     sds_socket=str(sds_path),
                     admin_socket=str((cfg.state_dir / ADMIN_SOCKET).resolve()),
                     delta=cfg.delta,
+                    runtime=dict(cfg.envoy_runtime),
                 )
                 self.supervisor = Supervisor(
                     bootstrap,
@@ -332,6 +350,8 @@ class Agent:
                 self.write_status()
             if self.supervisor is not None:
                 await asyncio.to_thread(self.supervisor.drain_and_stop)
+            if self.health is not None:
+                await self.health.stop()
             await self.sds.stop()
             self.state = "stopped"
             with contextlib.suppress(Exception):

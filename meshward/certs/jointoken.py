@@ -30,6 +30,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from meshward.certs import files
 from meshward.certs.lifetime import as_utc
@@ -168,7 +169,9 @@ class UsedTokens:
     compacted (rewritten atomically with the live entries) when it holds more than twice as many
     lines as live entries. A torn last line (a crash mid-append) is ignored: the join it records
     was never answered. Any other malformed content fails closed. Not thread-safe: the
-    certificate service calls it from its event loop only.
+    certificate service calls it from its event loop only; :meth:`commit` batches the joins
+    in flight into one fsync done in a worker thread (group commit), the token being reserved
+    in memory meanwhile so a concurrent reuse is refused.
     """
 
     def __init__(self, directory: Path, *, max_entries: int = MAX_USED) -> None:
@@ -177,6 +180,9 @@ class UsedTokens:
         self._lines = 0
         self._since_prune = 0
         self._used: dict[str, float] = self._load()
+        self._pending: list[tuple[bytes, Any]] = []  # (line, future) awaiting the next fsync
+        self._flushing = False
+        self._compact_due = False
 
     def _corrupt(self) -> UserError:
         # Failing open here would re-enable every spent token: refuse to start instead.
@@ -222,6 +228,17 @@ class UsedTokens:
 
     def consume(self, claims: JoinClaims, now: datetime) -> None:
         """Mark the token spent (durably) or raise JoinRefused(USED)."""
+        line = self.reserve(claims, now)
+        try:
+            self._persist([line])
+        except BaseException:
+            self.release(claims)
+            raise
+
+    def reserve(self, claims: JoinClaims, now: datetime) -> bytes:
+        """Mark the token spent in memory (from here on a second join with it is refused, even
+        while this one is in flight) or raise JoinRefused(USED); return the log line that must
+        be durable (:meth:`commit`) before the SVID leaves."""
         self.check(claims)
         self._since_prune += 1
         if self._since_prune >= PRUNE_EVERY or len(self._used) >= self.max_entries:
@@ -231,9 +248,69 @@ class UsedTokens:
                 USED, "too many join tokens in flight; try again once some have expired"
             )
         expiry = claims.expires_at.timestamp()
-        self._append(f"{claims.token_id} {expiry:.0f}\n".encode())
         self._used[claims.token_id] = expiry
-        self._lines += 1
+        return f"{claims.token_id} {expiry:.0f}\n".encode()
+
+    def release(self, claims: JoinClaims) -> None:
+        """Undo :meth:`reserve` for a join that failed before anything was issued."""
+        self._used.pop(claims.token_id, None)
+
+    async def commit(self, line: bytes) -> None:
+        """Make ``line`` durable, batched with every other join in flight: one write and one
+        fsync per batch, in a worker thread, so the event loop keeps serving meanwhile. Returns
+        only once the line is on disk (a crash after that cannot re-enable the token); raises
+        UserError if it cannot be written."""
+        import asyncio
+
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((line, future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        import asyncio
+
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                # Decided on the loop, where _used changes; done in the thread, where (being
+                # the only writer of the file) a rename cannot race an append.
+                snapshot = (
+                    "".join(f"{k} {v:.0f}\n" for k, v in self._used.items()).encode()
+                    if self._compact_due
+                    else None
+                )
+                self._compact_due = False
+                try:
+                    await asyncio.to_thread(
+                        self._write_batch, [line for line, _ in batch], snapshot
+                    )
+                except BaseException as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(
+                                exc if isinstance(exc, Exception) else UserError(str(exc))
+                            )
+                    continue
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._flushing = False
+
+    def _write_batch(self, lines: list[bytes], snapshot: bytes | None) -> None:
+        if snapshot is not None:  # the live entries, this batch's included
+            files.ensure_dir(self.path.parent)
+            files.write_private(self.path, snapshot, overwrite=True)
+            self._lines = snapshot.count(b"\n")
+        else:
+            self._persist(lines)
+
+    def _persist(self, lines: list[bytes]) -> None:
+        self._append(b"".join(lines))
+        self._lines += len(lines)
 
     def prune(self, now: datetime) -> None:
         """Forget ids whose token expired (refused as expired anyway); compact the log when
@@ -242,7 +319,10 @@ class UsedTokens:
         self._used = {k: v for k, v in self._used.items() if v > stamp}
         self._since_prune = 0
         if self._lines > 2 * len(self._used):
-            self._compact()
+            if self._flushing:
+                self._compact_due = True  # the flusher does it, after its write in flight
+            else:
+                self._compact()
 
     def _append(self, line: bytes) -> None:
         files.ensure_dir(self.path.parent)

@@ -1,9 +1,9 @@
 """The docker-compose topology's generated files (``sidecar-config/``), rendered from the example
 policies so they cannot drift from them (tests compare the committed files with this output).
 
-- ``<name>.<ns>/envoy.json``: each sidecar's bootstrap, exactly what ``meshward bootstrap``
-  writes for it (:data:`BOOTSTRAP_ARGS`); its ADS credentials are generated at run time into
-  ``certs/sidecars/`` by the compose file's one-shot ``credentials`` service.
+- No sidecar bootstraps: each sidecar is a ``meshward agent`` (:func:`agent_argv`) that renders
+  its Envoy's bootstrap itself; its one-time join token is minted at run time into
+  ``certs/join/`` by the compose file's one-shot ``credentials`` service.
 - ``bindings.json``: where each sidecar listens (``meshward xds serve --bindings``). Every app
   container has a fixed address on the compose network, because Envoy's EDS endpoints and the
   compiled ext_authz/OTLP clusters take IP addresses, not names. The app listens on
@@ -30,30 +30,30 @@ JAEGER_IP, XDS_IP, EXTAUTHZ_IP = "10.77.0.2", "10.77.0.3", "10.77.0.4"
 FIRST_APP_IP = 11  # 10.77.0.11, .12, ... in sorted workload order
 APP_PORT = 9080  # the echo app, on 127.0.0.1 inside its network namespace
 OUTBOUND_BASE = 15100
-# Each sidecar's Envoy admin: a 0600 Unix socket in the sidecar container's own /tmp (its
-# bootstrap directory is a read-only mount), never a TCP port other containers could reach.
-ADMIN_SOCKET = "/tmp/envoy-admin.sock"
 XDS = "xds:15010"
+JOIN = "xds:15012"  # `xds serve --secrets agent --join-listen`
+JOIN_DIR = "/etc/meshward/join"  # ./certs/join: <name>.token and root.pem, by `credentials`
+AGENT_DIR = "/var/lib/meshward/agent"  # a named volume per sidecar: its key and SVID persist
+AGENT_HEALTH = "127.0.0.1:15021"  # in the app's network namespace
 XDS_ADMIN_PORT = 15011
 EXTAUTHZ_PORT, EXTAUTHZ_METRICS_PORT = 9191, 9192
-CREDENTIALS_IN_CONTAINER = "/etc/meshward/sidecar"  # --path-prefix: where certs/sidecars is mounted
 ACCESS_LOG = "/var/log/meshward/access.log"  # in each sidecar container (a named volume)
 DECISION_LOG = "/var/log/meshward/decisions.jsonl"  # in the extauthz container
 EXTAUTHZ_TLS_DIR = "/etc/meshward/extauthz"  # its SVID (./certs/extauthz, by `credentials`)
 POLICY_DIR = "/policies"  # a named volume filled from examples/ by the `policies` service
 EXAMPLES_IN_IMAGE = "/app/examples"
 
-BOOTSTRAP_ARGS = (
-    "--xds", XDS,
-    "--policy", "examples",
-    "--admin-socket", ADMIN_SOCKET,
-    "--path-prefix", CREDENTIALS_IN_CONTAINER,
-)  # fmt: skip
 
-
-def bootstrap_argv(ref: str, out: str = "sidecar-config") -> list[str]:
-    """``meshward bootstrap`` arguments for one workload's committed bootstrap."""
-    return ["bootstrap", "--workload", ref, *BOOTSTRAP_ARGS, "--out", out]
+def agent_argv(ref: str) -> list[str]:
+    """A sidecar container's command: ``meshward agent`` for ``ref``."""
+    name = ref.split("/")[1]
+    return [
+        "meshward", "agent", "--workload", ref, "--xds", XDS, "--join", JOIN,
+        "--join-token-file", f"{JOIN_DIR}/{name}.token", "--root-cert", f"{JOIN_DIR}/root.pem",
+        "--dir", AGENT_DIR, "--health-listen", AGENT_HEALTH,
+        "--envoy-arg=--drain-time-s", "--envoy-arg=5",
+        "--envoy-arg=--drain-strategy", "--envoy-arg=immediate",
+    ]  # fmt: skip
 
 
 def app_ips(refs: list[str]) -> dict[str, str]:
@@ -142,24 +142,12 @@ def render(policy: Any) -> dict[str, str]:
 
 def write(root: Path) -> list[Path]:
     """Regenerate ``root/sidecar-config`` from ``root/examples``; return the files written."""
-    import os
-
-    from meshward.cli import main
     from meshward.policy import load
 
     policy = load([root / "examples"])
     out = root / "sidecar-config"
     out.mkdir(exist_ok=True)
     written = []
-    cwd = Path.cwd()
-    os.chdir(root)  # BOOTSTRAP_ARGS name examples/ relative to the repository root
-    try:
-        for w in sorted(policy.workloads, key=lambda w: w.ref):
-            if main(bootstrap_argv(w.ref)) != 0:
-                raise SystemExit(f"meshward bootstrap failed for {w.ref}")
-            written.append(out / f"{w.name}.{w.namespace}" / "envoy.json")
-    finally:
-        os.chdir(cwd)
     for name, text in render(policy).items():
         (out / name).write_text(text)
         written.append(out / name)

@@ -4,8 +4,10 @@
   edit changes the copy, never the repository);
 - ``meshward xds serve`` (control plane) and ``meshward extauthz serve`` as processes (ext_authz
   over mTLS with an SVID for ``meshward-extauthz`` from the demo's CA, in ``run/extauthz-tls``);
-- each shop workload's app (``python -m meshward.demo.echo``) and its Envoy sidecar, with the
-  bootstrap ``meshward bootstrap`` writes (ADS over mTLS; everything else over ADS);
+- each shop workload's app (``python -m meshward.demo.echo``) and its sidecar: a ``meshward agent``
+  (``xds serve --secrets agent``) that generates the key, joins with a one-time token, serves
+  SVID and bundle to its Envoy over SDS on a Unix socket and starts that Envoy (ADS over mTLS
+  with the same SVID; everything else over ADS);
 - a trace collector of its own when no ``--otlp-endpoint`` is given (Envoy stamps trace ids only
   when it has a tracer, and the tour and ``meshward denials`` key on trace ids).
 
@@ -23,6 +25,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,9 +34,11 @@ from typing import Any, TextIO
 
 from meshward.demo import control
 from meshward.demo import state as demo_state
-from meshward.demo.supervisor import ComponentFailed, Supervisor
 from meshward.errors import UserError
 from meshward.telemetry.tracing import OTLP_ENDPOINT_ENV
+from meshward.testing.mesh import AgentEnvoy
+from meshward.testing.processes import ComponentFailed, Launcher
+from meshward.xds.bootstrap import ENVOY_ARGS
 
 EXAMPLES_ENV = "MESHWARD_EXAMPLES"
 SIGNING_KEY = Path("demo-keys") / "jwt-signing-key.pem"
@@ -117,12 +122,14 @@ class DemoMesh:
         self.options = options
         self.dir = options.state_dir
         claim(self.dir)
-        self.supervisor = Supervisor(self.dir, out=out, quiet=quiet)
+        self.supervisor = Launcher(self.dir, out=out, quiet=quiet)
         self.state: demo_state.DemoState | None = None
         self.refs: list[str] = []
         self._sink: Any = None
         self._rotator: Any = None  # keeps the sidecars' access logs under their cap
         self.otlp_endpoint = ""  # where spans go: --otlp-endpoint or the demo's own collector
+        self.agents: dict[str, Path] = {}  # ref -> its agent's state directory
+        self._short_root: Path | None = None
 
     # -- preparation (no processes) -----------------------------------------------------------
     def _prepare(self) -> tuple[Any, Any]:
@@ -130,7 +137,7 @@ class DemoMesh:
         from meshward.certs import CertificateAuthority
         from meshward.policy import PolicyError, load
 
-        for stale in ("policies", "sidecars", "logs", "run"):
+        for stale in ("policies", "sidecars", "agents", "logs", "run"):
             shutil.rmtree(self.dir / stale, ignore_errors=True)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         (self.dir / "run").mkdir(parents=True, exist_ok=True)
@@ -230,6 +237,8 @@ class DemoMesh:
                 "--access-log", ACCESS_LOG,
                 "--watch-interval", "0.2",
                 "--flows-db", str(self.dir / "flows.db"),
+                "--secrets", "agent",  # sidecars run under `meshward agent`: keys stay with them
+                "--join-listen", "127.0.0.1:0",
                 "--ready-file", str(xds_ready),
         ]  # fmt: skip
         sup.launch(
@@ -242,7 +251,7 @@ class DemoMesh:
         )
         sup.wait_ready(["xds"])
         xds_info = _json_file(xds_ready) or {}
-        self._launch_sidecars(policy, ca, workloads, str(xds_info["ads"]))
+        self._launch_sidecars(policy, ca, workloads, str(xds_info["ads"]), str(xds_info["join"]))
         sup.wait_ready()
         admin_url = str(xds_info["admin"])
 
@@ -267,43 +276,55 @@ class DemoMesh:
         sup.say(f"[ready] mesh up in {time.monotonic() - started:.1f}s")
         return self.state
 
-    def _launch_sidecars(self, policy: Any, ca: Any, workloads: list[Any], ads: str) -> None:
-        from meshward.envoy import EnvoyProcess
-        from meshward.xds.bootstrap import ENVOY_ARGS
-        from meshward.xds.bootstrap_cli import write_sidecar_config
-        from meshward.xds.nodeid import NodeId
-        from meshward.xds.service import split_address
+    def _agent_dir(self, name: str) -> Path:
+        """Where ``name``'s agent keeps its SVID and sockets: under the state directory, or
+        a short private /tmp directory when that path is too long for a Unix socket."""
+        path = self.dir / "agents" / name
+        if len(str((path / "admin.sock").resolve())) > 100:
+            if self._short_root is None:
+                self._short_root = Path(tempfile.mkdtemp(prefix="mwd-"))
+            path = self._short_root / name
+        return path
 
-        host, port = split_address(ads)
+    def _launch_sidecars(
+        self, policy: Any, ca: Any, workloads: list[Any], ads: str, join: str
+    ) -> None:
+        """One `meshward agent` per workload: it generates the key, joins with a one-time
+        token, serves SVID and bundle to its Envoy over SDS and starts that Envoy."""
+        from meshward.testing.mesh import agent_argv, agent_serving, write_join_token
+
+        roots = self.dir / "run" / "root.pem"
+        roots.write_bytes(ca.trust_bundle().roots_pem)
+        runtime = (
+            [f"--envoy-runtime={k}={v}" for k, v in PROMPT_TRACING.items()]
+            if self.options.tune_tracing
+            else []
+        )
         for w in workloads:
-            try:
-                path = write_sidecar_config(
-                    self.dir / "sidecars",
-                    NodeId(w.namespace, w.name),
-                    host,
-                    port,
-                    ca=ca,
-                    root_namespace=policy.mesh.root_namespace,
-                    service_account=w.service_account or w.name,
-                )
-            except ValueError as exc:  # the admin socket path is too long for a Unix socket
-                raise UserError(f"{exc}: use a shorter --state directory") from None
-            config = json.loads(path.read_text())
-            if self.options.tune_tracing:
-                runtime = config.setdefault("layered_runtime", {"layers": []})
-                runtime["layers"] += [
-                    {"name": "meshward-demo", "static_layer": PROMPT_TRACING},
-                    {"name": "admin", "admin_layer": {}},
-                ]
-            envoy = EnvoyProcess(
-                config,
-                name=f"{w.name}-sidecar",
-                workdir=path.parent,
-                log_level="warning",
-                extra_args=ENVOY_ARGS,
+            state = self._agent_dir(w.name)
+            shutil.rmtree(state, ignore_errors=True)
+            token = write_join_token(self.dir / "ca", w.ref, self.dir / "run" / f"{w.name}.token")
+            argv = agent_argv(
+                w.ref,
+                ads,
+                state,
+                trust_domain=policy.mesh.trust_domain,
+                root_namespace=policy.mesh.root_namespace,
+                service_account=w.service_account or w.name,
+                join=join,
+                token_file=token,
+                root_cert=roots,
+                envoy_args=ENVOY_ARGS,
+                drain_seconds=1.0,
+                extra=runtime,
             )
-            self.supervisor.launch_envoy(
-                f"{w.name}-sidecar", envoy, timeout=self.options.timeout, what=f"Envoy for {w.ref}"
+            self.agents[w.ref] = state
+            self.supervisor.launch(
+                f"{w.name}-sidecar",
+                argv,
+                ready=agent_serving(state),
+                timeout=self.options.timeout,
+                what=f"meshward agent + Envoy for {w.ref}",
             )
 
     def _rotate_access_logs(self, workloads: list[Any]) -> None:
@@ -313,8 +334,8 @@ class DemoMesh:
 
         rotator = AccessLogRotator()
         for w in workloads:
-            envoy = self.supervisor.components[f"{w.name}-sidecar"].envoy
-            if envoy is not None and envoy.pid is not None:
+            envoy = AgentEnvoy(self.agents[w.ref])
+            if envoy.pid is not None:
                 rotator.watch(envoy.workdir / ACCESS_LOG, envoy.pid)
         self._rotator = rotator.start()
 
@@ -335,8 +356,7 @@ class DemoMesh:
         for w in sorted(policy.workloads, key=lambda w: w.ref):
             binding = bindings[w.ref]
             port = min(binding.ports)
-            sidecar = self.supervisor.components[f"{w.name}-sidecar"]
-            assert sidecar.envoy is not None
+            envoy = AgentEnvoy(self.agents[w.ref])
             listened, unlistened = demo_state.split_outbound(
                 policy, w.ref, {k: str(v) for k, v in binding.outbound.items()}
             )
@@ -347,9 +367,9 @@ class DemoMesh:
                 app=str(binding.ports[port].app),
                 outbound=listened,
                 unlistened=unlistened,
-                access_log=str(sidecar.envoy.workdir / ACCESS_LOG),
-                envoy_log=str(sidecar.envoy.log_path),
-                admin=str(sidecar.envoy.admin_socket),
+                access_log=str(envoy.workdir / ACCESS_LOG),
+                envoy_log=str(envoy.log_path),
+                admin=str(envoy.admin_socket),
             )
         metrics = extauthz.get("metrics")
         return demo_state.DemoState(
@@ -388,7 +408,11 @@ class DemoMesh:
                 self._rotator.stop()
                 self._rotator = None
             self.supervisor.stop_all()
+            for state in self.agents.values():
+                AgentEnvoy(state).stop()  # only if its agent died without stopping it
         finally:
+            if self._short_root is not None:
+                shutil.rmtree(self._short_root, ignore_errors=True)
             if self._sink is not None:
                 self._sink.stop()
                 self._sink = None

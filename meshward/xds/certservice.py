@@ -33,6 +33,7 @@ why; logged once per identity and reason per minute (:class:`RefusalLog`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -201,8 +202,10 @@ class CertService:
         )
         return Issued(identity, response, svid.serial)
 
-    def join(self, request: bytes, now: datetime) -> Issued:
-        """First contact with a join token (no client certificate)."""
+    async def join(self, request: bytes, now: datetime) -> Issued:
+        """First contact with a join token (no client certificate). The token is reserved
+        before signing and its spent record is durable before the SVID is returned; the fsync
+        is shared with the other joins in flight and runs off the event loop."""
         message = decode(request, ("workload", "csr", "token"))
         node, identity = self._identity_for(message["workload"])
         if self.join_key is None or self.used is None:
@@ -213,11 +216,15 @@ class CertService:
             )
         try:
             claims = verify_token(self.join_key, message["token"], workload=str(node), now=now)
-            self.used.check(claims)
-            issued = self._sign(identity, message["csr"], message.get("instance", ""), now)
-            self.used.consume(claims, now)  # durable before the SVID leaves
+            line = self.used.reserve(claims, now)
         except JoinRefused as exc:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED, exc.reason, str(exc)) from None
+        try:
+            issued = self._sign(identity, message["csr"], message.get("instance", ""), now)
+            await self.used.commit(line)  # durable before the SVID leaves
+        except BaseException:
+            self.used.release(claims)  # nothing was issued: the token is still unspent
+            raise
         return issued
 
     def renew(self, request: bytes, peer: str | None, now: datetime) -> Issued:
@@ -257,12 +264,13 @@ class CertService:
             metrics.svid_issuance.labels(method).observe(seconds)
 
     def _wrap(
-        self, method: str, fn: Callable[[bytes, Any], Issued | bytes]
+        self, method: str, fn: Callable[[bytes, Any], Issued | bytes | Awaitable[Issued]]
     ) -> Callable[[bytes, Any], Awaitable[bytes]]:
         async def handler(request: bytes, context: Any) -> bytes:
             started = time.perf_counter()
             try:
-                result = fn(request, context)
+                outcome = fn(request, context)
+                result = await outcome if inspect.isawaitable(outcome) else outcome
             except Refusal as exc:
                 self._count(f"{method}:{exc.reason}")
                 # Keyed by identity; every caller without a certificate shares one key, so a

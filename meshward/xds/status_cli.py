@@ -133,7 +133,7 @@ def _hostport(address: str) -> str:
 
 def _running_demo() -> Any:
     """The running `meshward demo` (as `meshward denials` finds it), or None."""
-    from meshward.demo import state as demo_state
+    from meshward import meshstate as demo_state
 
     try:
         state = demo_state.load(demo_state.find_state(None))

@@ -1,6 +1,7 @@
 """A small mesh of real processes for fault tests: `meshward xds serve` and `meshward extauthz
 serve` as child processes (so they can be SIGKILLed and restarted on the same ports), echo apps,
-and one real Envoy sidecar per workload bootstrapped exactly as `meshward bootstrap` does.
+and one sidecar per workload: a `meshward agent` process (key on the node, first SVID by join
+token, SDS over a Unix socket) and the Envoy it runs.
 
 Shop policy (STRICT mTLS everywhere):
 - orders: frontend may GET/POST /orders* (native RBAC);
@@ -8,19 +9,18 @@ Shop policy (STRICT mTLS everywhere):
   payments:write (ext_authz); nobody reaches /admin (native DENY);
 - inventory: orders may GET /inventory* (native RBAC).
 
-The control plane issues 60 s SVIDs (the CA's minimum), so they are renewed every few seconds
-(half of the 120 s lifetime including the CA's 60 s backdating, ±10% jitter): every fault test
-also runs under continuous SVID rotation.
+The control plane signs 60 s SVIDs (the CA's minimum) for the agents' CSRs, and the agents renew
+them every ~12 s (10% of the 120 s lifetime including the CA's 60 s backdating): every fault
+test also runs under continuous SVID rotation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import os
-import signal
+import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,10 +30,18 @@ from typing import Any
 
 import pytest
 
+from meshward.certs import CertificateAuthority
 from meshward.demo import control
 from meshward.demo.echo import EchoServer
-from meshward.demo.supervisor import Component, ComponentFailed, Supervisor
 from meshward.extauthz.issuer import LocalIssuer
+from meshward.testing.mesh import (
+    AgentEnvoy,
+    agent_argv,
+    agent_serving,
+    agent_status,
+    write_join_token,
+)
+from meshward.testing.processes import Component, ComponentFailed, Launcher
 from meshward.testing.traffic import Flow
 
 TD = "cluster.local"
@@ -140,9 +148,11 @@ class FaultMesh:
         self.issuer = issuer
         self.policy_dir = root / "policies"
         self.ca_dir = root / "ca"
-        self.supervisor = Supervisor(root, quiet=True)
+        self.supervisor = Launcher(root, quiet=True)
         self.echoes: dict[str, EchoServer] = {}
-        self.envoys: dict[str, Any] = {}
+        self.envoys: dict[str, AgentEnvoy] = {}
+        self.agent_root = Path(tempfile.mkdtemp(prefix="mwf-"))  # short: Unix socket paths
+        self.agent_dirs: dict[str, Path] = {}
         self.bindings: dict[str, Any] = {}
         self.ads_port = self.admin_port = self.extauthz_port = self.extauthz_metrics_port = 0
         self.xds_argv: list[str] = []
@@ -171,7 +181,6 @@ class FaultMesh:
 
     # -- start ---------------------------------------------------------------------------------------
     def start(self) -> FaultMesh:
-        from meshward.certs import CertificateAuthority
         from meshward.compile import runtime_bindings
         from meshward.net import free_port
         from meshward.policy import WorkloadPort, load
@@ -179,7 +188,7 @@ class FaultMesh:
 
         self.write_policies()
         policy = load([self.policy_dir])
-        ca = CertificateAuthority.init(self.ca_dir, TD)
+        CertificateAuthority.init(self.ca_dir, TD)
         for ref in REFS:
             echo = EchoServer(ref.split("/")[1])
             echo.__enter__()
@@ -195,7 +204,7 @@ class FaultMesh:
         self.bindings = runtime_bindings(workloads, supply, app_ports=app_ports)
         bindings_file = self.root / "bindings.json"
         bindings_file.write_text(json.dumps(dump_bindings(self.bindings), indent=2))
-        self.ads_port, self.admin_port = free_port(), free_port()
+        self.ads_port, self.admin_port, self.join_port = free_port(), free_port(), free_port()
         self.extauthz_port, self.extauthz_metrics_port = free_port(), free_port()
         python = sys.executable
         self.extauthz_argv = [
@@ -220,6 +229,9 @@ class FaultMesh:
             "--extauthz", f"127.0.0.1:{self.extauthz_port}",
             "--access-log", "access.log",
             "--svid-ttl", "60s",
+            # sidecars run under `meshward agent`: keys stay with them, first SVID by join token
+            "--secrets", "agent",
+            "--join-listen", f"127.0.0.1:{self.join_port}",
             "--drift-threshold", "2s",
             "--watch-interval", str(WATCH_INTERVAL),
             "--ready-file", str(self.root / "xds.json"),
@@ -227,19 +239,12 @@ class FaultMesh:
         self.start_extauthz(wait=False)
         self.start_xds(wait=False)
         self.supervisor.wait_ready(["extauthz", "xds"])
-        self._start_sidecars(ca, policy)
+        self._start_sidecars(policy)
         self.wait_converged(timeout=60)
         return self
 
     def _launch(self, name: str, argv: list[str], ready_file: Path) -> Component:
-        ready_file.unlink(missing_ok=True)
-        return self.supervisor.launch(
-            name,
-            argv,
-            ready=ready_file.exists,
-            env={"PYTHONUNBUFFERED": "1"},
-            timeout=60,
-        )
+        return self.supervisor.launch(name, argv, ready_path=ready_file, timeout=60)
 
     def start_extauthz(self, *, wait: bool = True) -> None:
         self._launch("extauthz", self.extauthz_argv, self.root / "extauthz.json")
@@ -253,55 +258,43 @@ class FaultMesh:
 
     def kill(self, name: str) -> None:
         """SIGKILL a server process (no goodbye to anyone) and reap it."""
-        component = self.supervisor.components[name]
-        assert component.process is not None and component.process.poll() is None, name
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(component.process.pid, signal.SIGKILL)
-        component.process.wait(10)
+        assert self.supervisor[name].alive(), name
+        self.supervisor.kill(name)
 
     def restart_sidecar(self, ref: str) -> None:
-        """Stop a sidecar and start a fresh Envoy with the same bootstrap (new ADS stream)."""
-        from meshward.envoy import EnvoyProcess
+        """Stop a sidecar's agent (it drains and stops its Envoy) and start it again: it resumes
+        with the SVID in its state directory and starts a fresh Envoy (a new ADS stream)."""
+        self.supervisor.restart(f"{ref.split('/')[1]}-sidecar")
 
-        old = self.envoys[ref]
-        old.stop()
-        envoy = EnvoyProcess(
-            old.config,
-            name=old.name,
-            workdir=old.workdir,
-            log_level=old.log_level,
-            extra_args=old.extra_args,
-        )
-        self.envoys[ref] = envoy
-        self.supervisor.launch_envoy(old.name, envoy, timeout=60)
-        self.supervisor.wait_ready([old.name])
+    def agent_status(self, ref: str) -> dict[str, Any]:
+        return agent_status(self.agent_dirs[ref])
 
-    def _start_sidecars(self, ca: Any, policy: Any) -> None:
-        from meshward.envoy import EnvoyProcess
+    def _start_sidecars(self, policy: Any) -> None:
         from meshward.xds.bootstrap import ENVOY_ARGS
-        from meshward.xds.bootstrap_cli import write_sidecar_config
-        from meshward.xds.nodeid import NodeId
 
+        roots = self.root / "root.pem"
+        roots.write_bytes(CertificateAuthority.load(self.ca_dir).trust_bundle().roots_pem)
         for ref in REFS:
-            namespace, name = ref.split("/")
-            path = write_sidecar_config(
-                self.root / "sidecars",
-                NodeId(namespace, name),
-                "127.0.0.1",
-                self.ads_port,
-                ca=ca,
+            name = ref.split("/")[1]
+            state = self.agent_root / name
+            self.agent_dirs[ref] = state
+            argv = agent_argv(
+                ref,
+                f"127.0.0.1:{self.ads_port}",
+                state,
+                trust_domain=TD,
                 root_namespace=policy.mesh.root_namespace,
+                join=f"127.0.0.1:{self.join_port}",
+                token_file=write_join_token(self.ca_dir, ref, self.root / f"{name}.token"),
+                root_cert=roots,
                 delta=ref in DELTA,
+                envoy_args=ENVOY_ARGS,
+                # renew every ~12 s of the 120 s lifetime (60 s + the CA's 60 s backdating), and
+                # learn a rotated bundle within a second
+                extra=("--renew-fraction", "0.1", "--jitter", "0.02", "--bundle-poll", "1"),
             )
-            envoy = EnvoyProcess(
-                json.loads(path.read_text()),
-                name=f"{name}-sidecar",
-                workdir=path.parent,
-                log_level="warning",
-                extra_args=ENVOY_ARGS,
-            )
-            self.envoys[ref] = envoy
-            self.supervisor.launch_envoy(f"{name}-sidecar", envoy, timeout=60)
+            self.envoys[ref] = AgentEnvoy(state, name=f"{name}-sidecar")
+            self.supervisor.launch(f"{name}-sidecar", argv, ready=agent_serving(state), timeout=60)
         self.supervisor.wait_ready()
 
     # -- addresses and status ----------------------------------------------------------------------
@@ -381,9 +374,12 @@ class FaultMesh:
     def stop(self) -> None:
         try:
             self.supervisor.stop_all()
+            for envoy in self.envoys.values():
+                envoy.stop()  # an Envoy whose agent died without stopping it
         finally:
             for echo in self.echoes.values():
                 echo.__exit__(None, None, None)
+            shutil.rmtree(self.agent_root, ignore_errors=True)
 
 
 def replace_file(path: Path, text: str) -> None:

@@ -83,6 +83,7 @@ def test_extauthz_killed_fails_closed_and_service_resumes_by_itself(fault_mesh: 
     with SteadyTraffic(mesh.flows(), rate=RATE) as traffic:
         traffic.wait_for(lambda o: o.flow.name == "pay-ok" and o.ok, after=0, timeout=10)
         time.sleep(1.0)
+        killing = time.monotonic()
         mesh.kill("extauthz")
         down = time.monotonic()
         time.sleep(3.0)
@@ -111,7 +112,10 @@ def test_extauthz_killed_fails_closed_and_service_resumes_by_itself(fault_mesh: 
     after = [o for o in traffic.between(first_ok.started) if o.flow.name in EXTAUTHZ_FLOWS]
     assert all(o.as_expected for o in after), summarize(after)
     assert first_ok.started - back < 10
-    assert not failed_allowed(traffic.between(0, down)), summarize(traffic.between(0, down))
+    # Before the kill nothing allowed failed (a request still in flight when ext_authz died
+    # fails closed, as it must: only those answered before are counted).
+    before = [o for o in traffic.between(0, killing) if o.started + o.latency < killing]
+    assert not failed_allowed(before), summarize(before)
 
 
 # -- control plane killed and restarted -------------------------------------------------------------
@@ -320,10 +324,8 @@ def nacked_change(fault_mesh: Any) -> dict[str, Any]:
         record["rejected_before"] = rejected_before
         # Any node that has run for a while has had its SVID renewed since its listeners last
         # changed (every ~30 min with 1 h SVIDs): wait for one renewal of orders' SVID here.
-        issued = record["issued"] = mesh.node(ORDERS)["certificate"]["issued"]
-        wait_until(
-            lambda: mesh.node(ORDERS)["certificate"]["issued"] > issued, 20, "an SVID renewal"
-        )
+        issued = record["issued"] = mesh.agent_status(ORDERS)["renewals"]
+        wait_until(lambda: mesh.agent_status(ORDERS)["renewals"] > issued, 30, "an SVID renewal")
     finally:
         squatter.close()
         workloads.write_text(original_text)
@@ -550,14 +552,15 @@ def ads_credentials_state(mesh: Any, ref: str) -> str:
 def test_svid_and_ca_root_rotation_under_steady_mtls_traffic_drop_nothing(
     fault_mesh: Any,
 ) -> None:
-    """`meshward ca rotate --grace 20s` under traffic: the control plane reloads the CA, pushes
-    the bundle with old and new roots, renews every SVID from the new root (SVIDs keep rotating
-    every few seconds throughout) and drops the old root when the grace period ends. Not one
-    request fails. `meshward status` flags every sidecar whose ADS credentials (its bootstrap
-    files) chain to the old root: retiring during the grace period, untrusted after it."""
+    """`meshward ca rotate --grace 20s` under traffic: the control plane reloads the CA, the
+    agents fetch the bundle with old and new roots, renew every SVID from the new root (SVIDs
+    keep rotating every few seconds throughout) and drop the old root when the grace period
+    ends. Not one request fails. `meshward status` flags every sidecar whose ADS stream was
+    authenticated with a certificate chaining to the old root: retiring during the grace
+    period, untrusted after it."""
     mesh = fault_mesh
     refs = list(mesh.envoys)
-    issued = {ref: mesh.node(ref)["certificate"]["issued"] for ref in refs}
+    issued = {ref: mesh.agent_status(ref)["renewals"] for ref in refs}
     with SteadyTraffic(mesh.flows(), rate=RATE) as traffic:
         time.sleep(0.5)
         rotated = subprocess.run(
@@ -571,7 +574,7 @@ def test_svid_and_ca_root_rotation_under_steady_mtls_traffic_drop_nothing(
             lambda: all(envoy_identity(mesh.envoys[ref]) == (2, 2) for ref in refs),
             30, "new-root SVIDs and both roots on every sidecar",
         )  # fmt: skip
-        # Their ADS credentials (bootstrap files) still chain to the old root: flagged.
+        # Their ADS streams were opened with old-root SVIDs: flagged.
         during = {ref: ads_credentials_state(mesh, ref) for ref in refs}
         wait_until(
             lambda: all(envoy_identity(mesh.envoys[ref]) == (2, 1) for ref in refs),
@@ -585,7 +588,7 @@ def test_svid_and_ca_root_rotation_under_steady_mtls_traffic_drop_nothing(
     assert set(during.values()) == {"root-retiring"}, during  # `meshward status`: RETIRING
     assert set(after.values()) == {"untrusted"}, after
     # SVID rotation went on all along (several renewals per sidecar, old root and new).
-    assert all(mesh.node(ref)["certificate"]["issued"] >= issued[ref] + 2 for ref in refs)
+    assert all(mesh.agent_status(ref)["renewals"] >= issued[ref] + 2 for ref in refs)
     assert len(outcomes) > 1000, summarize(outcomes)
     assert not failed_allowed(outcomes), summarize(failed_allowed(outcomes))
     assert not wrongly_allowed(outcomes), summarize(wrongly_allowed(outcomes))

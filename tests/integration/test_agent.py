@@ -13,11 +13,12 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshward.agent import envoyproc
-from meshward.testing.agentmesh import AgentMesh
+from meshward.testing.mesh import Mesh
 from meshward.xds.testing import http_request
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
@@ -50,20 +51,24 @@ spec:
 )
 
 
-def _mesh(tmp_path: Path, **kwargs: object) -> AgentMesh:
+def _mesh(tmp_path: Path, **kwargs: object) -> Mesh:
     policy_dir = tmp_path / "policy"
     policy_dir.mkdir()
     (policy_dir / "mesh.yaml").write_text(POLICY)
-    return AgentMesh(policy_dir, tmp_path, [FRONTEND, ORDERS], **kwargs)  # type: ignore[arg-type]
+    return Mesh(policy_dir, tmp_path, [FRONTEND, ORDERS], **kwargs)  # type: ignore[arg-type]
+
+
+AGENT_ARGS = ("--renew-fraction", "0.1", "--jitter", "0.02", "--bundle-poll", "1",
+              "--health-listen", "127.0.0.1:0")  # fmt: skip
 
 
 @pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[AgentMesh]:
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
     # 1-minute SVIDs renewed at ~10% of their lifetime: a renewal every ~6 s.
     m = _mesh(
         tmp_path,
         svid_ttl=timedelta(minutes=1),
-        agent_args=("--renew-fraction", "0.1", "--jitter", "0.02", "--bundle-poll", "1"),
+        agent_args=AGENT_ARGS,
     )
     try:
         m.start()
@@ -74,14 +79,14 @@ def mesh(tmp_path: Path) -> Iterator[AgentMesh]:
             print(f"--- agent {ref}\n{m.agent_log(ref)[-3000:]}")
 
 
-def _key_line(mesh: AgentMesh, ref: str) -> bytes:
+def _key_line(mesh: Mesh, ref: str) -> bytes:
     """A line from the middle of the agent's private key (base64 body)."""
     data = (mesh.state_dir(ref) / "svid.pem").read_bytes()
     key = data.split(b"-----END PRIVATE KEY-----")[0]
     return key.splitlines()[1]
 
 
-def test_agents_join_and_envoy_serves_mtls_with_their_svids(mesh: AgentMesh) -> None:
+def test_agents_join_and_envoy_serves_mtls_with_their_svids(mesh: Mesh) -> None:
     status, body = mesh.request(FRONTEND, ORDERS)
     assert status == 200, body
     # orders' sidecar saw frontend's agent-provided SVID (mTLS), and presented its own.
@@ -107,7 +112,7 @@ def test_agents_join_and_envoy_serves_mtls_with_their_svids(mesh: AgentMesh) -> 
     assert all(state.svid is None and not state.secrets for state in control.nodes.values())
 
 
-def test_private_keys_never_reach_the_control_plane(mesh: AgentMesh) -> None:
+def test_private_keys_never_reach_the_control_plane(mesh: Mesh) -> None:
     """Scan what the control plane holds (state, snapshots), logs, serves (status) and stores
     (CA directory, spent tokens) for the agents' keys: none, and no private key at all."""
     import json
@@ -133,7 +138,7 @@ def test_private_keys_never_reach_the_control_plane(mesh: AgentMesh) -> None:
     assert b"PRIVATE KEY" not in blob
 
 
-def test_svids_renew_under_traffic_without_a_failed_request(mesh: AgentMesh) -> None:
+def test_svids_renew_under_traffic_without_a_failed_request(mesh: Mesh) -> None:
     start = {ref: mesh.agent_status(ref)["serial"] for ref in mesh.refs}
     failures: list[tuple[int, str]] = []
     sent = 0
@@ -155,7 +160,7 @@ def test_svids_renew_under_traffic_without_a_failed_request(mesh: AgentMesh) -> 
     mesh.wait_converged()
 
 
-def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: AgentMesh) -> None:
+def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: Mesh) -> None:
     envoy_pid = mesh.agent_status(ORDERS)["envoy"]["pid"]
     mesh.kill_agent(ORDERS)
     for _ in range(20):  # Envoy keeps serving with the certificate it holds
@@ -183,7 +188,7 @@ def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: Age
 class Traffic:
     """frontend -> orders in a background thread, counting failures, until stopped."""
 
-    def __init__(self, mesh: AgentMesh) -> None:
+    def __init__(self, mesh: Mesh) -> None:
         import threading
 
         self.mesh, self.sent, self.failures = mesh, 0, []  # type: list[tuple[int, str]]
@@ -207,7 +212,7 @@ class Traffic:
         self._thread.join(10)
 
 
-def test_control_plane_down_across_a_renewal(mesh: AgentMesh) -> None:
+def test_control_plane_down_across_a_renewal(mesh: Mesh) -> None:
     """Renewals fail while the control plane is down: the agents keep serving their current
     SVIDs, retry with backoff, and renew once it is back; no request fails meanwhile."""
     with Traffic(mesh) as traffic:
@@ -225,14 +230,49 @@ def test_control_plane_down_across_a_renewal(mesh: AgentMesh) -> None:
     )
 
 
-def test_ca_rotation_under_traffic(mesh: AgentMesh) -> None:
+def _old_root_client(mesh: Mesh, directory: Path) -> Any:
+    """GET / on orders' inbound listener presenting a frontend SVID from the CA as it is now
+    (the root that is about to be rotated out); the server is not verified (only its verdict
+    on our certificate matters). Returns a call: status, or 0 when the TLS peer refused us."""
+    import ssl
+
+    from meshward.certs import CertificateAuthority
+    from meshward.compile.testing import SidecarConnection
+
+    directory.mkdir(parents=True, exist_ok=True)
+    svid = CertificateAuthority.load(mesh.ca_dir).issue(
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    )
+    (directory / "chain.pem").write_bytes(svid.cert_chain_pem)
+    (directory / "key.pem").write_bytes(svid.private_key_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.load_cert_chain(directory / "chain.pem", directory / "key.pem")
+
+    def call() -> int:
+        connection = SidecarConnection(mesh.inbound_port(ORDERS), context, timeout=5)
+        try:
+            return connection.fetch("GET", "/")[0]
+        except (OSError, ssl.SSLError):
+            return 0
+        finally:
+            connection.close()
+
+    return call
+
+
+def test_ca_rotation_under_traffic(mesh: Mesh) -> None:
     """`ca rotate`: agents serve the bundle with both roots, renew onto the new root, and drop
-    the old root when its grace period ends; no request fails."""
+    the old root when its grace period ends; no request fails. A frontend certificate from the
+    old root is accepted by orders' sidecar during the grace period and refused after it."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
     from meshward.certs import CertificateAuthority
 
+    old_client = _old_root_client(mesh, mesh.ca_dir.parent / "old-root-client")
+    assert old_client() == 200  # before the rotation
     with Traffic(mesh) as traffic:
         new = CertificateAuthority.load(mesh.ca_dir).rotate(grace=timedelta(seconds=25))
 
@@ -247,6 +287,7 @@ def test_ca_rotation_under_traffic(mesh: AgentMesh) -> None:
             while len(roots(ref)) != 2 and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert roots(ref)[1] == new.root_fingerprint
+        assert old_client() == 200  # grace period: the old root is still trusted
         for ref in mesh.refs:  # then the new root only, once the grace period is over
             deadline = time.monotonic() + 60
             while len(roots(ref)) != 1 and time.monotonic() < deadline:
@@ -259,17 +300,36 @@ def test_ca_rotation_under_traffic(mesh: AgentMesh) -> None:
             assert leaf_issuer == new.intermediate  # renewed onto the new root
         time.sleep(2)  # traffic with the new root only
         mesh.wait_converged()
+        assert old_client() == 0  # the old root is no longer trusted by orders' sidecar
     assert traffic.sent > 50
     assert traffic.failures == [], (
         f"{len(traffic.failures)} of {traffic.sent}: {traffic.failures[:5]}"
     )
 
 
-def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: AgentMesh) -> None:
+def _healthz(mesh: Mesh, ref: str) -> tuple[int, dict[str, object]]:
+    import json
+
+    port = int(mesh.agent_status(ref)["health"].rsplit(":", 1)[1])
+    code, body = http_request(port, "/healthz")
+    return code, json.loads(body) if code else {}
+
+
+def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: Mesh) -> None:
+    """...and the health endpoint says so: 200 while serving, 503 naming the dead Envoy until
+    the agent has restarted it, 200 again."""
     import signal
 
+    code, body = _healthz(mesh, ORDERS)
+    assert code == 200 and body["healthy"] is True and body["envoy_running"] is True, body
+    assert body["not_after"] == mesh.agent_status(ORDERS)["not_after"]
     first = mesh.agent_status(ORDERS)["envoy"]["pid"]
     os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (health := _healthz(mesh, ORDERS))[0] != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health[0] == 503, health
+    assert any("Envoy is not running" in p for p in health[1]["problems"]), health  # type: ignore[union-attr]
     status = mesh.wait_for(
         ORDERS, lambda s: s["envoy"]["restarts"] >= 1 and s["envoy"]["pid"] != first
     )
@@ -279,6 +339,7 @@ def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: AgentMesh) -> Non
     while mesh.request(FRONTEND, ORDERS)[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert mesh.request(FRONTEND, ORDERS)[0] == 200
+    assert _healthz(mesh, ORDERS)[0] == 200
     second = status["envoy"]["pid"]
     assert mesh.stop_agent(ORDERS) == 0  # SIGTERM: drain, stop Envoy, exit 0
     assert mesh.agent_status(ORDERS)["state"] == "stopped"

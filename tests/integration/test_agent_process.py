@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from meshward.certs import CertificateAuthority
 from meshward.cli import main
 from meshward.demo.echo import EchoServer
 from meshward.net import free_port
+from meshward.testing.processes import Launcher, meshward_argv
 from meshward.xds.testing import http_request
 
 POLICY = """
@@ -34,38 +33,25 @@ spec: {mtls: {mode: PERMISSIVE}}
 """
 
 
-def _wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-
-
 def test_serve_join_token_agent_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     CertificateAuthority.init(tmp_path / "ca", "cluster.local")
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "mesh.yaml").write_text(POLICY)
     listen = free_port()
     state = Path(tempfile.mkdtemp(prefix="mwa-"))  # short: Unix socket paths
-    procs: list[subprocess.Popen[bytes]] = []
+    launcher = Launcher(tmp_path, quiet=True)
     with EchoServer("orders") as app:
         (tmp_path / "bindings.json").write_text(json.dumps({
             "shop/orders": {"ports": {"8080": {"listen": f"127.0.0.1:{listen}",
                                                "app": f"127.0.0.1:{app.port}"}}}
         }))  # fmt: skip
-        ready = tmp_path / "ready.json"
-        server = subprocess.Popen(
-            [sys.executable, "-m", "meshward", "xds", "serve", "--policy", str(tmp_path / "policies"),
-             "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-             "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(ready),
-             "--secrets", "agent", "--join-listen", "127.0.0.1:0"],
-            stdout=(tmp_path / "xds.log").open("wb"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        procs.append(server)
         try:
-            _wait_file(ready, server, tmp_path / "xds.log")
-            info = json.loads(ready.read_text())
+            info = launcher.start("xds", meshward_argv(
+                "xds", "serve", "--policy", str(tmp_path / "policies"),
+                "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+                "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(tmp_path / "ready.json"),
+                "--secrets", "agent", "--join-listen", "127.0.0.1:0",
+            ), ready_path=tmp_path / "ready.json")  # fmt: skip
             assert info["join"]
             capsys.readouterr()
             assert main(["ca", "join-token", "--dir", str(tmp_path / "ca"),
@@ -74,19 +60,17 @@ def test_serve_join_token_agent_status(tmp_path: Path, capsys: pytest.CaptureFix
             (tmp_path / "root.pem").write_bytes(
                 CertificateAuthority.load(tmp_path / "ca").trust_bundle().roots_pem
             )
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "meshward", "agent", "--workload", "shop/orders",
-                 "--xds", info["ads"], "--join", info["join"], "--dir", str(state / "orders"),
-                 "--join-token-file", str(tmp_path / "orders.token"),
-                 "--root-cert", str(tmp_path / "root.pem")],
-                stdout=(tmp_path / "agent.log").open("wb"), stderr=subprocess.STDOUT,
+            argv = meshward_argv(
+                "agent", "--workload", "shop/orders",
+                "--xds", info["ads"], "--join", info["join"], "--dir", str(state / "orders"),
+                "--join-token-file", str(tmp_path / "orders.token"),
+                "--root-cert", str(tmp_path / "root.pem"),
             )  # fmt: skip
-            procs.append(agent)
-            deadline = time.monotonic() + 30
-            while http_request(listen, "/x")[0] != 200:  # PERMISSIVE: plaintext reaches the app
-                assert agent.poll() is None, (tmp_path / "agent.log").read_text()
-                assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
-                time.sleep(0.1)
+            # PERMISSIVE: plaintext reaches the app once Envoy has its config
+            agent = launcher.launch(
+                "agent", argv, ready=lambda: http_request(listen, "/x")[0] == 200
+            )
+            launcher.wait_ready(["agent"])
             code = 1
             for _ in range(50):  # the first ACKs may still be in flight
                 code = main(["status", "--xds", info["admin"].removeprefix("http://")])
@@ -104,22 +88,18 @@ def test_serve_join_token_agent_status(tmp_path: Path, capsys: pytest.CaptureFix
             assert status["state"] == "serving" and status["envoy"]["running"]
             # The token was spent: a second agent with it is refused, with the reason.
             again = subprocess.run(
-                [sys.executable, "-m", "meshward", "agent", "--workload", "shop/orders",
+                meshward_argv("agent", "--workload", "shop/orders",
                  "--xds", info["ads"], "--join", info["join"], "--dir", str(state / "other"),
                  "--join-token-file", str(tmp_path / "orders.token"),
-                 "--root-cert", str(tmp_path / "root.pem"), "--no-envoy"],
+                 "--root-cert", str(tmp_path / "root.pem"), "--no-envoy"),
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert again.returncode == 1
             assert "used: join token was already used" in again.stderr
             assert "Traceback" not in again.stderr
-            agent.send_signal(signal.SIGTERM)
-            assert agent.wait(30) == 0
+            assert agent.stop(30) == 0  # SIGTERM: drains Envoy, exits cleanly
             assert http_request(listen, "/x")[0] == 0  # Envoy drained and stopped with it
+            assert launcher.stop("xds", 30) == 0
         finally:
-            for proc in reversed(procs):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(30)
+            launcher.stop_all()
             shutil.rmtree(state, ignore_errors=True)
-    assert server.returncode == 0

@@ -1,7 +1,7 @@
 """docker-compose.yml without a Docker engine: the file is valid (`docker-compose config`),
-everything it mounts exists (or is made at run time by a one-shot service it waits for), the
-committed sidecar bootstraps are what `meshward bootstrap` renders today, the generated
-bindings and tour state match the policies, and the config the compose control plane would
+everything it mounts exists (or is made at run time by a one-shot service it waits for), every
+sidecar is a `meshward agent` whose command is the generated one, the generated bindings and
+tour state match the policies, and the config the compose control plane would
 serve is accepted by `envoy --mode validate`."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from meshward.certs.ca import CertificateAuthority
-from meshward.cli import main
 from meshward.compile import CompileOptions, Endpoint, Mode, compile_workload, static_bootstrap
 from meshward.compile.names import extauthz_spiffe_id
 from meshward.compile.testing import workload_secrets
@@ -95,23 +94,12 @@ def test_every_mounted_path_exists_or_is_made_first(config: dict[str, Any]) -> N
                 if not read_only and source.is_relative_to(parent)
             ]
             assert makers, f"{name}: {source} is made by no one-shot service it depends on"
-    assert checked >= 15  # ca, credentials, xds (2), 5 sidecars (2 each), tour
+    assert checked >= 11  # ca, credentials, xds (2), extauthz, 5 sidecars (join), tour
 
 
-def test_committed_bootstraps_are_what_meshward_bootstrap_renders(
-    policy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(ROOT)  # the arguments name examples/ relative to the repository
-    refs = sorted(w.ref for w in policy.workloads)
-    for ref in refs:
-        assert main(compose.bootstrap_argv(ref, out=str(tmp_path))) == 0
-    rendered = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("envoy.json"))
-    committed = sorted(p.relative_to(ROOT / "sidecar-config") for p in (ROOT / "sidecar-config").rglob("envoy.json"))  # fmt: skip
-    assert rendered == committed and len(rendered) == len(refs)
-    for relative in rendered:
-        assert (tmp_path / relative).read_text() == (ROOT / "sidecar-config" / relative).read_text(), (
-            f"sidecar-config/{relative} is stale: run `python -m meshward.demo.compose`"
-        )  # fmt: skip
+def test_no_stale_bootstraps_are_left(policy: Any) -> None:
+    """The agents render their Envoy bootstraps: none is committed any more."""
+    assert not list((ROOT / "sidecar-config").rglob("envoy.json"))
 
 
 def test_generated_files_match_the_policies(policy: Any) -> None:
@@ -146,29 +134,33 @@ def test_services_agree_with_the_generated_files(config: dict[str, Any], policy:
     assert any(
         target == compose.EXTAUTHZ_TLS_DIR for _, target, _ in _bind_mounts(services["extauthz"])
     )
-    assert " ".join(compose.BOOTSTRAP_ARGS) in credentials
+    assert (
+        "--secrets=agent" in xds_args
+        and f"--join-listen=0.0.0.0:{compose.JOIN.split(':')[1]}" in xds_args
+    )
+    assert "meshward ca join-token" in credentials
     assert all(ref.split("/")[1] in credentials for ref in refs)
+    dockerfile = (ROOT / "Dockerfile").read_text()
     envoy_version = subprocess.run(
         [str(_envoy()), "--version"], capture_output=True, text=True, check=True
     ).stdout
+    image = next(
+        line.split()[1] for line in dockerfile.splitlines() if "COPY --from=envoyproxy" in line
+    )
+    image_version = image.split("=", 1)[1].rsplit(":v", 1)[1]
+    assert f"/{image_version}/" in envoy_version, "the image's Envoy is the Envoy we test with"
     for ref in refs:
-        namespace, name = ref.split("/")
-        directory = f"{name}.{namespace}"
+        name = ref.split("/")[1]
         assert ip(name) == ips[ref]
         assert services[name]["command"][-1] == str(compose.APP_PORT)
         sidecar = services[f"{name}-sidecar"]
         assert sidecar["network_mode"] == f"service:{name}"
-        image_version = sidecar["image"].rsplit(":v", 1)[1]
-        assert f"/{image_version}/" in envoy_version, "the sidecar image is the Envoy we test with"
+        assert sidecar["command"] == compose.agent_argv(ref)
         mounts = {target: source for source, target, _ in _bind_mounts(sidecar)}
-        bootstrap = json.loads((ROOT / "sidecar-config" / directory / "envoy.json").read_text())
-        assert mounts["/etc/envoy/envoy.json"] == ROOT / "sidecar-config" / directory / "envoy.json"
-        tls = bootstrap["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]
-        credential_dir = tls["common_tls_context"]["tls_certificates"][0]["watched_directory"][
-            "path"
-        ]
-        assert mounts[credential_dir] == ROOT / "certs" / "sidecars" / directory
-        assert "--file-flush-interval-msec" in sidecar["command"]  # the tour reads the logs
+        assert mounts[compose.JOIN_DIR] == ROOT / "certs" / "join"
+        targets = [v["target"] if isinstance(v, dict) else str(v).split(":")[1]
+                   for v in sidecar["volumes"]]  # fmt: skip
+        assert compose.AGENT_DIR in targets  # its key and SVID survive a container restart
     tour = services["tour"]
     tour_mounts = {target for _, target, _ in _bind_mounts(tour)}
     volumes = {

@@ -19,8 +19,8 @@ from google.protobuf import empty_pb2
 
 from meshward.cli import main
 from meshward.policy import load
+from meshward.testing.mesh import Mesh
 from meshward.xds import status_cli
-from meshward.xds.testing import LocalMesh
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
 BASE = """
@@ -98,13 +98,13 @@ def breaker() -> BreakRoutes:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory, breaker: BreakRoutes) -> Iterator[LocalMesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory, breaker: BreakRoutes) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("enforced")
     policy_dir = root / "policies"
     policy_dir.mkdir()
     (policy_dir / "base.yaml").write_text(BASE)
     (policy_dir / "orders.yaml").write_text(ORDERS_ALLOW)
-    mesh = LocalMesh(policy_dir, root, [FRONTEND, ORDERS], compiler_hook=breaker)
+    mesh = Mesh(policy_dir, root, [FRONTEND, ORDERS], compiler_hook=breaker)
     try:
         mesh.start()
         yield mesh
@@ -121,25 +121,25 @@ def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def metrics(mesh: LocalMesh) -> str:
+def metrics(mesh: Mesh) -> str:
     with urllib.request.urlopen(f"{mesh.xds.admin_url}/metrics", timeout=5) as response:
         return str(response.read().decode())
 
 
-def status_exit(mesh: LocalMesh) -> int:
+def status_exit(mesh: Mesh) -> int:
     args = argparse.Namespace(xds=mesh.xds.admin_url, node=None, json=True, timeout=5.0)
     return status_cli.run(args)
 
 
-def version(mesh: LocalMesh) -> str:
+def version(mesh: Mesh) -> str:
     return str(mesh.status()["policy"]["version"])
 
 
-def orders_node(mesh: LocalMesh) -> dict[str, Any]:
+def orders_node(mesh: Mesh) -> dict[str, Any]:
     return next(n for n in mesh.status()["nodes"] if n["node"] == ORDERS)
 
 
-def converge_to_files(mesh: LocalMesh) -> str:
+def converge_to_files(mesh: Mesh) -> str:
     """Wait until the control plane serves what the policy files say and every node ACKed."""
     wanted = load([mesh.policy_dir]).version
     wait_for(lambda: version(mesh) == wanted, what="the edit to be applied")
@@ -148,7 +148,7 @@ def converge_to_files(mesh: LocalMesh) -> str:
 
 
 def test_the_repro_is_refused_and_the_last_good_version_keeps_serving(
-    mesh: LocalMesh, capsys: pytest.CaptureFixture[str]
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
 ) -> None:
     policies = mesh.policy_dir
     assert mesh.request(FRONTEND, ORDERS, "/orders/42")[0] == 200
@@ -178,7 +178,7 @@ def test_the_repro_is_refused_and_the_last_good_version_keeps_serving(
 
 
 def test_a_forced_nack_reports_not_enforced_until_a_later_edit_goes_through(
-    mesh: LocalMesh, breaker: BreakRoutes, capsys: pytest.CaptureFixture[str]
+    mesh: Mesh, breaker: BreakRoutes, capsys: pytest.CaptureFixture[str]
 ) -> None:
     policies = mesh.policy_dir
     old = version(mesh)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from meshward.xds.testing import LocalMesh
+from meshward.testing.mesh import Mesh
 
 FRONTEND, ORDERS, INVENTORY = "shop/frontend", "shop/orders", "shop/inventory"
 OUTBOUND = "outbound|8080||inventory.shop"
@@ -46,12 +46,12 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("expiry")
     policy_dir = root / "policies"
     policy_dir.mkdir()
     (policy_dir / "base.yaml").write_text(BASE)
-    mesh = LocalMesh(policy_dir, root, [FRONTEND, ORDERS, INVENTORY])
+    mesh = Mesh(policy_dir, root, [FRONTEND, ORDERS, INVENTORY])
     try:
         mesh.start()
         yield mesh
@@ -59,7 +59,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         mesh.stop()
 
 
-def listeners(mesh: LocalMesh, ref: str) -> set[str]:
+def listeners(mesh: Mesh, ref: str) -> set[str]:
     dump = mesh.envoys[ref].config_dump()
     names = set()
     for config in dump["configs"]:
@@ -69,7 +69,7 @@ def listeners(mesh: LocalMesh, ref: str) -> set[str]:
     return names
 
 
-def test_callers_outbound_follows_the_expiry_and_the_default_deny_stays(mesh: LocalMesh) -> None:
+def test_callers_outbound_follows_the_expiry_and_the_default_deny_stays(mesh: Mesh) -> None:
     # No policy: inventory is open, every caller has an outbound listener to it.
     assert OUTBOUND in listeners(mesh, ORDERS)
     expires = int(time.time()) + 4

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -34,9 +31,9 @@ from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.policy import load
 from meshward.telemetry.collector import OtlpReceiver
 from meshward.testing.extauthz import issue_service_tls, sidecar_tls
+from meshward.testing.processes import Launcher, meshward_argv
 
 WORKLOAD = "foo/httpbin"
-ROOT = Path(__file__).resolve().parents[2]
 
 WORKLOAD_YAML = """\
 apiVersion: meshward.dev/v1
@@ -114,13 +111,12 @@ class ExtAuthzProcess:
         self.decision_log = workdir / "decisions.jsonl"
         self.port = 0
         self.metrics_port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.launcher = Launcher(workdir, quiet=True)
 
     def start(self) -> None:
         ready = self.workdir / "ready.json"
-        ready.unlink(missing_ok=True)
-        argv = [
-            sys.executable, "-m", "meshward", "extauthz", "serve",
+        argv = meshward_argv(
+            "extauthz", "serve",
             "--policy", str(self.policy_dir),
             "--listen", f"127.0.0.1:{self.port}",
             # one process: these tests read one decision cache (a second worker has its own)
@@ -131,36 +127,21 @@ class ExtAuthzProcess:
             "--decision-log", str(self.decision_log),
             "--poll-interval", "0.1",
             "--ready-file", str(ready),
-        ]  # fmt: skip
-        log = (self.workdir / "extauthz.log").open("ab")
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL
-        )
-        log.close()
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ext_authz did not start:\n{self.log_tail()}")
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
+        )  # fmt: skip
+        info = self.launcher.start("extauthz", argv, ready_path=ready)
         self.port = int(info["listen"].rsplit(":", 1)[1])
         self.metrics_port = int(info["metrics"].rsplit(":", 1)[1])
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        if "extauthz" in self.launcher.components:
+            self.launcher.kill("extauthz")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if "extauthz" in self.launcher.components:
+            self.launcher.stop("extauthz", 10)
 
     def log_tail(self, lines: int = 20) -> str:
-        path = self.workdir / "extauthz.log"
+        path = self.launcher.logs / "extauthz.log"
         return (
             "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
             if path.exists()

@@ -7,11 +7,7 @@ cache's accounted bytes under its budget, and the log under its cap."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,8 +16,8 @@ from meshward.extauthz.client import build_check_request
 from meshward.policy import load
 from meshward.telemetry.limits import rotated_files
 from meshward.testing.extauthz import client_for, issue_service_tls
+from meshward.testing.processes import Launcher, meshward_argv
 
-ROOT = Path(__file__).resolve().parents[2]
 POLICY = """\
 apiVersion: meshward.dev/v1
 kind: Workload
@@ -67,27 +63,18 @@ def test_flooding_a_real_service_keeps_memory_and_disk_bounded(tmp_path: Path) -
     ca = CertificateAuthority.ephemeral("cluster.local")
     tls = issue_service_tls(ca, policy.mesh, tmp_path / "tls")
     ready, log = tmp_path / "ready.json", tmp_path / "decisions.jsonl"
-    argv = [
-        sys.executable, "-m", "meshward", "extauthz", "serve",
+    argv = meshward_argv(
+        "extauthz", "serve",
         "--policy", str(tmp_path / "policies"), "--listen", "127.0.0.1:0",
         "--tls-dir", str(tls.directory), "--metrics-listen", "127.0.0.1:0",
         "--cache-bytes", f"{CACHE_BUDGET}", "--decision-log", str(log),
         "--decision-log-max-bytes", f"{LOG_BUDGET}", "--ready-file", str(ready),
         "--log-level", "WARNING",
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
+    )  # fmt: skip
+    with Launcher(tmp_path, quiet=True) as launcher:
+        info = launcher.start("extauthz", argv, ready_path=ready, timeout=60)
+        pid = launcher["extauthz"].pid
+        assert pid is not None
         port = int(info["listen"].rsplit(":", 1)[1])
         metrics_port = int(info["metrics"].rsplit(":", 1)[1])
         client = client_for(
@@ -108,9 +95,9 @@ def test_flooding_a_real_service_keeps_memory_and_disk_bounded(tmp_path: Path) -
         async def run() -> tuple[int, int, list[int]]:
             try:
                 await flood(100)  # warm: plans, protobuf modules, gRPC buffers
-                before = _rss(proc.pid)
+                before = _rss(pid)
                 codes = await flood(REQUESTS)
-                return before, _rss(proc.pid), codes
+                return before, _rss(pid), codes
             finally:
                 client.close()
 
@@ -123,6 +110,3 @@ def test_flooding_a_real_service_keeps_memory_and_disk_bounded(tmp_path: Path) -
         assert after - before <= CACHE_BUDGET + SLACK, (before >> 20, after >> 20)
         total = sum(p.stat().st_size for p in rotated_files(log))
         assert 0 < total <= LOG_BUDGET + 8192
-    finally:
-        proc.terminate()
-        proc.wait(20)

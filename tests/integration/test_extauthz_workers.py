@@ -3,11 +3,8 @@ answer, /metrics sums them, and a worker that dies is replaced."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,8 +13,8 @@ from meshward.certs.ca import CertificateAuthority
 from meshward.extauthz.client import build_check_request, check_once
 from meshward.policy import load
 from meshward.testing.extauthz import issue_service_tls, issue_tls
+from meshward.testing.processes import Launcher, meshward_argv
 
-ROOT = Path(__file__).resolve().parents[2]
 POLICY = """\
 apiVersion: meshward.dev/v1
 kind: Workload
@@ -86,39 +83,16 @@ def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: P
     client = issue_tls(
         ca, "spiffe://cluster.local/ns/foo/sa/httpbin", tmp_path / "client"
     ).directory
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshward",
-            "extauthz",
-            "serve",
-            "--policy",
-            str(tmp_path),
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-dir",
-            str(server_tls.directory),
-            "--workers",
-            "2",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    argv = meshward_argv(
+        "extauthz", "serve", "--policy", str(tmp_path), "--listen", "127.0.0.1:0",
+        "--tls-dir", str(server_tls.directory), "--workers", "2",
+        "--metrics-listen", "127.0.0.1:0", "--ready-file", str(ready), "--log-level", "WARNING",
+    )  # fmt: skip
+    launcher = Launcher(tmp_path, quiet=True)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "workers did not start"
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
+        info = launcher.start("extauthz", argv, ready_path=ready, timeout=60)
+        pid = launcher["extauthz"].pid
+        assert pid is not None
         assert info["workers"] == 2
         port = int(info["listen"].rsplit(":", 1)[1])
         metrics_port = int(info["metrics"].rsplit(":", 1)[1])
@@ -142,23 +116,21 @@ def test_two_workers_share_the_port_and_one_is_replaced_when_it_dies(tmp_path: P
         assert len(versions) == 1, samples  # one version, served by both workers
         assert not any(k.startswith("meshward_extauthz_policy_id") for k in samples)
 
-        workers = _worker_pids(proc.pid)
+        workers = _worker_pids(pid)
         assert len(workers) == 2
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while True:
-            current = _worker_pids(proc.pid)
+            current = _worker_pids(pid)
             if len(current) == 2 and victim not in current:
                 break
             assert time.monotonic() < deadline, f"worker not replaced: {current}"
             time.sleep(0.1)
         assert all(_check(port, "/public/y", client) == 0 for _ in range(10))
+        # SIGTERM to the supervisor alone: it stops its workers and exits cleanly
+        server = launcher["extauthz"]
+        server.signal(signal.SIGTERM)
+        assert server.process is not None and server.process.wait(20) == 0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    assert proc.returncode == 0
+        launcher.stop_all()

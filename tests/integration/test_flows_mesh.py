@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from meshward.xds.testing import LocalMesh
+from meshward.testing.mesh import Mesh
 
 FRONTEND, ORDERS, PAYMENTS, DB = "shop/frontend", "shop/orders", "shop/payments", "shop/db"
 POLICY = (
@@ -70,24 +70,24 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     base = tmp_path_factory.mktemp("flows")
     policies = base / "policies"
     policies.mkdir()
     (policies / "mesh.yaml").write_text(POLICY)
-    with LocalMesh(
+    with Mesh(
         policies, base / "run", [FRONTEND, ORDERS, PAYMENTS, DB], flows_db=base / "flows.db"
     ) as m:
         yield m
 
 
-def admin(mesh: LocalMesh, path: str) -> list[dict[str, Any]]:
+def admin(mesh: Mesh, path: str) -> list[dict[str, Any]]:
     with urllib.request.urlopen(f"{mesh.xds.admin_url}{path}", timeout=5) as response:
         rows: list[dict[str, Any]] = json.loads(response.read())["rows"]
     return rows
 
 
-def wait_rows(mesh: LocalMesh, path: str, want: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
+def wait_rows(mesh: Mesh, path: str, want: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     rows: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -98,7 +98,7 @@ def wait_rows(mesh: LocalMesh, path: str, want: Any, timeout: float = 30.0) -> l
     raise AssertionError(f"{path}: not seen in {timeout}s: {rows}")
 
 
-def test_calls_become_flows_and_denials(mesh: LocalMesh) -> None:
+def test_calls_become_flows_and_denials(mesh: Mesh) -> None:
     assert mesh.request(FRONTEND, ORDERS, "/orders/42")[0] == 200
     assert mesh.request(FRONTEND, ORDERS, "/orders/43")[0] == 200
     assert mesh.request(FRONTEND, ORDERS, "/orders/7", method="POST")[0] == 403
@@ -141,7 +141,7 @@ def test_calls_become_flows_and_denials(mesh: LocalMesh) -> None:
 
 
 def test_cli_reads_flows_and_denials_from_the_admin_address(
-    mesh: LocalMesh, capsys: pytest.CaptureFixture[str]
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from meshward.cli import main
 
@@ -170,7 +170,7 @@ def test_cli_reads_flows_and_denials_from_the_admin_address(
     assert "cannot read /flows" in capsys.readouterr().err
 
 
-def test_metrics_count_flows_by_source_and_destination(mesh: LocalMesh) -> None:
+def test_metrics_count_flows_by_source_and_destination(mesh: Mesh) -> None:
     assert mesh.request(FRONTEND, ORDERS, "/orders/5")[0] == 200
 
     def scrape() -> str:
@@ -190,7 +190,7 @@ def test_metrics_count_flows_by_source_and_destination(mesh: LocalMesh) -> None:
     assert "meshward_flow_collector_refused_total" in text
 
 
-def test_bad_query_parameters_are_a_400_with_a_reason(mesh: LocalMesh) -> None:
+def test_bad_query_parameters_are_a_400_with_a_reason(mesh: Mesh) -> None:
     import urllib.error
 
     for query, reason in (("decision=maybe", "decision must be"), ("limit=0", "limit must be"),
@@ -200,7 +200,7 @@ def test_bad_query_parameters_are_a_400_with_a_reason(mesh: LocalMesh) -> None:
         assert info.value.code == 400 and reason in info.value.read().decode()
 
 
-def test_tcp_connections_are_flows_too(mesh: LocalMesh) -> None:
+def test_tcp_connections_are_flows_too(mesh: Mesh) -> None:
     """A TCP port: the TCP proxy's gRPC log (one record per connection, no method or path)."""
     assert mesh.request(FRONTEND, DB, "/anything")[0] == 200  # HTTP through the TCP proxy
 

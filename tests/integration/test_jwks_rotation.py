@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from meshward.extauthz.issuer import LocalIssuer
-from meshward.xds.testing import LocalMesh
+from meshward.testing.mesh import Mesh
 
 FRONTEND, API = "shop/frontend", "shop/api"
 ISSUER = "https://idp.example.com"
@@ -59,7 +59,7 @@ spec:
 @pytest.fixture(scope="module")
 def setup(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[LocalMesh, Path, LocalIssuer]]:
+) -> Iterator[tuple[Mesh, Path, LocalIssuer]]:
     root = tmp_path_factory.mktemp("jwks")
     jwks = root / "jwks.json"
     policies = root / "policies"
@@ -67,7 +67,7 @@ def setup(
     (policies / "mesh.yaml").write_text(POLICIES % {"issuer": ISSUER, "uri": jwks.as_uri()})
     old = LocalIssuer(ISSUER, kid="old")
     jwks.write_text(old.jwks_json())
-    mesh = LocalMesh(policies, root, [FRONTEND, API], jwks_refresh_interval=0.2)
+    mesh = Mesh(policies, root, [FRONTEND, API], jwks_refresh_interval=0.2)
     try:
         mesh.start()
         yield mesh, jwks, old
@@ -75,7 +75,7 @@ def setup(
         mesh.stop()
 
 
-def _call(mesh: LocalMesh, token: str | None) -> int:
+def _call(mesh: Mesh, token: str | None) -> int:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     return mesh.request(FRONTEND, API, "/x", headers=headers)[0]
 
@@ -90,7 +90,7 @@ def _until(predicate: Any, what: str, timeout: float = 15.0) -> None:
 
 
 def test_keys_are_inlined_rotated_and_kept_when_the_idp_goes_away(
-    setup: tuple[LocalMesh, Path, LocalIssuer],
+    setup: tuple[Mesh, Path, LocalIssuer],
 ) -> None:
     mesh, jwks, old = setup
     new = LocalIssuer(ISSUER, kid="new")

@@ -24,9 +24,9 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from meshward.certs import RotationSchedule
 from meshward.certs.verify import spiffe_id_of
+from meshward.testing.mesh import Mesh
 from meshward.xds import types
 from meshward.xds.client import AdsClient, client_ssl_context
-from meshward.xds.testing import LocalMesh
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
 
@@ -60,15 +60,16 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("xds-identity")
     policy_dir = root / "policies"
     policy_dir.mkdir()
     (policy_dir / "mesh.yaml").write_text(POLICY)
-    mesh = LocalMesh(
+    mesh = Mesh(  # SVIDs the control plane issues and rotates: Envoy from `meshward bootstrap`
         policy_dir,
         root,
         [FRONTEND, ORDERS],
+        sidecars="bootstrap",
         delta={ORDERS},
         svid_ttl=timedelta(seconds=60),
         schedule=RotationSchedule(renew_fraction=0.52, jitter=0.01),
@@ -80,17 +81,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         mesh.stop()
 
 
-def certificate(mesh: LocalMesh, ref: str) -> dict[str, Any]:
+def certificate(mesh: Mesh, ref: str) -> dict[str, Any]:
     node = next(n for n in mesh.status()["nodes"] if n["node"] == ref)
     return dict(node["certificate"])
 
 
-def envoy_serials(mesh: LocalMesh, ref: str) -> set[str]:
+def envoy_serials(mesh: Mesh, ref: str) -> set[str]:
     certs = json.loads(mesh.envoys[ref].admin("/certs"))["certificates"]
     return {c["serial_number"] for entry in certs for c in entry.get("cert_chain", [])}
 
 
-def test_svid_rotation_under_steady_traffic_drops_no_request(mesh: LocalMesh) -> None:
+def test_svid_rotation_under_steady_traffic_drops_no_request(mesh: Mesh) -> None:
     issued = {ref: certificate(mesh, ref)["issued"] for ref in (FRONTEND, ORDERS)}
     results: list[int] = []
     stop = threading.Event()
@@ -122,7 +123,7 @@ def test_svid_rotation_under_steady_traffic_drops_no_request(mesh: LocalMesh) ->
     )
 
 
-def client_for(mesh: LocalMesh, identity_ref: str, node_id: str, **kwargs: Any) -> AdsClient:
+def client_for(mesh: Mesh, identity_ref: str, node_id: str, **kwargs: Any) -> AdsClient:
     policy_td = "cluster.local"
     namespace, name = identity_ref.split("/")
     svid = mesh.ca.issue(f"spiffe://{policy_td}/ns/{namespace}/sa/{name}")
@@ -148,7 +149,7 @@ async def run_for(client: AdsClient, seconds: float) -> None:
 
 
 async def test_identity_a_cannot_act_as_node_b(
-    mesh: LocalMesh, caplog: pytest.LogCaptureFixture
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="meshward.xds.audit")
     client = client_for(mesh, FRONTEND, ORDERS, subscriptions={types.SECRET: ("default",)})
@@ -163,7 +164,7 @@ async def test_identity_a_cannot_act_as_node_b(
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_a_node_gets_only_its_own_key(
-    mesh: LocalMesh, caplog: pytest.LogCaptureFixture, delta: bool
+    mesh: Mesh, caplog: pytest.LogCaptureFixture, delta: bool
 ) -> None:
     caplog.set_level(logging.WARNING, logger="meshward.xds.audit")
     foreign = ("spiffe://cluster.local/ns/shop/sa/orders", "shop/orders/default")
@@ -184,7 +185,7 @@ async def test_a_node_gets_only_its_own_key(
         assert any(repr(name) in line and "not its own" in line for line in audited), audited
 
 
-def test_plaintext_or_certless_clients_cannot_connect(mesh: LocalMesh, tmp_path: Path) -> None:
+def test_plaintext_or_certless_clients_cannot_connect(mesh: Mesh, tmp_path: Path) -> None:
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from google.protobuf import empty_pb2
 
-from meshward.xds.testing import LocalMesh
+from meshward.testing.mesh import Mesh
 
 FRONTEND, ORDERS, PAYMENTS, INVENTORY = (
     "shop/frontend",
@@ -168,7 +168,7 @@ def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def decisions_until(mesh: LocalMesh, source: str, target: str, path: str, status: int) -> int:
+def decisions_until(mesh: Mesh, source: str, target: str, path: str, status: int) -> int:
     """Send requests until one answers ``status``; return how many answered otherwise."""
     for stale in range(5):
         if mesh.request(source, target, path)[0] == status:
@@ -182,13 +182,13 @@ def faults() -> FaultSwitch:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory, faults: FaultSwitch) -> Iterator[LocalMesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory, faults: FaultSwitch) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("xds-mesh")
     policy_dir = root / "policies"
     policy_dir.mkdir()
     (policy_dir / "base.yaml").write_text(BASE)
     write_policies(policy_dir)
-    mesh = LocalMesh(
+    mesh = Mesh(
         policy_dir,
         root,
         [FRONTEND, ORDERS, PAYMENTS, INVENTORY],
@@ -204,7 +204,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, faults: FaultSwitch) -> Itera
 
 
 @pytest.fixture
-def policies(mesh: LocalMesh) -> Iterator[Path]:
+def policies(mesh: Mesh) -> Iterator[Path]:
     """The policy directory; restored (and converged) after the test."""
     original = policy_version(mesh)
     yield mesh.policy_dir
@@ -218,18 +218,18 @@ def policies(mesh: LocalMesh) -> Iterator[Path]:
     decisions_until(mesh, FRONTEND, ORDERS, "/orders/1", 200)  # draining connections closed
 
 
-def policy_version(mesh: LocalMesh) -> str:
+def policy_version(mesh: Mesh) -> str:
     return str(mesh.status()["policy"]["version"])
 
 
-def wait_new_policy(mesh: LocalMesh, old: str) -> str:
+def wait_new_policy(mesh: Mesh, old: str) -> str:
     wait_for(lambda: policy_version(mesh) != old, what="the edit to be applied")
     new = policy_version(mesh)
     mesh.wait_converged(new)
     return new
 
 
-def test_both_ads_variants_are_in_use(mesh: LocalMesh) -> None:
+def test_both_ads_variants_are_in_use(mesh: Mesh) -> None:
     modes = {n["node"]: n["streams"][0]["mode"] for n in mesh.status()["nodes"]}
     assert modes == {FRONTEND: "sotw", PAYMENTS: "sotw", ORDERS: "delta", INVENTORY: "delta"}
     for envoy in mesh.envoys.values():  # nothing static besides the ADS cluster
@@ -238,7 +238,7 @@ def test_both_ads_variants_are_in_use(mesh: LocalMesh) -> None:
         assert dynamic and dynamic[0]["dynamic_active_clusters"]
 
 
-def test_frontend_to_orders_is_allowed_over_mtls(mesh: LocalMesh) -> None:
+def test_frontend_to_orders_is_allowed_over_mtls(mesh: Mesh) -> None:
     status, body = mesh.request(FRONTEND, ORDERS, "/orders/42")
     assert status == 200, body
     echoed = json.loads(body)
@@ -250,7 +250,7 @@ def test_frontend_to_orders_is_allowed_over_mtls(mesh: LocalMesh) -> None:
     )
 
 
-def test_frontend_to_payments_is_denied_by_the_named_policy(mesh: LocalMesh) -> None:
+def test_frontend_to_payments_is_denied_by_the_named_policy(mesh: Mesh) -> None:
     status, body = mesh.request(FRONTEND, PAYMENTS, "/charge", method="POST")
     assert status == 403 and body == "RBAC: access denied"
     expected = "rbac_access_denied_matched_policy[ns[shop]-policy[payments-deny-frontend]-rule[0]]"
@@ -260,21 +260,21 @@ def test_frontend_to_payments_is_denied_by_the_named_policy(mesh: LocalMesh) -> 
     )
 
 
-def test_plaintext_is_refused_under_strict_and_accepted_under_permissive(mesh: LocalMesh) -> None:
+def test_plaintext_is_refused_under_strict_and_accepted_under_permissive(mesh: Mesh) -> None:
     status, _error = mesh.plaintext(ORDERS, "/orders/1")
     assert status == 0, f"STRICT listener answered plaintext: {status}"
     status, body = mesh.plaintext(INVENTORY, "/stock")
     assert status == 200 and json.loads(body)["service"] == "inventory"
 
 
-def _type(mesh: LocalMesh, ref: str, kind: str) -> dict[str, Any]:
+def _type(mesh: Mesh, ref: str, kind: str) -> dict[str, Any]:
     node = next(n for n in mesh.status()["nodes"] if n["node"] == ref)
     return dict(next(t for t in node["streams"][0]["types"] if t["type"] == kind))
 
 
 @pytest.mark.parametrize("edit", sorted(EDITS))
 def test_policy_edit_applies_to_open_connections_at_their_next_request(
-    mesh: LocalMesh, policies: Path, edit: str
+    mesh: Mesh, policies: Path, edit: str
 ) -> None:
     """The rules live in the route config and every inbound chain has the same RBAC filters:
     an edit (a rule change, or the workload's first DENY policy) is an RDS push, the listener
@@ -326,7 +326,7 @@ def test_policy_edit_applies_to_open_connections_at_their_next_request(
             assert after_pushes.get(kind) == before_pushes.get(kind), (ref, kind)
 
 
-def test_invalid_edit_changes_nothing(mesh: LocalMesh, policies: Path) -> None:
+def test_invalid_edit_changes_nothing(mesh: Mesh, policies: Path) -> None:
     old = policy_version(mesh)
     (policies / "broken.yaml").write_text(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
@@ -341,7 +341,7 @@ def test_invalid_edit_changes_nothing(mesh: LocalMesh, policies: Path) -> None:
 
 
 def test_nacked_route_leaves_traffic_on_the_old_version(
-    mesh: LocalMesh, policies: Path, faults: FaultSwitch
+    mesh: Mesh, policies: Path, faults: FaultSwitch
 ) -> None:
     old = policy_version(mesh)
     faults.broken.add(ORDERS)
@@ -367,7 +367,7 @@ def test_nacked_route_leaves_traffic_on_the_old_version(
     assert decisions_until(mesh, FRONTEND, ORDERS, "/orders/1", 403) == 0
 
 
-def test_dry_run_counts_shadow_denials_and_denies_nothing(mesh: LocalMesh, policies: Path) -> None:
+def test_dry_run_counts_shadow_denials_and_denies_nothing(mesh: Mesh, policies: Path) -> None:
     """The workload's first dry-run policy is also only a route change: its shadow rules count
     from the very next request."""
     lds_before = _type(mesh, ORDERS, "LDS")

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from meshward.cli import main
 from meshward.demo.echo import EchoServer
 from meshward.envoy import EnvoyProcess
 from meshward.net import free_port
+from meshward.testing.processes import Launcher, meshward_argv
 from meshward.xds.testing import http_request
 
 POLICY = """
@@ -42,21 +40,13 @@ def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixt
             "shop/orders": {"ports": {"8080": {"listen": f"127.0.0.1:{listen}",
                                                "app": f"127.0.0.1:{app.port}"}}}
         }))  # fmt: skip
-        ready = tmp_path / "ready.json"
-        log = (tmp_path / "xds.log").open("wb")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "meshward", "xds", "serve", "--policy", str(tmp_path / "policies"),
-             "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-             "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(ready)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        launcher = Launcher(tmp_path, quiet=True)
+        info = launcher.start("xds", meshward_argv(
+            "xds", "serve", "--policy", str(tmp_path / "policies"),
+            "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(tmp_path / "ready.json"),
+        ), ready_path=tmp_path / "ready.json")  # fmt: skip
         try:
-            deadline = time.monotonic() + 30
-            while not ready.exists():
-                assert server.poll() is None, (tmp_path / "xds.log").read_text()
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            info = json.loads(ready.read_text())
             assert main(["bootstrap", "--workload", "shop/orders", "--xds", info["ads"],
                          "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "sidecars")]) == 0  # fmt: skip
             config = json.loads((tmp_path / "sidecars" / "orders.shop" / "envoy.json").read_text())
@@ -82,6 +72,4 @@ def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixt
                 [node] = status["nodes"]
                 assert node["node"] == "shop/orders" and node["certificate"]["issued"] == 1
         finally:
-            server.send_signal(signal.SIGTERM)
-            assert server.wait(15) == 0
-            log.close()
+            assert launcher.stop("xds", 15) == 0  # SIGTERM: a clean exit

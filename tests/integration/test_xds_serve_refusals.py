@@ -6,12 +6,8 @@ unless it runs ``--workers`` (which share one port on purpose)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,7 @@ from meshward.compile import CompileOptions
 from meshward.errors import UserError
 from meshward.extauthz.server import ExtAuthzServer
 from meshward.policy import parse
+from meshward.testing.processes import Launcher, meshward_argv
 from meshward.xds.compiler import compiler_for
 from meshward.xds.server import AddressInUse
 from meshward.xds.service import XdsService
@@ -44,51 +41,38 @@ spec:
 """
 
 
-def serve(tmp_path: Path, policy: str, *extra: str) -> subprocess.Popen[str]:
+def serve_argv(tmp_path: Path, policy: str, *extra: str) -> list[str]:
     if not (tmp_path / "ca").exists():
         CertificateAuthority.init(tmp_path / "ca", "cluster.local")
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "mesh.yaml").write_text(policy)
-    return subprocess.Popen(
-        [sys.executable, "-m", "meshward", "xds", "serve", "--policy", str(policies),
-         "--ca", str(tmp_path / "ca"), "--access-log", "off", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return meshward_argv("xds", "serve", "--policy", str(policies),
+                         "--ca", str(tmp_path / "ca"), "--access-log", "off", *extra)  # fmt: skip
 
 
-def wait_ready(process: subprocess.Popen[str], ready: Path) -> dict[str, str]:
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    info: dict[str, str] = json.loads(ready.read_text())
-    return info
+def run_to_exit(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """A server expected to refuse to start: its exit code, stdout and stderr apart."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_a_second_control_plane_on_a_taken_ads_port_refuses_to_start(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
-    first = serve(tmp_path, WORKLOAD, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-                  "--ready-file", str(ready))  # fmt: skip
-    try:
-        ads = wait_ready(first, ready)["ads"]
+    with Launcher(tmp_path, quiet=True) as launcher:
+        argv = serve_argv(tmp_path, WORKLOAD, "--listen", "127.0.0.1:0", "--admin",
+                          "127.0.0.1:0", "--ready-file", str(ready))  # fmt: skip
+        ads = launcher.start("first", argv, ready_path=ready)["ads"]
         # Another CA, same port: before the fix gRPC's SO_REUSEPORT let it share the port.
         second_dir = tmp_path / "second"
         second_dir.mkdir()
-        second = serve(second_dir, WORKLOAD, "--listen", ads, "--admin", "127.0.0.1:0")
-        try:
-            _, stderr = second.communicate(timeout=60)
-        finally:
-            if second.poll() is None:
-                second.kill()
-        assert second.returncode == 1, stderr
-        assert "Traceback" not in stderr
-        assert f"cannot listen on {ads}: the address is in use" in stderr
-        assert first.poll() is None  # the first one keeps serving
-    finally:
-        first.send_signal(signal.SIGTERM)
-        first.communicate(timeout=15)
+        second = run_to_exit(
+            serve_argv(second_dir, WORKLOAD, "--listen", ads, "--admin", "127.0.0.1:0")
+        )
+        assert second.returncode == 1, second.stderr
+        assert "Traceback" not in second.stderr
+        assert f"cannot listen on {ads}: the address is in use" in second.stderr
+        assert launcher["first"].alive()  # the first one keeps serving
+        assert launcher.stop("first", 15) == 0
 
 
 async def test_the_ads_server_never_shares_its_port() -> None:
@@ -115,12 +99,10 @@ async def test_the_ads_server_never_shares_its_port() -> None:
 def test_policies_needing_ext_authz_without_extauthz_refuse_with_one_line(
     tmp_path: Path,
 ) -> None:
-    process = serve(tmp_path, WORKLOAD + CUSTOM, "--listen", "127.0.0.1:0", "--admin", "off")
-    try:
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    process = run_to_exit(
+        serve_argv(tmp_path, WORKLOAD + CUSTOM, "--listen", "127.0.0.1:0", "--admin", "off")
+    )
+    stdout, stderr = process.stdout, process.stderr
     assert process.returncode == 1, (stdout, stderr)
     assert "Traceback" not in stderr and "Traceback" not in stdout
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -131,14 +113,12 @@ def test_policies_needing_ext_authz_without_extauthz_refuse_with_one_line(
 
 def test_with_extauthz_the_same_policies_start(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
-    process = serve(tmp_path, WORKLOAD + CUSTOM, "--listen", "127.0.0.1:0", "--admin", "off",
-                    "--extauthz", "127.0.0.1:9191", "--ready-file", str(ready))  # fmt: skip
-    try:
-        wait_ready(process, ready)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=15)
-    assert "Traceback" not in stderr
+    argv = serve_argv(tmp_path, WORKLOAD + CUSTOM, "--listen", "127.0.0.1:0", "--admin", "off",
+                      "--extauthz", "127.0.0.1:9191", "--ready-file", str(ready))  # fmt: skip
+    with Launcher(tmp_path, quiet=True) as launcher:
+        launcher.start("xds", argv, ready_path=ready)
+        assert launcher.stop("xds", 15) == 0
+        assert "Traceback" not in launcher["xds"].log()
 
 
 class _Allow:

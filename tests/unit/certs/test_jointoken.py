@@ -140,3 +140,58 @@ def test_key_is_created_private_and_reused(tmp_path: Path) -> None:
     os.chmod(tmp_path / jointoken.KEY_FILE, 0o644)
     with pytest.raises(UserError, match="accessible by group/others"):
         jointoken.load_or_create_key(tmp_path)
+
+
+def test_group_commit_batches_fsyncs_and_refuses_reuse_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joins in flight share one fsync (done off the event loop); a token is refused from the
+    moment it is reserved, before its line is durable; every committed line survives a restart."""
+    import asyncio
+
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(jointoken.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    used = UsedTokens(tmp_path)
+    tokens = [mint(KEY, "shop/orders", ttl=timedelta(minutes=10), now=NOW) for _ in range(200)]
+    claims = [verify(KEY, t, workload="shop/orders", now=NOW) for t in tokens]
+
+    async def join(i: int) -> None:
+        line = used.reserve(claims[i], NOW)
+        await used.commit(line)
+
+    async def scenario() -> None:
+        pending = [asyncio.ensure_future(join(i)) for i in range(200)]
+        await asyncio.sleep(0)
+        with pytest.raises(JoinRefused, match="already used"):  # reserved, not yet durable
+            used.reserve(claims[0], NOW)
+        await asyncio.gather(*pending)
+
+    asyncio.run(scenario())
+    assert 1 <= len(fsyncs) < 20  # batched: far fewer fsyncs than joins
+    restarted = UsedTokens(tmp_path)  # as after a crash: every committed token stays spent
+    assert len(restarted) == 200
+    for c in claims:
+        with pytest.raises(JoinRefused):
+            restarted.check(c)
+
+
+def test_failed_commit_releases_the_token(tmp_path: Path) -> None:
+    import asyncio
+
+    used = UsedTokens(tmp_path / "missing" / "dir")
+    (tmp_path / "missing").write_text("a file where the directory should be")
+    token = mint(KEY, "shop/orders", ttl=timedelta(minutes=10), now=NOW)
+    claims = verify(KEY, token, workload="shop/orders", now=NOW)
+
+    async def join() -> None:
+        line = used.reserve(claims, NOW)
+        try:
+            await used.commit(line)
+        except UserError:
+            used.release(claims)
+            raise
+
+    with pytest.raises(UserError, match="Not a directory"):
+        asyncio.run(join())
+    used.check(claims)  # nothing was issued: the token is not spent

@@ -213,7 +213,7 @@ def test_tcp_connections_are_flows_too(mesh: Mesh) -> None:
 
 
 def test_report_from_real_sidecar_flows(
-    mesh: LocalMesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`meshward report` over flows real Envoys reported: the deciding rule they named is used,
     the plaintext refusal lowers mTLS coverage, and reachability equals `policy explain`."""

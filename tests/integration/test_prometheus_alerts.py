@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshward.xds.testing import LocalMesh
+from meshward.testing.mesh import Mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
@@ -69,17 +69,17 @@ def spike_rule() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     base = tmp_path_factory.mktemp("prom-mesh")
     policies = base / "policies"
     policies.mkdir()
     (policies / "mesh.yaml").write_text(POLICY)
-    with LocalMesh(policies, base / "run", [FRONTEND, ORDERS], flows_db=base / "flows.db") as m:
+    with Mesh(policies, base / "run", [FRONTEND, ORDERS], flows_db=base / "flows.db") as m:
         yield m
 
 
 @pytest.fixture(scope="module")
-def prometheus(mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     base = tmp_path_factory.mktemp("prometheus")
     rules = base / "rules.yml"
     rules.write_text(yaml.safe_dump({"groups": [{"name": "meshward", "rules": [spike_rule()]}]}))
@@ -140,7 +140,7 @@ def spike_alerts(url: str) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def test_a_denied_flow_spike_fires_the_alert(mesh: LocalMesh, prometheus: str) -> None:
+def test_a_denied_flow_spike_fires_the_alert(mesh: Mesh, prometheus: str) -> None:
     wait(lambda: get(prometheus, "/api/v1/query?query=up")["data"]["result"], 20, "a scrape")
     targets = get(prometheus, "/api/v1/targets")["data"]["activeTargets"]
     assert [t["health"] for t in targets] == ["up"], targets

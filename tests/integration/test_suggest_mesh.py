@@ -23,7 +23,7 @@ import pytest
 
 from meshward.cli import main
 from meshward.policy import load
-from meshward.xds.testing import LocalMesh
+from meshward.testing.mesh import Mesh
 
 FRONTEND, ORDERS, PAYMENTS = "shop/frontend", "shop/orders", "shop/payments"
 MESH = """
@@ -51,12 +51,12 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     base = tmp_path_factory.mktemp("suggest")
     policies = base / "policies"
     policies.mkdir()
     (policies / "mesh.yaml").write_text(MESH % "" + WORKLOADS)
-    with LocalMesh(
+    with Mesh(
         policies, base / "run", [FRONTEND, ORDERS, PAYMENTS], flows_db=base / "flows.db"
     ) as m:
         yield m
@@ -72,28 +72,28 @@ def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> Any:
         time.sleep(0.1)
 
 
-def observed(mesh: LocalMesh) -> list[dict[str, Any]]:
+def observed(mesh: Mesh) -> list[dict[str, Any]]:
     url = f"{mesh.xds.admin_url}/flows/observed"
     with urllib.request.urlopen(url, timeout=5) as response:
         rows: list[dict[str, Any]] = json.loads(response.read())["rows"]
         return rows
 
 
-def flows(mesh: LocalMesh, source: str) -> list[dict[str, Any]]:
+def flows(mesh: Mesh, source: str) -> list[dict[str, Any]]:
     url = f"{mesh.xds.admin_url}/flows?from={source}"
     with urllib.request.urlopen(url, timeout=5) as response:
         rows: list[dict[str, Any]] = json.loads(response.read())["rows"]
         return rows
 
 
-def converge(mesh: LocalMesh) -> None:
+def converge(mesh: Mesh) -> None:
     wanted = load([mesh.policy_dir]).version
     wait_for(lambda: mesh.status()["policy"]["version"] == wanted, "the edit to be applied")
     mesh.wait_converged(wanted)
 
 
 def test_suggest_enforce_then_audit(
-    mesh: LocalMesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     calls = [
         (FRONTEND, ORDERS, "GET", "/orders/41"),

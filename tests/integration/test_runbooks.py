@@ -306,7 +306,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 "ORDERS_ADMIN": str(orders.admin),
                 "ORDERS_VIA_FRONTEND": f"http://{frontend.outbound['shop/orders:8080']}",
                 "INVENTORY_VIA_ORDERS": f"http://{orders.outbound['shop/inventory:8080']}",
-                "TTL": "15 seconds",
+                "TTL": "10 seconds",
             }
             yield Mesh(demo, env, policy_dir, pristine, base)
 

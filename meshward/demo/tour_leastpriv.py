@@ -23,6 +23,8 @@ from meshward.flows.evidence import NO_POLICY, NO_ROUTE, RBAC
 CHAPTER = "least-privilege"
 TITLE = "least privilege from observed traffic"
 SUGGESTED_PREFIX = "shop/suggested-"  # `policy suggest` names each policy suggested-<workload>
+# A dry-run ALLOW set that matches no rule has no single deciding policy: the evidence says so.
+DRY_RUN_ALLOW = "(dry-run ALLOW)"
 
 FE, ORD, PAY, INV, SCR = (
     "shop/frontend",
@@ -58,6 +60,9 @@ ATTACKS: tuple[tuple[str, str, str, str, str, str], ...] = (
     (SCR, PAY, "POST", "/admin", "a compromised scraper pokes at payments' admin API", RBAC),
     (ORD, INV, "DELETE", "/inventory/sku-1", "orders never deletes stock", RBAC),
 )
+# Tried once enforced: the scraper is closed (allow-nothing) only then. (Measured: a dry-run
+# ALLOW without rules reports no would-deny from Envoy, so a dry-run allow-nothing shows nothing.)
+PIVOT = (PAY, SCR, "GET", "/metrics", "a compromised payments pivots through the scraper", NO_ROUTE)
 
 S_OPEN = "no authorization policy yet: mTLS on, nothing denied (the traffic suggest learns from)"
 S_DRY = "suggested policies in dry-run: normal traffic untouched, attacks only logged"
@@ -74,13 +79,14 @@ def open_traffic() -> tuple[Call, ...]:
 
 def dry_run_traffic() -> tuple[Call, ...]:
     """Phase 2: the suggested policies are dry-run. Normal calls: no would-deny at all; each
-    attack: allowed (dry-run enforces nothing) but its callee's suggested policy would deny."""
+    attack: allowed (dry-run enforces nothing) but the callee's dry-run ALLOW set (its suggested
+    policy, or allow-nothing where nobody calls it) matches no rule: it would deny."""
     normal = tuple(
         Call(S_DRY, src, dst, method, path, ALLOW, would_deny=())
         for src, dst, method, path in NORMAL
     )
     attacks = tuple(
-        Call(S_DRY, src, dst, method, path, ALLOW, would_deny=(suggested(dst),), note=why)
+        Call(S_DRY, src, dst, method, path, ALLOW, would_deny=(DRY_RUN_ALLOW,), note=why)
         for src, dst, method, path, why, _ in ATTACKS
     )
     return normal + attacks
@@ -99,7 +105,7 @@ def enforced_traffic() -> tuple[Call, ...]:
             S_ENFORCED, src, dst, method, path, DENY, decider,
             NONE if decider == RBAC else None, note=why,
         )
-        for src, dst, method, path, why, decider in ATTACKS
+        for src, dst, method, path, why, decider in (*ATTACKS, PIVOT)
     )  # fmt: skip
     unseen = (Call(S_NEVER_SEEN, FE, ORD, "GET", "/orders/977", ALLOW, RBAC, suggested(ORD)),)
     return normal + attacks + unseen
@@ -121,6 +127,17 @@ class Suggest:
 
 
 @dataclass(frozen=True)
+class CloseUncalled:
+    """Workloads nobody called while suggest watched get no suggested policy, and a workload
+    no policy selects accepts every caller: left open, it is a pivot from which every other
+    workload stays reachable. Close each with Istio's allow-nothing (an ALLOW without rules),
+    in every Suggest output named by ``into`` (dry-run first, like the rest)."""
+
+    title: str
+    into: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Apply:
     title: str
     source: str  # a Suggest step's ``out``: its files go into the policy directory
@@ -131,7 +148,7 @@ class Report:
     label: str  # "before" / "after": a blast-radius snapshot via `meshward report --json`
 
 
-Phase = Traffic | Suggest | Apply | Report
+Phase = Traffic | Suggest | CloseUncalled | Apply | Report
 
 STEPS: tuple[Phase, ...] = (
     Report("before"),
@@ -140,6 +157,7 @@ STEPS: tuple[Phase, ...] = (
     # dry-run (suggesting again later would learn from the attacks dry-run let through).
     Suggest("suggest allow lists (dry-run) from the observed allowed flows", "dry-run", "dry-run"),
     Suggest("the same suggestion, enforcing", "enforce", "enforce"),
+    CloseUncalled("close what nobody called: allow-nothing, enforced with the rest", ("enforce",)),
     Apply("apply the dry-run suggestion", "dry-run"),
     Traffic(S_DRY, dry_run_traffic()),
     Apply("enforce: replace the dry-run files with their enforcing twins", "enforce"),
@@ -161,6 +179,34 @@ def baseline_documents(policy_set: Any) -> str:
             peer_authentications=policy_set.peer_authentications,
         ).dump()
     )
+
+
+def allow_nothing(workloads: Sequence[Any], covered: Sequence[str], mode: str) -> dict[str, str]:
+    """File name -> an allow-nothing AuthorizationPolicy for every workload not in ``covered``
+    (the workloads the suggestion wrote a policy for); dry-run when ``mode`` is."""
+    import yaml
+
+    files = {}
+    for w in sorted(workloads, key=lambda w: w.ref):
+        if w.ref in covered or not w.labels:
+            continue
+        meta: dict[str, Any] = {"name": f"allow-nothing-{w.name}", "namespace": w.namespace}
+        if mode == "dry-run":
+            meta["annotations"] = {"istio.io/dry-run": "true"}
+        doc = {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": meta,
+            "spec": {"selector": {"matchLabels": dict(w.labels)}, "action": "ALLOW"},
+        }
+        head = (
+            f"# Nobody called {w.ref} while `meshward policy suggest` watched: allow nothing\n"
+            "# (an ALLOW policy without rules). Written by the demo's least-privilege chapter.\n"
+        )
+        files[f"allow-nothing-{w.namespace}.{w.name}.yaml"] = head + yaml.safe_dump(
+            doc, sort_keys=False
+        )
+    return files
 
 
 @dataclass(frozen=True)
@@ -292,7 +338,7 @@ def judge_radius(before: Mapping[str, Any], after: Mapping[str, Any]) -> RadiusV
         problems.append("no blast radius in the report")
     elif sum(r.transitive_after for r in rows) >= sum(r.transitive_before for r in rows):
         problems.append("enforcing did not shrink any blast radius")
-    for leaf in (PAY, INV):
+    for leaf in (PAY, INV):  # they call nobody: nothing should be reachable from them
         if _radius(after, leaf)[1]:
             problems.append(f"{leaf} still reaches {', '.join(_radius(after, leaf)[2])}")
     return RadiusVerdict(tuple(rows), tuple(problems))
@@ -331,7 +377,7 @@ def render_suggest(verdict: SuggestVerdict) -> str:
 
 def attack_paths(calls: Sequence[Call]) -> list[Call]:
     """The calls of a phase that are attacks (they carry the attack's explanation)."""
-    notes = {why for *_, why, _ in ATTACKS}
+    notes = {why for *_, why, _ in (*ATTACKS, PIVOT)}
     return [c for c in calls if c.note in notes]
 
 

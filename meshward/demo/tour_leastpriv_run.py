@@ -121,6 +121,8 @@ class ChapterRunner:
                 entry = self._traffic(step)
             elif isinstance(step, lp.Suggest):
                 entry = self._suggest(step)
+            elif isinstance(step, lp.CloseUncalled):
+                entry = self._close_uncalled(step, result)
             elif isinstance(step, lp.Apply):
                 entry = self._apply(step)
             else:
@@ -128,7 +130,7 @@ class ChapterRunner:
             result.entries.append(entry)
             if not entry.ok:
                 self.say(f"[least] FAILED: {entry.title}")
-                if entry.kind in ("suggest", "apply"):
+                if entry.kind in ("suggest", "close", "apply"):
                     break  # the rest would judge a policy that is not there
         result.seconds = time.monotonic() - started
         return result
@@ -176,8 +178,28 @@ class ChapterRunner:
         self.say(f"[least] meshward {' '.join(argv)}")
         code, report, err = meshward_json(argv)
         verdict = judge_suggest(step.mode, code, report if isinstance(report, dict) else None, err)
-        data = {"command": "meshward " + " ".join(argv), **verdict.to_json()}
+        data = {"command": "meshward " + " ".join(argv), "out": step.out, **verdict.to_json()}
         return Entry("suggest", step.title, verdict.ok, render_suggest(verdict), data)
+
+    def _close_uncalled(self, step: Any, result: ChapterResult) -> Entry:
+        from meshward.demo.tour_leastpriv import allow_nothing
+        from meshward.policy import load
+
+        covered = {w for e in result.entries if e.kind == "suggest" for w in e.data["workloads"]}
+        workloads = load([Path(self.state.policy_dir)]).workloads
+        written: list[str] = []
+        for out in step.into:
+            mode = next(e.data["mode"] for e in result.entries if e.data.get("out") == out)
+            for name, text in allow_nothing(workloads, sorted(covered), mode).items():
+                (self.work / out / name).write_text(text)
+                written.append(f"{out}/{name}")
+        closed = sorted({w.ref for w in workloads} - covered)
+        text = (
+            f"~ no caller observed for {', '.join(closed)}: allow-nothing written ({', '.join(written)})"
+            if closed
+            else "~ every workload had callers: nothing to close"
+        )
+        return Entry("close", step.title, True, text, {"closed": closed, "files": written})
 
     def _apply(self, step: Any) -> Entry:
         from meshward.policy import PolicyError, load
@@ -263,22 +285,22 @@ def run_chapter(args: argparse.Namespace) -> int:
         print(line, file=out, flush=True)
 
     temporary = args.state is None
-    root = (
-        Path(tempfile.mkdtemp(prefix="meshward-leastpriv-"))
+    root = (  # short: each sidecar's admin socket lives under it (a Unix socket path limit)
+        Path(tempfile.mkdtemp(prefix="meshward-lp-"))
         if temporary
-        else Path(args.state).resolve() / "least-privilege"
+        else Path(args.state).resolve() / "lp"
     )
-    root.mkdir(parents=True, exist_ok=True)
     baseline = root / "baseline"  # the shop's workloads and mTLS, no authorization policy
+    options = MeshOptions(state_dir=root, examples=baseline, timeout=args.timeout)
+    mesh = DemoMesh(options, out=out)  # claims root (a demo state dir) before we write in it
     baseline.mkdir(parents=True, exist_ok=True)
     (baseline / "workloads.yaml").write_text(
         baseline_documents(load([find_examples(args.examples)]))
     )
-    options = MeshOptions(state_dir=root / "mesh", examples=baseline, timeout=args.timeout)
     say(f"meshward demo: chapter least-privilege, state in {root}")
     failed = True
     try:
-        with DemoMesh(options, out=out) as mesh:
+        with mesh:
             assert mesh.state is not None
             runner = ChapterRunner(
                 mesh.state, root, progress=say, check_alive=mesh.supervisor.check_alive

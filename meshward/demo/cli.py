@@ -36,6 +36,7 @@ examples:
   meshward demo --state /tmp/mw --json           # keep logs in /tmp/mw, results as JSON
   meshward demo --otlp-endpoint 127.0.0.1:4317   # every span (Envoy + Meshward) to Jaeger
   meshward demo --attach sidecar-config/tour.json   # only the tour, against a running mesh
+  meshward demo --chapter least-privilege        # policy from observed traffic, on its own mesh
   meshward denials                               # denials of the running (last) demo
 
 state directory: policies/ (a copy of examples/: edit it while --keep-running and watch the
@@ -287,4 +288,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", type=non_negative_float, default=0.0, metavar="SECONDS",
                         help="with --attach: first wait up to SECONDS for every sidecar to be in "
                              "sync (default: do not wait)")  # fmt: skip
-    parser.set_defaults(func=run)
+    from meshward.demo.tour_leastpriv_run import add_chapter_flag, dispatch
+
+    add_chapter_flag(parser)  # --chapter least-privilege: a chapter of its own (own module)
+    parser.set_defaults(func=dispatch)

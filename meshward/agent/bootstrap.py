@@ -96,7 +96,9 @@ def render_agent_bootstrap(
     delta: bool = False,
     runtime: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``runtime``: extra Envoy runtime keys, in a static layer over Meshward's own."""
+    """``runtime``: extra Envoy runtime keys, in a static layer over Meshward's own, then an
+    admin layer (as Envoy has by default) so an operator on the 0600 admin socket can still
+    override a key with ``runtime_modify`` (the runbooks' NACK triage shows one)."""
     placeholder = AdsCredentials(b"-", b"-", b"-")  # replaced below: nothing is inlined
     config = render_bootstrap(
         node,
@@ -117,4 +119,5 @@ def render_agent_bootstrap(
         layers = config.setdefault("layered_runtime", {"layers": []})["layers"]
         values = {k: int(v) if v.isdigit() else v for k, v in runtime.items()}
         layers.append({"name": "meshward-agent", "static_layer": values})
+        layers.append({"name": "admin", "admin_layer": {}})
     return config

@@ -91,6 +91,13 @@ def fetch_history(address: str, timeout: float) -> dict[str, Any]:
     return data
 
 
+def in_force_index(entries: list[dict[str, Any]], current: str) -> int | None:
+    """The entry to mark as in force: the newest one (``entries`` are newest first) carrying the
+    current version. A rollback puts an older version back, so that version appears twice: the
+    rollback entry is what is in force, the older entry is only where it came from."""
+    return next((i for i, e in enumerate(entries) if e.get("version") == current), None)
+
+
 def run_history(args: argparse.Namespace) -> int:
 
     address = args.xds or default_admin()
@@ -101,8 +108,9 @@ def run_history(args: argparse.Namespace) -> int:
     entries = data["entries"]
     print(f"{len(entries)} applied policy set(s), newest first (keeping {data['keep']}; "
           f"in force: {data['current'][:12]})")  # fmt: skip
-    for e in entries:
-        mark = "*" if e["version"] == data["current"] else " "
+    in_force = in_force_index(entries, data["current"])
+    for i, e in enumerate(entries):
+        mark = "*" if i == in_force else " "
         action = e["action"] + (f" (restores {e['restores']})" if e.get("restores") else "")
         print(f"{mark} {e['version'][:12]}  {e['applied_at']}  {action}")
         if e["action"] == "start":

@@ -150,6 +150,10 @@ def test_apply_two_versions_then_roll_back(
                 )  # fmt: skip
                 assert {"source": "shop/frontend", "destination": "shop/orders", "port": 8080,
                         "method": "GET", "path": "/admin"} in entry["opened"]  # fmt: skip
+                capsys.readouterr()
+                assert main(["policy", "history", "--xds", admin]) == 0
+                marked = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("*")]
+                assert marked == [ln for ln in marked if "rollback" in ln] and len(marked) == 1
 
                 # an unknown version is a clear error, nothing is touched
                 capsys.readouterr()

@@ -15,7 +15,7 @@ from meshward.errors import UserError
 from meshward.policy import load, parse
 from meshward.policy.policyset import PolicySet
 from meshward.xds.history import PolicyHistory, UnknownVersion, touched_workloads
-from meshward.xds.history_cli import BACKUP_DIR, restore
+from meshward.xds.history_cli import BACKUP_DIR, in_force_index, restore
 from meshward.xds.history_service import MAX_QUEUE, HistoryService
 from meshward.xds.watch import PolicyWatcher
 
@@ -65,6 +65,10 @@ def test_entries_say_what_each_change_did_and_recognize_a_rollback(tmp_path: Pat
     assert {"source": "shop/payments", "destination": "shop/orders", "port": 8080,
             "method": "GET", "path": "/admin"} in back.opened  # fmt: skip
     assert [e["action"] for e in history.listing()] == ["rollback", "apply", "start"]
+    # v1 is listed twice now (start, rollback): only the rollback, the newest, is in force
+    assert in_force_index(history.listing(), v1.version) == 0
+    assert in_force_index(history.listing(), v2.version) == 1
+    assert in_force_index(history.listing(), "0" * 64) is None
     # content-addressed: the file is named by the version of what it holds
     for file in (tmp_path / "h" / "sets").glob("*.yaml"):
         assert parse({"x.yaml": file.read_text()}).version == file.stem

@@ -16,6 +16,13 @@ was seen* and *allows everything that was seen*. So per destination workload:
 
 Only ALLOWED flows are read (the caller filters; :func:`suggest` checks again): a denied flow is
 evidence of something that must stay denied.
+
+A workload in scope that nobody was observed calling gets Istio's allow-nothing (an ALLOW policy
+selecting it, without rules), with a ``no-callers`` warning: writing nothing would leave it
+selected by no policy, i.e. open to every caller, a pivot from which the rest stays reachable.
+Only when no allowed flow to it was seen at all: a workload whose callers could not be expressed
+(plaintext, unknown identities, folded paths) is left alone and its flows are reported skipped,
+and with ``close_uncalled=False`` (the evidence is known to be incomplete) nothing is closed.
 """
 
 from __future__ import annotations
@@ -112,6 +119,7 @@ class Suggestion:
     warnings: tuple[Note, ...]  # thin evidence
     window: tuple[float, float]  # (start, now) in Unix seconds
     mode: Mode
+    closed: tuple[str, ...] = ()  # workloads given allow-nothing: no caller observed
 
     def enforced(self) -> tuple[AuthorizationPolicy, ...]:
         """The policies as they act once enforced (what coverage and diff judge)."""
@@ -146,15 +154,18 @@ def suggest(
     since: datetime | None = None,
     namespace: str | None = None,
     mode: Mode = Mode.DRY_RUN,
+    close_uncalled: bool = True,
 ) -> Suggestion:
-    """Per destination workload (in ``namespace`` when given), the policy allowing exactly the
-    observed allowed flows. ``since``: the start of the observation window (None: the oldest
-    flow's first sighting); flows last seen before it are ignored."""
+    """Per workload (in ``namespace`` when given), the policy allowing exactly the observed
+    allowed flows to it: allow-nothing where none was observed (``close_uncalled``: pass False
+    when the flows are known to be incomplete). ``since``: the start of the observation window
+    (None: the oldest flow's first sighting); flows last seen before it are ignored."""
     now_ts = now.timestamp()
     start = since.timestamp() if since is not None else None
     skipped, warnings = _Notes(), _Notes()
     td = policy_set.mesh.trust_domain
     by_dst: dict[str, list[ObservedFlow]] = defaultdict(list)
+    called: set[str] = set()  # every destination of an allowed flow, expressible or not
     for flow in flows:
         if flow.decision != ALLOW or flow.count <= 0:
             continue  # never suggest from denied (or empty) flows
@@ -163,6 +174,7 @@ def suggest(
         dst_ns = flow.destination.partition("/")[0]
         if namespace is not None and dst_ns != namespace:
             continue
+        called.add(flow.destination)
         reason = _inexpressible(policy_set, flow)
         if reason is not None:
             skipped.add(reason[0], reason[1], flow.describe())
@@ -204,14 +216,53 @@ def suggest(
         used.extend(dst_flows)
         _thin(policy_set, index, dst_flows, now_ts, window, warnings, td)
         _unrecorded(policy_set, dst, warnings)
+    closed: list[str] = []
+    for dst in sorted(policy_set.workloads, key=lambda w: w.ref):
+        if dst.ref in called or (namespace is not None and dst.namespace != namespace):
+            continue
+        alone = _selector_problem(index, dst)
+        if not close_uncalled or alone is not None:
+            why = alone or "the flows read are incomplete, so callers may be missing"
+            skipped.add(
+                "uncalled-left-open",
+                f"no callers observed, but no allow-nothing suggested ({why}): no policy selects "
+                "it, so it stays open to every caller",
+                dst.ref,
+            )
+            continue
+        policies.append(_allow_nothing(dst, mode))
+        targets.append(dst.ref)
+        closed.append(dst.ref)
+        warnings.add(
+            "no-callers",
+            f"no callers observed for {dst.ref} in the window: suggested allow-nothing (every "
+            "caller denied); if something should call it, widen --since or drive that traffic",
+            dst.ref,
+        )
+        _unrecorded(policy_set, dst, warnings)
+    order = sorted(range(len(targets)), key=targets.__getitem__)
     return Suggestion(
-        policies=tuple(policies),
-        workloads=tuple(targets),
+        policies=tuple(policies[i] for i in order),
+        workloads=tuple(targets[i] for i in order),
         used=tuple(sorted(used, key=_flow_key)),
         skipped=skipped.done(),
         warnings=warnings.done(),
         window=(window_start, now_ts),
         mode=mode,
+        closed=tuple(closed),
+    )
+
+
+def _allow_nothing(dst: Workload, mode: Mode) -> AuthorizationPolicy:
+    """Istio's allow-nothing: an ALLOW policy selecting the workload, without rules, so no
+    request matches an ALLOW rule and every one is denied."""
+    return AuthorizationPolicy(
+        namespace=dst.namespace,
+        name=f"{NAME_PREFIX}{dst.name}"[:253],
+        action=Action.ALLOW,
+        selector=dict(sorted(dst.labels.items())),
+        rules=(),
+        dry_run=mode is Mode.DRY_RUN,
     )
 
 

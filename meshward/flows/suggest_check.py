@@ -171,15 +171,22 @@ def files(suggestion: Suggestion) -> dict[str, str]:
         by_policy.setdefault(flow.destination, []).append(flow)
     out: dict[str, str] = {}
     start, end = suggestion.window
+    closed = set(suggestion.closed)
     for policy, workload in zip(suggestion.policies, suggestion.workloads, strict=True):
         flows = by_policy.get(workload, [])
         callers = sorted({f.source for f in flows})
-        header = (
-            f"# Suggested by `meshward policy suggest` from {len(flows)} allowed flow(s) "
+        evidence = (
+            f"# Suggested by `meshward policy suggest`: allow nothing (an ALLOW without rules):\n"
+            f"# no caller of {workload} was observed {_stamp(start)} .. {_stamp(end)}.\n"
+            if workload in closed
+            else f"# Suggested by `meshward policy suggest` from {len(flows)} allowed flow(s) "
             f"({sum(f.count for f in flows)} requests)\n"
             f"# to {workload} observed {_stamp(start)} .. {_stamp(end)};\n"
             f"# callers: {', '.join(callers)}.\n"
-            f"# Mode: {suggestion.mode.value}"
+        )
+        header = (
+            evidence
+            + f"# Mode: {suggestion.mode.value}"
             + (
                 ' (istio.io/dry-run: "true": evaluated and logged, never enforced; remove the '
                 "annotation to enforce).\n"

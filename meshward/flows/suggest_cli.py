@@ -47,6 +47,9 @@ The report shows coverage (every observed flow replayed through the suggestion: 
 allowed), what the suggestion would deny that the current policy allows, flows it could not
 express without widening (unknown or plaintext callers, paths the store folded into {other}),
 and where the evidence is thin (flows seen once, a short window, callers seen only recently).
+A workload nobody was observed calling (in --namespace, when given) gets allow-nothing (an ALLOW
+policy without rules: every caller denied) and a no-callers warning, since a workload no policy
+selects is open to every caller. Not when the control plane sent only part of the flows.
 exit status: 0 written, 100 % coverage; 1 unreachable, invalid output or coverage below 100 %.
 """
 
@@ -106,8 +109,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{address}/flows/observed: unreadable answer ({exc})") from None
     mode = Mode(args.mode)
+    truncated = bool(data.get("truncated"))
     suggestion = suggest(
-        policy_set, flows, now=now, since=since, namespace=args.namespace, mode=mode
+        policy_set,
+        flows,
+        now=now,
+        since=since,
+        namespace=args.namespace,
+        mode=mode,
+        close_uncalled=not truncated,  # part of the flows: a workload's callers may be missing
     )
     cover = coverage(policy_set, suggestion, now=now)
     closing = would_deny(policy_set, suggestion, now=now)
@@ -121,11 +131,17 @@ def run(args: argparse.Namespace) -> int:
         "mode": mode.value,
         "window": {"start": _iso(suggestion.window[0]), "end": _iso(suggestion.window[1])},
         "flows_read": len(flows),
-        "flows_truncated": bool(data.get("truncated")),
+        "flows_truncated": truncated,
         "files": [
-            {"file": str(path), "workload": ref, "rules": len(p.rules)}
+            {
+                "file": str(path),
+                "workload": ref,
+                "rules": len(p.rules),
+                "allow_nothing": ref in suggestion.closed,
+            }
             for path, ref, p in zip(written, suggestion.workloads, suggestion.policies, strict=True)
         ],
+        "closed": list(suggestion.closed),
         "coverage": cover.to_json(),
         "would_deny": {
             "changes": [c.to_json() for c in closing.changes],
@@ -207,7 +223,10 @@ def _print(report: dict[str, Any], suggestion: Any, closing: Any, replacing: Any
         f"{len(suggestion.used)} allowed flow(s) observed {window['start']} .. {window['end']}:"
     )
     for f in files:
-        print(f"  {f['file']}  ({f['workload']}, {f['rules']} rule(s))")
+        what = (
+            "allow nothing: no caller observed" if f["allow_nothing"] else f"{f['rules']} rule(s)"
+        )
+        print(f"  {f['file']}  ({f['workload']}, {what})")
     if report["flows_truncated"]:
         print("WARNING: the control plane sent only part of the flows (over its row limit)")
     cov = report["coverage"]

@@ -4,7 +4,8 @@ The property test is the contract: over a small finite universe of requests, the
 suggestion allows a request IF AND ONLY IF an observed allowed flow covers it (same caller,
 callee, port, method, and a path its template matches). "If" is coverage (every observed flow,
 and unseen ids under a folded path, allowed); "only if" is least privilege (a never-observed
-caller, method, port or path is denied)."""
+caller, method, port or path is denied). A workload nobody was observed calling therefore
+denies every caller (allow-nothing), rather than staying open for want of a policy."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshward.compile.envoy_limits import check_policy_set
-from meshward.flows.suggest import Mode, ObservedFlow, suggest
+from meshward.flows.suggest import Mode, ObservedFlow, Suggestion, suggest
 from meshward.flows.suggest_check import coverage, files, replay, with_policies, would_deny
 from meshward.policy import parse
 from meshward.policy.evaluator import evaluate
-from meshward.policy.model import Request
+from meshward.policy.model import AuthorizationPolicy, Request
 from meshward.policy.paths import compiled_path_template, is_path_template
 from meshward.policy.policyset import PolicySet
 
@@ -64,6 +65,10 @@ def allowed(ps: PolicySet, src: str, dst: str, method: str, path: str, port: int
     return evaluate(ps, d, request, now=NOW).allowed
 
 
+def policy_for(result: Suggestion, ref: str) -> AuthorizationPolicy:
+    return result.policies[result.workloads.index(ref)]
+
+
 def enforced(ps: PolicySet, flows: list[ObservedFlow]) -> PolicySet:
     result = suggest(ps, flows, now=NOW, mode=Mode.ENFORCE)
     return with_policies(ps, result.enforced(), keep_existing=False)
@@ -96,7 +101,7 @@ def test_denied_flows_are_never_evidence() -> None:
         flow("shop/payments", "shop/orders", "GET", "/x", decision="error"),
     ]
     result = suggest(SHOP, flows, now=NOW)
-    [policy] = result.policies
+    policy = policy_for(result, "shop/orders")
     assert "report" not in repr(policy) and "payments" not in repr(policy)
     assert [f.source for f in result.used] == ["shop/frontend"]
 
@@ -107,23 +112,21 @@ def test_a_namespace_only_when_all_its_workloads_were_seen_with_the_same_access(
         flow("batch/export", "shop/orders", "GET", "/orders"),
         flow("shop/frontend", "shop/orders", "GET", "/orders"),
     ]
-    [policy] = suggest(SHOP, both, now=NOW).policies
-    [rule] = policy.rules
+    [rule] = policy_for(suggest(SHOP, both, now=NOW), "shop/orders").rules
     namespaces = [s.namespaces for s in rule.sources if s.namespaces]
     principals = [p for s in rule.sources for p in s.principals]
     assert namespaces == [("batch",)]
     assert principals == ["cluster.local/ns/shop/sa/frontend"]  # shop: not every workload seen
     # export seen with another method: the two batch workloads differ, so no namespace
     differ = [*both[:1], flow("batch/export", "shop/orders", "POST", "/orders"), both[2]]
-    [policy] = suggest(SHOP, differ, now=NOW).policies
+    policy = policy_for(suggest(SHOP, differ, now=NOW), "shop/orders")
     assert all(not s.namespaces for r in policy.rules for s in r.sources)
 
 
 def test_tcp_flows_allow_their_port_only() -> None:
     flows = [flow("shop/orders", "shop/payments", "", "", port=5432)]
     result = suggest(SHOP, flows, now=NOW, mode=Mode.ENFORCE)
-    [policy] = result.policies
-    [rule] = policy.rules
+    [rule] = policy_for(result, "shop/payments").rules
     assert [(o.ports, o.methods, o.paths) for o in rule.operations] == [((5432,), (), ())]
     assert coverage(SHOP, result, now=NOW).percent == 100.0
 
@@ -151,7 +154,10 @@ def test_what_cannot_be_expressed_is_skipped_and_said() -> None:
     assert kinds == ["folded-paths", "incomplete", "shared-selector", "unknown-caller",
                      "unknown-caller", "unknown-destination", "unknown-port",
                      "wildcard-path"]  # fmt: skip
-    assert result.workloads == ("shop/orders",)
+    # twin-a's callers could not be expressed: it is left alone, not closed; frontend and
+    # twin-b (its own labels select only it) were called by nobody: allow-nothing
+    assert result.workloads == ("shop/frontend", "shop/orders", "shop/twin-b")
+    assert result.closed == ("shop/frontend", "shop/twin-b")
     assert [(f.method, f.path) for f in result.used] == [("GET", "/ok")]
 
 
@@ -161,7 +167,7 @@ def test_thin_evidence_warnings() -> None:
         flow("batch/report", "shop/orders", "GET", "/b", first=T - 100),
     ]
     result = suggest(SHOP, flows, now=NOW, since=NOW - timedelta(days=1))
-    kinds = sorted(n.kind for n in result.warnings)
+    kinds = sorted(n.kind for n in result.warnings if n.kind != "no-callers")
     assert kinds == ["recent-caller", "seen-once"]
     deep = suggest(SHOP, [flow("shop/frontend", "shop/orders", "GET", "/a/b/c/d/e/f/g/h/{**}")],
                    now=NOW)  # fmt: skip
@@ -186,20 +192,24 @@ def test_warnings_are_bounded() -> None:
 
 def test_files_are_dry_run_by_default_validate_and_load_back() -> None:
     flows = [flow("shop/frontend", "shop/orders", "GET", "/orders/{*}")]
-    result = suggest(SHOP, flows, now=NOW)
+    result = suggest(SHOP, flows, now=NOW, namespace="shop")
     texts = files(result)
-    assert list(texts) == ["shop.orders.yaml"]
+    assert list(texts) == ["shop.frontend.yaml", "shop.orders.yaml", "shop.payments.yaml"]
     assert 'istio.io/dry-run: "true"' in texts["shop.orders.yaml"] or (
         "istio.io/dry-run: 'true'" in texts["shop.orders.yaml"]
     )
     loaded = parse({"base.yaml": SHOP.dump(), **texts})
     check_policy_set(loaded)  # what `policy validate` (and the control plane) also requires
     [policy] = [p for p in loaded.authorization_policies if p.name == "suggested-orders"]
-    assert policy.dry_run and policy.rules == result.policies[0].rules
+    assert policy.dry_run and policy.rules == policy_for(result, "shop/orders").rules
     # dry-run: nothing is denied yet, the would-be denial is reported
     d = replay(loaded, flow("shop/payments", "shop/orders", "GET", "/orders/{*}"), now=NOW)
     assert d.allowed and [r.would_deny for r in d.dry_run] == [True]
     enforce = files(suggest(SHOP, flows, now=NOW, mode=Mode.ENFORCE))["shop.orders.yaml"]
+    closed = texts["shop.payments.yaml"]
+    assert "allow nothing" in closed and "rules" not in closed.split("apiVersion", 1)[1]
+    [nothing] = [p for p in loaded.authorization_policies if p.name == "suggested-payments"]
+    assert nothing.dry_run and nothing.rules == () and nothing.selector == {"app": "payments"}
     assert "dry-run" not in enforce.split("apiVersion", 1)[1]
 
 
@@ -252,7 +262,8 @@ def test_allowed_if_and_only_if_observed(flows: list[ObservedFlow]) -> None:
     result = suggest(PROPERTY_SET, flows, now=NOW, mode=Mode.ENFORCE)
     assert coverage(PROPERTY_SET, result, now=NOW).percent == 100.0
     ps = with_policies(PROPERTY_SET, result.enforced(), keep_existing=False)
-    selected = set(result.workloads)
+    uncalled = {ref for ref in REFS if not any(f.destination == ref for f in flows)}
+    assert set(result.closed) == uncalled and set(result.workloads) == set(REFS)
     for dst in REFS:
         for src in REFS:
             for port in PORTS:
@@ -264,10 +275,9 @@ def test_allowed_if_and_only_if_observed(flows: list[ObservedFlow]) -> None:
                             for f in flows
                         )
                         got = allowed(ps, src, dst, method, path, port)
-                        if dst not in selected:  # nothing observed: no policy, no change
-                            assert got and not any(f.destination == dst for f in flows)
-                        else:
-                            assert got == seen, (src, dst, port, method, path)
+                        assert got == seen, (src, dst, port, method, path)
+                        if dst in uncalled:  # least privilege for nobody: deny every caller
+                            assert not got
 
 
 def test_what_flows_do_not_record_is_called_out() -> None:
@@ -289,8 +299,51 @@ spec:
 
     assert existing_allows(ps, result) == ("shop/orders-with-user",)
     # added next to it, the suggestion narrows nothing; replacing it, others lose access
-    assert would_deny(ps, result, now=NOW).changes == ()
+    # (shop/frontend, called by nobody, is closed: that is narrowed, but it is another workload)
+    assert {c.destination for c in would_deny(ps, result, now=NOW).changes} == {"shop/frontend"}
     replacing = would_deny(ps, result, now=NOW, replacing=True)
     assert replacing.changes and all(c.before.allowed for c in replacing.changes)
     # e.g. a buyer's token on a path the window never saw
     assert any(c.probe.claims is not None and c.probe.path != "/x" for c in replacing.changes)
+
+
+def test_a_workload_nobody_called_gets_allow_nothing_in_scope_only() -> None:
+    flows = [
+        flow("shop/frontend", "shop/orders", "GET", "/orders"),
+        flow("plaintext", "shop/frontend", "GET", "/"),  # called, if inexpressibly: left alone
+        # last seen before the window
+        ObservedFlow("shop/orders", "batch/report", 8080, "GET", "/r", 5, T - 3 * DAY, T - 2 * DAY),
+    ]
+    since = NOW - timedelta(days=1)
+    result = suggest(SHOP, flows, now=NOW, since=since, namespace="shop")
+    assert result.closed == ("shop/payments",)  # batch is out of scope, frontend was called
+    assert result.workloads == ("shop/orders", "shop/payments")
+    nothing = policy_for(result, "shop/payments")
+    assert (nothing.rules, nothing.dry_run, nothing.name) == ((), True, "suggested-payments")
+    [note] = [n for n in result.warnings if n.kind == "no-callers"]
+    assert note.message.startswith(
+        "no callers observed for shop/payments in the window: suggested allow-nothing"
+    )
+    # every namespace: batch/report was called only before the window, so it is closed too
+    every = suggest(SHOP, flows, now=NOW, since=since, mode=Mode.ENFORCE)
+    assert every.closed == ("batch/export", "batch/report", "shop/payments")
+    assert not any(p.dry_run for p in every.policies)
+    ps = with_policies(SHOP, every.enforced(), keep_existing=False)
+    for src in ("shop/frontend", "shop/orders", "batch/export"):
+        assert not allowed(ps, src, "batch/report", "GET", "/r")
+        assert not allowed(ps, src, "shop/payments", "GET", "/")
+    assert allowed(ps, "shop/payments", "shop/frontend", "GET", "/x")  # not closed: no policy
+    closing = would_deny(SHOP, every, now=NOW)
+    assert {"shop/payments", "batch/report"} <= {c.destination for c in closing.changes}
+    # incomplete evidence (the control plane truncated the flows): nothing closed, said so
+    partial = suggest(SHOP, flows, now=NOW, since=since, namespace="shop", close_uncalled=False)
+    assert partial.closed == () and partial.workloads == ("shop/orders",)
+    [left] = [n for n in partial.skipped if n.kind == "uncalled-left-open"]
+    assert left.flow == "shop/payments" and "incomplete" in left.message
+    # a workload whose labels also select another cannot be closed alone: said, not done
+    twins = _set(_workload("shop", "a", labels="{app: twin}"),
+                 _workload("shop", "b", labels="{app: twin, v: b}"))  # fmt: skip
+    result = suggest(twins, [], now=NOW)
+    assert result.closed == ("shop/b",)
+    [left] = [n for n in result.skipped if n.kind == "uncalled-left-open"]
+    assert left.flow == "shop/a" and "also select shop/b" in left.message

@@ -3,7 +3,8 @@
 1. no authorization policy: traffic flows and is recorded;
 2. `meshward policy suggest --mode enforce`: the files validate (with the Envoy limits), cover
    100 % of the observed flows, and once in the policy directory every sidecar enforces them:
-   observed flows (and an unseen id under a folded path) pass, never-observed ones are denied;
+   observed flows (and an unseen id under a folded path) pass, never-observed ones are denied,
+   and the frontend, which nobody called, gets allow-nothing: closed to every caller;
 3. audit mode (MeshConfig `enforcement: {namespaces: {shop: audit}}`): the same policies only
    report: the never-observed call passes and its flow carries the dry-run would-deny; back to
    enforce, it is denied again.
@@ -122,15 +123,21 @@ def test_suggest_enforce_then_audit(
     assert (
         report["coverage"]["percent"] == 100.0 and report["coverage"]["flows"] == 3
     )  # /orders/41 and /42: one flow
-    assert sorted(f["workload"] for f in report["files"]) == [ORDERS, PAYMENTS]
+    assert sorted(f["workload"] for f in report["files"]) == [FRONTEND, ORDERS, PAYMENTS]
+    assert report["closed"] == [FRONTEND]  # nobody called it: allow-nothing
+    assert [f["allow_nothing"] for f in report["files"] if f["workload"] == FRONTEND] == [True]
+    assert any(w["kind"] == "no-callers" and w["flow"] == FRONTEND for w in report["warnings"])
     closing = {(c["source"], c["destination"]) for c in report["would_deny"]["changes"]}
     assert (PAYMENTS, ORDERS) in closing and (FRONTEND, PAYMENTS) in closing
+    assert (ORDERS, FRONTEND) in closing and (PAYMENTS, FRONTEND) in closing
     assert main(["policy", "validate", "--envoy", str(mesh.policy_dir), str(out)]) == 0
     # the text report; a rerun replaces its own files, never someone else's
     capsys.readouterr()
     assert main(["policy", "suggest", "--xds", admin, "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "2 AuthorizationPolicy file(s) (dry-run)" in text
+    assert "3 AuthorizationPolicy file(s) (dry-run)" in text
+    assert "(shop/frontend, allow nothing: no caller observed)" in text
+    assert "no callers observed for shop/frontend in the window: suggested allow-nothing" in text
     assert "coverage: 3/3 observed allowed flows allowed by the suggestion (100.0%)" in text
     assert "  shop/payments -> shop/orders: " in text
     (tmp_path / "mine").mkdir()
@@ -155,6 +162,9 @@ def test_suggest_enforce_then_audit(
     assert mesh.request(FRONTEND, ORDERS, "/orders/41", method="DELETE")[0] == 403
     assert mesh.request(FRONTEND, PAYMENTS, "/charge", method="POST")[0] == 0
     assert mesh.request(FRONTEND, ORDERS, "/admin")[0] == 403
+    # allow-nothing: the frontend, never called, admits nobody (no route to it either)
+    assert mesh.request(ORDERS, FRONTEND, "/")[0] == 0
+    assert mesh.request(PAYMENTS, FRONTEND, "/")[0] == 0
 
     # audit mode for the namespace: the same policies only report
     (mesh.policy_dir / "mesh.yaml").write_text(MESH % AUDIT + WORKLOADS)

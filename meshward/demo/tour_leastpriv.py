@@ -60,8 +60,10 @@ ATTACKS: tuple[tuple[str, str, str, str, str, str], ...] = (
     (SCR, PAY, "POST", "/admin", "a compromised scraper pokes at payments' admin API", RBAC),
     (ORD, INV, "DELETE", "/inventory/sku-1", "orders never deletes stock", RBAC),
 )
-# Tried once enforced: the scraper is closed (allow-nothing) only then. (Measured: a dry-run
-# ALLOW without rules reports no would-deny from Envoy, so a dry-run allow-nothing shows nothing.)
+# Nobody calls the scraper, so suggest closes it (allow-nothing). Tried once enforced only:
+# (measured) a dry-run ALLOW without rules reports no would-deny from Envoy, so in dry-run the
+# scraper's allow-nothing shows nothing.
+UNCALLED = (SCR,)  # the shop's workloads no NORMAL call reaches
 PIVOT = (PAY, SCR, "GET", "/metrics", "a compromised payments pivots through the scraper", NO_ROUTE)
 
 S_OPEN = "no authorization policy yet: mTLS on, nothing denied (the traffic suggest learns from)"
@@ -127,17 +129,6 @@ class Suggest:
 
 
 @dataclass(frozen=True)
-class CloseUncalled:
-    """Workloads nobody called while suggest watched get no suggested policy, and a workload
-    no policy selects accepts every caller: left open, it is a pivot from which every other
-    workload stays reachable. Close each with Istio's allow-nothing (an ALLOW without rules),
-    in every Suggest output named by ``into`` (dry-run first, like the rest)."""
-
-    title: str
-    into: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Apply:
     title: str
     source: str  # a Suggest step's ``out``: its files go into the policy directory
@@ -148,7 +139,7 @@ class Report:
     label: str  # "before" / "after": a blast-radius snapshot via `meshward report --json`
 
 
-Phase = Traffic | Suggest | CloseUncalled | Apply | Report
+Phase = Traffic | Suggest | Apply | Report
 
 STEPS: tuple[Phase, ...] = (
     Report("before"),
@@ -157,7 +148,6 @@ STEPS: tuple[Phase, ...] = (
     # dry-run (suggesting again later would learn from the attacks dry-run let through).
     Suggest("suggest allow lists (dry-run) from the observed allowed flows", "dry-run", "dry-run"),
     Suggest("the same suggestion, enforcing", "enforce", "enforce"),
-    CloseUncalled("close what nobody called: allow-nothing, enforced with the rest", ("enforce",)),
     Apply("apply the dry-run suggestion", "dry-run"),
     Traffic(S_DRY, dry_run_traffic()),
     Apply("enforce: replace the dry-run files with their enforcing twins", "enforce"),
@@ -181,39 +171,12 @@ def baseline_documents(policy_set: Any) -> str:
     )
 
 
-def allow_nothing(workloads: Sequence[Any], covered: Sequence[str], mode: str) -> dict[str, str]:
-    """File name -> an allow-nothing AuthorizationPolicy for every workload not in ``covered``
-    (the workloads the suggestion wrote a policy for); dry-run when ``mode`` is."""
-    import yaml
-
-    files = {}
-    for w in sorted(workloads, key=lambda w: w.ref):
-        if w.ref in covered or not w.labels:
-            continue
-        meta: dict[str, Any] = {"name": f"allow-nothing-{w.name}", "namespace": w.namespace}
-        if mode == "dry-run":
-            meta["annotations"] = {"istio.io/dry-run": "true"}
-        doc = {
-            "apiVersion": "security.istio.io/v1",
-            "kind": "AuthorizationPolicy",
-            "metadata": meta,
-            "spec": {"selector": {"matchLabels": dict(w.labels)}, "action": "ALLOW"},
-        }
-        head = (
-            f"# Nobody called {w.ref} while `meshward policy suggest` watched: allow nothing\n"
-            "# (an ALLOW policy without rules). Written by the demo's least-privilege chapter.\n"
-        )
-        files[f"allow-nothing-{w.namespace}.{w.name}.yaml"] = head + yaml.safe_dump(
-            doc, sort_keys=False
-        )
-    return files
-
-
 @dataclass(frozen=True)
 class SuggestVerdict:
     mode: str
     files: tuple[str, ...]  # file paths written
     workloads: tuple[str, ...]
+    closed: tuple[str, ...]  # given allow-nothing: no caller observed
     coverage: str  # "10/10 (100.0%)"
     would_deny: int  # probes the suggestion would deny that the current policy allows
     warnings: tuple[str, ...]
@@ -228,6 +191,7 @@ class SuggestVerdict:
             "mode": self.mode,
             "files": list(self.files),
             "workloads": list(self.workloads),
+            "closed": list(self.closed),
             "coverage": self.coverage,
             "would_deny": self.would_deny,
             "warnings": list(self.warnings),
@@ -241,10 +205,12 @@ def judge_suggest(
 ) -> SuggestVerdict:
     """``meshward policy suggest --json``'s answer, held to what the chapter needs: exit 0,
     valid files, every observed allowed flow allowed (100 %), a policy for each called workload
-    in the requested mode."""
+    in the requested mode, and allow-nothing for exactly the workloads nobody called (left
+    without a policy, they would stay open to every caller: a pivot)."""
     if report is None:
         first = (stderr.strip().splitlines() or ["no JSON on stdout"])[-1]
-        return SuggestVerdict(mode, (), (), "-", 0, (), (f"suggest failed (exit {code}): {first}",))
+        failed = f"suggest failed (exit {code}): {first}"
+        return SuggestVerdict(mode, (), (), (), "-", 0, (), (failed,))
     problems: list[str] = []
     if code != 0:
         problems.append(f"suggest exited {code}")
@@ -258,6 +224,12 @@ def judge_suggest(
     missing = [w for w in called if w not in workloads]
     if missing:
         problems.append(f"no suggested policy for {', '.join(missing)}")
+    closed = tuple(sorted(str(w) for w in report.get("closed") or ()))
+    if closed != tuple(sorted(UNCALLED)):
+        problems.append(
+            f"allow-nothing for {', '.join(closed) or 'no workload'}, expected for "
+            f"{', '.join(UNCALLED)} (called by nobody)"
+        )
     cov = report.get("coverage") or {}
     allowed, total = cov.get("allowed", 0), cov.get("flows", 0)
     if not total or allowed != total:
@@ -271,6 +243,7 @@ def judge_suggest(
         mode=mode,
         files=tuple(str(f.get("file")) for f in files),
         workloads=workloads,
+        closed=closed,
         coverage=f"{allowed}/{total} ({cov.get('percent', 0)}%)",
         would_deny=len(changes),
         warnings=warnings,
@@ -370,6 +343,8 @@ def render_suggest(verdict: SuggestVerdict) -> str:
         f"{', '.join(verdict.workloads) or 'no workload'}; coverage {verdict.coverage}; "
         f"would deny {verdict.would_deny} probe(s) the open mesh allows"
     ]
+    if verdict.closed:
+        lines.append(f"  allow-nothing (no caller observed): {', '.join(verdict.closed)}")
     lines.extend(f"  thin evidence: {w}" for w in verdict.warnings[:5])
     lines.extend(f"EXPECTATION FAILED: {p}" for p in verdict.problems)
     return "\n".join(lines)

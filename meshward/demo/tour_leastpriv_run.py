@@ -121,8 +121,6 @@ class ChapterRunner:
                 entry = self._traffic(step)
             elif isinstance(step, lp.Suggest):
                 entry = self._suggest(step)
-            elif isinstance(step, lp.CloseUncalled):
-                entry = self._close_uncalled(step, result)
             elif isinstance(step, lp.Apply):
                 entry = self._apply(step)
             else:
@@ -130,7 +128,7 @@ class ChapterRunner:
             result.entries.append(entry)
             if not entry.ok:
                 self.say(f"[least] FAILED: {entry.title}")
-                if entry.kind in ("suggest", "close", "apply"):
+                if entry.kind in ("suggest", "apply"):
                     break  # the rest would judge a policy that is not there
         result.seconds = time.monotonic() - started
         return result
@@ -180,26 +178,6 @@ class ChapterRunner:
         verdict = judge_suggest(step.mode, code, report if isinstance(report, dict) else None, err)
         data = {"command": "meshward " + " ".join(argv), "out": step.out, **verdict.to_json()}
         return Entry("suggest", step.title, verdict.ok, render_suggest(verdict), data)
-
-    def _close_uncalled(self, step: Any, result: ChapterResult) -> Entry:
-        from meshward.demo.tour_leastpriv import allow_nothing
-        from meshward.policy import load
-
-        covered = {w for e in result.entries if e.kind == "suggest" for w in e.data["workloads"]}
-        workloads = load([Path(self.state.policy_dir)]).workloads
-        written: list[str] = []
-        for out in step.into:
-            mode = next(e.data["mode"] for e in result.entries if e.data.get("out") == out)
-            for name, text in allow_nothing(workloads, sorted(covered), mode).items():
-                (self.work / out / name).write_text(text)
-                written.append(f"{out}/{name}")
-        closed = sorted({w.ref for w in workloads} - covered)
-        text = (
-            f"~ no caller observed for {', '.join(closed)}: allow-nothing written ({', '.join(written)})"
-            if closed
-            else "~ every workload had callers: nothing to close"
-        )
-        return Entry("close", step.title, True, text, {"closed": closed, "files": written})
 
     def _apply(self, step: Any) -> Entry:
         from meshward.policy import PolicyError, load

@@ -1,6 +1,7 @@
 """`meshward demo --chapter least-privilege` end to end: the shop starts with no authorization
 policy (real control plane, ext_authz, five Envoy sidecars), real traffic, `meshward policy
-suggest` (dry-run, then enforcing), `meshward report` before and after. Needs both commands
+suggest` (dry-run, then enforcing; it closes the scraper, which nobody calls, with
+allow-nothing), `meshward report` before and after. Needs both commands
 (issue 18); without them the chapter fails at its first report, saying which command is missing.
 """
 
@@ -38,9 +39,10 @@ def test_the_chapter_learns_enforces_and_shrinks_every_blast_radius(
     assert [s["mode"] for s in suggests] == ["dry-run", "enforce"]
     for s in suggests:
         assert s["coverage"].endswith("(100.0%)") and s["would_deny"] > 0
-        assert set(s["workloads"]) == {lp.FE, lp.ORD, lp.PAY, lp.INV}
-    [close] = [s for s in result["steps"] if s["kind"] == "close"]
-    assert close["closed"] == [lp.SCR]
+        assert set(s["workloads"]) == {lp.FE, lp.ORD, lp.PAY, lp.INV, lp.SCR}
+        assert s["closed"] == [lp.SCR]  # nobody called it: suggest wrote allow-nothing
+    assert not [s for s in result["steps"] if s["kind"] not in ("report", "traffic", "suggest",
+                                                                "apply")]  # fmt: skip
     # dry-run: attacks allowed but reported; enforced: denied, a new id still allowed
     dry = steps[lp.S_DRY]["result"]["steps"]
     assert all(c["actual"] == "allow" for c in dry)

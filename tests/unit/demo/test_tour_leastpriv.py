@@ -17,6 +17,8 @@ from meshward.demo.tour import ALLOW, DENY
 from meshward.demo.tour_leastpriv_run import ChapterResult, Entry, dispatch
 from meshward.errors import UserError
 from meshward.flows.evidence import NO_ROUTE, RBAC
+from meshward.flows.suggest import Mode, ObservedFlow, suggest
+from meshward.flows.suggest_check import with_policies
 from meshward.policy import Request, evaluate, load, parse
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -59,10 +61,9 @@ def test_the_steps_tell_the_story_in_order() -> None:
     applies = [s.source for s in lp.STEPS if isinstance(s, lp.Apply)]
     assert applies == ["dry-run", "enforce"]  # dry-run reviewed before enforcing
     for step in lp.STEPS:  # every step reads only what an earlier step wrote
-        if isinstance(step, lp.Apply | lp.CloseUncalled):
+        if isinstance(step, lp.Apply):
             earlier = lp.STEPS[: lp.STEPS.index(step)]
-            wrote = {s.out for s in earlier if isinstance(s, lp.Suggest)}
-            assert {step.source} if isinstance(step, lp.Apply) else set(step.into) <= wrote
+            assert step.source in {s.out for s in earlier if isinstance(s, lp.Suggest)}
     traffic = [s for s in lp.STEPS if isinstance(s, lp.Traffic)]
     assert [t.title for t in traffic] == [lp.S_OPEN, lp.S_DRY, lp.S_ENFORCED]
 
@@ -83,20 +84,23 @@ def test_attacks_are_never_normal_traffic_and_their_outcome_follows_from_it() ->
     assert unseen and all(c.path not in {p for *_, p in lp.NORMAL} for c in unseen)
 
 
-def test_allow_nothing_closes_exactly_the_uncovered_workloads(baseline: Any) -> None:
-    covered = [lp.FE, lp.ORD, lp.PAY, lp.INV]
-    files = lp.allow_nothing(baseline.workloads, covered, "enforce")
-    assert list(files) == ["allow-nothing-shop.scraper.yaml"]
-    closed = parse({"workloads.yaml": lp.baseline_documents(baseline), **files})
-    [policy] = closed.authorization_policies
-    assert policy.ref == "shop/allow-nothing-scraper" and not policy.rules and not policy.dry_run
-    assert decide(closed, lp.PAY, lp.SCR, "GET", "/metrics").verdict == DENY
-    assert decide(closed, lp.PAY, lp.ORD, "GET", "/metrics").verdict == ALLOW  # others untouched
-    dry = parse({"w.yaml": lp.baseline_documents(baseline),
-                 **lp.allow_nothing(baseline.workloads, covered, "dry-run")})  # fmt: skip
-    assert dry.authorization_policies[0].dry_run
-    assert decide(dry, lp.PAY, lp.SCR, "GET", "/metrics").verdict == ALLOW
-    assert lp.allow_nothing(baseline.workloads, SHOP, "enforce") == {}
+def test_suggest_closes_exactly_the_workloads_no_normal_call_reaches(baseline: Any) -> None:
+    """The chapter relies on `policy suggest` (pure part here) for the allow-nothing of the
+    scraper, which nobody calls: left open, a compromised payments would pivot through it."""
+    called = {dst for _, dst, _, _ in lp.NORMAL}
+    assert set(lp.UNCALLED) == {w.ref for w in baseline.workloads} - called == {lp.SCR}
+    now = datetime.now(UTC)
+    t = now.timestamp()
+    flows = [ObservedFlow(src, dst, 8080, method, path, 2, t - 7200, t - 1)
+             for src, dst, method, path in lp.NORMAL]  # fmt: skip
+    result = suggest(baseline, flows, now=now, namespace="shop", mode=Mode.ENFORCE)
+    assert result.closed == lp.UNCALLED and set(result.workloads) == set(SHOP)
+    enforced = with_policies(baseline, result.enforced(), keep_existing=False)
+    src, dst, method, path, *_ = lp.PIVOT
+    assert decide(baseline, src, dst, method, path).verdict == ALLOW  # open before
+    assert decide(enforced, src, dst, method, path).verdict == DENY
+    assert all(decide(enforced, lp.SCR, dst, "GET", "/metrics").verdict == ALLOW
+               for dst in called)  # fmt: skip  # closed to callers, not as a caller
 
 
 def _report(**over: Any) -> dict[str, Any]:
@@ -105,8 +109,9 @@ def _report(**over: Any) -> dict[str, Any]:
         "valid": True,
         "files": [
             {"file": f"out/suggested-{w}.yaml", "workload": w, "rules": 1}
-            for w in (lp.FE, lp.ORD, lp.PAY, lp.INV)
+            for w in (lp.FE, lp.ORD, lp.PAY, lp.INV, lp.SCR)
         ],
+        "closed": [lp.SCR],
         "coverage": {"allowed": 9, "flows": 9, "percent": 100.0, "denied": []},
         "would_deny": {"changes": [{}] * 71, "truncated": False},
         "warnings": [{"kind": "recent", "message": "shop/scraper first called 5s ago"}],
@@ -119,6 +124,7 @@ def test_a_good_suggestion_passes_and_each_shortfall_is_named() -> None:
     good = lp.judge_suggest("dry-run", 0, _report())
     assert good.ok and good.would_deny == 71 and good.coverage == "9/9 (100.0%)"
     assert "coverage 9/9" in lp.render_suggest(good) and "5s ago" in lp.render_suggest(good)
+    assert "allow-nothing (no caller observed): shop/scraper" in lp.render_suggest(good)
     cases = {
         "suggest exited 1": lp.judge_suggest("dry-run", 1, _report()),
         "asked for enforce": lp.judge_suggest("enforce", 0, _report()),
@@ -130,6 +136,12 @@ def test_a_good_suggestion_passes_and_each_shortfall_is_named() -> None:
             "dry-run", 0, _report(files=[{"file": "x", "workload": lp.FE}])
         ),
         "no such command": lp.judge_suggest("dry-run", 2, None, "error: no such command\n"),
+        "allow-nothing for no workload, expected for shop/scraper": lp.judge_suggest(
+            "dry-run", 0, _report(closed=[])
+        ),
+        "allow-nothing for shop/orders, shop/scraper": lp.judge_suggest(
+            "dry-run", 0, _report(closed=[lp.ORD, lp.SCR])
+        ),
     }
     for words, verdict in cases.items():
         assert not verdict.ok and any(words in p for p in verdict.problems), (words, verdict)

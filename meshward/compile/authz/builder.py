@@ -126,7 +126,7 @@ def http_rbac_engines(
     if dry_deny:
         engines.append(RbacEngine(names.RBAC_DRY_RUN_DENY, "DENY", tuple(dry_deny), False))
     dry_allow = placement.native(Action.ALLOW, dry_run=True)
-    if dry_allow:
+    if dry_allow or placement.has_dry_run_allow:  # no rule: a dry-run allow-nothing
         engines.append(RbacEngine(names.RBAC_DRY_RUN_ALLOW, "ALLOW", tuple(dry_allow), False))
     audit = placement.native(Action.AUDIT) + placement.native(Action.AUDIT, dry_run=True)
     if audit:
@@ -247,7 +247,8 @@ _NETWORK_CHAIN = (
 def build_tcp(placement: AuthzPlacement, port_map: Mapping[int, int], stat: str) -> list[Json]:
     """Network RBAC for a TCP port: DENY (incl. CUSTOM, fail closed) then ALLOW. The enforced
     ALLOW filter is there whenever an enforced ALLOW policy selects the workload, even with no
-    rule a TCP connection can match (default deny)."""
+    rule a TCP connection can match (default deny); the dry-run ALLOW filter likewise whenever
+    a dry-run ALLOW policy does (what it would deny is reported)."""
     native = [r for r in placement.tcp_rules if r.placement is Placement.NATIVE]
     filters: list[Json] = []
     for engine in _NETWORK_CHAIN:
@@ -256,7 +257,8 @@ def build_tcp(placement: AuthzPlacement, port_map: Mapping[int, int], stat: str)
             for r in native
             if r.policy.action in engine.actions and r.policy.dry_run == engine.dry_run
         ]
-        always = engine.shadow_prefix is None and engine.action == "ALLOW" and placement.has_allow
+        selected = placement.has_dry_run_allow if engine.dry_run else placement.has_allow
+        always = engine.action == "ALLOW" and selected  # an ALLOW without rules denies all
         if rules or always:
             filters.append(
                 tcp_rbac.network_rbac(

@@ -265,6 +265,9 @@ class AuthzPlacement:
     # (meshward.compile.authz.jwt_authn) and JWT rules to RBAC metadata matchers.
     jwt_native: bool = False
     request_authentications: tuple[RequestAuthentication, ...] = field(default=())
+    # A dry-run ALLOW policy selects the workload: its shadow ALLOW engine must exist even with
+    # no rule (a dry-run allow-nothing), or what it would deny is never reported.
+    has_dry_run_allow: bool = False
 
     @property
     def verifies_jwt_natively(self) -> bool:
@@ -391,6 +394,7 @@ def place(
     rules = tuple(place_rules(policies, jwt_native=jwt_native))
     tcp_rules = tuple(place_rules(policies, tcp=True))
     has_allow = any(p.action is Action.ALLOW and not p.dry_run for p in policies)
+    has_dry_run_allow = any(p.action is Action.ALLOW and p.dry_run for p in policies)
     reasons = tuple(
         f"{r.policy.ref} rule[{r.index}]: {r.reason}"
         for r in rules
@@ -410,4 +414,5 @@ def place(
         token_sources=sources,
         jwt_native=jwt_native,
         request_authentications=request_authentications if jwt_native else (),
+        has_dry_run_allow=has_dry_run_allow,
     )

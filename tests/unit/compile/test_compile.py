@@ -180,6 +180,32 @@ def test_allow_nothing_policy_is_an_empty_enforced_allow() -> None:
     assert rbac_rules(resources)["rules"] == {}  # ALLOW, no policies: every request denied
 
 
+def test_a_dry_run_allow_nothing_reports_every_request_as_would_deny() -> None:
+    """Without its (ruleless) shadow ALLOW engine, a dry-run allow-nothing (what `policy
+    suggest` writes for a workload nobody called) would report nothing, and enforcing it would
+    deny traffic the dry run never showed."""
+    from meshward.compile import simulate
+
+    api = workload("api", HTTP, WorkloadPort("db", 5432, Protocol.TCP))
+    ps = policy_set(allow("nothing", dry_run=True), workloads=(api, workload("web", HTTP)),
+                    mode=MtlsMode.PERMISSIVE)  # fmt: skip
+    resources = compile_workload(ps, "shop/api", CompileOptions(mode=Mode.STATIC))
+    rules = rbac_rules(resources, "meshward.rbac.dry_run_allow")
+    assert rules["shadow_rules"].get("policies", {}) == {} and "rules" not in rules
+    outcome = simulate.run(
+        listener(resources, "inbound|8080|api.shop"),
+        simulate.Connection(
+            method="GET", path="/", host="api", headers={}, port=8080, peer_uri=None
+        ),
+    )
+    assert outcome.status == 200  # dry-run: nothing enforced
+    assert outcome.metadata["meshward_dry_run_allow_shadow_engine_result"] == "denied"
+    tcp = listener(resources, "inbound|5432|api.shop")["filter_chains"][0]["filters"]
+    [shadow] = [f["typed_config"] for f in tcp if f["name"] == "envoy.filters.network.rbac"]
+    assert shadow["shadow_rules_stat_prefix"] == "meshward_dry_run_allow_"
+    assert shadow["shadow_rules"].get("policies", {}) == {} and "rules" not in shadow
+
+
 def test_allow_union_runs_native_allow_as_shadow_and_gates_extauthz() -> None:
     ps = policy_set(allow("native", NATIVE_RULE), allow("jwt", JWT_RULE))
     resources = compile_workload(ps, "shop/api", CompileOptions(extauthz=EXTAUTHZ))

@@ -60,9 +60,8 @@ ATTACKS: tuple[tuple[str, str, str, str, str, str], ...] = (
     (SCR, PAY, "POST", "/admin", "a compromised scraper pokes at payments' admin API", RBAC),
     (ORD, INV, "DELETE", "/inventory/sku-1", "orders never deletes stock", RBAC),
 )
-# Nobody calls the scraper, so suggest closes it (allow-nothing). Tried once enforced only:
-# (measured) a dry-run ALLOW without rules reports no would-deny from Envoy, so in dry-run the
-# scraper's allow-nothing shows nothing.
+# Nobody calls the scraper, so suggest closes it (allow-nothing): in dry-run the pivot is only
+# reported (the shadow ALLOW engine of a ruleless dry-run ALLOW), once enforced it is denied.
 UNCALLED = (SCR,)  # the shop's workloads no NORMAL call reaches
 PIVOT = (PAY, SCR, "GET", "/metrics", "a compromised payments pivots through the scraper", NO_ROUTE)
 
@@ -89,7 +88,7 @@ def dry_run_traffic() -> tuple[Call, ...]:
     )
     attacks = tuple(
         Call(S_DRY, src, dst, method, path, ALLOW, would_deny=(DRY_RUN_ALLOW,), note=why)
-        for src, dst, method, path, why, _ in ATTACKS
+        for src, dst, method, path, why, _ in (*ATTACKS, PIVOT)
     )
     return normal + attacks
 

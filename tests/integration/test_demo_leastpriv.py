@@ -46,7 +46,10 @@ def test_the_chapter_learns_enforces_and_shrinks_every_blast_radius(
     # dry-run: attacks allowed but reported; enforced: denied, a new id still allowed
     dry = steps[lp.S_DRY]["result"]["steps"]
     assert all(c["actual"] == "allow" for c in dry)
-    assert [c["would_deny"] for c in dry if c["note"]] == [[lp.DRY_RUN_ALLOW]] * len(lp.ATTACKS)
+    # (the pivot through the scraper too: its dry-run allow-nothing reports every caller)
+    assert [c["would_deny"] for c in dry if c["note"]] == [[lp.DRY_RUN_ALLOW]] * (
+        len(lp.ATTACKS) + 1
+    )
     enforced = steps[lp.S_ENFORCED]["result"]["steps"]
     assert [c["actual"] for c in enforced if c["note"]] == ["deny"] * (len(lp.ATTACKS) + 1)
     unseen = [c for c in enforced if c["path"] == "/orders/977"]

@@ -217,7 +217,9 @@ def test_envoy_would_deny_exactly_where_the_evaluator_does(
         got = _envoy_would_deny(entry)
         verdicts[got] += 1
         if got != want:
-            mismatches.append(f"{probe}: envoy would_deny={got}, evaluator {want} ({entry['rbac']})")
+            mismatches.append(
+                f"{probe}: envoy would_deny={got}, evaluator {want} ({entry['rbac']})"
+            )
         # policy explain says the same (it is what the bug report was read from)
         said = explain(policy_set, workload, probe.request(), now=NOW)
         explained = [r for r in said.decision.dry_run if r.action is Action.ALLOW]
@@ -243,7 +245,9 @@ def test_envoy_would_deny_exactly_where_the_evaluator_does(
         want = _evaluator_would_deny(policy_set, request)
         got = _envoy_would_deny(entry)
         if got != want:
-            mismatches.append(f"TCP {principal}: envoy would_deny={got}, evaluator {want} ({entry})")
+            mismatches.append(
+                f"TCP {principal}: envoy would_deny={got}, evaluator {want} ({entry})"
+            )
     assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:8])
     # every request that reached authorization got a verdict, and the bug's verdict is there
     assert verdicts[True] > 0, verdicts

@@ -36,7 +36,7 @@ tools:
 	fi
 
 demo: $(STAMP)
-	$(BIN)/meshward demo
+	$(BIN)/meshward demo --chapter all
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

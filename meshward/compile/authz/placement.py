@@ -257,6 +257,10 @@ class AuthzPlacement:
     rules: tuple[PlacedRule, ...]
     tcp_rules: tuple[PlacedRule, ...]
     has_allow: bool  # an enforced ALLOW policy selects the workload (default deny applies)
+    # A dry-run ALLOW policy selects the workload: its shadow engine must exist even when no
+    # rule of it compiles (no rules, or none a TCP connection can match), as in Istio, where
+    # shadow ALLOW rules with no policies mean "shadow deny everything".
+    has_dry_run_allow: bool = False
     extauthz_reasons: tuple[str, ...] = field(default=())
     # Where end-user tokens may be (a RequestAuthentication selects the workload): requests
     # that may carry one go to ext_authz, which rejects an invalid token with 401.
@@ -265,9 +269,6 @@ class AuthzPlacement:
     # (meshward.compile.authz.jwt_authn) and JWT rules to RBAC metadata matchers.
     jwt_native: bool = False
     request_authentications: tuple[RequestAuthentication, ...] = field(default=())
-    # A dry-run ALLOW policy selects the workload: its shadow ALLOW engine must exist even with
-    # no rule (a dry-run allow-nothing), or what it would deny is never reported.
-    has_dry_run_allow: bool = False
 
     @property
     def verifies_jwt_natively(self) -> bool:
@@ -410,9 +411,9 @@ def place(
         rules=rules,
         tcp_rules=tcp_rules,
         has_allow=has_allow,
+        has_dry_run_allow=has_dry_run_allow,
         extauthz_reasons=reasons,
         token_sources=sources,
         jwt_native=jwt_native,
         request_authentications=request_authentications if jwt_native else (),
-        has_dry_run_allow=has_dry_run_allow,
     )

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshward.envoy.process import EnvoyProcess  # noqa: E402
 from meshward.extauthz.envoyconfig import rbac_allow_paths, sidecar  # noqa: E402
-from meshward.extauthz.issuer import LocalIssuer  # noqa: E402
+from meshward.testing.jwt_issuer import LocalIssuer  # noqa: E402
 
 WORKLOAD = "foo/bench"
 

@@ -284,8 +284,9 @@ def simulated(work: Path, bindings: Path, nodes: int, rounds: int, delta: bool) 
 
 
 def worker_main(work: Path, port: int, identity: str, delta: bool) -> None:
+    from meshward.certs.client_tls import client_ssl_context
+    from meshward.testing.ads_client import AdsClient
     from meshward.xds import types
-    from meshward.xds.client import AdsClient, client_ssl_context
 
     creds = work / "creds"
     roots = (creds / "ca.pem").read_bytes()

@@ -340,8 +340,9 @@ def worker_main(work: Path, port: int, identity: str) -> None:
     from google.protobuf import descriptor_pool, message_factory
 
     import meshward.compile.protos  # noqa: F401  (registers every type inside the resources)
+    from meshward.certs.client_tls import client_ssl_context
+    from meshward.testing.ads_client import AdsClient
     from meshward.xds import types
-    from meshward.xds.client import AdsClient, client_ssl_context
 
     creds = work / "creds"
     roots = (creds / "ca.pem").read_bytes()

@@ -32,8 +32,8 @@ import pytest
 
 from meshward.certs import CertificateAuthority
 from meshward.demo import control
-from meshward.demo.echo import EchoServer
-from meshward.extauthz.issuer import LocalIssuer
+from meshward.testing.echo import EchoServer
+from meshward.testing.jwt_issuer import LocalIssuer
 from meshward.testing.mesh import (
     AgentEnvoy,
     agent_argv,

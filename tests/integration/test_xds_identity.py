@@ -23,10 +23,11 @@ from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from meshward.certs import RotationSchedule
+from meshward.certs.client_tls import client_ssl_context
 from meshward.certs.verify import spiffe_id_of
+from meshward.testing.ads_client import AdsClient
 from meshward.testing.mesh import Mesh
 from meshward.xds import types
-from meshward.xds.client import AdsClient, client_ssl_context
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
 

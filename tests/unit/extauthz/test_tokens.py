@@ -17,9 +17,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.extauthz.tokens import JwtVerifier, TokenRejected, parse_jwks, rule_locations
 from meshward.policy import JwtHeader, JwtRule
+from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
 
 
 def _rule(issuer: LocalIssuer, **kw: Any) -> JwtRule:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from envoy.service.discovery.v3 import discovery_pb2
 
+from meshward.testing.xds_resources import cluster, listener
 from meshward.xds import types
 from meshward.xds.protocol import Push
 from meshward.xds.resources import Resource, encode_response
 from meshward.xds.server import AdsServer
-from meshward.xds.testing import cluster, listener
 
 
 def resources() -> list[Resource]:

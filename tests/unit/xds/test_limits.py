@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from meshward.certs import CertificateAuthority
+from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import parse
+from meshward.testing.ads_client import AdsClient
 from meshward.xds import types
-from meshward.xds.client import AdsClient, client_ssl_context
 from meshward.xds.compiler import compiler_for
 from meshward.xds.limits import (
     NodeLimits,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshward.testing.xds_resources import cluster, listener, secret
 from meshward.xds import types
 from meshward.xds.enforcement import not_enforced
 from meshward.xds.protocol import (
@@ -21,7 +22,6 @@ from meshward.xds.protocol import (
 from meshward.xds.resources import Resource
 from meshward.xds.snapshot import Snapshot, build_snapshot
 from meshward.xds.status import type_status
-from meshward.xds.testing import cluster, listener, secret
 
 C, L, S = types.CLUSTER, types.LISTENER, types.SECRET
 

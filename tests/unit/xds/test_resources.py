@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from meshward.testing.xds_resources import cluster, listener, secret
 from meshward.xds import types
 from meshward.xds.redact import redact_error
 from meshward.xds.resources import rejected_names
 from meshward.xds.snapshot import build_snapshot, content_version
-from meshward.xds.testing import cluster, listener, secret
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----"
 

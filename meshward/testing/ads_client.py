@@ -11,9 +11,7 @@ the expected SPIFFE ID, which is what Envoy does too.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,25 +28,6 @@ DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggr
 
 class ServerIdentityMismatch(Exception):
     pass
-
-
-def client_ssl_context(cert_chain_pem: bytes, key_pem: bytes, roots_pem: bytes) -> ssl.SSLContext:
-    """mTLS client context from PEM bytes (the ssl module reads keys from files only, so they
-    pass through a private temporary directory that is removed at once)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False  # SVIDs have no DNS names; the URI SAN is checked instead
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cadata=roots_pem.decode())
-    with tempfile.TemporaryDirectory(prefix="meshward-client-") as tmp:
-        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key_pem)
-        with open(cert_path, "wb") as handle:
-            handle.write(cert_chain_pem)
-        context.load_cert_chain(cert_path, key_path)
-    context.set_alpn_protocols(["h2"])
-    return context
 
 
 @dataclass

@@ -23,7 +23,7 @@ from meshward.compile import CompileOptions
 from meshward.flows.collector import CollectorLimits
 from meshward.policy import load
 from meshward.testing import als
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.service import XdsServiceThread
 
 POLICY = """apiVersion: meshward.dev/v1

@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from meshward.demo import control
 from meshward.demo import state as demo_state
+from meshward.demo import status_poll
 from meshward.errors import UserError
 from meshward.telemetry.tracing import OTLP_ENDPOINT_ENV
 from meshward.testing.mesh import AgentEnvoy
@@ -257,13 +257,13 @@ class DemoMesh:
 
         def status_problems() -> str:
             try:
-                return "; ".join(control.lagging(control.fetch_status(admin_url), self.refs))
+                return "; ".join(status_poll.lagging(status_poll.fetch_status(admin_url), self.refs))
             except OSError as exc:
                 return f"control plane status unreachable: {exc}"
 
         sup.wait_for(
             "every sidecar has its listeners, routes, clusters and certificates (ADS ACKed)",
-            lambda: control.converged(control.fetch_status(admin_url), self.refs),
+            lambda: status_poll.converged(status_poll.fetch_status(admin_url), self.refs),
             timeout=self.options.timeout,
             explain=status_problems,
         )

@@ -20,7 +20,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
-from meshward.xds import types
+from meshward.xds import typeurls
 
 SOTW_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
@@ -60,7 +60,7 @@ class AdsClient:
     server_identity: str | None = None
     delta: bool = False
     subscriptions: dict[str, tuple[str, ...]] = field(
-        default_factory=lambda: {types.CLUSTER: (), types.LISTENER: ()}
+        default_factory=lambda: {typeurls.CLUSTER: (), typeurls.LISTENER: ()}
     )
     nack: Callable[[str, Any], str | None] | None = None
     on_response: Callable[[AdsClient, str, Any], None] | None = None
@@ -205,10 +205,10 @@ class AdsClient:
         view.responses += 1
         self.last_response_at = time.monotonic()
         self._send.put_nowait(request)
-        if self.follow_routes and type_url == types.LISTENER and error is None:
+        if self.follow_routes and type_url == typeurls.LISTENER and error is None:
             names = tuple(sorted({n for r in view.resources.values() for n in _route_names(r)}))
-            if names != self.subscriptions.get(types.ROUTE, ()):
-                self.subscribe(types.ROUTE, names)
+            if names != self.subscriptions.get(typeurls.ROUTE, ()):
+                self.subscribe(typeurls.ROUTE, names)
         if self.on_response is not None:
             self.on_response(self, type_url, response)
 

@@ -298,7 +298,7 @@ class Mesh:
         return self
 
     def _make_compiler(self, options: Any) -> Any:
-        from meshward.xds.compiler import compiler_for
+        from meshward.xds.compile_adapter import compiler_for
         from meshward.xds.jwks import JwksCache
 
         jwks = (

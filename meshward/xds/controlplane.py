@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from meshward.policy import PolicyError, PolicySet, Workload
-from meshward.xds import compiling, types
+from meshward.xds import compiling, typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
 from meshward.xds.compiling import (
@@ -471,7 +471,7 @@ class ControlPlane:
         secrets = list(state.secrets)
         if self._rootca is not None:
             secrets.append(self._rootca)
-        resources[types.SECRET] = secrets
+        resources[typeurls.SECRET] = secrets
         return build_snapshot(self.cache.get(str(state.node)), resources, self.clock())
 
     def _refresh_node(self, state: NodeState) -> bool:
@@ -688,7 +688,7 @@ class ControlPlane:
         return {
             ref: {
                 "resources": {
-                    types.short(t): len(items) for t, items in sorted(config.resources.items())
+                    typeurls.short(t): len(items) for t, items in sorted(config.resources.items())
                 },
                 "error": config.error,
             }

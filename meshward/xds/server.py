@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from meshward.xds import types
+from meshward.xds import typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate
 from meshward.xds.enforcement import compile_failure, not_enforced
@@ -423,7 +423,7 @@ class AdsServer:
                     self.metrics.push(push.type_url)
                     log.debug(
                         "push %s %s v%s (%d resources) to %s",
-                        types.short(push.type_url), push.nonce, push.version,
+                        typeurls.short(push.type_url), push.nonce, push.version,
                         len(push.resources), node,
                     )  # fmt: skip
             if not stream.wake_pending:
@@ -489,20 +489,20 @@ class AdsServer:
         for event in events:
             if isinstance(event, Acked):
                 self.metrics.ack(event.type_url, event.latency)
-                log.debug("ACK %s v%s from %s", types.short(event.type_url), event.version, node)
+                log.debug("ACK %s v%s from %s", typeurls.short(event.type_url), event.version, node)
             elif isinstance(event, Nacked):
                 nack = event.nack
                 self.metrics.nack(nack.type_url)
                 # A NACKed listener/route is a policy not in force on that node: an error.
-                secret = nack.type_url == types.SECRET
+                secret = nack.type_url == typeurls.SECRET
                 log.log(
                     logging.WARNING if secret else logging.ERROR,
                     "NACK %s v%s from %s: rejected %s%s: %s",
-                    types.short(nack.type_url), nack.version, node,
+                    typeurls.short(nack.type_url), nack.version, node,
                     ", ".join(nack.resources) or "(whole response)",
                     "" if secret else " (the policy set is NOT ENFORCED on this node)",
                     nack.error,
-                    extra={"node": node, "type": types.short(nack.type_url),
+                    extra={"node": node, "type": typeurls.short(nack.type_url),
                            "version": nack.version, "resources": list(nack.resources)},
                 )  # fmt: skip
             elif isinstance(event, SecretDenied):
@@ -598,7 +598,7 @@ class AdsServer:
                     {
                         "types": [
                             {
-                                "type": types.short(st.type_url),
+                                "type": typeurls.short(st.type_url),
                                 "in_sync": st.in_sync,
                                 "acked_at": iso(st.acked_at + wall_offset) if st.acked_at else None,
                             }

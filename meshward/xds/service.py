@@ -61,7 +61,7 @@ class XdsService:
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
-        :func:`meshward.xds.compiler.compiler_for` with the mesh's CompileOptions. ``listen``:
+        :func:`meshward.xds.compile_adapter.compiler_for` with the mesh's CompileOptions. ``listen``:
         the ADS address (mTLS); ``admin``: /status and /metrics (None: off). ``schedule``: a
         :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%). ``limits``:
         per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`).

@@ -15,7 +15,7 @@ from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import load
 from meshward.testing import als
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.service import XdsServiceThread
 
 POLICY = """

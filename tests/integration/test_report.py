@@ -28,7 +28,7 @@ from meshward.policy import load
 from meshward.policy.cases import build_request
 from meshward.policy.explain import explain
 from meshward.testing import als
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.service import XdsServiceThread
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from meshward.testing.xds_resources import cluster, listener, secret
-from meshward.xds import types
+from meshward.xds import typeurls
 from meshward.xds.enforcement import not_enforced
 from meshward.xds.protocol import (
     PARTIAL,
@@ -23,7 +23,7 @@ from meshward.xds.resources import Resource
 from meshward.xds.snapshot import Snapshot, build_snapshot
 from meshward.xds.status import type_status
 
-C, L, S = types.CLUSTER, types.LISTENER, types.SECRET
+C, L, S = typeurls.CLUSTER, typeurls.LISTENER, typeurls.SECRET
 
 
 def snap(

@@ -135,10 +135,10 @@ def empty_server(kind: str, ready_file: Path, threads: int, tls_dir: Path) -> No
     import signal
     import threading
 
+    from meshward.certs.server_tls import ServerTls
     from meshward.extauthz.callers import TlsFiles
     from meshward.extauthz.server import ExtAuthzServer
     from meshward.extauthz.service import EmptyCheckService
-    from meshward.xds.credentials import ServerTls
 
     tls = ServerTls(*TlsFiles(tls_dir).read())
     server = ExtAuthzServer(EmptyCheckService(), kind=kind, threads=threads, tls=tls).start()  # type: ignore[arg-type]

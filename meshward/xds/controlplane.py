@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from meshward.certs.server_tls import ServerTls
 from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import compiling, typeurls
 from meshward.xds.cache import SnapshotCache
@@ -40,7 +41,6 @@ from meshward.xds.compiling import (
     mesh_compiler,
     paced,
 )
-from meshward.xds.credentials import ServerTls
 from meshward.xds.limits import (
     INSTANCE_LIMIT,
     SVID_RATE_LIMIT,

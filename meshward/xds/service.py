@@ -78,7 +78,7 @@ class XdsService:
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
             # watches from start() on. A policy passed alongside paths is ignored.
-            from meshward.xds.watch import PolicyCheck, PolicyWatcher
+            from meshward.policy_watch import PolicyCheck, PolicyWatcher
 
             self.watcher = PolicyWatcher(policy_paths, interval=watch_interval, check=PolicyCheck())
             policy = self.watcher.load_initial()

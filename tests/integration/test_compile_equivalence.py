@@ -32,7 +32,7 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
 from meshward.certs.ca import CertificateAuthority
-from meshward.compile import CompileOptions, Endpoint
+from meshward.compile import CompileOptions, Endpoint, names
 from meshward.compile.authz import rule_extauthz_reason
 from meshward.compile.names import extauthz_spiffe_id, rbac_policy_name
 from meshward.extauthz.tokens import payload_from_metadata
@@ -346,6 +346,52 @@ def _mixed_keyed(start: int) -> tuple[PolicySet, list[synth.Probe]]:
     raise AssertionError(f"no seed in {start}..{start + 49} gives a mix of outcomes")
 
 
+def _dry_run_set(seed: int) -> PolicySet:
+    """A random native policy set with every other policy in dry-run and a dry-run
+    allow-nothing (an ALLOW without rules) beside them: Envoy's shadow verdicts must be the
+    evaluator's would_deny (see _shadow_mismatches)."""
+    base = synth.random_policy_set(seed, synth.Profile(policies=(4, 7)))
+    policies = [
+        dataclasses.replace(policy, dry_run=i % 2 == 1 or policy.dry_run)
+        for i, policy in enumerate(base.authorization_policies)
+    ]
+    policies.append(
+        AuthorizationPolicy(
+            namespace=synth.TARGET_NAMESPACE,
+            name="allow-nothing",
+            selector={"app": synth.TARGET_NAME},
+            dry_run=True,
+        )
+    )
+    return PolicySet.create(
+        mesh=base.mesh,
+        workloads=list(base.workloads),
+        authorization_policies=policies,
+        peer_authentications=list(base.peer_authentications),
+    )
+
+
+def _mixed_dry_run(start: int) -> tuple[PolicySet, list[synth.Probe]]:
+    """A dry-run set with a mix of outcomes and of would-deny verdicts (dry-run DENY and ALLOW
+    policies with rules, and enforced ALLOW policies, so that not every request would be
+    denied by the dry-run ALLOW engine)."""
+    for seed in range(start, start + 100):
+        policy_set = _dry_run_set(seed)
+        probes = synth.random_probes(seed, PROBES_PER_SET)
+        counts = Counter(synth.expected_status(policy_set, p, now=NOW) for p in probes)
+        kinds = Counter(
+            (p.action, p.dry_run, bool(p.rules)) for p in policy_set.authorization_policies
+        )
+        if (
+            min(counts[200], counts[403]) >= PROBES_PER_SET // 5
+            and kinds[(Action.ALLOW, True, True)]
+            and kinds[(Action.DENY, True, True)]
+            and kinds[(Action.ALLOW, False, True)]
+        ):
+            return policy_set, probes
+    raise AssertionError(f"no seed in {start}..{start + 99} gives a dry-run mix")
+
+
 # "+indexed": every rule naming exact callers compiles to RBAC's principal-indexed matcher
 # (meshward.compile.authz.principal_index), the form large workloads get. "keyed": every rule names its callers
 # by namespace, prefix or identity (with notPrincipals), so it is all in the prefix map.
@@ -364,6 +410,8 @@ def _mixed_keyed(start: int) -> tuple[PolicySet, list[synth.Probe]]:
         "authn-jwt+extauthz",
         "authn-native+extauthz",
         "keyed+indexed",
+        "dry-run",
+        "dry-run+indexed",
     ],
 )
 def test_envoy_decides_like_the_evaluator(
@@ -385,6 +433,8 @@ def test_envoy_decides_like_the_evaluator(
         probes = synth.random_probes(7, 2 * PROBES_PER_SET)
     elif name == "keyed":
         policy_set, probes = _mixed_keyed(700)
+    elif name == "dry-run":
+        policy_set, probes = _mixed_dry_run(800)
     else:
         policy_set, probes = _mixed(*CASES[name])
     policy_set = _jwt_mode(policy_set, native, issuer)
@@ -434,6 +484,8 @@ def test_envoy_decides_like_the_evaluator(
         assert resources.placement.verifies_jwt_natively  # the jwt_authn filter is in the chain
     if variant != "indexed":  # (the index: see meshward.compile.authz.builder, which rule)
         assert not _misnamed(policy_set, answered, entries)
+    if native:  # dry-run rules reading the JWT go to ext_authz under jwtEnforcement: extauthz
+        assert not _shadow_mismatches(policy_set, answered, entries)
     assert outcomes[200] and outcomes[403] and outcomes[400], outcomes  # a real mix
     calls = servicer.calls - calls_before
     if policy_set.request_authentications and any(p.user == synth.INVALID_USER for p in probes):
@@ -646,6 +698,37 @@ def _misnamed(
             named = rbac_policy_name(namespace, name, decision.rule)
         if details != f"rbac_access_denied_matched_policy[{named}]":
             out.append(f"{probe}: envoy {details}, evaluator {named} ({decision.reason})")
+    return out
+
+
+def _shadow_mismatches(
+    policy_set: PolicySet, probes: list[synth.Probe], entries: list[dict[str, Any]]
+) -> list[str]:
+    """Requests whose dry-run verdict in Envoy's access log (the dry-run DENY and ALLOW shadow
+    engines' results) is not the evaluator's: a dry-run DENY engine denies when some dry-run
+    DENY policy would deny; the dry-run ALLOW engine (every dry-run ALLOW rule plus the
+    enforced ALLOW rules) when each dry-run ALLOW policy would."""
+    workload = policy_set.workload(synth.TARGET_REF)
+    assert workload is not None
+    out = []
+    for probe, entry in zip(probes, entries, strict=True):
+        rbac = entry["rbac"] if isinstance(entry["rbac"], dict) else {}
+        if entry["response_code"] in (400, 401):  # before authorization: no verdict at all
+            assert not any(k.startswith(("meshward_dry_run",)) for k in rbac), entry
+            continue
+        decision = evaluate(
+            policy_set, workload, probe.request(), now=NOW, custom=synth.custom_provider
+        )
+        for action, prefix, combine in (
+            (Action.DENY, names.DRY_RUN_DENY_PREFIX, any),
+            (Action.ALLOW, names.DRY_RUN_ALLOW_PREFIX, all),
+        ):
+            verdicts = [r.would_deny for r in decision.dry_run if r.action is action]
+            want = combine(verdicts) if verdicts else None
+            result = rbac.get(prefix + "shadow_engine_result")
+            got = None if result is None else result == "denied"
+            if got != want:
+                out.append(f"{probe}: {prefix} envoy would_deny={got}, evaluator {want}")
     return out
 
 

@@ -20,6 +20,9 @@ kept for comparison. The HTTP chain is:
    header that is present, a query parameter in ``:path``); token-less requests never reach
    Python for it;
 1. dry-run DENY / dry-run ALLOW / AUDIT: shadow-only RBAC filters (observe, never enforce);
+   the dry-run ALLOW engine also holds the enforced native ALLOW rules and exists, possibly
+   empty (shadow deny all), whenever a dry-run ALLOW policy selects the workload
+   (:func:`dry_run_allow_rules`);
 2. RBAC DENY with the native DENY rules (enforced; a match is a 403 naming the rule);
 3. RBAC ALLOW with the native ALLOW rules:
    - enforced when no ALLOW rule needs ext_authz (Python is never called for the decision);
@@ -125,9 +128,12 @@ def http_rbac_engines(
     dry_deny = placement.native(Action.DENY, dry_run=True)
     if dry_deny:
         engines.append(RbacEngine(names.RBAC_DRY_RUN_DENY, "DENY", tuple(dry_deny), False))
-    dry_allow = placement.native(Action.ALLOW, dry_run=True)
-    if dry_allow:
-        engines.append(RbacEngine(names.RBAC_DRY_RUN_ALLOW, "ALLOW", tuple(dry_allow), False))
+    if placement.has_dry_run_allow:
+        engines.append(
+            RbacEngine(
+                names.RBAC_DRY_RUN_ALLOW, "ALLOW", tuple(dry_run_allow_rules(placement)), False
+            )
+        )
     audit = placement.native(Action.AUDIT) + placement.native(Action.AUDIT, dry_run=True)
     if audit:
         engines.append(RbacEngine(names.RBAC_AUDIT, "LOG", tuple(audit), False))
@@ -146,6 +152,19 @@ def http_rbac_engines(
         custom = tuple(placement.extauthz(Action.CUSTOM))
         engines.append(RbacEngine(names.RBAC_ALLOW, "DENY", custom, False))
     return engines
+
+
+def dry_run_allow_rules(placement: AuthzPlacement, *, tcp: bool = False) -> list[PlacedRule]:
+    """The dry-run ALLOW shadow engine's rules: the dry-run ALLOW rules and the enforced native
+    ALLOW rules. Its verdict answers "would this request be denied if the dry-run ALLOW
+    policies were enforced too?", as meshward.policy.evaluate's ``would_deny`` does: a request
+    an enforced ALLOW rule allows stays allowed. Istio's shadow engine holds the dry-run rules
+    only and reports such a request denied. The engine exists whenever a dry-run ALLOW policy
+    selects the workload (AuthzPlacement.has_dry_run_allow), with no rules at all when none
+    compiles (an allow-nothing policy, or a TCP port no rule can match): Envoy's ALLOW engine
+    with no policies denies everything, which is the evaluator's verdict there."""
+    rules = placement.tcp_rules if tcp else placement.rules
+    return [r for r in rules if r.placement is Placement.NATIVE and r.policy.action is Action.ALLOW]
 
 
 def _allow_engines(
@@ -251,12 +270,18 @@ def build_tcp(placement: AuthzPlacement, port_map: Mapping[int, int], stat: str)
     native = [r for r in placement.tcp_rules if r.placement is Placement.NATIVE]
     filters: list[Json] = []
     for engine in _NETWORK_CHAIN:
-        rules = [
-            r
-            for r in native
-            if r.policy.action in engine.actions and r.policy.dry_run == engine.dry_run
-        ]
-        always = engine.shadow_prefix is None and engine.action == "ALLOW" and placement.has_allow
+        if engine.dry_run and engine.action == "ALLOW":
+            always = placement.has_dry_run_allow
+            rules = dry_run_allow_rules(placement, tcp=True) if always else []
+        else:
+            rules = [
+                r
+                for r in native
+                if r.policy.action in engine.actions and r.policy.dry_run == engine.dry_run
+            ]
+            always = (
+                engine.shadow_prefix is None and engine.action == "ALLOW" and placement.has_allow
+            )
         if rules or always:
             filters.append(
                 tcp_rbac.network_rbac(

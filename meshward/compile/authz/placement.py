@@ -257,6 +257,10 @@ class AuthzPlacement:
     rules: tuple[PlacedRule, ...]
     tcp_rules: tuple[PlacedRule, ...]
     has_allow: bool  # an enforced ALLOW policy selects the workload (default deny applies)
+    # A dry-run ALLOW policy selects the workload: its shadow engine must exist even when no
+    # rule of it compiles (no rules, or none a TCP connection can match), as in Istio, where
+    # shadow ALLOW rules with no policies mean "shadow deny everything".
+    has_dry_run_allow: bool = False
     extauthz_reasons: tuple[str, ...] = field(default=())
     # Where end-user tokens may be (a RequestAuthentication selects the workload): requests
     # that may carry one go to ext_authz, which rejects an invalid token with 401.
@@ -391,6 +395,7 @@ def place(
     rules = tuple(place_rules(policies, jwt_native=jwt_native))
     tcp_rules = tuple(place_rules(policies, tcp=True))
     has_allow = any(p.action is Action.ALLOW and not p.dry_run for p in policies)
+    has_dry_run_allow = any(p.action is Action.ALLOW and p.dry_run for p in policies)
     reasons = tuple(
         f"{r.policy.ref} rule[{r.index}]: {r.reason}"
         for r in rules
@@ -406,6 +411,7 @@ def place(
         rules=rules,
         tcp_rules=tcp_rules,
         has_allow=has_allow,
+        has_dry_run_allow=has_dry_run_allow,
         extauthz_reasons=reasons,
         token_sources=sources,
         jwt_native=jwt_native,

@@ -156,3 +156,53 @@ def test_tcp_builder_denies_custom_and_keeps_default_deny() -> None:
     ]
     deny = configs[0]["rules"]["policies"]["ns[foo]-policy[deny]-rule[0]"]
     assert deny["permissions"] == [{"any": True}]  # methods dropped: denies more, never less
+
+
+def test_dry_run_allow_nothing_is_an_empty_shadow_allow_engine() -> None:
+    """A dry-run ALLOW without rules (or, on TCP, with only rules a connection cannot match)
+    still gets its shadow engine, with no policies: Envoy then reports every request "shadow
+    denied", the evaluator's would_deny (as in Istio). Without a dry-run ALLOW, no engine."""
+    nothing = place([_policy("allow-nothing", Action.ALLOW, dry_run=True)])
+    assert _shape(http_rbac_engines(nothing)) == [
+        (names.RBAC_DRY_RUN_ALLOW, "ALLOW", False, False, False, [])
+    ]
+    http_only = place([_policy("dry-get", Action.ALLOW, GET, dry_run=True)])
+    for placement in (nothing, http_only):
+        [tcp] = [f["typed_config"] for f in build_tcp(placement, {9000: 9000}, "inbound_9000")]
+        assert "rules" not in tcp and tcp["shadow_rules"] == {"action": "ALLOW", "policies": {}}
+        assert tcp["shadow_rules_stat_prefix"] == names.DRY_RUN_ALLOW_PREFIX
+    assert http_rbac_engines(place([_policy("deny", Action.DENY, GET, dry_run=True)]))[
+        0
+    ].filter == (names.RBAC_DRY_RUN_DENY)
+    assert all(
+        e.filter != names.RBAC_DRY_RUN_ALLOW
+        for e in http_rbac_engines(place([_policy("allow", Action.ALLOW, BAR)]))
+    )
+    assert (
+        build_tcp(place([_policy("deny", Action.DENY, GET, dry_run=True)]), {}, "s")[0][
+            "typed_config"
+        ]["shadow_rules"]["action"]
+        == "DENY"
+    )
+
+
+def test_dry_run_allow_engine_holds_the_enforced_allow_rules() -> None:
+    """A request an enforced ALLOW rule allows is not one the dry-run ALLOW would deny (the
+    evaluator's would_deny), so the shadow engine holds those rules too, HTTP and TCP."""
+    placement = place(
+        [
+            _policy("allow-nothing", Action.ALLOW, dry_run=True),
+            _policy("allow-bar", Action.ALLOW, BAR),
+        ]
+    )
+    assert _shape(http_rbac_engines(placement))[0] == (
+        names.RBAC_DRY_RUN_ALLOW,
+        "ALLOW",
+        False,
+        False,
+        False,
+        ["ns[foo]-policy[allow-bar]-rule[0]"],
+    )
+    dry, enforced = [f["typed_config"] for f in build_tcp(placement, {9000: 9000}, "s")]
+    assert sorted(dry["shadow_rules"]["policies"]) == ["ns[foo]-policy[allow-bar]-rule[0]"]
+    assert sorted(enforced["rules"]["policies"]) == ["ns[foo]-policy[allow-bar]-rule[0]"]

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshward.envoy.process import EnvoyProcess  # noqa: E402
 from meshward.extauthz.envoyconfig import rbac_allow_paths, sidecar  # noqa: E402
-from meshward.extauthz.issuer import LocalIssuer  # noqa: E402
+from meshward.testing.jwt_issuer import LocalIssuer  # noqa: E402
 
 WORKLOAD = "foo/bench"
 
@@ -135,10 +135,10 @@ def empty_server(kind: str, ready_file: Path, threads: int, tls_dir: Path) -> No
     import signal
     import threading
 
+    from meshward.certs.server_tls import ServerTls
     from meshward.extauthz.callers import TlsFiles
     from meshward.extauthz.server import ExtAuthzServer
     from meshward.extauthz.service import EmptyCheckService
-    from meshward.xds.credentials import ServerTls
 
     tls = ServerTls(*TlsFiles(tls_dir).read())
     server = ExtAuthzServer(EmptyCheckService(), kind=kind, threads=threads, tls=tls).start()  # type: ignore[arg-type]

@@ -107,7 +107,7 @@ def _scenarios() -> dict[str, tuple[str, Any]]:
     from bench.extauthz import WORKLOAD as JWT_WORKLOAD
     from bench.extauthz import policy_yaml
     from meshward.extauthz.client import build_check_request
-    from meshward.extauthz.issuer import LocalIssuer
+    from meshward.testing.jwt_issuer import LocalIssuer
 
     issuer = LocalIssuer()
     token = issuer.token(groups=["admin"], ttl=3600)

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from meshward.certs import CertificateAuthority
+from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.flows.collector import CollectorLimits
 from meshward.policy import load
 from meshward.testing import als
-from meshward.xds.client import client_ssl_context
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.service import XdsServiceThread
 
 POLICY = """apiVersion: meshward.dev/v1

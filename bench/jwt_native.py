@@ -37,7 +37,7 @@ import extauthz as xb  # noqa: E402  (bench/extauthz.py: wrk, service process, p
 
 from meshward.envoy.process import EnvoyProcess  # noqa: E402
 from meshward.extauthz.envoyconfig import T_RBAC, rbac_allow_paths, sidecar  # noqa: E402
-from meshward.extauthz.issuer import LocalIssuer  # noqa: E402
+from meshward.testing.jwt_issuer import LocalIssuer  # noqa: E402
 
 
 def native_filters(issuer: LocalIssuer) -> list[dict[str, Any]]:

@@ -61,9 +61,7 @@ from meshward.compile import (  # noqa: E402
     compile_mesh,
     compile_workload,
     static_bootstrap,
-    synth,
 )
-from meshward.compile.testing import workload_secrets  # noqa: E402
 from meshward.envoy import EnvoyProcess  # noqa: E402
 from meshward.net import free_port  # noqa: E402
 from meshward.policy import PolicySet  # noqa: E402
@@ -79,6 +77,8 @@ from meshward.policy.model import (  # noqa: E402
     Workload,
     WorkloadPort,
 )
+from meshward.testing import synth  # noqa: E402
+from meshward.testing.sidecar import workload_secrets  # noqa: E402
 
 TD = "cluster.local"
 SERVER = Workload("shop", "api", {"app": "api"}, "api", ports=(WorkloadPort("http", 8080),))

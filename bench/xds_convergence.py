@@ -284,8 +284,9 @@ def simulated(work: Path, bindings: Path, nodes: int, rounds: int, delta: bool) 
 
 
 def worker_main(work: Path, port: int, identity: str, delta: bool) -> None:
-    from meshward.xds import types
-    from meshward.xds.client import AdsClient, client_ssl_context
+    from meshward.certs.client_tls import client_ssl_context
+    from meshward.testing.ads_client import AdsClient
+    from meshward.xds import typeurls
 
     creds = work / "creds"
     roots = (creds / "ca.pem").read_bytes()
@@ -306,7 +307,7 @@ def worker_main(work: Path, port: int, identity: str, delta: bool) -> None:
         node = client.node_id
         any_count[node] = any_count.get(node, 0) + 1
         # A rule edit arrives as a route config (RDS); a new kind of filter also as a listener.
-        if type_url in (types.LISTENER, types.ROUTE):
+        if type_url in (typeurls.LISTENER, typeurls.ROUTE):
             lds_count[node] = lds_count.get(node, 0) + 1
             last_lds[node] = time.time()
 
@@ -317,15 +318,15 @@ def worker_main(work: Path, port: int, identity: str, delta: bool) -> None:
             client = AdsClient(
                 "127.0.0.1", port, f"{NAMESPACE}/{name}/r{index // len(WORKLOADS)}",
                 contexts[name], server_identity=identity, delta=delta,
-                subscriptions={types.CLUSTER: (), types.LISTENER: (),
-                               types.SECRET: ("default", "ROOTCA")},
+                subscriptions={typeurls.CLUSTER: (), typeurls.LISTENER: (),
+                               typeurls.SECRET: ("default", "ROOTCA")},
                 on_response=on_response, follow_routes=True,
             )  # fmt: skip
             clients.append(client)
             tasks.append(asyncio.create_task(client.run()))
 
         def configured(c: AdsClient) -> bool:  # listeners, and the routes they name
-            return bool(c.view(types.LISTENER).responses and c.view(types.ROUTE).responses)
+            return bool(c.view(typeurls.LISTENER).responses and c.view(typeurls.ROUTE).responses)
 
         while sum(1 for c in clients if configured(c)) < total:
             failed = [c for c in clients if c.error is not None]

@@ -340,8 +340,9 @@ def worker_main(work: Path, port: int, identity: str) -> None:
     from google.protobuf import descriptor_pool, message_factory
 
     import meshward.compile.protos  # noqa: F401  (registers every type inside the resources)
-    from meshward.xds import types
-    from meshward.xds.client import AdsClient, client_ssl_context
+    from meshward.certs.client_tls import client_ssl_context
+    from meshward.testing.ads_client import AdsClient
+    from meshward.xds import typeurls
 
     creds = work / "creds"
     roots = (creds / "ca.pem").read_bytes()
@@ -369,22 +370,22 @@ def worker_main(work: Path, port: int, identity: str) -> None:
         node = client.node_id
         any_count[node] = any_count.get(node, 0) + 1
         delivered[0] += len(response.resources)
-        if type_url == types.ROUTE:
+        if type_url == typeurls.ROUTE:
             route_count[node] = route_count.get(node, 0) + 1
             last_route[node] = time.time()
-        if type_url == types.CLUSTER:  # follow EDS like Envoy: the clusters' service names
+        if type_url == typeurls.CLUSTER:  # follow EDS like Envoy: the clusters' service names
             from envoy.config.cluster.v3 import cluster_pb2
 
             names = []
-            for packed in client.view(types.CLUSTER).resources.values():
+            for packed in client.view(typeurls.CLUSTER).resources.values():
                 cluster = cluster_pb2.Cluster()
                 packed.Unpack(cluster)
                 if cluster.HasField("eds_cluster_config"):
                     names.append(cluster.eds_cluster_config.service_name or cluster.name)
             names.sort()
-            if tuple(names) != client.subscriptions.get(types.ENDPOINT, ()):
-                client.subscribe(types.ENDPOINT, names)
-        if node.endswith("/probe") and type_url == types.ROUTE and probe["sent"]:
+            if tuple(names) != client.subscriptions.get(typeurls.ENDPOINT, ()):
+                client.subscribe(typeurls.ENDPOINT, names)
+        if node.endswith("/probe") and type_url == typeurls.ROUTE and probe["sent"]:
             probe["max"] = max(probe["max"], time.monotonic() - probe["sent"])
             probe["answers"] += 1
             probe["sent"] = 0.0
@@ -398,15 +399,15 @@ def worker_main(work: Path, port: int, identity: str) -> None:
             )
         return AdsClient(
             "127.0.0.1", port, node, contexts[ns, name], server_identity=identity,
-            subscriptions={types.CLUSTER: (), types.LISTENER: (),
-                           types.SECRET: ("default", "ROOTCA")},
+            subscriptions={typeurls.CLUSTER: (), typeurls.LISTENER: (),
+                           typeurls.SECRET: ("default", "ROOTCA")},
             nack=decode, on_response=on_response, follow_routes=True,
         )  # fmt: skip
 
     def configured(c: AdsClient) -> bool:
         return all(
-            c.view(t).responses for t in (types.CLUSTER, types.LISTENER, types.ROUTE, types.SECRET)
-        ) and (not c.subscriptions.get(types.ENDPOINT) or bool(c.view(types.ENDPOINT).responses))
+            c.view(t).responses for t in (typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE, typeurls.SECRET)
+        ) and (not c.subscriptions.get(typeurls.ENDPOINT) or bool(c.view(typeurls.ENDPOINT).responses))
 
     failures: dict[str, int] = {}
 
@@ -422,7 +423,7 @@ def worker_main(work: Path, port: int, identity: str) -> None:
             kind = f"{type(client.error).__name__}: {str(client.error)[:100]}"
             failures[kind] = failures.get(kind, 0) + 1
             # When (since the burst began), after how long a stream, and with what received.
-            got = sum(1 for t in types.ORDER if client.view(t).responses)
+            got = sum(1 for t in typeurls.ORDER if client.view(t).responses)
             when.append((round(began - burst_start[0], 1), round(time.monotonic() - began, 1), got))
             await asyncio.sleep(0.5)
 
@@ -467,11 +468,11 @@ def worker_main(work: Path, port: int, identity: str) -> None:
         while probe["on"]:
             if not probe["sent"]:
                 probe["toggle"] = not probe["toggle"]
-                names = [n for n in client.subscriptions.get(types.ROUTE, ()) if n != PROBE_NAME]
+                names = [n for n in client.subscriptions.get(typeurls.ROUTE, ()) if n != PROBE_NAME]
                 if probe["toggle"]:
                     names.append(PROBE_NAME)
                 probe["sent"] = time.monotonic()
-                client.subscribe(types.ROUTE, names)
+                client.subscribe(typeurls.ROUTE, names)
             else:
                 probe["max"] = max(probe["max"], time.monotonic() - probe["sent"])
             await asyncio.sleep(0.01)

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from meshward.demo.echo import EchoServer
 from meshward.envoy import EnvoyProcess
 from meshward.telemetry.collector import OtlpReceiver
+from meshward.testing.echo import EchoServer
 
 EnvoyFactory = Callable[..., EnvoyProcess]
 

@@ -51,7 +51,7 @@ def server_only_context(roots_pem: bytes) -> ssl.SSLContext:
 
 
 def mtls_context(chain_pem: bytes, key_pem: bytes, roots_pem: bytes) -> ssl.SSLContext:
-    from meshward.xds.client import client_ssl_context
+    from meshward.certs.client_tls import client_ssl_context
 
     return client_ssl_context(chain_pem, key_pem, roots_pem)
 

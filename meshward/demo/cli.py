@@ -244,15 +244,15 @@ def _attach(args: argparse.Namespace) -> int:
 
 def _wait_for_mesh(state: Any, timeout: float, say: Any) -> None:
     """docker-compose starts everything at once: wait until every sidecar has its config."""
-    from meshward.demo import control
+    from meshward.demo import status_poll
 
     deadline = time.monotonic() + timeout
     lagging = ["no answer yet"]
     say(f"[wait ] control plane at {state.xds_admin}: every sidecar in sync ...")
     while time.monotonic() < deadline:
         try:
-            lagging = control.lagging(
-                control.fetch_status(state.xds_admin), sorted(state.workloads)
+            lagging = status_poll.lagging(
+                status_poll.fetch_status(state.xds_admin), sorted(state.workloads)
             )
         except OSError as exc:
             lagging = [str(exc)]

@@ -4,7 +4,7 @@
   edit changes the copy, never the repository);
 - ``meshward xds serve`` (control plane) and ``meshward extauthz serve`` as processes (ext_authz
   over mTLS with an SVID for ``meshward-extauthz`` from the demo's CA, in ``run/extauthz-tls``);
-- each shop workload's app (``python -m meshward.demo.echo``) and its sidecar: a ``meshward agent``
+- each shop workload's app (``python -m meshward.testing.echo``) and its sidecar: a ``meshward agent``
   (``xds serve --secrets agent``) that generates the key, joins with a one-time token, serves
   SVID and bundle to its Envoy over SDS on a Unix socket and starts that Envoy (ADS over mTLS
   with the same SVID; everything else over ADS);
@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from meshward.demo import control
 from meshward.demo import state as demo_state
+from meshward.demo import status_poll
 from meshward.errors import UserError
 from meshward.telemetry.tracing import OTLP_ENDPOINT_ENV
 from meshward.testing.mesh import AgentEnvoy
@@ -186,7 +186,7 @@ class DemoMesh:
             port = app_ports[(w.ref, w.ports[0].port)]
             sup.launch(
                 w.name,
-                [python, "-m", "meshward.demo.echo", "--name", w.name, "--port", str(port)],
+                [python, "-m", "meshward.testing.echo", "--name", w.name, "--port", str(port)],
                 ready=lambda port=port: _port_open(port),  # type: ignore[misc]
                 env=env,
                 timeout=self.options.timeout,
@@ -257,13 +257,13 @@ class DemoMesh:
 
         def status_problems() -> str:
             try:
-                return "; ".join(control.lagging(control.fetch_status(admin_url), self.refs))
+                return "; ".join(status_poll.lagging(status_poll.fetch_status(admin_url), self.refs))
             except OSError as exc:
                 return f"control plane status unreachable: {exc}"
 
         sup.wait_for(
             "every sidecar has its listeners, routes, clusters and certificates (ADS ACKed)",
-            lambda: control.converged(control.fetch_status(admin_url), self.refs),
+            lambda: status_poll.converged(status_poll.fetch_status(admin_url), self.refs),
             timeout=self.options.timeout,
             explain=status_problems,
         )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshward.demo import control
+from meshward.demo import status_poll
 from meshward.demo.state import DemoState
 from meshward.flows import evidence
 from meshward.flows.evidence import EXTAUTHZ, MTLS, NO_ROUTE, RBAC
@@ -610,8 +610,8 @@ class Runner:
             try:
                 lagging = []
                 if self.state.xds_admin:
-                    status = control.fetch_status(self.state.xds_admin)
-                    lagging = control.lagging(status, refs, version)
+                    status = status_poll.fetch_status(self.state.xds_admin)
+                    lagging = status_poll.lagging(status, refs, version)
                 if not lagging and self.state.extauthz_metrics:
                     lagging = extauthz_lagging(self.state.extauthz_metrics, version)
             except OSError as exc:

@@ -15,7 +15,6 @@ Modules, each with one job (this package imports nothing heavy, so ``meshward --
 - ``metrics``     Prometheus metrics and the ``/metrics`` endpoint.
 - ``decisionlog`` JSON lines per denial / dry-run / AUDIT.
 - ``envoyconfig`` a static Envoy sidecar with the ext_authz filter (tests, bench, by hand).
-- ``issuer``      a local JWT issuer (RSA key, JWKS, tokens) for the demo and tests.
 - ``client``      building CheckRequests like Envoy and reading CheckResponses.
 - ``cli``         ``meshward extauthz serve|check``.
 

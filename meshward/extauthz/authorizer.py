@@ -30,7 +30,7 @@ from meshward.extauthz.decision import (
 )
 from meshward.extauthz.request import PORT_KEY, WORKLOAD_KEY
 from meshward.extauthz.result import CheckResult, Rejection
-from meshward.extauthz.snapshot import Snapshot, WorkloadPlan
+from meshward.extauthz.snapshot import PreparedWorkload, Snapshot
 from meshward.extauthz.tokens import JwtVerifier
 from meshward.policy import evaluate as policy_evaluate
 
@@ -106,7 +106,7 @@ class Authorizer:
         """The mesh's ``denialDetails: verbose``: denial bodies name policy, rule and reason."""
         return self._snapshot.verbose
 
-    def plan(self, ref: str) -> WorkloadPlan | None:
+    def plan(self, ref: str) -> PreparedWorkload | None:
         return self._snapshot.plan(ref)
 
     # -- the check -------------------------------------------------------------------------------

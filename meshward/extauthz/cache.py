@@ -38,7 +38,7 @@ _FLIGHT_TIMEOUT = 10.0
 
 def digest(key: Hashable) -> bytes:
     """The stored form of a key: SHA-256 of its repr. Keys are tuples of str, int, float, bool,
-    None and nested tuples of those (meshward.extauthz.plan), whose repr is exact, so two keys
+    None and nested tuples of those (meshward.extauthz.cache_key), whose repr is exact, so two keys
     share a digest only if they are equal (or SHA-256 collides)."""
     return hashlib.sha256(repr(key).encode("utf-8", "backslashreplace")).digest()
 

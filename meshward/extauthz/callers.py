@@ -209,7 +209,7 @@ def expected_server_identity(policy_set: Any) -> str:
 def server_tls(files: TlsFiles, policy_set: Any) -> Any:
     """Dynamic server credentials from ``files`` (client certificates required), after checking
     the certificate is the ext_authz identity the sidecars will require."""
-    from meshward.xds.credentials import ServerTls
+    from meshward.certs.server_tls import ServerTls
 
     key, chain, roots = files.read()
     identity = certificate_identity(chain, f"--tls-dir {files.directory}")

@@ -101,7 +101,7 @@ class CheckClient:
         roots_pem: bytes,
         server_id: str | None,
     ) -> None:
-        from meshward.xds.client import client_ssl_context
+        from meshward.certs.client_tls import client_ssl_context
 
         self.host, self.port, self.server_id = host, port, server_id
         self._ssl = client_ssl_context(cert_chain_pem, key_pem, roots_pem)

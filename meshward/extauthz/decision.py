@@ -15,7 +15,7 @@ from typing import Any
 
 from meshward.extauthz.cache import DecisionCache
 from meshward.extauthz.inputs import CheckInput
-from meshward.extauthz.snapshot import Snapshot, WorkloadPlan
+from meshward.extauthz.snapshot import PreparedWorkload, Snapshot
 from meshward.policy.model import Action, Decision, Request, Workload
 
 Custom = Callable[..., tuple[bool, str]]
@@ -132,7 +132,7 @@ def unmatched_allows(policy_set: Any, workload: Workload, now: datetime) -> str 
 
 
 def expiry(
-    plan: WorkloadPlan, expires_at: float | None, wall: float, mono: float, ttl: float
+    plan: PreparedWorkload, expires_at: float | None, wall: float, mono: float, ttl: float
 ) -> float:
     """Monotonic instant the entry must be gone: TTL, the token's exp, the next policy
     expiry, whichever comes first (``wall`` and ``mono`` are the same instant)."""

@@ -1,5 +1,5 @@
 """Step 2 of a Check (OPA-Envoy's "input"): the request's plain values turned into what the
-policy reads (meshward.extauthz.plan.RequestFacts) for one workload of one policy version, or a
+policy reads (meshward.extauthz.cache_key.RequestFacts) for one workload of one policy version, or a
 Rejection decided before any rule is read.
 
 Those rejections (unknown workload, bad path or Host, invalid token, plaintext under STRICT)
@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshward.extauthz.plan import RequestFacts
+from meshward.extauthz.cache_key import RequestFacts
 from meshward.extauthz.request import HttpCheck
 from meshward.extauthz.result import Rejection
-from meshward.extauthz.snapshot import Snapshot, WorkloadPlan
+from meshward.extauthz.snapshot import PreparedWorkload, Snapshot
 from meshward.extauthz.tokens import (
     JwtVerifier,
     TokenRejected,
@@ -44,7 +44,7 @@ class CheckInput:
     """Everything the decision reads: the workload, the request facts, the verified identity."""
 
     ref: str
-    plan: WorkloadPlan
+    plan: PreparedWorkload
     facts: RequestFacts
     raw_path: str  # the evaluator normalizes again (and judges the raw form's attacks)
     token: VerifiedToken | None  # verified here (jwtEnforcement: extauthz), else None
@@ -154,7 +154,7 @@ def build(check: HttpCheck, snapshot: Snapshot, verifier: JwtVerifier) -> CheckI
 
 
 def refused_before_rules(
-    check: HttpCheck, snapshot: Snapshot, plan: WorkloadPlan, path: str
+    check: HttpCheck, snapshot: Snapshot, plan: PreparedWorkload, path: str
 ) -> tuple[str, str] | None:
     """(reason, code) of a refusal the evaluator makes before reading any rule, by its own
     checks (a bad request target; plaintext where mTLS is STRICT), else None."""

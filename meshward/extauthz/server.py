@@ -63,7 +63,7 @@ class ExtAuthzServer:
     """A gRPC server answering ``Authorization/Check`` with ``checker`` plus the standard health
     service, on ``host:port`` (0: the kernel picks; read ``.port``). Context manager.
 
-    ``tls`` (a meshward.xds.credentials.ServerTls): mTLS, client certificate required; without
+    ``tls`` (a meshward.certs.server_tls.ServerTls): mTLS, client certificate required; without
     it the port is plaintext (in-process tests and the benchmark only: ``meshward extauthz
     serve`` always has TLS). ``gate`` runs before ``checker`` and a refusal ends the call with
     PERMISSION_DENIED: nothing reaches the decision cache or the decision log."""
@@ -325,8 +325,8 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     from meshward.extauthz.metrics import Metrics, serve_metrics
     from meshward.extauthz.service import CheckService
     from meshward.extauthz.tokens import JwtVerifier
+    from meshward.policy_watch import PolicyWatcher
     from meshward.telemetry import setup_tracing
-    from meshward.xds.watch import PolicyWatcher
 
     if options.tls_dir is None and options.ca_dir is None and not options.plaintext:
         raise UserError(
@@ -348,7 +348,7 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
         tls = server_tls(tls_files, policy_set)
         renew = lambda: watch_tls(tls_files, tls, interval)  # noqa: E731
     elif options.ca_dir is not None:
-        from meshward.xds.credentials import ServerTls
+        from meshward.certs.server_tls import ServerTls
 
         issuer = CaCredentials(options.ca_dir, expected_server_identity(policy_set))
         tls = ServerTls(*issuer.issue())

@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshward.extauthz.plan import (
+from meshward.extauthz.cache_key import (
     HEADER_PREFIX,
-    AttributePlan,
+    AttributesRead,
     RequestFacts,
     attributes_read,
     key_function,
@@ -22,9 +22,11 @@ from meshward.policy.model import DenialDetails, JwtEnforcement, JwtRule, Protoc
 
 
 @dataclass(frozen=True)
-class WorkloadPlan:
+class PreparedWorkload:
+    """Everything a Check needs about one workload under one policy version, computed once."""
+
     workload: Workload
-    plan: AttributePlan
+    reads: AttributesRead
     key_of: Callable[[RequestFacts], tuple[object, ...]] | None
     jwt_rules: tuple[JwtRule, ...]
     rules_id: int
@@ -67,11 +69,11 @@ class Snapshot:
         self.jwt_native = policy_set.mesh.jwt_enforcement is JwtEnforcement.NATIVE
         self._custom_hook = custom_hook
         self._rules_id = rules_id
-        self._plans: dict[str, WorkloadPlan | None] = {}
+        self._plans: dict[str, PreparedWorkload | None] = {}
         self._by_principal: dict[str, list[str]] | None = None
         self._lock = threading.Lock()
 
-    def plan(self, ref: str) -> WorkloadPlan | None:
+    def plan(self, ref: str) -> PreparedWorkload | None:
         try:
             return self._plans[ref]
         except KeyError:
@@ -82,7 +84,7 @@ class Snapshot:
                 self._plans[ref] = None if workload is None else self._build(workload)
             return self._plans[ref]
 
-    def _build(self, workload: Workload) -> WorkloadPlan:
+    def _build(self, workload: Workload) -> PreparedWorkload:
         policies = self.policy_set.policies_for(workload)  # expired included: a superset is safe
         plan = attributes_read(
             policies,
@@ -96,9 +98,9 @@ class Snapshot:
                 rules.append(rule)
                 owners.setdefault(rule, (f"{ra.namespace}/{ra.name}", index))
         jwt_rules = tuple(rules)
-        return WorkloadPlan(
+        return PreparedWorkload(
             workload=workload,
-            plan=plan,
+            reads=plan,
             key_of=key_function(plan.attributes) if plan.attributes is not None else None,
             jwt_rules=jwt_rules,
             rules_id=self._rules_id(jwt_rules),

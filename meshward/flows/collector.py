@@ -28,7 +28,8 @@ from meshward.flows.records import FlowRecord, ForeignWorkload, RecordError, fro
 from meshward.flows.store import FlowStore
 from meshward.xds.limits import RefusalLog
 from meshward.xds.nodeid import InvalidNodeId, NodeId
-from meshward.xds.server import NodeRejected, peer_identity
+from meshward.xds.peer import peer_identity
+from meshward.xds.server import NodeRejected
 
 log = logging.getLogger("meshward.flows")
 audit = logging.getLogger("meshward.flows.audit")

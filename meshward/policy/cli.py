@@ -1,5 +1,5 @@
 """`meshward policy ...`: validate, explain, test and diff policy files (and `compile`, which the
-compiler package plugs in through meshward.compile.cli_compile when it is installed; `suggest`,
+compiler package plugs in through meshward.compile.compile_cli when it is installed; `suggest`,
 `history` and `rollback`, which talk to a control plane: meshward.flows.suggest_cli and
 meshward.xds.history_cli)."""
 
@@ -45,7 +45,7 @@ def _configure_flows(sub: Any) -> None:
 
 def _configure_compile(sub: Any) -> None:
     """`policy compile` lives with the compiler; imported here, when the parser is built."""
-    from meshward.compile.cli_compile import configure_compile
+    from meshward.compile.compile_cli import configure_compile
 
     configure_compile(sub)
 

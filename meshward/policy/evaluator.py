@@ -434,7 +434,7 @@ Entry = tuple[CompiledPolicy, CompiledRule]
 
 
 @dataclass(frozen=True)
-class Plan:
+class WorkloadPolicies:
     """A workload's compiled policies, split by how they take part in a decision."""
 
     workload: Workload
@@ -484,11 +484,11 @@ def _entries(policies: Sequence[CompiledPolicy]) -> dict[tuple[Action, bool], tu
     }
 
 
-def plan_for(policy_set: PolicySet, workload: Workload) -> Plan:
+def plan_for(policy_set: PolicySet, workload: Workload) -> WorkloadPolicies:
     plans = policy_set.plans
     cached = plans.get(("plan", workload))
     if cached is not None:
-        plan: Plan = cached
+        plan: WorkloadPolicies = cached
         return plan
     compiled: list[CompiledPolicy] = []
     for policy in policy_set.policies_for(workload):
@@ -498,7 +498,7 @@ def plan_for(policy_set: PolicySet, workload: Workload) -> Plan:
             cp = compile_policy(policy)
             plans[key] = cp
         compiled.append(cp)
-    plan = Plan(
+    plan = WorkloadPolicies(
         workload=workload,
         policies=tuple(compiled),
         tcp_ports=frozenset(p.port for p in workload.ports if p.protocol is Protocol.TCP),
@@ -509,7 +509,7 @@ def plan_for(policy_set: PolicySet, workload: Workload) -> Plan:
     return plan
 
 
-def context_for(plan: Plan, request: Request) -> RequestContext:
+def context_for(plan: WorkloadPolicies, request: Request) -> RequestContext:
     """Raises PathRejected (HostRejected for the Host) when Envoy would answer 400 before
     authorization."""
     return RequestContext(request, tcp=request.destination_port in plan.tcp_ports)
@@ -566,7 +566,7 @@ def evaluate(
 
 
 def _custom_matches(
-    plan: Plan, ctx: RequestContext, now: datetime
+    plan: WorkloadPolicies, ctx: RequestContext, now: datetime
 ) -> list[tuple[CompiledPolicy, int]]:
     """Each matching CUSTOM policy once, with its first matching rule, in Envoy's order."""
     seen: set[int] = set()
@@ -584,7 +584,7 @@ def _custom_matches(
 
 
 def _enforce(
-    plan: Plan,
+    plan: WorkloadPolicies,
     enforced: Sequence[CompiledPolicy],
     ctx: RequestContext,
     now: datetime,

@@ -1,5 +1,5 @@
 """A flow-log (gRPC ALS) client that can misbehave: report for another workload, send garbage,
-flood. grpclib + the standard library's TLS, like :mod:`meshward.xds.client` (grpcio's client
+flood. grpclib + the standard library's TLS, like :mod:`meshward.testing.ads_client` (grpcio's client
 wants a DNS name in the server certificate; SVIDs carry only a SPIFFE URI)."""
 
 from __future__ import annotations

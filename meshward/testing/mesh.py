@@ -41,7 +41,7 @@ from meshward.testing.processes import (
     StartFailed,
     meshward_argv,
 )
-from meshward.xds.testing import http_request
+from meshward.testing.xds_resources import http_request
 
 Sidecars = Literal["agent", "bootstrap"]
 
@@ -261,9 +261,9 @@ class Mesh:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> Mesh:
         from meshward.compile import CompileOptions, runtime_bindings
-        from meshward.demo.echo import EchoServer
         from meshward.net import free_port
         from meshward.policy import load
+        from meshward.testing.echo import EchoServer
         from meshward.xds.bootstrap import XDS_CLUSTER
 
         policy = load([self.policy_dir])
@@ -298,7 +298,7 @@ class Mesh:
         return self
 
     def _make_compiler(self, options: Any) -> Any:
-        from meshward.xds.compiler import compiler_for
+        from meshward.xds.compile_adapter import compiler_for
         from meshward.xds.jwks import JwksCache
 
         jwks = (

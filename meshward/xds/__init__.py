@@ -21,7 +21,7 @@ from meshward.lazy import lazy_getattr
 if TYPE_CHECKING:
     from meshward.xds.bootstrap import AdsCredentials, render_bootstrap
     from meshward.xds.bootstrap_cli import write_sidecar_config
-    from meshward.xds.compiler import compiler_for
+    from meshward.xds.compile_adapter import compiler_for
     from meshward.xds.controlplane import ControlPlane, server_spiffe_id
     from meshward.xds.nodeid import InvalidNodeId, NodeId
     from meshward.xds.server import AdsServer, NodeRejected
@@ -31,7 +31,7 @@ _EXPORTS = {
     "AdsCredentials": "meshward.xds.bootstrap",
     "render_bootstrap": "meshward.xds.bootstrap",
     "write_sidecar_config": "meshward.xds.bootstrap_cli",
-    "compiler_for": "meshward.xds.compiler",
+    "compiler_for": "meshward.xds.compile_adapter",
     "ControlPlane": "meshward.xds.controlplane",
     "server_spiffe_id": "meshward.xds.controlplane",
     "InvalidNodeId": "meshward.xds.nodeid",

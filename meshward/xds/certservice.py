@@ -58,7 +58,7 @@ from meshward.xds.limits import (
     SvidRateLimiter,
 )
 from meshward.xds.nodeid import InvalidNodeId, NodeId
-from meshward.xds.server import peer_identity
+from meshward.xds.peer import peer_identity
 
 log = logging.getLogger("meshward.certs.service")
 audit = logging.getLogger("meshward.xds.audit")

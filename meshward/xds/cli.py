@@ -180,7 +180,7 @@ def serve(args: argparse.Namespace) -> int:
     from meshward.compile import AccessLogFormat, CompileOptions, Endpoint
     from meshward.policy import PolicyError
     from meshward.telemetry import setup_json_logging
-    from meshward.xds.compiler import compiler_for
+    from meshward.xds.compile_adapter import compiler_for
     from meshward.xds.jwks import JwksCache
     from meshward.xds.service import XdsService
 

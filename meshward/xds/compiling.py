@@ -1,6 +1,6 @@
 """Compiling the mesh for the control plane: incremental, packed once, off the event loop.
 
-- **Incremental.** A compiler made by :func:`meshward.xds.compiler.compiler_for` also compiles
+- **Incremental.** A compiler made by :func:`meshward.xds.compile_adapter.compiler_for` also compiles
   the whole mesh from the previous compile's state (meshward.compile.incremental), so an edit
   recompiles only the workloads and halves it affects. Any other :data:`WorkloadCompiler` (a
   plain function of one workload, as tests and the demo pass) is run for every workload.

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from meshward.certs.server_tls import ServerTls
 from meshward.policy import PolicyError, PolicySet, Workload
-from meshward.xds import compiling, types
+from meshward.xds import compiling, typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
 from meshward.xds.compiling import (
@@ -40,7 +41,6 @@ from meshward.xds.compiling import (
     mesh_compiler,
     paced,
 )
-from meshward.xds.credentials import ServerTls
 from meshward.xds.limits import (
     INSTANCE_LIMIT,
     SVID_RATE_LIMIT,
@@ -471,7 +471,7 @@ class ControlPlane:
         secrets = list(state.secrets)
         if self._rootca is not None:
             secrets.append(self._rootca)
-        resources[types.SECRET] = secrets
+        resources[typeurls.SECRET] = secrets
         return build_snapshot(self.cache.get(str(state.node)), resources, self.clock())
 
     def _refresh_node(self, state: NodeState) -> bool:
@@ -688,7 +688,7 @@ class ControlPlane:
         return {
             ref: {
                 "resources": {
-                    types.short(t): len(items) for t, items in sorted(config.resources.items())
+                    typeurls.short(t): len(items) for t, items in sorted(config.resources.items())
                 },
                 "error": config.error,
             }

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from meshward.xds import types
+from meshward.xds import typeurls
 from meshward.xds.status import TypeStatus
 
 MAX_DOCUMENTS = 20  # policy documents listed per node (status stays bounded)
@@ -24,7 +24,7 @@ MAX_DOCUMENTS = 20  # policy documents listed per node (status stays bounded)
 def not_enforced(statuses: Iterable[TypeStatus]) -> dict[str, Any] | None:
     """What a node rejected and still does not run, or None when it enforces what it was sent
     (secrets are identity, not policy: an SDS NACK is reported elsewhere)."""
-    rejected = [s for s in statuses if s.type_url != types.SECRET and s.rejected and not s.in_sync]
+    rejected = [s for s in statuses if s.type_url != typeurls.SECRET and s.rejected and not s.in_sync]
     if not rejected:
         return None
     last = max(
@@ -33,7 +33,7 @@ def not_enforced(statuses: Iterable[TypeStatus]) -> dict[str, Any] | None:
         default=None,
     )
     return {
-        "types": sorted({types.short(s.type_url) for s in rejected}),
+        "types": sorted({typeurls.short(s.type_url) for s in rejected}),
         "resources": sorted({name for s in rejected for name in s.rejected}),
         "error": last.error if last is not None else "",  # already redacted (protocol)
     }

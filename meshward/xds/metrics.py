@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshward.telemetry.fleet import FleetMetrics
-from meshward.xds import types
+from meshward.xds import typeurls
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -93,15 +93,15 @@ class XdsMetrics:
         self.fleet = FleetMetrics()
 
     def push(self, type_url: str) -> None:
-        self.pushes.labels(types.short(type_url)).inc()
+        self.pushes.labels(typeurls.short(type_url)).inc()
 
     def ack(self, type_url: str, latency: float) -> None:
-        label = types.short(type_url)
+        label = typeurls.short(type_url)
         self.acks.labels(label).inc()
         self.push_latency.labels(label).observe(latency)
 
     def nack(self, type_url: str) -> None:
-        self.nacks.labels(types.short(type_url)).inc()
+        self.nacks.labels(typeurls.short(type_url)).inc()
 
     def add_state(
         self, status: Callable[[], Mapping[str, Any]], ca: Callable[[], Any] | None = None

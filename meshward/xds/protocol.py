@@ -11,7 +11,7 @@ every rule below is unit-tested without a server:
   them rejected the whole response. A rejected resource is never sent again with the same
   content; in SotW its last applied version is sent in its place, so the node keeps serving
   what it last accepted.
-- Ordering. Pushes follow :data:`meshward.xds.types.ORDER` (clusters, endpoints, secrets,
+- Ordering. Pushes follow :data:`meshward.xds.typeurls.ORDER` (clusters, endpoints, secrets,
   listeners, routes); a cluster that is going away stays until no listener or route that Envoy
   has (or is being sent) routes to it. A resource that names a secret the node's snapshot does not hold is held
   back (never offered), and a listener naming a cluster of the snapshot that this stream has not
@@ -39,7 +39,7 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from meshward.xds import types
+from meshward.xds import typeurls
 from meshward.xds.redact import redact_error
 from meshward.xds.resources import Resource, rejected_names
 from meshward.xds.snapshot import Snapshot
@@ -187,12 +187,12 @@ class _Protocol:
 
     def _deps_ok(self, resource: Resource, snapshot: Snapshot) -> bool:
         if resource.secrets:
-            secrets = snapshot.resources(types.SECRET)
+            secrets = snapshot.resources(typeurls.SECRET)
             if any(name not in secrets for name in resource.secrets):
                 return False
-        if resource.clusters and resource.type_url != types.CLUSTER:
-            desired = snapshot.resources(types.CLUSTER)
-            cds = self.states.get(types.CLUSTER)
+        if resource.clusters and resource.type_url != typeurls.CLUSTER:
+            desired = snapshot.resources(typeurls.CLUSTER)
+            cds = self.states.get(typeurls.CLUSTER)
             for name in resource.clusters:
                 if name in desired and (cds is None or name not in cds.sent):
                     return False
@@ -202,7 +202,7 @@ class _Protocol:
         """Clusters named by listeners and routes Envoy has or is being sent: a cluster leaves
         only after nothing that routes to it remains (make before break, in reverse)."""
         names: set[str] = set()
-        for type_url in (types.LISTENER, types.ROUTE):
+        for type_url in (typeurls.LISTENER, typeurls.ROUTE):
             st = self.states.get(type_url)
             if st is None:
                 continue
@@ -211,9 +211,9 @@ class _Protocol:
         return names
 
     def _deny_secrets(self, st: TypeState, snapshot: Snapshot) -> list[Event]:
-        if st.type_url != types.SECRET:
+        if st.type_url != typeurls.SECRET:
             return []
-        own = snapshot.resources(types.SECRET)
+        own = snapshot.resources(typeurls.SECRET)
         new = sorted(name for name in st.names if name not in own and name not in st.denied)
         st.denied.update(new)
         return [SecretDenied(tuple(new))] if new else []
@@ -312,7 +312,7 @@ class _Protocol:
         """What to send now for ``snapshot``, in push order; also secret-denial events."""
         pushes: list[Push] = []
         events: list[Event] = []
-        ordered = [*types.ORDER, *sorted(t for t in self.states if t not in types.ORDER)]
+        ordered = [*typeurls.ORDER, *sorted(t for t in self.states if t not in typeurls.ORDER)]
         for type_url in ordered:
             st = self.states.get(type_url)
             if st is None or not st.requested:
@@ -362,7 +362,7 @@ class SotwProtocol(_Protocol):
         else:
             st.must_respond = True
         names = tuple(request.resource_names)
-        wildcard = st.type_url in types.WILDCARD_TYPES and (not names or "*" in names)
+        wildcard = st.type_url in typeurls.WILDCARD_TYPES and (not names or "*" in names)
         explicit = {name for name in names if name != "*"}
         if not st.requested or wildcard != st.wildcard or explicit != st.names:
             st.must_respond = True
@@ -419,7 +419,7 @@ class SotwProtocol(_Protocol):
             if usable and fallback is not None and fallback.hash != st.rejected.get(name):
                 content[name] = fallback
         retained: set[str] = set()
-        if st.type_url == types.CLUSTER and st.sent:
+        if st.type_url == typeurls.CLUSTER and st.sent:
             referenced = self._referenced_clusters()
             for name, resource in st.sent.items():
                 if name not in content and name in referenced and resource.body is not None:
@@ -458,7 +458,7 @@ class DeltaProtocol(_Protocol):
             for name, version in request.initial_versions.items():
                 stub = Resource.stub(st.type_url, name, version)
                 st.sent[name] = st.applied[name] = stub
-            if st.type_url in types.WILDCARD_TYPES and not request.subscribe:
+            if st.type_url in typeurls.WILDCARD_TYPES and not request.subscribe:
                 st.wildcard = True  # legacy wildcard: the first request names nothing
         for name in request.subscribe:
             if name == "*":
@@ -484,7 +484,7 @@ class DeltaProtocol(_Protocol):
         updates: dict[str, Resource] = {}
         removed: list[str] = []
         partial = False
-        referenced = self._referenced_clusters() if st.type_url == types.CLUSTER else set()
+        referenced = self._referenced_clusters() if st.type_url == typeurls.CLUSTER else set()
         for name in sorted(candidates):
             resource = desired.get(name)
             have = st.sent.get(name)

@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 
-from meshward.xds import types
+from meshward.xds import typeurls
 
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----.*?(-----END [A-Z0-9 ]+-----|$)", re.DOTALL)
 _INLINE = re.compile(
@@ -25,7 +25,7 @@ MAX_LENGTH = 2000
 
 def redact_error(type_url: str, error: str, names: Iterable[str] = ()) -> str:
     digest = hashlib.sha256(error.encode(errors="replace")).hexdigest()[:12]
-    if type_url == types.SECRET:
+    if type_url == typeurls.SECRET:
         mentioned = sorted(name for name in names if name and name in error)
         about = f" about {', '.join(mentioned)}" if mentioned else ""
         return f"[redacted Secret NACK{about}: {len(error)} chars, sha256 {digest}]"

@@ -33,7 +33,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, descriptor_pool, message_factory
 
-from meshward.xds import types
+from meshward.xds import typeurls
 
 _SDS_SECRET_CONFIG = "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig"
 # (message full name, string field) pairs that name a cluster.
@@ -62,7 +62,7 @@ class Resource:
 
     @property
     def sensitive(self) -> bool:
-        return self.type_url == types.SECRET
+        return self.type_url == typeurls.SECRET
 
     @cached_property
     def sotw_entry(self) -> bytes:
@@ -126,10 +126,10 @@ def make_resource(message: Any) -> Resource:
     secrets: set[str] = set()
     clusters: set[str] = set()
     routes: set[str] = set()
-    if type_url != types.SECRET:  # a secret names nothing, and must never be walked or logged
+    if type_url != typeurls.SECRET:  # a secret names nothing, and must never be walked or logged
         _walk(message, secrets, clusters, routes)
     endpoints: frozenset[str] = frozenset()
-    if type_url == types.CLUSTER and message.HasField("eds_cluster_config"):
+    if type_url == typeurls.CLUSTER and message.HasField("eds_cluster_config"):
         endpoints = frozenset({message.eds_cluster_config.service_name or message.name})
     return Resource(
         type_url=type_url,

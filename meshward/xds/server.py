@@ -21,15 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 
-from meshward.xds import types
+from meshward.xds import typeurls
+from meshward.xds.ads_handler import ads_handler
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate
 from meshward.xds.enforcement import compile_failure, not_enforced
 from meshward.xds.limits import LIMIT_REASONS, STREAM_LIMIT, NodeLimits, RefusalLog
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.nodeid import InvalidNodeId, NodeId
+from meshward.xds.peer import peer_certificate, peer_identity
 from meshward.xds.protocol import (
     Acked,
     DeltaProtocol,
@@ -94,33 +96,6 @@ class NodeSource(Protocol):
 
     def client_certificate_status(self, cert: ClientCertificate) -> dict[str, Any]:
         """Its status now (see :func:`meshward.xds.clientcert.credentials_status`)."""
-
-
-def peer_certificate(context: Any) -> Any | None:
-    """The client certificate grpc verified (an x509.Certificate), or None without one."""
-    auth = context.auth_context() or {}
-    pems = auth.get("x509_pem_cert") or []
-    if not pems:
-        return None
-    from cryptography import x509
-
-    try:
-        return x509.load_pem_x509_certificate(pems[0])
-    except ValueError:
-        return None
-
-
-def peer_identity(context: Any, certificate: Any | None = None) -> str | None:
-    """The SPIFFE ID in the client certificate grpc verified, or None without one."""
-    certificate = certificate if certificate is not None else peer_certificate(context)
-    if certificate is None:
-        return None
-    from meshward.certs.verify import SvidVerificationError, spiffe_id_of
-
-    try:
-        return str(spiffe_id_of(certificate))
-    except (ValueError, SvidVerificationError):
-        return None
 
 
 # New ADS streams wait in gRPC core until the event loop takes them: grpc.aio asks core for
@@ -227,7 +202,7 @@ class AdsServer:
                 ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_HARD),
             ]
         )
-        server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
+        server.add_generic_rpc_handlers((ads_handler(self),))
         if self.extra_handlers:
             server.add_generic_rpc_handlers(tuple(self.extra_handlers))
         for add in self.services:
@@ -423,7 +398,7 @@ class AdsServer:
                     self.metrics.push(push.type_url)
                     log.debug(
                         "push %s %s v%s (%d resources) to %s",
-                        types.short(push.type_url), push.nonce, push.version,
+                        typeurls.short(push.type_url), push.nonce, push.version,
                         len(push.resources), node,
                     )  # fmt: skip
             if not stream.wake_pending:
@@ -489,20 +464,20 @@ class AdsServer:
         for event in events:
             if isinstance(event, Acked):
                 self.metrics.ack(event.type_url, event.latency)
-                log.debug("ACK %s v%s from %s", types.short(event.type_url), event.version, node)
+                log.debug("ACK %s v%s from %s", typeurls.short(event.type_url), event.version, node)
             elif isinstance(event, Nacked):
                 nack = event.nack
                 self.metrics.nack(nack.type_url)
                 # A NACKed listener/route is a policy not in force on that node: an error.
-                secret = nack.type_url == types.SECRET
+                secret = nack.type_url == typeurls.SECRET
                 log.log(
                     logging.WARNING if secret else logging.ERROR,
                     "NACK %s v%s from %s: rejected %s%s: %s",
-                    types.short(nack.type_url), nack.version, node,
+                    typeurls.short(nack.type_url), nack.version, node,
                     ", ".join(nack.resources) or "(whole response)",
                     "" if secret else " (the policy set is NOT ENFORCED on this node)",
                     nack.error,
-                    extra={"node": node, "type": types.short(nack.type_url),
+                    extra={"node": node, "type": typeurls.short(nack.type_url),
                            "version": nack.version, "resources": list(nack.resources)},
                 )  # fmt: skip
             elif isinstance(event, SecretDenied):
@@ -598,7 +573,7 @@ class AdsServer:
                     {
                         "types": [
                             {
-                                "type": types.short(st.type_url),
+                                "type": typeurls.short(st.type_url),
                                 "in_sync": st.in_sync,
                                 "acked_at": iso(st.acked_at + wall_offset) if st.acked_at else None,
                             }
@@ -685,46 +660,3 @@ class AdsServer:
                 }
             )
         return result
-
-
-def _serialize(response: Any) -> bytes:
-    """Responses are written already encoded (``_encode``); anything else is a message."""
-    if isinstance(response, bytes):
-        return response
-    data: bytes = response.SerializeToString()
-    return data
-
-
-def _handlers(servicer: _Servicer) -> Any:
-    """The ADS service as ads_pb2_grpc registers it, but with a response serializer that
-    passes pre-encoded bytes through."""
-    return grpc.method_handlers_generic_handler(
-        "envoy.service.discovery.v3.AggregatedDiscoveryService",
-        {
-            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                servicer.StreamAggregatedResources,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                response_serializer=_serialize,
-            ),
-            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                servicer.DeltaAggregatedResources,
-                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
-                response_serializer=_serialize,
-            ),
-        },
-    )
-
-
-class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self, server: AdsServer) -> None:
-        self._server = server
-
-    async def StreamAggregatedResources(
-        self, request_iterator: AsyncIterator[Any], context: Any
-    ) -> None:
-        await self._server.serve("sotw", request_iterator, context)
-
-    async def DeltaAggregatedResources(
-        self, request_iterator: AsyncIterator[Any], context: Any
-    ) -> None:
-        await self._server.serve("delta", request_iterator, context)

@@ -61,7 +61,7 @@ class XdsService:
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
-        :func:`meshward.xds.compiler.compiler_for` with the mesh's CompileOptions. ``listen``:
+        :func:`meshward.xds.compile_adapter.compiler_for` with the mesh's CompileOptions. ``listen``:
         the ADS address (mTLS); ``admin``: /status and /metrics (None: off). ``schedule``: a
         :class:`meshward.certs.RotationSchedule` (default: renew at 50% ± 10%). ``limits``:
         per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`).
@@ -78,7 +78,7 @@ class XdsService:
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
             # watches from start() on. A policy passed alongside paths is ignored.
-            from meshward.xds.watch import PolicyCheck, PolicyWatcher
+            from meshward.policy_watch import PolicyCheck, PolicyWatcher
 
             self.watcher = PolicyWatcher(policy_paths, interval=watch_interval, check=PolicyCheck())
             policy = self.watcher.load_initial()

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from meshward.xds import types
+from meshward.xds import typeurls
 from meshward.xds.resources import Resource
 
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})
@@ -68,7 +68,7 @@ class Snapshot:
         """Types whose content differs from ``previous`` (all present types if there is none)."""
         return tuple(
             type_url
-            for type_url in types.ORDER
+            for type_url in typeurls.ORDER
             if (previous is None and type_url in self.types)
             or (
                 previous is not None
@@ -96,13 +96,13 @@ def inconsistencies(types_: Mapping[str, Mapping[str, Resource]]) -> list[str]:
     in the snapshot. Cluster names are not
     checked: listeners also route to clusters of the static bootstrap (ext_authz, OTLP), which
     no snapshot holds; the protocol already orders the snapshot's own clusters first."""
-    secrets = types_.get(types.SECRET, _EMPTY)
-    routes = types_.get(types.ROUTE, _EMPTY)
-    endpoints = types_.get(types.ENDPOINT, _EMPTY)
+    secrets = types_.get(typeurls.SECRET, _EMPTY)
+    routes = types_.get(typeurls.ROUTE, _EMPTY)
+    endpoints = types_.get(typeurls.ENDPOINT, _EMPTY)
     missing: list[str] = []
-    for type_url in types.ORDER:
+    for type_url in typeurls.ORDER:
         for name, resource in types_.get(type_url, _EMPTY).items():
-            kind = types.short(type_url)
+            kind = typeurls.short(type_url)
             missing.extend(
                 f"{kind} {name!r} names secret {ref!r}, not in the snapshot"
                 for ref in sorted(resource.secrets - secrets.keys())
@@ -132,13 +132,13 @@ def build_snapshot(
     Raises InconsistentSnapshot when a reference does not resolve (see :func:`inconsistencies`).
     ``check=False`` is for tests of the protocol's own defences against such snapshots."""
     entries: dict[str, TypeSnapshot] = {}
-    for type_url in types.ORDER:
+    for type_url in typeurls.ORDER:
         by_name: dict[str, Resource] = {}
         for resource in resources.get(type_url, ()):
             if resource.type_url != type_url:
                 raise ValueError(f"{resource.name}: {resource.type_url} listed under {type_url}")
             if resource.name in by_name:
-                raise ValueError(f"two {types.short(type_url)} resources named {resource.name!r}")
+                raise ValueError(f"two {typeurls.short(type_url)} resources named {resource.name!r}")
             by_name[resource.name] = resource
         old = previous.types.get(type_url) if previous else None
         fingerprint = {n: r.hash for n, r in by_name.items()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from meshward.xds import types
+from meshward.xds import typeurls
 from meshward.xds.protocol import Nack, TypeState
 from meshward.xds.snapshot import Snapshot
 
@@ -38,7 +38,7 @@ class TypeStatus:
 
     def as_dict(self, wall_offset: float) -> dict[str, Any]:
         return {
-            "type": types.short(self.type_url),
+            "type": typeurls.short(self.type_url),
             "desired": self.desired,
             "sent": self.sent,
             "acked": self.acked,
@@ -95,7 +95,7 @@ def type_status(
 def stream_types(
     states: Mapping[str, TypeState], snapshot: Snapshot | None, now: float, threshold: float
 ) -> list[TypeStatus]:
-    ordered = [*types.ORDER, *sorted(t for t in states if t not in types.ORDER)]
+    ordered = [*typeurls.ORDER, *sorted(t for t in states if t not in typeurls.ORDER)]
     return [
         type_status(states[t], snapshot, now, threshold)
         for t in ordered
@@ -123,7 +123,7 @@ def stream_flags(
         in_sync = False
         since = max(snapshot.changed_at(type_url) if snapshot else 0.0, st.requested_at)
         drift = drift or max(0.0, now - since) > threshold
-        rejected = rejected or (type_url != types.SECRET and bool(st.rejected))
+        rejected = rejected or (type_url != typeurls.SECRET and bool(st.rejected))
     return in_sync, drift, rejected
 
 

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshward.extauthz.client import build_check_request
-from meshward.extauthz.issuer import LocalIssuer
 from meshward.extauthz.server import ServeOptions, start_service
+from meshward.testing.jwt_issuer import LocalIssuer
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
 WORKLOAD = """\

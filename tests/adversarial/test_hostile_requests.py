@@ -36,13 +36,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshward.certs import CertificateAuthority
 from meshward.compile import CompileOptions, Endpoint
-from meshward.compile.testing import StaticSidecar, client_context
-from meshward.demo.echo import EchoServer
-from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.extauthz.server import ServeOptions
 from meshward.policy import Request, evaluate, load
 from meshward.policy.paths import PathRejected, normalize_path, strip_trailing_host_dot
+from meshward.testing.echo import EchoServer
 from meshward.testing.extauthz import start_mtls
+from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
+from meshward.testing.sidecar import StaticSidecar, client_context
 
 TD = "cluster.local"
 ORDERS_ID = f"spiffe://{TD}/ns/shop/sa/orders"

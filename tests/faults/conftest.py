@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 
 from meshward.certs import CertificateAuthority
-from meshward.demo import control
-from meshward.demo.echo import EchoServer
-from meshward.extauthz.issuer import LocalIssuer
+from meshward.demo import status_poll
+from meshward.testing.echo import EchoServer
+from meshward.testing.jwt_issuer import LocalIssuer
 from meshward.testing.mesh import (
     AgentEnvoy,
     agent_argv,
@@ -310,13 +310,13 @@ class FaultMesh:
         return self.inbound(ORDERS, SPARE_PORT)
 
     def status(self) -> dict[str, Any]:
-        return control.fetch_status(f"http://127.0.0.1:{self.admin_port}")
+        return status_poll.fetch_status(f"http://127.0.0.1:{self.admin_port}")
 
     def node(self, ref: str) -> dict[str, Any]:
         return next(n for n in self.status()["nodes"] if n["node"] == ref)
 
     def converged(self, version: str | None = None) -> bool:
-        return control.converged(self.status(), REFS, version)
+        return status_poll.converged(self.status(), REFS, version)
 
     def in_sync(self) -> bool:
         """Every sidecar connected and has ACKed its desired config (whatever the policy
@@ -334,7 +334,7 @@ class FaultMesh:
             wait_until(lambda: self.converged(version), timeout, f"convergence on {version}")
         except AssertionError as exc:
             raise AssertionError(
-                f"{exc}: {control.lagging(self.status(), REFS, version)}"
+                f"{exc}: {status_poll.lagging(self.status(), REFS, version)}"
             ) from None
 
     def policy_version(self) -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from meshward.agent import envoyproc
 from meshward.testing.mesh import Mesh
-from meshward.xds.testing import http_request
+from meshward.testing.xds_resources import http_request
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
 POLICY = """
@@ -239,7 +239,7 @@ def _old_root_client(mesh: Mesh, directory: Path) -> Any:
     import ssl
 
     from meshward.certs import CertificateAuthority
-    from meshward.compile.testing import SidecarConnection
+    from meshward.testing.sidecar import SidecarConnection
 
     directory.mkdir(parents=True, exist_ok=True)
     svid = CertificateAuthority.load(mesh.ca_dir).issue(

@@ -32,12 +32,9 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
 from meshward.certs.ca import CertificateAuthority
-from meshward.compile import CompileOptions, Endpoint, names, synth
+from meshward.compile import CompileOptions, Endpoint, names
 from meshward.compile.authz import rule_extauthz_reason
 from meshward.compile.names import extauthz_spiffe_id, rbac_policy_name
-from meshward.compile.testing import SidecarConnection, StaticSidecar, client_context
-from meshward.demo.echo import EchoServer
-from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.extauthz.tokens import payload_from_metadata
 from meshward.policy import PolicySet, Request, evaluate
 from meshward.policy.explain import explain
@@ -54,7 +51,11 @@ from meshward.policy.model import (
     Rule,
     Source,
 )
+from meshward.testing import synth
+from meshward.testing.echo import EchoServer
 from meshward.testing.jwt import with_jwt_enforcement
+from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
+from meshward.testing.sidecar import SidecarConnection, StaticSidecar, client_context
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -863,9 +864,9 @@ def test_outbound_mtls_presents_own_svid_and_checks_the_peer(
         compile_workload,
         static_bootstrap,
     )
-    from meshward.compile.testing import workload_secrets
     from meshward.envoy import EnvoyProcess
     from meshward.net import free_port
+    from meshward.testing.sidecar import workload_secrets
 
     policy_set = synth.coverage_policy_set(MtlsMode.STRICT)
     ports = {p: app.port for p in synth.HTTP_PORTS}

@@ -25,15 +25,15 @@ from meshward.compile import (
     compile_workload,
     runtime_bindings,
     static_bootstrap,
-    synth,
 )
-from meshward.compile.testing import workload_secrets
 from meshward.compile.workload import to_dict
 from meshward.envoy.process import validate_config
 from meshward.policy import PolicySet, load, parse
 from meshward.policy.model import JwtEnforcement, MtlsMode
+from meshward.testing import synth
 from meshward.testing.corpus import conformance_corpus
 from meshward.testing.jwt import with_jwt_enforcement
+from meshward.testing.sidecar import workload_secrets
 
 ROOT = Path(__file__).resolve().parents[2]
 

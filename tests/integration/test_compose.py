@@ -20,11 +20,11 @@ import yaml
 from meshward.certs.ca import CertificateAuthority
 from meshward.compile import CompileOptions, Endpoint, Mode, compile_workload, static_bootstrap
 from meshward.compile.names import extauthz_spiffe_id
-from meshward.compile.testing import workload_secrets
 from meshward.compile.workload import to_dict
 from meshward.demo import compose
 from meshward.envoy.process import validate_config
 from meshward.policy import load
+from meshward.testing.sidecar import workload_secrets
 from meshward.xds.cli import load_bindings
 
 ROOT = Path(__file__).resolve().parents[2]

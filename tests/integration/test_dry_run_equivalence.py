@@ -26,10 +26,8 @@ from typing import Any
 import pytest
 
 from meshward.certs.ca import CertificateAuthority
-from meshward.compile import CompileOptions, synth
+from meshward.compile import CompileOptions
 from meshward.compile.names import DRY_RUN_ALLOW_PREFIX
-from meshward.compile.testing import SidecarConnection, StaticSidecar, client_context
-from meshward.demo.echo import EchoServer
 from meshward.flows.evidence import verdict_from_access_log
 from meshward.policy import PolicySet, Request, evaluate
 from meshward.policy.explain import explain
@@ -42,6 +40,9 @@ from meshward.policy.model import (
     Rule,
     Source,
 )
+from meshward.testing import synth
+from meshward.testing.echo import EchoServer
+from meshward.testing.sidecar import SidecarConnection, StaticSidecar, client_context
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 RESULT = DRY_RUN_ALLOW_PREFIX + "shadow_engine_result"

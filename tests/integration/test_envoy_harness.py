@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from meshward.demo.echo import EchoServer
 from meshward.envoy import EnvoyProcess, EnvoyStartError
 from meshward.envoy.bootstrap import static_proxy
 from meshward.envoy.process import validate_config
+from meshward.testing.echo import EchoServer
 
 
 def _get(port: int, path: str) -> tuple[int, dict[str, object]]:

@@ -24,13 +24,13 @@ from typing import Any
 import pytest
 
 from meshward.certs.ca import CertificateAuthority
-from meshward.demo.echo import EchoServer
 from meshward.envoy.process import EnvoyProcess
 from meshward.extauthz.envoyconfig import sidecar
-from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.policy import load
 from meshward.telemetry.collector import OtlpReceiver
+from meshward.testing.echo import EchoServer
 from meshward.testing.extauthz import issue_service_tls, sidecar_tls
+from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
 from meshward.testing.processes import Launcher, meshward_argv
 
 WORKLOAD = "foo/httpbin"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from meshward.extauthz.issuer import LocalIssuer
+from meshward.testing.jwt_issuer import LocalIssuer
 from meshward.testing.mesh import Mesh
 
 FRONTEND, API = "shop/frontend", "shop/api"

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshward.demo.echo import EchoServer
 from meshward.envoy import EnvoyProcess
 from meshward.envoy.bootstrap import static_proxy
 from meshward.policy.paths import PathRejected, normalize_path
+from meshward.testing.echo import EchoServer
 
 RAW_PATHS = [
     "/a/b", "/admin/../api", "//admin", "/ADMIN", "/%2e%2e/admin", "/a/%2E%2E/admin",

@@ -20,6 +20,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from meshward.certs import CertificateAuthority
+from meshward.certs.client_tls import client_ssl_context
 from meshward.cli import main
 from meshward.compile import CompileOptions
 from meshward.compile.names import DRY_RUN_DENY_PREFIX, RBAC_METADATA_NAMESPACE
@@ -27,8 +28,7 @@ from meshward.policy import load
 from meshward.policy.cases import build_request
 from meshward.policy.explain import explain
 from meshward.testing import als
-from meshward.xds.client import client_ssl_context
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.service import XdsServiceThread
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

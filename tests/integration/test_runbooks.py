@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from meshward.demo import control
+from meshward.demo import status_poll
 from meshward.demo.topology import DemoMesh, MeshOptions, find_examples
 from meshward.policy import load
 
@@ -253,7 +253,7 @@ class Mesh:
         lagging = ["not asked yet"]
         while time.monotonic() < deadline:
             try:
-                lagging = control.lagging(control.fetch_status(self.admin), self.demo.refs, version)
+                lagging = status_poll.lagging(status_poll.fetch_status(self.admin), self.demo.refs, version)
             except OSError as exc:
                 lagging = [str(exc)]
             if not lagging:

@@ -23,10 +23,11 @@ from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from meshward.certs import RotationSchedule
+from meshward.certs.client_tls import client_ssl_context
 from meshward.certs.verify import spiffe_id_of
+from meshward.testing.ads_client import AdsClient
 from meshward.testing.mesh import Mesh
-from meshward.xds import types
-from meshward.xds.client import AdsClient, client_ssl_context
+from meshward.xds import typeurls
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
 
@@ -152,10 +153,10 @@ async def test_identity_a_cannot_act_as_node_b(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="meshward.xds.audit")
-    client = client_for(mesh, FRONTEND, ORDERS, subscriptions={types.SECRET: ("default",)})
+    client = client_for(mesh, FRONTEND, ORDERS, subscriptions={typeurls.SECRET: ("default",)})
     await asyncio.wait_for(client.run(), 10)
     assert client.error is not None and "PERMISSION_DENIED" in repr(client.error)
-    assert not client.views.get(types.SECRET)
+    assert not client.views.get(typeurls.SECRET)
     assert any(
         "may not act as node shop/orders" in r.getMessage() and r.name == "meshward.xds.audit"
         for r in caplog.records
@@ -170,11 +171,11 @@ async def test_a_node_gets_only_its_own_key(
     foreign = ("spiffe://cluster.local/ns/shop/sa/orders", "shop/orders/default")
     client = client_for(
         mesh, FRONTEND, f"{FRONTEND}/probe-{int(delta)}", delta=delta,
-        subscriptions={types.SECRET: ("default", "ROOTCA", *foreign)},
+        subscriptions={typeurls.SECRET: ("default", "ROOTCA", *foreign)},
     )  # fmt: skip
     await run_for(client, 1.5)
     assert client.error is None
-    secrets = client.views[types.SECRET].resources
+    secrets = client.views[typeurls.SECRET].resources
     assert sorted(secrets) == ["ROOTCA", "default"]
     secret = secret_pb2.Secret()
     secrets["default"].Unpack(secret)

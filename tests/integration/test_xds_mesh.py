@@ -281,7 +281,7 @@ def test_policy_edit_applies_to_open_connections_at_their_next_request(
     is untouched, and a kept-alive connection (the test's own, and the frontend sidecar's
     pooled one) gets the new decision on its very next request. No drain, no stale request,
     no Envoy restart."""
-    from meshward.compile.testing import SidecarConnection, client_context
+    from meshward.testing.sidecar import SidecarConnection, client_context
 
     pids = {ref: envoy.pid for ref, envoy in mesh.envoys.items()}
     pushes_before = {n["node"]: n["streams"][0] for n in mesh.status()["nodes"]}

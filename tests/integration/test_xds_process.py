@@ -11,11 +11,11 @@ import pytest
 
 from meshward.certs import CertificateAuthority
 from meshward.cli import main
-from meshward.demo.echo import EchoServer
 from meshward.envoy import EnvoyProcess
 from meshward.net import free_port
+from meshward.testing.echo import EchoServer
 from meshward.testing.processes import Launcher, meshward_argv
-from meshward.xds.testing import http_request
+from meshward.testing.xds_resources import http_request
 
 POLICY = """
 apiVersion: meshward.dev/v1

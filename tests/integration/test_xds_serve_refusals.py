@@ -18,7 +18,7 @@ from meshward.errors import UserError
 from meshward.extauthz.server import ExtAuthzServer
 from meshward.policy import parse
 from meshward.testing.processes import Launcher, meshward_argv
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.server import AddressInUse
 from meshward.xds.service import XdsService
 

@@ -17,7 +17,6 @@ from meshward.compile import (
     WorkloadBinding,
     compile_mesh,
     compile_workload,
-    synth,
 )
 from meshward.compile.workload import to_dict
 from meshward.errors import UserError
@@ -37,6 +36,7 @@ from meshward.policy.model import (
     Workload,
     WorkloadPort,
 )
+from meshward.testing import synth
 
 TD = "cluster.local"
 WEB = f"{TD}/ns/shop/sa/web"
@@ -875,9 +875,9 @@ def test_envoy_and_the_evaluator_name_the_same_first_matching_rule() -> None:
     """With several matching rules, Envoy's rules engine (a std::map) reports the first name in
     string order; the evaluator uses the same order (meshward.policy.ordering), so
     ``meshward policy explain`` names the rule Envoy names."""
-    from meshward.compile import simulate
     from meshward.compile.authz import envoy_policy_order, place_rules
     from meshward.policy import Request, evaluate
+    from meshward.testing import simulate
 
     any_get = Rule(operations=(Operation(methods=("GET",)),))
     deny_many = allow(
@@ -1024,8 +1024,8 @@ def test_a_dot_segment_with_parameters_is_rejected_before_authorization(
     path: str, rejected: bool
 ) -> None:
     """The simulated sidecar and the evaluator agree, whatever the policy: 400 before any rule."""
-    from meshward.compile import simulate
     from meshward.policy import Request, evaluate
+    from meshward.testing import simulate
 
     web = Source(principals=(WEB,))
     ps = policy_set(
@@ -1094,8 +1094,8 @@ def test_a_host_that_is_not_one_host_is_rejected_before_authorization(
 ) -> None:
     """Whatever the policy says (here: web may GET, nothing else; admin.internal denied), the
     simulated sidecar and the evaluator agree: 400 before any rule, else the rules decide."""
-    from meshward.compile import simulate
     from meshward.policy import Request, evaluate
+    from meshward.testing import simulate
 
     web = Source(principals=(WEB,))
     ps = policy_set(

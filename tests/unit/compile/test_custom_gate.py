@@ -1,6 +1,6 @@
 """ext_authz sees only the requests a CUSTOM rule matches (AuthzPlacement.custom_gated), and
 the compiled chain still decides like the evaluator: compiled config through the model of
-Envoy's filters (meshward.compile.simulate), which the real-Envoy equivalence test keeps
+Envoy's filters (meshward.testing.simulate), which the real-Envoy equivalence test keeps
 faithful."""
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from meshward.compile import (
     PortBinding,
     WorkloadBinding,
     compile_workload,
-    simulate,
-    synth,
 )
 from meshward.compile.authz import place
 from meshward.compile.workload import to_dict
@@ -34,6 +32,7 @@ from meshward.policy.model import (
     Source,
 )
 from meshward.policy.policyset import PolicySet
+from meshward.testing import simulate, synth
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 WEB = "spiffe://cluster.local/ns/shop/sa/web"

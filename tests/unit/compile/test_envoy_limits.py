@@ -17,7 +17,7 @@ from meshward.compile.envoy_limits import (
 from meshward.envoy.runtime import MAX_RE2_PROGRAM_SIZE, re2_runtime
 from meshward.policy import PolicyError, parse
 from meshward.policy.paths import path_template_regex
-from meshward.xds.watch import PolicyCheck, PolicyWatcher
+from meshward.policy_watch import PolicyCheck, PolicyWatcher
 
 ROOT = Path(__file__).resolve().parents[3]
 

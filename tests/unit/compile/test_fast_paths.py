@@ -14,13 +14,12 @@ from meshward.compile import (
     compile_mesh,
     compile_workload,
     listeners,
-    synth,
 )
 from meshward.compile import protos as _protos
 from meshward.compile.fragments import FragmentCache, split_fields
 from meshward.compile.options import AccessLogFormat
 from meshward.policy.model import MtlsMode
-from meshward.testing import topology
+from meshward.testing import synth, topology
 
 
 @pytest.mark.parametrize("mode", [Mode.XDS, Mode.STATIC])

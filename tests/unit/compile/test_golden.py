@@ -71,7 +71,8 @@ def test_examples_match_golden_files(mode: str) -> None:
 _SCRIPT = """
 import hashlib, sys
 from datetime import UTC, datetime
-from meshward.compile import CompileOptions, Endpoint, compile_mesh, synth
+from meshward.compile import CompileOptions, Endpoint, compile_mesh
+from meshward.testing import synth
 from meshward.policy import load
 options = CompileOptions(extauthz=Endpoint("127.0.0.1", 9191), otlp=Endpoint("127.0.0.1", 4317))
 now = datetime(2030, 1, 1, tzinfo=UTC)

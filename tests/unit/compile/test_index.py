@@ -1,6 +1,6 @@
 """The principal index takes rules that name callers by prefix or namespace, not only by exact
 identity: a prefix map on the peer's URI SAN (meshward.compile.authz.principal_index). Decisions are checked
-against meshward.policy.evaluate through the Envoy model (meshward.compile.simulate), including
+against meshward.policy.evaluate through the Envoy model (meshward.testing.simulate), including
 peers of other trust domains, which Istio's namespace matching admits; the real-Envoy check is
 tests/integration/test_compile_equivalence.py ("keyed+indexed")."""
 
@@ -19,7 +19,6 @@ from meshward.compile import (
     PortBinding,
     WorkloadBinding,
     compile_workload,
-    simulate,
 )
 from meshward.compile.authz import place_rules
 from meshward.compile.authz import principal_index as index
@@ -37,6 +36,7 @@ from meshward.policy.model import (
     Workload,
     WorkloadPort,
 )
+from meshward.testing import simulate
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 TD = "cluster.local"

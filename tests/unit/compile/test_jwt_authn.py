@@ -1,7 +1,7 @@
 """RequestAuthentication -> jwt_authn, and JWT rules -> RBAC metadata matchers (issue 16).
 
 The matchers are checked against the evaluator's own predicates through the Envoy model
-(meshward.compile.simulate); tests/integration/test_compile_equivalence.py drives real Envoy.
+(meshward.testing.simulate); tests/integration/test_compile_equivalence.py drives real Envoy.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from meshward.compile import CompileOptions, Endpoint, compile_workload, simulate
+from meshward.compile import CompileOptions, Endpoint, compile_workload
 from meshward.compile.authz import jwt_authn
 from meshward.compile.workload import to_dict
 from meshward.policy import PolicySet
@@ -30,6 +30,7 @@ from meshward.policy.model import (
     WorkloadPort,
 )
 from meshward.policy.request_principal import split_pattern
+from meshward.testing import simulate
 
 JWKS = '{"keys":[{"kty":"oct","k":"c2VjcmV0","alg":"HS256"}]}'
 

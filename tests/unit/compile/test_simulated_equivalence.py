@@ -1,5 +1,5 @@
 """Compiled RBAC + ext_authz gating vs meshward.policy.evaluate, on thousands of generated
-requests, through a model of Envoy's filters (meshward.compile.simulate). Fast and broad; the
+requests, through a model of Envoy's filters (meshward.testing.simulate). Fast and broad; the
 real-Envoy test (tests/integration/test_compile_equivalence.py) proves the model faithful."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from meshward.compile import CompileOptions, Endpoint, Mode, compile_workload, simulate, synth
+from meshward.compile import CompileOptions, Endpoint, Mode, compile_workload
 from meshward.compile.workload import to_dict
 from meshward.policy import Request, evaluate
 from meshward.policy.model import JwtEnforcement, MtlsMode
 from meshward.policy.policyset import PolicySet
+from meshward.testing import simulate, synth
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 RUNTIME = {8080: 18080, 9090: 19090, 7000: 17000}

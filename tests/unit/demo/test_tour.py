@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshward.demo import control, report, tour
+from meshward.demo import report, status_poll, tour
 from meshward.demo.state import DemoState, WorkloadState, load, save
 from meshward.demo.tokens import AUDIENCE, ISSUER, mint
 from meshward.flows import evidence
@@ -245,13 +245,13 @@ def test_lagging() -> None:
     node = {"node": "shop/a", "connected": True, "streams": [{"types": [
         {"type": "CDS", "in_sync": True}, {"type": "LDS", "in_sync": False}]}]}  # fmt: skip
     status = {"policy": {"version": "v2"}, "nodes": [node]}
-    assert control.lagging(status, ["shop/a"], "v2") == ["shop/a: LDS not ACKed yet"]
-    assert "want v1" in control.lagging(status, ["shop/a"], "v1")[0]
-    assert control.lagging(status, ["shop/b"]) == ["shop/b: not connected"]
+    assert status_poll.lagging(status, ["shop/a"], "v2") == ["shop/a: LDS not ACKed yet"]
+    assert "want v1" in status_poll.lagging(status, ["shop/a"], "v1")[0]
+    assert status_poll.lagging(status, ["shop/b"]) == ["shop/b: not connected"]
     node["streams"][0]["types"][1]["in_sync"] = True  # type: ignore[index]
-    assert control.converged(status, ["shop/a"], "v2")
+    assert status_poll.converged(status, ["shop/a"], "v2")
     rejected = {"policy": {"version": "v2", "error": "bad yaml"}, "nodes": [node]}
-    assert "rejected" in control.lagging(rejected, ["shop/a"])[0]
+    assert "rejected" in status_poll.lagging(rejected, ["shop/a"])[0]
 
 
 # -- tokens ----------------------------------------------------------------------------------------

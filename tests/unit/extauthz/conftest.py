@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from meshward.extauthz.issuer import LocalIssuer
 from meshward.policy import PolicySet, parse
+from meshward.testing.jwt_issuer import LocalIssuer
 
 WORKLOAD_YAML = """\
 apiVersion: meshward.dev/v1

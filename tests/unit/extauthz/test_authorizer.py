@@ -11,8 +11,8 @@ from typing import Any
 from meshward.extauthz.authorizer import Authorizer
 from meshward.extauthz.cache import DecisionCache
 from meshward.extauthz.client import build_check_request, describe_response
-from meshward.extauthz.issuer import LocalIssuer
 from meshward.extauthz.tokens import JwtVerifier
+from meshward.testing.jwt_issuer import LocalIssuer
 
 PEER = "spiffe://cluster.local/ns/web/sa/frontend"
 WORKLOAD = "foo/httpbin"  # declared by the policy_set_for fixture (conftest.py)

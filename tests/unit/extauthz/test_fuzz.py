@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from meshward.extauthz.authorizer import Authorizer
-from meshward.extauthz.issuer import LocalIssuer, unsigned_token
 from meshward.extauthz.service import CheckService
 from meshward.policy import parse
+from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
 
 WORKLOAD = "foo/httpbin"
 DENY_ALL = """\

@@ -21,11 +21,11 @@ from meshward.cli import build_parser
 from meshward.extauthz.authorizer import Authorizer
 from meshward.extauthz.client import build_check_request, describe_response
 from meshward.extauthz.decisionlog import open_decision_log
-from meshward.extauthz.issuer import LocalIssuer
 from meshward.extauthz.metrics import Metrics, serve_metrics
 from meshward.extauthz.server import ExtAuthzServer
 from meshward.extauthz.service import CheckService, trace_id_of
 from meshward.telemetry import setup_tracing
+from meshward.testing.jwt_issuer import LocalIssuer
 
 WORKLOAD = "foo/httpbin"
 POLICY = """\

@@ -11,11 +11,11 @@ from google.protobuf import struct_pb2
 from meshward.extauthz import inputs, request
 from meshward.extauthz.client import build_check_request
 from meshward.extauthz.inputs import CheckInput
-from meshward.extauthz.issuer import LocalIssuer
 from meshward.extauthz.request import HttpCheck
 from meshward.extauthz.result import Rejection
 from meshward.extauthz.snapshot import Snapshot
 from meshward.extauthz.tokens import JWT_AUTHN_NAMESPACE, JWT_PAYLOAD_KEY, JwtVerifier
+from meshward.testing.jwt_issuer import LocalIssuer
 
 PolicyFactory = Callable[..., Any]
 PEER = "spiffe://cluster.local/ns/web/sa/frontend"

@@ -10,12 +10,12 @@ from meshward.extauthz import decision, inputs, request, response
 from meshward.extauthz.client import build_check_request, describe_response
 from meshward.extauthz.decision import CachedDecision, Outcome
 from meshward.extauthz.inputs import CheckInput
-from meshward.extauthz.issuer import LocalIssuer
 from meshward.extauthz.result import Rejection
 from meshward.extauthz.snapshot import Snapshot
 from meshward.extauthz.tokens import JwtVerifier
 from meshward.policy import evaluate
 from meshward.policy.model import Action, Decision
+from meshward.testing.jwt_issuer import LocalIssuer
 
 PolicyFactory = Callable[..., Any]
 PEER = "spiffe://cluster.local/ns/web/sa/frontend"

@@ -294,7 +294,7 @@ def test_compile_slot(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
     seen: list[object] = []
-    module = types.ModuleType("meshward.compile.cli_compile")
+    module = types.ModuleType("meshward.compile.compile_cli")
 
     def configure_compile(subparsers: object) -> None:
         seen.append(subparsers)
@@ -302,7 +302,7 @@ def test_compile_slot(monkeypatch: pytest.MonkeyPatch) -> None:
         parser.set_defaults(func=lambda args: 0)
 
     module.configure_compile = configure_compile  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "meshward.compile.cli_compile", module)
+    monkeypatch.setitem(sys.modules, "meshward.compile.compile_cli", module)
     parser = argparse.ArgumentParser()
     policy_cli.configure(parser)
     assert seen and parser.parse_args(["compile"]).func(None) == 0

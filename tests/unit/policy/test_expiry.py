@@ -8,11 +8,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from meshward.compile import CompileOptions, Mode, compile_workload, simulate
+from meshward.compile import CompileOptions, Mode, compile_workload
 from meshward.compile.workload import to_dict
 from meshward.policy import Request, evaluate, parse
 from meshward.policy.explain import explain
 from meshward.policy.lint import lint
+from meshward.testing import simulate
 
 EXPIRES = datetime(2030, 1, 1, 12, tzinfo=UTC)
 BEFORE = EXPIRES - timedelta(seconds=1)

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from meshward.compile import CompileOptions
 from meshward.policy import parse
 from meshward.xds.agentsds import SDS_CLUSTER, SecretsFromAgent, secrets_from_agent
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.resources import make_resource
 
 POLICY = """

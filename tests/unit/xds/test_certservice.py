@@ -25,7 +25,7 @@ from meshward.certs.jointoken import load_or_create_key, mint
 from meshward.compile import CompileOptions
 from meshward.policy import parse
 from meshward.xds.certservice import Refusal, decode
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.limits import NodeLimits
 from meshward.xds.service import XdsService
 

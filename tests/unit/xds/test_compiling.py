@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from meshward.certs import CertificateAuthority
+from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import PolicySet, parse
-from meshward.xds import types
-from meshward.xds.client import AdsClient, client_ssl_context
-from meshward.xds.compiler import MeshCompiler
+from meshward.testing.ads_client import AdsClient
+from meshward.xds import typeurls
+from meshward.xds.compile_adapter import MeshCompiler
 from meshward.xds.compiling import Outcome, compile_configs, mesh_compiler, paced
 from meshward.xds.service import XdsService
 
@@ -41,7 +42,7 @@ spec:
     - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
       to: [{operation: {methods: [%s]}}]
 """
-SUBSCRIPTIONS = {types.CLUSTER: (), types.LISTENER: (), types.SECRET: ("default", "ROOTCA")}
+SUBSCRIPTIONS = {typeurls.CLUSTER: (), typeurls.LISTENER: (), typeurls.SECRET: ("default", "ROOTCA")}
 
 
 def policy(methods: str) -> PolicySet:
@@ -120,8 +121,8 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 30.0)
 
 
 def configured(client: AdsClient) -> bool:
-    listeners = client.view(types.LISTENER).resources
-    return bool(listeners) and bool(client.view(types.ROUTE).resources)
+    listeners = client.view(typeurls.LISTENER).resources
+    return bool(listeners) and bool(client.view(typeurls.ROUTE).resources)
 
 
 async def test_streams_are_served_while_a_policy_change_compiles(
@@ -131,7 +132,7 @@ async def test_streams_are_served_while_a_policy_change_compiles(
     second_task: asyncio.Task[None] | None = None
     try:
         await until(lambda: configured(first), "the first node's config")
-        routes_before = dict(first.view(types.ROUTE).resources)
+        routes_before = dict(first.view(typeurls.ROUTE).resources)
         old_version = service.control.policy.version
         new = policy('"GET", "POST"')
         compiler.block = new.version
@@ -143,25 +144,25 @@ async def test_streams_are_served_while_a_policy_change_compiles(
         # The compile is in progress (blocked in the worker): the loop still serves streams.
         second, second_task = open_client(service, ca, "shop/payments")
         await until(lambda: configured(second), "a new node answered during the compile")
-        acked = first.view(types.LISTENER).responses
-        first.subscribe(types.ROUTE, [*first.subscriptions[types.ROUTE], "nonexistent"])
+        acked = first.view(typeurls.LISTENER).responses
+        first.subscribe(typeurls.ROUTE, [*first.subscriptions[typeurls.ROUTE], "nonexistent"])
         await until(
             lambda: (
-                first.view(types.ROUTE).responses > 0
+                first.view(typeurls.ROUTE).responses > 0
                 and service.control.policy.version == old_version
             ),
             "a subscription change answered during the compile",
         )
         assert compiler.started.is_set() and not compiler.release.is_set()
         assert service.control.policy.version == old_version  # not installed yet
-        assert first.view(types.LISTENER).responses == acked
+        assert first.view(typeurls.LISTENER).responses == acked
 
         compiler.release.set()
         await until(
             lambda: service.control.policy.version == new.version, "the new policy installed"
         )
         await until(
-            lambda: first.view(types.ROUTE).resources != routes_before, "the new rules pushed"
+            lambda: first.view(typeurls.ROUTE).resources != routes_before, "the new rules pushed"
         )
         assert compiler.threads - {threading.main_thread().name}, "compiled on the loop thread"
     finally:
@@ -216,7 +217,7 @@ def test_each_shared_proto_is_packed_once() -> None:
     holders = [
         r
         for config in first.configs.values()
-        for r in config.resources[types.CLUSTER]
+        for r in config.resources[typeurls.CLUSTER]
         if r.name == cluster
     ]
     assert len(holders) == 2 and holders[0] is holders[1]
@@ -225,7 +226,7 @@ def test_each_shared_proto_is_packed_once() -> None:
     )
     assert again.changed == {"shop/orders"}
     kept = next(
-        r for r in again.configs["shop/frontend"].resources[types.CLUSTER] if r.name == cluster
+        r for r in again.configs["shop/frontend"].resources[typeurls.CLUSTER] if r.name == cluster
     )
     assert kept is holders[0]
 

@@ -12,8 +12,8 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from meshward.certs import CertificateAuthority, RotationSchedule
 from meshward.compile import CompileOptions
 from meshward.policy import parse
-from meshward.xds import types
-from meshward.xds.compiler import compiler_for
+from meshward.xds import typeurls
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.controlplane import ControlPlane
 from meshward.xds.nodeid import InvalidNodeId, NodeId
 from meshward.xds.server import NodeRejected
@@ -87,7 +87,7 @@ def secret_of(control: ControlPlane, node: str, name: str) -> secret_pb2.Secret:
     snapshot = control.cache.get(node)
     assert snapshot is not None
     message = secret_pb2.Secret()
-    snapshot.resources(types.SECRET)[name].body.Unpack(message)
+    snapshot.resources(typeurls.SECRET)[name].body.Unpack(message)
     return message
 
 
@@ -98,7 +98,7 @@ async def test_svid_issued_on_first_request_and_renewed_at_half_life(
     await control.node_connected(node)
     first = control.cache.get(str(node))
     assert first is not None
-    assert set(first.resources(types.SECRET)) == {"default", "ROOTCA"}
+    assert set(first.resources(typeurls.SECRET)) == {"default", "ROOTCA"}
     cert = control.node_details(node)["certificate"]
     assert cert["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/orders-sa"
     renew_at = datetime.fromisoformat(cert["renew_at"])
@@ -111,8 +111,8 @@ async def test_svid_issued_on_first_request_and_renewed_at_half_life(
     control.maintain(clock.now)
     second = control.cache.get(str(node))
     assert second is not None and second is not first
-    assert second.type_version(types.SECRET) != first.type_version(types.SECRET)
-    assert second.type_version(types.LISTENER) == first.type_version(types.LISTENER)
+    assert second.type_version(typeurls.SECRET) != first.type_version(typeurls.SECRET)
+    assert second.type_version(typeurls.LISTENER) == first.type_version(typeurls.LISTENER)
     renewed = control.node_details(node)["certificate"]
     assert renewed["serial"] != cert["serial"] and renewed["issued"] == 2
 

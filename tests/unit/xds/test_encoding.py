@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from meshward.xds import types
+from meshward.testing.xds_resources import cluster, listener
+from meshward.xds import typeurls
 from meshward.xds.protocol import Push
 from meshward.xds.resources import Resource, encode_response
 from meshward.xds.server import AdsServer
-from meshward.xds.testing import cluster, listener
 
 
 def resources() -> list[Resource]:
@@ -18,7 +18,7 @@ def resources() -> list[Resource]:
 
 def test_sotw_response_decodes_as_the_message_built_field_by_field() -> None:
     items = resources()
-    head = discovery_pb2.DiscoveryResponse(version_info="v1", type_url=types.CLUSTER, nonce="7")
+    head = discovery_pb2.DiscoveryResponse(version_info="v1", type_url=typeurls.CLUSTER, nonce="7")
     expected = discovery_pb2.DiscoveryResponse()
     expected.CopyFrom(head)
     expected.resources.extend(r.body for r in items)
@@ -30,7 +30,7 @@ def test_sotw_response_decodes_as_the_message_built_field_by_field() -> None:
 def test_delta_response_decodes_as_the_message_built_field_by_field() -> None:
     items = resources()
     head = discovery_pb2.DeltaDiscoveryResponse(
-        system_version_info="v2", type_url=types.CLUSTER, nonce="8", removed_resources=["gone"]
+        system_version_info="v2", type_url=typeurls.CLUSTER, nonce="8", removed_resources=["gone"]
     )
     expected = discovery_pb2.DeltaDiscoveryResponse()
     expected.CopyFrom(head)
@@ -50,7 +50,7 @@ def test_a_resource_is_encoded_once_for_every_node() -> None:
     assert shared.delta_entry is shared.delta_entry
     server = AdsServer.__new__(AdsServer)  # _encode reads nothing from the server
     for mode in ("sotw", "delta"):
-        a = server._encode(mode, Push(types.LISTENER, "v1", "1", (shared,), ()))
-        b = server._encode(mode, Push(types.LISTENER, "v1", "2", (shared,), ()))
+        a = server._encode(mode, Push(typeurls.LISTENER, "v1", "1", (shared,), ()))
+        b = server._encode(mode, Push(typeurls.LISTENER, "v1", "2", (shared,), ()))
         entry = shared.sotw_entry if mode == "sotw" else shared.delta_entry
         assert entry in a and entry in b

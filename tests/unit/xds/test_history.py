@@ -14,10 +14,10 @@ import pytest
 from meshward.errors import UserError
 from meshward.policy import load, parse
 from meshward.policy.policyset import PolicySet
+from meshward.policy_watch import PolicyWatcher
 from meshward.xds.history import PolicyHistory, UnknownVersion, touched_workloads
 from meshward.xds.history_cli import BACKUP_DIR, in_force_index, restore
 from meshward.xds.history_service import MAX_QUEUE, HistoryService
-from meshward.xds.watch import PolicyWatcher
 
 NOW = datetime(2026, 12, 3, tzinfo=UTC)
 BASE = "".join(

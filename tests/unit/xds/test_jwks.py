@@ -19,7 +19,7 @@ from meshward.compile import CompileOptions
 from meshward.compile.authz.jwt_authn import NO_KEYS_JWKS
 from meshward.policy import parse
 from meshward.xds import jwks
-from meshward.xds.compiler import compiler_for
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.controlplane import ControlPlane
 
 KEYS_A = {"keys": [{"kty": "oct", "kid": "a", "k": "c2VjcmV0"}]}

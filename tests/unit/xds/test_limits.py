@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from meshward.certs import CertificateAuthority
+from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import parse
-from meshward.xds import types
-from meshward.xds.client import AdsClient, client_ssl_context
-from meshward.xds.compiler import compiler_for
+from meshward.testing.ads_client import AdsClient
+from meshward.xds import typeurls
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.limits import (
     NodeLimits,
     RefusalLog,
@@ -42,7 +43,7 @@ spec:
 """
     for name in ("frontend", "orders")
 )
-ALL_TYPES = {types.CLUSTER: (), types.LISTENER: (), types.SECRET: ("default", "ROOTCA")}
+ALL_TYPES = {typeurls.CLUSTER: (), typeurls.LISTENER: (), typeurls.SECRET: ("default", "ROOTCA")}
 
 
 # -- pure parts -----------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ async def test_a_request_flood_on_one_stream_stays_within_its_queue(start: Any) 
     client = mesh.open(FRONTEND)
     await until(lambda: mesh.in_sync(FRONTEND), what="the node")
     for _ in range(2000):  # stale requests: each is read, queued and ignored
-        client.subscribe(types.CLUSTER, ())
+        client.subscribe(typeurls.CLUSTER, ())
     await until(lambda: client._send.empty(), what="the client to send them")
     [stream] = mesh.service.ads.streams.values()
     await until(lambda: stream.queue.empty(), what="the server to read them")
@@ -349,7 +350,7 @@ async def test_a_push_the_node_never_reads_closes_its_stream(
     client = mesh.open(FRONTEND)
     await until(lambda: mesh.in_sync(FRONTEND), what="the node")
     [stream] = mesh.service.ads.streams.values()
-    push = Push(type_url=types.CLUSTER, version="v", nonce="n", resources=())
+    push = Push(type_url=typeurls.CLUSTER, version="v", nonce="n", resources=())
     assert not await mesh.service.ads._write(stream, _StuckContext(), push)
     assert mesh.metric("meshward_xds_streams_closed_total", reason="not-reading") == 1
     assert any("did not read a push" in r.getMessage() for r in caplog.records)

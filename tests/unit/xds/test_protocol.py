@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshward.xds import types
+from meshward.testing.xds_resources import cluster, listener, secret
+from meshward.xds import typeurls
 from meshward.xds.enforcement import not_enforced
 from meshward.xds.protocol import (
     PARTIAL,
@@ -21,9 +22,8 @@ from meshward.xds.protocol import (
 from meshward.xds.resources import Resource
 from meshward.xds.snapshot import Snapshot, build_snapshot
 from meshward.xds.status import type_status
-from meshward.xds.testing import cluster, listener, secret
 
-C, L, S = types.CLUSTER, types.LISTENER, types.SECRET
+C, L, S = typeurls.CLUSTER, typeurls.LISTENER, typeurls.SECRET
 
 
 def snap(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from meshward.xds import types
+from meshward.testing.xds_resources import cluster, listener, secret
+from meshward.xds import typeurls
 from meshward.xds.redact import redact_error
 from meshward.xds.resources import rejected_names
 from meshward.xds.snapshot import build_snapshot, content_version
-from meshward.xds.testing import cluster, listener, secret
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----"
 
@@ -26,36 +26,36 @@ def test_hash_is_deterministic_and_content_based() -> None:
 
 
 def test_snapshot_versions_are_content_digests_per_type() -> None:
-    s1 = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, 1.0)
-    s2 = build_snapshot(s1, {types.CLUSTER: [cluster("a")], types.SECRET: [secret("x")]}, 2.0)
-    assert s2.type_version(types.CLUSTER) == s1.type_version(types.CLUSTER)
-    assert s2.changed_at(types.CLUSTER) == 1.0
-    assert s2.type_version(types.SECRET) != s1.type_version(types.SECRET)
-    assert s2.changed_types(s1) == (types.SECRET,)
+    s1 = build_snapshot(None, {typeurls.CLUSTER: [cluster("a")]}, 1.0)
+    s2 = build_snapshot(s1, {typeurls.CLUSTER: [cluster("a")], typeurls.SECRET: [secret("x")]}, 2.0)
+    assert s2.type_version(typeurls.CLUSTER) == s1.type_version(typeurls.CLUSTER)
+    assert s2.changed_at(typeurls.CLUSTER) == 1.0
+    assert s2.type_version(typeurls.SECRET) != s1.type_version(typeurls.SECRET)
+    assert s2.changed_types(s1) == (typeurls.SECRET,)
     assert s2.version != s1.version  # the node's config digest moves with any type
-    assert s1.type_version(types.LISTENER) == content_version({})  # present, empty
-    assert len(s1.type_version(types.CLUSTER)) == 16
+    assert s1.type_version(typeurls.LISTENER) == content_version({})  # present, empty
+    assert len(s1.type_version(typeurls.CLUSTER)) == 16
 
 
 def test_the_same_content_gets_the_same_version_on_any_replica() -> None:
     """A restarted control plane (no previous snapshot, another clock, resources listed in
     another order) versions the same content exactly as the one that ran for a while."""
     content = {
-        types.CLUSTER: [cluster("a"), cluster("b")],
-        types.LISTENER: [listener("in", secrets=False)],
+        typeurls.CLUSTER: [cluster("a"), cluster("b")],
+        typeurls.LISTENER: [listener("in", secrets=False)],
     }
-    long_running = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, 1.0)
-    long_running = build_snapshot(long_running, {types.CLUSTER: [cluster("a", port=9)]}, 2.0)
+    long_running = build_snapshot(None, {typeurls.CLUSTER: [cluster("a")]}, 1.0)
+    long_running = build_snapshot(long_running, {typeurls.CLUSTER: [cluster("a", port=9)]}, 2.0)
     long_running = build_snapshot(long_running, content, 3.0)
     restarted = build_snapshot(
         None,
         {
-            types.LISTENER: [listener("in", secrets=False)],
-            types.CLUSTER: [cluster("b"), cluster("a")],
+            typeurls.LISTENER: [listener("in", secrets=False)],
+            typeurls.CLUSTER: [cluster("b"), cluster("a")],
         },
         99.0,
     )
-    for type_url in types.ORDER:
+    for type_url in typeurls.ORDER:
         assert restarted.type_version(type_url) == long_running.type_version(type_url)
     assert restarted.version == long_running.version
 
@@ -76,29 +76,29 @@ def test_rejected_names_from_envoy_messages() -> None:
 
 def test_secret_nack_is_never_shown_verbatim() -> None:
     error = f'Proto constraint validation failed: name: "default" tls_certificate {{ private_key {{ inline_bytes: "{PEM}" }} }}'
-    shown = redact_error(types.SECRET, error, ["default"])
+    shown = redact_error(typeurls.SECRET, error, ["default"])
     assert "PRIVATE KEY" not in shown and "MIGHAg" not in shown
     assert "default" in shown and "sha256" in shown
 
 
 def test_other_nacks_are_scrubbed_of_key_material() -> None:
     error = f"Error adding/updating listener(s) a: bad {PEM} and inline_string: 'secret' end"
-    shown = redact_error(types.LISTENER, error)
+    shown = redact_error(typeurls.LISTENER, error)
     assert "MIGHAg" not in shown and "'secret'" not in shown
     assert shown.startswith("Error adding/updating listener(s) a: bad")
 
 
 def test_new_content_always_gets_a_new_version_and_old_content_its_old_one() -> None:
-    s1 = build_snapshot(None, {types.CLUSTER: [cluster("a")]}, 1.0)
-    s2 = build_snapshot(s1, {types.CLUSTER: [cluster("a", port=2)]}, 2.0)
-    s3 = build_snapshot(s2, {types.CLUSTER: [cluster("a", port=3)]}, 3.0)
-    versions = [s.type_version(types.CLUSTER) for s in (s1, s2, s3)]
+    s1 = build_snapshot(None, {typeurls.CLUSTER: [cluster("a")]}, 1.0)
+    s2 = build_snapshot(s1, {typeurls.CLUSTER: [cluster("a", port=2)]}, 2.0)
+    s3 = build_snapshot(s2, {typeurls.CLUSTER: [cluster("a", port=3)]}, 3.0)
+    versions = [s.type_version(typeurls.CLUSTER) for s in (s1, s2, s3)]
     assert len(set(versions)) == 3
-    back = build_snapshot(s3, {types.CLUSTER: [cluster("a")]}, 4.0)  # a change reverted
-    assert back.type_version(types.CLUSTER) == versions[0]
-    assert back.changed_at(types.CLUSTER) == 4.0
-    renamed = build_snapshot(None, {types.CLUSTER: [cluster("b")]}, 1.0)
-    assert renamed.type_version(types.CLUSTER) != versions[0]
+    back = build_snapshot(s3, {typeurls.CLUSTER: [cluster("a")]}, 4.0)  # a change reverted
+    assert back.type_version(typeurls.CLUSTER) == versions[0]
+    assert back.changed_at(typeurls.CLUSTER) == 4.0
+    renamed = build_snapshot(None, {typeurls.CLUSTER: [cluster("b")]}, 1.0)
+    assert renamed.type_version(typeurls.CLUSTER) != versions[0]
 
 
 def test_snapshot_consistency_is_checked_when_built() -> None:
@@ -106,22 +106,22 @@ def test_snapshot_consistency_is_checked_when_built() -> None:
     in the snapshot, or building it fails naming each dangling reference (bounded message)."""
     from meshward.xds.snapshot import MAX_REPORTED, InconsistentSnapshot, inconsistencies
 
-    ok = {types.LISTENER: [listener("in")], types.SECRET: [secret("default"), secret("ROOTCA")]}
-    assert build_snapshot(None, ok, 1.0).resources(types.LISTENER)
+    ok = {typeurls.LISTENER: [listener("in")], typeurls.SECRET: [secret("default"), secret("ROOTCA")]}
+    assert build_snapshot(None, ok, 1.0).resources(typeurls.LISTENER)
     with pytest.raises(InconsistentSnapshot) as caught:
-        build_snapshot(None, {types.LISTENER: [listener("in")], types.SECRET: []}, 1.0)
+        build_snapshot(None, {typeurls.LISTENER: [listener("in")], typeurls.SECRET: []}, 1.0)
     assert caught.value.missing == [
         "LDS 'in' names secret 'ROOTCA', not in the snapshot",
         "LDS 'in' names secret 'default', not in the snapshot",
     ]
-    many = {types.LISTENER: [listener(f"l{i}", port=i + 1) for i in range(10)]}
+    many = {typeurls.LISTENER: [listener(f"l{i}", port=i + 1) for i in range(10)]}
     with pytest.raises(InconsistentSnapshot, match=r"\(and 15 more\)"):
         build_snapshot(None, many, 1.0)
-    assert len(inconsistencies({types.LISTENER: {r.name: r for r in many[types.LISTENER]}})) == 20
+    assert len(inconsistencies({typeurls.LISTENER: {r.name: r for r in many[typeurls.LISTENER]}})) == 20
     assert MAX_REPORTED == 5
     # no secrets referenced: consistent without any
     plain = [listener("in", secrets=False)]
-    assert build_snapshot(None, {types.LISTENER: plain}, 1.0).resources(types.LISTENER)
+    assert build_snapshot(None, {typeurls.LISTENER: plain}, 1.0).resources(typeurls.LISTENER)
 
 
 def test_snapshot_consistency_covers_rds_and_eds_names() -> None:
@@ -152,13 +152,13 @@ def test_snapshot_consistency_covers_rds_and_eds_names() -> None:
     assert (rds_listener.routes, eds_cluster.endpoints) == ({"in-routes"}, {"out-eds"})
 
     whole = {
-        types.LISTENER: [rds_listener],
-        types.ROUTE: [routes],
-        types.CLUSTER: [eds_cluster],
-        types.ENDPOINT: [assignment],
+        typeurls.LISTENER: [rds_listener],
+        typeurls.ROUTE: [routes],
+        typeurls.CLUSTER: [eds_cluster],
+        typeurls.ENDPOINT: [assignment],
     }
-    assert build_snapshot(None, whole, 1.0).resources(types.ENDPOINT)
+    assert build_snapshot(None, whole, 1.0).resources(typeurls.ENDPOINT)
     with pytest.raises(InconsistentSnapshot, match="route configuration 'in-routes'"):
-        build_snapshot(None, {**whole, types.ROUTE: []}, 1.0)
+        build_snapshot(None, {**whole, typeurls.ROUTE: []}, 1.0)
     with pytest.raises(InconsistentSnapshot, match="load assignment 'out-eds'"):
-        build_snapshot(None, {**whole, types.ENDPOINT: []}, 1.0)
+        build_snapshot(None, {**whole, typeurls.ENDPOINT: []}, 1.0)

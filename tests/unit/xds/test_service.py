@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from meshward.certs import CertificateAuthority
+from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import parse
-from meshward.xds import status_cli, types
-from meshward.xds.client import AdsClient, client_ssl_context
-from meshward.xds.compiler import compiler_for
+from meshward.testing.ads_client import AdsClient
+from meshward.xds import status_cli, typeurls
+from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.service import XdsService
 
 WORKLOADS = "".join(
@@ -43,7 +44,7 @@ spec:
     - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
       to: [{operation: {methods: [%s]}}]
 """
-ALL_TYPES = {types.CLUSTER: (), types.LISTENER: (), types.SECRET: ("default", "ROOTCA")}
+ALL_TYPES = {typeurls.CLUSTER: (), typeurls.LISTENER: (), typeurls.SECRET: ("default", "ROOTCA")}
 
 
 def policy(methods: str = '"GET"', annotations: str = "") -> Any:
@@ -56,7 +57,7 @@ def with_routes(ref: str) -> dict[str, tuple[str, ...]]:
     from meshward.compile import compile_workload
 
     routes = tuple(r.name for r in compile_workload(policy(), ref).routes)
-    return {**ALL_TYPES, types.ROUTE: routes}
+    return {**ALL_TYPES, typeurls.ROUTE: routes}
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ async def test_a_change_pushes_to_the_affected_workload_only(
     # A rule edit is a route config change: RDS is pushed, the listeners are not.
     await until(
         lambda: all(
-            opened[n].views[types.ROUTE].responses > before[n][types.ROUTE]
+            opened[n].views[typeurls.ROUTE].responses > before[n][typeurls.ROUTE]
             for n in ("shop/orders", "shop/orders/2")
         ),
         what="the RDS push to orders",
@@ -189,7 +190,7 @@ async def test_a_change_pushes_to_the_affected_workload_only(
     await until(lambda: all(in_sync(service, n) for n in nodes), what="sync")
     for name in ("shop/orders", "shop/orders/2"):
         views = opened[name].views
-        assert views[types.LISTENER].responses == before[name][types.LISTENER], name
+        assert views[typeurls.LISTENER].responses == before[name][typeurls.LISTENER], name
     for name in ("shop/frontend", "shop/payments"):
         after = {t: v.responses for t, v in opened[name].views.items()}
         assert after == before[name], name
@@ -204,13 +205,13 @@ async def test_a_client_following_routes_gets_rule_edits_over_rds(
     inbound chain has the same RBAC filters: the listener does not change)."""
     client = clients.open("shop/orders", delta=delta, follow_routes=True)
     inbound = "inbound|8080|orders.shop"
-    await until(lambda: inbound in client.view(types.ROUTE).resources, what="the inbound route")
+    await until(lambda: inbound in client.view(typeurls.ROUTE).resources, what="the inbound route")
     await until(lambda: in_sync(service, "shop/orders"), what="sync")
-    routes, listeners = client.view(types.ROUTE).responses, client.view(types.LISTENER).responses
+    routes, listeners = client.view(typeurls.ROUTE).responses, client.view(typeurls.LISTENER).responses
     service.control.apply_policy(policy('"PUT"'))
-    await until(lambda: client.view(types.ROUTE).responses > routes, what="the RDS push")
+    await until(lambda: client.view(typeurls.ROUTE).responses > routes, what="the RDS push")
     await until(lambda: in_sync(service, "shop/orders"), what="sync")
-    assert client.view(types.LISTENER).responses == listeners
+    assert client.view(typeurls.LISTENER).responses == listeners
     deny = parse(
         {
             "mesh.yaml": WORKLOADS
@@ -221,12 +222,12 @@ async def test_a_client_following_routes_gets_rule_edits_over_rds(
             'rules: [{to: [{operation: {paths: ["/admin"]}}]}]}\n'
         }
     )
-    routes = client.view(types.ROUTE).responses
+    routes = client.view(typeurls.ROUTE).responses
     service.control.apply_policy(deny)
-    await until(lambda: client.view(types.ROUTE).responses > routes, what="the RDS push")
+    await until(lambda: client.view(typeurls.ROUTE).responses > routes, what="the RDS push")
     await until(lambda: in_sync(service, "shop/orders"), what="sync")
-    assert client.view(types.LISTENER).responses == listeners
-    assert inbound in client.subscriptions[types.ROUTE]
+    assert client.view(typeurls.LISTENER).responses == listeners
+    assert inbound in client.subscriptions[typeurls.ROUTE]
 
 
 async def test_secret_nack_is_redacted_everywhere(
@@ -235,7 +236,7 @@ async def test_secret_nack_is_redacted_everywhere(
     caplog.set_level(logging.DEBUG, logger="meshward")
 
     def nack(type_url: str, response: Any) -> str | None:
-        if type_url != types.SECRET:
+        if type_url != typeurls.SECRET:
             return None
         return 'Proto constraint validation failed: name: "default" private_key { inline_bytes: "-----BEGIN PRIVATE KEY-----\\nMIGHAgEAMBMG\\n-----END PRIVATE KEY-----" }'
 
@@ -266,7 +267,7 @@ async def test_drift_is_flagged_and_fails_the_status_command(
     reject = {"on": False}
 
     def nack(type_url: str, response: Any) -> str | None:
-        if reject["on"] and type_url == types.ROUTE:
+        if reject["on"] and type_url == typeurls.ROUTE:
             # What Envoy says for a route config it rejects (it names no resource).
             return "Didn't find a registered implementation for 'x' with type URL: 'y'"
         return None
@@ -309,7 +310,7 @@ async def test_a_nack_is_reported_as_not_enforced_until_a_clean_version_is_acked
     bad = {"methods": '"DELETE"'}
 
     def nack(type_url: str, response: Any) -> str | None:
-        if type_url == types.ROUTE and any(
+        if type_url == typeurls.ROUTE and any(
             bad["methods"].strip('"') in bytes(r.value).decode("latin-1")
             for r in response.resources
         ):
@@ -400,13 +401,13 @@ async def test_expiring_policy_is_repushed_at_its_instant(
         clients.service = svc
         client = clients.open("shop/orders", follow_routes=True)
         inbound = "inbound|8080|orders.shop"
-        await until(lambda: inbound in client.view(types.ROUTE).resources, what="the route")
+        await until(lambda: inbound in client.view(typeurls.ROUTE).resources, what="the route")
         await until(lambda: in_sync(svc, "shop/orders"), what="sync")
         assert svc.status()["policy"]["next_expiry"] is not None
         # The expiring policy's rules are in the route config: the re-push is an RDS push.
-        rds_before = client.view(types.ROUTE).responses
+        rds_before = client.view(typeurls.ROUTE).responses
         await until(
-            lambda: client.view(types.ROUTE).responses > rds_before, timeout=5, what="re-push"
+            lambda: client.view(typeurls.ROUTE).responses > rds_before, timeout=5, what="re-push"
         )
         assert svc.status()["policy"]["next_expiry"] is None
         assert svc.control.policy.version == annotated.version  # same policy, new decisions
@@ -461,7 +462,7 @@ async def test_a_restarted_control_plane_resyncs_nodes_without_pushing_config(
     try:
         await until(lambda: all(in_sync(first, n) for n in nodes), what="sync")
         await until(
-            lambda: all(c.view(types.ROUTE).resources for c in opened.values()), what="routes"
+            lambda: all(c.view(typeurls.ROUTE).resources for c in opened.values()), what="routes"
         )
         acked = {n: {t["type"]: t["acked"] for t in node(first, n)["streams"][0]["types"]}
                  for n in nodes}  # fmt: skip
@@ -483,10 +484,10 @@ async def test_a_restarted_control_plane_resyncs_nodes_without_pushing_config(
             for kind in ("CDS", "LDS", "RDS"):
                 assert after[kind]["acked"] == acked[name][kind], (name, kind)
                 assert after[kind]["pushes"] == 0, (name, kind)
-            for type_url in (types.CLUSTER, types.LISTENER, types.ROUTE):
+            for type_url in (typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE):
                 assert client.view(type_url).responses == responses[name][type_url], name
             assert after["SDS"]["acked"] != acked[name]["SDS"]  # a new SVID: pushed
-            assert client.view(types.SECRET).responses > responses[name][types.SECRET]
+            assert client.view(typeurls.SECRET).responses > responses[name][typeurls.SECRET]
     finally:
         await first.stop()
         if second is not None:
@@ -579,7 +580,7 @@ async def test_status_is_a_summary_by_default_with_a_paged_filterable_node_view(
     a time; a query it cannot answer is a 400 that says why."""
 
     def nack(type_url: str, response: Any) -> str | None:
-        return "rejected for the test" if type_url == types.ROUTE else None
+        return "rejected for the test" if type_url == typeurls.ROUTE else None
 
     clients.open("shop/frontend")
     clients.open("shop/orders", nack=nack, subscriptions=with_routes("shop/orders"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from meshward.xds import types
+from meshward.xds import typeurls
 from meshward.xds.enforcement import not_enforced
 from meshward.xds.protocol import TypeState
 from meshward.xds.snapshot import Snapshot, TypeSnapshot
@@ -19,9 +19,9 @@ def _snapshot() -> Snapshot:
     return Snapshot(
         version="v",
         types={
-            types.LISTENER: TypeSnapshot(version="l2", resources={}, changed_at=NOW - 100),
-            types.ROUTE: TypeSnapshot(version="r2", resources={}, changed_at=NOW - 1),
-            types.SECRET: TypeSnapshot(version="s2", resources={}, changed_at=NOW - 100),
+            typeurls.LISTENER: TypeSnapshot(version="l2", resources={}, changed_at=NOW - 100),
+            typeurls.ROUTE: TypeSnapshot(version="r2", resources={}, changed_at=NOW - 1),
+            typeurls.SECRET: TypeSnapshot(version="s2", resources={}, changed_at=NOW - 100),
         },
     )
 
@@ -34,9 +34,9 @@ def test_stream_flags_agree_with_the_per_type_statuses() -> None:
     for listener, route, secret in itertools.product(per_type, repeat=3):
         states = {}
         for type_url, (requested, acked, rejected), current in (
-            (types.LISTENER, listener, "l2"),
-            (types.ROUTE, route, "r2"),
-            (types.SECRET, secret, "s2"),
+            (typeurls.LISTENER, listener, "l2"),
+            (typeurls.ROUTE, route, "r2"),
+            (typeurls.SECRET, secret, "s2"),
         ):
             states[type_url] = TypeState(
                 type_url=type_url,

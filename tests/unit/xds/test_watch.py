@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshward.policy import PolicyError, PolicySet
-from meshward.xds.watch import PolicyWatcher, policy_files
+from meshward.policy_watch import PolicyWatcher, policy_files
 
 WORKLOAD = """
 apiVersion: meshward.dev/v1

@@ -7,8 +7,9 @@ never read. An invalid policy set is reported and the last good one stays in for
 
 Loading is incremental per file: the watcher keeps a ParseCache (meshward.policy.loader), so a
 one-file edit re-parses that file's YAML and rebuilds the set from the other files' parsed
-documents; the set, version included, is the one a full load gives. The watcher lives with the
-services that run it (meshward.policy stays pure: no threads).
+documents; the set, version included, is the one a full load gives. The control plane and
+ext_authz both run it, so it sits between them and meshward.compile in the layering (and
+meshward.policy stays pure: no threads).
 
 Limit of any polling watcher: a writer that stalls in the middle of a file for longer than one
 poll interval can have a valid prefix of it applied (say, a truncated file that drops a DENY
@@ -28,6 +29,7 @@ from meshward.policy import PolicyError, PolicySet, Problem, load
 from meshward.policy.files import policy_files
 from meshward.policy.loader import ParseCache
 
+# The logger keeps the name it had under meshward.xds, so log filters keep matching.
 log = logging.getLogger("meshward.xds.watch")
 
 Fingerprint = tuple[tuple[str, int, int], ...]

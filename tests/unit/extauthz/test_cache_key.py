@@ -12,8 +12,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshward.extauthz import plan as P
-from meshward.extauthz.plan import RequestFacts, attributes_read, key_function
+from meshward.extauthz import cache_key as P
+from meshward.extauthz.cache_key import RequestFacts, attributes_read, key_function
 from meshward.policy import (
     Action,
     AuthorizationPolicy,

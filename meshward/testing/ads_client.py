@@ -11,9 +11,7 @@ the expected SPIFFE ID, which is what Envoy does too.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
-from meshward.xds import types
+from meshward.xds import typeurls
 
 SOTW_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
@@ -30,25 +28,6 @@ DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggr
 
 class ServerIdentityMismatch(Exception):
     pass
-
-
-def client_ssl_context(cert_chain_pem: bytes, key_pem: bytes, roots_pem: bytes) -> ssl.SSLContext:
-    """mTLS client context from PEM bytes (the ssl module reads keys from files only, so they
-    pass through a private temporary directory that is removed at once)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False  # SVIDs have no DNS names; the URI SAN is checked instead
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cadata=roots_pem.decode())
-    with tempfile.TemporaryDirectory(prefix="meshward-client-") as tmp:
-        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key_pem)
-        with open(cert_path, "wb") as handle:
-            handle.write(cert_chain_pem)
-        context.load_cert_chain(cert_path, key_path)
-    context.set_alpn_protocols(["h2"])
-    return context
 
 
 @dataclass
@@ -81,7 +60,7 @@ class AdsClient:
     server_identity: str | None = None
     delta: bool = False
     subscriptions: dict[str, tuple[str, ...]] = field(
-        default_factory=lambda: {types.CLUSTER: (), types.LISTENER: ()}
+        default_factory=lambda: {typeurls.CLUSTER: (), typeurls.LISTENER: ()}
     )
     nack: Callable[[str, Any], str | None] | None = None
     on_response: Callable[[AdsClient, str, Any], None] | None = None
@@ -226,10 +205,10 @@ class AdsClient:
         view.responses += 1
         self.last_response_at = time.monotonic()
         self._send.put_nowait(request)
-        if self.follow_routes and type_url == types.LISTENER and error is None:
+        if self.follow_routes and type_url == typeurls.LISTENER and error is None:
             names = tuple(sorted({n for r in view.resources.values() for n in _route_names(r)}))
-            if names != self.subscriptions.get(types.ROUTE, ()):
-                self.subscribe(types.ROUTE, names)
+            if names != self.subscriptions.get(typeurls.ROUTE, ()):
+                self.subscribe(typeurls.ROUTE, names)
         if self.on_response is not None:
             self.on_response(self, type_url, response)
 

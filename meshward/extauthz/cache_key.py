@@ -60,7 +60,7 @@ class Uncacheable(Exception):
 
 
 @dataclass(frozen=True)
-class AttributePlan:
+class AttributesRead:
     """What a workload's decision depends on. ``attributes`` is None when uncacheable."""
 
     attributes: tuple[str, ...] | None
@@ -123,7 +123,7 @@ def condition_attributes(condition: Condition) -> tuple[str, ...]:
 
 def attributes_read(
     policies: Iterable[AuthorizationPolicy], *, custom_hook: bool = False, tcp_ports: bool = False
-) -> AttributePlan:
+) -> AttributesRead:
     """The attribute set the evaluator may read for a workload selected by ``policies``.
 
     Pass every policy that selects the workload, expired ones included (an over-approximation
@@ -147,8 +147,8 @@ def attributes_read(
                 for condition in rule.conditions:
                     attributes.update(condition_attributes(condition))
     except Uncacheable as exc:
-        return AttributePlan(None, reason=str(exc), expiries=tuple(sorted(expiries)))
-    return AttributePlan(tuple(sorted(attributes)), expiries=tuple(sorted(expiries)))
+        return AttributesRead(None, reason=str(exc), expiries=tuple(sorted(expiries)))
+    return AttributesRead(tuple(sorted(attributes)), expiries=tuple(sorted(expiries)))
 
 
 # ---- key extraction ---------------------------------------------------------------------------

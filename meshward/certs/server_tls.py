@@ -1,5 +1,6 @@
-"""The ADS listener's TLS: server certificate from the CA, client certificates required and
-verified against the trust bundle, both replaceable while the server runs.
+"""A gRPC server's mTLS (the ADS listener's, ext_authz's): server certificate from the CA, client
+certificates required and verified against the trust bundle, both replaceable while the server
+runs. It lives with the certificates because both services use it.
 
 grpc asks the fetcher for a new configuration on every handshake; returning None keeps the
 current one, so a renewal of the server SVID or a CA rotation applies to new connections without

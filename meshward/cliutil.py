@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import http.client
 import ipaddress
 import json
 import os
 import re
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
+
+from meshward.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -143,3 +149,28 @@ def did_you_mean(word: str, options: Iterable[str], cutoff: float = 0.6) -> str:
     """`` (did you mean 'x'?)`` when ``word`` is close to one of ``options``, else ``""``."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def admin_get(
+    address: str, path: str, params: dict[str, str], timeout: float, *, missing: str = ""
+) -> bytes:
+    """One GET on a control plane's admin address (``/flows``, ``/history``, ``/policy`` ...);
+    every failure is a UserError that says what to do, never a traceback. ``missing``: what a
+    404 means for ``path`` (e.g. the control plane keeps no flows)."""
+    base = address if "://" in address else f"http://{address}"
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    try:
+        with urllib.request.urlopen(f"{base.rstrip('/')}{path}{query}", timeout=timeout) as r:
+            body: bytes = r.read()
+            return body
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()[:300]
+        if exc.code == 404 and missing:
+            detail = missing
+        raise UserError(f"{address}{path}: HTTP {exc.code}: {detail}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"cannot read {path} from {address}: {reason}; pass the admin address printed by "
+            "`meshward xds serve` (default 127.0.0.1:15011)"
+        ) from None

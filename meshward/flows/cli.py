@@ -8,15 +8,18 @@ Thin: arguments -> query parameters -> rows -> a table or ``--json``. Exit codes
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from meshward.cliutil import add_json_flag, duration, parse_workload_ref, positive_float, print_json
+from meshward.cliutil import (
+    add_json_flag,
+    admin_get,
+    duration,
+    parse_workload_ref,
+    positive_float,
+    print_json,
+)
 from meshward.errors import UserError
 
 EPILOG = """\
@@ -61,28 +64,20 @@ def fetch(address: str, path: str, params: dict[str, str], timeout: float) -> li
 def fetch_json(address: str, path: str, params: dict[str, str], timeout: float) -> dict[str, Any]:
     """One JSON object from the admin address; every failure is a UserError that says what to
     do (never a traceback)."""
-    base = address if "://" in address else f"http://{address}"
-    url = f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
+    body = admin_get(
+        address, path, params, timeout,
+        missing="that control plane collects no flows (started with --flows-db off, or an "
+        "older version)",
+    )  # fmt: skip
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            document = json.loads(response.read())
-            if not isinstance(document, dict):
-                raise ValueError("not a JSON object")
-            return document
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise UserError(
-                f"{address} has no {path}: that control plane collects no flows (started with "
-                "--flows-db off, or an older version)"
-            ) from None
-        detail = exc.read().decode(errors="replace").strip()[:300]
-        raise UserError(f"{address}{path}: HTTP {exc.code}: {detail}") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, KeyError) as exc:
-        reason = getattr(exc, "reason", exc)
+        document = json.loads(body)
+    except ValueError as exc:
         raise UserError(
-            f"cannot read {path} from {address}: {reason}; pass the admin address printed by "
-            "`meshward xds serve` (default 127.0.0.1:15011)"
+            f"{address}{path}: not JSON ({exc}): not a Meshward control plane?"
         ) from None
+    if not isinstance(document, dict):
+        raise UserError(f"{address}{path}: not a JSON object: not a Meshward control plane?")
+    return document
 
 
 def _params(args: argparse.Namespace, now: datetime) -> dict[str, str]:

@@ -11,19 +11,15 @@ unreachable, the output does not validate, or coverage is below 100 %; 2 usage e
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import add_json_flag, duration, print_json
+from meshward.cliutil import add_json_flag, admin_get, duration, print_json
 from meshward.errors import UserError
 
 HEADER = "# Suggested by `meshward policy suggest`"
@@ -55,23 +51,11 @@ exit status: 0 written, 100 % coverage; 1 unreachable, invalid output or coverag
 
 
 def _get(address: str, path: str, params: dict[str, str], timeout: float) -> bytes:
-    base = address if "://" in address else f"http://{address}"
-    query = f"?{urllib.parse.urlencode(params)}" if params else ""
-    try:
-        with urllib.request.urlopen(f"{base.rstrip('/')}{path}{query}", timeout=timeout) as r:
-            body: bytes = r.read()
-            return body
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace").strip()[:300]
-        if exc.code == 404 and path.startswith("/flows"):
-            detail = "this control plane collects no flows (started with --flows-db off?)"
-        raise UserError(f"{address}{path}: HTTP {exc.code}: {detail}") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(
-            f"cannot read {path} from {address}: {reason}; pass the admin address printed by "
-            "`meshward xds serve` (default 127.0.0.1:15011)"
-        ) from None
+    return admin_get(
+        address, path, params, timeout,
+        missing="this control plane collects no flows (started with --flows-db off?)"
+        if path.startswith("/flows") else "",
+    )  # fmt: skip
 
 
 def current_policy(address: str, timeout: float) -> Any:

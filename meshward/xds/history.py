@@ -26,15 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-import os
 import re
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from meshward.certs.files import write_atomic
 from meshward.policy import PolicyError, PolicySet, parse
 from meshward.policy.diff import diff
 
@@ -277,13 +276,4 @@ class PolicyHistory:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode(), mode=0o644, overwrite=True)

@@ -15,19 +15,22 @@ version is unknown, the control plane is unreachable, the write failed, or the w
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import add_json_flag, non_negative_float, positive_float, print_json
+from meshward.certs.files import write_atomic
+from meshward.cliutil import (
+    add_json_flag,
+    admin_get,
+    non_negative_float,
+    positive_float,
+    print_json,
+)
 from meshward.errors import UserError
 
 BACKUP_DIR = ".meshward-rollback"
@@ -62,23 +65,11 @@ converged within --wait.
 
 
 def _get(address: str, path: str, params: dict[str, str], timeout: float) -> bytes:
-    base = address if "://" in address else f"http://{address}"
-    query = f"?{urllib.parse.urlencode(params)}" if params else ""
-    try:
-        with urllib.request.urlopen(f"{base.rstrip('/')}{path}{query}", timeout=timeout) as r:
-            body: bytes = r.read()
-            return body
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace").strip()[:300]
-        if exc.code == 404 and path == "/history":
-            detail = "that control plane keeps no history (started with --history-dir off?)"
-        raise UserError(f"{address}{path}: {detail} (HTTP {exc.code})") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(
-            f"cannot read {path} from {address}: {reason}; pass the admin address printed by "
-            "`meshward xds serve` (default 127.0.0.1:15011)"
-        ) from None
+    return admin_get(
+        address, path, params, timeout,
+        missing="that control plane keeps no history (started with --history-dir off?)"
+        if path == "/history" else "",
+    )  # fmt: skip
 
 
 def fetch_history(address: str, timeout: float) -> dict[str, Any]:
@@ -130,16 +121,7 @@ def run_history(args: argparse.Namespace) -> int:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode(), mode=0o644, overwrite=True)
 
 
 def restore(policy_dir: Path, version: str, text: str, now: datetime) -> tuple[Path, list[Path]]:

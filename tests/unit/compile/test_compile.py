@@ -184,7 +184,7 @@ def test_a_dry_run_allow_nothing_reports_every_request_as_would_deny() -> None:
     """Without its (ruleless) shadow ALLOW engine, a dry-run allow-nothing (what `policy
     suggest` writes for a workload nobody called) would report nothing, and enforcing it would
     deny traffic the dry run never showed."""
-    from meshward.compile import simulate
+    from meshward.testing import simulate
 
     api = workload("api", HTTP, WorkloadPort("db", 5432, Protocol.TCP))
     ps = policy_set(allow("nothing", dry_run=True), workloads=(api, workload("web", HTTP)),

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import ssl
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -193,3 +195,16 @@ class SidecarConnection(http.client.HTTPConnection):
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+def wait_for_access_log(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The first ``count`` JSON lines of a sidecar's access log, once Envoy has flushed them."""
+    deadline = time.monotonic() + timeout
+    entries: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        if path.exists():
+            entries = [json.loads(line) for line in path.read_text().splitlines() if line]
+            if len(entries) >= count:
+                return entries
+        time.sleep(0.05)
+    raise AssertionError(f"{len(entries)} access-log entries after {timeout}s, wanted {count}")

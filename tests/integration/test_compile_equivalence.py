@@ -55,7 +55,12 @@ from meshward.testing import synth
 from meshward.testing.echo import EchoServer
 from meshward.testing.jwt import with_jwt_enforcement
 from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
-from meshward.testing.sidecar import SidecarConnection, StaticSidecar, client_context
+from meshward.testing.sidecar import (
+    SidecarConnection,
+    StaticSidecar,
+    client_context,
+    wait_for_access_log,
+)
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -477,7 +482,7 @@ def test_envoy_decides_like_the_evaluator(
         mesh.close()
         resources = sidecar.resources
         # One Envoy worker, one request at a time: the access log is in request order.
-        entries = _wait_for_log(tmp_path / "access.log", len(answered))
+        entries = wait_for_access_log(tmp_path / "access.log", len(answered))
     assert not servicer.errors, servicer.errors[:3]
     assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:8])
     if native and policy_set.request_authentications:
@@ -574,7 +579,7 @@ def test_union_decides_natively_first_and_names_policies_in_logs(
         status, body = mesh.send(sidecar, probe(("shop", "web"), "GET", "/admin/x"))
         assert status == 403 and body == b"RBAC: access denied"
         mesh.close()
-        log = _wait_for_log(tmp_path / "access.log", 4)
+        log = wait_for_access_log(tmp_path / "access.log", 4)
     denied = [e for e in log if e["response_code"] == 403 and e["path"] == "/admin/x"]
     assert denied[0]["response_code_details"] == (
         "rbac_access_denied_matched_policy[ns[shop]-policy[no-admin]-rule[0]]"
@@ -652,7 +657,7 @@ def test_jwt_rules_are_decided_by_envoy_with_real_tokens(
         mesh.tokens = {**real_tokens, **hostile}
         refused = {label: mesh.send(sidecar, probe(label))[0] for label in hostile}
         mesh.close()
-        log = _wait_for_log(tmp_path / "a" / "access.log", 4 + len(hostile))
+        log = wait_for_access_log(tmp_path / "a" / "access.log", 4 + len(hostile))
     assert results["alice"][0] == 200
     echoed = json.loads(results["alice"][1])["headers"]
     assert "authorization" not in echoed  # Istio default: the app never sees the token
@@ -730,18 +735,6 @@ def _shadow_mismatches(
             if got != want:
                 out.append(f"{probe}: {prefix} envoy would_deny={got}, evaluator {want}")
     return out
-
-
-def _wait_for_log(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    entries: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        if path.exists():
-            entries = [json.loads(line) for line in path.read_text().splitlines() if line]
-            if len(entries) >= count:
-                return entries
-        time.sleep(0.05)
-    raise AssertionError(f"{len(entries)} access-log entries after {timeout}s, wanted {count}")
 
 
 def test_tcp_port_network_rbac_matches_the_evaluator(
@@ -843,7 +836,7 @@ def test_spans_reach_otlp_and_the_access_log_names_the_trace(
             spans = receiver.wait_for(
                 lambda got: sum(s.service == "api.shop" for s in got) >= 5, timeout=20
             )
-            log = _wait_for_log(tmp_path / "access.log", 5)
+            log = wait_for_access_log(tmp_path / "access.log", 5)
     traced = {s.trace_id for s in spans if s.service == "api.shop"}
     logged = {entry["trace_id"] for entry in log}
     assert len(logged) == 5 and logged <= traced
@@ -965,7 +958,7 @@ def test_envoy_and_the_evaluator_name_the_same_first_matching_rule(
         with StaticSidecar(policy_set, synth.TARGET_REF, ca, ports, workdir=workdir) as sidecar:
             status, _ = mesh.send(sidecar, probe)
             mesh.close()
-            (entry,) = _wait_for_log(workdir / "access.log", 1)
+            (entry,) = wait_for_access_log(workdir / "access.log", 1)
         assert status == 403 and not decision.allowed
         seen[label] = (entry["response_code_details"], (decision.policy, decision.rule))
         assert entry["response_code_details"] == f"rbac_access_denied_matched_policy[{predicted}]"

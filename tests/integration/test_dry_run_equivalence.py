@@ -13,10 +13,8 @@ as one the dry-run policy would deny (the evaluator's semantics).
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
-import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -42,7 +40,12 @@ from meshward.policy.model import (
 )
 from meshward.testing import synth
 from meshward.testing.echo import EchoServer
-from meshward.testing.sidecar import SidecarConnection, StaticSidecar, client_context
+from meshward.testing.sidecar import (
+    SidecarConnection,
+    StaticSidecar,
+    client_context,
+    wait_for_access_log,
+)
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 RESULT = DRY_RUN_ALLOW_PREFIX + "shadow_engine_result"
@@ -142,18 +145,6 @@ def _envoy_would_deny(entry: dict[str, Any]) -> bool | None:
     return bool(rbac[RESULT] == "denied")
 
 
-def _wait_for_log(path: Path, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    entries: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        if path.exists():
-            entries = [json.loads(line) for line in path.read_text().splitlines() if line]
-            if len(entries) >= count:
-                return entries
-        time.sleep(0.05)
-    raise AssertionError(f"{len(entries)} access-log entries after {timeout}s, wanted {count}")
-
-
 def _tcp_connect(port: int, context: ssl.SSLContext) -> bool:
     """Did bytes make it to the app and back through the TCP proxy?"""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
@@ -208,7 +199,7 @@ def test_envoy_would_deny_exactly_where_the_evaluator_does(
             identity: _tcp_connect(sidecar.port(synth.TCP_PORT), contexts[identity])
             for identity in (("shop", "web"), ("ops", "admin"))
         }
-        entries = _wait_for_log(log, len(probes) + len(tcp))
+        entries = wait_for_access_log(log, len(probes) + len(tcp))
     http_entries = [e for e in entries if "response_code" in e]
     tcp_entries = [e for e in entries if "response_code" not in e]
     assert len(http_entries) == len(probes) and len(tcp_entries) == len(tcp)

@@ -21,6 +21,7 @@ from meshward.certs import CertificateAuthority
 from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.flows.collector import CollectorLimits
+from meshward.flows.service import flows_for
 from meshward.policy import load
 from meshward.testing import als
 from meshward.xds.compile_adapter import compiler_for
@@ -50,7 +51,7 @@ def main() -> None:
     ca = CertificateAuthority.ephemeral("cluster.local")
     with XdsServiceThread(
         None, ca, compiler_for(CompileOptions()), policy_paths=[base / "mesh.yaml"],
-        flows_db=str(base / "flows.db"),
+        flows=flows_for(str(base / "flows.db")),
     ) as xds:  # fmt: skip
         assert xds.service is not None
         flows = xds.service.flows

@@ -1,6 +1,6 @@
 """`meshward policy compile`: show what the compiler makes of a workload's policies.
 
-Plugged into `meshward policy` by meshward.policy.cli (``configure_compile(subparsers)``).
+Plugged into `meshward policy` by meshward.cli.policy (``configure_compile(subparsers)``).
 Heavy imports (protos) stay inside the handler so `meshward --help` stays fast.
 """
 

@@ -1,7 +1,9 @@
-"""The flow collector, store and admin routes wired to one control plane (one small hook in
-:class:`meshward.xds.service.XdsService`): the collector shares the ADS server's mTLS port, the
-store is flushed off the event loop every ``flush_interval`` seconds, and the admin address
-serves ``/flows``, ``/denials`` and ``/report``."""
+"""The flow collector, store and admin routes wired to one control plane: the collector shares
+the ADS server's mTLS port, the store is flushed off the event loop every ``flush_interval``
+seconds, and the admin address serves ``/flows``, ``/denials`` and ``/report``.
+
+:class:`FlowService` is a :class:`meshward.xds.attached.AttachedService`: the control plane runs
+it without importing this package; ``XdsService(..., flows=flows_for(url))`` hands it in."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -21,7 +24,24 @@ from meshward.flows.store import FlowStore, StoreLimits
 from meshward.xds.admin import Route
 from meshward.xds.limits import RefusalLog
 
+if TYPE_CHECKING:
+    import grpc
+
+    from meshward.xds.controlplane import ControlPlane
+
 log = logging.getLogger("meshward.flows")
+
+
+def flows_for(url: str, **options: Any) -> Callable[[ControlPlane, Any], FlowService]:
+    """What ``XdsService(flows=...)`` takes: a :class:`FlowService` on the store at ``url`` (a
+    SQLite file or ``postgresql://...``), built once the control plane exists (the collector
+    authorizes callers against it and names them from its policy), its metrics in the control
+    plane's registry. ``options``: FlowService's keyword arguments (limits, flush interval)."""
+
+    def build(control: ControlPlane, registry: Any) -> FlowService:
+        return FlowService(url, control, registry=registry, **options)
+
+    return build
 
 
 class FlowService:
@@ -53,6 +73,9 @@ class FlowService:
         self._ids: tuple[str, dict[str, str]] = ("", {})
         self._refusals = RefusalLog(log)
         self.reach_cache: dict[Any, Any] = {}  # meshward.flows.report_service
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        self.collector.add_to(server)
 
     def resolve(self, spiffe_id: str) -> str | None:
         """The workload a caller's SPIFFE ID names (several workloads may share a service

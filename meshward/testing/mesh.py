@@ -327,6 +327,7 @@ class Mesh:
             self.ca = CertificateAuthority.ephemeral(self.trust_domain)
 
     def start_control_plane(self, listen: str = "127.0.0.1:0") -> None:
+        from meshward.flows.service import flows_for
         from meshward.xds.service import XdsServiceThread
 
         agent = self.sidecars == "agent"
@@ -344,7 +345,7 @@ class Mesh:
             svid_ttl=self.svid_ttl,
             schedule=self.schedule,
             drift_threshold=self.drift_threshold,
-            flows_db=None if self.flows_db is None else str(self.flows_db),
+            flows=None if self.flows_db is None else flows_for(str(self.flows_db)),
             **({"join_listen": "127.0.0.1:0", "agent_secrets": True} if agent else {}),
         ).start()
 

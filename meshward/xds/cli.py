@@ -1,4 +1,8 @@
-"""`meshward xds serve`: run the control plane as a process."""
+"""`meshward xds serve`: run the control plane as a process.
+
+The flow collector it runs on the ADS port (meshward.flows) stands above this package, so the
+group is configured from above (meshward/cli/xds.py) with ``flows``: URL -> the factory
+:class:`meshward.xds.service.XdsService` takes (meshward.xds.attached)."""
 
 from __future__ import annotations
 
@@ -7,11 +11,18 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshward.cliutil import ip_address, positive_float, positive_int
 from meshward.errors import UserError
+
+if TYPE_CHECKING:
+    from meshward.xds.attached import AttachedServiceFactory
+
+# --flows-db's value (a SQLite file or postgresql://...) -> what XdsService(flows=...) takes.
+FlowsFor = Callable[[str], "AttachedServiceFactory"]
 
 EPILOG = """\
 examples:
@@ -172,7 +183,7 @@ def _history_dir(args: argparse.Namespace, flows_db: str | None) -> Path | None:
     return path
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
     import asyncio
     from datetime import timedelta
 
@@ -248,7 +259,7 @@ def serve(args: argparse.Namespace) -> int:
                 join_listen=args.join_listen,
                 state_dir=Path(args.state_dir) if args.state_dir else None,
                 agent_secrets=args.secrets == "agent",
-                flows_db=flows_db,
+                flows=None if flows_db is None else flows(flows_db),
                 history_dir=_history_dir(args, flows_db),
                 history_keep=args.history,
             )
@@ -313,7 +324,8 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser, *, flows: FlowsFor) -> None:
+    """``flows``: how `serve` builds the flow collector for --flows-db (see the module doc)."""
     commands = parser.add_subparsers(dest="xds_command", metavar="COMMAND", title="commands")
     p = commands.add_parser(
         "serve",
@@ -407,4 +419,4 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="write {ads, admin, server_identity, policy_version, pid} as JSON once "
                         "listening (for supervisors and scripts)")  # fmt: skip
     p.add_argument("--log-format", choices=["json", "text"], default="text")
-    p.set_defaults(func=serve)
+    p.set_defaults(func=lambda args: serve(args, flows=flows))

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from meshward.policy import PolicySet
 from meshward.xds.admin import AdminServer
+from meshward.xds.attached import AttachedService, AttachedServiceFactory
 from meshward.xds.controlplane import ControlPlane, WorkloadCompiler, server_spiffe_id
 from meshward.xds.jwks import JwksCache, jwks_uris
 from meshward.xds.limits import NodeLimits
@@ -55,7 +56,7 @@ class XdsService:
         join_listen: str | None = None,
         state_dir: Path | None = None,
         agent_secrets: bool = False,
-        flows_db: str | None = None,
+        flows: AttachedServiceFactory | None = None,
         history_dir: Path | None = None,
         history_keep: int = 20,
     ) -> None:
@@ -70,8 +71,10 @@ class XdsService:
         where spent join tokens are recorded (default: the CA directory). ``agent_secrets``:
         every sidecar runs under `meshward agent`, which holds its key and serves its secrets:
         the control plane issues no keyed SVIDs (``compiler`` should come from
-        ``compiler_for(..., agent_secrets=True)``). ``flows_db``: the flow store (a SQLite file or ``postgresql://...``) behind the flow
-        collector on the ADS port and the admin's /flows and /denials (None: no collector).
+        ``compiler_for(..., agent_secrets=True)``). ``flows``: builds the flow collector that
+        shares the ADS port and serves the admin's /flows, /denials and /report, usually
+        :func:`meshward.flows.service.flows_for` with the flow store's URL (None: no collector;
+        see :mod:`meshward.xds.attached` for why it is handed in).
         ``history_dir``: where the last ``history_keep`` applied policy sets and the audit log
         are kept (meshward.xds.history; None: no history, /policy is still served)."""
         self.watcher: Any = None
@@ -102,12 +105,10 @@ class XdsService:
         self.ads = AdsServer(
             self.control, metrics=self.metrics, drift_threshold=drift_threshold, limits=self.limits
         )
-        self.flows: Any = None
-        if flows_db is not None:
-            from meshward.flows.service import FlowService
-
-            self.flows = FlowService(flows_db, self.control, registry=self.metrics.registry)
-            self.ads.services.append(self.flows.collector.add_to)
+        self.flows: AttachedService | None = None
+        if flows is not None:
+            self.flows = flows(self.control, self.metrics.registry)
+            self.ads.services.append(self.flows.add_to)
         from meshward.xds.history import PolicyHistory
         from meshward.xds.history_service import HistoryService
 

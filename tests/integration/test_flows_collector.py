@@ -13,6 +13,7 @@ import pytest
 from meshward.certs import CertificateAuthority
 from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
+from meshward.flows.service import flows_for
 from meshward.policy import load
 from meshward.testing import als
 from meshward.xds.compile_adapter import compiler_for
@@ -45,7 +46,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsServiceThread
     ca = CertificateAuthority.ephemeral(policy.mesh.trust_domain)
     with XdsServiceThread(
         None, ca, compiler_for(CompileOptions()), policy_paths=[base / "mesh.yaml"],
-        flows_db=str(base / "flows.db"),
+        flows=flows_for(str(base / "flows.db")),
     ) as xds:  # fmt: skip
         xds.ca = ca  # type: ignore[attr-defined]
         yield xds

@@ -24,6 +24,7 @@ from meshward.certs.client_tls import client_ssl_context
 from meshward.cli import main
 from meshward.compile import CompileOptions
 from meshward.compile.names import DRY_RUN_DENY_PREFIX, RBAC_METADATA_NAMESPACE
+from meshward.flows.service import flows_for
 from meshward.policy import load
 from meshward.policy.cases import build_request
 from meshward.policy.explain import explain
@@ -51,7 +52,7 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdsServiceThread
     ca = CertificateAuthority.ephemeral(policy.mesh.trust_domain)
     with XdsServiceThread(
         None, ca, compiler_for(CompileOptions()), policy_paths=[EXAMPLES],
-        flows_db=str(base / "flows.db"),
+        flows=flows_for(str(base / "flows.db")),
     ) as xds:  # fmt: skip
         xds.ca = ca  # type: ignore[attr-defined]
         yield xds

@@ -1,4 +1,7 @@
-"""`meshward`: the one entry point. Each command group lives beside the code it drives.
+"""`meshward`: the one entry point. Each command group lives beside the code it drives
+(`<package>/cli.py`); a group that spans packages is assembled here, in the CLI layer above them
+all (`meshward/cli/policy.py`: `meshward policy`; `meshward/cli/xds.py`: `meshward xds` with
+the flow collector).
 
 A group module exposes ``configure(parser)``: it adds its subcommands and sets ``func`` (a
 callable taking the parsed namespace and returning an exit code) on each. This file only wires
@@ -28,7 +31,7 @@ EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGP
 GROUPS: tuple[tuple[str, str, str], ...] = (
     (
         "policy",
-        "meshward.policy.cli",
+        "meshward.cli.policy",
         "validate, explain, test, diff and compile policy files; suggest, history, rollback",
     ),
     (
@@ -36,7 +39,7 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
         "meshward.certs.cli",
         "the built-in CA: init, issue, inspect and rotate SPIFFE identities",
     ),
-    ("xds", "meshward.xds.cli", "the control plane: serve ADS (SotW + delta) with SDS identities"),
+    ("xds", "meshward.cli.xds", "the control plane: serve ADS (SotW + delta) with SDS identities"),
     ("extauthz", "meshward.extauthz.cli", "serve Envoy's ext_authz Check for L7 / end-user rules"),
     ("bootstrap", "meshward.xds.bootstrap_cli", "render a sidecar's Envoy bootstrap for ADS"),
     (

@@ -1,7 +1,9 @@
-"""`meshward policy ...`: validate, explain, test and diff policy files (and `compile`, which the
-compiler package plugs in through meshward.compile.compile_cli when it is installed; `suggest`,
-`history` and `rollback`, which talk to a control plane: meshward.flows.suggest_cli and
-meshward.xds.history_cli)."""
+"""`meshward policy ...`: the group, assembled in the CLI layer because its sub-commands come
+from every layer: validate, explain, test and diff (here: they drive meshward.policy, and
+validate also the compiler's checks), `compile` (meshward.compile.compile_cli), `suggest` from
+observed flows (meshward.flows.suggest_cli), `history` and `rollback` of the control plane's
+applied sets (meshward.xds.history_cli). meshward/policy itself stays pure: no argparse, no
+printing, no clock."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def _configure_flows(sub: Any) -> None:
 
 
 def _configure_compile(sub: Any) -> None:
-    """`policy compile` lives with the compiler; imported here, when the parser is built."""
+    """`policy compile` lives with the compiler; imported when the parser is built."""
     from meshward.compile.compile_cli import configure_compile
 
     configure_compile(sub)

@@ -1,10 +1,14 @@
 """The attribute keys a policy's `when` conditions may name (`request.headers[...]`,
-`request.auth.claims[...]`, ip and port keys): one vocabulary for the loader, the evaluator, the
-RBAC compiler and ext_authz's cache key, so they never disagree on what a key means."""
+`request.auth.claims[...]`, ip and port keys) and the field pairs of a rule's `from.source` and
+`to.operation` (`principals` / `notPrincipals`, ...): one vocabulary for the loader, the
+evaluator, the RBAC compiler and ext_authz's cache key, so they never disagree on what a key
+means."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z:]+$")
 _CLAIM_KEY = re.compile(r"^request\.auth\.claims((?:\[[^\[\]]+\])+)$")
@@ -34,3 +38,36 @@ def claim_path(key: str) -> tuple[str, ...] | None:
 def header_name(key: str) -> str | None:
     match = _HEADER_KEY.match(key)
     return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class FieldPair:
+    """A Source or Operation field and its negation, by their names in meshward.policy.model
+    (``principals`` / ``not_principals``). ``http_only``: only an HTTP request has it, a TCP
+    connection never does (Envoy's network RBAC cannot match it)."""
+
+    name: str
+    http_only: bool = False
+
+    @property
+    def negated(self) -> str:
+        return f"not_{self.name}"
+
+
+def _by_name(*pairs: FieldPair) -> Mapping[str, FieldPair]:
+    return {pair.name: pair for pair in pairs}
+
+
+SOURCE_FIELDS = _by_name(
+    FieldPair("principals"),
+    FieldPair("request_principals", http_only=True),  # the verified end-user JWT
+    FieldPair("namespaces"),
+    FieldPair("ip_blocks"),
+    FieldPair("remote_ip_blocks"),
+)
+OPERATION_FIELDS = _by_name(
+    FieldPair("hosts", http_only=True),
+    FieldPair("ports"),
+    FieldPair("methods", http_only=True),
+    FieldPair("paths", http_only=True),
+)

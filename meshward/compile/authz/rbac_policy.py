@@ -26,7 +26,7 @@ from meshward.compile.authz import matchers as m
 from meshward.compile.authz.matchers import Json
 from meshward.compile.authz.placement import JWT_KEY_PREFIX
 from meshward.policy.model import Condition, Operation, Rule, Source
-from meshward.policy.vocabulary import header_name
+from meshward.policy.vocabulary import OPERATION_FIELDS, SOURCE_FIELDS, FieldPair, header_name
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,12 @@ def rule_policy(rule: Rule, ctx: RuleContext) -> Json:
     }
 
 
+Build = Callable[[str], Json | list[Json]]
+
+
 def _field(
     values: Sequence[str] | Sequence[int],
-    build: Callable[[str], Json | list[Json]],
+    build: Build,
     *,
     permission: bool,
     negate: bool = False,
@@ -76,7 +79,23 @@ def _field(
     return m.not_principal(combined) if negate else combined
 
 
-def _port(ctx: RuleContext) -> Callable[[str], Json]:
+def _pair(
+    values: Sequence[str] | Sequence[int],
+    not_values: Sequence[str] | Sequence[int],
+    build: Build,
+    *,
+    permission: bool,
+) -> list[Json]:
+    """``x`` (OR of its values) and ``not_x`` (NOT of that), the parts each present field adds."""
+    parts: list[Json] = []
+    if values:
+        parts.append(_field(values, build, permission=permission))
+    if not_values:
+        parts.append(_field(not_values, build, permission=permission, negate=True))
+    return parts
+
+
+def _port(ctx: RuleContext) -> Build:
     def build(value: str) -> Json:
         runtime = ctx.port_map.get(int(value))
         if runtime is None:
@@ -86,29 +105,8 @@ def _port(ctx: RuleContext) -> Callable[[str], Json]:
     return build
 
 
-def _operation(op: Operation, ctx: RuleContext) -> Json | None:
-    """AND of the operation's fields; None when TCP dropped every field (matches everything)."""
-    parts: list[Json] = []
-    if not ctx.drop_http:
-        if op.hosts:
-            parts.append(_field(op.hosts, m.host, permission=True))
-        if op.not_hosts:
-            parts.append(_field(op.not_hosts, m.host, permission=True, negate=True))
-        if op.methods:
-            parts.append(_field(op.methods, m.method, permission=True))
-        if op.not_methods:
-            parts.append(_field(op.not_methods, m.method, permission=True, negate=True))
-        if op.paths:
-            parts.append(_field(op.paths, m.path, permission=True))
-        if op.not_paths:
-            parts.append(_field(op.not_paths, m.path, permission=True, negate=True))
-    if op.ports:
-        parts.append(_field(op.ports, _port(ctx), permission=True))
-    if op.not_ports:
-        parts.append(_field(op.not_ports, _port(ctx), permission=True, negate=True))
-    if not parts:
-        return None if ctx.drop_http else m.ANY_PERMISSION
-    return m.and_permissions(parts)
+def _always(build: Build) -> Callable[[RuleContext], Build]:
+    return lambda _ctx: build
 
 
 def _direct_ip(value: str) -> Json:
@@ -119,38 +117,48 @@ def _remote_ip(value: str) -> Json:
     return {"remote_ip": m.cidr(value)}
 
 
-def _source(src: Source, ctx: RuleContext) -> Json | None:
+# Each field pair's matcher, in the order the RBAC output lists them (the golden files fix that
+# order; it is not the model's). Which fields exist and which only HTTP has: the vocabulary's.
+FieldMatchers = tuple[tuple[FieldPair, Callable[[RuleContext], Build]], ...]
+_OPERATION_MATCHERS: FieldMatchers = (
+    (OPERATION_FIELDS["hosts"], _always(m.host)),
+    (OPERATION_FIELDS["methods"], _always(m.method)),
+    (OPERATION_FIELDS["paths"], _always(m.path)),
+    (OPERATION_FIELDS["ports"], _port),
+)
+_SOURCE_MATCHERS: FieldMatchers = (
+    (SOURCE_FIELDS["principals"], _always(m.principal)),
+    (SOURCE_FIELDS["namespaces"], _always(m.namespace)),
+    (SOURCE_FIELDS["ip_blocks"], _always(_direct_ip)),
+    (SOURCE_FIELDS["remote_ip_blocks"], _always(_remote_ip)),
+    # end-user JWT (meshward.compile.authz.jwt_authn)
+    (SOURCE_FIELDS["request_principals"], _always(jwt_authn.request_principal)),
+)
+
+
+def _parts(
+    item: Operation | Source, matchers: FieldMatchers, ctx: RuleContext, *, permission: bool
+) -> list[Json]:
+    """The AND parts of one operation or source; HTTP-only fields dropped for TCP DENY."""
     parts: list[Json] = []
-    if src.principals:
-        parts.append(_field(src.principals, m.principal, permission=False))
-    if src.not_principals:
-        parts.append(_field(src.not_principals, m.principal, permission=False, negate=True))
-    if src.namespaces:
-        parts.append(_field(src.namespaces, m.namespace, permission=False))
-    if src.not_namespaces:
-        parts.append(_field(src.not_namespaces, m.namespace, permission=False, negate=True))
-    if src.ip_blocks:
-        parts.append(_field(src.ip_blocks, _direct_ip, permission=False))
-    if src.not_ip_blocks:
-        parts.append(_field(src.not_ip_blocks, _direct_ip, permission=False, negate=True))
-    if src.remote_ip_blocks:
-        parts.append(_field(src.remote_ip_blocks, _remote_ip, permission=False))
-    if src.not_remote_ip_blocks:
-        parts.append(_field(src.not_remote_ip_blocks, _remote_ip, permission=False, negate=True))
-    if not ctx.drop_http:  # end-user JWT (meshward.compile.authz.jwt_authn): HTTP only
-        if src.request_principals:
-            parts.append(
-                _field(src.request_principals, jwt_authn.request_principal, permission=False)
-            )
-        if src.not_request_principals:
-            parts.append(
-                _field(
-                    src.not_request_principals,
-                    jwt_authn.request_principal,
-                    permission=False,
-                    negate=True,
-                )
-            )
+    for pair, matcher in matchers:
+        if pair.http_only and ctx.drop_http:
+            continue
+        values, not_values = getattr(item, pair.name), getattr(item, pair.negated)
+        parts += _pair(values, not_values, matcher(ctx), permission=permission)
+    return parts
+
+
+def _operation(op: Operation, ctx: RuleContext) -> Json | None:
+    """AND of the operation's fields; None when TCP dropped every field (matches everything)."""
+    parts = _parts(op, _OPERATION_MATCHERS, ctx, permission=True)
+    if not parts:
+        return None if ctx.drop_http else m.ANY_PERMISSION
+    return m.and_permissions(parts)
+
+
+def _source(src: Source, ctx: RuleContext) -> Json | None:
+    parts = _parts(src, _SOURCE_MATCHERS, ctx, permission=False)
     if not parts:
         return None if ctx.drop_http else m.ANY_PRINCIPAL
     return m.and_principals(parts)
@@ -176,7 +184,7 @@ def _condition(c: Condition, ctx: RuleContext) -> tuple[str, Json | None]:
 
         return "principal", _values(c, build_jwt, permission=False)
     side: str
-    build: Callable[[str], Json | list[Json]]
+    build: Build
     name = header_name(key)
     if name is not None:
         if ctx.drop_http:
@@ -199,16 +207,8 @@ def _condition(c: Condition, ctx: RuleContext) -> tuple[str, Json | None]:
     return side, _values(c, build, permission=side == "permission")
 
 
-def _values(
-    c: Condition, build: Callable[[str], Json | list[Json]], *, permission: bool
-) -> Json | None:
-    parts: list[Json] = []
-    if c.values:
-        parts.append(_field(c.values, build, permission=permission))
-    if c.not_values:
-        parts.append(_field(c.not_values, build, permission=permission, negate=True))
+def _values(c: Condition, build: Build, *, permission: bool) -> Json | None:
+    parts = _pair(c.values, c.not_values, build, permission=permission)
     if not parts:
         return None
-    if permission:
-        return m.and_permissions(parts)
-    return m.and_principals(parts)
+    return m.and_permissions(parts) if permission else m.and_principals(parts)

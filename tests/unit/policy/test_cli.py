@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshward.cli import build_parser, main
-from meshward.policy import cli as policy_cli
+from meshward.cli import policy as policy_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"

@@ -26,6 +26,7 @@ to ~100 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -576,14 +577,22 @@ class Mesh:
     def wait_converged(self, policy_version: str | None = None, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.converged(policy_version):
-                return
+            with contextlib.suppress(OSError):  # a control plane process (re)starting
+                if self.converged(policy_version):
+                    return
             time.sleep(0.05)
         logs = "\n".join(
             f"--- {ref}\n{self.agent_log(ref)[-2000:]}\n{self.envoy_log(ref)[-2000:]}"
             for ref in self.refs
         )
-        raise TimeoutError(f"mesh did not converge in {timeout}s: {self.status()['nodes']}\n{logs}")
+        try:
+            status = self.status()
+            nodes: Any = status["nodes"]
+            if self.servers is not None:
+                nodes = "; ".join(status_poll.lagging(status, self.refs, policy_version))
+        except OSError as exc:
+            nodes = f"control plane status unreachable: {exc}"
+        raise TimeoutError(f"mesh did not converge in {timeout}s: {nodes}\n{logs}")
 
     def access_log(self, ref: str) -> list[dict[str, Any]]:
         entries = []

@@ -61,8 +61,9 @@ CONVERGED = "every sidecar has its listeners, routes, clusters and certificates 
 
 # -- the mesh ---------------------------------------------------------------------------------------
 class Mesh:
-    """Echo backends, each behind a real Envoy sidecar that gets everything over ADS from an
-    in-process control plane watching ``policy_dir`` (see the module docstring).
+    """Echo backends, each behind a real Envoy sidecar that gets everything over ADS from a
+    control plane watching ``policy_dir``, in this process or a process of its own (see the
+    module docstring).
 
     ``delta``: refs of the sidecars that use DELTA_GRPC (the others use SotW).
     ``compiler_hook``: wraps each workload's compiled resources (tests inject faults with it).

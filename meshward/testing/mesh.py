@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from meshward.envoy.process import EnvoyProcess
 from meshward.testing import status_poll
@@ -52,6 +52,9 @@ from meshward.testing.agentproc import (
 from meshward.testing.processes import Component, Launcher
 from meshward.testing.servers import EXTAUTHZ, XDS
 from meshward.testing.xds_resources import http_request
+
+if TYPE_CHECKING:
+    from meshward.policy import WorkloadPort
 
 Sidecars = Literal["agent", "bootstrap"]
 Where = Literal["thread", "process"]
@@ -102,7 +105,7 @@ class Mesh:
         extauthz: Sequence[str] | Callable[[Mesh], Sequence[str]] | None = None,
         envoy_args: Sequence[str] = ENVOY_DRAIN_ARGS,
         drain_seconds: float = 0.5,
-        extra_ports: Mapping[str, Sequence[Any]] | None = None,
+        extra_ports: Mapping[str, Sequence[WorkloadPort]] | None = None,
         launcher: Launcher | None = None,
         state_root: Path | None = None,
         timeout: float = 60.0,
@@ -224,17 +227,11 @@ class Mesh:
                 self.app_ports[ref] = echo.port
                 continue
             port = self.app_ports[ref] = free_port()
+            argv = [sys.executable, "-m", "meshward.testing.echo", "--name", name]
+            argv += ["--port", str(port)]
             self.launcher.launch(
                 name,
-                [
-                    sys.executable,
-                    "-m",
-                    "meshward.testing.echo",
-                    "--name",
-                    name,
-                    "--port",
-                    str(port),
-                ],
+                argv,
                 ready=lambda port=port: port_open(port),  # type: ignore[misc]
                 timeout=self.timeout,
                 what=f"{ref} app on 127.0.0.1:{port}",

@@ -11,9 +11,15 @@ directory, and one sidecar per workload, all on 127.0.0.1 with ports picked at r
   writes (ADS credential inline, SVIDs pushed by the control plane over SDS), the path of
   operators who run Envoy themselves, and of the tests of control-plane-issued SVIDs.
 
+``control_plane="process"`` runs the control plane (and, with ``extauthz``, ext_authz) as real
+``meshward xds serve`` / ``meshward extauthz serve`` processes instead
+(:mod:`meshward.testing.servers`): what the demo and the fault tests run, so a server can be
+SIGKILLed and restarted where it listened. ``apps="process"`` runs each echo app as a process
+too (the demo: every part of the mesh is a process an operator would see).
+
 Processes go through the one launcher, :class:`meshward.testing.processes.Launcher`, so a
-sidecar or agent that dies is named with its log. The pieces the demo and the fault mesh share
-(an agent's command line, its readiness, a handle on the Envoy it runs) are functions here.
+sidecar or agent that dies is named with its log. An agent seen from outside (its command line,
+its readiness, a handle on the Envoy it runs) is :mod:`meshward.testing.agentproc`.
 Agent state directories live under a short private /tmp directory: Unix socket paths are limited
 to ~100 bytes.
 """
@@ -23,189 +29,56 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import shutil
-import signal
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from meshward.envoy.process import EnvoyProcess, tail
-from meshward.testing.processes import (
-    Component,
-    Launcher,
-    ReadyCheck,
-    StartFailed,
-    meshward_argv,
+from meshward.envoy.process import EnvoyProcess
+from meshward.testing import status_poll
+from meshward.testing.agentproc import (
+    ENVOY_DRAIN_ARGS,
+    AgentEnvoy,
+    agent_argv,
+    agent_serving,
+    agent_status,
+    slug,
+    write_join_token,
 )
+from meshward.testing.processes import Component, Launcher
+from meshward.testing.servers import EXTAUTHZ, XDS
 from meshward.testing.xds_resources import http_request
 
+if TYPE_CHECKING:
+    from meshward.policy import WorkloadPort
+
 Sidecars = Literal["agent", "bootstrap"]
-
-#: A listener update (an mTLS mode change, or a new kind of authorization filter; rule edits only
-#: change the route config) leaves open connections on the old listener until they drain;
-#: Envoy's default drains gradually over 600 s. Closing them at the next response keeps tests
-#: that change the filter set quick.
-ENVOY_DRAIN_ARGS = ("--drain-time-s", "2", "--drain-strategy", "immediate")
-
-
-# -- pieces shared with the demo and the fault mesh ------------------------------------------------
-def slug(ref: str) -> str:
-    return ref.replace("/", "-")
-
-
-def agent_argv(
-    ref: str,
-    xds: str,
-    state_dir: Path,
-    *,
-    trust_domain: str = "cluster.local",
-    root_namespace: str = "meshward-system",
-    service_account: str | None = None,
-    join: str | None = None,
-    token_file: Path | None = None,
-    root_cert: Path | None = None,
-    delta: bool = False,
-    envoy_args: Iterable[str] = ENVOY_DRAIN_ARGS,
-    drain_seconds: float = 0.5,
-    log_level: str = "warning",
-    extra: Iterable[str] = (),
-) -> list[str]:
-    """``meshward agent`` for one workload; with ``join``/``token_file``/``root_cert`` it makes
-    first contact with a join token, without them it resumes from the SVID in ``state_dir``."""
-    argv = meshward_argv(
-        "agent", "--workload", ref, "--xds", xds, "--dir", str(state_dir),
-        "--trust-domain", trust_domain, "--root-namespace", root_namespace,
-        "--drain-seconds", str(drain_seconds), "--envoy-log-level", log_level,
-        *(f"--envoy-arg={arg}" for arg in envoy_args),
-    )  # fmt: skip
-    if service_account:
-        argv += ["--service-account", service_account]
-    if delta:
-        argv.append("--delta")
-    if join is not None:
-        assert token_file is not None and root_cert is not None
-        argv += [
-            "--join",
-            join,
-            "--join-token-file",
-            str(token_file),
-            "--root-cert",
-            str(root_cert),
-        ]
-    return argv + list(extra)
-
-
-def write_join_token(
-    ca_dir: Path, ref: str, path: Path, ttl: timedelta = timedelta(minutes=10)
-) -> Path:
-    """A fresh one-time join token for ``ref`` (what `meshward ca join-token` prints), 0600."""
-    from meshward.certs.jointoken import load_or_create_key, mint
-
-    path.write_text(mint(load_or_create_key(ca_dir), ref, ttl=ttl) + "\n")
-    path.chmod(0o600)
-    return path
-
-
-def agent_status(state_dir: Path) -> dict[str, Any]:
-    """The agent's health (its ``status.json``), {} while it has written none."""
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads((state_dir / "status.json").read_text())
-        if isinstance(data, dict):
-            return data
-    return {}
-
-
-def agent_serving(state_dir: Path) -> ReadyCheck:
-    """Ready once the agent holds an SVID and its Envoy answers ``/ready`` LIVE. An Envoy that
-    exits before it was ever ready is a failed start (StartFailed, with Envoy's log), though the
-    agent keeps restarting it with backoff as it should in production."""
-    envoy = AgentEnvoy(state_dir)
-
-    def check() -> bool:
-        status = agent_status(state_dir)
-        proxy = status.get("envoy") or {}
-        if status.get("state") == "serving" and proxy.get("running") and envoy.ready():
-            return True
-        if proxy.get("restarts", 0) >= 1:
-            raise StartFailed(
-                f"its Envoy exited before it was ready; Envoy's last log lines "
-                f"({envoy.log_path}):\n{tail(envoy.log_path, 10)}"
-            )
-        return False
-
-    return check
-
-
-class AgentEnvoy(EnvoyProcess):
-    """The Envoy a `meshward agent` runs, seen from outside: its admin socket, log, pid and
-    config in the agent's state directory. Admin helpers (stats, config_dump, ...) work as on
-    any EnvoyProcess; starting and stopping it is the agent's job."""
-
-    def __init__(self, state_dir: Path, name: str = "envoy") -> None:
-        # Deliberately not EnvoyProcess.__init__: nothing here starts a process.
-        self.name = name
-        self.state_dir = state_dir
-        self.workdir = state_dir / "envoy"
-        self.admin_socket = state_dir / "admin.sock"
-        self.config_path = self.workdir / "envoy.json"
-        self.log_path = self.workdir / "envoy.log"
-        self.log_level = "warning"
-        self.extra_args = []
-        self._socket_dir = None
-        self._proc = None
-
-    @property
-    def config(self) -> dict[str, Any]:  # type: ignore[override]
-        data: dict[str, Any] = json.loads(self.config_path.read_text())
-        return data
-
-    @property
-    def pid(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError):
-            return int((self.workdir / "envoy.pid").read_text())
-        return None
-
-    @property
-    def returncode(self) -> int | None:
-        return None
-
-    def running(self) -> bool:
-        pid = self.pid
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        # a zombie (its agent was SIGKILLed and nobody reaped it) does not serve
-        with contextlib.suppress(OSError):
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        return True
-
-    def start(self, *, wait: bool = True, timeout: float = 30.0) -> EnvoyProcess:
-        raise RuntimeError("the agent starts its Envoy")
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGKILL an Envoy left behind (its agent was killed and not restarted)."""
-        pid = self.pid
-        if pid is not None and self.running():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        return None
+Where = Literal["thread", "process"]
+#: What the mesh waits for once every process is up (the demo prints it).
+CONVERGED = "every sidecar has its listeners, routes, clusters and certificates (ADS ACKed)"
 
 
 # -- the mesh ---------------------------------------------------------------------------------------
 class Mesh:
-    """Echo backends, each behind a real Envoy sidecar that gets everything over ADS from an
-    in-process control plane watching ``policy_dir`` (see the module docstring).
+    """Echo backends, each behind a real Envoy sidecar that gets everything over ADS from a
+    control plane watching ``policy_dir``, in this process or a process of its own (see the
+    module docstring).
 
     ``delta``: refs of the sidecars that use DELTA_GRPC (the others use SotW).
     ``compiler_hook``: wraps each workload's compiled resources (tests inject faults with it).
     ``agent_args``: extra ``meshward agent`` flags (e.g. faster renewal).
+
+    With ``control_plane="process"`` (agent sidecars only): ``xds_args``/``xds_env`` add to
+    ``meshward xds serve``'s command line and environment; ``extauthz`` (flags, or a function
+    of the started mesh returning them, for flags that need its CA) runs ``meshward extauthz
+    serve`` too; ``extra_ports`` are workload ports bound ahead that a test declares later.
+    ``launcher``: the launcher to start processes with (the demo's prints progress);
+    ``state_root``: where agents keep their state (default a private /tmp directory, removed on
+    stop); ``timeout``: seconds each process has to become ready, and the mesh to converge.
     """
 
     def __init__(
@@ -225,9 +98,39 @@ class Mesh:
         jwks_refresh_interval: float | None = None,
         flows_db: Any = None,
         agent_args: tuple[str, ...] = (),
+        control_plane: Where = "thread",
+        apps: Where = "thread",
+        xds_args: Sequence[str] = (),
+        xds_env: Mapping[str, str] | None = None,
+        extauthz: Sequence[str] | Callable[[Mesh], Sequence[str]] | None = None,
+        envoy_args: Sequence[str] = ENVOY_DRAIN_ARGS,
+        drain_seconds: float = 0.5,
+        extra_ports: Mapping[str, Sequence[WorkloadPort]] | None = None,
+        launcher: Launcher | None = None,
+        state_root: Path | None = None,
+        timeout: float = 60.0,
     ) -> None:
         if sidecars not in ("agent", "bootstrap"):
             raise ValueError(f"sidecars: 'agent' or 'bootstrap', not {sidecars!r}")
+        if control_plane not in ("thread", "process") or apps not in ("thread", "process"):
+            raise ValueError(
+                f"control_plane, apps: 'thread' or 'process' ({control_plane!r}, {apps!r})"
+            )
+        if control_plane == "process" and (sidecars != "agent" or compiler_hook is not None):
+            raise ValueError("control_plane='process' runs agent sidecars and no compiler hook")
+        if extauthz is not None and control_plane != "process":
+            raise ValueError("extauthz runs as a process beside a control_plane='process'")
+        self.control_plane: Where = control_plane
+        self.apps: Where = apps
+        self.xds_args = tuple(xds_args)
+        self.xds_env = dict(xds_env or {})
+        self.extauthz = extauthz
+        self.envoy_args = tuple(envoy_args)
+        self.drain_seconds = drain_seconds
+        self.extra_ports = {ref: tuple(ports) for ref, ports in (extra_ports or {}).items()}
+        self.timeout = timeout
+        self.servers: Any = None  # ServerProcesses, with control_plane="process"
+        self.app_ports: dict[str, int] = {}  # ref -> the port its app listens on
         self.sidecars: Sidecars = sidecars
         self.policy_dir = Path(policy_dir)
         self.workdir = Path(workdir)
@@ -242,7 +145,9 @@ class Mesh:
         self.jwks_refresh_interval = jwks_refresh_interval  # None: meshward.xds.jwks default
         self.flows_db = flows_db  # a flow store: sidecars stream flow logs to the control plane
         self.agent_args = agent_args
-        self.launcher = Launcher(self.workdir, quiet=True, logs=self.workdir / "mesh-logs")
+        self.launcher = launcher or Launcher(
+            self.workdir, quiet=True, logs=self.workdir / "mesh-logs"
+        )
         self.echoes: dict[str, Any] = {}
         self.envoys: dict[str, EnvoyProcess] = {}
         self.xds: Any = None
@@ -251,7 +156,10 @@ class Mesh:
         self.bindings: dict[str, Any] = {}
         self.trust_domain = "cluster.local"
         self.root_namespace = "meshward-system"
-        self.state_root = Path(tempfile.mkdtemp(prefix="mwa-")) if sidecars == "agent" else None
+        self._own_state_root = sidecars == "agent" and state_root is None
+        self.state_root = (
+            Path(tempfile.mkdtemp(prefix="mwa-")) if self._own_state_root else state_root
+        )
         self._compiler: Any = None
 
     @property
@@ -259,29 +167,36 @@ class Mesh:
         return self.launcher
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> Mesh:
+    def start(self, timeout: float | None = None) -> Mesh:
+        from dataclasses import replace
+
         from meshward.compile import CompileOptions, runtime_bindings
         from meshward.net import free_port
         from meshward.policy import load
-        from meshward.testing.echo import EchoServer
         from meshward.xds.bootstrap import XDS_CLUSTER
 
+        timeout = self.timeout if timeout is None else timeout
         policy = load([self.policy_dir])
         self.trust_domain = policy.mesh.trust_domain
         self.root_namespace = policy.mesh.root_namespace
         self._policy = policy
-        for ref in self.refs:
-            echo = EchoServer(ref.split("/")[1])
-            echo.__enter__()
-            self.echoes[ref] = echo
-        app_ports = {
-            (w.ref, p.port): self.echoes[w.ref].port
+        self._start_apps()
+        workloads = [
+            replace(w, ports=(*w.ports, *self.extra_ports[w.ref]))
+            if w.ref in self.extra_ports
+            else w
             for w in policy.workloads
-            if w.ref in self.echoes
+        ]
+        app_ports = {
+            (w.ref, p.port): self.app_ports[w.ref]
+            for w in workloads
+            if w.ref in self.app_ports
             for p in w.ports
         }
         supply = (free_port() for _ in itertools.count())
-        self.bindings = runtime_bindings(policy.workloads, supply, app_ports=app_ports)
+        self.bindings = runtime_bindings(workloads, supply, app_ports=app_ports)
+        if self.control_plane == "process":
+            return self._start_processes(timeout)
         options = CompileOptions(
             bindings=self.bindings,
             listen_host="127.0.0.1",
@@ -295,6 +210,62 @@ class Mesh:
             self.start_sidecar(ref)
         self.launcher.wait_ready()
         self.wait_converged(timeout=timeout)
+        return self
+
+    def _start_apps(self) -> None:
+        """One echo app per workload: in this process, or (``apps="process"``) as a process."""
+        from meshward.net import free_port
+        from meshward.testing.echo import EchoServer
+        from meshward.testing.processes import port_open
+
+        for ref in self.refs:
+            name = ref.split("/")[1]
+            if self.apps == "thread":
+                echo = EchoServer(name)
+                echo.__enter__()
+                self.echoes[ref] = echo
+                self.app_ports[ref] = echo.port
+                continue
+            port = self.app_ports[ref] = free_port()
+            argv = [sys.executable, "-m", "meshward.testing.echo", "--name", name]
+            argv += ["--port", str(port)]
+            self.launcher.launch(
+                name,
+                argv,
+                ready=lambda port=port: port_open(port),  # type: ignore[misc]
+                timeout=self.timeout,
+                what=f"{ref} app on 127.0.0.1:{port}",
+            )
+
+    def _start_processes(self, timeout: float) -> Mesh:
+        """The control plane (and ext_authz) as processes, then the agents; wait until every
+        sidecar has ACKed its config, naming what lags if it does not."""
+        from meshward.xds.cli import dump_bindings
+
+        run = self.workdir / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        self._bindings_file = run / "bindings.json"
+        self._bindings_file.write_text(json.dumps(dump_bindings(self.bindings), indent=2) + "\n")
+        self._make_ca()
+        self.start_control_plane()
+        for ref in self.refs:
+            self.start_sidecar(ref)
+        self.launcher.wait_ready()
+        if self.servers.extauthz_argv is not None:
+            self.servers.wait((EXTAUTHZ,))  # ready already: read where it listens
+
+        def explain() -> str:
+            try:
+                return "; ".join(status_poll.lagging(self.status(), self.refs))
+            except OSError as exc:
+                return f"control plane status unreachable: {exc}"
+
+        self.launcher.wait_for(
+            CONVERGED,
+            lambda: status_poll.converged(self.status(), self.refs),
+            timeout=timeout,
+            explain=explain,
+        )
         return self
 
     def _make_compiler(self, options: Any) -> Any:
@@ -321,12 +292,16 @@ class Mesh:
         from meshward.certs import CertificateAuthority
 
         if self.sidecars == "agent":  # on disk: join tokens are signed with its key
-            CertificateAuthority.init(self.ca_dir, self.trust_domain)
+            CertificateAuthority.init(self.ca_dir, self.trust_domain, force=True)
             self.ca = CertificateAuthority.load(self.ca_dir)
         else:
             self.ca = CertificateAuthority.ephemeral(self.trust_domain)
 
     def start_control_plane(self, listen: str = "127.0.0.1:0") -> None:
+        """Start the control plane (a process: where it listened before, once it has)."""
+        if self.control_plane == "process":
+            self._start_control_plane_process()
+            return
         from meshward.flows.service import flows_for
         from meshward.xds.service import XdsServiceThread
 
@@ -349,8 +324,62 @@ class Mesh:
             **({"join_listen": "127.0.0.1:0", "agent_secrets": True} if agent else {}),
         ).start()
 
+    def _start_control_plane_process(self) -> None:
+        from meshward.testing.servers import ServerProcesses
+
+        if self.servers is not None:
+            self.servers.start(XDS)
+            return
+        extauthz = self.extauthz(self) if callable(self.extauthz) else self.extauthz
+        xds_args = [
+            "--watch-interval", str(self.watch_interval),
+            "--svid-ttl", f"{self.svid_ttl.total_seconds():g}s",
+            "--drift-threshold", f"{self.drift_threshold:g}s",
+            *(["--flows-db", str(self.flows_db)] if self.flows_db is not None else []),
+            *self.xds_args,
+        ]  # fmt: skip
+        self.servers = ServerProcesses(
+            self.launcher,
+            self.workdir / "run",
+            policy_dir=self.policy_dir,
+            ca_dir=self.ca_dir,
+            bindings_file=self._bindings_file,
+            xds_args=xds_args,
+            xds_env=self.xds_env,
+            extauthz_args=None if extauthz is None else list(extauthz),
+            timeout=self.timeout,
+        )
+        self.servers.launch()
+        self.servers.wait((XDS,))
+
+    def kill_server(self, name: str) -> None:
+        """SIGKILL a server process (``xds`` or ``extauthz``; no goodbye to anyone)."""
+        self.servers.kill(name)
+
+    def start_server(self, name: str, *, wait: bool = True) -> None:
+        """Start a server process again, where it listened before."""
+        self.servers.start(name, wait=wait)
+
+    @property
+    def ads_address(self) -> str:
+        return str(self.servers.ads if self.servers is not None else self.xds.service.address)
+
+    @property
+    def join_address(self) -> str:
+        return str(self.servers.join if self.servers is not None else self.xds.service.join_address)
+
+    @property
+    def admin_url(self) -> str:
+        """The control plane's admin URL (``http://127.0.0.1:PORT``)."""
+        if self.servers is not None:
+            return str(self.servers.admin_url)
+        return str(self.xds.service.admin_url)
+
     def stop_control_plane(self) -> str:
         """Stop the control plane; its ADS address, to start it there again."""
+        if self.servers is not None:
+            self.servers.stop(XDS)
+            return self.ads_address
         address: str = self.xds.service.address
         self.xds.stop()
         return address
@@ -366,6 +395,8 @@ class Mesh:
         return self.launcher[self._name(ref)]
 
     def _name(self, ref: str) -> str:
+        if self.control_plane == "process":  # as the demo's progress lines name them
+            return f"{ref.split('/')[1]}-sidecar"
         return ("agent-" if self.sidecars == "agent" else "sidecar-") + slug(ref)
 
     def start_sidecar(self, ref: str, *, join: bool = True) -> Component:
@@ -409,15 +440,14 @@ class Mesh:
         return self.state_root / slug(ref)
 
     def start_agent(self, ref: str, *, join: bool) -> Component:
-        service = self.xds.service
         state = self.state_dir(ref)
         workload = self._policy.workload(ref)
         join_args: dict[str, Any] = {}
         if join:
             roots = self.workdir / "root.pem"
-            roots.write_bytes(service.control.ca.trust_bundle().roots_pem)
+            roots.write_bytes(self._roots_pem())
             join_args = {
-                "join": service.join_address,
+                "join": self.join_address,
                 "token_file": write_join_token(
                     self.ca_dir, ref, self.workdir / f"{slug(ref)}.token"
                 ),
@@ -425,18 +455,36 @@ class Mesh:
             }
         argv = agent_argv(
             ref,
-            service.address,
+            self.ads_address,
             state,
             trust_domain=self.trust_domain,
             root_namespace=self.root_namespace,
             service_account=workload.service_account if workload is not None else None,
             delta=ref in self.delta,
+            envoy_args=self.envoy_args,
+            drain_seconds=self.drain_seconds,
             log_level=self.log_level,
             extra=self.agent_args,
             **join_args,
         )
         self.envoys[ref] = AgentEnvoy(state, name=f"{ref.split('/')[1]}-sidecar")
-        return self.launcher.launch(self._name(ref), argv, ready=agent_serving(state), timeout=60)
+        return self.launcher.launch(
+            self._name(ref),
+            argv,
+            ready=agent_serving(state),
+            timeout=self.timeout,
+            what=f"meshward agent + Envoy for {ref}",
+        )
+
+    def _roots_pem(self) -> bytes:
+        """The trust bundle a joining agent starts from: the running control plane's (a
+        process: the CA on disk it loaded)."""
+        if self.servers is not None:
+            from meshward.certs import CertificateAuthority
+
+            return CertificateAuthority.load(self.ca_dir).trust_bundle().roots_pem
+        pem: bytes = self.xds.service.control.ca.trust_bundle().roots_pem
+        return pem
 
     def wait_agent(self, ref: str, timeout: float = 60.0) -> dict[str, Any]:
         self.launcher.wait_ready([self._name(ref)])
@@ -504,11 +552,15 @@ class Mesh:
 
     # -- control plane ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        if self.servers is not None:
+            return status_poll.fetch_status(self.servers.admin_url)
         result: dict[str, Any] = self.xds.status()
         return result
 
     def converged(self, policy_version: str | None = None) -> bool:
         status = self.status()
+        if self.servers is not None:
+            return status_poll.converged(status, self.refs, policy_version)
         if policy_version is not None and status["policy"]["version"] != policy_version:
             return False
         nodes = {n["node"]: n for n in status["nodes"]}
@@ -524,14 +576,22 @@ class Mesh:
     def wait_converged(self, policy_version: str | None = None, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.converged(policy_version):
-                return
+            with contextlib.suppress(OSError):  # a control plane process (re)starting
+                if self.converged(policy_version):
+                    return
             time.sleep(0.05)
         logs = "\n".join(
             f"--- {ref}\n{self.agent_log(ref)[-2000:]}\n{self.envoy_log(ref)[-2000:]}"
             for ref in self.refs
         )
-        raise TimeoutError(f"mesh did not converge in {timeout}s: {self.status()['nodes']}\n{logs}")
+        try:
+            status = self.status()
+            nodes: Any = status["nodes"]
+            if self.servers is not None:
+                nodes = "; ".join(status_poll.lagging(status, self.refs, policy_version))
+        except OSError as exc:
+            nodes = f"control plane status unreachable: {exc}"
+        raise TimeoutError(f"mesh did not converge in {timeout}s: {nodes}\n{logs}")
 
     def access_log(self, ref: str) -> list[dict[str, Any]]:
         entries = []
@@ -554,7 +614,7 @@ class Mesh:
         finally:
             for echo in self.echoes.values():
                 echo.__exit__(None, None, None)
-            if self.state_root is not None:
+            if self.state_root is not None and self._own_state_root:
                 shutil.rmtree(self.state_root, ignore_errors=True)
 
     def __enter__(self) -> Mesh:
@@ -574,6 +634,8 @@ LocalMesh = Mesh
 AgentMesh = Mesh
 
 __all__ = [
+    "CONVERGED",
+    "ENVOY_DRAIN_ARGS",
     "AgentEnvoy",
     "AgentMesh",
     "LocalMesh",
@@ -582,5 +644,6 @@ __all__ = [
     "agent_serving",
     "agent_status",
     "http_request",
+    "slug",
     "write_join_token",
 ]

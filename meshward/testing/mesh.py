@@ -5,11 +5,12 @@ directory, and one sidecar per workload, all on 127.0.0.1 with ports picked at r
 
 - ``sidecars="agent"`` (the default, as in production): a ``meshward agent`` process per
   workload joins with a fresh one-time token, keeps its key on the node, serves SVID and bundle
-  to its Envoy over SDS on a Unix socket and starts that Envoy; the control plane runs with
-  ``--secrets agent`` and never makes a workload key.
-- ``sidecars="bootstrap"``: Envoy started directly from the bootstrap ``meshward bootstrap``
-  writes (ADS credential inline, SVIDs pushed by the control plane over SDS), the path of
-  operators who run Envoy themselves, and of the tests of control-plane-issued SVIDs.
+  to its Envoy over SDS on a Unix socket and starts that Envoy.
+- ``sidecars="bootstrap"``: the path of operators who run Envoy themselves: ``meshward
+  bootstrap`` (a process) makes the key, joins with a fresh token and writes the sidecar
+  directory; Envoy is started from its bootstrap and reads its SVID from those files
+  (:meth:`Mesh.renew_bootstrap` re-runs it with ``--renew``).
+Either way the control plane never makes a workload key.
 
 Processes go through the one launcher, :class:`meshward.testing.processes.Launcher`, so a
 sidecar or agent that dies is named with its log. The pieces the demo and the fault mesh share
@@ -251,7 +252,7 @@ class Mesh:
         self.bindings: dict[str, Any] = {}
         self.trust_domain = "cluster.local"
         self.root_namespace = "meshward-system"
-        self.state_root = Path(tempfile.mkdtemp(prefix="mwa-")) if sidecars == "agent" else None
+        self.state_root = Path(tempfile.mkdtemp(prefix="mwa-"))  # short: Unix socket paths
         self._compiler: Any = None
 
     @property
@@ -306,7 +307,7 @@ class Mesh:
             if self.jwks_refresh_interval is not None
             else JwksCache()
         )
-        compiler: Any = compiler_for(options, agent_secrets=self.sidecars == "agent", jwks=jwks)
+        compiler: Any = compiler_for(options, jwks=jwks)
         if self.compiler_hook is not None:
             inner, hook = compiler, self.compiler_hook
 
@@ -320,20 +321,15 @@ class Mesh:
     def _make_ca(self) -> None:
         from meshward.certs import CertificateAuthority
 
-        if self.sidecars == "agent":  # on disk: join tokens are signed with its key
-            CertificateAuthority.init(self.ca_dir, self.trust_domain)
-            self.ca = CertificateAuthority.load(self.ca_dir)
-        else:
-            self.ca = CertificateAuthority.ephemeral(self.trust_domain)
+        CertificateAuthority.init(self.ca_dir, self.trust_domain)  # on disk: join tokens
+        self.ca = CertificateAuthority.load(self.ca_dir)
 
     def start_control_plane(self, listen: str = "127.0.0.1:0") -> None:
+        from meshward.certs import CertificateAuthority
         from meshward.xds.service import XdsServiceThread
 
-        agent = self.sidecars == "agent"
-        if agent:  # as a restarted `xds serve` would: the CA as it is on disk now
-            from meshward.certs import CertificateAuthority
-
-            self.ca = CertificateAuthority.load(self.ca_dir)
+        # as a restarted `xds serve` would: the CA as it is on disk now
+        self.ca = CertificateAuthority.load(self.ca_dir)
         self.xds = XdsServiceThread(
             None,
             self.ca,
@@ -345,7 +341,7 @@ class Mesh:
             schedule=self.schedule,
             drift_threshold=self.drift_threshold,
             flows_db=None if self.flows_db is None else str(self.flows_db),
-            **({"join_listen": "127.0.0.1:0", "agent_secrets": True} if agent else {}),
+            join_listen="127.0.0.1:0",
         ).start()
 
     def stop_control_plane(self) -> str:
@@ -374,25 +370,44 @@ class Mesh:
             return self.start_agent(ref, join=join)
         return self._start_envoy(ref)
 
-    def _start_envoy(self, ref: str) -> Component:
-        from meshward.xds.bootstrap import AdsCredentials, render_bootstrap
-        from meshward.xds.nodeid import NodeId
-
+    def _bootstrap_argv(self, ref: str, *extra: str) -> list[str]:
         workload = self._policy.workload(ref)
-        assert workload is not None, ref
-        service = self.xds.service
-        svid = self.ca.issue(workload.spiffe_id(self.trust_domain))
-        namespace, name = ref.split("/")
-        config = render_bootstrap(
-            NodeId(namespace, name),
-            "127.0.0.1",
-            self.xds.port,
-            server_identity=service.server_identity,
-            credentials=AdsCredentials(
-                svid.cert_chain_pem, svid.private_key_pem, self.ca.trust_bundle().roots_pem
-            ),
-            delta=ref in self.delta,
+        account = workload.service_account if workload is not None else None
+        return meshward_argv(
+            "bootstrap", "--workload", ref, "--xds", self.xds.service.address,
+            "--out", str(self.state_root), "--trust-domain", self.trust_domain,
+            "--root-namespace", self.root_namespace, "--json",
+            *(("--service-account", account) if account else ()),
+            *(("--delta",) if ref in self.delta else ()), *extra,
+        )  # fmt: skip
+
+    def run_bootstrap(self, ref: str, *extra: str) -> dict[str, Any]:
+        """Run `meshward bootstrap` for ``ref`` (``extra``: e.g. ``--renew``); its JSON result."""
+        import subprocess
+
+        done = subprocess.run(
+            self._bootstrap_argv(ref, *extra), capture_output=True, text=True, timeout=60
         )
+        if done.returncode != 0:
+            raise StartFailed(f"meshward bootstrap {ref} exited {done.returncode}: {done.stderr}")
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    def renew_bootstrap(self, ref: str) -> dict[str, Any]:
+        """`meshward bootstrap --renew` for an operator-run sidecar (what its cron would run)."""
+        return self.run_bootstrap(ref, "--renew")
+
+    def _start_envoy(self, ref: str) -> Component:
+        service = self.xds.service
+        roots = self.workdir / "root.pem"
+        roots.write_bytes(service.control.ca.trust_bundle().roots_pem)
+        token = write_join_token(self.ca_dir, ref, self.workdir / f"{slug(ref)}.token")
+        result = self.run_bootstrap(
+            ref, "--join", str(service.join_address), "--join-token-file", str(token),
+            "--root-cert", str(roots),
+        )  # fmt: skip
+        config = json.loads(Path(result["bootstrap"]).read_text())
+        name = ref.split("/")[1]
         envoy = EnvoyProcess(
             config,
             name=f"{name}-sidecar",
@@ -404,7 +419,10 @@ class Mesh:
         return self.launcher.launch_envoy(self._name(ref), envoy, timeout=60)
 
     def state_dir(self, ref: str) -> Path:
-        assert self.state_root is not None, "only agent sidecars have a state directory"
+        """The agent's state directory, or the `meshward bootstrap` sidecar directory."""
+        if self.sidecars == "bootstrap":
+            namespace, name = ref.split("/")
+            return self.state_root / f"{name}.{namespace}"
         return self.state_root / slug(ref)
 
     def start_agent(self, ref: str, *, join: bool) -> Component:

@@ -54,7 +54,6 @@ class XdsService:
         limits: NodeLimits | None = None,
         join_listen: str | None = None,
         state_dir: Path | None = None,
-        agent_secrets: bool = False,
         flows_db: str | None = None,
         history_dir: Path | None = None,
         history_keep: int = 20,
@@ -67,10 +66,9 @@ class XdsService:
         per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`).
         ``join_listen``: where node agents present join tokens (None: no joins; renewals by CSR
         are always served on the ADS port, see :mod:`meshward.xds.certservice`); ``state_dir``:
-        where spent join tokens are recorded (default: the CA directory). ``agent_secrets``:
-        every sidecar runs under `meshward agent`, which holds its key and serves its secrets:
-        the control plane issues no keyed SVIDs (``compiler`` should come from
-        ``compiler_for(..., agent_secrets=True)``). ``flows_db``: the flow store (a SQLite file or ``postgresql://...``) behind the flow
+        where spent join tokens are recorded (default: the CA directory). No workload key is made
+        here: each node brings its own SVID (by CSR) and serves it to its Envoy (the agent's SDS,
+        or files from `meshward bootstrap`). ``flows_db``: the flow store (a SQLite file or ``postgresql://...``) behind the flow
         collector on the ADS port and the admin's /flows and /denials (None: no collector).
         ``history_dir``: where the last ``history_keep`` applied policy sets and the audit log
         are kept (meshward.xds.history; None: no history, /policy is still served)."""
@@ -93,9 +91,8 @@ class XdsService:
             self.jwks.refresh(jwks_uris(policy))
         self.limits = limits or NodeLimits()
         self.control = ControlPlane(
-            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits,
-            issue_svids=not agent_secrets,
-        )  # fmt: skip
+            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits
+        )
         self.certs = _cert_service(self.control, self.limits, ca, state_dir)
         self.join_listen = join_listen
         self.control.metrics = self.metrics

@@ -391,16 +391,7 @@ class ControlPlane:
         )
 
     def client_certificate_status(self, cert: ClientCertificate) -> dict[str, Any]:
-        status = credentials_status(cert, self.ca.generations, self.wall_clock())
-        if status["warning"]:
-            # The stream's certificate is the node's SVID: an agent renews onto the new root by
-            # itself; an operator-run Envoy gets there with `meshward bootstrap --renew`.
-            status["warning"] = (
-                f"this stream opened with an SVID from CA generation {cert.ca_generation}; the "
-                "node's next SVID (the agent's renewal, or `meshward bootstrap --renew` for an "
-                "operator-run Envoy) comes from the new root and the next connection uses it"
-            )
-        return status
+        return credentials_status(cert, self.ca.generations, self.wall_clock())
 
     def _snapshot(self, state: NodeState) -> Snapshot:
         config = self.configs.get(state.node.workload_ref)

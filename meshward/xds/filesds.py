@@ -47,7 +47,7 @@ def check_secrets_dir(directory: str) -> str:
         raise ValueError(f"{METADATA_SECRETS_DIR} must be a non-empty string")
     if len(directory) > MAX_DIR_LENGTH:
         raise ValueError(f"{METADATA_SECRETS_DIR} is longer than {MAX_DIR_LENGTH} characters")
-    if not _SAFE_DIR.match(directory) or "/../" in f"{directory}/" or "//" in directory:
+    if not _SAFE_DIR.fullmatch(directory) or "/../" in f"{directory}/" or "//" in directory:
         raise ValueError(
             f"{METADATA_SECRETS_DIR} {directory[:80]!r} must be an absolute, normalized path of "
             "letters, digits and ._/+@=,:~- (where this Envoy finds the files of `meshward "

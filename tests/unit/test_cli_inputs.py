@@ -58,7 +58,7 @@ BOOT = ["bootstrap", "--workload", "shop/orders", "--xds", "127.0.0.1:15010"]
             ],
             1,
             "cannot read join token file /nonexistent/token",
-        ),  # fmt: skip
+        ),
         (["--ca", "certs/ca"], 2, "unrecognized arguments: --ca"),  # the node holds no CA
     ],
 )

@@ -301,7 +301,8 @@ async def test_a_flood_of_bad_requests_stays_bounded(service: XdsService, ca_dir
 
 
 async def test_status_advice_after_rotation_fits_agents(service: XdsService, ca_dir: Path) -> None:
-    """`meshward bootstrap` advice is for bootstrap-file sidecars; agents renew by themselves."""
+    """The advice fits both kinds of node: agents renew by themselves, an operator-run Envoy
+    needs `meshward bootstrap --renew` (nothing the control plane made to re-issue)."""
     from datetime import UTC, datetime
 
     from meshward.xds.clientcert import RETIRING, ClientCertificate
@@ -313,4 +314,4 @@ async def test_status_advice_after_rotation_fits_agents(service: XdsService, ca_
     )
     assert status["state"] == RETIRING
     assert "agent renews by itself" in status["warning"]
-    assert "meshward bootstrap" not in status["warning"]
+    assert "meshward bootstrap --renew" in status["warning"]

@@ -208,7 +208,10 @@ async def test_a_client_following_routes_gets_rule_edits_over_rds(
     inbound = "inbound|8080|orders.shop"
     await until(lambda: inbound in client.view(typeurls.ROUTE).resources, what="the inbound route")
     await until(lambda: in_sync(service, "shop/orders"), what="sync")
-    routes, listeners = client.view(typeurls.ROUTE).responses, client.view(typeurls.LISTENER).responses
+    routes, listeners = (
+        client.view(typeurls.ROUTE).responses,
+        client.view(typeurls.LISTENER).responses,
+    )
     service.control.apply_policy(policy('"PUT"'))
     await until(lambda: client.view(typeurls.ROUTE).responses > routes, what="the RDS push")
     await until(lambda: in_sync(service, "shop/orders"), what="sync")

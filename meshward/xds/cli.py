@@ -21,12 +21,17 @@ examples:
       --admin 127.0.0.1:0 --bindings bindings.json --ready-file xds.json
   meshward xds serve --policy examples/ --ca certs/ca --max-instances 20 --svid-rate 0.5 \\
       --node-gc-after 5m          # tighter per-identity limits (see "per-identity limits")
-  meshward xds serve --policy examples/ --ca certs/ca --secrets agent \\
-      --join-listen 127.0.0.1:15012   # sidecars under `meshward agent` (keys stay on nodes)
+  meshward xds serve --policy examples/ --ca certs/ca \\
+      --join-listen 127.0.0.1:15012   # nodes make first contact with a join token there
 
+Workload keys never leave their node: the control plane makes none and serves none. Each
+sidecar's key is generated on its node, by `meshward agent` (which serves it to Envoy over SDS
+on a Unix socket) or by `meshward bootstrap` for an operator-run Envoy (files read through
+file-based SDS), and its SVID is signed from a CSR: first contact with a one-time join token
+(`meshward ca join-token`) on --join-listen, renewals over mTLS on the ADS port.
 The ADS listener is mTLS only: its certificate is issued by the CA for
 spiffe://<td>/ns/<root namespace>/sa/meshward-xds, and every sidecar must present the SVID of
-the workload named by its node id (`meshward bootstrap` writes those credentials).
+the workload named by its node id.
 Policy files are watched: a valid change is pushed to the affected sidecars only; an invalid
 one is rejected (shown in `meshward status`) and the running version stays.
 

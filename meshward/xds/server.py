@@ -483,10 +483,13 @@ class AdsServer:
                 )  # fmt: skip
             elif isinstance(event, SecretDenied):
                 for name in event.names:
-                    if name in OWN_SECRETS:  # its own, not issued yet (the CA failed?)
+                    if name in OWN_SECRETS:  # its own SVID: never served from here
                         log.warning(
-                            "node %s asked for its secret %r, not available yet", node, name
-                        )
+                            "node %s asked the control plane for its secret %r: nothing sent, "
+                            "a node's SVID comes from its agent or its `meshward bootstrap` "
+                            "files (an Envoy bootstrap from an older Meshward?)",
+                            node, name,
+                        )  # fmt: skip
                         continue
                     self.metrics.secret_denials.inc()
                     audit.warning(

@@ -35,15 +35,16 @@ class ServerIdentityMismatch(Exception):
     pass
 
 
-def node_ssl_context(ca: Any, spiffe_id: str, *, now: Any = None) -> ssl.SSLContext:
+def node_ssl_context(ca: Any, spiffe_id: str) -> ssl.SSLContext:
     """A node's mTLS context for the ADS port: a key made here (as the agent and `meshward
     bootstrap` do), an SVID signed by ``ca`` (a CertificateAuthority) from its CSR, the bundle."""
-    from meshward.agent.identity import key_pem, make_csr, new_key
     from meshward.certs.client_tls import client_ssl_context
+    from meshward.testing.sidecar import node_svid
 
-    key = new_key()
-    svid = ca.issue_for_csr(make_csr(key, spiffe_id), spiffe_id, now=now)
-    return client_ssl_context(svid.cert_chain_pem, key_pem(key), ca.trust_bundle().roots_pem)
+    svid = node_svid(ca, spiffe_id)
+    return client_ssl_context(
+        svid.cert_chain_pem, svid.private_key_pem, ca.trust_bundle().roots_pem
+    )
 
 
 @dataclass

@@ -111,6 +111,29 @@ def write_join_token(
     return path
 
 
+def bootstrap_sidecar(
+    ca_dir: Path, ref: str, xds: str, join: str | None, out: Path, *extra: str
+) -> dict[str, Any]:
+    """`meshward bootstrap` as an operator runs it (a process): with ``join``, first contact
+    with a fresh join token (and the CA's roots to authenticate the control plane); without,
+    ``extra`` says what (e.g. ``--renew``). Its ``--json`` result; StartFailed if it failed."""
+    import subprocess
+
+    argv = meshward_argv("bootstrap", "--workload", ref, "--xds", xds, "--out", str(out), "--json")
+    if join is not None:
+        from meshward.certs import CertificateAuthority
+
+        roots = out.parent / f"{slug(ref)}.roots.pem"
+        roots.write_bytes(CertificateAuthority.load(ca_dir).trust_bundle().roots_pem)
+        token = write_join_token(ca_dir, ref, out.parent / f"{slug(ref)}.token")
+        argv += ["--join", join, "--join-token-file", str(token), "--root-cert", str(roots)]
+    done = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise StartFailed(f"meshward bootstrap {ref} exited {done.returncode}: {done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 def agent_status(state_dir: Path) -> dict[str, Any]:
     """The agent's health (its ``status.json``), {} while it has written none."""
     with contextlib.suppress(OSError, ValueError):
@@ -370,42 +393,26 @@ class Mesh:
             return self.start_agent(ref, join=join)
         return self._start_envoy(ref)
 
-    def _bootstrap_argv(self, ref: str, *extra: str) -> list[str]:
+    def run_bootstrap(self, ref: str, *extra: str, join: bool = False) -> dict[str, Any]:
+        """Run `meshward bootstrap` for ``ref`` (``join``: first contact with a fresh token;
+        ``extra``: e.g. ``--renew``); its JSON result."""
         workload = self._policy.workload(ref)
         account = workload.service_account if workload is not None else None
-        return meshward_argv(
-            "bootstrap", "--workload", ref, "--xds", self.xds.service.address,
-            "--out", str(self.state_root), "--trust-domain", self.trust_domain,
-            "--root-namespace", self.root_namespace, "--json",
+        service = self.xds.service
+        return bootstrap_sidecar(
+            self.ca_dir, ref, service.address, service.join_address if join else None,
+            self.state_root, "--trust-domain", self.trust_domain,
+            "--root-namespace", self.root_namespace,
             *(("--service-account", account) if account else ()),
             *(("--delta",) if ref in self.delta else ()), *extra,
         )  # fmt: skip
-
-    def run_bootstrap(self, ref: str, *extra: str) -> dict[str, Any]:
-        """Run `meshward bootstrap` for ``ref`` (``extra``: e.g. ``--renew``); its JSON result."""
-        import subprocess
-
-        done = subprocess.run(
-            self._bootstrap_argv(ref, *extra), capture_output=True, text=True, timeout=60
-        )
-        if done.returncode != 0:
-            raise StartFailed(f"meshward bootstrap {ref} exited {done.returncode}: {done.stderr}")
-        result: dict[str, Any] = json.loads(done.stdout)
-        return result
 
     def renew_bootstrap(self, ref: str) -> dict[str, Any]:
         """`meshward bootstrap --renew` for an operator-run sidecar (what its cron would run)."""
         return self.run_bootstrap(ref, "--renew")
 
     def _start_envoy(self, ref: str) -> Component:
-        service = self.xds.service
-        roots = self.workdir / "root.pem"
-        roots.write_bytes(service.control.ca.trust_bundle().roots_pem)
-        token = write_join_token(self.ca_dir, ref, self.workdir / f"{slug(ref)}.token")
-        result = self.run_bootstrap(
-            ref, "--join", str(service.join_address), "--join-token-file", str(token),
-            "--root-cert", str(roots),
-        )  # fmt: skip
+        result = self.run_bootstrap(ref, join=True)
         config = json.loads(Path(result["bootstrap"]).read_text())
         name = ref.split("/")[1]
         envoy = EnvoyProcess(
@@ -598,6 +605,7 @@ __all__ = [
     "agent_argv",
     "agent_serving",
     "agent_status",
+    "bootstrap_sidecar",
     "http_request",
     "write_join_token",
 ]

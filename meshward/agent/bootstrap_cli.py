@@ -43,12 +43,12 @@ within the grace period after a `meshward ca rotate` (the renewal also refreshes
 bundle). An SVID that expired cannot be renewed: the node needs a new join token.
 
 writes <out>/<name>.<namespace>[.<instance>]/ (0700):
-  {BOOTSTRAP_FILE}          Envoy bootstrap: node id NS/NAME[/INSTANCE], ADS over mTLS with the SVID
-                      below, admin on the Unix socket {ADMIN_SOCKET_FILE} (0600; --admin-socket), never TCP
-  {SVID_FILE}            the workload key (generated here) then its SVID chain, 0600
-  {BUNDLE_FILE}          the trust bundle (the mesh roots)
-  {SDS_FILES["default"]}  file-based SDS: Envoy reads {SVID_FILE} and {BUNDLE_FILE} through these and
-  {SDS_FILES["ROOTCA"]}   watches the directory, so a renewal reaches a running Envoy (no restart)
+  {BOOTSTRAP_FILE:<18}Envoy bootstrap: node id NS/NAME[/INSTANCE], ADS over mTLS with the SVID
+  {"":<18}below, admin on the Unix socket {ADMIN_SOCKET_FILE} (0600; --admin-socket), never TCP
+  {SVID_FILE:<18}the workload key (generated here) then its SVID chain, 0600
+  {BUNDLE_FILE:<18}the trust bundle (the mesh roots)
+  {SDS_FILES["default"]:<18}file-based SDS: Envoy reads {SVID_FILE} and {BUNDLE_FILE} through these
+  {SDS_FILES["ROOTCA"]:<18}and watches the directory: a renewal reaches a running Envoy (no restart)
 The control plane points this node's listeners and clusters at the same files (the bootstrap's
 node metadata names the directory); it never sees the key. Exit codes: 0 written, 1 refused
 (no valid SVID and no usable token, join/renewal refused or unreachable, bad input), 2 usage.

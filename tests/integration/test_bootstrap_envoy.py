@@ -131,6 +131,7 @@ def test_operator_run_envoy_joins_serves_mtls_and_renews_live(
     # What the control plane holds, logs and serves: no private key, none of the nodes' keys.
     held = [
         repr(vars(control)).encode(),
+        repr(vars(mesh.xds.service.certs)).encode(),  # the certificate service (CSRs signed)
         json.dumps(mesh.xds.status(), default=str).encode(),
         caplog.text.encode(),
     ]

@@ -119,10 +119,6 @@ class ControlPlane:
         self._bundle_version = ""
         self._rootca: Resource | None = None
         self._wake: asyncio.Event | None = None
-        # When the timer loop next wakes by itself: a connecting node pokes it only when its
-        # renewal is due before that (a poke costs a pass over every node; one per connection
-        # made a burst of N connections cost O(N^2)).
-        self._wake_at: datetime | None = None
         self._ca_mtime: float | None = None
         self.server_tls: ServerTls | None = None
         self._server_svid: Any = None
@@ -563,7 +559,6 @@ class ControlPlane:
                 log.exception("control plane maintenance failed")
             checked = self.wall_clock()
             delay = self.seconds_until_next(checked)
-            self._wake_at = checked + timedelta(seconds=delay)
             self._wake.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as
             # the wait ends (a poke during shutdown), and stop() then waits for this forever.

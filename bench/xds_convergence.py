@@ -318,8 +318,8 @@ def worker_main(work: Path, port: int, identity: str, delta: bool) -> None:
             client = AdsClient(
                 "127.0.0.1", port, f"{NAMESPACE}/{name}/r{index // len(WORKLOADS)}",
                 contexts[name], server_identity=identity, delta=delta,
-                subscriptions={typeurls.CLUSTER: (), typeurls.LISTENER: (),
-                               typeurls.SECRET: ("default", "ROOTCA")},
+                # as a real node: its SVID is its own (agent), nothing of it over ADS
+                subscriptions={typeurls.CLUSTER: (), typeurls.LISTENER: ()},
                 on_response=on_response, follow_routes=True,
             )  # fmt: skip
             clients.append(client)
@@ -395,8 +395,10 @@ def prepare(work: Path) -> Path:
 
     ca = CertificateAuthority.init(work / "ca", "cluster.local")
     creds = work / "creds"
-    for name in WORKLOADS:
-        svid = ca.issue(f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{name}")
+    from meshward.testing.sidecar import node_svid
+
+    for name in WORKLOADS:  # each simulated node's key made "on the node", its CSR signed
+        svid = node_svid(ca, f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{name}")
         (creds / name).mkdir(parents=True)
         (creds / name / "cert.pem").write_bytes(svid.cert_chain_pem)
         (creds / name / "key.pem").write_bytes(svid.private_key_pem)

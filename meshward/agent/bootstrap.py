@@ -8,8 +8,8 @@ It is :func:`meshward.xds.bootstrap.render_bootstrap` with two changes:
   short-lived, renewed SVID as the data plane, so no longer-lived credential exists on the node
   and nothing expires unnoticed.
 
-Compiled listeners and clusters fetch ``default``/``ROOTCA`` through ``meshward-sds`` too when the
-control plane runs with ``--secrets agent`` (:mod:`meshward.xds.agentsds`).
+Compiled listeners and clusters fetch ``default``/``ROOTCA`` through ``meshward-sds`` too (the
+control plane serves no workload secret: :mod:`meshward.xds.agentsds`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ examples:
   # after a restart the SVID in --dir renews itself: no token needed
   meshward agent --workload shop/orders --xds 127.0.0.1:15010 --dir /var/lib/mw/orders
 
-The control plane must run with `meshward xds serve --secrets agent --join-listen HOST:PORT`.
+The control plane must serve joins: `meshward xds serve --join-listen HOST:PORT`.
 State directory (0700): svid.pem (key + chain, 0600), bundle.pem, sds.sock (0600, Envoy's
 SDS), admin.sock (Envoy admin), envoy/ (bootstrap, log, pid) and status.json (health: state,
 SVID serial and expiry, renewals, Envoy pid/restarts); with --health-listen the same over HTTP

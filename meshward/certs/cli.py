@@ -166,12 +166,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
             "CA directory, so it survives restarts. Pick a grace period longer than the\n"
             "longest SVID TTL, so every workload is re-issued by the new root in time.\n"
             "\n"
-            "Sidecars: the control plane (`meshward xds serve`) picks the rotation up by itself\n"
-            "and pushes the new bundle and new-root SVIDs over SDS. But each sidecar's ADS\n"
-            "credentials (xds-cert.pem, xds-key.pem, xds-ca.pem, written by `meshward\n"
-            "bootstrap`) trust only the roots that existed when they were written: re-run\n"
-            "`meshward bootstrap` for every sidecar WITHIN THE GRACE PERIOD (Envoy watches the\n"
-            "directory and reloads them live). Until the old root is dropped, the control\n"
+            "Sidecars: the control plane (`meshward xds serve`) picks the rotation up by itself.\n"
+            "Each `meshward agent` fetches the new bundle and renews onto the new root by itself.\n"
+            "An Envoy you run with `meshward bootstrap` files trusts only the roots of its last\n"
+            "join or renewal: run `meshward bootstrap --renew` for it WITHIN THE GRACE PERIOD\n"
+            "(new bundle and new-root SVID; Envoy watches the directory and reloads them live).\n"
+            "Until the old root is dropped, the control\n"
             "plane presents an ADS certificate from the old root and accepts client\n"
             "certificates of every trusted root, so sidecars not yet refreshed keep\n"
             "(re)connecting; after it, they cannot. `meshward status` lists the sidecars\n"
@@ -181,7 +181,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
             "examples:\n  meshward ca rotate --dir certs/ca\n"
             "  meshward ca rotate --dir certs/ca --grace 2h\n"
             "then, for every sidecar, before the grace period ends:\n"
-            "  meshward bootstrap --workload NS/NAME --xds HOST:PORT --ca certs/ca [same options]\n"
+            "  meshward bootstrap --renew --workload NS/NAME --xds HOST:PORT --out DIR\n"
             "  meshward status --xds HOST:ADMIN_PORT        # ADS CREDS: ok everywhere"
         ),
     )
@@ -400,8 +400,9 @@ def _rotate(args: argparse.Namespace) -> int:
     if dropped_at is not None and dropped_at > now:
         deadline = f"before {dropped_at:%Y-%m-%d %H:%M:%SZ}"
         print(
-            f"sidecars: re-run `meshward bootstrap` for each one {deadline} (their ADS "
-            "credentials trust only the old root); `meshward status` lists those still on it"
+            f"sidecars: agents renew onto the new root by themselves; run `meshward bootstrap "
+            f"--renew` for each Envoy you run yourself {deadline} (its files trust only the old "
+            "root); `meshward status` lists those still on it"
         )
     return 0
 

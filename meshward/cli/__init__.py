@@ -39,9 +39,13 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
         "meshward.certs.cli",
         "the built-in CA: init, issue, inspect and rotate SPIFFE identities",
     ),
-    ("xds", "meshward.cli.xds", "the control plane: serve ADS (SotW + delta) with SDS identities"),
+    ("xds", "meshward.cli.xds", "the control plane: serve ADS (SotW + delta), sign nodes' CSRs"),
     ("extauthz", "meshward.extauthz.cli", "serve Envoy's ext_authz Check for L7 / end-user rules"),
-    ("bootstrap", "meshward.xds.bootstrap_cli", "render a sidecar's Envoy bootstrap for ADS"),
+    (
+        "bootstrap",
+        "meshward.agent.bootstrap_cli",
+        "key, SVID and Envoy bootstrap for an Envoy you run yourself (no agent)",
+    ),
     (
         "agent",
         "meshward.agent.cli",

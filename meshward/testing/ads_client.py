@@ -6,6 +6,11 @@ It speaks over grpclib (pure-Python HTTP/2) with the standard library's TLS inst
 grpcio's client insists on matching the server's *DNS* name, and SVIDs carry only a SPIFFE URI.
 Here the chain is verified against the trust bundle and the server's URI SAN is checked against
 the expected SPIFFE ID, which is what Envoy does too.
+
+Like a real node, a simulated node brings its own SVID (:func:`node_ssl_context`: its key made
+here, the certificate signed from its CSR) and gets none from the control plane: it subscribes
+to clusters and listeners (and routes), not to secrets (the control plane serves only the public
+trust bundle over SDS).
 """
 
 from __future__ import annotations
@@ -28,6 +33,18 @@ DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggr
 
 class ServerIdentityMismatch(Exception):
     pass
+
+
+def node_ssl_context(ca: Any, spiffe_id: str) -> ssl.SSLContext:
+    """A node's mTLS context for the ADS port: a key made here (as the agent and `meshward
+    bootstrap` do), an SVID signed by ``ca`` (a CertificateAuthority) from its CSR, the bundle."""
+    from meshward.certs.client_tls import client_ssl_context
+    from meshward.testing.sidecar import node_svid
+
+    svid = node_svid(ca, spiffe_id)
+    return client_ssl_context(
+        svid.cert_chain_pem, svid.private_key_pem, ca.trust_bundle().roots_pem
+    )
 
 
 @dataclass

@@ -81,6 +81,29 @@ def write_join_token(
     return path
 
 
+def bootstrap_sidecar(
+    ca_dir: Path, ref: str, xds: str, join: str | None, out: Path, *extra: str
+) -> dict[str, Any]:
+    """`meshward bootstrap` as an operator runs it (a process): with ``join``, first contact
+    with a fresh join token (and the CA's roots to authenticate the control plane); without,
+    ``extra`` says what (e.g. ``--renew``). Its ``--json`` result; StartFailed if it failed."""
+    import subprocess
+
+    argv = meshward_argv("bootstrap", "--workload", ref, "--xds", xds, "--out", str(out), "--json")
+    if join is not None:
+        from meshward.certs import CertificateAuthority
+
+        roots = out.parent / f"{slug(ref)}.roots.pem"
+        roots.write_bytes(CertificateAuthority.load(ca_dir).trust_bundle().roots_pem)
+        token = write_join_token(ca_dir, ref, out.parent / f"{slug(ref)}.token")
+        argv += ["--join", join, "--join-token-file", str(token), "--root-cert", str(roots)]
+    done = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise StartFailed(f"meshward bootstrap {ref} exited {done.returncode}: {done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 def agent_status(state_dir: Path) -> dict[str, Any]:
     """The agent's health (its ``status.json``), {} while it has written none."""
     with contextlib.suppress(OSError, ValueError):

@@ -5,11 +5,12 @@ directory, and one sidecar per workload, all on 127.0.0.1 with ports picked at r
 
 - ``sidecars="agent"`` (the default, as in production): a ``meshward agent`` process per
   workload joins with a fresh one-time token, keeps its key on the node, serves SVID and bundle
-  to its Envoy over SDS on a Unix socket and starts that Envoy; the control plane runs with
-  ``--secrets agent`` and never makes a workload key.
-- ``sidecars="bootstrap"``: Envoy started directly from the bootstrap ``meshward bootstrap``
-  writes (ADS credential inline, SVIDs pushed by the control plane over SDS), the path of
-  operators who run Envoy themselves, and of the tests of control-plane-issued SVIDs.
+  to its Envoy over SDS on a Unix socket and starts that Envoy.
+- ``sidecars="bootstrap"``: the path of operators who run Envoy themselves: ``meshward
+  bootstrap`` (a process) makes the key, joins with a fresh token and writes the sidecar
+  directory; Envoy is started from its bootstrap and reads its SVID from those files
+  (:meth:`Mesh.renew_bootstrap` re-runs it with ``--renew``).
+Either way the control plane never makes a workload key.
 
 ``control_plane="process"`` runs the control plane (and, with ``extauthz``, ext_authz) as real
 ``meshward xds serve`` / ``meshward extauthz serve`` processes instead
@@ -46,6 +47,7 @@ from meshward.testing.agentproc import (
     agent_argv,
     agent_serving,
     agent_status,
+    bootstrap_sidecar,
     slug,
     write_join_token,
 )
@@ -156,9 +158,9 @@ class Mesh:
         self.bindings: dict[str, Any] = {}
         self.trust_domain = "cluster.local"
         self.root_namespace = "meshward-system"
-        self._own_state_root = sidecars == "agent" and state_root is None
-        self.state_root = (
-            Path(tempfile.mkdtemp(prefix="mwa-")) if self._own_state_root else state_root
+        self._own_state_root = state_root is None  # short: Unix socket paths
+        self.state_root: Path = (
+            Path(tempfile.mkdtemp(prefix="mwa-")) if state_root is None else state_root
         )
         self._compiler: Any = None
 
@@ -277,7 +279,7 @@ class Mesh:
             if self.jwks_refresh_interval is not None
             else JwksCache()
         )
-        compiler: Any = compiler_for(options, agent_secrets=self.sidecars == "agent", jwks=jwks)
+        compiler: Any = compiler_for(options, jwks=jwks)
         if self.compiler_hook is not None:
             inner, hook = compiler, self.compiler_hook
 
@@ -291,25 +293,22 @@ class Mesh:
     def _make_ca(self) -> None:
         from meshward.certs import CertificateAuthority
 
-        if self.sidecars == "agent":  # on disk: join tokens are signed with its key
-            CertificateAuthority.init(self.ca_dir, self.trust_domain, force=True)
-            self.ca = CertificateAuthority.load(self.ca_dir)
-        else:
-            self.ca = CertificateAuthority.ephemeral(self.trust_domain)
+        CertificateAuthority.init(
+            self.ca_dir, self.trust_domain, force=True
+        )  # on disk: join tokens
+        self.ca = CertificateAuthority.load(self.ca_dir)
 
     def start_control_plane(self, listen: str = "127.0.0.1:0") -> None:
         """Start the control plane (a process: where it listened before, once it has)."""
         if self.control_plane == "process":
             self._start_control_plane_process()
             return
+        from meshward.certs import CertificateAuthority
         from meshward.flows.service import flows_for
         from meshward.xds.service import XdsServiceThread
 
-        agent = self.sidecars == "agent"
-        if agent:  # as a restarted `xds serve` would: the CA as it is on disk now
-            from meshward.certs import CertificateAuthority
-
-            self.ca = CertificateAuthority.load(self.ca_dir)
+        # as a restarted `xds serve` would: the CA as it is on disk now
+        self.ca = CertificateAuthority.load(self.ca_dir)
         self.xds = XdsServiceThread(
             None,
             self.ca,
@@ -321,7 +320,7 @@ class Mesh:
             schedule=self.schedule,
             drift_threshold=self.drift_threshold,
             flows=None if self.flows_db is None else flows_for(str(self.flows_db)),
-            **({"join_listen": "127.0.0.1:0", "agent_secrets": True} if agent else {}),
+            join_listen="127.0.0.1:0",
         ).start()
 
     def _start_control_plane_process(self) -> None:
@@ -406,25 +405,28 @@ class Mesh:
             return self.start_agent(ref, join=join)
         return self._start_envoy(ref)
 
-    def _start_envoy(self, ref: str) -> Component:
-        from meshward.xds.bootstrap import AdsCredentials, render_bootstrap
-        from meshward.xds.nodeid import NodeId
-
+    def run_bootstrap(self, ref: str, *extra: str, join: bool = False) -> dict[str, Any]:
+        """Run `meshward bootstrap` for ``ref`` (``join``: first contact with a fresh token;
+        ``extra``: e.g. ``--renew``); its JSON result."""
         workload = self._policy.workload(ref)
-        assert workload is not None, ref
+        account = workload.service_account if workload is not None else None
         service = self.xds.service
-        svid = self.ca.issue(workload.spiffe_id(self.trust_domain))
-        namespace, name = ref.split("/")
-        config = render_bootstrap(
-            NodeId(namespace, name),
-            "127.0.0.1",
-            self.xds.port,
-            server_identity=service.server_identity,
-            credentials=AdsCredentials(
-                svid.cert_chain_pem, svid.private_key_pem, self.ca.trust_bundle().roots_pem
-            ),
-            delta=ref in self.delta,
-        )
+        return bootstrap_sidecar(
+            self.ca_dir, ref, service.address, service.join_address if join else None,
+            self.state_root, "--trust-domain", self.trust_domain,
+            "--root-namespace", self.root_namespace,
+            *(("--service-account", account) if account else ()),
+            *(("--delta",) if ref in self.delta else ()), *extra,
+        )  # fmt: skip
+
+    def renew_bootstrap(self, ref: str) -> dict[str, Any]:
+        """`meshward bootstrap --renew` for an operator-run sidecar (what its cron would run)."""
+        return self.run_bootstrap(ref, "--renew")
+
+    def _start_envoy(self, ref: str) -> Component:
+        result = self.run_bootstrap(ref, join=True)
+        config = json.loads(Path(result["bootstrap"]).read_text())
+        name = ref.split("/")[1]
         envoy = EnvoyProcess(
             config,
             name=f"{name}-sidecar",
@@ -436,7 +438,10 @@ class Mesh:
         return self.launcher.launch_envoy(self._name(ref), envoy, timeout=60)
 
     def state_dir(self, ref: str) -> Path:
-        assert self.state_root is not None, "only agent sidecars have a state directory"
+        """The agent's state directory, or the `meshward bootstrap` sidecar directory."""
+        if self.sidecars == "bootstrap":
+            namespace, name = ref.split("/")
+            return self.state_root / f"{name}.{namespace}"
         return self.state_root / slug(ref)
 
     def start_agent(self, ref: str, *, join: bool) -> Component:
@@ -643,6 +648,7 @@ __all__ = [
     "agent_argv",
     "agent_serving",
     "agent_status",
+    "bootstrap_sidecar",
     "http_request",
     "slug",
     "write_join_token",

@@ -31,12 +31,26 @@ if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
 
 
+def node_svid(ca: CertificateAuthority, spiffe_id: str) -> Any:
+    """An SVID as a node holds it: its key made here (as `meshward agent` and `meshward
+    bootstrap` make it), the certificate signed from its CSR; a :class:`meshward.certs.Svid`
+    with the key attached. Nothing in the product makes a workload's key for it."""
+    from dataclasses import replace as with_key
+
+    from meshward.agent.identity import key_pem, make_csr, new_key
+
+    key = new_key()
+    svid = ca.issue_for_csr(make_csr(key, spiffe_id), spiffe_id)
+    return with_key(svid, private_key_pem=key_pem(key))
+
+
 def workload_secrets(ca: CertificateAuthority, spiffe_id: str) -> list[Any]:
-    """The ``default`` and ``ROOTCA`` Secrets for one identity."""
+    """The ``default`` and ``ROOTCA`` Secrets for one identity (inlined into a static
+    bootstrap: no control plane here)."""
     from meshward.certs.sds import tls_certificate_secret, validation_context_secret
 
     return [
-        tls_certificate_secret(ca.issue(spiffe_id)),
+        tls_certificate_secret(node_svid(ca, spiffe_id)),
         validation_context_secret(ca.trust_bundle()),
     ]
 
@@ -54,7 +68,7 @@ def client_context(
     context.check_hostname = False
     context.load_verify_locations(cadata=ca.trust_bundle().roots_pem.decode())
     if spiffe_id is not None:
-        svid = ca.issue(spiffe_id)
+        svid = node_svid(ca, spiffe_id)
         stem = hashlib.sha256(spiffe_id.encode()).hexdigest()[:16]
         cert = directory / f"{stem}.crt"
         key = directory / f"{stem}.key"

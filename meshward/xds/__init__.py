@@ -1,4 +1,4 @@
-"""The control plane: ADS (SotW + delta) with SDS identities, NACK safety and drift status.
+"""The control plane: ADS (SotW + delta), CSR signing, NACK safety and drift status.
 
 In-process (demo, tests)::
 
@@ -7,8 +7,8 @@ In-process (demo, tests)::
         xds.port, xds.admin_url, xds.status()
 
 As a process: ``meshward xds serve --policy DIR --ca DIR --listen 127.0.0.1:15010``.
-Sidecar bootstraps: :func:`meshward.xds.bootstrap.render_bootstrap` (pure) or
-:func:`meshward.xds.bootstrap_cli.write_sidecar_config` (files + credentials).
+Sidecar bootstraps: :func:`meshward.xds.bootstrap.render_bootstrap` (pure); the node side
+(key, SVID by CSR, files) is `meshward agent` or `meshward bootstrap` (meshward.agent).
 Heavy imports (grpc, protos) happen on first use of a name, so ``meshward --help`` stays fast.
 """
 
@@ -20,7 +20,6 @@ from meshward.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from meshward.xds.bootstrap import AdsCredentials, render_bootstrap
-    from meshward.xds.bootstrap_cli import write_sidecar_config
     from meshward.xds.compile_adapter import compiler_for
     from meshward.xds.controlplane import ControlPlane, server_spiffe_id
     from meshward.xds.nodeid import InvalidNodeId, NodeId
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "AdsCredentials": "meshward.xds.bootstrap",
     "render_bootstrap": "meshward.xds.bootstrap",
-    "write_sidecar_config": "meshward.xds.bootstrap_cli",
     "compiler_for": "meshward.xds.compile_adapter",
     "ControlPlane": "meshward.xds.controlplane",
     "server_spiffe_id": "meshward.xds.controlplane",
@@ -54,7 +52,6 @@ __all__ = [
     "compiler_for",
     "render_bootstrap",
     "server_spiffe_id",
-    "write_sidecar_config",
 ]
 
 

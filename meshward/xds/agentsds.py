@@ -1,17 +1,19 @@
 """Point compiled resources' secrets at the node agent's SDS instead of ADS.
 
-The compiler references the SDS names ``default`` and ``ROOTCA`` with ``sds_config: {ads: {}}``
-(the control plane serves them). A sidecar under `meshward agent` gets them from the agent over
-a Unix socket instead, through the static cluster :data:`SDS_CLUSTER` that the agent's bootstrap
-defines. This rewrites every ``SdsSecretConfig`` in listeners' and clusters' TLS transport
-sockets accordingly. It runs once per compiled workload (not per node), and is a separate pass so
-the compiler stays unaware of who serves secrets.
+The compiler references the SDS names ``default`` and ``ROOTCA`` with ``sds_config: {ads: {}}``.
+The control plane serves no workload SVID, so every compiled resource it serves is rewritten
+here: a sidecar under `meshward agent` gets them from the agent over a Unix socket, through the
+static cluster :data:`SDS_CLUSTER` that the agent's bootstrap defines. This rewrites every
+``SdsSecretConfig`` in listeners' and clusters' TLS transport sockets accordingly. It runs once
+per compiled workload (not per node), and is a separate pass so the compiler stays unaware of
+who serves secrets. An operator-run Envoy (`meshward bootstrap`) reads them from files instead:
+:mod:`meshward.xds.filesds` re-points that node's copies with the same rewrite.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -35,30 +37,40 @@ def agent_sds_config() -> Any:
     return source
 
 
-def _rewrite_common(common: Any) -> None:
-    source = agent_sds_config()
+#: SDS secret name -> the ConfigSource to fetch it from
+SourceFor = Callable[[str], Any]
+
+
+def _agent_source(_name: str) -> Any:
+    return agent_sds_config()
+
+
+def _rewrite_common(common: Any, source_for: SourceFor) -> None:
     for config in common.tls_certificate_sds_secret_configs:
-        config.sds_config.CopyFrom(source)
+        config.sds_config.CopyFrom(source_for(config.name))
     combined = common.combined_validation_context
     if combined.HasField("validation_context_sds_secret_config"):
-        combined.validation_context_sds_secret_config.sds_config.CopyFrom(source)
+        config = combined.validation_context_sds_secret_config
+        config.sds_config.CopyFrom(source_for(config.name))
     if common.HasField("validation_context_sds_secret_config"):
-        common.validation_context_sds_secret_config.sds_config.CopyFrom(source)
+        config = common.validation_context_sds_secret_config
+        config.sds_config.CopyFrom(source_for(config.name))
 
 
-def _rewrite_socket(socket: Any, kind: Any) -> None:
+def _rewrite_socket(socket: Any, kind: Any, source_for: SourceFor) -> None:
     config = socket.typed_config
     if not config.type_url.endswith(kind.DESCRIPTOR.full_name):
         return
     context = kind()
     config.Unpack(context)
-    _rewrite_common(context.common_tls_context)
+    _rewrite_common(context.common_tls_context, source_for)
     config.Pack(context)
 
 
-def _rewrite(message: Any) -> Any:
-    """A copy of a Listener/Cluster with its TLS contexts pointed at the agent; anything else
-    (routes, endpoints) is returned as is."""
+def _rewrite(message: Any, source_for: SourceFor = _agent_source) -> Any:
+    """A copy of a Listener/Cluster with its TLS contexts' secrets fetched from
+    ``source_for(name)`` (default: the agent); anything else (routes, endpoints) is returned as
+    is. :mod:`meshward.xds.filesds` points them at files with it."""
     if isinstance(message, listener_pb2.Listener):
         message = _copy(message)
         chains = list(message.filter_chains)
@@ -66,13 +78,13 @@ def _rewrite(message: Any) -> Any:
             chains.append(message.default_filter_chain)
         for chain in chains:
             if chain.HasField("transport_socket"):
-                _rewrite_socket(chain.transport_socket, tls_pb2.DownstreamTlsContext)
+                _rewrite_socket(chain.transport_socket, tls_pb2.DownstreamTlsContext, source_for)
     elif isinstance(message, cluster_pb2.Cluster):
         message = _copy(message)
         if message.HasField("transport_socket"):
-            _rewrite_socket(message.transport_socket, tls_pb2.UpstreamTlsContext)
+            _rewrite_socket(message.transport_socket, tls_pb2.UpstreamTlsContext, source_for)
         for match in message.transport_socket_matches:
-            _rewrite_socket(match.transport_socket, tls_pb2.UpstreamTlsContext)
+            _rewrite_socket(match.transport_socket, tls_pb2.UpstreamTlsContext, source_for)
     return message
 
 

@@ -32,12 +32,17 @@ examples:
       --admin 127.0.0.1:0 --bindings bindings.json --ready-file xds.json
   meshward xds serve --policy examples/ --ca certs/ca --max-instances 20 --svid-rate 0.5 \\
       --node-gc-after 5m          # tighter per-identity limits (see "per-identity limits")
-  meshward xds serve --policy examples/ --ca certs/ca --secrets agent \\
-      --join-listen 127.0.0.1:15012   # sidecars under `meshward agent` (keys stay on nodes)
+  meshward xds serve --policy examples/ --ca certs/ca \\
+      --join-listen 127.0.0.1:15012   # nodes make first contact with a join token there
 
+Workload keys never leave their node: the control plane makes none and serves none. Each
+sidecar's key is generated on its node, by `meshward agent` (which serves it to Envoy over SDS
+on a Unix socket) or by `meshward bootstrap` for an operator-run Envoy (files read through
+file-based SDS), and its SVID is signed from a CSR: first contact with a one-time join token
+(`meshward ca join-token`) on --join-listen, renewals over mTLS on the ADS port.
 The ADS listener is mTLS only: its certificate is issued by the CA for
 spiffe://<td>/ns/<root namespace>/sa/meshward-xds, and every sidecar must present the SVID of
-the workload named by its node id (`meshward bootstrap` writes those credentials).
+the workload named by its node id.
 Policy files are watched: a valid change is pushed to the affected sidecars only; an invalid
 one is rejected (shown in `meshward status`) and the running version stays.
 
@@ -48,6 +53,16 @@ workload to where its sidecar listens and where its app is, for meshes on one ma
 Without it, every sidecar listens on its workload's declared ports (--listen-host) and forwards
 to the app on the same port (--app-host).
 """
+
+
+CONTROL_PLANE_SECRETS_GONE = (
+    "--secrets control-plane is no longer supported: the control plane never generates or "
+    "transmits workload private keys (a key that crosses the network can be stolen in transit "
+    "or from the server). Drop the flag (secrets come from each node), run every sidecar under "
+    "`meshward agent`, or, for an Envoy you run yourself, write its key and SVID with "
+    "`meshward bootstrap --join HOST:PORT --join-token-file FILE --root-cert FILE` and renew "
+    "them with `meshward bootstrap --renew`. Serve joins with --join-listen HOST:PORT."
+)
 
 
 def _duration_seconds(text: str) -> float:
@@ -209,6 +224,8 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
         check_svid_ttl(timedelta(seconds=args.svid_ttl))
     except UserError as exc:
         raise UserError(f"--svid-ttl: {exc}".replace("; nothing was issued", "")) from None
+    if args.secrets == "control-plane":
+        raise UserError(CONTROL_PLANE_SECRETS_GONE)
     if args.ready_file and not Path(args.ready_file).resolve().parent.is_dir():
         raise UserError(f"--ready-file {args.ready_file}: its directory does not exist")
     ca = CertificateAuthority.load(Path(args.ca))
@@ -244,11 +261,7 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
             service = XdsService(
                 None,
                 ca,
-                compiler_for(
-                    options,
-                    agent_secrets=args.secrets == "agent",
-                    jwks=JwksCache(refresh_interval=args.jwks_refresh),
-                ),
+                compiler_for(options, jwks=JwksCache(refresh_interval=args.jwks_refresh)),
                 listen=args.listen,
                 admin=None if args.admin == "off" else args.admin,
                 svid_ttl=timedelta(seconds=args.svid_ttl),
@@ -258,7 +271,6 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
                 limits=limits,
                 join_listen=args.join_listen,
                 state_dir=Path(args.state_dir) if args.state_dir else None,
-                agent_secrets=args.secrets == "agent",
                 flows=None if flows_db is None else flows(flows_db),
                 history_dir=_history_dir(args, flows_db),
                 history_keep=args.history,
@@ -329,11 +341,11 @@ def configure(parser: argparse.ArgumentParser, *, flows: FlowsFor) -> None:
     commands = parser.add_subparsers(dest="xds_command", metavar="COMMAND", title="commands")
     p = commands.add_parser(
         "serve",
-        help="serve ADS (SotW + delta) with SDS identities to Envoy sidecars",
+        help="serve ADS (SotW + delta) to Envoy sidecars and sign their CSRs",
         description=(
-            "Serve the compiled policy to Envoy sidecars over ADS (state of the world and delta), "
-            "with each sidecar's SVID and the trust bundle over SDS; watch the policy files and "
-            "push valid changes live; renew SVIDs at half their lifetime."
+            "Serve the compiled policy to Envoy sidecars over ADS (state of the world and delta); "
+            "sign the SVIDs nodes request by CSR (keys stay on the nodes); watch the policy files "
+            "and push valid changes live."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -347,7 +359,9 @@ def configure(parser: argparse.ArgumentParser, *, flows: FlowsFor) -> None:
                    help="HTTP admin address for /status and /metrics, or 'off' "
                         "(default: %(default)s; keep it on loopback)")  # fmt: skip
     p.add_argument("--svid-ttl", type=_duration_seconds, default=3600.0, metavar="DURATION",
-                   help="lifetime of each sidecar's SVID, renewed at ~50%% (default: 1h)")  # fmt: skip
+                   help="lifetime of the SVIDs signed for nodes' CSRs (agents renew at ~50%%; "
+                        "an operator-run Envoy needs `meshward bootstrap --renew` within it) "
+                        "(default: 1h)")  # fmt: skip
     p.add_argument("--drift-threshold", type=_duration_seconds, default=10.0, metavar="DURATION",
                    help="how long a node may stay behind its desired version before it is "
                         "reported as drifting (default: 10s)")  # fmt: skip
@@ -381,25 +395,25 @@ def configure(parser: argparse.ArgumentParser, *, flows: FlowsFor) -> None:
     limits.add_argument("--max-streams", type=positive_int, default=200, metavar="N",
                         help="concurrent ADS streams per identity (default: %(default)s)")  # fmt: skip
     limits.add_argument("--svid-rate", type=positive_float, default=1.0, metavar="PER_SECOND",
-                        help="SVIDs signed per second per identity for new or reconnecting "
-                             "nodes; scheduled renewals do not count (default: %(default)s)")  # fmt: skip
+                        help="CSRs signed per second per identity (joins and renewals) "
+                             "(default: %(default)s)")  # fmt: skip
     limits.add_argument("--svid-burst", type=positive_int, default=20, metavar="N",
                         help="SVIDs one identity may get at once before --svid-rate applies "
                              "(default: %(default)s)")  # fmt: skip
     limits.add_argument("--node-gc-after", type=_duration_seconds, default=600.0,
                         metavar="DURATION",
-                        help="forget a node (status, SVID) this long after its last stream "
+                        help="forget a node (its status) this long after its last stream "
                              "closed (default: 10m)")  # fmt: skip
     agents = p.add_argument_group(
-        "node agents (`meshward agent`)",
-        "Agents keep workload keys on their node and get SVIDs by CSR: renewals over mTLS on "
+        "nodes (`meshward agent`, `meshward bootstrap`)",
+        "Nodes keep workload keys on their node and get SVIDs by CSR: renewals over mTLS on "
         "the ADS port, first contact with a join token (`meshward ca join-token`) on "
         "--join-listen.",
     )
-    agents.add_argument("--secrets", choices=["control-plane", "agent"], default="control-plane",
-                        help="who serves sidecars their SVID: this server over ADS (keys made "
-                             "here), or each node's agent over its Unix socket (keys never "
-                             "leave the node) (default: %(default)s)")  # fmt: skip
+    agents.add_argument("--secrets", choices=["agent", "control-plane"], default="agent",
+                        help="kept for old scripts: secrets always come from the node (its "
+                             "agent, or the files of `meshward bootstrap`); 'control-plane' is "
+                             "refused (this server never makes or sends a workload key)")  # fmt: skip
     agents.add_argument("--join-listen", type=_address, metavar="HOST:PORT",
                         help="accept join tokens here (TLS, server-authenticated only)")  # fmt: skip
     agents.add_argument("--state-dir", metavar="DIR",

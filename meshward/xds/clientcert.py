@@ -39,14 +39,16 @@ def credentials_status(
         state = UNTRUSTED
         warning = (
             "ADS credentials chain to a CA root that is no longer trusted: this sidecar cannot "
-            "reconnect once its stream ends; re-run `meshward bootstrap` for it"
+            "reconnect once its stream ends; an agent renews by itself, an operator-run Envoy "
+            "needs a new join (`meshward bootstrap` with a join token)"
         )
     elif until is not None:
         state = RETIRING
         warning = (
             f"ADS credentials chain to CA generation {generation.number}, whose root is dropped "
-            f"at {until.isoformat(timespec='seconds')}: re-run `meshward bootstrap` for this "
-            "sidecar before then (Envoy reloads the files), or it cannot reconnect afterwards"
+            f"at {until.isoformat(timespec='seconds')}: its next SVID comes from the new root (an "
+            "agent renews by itself; for an operator-run Envoy run `meshward bootstrap --renew` "
+            "before then, Envoy reloads the files), or it cannot reconnect afterwards"
         )
     else:
         state, warning = OK, None

@@ -19,7 +19,7 @@ class MeshCompiler:
     incrementally (:meth:`mesh`, what the control plane calls)."""
 
     def __init__(
-        self, options: Any = None, *, agent_secrets: bool = False, jwks: JwksCache | None = None
+        self, options: Any = None, *, agent_secrets: bool = True, jwks: JwksCache | None = None
     ) -> None:
         from meshward.compile import CompileOptions, Mode
         from meshward.compile.envoy_limits import check_resources
@@ -125,10 +125,13 @@ def _same_messages(a: Any, b: Any) -> bool:
 
 
 def compiler_for(
-    options: Any = None, *, agent_secrets: bool = False, jwks: JwksCache | None = None
+    options: Any = None, *, agent_secrets: bool = True, jwks: JwksCache | None = None
 ) -> MeshCompiler:
     """The control plane's compiler for a mesh's CompileOptions (its ``mode`` is forced to
-    XDS: routes over RDS, endpoints over EDS, secrets over SDS). ``agent_secrets``: secrets come
-    from each node's `meshward agent` over its Unix socket (:mod:`meshward.xds.agentsds`).
+    XDS: routes over RDS, endpoints over EDS, secrets over SDS). ``agent_secrets`` (default):
+    secrets come from each node's `meshward agent` over its Unix socket
+    (:mod:`meshward.xds.agentsds`; files for `meshward bootstrap` nodes, :mod:`meshward.xds.filesds`);
+    False leaves the compiler's ``ads`` references, which the control plane cannot serve (it holds
+    no workload SVID): only for looking at the compiler's own output.
     ``jwks``: the JWKS cache (default: a new one, which XdsService keeps fetching)."""
     return MeshCompiler(options, agent_secrets=agent_secrets, jwks=jwks)

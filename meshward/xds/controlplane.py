@@ -3,11 +3,14 @@
 - Policy: every workload's config is compiled once per policy version (and again at each
   ``meshward.dev/expires-at`` instant); only nodes whose workload's compiled resources changed
   get a new snapshot, so only they are pushed to.
-- Identity: a node's SVID is issued when its first stream opens, renewed at ~50% of its lifetime
-  (:class:`meshward.certs.RotationSchedule`) and pushed over SDS without a restart. The ADS
-  server's own certificate renews the same way, but is signed by the *oldest* CA generation
-  still trusted: sidecars verify it with the bundle `meshward bootstrap` wrote, which may predate
-  a `meshward ca rotate`; it moves to the next generation when the old root is dropped.
+- Identity: the control plane makes no workload key and serves no workload SVID. Each node's
+  key is born on the node (`meshward agent`, or `meshward bootstrap` for operator-run Envoy), its
+  SVID comes by CSR (:mod:`meshward.xds.certservice`), and its Envoy reads it from the agent's
+  SDS socket or from files (:mod:`meshward.xds.filesds`): compiled TLS contexts point there, per
+  node. The ADS server's own certificate renews at ~50% of its lifetime
+  (:class:`meshward.certs.RotationSchedule`), signed by the *oldest* CA generation still
+  trusted: sidecars may verify it with a bundle written before a `meshward ca rotate`; it moves
+  to the next generation when the old root is dropped.
 - Node authentication: a stream may act as node ``ns/name[/i]`` only if its client certificate
   is the SVID of workload ``ns/name`` (see :mod:`meshward.xds.nodeid`).
 
@@ -41,15 +44,8 @@ from meshward.xds.compiling import (
     mesh_compiler,
     paced,
 )
-from meshward.xds.limits import (
-    INSTANCE_LIMIT,
-    SVID_RATE_LIMIT,
-    NodeLimits,
-    SvidRateLimiter,
-    expired,
-    make_room,
-    next_expiry,
-)
+from meshward.xds.filesds import FilesSdsRewriter, secrets_dir_of
+from meshward.xds.limits import INSTANCE_LIMIT, NodeLimits, expired, make_room, next_expiry
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
@@ -60,8 +56,8 @@ log = logging.getLogger("meshward.xds")
 WorkloadCompiler = compiling.WorkloadCompiler  # where the service and older callers find it
 
 SERVER_KEY = "@ads-server"
+INVALID_SECRETS_DIR = "invalid-secrets-dir"
 CA_POLL_SECONDS = 5.0
-MIN_RENEWAL_INTERVAL = timedelta(seconds=1)
 
 
 def server_spiffe_id(policy: PolicySet, trust_domain: str) -> str:
@@ -73,12 +69,8 @@ def server_spiffe_id(policy: PolicySet, trust_domain: str) -> str:
 class NodeState:
     node: NodeId
     identity: str
-    svid: Any = None  # meshward.certs.Svid
-    secrets: tuple[Resource, ...] = ()
-    generation: int = 0  # counts changes of its secrets (SVID renewals, bundle changes); status
+    secrets_dir: str | None = None  # its Envoy reads its SVID from files there (filesds)
     connected: bool = False
-    issued: int = 0
-    renew_at: datetime | None = None
     disconnected_at: float | None = None  # monotonic; garbage-collected after limits.node_gc_after
     snapshot_error: str | None = None  # why its newest snapshot was refused (InconsistentSnapshot)
 
@@ -97,10 +89,9 @@ class ControlPlane:
         clock: Callable[[], float] = time.monotonic,
         reload_ca: bool = True,
         limits: NodeLimits | None = None,
-        issue_svids: bool = True,
     ) -> None:
-        """``issue_svids`` False: sidecars run under `meshward agent`, which makes its own key and
-        gets its SVID by CSR (:mod:`meshward.xds.certservice`); no keyed SVID is made here."""
+        """``svid_ttl``: the lifetime of SVIDs signed for nodes' CSRs (the certificate service
+        reads it) and of the ADS server's own certificate unless ``server_ttl``."""
         from meshward.certs import RotationSchedule
 
         self.policy = policy
@@ -113,8 +104,8 @@ class ControlPlane:
         self.clock = clock
         self.reload_ca = reload_ca
         self.limits = limits or NodeLimits()
-        self.issue_svids = issue_svids
-        self.svid_limiter = SvidRateLimiter(self.limits)
+        # Per files-mode node directory: listeners/clusters pointed at its SDS files (bounded).
+        self.files_sds = FilesSdsRewriter()
         self.cache = SnapshotCache()
         self.nodes: dict[str, NodeState] = {}
         self.configs: dict[str, WorkloadConfig] = {}
@@ -128,10 +119,6 @@ class ControlPlane:
         self._bundle_version = ""
         self._rootca: Resource | None = None
         self._wake: asyncio.Event | None = None
-        # When the timer loop next wakes by itself: a connecting node pokes it only when its
-        # renewal is due before that (a poke costs a pass over every node; one per connection
-        # made a burst of N connections cost O(N^2)).
-        self._wake_at: datetime | None = None
         self._ca_mtime: float | None = None
         self.server_tls: ServerTls | None = None
         self._server_svid: Any = None
@@ -299,12 +286,17 @@ class ControlPlane:
                 f"(that node must present {expected})",
             )
 
-    async def node_connected(self, node: NodeId) -> None:
-        """Raises NodeRejected when a per-identity limit refuses the node (see limits.py)."""
+    async def node_connected(self, node: NodeId, envoy_node: Any = None) -> None:
+        """Raises NodeRejected when a per-identity limit refuses the node (see limits.py), or
+        when ``envoy_node`` (the first request's ``Node``) names an unusable secrets directory.
+        Nothing is issued here: the node brings its own SVID (agent or `meshward bootstrap`)."""
         key = str(node)
         state = self.nodes.get(key)
-        now = self.wall_clock()
         identity = state.identity if state else self.expected_identity(node)
+        try:
+            secrets_dir = secrets_dir_of(envoy_node)
+        except ValueError as exc:
+            raise NodeRejected(INVALID_SECRETS_DIR, f"node {node}: {exc}") from None
         evict: str | None = None
         if state is None:
             evict, ok = make_room(self.nodes, identity, self.limits.max_instances)
@@ -314,47 +306,25 @@ class ControlPlane:
                     f"{identity} already has {self.limits.max_instances} connected node(s), "
                     f"the most one identity may have (--max-instances); node {node} refused",
                 )
-        issue = self.issue_svids and (
-            state is None
-            or state.svid is None
-            or now >= state.svid.not_after - (state.svid.not_after - state.svid.not_before) / 2
-        )
-        if issue and not self.svid_limiter.allow(identity, self.clock()):
-            raise NodeRejected(
-                SVID_RATE_LIMIT,
-                f"{identity} asked for SVIDs faster than {self.limits.svid_rate:g}/s "
-                f"(burst {self.limits.svid_burst}; --svid-rate, --svid-burst); node {node} "
-                "refused for now, retry later",
-            )
-        if state is None:
             if evict is not None:
                 log.info("node %s forgotten to make room for %s (--max-instances)", evict, node)
                 self.forget_node(evict)
             state = self.nodes[key] = NodeState(node, identity)
         state.connected = True
         state.disconnected_at = None
-        due: datetime | None = None
-        if issue:
-            self._issue(state, now, reason="first-request" if state.svid is None else "reconnect")
-            due = state.renew_at
-        elif state.svid is not None and key not in self.schedule:
-            due = self.schedule.track(key, state.svid).due_at
+        state.secrets_dir = secrets_dir
         self._refresh_node(state)
-        if due is not None and (self._wake_at is None or due < self._wake_at):
-            self._poke()
 
     def node_disconnected(self, node: NodeId) -> None:
         state = self.nodes.get(str(node))
         if state is not None:
             state.connected = False
             state.disconnected_at = self.clock()
-            self.schedule.forget(str(node))  # renewed on reconnect if due by then
 
     def forget_node(self, key: str) -> None:
         """Drop a disconnected node: its state, snapshot and renewal (it is new if it returns)."""
         self.nodes.pop(key, None)
         self.cache.discard(key)
-        self.schedule.forget(key)
 
     def collect_nodes(self) -> list[str]:
         """Forget nodes disconnected for ``limits.node_gc_after``; return their keys."""
@@ -383,31 +353,17 @@ class ControlPlane:
             details["compile_error"] = config.error
         elif state is not None and state.snapshot_error:
             details["compile_error"] = state.snapshot_error
-        if state is not None and state.svid is not None:
-            now = self.wall_clock()
-            svid = state.svid
-            renew_at = state.renew_at
-            details["certificate"] = {
-                "spiffe_id": svid.spiffe_id,
-                "serial": f"{svid.serial:x}",
-                "not_before": svid.not_before.isoformat(),
-                "not_after": svid.not_after.isoformat(),
-                "renew_at": renew_at.isoformat() if renew_at else None,
-                "remaining_seconds": round((svid.not_after - now).total_seconds(), 3),
-                "generation": state.generation,
-                "issued": state.issued,
-            }
+        if state is not None and state.secrets_dir is not None:
+            details["secrets"] = {"source": "files", "directory": state.secrets_dir}
+        elif state is not None:
+            details["secrets"] = {"source": "agent"}
         return details
 
     def certificate_remaining(self) -> dict[str, float]:
-        """Seconds until each node's SVID expires (negative: expired), for the metrics: the
-        one figure of :meth:`node_details` a scrape needs, without the rest of it."""
-        now = self.wall_clock()
-        return {
-            name: round((state.svid.not_after - now).total_seconds(), 3)
-            for name, state in self.nodes.items()
-            if state.svid is not None
-        }
+        """Seconds until each node's SVID expires, for the metrics: none here. The control plane
+        holds no node SVID (nodes get theirs by CSR and keep them); each agent reports its own
+        expiry (its status.json and health endpoint)."""
+        return {}
 
     def failed_workloads(self) -> set[str]:
         """Workload refs whose last compile failed (they keep their previous config)."""
@@ -431,47 +387,15 @@ class ControlPlane:
         )
 
     def client_certificate_status(self, cert: ClientCertificate) -> dict[str, Any]:
-        status = credentials_status(cert, self.ca.generations, self.wall_clock())
-        if not self.issue_svids and status["warning"]:
-            # Under `meshward agent` the stream's certificate is the renewed SVID: nothing to
-            # re-run; the stream's next connection presents the agent's current one.
-            status["warning"] = (
-                f"this stream opened with an SVID from CA generation {cert.ca_generation}; the "
-                "agent renews onto the new root and the next connection uses it"
-            )
-        return status
-
-    def _issue(self, state: NodeState, now: datetime, *, reason: str) -> None:
-        from meshward.certs.sds import tls_certificate_secret, validate_secret
-
-        svid = self.ca.issue(state.identity, ttl=self.svid_ttl, now=now)
-        secret = tls_certificate_secret(svid)
-        validate_secret(secret, now=now, trust_bundle=self.ca.trust_bundle(now=now))
-        state.svid = svid
-        state.issued += 1
-        state.secrets = (make_resource(secret),)
-        state.generation += 1
-        renewal = self.schedule.track(str(state.node), svid)
-        state.renew_at = renewal.due_at
-        if renewal.due_at < now + MIN_RENEWAL_INTERVAL:
-            # A schedule that renews (almost) at issuance (a tiny TTL against the CA's clock-skew
-            # backdating) would spin: renew no faster than this.
-            state.renew_at = now + MIN_RENEWAL_INTERVAL
-            self.schedule.retry(str(state.node), state.renew_at)
-        if self.metrics is not None:
-            self.metrics.svids_issued.labels(reason).inc()
-        log.info(
-            "SVID for %s issued (%s), serial %x, expires %s",
-            state.node, reason, svid.serial, svid.not_after.isoformat(),
-        )  # fmt: skip
+        return credentials_status(cert, self.ca.generations, self.wall_clock())
 
     def _snapshot(self, state: NodeState) -> Snapshot:
         config = self.configs.get(state.node.workload_ref)
         resources: dict[str, list[Resource]] = dict(config.resources) if config else {}
-        secrets = list(state.secrets)
-        if self._rootca is not None:
-            secrets.append(self._rootca)
-        resources[typeurls.SECRET] = secrets
+        if state.secrets_dir is not None:
+            resources = self.files_sds.rewrite(resources, state.secrets_dir)
+        # Public: the trust bundle only. No node's SVID or key is ever in a snapshot.
+        resources[typeurls.SECRET] = [self._rootca] if self._rootca is not None else []
         return build_snapshot(self.cache.get(str(state.node)), resources, self.clock())
 
     def _refresh_node(self, state: NodeState) -> bool:
@@ -508,7 +432,6 @@ class ControlPlane:
         self._bundle_version = bundle.version
         self._rootca = make_resource(secret)
         for state in self.nodes.values():
-            state.generation += 1
             self._refresh_node(state)
         if self.server_tls is not None and self._server_svid is not None:
             if self._server_generation != self.ca.oldest_trusted_generation(now).number:
@@ -581,23 +504,15 @@ class ControlPlane:
 
     def maintain(self, now: datetime) -> None:
         """One pass of time-driven work: renewals due, policies expiring, CA changes."""
-        for renewal in list(self.schedule.due(now)):
+        for renewal in list(self.schedule.due(now)):  # only the ADS server's own certificate
             try:
                 if renewal.key == SERVER_KEY:
                     self._renew_server(now)
-                    continue
-                state = self.nodes.get(renewal.key)
-                if state is None or not state.connected:
+                else:
                     self.schedule.forget(renewal.key)
-                    continue
-                self._issue(state, now, reason="rotation")
-                self._refresh_node(state)
             except Exception:
-                log.exception("renewing the SVID of %s failed; retrying in 5s", renewal.key)
+                log.exception("renewing the certificate of %s failed; retrying in 5s", renewal.key)
                 self.schedule.retry(renewal.key, now + timedelta(seconds=5))
-                failed = self.nodes.get(renewal.key)
-                if failed is not None:
-                    failed.renew_at = now + timedelta(seconds=5)
         expiry = self.next_expiry(now)
         if expiry is not None and now >= expiry:
             self._expire(now)
@@ -626,7 +541,8 @@ class ControlPlane:
         return max(0.0, min(waits))
 
     async def run(self) -> None:
-        """Timers: SVID renewals, expires-at re-pushes, CA reloads. Cancel to stop."""
+        """Timers: the server certificate's renewals, expires-at re-pushes, CA reloads. Cancel
+        to stop."""
         self._wake = asyncio.Event()
         try:
             await self._timers()
@@ -643,7 +559,6 @@ class ControlPlane:
                 log.exception("control plane maintenance failed")
             checked = self.wall_clock()
             delay = self.seconds_until_next(checked)
-            self._wake_at = checked + timedelta(seconds=delay)
             self._wake.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as
             # the wait ends (a poke during shutdown), and stop() then waits for this forever.

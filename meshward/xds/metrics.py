@@ -62,9 +62,6 @@ class XdsMetrics:
             ["result"],
             registry=self.registry,
         )
-        self.svids_issued = Counter(
-            "meshward_xds_svids_issued", "SVIDs issued to nodes", ["reason"], registry=self.registry
-        )
         self.svid_requests = Counter(
             "meshward_xds_svid_requests",
             "Certificate service requests (Join/Renew/Bundle) by outcome: ok, error (internal) "

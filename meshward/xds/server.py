@@ -83,8 +83,9 @@ class NodeSource(Protocol):
     def authorize(self, node: NodeId, peer_identity: str | None) -> None:
         """Raise NodeRejected unless the peer's certificate identity may act as ``node``."""
 
-    async def node_connected(self, node: NodeId) -> None:
-        """Make sure ``cache`` holds the node's snapshot (issuing its SVID on first contact)."""
+    async def node_connected(self, node: NodeId, envoy_node: Any = None) -> None:
+        """Make sure ``cache`` holds the node's snapshot (``envoy_node``: the first request's
+        ``Node``, whose metadata may say where its Envoy reads its secrets)."""
 
     def node_disconnected(self, node: NodeId) -> None: ...
 
@@ -271,7 +272,7 @@ class AdsServer:
             return None
         self._count_stream(identity, +1)  # held from here, so concurrent opens cannot overshoot
         try:
-            await self.source.node_connected(node)
+            await self.source.node_connected(node, first.node)
         except NodeRejected as err:  # a per-identity limit (instances, SVID rate)
             self._count_stream(identity, -1)
             await self._reject(context, err.reason, str(err), raw_id, identity, peer)
@@ -482,10 +483,13 @@ class AdsServer:
                 )  # fmt: skip
             elif isinstance(event, SecretDenied):
                 for name in event.names:
-                    if name in OWN_SECRETS:  # its own, not issued yet (the CA failed?)
+                    if name in OWN_SECRETS:  # its own SVID: never served from here
                         log.warning(
-                            "node %s asked for its secret %r, not available yet", node, name
-                        )
+                            "node %s asked the control plane for its secret %r: nothing sent, "
+                            "a node's SVID comes from its agent or its `meshward bootstrap` "
+                            "files (an Envoy bootstrap from an older Meshward?)",
+                            node, name,
+                        )  # fmt: skip
                         continue
                     self.metrics.secret_denials.inc()
                     audit.warning(

@@ -55,7 +55,6 @@ class XdsService:
         limits: NodeLimits | None = None,
         join_listen: str | None = None,
         state_dir: Path | None = None,
-        agent_secrets: bool = False,
         flows: AttachedServiceFactory | None = None,
         history_dir: Path | None = None,
         history_keep: int = 20,
@@ -68,10 +67,9 @@ class XdsService:
         per-identity limits on nodes, streams and SVIDs (:class:`meshward.xds.limits.NodeLimits`).
         ``join_listen``: where node agents present join tokens (None: no joins; renewals by CSR
         are always served on the ADS port, see :mod:`meshward.xds.certservice`); ``state_dir``:
-        where spent join tokens are recorded (default: the CA directory). ``agent_secrets``:
-        every sidecar runs under `meshward agent`, which holds its key and serves its secrets:
-        the control plane issues no keyed SVIDs (``compiler`` should come from
-        ``compiler_for(..., agent_secrets=True)``). ``flows``: builds the flow collector that
+        where spent join tokens are recorded (default: the CA directory). No workload key is made
+        here: each node brings its own SVID (by CSR) and serves it to its Envoy (the agent's SDS,
+        or files from `meshward bootstrap`). ``flows``: builds the flow collector that
         shares the ADS port and serves the admin's /flows, /denials and /report, usually
         :func:`meshward.flows.service.flows_for` with the flow store's URL (None: no collector;
         see :mod:`meshward.xds.attached` for why it is handed in).
@@ -96,9 +94,8 @@ class XdsService:
             self.jwks.refresh(jwks_uris(policy))
         self.limits = limits or NodeLimits()
         self.control = ControlPlane(
-            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits,
-            issue_svids=not agent_secrets,
-        )  # fmt: skip
+            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits
+        )
         self.certs = _cert_service(self.control, self.limits, ca, state_dir)
         self.join_listen = join_listen
         self.control.metrics = self.metrics

@@ -44,10 +44,10 @@ latest version and keeps its last good one; - = not subscribed.
 STATE NOT ENFORCED: the node rejected a listener or route of the desired version, so the policy
 set in force does not apply there (the policy documents involved and Envoy's error follow the
 table); it clears once the node ACKs a version without the rejected content.
-ADS CREDS: the CA root the sidecar's ADS client certificate (from `meshward bootstrap`) chains
-to: ok; RETIRING = that root is dropped at the end of a `meshward ca rotate` grace period: re-run
-`meshward bootstrap` for the sidecar before then; UNTRUSTED = already dropped: the sidecar
-cannot reconnect once its stream ends.
+ADS CREDS: the CA root the sidecar's ADS client certificate (its SVID) chains to: ok; RETIRING
+= that root is dropped at the end of a `meshward ca rotate` grace period: an agent renews onto
+the new root by itself, an operator-run Envoy needs `meshward bootstrap --renew` before then;
+UNTRUSTED = already dropped: the sidecar cannot reconnect once its stream ends.
 versions: a type's version is a digest of its content (the same on every control plane replica
 and after a restart); the policy set's version is shown on its own line.
 exit status: 0 all nodes in sync or converging; 1 any node drifts, is NOT ENFORCED or has

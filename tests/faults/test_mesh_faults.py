@@ -600,22 +600,22 @@ def test_svid_and_ca_root_rotation_under_steady_mtls_traffic_drop_nothing(
 def test_sidecar_ads_credentials_from_before_a_ca_rotation_reach_a_restarted_control_plane(
     fault_mesh: Any, tmp_path: Path
 ) -> None:
-    """Credentials as `meshward bootstrap` writes them, then `meshward ca rotate` (grace 1 h:
-    the old root stays trusted), then the control plane restarts: a sidecar holding those
-    credentials must still complete the ADS TLS handshake. Runs last: it would leave the
+    """An SVID and bundle as a node holds them (its agent, or `meshward bootstrap`), then
+    `meshward ca rotate` (grace 1 h: the old root stays trusted), then the control plane
+    restarts: a sidecar holding those credentials must still complete the ADS TLS handshake. Runs last: it would leave the
     control plane unreachable for the module's sidecars if the server certificate came from
     the new root."""
     import ssl
 
     from meshward.certs import CertificateAuthority
-    from meshward.xds.bootstrap_cli import write_sidecar_config
-    from meshward.xds.nodeid import NodeId
 
     mesh = fault_mesh
     ca = CertificateAuthority.load(mesh.ca_dir)
-    directory = write_sidecar_config(
-        tmp_path, NodeId("shop", "frontend"), "127.0.0.1", mesh.ads_port, ca=ca
-    ).parent
+    directory = tmp_path
+    svid = ca.issue("spiffe://cluster.local/ns/shop/sa/frontend")  # (the test's own key)
+    (directory / "xds-cert.pem").write_bytes(svid.cert_chain_pem)
+    (directory / "xds-key.pem").write_bytes(svid.private_key_pem)
+    (directory / "xds-ca.pem").write_bytes(ca.trust_bundle().roots_pem)
     rotated = subprocess.run(
         [sys.executable, "-m", "meshward", "ca", "rotate", "--dir", str(mesh.ca_dir),
          "--grace", "1h"],

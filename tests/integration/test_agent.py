@@ -1,6 +1,6 @@
 """`meshward agent` with real agent processes, real Envoy and real mTLS.
 
-The control plane runs with ``--secrets agent``: it never makes a workload key. Each agent joins
+The control plane never makes a workload key (whatever its flags). Each agent joins
 with a one-time token, serves its SVID over SDS on a Unix socket, and starts its Envoy; frontend
 calls orders through both sidecars (mTLS both ways, RBAC on the SPIFFE ID).
 """
@@ -109,7 +109,8 @@ def test_agents_join_and_envoy_serves_mtls_with_their_svids(mesh: Mesh) -> None:
         assert agent["spiffe_id"] == f"spiffe://cluster.local/ns/shop/sa/{ref.split('/')[1]}"
     # The control plane made no SVID of its own for these nodes.
     control = mesh.xds.service.control
-    assert all(state.svid is None and not state.secrets for state in control.nodes.values())
+    assert all(state.secrets_dir is None for state in control.nodes.values())  # the agent's SDS
+    assert all("certificate" not in control.node_details(s.node) for s in control.nodes.values())
 
 
 def test_private_keys_never_reach_the_control_plane(mesh: Mesh) -> None:

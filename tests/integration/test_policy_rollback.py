@@ -19,6 +19,7 @@ from meshward.cli import main
 from meshward.envoy import EnvoyProcess
 from meshward.net import free_port
 from meshward.testing.echo import EchoServer
+from meshward.testing.mesh import bootstrap_sidecar
 from meshward.testing.xds_resources import http_request
 
 WORKLOADS = """
@@ -86,7 +87,7 @@ def test_apply_two_versions_then_roll_back(
              "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
              "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(ready),
              "--flows-db", "off", "--history", "3", "--history-dir", str(history_dir),
-             "--watch-interval", "0.2"],
+             "--watch-interval", "0.2", "--join-listen", "127.0.0.1:0"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
@@ -95,9 +96,9 @@ def test_apply_two_versions_then_roll_back(
             info = json.loads(ready.read_text())
             admin = info["admin"].removeprefix("http://")
             v1 = info["policy_version"]
-            assert main(["bootstrap", "--workload", "shop/orders", "--xds", info["ads"],
-                         "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "sidecars")]) == 0  # fmt: skip
-            config = json.loads((tmp_path / "sidecars" / "orders.shop" / "envoy.json").read_text())
+            sidecar = bootstrap_sidecar(tmp_path / "ca", "shop/orders", info["ads"],
+                                        info["join"], tmp_path / "sidecars")  # fmt: skip
+            config = json.loads(Path(sidecar["bootstrap"]).read_text())
             with EnvoyProcess(config, name="orders", workdir=tmp_path / "envoy") as envoy:
                 _wait_for(lambda: http_request(listen, "/admin")[0] == 200, envoy.log_tail())
 

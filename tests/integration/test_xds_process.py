@@ -1,9 +1,13 @@
-"""The operator's path end to end: `meshward ca init`, `meshward xds serve` as a process,
-`meshward bootstrap` files, a real Envoy started from them, `meshward status`."""
+"""The operator's path end to end: `meshward ca init`, `meshward xds serve` as a process (its
+default mode), `meshward ca join-token`, `meshward bootstrap` (the key made on the node, the SVID
+by CSR, files read through file-based SDS), a real Envoy started from them, `meshward status`;
+then a scan of everything the control plane holds, logs, serves and exports for private keys."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,13 +48,23 @@ def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixt
         info = launcher.start("xds", meshward_argv(
             "xds", "serve", "--policy", str(tmp_path / "policies"),
             "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            "--join-listen", "127.0.0.1:0", "--log-format", "json",
             "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(tmp_path / "ready.json"),
         ), ready_path=tmp_path / "ready.json")  # fmt: skip
+        sidecars = Path(tempfile.mkdtemp(prefix="mwb-"))  # short: the admin socket lives there
         try:
+            token = tmp_path / "orders.token"
+            assert main(["ca", "join-token", "--dir", str(tmp_path / "ca"),
+                         "--workload", "shop/orders"]) == 0  # fmt: skip
+            token.write_text(capsys.readouterr().out)
+            roots = tmp_path / "roots.pem"
+            roots.write_bytes(CertificateAuthority.load(tmp_path / "ca").trust_bundle().roots_pem)
             assert main(["bootstrap", "--workload", "shop/orders", "--xds", info["ads"],
-                         "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "sidecars")]) == 0  # fmt: skip
-            config = json.loads((tmp_path / "sidecars" / "orders.shop" / "envoy.json").read_text())
-            socket_path = tmp_path / "sidecars" / "orders.shop" / "admin.sock"
+                         "--join", info["join"], "--join-token-file", str(token),
+                         "--root-cert", str(roots), "--out", str(sidecars)]) == 0  # fmt: skip
+            assert "nothing renews it by itself" in capsys.readouterr().out
+            config = json.loads((sidecars / "orders.shop" / "envoy.json").read_text())
+            socket_path = sidecars / "orders.shop" / "admin.sock"
             assert config["admin"]["address"] == {"pipe": {"path": str(socket_path), "mode": 0o600}}
             with EnvoyProcess(config, name="orders", workdir=tmp_path / "envoy") as envoy:
                 assert envoy.admin_socket == socket_path  # the bootstrap's own socket, 0600
@@ -70,6 +84,40 @@ def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixt
                 main(["status", "--xds", info["admin"].removeprefix("http://"), "--json"])
                 status = json.loads(capsys.readouterr().out)
                 [node] = status["nodes"]
-                assert node["node"] == "shop/orders" and node["certificate"]["issued"] == 1
+                assert node["node"] == "shop/orders" and "certificate" not in node
+                assert node["secrets"] == {"source": "files",
+                                           "directory": str(sidecars / "orders.shop")}  # fmt: skip
+                key_line = _key_line(sidecars / "orders.shop" / "svid.pem")
+                _scan_for_keys(info, tmp_path, key_line)
         finally:
             assert launcher.stop("xds", 15) == 0  # SIGTERM: a clean exit
+            shutil.rmtree(sidecars, ignore_errors=True)
+        log = launcher["xds"].log().encode()  # everything the control plane logged
+        assert b"ADS on" in log  # (its startup line: the log was captured)
+        assert b"PRIVATE KEY" not in log and key_line not in log
+
+
+def _key_line(path: Path) -> bytes:
+    """A line from the middle of the node's private key (base64 body)."""
+    return path.read_bytes().split(b"-----END PRIVATE KEY-----")[0].splitlines()[1]
+
+
+def _scan_for_keys(info: dict[str, str], state: Path, line: bytes) -> None:
+    """What the control plane serves (/status in every view, /metrics, /policy, /history),
+    exports and stores (flow store, history, CA directory, spent tokens): the node's key
+    nowhere, and no private key at all outside the CA's own key files."""
+    import urllib.request
+
+    admin = info["admin"]
+    served = b""
+    for path in ("/status", "/status?view=nodes", "/metrics", "/policy", "/history"):
+        with urllib.request.urlopen(admin + path, timeout=5) as response:
+            served += response.read()
+    assert b"shop/orders" in served
+    assert b"PRIVATE KEY" not in served and line not in served
+    for path in state.rglob("*"):
+        if path.is_file() and not path.name.endswith(".sock"):
+            data = path.read_bytes()
+            assert line not in data, path
+            if path.name not in ("root.key", "intermediate.key", "join-token.key"):
+                assert b"PRIVATE KEY" not in data, path

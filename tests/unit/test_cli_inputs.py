@@ -43,8 +43,23 @@ BOOT = ["bootstrap", "--workload", "shop/orders", "--xds", "127.0.0.1:15010"]
         (["--trust-domain", "BAD"], 1, "trust domain 'BAD' must be lowercase"),
         (["--xds-identity", "xds"], 1, "'xds' is not a SPIFFE ID"),
         (["--path-prefix", "relative"], 1, "--path-prefix 'relative' must be an absolute path"),
-        (["--ttl", "-1h"], 1, "a duration cannot be negative"),
-        (["--out", README], 1, f"cannot write under --out {README}: Not a directory"),
+        # no SVID yet and no token: nothing is generated, nothing is written
+        ([], 1, "holds no valid SVID: first contact needs --join, --join-token-file, --root-cert"),
+        (["--join", "127.0.0.1:1"], 1, "first contact needs --join-token-file, --root-cert"),
+        (["--renew"], 1, "no valid SVID in"),
+        (
+            [
+                "--join",
+                "127.0.0.1:1",
+                "--join-token-file",
+                "/nonexistent/token",
+                "--root-cert",
+                README,
+            ],
+            1,
+            "cannot read join token file /nonexistent/token",
+        ),
+        (["--ca", "certs/ca"], 2, "unrecognized arguments: --ca"),  # the node holds no CA
     ],
 )
 def test_bootstrap_refuses(
@@ -61,16 +76,31 @@ def test_bootstrap_refuses_an_ads_port_out_of_range(
 ) -> None:
     argv = ["bootstrap", "--workload", "shop/orders", "--xds", "127.0.0.1:99999"]
     code, err = _exit([*argv, "--out", str(tmp_path)], capsys)
-    assert code == 1 and "--xds 127.0.0.1:99999: port 99999 is out of range" in err
+    assert code == 2 and "argument --xds: expected HOST:PORT" in err
 
 
-def test_bootstrap_caps_its_credentials_ttl(
-    ca_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_bootstrap_refuses_an_out_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "out"
-    code, err = _exit([*BOOT, "--ca", ca_dir, "--ttl", "1000d", "--out", str(out)], capsys)
-    assert code == 1 and "SVID TTL must be at most 90d" in err
-    assert not out.exists()
+    token = tmp_path / "token"
+    token.write_text("x")
+    argv = [*BOOT, "--out", README, "--join", "127.0.0.1:1", "--join-token-file", str(token),
+            "--root-cert", README]  # fmt: skip
+    code, err = _exit(argv, capsys)
+    assert code == 1 and "Not a directory" in err
+
+
+def test_xds_serve_refuses_control_plane_secrets(
+    ca_dir: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The control plane never makes or sends a workload key: the old mode says why and what
+    to do instead."""
+    argv = ["xds", "serve", "--policy", EXAMPLES, "--ca", ca_dir, "--listen", "127.0.0.1:0"]
+    code, err = _exit([*argv, "--secrets", "control-plane"], capsys)
+    assert code == 1
+    assert "--secrets control-plane is no longer supported" in err
+    assert "never generates or transmits workload private keys" in err
+    assert "meshward agent" in err and "meshward bootstrap" in err
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,7 @@ def test_inspect_bad_files(
 def test_rotate_and_show(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "rotate", "--dir", str(store), "--grace", "2h")
     assert code == 0 and "generation 2 signs from now on" in out and "trusted until" in out
-    assert "re-run `meshward bootstrap` for each one before" in out  # ADS credentials
+    assert "run `meshward bootstrap --renew` for each Envoy you run yourself before" in out
     code, out, _ = run(capsys, "show", "--dir", str(store), "--json")
     report = json.loads(out)
     assert report["active"] == 2 and len(report["bundle_sha256"]) == 2

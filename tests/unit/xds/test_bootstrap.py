@@ -1,9 +1,8 @@
-"""Sidecar bootstraps: accepted by `envoy --mode validate`, ADS-only, credentials written safely."""
+"""Sidecar bootstraps: accepted by `envoy --mode validate`, ADS-only, secrets from files or an agent."""
 
 from __future__ import annotations
 
 import json
-import stat
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,23 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_rendered_bootstrap_validates_with_envoy(tmp_path: Path, ca_dir: Path, delta: bool) -> None:
+    """The operator-run form: the ADS client certificate and the trust bundle through
+    file-based SDS (the files `meshward bootstrap` keeps), named in the node metadata."""
+    from meshward.agent.identity import BUNDLE_FILE, SVID_FILE
+    from meshward.xds.filesds import secret_documents
+
     ca = CertificateAuthority.load(ca_dir)
-    svid = ca.issue("spiffe://cluster.local/ns/shop/sa/orders")
-    for name, data in (
-        ("xds-cert.pem", svid.cert_chain_pem),
-        ("xds-key.pem", svid.private_key_pem),
-        ("xds-ca.pem", ca.trust_bundle().roots_pem),
-    ):
-        (tmp_path / name).write_bytes(data)
+    svid = ca.issue("spiffe://cluster.local/ns/shop/sa/orders")  # (a test's own key)
+    (tmp_path / SVID_FILE).write_bytes(svid.private_key_pem + svid.cert_chain_pem)
+    (tmp_path / BUNDLE_FILE).write_bytes(ca.trust_bundle().roots_pem)
+    for name, text in secret_documents(str(tmp_path), SVID_FILE, BUNDLE_FILE).items():
+        (tmp_path / name).write_text(text)
     config = render_bootstrap(
         NodeId("shop", "orders", "2"),
         "127.0.0.1",
         15010,
         server_identity=SERVER,
-        credentials=AdsCredentials.in_directory(tmp_path),
+        secrets_dir=str(tmp_path),
         delta=delta,
     )
     ok, output = validate_config(config)
@@ -53,16 +55,27 @@ def test_rendered_bootstrap_validates_with_envoy(tmp_path: Path, ca_dir: Path, d
     assert config["node"] == {
         "id": "shop/orders/2",
         "cluster": "orders.shop",
-        "metadata": {"meshward.dev/workload": "shop/orders", "meshward.dev/instance": "2"},
+        "metadata": {
+            "meshward.dev/workload": "shop/orders",
+            "meshward.dev/instance": "2",
+            "meshward.dev/secrets-dir": str(tmp_path),
+        },
     }
     assert config["admin"]["address"] == {"pipe": {"path": "admin.sock", "mode": 0o600}}
     [cluster] = config["static_resources"]["clusters"]  # ADS only: nothing else is static
     assert cluster["name"] == "meshward-xds"
     assert "http2_protocol_options" in json.dumps(cluster["typed_extension_protocol_options"])
     tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
-    assert tls["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {
-        "exact": SERVER
+    combined = tls["combined_validation_context"]
+    assert combined["default_validation_context"]["match_typed_subject_alt_names"][0][
+        "matcher"
+    ] == {"exact": SERVER}
+    [cert] = tls["tls_certificate_sds_secret_configs"]
+    assert cert["sds_config"]["path_config_source"] == {
+        "path": f"{tmp_path}/sds-default.json",
+        "watched_directory": {"path": str(tmp_path)},
     }
+    assert "inline_bytes" not in json.dumps(config)  # no key material in the bootstrap
 
 
 def test_inline_credentials_validate(ca_dir: Path) -> None:
@@ -78,43 +91,15 @@ def test_inline_credentials_validate(ca_dir: Path) -> None:
     assert ok, output
 
 
-def test_bootstrap_command_writes_config_and_credentials(
-    tmp_path: Path, ca_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "sidecar-config"
-    code = main(
-        ["bootstrap", "--workload", "shop/orders", "--xds", "127.0.0.1:15010", "--ca", str(ca_dir),
-         "--out", str(out), "--instance", "a", "--delta", "--ttl", "2h"]
-    )  # fmt: skip
-    assert code == 0
-    directory = out / "orders.shop.a"
-    config = json.loads((directory / "envoy.json").read_text())
-    assert config["node"]["id"] == "shop/orders/a"
-    assert config["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
-    assert stat.S_IMODE((directory / "xds-key.pem").stat().st_mode) == 0o600
-    from cryptography import x509
-
-    from meshward.certs.verify import spiffe_id_of
-
-    leaf = x509.load_pem_x509_certificate((directory / "xds-cert.pem").read_bytes())
-    assert str(spiffe_id_of(leaf)) == "spiffe://cluster.local/ns/shop/sa/orders"
-    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
-    assert 2 * 3600 <= lifetime.total_seconds() <= 2 * 3600 + 120
-    assert "--drain-strategy immediate" in capsys.readouterr().out
-    ok, output = validate_config(config)
-    assert ok, output
-
-
 def test_bootstrap_command_rejects_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["bootstrap", "--workload", "orders", "--xds", "127.0.0.1:1"])
     assert exit_info.value.code == 2
-    assert (
+    with pytest.raises(SystemExit) as exit_info:
         main(["bootstrap", "--workload", "shop/orders", "--xds", "nope", "--out", str(tmp_path)])
-        == 1
-    )
+    assert exit_info.value.code == 2
     assert "HOST:PORT" in capsys.readouterr().err
 
 

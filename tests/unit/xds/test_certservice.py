@@ -47,10 +47,9 @@ async def start(ca_dir: Path, limits: NodeLimits | None = None) -> XdsService:
     service = XdsService(
         parse({"mesh.yaml": POLICY}),
         ca,
-        compiler_for(CompileOptions(), agent_secrets=True),
+        compiler_for(CompileOptions()),
         admin=None,
         join_listen="127.0.0.1:0",
-        agent_secrets=True,
         limits=limits,
         svid_ttl=timedelta(minutes=5),
     )
@@ -302,7 +301,8 @@ async def test_a_flood_of_bad_requests_stays_bounded(service: XdsService, ca_dir
 
 
 async def test_status_advice_after_rotation_fits_agents(service: XdsService, ca_dir: Path) -> None:
-    """`meshward bootstrap` advice is for bootstrap-file sidecars; agents renew by themselves."""
+    """The advice fits both kinds of node: agents renew by themselves, an operator-run Envoy
+    needs `meshward bootstrap --renew` (nothing the control plane made to re-issue)."""
     from datetime import UTC, datetime
 
     from meshward.xds.clientcert import RETIRING, ClientCertificate
@@ -313,5 +313,5 @@ async def test_status_advice_after_rotation_fits_agents(service: XdsService, ca_
         ClientCertificate(1, datetime.now(UTC) + timedelta(minutes=5))
     )
     assert status["state"] == RETIRING
-    assert "agent renews onto the new root" in status["warning"]
-    assert "meshward bootstrap" not in status["warning"]
+    assert "agent renews by itself" in status["warning"]
+    assert "meshward bootstrap --renew" in status["warning"]

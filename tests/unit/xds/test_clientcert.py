@@ -26,7 +26,7 @@ def test_credentials_state_follows_the_root_they_chain_to() -> None:
     retiring = state(before, NOW)
     assert retiring["state"] == RETIRING and retiring["ca_generation"] == 1
     assert retiring["root_trusted_until"] == (NOW + timedelta(hours=1)).isoformat()
-    assert "re-run `meshward bootstrap`" in str(retiring["warning"])
+    assert "meshward bootstrap --renew" in str(retiring["warning"])
     fresh = state(after, NOW)
     assert fresh["state"] == OK and fresh["warning"] is None and fresh["ca_generation"] == 2
     dropped = state(before, NOW + timedelta(hours=1))

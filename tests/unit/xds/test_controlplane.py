@@ -1,5 +1,5 @@
-"""The control plane's decisions without sockets: node authentication, SVID issuance and renewal,
-trust bundle changes, affected-workload pushes (driven by a manual clock)."""
+"""The control plane's decisions without sockets: node authentication, no workload key made,
+per-node secret sources, trust bundle changes, affected-workload pushes (manual clock)."""
 
 from __future__ import annotations
 
@@ -91,43 +91,61 @@ def secret_of(control: ControlPlane, node: str, name: str) -> secret_pb2.Secret:
     return message
 
 
-async def test_svid_issued_on_first_request_and_renewed_at_half_life(
+async def test_no_svid_or_key_is_made_for_a_node_and_nothing_renews(
     control: ControlPlane, clock: Clock
 ) -> None:
+    """Nodes bring their own SVID (agent or `meshward bootstrap`, by CSR): a connecting node
+    gets config and the public trust bundle, never a certificate or key of the control
+    plane's making, and time passing renews nothing for it."""
     node = NodeId("shop", "orders")
     await control.node_connected(node)
     first = control.cache.get(str(node))
     assert first is not None
-    assert set(first.resources(typeurls.SECRET)) == {"default", "ROOTCA"}
-    cert = control.node_details(node)["certificate"]
-    assert cert["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/orders-sa"
-    renew_at = datetime.fromisoformat(cert["renew_at"])
-    not_before, not_after = (datetime.fromisoformat(cert[k]) for k in ("not_before", "not_after"))
-    assert abs((renew_at - not_before) / (not_after - not_before) - 0.5) < 0.01
-    clock.now = renew_at - timedelta(seconds=1)
+    assert set(first.resources(typeurls.SECRET)) == {"ROOTCA"}
+    assert "certificate" not in control.node_details(node)
+    assert control.node_details(node)["secrets"] == {"source": "agent"}
+    assert control.certificate_remaining() == {}
+    clock.now += timedelta(minutes=9)
     control.maintain(clock.now)
-    assert control.cache.get(str(node)) is first  # not due yet
-    clock.now = renew_at + timedelta(seconds=1)
-    control.maintain(clock.now)
-    second = control.cache.get(str(node))
-    assert second is not None and second is not first
-    assert second.type_version(typeurls.SECRET) != first.type_version(typeurls.SECRET)
-    assert second.type_version(typeurls.LISTENER) == first.type_version(typeurls.LISTENER)
-    renewed = control.node_details(node)["certificate"]
-    assert renewed["serial"] != cert["serial"] and renewed["issued"] == 2
+    assert control.cache.get(str(node)) is first  # nothing to renew, nothing pushed
+    assert str(node) not in control.schedule
 
 
-async def test_disconnected_nodes_are_not_renewed_until_they_return(
-    control: ControlPlane, clock: Clock
+async def test_a_node_reading_files_gets_its_tls_contexts_pointed_there(
+    control: ControlPlane,
 ) -> None:
-    node = NodeId("shop", "frontend")
-    await control.node_connected(node)
-    control.node_disconnected(node)
-    clock.now += timedelta(minutes=6)
-    control.maintain(clock.now)
-    assert control.node_details(node)["certificate"]["issued"] == 1
-    await control.node_connected(node)  # back after its half-life: a fresh SVID at once
-    assert control.node_details(node)["certificate"]["issued"] == 2
+    """An operator-run Envoy (`meshward bootstrap`) names its secrets directory in its node
+    metadata; only its own snapshot's listeners and clusters read secrets from there."""
+    from envoy.config.core.v3 import base_pb2
+
+    files = base_pb2.Node(id="shop/orders/op")
+    files.metadata.update({"meshward.dev/secrets-dir": "/etc/meshward/orders.shop.op"})
+    await control.node_connected(NodeId("shop", "orders", "op"), files)
+    await control.node_connected(NodeId("shop", "orders", "agent"))
+    by_files = control.cache.get("shop/orders/op")
+    by_agent = control.cache.get("shop/orders/agent")
+    assert by_files is not None and by_agent is not None
+
+    def bodies(snapshot: object, type_url: str) -> bytes:
+        return b"".join(
+            r.body.SerializeToString()
+            for r in snapshot.resources(type_url).values()  # type: ignore[attr-defined]
+        )
+
+    listeners = bodies(by_files, typeurls.LISTENER)
+    assert b"/etc/meshward/orders.shop.op/sds-default.json" in listeners
+    assert b"meshward-sds" not in listeners
+    assert b"/etc/meshward" not in bodies(by_agent, typeurls.LISTENER)
+    assert b"meshward-sds" in bodies(by_agent, typeurls.LISTENER)
+    assert control.node_details(NodeId("shop", "orders", "op"))["secrets"] == {
+        "source": "files",
+        "directory": "/etc/meshward/orders.shop.op",
+    }
+    bad = base_pb2.Node(id="shop/orders/x")
+    bad.metadata.update({"meshward.dev/secrets-dir": "../../etc"})
+    with pytest.raises(NodeRejected, match="secrets-dir") as refused:
+        await control.node_connected(NodeId("shop", "orders", "x"), bad)
+    assert refused.value.reason == "invalid-secrets-dir"
 
 
 async def test_policy_change_touches_only_affected_nodes(control: ControlPlane) -> None:
@@ -181,21 +199,36 @@ async def test_ca_rotation_pushes_the_new_bundle(tmp_path: Path, clock: Clock) -
 
 
 async def test_inconsistent_snapshot_is_refused_and_reported(control: ControlPlane) -> None:
-    """A snapshot whose listener names a secret it does not hold is an error, not a listener
+    """A snapshot whose resource names a secret it does not hold is an error, not a listener
     silently held back: the node keeps its last good snapshot and status says why (not
     enforced); the next consistent snapshot clears it."""
     node = NodeId("shop", "orders")
     await control.node_connected(node)
     good = control.cache.get(str(node))
     assert good is not None and "compile_error" not in control.node_details(node)
-    state = control.nodes[str(node)]
-    svid_secrets = state.secrets
-    state.secrets = ()  # e.g. an issuance that left the node without its SVID secret
+    rootca = control._rootca
+    control._rootca = None  # e.g. a bundle that failed validation
+    config = control.configs["shop/orders"]
+    listeners = config.resources[typeurls.LISTENER]
+    from meshward.compile import CompileOptions as _Options
+    from meshward.xds.resources import make_resource
+
+    raw = compiler_for(_Options(), agent_secrets=False)  # its TLS names ROOTCA over ADS
+    workload = control.policy.workload("shop/orders")
+    assert workload is not None
+    from envoy.config.listener.v3 import listener_pb2
+
+    ads_listener = next(
+        m for m in raw(control.policy, workload, datetime.now(UTC))
+        if isinstance(m, listener_pb2.Listener) and "inbound" in m.name
+    )  # fmt: skip
+    config.resources[typeurls.LISTENER] = [make_resource(ads_listener)]
     await control.node_connected(node)  # reconnect: the snapshot is rebuilt
     assert control.cache.get(str(node)) is good
     error = control.node_details(node)["compile_error"]
-    assert error.startswith("inconsistent snapshot: ") and "names secret 'default'" in error
-    state.secrets = svid_secrets
+    assert error.startswith("inconsistent snapshot: ") and "names secret" in error
+    config.resources[typeurls.LISTENER] = listeners
+    control._rootca = rootca
     await control.node_connected(node)
     assert control.cache.get(str(node)) is good  # the same content: nothing new to push
     assert "compile_error" not in control.node_details(node)

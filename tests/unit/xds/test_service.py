@@ -44,7 +44,8 @@ spec:
     - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
       to: [{operation: {methods: [%s]}}]
 """
-ALL_TYPES = {typeurls.CLUSTER: (), typeurls.LISTENER: (), typeurls.SECRET: ("default", "ROOTCA")}
+# Nodes bring their own SVID: over SDS the control plane serves the public trust bundle only.
+ALL_TYPES = {typeurls.CLUSTER: (), typeurls.LISTENER: (), typeurls.SECRET: ("ROOTCA",)}
 
 
 def policy(methods: str = '"GET"', annotations: str = "") -> Any:
@@ -149,8 +150,8 @@ async def test_status_and_metrics_endpoints(service: XdsService, clients: Client
     status = json.loads(body)
     assert code == 200
     entry = next(n for n in status["nodes"] if n["node"] == "shop/frontend")
-    assert entry["certificate"]["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/frontend"
-    assert entry["certificate"]["remaining_seconds"] > 3000
+    assert "certificate" not in entry  # the control plane made none: the node brought its own
+    assert entry["secrets"] == {"source": "agent"}
     assert {t["type"] for t in entry["streams"][0]["types"]} >= {"CDS", "LDS", "SDS"}
     assert entry["streams"][0]["ads_credentials"]["state"] == "ok"
     assert entry["ads_credentials_warning"] is None
@@ -160,7 +161,7 @@ async def test_status_and_metrics_endpoints(service: XdsService, clients: Client
     assert "meshward_xds_connected_nodes 1.0" in text
     assert 'meshward_xds_pushes_total{type="LDS"}' in text
     assert "meshward_xds_push_latency_seconds_bucket" in text
-    assert 'meshward_xds_cert_expiry_seconds{node="shop/frontend"}' in text
+    assert "meshward_xds_cert_expiry_seconds{" not in text  # no node SVID held here
 
 
 async def test_a_change_pushes_to_the_affected_workload_only(
@@ -207,7 +208,10 @@ async def test_a_client_following_routes_gets_rule_edits_over_rds(
     inbound = "inbound|8080|orders.shop"
     await until(lambda: inbound in client.view(typeurls.ROUTE).resources, what="the inbound route")
     await until(lambda: in_sync(service, "shop/orders"), what="sync")
-    routes, listeners = client.view(typeurls.ROUTE).responses, client.view(typeurls.LISTENER).responses
+    routes, listeners = (
+        client.view(typeurls.ROUTE).responses,
+        client.view(typeurls.LISTENER).responses,
+    )
     service.control.apply_policy(policy('"PUT"'))
     await until(lambda: client.view(typeurls.ROUTE).responses > routes, what="the RDS push")
     await until(lambda: in_sync(service, "shop/orders"), what="sync")
@@ -452,7 +456,7 @@ async def test_a_restarted_control_plane_resyncs_nodes_without_pushing_config(
 ) -> None:
     """Clients (SotW and delta, following routes as Envoy does) reconnect to a new control
     plane process on the same address: listeners, routes and clusters are not sent again and
-    the node ACKs the very versions it had; only SDS (a new SVID) is pushed."""
+    the node ACKs the very versions it had."""
     first = XdsService(policy('"GET", "POST"'), ca, compiler_for(CompileOptions()), admin=None)
     await first.start()
     clients.service = first
@@ -486,8 +490,9 @@ async def test_a_restarted_control_plane_resyncs_nodes_without_pushing_config(
                 assert after[kind]["pushes"] == 0, (name, kind)
             for type_url in (typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE):
                 assert client.view(type_url).responses == responses[name][type_url], name
-            assert after["SDS"]["acked"] != acked[name]["SDS"]  # a new SVID: pushed
-            assert client.view(typeurls.SECRET).responses > responses[name][typeurls.SECRET]
+            # The trust bundle is the same too: nothing of the control plane's making
+            # changed (no SVID of its own for the node, as there was none before).
+            assert after["SDS"]["acked"] == acked[name]["SDS"]
     finally:
         await first.stop()
         if second is not None:
@@ -558,7 +563,7 @@ async def test_ads_credentials_from_before_a_ca_rotation_work_until_the_old_root
         assert credentials["ca_generation"] == 1 and credentials["state"] == "root-retiring"
         assert "meshward bootstrap" in entry["ads_credentials_warning"]
         rendered = status_cli.render(svc.status())
-        assert "RETIRING" in rendered and "re-run `meshward bootstrap`" in rendered
+        assert "RETIRING" in rendered and "meshward bootstrap --renew" in rendered
         # The grace period ends: the bundle and the server certificate move on at once.
         after_grace = datetime.now(UTC) + timedelta(seconds=40)
         assert svc.control.seconds_until_next(datetime.now(UTC)) <= 30

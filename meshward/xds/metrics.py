@@ -145,8 +145,8 @@ class _StateCollector(Collector):
             "meshward_xds_drifting_nodes",
             "Nodes whose ACKed version differs from the desired one for longer than the threshold",
         )
-        node_drift_flags: Mapping[str, bool] = status["node_drift"]
-        drift.add_metric([], sum(1 for flag in node_drift_flags.values() if flag))
+        node_drift_flags: Mapping[str, bool] = status["node_drift"]  # the first nodes by name
+        drift.add_metric([], fleet["drifting"])
         yield drift
         not_enforcing = GaugeMetricFamily(
             "meshward_xds_nodes_not_enforcing",

@@ -50,7 +50,6 @@ from meshward.xds.status import (
     DEFAULT_DRIFT_THRESHOLD,
     drifting,
     iso,
-    stream_flags,
     stream_types,
 )
 
@@ -537,53 +536,6 @@ class AdsServer:
         nodes needing attention. ``failed_workloads``: refs whose compile failed (their
         connected nodes are not enforcing)."""
         return self.fleet.summary(self.clock(), self.drift_threshold, failed_workloads)
-
-    def node_health(self, failed_workloads: Collection[str] = ()) -> list[dict[str, Any]]:
-        """Per connected node, what the fleet metrics read (in sync, drift, enforcing, ACK
-        times, the ADS credential's expiry), in the per-node view's shape but without its
-        expensive parts (workload details, credential checks against the CA, NACK texts)."""
-        now = self.clock()
-        wall_offset = time.time() - now
-        by_node = self._streams_by_node()
-        result = []
-        for node_name in sorted(by_node):
-            snapshot = self.cache.get(node_name)
-            streams = sorted(by_node[node_name], key=lambda s: s.id)
-            drift = rejected = False
-            entries = []
-            for stream in streams:
-                _, stream_drift, stream_rejected = stream_flags(
-                    stream.protocol.states, snapshot, now, self.drift_threshold
-                )
-                drift, rejected = drift or stream_drift, rejected or stream_rejected
-                statuses = stream_types(stream.protocol.states, snapshot, now, self.drift_threshold)
-                not_after = stream.client_cert.not_after if stream.client_cert else None
-                entries.append(
-                    {
-                        "types": [
-                            {
-                                "type": typeurls.short(st.type_url),
-                                "in_sync": st.in_sync,
-                                "acked_at": iso(st.acked_at + wall_offset) if st.acked_at else None,
-                            }
-                            for st in statuses
-                        ],
-                        "ads_credentials": {"not_after": not_after.isoformat()}
-                        if not_after
-                        else None,
-                    }
-                )
-            compile_failed = "/".join(node_name.split("/")[:2]) in failed_workloads
-            result.append(
-                {
-                    "node": node_name,
-                    "connected": bool(streams),
-                    "drift": drift,
-                    "policy_enforced": not (rejected or compile_failed),
-                    "streams": entries,
-                }
-            )
-        return result
 
     def node_status(self, names: list[str] | None = None) -> list[dict[str, Any]]:
         """Per node: streams, per-type desired/ACKed versions, NACKs, drift (no secrets).

@@ -304,14 +304,18 @@ def metrics_view(
     limit: int,
 ) -> dict[str, Any]:
     """What a /metrics scrape reads (meshward.telemetry.fleet, meshward.xds.metrics): the
-    counts, the drifting nodes by name, the latest policy ACK, and per-node health for the first
-    ``limit`` nodes by name only (the per-node series are bounded to that many anyway)."""
+    counts, the drifting nodes by name, the latest policy ACK, per-node health for the first
+    ``limit`` nodes by name only (the per-node series are bounded to that many anyway), and the
+    per-node drift flags of those plus up to ``limit`` drifting nodes."""
     nodes = list(table.node_health(table.first_nodes(limit), now, threshold, failed_workloads))
     last = table.last_policy_ack
+    drifting = table.drifting(now, threshold)
     return {
         "fleet": table.summary(now, threshold, failed_workloads),
-        "drifting_nodes": table.drifting(now, threshold),
+        "drifting_nodes": drifting,
         "last_policy_ack": iso(last + time.time() - now) if last else None,
-        "node_drift": {n["node"]: n["drift"] for n in nodes},
+        # the first nodes by name, and every drifting node (at most ``limit`` of them)
+        "node_drift": {n["node"]: n["drift"] for n in nodes}
+        | dict.fromkeys(drifting[:limit], True),
         "nodes": nodes,
     }

@@ -163,7 +163,10 @@ class _StateCollector(Collector):
         failing.add_metric([], len(jwks.get("failing", [])))
         yield failing
         node_drift = GaugeMetricFamily(
-            "meshward_xds_node_drift", "1 when the node drifts", labels=["node"]
+            "meshward_xds_node_drift",
+            "1 when the node drifts (the first 2,000 connected nodes by name and up to 2,000 "
+            "drifting nodes; meshward_xds_drifting_nodes counts them all)",
+            labels=["node"],
         )
         expiry = GaugeMetricFamily(
             "meshward_xds_cert_expiry_seconds",

@@ -261,4 +261,8 @@ def test_a_flood_of_problem_nodes_lists_twenty_and_counts_the_rest() -> None:
     assert got["drifting"] == 300 and got["attention_total"] == 300
     assert len(got["attention"]) == 20 and got["attention"][0]["node"] == "ns/flood/r000"
     view = metrics_view(fleet.table, fleet.now, THRESHOLD, (), limit=50)
-    assert len(view["nodes"]) == 50 and len(view["node_drift"]) == 50
+    assert len(view["nodes"]) == 50 and len(view["node_drift"]) == 50  # the same 50 drifting
+    fleet.new_version("ns/calm/r0", 0)
+    fleet.open("ns/calm/r0", "sotw")  # sorts before every flood node, not drifting
+    view = metrics_view(fleet.table, fleet.now, THRESHOLD, (), limit=50)
+    assert view["node_drift"]["ns/calm/r0"] is False and len(view["node_drift"]) == 51

@@ -262,8 +262,8 @@ class XdsService:
         """``view="nodes"``: everything `meshward status` shows, control plane state and the
         per-node documents (only ``nodes``, node names or workload refs, when given; a page of
         ``limit`` from ``offset``). ``view="summary"``: control plane state and counts over the
-        fleet, with the nodes that need attention by name: O(nodes) arithmetic, no per-node
-        documents, what ``GET /status`` serves by default."""
+        fleet kept on events (meshward.xds.fleetcounts: O(1) plus the nodes needing attention,
+        at most 20 named), no per-node documents, what ``GET /status`` serves by default."""
         self._settle_policy_error()
         result = self.control.status(workloads=view != "summary")
         result["ads"] = {"address": self.address, "server_identity": self.server_identity}

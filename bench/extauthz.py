@@ -21,7 +21,6 @@ with other work. Tracing is off (no OTLP endpoint) in 1-3, as in a service witho
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -31,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from meshward.envoy.process import EnvoyProcess  # noqa: E402
 from meshward.extauthz.envoyconfig import rbac_allow_paths, sidecar  # noqa: E402
 from meshward.testing.jwt_issuer import LocalIssuer  # noqa: E402
+from meshward.testing.processes import Launcher, meshward_argv  # noqa: E402
 
 WORKLOAD = "foo/bench"
 
@@ -64,71 +63,33 @@ def policy_yaml(issuer: LocalIssuer) -> str:
 # ---- processes ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def service_process(
-    kind: str, policy_dir: Path | None, tls_dir: Path, workers: int = 1, threads: int = 4
-) -> Iterator[tuple[int, int]]:
+    launcher: Launcher,
+    name: str,
+    kind: str,
+    policy_dir: Path | None,
+    tls_dir: Path,
+    workers: int = 1,
+    threads: int = 4,
+) -> tuple[int, int]:
     """The real service via the CLI, or (policy_dir None) an empty handler, both over mTLS with
-    the SVID in ``tls_dir``; yields (port, pid)."""
-    ready = Path(tempfile.mkdtemp(prefix="bench-extauthz-")) / "ready.json"
+    the SVID in ``tls_dir``, started by the launcher (stopped with it); (port, pid)."""
+    ready = launcher.root / f"{name}.ready.json"
     if policy_dir is None:
         argv = [
-            sys.executable,
-            __file__,
-            "_empty-server",
-            "--kind",
-            kind,
-            "--ready-file",
-            str(ready),
-            "--threads",
-            str(threads),
-            "--tls-dir",
-            str(tls_dir),
-        ]
+            sys.executable, str(Path(__file__).resolve()), "_empty-server", "--kind", kind,
+            "--ready-file", str(ready), "--threads", str(threads), "--tls-dir", str(tls_dir),
+        ]  # fmt: skip
     else:
-        argv = [
-            sys.executable,
-            "-m",
-            "meshward",
-            "extauthz",
-            "serve",
-            "--policy",
-            str(policy_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--server",
-            kind,
-            "--workers",
-            str(workers),
-            "--tls-dir",
-            str(tls_dir),
-            "--ready-file",
-            str(ready),
-            "--log-level",
-            "WARNING",
-            "--threads",
-            str(threads),
-        ]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        yield int(json.loads(ready.read_text())["listen"].rsplit(":", 1)[1]), proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        shutil.rmtree(ready.parent, ignore_errors=True)
+        argv = meshward_argv(
+            "extauthz", "serve", "--policy", str(policy_dir), "--listen", "127.0.0.1:0",
+            "--server", kind, "--workers", str(workers), "--tls-dir", str(tls_dir),
+            "--ready-file", str(ready), "--log-level", "WARNING", "--threads", str(threads),
+        )  # fmt: skip
+    info = launcher.start(name, argv, ready_path=ready, timeout=60)
+    pid = launcher[name].pid
+    assert pid is not None
+    return int(info["listen"].rsplit(":", 1)[1]), pid
 
 
 def empty_server(kind: str, ready_file: Path, threads: int, tls_dir: Path) -> None:
@@ -342,7 +303,7 @@ def main() -> None:
     single = ["rbac-only", *(f"hits-{kind}" for kind in kinds)]
     single_results: dict[str, list[WrkResult]] = {name: [] for name in single}
 
-    with contextlib.ExitStack() as stack:
+    with Launcher(workdir, quiet=True) as launcher:
         envoys: dict[str, int] = {}
         pids: dict[str, int] = {}
         for name, (kind, policies, workers) in configs.items():
@@ -350,8 +311,8 @@ def main() -> None:
                 extra = [rbac_allow_paths(["/bench"])]
                 config = sidecar(workload=WORKLOAD, extauthz_port=None, extra_filters=extra)
             else:
-                port, pids[name] = stack.enter_context(
-                    service_process(kind, policies, tls_dir, workers, args.threads)
+                port, pids[name] = service_process(
+                    launcher, f"service-{name}", kind, policies, tls_dir, workers, args.threads
                 )
                 config = sidecar(
                     workload=WORKLOAD,
@@ -359,9 +320,9 @@ def main() -> None:
                     timeout_ms=2000,
                     extauthz_tls=upstream_tls,
                 )
-            envoy = stack.enter_context(
-                EnvoyProcess(config, name=f"bench-{name}", workdir=workdir / name)
-            )
+            envoy = EnvoyProcess(config, name=f"bench-{name}", workdir=workdir / name)
+            launcher.launch_envoy(f"envoy-{name}", envoy)
+            launcher.wait_ready([f"envoy-{name}"])
             envoys[name] = envoy.listener_port("ingress")
         url = "http://127.0.0.1:{}/bench/x"
         for port in envoys.values():  # warm: fill caches, open connections

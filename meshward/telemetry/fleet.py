@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -83,9 +84,10 @@ class FleetMetrics:
         self, status: Mapping[str, Any], ca: Any = None
     ) -> Iterator[Metric]:  # ca: meshward.certs.CertificateAuthority
         nodes: list[Mapping[str, Any]] = list(status.get("nodes", []))
+        sync = fleet_sync(status)
         with self._lock:
-            self._track_rollout(status.get("policy") or {}, nodes)
-            self._track_drift(nodes)
+            self._track_rollout(status.get("policy") or {}, sync)
+            self._track_drift(sync.drifting)
             pending, generation = self._pending, self._generation
         yield from self.rollout.collect()
         yield from self.rollouts.collect()
@@ -101,10 +103,10 @@ class FleetMetrics:
             generation,
         )
         yield from _expiry_families(status, ca)
-        yield from _node_families(nodes)
+        yield from _node_families(nodes, (status.get("fleet") or {}).get("connected"))
 
     # -- state between scrapes -------------------------------------------------------------
-    def _track_rollout(self, policy: Mapping[str, Any], nodes: list[Mapping[str, Any]]) -> None:
+    def _track_rollout(self, policy: Mapping[str, Any], sync: FleetSync) -> None:
         version = policy.get("version")
         if not version:
             return
@@ -115,21 +117,49 @@ class FleetMetrics:
             self._applied_at = _timestamp(policy.get("applied_at"))
             self._generation += 1
             self._pending = True
-        if not self._pending or not _fleet_in_sync(nodes):
+        if not self._pending or not sync.in_sync:
             return
         self._pending = False
         self.rollouts.labels("completed").inc()
-        last_ack = max((_last_ack(n, policy_only=True) for n in nodes if n.get("connected")),
-                       default=0.0)  # fmt: skip
         if self._applied_at is not None:
-            self.rollout.observe(max(0.0, last_ack - self._applied_at))
+            self.rollout.observe(max(0.0, sync.last_policy_ack - self._applied_at))
 
-    def _track_drift(self, nodes: list[Mapping[str, Any]]) -> None:
-        drifting = {str(n["node"]) for n in nodes if n.get("drift")}
+    def _track_drift(self, drifting: frozenset[str]) -> None:
         new = len(drifting - self._drifting)
         if new:
             self.drift_events.inc(new)
-        self._drifting = drifting
+        self._drifting = set(drifting)
+
+
+@dataclass(frozen=True)
+class FleetSync:
+    """What the rollout and drift tracking read: every connected node in sync (and at least
+    one connected), the latest policy ACK (Unix time), the drifting nodes."""
+
+    in_sync: bool
+    last_policy_ack: float
+    drifting: frozenset[str]
+
+
+def fleet_sync(status: Mapping[str, Any]) -> FleetSync:
+    """From the counts the control plane keeps on events (``fleet``, ``last_policy_ack``,
+    ``drifting_nodes``: meshward.xds.fleetcounts.metrics_view, O(1) plus the drifting names),
+    or, for a status document without them, recomputed from its per-node documents."""
+    fleet = status.get("fleet")
+    if fleet is not None:
+        return FleetSync(
+            in_sync=fleet["connected"] > 0 and fleet["in_sync"] == fleet["connected"],
+            last_policy_ack=_timestamp(status.get("last_policy_ack")) or 0.0,
+            drifting=frozenset(status.get("drifting_nodes", ())),
+        )
+    nodes = list(status.get("nodes", []))
+    return FleetSync(
+        in_sync=_fleet_in_sync(nodes),
+        last_policy_ack=max(
+            (_last_ack(n, policy_only=True) for n in nodes if n.get("connected")), default=0.0
+        ),
+        drifting=frozenset(str(n["node"]) for n in nodes if n.get("drift")),
+    )
 
 
 def _fleet_in_sync(nodes: Iterable[Mapping[str, Any]]) -> bool:
@@ -191,7 +221,9 @@ def _expiry_families(status: Mapping[str, Any], ca: Any) -> Iterator[Metric]:
     yield server
 
 
-def _node_families(nodes: list[Mapping[str, Any]]) -> Iterator[Metric]:
+def _node_families(nodes: list[Mapping[str, Any]], total: int | None = None) -> Iterator[Metric]:
+    """Per-node series for the first MAX_NODE_SERIES connected nodes by name; ``total``: how
+    many nodes are connected, when ``nodes`` holds only those first ones."""
     in_sync = GaugeMetricFamily(
         "meshward_xds_node_in_sync",
         "1 when every type the connected node subscribed to is ACKed at its desired version",
@@ -237,5 +269,5 @@ def _node_families(nodes: list[Mapping[str, Any]]) -> Iterator[Metric]:
         "meshward_xds_node_series_dropped",
         f"Connected nodes beyond the first {MAX_NODE_SERIES} (by name), left out of the "
         "per-node series (the fleet-wide gauges still count them)",
-        max(0, len(connected) - MAX_NODE_SERIES),
+        max(0, (len(connected) if total is None else total) - MAX_NODE_SERIES),
     )

@@ -142,8 +142,8 @@ class _StateCollector(Collector):
             "meshward_xds_drifting_nodes",
             "Nodes whose ACKed version differs from the desired one for longer than the threshold",
         )
-        node_drift_flags: Mapping[str, bool] = status["node_drift"]
-        drift.add_metric([], sum(1 for flag in node_drift_flags.values() if flag))
+        node_drift_flags: Mapping[str, bool] = status["node_drift"]  # the first nodes by name
+        drift.add_metric([], fleet["drifting"])
         yield drift
         not_enforcing = GaugeMetricFamily(
             "meshward_xds_nodes_not_enforcing",
@@ -160,7 +160,10 @@ class _StateCollector(Collector):
         failing.add_metric([], len(jwks.get("failing", [])))
         yield failing
         node_drift = GaugeMetricFamily(
-            "meshward_xds_node_drift", "1 when the node drifts", labels=["node"]
+            "meshward_xds_node_drift",
+            "1 when the node drifts (the first 2,000 connected nodes by name and up to 2,000 "
+            "drifting nodes; meshward_xds_drifting_nodes counts them all)",
+            labels=["node"],
         )
         expiry = GaugeMetricFamily(
             "meshward_xds_cert_expiry_seconds",

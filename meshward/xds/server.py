@@ -28,6 +28,7 @@ from meshward.xds.ads_handler import ads_handler
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate
 from meshward.xds.enforcement import compile_failure, not_enforced
+from meshward.xds.fleetcounts import FleetTable
 from meshward.xds.limits import LIMIT_REASONS, STREAM_LIMIT, NodeLimits, RefusalLog
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.nodeid import InvalidNodeId, NodeId
@@ -47,10 +48,8 @@ from meshward.xds.protocol import (
 from meshward.xds.resources import encode_response
 from meshward.xds.status import (
     DEFAULT_DRIFT_THRESHOLD,
-    FleetCounts,
     drifting,
     iso,
-    stream_flags,
     stream_types,
 )
 
@@ -173,6 +172,7 @@ class AdsServer:
         self.drift_threshold = drift_threshold
         self.clock = clock
         self.streams: dict[int, Stream] = {}
+        self.fleet = FleetTable(self.cache)  # counts kept on events (meshward.xds.fleetcounts)
         self._node_streams: dict[str, int] = {}  # open streams per node (disconnect in O(1))
         self._ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
@@ -304,6 +304,8 @@ class AdsServer:
         )
         self.streams[stream.id] = stream
         self._node_streams[str(node)] = self._node_streams.get(str(node), 0) + 1
+        expiry = stream.client_cert.not_after if stream.client_cert is not None else None
+        self.fleet.opened(str(node), stream.id, mode, protocol.states, expiry)
         self.cache.watch(str(node), stream.wake)
         log.info(
             "node %s connected (%s, stream %d, %s)", node, mode, stream.id, identity,
@@ -348,6 +350,7 @@ class AdsServer:
     def _close(self, stream: Stream) -> None:
         name = str(stream.node)
         if self.streams.pop(stream.id, None) is not None:
+            self.fleet.closed(name, stream.id)
             self._count_stream(stream.identity, -1)
             left = self._node_streams.get(name, 1) - 1
             if left > 0:
@@ -501,6 +504,7 @@ class AdsServer:
                     )  # fmt: skip
             elif isinstance(event, Ignored):
                 log.debug("ignored %s request from %s: %s", event.type_url, node, event.reason)
+        self.fleet.touch(node)  # its protocol state may have changed (ACK, NACK, subscription)
 
     def _encode(self, mode: str, push: Push) -> bytes:
         """The response's bytes: each resource is encoded once and the same bytes go to every
@@ -531,74 +535,11 @@ class AdsServer:
         """Every node with a stream or a snapshot, sorted (the per-node view's order)."""
         return sorted({str(s.node) for s in self.streams.values()} | set(self.cache.nodes()))
 
-    def fleet_counts(
-        self, failed_workloads: Collection[str] = (), *, per_node_drift: bool = False
-    ) -> FleetCounts:
-        """Counts over every node without building the per-node documents (the summary and
-        the metrics). ``failed_workloads``: refs whose compile failed (their connected nodes
-        are not enforcing); ``per_node_drift``: also each node's drift flag."""
-        now = self.clock()
-        by_node = self._streams_by_node()
-        counts = FleetCounts(drift={} if per_node_drift else None)
-        for node_name in sorted(set(by_node) | set(self.cache.nodes())):
-            snapshot = self.cache.get(node_name)
-            counts.add(
-                node_name,
-                (
-                    (s.mode, stream_flags(s.protocol.states, snapshot, now, self.drift_threshold))
-                    for s in sorted(by_node.get(node_name, []), key=lambda s: s.id)
-                ),
-                compile_failed=bool(failed_workloads)
-                and "/".join(node_name.split("/")[:2]) in failed_workloads,
-            )
-        return counts
-
-    def node_health(self, failed_workloads: Collection[str] = ()) -> list[dict[str, Any]]:
-        """Per connected node, what the fleet metrics read (in sync, drift, enforcing, ACK
-        times, the ADS credential's expiry), in the per-node view's shape but without its
-        expensive parts (workload details, credential checks against the CA, NACK texts)."""
-        now = self.clock()
-        wall_offset = time.time() - now
-        by_node = self._streams_by_node()
-        result = []
-        for node_name in sorted(by_node):
-            snapshot = self.cache.get(node_name)
-            streams = sorted(by_node[node_name], key=lambda s: s.id)
-            drift = rejected = False
-            entries = []
-            for stream in streams:
-                _, stream_drift, stream_rejected = stream_flags(
-                    stream.protocol.states, snapshot, now, self.drift_threshold
-                )
-                drift, rejected = drift or stream_drift, rejected or stream_rejected
-                statuses = stream_types(stream.protocol.states, snapshot, now, self.drift_threshold)
-                not_after = stream.client_cert.not_after if stream.client_cert else None
-                entries.append(
-                    {
-                        "types": [
-                            {
-                                "type": typeurls.short(st.type_url),
-                                "in_sync": st.in_sync,
-                                "acked_at": iso(st.acked_at + wall_offset) if st.acked_at else None,
-                            }
-                            for st in statuses
-                        ],
-                        "ads_credentials": {"not_after": not_after.isoformat()}
-                        if not_after
-                        else None,
-                    }
-                )
-            compile_failed = "/".join(node_name.split("/")[:2]) in failed_workloads
-            result.append(
-                {
-                    "node": node_name,
-                    "connected": bool(streams),
-                    "drift": drift,
-                    "policy_enforced": not (rejected or compile_failed),
-                    "streams": entries,
-                }
-            )
-        return result
+    def fleet_counts(self, failed_workloads: Collection[str] = ()) -> dict[str, Any]:
+        """Counts over every node, kept on events (meshward.xds.fleetcounts): O(1) plus the
+        nodes needing attention. ``failed_workloads``: refs whose compile failed (their
+        connected nodes are not enforcing)."""
+        return self.fleet.summary(self.clock(), self.drift_threshold, failed_workloads)
 
     def node_status(self, names: list[str] | None = None) -> list[dict[str, Any]]:
         """Per node: streams, per-type desired/ACKed versions, NACKs, drift (no secrets).

@@ -17,9 +17,11 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from meshward.policy import PolicySet
+from meshward.telemetry.fleet import MAX_NODE_SERIES
 from meshward.xds.admin import AdminServer
 from meshward.xds.attached import AttachedService, AttachedServiceFactory
 from meshward.xds.controlplane import ControlPlane, WorkloadCompiler, server_spiffe_id
+from meshward.xds.fleetcounts import metrics_view
 from meshward.xds.jwks import JwksCache, jwks_uris
 from meshward.xds.limits import NodeLimits
 from meshward.xds.metrics import XdsMetrics
@@ -227,21 +229,23 @@ class XdsService:
             self.control.policy_error_at = None
 
     def metrics_state(self) -> dict[str, Any]:
-        """What a /metrics scrape needs: fleet counts (as the summary), each node's drift and
-        certificate expiry, light per-node health (ACK times, in sync, enforcing) for the fleet
-        metrics, the policy state; not the per-node status documents, which cost O(nodes) of
-        JSON per scrape at fleet scale."""
+        """What a /metrics scrape needs: fleet counts kept on events (as the summary), the
+        drifting nodes, per-node health for the first MAX_NODE_SERIES nodes by name (the
+        per-node series are bounded to those), the policy state; not the per-node status
+        documents, which cost O(nodes) of JSON per scrape at fleet scale."""
         self._settle_policy_error()
-        failed = self.control.failed_workloads()
-        counts = self.ads.fleet_counts(failed, per_node_drift=True)
         control = self.control.status(workloads=False)
         return {
-            "fleet": counts.as_dict(),
-            "node_drift": counts.drift or {},
+            **metrics_view(
+                self.ads.fleet,
+                self.ads.clock(),
+                self.ads.drift_threshold,
+                self.control.failed_workloads(),
+                MAX_NODE_SERIES,
+            ),
             "certificate_remaining": self.control.certificate_remaining(),
             "policy": control["policy"],
             "server_certificate": control["server_certificate"],
-            "nodes": self.ads.node_health(failed),
             "jwks": self.jwks.status() if self.jwks is not None else None,
         }
 
@@ -256,8 +260,8 @@ class XdsService:
         """``view="nodes"``: everything `meshward status` shows, control plane state and the
         per-node documents (only ``nodes``, node names or workload refs, when given; a page of
         ``limit`` from ``offset``). ``view="summary"``: control plane state and counts over the
-        fleet, with the nodes that need attention by name: O(nodes) arithmetic, no per-node
-        documents, what ``GET /status`` serves by default."""
+        fleet kept on events (meshward.xds.fleetcounts: O(1) plus the nodes needing attention,
+        at most 20 named), no per-node documents, what ``GET /status`` serves by default."""
         self._settle_policy_error()
         result = self.control.status(workloads=view != "summary")
         result["ads"] = {"address": self.address, "server_identity": self.server_identity}
@@ -269,7 +273,7 @@ class XdsService:
             result["flows"] = self.flows.status()
         if view == "summary":
             result["view"] = "summary"
-            result["fleet"] = self.ads.fleet_counts(self.control.failed_workloads()).as_dict()
+            result["fleet"] = self.ads.fleet_counts(self.control.failed_workloads())
             return result
         names = self.ads.node_names()
         if nodes:

@@ -134,8 +134,9 @@ ATTENTION_LIMIT = 20  # nodes listed by name in the summary; the rest are counte
 
 @dataclass
 class FleetCounts:
-    """Counts over every node, built in one pass without the per-node documents (certificates,
-    workload details, redacted NACKs) that make the per-node view cost O(nodes) of JSON."""
+    """Counts over every node, built in one pass from per-stream flags: the recomputation the
+    server's event-kept counts (meshward.xds.fleetcounts.FleetTable, what `/status` serves) are
+    property-tested against. O(nodes) per read, so not served."""
 
     nodes: int = 0
     connected: int = 0

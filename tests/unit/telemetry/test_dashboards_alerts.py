@@ -47,7 +47,8 @@ def exported_names() -> set[str]:
             "streams": [{"mode": "sotw", "types": [], "ads_credentials": {"not_after": "2030-01-01T00:00:00+00:00"}}]}  # fmt: skip
     status = {"nodes": [node], "policy": {"version": "v", "applied_at": "2026-01-01T00:00:00+00:00"},
               "server_certificate": {"not_after": "2030-01-01T00:00:00+00:00"},
-              "fleet": {"connected": 1, "streams": {"sotw": 1}, "not_enforced": 0},
+              "fleet": {"connected": 1, "streams": {"sotw": 1}, "not_enforced": 0, "drifting": 1,
+                        "in_sync": 1},
               "node_drift": {"a/b": True}, "certificate_remaining": {"a/b": 1.0}}  # fmt: skip
     xds.add_state(lambda: status, ca=lambda: ca)
     flows = FlowMetrics(xds.registry)

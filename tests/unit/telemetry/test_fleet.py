@@ -125,3 +125,27 @@ def test_many_policy_versions_leave_no_series_behind() -> None:
     assert samples["meshward_xds_policy_generation"] == 500
     assert not [k for k in samples if "v1" in k]
     assert len(samples) < 60
+
+
+def test_counts_kept_on_events_drive_rollouts_and_drift_events_without_node_documents() -> None:
+    """The control plane's path (meshward.xds.fleetcounts.metrics_view): counts, the latest
+    policy ACK and the drifting nodes by name; per-node documents only for the first nodes."""
+    metrics = fleet.FleetMetrics()
+
+    def doc(in_sync: int, last_ack: float | None, drifting: list[str]) -> dict[str, Any]:
+        return {
+            **status("v1", []),
+            "fleet": {"connected": 3, "in_sync": in_sync},
+            "last_policy_ack": iso(last_ack) if last_ack else None,
+            "drifting_nodes": drifting,
+        }
+
+    samples = scrape(metrics, doc(2, T0 + 1, ["a"]))
+    assert samples["meshward_xds_policy_rollout_pending"] == 1
+    assert samples["meshward_xds_drift_events_total"] == 1
+    samples = scrape(metrics, doc(3, T0 + 4, []))
+    assert samples["meshward_xds_policy_rollout_pending"] == 0
+    assert samples["meshward_xds_policy_rollout_seconds_sum"] == 4.0
+    assert samples["meshward_xds_drift_events_total"] == 1
+    samples = scrape(metrics, {**doc(3, T0 + 4, []), "fleet": {"connected": 2700, "in_sync": 2700}})
+    assert samples["meshward_xds_node_series_dropped"] == 700  # counted, not listed

@@ -714,3 +714,58 @@ async def test_metrics_state_agrees_with_the_per_node_view(
         assert [[t["in_sync"] for t in s["types"]] for s in light["streams"]] == [
             [t["in_sync"] for t in s["types"]] for s in n["streams"]
         ]
+
+
+def recomputed_summary(service: XdsService) -> dict[str, Any]:
+    """The summary recomputed from every stream's per-type state (the reference the
+    event-kept counts must equal)."""
+    from meshward.xds.status import FleetCounts, stream_flags
+
+    ads = service.ads
+    now = ads.clock()
+    by_node: dict[str, list[Any]] = {}
+    for stream in sorted(ads.streams.values(), key=lambda s: s.id):
+        by_node.setdefault(str(stream.node), []).append(stream)
+    counts = FleetCounts()
+    for name in sorted(set(by_node) | set(ads.cache.nodes())):
+        snapshot = ads.cache.get(name)
+        counts.add(
+            name,
+            [
+                (s.mode, stream_flags(s.protocol.states, snapshot, now, ads.drift_threshold))
+                for s in by_node.get(name, [])
+            ],
+        )
+    return counts.as_dict()
+
+
+def assert_summary_matches(service: XdsService) -> dict[str, Any]:
+    got = service.status("summary")["fleet"]
+    want = recomputed_summary(service)
+    assert {k: got[k] for k in want} == want
+    return dict(got)
+
+
+async def test_event_kept_counts_match_real_streams_through_edits_and_disconnects(
+    service: XdsService, clients: Clients
+) -> None:
+    nodes = ["shop/frontend", "shop/orders", "shop/orders/2", "shop/payments"]
+    for name in nodes:
+        clients.open(
+            name,
+            delta=name == "shop/orders/2",
+            subscriptions=with_routes("/".join(name.split("/")[:2])),
+        )
+    await until(lambda: all(in_sync(service, n) for n in nodes), what="initial sync")
+    got = assert_summary_matches(service)
+    assert (got["connected"], got["in_sync"], got["streams"]) == (4, 4, {"sotw": 3, "delta": 1})
+    service.control.apply_policy(policy('"GET", "PUT"'))
+    got = assert_summary_matches(service)  # the new version counts before any node answers
+    assert got["in_sync"] == 2 and got["out_of_sync_types"] == {"RDS": 2}
+    await until(lambda: all(in_sync(service, n) for n in nodes), what="sync")
+    assert assert_summary_matches(service)["in_sync"] == 4
+    for task in clients.tasks[1:3]:  # both orders nodes disconnect
+        task.cancel()
+    await until(lambda: service.status("summary")["fleet"]["connected"] == 2, what="disconnect")
+    got = assert_summary_matches(service)
+    assert (got["disconnected"], got["in_sync"], got["streams"]) == (2, 2, {"sotw": 2, "delta": 0})

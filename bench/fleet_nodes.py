@@ -1,0 +1,235 @@
+"""The simulated nodes of bench/xds_fleet.py: one process, many ADS streams, each an agent-run Envoy.
+
+Started by xds_fleet.py through the test launcher (meshward.testing.processes.Launcher) and
+driven over one TCP connection on 127.0.0.1 (JSON lines; its port in the ready file). Each node
+behaves as an Envoy under `meshward agent` does on the wire: its ADS stream over mTLS with the
+SVID its agent holds (pre-issued per service, replicas sharing it), CDS and LDS as wildcards,
+then the EDS and RDS names the clusters and listeners reference, and no SDS from the control
+plane (an agent-run Envoy gets its secrets from the agent's Unix socket); every response is
+decoded (each resource unpacked to its type) before it is ACKed.
+
+    python bench/fleet_nodes.py WORK ADS_PORT SERVER_IDENTITY READY_FILE
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROBE_NAME = "meshward-probe-route"
+
+
+def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
+    from google.protobuf import descriptor_pool, message_factory
+
+    import meshward.compile.protos  # noqa: F401  (registers every type inside the resources)
+    from meshward.certs.client_tls import client_ssl_context
+    from meshward.testing.ads_client import AdsClient
+    from meshward.xds import typeurls
+
+    creds = work / "creds"
+    roots = (creds / "ca.pem").read_bytes()
+    nodes: list[str] = json.loads((work / "nodes.json").read_text())
+    contexts: dict[str, Any] = {}
+    clients: list[AdsClient] = []
+    tasks: list[asyncio.Task[None]] = []
+    route_count: dict[str, int] = {}
+    last_route: dict[str, float] = {}
+    any_count: dict[str, int] = {}
+    delivered = [0]
+    marked: dict[str, Any] = {"routes": {}, "any": {}, "delivered": 0}
+    probe: dict[str, Any] = {"on": False, "sent": 0.0, "max": 0.0, "answers": 0, "toggle": False}
+    # What an agent-run Envoy must hold before it serves (no SDS over ADS: the agent's socket).
+    required = (typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE)
+
+    def decode(type_url: str, response: Any) -> str | None:
+        """Decode every resource before ACKing, as Envoy does."""
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(type_url.split("/", 1)[1])
+        cls = message_factory.GetMessageClass(descriptor)
+        for packed in response.resources:
+            if not packed.Unpack(cls()):
+                return f"cannot decode a {type_url}"
+        return None
+
+    def on_response(client: AdsClient, type_url: str, response: Any) -> None:
+        node = client.node_id
+        any_count[node] = any_count.get(node, 0) + 1
+        delivered[0] += len(response.resources)
+        if type_url == typeurls.ROUTE:
+            route_count[node] = route_count.get(node, 0) + 1
+            last_route[node] = time.time()
+        if type_url == typeurls.CLUSTER:  # follow EDS like Envoy: the clusters' service names
+            from envoy.config.cluster.v3 import cluster_pb2
+
+            names = []
+            for packed in client.view(typeurls.CLUSTER).resources.values():
+                cluster = cluster_pb2.Cluster()
+                packed.Unpack(cluster)
+                if cluster.HasField("eds_cluster_config"):
+                    names.append(cluster.eds_cluster_config.service_name or cluster.name)
+            names.sort()
+            if tuple(names) != client.subscriptions.get(typeurls.ENDPOINT, ()):
+                client.subscribe(typeurls.ENDPOINT, names)
+        if node.endswith("/probe") and type_url == typeurls.ROUTE and probe["sent"]:
+            probe["max"] = max(probe["max"], time.monotonic() - probe["sent"])
+            probe["answers"] += 1
+            probe["sent"] = 0.0
+
+    def new_client(node: str) -> AdsClient:
+        ns, name = node.split("/")[:2]
+        if (ns, name) not in contexts:
+            d = creds / ns / name
+            contexts[ns, name] = client_ssl_context(
+                (d / "cert.pem").read_bytes(), (d / "key.pem").read_bytes(), roots
+            )
+        return AdsClient(
+            "127.0.0.1", port, node, contexts[ns, name], server_identity=identity,
+            subscriptions={typeurls.CLUSTER: (), typeurls.LISTENER: ()},
+            nack=decode, on_response=on_response, follow_routes=True,
+        )  # fmt: skip
+
+    def configured(c: AdsClient) -> bool:
+        return all(c.view(t).responses for t in required) and (
+            not c.subscriptions.get(typeurls.ENDPOINT) or bool(c.view(typeurls.ENDPOINT).responses)
+        )
+
+    failures: dict[str, int] = {}
+    burst_start = [0.0]
+    when: list[tuple[float, float, int]] = []
+
+    async def again(client: AdsClient) -> None:
+        """Reconnect after a failure, as Envoy does (its ADS backoff starts at 500 ms)."""
+        while True:
+            began = time.monotonic()
+            await client.run()
+            if client.error is None:
+                return
+            kind = f"{type(client.error).__name__}: {str(client.error)[:100]}"
+            failures[kind] = failures.get(kind, 0) + 1
+            # When (since the burst began), after how long a stream, and with what received.
+            got = sum(1 for t in typeurls.ORDER if client.view(t).responses)
+            when.append((round(began - burst_start[0], 1), round(time.monotonic() - began, 1), got))
+            await asyncio.sleep(0.5)
+
+    async def connect(retry: bool = False) -> dict[str, Any]:
+        burst_start[0] = time.monotonic()
+        for node in nodes:
+            client = new_client(node)
+            clients.append(client)
+            tasks.append(asyncio.create_task(again(client) if retry else client.run()))
+            await asyncio.sleep(0)  # a burst, as a fleet reconnecting to a restarted server
+        start = time.monotonic()
+        while not all(configured(c) for c in clients):
+            failed = [c for c in clients if c.error is not None]
+            if failed and not retry:
+                raise RuntimeError(f"{len(failed)} clients failed: {failed[0].error!r}")
+            if time.monotonic() - start > 900:
+                raise TimeoutError("clients did not all get their config")
+            await asyncio.sleep(0.02)
+        return {
+            "all_configured_wall": time.time(),
+            "resources": delivered[0],
+            "failures": failures,
+            "failure_times": sorted(when)[:: max(1, len(when) // 40)],
+        }
+
+    async def wait(targets: list[str], timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            updated = [n for n in targets if route_count.get(n, 0) > marked["routes"].get(n, 0)]
+            if len(updated) >= len(targets):
+                return {
+                    "last_wall": max(last_route[n] for n in updated),
+                    "resources": delivered[0] - marked["delivered"],
+                }
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(updated)} of {len(targets)} nodes updated")
+            await asyncio.sleep(0.005)
+
+    async def prober(client: AdsClient) -> None:
+        while probe["on"]:
+            if not probe["sent"]:
+                probe["toggle"] = not probe["toggle"]
+                names = [n for n in client.subscriptions.get(typeurls.ROUTE, ()) if n != PROBE_NAME]
+                if probe["toggle"]:
+                    names.append(PROBE_NAME)
+                probe["sent"] = time.monotonic()
+                client.subscribe(typeurls.ROUTE, names)
+            else:
+                probe["max"] = max(probe["max"], time.monotonic() - probe["sent"])
+            await asyncio.sleep(0.01)
+
+    async def command(line: str, state: dict[str, Any]) -> dict[str, Any]:
+        name, _, rest = line.partition(" ")
+        if name == "connect":
+            return await connect(retry=rest == "retry")
+        if name == "mark":
+            marked.update(routes=dict(route_count), any=dict(any_count), delivered=delivered[0])
+            return {"marked": True}
+        if name == "wait":
+            targets_json, _, timeout = rest.rpartition(" ")
+            return await wait(json.loads(targets_json), float(timeout))
+        if name == "touched":
+            return {"nodes": sum(1 for n, c in any_count.items() if c > marked["any"].get(n, 0))}
+        if name == "probe" and rest == "on":
+            first = nodes[0].split("/")
+            client = new_client(f"{first[0]}/{first[1]}/probe")
+            tasks.append(asyncio.create_task(client.run()))
+            start = time.monotonic()
+            while not configured(client):
+                if time.monotonic() - start > 120:
+                    raise TimeoutError("the probe got no config")
+                await asyncio.sleep(0.01)
+            probe.update(on=True, max=0.0, answers=0, sent=0.0)
+            state["probe"] = asyncio.create_task(prober(client))
+            return {"probing": True}
+        if name == "probe" and rest == "off":
+            probe["on"] = False
+            if state.get("probe") is not None:
+                await state["probe"]
+            return {"max_stall": probe["max"], "answers": probe["answers"]}
+        return {"error": f"unknown command {line}"}
+
+    async def serve() -> None:
+        done = asyncio.Event()
+
+        async def control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            state: dict[str, Any] = {}
+            while True:
+                line = (await reader.readline()).decode().strip()
+                if not line or line == "quit":
+                    writer.write(b'{"bye": true}\n')
+                    await writer.drain()
+                    break
+                try:
+                    answer = await command(line, state)
+                except Exception as exc:
+                    answer = {"error": f"{type(exc).__name__}: {exc}"}
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+            writer.close()
+            done.set()
+
+        # "wait" lists every node id (5,000: ~100 KB on one line)
+        server = await asyncio.start_server(control, "127.0.0.1", 0, limit=1 << 24)
+        control_port = server.sockets[0].getsockname()[1]
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"control": control_port}))
+        tmp.replace(ready_file)
+        await done.wait()
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5:
+        sys.exit(__doc__.strip().splitlines()[-1].strip())
+    worker_main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))

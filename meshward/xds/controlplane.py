@@ -44,6 +44,7 @@ from meshward.xds.compiling import (
 from meshward.xds.limits import (
     INSTANCE_LIMIT,
     SVID_RATE_LIMIT,
+    IdentityIndex,
     NodeLimits,
     SvidRateLimiter,
     expired,
@@ -53,7 +54,7 @@ from meshward.xds.limits import (
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
-from meshward.xds.snapshot import InconsistentSnapshot, Snapshot, build_snapshot
+from meshward.xds.snapshot import InconsistentSnapshot, Snapshot
 
 log = logging.getLogger("meshward.xds")
 
@@ -117,6 +118,7 @@ class ControlPlane:
         self.svid_limiter = SvidRateLimiter(self.limits)
         self.cache = SnapshotCache()
         self.nodes: dict[str, NodeState] = {}
+        self.identities = IdentityIndex()
         self.configs: dict[str, WorkloadConfig] = {}
         self.policy_applied_at = wall_clock()
         self.policy_error: str | None = None
@@ -128,9 +130,8 @@ class ControlPlane:
         self._bundle_version = ""
         self._rootca: Resource | None = None
         self._wake: asyncio.Event | None = None
-        # When the timer loop next wakes by itself: a connecting node pokes it only when its
-        # renewal is due before that (a poke costs a pass over every node; one per connection
-        # made a burst of N connections cost O(N^2)).
+        # When the timer loop next wakes by itself: a connecting node pokes it only when due
+        # before that (a poke is a pass over every node: one per connection was O(N^2)).
         self._wake_at: datetime | None = None
         self._ca_mtime: float | None = None
         self.server_tls: ServerTls | None = None
@@ -307,7 +308,8 @@ class ControlPlane:
         identity = state.identity if state else self.expected_identity(node)
         evict: str | None = None
         if state is None:
-            evict, ok = make_room(self.nodes, identity, self.limits.max_instances)
+            mine = self.identities.nodes(self.nodes, identity)  # not every node: O(N^2) in all
+            evict, ok = make_room(mine, identity, self.limits.max_instances)
             if not ok:
                 raise NodeRejected(
                     INSTANCE_LIMIT,
@@ -331,6 +333,7 @@ class ControlPlane:
                 log.info("node %s forgotten to make room for %s (--max-instances)", evict, node)
                 self.forget_node(evict)
             state = self.nodes[key] = NodeState(node, identity)
+            self.identities.add(identity, key)
         state.connected = True
         state.disconnected_at = None
         due: datetime | None = None
@@ -352,6 +355,7 @@ class ControlPlane:
 
     def forget_node(self, key: str) -> None:
         """Drop a disconnected node: its state, snapshot and renewal (it is new if it returns)."""
+        self.identities.discard(key)
         self.nodes.pop(key, None)
         self.cache.discard(key)
         self.schedule.forget(key)
@@ -472,7 +476,7 @@ class ControlPlane:
         if self._rootca is not None:
             secrets.append(self._rootca)
         resources[typeurls.SECRET] = secrets
-        return build_snapshot(self.cache.get(str(state.node)), resources, self.clock())
+        return self.cache.build(str(state.node), resources, self.clock())
 
     def _refresh_node(self, state: NodeState) -> bool:
         """Build and store the node's snapshot. An inconsistent one is refused: the node keeps

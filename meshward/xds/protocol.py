@@ -153,6 +153,7 @@ class TypeState:
     acked_version: str = ""
     acked_at: float = 0.0
     rejected: dict[str, str] = field(default_factory=dict)  # name -> content hash rejected
+    verdicts: int = 0  # changes of ``rejected`` (a SotW plan input)
     last_nack: Nack | None = None
     nacks: int = 0
     pushes: int = 0
@@ -225,7 +226,7 @@ class _Protocol:
         return [SecretDenied(tuple(new))] if new else []
 
     def _ack(self, st: TypeState, sent: Sent, now: float, *, sotw: bool) -> Event:
-        before = st.applied
+        before, had = st.applied, len(st.rejected)
         if sotw:
             st.applied = dict(sent.resources)
         else:
@@ -248,6 +249,8 @@ class _Protocol:
         gone = [n for n in st.rejected if n not in sent.resources] if sotw else sent.removed
         for name in gone:
             st.rejected.pop(name, None)
+        if len(st.rejected) != had:  # (an ACK only ever clears rejections)
+            st.verdicts += 1
         st.acked_version = sent.version
         st.acked_at = now
         return Acked(st.type_url, sent.version, sent.nonce, max(0.0, now - sent.origin))
@@ -292,6 +295,7 @@ class _Protocol:
         )
         st.last_nack = nack
         st.nacks += 1
+        st.verdicts += 1
         return Nacked(nack)
 
     def _record_push(
@@ -404,15 +408,17 @@ class SotwProtocol(_Protocol):
             st.resync_version = request.version_info
 
     def _inputs(self, st: TypeState, snapshot: Snapshot) -> tuple[object, ...]:
-        """What a SotW plan of ``st`` reads besides its own state: its entry, the entries its
-        dependency checks read (secrets, clusters) and the clusters this stream was sent (a new
-        dict on every CDS push). Entries are shared objects, replaced whenever they change."""
+        """What a SotW plan of ``st`` reads besides its names: its entry, the entries its
+        dependency checks read (secrets, clusters), the clusters this stream was sent (a new
+        dict on every CDS push) and its rejections. Entries are shared objects, replaced
+        whenever they change."""
         cds = self.states.get(typeurls.CLUSTER)
         return (
             snapshot.types.get(st.type_url),
             snapshot.types.get(typeurls.SECRET),
             snapshot.types.get(typeurls.CLUSTER),
             cds.sent if cds is not None else None,
+            st.verdicts,
         )
 
     def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
@@ -421,7 +427,8 @@ class SotwProtocol(_Protocol):
             not st.must_respond
             and not st.resync
             and st.plan_inputs is not None
-            and all(a is b for a, b in zip(inputs, st.plan_inputs, strict=True))
+            and inputs[-1] == st.plan_inputs[-1]
+            and all(a is b for a, b in zip(inputs[:-1], st.plan_inputs[:-1], strict=True))
         ):
             # Same entries, same CDS state: the key below would be the last one (nothing was
             # held, retained or rejected, and only these inputs can change that), so no push.
@@ -471,7 +478,9 @@ class SotwProtocol(_Protocol):
                     retained.add(name)
                     partial = True
         key = (base, frozenset(held), frozenset(retained))
-        quiet = not held and not retained and not partial
+        # Nothing held, retained or rejected, and nothing Envoy was sent outside the content (a
+        # cluster that could be retained once a listener names it again).
+        quiet = not held and not retained and not partial and st.sent.keys() <= content.keys()
         if not st.must_respond and key == st.plan_key:
             if quiet:
                 st.plan_inputs = inputs

@@ -30,7 +30,7 @@ from typing import Any
 
 from meshward.certs.server_tls import ServerTls
 from meshward.policy import PolicyError, PolicySet, Workload
-from meshward.xds import compiling, typeurls
+from meshward.xds import compiling, heap, typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
 from meshward.xds.compiling import (
@@ -48,7 +48,6 @@ from meshward.xds.limits import (
     NodeLimits,
     SvidRateLimiter,
     expired,
-    make_room,
     next_expiry,
 )
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
@@ -308,8 +307,7 @@ class ControlPlane:
         identity = state.identity if state else self.expected_identity(node)
         evict: str | None = None
         if state is None:
-            mine = self.identities.nodes(self.nodes, identity)  # not every node: O(N^2) in all
-            evict, ok = make_room(mine, identity, self.limits.max_instances)
+            evict, ok = self.identities.make_room(self.nodes, identity, self.limits.max_instances)
             if not ok:
                 raise NodeRejected(
                     INSTANCE_LIMIT,
@@ -632,10 +630,12 @@ class ControlPlane:
     async def run(self) -> None:
         """Timers: SVID renewals, expires-at re-pushes, CA reloads. Cancel to stop."""
         self._wake = asyncio.Event()
+        heap.freeze()  # the compiled mesh is long-lived: out of the garbage collector's scans
         try:
             await self._timers()
         finally:
             self.compile_worker.close()
+            heap.unfreeze()
 
     async def _timers(self) -> None:
         assert self._wake is not None

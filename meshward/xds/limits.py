@@ -181,6 +181,12 @@ class IdentityIndex:
         """``identity``'s entries of ``nodes``."""
         return {key: nodes[key] for key in self._keys.get(identity, ()) if key in nodes}
 
+    def make_room(
+        self, nodes: Mapping[str, _N], identity: str, limit: int
+    ) -> tuple[str | None, bool]:
+        """:func:`make_room` over ``identity``'s nodes only."""
+        return make_room(self.nodes(nodes, identity), identity, limit)
+
     def __len__(self) -> int:
         return len(self._identity)
 

@@ -220,3 +220,19 @@ def test_snapshot_cache_build_shares_contents_between_its_nodes() -> None:
         for i in range(10)
     )
     assert len(cache.contents) == len(typeurls.ORDER)
+
+
+def test_the_heap_is_frozen_while_the_control_plane_runs_and_given_back_after() -> None:
+    from meshward.xds import heap
+
+    gc.unfreeze()
+    kept = [[i] for i in range(1000)]  # long-lived containers, as a compiled mesh's objects
+    frozen = heap.freeze()
+    try:
+        assert frozen >= len(kept) and gc.get_freeze_count() == frozen
+        scanned = {id(o) for o in gc.get_objects()}  # what a full collection walks
+        assert not any(id(k) in scanned for k in kept)
+    finally:
+        heap.unfreeze()
+    assert gc.get_freeze_count() == 0
+    assert all(id(k) in {id(o) for o in gc.get_objects()} for k in kept[:3])

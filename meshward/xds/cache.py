@@ -7,9 +7,10 @@ per stream, so a burst of changes for one node costs that node's stream one plan
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from meshward.xds.snapshot import Snapshot
+from meshward.xds.resources import Resource
+from meshward.xds.snapshot import ContentCache, Snapshot, build_snapshot
 
 Waker = Callable[[], None]
 
@@ -23,6 +24,13 @@ class SnapshotCache:
         # fan-out wakes more nodes only while this is small, so a stream's own request never
         # queues behind thousands of pushes (meshward.xds.compiling.paced).
         self.pushing = 0
+        # Type contents shared by every node that gets the same resources (meshward.xds.snapshot).
+        self.contents = ContentCache()
+
+    def build(self, node: str, resources: Mapping[str, Iterable[Resource]], now: float) -> Snapshot:
+        """The node's next snapshot (not stored: see :meth:`set`), from its current one and
+        sharing type contents with the other nodes (raises InconsistentSnapshot)."""
+        return build_snapshot(self._snapshots.get(node), resources, now, contents=self.contents)
 
     def get(self, node: str) -> Snapshot | None:
         return self._snapshots.get(node)

@@ -33,7 +33,7 @@ from typing import Any
 
 from meshward.certs.server_tls import ServerTls
 from meshward.policy import PolicyError, PolicySet, Workload
-from meshward.xds import compiling, typeurls
+from meshward.xds import compiling, heap, typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
 from meshward.xds.compiling import (
@@ -45,11 +45,11 @@ from meshward.xds.compiling import (
     paced,
 )
 from meshward.xds.filesds import FilesSdsRewriter, secrets_dir_of
-from meshward.xds.limits import INSTANCE_LIMIT, NodeLimits, expired, make_room, next_expiry
+from meshward.xds.limits import INSTANCE_LIMIT, IdentityIndex, NodeLimits, expired, next_expiry
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
-from meshward.xds.snapshot import InconsistentSnapshot, Snapshot, build_snapshot
+from meshward.xds.snapshot import InconsistentSnapshot, Snapshot
 
 log = logging.getLogger("meshward.xds")
 
@@ -108,6 +108,7 @@ class ControlPlane:
         self.files_sds = FilesSdsRewriter()
         self.cache = SnapshotCache()
         self.nodes: dict[str, NodeState] = {}
+        self.identities = IdentityIndex()
         self.configs: dict[str, WorkloadConfig] = {}
         self.policy_applied_at = wall_clock()
         self.policy_error: str | None = None
@@ -299,7 +300,7 @@ class ControlPlane:
             raise NodeRejected(INVALID_SECRETS_DIR, f"node {node}: {exc}") from None
         evict: str | None = None
         if state is None:
-            evict, ok = make_room(self.nodes, identity, self.limits.max_instances)
+            evict, ok = self.identities.make_room(self.nodes, identity, self.limits.max_instances)
             if not ok:
                 raise NodeRejected(
                     INSTANCE_LIMIT,
@@ -310,6 +311,7 @@ class ControlPlane:
                 log.info("node %s forgotten to make room for %s (--max-instances)", evict, node)
                 self.forget_node(evict)
             state = self.nodes[key] = NodeState(node, identity)
+            self.identities.add(identity, key)
         state.connected = True
         state.disconnected_at = None
         state.secrets_dir = secrets_dir
@@ -323,6 +325,7 @@ class ControlPlane:
 
     def forget_node(self, key: str) -> None:
         """Drop a disconnected node: its state, snapshot and renewal (it is new if it returns)."""
+        self.identities.discard(key)
         self.nodes.pop(key, None)
         self.cache.discard(key)
 
@@ -396,7 +399,7 @@ class ControlPlane:
             resources = self.files_sds.rewrite(resources, state.secrets_dir)
         # Public: the trust bundle only. No node's SVID or key is ever in a snapshot.
         resources[typeurls.SECRET] = [self._rootca] if self._rootca is not None else []
-        return build_snapshot(self.cache.get(str(state.node)), resources, self.clock())
+        return self.cache.build(str(state.node), resources, self.clock())
 
     def _refresh_node(self, state: NodeState) -> bool:
         """Build and store the node's snapshot. An inconsistent one is refused: the node keeps
@@ -544,10 +547,12 @@ class ControlPlane:
         """Timers: the server certificate's renewals, expires-at re-pushes, CA reloads. Cancel
         to stop."""
         self._wake = asyncio.Event()
+        heap.freeze()  # the compiled mesh is long-lived: out of the garbage collector's scans
         try:
             await self._timers()
         finally:
             self.compile_worker.close()
+            heap.unfreeze()
 
     async def _timers(self) -> None:
         assert self._wake is not None

@@ -26,7 +26,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 #: Refusal reasons that mean "a limit was hit" (RESOURCE_EXHAUSTED, not PERMISSION_DENIED).
 INSTANCE_LIMIT = "instance-limit"
@@ -151,6 +151,44 @@ class _Node(Protocol):
     identity: str
     connected: bool
     disconnected_at: float | None
+
+
+_N = TypeVar("_N", bound=_Node)
+
+
+class IdentityIndex:
+    """Node keys by identity, so the instance limit reads one identity's nodes: a scan of
+    every node per connecting node made a fleet's cold start O(N^2)."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, set[str]] = {}
+        self._identity: dict[str, str] = {}
+
+    def add(self, identity: str, key: str) -> None:
+        self.discard(key)
+        self._keys.setdefault(identity, set()).add(key)
+        self._identity[key] = identity
+
+    def discard(self, key: str) -> None:
+        identity = self._identity.pop(key, None)
+        keys = self._keys.get(identity) if identity is not None else None
+        if keys is not None and identity is not None:
+            keys.discard(key)
+            if not keys:
+                del self._keys[identity]
+
+    def nodes(self, nodes: Mapping[str, _N], identity: str) -> dict[str, _N]:
+        """``identity``'s entries of ``nodes``."""
+        return {key: nodes[key] for key in self._keys.get(identity, ()) if key in nodes}
+
+    def make_room(
+        self, nodes: Mapping[str, _N], identity: str, limit: int
+    ) -> tuple[str | None, bool]:
+        """:func:`make_room` over ``identity``'s nodes only."""
+        return make_room(self.nodes(nodes, identity), identity, limit)
+
+    def __len__(self) -> int:
+        return len(self._identity)
 
 
 def make_room(nodes: Mapping[str, _Node], identity: str, limit: int) -> tuple[str | None, bool]:

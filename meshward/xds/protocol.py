@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from meshward.xds import typeurls
 from meshward.xds.redact import redact_error
 from meshward.xds.resources import Resource, rejected_names
-from meshward.xds.snapshot import Snapshot
+from meshward.xds.snapshot import Snapshot, TypeContent, TypeSnapshot
 
 PARTIAL = "+partial"
 MAX_OUTSTANDING = 16  # unanswered responses remembered per type
@@ -80,6 +80,9 @@ class Push:
     nonce: str
     resources: tuple[Resource, ...]
     removed: tuple[str, ...] = ()
+    # Set when ``resources`` are exactly this content's, in its order: the response's body is
+    # then the content's encoded entries, built once for every node that gets them.
+    whole: TypeContent | None = None
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,14 @@ class TypeState:
     acked_version: str = ""
     acked_at: float = 0.0
     rejected: dict[str, str] = field(default_factory=dict)  # name -> content hash rejected
+    verdicts: int = 0  # changes of ``rejected`` (a SotW plan input)
     last_nack: Nack | None = None
     nacks: int = 0
     pushes: int = 0
     plan_key: tuple[str, frozenset[str], frozenset[str]] | None = None  # SotW: last push inputs
+    # SotW: the snapshot entries (and CDS state) the last plan read, when it held nothing back
+    # and retained nothing: the same inputs again give the same key, so planning is skipped.
+    plan_inputs: tuple[object, ...] | None = None
     denied: set[str] = field(default_factory=set)  # secret names already reported
     # The stream's first request says what Envoy already holds (SotW: this version; delta: its
     # initial_resource_versions): if that is what it should hold, the first answer is skipped.
@@ -219,7 +226,7 @@ class _Protocol:
         return [SecretDenied(tuple(new))] if new else []
 
     def _ack(self, st: TypeState, sent: Sent, now: float, *, sotw: bool) -> Event:
-        before = st.applied
+        before, had = st.applied, len(st.rejected)
         if sotw:
             st.applied = dict(sent.resources)
         else:
@@ -242,6 +249,8 @@ class _Protocol:
         gone = [n for n in st.rejected if n not in sent.resources] if sotw else sent.removed
         for name in gone:
             st.rejected.pop(name, None)
+        if len(st.rejected) != had:  # (an ACK only ever clears rejections)
+            st.verdicts += 1
         st.acked_version = sent.version
         st.acked_at = now
         return Acked(st.type_url, sent.version, sent.nonce, max(0.0, now - sent.origin))
@@ -286,6 +295,7 @@ class _Protocol:
         )
         st.last_nack = nack
         st.nacks += 1
+        st.verdicts += 1
         return Nacked(nack)
 
     def _record_push(
@@ -296,6 +306,7 @@ class _Protocol:
         content: dict[str, Resource],
         removed: tuple[str, ...],
         now: float,
+        whole: TypeContent | None = None,
     ) -> Push:
         nonce, seq = self._new_nonce()
         origin = max(snapshot.changed_at(st.type_url), st.requested_at)
@@ -306,7 +317,7 @@ class _Protocol:
         st.sent_version = version
         st.must_respond = False
         st.pushes += 1
-        return Push(st.type_url, version, nonce, tuple(content.values()), removed)
+        return Push(st.type_url, version, nonce, tuple(content.values()), removed, whole)
 
     def plan(self, snapshot: Snapshot, now: float) -> tuple[list[Push], list[Event]]:
         """What to send now for ``snapshot``, in push order; also secret-denial events."""
@@ -329,6 +340,19 @@ class _Protocol:
 
 def _hash(resource: Resource | None) -> str | None:
     return resource.hash if resource is not None else None
+
+
+def _whole(
+    entry: TypeSnapshot | None, content: dict[str, Resource], partial: bool
+) -> TypeContent | None:
+    """The entry's shared content if ``content`` is all of it (same names, same objects, same
+    order): a plan takes each desired resource as it is unless partial, and both are in name
+    order, so equal sizes mean equal contents."""
+    if entry is None or entry.content is None or partial:
+        return None
+    if len(content) != len(entry.resources):
+        return None
+    return entry.content
 
 
 class SotwProtocol(_Protocol):
@@ -383,7 +407,33 @@ class SotwProtocol(_Protocol):
             st.resync = True
             st.resync_version = request.version_info
 
+    def _inputs(self, st: TypeState, snapshot: Snapshot) -> tuple[object, ...]:
+        """What a SotW plan of ``st`` reads besides its names: its entry, the entries its
+        dependency checks read (secrets, clusters), the clusters this stream was sent (a new
+        dict on every CDS push) and its rejections. Entries are shared objects, replaced
+        whenever they change."""
+        cds = self.states.get(typeurls.CLUSTER)
+        return (
+            snapshot.types.get(st.type_url),
+            snapshot.types.get(typeurls.SECRET),
+            snapshot.types.get(typeurls.CLUSTER),
+            cds.sent if cds is not None else None,
+            st.verdicts,
+        )
+
     def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
+        inputs = self._inputs(st, snapshot)
+        if (
+            not st.must_respond
+            and not st.resync
+            and st.plan_inputs is not None
+            and inputs[-1] == st.plan_inputs[-1]
+            and all(a is b for a, b in zip(inputs[:-1], st.plan_inputs[:-1], strict=True))
+        ):
+            # Same entries, same CDS state: the key below would be the last one (nothing was
+            # held, retained or rejected, and only these inputs can change that), so no push.
+            return None
+        st.plan_inputs = None
         desired = snapshot.resources(st.type_url)
         base = snapshot.type_version(st.type_url)
         names = sorted(desired) if st.wildcard else sorted(st.names)
@@ -399,6 +449,7 @@ class SotwProtocol(_Protocol):
                 st.acked_at = now
                 st.plan_key = (base, frozenset(), frozenset())
                 st.must_respond = False
+                st.plan_inputs = self._inputs(st, snapshot)
                 return None
         content: dict[str, Resource] = {}
         held: set[str] = set()
@@ -427,13 +478,22 @@ class SotwProtocol(_Protocol):
                     retained.add(name)
                     partial = True
         key = (base, frozenset(held), frozenset(retained))
+        # Nothing held, retained or rejected, and nothing Envoy was sent outside the content (a
+        # cluster that could be retained once a listener names it again).
+        quiet = not held and not retained and not partial and st.sent.keys() <= content.keys()
         if not st.must_respond and key == st.plan_key:
+            if quiet:
+                st.plan_inputs = inputs
             return None
         st.plan_key = key
         st.sent = content
-        return self._record_push(
-            st, snapshot, base + (PARTIAL if partial else ""), content, (), now
-        )
+        push = self._record_push(
+            st, snapshot, base + (PARTIAL if partial else ""), content, (), now,
+            _whole(snapshot.types.get(st.type_url), content, partial),
+        )  # fmt: skip
+        if quiet:
+            st.plan_inputs = self._inputs(st, snapshot)  # this push may have replaced cds.sent
+        return push
 
 
 class DeltaProtocol(_Protocol):
@@ -521,4 +581,5 @@ class DeltaProtocol(_Protocol):
         for name in removed:
             del st.sent[name]
         version = base + (PARTIAL if partial else "")
-        return self._record_push(st, snapshot, version, updates, tuple(removed), now)
+        whole = _whole(snapshot.types.get(st.type_url), updates, partial) if not removed else None
+        return self._record_push(st, snapshot, version, updates, tuple(removed), now, whole)

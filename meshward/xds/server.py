@@ -522,7 +522,11 @@ class AdsServer:
                 removed_resources=list(push.removed),
             )
         head.control_plane.identifier = CONTROL_PLANE_ID
-        return encode_response(head, push.resources, delta=mode != "sotw")
+        delta = mode != "sotw"
+        if push.whole is not None:  # the whole content: its body is encoded once for all nodes
+            body = push.whole.delta_body if delta else push.whole.sotw_body
+            return bytes(head.SerializeToString()) + body
+        return encode_response(head, push.resources, delta=delta)
 
     # -- status --------------------------------------------------------------------------------
     def _streams_by_node(self) -> dict[str, list[Stream]]:

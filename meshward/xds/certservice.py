@@ -354,7 +354,9 @@ class CertService:
         return handler
 
     def handler(self) -> grpc.GenericRpcHandler:
-        now = self.control.wall_clock
+        def now() -> datetime:  # looked up per call: the control plane's clock may be replaced
+            return self.control.wall_clock()  # type: ignore[no-any-return]
+
 
         handlers = {
             JOIN: self._wrap(JOIN, lambda req, ctx: self.join(req, now())),

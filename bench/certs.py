@@ -160,7 +160,9 @@ def _policy(directory: Path) -> None:
 
 def _serve(tmp: Path, launcher: Launcher, name: str, src: Path | None) -> dict[str, Any]:
     """A control plane process; ``src``: run that checkout's meshward instead (--baseline)."""
-    env = {**os.environ, "PYTHONPATH": str(src)} if src else None
+    # PYTHONSAFEPATH: `python -m` would otherwise put the working directory (this checkout)
+    # ahead of PYTHONPATH, and the baseline would run this code.
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"} if src else None
     return launcher.start(name, meshward_argv(
         "xds", "serve", "--policy", str(tmp / "policy"),
         "--ca", str(tmp / "ca"), "--listen", "127.0.0.1:0", "--admin", "off",

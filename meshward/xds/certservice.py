@@ -357,7 +357,6 @@ class CertService:
         def now() -> datetime:  # looked up per call: the control plane's clock may be replaced
             return self.control.wall_clock()  # type: ignore[no-any-return]
 
-
         handlers = {
             JOIN: self._wrap(JOIN, lambda req, ctx: self.join(req, now())),
             RENEW: self._wrap(

@@ -3,16 +3,30 @@
 Measured side by side in one run (same process, same machine load), so the ratios are what to
 compare across machines; absolute rates move with the load of the shared cores.
 
-    python bench/certs.py [--count 1000] [--e2e-count 500] [--agent-starts 3] [--clients 2]
+    python bench/certs.py [--count 1000] [--e2e-count 500] [--e2e-rounds 2] [--agent-starts 3]
+                          [--clients 2] [--baseline SRC]
 
 The end-to-end rows run `meshward xds serve --secrets agent` as a process and call it as agents
-do (a new TLS connection per call, the CSR made on the agent's side beforehand) from --clients
-processes (agents are many; one Python client would measure itself): joins with a token over
-server-authenticated TLS (the spent token durably recorded before the SVID leaves), renewals
-over mTLS; 16 calls in flight. Per-identity limits are lifted for that server (they would
-otherwise be what is measured). Besides SVIDs/s, each row gives the control plane's own CPU
-time per SVID (from /proc), which does not depend on what else the shared cores run. "agent start -> Envoy
-ready" starts a real `meshward agent` (join, SDS, Envoy) and waits for Envoy's /ready.
+do, from --clients processes simulating 100 agents (one Python client would measure itself),
+16 calls in flight, CSRs made on the agents' side beforehand:
+
+- join: a new server-authenticated TLS connection per join (first contact; the spent token is
+  durably recorded before the SVID leaves);
+- renew: each agent presents the SVID it holds on a new mTLS connection and renews it, then
+  holds the new SVID: one handshake per SVID, as a real renewal costs (the agent's connection
+  presents its certificate, so a new certificate needs a new connection);
+- renew on an open connection: the Renew RPC alone (the handshake's share of the row above);
+- bundle polls (every agent, every 30 s): on the agent's open connection, as agents poll now,
+  and on a new connection per poll, as they did before.
+
+Per-identity limits are lifted for that server (they would otherwise be what is measured).
+Besides calls/s, each row gives the control plane's own CPU time per call (from /proc) and
+the share of its Python thread (the event loop; the rest is gRPC core's threads: TLS, HTTP/2):
+CPU per call does not depend much on what else the shared cores run, calls/s does.
+--baseline SRC runs the same rows against a second control plane from another checkout (SRC
+holds its meshward/ package), the two interleaved row by row, and prints the CPU ratio.
+"agent start -> Envoy ready" starts a real `meshward agent` (join, SDS, Envoy) and waits for
+Envoy's /ready.
 """
 
 from __future__ import annotations
@@ -64,22 +78,27 @@ def _interleaved(
 ) -> dict[str, float]:
     """Each variant's rate (median over ``rounds``), the rounds interleaved: every variant runs
     a slice of ``count // rounds`` items per round, in an order rotated each round, so a change
-    of machine load during the run moves every variant alike (the ratios are what is compared)."""
+    of machine load during the run moves every variant alike (the ratios are what is compared).
+    Also the CPU time per item (this process's), which the load of the shared cores inflates
+    much less than wall time: the figure to hold against the end-to-end rows' CPU per call."""
     chunk = max(1, count // rounds)
     rates: dict[str, list[float]] = {label: [] for label, _ in variants}
+    cpu: dict[str, list[float]] = {label: [] for label, _ in variants}
     for r in range(rounds):
         shift = r % len(variants)
         for label, work in variants[shift:] + variants[:shift]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for i in range(r * chunk, (r + 1) * chunk):
                 work(i)
             rates[label].append(chunk / (time.perf_counter() - start))
+            cpu[label].append((time.process_time() - start_cpu) * 1e3 / chunk)
     out: dict[str, float] = {}
     for label, _ in variants:
         rate = statistics.median(rates[label])
         print(
-            f"  {label:<44} {rate:>9,.0f}/s   {1e3 / rate:7.3f} ms each   "
-            f"(min {min(rates[label]):,.0f}, max {max(rates[label]):,.0f} over {rounds} rounds)"
+            f"  {label:<44} {rate:>9,.0f}/s   {1e3 / rate:7.3f} ms each, "
+            f"CPU {statistics.median(cpu[label]):.3f} ms   "
+            f"(min {min(rates[label]):,.0f}/s, max {max(rates[label]):,.0f}/s over {rounds} rounds)"
         )
         out[label] = rate
     return out

@@ -12,6 +12,11 @@ Service ``meshward.certs.v1.Certificates``, three unary methods:
   authenticated exactly as the ADS stream is.
 - ``Bundle``: ``{}`` -> the trust bundle (mTLS, ADS port): agents poll it to follow rotations.
 
+Agents make Renew and their polls on one connection per SVID (a handshake costs the control
+plane more than a call). TLS checked the client certificate at the handshake only, so a call on
+a connection whose certificate has expired since is refused (UNAUTHENTICATED,
+``certificate-expired``): a connection never speaks longer than its certificate.
+
 Two ports rather than one because grpcio's Python server credentials either require a verified
 client certificate or never ask for one: there is no "verify if presented" mode to tell a join
 from a renewal on one port.
@@ -26,7 +31,8 @@ Identity is never taken from the CSR: the control plane decides it (join token's
 caller's certificate, mapped through the policy's service account) and the CSR must agree.
 Per-identity limits reuse :mod:`meshward.xds.limits`: a token bucket of CSRs per identity
 (``--svid-rate``/``--svid-burst``) and at most ``--max-instances`` agent instances per identity
-seen within ``--node-gc-after``. Refusals: PERMISSION_DENIED (identity, token),
+seen within ``--node-gc-after``. Refusals: UNAUTHENTICATED (no or an expired client
+certificate), PERMISSION_DENIED (identity, token),
 INVALID_ARGUMENT (bad message or CSR), RESOURCE_EXHAUSTED (limits), each with a message that says
 why; logged once per identity and reason per minute (:class:`RefusalLog`).
 """

@@ -3,16 +3,30 @@
 Measured side by side in one run (same process, same machine load), so the ratios are what to
 compare across machines; absolute rates move with the load of the shared cores.
 
-    python bench/certs.py [--count 1000] [--e2e-count 500] [--agent-starts 3] [--clients 2]
+    python bench/certs.py [--count 1000] [--e2e-count 500] [--e2e-rounds 2] [--agent-starts 3]
+                          [--clients 2] [--baseline SRC]
 
 The end-to-end rows run `meshward xds serve --secrets agent` as a process and call it as agents
-do (a new TLS connection per call, the CSR made on the agent's side beforehand) from --clients
-processes (agents are many; one Python client would measure itself): joins with a token over
-server-authenticated TLS (the spent token durably recorded before the SVID leaves), renewals
-over mTLS; 16 calls in flight. Per-identity limits are lifted for that server (they would
-otherwise be what is measured). Besides SVIDs/s, each row gives the control plane's own CPU
-time per SVID (from /proc), which does not depend on what else the shared cores run. "agent start -> Envoy
-ready" starts a real `meshward agent` (join, SDS, Envoy) and waits for Envoy's /ready.
+do, from --clients processes simulating 100 agents (one Python client would measure itself),
+16 calls in flight, CSRs made on the agents' side beforehand:
+
+- join: a new server-authenticated TLS connection per join (first contact; the spent token is
+  durably recorded before the SVID leaves);
+- renew: each agent presents the SVID it holds on a new mTLS connection and renews it, then
+  holds the new SVID: one handshake per SVID, as a real renewal costs (the agent's connection
+  presents its certificate, so a new certificate needs a new connection);
+- renew on an open connection: the Renew RPC alone (the handshake's share of the row above);
+- bundle polls (every agent, every 30 s): on the agent's open connection, as agents poll now,
+  and on a new connection per poll, as they did before.
+
+Per-identity limits are lifted for that server (they would otherwise be what is measured).
+Besides calls/s, each row gives the control plane's own CPU time per call (from /proc) and
+the share of its Python thread (the event loop; the rest is gRPC core's threads: TLS, HTTP/2):
+CPU per call does not depend much on what else the shared cores run, calls/s does.
+--baseline SRC runs the same rows against a second control plane from another checkout (SRC
+holds its meshward/ package), the two interleaved row by row, and prints the CPU ratio.
+"agent start -> Envoy ready" starts a real `meshward agent` (join, SDS, Envoy) and waits for
+Envoy's /ready.
 """
 
 from __future__ import annotations
@@ -64,22 +78,27 @@ def _interleaved(
 ) -> dict[str, float]:
     """Each variant's rate (median over ``rounds``), the rounds interleaved: every variant runs
     a slice of ``count // rounds`` items per round, in an order rotated each round, so a change
-    of machine load during the run moves every variant alike (the ratios are what is compared)."""
+    of machine load during the run moves every variant alike (the ratios are what is compared).
+    Also the CPU time per item (this process's), which the load of the shared cores inflates
+    much less than wall time: the figure to hold against the end-to-end rows' CPU per call."""
     chunk = max(1, count // rounds)
     rates: dict[str, list[float]] = {label: [] for label, _ in variants}
+    cpu: dict[str, list[float]] = {label: [] for label, _ in variants}
     for r in range(rounds):
         shift = r % len(variants)
         for label, work in variants[shift:] + variants[:shift]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for i in range(r * chunk, (r + 1) * chunk):
                 work(i)
             rates[label].append(chunk / (time.perf_counter() - start))
+            cpu[label].append((time.process_time() - start_cpu) * 1e3 / chunk)
     out: dict[str, float] = {}
     for label, _ in variants:
         rate = statistics.median(rates[label])
         print(
-            f"  {label:<44} {rate:>9,.0f}/s   {1e3 / rate:7.3f} ms each   "
-            f"(min {min(rates[label]):,.0f}, max {max(rates[label]):,.0f} over {rounds} rounds)"
+            f"  {label:<44} {rate:>9,.0f}/s   {1e3 / rate:7.3f} ms each, "
+            f"CPU {statistics.median(cpu[label]):.3f} ms   "
+            f"(min {min(rates[label]):,.0f}/s, max {max(rates[label]):,.0f}/s over {rounds} rounds)"
         )
         out[label] = rate
     return out
@@ -93,7 +112,17 @@ def main() -> None:
     parser.add_argument("--agent-starts", type=int, default=3)
     parser.add_argument("--clients", type=int, default=2,
                         help="client processes for the end-to-end rows (agents are many)")  # fmt: skip
+    parser.add_argument("--e2e-rounds", type=int, default=2,
+                        help="interleaved rounds of the end-to-end rows")  # fmt: skip
+    parser.add_argument("--baseline", type=Path, metavar="SRC",
+                        help="also run the end-to-end rows against the control plane of another "
+                        "checkout (the directory holding its meshward/ package), interleaved, "
+                        "and print this one's CPU per call relative to it")  # fmt: skip
     args = parser.parse_args()
+    if args.e2e_count and args.e2e_count < WORKLOADS:
+        parser.error(f"--e2e-count must be at least {WORKLOADS} (one call per simulated agent)")
+    if args.baseline and not (args.baseline / "meshward" / "__init__.py").is_file():
+        parser.error(f"--baseline {args.baseline}: no meshward/ package there")
     count = args.count
 
     ca = CertificateAuthority.ephemeral(TD)
@@ -131,7 +160,7 @@ def main() -> None:
     print(f"  SDS pair (issue+validate) vs issuance: {sds / issue:5.2f}x the rate")
     print(f"issuing {count} SVIDs took {count / issue:.2f}s")
     if args.e2e_count:
-        e2e_main(args.e2e_count, args.agent_starts, args.clients)
+        e2e_main(args.e2e_count, args.agent_starts, args.clients, args.baseline, args.e2e_rounds)
 
 
 WORKLOADS = 100
@@ -148,110 +177,192 @@ def _policy(directory: Path) -> None:
     (directory / "mesh.yaml").write_text("---\n".join(docs))
 
 
-def _serve(tmp: Path, launcher: Launcher) -> dict[str, Any]:
-    _policy(tmp / "policy")
-    CertificateAuthority.init(tmp / "ca", TD)
-    return launcher.start("xds", meshward_argv(
+def _serve(tmp: Path, launcher: Launcher, name: str, src: Path | None) -> dict[str, Any]:
+    """A control plane process; ``src``: run that checkout's meshward instead (--baseline)."""
+    # PYTHONSAFEPATH: `python -m` would otherwise put the working directory (this checkout)
+    # ahead of PYTHONPATH, and the baseline would run this code.
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONSAFEPATH": "1"} if src else None
+    return launcher.start(name, meshward_argv(
         "xds", "serve", "--policy", str(tmp / "policy"),
         "--ca", str(tmp / "ca"), "--listen", "127.0.0.1:0", "--admin", "off",
         "--secrets", "agent", "--join-listen", "127.0.0.1:0", "--access-log", "off",
         "--svid-rate", "1000000", "--svid-burst", "1000000", "--max-instances", "1000000",
-        "--ready-file", str(tmp / "ready.json"),
-    ), ready_path=tmp / "ready.json", timeout=60)  # fmt: skip
+        "--ready-file", str(tmp / f"{name}.ready.json"),
+    ), ready_path=tmp / f"{name}.ready.json", env=env, timeout=60)  # fmt: skip
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """CPU time of process ``pid`` (or of its thread ``tid``), from /proc."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# The end-to-end rows. Agents are simulated by the client processes: agent ``a`` (of
+# WORKLOADS) makes calls a, a + WORKLOADS, a + 2 * WORKLOADS, ... one after the other, as one
+# agent does; CONCURRENCY calls are in flight over all agents.
+JOIN_ROW = "join"  # a new connection (server-authenticated TLS) per join: first contact
+RENEW_ROW = "renew"  # new SVID -> new mTLS connection presenting it -> Renew: every renewal
+RENEW_OPEN_ROW = "renew-open"  # Renew on a connection already open: the RPC without handshake
+POLL_OPEN_ROW = "poll-open"  # Bundle on the agent's open connection (every 30 s, today)
+POLL_NEW_ROW = "poll-new"  # Bundle on a new connection per poll (what agents did before)
+ROWS = {
+    JOIN_ROW: "join (new TLS conn, token, CSR, sign, fsync)",
+    RENEW_ROW: "renew (new SVID -> new mTLS conn, CSR, sign)",
+    RENEW_OPEN_ROW: "renew on an open conn (no handshake)",
+    POLL_OPEN_ROW: "bundle poll on the open conn (agents now)",
+    POLL_NEW_ROW: "bundle poll, new conn each (agents before)",
+}
+
+
 def _client(job: dict[str, Any]) -> list[tuple[int, str, str]]:
-    """One client process: its share of the calls, CONCURRENCY // clients in flight; the
-    replies it needs later (the first WORKLOADS joins' chains, for the renewals)."""
-    from meshward.agent.certclient import JOIN, call, mtls_context, server_only_context
+    """One client process: its agents' share of the calls; the replies later rows need (the
+    SVID each agent holds after the row: chain, bundle)."""
+    from meshward.agent.certclient import (
+        BUNDLE,
+        JOIN,
+        RENEW,
+        CertChannel,
+        call,
+        mtls_context,
+        server_only_context,
+    )
 
-    held: list[tuple[int, str, str]] = []
-    if job["method"] == JOIN:
-        context = server_only_context(job["roots"])
-    else:
-        contexts = {w: mtls_context(*pems) for w, pems in job["credentials"].items()}
+    row, agents = job["row"], job["agents"]
+    held = dict(job["held"])  # agent -> (index of its key, chain, bundle)
 
-    async def one(i: int) -> None:
-        message = {"workload": job["refs"][i], "csr": job["csrs"][i], "instance": str(i)}
-        if job["method"] == JOIN:
-            message["token"] = job["tokens"][i]
-        reply = await call(
-            job["address"], job["method"], message,
-            context=context if job["method"] == JOIN else contexts[i % WORKLOADS],
-            server_id=job["server_id"],
-        )  # fmt: skip
-        if job["method"] == JOIN and i < WORKLOADS:
-            held.append((i, reply["cert_chain"], reply["trust_bundle"]))
+    def context(agent: int) -> Any:
+        index, chain, bundle = held[agent]
+        return mtls_context(chain.encode(), job["key_pems"][index], bundle.encode())
 
     async def run() -> None:
         gate = asyncio.Semaphore(job["in_flight"])
+        channels: dict[int, CertChannel] = {}
+        if row in (RENEW_OPEN_ROW, POLL_OPEN_ROW):  # open before the clock starts
+            for agent in agents:
+                channels[agent] = CertChannel(
+                    job["address"], context=context(agent), server_id=job["server_id"]
+                )
+                await channels[agent].call(BUNDLE, {})
+        job["ready"].wait()
 
-        async def gated(i: int) -> None:
-            async with gate:
-                await one(i)
+        async def one(agent: int, i: int) -> None:
+            message = {"workload": job["refs"][i], "csr": job["csrs"][i], "instance": str(i)}
+            if row == JOIN_ROW:
+                message["token"] = job["tokens"][i]
+                reply = await call(job["address"], JOIN, message,
+                                   context=server_only_context(job["roots"]),
+                                   server_id=job["server_id"])  # fmt: skip
+            elif row == RENEW_ROW:  # a channel presenting the SVID held now, as the agent does
+                reply = await call(job["address"], RENEW, message, context=context(agent),
+                                   server_id=job["server_id"])  # fmt: skip
+            elif row == RENEW_OPEN_ROW:
+                reply = await channels[agent].call(RENEW, message)
+            elif row == POLL_OPEN_ROW:
+                await channels[agent].call(BUNDLE, {})
+                return
+            else:
+                await call(job["address"], BUNDLE, {}, context=context(agent),
+                           server_id=job["server_id"])  # fmt: skip
+                return
+            if row != RENEW_OPEN_ROW:
+                held[agent] = (i, reply["cert_chain"], reply["trust_bundle"])
 
-        await asyncio.gather(*(gated(i) for i in job["indices"]))
+        async def agent_calls(agent: int) -> None:
+            for i in range(agent, job["count"], WORKLOADS):
+                async with gate:
+                    await one(agent, i)
+
+        await asyncio.gather(*(agent_calls(a) for a in agents))
+        for channel in channels.values():
+            channel.close()
 
     asyncio.run(run())
-    return held
+    return [held[agent] for agent in agents]
 
 
 def _phase(
-    pool: Any, pid: int, clients: int, count: int, job: dict[str, Any]
-) -> tuple[float, float, list[tuple[int, str, str]]]:
-    """(SVIDs/s, control-plane CPU ms per SVID, held replies) for ``count`` calls spread over
-    ``clients`` processes."""
+    pool: Any, manager: Any, pid: int, clients: int, job: dict[str, Any]
+) -> tuple[float, float, float, dict[int, tuple[int, str, str]]]:
+    """(calls/s, control-plane CPU ms per call, of which its Python thread's (the event loop;
+    the rest is gRPC core's threads: TLS, HTTP/2), what every agent holds after) for the
+    ``job["count"]`` calls of one row, spread over ``clients`` processes. The clock starts once
+    every client is set up (contexts built, open-connection rows connected)."""
+    ready = manager.Event()
     jobs = [
-        {**job, "indices": list(range(k, count, clients)), "in_flight": CONCURRENCY // clients}
+        {
+            **job,
+            "agents": list(range(k, WORKLOADS, clients)),
+            "ready": ready,
+            "in_flight": CONCURRENCY // clients,
+        }
         for k in range(clients)
     ]
-    cpu = _cpu_seconds(pid)
+    futures = [pool.submit(_client, j) for j in jobs]
+    time.sleep(0.5 if job["row"] not in (RENEW_OPEN_ROW, POLL_OPEN_ROW) else 3.0)
+    cpu, main = _cpu_seconds(pid), _cpu_seconds(pid, pid)
     start = time.perf_counter()
-    results = list(pool.map(_client, jobs))
+    ready.set()
+    results = [f.result() for f in futures]
     elapsed = time.perf_counter() - start
+    count = job["count"]
     cpu_ms = (_cpu_seconds(pid) - cpu) * 1e3 / count
-    return count / elapsed, cpu_ms, [h for r in results for h in r]
+    main_ms = (_cpu_seconds(pid, pid) - main) * 1e3 / count
+    held = {i % WORKLOADS: (i, chain, bundle) for r in results for i, chain, bundle in r}
+    return count / elapsed, cpu_ms, main_ms, held
 
 
-def end_to_end(count: int, clients: int) -> dict[str, tuple[float, float]]:
+def end_to_end(
+    count: int, clients: int, variants: dict[str, Path | None], rounds: int
+) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
+    """Every row against every control plane variant, the variants interleaved row by row
+    and round by round: {(variant, row): [(calls/s, CPU ms per call, of which the Python
+    thread's) per round]}."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from meshward.agent.certclient import JOIN, RENEW
     from meshward.agent.identity import key_pem, make_csr, new_key
     from meshward.certs.jointoken import load_or_create_key, mint
 
+    out: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="mw-bench-") as name:
         tmp = Path(name)
-        with Launcher(tmp, quiet=True) as launcher, ProcessPoolExecutor(clients) as pool:
-            ready = _serve(tmp, launcher)
-            pid = launcher["xds"].pid
-            assert pid is not None
+        _policy(tmp / "policy")
+        CertificateAuthority.init(tmp / "ca", TD)
+        with Launcher(tmp, quiet=True) as launcher, ProcessPoolExecutor(clients) as pool, \
+                multiprocessing.Manager() as manager:  # fmt: skip
+            ready = {v: _serve(tmp, launcher, v, src) for v, src in variants.items()}
+            pids = {v: launcher[v].pid for v in variants}
             join_key = load_or_create_key(tmp / "ca")
             refs = [f"bench/w{i % WORKLOADS}" for i in range(count)]
             ids = [f"spiffe://{TD}/ns/bench/sa/w{i % WORKLOADS}" for i in range(count)]
             keys = [new_key() for _ in range(count)]
-            csrs = [make_csr(k, i).decode() for k, i in zip(keys, ids, strict=True)]
-            base = {"refs": refs, "csrs": csrs, "server_id": ready["server_identity"]}
-            join_job = {
-                **base,
-                "method": JOIN,
-                "address": ready["join"],
-                "tokens": [mint(join_key, r, ttl=timedelta(minutes=10)) for r in refs],
+            base = {
+                "count": count,
+                "refs": refs,
+                "csrs": [make_csr(k, i).decode() for k, i in zip(keys, ids, strict=True)],
+                "key_pems": [key_pem(k) for k in keys],
                 "roots": CertificateAuthority.load(tmp / "ca").trust_bundle().roots_pem,
             }
-            joins, join_cpu, held = _phase(pool, pid, clients, count, join_job)
-            credentials = {
-                i: (chain.encode(), key_pem(keys[i]), bundle.encode()) for i, chain, bundle in held
-            }
-            renew_job = {**base, "method": RENEW, "address": ready["ads"],
-                         "credentials": credentials}  # fmt: skip
-            renewals, renew_cpu, _ = _phase(pool, pid, clients, count, renew_job)
-    return {"join": (joins, join_cpu), "renew": (renewals, renew_cpu)}
+            for r in range(rounds):
+                order = list(variants) if r % 2 == 0 else list(reversed(variants))
+                for row in ROWS:
+                    for v in order:
+                        pid = pids[v]
+                        assert pid is not None
+                        job = {**base, "row": row, "server_id": ready[v]["server_identity"],
+                               "held": ready[v].get("_held", {})}  # fmt: skip
+                        if row == JOIN_ROW:
+                            job["address"] = ready[v]["join"]
+                            job["tokens"] = [mint(join_key, x, ttl=timedelta(minutes=10))
+                                             for x in refs]  # fmt: skip
+                        else:
+                            job["address"] = ready[v]["ads"]
+                        rate, cpu_ms, main_ms, held = _phase(pool, manager, pid, clients, job)
+                        if row in (JOIN_ROW, RENEW_ROW):
+                            ready[v]["_held"] = held
+                        out.setdefault((v, row), []).append((rate, cpu_ms, main_ms))
+    return out
 
 
 def agent_start_to_ready(starts: int) -> list[float]:
@@ -287,17 +398,29 @@ def agent_start_to_ready(starts: int) -> list[float]:
     return results
 
 
-def e2e_main(count: int, starts: int, clients: int) -> None:
-    print(f"end to end (agent -> control plane process), {count} SVIDs per row, "
-          f"{CONCURRENCY} in flight from {clients} client processes:")  # fmt: skip
-    rows = end_to_end(count, clients)
-    labels = {
-        "join": "join (token, TLS, CSR, sign, spent-id fsync)",
-        "renew": "renew (mTLS with the SVID, CSR, sign)",
-    }
-    for key, (rate, cpu_ms) in rows.items():
-        print(f"  {labels[key]:<46} {rate:>7,.0f} SVIDs/s   control plane CPU {cpu_ms:.2f} ms "
-              f"per SVID (~{1e3 / cpu_ms:,.0f}/s per core it has)")  # fmt: skip
+def e2e_main(count: int, starts: int, clients: int, baseline: Path | None, rounds: int) -> None:
+    variants: dict[str, Path | None] = {"this": None}
+    if baseline is not None:
+        variants = {"baseline": baseline.resolve(), "this": None}
+    print(f"end to end (agent -> control plane process), {count} calls per row and round, "
+          f"{CONCURRENCY} in flight from {clients} client processes as {WORKLOADS} agents, "
+          f"{rounds} interleaved rounds (median):")  # fmt: skip
+    rows = end_to_end(count, clients, variants, rounds)
+    for row, label in ROWS.items():
+        for v in variants:
+            runs = rows[(v, row)]
+            rate = statistics.median(r for r, _, _ in runs)
+            cpu_ms = statistics.median(c for _, c, _ in runs)
+            main_ms = statistics.median(m for _, _, m in runs)
+            who = f"[{v}] " if len(variants) > 1 else ""
+            print(f"  {who + label:<56} {rate:>6,.0f}/s   control plane CPU {cpu_ms:.2f} ms "
+                  f"each ({main_ms:.2f} Python thread), ~{1e3 / cpu_ms:,.0f}/s per core")  # fmt: skip
+    if len(variants) > 1:
+        print("control plane CPU per call, this vs baseline (same run):")
+        for row, label in ROWS.items():
+            this = statistics.median(c for _, c, _ in rows[("this", row)])
+            before = statistics.median(c for _, c, _ in rows[("baseline", row)])
+            print(f"  {label:<48} {this / before:5.2f}x")
     if starts:
         times = agent_start_to_ready(starts)
         print(f"  agent start -> Envoy ready (join included): median {statistics.median(times):.2f}s"

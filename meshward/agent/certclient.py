@@ -56,48 +56,70 @@ def mtls_context(chain_pem: bytes, key_pem: bytes, roots_pem: bytes) -> ssl.SSLC
     return client_ssl_context(chain_pem, key_pem, roots_pem)
 
 
-async def call(
-    address: str,
-    method: str,
-    message: dict[str, Any],
-    *,
-    context: ssl.SSLContext,
-    server_id: str,
-    timeout: float = 10.0,
-) -> dict[str, Any]:
-    """One unary call; the decoded JSON reply, or CertCallFailed."""
-    from grpclib.client import Channel
-    from grpclib.const import Cardinality
-    from grpclib.exceptions import GRPCError, StreamTerminatedError
+class CertChannel:
+    """One connection to the certificate service, reused for every call made with the same
+    credentials (the agent's Renew and its Bundle polls): a TLS handshake costs the control
+    plane several times what a call on an open connection does, and an agent polls the bundle
+    every 30 s. Made for one ``context`` (one client certificate): when the SVID changes the
+    agent closes this channel and opens another, so a connection never speaks for an SVID the
+    agent no longer holds. The server identity is checked on every call (the connection may
+    have been re-established underneath). A failed connection is dropped and the next call
+    dials again."""
 
-    from meshward.xds.service import split_address
+    def __init__(self, address: str, *, context: ssl.SSLContext, server_id: str) -> None:
+        from meshward.xds.service import split_address
 
-    host, port = split_address(address)
-    channel = Channel(host, port, ssl=context)
-    try:
-        async with channel.request(
-            f"/{SERVICE}/{method}", Cardinality.UNARY_UNARY, _Raw, _Raw, timeout=timeout
-        ) as stream:
-            await stream.send_request()
-            peer = stream.peer
-            cert = (peer.cert() if peer is not None else None) or {}
-            uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
-            if server_id not in uris:
-                raise CertCallFailed(
-                    "PERMISSION_DENIED",
-                    f"the control plane at {address} presented {uris or 'no URI SAN'}, "
-                    f"not {server_id}; nothing was sent",
-                )
-            body = json.dumps(message, separators=(",", ":")).encode()
-            await stream.send_message(_Raw(body), end=True)
-            reply = await stream.recv_message()
-            await stream.recv_trailing_metadata()
-    except GRPCError as exc:
-        raise CertCallFailed(exc.status.name, exc.message or "") from None
-    except (OSError, StreamTerminatedError, TimeoutError, ssl.SSLError) as exc:
-        raise CertCallFailed("UNAVAILABLE", f"{type(exc).__name__}: {exc}") from None
-    finally:
-        channel.close()
+        self.address, self.server_id = address, server_id
+        self._host, self._port = split_address(address)
+        self._context = context
+        self._channel: Any = None
+
+    def _open(self) -> Any:
+        from grpclib.client import Channel
+
+        if self._channel is None:
+            self._channel = Channel(self._host, self._port, ssl=self._context)
+        return self._channel
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    async def call(self, method: str, message: dict[str, Any], *, timeout: float = 10.0
+                   ) -> dict[str, Any]:  # fmt: skip
+        """One unary call; the decoded JSON reply, or CertCallFailed."""
+        from grpclib.const import Cardinality
+        from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+        try:
+            async with self._open().request(
+                f"/{SERVICE}/{method}", Cardinality.UNARY_UNARY, _Raw, _Raw, timeout=timeout
+            ) as stream:
+                await stream.send_request()
+                peer = stream.peer
+                cert = (peer.cert() if peer is not None else None) or {}
+                uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
+                if self.server_id not in uris:
+                    self.close()
+                    raise CertCallFailed(
+                        "PERMISSION_DENIED",
+                        f"the control plane at {self.address} presented "
+                        f"{uris or 'no URI SAN'}, not {self.server_id}; nothing was sent",
+                    )
+                body = json.dumps(message, separators=(",", ":")).encode()
+                await stream.send_message(_Raw(body), end=True)
+                reply = await stream.recv_message()
+                await stream.recv_trailing_metadata()
+        except GRPCError as exc:
+            raise CertCallFailed(exc.status.name, exc.message or "") from None
+        except (OSError, StreamTerminatedError, TimeoutError, ssl.SSLError) as exc:
+            self.close()
+            raise CertCallFailed("UNAVAILABLE", f"{type(exc).__name__}: {exc}") from None
+        return _decode_reply(reply)
+
+
+def _decode_reply(reply: bytes | None) -> dict[str, Any]:
     if reply is None or len(reply) > MAX_MESSAGE * 4:
         raise CertCallFailed("UNKNOWN", "no (or an oversized) reply")
     try:
@@ -109,5 +131,23 @@ async def call(
     return decoded
 
 
-__all__ = ["BUNDLE", "JOIN", "RENEW", "CertCallFailed", "call", "mtls_context",
+async def call(
+    address: str,
+    method: str,
+    message: dict[str, Any],
+    *,
+    context: ssl.SSLContext,
+    server_id: str,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """One unary call on a connection of its own (a join: nothing to reuse yet); the decoded
+    JSON reply, or CertCallFailed."""
+    channel = CertChannel(address, context=context, server_id=server_id)
+    try:
+        return await channel.call(method, message, timeout=timeout)
+    finally:
+        channel.close()
+
+
+__all__ = ["BUNDLE", "JOIN", "RENEW", "CertCallFailed", "CertChannel", "call", "mtls_context",
            "server_only_context"]  # fmt: skip

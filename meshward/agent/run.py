@@ -13,6 +13,9 @@ socket opens and Envoy starts (or a running one is adopted). Then, once per tick
   served at once, and the SVID renewed after two more polls, by when every other agent has the
   new bundle too and accepts an SVID from the new root;
 - Envoy restarted with backoff if it died;
+- ``Renew`` and the bundle polls share one mTLS connection while the credentials stay the same
+  (:class:`~meshward.agent.certclient.CertChannel`): a handshake per poll would cost the control
+  plane more than the polls themselves. New credentials close it; the next call dials with them;
 - ``status.json`` rewritten when something changed (health: see :meth:`Agent.status`).
 
 SIGTERM/SIGINT: drain Envoy's listeners, stop it, stop the SDS server.
@@ -37,6 +40,7 @@ from meshward.agent.certclient import (
     JOIN,
     RENEW,
     CertCallFailed,
+    CertChannel,
     call,
     mtls_context,
     server_only_context,
@@ -110,10 +114,35 @@ class Agent:
         self.health: Any = None  # HealthServer with --health-listen
         self.state = "starting"
         self._status_written = ""
+        self._channel: CertChannel | None = None  # Renew and Bundle, for self._channel_for
+        self._channel_for: Credentials | None = None
 
     # -- credentials -----------------------------------------------------------------------------
     def _now(self) -> datetime:
         return datetime.now(UTC)
+
+    def _xds_channel(self, current: Credentials) -> CertChannel:
+        """The mTLS channel for Renew and Bundle, kept open across calls while the credentials
+        are the same and unexpired; new credentials (a renewal, a new bundle) get a new
+        connection that presents them."""
+        if (
+            self._channel is None
+            or self._channel_for is not current
+            or current.not_after <= self._now()
+        ):
+            self._close_channel()
+            self._channel = CertChannel(
+                self.config.xds,
+                context=mtls_context(current.chain_pem, current.key_pem, current.bundle_pem),
+                server_id=self.config.server_identity,
+            )
+            self._channel_for = current
+        return self._channel
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._channel_for = None
 
     async def _obtain(self, method: str) -> Credentials:
         """A new key, a CSR, one call; the new credentials (saved, not yet served)."""
@@ -127,13 +156,15 @@ class Agent:
         if method == JOIN:
             assert cfg.join is not None and cfg.join_token and cfg.root_cert_pem
             request["token"] = cfg.join_token
-            address, context = cfg.join, server_only_context(cfg.root_cert_pem)
+            address = cfg.join
+            context = server_only_context(cfg.root_cert_pem)
+            reply = await call(address, method, request, context=context,
+                               server_id=cfg.server_identity)  # fmt: skip
         else:
             current = self.credentials
             assert current is not None
             address = cfg.xds
-            context = mtls_context(current.chain_pem, current.key_pem, current.bundle_pem)
-        reply = await call(address, method, request, context=context, server_id=cfg.server_identity)
+            reply = await self._xds_channel(current).call(method, request)
         try:
             fresh = Credentials.build(
                 key_pem(key),
@@ -202,6 +233,7 @@ class Agent:
             return
         await self.sds.update(fresh)
         self.credentials = fresh
+        self._close_channel()  # it presents the old SVID; the next call dials with the new one
         self.renewals += 1
         self.last_renewal = self._now()
         self.last_error = None
@@ -212,13 +244,7 @@ class Agent:
         current = self.credentials
         assert current is not None
         try:
-            reply = await call(
-                self.config.xds,
-                BUNDLE,
-                {},
-                context=mtls_context(current.chain_pem, current.key_pem, current.bundle_pem),
-                server_id=self.config.server_identity,
-            )
+            reply = await self._xds_channel(current).call(BUNDLE, {})
             bundle = str(reply["trust_bundle"]).encode()
         except (CertCallFailed, KeyError) as exc:
             log.info("trust bundle poll failed: %s", exc)
@@ -233,6 +259,7 @@ class Agent:
         self.store.save_bundle(bundle)
         await self.sds.update(updated)
         self.credentials = updated
+        self._close_channel()  # the next connection verifies the server against the new roots
         # Renew after every agent had two polls to learn the new roots.
         self.renew_at = min(self.renew_at, time.monotonic() + 2 * self.config.bundle_poll)
         log.info("trust bundle changed (%d bytes); renewing soon", len(bundle))
@@ -353,6 +380,7 @@ class Agent:
             if self.health is not None:
                 await self.health.stop()
             await self.sds.stop()
+            self._close_channel()
             self.state = "stopped"
             with contextlib.suppress(Exception):
                 self.write_status()

@@ -12,6 +12,11 @@ Service ``meshward.certs.v1.Certificates``, three unary methods:
   authenticated exactly as the ADS stream is.
 - ``Bundle``: ``{}`` -> the trust bundle (mTLS, ADS port): agents poll it to follow rotations.
 
+Agents make Renew and their polls on one connection per SVID (a handshake costs the control
+plane more than a call). TLS checked the client certificate at the handshake only, so a call on
+a connection whose certificate has expired since is refused (UNAUTHENTICATED,
+``certificate-expired``): a connection never speaks longer than its certificate.
+
 Two ports rather than one because grpcio's Python server credentials either require a verified
 client certificate or never ask for one: there is no "verify if presented" mode to tell a join
 from a renewal on one port.
@@ -26,7 +31,8 @@ Identity is never taken from the CSR: the control plane decides it (join token's
 caller's certificate, mapped through the policy's service account) and the CSR must agree.
 Per-identity limits reuse :mod:`meshward.xds.limits`: a token bucket of CSRs per identity
 (``--svid-rate``/``--svid-burst``) and at most ``--max-instances`` agent instances per identity
-seen within ``--node-gc-after``. Refusals: PERMISSION_DENIED (identity, token),
+seen within ``--node-gc-after``. Refusals: UNAUTHENTICATED (no or an expired client
+certificate), PERMISSION_DENIED (identity, token),
 INVALID_ARGUMENT (bad message or CSR), RESOURCE_EXHAUSTED (limits), each with a message that says
 why; logged once per identity and reason per minute (:class:`RefusalLog`).
 """
@@ -58,7 +64,7 @@ from meshward.xds.limits import (
     SvidRateLimiter,
 )
 from meshward.xds.nodeid import InvalidNodeId, NodeId
-from meshward.xds.peer import peer_identity
+from meshward.xds.peer import peer_certificate, peer_identity
 
 log = logging.getLogger("meshward.certs.service")
 audit = logging.getLogger("meshward.xds.audit")
@@ -122,6 +128,37 @@ class InstanceRegistry:
         return True
 
 
+class PeerCache:
+    """The SPIFFE ID and expiry of a call's verified client certificate, parsed once per
+    certificate (least recently used first out past ``max_entries``). An agent makes its Renew
+    and its bundle polls on one open connection, so every call of it presents the same
+    certificate; parsing it per call would cost more than a Bundle call's own work."""
+
+    def __init__(self, max_entries: int = MAX_TRACKED) -> None:
+        self.max_entries = max_entries
+        self._seen: OrderedDict[bytes, tuple[str | None, datetime]] = OrderedDict()
+
+    def lookup(self, context: Any) -> tuple[str | None, datetime] | None:
+        """(SPIFFE ID or None if not an SVID, not_after), or None without a certificate."""
+        auth = context.auth_context() or {}
+        pems = auth.get("x509_pem_cert") or []
+        if not pems:
+            return None
+        pem = bytes(pems[0])
+        hit = self._seen.get(pem)
+        if hit is not None:
+            self._seen.move_to_end(pem)
+            return hit
+        certificate = peer_certificate(context)
+        if certificate is None:
+            return None
+        entry = (peer_identity(context, certificate), certificate.not_valid_after_utc)
+        self._seen[pem] = entry
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
+        return entry
+
+
 @dataclass(frozen=True)
 class Issued:
     identity: str
@@ -154,6 +191,7 @@ class CertService:
         self.instances = InstanceRegistry(self.limits.max_instances, self.limits.node_gc_after)
         self.refusals = RefusalLog(audit)
         self.counts: dict[str, int] = {}
+        self.peers = PeerCache()
         self._join_server: grpc.aio.Server | None = None
         self.join_port: int | None = None
 
@@ -227,17 +265,19 @@ class CertService:
             raise
         return issued
 
-    def renew(self, request: bytes, peer: str | None, now: datetime) -> Issued:
-        """A renewal authenticated by the caller's current SVID (verified by TLS)."""
+    def renew(
+        self, request: bytes, certificate: tuple[str | None, datetime] | None, now: datetime
+    ) -> Issued:
+        """A renewal authenticated by the caller's current SVID (verified by TLS); ``certificate``:
+        :meth:`PeerCache.lookup` of the call."""
         message = decode(request, ("workload", "csr"))
         node, identity = self._identity_for(message["workload"])
-        if peer is None:
-            raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no-client-certificate",
-                "Renew needs the caller's current SVID as its client certificate (mTLS, on the "
-                "ADS port); first contact uses Join with a join token",
-            )
+        peer = self._authenticated(
+            certificate,
+            now,
+            "Renew needs the caller's current SVID as its client certificate (mTLS, on the "
+            "ADS port); first contact uses Join with a join token",
+        )
         if peer != identity:
             raise Refusal(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -245,6 +285,25 @@ class CertService:
                 f"a certificate for {peer} may not renew {identity} (workload {node})",
             )
         return self._sign(identity, message["csr"], message.get("instance", ""), now)
+
+    @staticmethod
+    def _authenticated(
+        peer: tuple[str | None, datetime] | None, now: datetime, missing: str
+    ) -> str | None:
+        """The caller's SPIFFE ID (None: a certificate that is not an SVID); Refusal without a
+        client certificate or with one that has expired since the connection was made (TLS
+        checked it at the handshake only, and agents keep their connection open)."""
+        if peer is None:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "no-client-certificate", missing)
+        identity, not_after = peer
+        if not_after <= now:
+            raise Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "certificate-expired",
+                f"the client certificate this connection was opened with expired at "
+                f"{not_after:%Y-%m-%d %H:%M:%SZ}; connect again with a current SVID",
+            )
+        return identity
 
     def bundle(self, now: datetime) -> bytes:
         bundle = self.control.ca.trust_bundle(now=now)
@@ -275,7 +334,8 @@ class CertService:
                 self._count(f"{method}:{exc.reason}")
                 # Keyed by identity; every caller without a certificate shares one key, so a
                 # flood of new connections logs one line a minute, not one per connection.
-                who = peer_identity(context)
+                seen = self.peers.lookup(context)
+                who = seen[0] if seen else None
                 self.refusals.refused(
                     who or "anonymous",
                     exc.reason,
@@ -300,11 +360,14 @@ class CertService:
         return handler
 
     def handler(self) -> grpc.GenericRpcHandler:
-        now = self.control.wall_clock
+        def now() -> datetime:  # looked up per call: the control plane's clock may be replaced
+            return self.control.wall_clock()  # type: ignore[no-any-return]
 
         handlers = {
             JOIN: self._wrap(JOIN, lambda req, ctx: self.join(req, now())),
-            RENEW: self._wrap(RENEW, lambda req, ctx: self.renew(req, peer_identity(ctx), now())),
+            RENEW: self._wrap(
+                RENEW, lambda req, ctx: self.renew(req, self.peers.lookup(ctx), now())
+            ),
             BUNDLE: self._wrap(BUNDLE, lambda req, ctx: self._bundle_for(ctx, now())),
         }
         return grpc.method_handlers_generic_handler(
@@ -313,12 +376,11 @@ class CertService:
         )
 
     def _bundle_for(self, context: Any, now: datetime) -> bytes:
-        if peer_identity(context) is None:
-            raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "no-client-certificate",
-                "Bundle needs a client certificate (mTLS, on the ADS port)",
-            )
+        self._authenticated(
+            self.peers.lookup(context),
+            now,
+            "Bundle needs a client certificate (mTLS, on the ADS port)",
+        )
         return self.bundle(now)
 
     async def start_join(self, address: str, server_tls: Any) -> int:

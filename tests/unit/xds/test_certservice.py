@@ -3,18 +3,23 @@ refusals with reasons, per-identity CSR limits. The agent's own client makes the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshward.agent.certclient import (
     BUNDLE,
     JOIN,
     RENEW,
     CertCallFailed,
+    CertChannel,
     call,
     mtls_context,
     server_only_context,
@@ -24,7 +29,7 @@ from meshward.certs import CertificateAuthority
 from meshward.certs.jointoken import load_or_create_key, mint
 from meshward.compile import CompileOptions
 from meshward.policy import parse
-from meshward.xds.certservice import Refusal, decode
+from meshward.xds.certservice import PeerCache, Refusal, decode
 from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.limits import NodeLimits
 from meshward.xds.service import XdsService
@@ -315,3 +320,170 @@ async def test_status_advice_after_rotation_fits_agents(service: XdsService, ca_
     assert status["state"] == RETIRING
     assert "agent renews by itself" in status["warning"]
     assert "meshward bootstrap --renew" in status["warning"]
+
+
+class ConnectionCounter:
+    """A TCP forwarder in front of a real port that counts the connections it carried: how a
+    test sees whether calls shared a connection (TLS runs end to end through it)."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.rsplit(":", 1)
+        self.port = int(port)
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_an_open_channel_carries_renew_and_polls_on_one_connection(
+    service: XdsService, ca_dir: Path
+) -> None:
+    creds = await join(service, ca_dir, token(ca_dir))
+    counter = ConnectionCounter(service.address)
+    async with counter as address:
+        channel = CertChannel(
+            address,
+            context=mtls_context(creds.chain_pem, creds.key_pem, creds.bundle_pem),
+            server_id=service.server_identity,
+        )
+        try:
+            for _ in range(3):
+                assert "trust_bundle" in await channel.call(BUNDLE, {})
+            key = new_key()
+            reply = await channel.call(
+                RENEW, {"workload": "shop/orders", "csr": make_csr(key, ORDERS).decode()}
+            )
+            assert (await channel.call(BUNDLE, {}))["bundle_version"] == reply["bundle_version"]
+        finally:
+            channel.close()
+        assert counter.connections == 1
+        # The one-shot call (a join, or anything made without a channel) dials its own.
+        await renew(service, creds, address=address)
+        assert counter.connections == 2
+
+
+async def test_a_connection_that_outlives_its_certificate_is_refused(
+    service: XdsService, ca_dir: Path
+) -> None:
+    creds = await join(service, ca_dir, token(ca_dir))
+    channel = CertChannel(
+        service.address,
+        context=mtls_context(creds.chain_pem, creds.key_pem, creds.bundle_pem),
+        server_id=service.server_identity,
+    )
+    try:
+        await channel.call(BUNDLE, {})  # connected while the SVID is valid
+        later = creds.not_after + timedelta(seconds=1)
+        service.control.wall_clock = lambda: later
+        for method, message in (
+            (BUNDLE, {}),
+            (RENEW, {"workload": "shop/orders", "csr": make_csr(new_key(), ORDERS).decode()}),
+        ):
+            with pytest.raises(CertCallFailed) as refused:
+                await channel.call(method, message)
+            assert refused.value.code == "UNAUTHENTICATED"
+            assert "certificate-expired" in str(refused.value)
+    finally:
+        channel.close()
+    assert service.certs.counts["Renew:certificate-expired"] == 1
+
+
+async def test_handshakes_are_tls13_with_an_ecdsa_p256_server_certificate(
+    service: XdsService, ca_dir: Path
+) -> None:
+    """What the join and the ADS (Renew) listeners negotiate with the agent's TLS client:
+    TLS 1.3 (one round trip) and an ECDSA P-256 server key (the cheapest signature a
+    handshake makes the control plane compute)."""
+    creds = await join(service, ca_dir, token(ca_dir))
+    assert service.join_address is not None
+    for address, context in (
+        (service.join_address, server_only_context(roots(ca_dir))),
+        (service.address, mtls_context(creds.chain_pem, creds.key_pem, creds.bundle_pem)),
+    ):
+        host, port = address.rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port), ssl=context)
+        try:
+            tls = writer.get_extra_info("ssl_object")
+            assert tls.version() == "TLSv1.3"
+            server_key = x509.load_der_x509_certificate(tls.getpeercert(True)).public_key()
+            assert isinstance(server_key, ec.EllipticCurvePublicKey)
+            assert server_key.curve.name == "secp256r1"
+        finally:
+            writer.close()
+
+
+def test_peer_cache_is_bounded() -> None:
+    ca = CertificateAuthority.ephemeral("cluster.local")
+
+    class Context:  # the one method of grpc's ServicerContext the cache reads
+        def __init__(self, pem: bytes) -> None:
+            self.pem = pem
+
+        def auth_context(self) -> dict[str, list[bytes]]:
+            return {"x509_pem_cert": [self.pem]}
+
+    cache = PeerCache(max_entries=8)
+    for i in range(50):
+        svid = ca.issue(f"spiffe://cluster.local/ns/shop/sa/w{i}")
+        leaf = svid.cert_chain_pem[: svid.cert_chain_pem.index(b"-----END CERTIFICATE-----") + 25]
+        seen = cache.lookup(Context(leaf + b"\n"))
+        assert seen == (svid.spiffe_id, svid.not_after)
+    assert len(cache._seen) == 8
+    assert cache.lookup(Context(b"not a certificate")) is None
+
+
+async def test_the_agent_keeps_one_connection_per_svid(
+    service: XdsService, ca_dir: Path, tmp_path: Path
+) -> None:
+    """Bundle polls and the renewal share the agent's connection; the renewed SVID gets a
+    connection of its own (the old one spoke for the old certificate) and the server sees it."""
+    from meshward.agent.run import Agent, AgentConfig
+    from meshward.agent.sds import SdsServer
+
+    creds = await join(service, ca_dir, token(ca_dir))
+    counter = ConnectionCounter(service.address)
+    async with counter as address:
+        agent = Agent(
+            AgentConfig(
+                workload="shop/orders",
+                xds=address,
+                state_dir=tmp_path / "agent",
+                spiffe_id=ORDERS,
+                server_identity=service.server_identity,
+                envoy=False,
+            )
+        )
+        agent.store.ensure()
+        agent.credentials, agent.sds = creds, SdsServer(creds)
+        try:
+            await agent._poll_bundle()
+            await agent._poll_bundle()
+            await agent._renew()
+            assert (agent.renewals, agent.failures, counter.connections) == (1, 0, 1)
+            assert agent.credentials.serial != creds.serial
+            await agent._poll_bundle()
+            await agent._poll_bundle()
+            assert counter.connections == 2
+            newest = next(reversed(service.certs.peers._seen.values()))
+            assert newest == (ORDERS, agent.credentials.not_after)
+        finally:
+            agent._close_channel()

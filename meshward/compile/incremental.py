@@ -38,6 +38,7 @@ from meshward.compile.options import CompileOptions
 from meshward.compile.peers import mesh_index, peers_of
 from meshward.compile.workload import (
     Part,
+    PeerTable,
     WorkloadResources,
     assemble,
     compile_inbound,
@@ -158,6 +159,7 @@ def compile_incremental(
     did_outbound: set[str] = set()
     mesh = mesh_index(policy_set, now)  # built once per compile, passed down (no global memo)
     change = outbound_change(mesh, options, now)
+    table = PeerTable(policy_set, options, index)  # per-peer outbound work, once per compile
     for workload in policy_set.workloads:
         ref = workload.ref
         try:
@@ -183,7 +185,7 @@ def compile_incremental(
                 outbound = old_out
             else:
                 targets = outbound_targets(
-                    policy_set, workload, options, index, peers=callee_workloads
+                    policy_set, workload, options, index, peers=callee_workloads, table=table
                 )
                 part = compile_outbound(workload, targets, fragments, trust_domain)
                 outbound = Outbound(callees, part)

@@ -104,6 +104,7 @@ def compile_workload(
     _memo: dict[tuple[str, str], Any] | None = None,
     fragments: FragmentCache | None = None,
     index: MeshIndex | None = None,
+    _table: PeerTable | None = None,
 ) -> WorkloadResources:
     """Compile one workload's sidecar config (inbound, outbound, infrastructure clusters).
 
@@ -135,7 +136,9 @@ def compile_workload(
         index = mesh_index(policy_set, now)
     inbound = compile_inbound(policy_set, workload, options, now=now, memo=memo)
     peers = peers_of(policy_set, workload, now, index=index.peers) if options.outbound else []
-    targets = outbound_targets(policy_set, workload, options, index.ports, peers=peers)
+    targets = outbound_targets(
+        policy_set, workload, options, index.ports, peers=peers, table=_table
+    )
     outbound = compile_outbound(workload, targets, fragments, policy_set.mesh.trust_domain)
     return assemble(
         workload,
@@ -168,8 +171,64 @@ class Part:
     parsed: Mapping[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
 
-#: (peer, its port, the peer's mTLS mode on it, where the caller's outbound listener binds)
-Target = tuple[Workload, WorkloadPort, MtlsMode, Endpoint]
+@dataclass(eq=False)
+class PeerPort:
+    """One port of a peer as every caller of it sees it in one compile: computed once per
+    peer, not once per (caller, peer) pair (a namespace-wide ALLOW over N services has N^2
+    pairs). ``bind``: where a caller without its own binding listens for it; ``outbound``:
+    (the listener, the shared fragment) by the identity of a caller's part
+    (meshward.compile.fragments), for callers listening at ``bind``."""
+
+    peer: Workload
+    port: WorkloadPort
+    mode: MtlsMode
+    index: int
+    bind: Endpoint
+    http: bool
+    outbound: dict[int, tuple[Any, Any, Names]] = field(default_factory=dict)
+
+
+#: a listener's name, its cluster's, its route's ("" for none), its endpoints' cluster names
+Names = tuple[str, str, str, tuple[str, ...]]
+
+
+class PeerTable:
+    """Each peer's ports, mTLS modes and default outbound bindings for one compile (one policy
+    set, options and registry index), shared by every caller's outbound half."""
+
+    def __init__(
+        self, policy_set: PolicySet, options: CompileOptions, index: Mapping[str, int]
+    ) -> None:
+        self._policy_set = policy_set
+        self._options = options
+        self._index = index
+        self._by_ref: dict[str, tuple[Workload, tuple[PeerPort, ...]]] = {}
+
+    def ports(self, peer: Workload) -> tuple[PeerPort, ...]:
+        hit = self._by_ref.get(peer.ref)
+        if hit is not None and hit[0] is peer:
+            return hit[1]
+        options = self._options
+        entries = []
+        for port in sorted(peer.ports, key=lambda p: p.port):
+            index = self._index[names.peer_key(peer, port.port)]
+            entries.append(
+                PeerPort(
+                    peer=peer,
+                    port=port,
+                    mode=self._policy_set.mtls_mode(peer, port.port),
+                    index=index,
+                    bind=Endpoint(options.outbound_host, options.outbound_base_port + index),
+                    http=listeners.is_http(port),
+                )
+            )
+        found = tuple(entries)
+        self._by_ref[peer.ref] = (peer, found)
+        return found
+
+
+#: (a peer port, where the caller's outbound listener for it binds)
+Target = tuple[PeerPort, Endpoint]
 
 
 def compile_inbound(
@@ -255,20 +314,25 @@ def outbound_targets(
     *,
     now: datetime | None = None,
     peers: Iterable[Workload] | None = None,
+    table: PeerTable | None = None,
 ) -> list[Target]:
     """What the outbound half is compiled from: every port of every peer ``workload`` may
     call, with the peer's mTLS mode and the outbound listener's address. ``index``: the
     registry's (peer, port) positions (the default outbound port offsets); ``peers``: the
-    result of :func:`peers_of` when the caller has it already."""
+    result of :func:`peers_of` when the caller has it already; ``table``: the compile's
+    :class:`PeerTable` (same set, options and index), so per-peer work is done once."""
     if not options.outbound:
         return []
+    if table is None:
+        table = PeerTable(policy_set, options, index)
+    bound = options.bindings.get(workload.ref)
     targets: list[Target] = []
     for peer in peers_of(policy_set, workload, now) if peers is None else peers:
-        for port in sorted(peer.ports, key=lambda p: p.port):
-            bind = options.outbound_endpoint(
-                workload, peer, port.port, index[names.peer_key(peer, port.port)]
-            )
-            targets.append((peer, port, policy_set.mtls_mode(peer, port.port), bind))
+        for entry in table.ports(peer):
+            bind = entry.bind
+            if bound is not None:
+                bind = options.outbound_endpoint(workload, peer, entry.port.port, entry.index)
+            targets.append((entry, bind))
     return targets
 
 
@@ -276,20 +340,51 @@ def compile_outbound(
     workload: Workload, targets: Iterable[Target], fragments: FragmentCache, trust_domain: str
 ) -> Part:
     """The outbound half: per target, a listener assembled for this caller and the peer's
-    shared cluster, route and endpoints (meshward.compile.fragments)."""
-    out = [
-        fragments.outbound(
-            workload, peer, port, bind=bind, peer_mode=mode, trust_domain=trust_domain
-        )
-        for peer, port, mode, bind in targets
-    ]
+    shared cluster, route and endpoints (meshward.compile.fragments). A caller listening
+    where callers do by default gets what the first such caller with the same part got (the
+    target's :class:`PeerPort` keeps it): per pair, a lookup, no hashing of the peer."""
+    out: list[tuple[Any, Any, Names]] = []
+    parts: dict[bool, int] = {}  # this caller's part identity, HTTP and TCP
+    for entry, bind in targets:
+        default = bind is entry.bind
+        part = parts.get(entry.http)
+        if default and part is not None:
+            hit = entry.outbound.get(part)
+            if hit is not None:
+                out.append(hit)
+                continue
+        listener, fragment = fragments.outbound(
+            workload, entry.peer, entry.port, bind=bind, peer_mode=entry.mode,
+            trust_domain=trust_domain,
+        )  # fmt: skip
+        found = (listener, fragment, _names(listener, fragment))
+        part = parts[entry.http] = fragments.part_id(workload.ref, entry.http)
+        if default:
+            entry.outbound[part] = found
+        out.append(found)
     return Part(
-        listeners=_sorted(m for m, _ in out),
-        routes=_sorted(f.route for _, f in out if f.route is not None),
-        clusters=_sorted(f.cluster for _, f in out),
-        endpoints=_sorted((e for _, f in out for e in f.endpoints), key="cluster_name"),
-        tls_used=any(f.tls for _, f in out),
+        listeners=_by_name((n[0], m) for m, _, n in out),
+        routes=_by_name((n[2], f.route) for _, f, n in out if f.route is not None),
+        clusters=_by_name((n[1], f.cluster) for _, f, n in out),
+        endpoints=_by_name(
+            (name, e) for _, f, n in out for name, e in zip(n[3], f.endpoints, strict=True)
+        ),
+        tls_used=any(f.tls for _, f, _ in out),
     )
+
+
+def _names(listener: Any, fragment: Any) -> Names:
+    return (
+        listener.name,
+        fragment.cluster.name,
+        fragment.route.name if fragment.route is not None else "",
+        tuple(e.cluster_name for e in fragment.endpoints),
+    )
+
+
+def _by_name(items: Iterable[tuple[str, Any]]) -> tuple[Any, ...]:
+    """:func:`_sorted` with the names known: the same order (a stable sort by name)."""
+    return tuple(m for _, m in sorted(items, key=lambda item: item[0]))
 
 
 def outbound_change(
@@ -348,11 +443,20 @@ def compile_mesh(
     every caller's result, to be treated as read-only.
     """
     memo: dict[tuple[str, str], Any] = {}
-    fragments = FragmentCache(options or CompileOptions())
+    options = options or CompileOptions()
+    fragments = FragmentCache(options)
     index = mesh_index(policy_set, now)
+    table = PeerTable(policy_set, options, index.ports)
     return {
         w.ref: compile_workload(
-            policy_set, w, options, now=now, _memo=memo, fragments=fragments, index=index
+            policy_set,
+            w,
+            options,
+            now=now,
+            _memo=memo,
+            fragments=fragments,
+            index=index,
+            _table=table,
         )
         for w in policy_set.workloads
     }

@@ -7,7 +7,9 @@ serialized with ``deterministic=True``).
 
 from __future__ import annotations
 
+import bisect
 import json
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -343,33 +345,39 @@ def compile_outbound(
     shared cluster, route and endpoints (meshward.compile.fragments). A caller listening
     where callers do by default gets what the first such caller with the same part got (the
     target's :class:`PeerPort` keeps it): per pair, a lookup, no hashing of the peer."""
-    out: list[tuple[Any, Any, Names]] = []
+    listeners_: list[tuple[str, Any]] = []
+    routes: list[tuple[str, Any]] = []
+    clusters: list[tuple[str, Any]] = []
+    endpoints: list[tuple[str, Any]] = []
+    tls_used = False
     parts: dict[bool, int] = {}  # this caller's part identity, HTTP and TCP
     for entry, bind in targets:
         default = bind is entry.bind
         part = parts.get(entry.http)
-        if default and part is not None:
-            hit = entry.outbound.get(part)
-            if hit is not None:
-                out.append(hit)
-                continue
-        listener, fragment = fragments.outbound(
-            workload, entry.peer, entry.port, bind=bind, peer_mode=entry.mode,
-            trust_domain=trust_domain,
-        )  # fmt: skip
-        found = (listener, fragment, _names(listener, fragment))
-        part = parts[entry.http] = fragments.part_id(workload.ref, entry.http)
-        if default:
-            entry.outbound[part] = found
-        out.append(found)
+        hit = entry.outbound.get(part) if default and part is not None else None
+        if hit is None:
+            listener, fragment = fragments.outbound(
+                workload, entry.peer, entry.port, bind=bind, peer_mode=entry.mode,
+                trust_domain=trust_domain,
+            )  # fmt: skip
+            hit = (listener, fragment, _names(listener, fragment))
+            part = parts[entry.http] = fragments.part_id(workload.ref, entry.http)
+            if default:
+                entry.outbound[part] = hit
+        listener, fragment, (listener_name, cluster_name, route_name, endpoint_names) = hit
+        listeners_.append((listener_name, listener))
+        clusters.append((cluster_name, fragment.cluster))
+        if fragment.route is not None:
+            routes.append((route_name, fragment.route))
+        if fragment.endpoints:
+            endpoints.extend(zip(endpoint_names, fragment.endpoints, strict=True))
+        tls_used = tls_used or fragment.tls
     return Part(
-        listeners=_by_name((n[0], m) for m, _, n in out),
-        routes=_by_name((n[2], f.route) for _, f, n in out if f.route is not None),
-        clusters=_by_name((n[1], f.cluster) for _, f, n in out),
-        endpoints=_by_name(
-            (name, e) for _, f, n in out for name, e in zip(n[3], f.endpoints, strict=True)
-        ),
-        tls_used=any(f.tls for _, f, _ in out),
+        listeners=_by_name(listeners_),
+        routes=_by_name(routes),
+        clusters=_by_name(clusters),
+        endpoints=_by_name(endpoints),
+        tls_used=tls_used,
     )
 
 
@@ -382,9 +390,32 @@ def _names(listener: Any, fragment: Any) -> Names:
     )
 
 
-def _by_name(items: Iterable[tuple[str, Any]]) -> tuple[Any, ...]:
+def _by_name(items: list[tuple[str, Any]]) -> tuple[Any, ...]:
     """:func:`_sorted` with the names known: the same order (a stable sort by name)."""
-    return tuple(m for _, m in sorted(items, key=lambda item: item[0]))
+    items.sort(key=_FIRST)
+    return tuple(map(_SECOND, items))
+
+
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+
+
+def _merged(few: tuple[Any, ...], many: tuple[Any, ...], key: str = "name") -> tuple[Any, ...]:
+    """``_sorted([*few, *many])`` for two tuples sorted by ``key``, with ``key`` read only
+    O(len(few) log len(many)) times: a caller's outbound half lists every peer it may call
+    (N of them), its inbound half a few resources."""
+    if not few:
+        return many
+    get = operator.attrgetter(key)
+    out: list[Any] = []
+    start = 0
+    for message in few:  # equal keys: ``few`` first, as the stable sort of few + many
+        at = bisect.bisect_left(many, get(message), lo=start, key=get)
+        out.extend(many[start:at])
+        out.append(message)
+        start = at
+    out.extend(many[start:])
+    return tuple(out)
 
 
 def outbound_change(
@@ -411,10 +442,10 @@ def assemble(
         workload=workload.ref,
         policy_version=version,
         mode=options.mode,
-        listeners=_sorted([*inbound.listeners, *outbound.listeners]),
-        routes=_sorted([*inbound.routes, *outbound.routes]),
-        clusters=_sorted([*inbound.clusters, *outbound.clusters]),
-        endpoints=_sorted([*inbound.endpoints, *outbound.endpoints], key="cluster_name"),
+        listeners=_merged(inbound.listeners, outbound.listeners),
+        routes=_merged(inbound.routes, outbound.routes),
+        clusters=_merged(inbound.clusters, outbound.clusters),
+        endpoints=_merged(inbound.endpoints, outbound.endpoints, key="cluster_name"),
         secret_names=(
             (names.SECRET_ROOTCA, names.SECRET_DEFAULT)
             if inbound.tls_used or outbound.tls_used

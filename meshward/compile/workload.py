@@ -10,8 +10,8 @@ from __future__ import annotations
 import bisect
 import json
 import operator
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +20,11 @@ from google.protobuf import json_format
 from meshward.compile import authz, listeners, names, tls
 from meshward.compile import protos as _protos
 from meshward.compile.fragments import FragmentCache
-from meshward.compile.options import CompileOptions, Endpoint, Mode
-from meshward.compile.peers import MeshIndex, mesh_index, peers_of
+from meshward.compile.options import CompileOptions, Mode
+from meshward.compile.outbound import Part, PeerTable, outbound_half
+from meshward.compile.peers import MeshIndex, mesh_index
 from meshward.errors import UserError
-from meshward.policy.model import JwtEnforcement, MtlsMode, Workload, WorkloadPort
+from meshward.policy.model import JwtEnforcement, MtlsMode, Workload
 
 if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
@@ -137,11 +138,9 @@ def compile_workload(
     if index is None:
         index = mesh_index(policy_set, now)
     inbound = compile_inbound(policy_set, workload, options, now=now, memo=memo)
-    peers = peers_of(policy_set, workload, now, index=index.peers) if options.outbound else []
-    targets = outbound_targets(
-        policy_set, workload, options, index.ports, peers=peers, table=_table
-    )
-    outbound = compile_outbound(workload, targets, fragments, policy_set.mesh.trust_domain)
+    if _table is None:
+        _table = PeerTable(policy_set, options, index.ports)
+    outbound = outbound_half(policy_set, workload, options, index, fragments, _table, now=now)
     return assemble(
         workload,
         policy_set.version,
@@ -150,87 +149,6 @@ def compile_workload(
         outbound,
         outbound_change=outbound_change(index, options, now),
     )
-
-
-@dataclass(frozen=True)
-class Part:
-    """One half of a workload's resources, inbound or outbound, each tuple sorted by name.
-
-    The halves change for different reasons: the inbound half with the policies selecting the
-    workload (authorization), the outbound half with who it may call and how those peers are
-    reached. The incremental compiler (meshward.compile.incremental) recompiles each on its own.
-    ``parsed``: the protos of this half by their JSON source, so the next compile of the half
-    reuses every resource whose source did not change (same object, no parsing).
-    """
-
-    listeners: tuple[Any, ...] = ()
-    routes: tuple[Any, ...] = ()
-    clusters: tuple[Any, ...] = ()
-    endpoints: tuple[Any, ...] = ()
-    tls_used: bool = False
-    placement: authz.AuthzPlacement | None = None  # inbound only
-    next_change: datetime | None = None  # inbound only
-    parsed: Mapping[tuple[str, str], Any] = field(default_factory=dict, repr=False)
-
-
-@dataclass(eq=False)
-class PeerPort:
-    """One port of a peer as every caller of it sees it in one compile: computed once per
-    peer, not once per (caller, peer) pair (a namespace-wide ALLOW over N services has N^2
-    pairs). ``bind``: where a caller without its own binding listens for it; ``outbound``:
-    (the listener, the shared fragment) by the identity of a caller's part
-    (meshward.compile.fragments), for callers listening at ``bind``."""
-
-    peer: Workload
-    port: WorkloadPort
-    mode: MtlsMode
-    index: int
-    bind: Endpoint
-    http: bool
-    outbound: dict[int, tuple[Any, Any, Names]] = field(default_factory=dict)
-
-
-#: a listener's name, its cluster's, its route's ("" for none), its endpoints' cluster names
-Names = tuple[str, str, str, tuple[str, ...]]
-
-
-class PeerTable:
-    """Each peer's ports, mTLS modes and default outbound bindings for one compile (one policy
-    set, options and registry index), shared by every caller's outbound half."""
-
-    def __init__(
-        self, policy_set: PolicySet, options: CompileOptions, index: Mapping[str, int]
-    ) -> None:
-        self._policy_set = policy_set
-        self._options = options
-        self._index = index
-        self._by_ref: dict[str, tuple[Workload, tuple[PeerPort, ...]]] = {}
-
-    def ports(self, peer: Workload) -> tuple[PeerPort, ...]:
-        hit = self._by_ref.get(peer.ref)
-        if hit is not None and hit[0] is peer:
-            return hit[1]
-        options = self._options
-        entries = []
-        for port in sorted(peer.ports, key=lambda p: p.port):
-            index = self._index[names.peer_key(peer, port.port)]
-            entries.append(
-                PeerPort(
-                    peer=peer,
-                    port=port,
-                    mode=self._policy_set.mtls_mode(peer, port.port),
-                    index=index,
-                    bind=Endpoint(options.outbound_host, options.outbound_base_port + index),
-                    http=listeners.is_http(port),
-                )
-            )
-        found = tuple(entries)
-        self._by_ref[peer.ref] = (peer, found)
-        return found
-
-
-#: (a peer port, where the caller's outbound listener for it binds)
-Target = tuple[PeerPort, Endpoint]
 
 
 def compile_inbound(
@@ -306,98 +224,6 @@ def compile_inbound(
         next_change=min(expiries) if expiries else None,
         parsed=used,
     )
-
-
-def outbound_targets(
-    policy_set: PolicySet,
-    workload: Workload,
-    options: CompileOptions,
-    index: Mapping[str, int],
-    *,
-    now: datetime | None = None,
-    peers: Iterable[Workload] | None = None,
-    table: PeerTable | None = None,
-) -> list[Target]:
-    """What the outbound half is compiled from: every port of every peer ``workload`` may
-    call, with the peer's mTLS mode and the outbound listener's address. ``index``: the
-    registry's (peer, port) positions (the default outbound port offsets); ``peers``: the
-    result of :func:`peers_of` when the caller has it already; ``table``: the compile's
-    :class:`PeerTable` (same set, options and index), so per-peer work is done once."""
-    if not options.outbound:
-        return []
-    if table is None:
-        table = PeerTable(policy_set, options, index)
-    bound = options.bindings.get(workload.ref)
-    targets: list[Target] = []
-    for peer in peers_of(policy_set, workload, now) if peers is None else peers:
-        for entry in table.ports(peer):
-            bind = entry.bind
-            if bound is not None:
-                bind = options.outbound_endpoint(workload, peer, entry.port.port, entry.index)
-            targets.append((entry, bind))
-    return targets
-
-
-def compile_outbound(
-    workload: Workload, targets: Iterable[Target], fragments: FragmentCache, trust_domain: str
-) -> Part:
-    """The outbound half: per target, a listener assembled for this caller and the peer's
-    shared cluster, route and endpoints (meshward.compile.fragments). A caller listening
-    where callers do by default gets what the first such caller with the same part got (the
-    target's :class:`PeerPort` keeps it): per pair, a lookup, no hashing of the peer."""
-    listeners_: list[tuple[str, Any]] = []
-    routes: list[tuple[str, Any]] = []
-    clusters: list[tuple[str, Any]] = []
-    endpoints: list[tuple[str, Any]] = []
-    tls_used = False
-    parts: dict[bool, int] = {}  # this caller's part identity, HTTP and TCP
-    for entry, bind in targets:
-        default = bind is entry.bind
-        part = parts.get(entry.http)
-        hit = entry.outbound.get(part) if default and part is not None else None
-        if hit is None:
-            listener, fragment = fragments.outbound(
-                workload, entry.peer, entry.port, bind=bind, peer_mode=entry.mode,
-                trust_domain=trust_domain,
-            )  # fmt: skip
-            hit = (listener, fragment, _names(listener, fragment))
-            part = parts[entry.http] = fragments.part_id(workload.ref, entry.http)
-            if default:
-                entry.outbound[part] = hit
-        listener, fragment, (listener_name, cluster_name, route_name, endpoint_names) = hit
-        listeners_.append((listener_name, listener))
-        clusters.append((cluster_name, fragment.cluster))
-        if fragment.route is not None:
-            routes.append((route_name, fragment.route))
-        if fragment.endpoints:
-            endpoints.extend(zip(endpoint_names, fragment.endpoints, strict=True))
-        tls_used = tls_used or fragment.tls
-    return Part(
-        listeners=_by_name(listeners_),
-        routes=_by_name(routes),
-        clusters=_by_name(clusters),
-        endpoints=_by_name(endpoints),
-        tls_used=tls_used,
-    )
-
-
-def _names(listener: Any, fragment: Any) -> Names:
-    return (
-        listener.name,
-        fragment.cluster.name,
-        fragment.route.name if fragment.route is not None else "",
-        tuple(e.cluster_name for e in fragment.endpoints),
-    )
-
-
-def _by_name(items: list[tuple[str, Any]]) -> tuple[Any, ...]:
-    """:func:`_sorted` with the names known: the same order (a stable sort by name)."""
-    items.sort(key=_FIRST)
-    return tuple(map(_SECOND, items))
-
-
-_FIRST = operator.itemgetter(0)
-_SECOND = operator.itemgetter(1)
 
 
 def _merged(few: tuple[Any, ...], many: tuple[Any, ...], key: str = "name") -> tuple[Any, ...]:

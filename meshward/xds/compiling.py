@@ -9,11 +9,13 @@
   object is packed, hashed and scanned for its dependencies once (:class:`Packed`), and every
   node holding it gets the same :class:`Resource`.
 - **Off the event loop.** :class:`CompileWorker` runs compiles in one worker thread, one at a
-  time, the newest policy winning over those still queued; the ADS streams keep being served
-  on the loop meanwhile (the compile is pure Python, so it shares the interpreter with them,
-  but never holds the loop). Compiles that the loop itself asks for (a synchronous
-  ``apply_policy``, an expires-at instant) take the same lock, so two compiles never mutate
-  one incremental state at once.
+  time, the newest policy winning over those still queued (one in flight, one pending); the
+  ADS streams keep being served on the loop meanwhile. The compile itself runs where the
+  control plane's :class:`ConfigCompiler` says: :class:`LocalCompile` in this process (it then
+  shares the interpreter with the streams), or meshward.xds.compile_process in a worker
+  process of its own (`xds serve`; the thread only waits for it and unpacks the changes).
+  Compiles that the loop itself asks for (a synchronous ``apply_policy``, an expires-at
+  instant, a JWKS change) take the same lock, so two compiles never run at once.
 """
 
 from __future__ import annotations

@@ -145,6 +145,14 @@ class FragmentCache:
     # same bytes (xDS mode without tracing: the access logs name the caller through the node's
     # metadata) share one listener proto, so it is packed once, not once per caller.
     shared: dict[tuple[PeerKey, Fields, Endpoint], Any] = field(default_factory=dict)
+    # One tuple object per distinct caller part: callers with the same part bytes share it,
+    # so its identity keys per-peer results (meshward.compile.workload.PeerPort).
+    interned: dict[Fields, Fields] = field(default_factory=dict)
+
+    def part_id(self, caller: str, http: bool) -> int:
+        """The identity of ``caller``'s part (after its first :meth:`outbound`): equal for
+        callers whose parts are the same bytes, stable while the cache holds the part."""
+        return id(self.callers[(caller, http)].fields)
 
     def outbound(
         self,
@@ -183,7 +191,7 @@ class FragmentCache:
                     for item in split_fields(inner)
                     if inner.DESCRIPTOR.fields_by_number[item[0]].name not in _PEER_FIELDS
                 )
-                caller = _caller_part(fields, fragment)
+                caller = _caller_part(self.interned.setdefault(fields, fields), fragment)
                 self.callers[caller_key] = caller
         shared_key = (key, caller.fields, bind)
         listener = self.shared.get(shared_key)
@@ -244,6 +252,7 @@ class FragmentCache:
         self.peers = {k: v for k, v in self.peers.items() if live(k)}
         self.callers = {k: v for k, v in self.callers.items() if k[0] in callers}
         parts = {part.fields for part in self.callers.values()}
+        self.interned = {f: f for f in self.interned if f in parts}
         self.shared = {k: v for k, v in self.shared.items() if k[0] in self.peers and k[1] in parts}
 
 

@@ -2,7 +2,7 @@
 config, that it affects; the result is byte-identical to a full compile.
 
 A workload's config has two halves that change for different reasons
-(meshward.compile.workload.Part):
+(meshward.compile.outbound.Part):
 
 - inbound (its listeners, the RBAC rules in its routes, its local clusters): compiled from the
   workload itself, the policies and RequestAuthentications selecting it (expired ones left out
@@ -35,16 +35,14 @@ from typing import Any
 from meshward.compile import names
 from meshward.compile.fragments import FragmentCache, PeerKey
 from meshward.compile.options import CompileOptions
-from meshward.compile.peers import mesh_index, peers_of
+from meshward.compile.outbound import Part, PeerTable, callee_refs, outbound_half
+from meshward.compile.peers import mesh_index
 from meshward.compile.workload import (
-    Part,
     WorkloadResources,
     assemble,
     compile_inbound,
-    compile_outbound,
     earliest,
     outbound_change,
-    outbound_targets,
 )
 from meshward.policy.model import MtlsMode, Workload
 from meshward.policy.policyset import PolicySet
@@ -158,6 +156,7 @@ def compile_incremental(
     did_outbound: set[str] = set()
     mesh = mesh_index(policy_set, now)  # built once per compile, passed down (no global memo)
     change = outbound_change(mesh, options, now)
+    table = PeerTable(policy_set, options, index)  # per-peer outbound work, once per compile
     for workload in policy_set.workloads:
         ref = workload.ref
         try:
@@ -169,10 +168,8 @@ def compile_incremental(
                 memo = dict(old_in[1].parsed) if old_in is not None else {}
                 inbound = compile_inbound(policy_set, workload, options, now=now, memo=memo)
                 did_inbound.add(ref)
-            callee_workloads = (
-                peers_of(policy_set, workload, now, index=mesh.peers) if options.outbound else []
-            )
-            callees = tuple(w.ref for w in callee_workloads)
+            refs = callee_refs(policy_set, workload, mesh) if options.outbound else set()
+            callees = tuple(sorted(refs))
             old_out = base.outbound.get(ref) if base is not None else None
             if (
                 not all_outbound
@@ -182,10 +179,9 @@ def compile_incremental(
             ):
                 outbound = old_out
             else:
-                targets = outbound_targets(
-                    policy_set, workload, options, index, peers=callee_workloads
+                part = outbound_half(
+                    policy_set, workload, options, mesh, fragments, table, now=now, refs=refs
                 )
-                part = compile_outbound(workload, targets, fragments, trust_domain)
                 outbound = Outbound(callees, part)
                 did_outbound.add(ref)
         except Exception as exc:  # one workload's failure must not stop the mesh's compile

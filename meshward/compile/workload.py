@@ -7,9 +7,11 @@ serialized with ``deterministic=True``).
 
 from __future__ import annotations
 
+import bisect
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +20,11 @@ from google.protobuf import json_format
 from meshward.compile import authz, listeners, names, tls
 from meshward.compile import protos as _protos
 from meshward.compile.fragments import FragmentCache
-from meshward.compile.options import CompileOptions, Endpoint, Mode
-from meshward.compile.peers import MeshIndex, mesh_index, peers_of
+from meshward.compile.options import CompileOptions, Mode
+from meshward.compile.outbound import Part, PeerTable, outbound_half
+from meshward.compile.peers import MeshIndex, mesh_index
 from meshward.errors import UserError
-from meshward.policy.model import JwtEnforcement, MtlsMode, Workload, WorkloadPort
+from meshward.policy.model import JwtEnforcement, MtlsMode, Workload
 
 if TYPE_CHECKING:
     from meshward.policy.policyset import PolicySet
@@ -104,6 +107,7 @@ def compile_workload(
     _memo: dict[tuple[str, str], Any] | None = None,
     fragments: FragmentCache | None = None,
     index: MeshIndex | None = None,
+    _table: PeerTable | None = None,
 ) -> WorkloadResources:
     """Compile one workload's sidecar config (inbound, outbound, infrastructure clusters).
 
@@ -134,9 +138,9 @@ def compile_workload(
     if index is None:
         index = mesh_index(policy_set, now)
     inbound = compile_inbound(policy_set, workload, options, now=now, memo=memo)
-    peers = peers_of(policy_set, workload, now, index=index.peers) if options.outbound else []
-    targets = outbound_targets(policy_set, workload, options, index.ports, peers=peers)
-    outbound = compile_outbound(workload, targets, fragments, policy_set.mesh.trust_domain)
+    if _table is None:
+        _table = PeerTable(policy_set, options, index.ports)
+    outbound = outbound_half(policy_set, workload, options, index, fragments, _table, now=now)
     return assemble(
         workload,
         policy_set.version,
@@ -145,31 +149,6 @@ def compile_workload(
         outbound,
         outbound_change=outbound_change(index, options, now),
     )
-
-
-@dataclass(frozen=True)
-class Part:
-    """One half of a workload's resources, inbound or outbound, each tuple sorted by name.
-
-    The halves change for different reasons: the inbound half with the policies selecting the
-    workload (authorization), the outbound half with who it may call and how those peers are
-    reached. The incremental compiler (meshward.compile.incremental) recompiles each on its own.
-    ``parsed``: the protos of this half by their JSON source, so the next compile of the half
-    reuses every resource whose source did not change (same object, no parsing).
-    """
-
-    listeners: tuple[Any, ...] = ()
-    routes: tuple[Any, ...] = ()
-    clusters: tuple[Any, ...] = ()
-    endpoints: tuple[Any, ...] = ()
-    tls_used: bool = False
-    placement: authz.AuthzPlacement | None = None  # inbound only
-    next_change: datetime | None = None  # inbound only
-    parsed: Mapping[tuple[str, str], Any] = field(default_factory=dict, repr=False)
-
-
-#: (peer, its port, the peer's mTLS mode on it, where the caller's outbound listener binds)
-Target = tuple[Workload, WorkloadPort, MtlsMode, Endpoint]
 
 
 def compile_inbound(
@@ -247,49 +226,22 @@ def compile_inbound(
     )
 
 
-def outbound_targets(
-    policy_set: PolicySet,
-    workload: Workload,
-    options: CompileOptions,
-    index: Mapping[str, int],
-    *,
-    now: datetime | None = None,
-    peers: Iterable[Workload] | None = None,
-) -> list[Target]:
-    """What the outbound half is compiled from: every port of every peer ``workload`` may
-    call, with the peer's mTLS mode and the outbound listener's address. ``index``: the
-    registry's (peer, port) positions (the default outbound port offsets); ``peers``: the
-    result of :func:`peers_of` when the caller has it already."""
-    if not options.outbound:
-        return []
-    targets: list[Target] = []
-    for peer in peers_of(policy_set, workload, now) if peers is None else peers:
-        for port in sorted(peer.ports, key=lambda p: p.port):
-            bind = options.outbound_endpoint(
-                workload, peer, port.port, index[names.peer_key(peer, port.port)]
-            )
-            targets.append((peer, port, policy_set.mtls_mode(peer, port.port), bind))
-    return targets
-
-
-def compile_outbound(
-    workload: Workload, targets: Iterable[Target], fragments: FragmentCache, trust_domain: str
-) -> Part:
-    """The outbound half: per target, a listener assembled for this caller and the peer's
-    shared cluster, route and endpoints (meshward.compile.fragments)."""
-    out = [
-        fragments.outbound(
-            workload, peer, port, bind=bind, peer_mode=mode, trust_domain=trust_domain
-        )
-        for peer, port, mode, bind in targets
-    ]
-    return Part(
-        listeners=_sorted(m for m, _ in out),
-        routes=_sorted(f.route for _, f in out if f.route is not None),
-        clusters=_sorted(f.cluster for _, f in out),
-        endpoints=_sorted((e for _, f in out for e in f.endpoints), key="cluster_name"),
-        tls_used=any(f.tls for _, f in out),
-    )
+def _merged(few: tuple[Any, ...], many: tuple[Any, ...], key: str = "name") -> tuple[Any, ...]:
+    """``_sorted([*few, *many])`` for two tuples sorted by ``key``, with ``key`` read only
+    O(len(few) log len(many)) times: a caller's outbound half lists every peer it may call
+    (N of them), its inbound half a few resources."""
+    if not few:
+        return many
+    get = operator.attrgetter(key)
+    out: list[Any] = []
+    start = 0
+    for message in few:  # equal keys: ``few`` first, as the stable sort of few + many
+        at = bisect.bisect_left(many, get(message), lo=start, key=get)
+        out.extend(many[start:at])
+        out.append(message)
+        start = at
+    out.extend(many[start:])
+    return tuple(out)
 
 
 def outbound_change(
@@ -316,10 +268,10 @@ def assemble(
         workload=workload.ref,
         policy_version=version,
         mode=options.mode,
-        listeners=_sorted([*inbound.listeners, *outbound.listeners]),
-        routes=_sorted([*inbound.routes, *outbound.routes]),
-        clusters=_sorted([*inbound.clusters, *outbound.clusters]),
-        endpoints=_sorted([*inbound.endpoints, *outbound.endpoints], key="cluster_name"),
+        listeners=_merged(inbound.listeners, outbound.listeners),
+        routes=_merged(inbound.routes, outbound.routes),
+        clusters=_merged(inbound.clusters, outbound.clusters),
+        endpoints=_merged(inbound.endpoints, outbound.endpoints, key="cluster_name"),
         secret_names=(
             (names.SECRET_ROOTCA, names.SECRET_DEFAULT)
             if inbound.tls_used or outbound.tls_used
@@ -348,11 +300,20 @@ def compile_mesh(
     every caller's result, to be treated as read-only.
     """
     memo: dict[tuple[str, str], Any] = {}
-    fragments = FragmentCache(options or CompileOptions())
+    options = options or CompileOptions()
+    fragments = FragmentCache(options)
     index = mesh_index(policy_set, now)
+    table = PeerTable(policy_set, options, index.ports)
     return {
         w.ref: compile_workload(
-            policy_set, w, options, now=now, _memo=memo, fragments=fragments, index=index
+            policy_set,
+            w,
+            options,
+            now=now,
+            _memo=memo,
+            fragments=fragments,
+            index=index,
+            _table=table,
         )
         for w in policy_set.workloads
     }

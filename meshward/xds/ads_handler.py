@@ -11,7 +11,9 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 
 class StreamServer(Protocol):
-    async def serve(self, mode: str, request_iterator: AsyncIterator[Any], context: Any) -> None: ...
+    async def serve(
+        self, mode: str, request_iterator: AsyncIterator[Any], context: Any
+    ) -> None: ...
 
 
 def _serialize(response: Any) -> bytes:

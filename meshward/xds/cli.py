@@ -261,7 +261,11 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
             service = XdsService(
                 None,
                 ca,
-                compiler_for(options, jwks=JwksCache(refresh_interval=args.jwks_refresh)),
+                compiler_for(
+                    options,
+                    jwks=JwksCache(refresh_interval=args.jwks_refresh),
+                    process=args.compile_in == "process",
+                ),
                 listen=args.listen,
                 admin=None if args.admin == "off" else args.admin,
                 svid_ttl=timedelta(seconds=args.svid_ttl),
@@ -383,6 +387,10 @@ def configure(parser: argparse.ArgumentParser, *, flows: FlowsFor) -> None:
                    help="refetch every RequestAuthentication jwksUri this often and push rotated "
                    "keys to the sidecars (default 5m; a failed fetch keeps the last good keys "
                    "and is retried after 10s)")  # fmt: skip
+    p.add_argument("--compile-in", choices=("process", "thread"), default="process",
+                   help="where policy changes are compiled: a worker process of its own, so "
+                   "streams are never stalled by a mesh-wide recompile (default), or a thread of "
+                   "the server (shares the interpreter with the streams)")  # fmt: skip
     limits = p.add_argument_group(
         "per-identity limits",
         "Bound what one workload certificate can make the control plane hold or sign; a node "

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from meshward.policy import PolicySet, Workload
-from meshward.xds.compiling import Outcome
+from meshward.xds.compiling import ConfigCompiler, LocalCompile, Outcome
 from meshward.xds.jwks import JwksCache
 
 
@@ -19,11 +19,19 @@ class MeshCompiler:
     incrementally (:meth:`mesh`, what the control plane calls)."""
 
     def __init__(
-        self, options: Any = None, *, agent_secrets: bool = True, jwks: JwksCache | None = None
+        self,
+        options: Any = None,
+        *,
+        agent_secrets: bool = True,
+        jwks: JwksCache | None = None,
+        process: bool = False,
     ) -> None:
         from meshward.compile import CompileOptions, Mode
         from meshward.compile.envoy_limits import check_resources
 
+        self._given = options
+        self._agent_secrets = agent_secrets
+        self._process = process
         self._options = replace(options or CompileOptions(), mode=Mode.XDS)
         # The fetched JWKS documents each compile inlines (XdsService keeps fetching them).
         self.jwks = jwks if jwks is not None else JwksCache()
@@ -57,6 +65,15 @@ class MeshCompiler:
         compiled = compile_workload(policy, workload, self.options, now=now)
         self._check(compiled)  # backstop: never serve what Envoy would refuse
         return self._secrets([m for messages in compiled.by_type().values() for m in messages])
+
+    def config_compiler(self) -> ConfigCompiler:
+        """How the control plane runs this compiler: in a worker process of its own
+        (meshward.xds.compile_process) when made with ``process=True``, else in this one."""
+        if self._process:
+            from meshward.xds.compile_process import CompileProcess
+
+            return CompileProcess(self._given, self._agent_secrets, self.jwks)
+        return LocalCompile(self.mesh)
 
     def _secrets(self, messages: list[Any]) -> list[Any]:
         return self._agent(messages) if self._agent is not None else messages
@@ -125,7 +142,11 @@ def _same_messages(a: Any, b: Any) -> bool:
 
 
 def compiler_for(
-    options: Any = None, *, agent_secrets: bool = True, jwks: JwksCache | None = None
+    options: Any = None,
+    *,
+    agent_secrets: bool = True,
+    jwks: JwksCache | None = None,
+    process: bool = False,
 ) -> MeshCompiler:
     """The control plane's compiler for a mesh's CompileOptions (its ``mode`` is forced to
     XDS: routes over RDS, endpoints over EDS, secrets over SDS). ``agent_secrets`` (default):
@@ -133,5 +154,7 @@ def compiler_for(
     (:mod:`meshward.xds.agentsds`; files for `meshward bootstrap` nodes, :mod:`meshward.xds.filesds`);
     False leaves the compiler's ``ads`` references, which the control plane cannot serve (it holds
     no workload SVID): only for looking at the compiler's own output.
-    ``jwks``: the JWKS cache (default: a new one, which XdsService keeps fetching)."""
-    return MeshCompiler(options, agent_secrets=agent_secrets, jwks=jwks)
+    ``jwks``: the JWKS cache (default: a new one, which XdsService keeps fetching).
+    ``process``: the control plane compiles in a worker process of its own (`xds serve`), so a
+    mesh-wide recompile never holds the interpreter its streams are served from."""
+    return MeshCompiler(options, agent_secrets=agent_secrets, jwks=jwks, process=process)

@@ -9,11 +9,13 @@
   object is packed, hashed and scanned for its dependencies once (:class:`Packed`), and every
   node holding it gets the same :class:`Resource`.
 - **Off the event loop.** :class:`CompileWorker` runs compiles in one worker thread, one at a
-  time, the newest policy winning over those still queued; the ADS streams keep being served
-  on the loop meanwhile (the compile is pure Python, so it shares the interpreter with them,
-  but never holds the loop). Compiles that the loop itself asks for (a synchronous
-  ``apply_policy``, an expires-at instant) take the same lock, so two compiles never mutate
-  one incremental state at once.
+  time, the newest policy winning over those still queued (one in flight, one pending); the
+  ADS streams keep being served on the loop meanwhile. The compile itself runs where the
+  control plane's :class:`ConfigCompiler` says: :class:`LocalCompile` in this process (it then
+  shares the interpreter with the streams), or meshward.xds.compile_process in a worker
+  process of its own (`xds serve`; the thread only waits for it and unpacks the changes).
+  Compiles that the loop itself asks for (a synchronous ``apply_policy``, an expires-at
+  instant, a JWKS change) take the same lock, so two compiles never run at once.
 """
 
 from __future__ import annotations
@@ -162,6 +164,76 @@ def compile_configs(
     return Compiled(policy, now, next_state, fresh, changed, now_packed)
 
 
+class ConfigCompiler(Protocol):
+    """Compiles a policy set into every workload's packed config, keeping what the next call
+    reuses. Called under the control plane's compile lock (never twice at once). ``configs``:
+    the configs in force, which ``changed`` is relative to; ``full``: from scratch."""
+
+    def __call__(
+        self,
+        policy: PolicySet,
+        now: datetime,
+        configs: Mapping[str, WorkloadConfig],
+        *,
+        full: bool = False,
+        quiet: bool = False,
+    ) -> Compiled: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalCompile:
+    """:func:`compile_configs` in this process (in the worker thread, or on the caller's
+    thread for a synchronous compile). Its state advances with every compile, installed or
+    not: the incremental compile is byte-identical from any previous state, and ``changed``
+    is computed against the configs passed in."""
+
+    def __init__(self, mesh: MeshCompiler) -> None:
+        self._mesh = mesh
+        self._state: Any = None
+        self._packed: Packed = {}
+
+    def __call__(
+        self,
+        policy: PolicySet,
+        now: datetime,
+        configs: Mapping[str, WorkloadConfig],
+        *,
+        full: bool = False,
+        quiet: bool = False,
+    ) -> Compiled:
+        compiled = compile_configs(
+            self._mesh, policy, now, None if full else self._state, configs, self._packed,
+            quiet=quiet,
+        )  # fmt: skip
+        self._state, self._packed = compiled.state, compiled.packed
+        return compiled
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": "thread"}
+
+    def close(self) -> None:
+        pass
+
+
+def config_compiler(compiler: WorkloadCompiler) -> ConfigCompiler:
+    """The compiler's own :class:`ConfigCompiler` (``compiler.config_compiler()``: e.g. one
+    in a process of its own, meshward.xds.compile_process) if it has one, else
+    :class:`LocalCompile` over :func:`mesh_compiler`."""
+    make = getattr(compiler, "config_compiler", None)
+    if callable(make):
+        made: ConfigCompiler = make()
+        return made
+    return LocalCompile(mesh_compiler(compiler))
+
+
+class CompileFailed(Exception):
+    """A compile produced no result at all (e.g. its worker process died): nothing of it is
+    installed, the configs in force stay."""
+
+
 class CompileWorker:
     """Runs :func:`compile_configs` in one worker thread for the control plane's loop.
 
@@ -176,9 +248,11 @@ class CompileWorker:
         run: Callable[[PolicySet], Compiled],
         install: Callable[[Compiled], Awaitable[None]],
         lock: threading.Lock,
+        failed: Callable[[PolicySet, str], None] | None = None,
     ) -> None:
         self._run = run
         self._install = install
+        self._failed = failed
         self.lock = lock
         self._pending: PolicySet | None = None
         self._task: asyncio.Task[None] | None = None
@@ -205,10 +279,12 @@ class CompileWorker:
             policy, self._pending = self._pending, None
             try:
                 compiled = await loop.run_in_executor(self._executor, self._compile, policy)
-            except Exception:
+            except Exception as exc:
                 log.exception(
                     "compiling policy %s failed; keeping the one in force", policy.version[:12]
                 )
+                if self._failed is not None:
+                    self._failed(policy, f"{type(exc).__name__}: {exc}")
                 continue
             try:
                 await self._install(compiled)

@@ -16,7 +16,8 @@
 
 Everything here runs on the server's event loop; the policy watcher's thread hops onto it with
 ``call_soon_threadsafe`` (see :meth:`ControlPlane.watcher_callbacks`), and the compile a policy
-change needs runs in a worker thread (meshward.xds.compiling), so streams are served meanwhile.
+change needs runs in a worker thread (meshward.xds.compiling), or in a worker process the
+thread waits for (meshward.xds.compile_process), so streams are served meanwhile.
 """
 
 from __future__ import annotations
@@ -36,14 +37,7 @@ from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import compiling, heap, typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
-from meshward.xds.compiling import (
-    Compiled,
-    CompileWorker,
-    WorkloadConfig,
-    compile_configs,
-    mesh_compiler,
-    paced,
-)
+from meshward.xds.compiling import Compiled, CompileWorker, WorkloadConfig, config_compiler, paced
 from meshward.xds.filesds import FilesSdsRewriter, secrets_dir_of
 from meshward.xds.limits import INSTANCE_LIMIT, IdentityIndex, NodeLimits, expired, next_expiry
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
@@ -126,11 +120,12 @@ class ControlPlane:
         self._server_generation: int | None = None  # the CA generation that signed it
         self._compiled_at = wall_clock()
         self._first_compile = True
-        self._mesh_compile = mesh_compiler(compiler)
-        self._compile_state: Any = None  # the compiler's incremental state
-        self._packed: Any = {}  # id(proto) -> (proto, Resource): each proto packed once
+        # Compiles with its incremental state: here, or in a worker process of its own.
+        self._compile = config_compiler(compiler)
         self._latest_policy = policy  # the newest policy asked for (worker results older: dropped)
-        self.compile_worker = CompileWorker(self._compile_newest, self._installed, threading.Lock())
+        self.compile_worker = CompileWorker(
+            self._compile_newest, self._installed, threading.Lock(), self._compile_failed
+        )
         self._recompile(self._compiled_at)
         self._first_compile = False
         self._refresh_bundle(self._compiled_at)
@@ -140,35 +135,30 @@ class ControlPlane:
         """Compile every workload (incrementally unless ``full``), here and now; return the
         refs whose resources changed."""
         with self.compile_worker.lock:
-            compiled = compile_configs(
-                self._mesh_compile,
-                self.policy,
-                now,
-                None if full else self._compile_state,
-                self.configs,
-                self._packed,
-                quiet=self._first_compile,
+            compiled = self._compile(
+                self.policy, now, self.configs, full=full, quiet=self._first_compile
             )
             self._install(compiled)
         return compiled.changed
 
     def _install(self, compiled: Compiled) -> None:
         self.configs = compiled.configs
-        self._compile_state = compiled.state
-        self._packed = compiled.packed
         self._compiled_at = compiled.now
 
     def _compile_newest(self, policy: PolicySet) -> Compiled:
         """In the worker thread (under the compile lock): compile ``policy`` from the state in
         force."""
-        return compile_configs(
-            self._mesh_compile,
-            policy,
-            self.wall_clock(),
-            self._compile_state,
-            self.configs,
-            self._packed,
-        )
+        return self._compile(policy, self.wall_clock(), self.configs)
+
+    def _compile_failed(self, policy: PolicySet, error: str) -> None:
+        """On the loop: a compile gave no result (its worker died twice); the configs in force
+        stay, and status and metrics say why."""
+        if policy is not self._latest_policy:
+            return
+        self.policy_error = f"compiling policy {policy.version[:12]} failed: {error}"
+        self.policy_error_at = self.wall_clock()
+        if self.metrics is not None:
+            self.metrics.policy_updates.labels("compile_failed").inc()
 
     def apply_policy(self, policy: PolicySet) -> set[str]:
         """A new valid policy set: recompile (here, blocking the caller), push to the nodes of
@@ -553,6 +543,7 @@ class ControlPlane:
         finally:
             self.compile_worker.close()
             heap.unfreeze()
+            self._compile.close()
 
     async def _timers(self) -> None:
         assert self._wake is not None
@@ -585,6 +576,7 @@ class ControlPlane:
                 "error_at": self.policy_error_at.isoformat() if self.policy_error_at else None,
                 "next_expiry": expiry.isoformat() if expiry else None,
             },
+            "compiler": self._compile.status(),
             "trust_domain": self.ca.trust_domain,
             "trust_bundle": self._bundle_version[:16],
             "server_certificate": (

@@ -24,7 +24,9 @@ MAX_DOCUMENTS = 20  # policy documents listed per node (status stays bounded)
 def not_enforced(statuses: Iterable[TypeStatus]) -> dict[str, Any] | None:
     """What a node rejected and still does not run, or None when it enforces what it was sent
     (secrets are identity, not policy: an SDS NACK is reported elsewhere)."""
-    rejected = [s for s in statuses if s.type_url != typeurls.SECRET and s.rejected and not s.in_sync]
+    rejected = [
+        s for s in statuses if s.type_url != typeurls.SECRET and s.rejected and not s.in_sync
+    ]
     if not rejected:
         return None
     last = max(

@@ -253,7 +253,9 @@ class Mesh:
         lagging = ["not asked yet"]
         while time.monotonic() < deadline:
             try:
-                lagging = status_poll.lagging(status_poll.fetch_status(self.admin), self.demo.refs, version)
+                lagging = status_poll.lagging(
+                    status_poll.fetch_status(self.admin), self.demo.refs, version
+                )
             except OSError as exc:
                 lagging = [str(exc)]
             if not lagging:

@@ -42,7 +42,11 @@ spec:
     - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
       to: [{operation: {methods: [%s]}}]
 """
-SUBSCRIPTIONS = {typeurls.CLUSTER: (), typeurls.LISTENER: (), typeurls.SECRET: ("default", "ROOTCA")}
+SUBSCRIPTIONS = {
+    typeurls.CLUSTER: (),
+    typeurls.LISTENER: (),
+    typeurls.SECRET: ("default", "ROOTCA"),
+}
 
 
 def policy(methods: str) -> PolicySet:

@@ -106,7 +106,10 @@ def test_snapshot_consistency_is_checked_when_built() -> None:
     in the snapshot, or building it fails naming each dangling reference (bounded message)."""
     from meshward.xds.snapshot import MAX_REPORTED, InconsistentSnapshot, inconsistencies
 
-    ok = {typeurls.LISTENER: [listener("in")], typeurls.SECRET: [secret("default"), secret("ROOTCA")]}
+    ok = {
+        typeurls.LISTENER: [listener("in")],
+        typeurls.SECRET: [secret("default"), secret("ROOTCA")],
+    }
     assert build_snapshot(None, ok, 1.0).resources(typeurls.LISTENER)
     with pytest.raises(InconsistentSnapshot) as caught:
         build_snapshot(None, {typeurls.LISTENER: [listener("in")], typeurls.SECRET: []}, 1.0)
@@ -117,7 +120,10 @@ def test_snapshot_consistency_is_checked_when_built() -> None:
     many = {typeurls.LISTENER: [listener(f"l{i}", port=i + 1) for i in range(10)]}
     with pytest.raises(InconsistentSnapshot, match=r"\(and 15 more\)"):
         build_snapshot(None, many, 1.0)
-    assert len(inconsistencies({typeurls.LISTENER: {r.name: r for r in many[typeurls.LISTENER]}})) == 20
+    assert (
+        len(inconsistencies({typeurls.LISTENER: {r.name: r for r in many[typeurls.LISTENER]}}))
+        == 20
+    )
     assert MAX_REPORTED == 5
     # no secrets referenced: consistent without any
     plain = [listener("in", secrets=False)]

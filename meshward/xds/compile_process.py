@@ -1,0 +1,291 @@
+"""The mesh compile in a process of its own, so no ADS stream waits for it.
+
+A compile thread shares the GIL with the event loop serving every stream: during a mesh-wide
+recompile at 1,000 services the loop got the interpreter only between the compile's slices and
+streams stalled for a second. Here one long-lived worker process (spawned, not forked: the
+parent runs threads and an event loop) keeps the whole incremental compile state
+(meshward.compile.incremental, the Envoy-limits backstop, the packing) and answers each compile
+with only what changed since its previous answer, already packed:
+
+- per workload whose resources or error changed: its resource keys ``(type URL, name, hash)``
+  in order, and its error;
+- per key this parent has not been sent yet: the packed bytes and the names it depends on.
+
+The parent rebuilds a :class:`Resource` from those bytes without parsing or walking anything,
+in the compile worker thread (meshward.xds.compiling), so the loop only installs the result.
+
+Failure handling, fail closed: a compile either returns a whole result or nothing. When the
+worker dies (killed, out of memory, a crash in a C extension), the pool is replaced, the new
+worker rebuilds its state from the last policy set it compiled successfully, and the failed
+policy is tried once more; if the worker dies again it raises :class:`CompileFailed` (the
+control plane keeps serving the configs in force and shows the error in status). Bounded: one
+compile in flight (the worker thread waits for it), the parent's table of packed resources
+holds only the resources of the newest result.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import signal
+from collections.abc import Mapping
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import any_pb2
+
+from meshward.policy import PolicySet
+from meshward.xds.compiling import (
+    Compiled,
+    CompileFailed,
+    LocalCompile,
+    WorkloadConfig,
+)
+from meshward.xds.resources import Resource
+
+log = logging.getLogger("meshward.xds")
+
+#: (type URL, resource name, content hash): one packed resource version
+Key = tuple[str, str, str]
+#: packed bytes, then the secrets, clusters, routes and EDS names it references
+Body = tuple[bytes, tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One compile's answer: what changed since the worker's previous answer."""
+
+    workloads: dict[str, tuple[tuple[Key, ...], str | None]]  # changed ref -> (keys, error)
+    removed: tuple[str, ...]  # refs no longer in the set
+    bodies: dict[Key, Body]  # keys the parent was not sent before
+    live: int  # distinct keys of the whole result (the parent's table size after this)
+
+
+# -- in the worker process ----------------------------------------------------------------------
+class _Worker:
+    """The compile state of the worker process: everything the next incremental compile needs,
+    and what the parent already holds (``sent``: keys of the previous answer's result)."""
+
+    def __init__(self, options: Any, agent_secrets: bool) -> None:
+        from meshward.xds.compile_adapter import compiler_for
+        from meshward.xds.compiling import mesh_compiler
+
+        self.compiler = compiler_for(options, agent_secrets=agent_secrets)
+        self.local = LocalCompile(mesh_compiler(self.compiler))
+        self.configs: dict[str, WorkloadConfig] = {}
+        self.sent: set[Key] = set()
+
+    def compile(
+        self, policy: PolicySet, now: datetime, jwks: Mapping[str, str], full: bool
+    ) -> Delta:
+        self.compiler.jwks.documents = dict(jwks)
+        compiled = self.local(policy, now, self.configs, full=full, quiet=True)
+        previous, self.configs = self.configs, compiled.configs
+        workloads: dict[str, tuple[tuple[Key, ...], str | None]] = {}
+        for ref, config in compiled.configs.items():
+            old = previous.get(ref)
+            if old is config:
+                continue
+            if old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error):
+                keys = tuple(
+                    (r.type_url, r.name, r.hash)
+                    for items in config.resources.values()
+                    for r in items
+                )
+                workloads[ref] = (keys, config.error)
+        live: dict[Key, Resource] = {}
+        for config in compiled.configs.values():
+            for items in config.resources.values():
+                for r in items:
+                    live[(r.type_url, r.name, r.hash)] = r
+        bodies = {key: _body(r) for key, r in live.items() if key not in self.sent}
+        self.sent = set(live)
+        removed = tuple(ref for ref in previous if ref not in compiled.configs)
+        return Delta(workloads, removed, bodies, len(live))
+
+
+def _body(resource: Resource) -> Body:
+    return (
+        resource.body.value,
+        tuple(sorted(resource.secrets)),
+        tuple(sorted(resource.clusters)),
+        tuple(sorted(resource.routes)),
+        tuple(sorted(resource.endpoints)),
+    )
+
+
+_WORKER: _Worker | None = None
+
+
+def _start(options: Any, agent_secrets: bool) -> None:
+    """The worker's initializer: the server's Ctrl-C reaches the whole process group; the
+    parent decides when the worker stops."""
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER = _Worker(options, agent_secrets)
+
+
+def _compile(policy: PolicySet, now: datetime, jwks: Mapping[str, str], full: bool) -> Delta:
+    assert _WORKER is not None, "the compile worker was not initialized"
+    return _WORKER.compile(policy, now, jwks, full)
+
+
+# -- in the control plane's process -------------------------------------------------------------
+class CompileProcess:
+    """A :class:`meshward.xds.compiling.ConfigCompiler` whose compile runs in a worker process.
+
+    ``options``/``agent_secrets``: as for :func:`meshward.xds.compile_adapter.compiler_for`;
+    ``jwks``: the parent's JwksCache (its documents go with every compile)."""
+
+    def __init__(self, options: Any, agent_secrets: bool, jwks: Any) -> None:
+        self._options = options
+        self._agent_secrets = agent_secrets
+        self._jwks = jwks
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        # Mirrors of the worker's previous answer: its configs and its packed resources.
+        self._mirror: dict[str, WorkloadConfig] = {}
+        self._table: dict[Key, Resource] = {}
+        self._accepted: tuple[PolicySet, datetime] | None = None  # the last one compiled whole
+        self.restarts = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.pid: int | None = None
+
+    def _pool_now(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start,
+                initargs=(self._options, self._agent_secrets),
+            )
+        return self._pool
+
+    def _ask(self, policy: PolicySet, now: datetime, full: bool) -> Delta:
+        future = self._pool_now().submit(_compile, policy, now, self._jwks.documents, full)
+        if self.pid is None and self._pool is not None:
+            self.pid = next(iter(self._pool._processes), None)
+        delta: Delta = future.result()
+        return delta
+
+    def _restart(self, why: str) -> None:
+        """The worker died: a new one starts empty, so the mirrors start empty too."""
+        self.restarts += 1
+        self.last_error = why
+        log.error("the compile worker process died (%s); starting a new one", why)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self.pid = None
+        self._mirror = {}
+        self._table = {}
+
+    def __call__(
+        self,
+        policy: PolicySet,
+        now: datetime,
+        configs: Mapping[str, WorkloadConfig],
+        *,
+        full: bool = False,
+        quiet: bool = False,
+    ) -> Compiled:
+        for attempt in (1, 2):
+            try:
+                delta = self._ask(policy, now, full)
+                break
+            except BrokenProcessPool as exc:
+                self._restart(f"{type(exc).__name__}: {exc}")
+                self._rebuild()
+                if attempt == 2:
+                    self.failures += 1
+                    raise CompileFailed(
+                        f"the compile worker process died twice compiling policy "
+                        f"{policy.version[:12]}; keeping the configs in force"
+                    ) from None
+        self._accepted = (policy, now)
+        return self._apply(policy, now, delta, configs, quiet=quiet)
+
+    def _rebuild(self) -> None:
+        """Give a new worker the state of the last policy set it compiled whole (its answer
+        lands in the mirrors only; the configs in force are not touched)."""
+        if self._accepted is None:
+            return
+        try:
+            delta = self._ask(*self._accepted, False)
+        except BrokenProcessPool as exc:
+            self._restart(f"{type(exc).__name__}: {exc} (rebuilding its state)")
+            return
+        self._apply(*self._accepted, delta, self._mirror, quiet=True)
+
+    def _apply(
+        self,
+        policy: PolicySet,
+        now: datetime,
+        delta: Delta,
+        configs: Mapping[str, WorkloadConfig],
+        *,
+        quiet: bool,
+    ) -> Compiled:
+        table = self._table
+        for key, body in delta.bodies.items():
+            table[key] = _resource(key, body)
+        mirror = dict(self._mirror)
+        for ref in delta.removed:
+            mirror.pop(ref, None)
+        for ref, (keys, error) in delta.workloads.items():
+            resources: dict[str, list[Resource]] = {}
+            for key in keys:
+                resources.setdefault(key[0], []).append(table[key])
+            mirror[ref] = WorkloadConfig(resources, tuple(sorted(keys)), error)
+            if error is not None and not quiet:
+                log.error("compiling %s failed; it keeps its previous config: %s", ref, error)
+        if len(table) > delta.live:  # keep only the newest result's resources
+            held = {
+                (r.type_url, r.name, r.hash)
+                for config in mirror.values()
+                for items in config.resources.values()
+                for r in items
+            }
+            self._table = {key: table[key] for key in held}
+        self._mirror = mirror
+        changed = {
+            ref
+            for ref, config in mirror.items()
+            if (old := configs.get(ref)) is not config
+            and (old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error))
+        }
+        changed.update(ref for ref in configs if ref not in mirror)
+        return Compiled(policy, now, None, dict(mirror), changed, {})
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": "process",
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "resources": len(self._table),
+        }
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _resource(key: Key, body: Body) -> Resource:
+    type_url, name, version = key
+    value, secrets, clusters, routes, endpoints = body
+    return Resource(
+        type_url=type_url,
+        name=name,
+        hash=version,
+        body=any_pb2.Any(type_url=type_url, value=value),
+        secrets=frozenset(secrets),
+        clusters=frozenset(clusters),
+        routes=frozenset(routes),
+        endpoints=frozenset(endpoints),
+    )

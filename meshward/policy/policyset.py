@@ -125,6 +125,21 @@ class PolicySet:
         object.__setattr__(self, "_requests", _Scoped(self.request_authentications, root))
         object.__setattr__(self, "plans", {})
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (to the compile worker process) as its documents only: the indexes are
+        rebuilt on arrival and the evaluation plans, which hold closures and are a cache, stay
+        behind (a set the control plane had evaluated could not be pickled)."""
+        fields = (
+            self.mesh,
+            self.workloads,
+            self.authorization_policies,
+            self.peer_authentications,
+            self.request_authentications,
+            self.version,
+            self.warnings,
+        )
+        return (PolicySet, fields)
+
     @classmethod
     def create(
         cls,

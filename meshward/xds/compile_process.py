@@ -205,8 +205,35 @@ class CompileProcess:
                         f"the compile worker process died twice compiling policy "
                         f"{policy.version[:12]}; keeping the configs in force"
                     ) from None
+            except Exception as exc:  # the worker lives, the call failed (e.g. did not pickle)
+                return self._here(policy, now, configs, quiet, f"{type(exc).__name__}: {exc}")
         self._accepted = (policy, now)
         return self._apply(policy, now, delta, configs, quiet=quiet)
+
+    def _here(
+        self,
+        policy: PolicySet,
+        now: datetime,
+        configs: Mapping[str, WorkloadConfig],
+        quiet: bool,
+        why: str,
+    ) -> Compiled:
+        """The worker could not take this compile (it is alive, the call failed): compile it
+        whole in this process rather than not at all, since a compile that never happens can
+        keep an expired emergency allow in force. The worker's mirrors are untouched, so its
+        next answer still applies to them."""
+        from meshward.xds.compile_adapter import compiler_for
+        from meshward.xds.compiling import mesh_compiler
+
+        self.failures += 1
+        self.last_error = why
+        log.error("the compile worker process refused a compile (%s); compiling here", why)
+        local = LocalCompile(
+            mesh_compiler(
+                compiler_for(self._options, agent_secrets=self._agent_secrets, jwks=self._jwks)
+            )
+        )
+        return local(policy, now, configs, full=True, quiet=quiet)
 
     def _rebuild(self) -> None:
         """Give a new worker the state of the last policy set it compiled whole (its answer

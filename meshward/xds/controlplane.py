@@ -549,12 +549,16 @@ class ControlPlane:
         assert self._wake is not None
         while True:
             now = self.wall_clock()
+            failed = False
             try:
                 self.maintain(now)
             except Exception:
                 log.exception("control plane maintenance failed")
+                failed = True
             checked = self.wall_clock()
             delay = self.seconds_until_next(checked)
+            if failed:  # what failed is due again at once: retry each second, not in a spin
+                delay = max(delay, 1.0)
             self._wake.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as
             # the wait ends (a poke during shutdown), and stop() then waits for this forever.

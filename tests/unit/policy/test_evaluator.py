@@ -619,3 +619,21 @@ def test_model_objects_can_be_evaluated_without_yaml() -> None:
     )
     assert ps.workload("a/b") == Workload(namespace="a", name="b", service_account="b")
     assert evaluate(ps, w, Request(), now=NOW).allowed
+
+
+def test_an_evaluated_policy_set_pickles_as_its_documents() -> None:
+    """The control plane evaluates its policy set (flows, status) and then sends it to the
+    compile worker process: the evaluation plans hold closures, so they must stay behind (an
+    expires-at recompile once failed on exactly this)."""
+    import pickle
+
+    ps = policy_set(
+        ap(
+            "  selector: {matchLabels: {app: httpbin}}\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n"
+        )
+    )
+    assert decide(ps).allowed and not decide(ps, method="POST").allowed
+    assert ps.plans  # evaluation cached its plan on the set
+    copy = pickle.loads(pickle.dumps(ps))
+    assert copy == ps and copy.version == ps.version and copy.plans == {}
+    assert decide(copy).allowed and not decide(copy, method="POST").allowed

@@ -193,6 +193,48 @@ def test_a_worker_that_keeps_dying_gives_no_result(process: CompileProcess) -> N
     assert flat(after.configs) == full(deny_debug(ps), T0)
 
 
+def test_an_evaluated_policy_set_goes_to_the_worker(process: CompileProcess) -> None:
+    """The control plane evaluates its set (flows, status) before an expires-at recompile sends
+    it to the worker: the evaluator's cached plans (closures) must not stop it."""
+    from meshward.policy import Request, evaluate
+
+    ps = deny_debug(fleet())
+    workload = ps.workloads[0]
+    evaluate(ps, workload, Request(method="GET", path="/debug"), now=T0)
+    assert ps.plans
+    failures = process.failures
+    assert flat(process(ps, T0, {}).configs) == full(ps, T0)
+    assert process.failures == failures
+
+
+class _Unpicklable(PolicySet):
+    def __reduce__(self) -> Any:
+        import pickle
+
+        raise pickle.PicklingError("this set does not pickle")
+
+
+def test_a_compile_the_worker_cannot_take_is_compiled_here(process: CompileProcess) -> None:
+    """Fail closed on time: a compile the live worker refuses is done whole in this process
+    (not skipped: a skipped expires-at recompile would keep an expired allow in force)."""
+    ps = fleet()
+    installed = process(ps, T0, {})
+    edited = deny_debug(ps)
+    odd = _Unpicklable(
+        edited.mesh, edited.workloads, edited.authorization_policies,
+        edited.peer_authentications, edited.request_authentications, edited.version,
+    )  # fmt: skip
+    failures = process.failures
+    here = process(odd, T0, installed.configs)
+    assert flat(here.configs) == full(edited, T0)
+    assert here.changed == {w.ref for w in ps.workloads}
+    assert process.failures == failures + 1
+    assert "does not pickle" in (process.status()["last_error"] or "")
+    # The worker's own view is intact: its next answer is whole and byte-identical.
+    after = process(edited, T0, here.configs)
+    assert flat(after.configs) == full(edited, T0) and after.changed == set()
+
+
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.ephemeral(topology.TRUST_DOMAIN)

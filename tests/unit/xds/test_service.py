@@ -394,12 +394,13 @@ async def test_rejected_policy_change_is_reported(service: XdsService) -> None:
     assert await asyncio.to_thread(status_cli.run, args) == 1
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["compile-thread", "compile-process"])
 async def test_expiring_policy_is_repushed_at_its_instant(
-    ca: CertificateAuthority, clients: Clients
+    ca: CertificateAuthority, clients: Clients, process: bool
 ) -> None:
     expires = (datetime.now(UTC) + timedelta(seconds=1.5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     annotated = policy('"GET"', f', annotations: {{"meshward.dev/expires-at": "{expires}"}}')
-    svc = XdsService(annotated, ca, compiler_for(CompileOptions()), admin=None)
+    svc = XdsService(annotated, ca, compiler_for(CompileOptions(), process=process), admin=None)
     await svc.start()
     try:
         clients.service = svc
@@ -415,6 +416,21 @@ async def test_expiring_policy_is_repushed_at_its_instant(
         )
         assert svc.status()["policy"]["next_expiry"] is None
         assert svc.control.policy.version == annotated.version  # same policy, new decisions
+        # ... and the route now says what a fresh full compile after the instant says.
+        later = datetime.now(UTC) + timedelta(seconds=5)
+        workload = annotated.workload("shop/orders")
+        assert workload is not None
+        fresh = compiler_for(CompileOptions())(annotated, workload, later)
+        want = next(
+            m
+            for m in fresh
+            if getattr(m, "name", None) == inbound and "RouteConfiguration" in type(m).__name__
+        ).SerializeToString(deterministic=True)
+        await until(
+            lambda: client.view(typeurls.ROUTE).resources[inbound].value == want,
+            timeout=5,
+            what="the route as compiled after the expiry",
+        )
     finally:
         await svc.stop()
 

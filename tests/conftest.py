@@ -19,6 +19,27 @@ from meshward.testing.echo import EchoServer
 EnvoyFactory = Callable[..., EnvoyProcess]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs the suite on two xdist workers with ``--dist loadgroup``: every test
+    goes to the worker that runs the rest of its module, so a module-scoped mesh (real Envoys,
+    control plane, agents) starts once, not once per worker. A test that names a group of its
+    own (``xdist_group``) keeps it. The users of a session-wide mesh (SHARED_MESHES) form one
+    group across modules, so that mesh too starts once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        shared = [f for f in SHARED_MESHES if f in getattr(item, "fixturenames", ())]
+        group = shared[0] if shared else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+#: session-scoped fixtures that start a mesh of processes (tests/integration/conftest.py)
+SHARED_MESHES = ("demo_mesh",)
+
+
 @pytest.fixture
 def echo_server() -> Iterator[EchoServer]:
     with EchoServer("echo") as server:

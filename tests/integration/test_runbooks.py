@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,11 +33,12 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshward.demo import status_poll
-from meshward.demo.topology import DemoMesh, MeshOptions, find_examples
+from meshward.demo.topology import DemoMesh
 from meshward.policy import load
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "runbooks.md"
@@ -253,7 +253,9 @@ class Mesh:
         lagging = ["not asked yet"]
         while time.monotonic() < deadline:
             try:
-                lagging = status_poll.lagging(status_poll.fetch_status(self.admin), self.demo.refs, version)
+                lagging = status_poll.lagging(
+                    status_poll.fetch_status(self.admin), self.demo.refs, version
+                )
             except OSError as exc:
                 lagging = [str(exc)]
             if not lagging:
@@ -283,32 +285,31 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    base = tmp_path_factory.mktemp("runbooks")
+def mesh(demo_mesh: Any) -> Iterator[Mesh]:
+    """The shared demo mesh (tests/integration/conftest.py: ``SharedDemo``), which other
+    modules use too."""
+    base = demo_mesh.base / "runbooks"
+    base.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MESHWARD_DEMO_LAST", str(base / "last-demo"))
-        demo = DemoMesh(MeshOptions(state_dir=base / "mesh", examples=find_examples()), quiet=True)
-        with demo:
-            state = demo.state
-            assert state is not None and state.xds_admin and state.ads
-            policy_dir = Path(state.policy_dir)
-            pristine = base / "pristine"
-            shutil.copytree(policy_dir, pristine)
-            frontend, orders = state.workload("shop/frontend"), state.workload("shop/orders")
-            env = {
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "XDS": state.xds_admin.removeprefix("http://"),
-                "ADS": state.ads,
-                "POLICY_DIR": str(policy_dir),
-                "CA_DIR": str(base / "mesh" / "ca"),
-                "AGENTS": str(base / "mesh" / "agents"),
-                "ORDERS_ADMIN": str(orders.admin),
-                "ORDERS_VIA_FRONTEND": f"http://{frontend.outbound['shop/orders:8080']}",
-                "INVENTORY_VIA_ORDERS": f"http://{orders.outbound['shop/inventory:8080']}",
-                "TTL": "10 seconds",
-            }
-            yield Mesh(demo, env, policy_dir, pristine, base)
+        state = demo_mesh.mesh.state
+        assert state is not None and state.xds_admin and state.ads
+        policy_dir = Path(state.policy_dir)
+        frontend, orders = state.workload("shop/frontend"), state.workload("shop/orders")
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "XDS": state.xds_admin.removeprefix("http://"),
+            "ADS": state.ads,
+            "POLICY_DIR": str(policy_dir),
+            "CA_DIR": str(demo_mesh.state_dir / "ca"),
+            "AGENTS": str(demo_mesh.state_dir / "agents"),
+            "ORDERS_ADMIN": str(orders.admin),
+            "ORDERS_VIA_FRONTEND": f"http://{frontend.outbound['shop/orders:8080']}",
+            "INVENTORY_VIA_ORDERS": f"http://{orders.outbound['shop/inventory:8080']}",
+            "TTL": "10 seconds",
+        }
+        yield Mesh(demo_mesh.mesh, env, policy_dir, demo_mesh.pristine, base)
 
 
 PLACEHOLDERS = {

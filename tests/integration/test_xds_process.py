@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from meshward.certs import CertificateAuthority
 from meshward.cli import main
 from meshward.envoy import EnvoyProcess
-from meshward.net import free_port
-from meshward.testing.echo import EchoServer
-from meshward.testing.processes import Launcher, meshward_argv
 from meshward.testing.xds_resources import http_request
 
 POLICY = """
@@ -30,22 +27,11 @@ spec: {mtls: {mode: PERMISSIVE}}
 """
 
 
-def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    CertificateAuthority.init(tmp_path / "ca", "cluster.local")
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "mesh.yaml").write_text(POLICY)
-    listen = free_port()
-    with EchoServer("orders") as app:
-        (tmp_path / "bindings.json").write_text(json.dumps({
-            "shop/orders": {"ports": {"8080": {"listen": f"127.0.0.1:{listen}",
-                                               "app": f"127.0.0.1:{app.port}"}}}
-        }))  # fmt: skip
-        launcher = Launcher(tmp_path, quiet=True)
-        info = launcher.start("xds", meshward_argv(
-            "xds", "serve", "--policy", str(tmp_path / "policies"),
-            "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(tmp_path / "ready.json"),
-        ), ready_path=tmp_path / "ready.json")  # fmt: skip
+def test_serve_bootstrap_envoy_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], xds_serve: Any
+) -> None:
+    with xds_serve({"mesh.yaml": POLICY}) as server:  # tests/integration/conftest.py
+        info, listen = server.info, server.listen
         try:
             assert main(["bootstrap", "--workload", "shop/orders", "--xds", info["ads"],
                          "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "sidecars")]) == 0  # fmt: skip
@@ -72,4 +58,4 @@ def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixt
                 [node] = status["nodes"]
                 assert node["node"] == "shop/orders" and node["certificate"]["issued"] == 1
         finally:
-            assert launcher.stop("xds", 15) == 0  # SIGTERM: a clean exit
+            assert server.stop() == 0  # SIGTERM: a clean exit

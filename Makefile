@@ -42,7 +42,7 @@ demo: $(STAMP)
 # tests/conftest.py keeps each module on one worker. PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
 test: $(STAMP) tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

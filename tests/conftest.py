@@ -19,25 +19,33 @@ from meshward.testing.echo import EchoServer
 EnvoyFactory = Callable[..., EnvoyProcess]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs the suite on two xdist workers with ``--dist loadgroup``: every test
-    goes to the worker that runs the rest of its module, so a module-scoped mesh (real Envoys,
-    control plane, agents) starts once, not once per worker. A test that names a group of its
-    own (``xdist_group``) keeps it. The users of a session-wide mesh (SHARED_MESHES) form one
-    group across modules, so that mesh too starts once."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        shared = [f for f in SHARED_MESHES if f in getattr(item, "fixturenames", ())]
-        group = shared[0] if shared else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+#: Modules whose tests use a session-wide mesh of processes (tests/integration/conftest.py's
+#: ``demo_mesh``): one xdist worker runs all of them, so that mesh starts once.
+SHARED_MESH_MODULES = frozenset(
+    {
+        "tests/integration/test_demo.py",
+        "tests/integration/test_runbooks.py",
+        "tests/integration/test_status_cli.py",
+    }
+)
 
 
-#: session-scoped fixtures that start a mesh of processes (tests/integration/conftest.py)
-SHARED_MESHES = ("demo_mesh",)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` runs the suite on two xdist workers with ``--dist loadfile``: a module's
+    tests run on one worker, so a module-scoped mesh (real Envoys, control plane, agents) starts
+    once, not once per worker; the SHARED_MESH_MODULES count as one module. (xdist's own
+    ``loadgroup`` marks do nothing under pytest 9, whose node ids xdist can no longer
+    rewrite.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedMeshScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "shared-mesh" if module in SHARED_MESH_MODULES else module
+
+    return SharedMeshScheduling(config, log)
 
 
 @pytest.fixture

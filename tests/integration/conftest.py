@@ -11,8 +11,8 @@ two whole mesh starts and stops. Each user leaves it as it found it (the runbook
 policies first); the tour's live edits revert themselves.
 
 The mesh stops right after the last test of this process that uses it (not at the end of the
-session, while the unit tests still run): tests/conftest.py puts all its users in one xdist
-group, so one worker runs all of them.
+session, while the unit tests still run): tests/conftest.py sends the modules that use it to one
+xdist worker.
 """
 
 from __future__ import annotations

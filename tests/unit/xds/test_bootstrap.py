@@ -81,7 +81,7 @@ def test_inline_credentials_validate(ca_dir: Path) -> None:
 def test_bootstrap_command_writes_config_and_credentials(
     tmp_path: Path, ca_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = tmp_path / "sidecar-config"
+    out = tmp_path / "sc"  # short: admin.sock below must fit a Unix socket path (107 bytes)
     code = main(
         ["bootstrap", "--workload", "shop/orders", "--xds", "127.0.0.1:15010", "--ca", str(ca_dir),
          "--out", str(out), "--instance", "a", "--delta", "--ttl", "2h"]

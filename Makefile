@@ -38,8 +38,11 @@ tools:
 demo: $(STAMP)
 	$(BIN)/meshward demo --chapter all
 
+# Two xdist workers (CI has two cores; most integration time is spent waiting on real processes);
+# tests/conftest.py keeps each module on one worker. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP) tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -19,6 +19,42 @@ from meshward.testing.echo import EchoServer
 EnvoyFactory = Callable[..., EnvoyProcess]
 
 
+#: Modules whose tests use a session-wide mesh of processes (tests/integration/conftest.py's
+#: ``demo_mesh``): one xdist worker runs all of them, so that mesh starts once.
+SHARED_MESH_MODULES = frozenset(
+    {
+        "tests/integration/test_demo.py",
+        "tests/integration/test_runbooks.py",
+        "tests/integration/test_status_cli.py",
+    }
+)
+#: Long CPU-bound modules without module-scoped fixtures: their tests go to either worker.
+SPLIT_MODULES = frozenset({"tests/unit/compile/test_simulated_equivalence.py"})
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` runs the suite on two xdist workers with ``--dist loadfile``: a module's
+    tests run on one worker, so a module-scoped mesh (real Envoys, control plane, agents) starts
+    once, not once per worker; the SHARED_MESH_MODULES count as one module, the SPLIT_MODULES'
+    tests as modules of their own. Modules go out in collection order (faults and integration,
+    the long ones, first; the many short unit modules fill the end), not largest-first by
+    test count. (xdist's own ``loadgroup`` marks do nothing under pytest 9, whose node ids
+    xdist can no longer rewrite.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedMeshScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module in SPLIT_MODULES:
+                return nodeid
+            return "shared-mesh" if module in SHARED_MESH_MODULES else module
+
+    config.option.loadscopereorder = False
+    return SharedMeshScheduling(config, log)
+
+
 @pytest.fixture
 def echo_server() -> Iterator[EchoServer]:
     with EchoServer("echo") as server:

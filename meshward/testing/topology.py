@@ -14,12 +14,19 @@ Two shapes, both deterministic for the same arguments (seeded ``random.Random``)
 
 The old convergence benchmark's topology (a few services with many replicas sharing snapshots)
 hid the cost of distinct services; these give every service its own identity and policies.
+
+And the small shop the integration tests run as real meshes, as the policy YAML an operator
+writes: :func:`shop_yaml` (mesh config, STRICT mTLS, workloads) plus :func:`allow_yaml` rules.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import yaml
 
 from meshward.policy.model import (
     Action,
@@ -177,3 +184,76 @@ def fleet(shape: FleetShape | int) -> PolicySet:
         workloads=workloads,
         authorization_policies=policies,
     )
+
+
+# -- the small shop of the integration tests, as policy YAML ------------------------------------------
+SHOP = "shop"
+
+
+def workload_doc(name: str, *, protocol: str = "HTTP", port: int = HTTP_PORT) -> dict[str, Any]:
+    """A shop Workload labelled ``app: <name>`` with one port."""
+    return {
+        "apiVersion": "meshward.dev/v1",
+        "kind": "Workload",
+        "metadata": {"name": name, "namespace": SHOP, "labels": {"app": name}},
+        "spec": {"ports": [{"name": protocol.lower(), "port": port, "protocol": protocol}]},
+    }
+
+
+def allow_doc(
+    name: str,
+    app: str,
+    *,
+    callers: Sequence[str] = (),
+    methods: Sequence[str] = (),
+    paths: Sequence[str] = (),
+) -> dict[str, Any]:
+    """An ALLOW AuthorizationPolicy on the shop's ``app``: one rule, from the shop workloads
+    named in ``callers`` (by principal) to ``methods``/``paths`` (each left out when empty)."""
+    rule: dict[str, Any] = {}
+    if callers:
+        rule["from"] = [{"source": {"principals": [principal(SHOP, c) for c in callers]}}]
+    operation = {k: list(v) for k, v in (("methods", methods), ("paths", paths)) if v}
+    if operation:
+        rule["to"] = [{"operation": operation}]
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": SHOP},
+        "spec": {"selector": {"matchLabels": {"app": app}}, "action": "ALLOW", "rules": [rule]},
+    }
+
+
+def allow_yaml(name: str, app: str, **rule: Any) -> str:
+    """:func:`allow_doc` as a policy file."""
+    return yaml.safe_dump(allow_doc(name, app, **rule), sort_keys=False)
+
+
+def shop_yaml(
+    workloads: Iterable[str | dict[str, Any]],
+    *policies: dict[str, Any],
+    strict: bool = True,
+) -> str:
+    """One policy file: the MeshConfig (trust domain cluster.local, root namespace
+    meshward-system), mesh-wide STRICT mTLS unless ``strict`` is false, a shop Workload for
+    each name (HTTP on 8080; or a :func:`workload_doc`) and ``policies`` (:func:`allow_doc`)."""
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "meshward.dev/v1",
+            "kind": "MeshConfig",
+            "metadata": {"name": "mesh"},
+            "spec": {"trustDomain": TRUST_DOMAIN, "rootNamespace": "meshward-system"},
+        }
+    ]
+    if strict:
+        docs.append(
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "PeerAuthentication",
+                "metadata": {"name": "strict", "namespace": "meshward-system"},
+                "spec": {"mtls": {"mode": "STRICT"}},
+            }
+        )
+    docs += [workload_doc(w) if isinstance(w, str) else w for w in workloads]
+    docs += policies
+    return yaml.safe_dump_all(docs, sort_keys=False)

@@ -19,35 +19,12 @@ import pytest
 
 from meshward.agent import envoyproc
 from meshward.testing.mesh import Mesh
+from meshward.testing.topology import allow_doc, shop_yaml
 from meshward.testing.xds_resources import http_request
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
-POLICY = """
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {matchLabels: {app: orders}}
-  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
-""" + "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders")
+POLICY = shop_yaml(
+    ["frontend", "orders"], allow_doc("orders-allow-frontend", "orders", callers=["frontend"])
 )
 
 
@@ -58,13 +35,12 @@ def _mesh(tmp_path: Path, **kwargs: object) -> Mesh:
     return Mesh(policy_dir, tmp_path, [FRONTEND, ORDERS], **kwargs)  # type: ignore[arg-type]
 
 
-AGENT_ARGS = ("--renew-fraction", "0.1", "--jitter", "0.02", "--bundle-poll", "1",
+AGENT_ARGS = ("--renew-fraction", "0.05", "--jitter", "0.02", "--bundle-poll", "1",
               "--health-listen", "127.0.0.1:0")  # fmt: skip
+RENEWAL = 3.0  # seconds: 1-minute SVIDs (the CA's minimum) renewed at ~5% of their lifetime
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    # 1-minute SVIDs renewed at ~10% of their lifetime: a renewal every ~6 s.
+def _started(tmp_path: Path) -> Iterator[Mesh]:
     m = _mesh(
         tmp_path,
         svid_ttl=timedelta(minutes=1),
@@ -77,6 +53,19 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
         m.stop()
         for ref in m.refs:
             print(f"--- agent {ref}\n{m.agent_log(ref)[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """One mesh for the tests that leave both agents and Envoys running (they may restart the
+    control plane or rotate the CA: the mesh carries on, which is what they check)."""
+    yield from _started(tmp_path_factory.mktemp("agent-mesh"))
+
+
+@pytest.fixture
+def own_mesh(tmp_path: Path) -> Iterator[Mesh]:
+    """A mesh of its own for a test that kills or stops a sidecar."""
+    yield from _started(tmp_path)
 
 
 def _key_line(mesh: Mesh, ref: str) -> bytes:
@@ -141,6 +130,7 @@ def test_private_keys_never_reach_the_control_plane(mesh: Mesh) -> None:
 
 def test_svids_renew_under_traffic_without_a_failed_request(mesh: Mesh) -> None:
     start = {ref: mesh.agent_status(ref)["serial"] for ref in mesh.refs}
+    before = {ref: mesh.agent_status(ref).get("renewals", 0) for ref in mesh.refs}
     failures: list[tuple[int, str]] = []
     sent = 0
     deadline = time.monotonic() + 120
@@ -149,10 +139,10 @@ def test_svids_renew_under_traffic_without_a_failed_request(mesh: Mesh) -> None:
         sent += 1
         if status != 200:
             failures.append((status, body[:200]))
-        if all(mesh.agent_status(ref).get("renewals", 0) >= 5 for ref in mesh.refs):
+        if all(mesh.agent_status(r).get("renewals", 0) >= before[r] + 5 for r in mesh.refs):
             break
         time.sleep(0.02)
-    renewals = {ref: mesh.agent_status(ref)["renewals"] for ref in mesh.refs}
+    renewals = {ref: mesh.agent_status(ref)["renewals"] - before[ref] for ref in mesh.refs}
     assert all(n >= 5 for n in renewals.values()), renewals
     assert failures == [], f"{len(failures)} of {sent} failed: {failures[:5]}"
     for ref in mesh.refs:
@@ -161,7 +151,8 @@ def test_svids_renew_under_traffic_without_a_failed_request(mesh: Mesh) -> None:
     mesh.wait_converged()
 
 
-def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(mesh: Mesh) -> None:
+def test_killed_agent_leaves_envoy_serving_and_resumes_without_a_token(own_mesh: Mesh) -> None:
+    mesh = own_mesh
     envoy_pid = mesh.agent_status(ORDERS)["envoy"]["pid"]
     mesh.kill_agent(ORDERS)
     for _ in range(20):  # Envoy keeps serving with the certificate it holds
@@ -218,13 +209,13 @@ def test_control_plane_down_across_a_renewal(mesh: Mesh) -> None:
     SVIDs, retry with backoff, and renew once it is back; no request fails meanwhile."""
     with Traffic(mesh) as traffic:
         failed_before = {ref: mesh.agent_status(ref)["renewal_failures"] for ref in mesh.refs}
-        mesh.restart_control_plane(down=10.0)  # longer than the ~6 s renewal interval
+        mesh.restart_control_plane(down=2 * RENEWAL)  # longer than the renewal interval
         for ref in mesh.refs:
             mesh.wait_for(ref, lambda s, r=ref: s["renewal_failures"] > failed_before[r])
         after = {ref: mesh.agent_status(ref)["renewals"] for ref in mesh.refs}
         for ref in mesh.refs:
             mesh.wait_for(ref, lambda s, r=ref: s["renewals"] > after[r] and not s["last_error"])
-        # Envoy's ADS retry backoff grows while the control plane is down (10 s): its next
+        # Envoy's ADS retry backoff grows while the control plane is down (6 s): its next
         # attempt can come well after the agents' renewal, more so on a loaded machine.
         mesh.wait_converged(timeout=45.0)
     assert traffic.sent > 50
@@ -277,7 +268,8 @@ def test_ca_rotation_under_traffic(mesh: Mesh) -> None:
     old_client = _old_root_client(mesh, mesh.ca_dir.parent / "old-root-client")
     assert old_client() == 200  # before the rotation
     with Traffic(mesh) as traffic:
-        new = CertificateAuthority.load(mesh.ca_dir).rotate(grace=timedelta(seconds=25))
+        # the grace period outlasts five renewals
+        new = CertificateAuthority.load(mesh.ca_dir).rotate(grace=timedelta(seconds=5 * RENEWAL))
 
         def roots(ref: str) -> list[str]:
             pem = (mesh.state_dir(ref) / "bundle.pem").read_bytes()
@@ -318,9 +310,10 @@ def _healthz(mesh: Mesh, ref: str) -> tuple[int, dict[str, object]]:
     return code, json.loads(body) if code else {}
 
 
-def test_envoy_that_dies_is_restarted_and_sigterm_drains(mesh: Mesh) -> None:
+def test_envoy_that_dies_is_restarted_and_sigterm_drains(own_mesh: Mesh) -> None:
     """...and the health endpoint says so: 200 while serving, 503 naming the dead Envoy until
     the agent has restarted it, 200 again."""
+    mesh = own_mesh
     import signal
 
     code, body = _healthz(mesh, ORDERS)

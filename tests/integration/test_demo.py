@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from meshward.cli import main
-from meshward.demo.topology import DemoMesh, MeshOptions, find_examples
 from meshward.flows import evidence
 from meshward.telemetry.collector import OtlpReceiver
 
@@ -194,33 +193,31 @@ def _wait_rows(argv: list[str], key: str, want: Any) -> list[dict[str, Any]]:
     raise AssertionError(f"{' '.join(argv)}: not seen: {rows}")
 
 
-def test_attach_runs_the_tour_against_a_running_mesh(tmp_path: Path, last_pointer: Path) -> None:
-    """What the compose `tour` service does, against a mesh started outside the tour."""
-    options = MeshOptions(state_dir=tmp_path / "mesh", examples=find_examples())
-    with DemoMesh(options, quiet=True) as mesh:
-        code, out, err = _run(
-            ["demo", "--attach", str(tmp_path / "mesh"), "--wait", "10", "--json"]
-        )
-        assert code == 0, err
-        assert json.loads(out)["ok"]
-        code, out, _ = _run(["denials", "--state", str(tmp_path / "mesh"), "--json"])
-        listing = json.loads(out)
-        assert listing["running"] is True and len(listing["denials"]) >= 8
-        # no --otlp-endpoint: the demo's own collector kept the spans, and they are listed
-        # (every denial of the tour is Envoy's now: payments' JWT rules are jwt_authn + RBAC)
-        rbac = [d for d in listing["denials"] if d["decided_by"] == evidence.RBAC]
-        assert rbac and any(any(s.startswith("payments.shop:") for s in d["spans"]) for d in rbac)
-        assert mesh.state is not None
-        _state_advertises_exactly_the_outbound_listeners(tmp_path / "mesh" / "state.json")
-        # Fleet-wide, from the control plane's flow collector (every sidecar's gRPC access log)
-        admin = mesh.state.xds_admin
-        flows = _wait_rows(["flows", "--xds", admin, "--json"], "flows", lambda rows: any(
-            r["decision"] == "allow" and r["source"] == "shop/frontend" for r in rows))  # fmt: skip
-        assert any(r["decision"] == "deny" for r in flows)
-        denials = _wait_rows(["denials", "--xds", admin, "--json"], "denials", lambda rows: any(
-            r["reason"].startswith("mTLS") for r in rows))  # fmt: skip
-        assert {"source", "destination", "reason", "policy", "trace_id"} <= set(denials[0])
-    assert json.loads((tmp_path / "mesh" / "state.json").read_text())["running"] is False
+def test_attach_runs_the_tour_against_a_running_mesh(demo_mesh: Any, last_pointer: Path) -> None:
+    """What the compose `tour` service does, against a mesh started outside the tour (the
+    shared demo mesh, tests/integration/conftest.py, which checks state.json says it stopped
+    once it has)."""
+    mesh, state_dir = demo_mesh.mesh, demo_mesh.state_dir
+    code, out, err = _run(["demo", "--attach", str(state_dir), "--wait", "10", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["ok"]
+    code, out, _ = _run(["denials", "--state", str(state_dir), "--json"])
+    listing = json.loads(out)
+    assert listing["running"] is True and len(listing["denials"]) >= 8
+    # no --otlp-endpoint: the demo's own collector kept the spans, and they are listed
+    # (every denial of the tour is Envoy's now: payments' JWT rules are jwt_authn + RBAC)
+    rbac = [d for d in listing["denials"] if d["decided_by"] == evidence.RBAC]
+    assert rbac and any(any(s.startswith("payments.shop:") for s in d["spans"]) for d in rbac)
+    assert mesh.state is not None
+    _state_advertises_exactly_the_outbound_listeners(state_dir / "state.json")
+    # Fleet-wide, from the control plane's flow collector (every sidecar's gRPC access log)
+    admin = mesh.state.xds_admin
+    flows = _wait_rows(["flows", "--xds", admin, "--json"], "flows", lambda rows: any(
+        r["decision"] == "allow" and r["source"] == "shop/frontend" for r in rows))  # fmt: skip
+    assert any(r["decision"] == "deny" for r in flows)
+    denials = _wait_rows(["denials", "--xds", admin, "--json"], "denials", lambda rows: any(
+        r["reason"].startswith("mTLS") for r in rows))  # fmt: skip
+    assert {"source", "destination", "reason", "policy", "trace_id"} <= set(denials[0])
 
 
 def test_a_failing_component_is_named_with_its_log(tmp_path: Path, last_pointer: Path) -> None:

@@ -20,40 +20,15 @@ from google.protobuf import empty_pb2
 from meshward.cli import main
 from meshward.policy import load
 from meshward.testing.mesh import Mesh
+from meshward.testing.topology import allow_yaml, shop_yaml
 from meshward.xds import status_cli
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
-BASE = """
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
-""" + "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders")
-)
-ORDERS_ALLOW = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {matchLabels: {app: orders}}
-  action: ALLOW
-  rules:
-    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
-      to: [{operation: {methods: ["GET", "POST"], paths: ["/orders", "/orders/*"]}}]
-"""
+BASE = shop_yaml(["frontend", "orders"])
+ORDERS_ALLOW = allow_yaml(
+    "orders-allow-frontend", "orders",
+    callers=["frontend"], methods=["GET", "POST"], paths=["/orders", "/orders/*"],
+)  # fmt: skip
 LONG = "/x/" + "/".join(["{*}"] * 40) + "/y"
 DENY = """
 apiVersion: security.istio.io/v1

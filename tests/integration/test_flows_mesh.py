@@ -17,56 +17,17 @@ from typing import Any
 import pytest
 
 from meshward.testing.mesh import Mesh
+from meshward.testing.topology import allow_doc, shop_yaml, workload_doc
 
 FRONTEND, ORDERS, PAYMENTS, DB = "shop/frontend", "shop/orders", "shop/payments", "shop/db"
-POLICY = (
-    """
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {matchLabels: {app: orders}}
-  action: ALLOW
-  rules:
-    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
-      to: [{operation: {methods: ["GET"], paths: ["/orders", "/orders/*"]}}]
-"""
-    + "".join(
-        f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-        for name in ("frontend", "orders", "payments")
-    )
-    + """---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: db, namespace: shop, labels: {app: db}}
-spec:
-  ports: [{name: tcp, port: 8080, protocol: TCP}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: db-allow-frontend, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: ALLOW
-  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
-"""
-)
+POLICY = shop_yaml(
+    ["frontend", "orders", "payments", workload_doc("db", protocol="TCP")],
+    allow_doc(
+        "orders-allow-frontend", "orders",
+        callers=["frontend"], methods=["GET"], paths=["/orders", "/orders/*"],
+    ),
+    allow_doc("db-allow-frontend", "db", callers=["frontend"]),
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,14 @@ serves it, the sidecar ACKs it and enforces it again, and the audit log has ever
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from meshward.certs import CertificateAuthority
 from meshward.cli import main
 from meshward.envoy import EnvoyProcess
-from meshward.net import free_port
-from meshward.testing.echo import EchoServer
 from meshward.testing.mesh import bootstrap_sidecar
 from meshward.testing.xds_resources import http_request
 
@@ -67,33 +62,16 @@ def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:  # type:
 
 
 def test_apply_two_versions_then_roll_back(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], xds_serve: Any
 ) -> None:
-    CertificateAuthority.init(tmp_path / "ca", "cluster.local")
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "workloads.yaml").write_text(WORKLOADS)
     history_dir = tmp_path / "history"
-    listen = free_port()
-    with EchoServer("orders") as app:
-        (tmp_path / "bindings.json").write_text(json.dumps({
-            "shop/orders": {"ports": {"8080": {"listen": f"127.0.0.1:{listen}",
-                                               "app": f"127.0.0.1:{app.port}"}}}
-        }))  # fmt: skip
-        ready = tmp_path / "ready.json"
-        log = (tmp_path / "xds.log").open("wb")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "meshward", "xds", "serve", "--policy", str(policies),
-             "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-             "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(ready),
-             "--flows-db", "off", "--history", "3", "--history-dir", str(history_dir),
-             "--watch-interval", "0.2", "--join-listen", "127.0.0.1:0"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    with xds_serve(  # tests/integration/conftest.py
+        {"workloads.yaml": WORKLOADS},
+        "--flows-db", "off", "--history", "3", "--history-dir", str(history_dir),
+        "--watch-interval", "0.2",
+    ) as server:  # fmt: skip
+        policies, listen, info = server.policies, server.listen, server.info
         try:
-            _wait_for(lambda: ready.exists() or server.poll() is not None, "the control plane")
-            assert server.poll() is None, (tmp_path / "xds.log").read_text()
-            info = json.loads(ready.read_text())
             admin = info["admin"].removeprefix("http://")
             v1 = info["policy_version"]
             sidecar = bootstrap_sidecar(tmp_path / "ca", "shop/orders", info["ads"],
@@ -171,9 +149,7 @@ def test_apply_two_versions_then_roll_back(
                 out = capsys.readouterr().out
                 assert "NOT converged within 1s" in out and "`xds serve --policy` watches" in out
         finally:
-            server.send_signal(signal.SIGTERM)
-            assert server.wait(15) == 0
-            log.close()
+            assert server.stop() == 0  # SIGTERM: a clean exit
     audit = [json.loads(line) for line in (history_dir / "audit.log").read_text().splitlines()]
     assert [a["action"] for a in audit] == ["start", "apply", "rollback"]
     assert [a["version"] for a in audit] == [v1, v2, v1]

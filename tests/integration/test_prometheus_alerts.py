@@ -21,31 +21,13 @@ import pytest
 import yaml
 
 from meshward.testing.mesh import Mesh
+from meshward.testing.topology import allow_doc, shop_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
-POLICY = """
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-get, namespace: shop}
-spec:
-  selector: {matchLabels: {app: orders}}
-  rules: [{to: [{operation: {methods: ["GET"]}}]}]
-""" + "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders")
+POLICY = shop_yaml(
+    ["frontend", "orders"], allow_doc("orders-allow-get", "orders", methods=["GET"]), strict=False
 )
 
 pytestmark = pytest.mark.skipif(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,11 +33,12 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshward.demo import status_poll
-from meshward.demo.topology import DemoMesh, MeshOptions, find_examples
+from meshward.demo.topology import DemoMesh
 from meshward.policy import load
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "runbooks.md"
@@ -285,32 +285,33 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    base = tmp_path_factory.mktemp("runbooks")
+def mesh(demo_mesh: Any) -> Iterator[Mesh]:
+    """The shared demo mesh (tests/integration/conftest.py: ``SharedDemo``), which other
+    modules use too."""
+    base = demo_mesh.base / "runbooks"
+    base.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MESHWARD_DEMO_LAST", str(base / "last-demo"))
-        demo = DemoMesh(MeshOptions(state_dir=base / "mesh", examples=find_examples()), quiet=True)
-        with demo:
-            state = demo.state
-            assert state is not None and state.xds_admin and state.ads
-            policy_dir = Path(state.policy_dir)
-            pristine = base / "pristine"
-            shutil.copytree(policy_dir, pristine)
-            frontend, orders = state.workload("shop/frontend"), state.workload("shop/orders")
-            env = {
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "XDS": state.xds_admin.removeprefix("http://"),
-                "ADS": state.ads,
-                "POLICY_DIR": str(policy_dir),
-                "CA_DIR": str(base / "mesh" / "ca"),
-                "AGENTS": str(base / "mesh" / "agents"),
-                "ORDERS_ADMIN": str(orders.admin),
-                "ORDERS_VIA_FRONTEND": f"http://{frontend.outbound['shop/orders:8080']}",
-                "INVENTORY_VIA_ORDERS": f"http://{orders.outbound['shop/inventory:8080']}",
-                "TTL": "10 seconds",
-            }
-            yield Mesh(demo, env, policy_dir, pristine, base)
+        state = demo_mesh.mesh.state
+        assert state is not None and state.xds_admin and state.ads
+        policy_dir = Path(state.policy_dir)
+        frontend, orders = state.workload("shop/frontend"), state.workload("shop/orders")
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "XDS": state.xds_admin.removeprefix("http://"),
+            "ADS": state.ads,
+            "POLICY_DIR": str(policy_dir),
+            "CA_DIR": str(demo_mesh.state_dir / "ca"),
+            "AGENTS": str(demo_mesh.state_dir / "agents"),
+            "ORDERS_ADMIN": str(orders.admin),
+            "ORDERS_VIA_FRONTEND": f"http://{frontend.outbound['shop/orders:8080']}",
+            "INVENTORY_VIA_ORDERS": f"http://{orders.outbound['shop/inventory:8080']}",
+            # runbook 1 waits for the expiry; 10 s did not always outlast its commands from `date`
+            # to the curl that checks the flow on a busy machine
+            "TTL": "15 seconds",
+        }
+        yield Mesh(demo_mesh.mesh, env, policy_dir, demo_mesh.pristine, base)
 
 
 PLACEHOLDERS = {
@@ -424,13 +425,13 @@ def test_an_emergency_allow_ends_by_itself(mesh: Mesh) -> None:
     """Runbook 1 up to "the flow works again", with a short TTL and no fix: at the expiry the
     control plane re-pushes and the flow is denied again, with nobody touching anything."""
     mesh.reset()
-    shell = mesh.shell("expiry", TTL="10 seconds")
+    shell = mesh.shell("expiry", TTL="15 seconds")
     url = f"{mesh.env['INVENTORY_VIA_ORDERS']}/inventory/sku-123"
     try:
         execute(shell, runbook(PREAMBLE))
         break_inventory(mesh)
         execute(shell, runbook("1."), until="emergency-works")  # its curl saw 200
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 25
         while http_status(url) != 403 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert http_status(url) == 403, "still allowed after the emergency rule expired"

@@ -10,15 +10,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from meshward.certs import CertificateAuthority
 from meshward.cli import main
 from meshward.envoy import EnvoyProcess
-from meshward.net import free_port
-from meshward.testing.echo import EchoServer
-from meshward.testing.processes import Launcher, meshward_argv
 from meshward.testing.xds_resources import http_request
 
 POLICY = """
@@ -34,23 +31,11 @@ spec: {mtls: {mode: PERMISSIVE}}
 """
 
 
-def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    CertificateAuthority.init(tmp_path / "ca", "cluster.local")
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "mesh.yaml").write_text(POLICY)
-    listen = free_port()
-    with EchoServer("orders") as app:
-        (tmp_path / "bindings.json").write_text(json.dumps({
-            "shop/orders": {"ports": {"8080": {"listen": f"127.0.0.1:{listen}",
-                                               "app": f"127.0.0.1:{app.port}"}}}
-        }))  # fmt: skip
-        launcher = Launcher(tmp_path, quiet=True)
-        info = launcher.start("xds", meshward_argv(
-            "xds", "serve", "--policy", str(tmp_path / "policies"),
-            "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--join-listen", "127.0.0.1:0", "--log-format", "json",
-            "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(tmp_path / "ready.json"),
-        ), ready_path=tmp_path / "ready.json")  # fmt: skip
+def test_serve_bootstrap_envoy_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], xds_serve: Any
+) -> None:
+    with xds_serve({"mesh.yaml": POLICY}, "--log-format", "json") as server:  # conftest.py
+        info, listen, launcher = server.info, server.listen, server.launcher
         sidecars = Path(tempfile.mkdtemp(prefix="mwb-"))  # short: the admin socket lives there
         try:
             token = tmp_path / "orders.token"
@@ -90,7 +75,7 @@ def test_serve_bootstrap_envoy_status(tmp_path: Path, capsys: pytest.CaptureFixt
                 key_line = _key_line(sidecars / "orders.shop" / "svid.pem")
                 _scan_for_keys(info, tmp_path, key_line)
         finally:
-            assert launcher.stop("xds", 15) == 0  # SIGTERM: a clean exit
+            assert server.stop() == 0  # SIGTERM: a clean exit
             shutil.rmtree(sidecars, ignore_errors=True)
         log = launcher["xds"].log().encode()  # everything the control plane logged
         assert b"ADS on" in log  # (its startup line: the log was captured)

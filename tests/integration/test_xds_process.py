@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from meshward.certs import CertificateAuthority
 from meshward.cli import main
 from meshward.envoy import EnvoyProcess
 from meshward.testing.xds_resources import http_request

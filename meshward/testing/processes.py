@@ -9,6 +9,10 @@ order. Tests kill (SIGKILL) and restart processes by name with the same command 
 
 Readiness is a callable: a ready file the process writes once it listens (``ready_file``), a
 port that accepts connections (``port_open``), or Envoy's ``/ready`` (``launch_envoy``).
+
+A worker driven line by line (a benchmark's simulated nodes, a test's bash) keeps its stdin and,
+if asked, its stdout as pipes (``pipe_stdin`` / ``pipe_stdout``): :meth:`Component.write`,
+:meth:`Component.readline`, and :meth:`Component.close_input` to end its input and let it finish.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ class Component:
     ready: bool = False
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    pipe_stdin: bool = False
+    pipe_stdout: bool = False
 
     def alive(self) -> bool:
         if self.envoy is not None:
@@ -107,11 +114,13 @@ class Component:
                 self.envoy.stop(5)
             return
         proc = self.process
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        self._close_pipes()
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM the process group, SIGKILL after ``timeout``; the exit code."""
@@ -129,10 +138,49 @@ class Component:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+        self._close_pipes()
         return proc.returncode
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- pipe-driven workers (launched with pipe_stdin / pipe_stdout) ---------------------------
+    def write(self, text: str) -> None:
+        """Send ``text`` to the process's stdin and flush it (BrokenPipeError if it is gone)."""
+        stream = self.process.stdin if self.process is not None else None
+        if stream is None:
+            raise ValueError(f"{self.name} was launched without pipe_stdin")
+        stream.write(text.encode())
+        stream.flush()
+
+    def readline(self) -> str:
+        """One line of the process's stdout; "" once it closed it or was stopped."""
+        stream = self.process.stdout if self.process is not None else None
+        if stream is None:
+            raise ValueError(f"{self.name} was launched without pipe_stdout")
+        if stream.closed:  # stopped: nothing more will come
+            return ""
+        return stream.readline().decode(errors="replace")
+
+    def close_input(self, timeout: float = 5.0) -> int | None:
+        """End the process's input (EOF: a line-driven worker's cue to finish), give it
+        ``timeout`` seconds to exit by itself, then :meth:`stop` it; the exit code."""
+        proc = self.process
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        return self.stop()
+
+    def _close_pipes(self) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 class ComponentFailed(UserError):
@@ -185,11 +233,16 @@ class Launcher:
         env: Mapping[str, str] | None = None,
         timeout: float = 30.0,
         what: str = "",
+        cwd: Path | None = None,
+        pipe_stdin: bool = False,
+        pipe_stdout: bool = False,
     ) -> Component:
         """Start ``argv`` in its own session (Ctrl-C reaches only us; we stop it in order) with
         stdout and stderr appended to ``logs/<name>.log``. Ready when ``ready()`` is true, or
         when ``ready_path`` holds JSON (it is removed first: a stale one proves nothing), or at
-        once if neither is given; :meth:`wait_ready` waits for it."""
+        once if neither is given; :meth:`wait_ready` waits for it. ``pipe_stdin`` keeps stdin a
+        pipe (else /dev/null); ``pipe_stdout`` keeps stdout a pipe (stderr still goes to the
+        log): for workers driven line by line, which must then be read or they block."""
         if ready_path is not None:
             ready_path.unlink(missing_ok=True)
             ready = ready_file(ready_path)
@@ -199,10 +252,11 @@ class Launcher:
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipe_stdout else log,
+                stderr=log if pipe_stdout else subprocess.STDOUT,
                 env={**os.environ, **merged},
+                cwd=cwd,
                 start_new_session=True,
             )
         component = Component(
@@ -213,6 +267,9 @@ class Launcher:
             timeout=timeout,
             argv=list(argv),
             env=merged,
+            cwd=cwd,
+            pipe_stdin=pipe_stdin,
+            pipe_stdout=pipe_stdout,
         )
         self.components[name] = component
         return component
@@ -249,7 +306,14 @@ class Launcher:
             component = self.launch_envoy(name, envoy, timeout=old.timeout)
         else:
             component = self.launch(
-                name, old.argv, ready=old.ready_check, env=old.env, timeout=old.timeout
+                name,
+                old.argv,
+                ready=old.ready_check,
+                env=old.env,
+                timeout=old.timeout,
+                cwd=old.cwd,
+                pipe_stdin=old.pipe_stdin,
+                pipe_stdout=old.pipe_stdout,
             )
         if wait:
             self.wait_ready([name])

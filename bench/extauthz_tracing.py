@@ -62,23 +62,25 @@ spec:
 
 @contextlib.contextmanager
 def receiver_process() -> Iterator[tuple[str, Path]]:
-    """A real OTLP/gRPC receiver in its own process; yields (endpoint, counts file)."""
+    """A real OTLP/gRPC receiver in its own process (on the launcher, its output in
+    ``receiver.log`` beside the counts); yields (endpoint, counts file)."""
+    from meshward.testing.processes import ComponentFailed, Launcher
+
     workdir = Path(tempfile.mkdtemp(prefix="bench-otlp-"))
     ready, counts = workdir / "ready", workdir / "counts.json"
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "_receiver", str(ready), str(counts)],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("OTLP receiver did not start")
-            time.sleep(0.05)
+    with Launcher(workdir, quiet=True, logs=workdir) as launcher:
+        launcher.launch(
+            "receiver",
+            [sys.executable, __file__, "_receiver", str(ready), str(counts)],
+            ready=lambda: ready.exists() and bool(ready.read_text()),
+            timeout=30,
+        )
+        try:
+            launcher.wait_ready(["receiver"])
+        except ComponentFailed as err:
+            raise SystemExit(f"OTLP receiver did not start: {err}") from None
         yield ready.read_text(), counts
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        launcher.stop("receiver", timeout=10)
 
 
 def _receiver(ready: Path, counts: Path) -> None:

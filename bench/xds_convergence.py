@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -196,32 +194,29 @@ def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.01
 
 # -- scenario 2: simulated clients (worker process) ------------------------------------------------
 class Worker:
-    """The client process, driven over stdin/stdout JSON lines."""
+    """The client process (on the server's launcher, log ``logs/worker.log``), driven over
+    stdin/stdout JSON lines."""
 
     def __init__(self, work: Path, server: Server, delta: bool) -> None:
         argv = [sys.executable, __file__, "--worker", str(work), str(server.ads_port),
                 server.identity] + (["--delta"] if delta else [])  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.worker = server.launcher.launch("worker", argv, pipe_stdin=True, pipe_stdout=True)
 
     def ask(self, command: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        self.worker.write(command + "\n")
+        line = self.worker.readline()
         if not line:
-            raise RuntimeError(f"worker died on {command!r}")
+            raise RuntimeError(
+                f"worker died on {command!r}; last log lines:\n{self.worker.log()[-2000:]}"
+            )
         answer: dict[str, Any] = json.loads(line)
         if "error" in answer:
             raise RuntimeError(f"worker: {answer['error']}")
         return answer
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.ask("quit")
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        """End its input (it quits at EOF), 10 s to exit, then it is stopped."""
+        self.worker.close_input(timeout=10)
 
 
 def simulated(work: Path, bindings: Path, nodes: int, rounds: int, delta: bool) -> dict[str, Any]:

@@ -26,13 +26,14 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from meshward.testing.processes import Launcher
 
 WATCH_INTERVAL = 0.05
 
@@ -95,9 +96,8 @@ def mesh_wide_edit(ps: Any) -> Any:
 
 
 class Server:
-    def __init__(self, work: Path, path: str | None) -> None:
+    def __init__(self, launcher: Launcher, work: Path, path: str | None) -> None:
         self.ready = work / "server.ready.json"
-        self.ready.unlink(missing_ok=True)
         argv = [
             sys.executable, "-m", "meshward", "xds", "serve",
             "--policy", str(work / "policies"), "--ca", str(work / "ca"), "--secrets", "agent",
@@ -107,19 +107,11 @@ class Server:
             # Simulated replicas share their service's certificate.
             "--max-instances", "100000", "--max-streams", "100000",
         ]  # fmt: skip
-        env = dict(os.environ)
-        if path:
-            env["PYTHONPATH"] = path
-        self.log = (work / "server.log").open("ab")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 900
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"xds serve did not start: {(work / 'server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.05)
-        info = json.loads(self.ready.read_text())
+        env = {"PYTHONPATH": path} if path else {}
+        self.launcher = launcher
+        info = launcher.start("server", argv, ready_path=self.ready, env=env, timeout=900)
+        self.pid = launcher["server"].pid
+        assert self.pid is not None
         self.port = int(info["ads"].rsplit(":", 1)[1])
         self.admin = info["admin"]
         self.identity = info["server_identity"]
@@ -128,14 +120,14 @@ class Server:
         """CPU seconds: the event loop (main thread), gRPC core's threads, the rest."""
         tck = os.sysconf("SC_CLK_TCK")
         out = {"loop": 0.0, "grpc": 0.0, "other": 0.0}
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
             try:
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
                 comm = (task / "comm").read_text().strip()
             except OSError:
                 continue
             cpu = (int(fields[11]) + int(fields[12])) / tck
-            key = "loop" if int(task.name) == self.proc.pid else "grpc" if comm in GRPC else "other"
+            key = "loop" if int(task.name) == self.pid else "grpc" if comm in GRPC else "other"
             out[key] += cpu
         return out
 
@@ -145,12 +137,7 @@ class Server:
             return found
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        self.launcher.stop("server", timeout=20)
 
 
 GRPC = {"event_engine", "grpc_global_tim", "default-executo", "resolver-execut", "timer_manager"}
@@ -163,22 +150,25 @@ def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 class Nodes:
     """The simulated nodes' process, driven over stdin/stdout JSON lines."""
 
-    def __init__(self, work: Path, identity: str) -> None:
+    def __init__(self, launcher: Launcher, work: Path, identity: str) -> None:
         argv = [sys.executable, __file__, "--nodes", str(work), identity]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.worker = launcher.launch("nodes", argv, pipe_stdin=True, pipe_stdout=True)
 
-    def ask(self, command: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        answer: dict[str, Any] = json.loads(self.proc.stdout.readline() or '{"error": "died"}')
+    def answer(self) -> dict[str, Any]:
+        line = self.worker.readline()
+        if not line:
+            raise RuntimeError(f"nodes: died; last log lines:\n{self.worker.log()[-2000:]}")
+        answer: dict[str, Any] = json.loads(line)
         if "error" in answer:
             raise RuntimeError(f"nodes: {answer['error']}")
         return answer
 
+    def ask(self, command: str) -> dict[str, Any]:
+        self.worker.write(command + "\n")
+        return self.answer()
+
     def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        self.worker.kill()
 
 
 def nodes_main(work: Path, identity: str) -> None:
@@ -289,8 +279,9 @@ def run(services: int, replicas: int, path: str | None) -> dict[str, Any]:
         work = Path(tmp)
         ps, names = prepare(work, services, replicas)
         n = len(names)
-        server = Server(work, path)
-        nodes = Nodes(work, server.identity)
+        launcher = Launcher(work, quiet=True, logs=work)  # logs: server.log, nodes.log
+        server = Server(launcher, work, path)
+        nodes = Nodes(launcher, work, server.identity)
         try:
             cpu, start = server.threads(), time.time()
             first_wall = nodes.ask(f"connect {server.port}")["wall"] - start
@@ -298,11 +289,10 @@ def run(services: int, replicas: int, path: str | None) -> dict[str, Any]:
             cpu, start = server.threads(), time.time()
             nodes.ask("edited")  # marks, then waits below
             write_policy(work / "policies", mesh_wide_edit(ps))
-            assert nodes.proc.stdout is not None
-            mesh_wall = json.loads(nodes.proc.stdout.readline())["wall"] - start
+            mesh_wall = nodes.answer()["wall"] - start
             mesh = spent(cpu, server.threads())
             server.stop()
-            server = Server(work, path)  # restarted: the same (edited) policy and CA
+            server = Server(launcher, work, path)  # restarted: the same (edited) policy and CA
             cpu, start = server.threads(), time.time()
             nodes.ask(f"reconnect {server.port}")
             while True:  # every node reconnected and in sync
@@ -318,7 +308,7 @@ def run(services: int, replicas: int, path: str | None) -> dict[str, Any]:
                     "restart_responses": sent}  # fmt: skip
         finally:
             nodes.stop()
-            server.stop()
+            launcher.stop_all()
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from meshward.testing.mesh import Mesh
+from meshward.testing.processes import Launcher
 from meshward.testing.topology import allow_doc, shop_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,22 +74,18 @@ def prometheus(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     }  # fmt: skip
     (base / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    proc = subprocess.Popen(
-        [PROMETHEUS or "", f"--config.file={base / 'prometheus.yml'}",
-         f"--storage.tsdb.path={base / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=(base / "prometheus.log").open("wb"),
-    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait(lambda: get(url, "/-/ready") is not None, 20, "Prometheus ready")
+    with Launcher(base, quiet=True, logs=base) as launcher:  # its log: base/prometheus.log
+        launcher.launch(
+            "prometheus",
+            [PROMETHEUS or "", f"--config.file={base / 'prometheus.yml'}",
+             f"--storage.tsdb.path={base / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            ready=lambda: get(url, "/-/ready") is not None,
+            timeout=20,
+        )  # fmt: skip
+        launcher.wait_ready(["prometheus"])
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        launcher.stop("prometheus", timeout=10)
 
 
 def get(base: str, path: str) -> Any:

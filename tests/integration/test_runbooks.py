@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import pytest
 from meshward.demo import status_poll
 from meshward.demo.topology import DemoMesh
 from meshward.policy import load
+from meshward.testing.processes import Launcher
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "runbooks.md"
 PREAMBLE = "Before you start"
@@ -134,36 +134,28 @@ def runbook(title_start: str) -> list[Block]:
 
 # -- a shell that keeps its variables ------------------------------------------------------------
 class Shell:
-    """One bash, fed one command at a time; each command's output goes to its own files."""
+    """One bash, fed one command at a time on its stdin (a pipe the launcher keeps); each
+    command's output goes to its own files, bash's own to ``bash.log``."""
 
     def __init__(self, env: Mapping[str, str], workdir: Path) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.count = 0
-        self._own_err = (self.dir / "bash.err").open("wb")
-        self.proc = subprocess.Popen(
-            ["bash", "--noprofile", "--norc"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=self._own_err,
-            env=dict(env),
-            cwd=self.dir,
-            text=True,
-            start_new_session=True,
+        self.launcher = Launcher(self.dir, quiet=True, logs=self.dir)
+        self.bash = self.launcher.launch(
+            "bash", ["bash", "--noprofile", "--norc"], env=env, cwd=self.dir, pipe_stdin=True
         )
 
     def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, str, str]:
         self.count += 1
         out, err, rc = (self.dir / f"{self.count}.{ext}" for ext in ("out", "err", "rc"))
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(
+        self.bash.write(
             f"{{\n{command}\n}} </dev/null >{out} 2>{err}\necho $? >{rc}.tmp && mv {rc}.tmp {rc}\n"
         )
-        self.proc.stdin.flush()
         deadline = time.monotonic() + timeout
         while not rc.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                own = (self.dir / "bash.err").read_text(errors="replace")[-2000:]
+            if not self.bash.alive() or time.monotonic() > deadline:
+                own = self.bash.log()[-2000:]
                 pytest.fail(
                     f"runbook command did not finish in {timeout:.0f}s (or bash exited):\n"
                     f"$ {command}\nbash: {own}\nout: {_tail(out)}\nerr: {_tail(err)}"
@@ -172,14 +164,8 @@ class Shell:
         return int(rc.read_text()), out.read_text(errors="replace"), err.read_text(errors="replace")
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        self._own_err.close()
+        """End bash's input: it exits after its last command (5 s, then it is stopped)."""
+        self.bash.close_input(timeout=5)
 
 
 def _tail(path: Path) -> str:

@@ -88,7 +88,7 @@ def _receiver(ready: Path, counts: Path) -> None:
 
     from meshward.telemetry.collector import OtlpReceiver
 
-    lock, seen = threading.Lock(), {}
+    lock, seen = threading.Lock(), dict[str, int]()
 
     def on_spans(spans: list[Any]) -> None:
         with lock:

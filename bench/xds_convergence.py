@@ -88,8 +88,9 @@ class Server:
         ]  # fmt: skip
         self.launcher = Launcher(work, quiet=True)
         info = self.launcher.start(name, argv, ready_path=self.ready, timeout=60)
-        self.proc = self.launcher[name].process
-        assert self.proc is not None
+        pid = self.launcher[name].pid
+        assert pid is not None
+        self.pid = pid
         self.log = self.launcher[name].log_path
         self.ads_port = int(info["ads"].rsplit(":", 1)[1])
         self.admin = info["admin"]
@@ -103,13 +104,13 @@ class Server:
         return fetch_nodes(self.admin, 30, ())
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:

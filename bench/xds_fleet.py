@@ -279,19 +279,41 @@ def node_acks(document: Mapping[str, Any]) -> tuple[bool, float]:
     return ok, max((_wall(t.get("acked_at")) for t in types), default=0.0)
 
 
-def converged_at(documents: list[dict[str, Any]], names: Sequence[str], since: float) -> float:
-    """When the control plane recorded the last of ``names``' ACKs of the change made at
-    ``since``: every node in sync, each with an ACK after ``since``; raises otherwise."""
-    by_name = {d["node"]: d for d in documents}
-    last = since
-    for name in names:
-        if name not in by_name:
-            raise RuntimeError(f"{name}: not in the control plane's status")
-        ok, acked = node_acks(by_name[name])
-        if not ok or acked < since:
-            raise RuntimeError(f"{name}: not in sync with the change (in sync {ok})")
-        last = max(last, acked)
-    return last - since
+def converged_at(
+    server: Server, groups: Sequence[Sequence[str]], since: float, timeout: float = 60.0
+) -> list[float]:
+    """For each group of node names: when the control plane recorded the last of its ACKs of
+    the change made at ``since`` (every node in sync, each with an ACK after ``since``). A
+    simulated node reports the change when it has decoded it, a moment before the control plane
+    has read its ACK, so this polls until the ACKs are recorded; the times are the recorded
+    ACK times, not when the poll saw them. Raises with the node's document after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        by_name = {d["node"]: d for d in server.nodes()}
+        lagging = None
+        out: list[float] = []
+        for names in groups:
+            last = since
+            for name in names:
+                document = by_name.get(name)
+                if document is None:
+                    raise RuntimeError(f"{name}: not in the control plane's status")
+                ok, acked = node_acks(document)
+                if not ok or acked < since:
+                    lagging = document
+                    break
+                last = max(last, acked)
+            out.append(last - since if names else math.nan)
+            if lagging is not None:
+                break
+        if lagging is None:
+            return out
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{lagging['node']}: not in sync with the change after {timeout:.0f} s: "
+                f"{json.dumps(lagging, default=str)[:3000]}"
+            )
+        time.sleep(0.5)
 
 
 def wait_envoys(server: Server, names: list[str], since: float, timeout: float) -> None:
@@ -381,9 +403,7 @@ def measure(
     touched = worker.ask("touched")["nodes"]
     one_cpu = server.cpu_seconds() - cpu0
     wait_envoys(server, real_affected, start, 120)
-    documents = server.nodes()
-    one_sim = converged_at(documents, affected, start)
-    one_real = converged_at(documents, real_affected, start) if real_affected else math.nan
+    one_sim, one_real = converged_at(server, [affected, real_affected], start)
     # Mesh-wide: a root-namespace DENY changes every node's inbound route.
     worker.ask("mark")
     prober.ask("probe on")
@@ -393,9 +413,7 @@ def measure(
     mesh_cpu = server.cpu_seconds() - cpu0
     probe = prober.ask("probe off")
     wait_envoys(server, real, start2, 120)
-    documents = server.nodes()
-    mesh_sim = converged_at(documents, nodes, start2)
-    mesh_real = converged_at(documents, real, start2) if real else math.nan
+    mesh_sim, mesh_real = converged_at(server, [nodes, real], start2)
     status, status_nodes, metrics = server.status_seconds()
     return {
         "nodes": len(nodes),

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from meshward.agent.cli import add_first_contact
 from meshward.agent.identity import BUNDLE_FILE, SVID_FILE, Credentials, CredentialStore
 from meshward.cliutil import host_port, parse_workload_ref, print_json
 from meshward.envoy.admin import ADMIN_SOCKET_FILE
@@ -204,13 +205,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="renew the SVID in the sidecar directory (a new key; mTLS with the "
                              "current SVID) and rewrite nothing else; Envoy picks it up live")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    first = parser.add_argument_group("first contact (while the directory holds no valid SVID)")
-    first.add_argument("--join", type=host_port, metavar="HOST:PORT",
-                       help="the control plane's join address (`xds serve --join-listen`)")  # fmt: skip
-    first.add_argument("--join-token-file", metavar="FILE",
-                       help="file holding a token from `meshward ca join-token` (single use)")  # fmt: skip
-    first.add_argument("--root-cert", metavar="FILE",
-                       help="the mesh root(s), PEM: authenticates the control plane at join")  # fmt: skip
+    add_first_contact(parser, "first contact (while the directory holds no valid SVID)")
     parser.add_argument("--delta", action="store_true",
                         help="use incremental (delta) ADS instead of state of the world")  # fmt: skip
     parser.add_argument("--admin-socket", metavar="PATH",

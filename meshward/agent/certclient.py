@@ -12,6 +12,10 @@ import json
 import ssl
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshward.agent.identity import Credentials, key_pem
+from meshward.errors import UserError
 from meshward.xds.certservice import BUNDLE, JOIN, MAX_MESSAGE, RENEW, SERVICE
 
 
@@ -151,3 +155,23 @@ async def call(
 
 __all__ = ["BUNDLE", "JOIN", "RENEW", "CertCallFailed", "CertChannel", "call", "mtls_context",
            "server_only_context"]  # fmt: skip
+
+
+def credentials_from_reply(
+    key: ec.EllipticCurvePrivateKey, reply: dict[str, Any], address: str, spiffe_id: str
+) -> Credentials:
+    """The credentials a Join or Renew reply gives for ``key``: the chain must be for
+    ``key`` (checked by Credentials.build) and name ``spiffe_id``; anything else is a failed
+    call, never credentials to serve."""
+    try:
+        fresh = Credentials.build(
+            key_pem(key),
+            str(reply["cert_chain"]).encode(),
+            str(reply["trust_bundle"]).encode(),
+            f"the SVID from {address}",
+        )
+    except (KeyError, UserError) as exc:
+        raise CertCallFailed("UNKNOWN", f"unusable reply: {exc}") from None
+    if fresh.spiffe_id != spiffe_id:
+        raise CertCallFailed("UNKNOWN", f"got an SVID for {fresh.spiffe_id}, not {spiffe_id}")
+    return fresh

@@ -28,6 +28,18 @@ SVID serial and expiry, renewals, Envoy pid/restarts); with --health-listen the 
 """
 
 
+def add_first_contact(parser: argparse.ArgumentParser, title: str) -> None:
+    """The join-token flags, shared by `meshward agent` and `meshward bootstrap`: both make
+    first contact the same way."""
+    first = parser.add_argument_group(title)
+    first.add_argument("--join", type=host_port, metavar="HOST:PORT",
+                       help="the control plane's join address (`xds serve --join-listen`)")  # fmt: skip
+    first.add_argument("--join-token-file", metavar="FILE",
+                       help="file holding a token from `meshward ca join-token` (single use)")  # fmt: skip
+    first.add_argument("--root-cert", metavar="FILE",
+                       help="the mesh root(s), PEM: authenticates the control plane at join")  # fmt: skip
+
+
 def _fraction(text: str) -> float:
     value = positive_float(text)
     if value >= 1:
@@ -142,13 +154,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the control plane's ADS address (mTLS; renewals go there too)")  # fmt: skip
     parser.add_argument("--dir", required=True, metavar="DIR",
                         help="state directory (created 0700; keep it across restarts)")  # fmt: skip
-    first = parser.add_argument_group("first contact (only while --dir holds no valid SVID)")
-    first.add_argument("--join", type=host_port, metavar="HOST:PORT",
-                       help="the control plane's join address (`xds serve --join-listen`)")  # fmt: skip
-    first.add_argument("--join-token-file", metavar="FILE",
-                       help="file holding a token from `meshward ca join-token`")  # fmt: skip
-    first.add_argument("--root-cert", metavar="FILE",
-                       help="the mesh root(s), PEM: authenticates the control plane at join")  # fmt: skip
+    add_first_contact(parser, "first contact (only while --dir holds no valid SVID)")
     ident = parser.add_argument_group("identity")
     ident.add_argument("--trust-domain", default="cluster.local", help="(default: %(default)s)")
     ident.add_argument("--service-account", metavar="SA",

@@ -22,10 +22,11 @@ from meshward.agent.certclient import (
     RENEW,
     CertCallFailed,
     call,
+    credentials_from_reply,
     mtls_context,
     server_only_context,
 )
-from meshward.agent.identity import Credentials, CredentialStore, key_pem, make_csr, new_key
+from meshward.agent.identity import Credentials, CredentialStore, make_csr, new_key
 from meshward.errors import UserError
 
 
@@ -44,18 +45,7 @@ async def _obtain(
     request = {"workload": who.workload, "instance": who.instance,
                "csr": make_csr(key, who.spiffe_id).decode(), **extra}  # fmt: skip
     reply = await call(address, method, request, context=context, server_id=who.server_identity)
-    try:
-        fresh = Credentials.build(
-            key_pem(key),
-            str(reply["cert_chain"]).encode(),
-            str(reply["trust_bundle"]).encode(),
-            f"the SVID from {address}",
-        )
-    except (KeyError, UserError) as exc:
-        raise CertCallFailed("UNKNOWN", f"unusable reply: {exc}") from None
-    if fresh.spiffe_id != who.spiffe_id:
-        raise CertCallFailed("UNKNOWN", f"got an SVID for {fresh.spiffe_id}, not {who.spiffe_id}")
-    return fresh
+    return credentials_from_reply(key, reply, address, who.spiffe_id)
 
 
 def current(store: CredentialStore, who: NodeIdentity) -> Credentials | None:

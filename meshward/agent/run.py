@@ -42,10 +42,11 @@ from meshward.agent.certclient import (
     CertCallFailed,
     CertChannel,
     call,
+    credentials_from_reply,
     mtls_context,
     server_only_context,
 )
-from meshward.agent.identity import Credentials, CredentialStore, key_pem, make_csr, new_key
+from meshward.agent.identity import Credentials, CredentialStore, make_csr, new_key
 from meshward.certs import files
 from meshward.certs.x509build import SKEW_BACKDATE
 from meshward.errors import UserError
@@ -165,19 +166,7 @@ class Agent:
             assert current is not None
             address = cfg.xds
             reply = await self._xds_channel(current).call(method, request)
-        try:
-            fresh = Credentials.build(
-                key_pem(key),
-                str(reply["cert_chain"]).encode(),
-                str(reply["trust_bundle"]).encode(),
-                f"the SVID from {address}",
-            )
-        except (KeyError, UserError) as exc:
-            raise CertCallFailed("UNKNOWN", f"unusable reply: {exc}") from None
-        if fresh.spiffe_id != cfg.spiffe_id:
-            raise CertCallFailed(
-                "UNKNOWN", f"got an SVID for {fresh.spiffe_id}, not {cfg.spiffe_id}"
-            )
+        fresh = credentials_from_reply(key, reply, address, cfg.spiffe_id)
         self.store.save(fresh)
         return fresh
 

@@ -22,34 +22,11 @@ from cryptography import x509
 
 from meshward.testing.mesh import Mesh
 from meshward.testing.sidecar import client_context
+from meshward.testing.topology import allow_doc, shop_yaml
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
-POLICY = """
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: orders-allow-frontend, namespace: shop}
-spec:
-  selector: {matchLabels: {app: orders}}
-  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
-""" + "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders")
+POLICY = shop_yaml(
+    ["frontend", "orders"], allow_doc("orders-allow-frontend", "orders", callers=["frontend"])
 )
 
 

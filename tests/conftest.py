@@ -6,6 +6,7 @@ process behind.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     config.option.loadscopereorder = False
     return SharedMeshScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each xdist worker hands out ports from its own slice of meshward.net's range (the
+    environment reaches the processes tests start), so two workers never pick the same port in
+    the moment between choosing it and binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or not worker[2:].isdigit() or count < 2:
+        return
+    from meshward.net import DEFAULT_PORT_RANGE
+
+    low, high = DEFAULT_PORT_RANGE
+    width = (high - low) // count
+    start = low + int(worker[2:]) * width
+    os.environ["MESHWARD_PORT_RANGE"] = f"{start}-{start + width}"
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from meshward.net import free_port
 from meshward.testing.mesh import Mesh
 from meshward.testing.processes import Launcher
 from meshward.testing.topology import allow_doc, shop_yaml
@@ -33,12 +33,6 @@ POLICY = shop_yaml(
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus missing: `make venv` installs Debian's prometheus"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spike_rule() -> dict[str, Any]:

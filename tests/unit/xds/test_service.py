@@ -398,11 +398,8 @@ async def test_rejected_policy_change_is_reported(service: XdsService) -> None:
 async def test_expiring_policy_is_repushed_at_its_instant(
     ca: CertificateAuthority, clients: Clients, process: bool
 ) -> None:
-    # Far enough ahead that a loaded machine (CI: 2 cores, two test workers) still gets the
-    # first push and the sync done before the instant; the re-push is then awaited, not timed.
-    expires = (datetime.now(UTC) + timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    annotated = policy('"GET"', f', annotations: {{"meshward.dev/expires-at": "{expires}"}}')
-    svc = XdsService(annotated, ca, compiler_for(CompileOptions(), process=process), admin=None)
+    plain = policy('"GET"')
+    svc = XdsService(plain, ca, compiler_for(CompileOptions(), process=process), admin=None)
     await svc.start()
     try:
         clients.service = svc
@@ -410,11 +407,17 @@ async def test_expiring_policy_is_repushed_at_its_instant(
         inbound = "inbound|8080|orders.shop"
         await until(lambda: inbound in client.view(typeurls.ROUTE).resources, what="the route")
         await until(lambda: in_sync(svc, "shop/orders"), what="sync")
+        # The instant is set only now that the compile worker is up and the node in sync, so a
+        # loaded machine (CI: 2 cores, two test workers) does not reach it before it is applied.
+        expires = (datetime.now(UTC) + timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        annotated = policy('"GET"', f', annotations: {{"meshward.dev/expires-at": "{expires}"}}')
+        await asyncio.to_thread(svc.control.apply_policy, annotated)
         assert svc.status()["policy"]["next_expiry"] is not None
+        await until(lambda: in_sync(svc, "shop/orders"), what="sync with the expiring policy")
         # The expiring policy's rules are in the route config: the re-push is an RDS push.
         rds_before = client.view(typeurls.ROUTE).responses
         await until(
-            lambda: client.view(typeurls.ROUTE).responses > rds_before, timeout=10, what="re-push"
+            lambda: client.view(typeurls.ROUTE).responses > rds_before, timeout=15, what="re-push"
         )
         assert svc.status()["policy"]["next_expiry"] is None
         assert svc.control.policy.version == annotated.version  # same policy, new decisions

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -169,6 +170,11 @@ async def test_status_and_metrics_endpoints(service: XdsService, clients: Client
     ]
     assert expiry == not_after.timestamp() > datetime.now(UTC).timestamp()
     assert "meshward_xds_cert_expiry_seconds" not in text  # the old always-empty gauge is gone
+    # `meshward status` shows the same expiry in CERT EXPIRES, and says when it has passed.
+    row = status_cli.render(status, now=not_after - timedelta(minutes=59, seconds=35))
+    assert re.search(r"^shop/frontend .* in 59m35s +ok +SYNCED$", row, re.M), row
+    late = status_cli.render(status, now=not_after + timedelta(seconds=90))
+    assert re.search(r"^shop/frontend .* EXPIRED 1m30s ago ", late, re.M), late
 
 
 async def test_a_change_pushes_to_the_affected_workload_only(

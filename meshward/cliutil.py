@@ -65,15 +65,14 @@ def parse_workload_ref(value: str) -> tuple[str, str]:
 
 
 def port_number(value: str) -> int:
-    """A TCP port, 1-65535 (argparse usage error otherwise)."""
+    """A TCP port, 1-65535 (argparse usage error otherwise), refused in the words the policy
+    loader and `policy test` cases use: ``99999 is not a port number (1-65535)``."""
     try:
         port = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a port number (1-65535), got {value!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)") from None
     if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
     return port
 
 

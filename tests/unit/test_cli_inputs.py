@@ -165,3 +165,24 @@ def test_explain_says_a_plaintext_call_to_strict_mtls_is_refused_before_any_http
     out = capsys.readouterr().out
     assert "refused before any HTTP: no authorization policy is evaluated" in out
     assert "no authorization policy selects" not in out
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "99999", "-1", "http", "80.5", ""])
+def test_one_port_parser_words_a_bad_port_as_policy_files_do(value: str) -> None:
+    """`--port` (policy explain) and any other port flag share cliutil.port_number; a bad value
+    reads as it does in a policy file or a `policy test` case (policy.cases.check_port)."""
+    import argparse
+
+    from meshward.cliutil import port_number
+    from meshward.policy.cases import check_port
+
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        port_number(value)
+    try:
+        expected: object = int(value)
+    except ValueError:
+        expected = value
+    with pytest.raises(ValueError) as reference:
+        check_port(expected)
+    assert str(caught.value) == str(reference.value)
+    assert [port_number(v) for v in ("1", "8080", "65535")] == [1, 8080, 65535]

@@ -186,3 +186,35 @@ def test_one_port_parser_words_a_bad_port_as_policy_files_do(value: str) -> None
         check_port(expected)
     assert str(caught.value) == str(reference.value)
     assert [port_number(v) for v in ("1", "8080", "65535")] == [1, 8080, 65535]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["xds", "serve", "--listen"],
+        ["xds", "serve", "--join-listen"],
+        ["xds", "serve", "--admin"],
+        ["agent", "--workload", "shop/orders", "--xds", "127.0.0.1:15010", "--health-listen"],
+    ],
+)
+@pytest.mark.parametrize("value", ["bad", ":8080", "127.0.0.1:", "127.0.0.1:65536", "h:-1"])
+def test_listen_addresses_share_one_check(
+    argv: list[str], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every HOST:PORT a process listens on (port 0: any free port) goes through
+    cliutil.listen_address; the control plane and the agent used to carry a copy each."""
+    code, err = _exit([*argv, value], capsys)
+    flag = argv[-1]
+    assert code == 2 and f"argument {flag}: expected HOST:PORT, got {value!r}" in err
+    assert "port 0: any free port" in err
+
+
+def test_listen_address_takes_port_zero_and_connect_addresses_do_not() -> None:
+    import argparse
+
+    from meshward.cliutil import host_port, listen_address
+
+    assert listen_address("127.0.0.1:0") == "127.0.0.1:0"
+    assert listen_address("[::1]:65535") == "[::1]:65535"
+    with pytest.raises(argparse.ArgumentTypeError):
+        host_port("127.0.0.1:0")

@@ -128,9 +128,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=non_negative_int, default=0, metavar="N",
                         help="only the newest N (default: all)")  # fmt: skip
     parser.add_argument("--trace", metavar="ID", help="only the denial(s) of this trace id")
-    from meshward.flows.cli import add_xds_flags
+    from meshward.xds.status_cli import add_admin_flags
 
-    add_xds_flags(parser)
+    add_admin_flags(parser)
     add_json_flag(parser)
     parser.set_defaults(func=run)
 

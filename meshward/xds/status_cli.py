@@ -144,6 +144,23 @@ def _running_demo() -> Any:
     return state
 
 
+def default_admin() -> str:
+    """The admin address when --xds is not given: the running `meshward demo`'s, else
+    DEFAULT_ADMIN."""
+    demo = _running_demo()
+    return str(demo.xds_admin) if demo is not None else DEFAULT_ADMIN
+
+
+def add_admin_flags(parser: argparse.ArgumentParser) -> None:
+    """--xds and --timeout for the commands that read the control plane's admin address
+    (flows, denials, report, suggest, history, rollback)."""
+    parser.add_argument("--xds", type=_admin_target, metavar="HOST:PORT",
+                        help="the control plane's admin address (`meshward xds serve --admin`; "
+                             f"default: the running demo's, else {DEFAULT_ADMIN})")  # fmt: skip
+    parser.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                        help="HTTP timeout (default: %(default)s)")  # fmt: skip
+
+
 def _select_nodes(status: dict[str, Any], wanted: list[str]) -> None:
     """Keep the nodes asked for; a name matching no node is an error that lists the nodes
     there are (it used to print "no nodes have connected" and exit 0)."""

@@ -218,3 +218,28 @@ def test_listen_address_takes_port_zero_and_connect_addresses_do_not() -> None:
     assert listen_address("[::1]:65535") == "[::1]:65535"
     with pytest.raises(argparse.ArgumentTypeError):
         host_port("127.0.0.1:0")
+
+
+ADMIN_READERS = [
+    ["flows"],
+    ["denials"],
+    ["report"],
+    ["policy", "suggest"],
+    ["policy", "history"],
+    ["policy", "rollback", "abc", "--policy-dir", "."],
+]
+
+
+@pytest.mark.parametrize("command", ADMIN_READERS, ids=lambda c: " ".join(c[:2]))
+def test_commands_reading_the_admin_address_share_its_flags(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One --xds/--timeout definition (xds.status_cli.add_admin_flags): the same check, the
+    same default for every command that reads the control plane's admin address."""
+    code, err = _exit([*command, "--xds", "127.0.0.1:abc"], capsys)
+    assert code == 2 and "argument --xds: expected HOST:PORT (or http://HOST:PORT)" in err
+    with pytest.raises(SystemExit):
+        main([*command[:2], "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the running demo's, else 127.0.0.1:15011" in text
+    assert "--timeout SECONDS" in text

@@ -351,7 +351,7 @@ def main() -> None:
             )
 
     def med(name: str, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in results[name])
+        return float(statistics.median(getattr(r, attr) for r in results[name]))
 
     def ratio(a: str, b: str) -> float:
         """Median of per-round ratios: runs of one round are adjacent in time, so they saw the
@@ -400,7 +400,7 @@ def main() -> None:
     print("  unloaded (wrk -c1): the latency ext_authz adds to one request")
 
     def single_med(name: str, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in single_results[name])
+        return float(statistics.median(getattr(r, attr) for r in single_results[name]))
 
     b50, b99 = single_med(base, "p50_ms"), single_med(base, "p99_ms")
     print(f"  {base:<16} p50 {b50:6.3f} ms   p99 {b99:6.3f} ms")

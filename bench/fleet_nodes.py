@@ -34,7 +34,7 @@ def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
     creds = work / "creds"
     roots = (creds / "ca.pem").read_bytes()
     nodes: list[str] = json.loads((work / "nodes.json").read_text())
-    contexts: dict[str, Any] = {}
+    contexts: dict[tuple[str, str], Any] = {}
     clients: list[AdsClient] = []
     tasks: list[asyncio.Task[None]] = []
     route_count: dict[str, int] = {}

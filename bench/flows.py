@@ -21,7 +21,7 @@ from meshward.certs import CertificateAuthority
 from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.flows.collector import CollectorLimits
-from meshward.flows.service import flows_for
+from meshward.flows.service import FlowService, flows_for
 from meshward.policy import load
 from meshward.testing import als
 from meshward.xds.compile_adapter import compiler_for
@@ -55,6 +55,7 @@ def main() -> None:
     ) as xds:  # fmt: skip
         assert xds.service is not None
         flows = xds.service.flows
+        assert isinstance(flows, FlowService)  # flows_for above
         collector = flows.collector
         collector.limits = CollectorLimits(rate=1e12, burst=1e12)
         svid = ca.issue("spiffe://cluster.local/ns/shop/sa/orders")
@@ -70,10 +71,15 @@ def main() -> None:
         ]
         total = 500 * len(messages)
         real_record = collector._record
+
+        def no_op(entry: object, node: object) -> None:
+            return None
+
         rates: dict[str, list[float]] = {"collector": [], "no-op": []}
         for _ in range(args.rounds):
             for name in ("collector", "no-op"):
-                collector._record = real_record if name == "collector" else lambda e, n: None  # type: ignore[method-assign]
+                record = real_record if name == "collector" else no_op
+                collector._record = record  # type: ignore[method-assign]
                 started = time.perf_counter()
                 status, _ = asyncio.run(als.send("127.0.0.1", xds.port, context, messages))
                 elapsed = time.perf_counter() - started

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import sys
@@ -31,13 +32,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import extauthz as xb  # noqa: E402  (bench/extauthz.py: wrk, service process, policy)
-
+from bench import extauthz as xb  # noqa: E402  (wrk, service process, policy)
 from meshward.envoy.process import EnvoyProcess  # noqa: E402
 from meshward.extauthz.envoyconfig import T_RBAC, rbac_allow_paths, sidecar  # noqa: E402
 from meshward.testing.jwt_issuer import LocalIssuer  # noqa: E402
+from meshward.testing.processes import Launcher  # noqa: E402
 
 
 def native_filters(issuer: LocalIssuer) -> list[dict[str, Any]]:
@@ -89,18 +89,19 @@ def main() -> None:
     tls_dir = issue_service_tls(ca, mesh, workdir / "extauthz-tls").directory
     upstream_tls = sidecar_tls(ca, "spiffe://cluster.local/ns/foo/sa/bench", mesh)
     print(
-        f"cpus: {xb.os.cpu_count()}  wrk -t1 -c{args.connections} -d{args.duration:g}s "
+        f"cpus: {os.cpu_count()}  wrk -t1 -c{args.connections} -d{args.duration:g}s "
         f"x {args.rounds} rounds (median); Envoy --concurrency 1; tracing off"
     )
     names = ("rbac-only", "jwt_authn", "ext_authz")
     saturated: dict[str, list[xb.WrkResult]] = {n: [] for n in names}
     unloaded: dict[str, list[xb.WrkResult]] = {n: [] for n in names}
     with contextlib.ExitStack() as stack:
+        launcher = stack.enter_context(Launcher(workdir / "processes", quiet=True))
         ports: dict[str, int] = {}
         pids: dict[str, int] = {}
         for name in names:
             if name == "ext_authz":
-                port, _ = stack.enter_context(xb.service_process("sync", policy_dir, tls_dir))
+                port, _ = xb.service_process(launcher, "extauthz", "sync", policy_dir, tls_dir)
                 config = sidecar(
                     workload=xb.WORKLOAD,
                     extauthz_port=port,
@@ -145,7 +146,7 @@ def main() -> None:
             )
 
     def med(results: dict[str, list[xb.WrkResult]], name: str, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in results[name])
+        return float(statistics.median(getattr(r, attr) for r in results[name]))
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(

@@ -65,15 +65,14 @@ def parse_workload_ref(value: str) -> tuple[str, str]:
 
 
 def port_number(value: str) -> int:
-    """A TCP port, 1-65535 (argparse usage error otherwise)."""
+    """A TCP port, 1-65535 (argparse usage error otherwise), refused in the words the policy
+    loader and `policy test` cases use: ``99999 is not a port number (1-65535)``."""
     try:
         port = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a port number (1-65535), got {value!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)") from None
     if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
     return port
 
 
@@ -107,11 +106,24 @@ def positive_float(value: str) -> float:
     return number
 
 
-def host_port(value: str) -> str:
-    """HOST:PORT with a port 1-65535 (argparse usage error otherwise)."""
+def _is_host_port(value: str, lowest_port: int) -> bool:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    return bool(sep and host and port.isdigit() and lowest_port <= int(port) <= 65535)
+
+
+def host_port(value: str) -> str:
+    """HOST:PORT to connect to, a port 1-65535 (argparse usage error otherwise)."""
+    if not _is_host_port(value, 1):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r} (e.g. 127.0.0.1:4317)")
+    return value
+
+
+def listen_address(value: str) -> str:
+    """HOST:PORT to listen on, a port 0-65535 (0: the system picks a free one)."""
+    if not _is_host_port(value, 0):
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT, got {value!r} (e.g. 127.0.0.1:15010; port 0: any free port)"
+        )
     return value
 
 

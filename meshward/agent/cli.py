@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from meshward.cliutil import host_port, positive_float
+from meshward.cliutil import host_port, listen_address, positive_float
 from meshward.errors import UserError
 
 EPILOG = """\
@@ -55,13 +55,6 @@ def _jitter(text: str) -> float:
     if not 0 <= value < 0.5:
         raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {text}")
     return value
-
-
-def _listen(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 0: any), got {text!r}")
-    return text
 
 
 def _runtime_pair(text: str) -> tuple[str, str]:
@@ -164,7 +157,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ident.add_argument("--server-identity", metavar="SPIFFE_ID",
                        help="the control plane's SPIFFE ID (default: "
                             "spiffe://TD/ns/ROOT_NAMESPACE/sa/meshward-xds)")  # fmt: skip
-    parser.add_argument("--health-listen", type=_listen, metavar="HOST:PORT",
+    parser.add_argument("--health-listen", type=listen_address, metavar="HOST:PORT",
                         help="serve GET /healthz (200 healthy / 503 with reasons) and GET /status "
                              "over HTTP here; keep it on 127.0.0.1 (port 0: any free port, "
                              "written to status.json as 'health')")  # fmt: skip

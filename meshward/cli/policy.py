@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from meshward.cliutil import add_json_flag, parse_workload_ref, print_json
+from meshward.cliutil import add_json_flag, parse_workload_ref, port_number, print_json
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -225,19 +225,6 @@ def _checked(check: Any) -> Any:
     return parse
 
 
-def _port(value: str) -> int:
-    from meshward.policy.cases import check_port
-
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)") from None
-    try:
-        return check_port(number)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _header(value: str) -> tuple[str, str]:
     from meshward.policy.cases import check_header
 
@@ -320,7 +307,7 @@ def _configure_explain(sub: Any) -> None:
     )
     p.add_argument(
         "--port",
-        type=_port,
+        type=port_number,
         metavar="N",
         help="destination port (default: the workload's first port)",
     )

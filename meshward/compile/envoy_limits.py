@@ -25,7 +25,6 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import fields
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -37,26 +36,11 @@ from meshward.compile.authz.rbac_policy import RuleContext, rule_policy
 from meshward.envoy.runtime import MAX_RE2_PROGRAM_SIZE, RE2_RUNTIME_KEY
 from meshward.policy.errors import PolicyError, Problem
 from meshward.policy.model import AuthorizationPolicy, Condition, Operation, Rule, Source
+from meshward.policy.vocabulary import OPERATION_FORMS, SOURCE_FORMS
 
 if TYPE_CHECKING:
     from meshward.compile.workload import WorkloadResources
     from meshward.policy.policyset import PolicySet
-
-
-_CAMEL = {
-    "not_principals": "notPrincipals",
-    "request_principals": "requestPrincipals",
-    "not_request_principals": "notRequestPrincipals",
-    "not_namespaces": "notNamespaces",
-    "ip_blocks": "ipBlocks",
-    "not_ip_blocks": "notIpBlocks",
-    "remote_ip_blocks": "remoteIpBlocks",
-    "not_remote_ip_blocks": "notRemoteIpBlocks",
-    "not_hosts": "notHosts",
-    "not_ports": "notPorts",
-    "not_methods": "notMethods",
-    "not_paths": "notPaths",
-}
 
 
 _LATIN1 = re2.Options()
@@ -104,15 +88,15 @@ def regexes(node: Any) -> Iterator[str]:
 def _value_rules(rule: Rule, path: str) -> Iterator[tuple[str, Rule]]:
     """(field path, a rule holding only that one value) for every value of ``rule``."""
     for j, source in enumerate(rule.sources):
-        for f in fields(Source):
-            for k, value in enumerate(getattr(source, f.name)):
-                field = f"{path}.from[{j}].source.{_CAMEL.get(f.name, f.name)}[{k}]"
-                yield field, Rule(sources=(Source(**{f.name: (value,)}),))
+        for f in SOURCE_FORMS:
+            for k, value in enumerate(getattr(source, f.attr)):
+                field = f"{path}.from[{j}].source.{f.key}[{k}]"
+                yield field, Rule(sources=(Source(**{f.attr: (value,)}),))
     for j, op in enumerate(rule.operations):
-        for f in fields(Operation):
-            for k, value in enumerate(getattr(op, f.name)):
-                field = f"{path}.to[{j}].operation.{_CAMEL.get(f.name, f.name)}[{k}]"
-                yield field, Rule(operations=(Operation(**{f.name: (value,)}),))
+        for f in OPERATION_FORMS:
+            for k, value in enumerate(getattr(op, f.attr)):
+                field = f"{path}.to[{j}].operation.{f.key}[{k}]"
+                yield field, Rule(operations=(Operation(**{f.attr: (value,)}),))
     for j, cond in enumerate(rule.conditions):
         for name, attr in (("values", "values"), ("notValues", "not_values")):
             for k, value in enumerate(getattr(cond, attr)):

@@ -44,17 +44,6 @@ def _url(text: str) -> str:
     return text
 
 
-def _read(path: str | None) -> str:
-    if not path:
-        return ""
-    from meshward.telemetry.limits import read_rotated  # the file and its rotated backups
-
-    try:
-        return read_rotated(Path(path))
-    except OSError:
-        return ""
-
-
 def run(args: argparse.Namespace) -> int:
     if args.xds is not None:  # fleet-wide, from the control plane's flow store
         from meshward.flows.cli import run_denials
@@ -68,10 +57,12 @@ def run(args: argparse.Namespace) -> int:
 
     location = demo_state.find_state(args.state)
     state = demo_state.load(location)
-    access = {ref: _read(w.access_log) for ref, w in state.workloads.items()}
+    from meshward.telemetry.limits import read_rotated  # the file and its rotated backups
+
+    access = {ref: read_rotated(w.access_log) for ref, w in state.workloads.items()}
     spans = read_spans(Path(state.trace_file)) if state.trace_file else []
     every = core.collect(
-        access, _read(state.decision_log), spans=spans, include_dry_run=args.dry_run
+        access, read_rotated(state.decision_log), spans=spans, include_dry_run=args.dry_run
     )
     now = datetime.now(UTC)
     workload = "/".join(args.workload) if args.workload else None
@@ -137,9 +128,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=non_negative_int, default=0, metavar="N",
                         help="only the newest N (default: all)")  # fmt: skip
     parser.add_argument("--trace", metavar="ID", help="only the denial(s) of this trace id")
-    from meshward.flows.cli import add_xds_flags
+    from meshward.xds.status_cli import add_admin_flags
 
-    add_xds_flags(parser)
+    add_admin_flags(parser)
     add_json_flag(parser)
     parser.set_defaults(func=run)
 

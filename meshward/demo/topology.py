@@ -5,9 +5,9 @@
 - ``meshward xds serve`` (control plane) and ``meshward extauthz serve`` as processes (ext_authz
   over mTLS with an SVID for ``meshward-extauthz`` from the demo's CA, in ``run/extauthz-tls``);
 - each shop workload's app (``python -m meshward.testing.echo``) and its sidecar: a ``meshward agent``
-  (``xds serve --secrets agent``) that generates the key, joins with a one-time token, serves
-  SVID and bundle to its Envoy over SDS on a Unix socket and starts that Envoy (ADS over mTLS
-  with the same SVID; everything else over ADS);
+  that generates the key, joins with a one-time token, serves SVID and bundle to its Envoy over
+  SDS on a Unix socket and starts that Envoy (ADS over mTLS with the same SVID; everything else
+  over ADS);
 - a trace collector of its own when no ``--otlp-endpoint`` is given (Envoy stamps trace ids only
   when it has a tracer, and the tour and ``meshward denials`` key on trace ids).
 

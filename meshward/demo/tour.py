@@ -28,6 +28,7 @@ from meshward.demo import status_poll
 from meshward.demo.state import DemoState
 from meshward.flows import evidence
 from meshward.flows.evidence import EXTAUTHZ, MTLS, NO_ROUTE, RBAC
+from meshward.telemetry.limits import read_rotated
 
 ALLOW, DENY = "allow", "deny"
 NONE = "none"  # expected policy: no rule matched
@@ -522,16 +523,6 @@ class Runner:
             return send(address, call.method, call.path, headers), request_id, trace_id
 
     # -- evidence ------------------------------------------------------------------------------
-    def _read(self, path: str | None) -> str:
-        if not path:
-            return ""
-        from meshward.telemetry.limits import read_rotated  # the file and its rotated backups
-
-        try:
-            return read_rotated(Path(path))
-        except OSError:
-            return ""
-
     def _collect(self, pending: list[tuple[int, Call, Response, str, str]]) -> list[CallResult]:
         """Access logs are flushed every ~200 ms: poll until every call's line is there."""
         deadline = time.monotonic() + self.evidence_timeout
@@ -544,7 +535,7 @@ class Runner:
         by_trace = {tid: key for key, tid in wanted.items()}
         while True:
             for target in {call.target for _, call, *_ in pending}:
-                for line in evidence.verdicts(self._read(self.state.workload(target).access_log)):
+                for line in evidence.verdicts(read_rotated(self.state.workload(target).access_log)):
                     if line.direction != "inbound":
                         continue
                     key = request_key(line.request_id)
@@ -555,7 +546,7 @@ class Runner:
             if wanted.keys() <= found.keys() or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        records = evidence.decisions(self._read(self.state.decision_log))
+        records = evidence.decisions(read_rotated(self.state.decision_log))
         results = []
         for index, call, response, request_id, trace_id in pending:
             seen = found.get(request_key(request_id))

@@ -17,8 +17,8 @@ from datetime import datetime
 from typing import Any
 
 from meshward.policy.model import Action, AuthorizationPolicy, Condition, Operation, Source
+from meshward.policy.vocabulary import OPERATION_FORMS, SOURCE_FORMS, header_name
 from meshward.policy.vocabulary import claim_path as loader_claim_path
-from meshward.policy.vocabulary import header_name
 
 # Attribute names. Headers and claims are parameterised: "request.headers[x-team]",
 # "request.auth.claims[groups]" (nested: "request.auth.claims[a][b]").
@@ -80,30 +80,29 @@ class AttributesRead:
         )
 
 
-def _source_attributes(source: Source) -> set[str]:
-    out: set[str] = set()
-    if source.principals or source.not_principals or source.namespaces or source.not_namespaces:
-        out.add(SOURCE_PRINCIPAL)
-    if source.request_principals or source.not_request_principals:
-        out.add(AUTH_PRINCIPAL)
-    if source.ip_blocks or source.not_ip_blocks:
-        out.add(SOURCE_IP)
-    if source.remote_ip_blocks or source.not_remote_ip_blocks:
-        out.update((REMOTE_IP, SOURCE_IP))
-    return out
+# The request attributes each Source/Operation field pair of the vocabulary reads. Built per
+# vocabulary pair at import: a field added to the vocabulary without an entry here fails with a
+# KeyError before anything is served, never with a key that leaves out what a rule reads.
+_FIELD_ATTRIBUTES: Mapping[str, tuple[str, ...]] = {
+    "principals": (SOURCE_PRINCIPAL,),
+    "namespaces": (SOURCE_PRINCIPAL,),  # the namespace is read from the peer principal
+    "request_principals": (AUTH_PRINCIPAL,),
+    "ip_blocks": (SOURCE_IP,),
+    "remote_ip_blocks": (REMOTE_IP, SOURCE_IP),  # remote ip falls back to the source ip
+    "hosts": (HOST,),
+    "ports": (DESTINATION_PORT,),
+    "methods": (METHOD,),
+    "paths": (PATH,),
+}
+FieldReads = tuple[tuple[str, tuple[str, ...]], ...]  # (model attribute, attributes read)
+_SOURCE_READS: FieldReads = tuple((f.attr, _FIELD_ATTRIBUTES[f.pair.name]) for f in SOURCE_FORMS)
+_OPERATION_READS: FieldReads = tuple(
+    (f.attr, _FIELD_ATTRIBUTES[f.pair.name]) for f in OPERATION_FORMS
+)
 
 
-def _operation_attributes(operation: Operation) -> set[str]:
-    out: set[str] = set()
-    if operation.hosts or operation.not_hosts:
-        out.add(HOST)
-    if operation.ports or operation.not_ports:
-        out.add(DESTINATION_PORT)
-    if operation.methods or operation.not_methods:
-        out.add(METHOD)
-    if operation.paths or operation.not_paths:
-        out.add(PATH)
-    return out
+def _field_attributes(item: Source | Operation, reads: FieldReads) -> set[str]:
+    return {a for attr, attributes in reads if getattr(item, attr) for a in attributes}
 
 
 def condition_attributes(condition: Condition) -> tuple[str, ...]:
@@ -141,9 +140,9 @@ def attributes_read(
                 raise Uncacheable(f"CUSTOM policy {policy.ref} is decided by a custom hook")
             for rule in policy.rules:
                 for source in rule.sources:
-                    attributes |= _source_attributes(source)
+                    attributes |= _field_attributes(source, _SOURCE_READS)
                 for operation in rule.operations:
-                    attributes |= _operation_attributes(operation)
+                    attributes |= _field_attributes(operation, _OPERATION_READS)
                 for condition in rule.conditions:
                     attributes.update(condition_attributes(condition))
     except Uncacheable as exc:

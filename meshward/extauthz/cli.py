@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import add_json_flag, positive_int, print_json
+from meshward.cliutil import add_json_flag, non_negative_float, positive_int, print_json
 from meshward.errors import UserError
 from meshward.extauthz.tracing import DEFAULT_MAX_PER_SECOND, DEFAULT_RATIO
 from meshward.net import LOOPBACK
@@ -139,13 +139,6 @@ def byte_size(value: str) -> int:
     return number
 
 
-def _non_negative_float(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return number
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="extauthz_command", metavar="COMMAND", title="commands")
 
@@ -268,7 +261,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--cache-ttl",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=60.0,
         metavar="SECONDS",
         help="longest a decision is reused (default 60); never past the token's exp "
@@ -276,7 +269,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--jwt-leeway",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=60.0,
         metavar="SECONDS",
         help="clock skew allowed on exp/nbf/iat (default 60, as Envoy)",
@@ -290,21 +283,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--jwks-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=3.0,
         metavar="SECONDS",
         help="timeout fetching an http(s) jwksUri (default 3)",
     )
     serve.add_argument(
         "--jwks-refresh-interval",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=30.0,
         metavar="SECONDS",
         help="refetch a jwksUri on an unknown kid at most this often (default 30)",
     )
     serve.add_argument(
         "--poll-interval",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=1.0,
         metavar="SECONDS",
         help="policy directory poll period (default 1)",
@@ -363,7 +356,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="extra header (repeatable)",
     )
     check.add_argument(
-        "--timeout", type=_non_negative_float, default=5.0, help="seconds (default 5)"
+        "--timeout", type=non_negative_float, default=5.0, help="seconds (default 5)"
     )
     add_json_flag(check)
     check.set_defaults(func=_check)

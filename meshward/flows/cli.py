@@ -17,10 +17,10 @@ from meshward.cliutil import (
     admin_get,
     duration,
     parse_workload_ref,
-    positive_float,
     print_json,
 )
 from meshward.errors import UserError
+from meshward.xds.status_cli import add_admin_flags, default_admin
 
 EPILOG = """\
 examples:
@@ -39,19 +39,6 @@ else 127.0.0.1:15011).
 exit status: 0 rows printed (maybe none); 1 the control plane is unreachable or collects no flows.
 """
 DECISIONS = ("allow", "deny", "error")
-
-
-def _admin_target(text: str) -> str:
-    from meshward.xds.status_cli import _admin_target as check
-
-    return check(text)
-
-
-def default_admin() -> str:
-    from meshward.xds.status_cli import DEFAULT_ADMIN, _running_demo
-
-    demo = _running_demo()
-    return str(demo.xds_admin) if demo is not None else DEFAULT_ADMIN
 
 
 def fetch(address: str, path: str, params: dict[str, str], timeout: float) -> list[dict[str, Any]]:
@@ -156,13 +143,6 @@ def _limit(text: str) -> int:
     return int(text)
 
 
-def add_xds_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--xds", type=_admin_target, metavar="HOST:PORT",
-                        help="the control plane's admin address (`meshward xds serve --admin`)")  # fmt: skip
-    parser.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
-                        help="HTTP timeout (default: %(default)s)")  # fmt: skip
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "List the fleet's flows (who called whom, how, and what was decided), as every sidecar\n"
@@ -170,7 +150,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_xds_flags(parser)
+    add_admin_flags(parser)
     parser.add_argument("--from", dest="source", type=parse_workload_ref, metavar="NS/NAME",
                         help="only flows from this workload")  # fmt: skip
     parser.add_argument("--to", type=parse_workload_ref, metavar="NS/NAME",

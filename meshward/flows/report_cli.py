@@ -135,7 +135,8 @@ def render_text(doc: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshward.flows.cli import default_admin, fetch_json
+    from meshward.flows.cli import fetch_json
+    from meshward.xds.status_cli import default_admin
 
     address = args.xds or default_admin()
     params: dict[str, str] = {}
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from meshward.flows.cli import add_xds_flags
+    from meshward.xds.status_cli import add_admin_flags
 
     parser.description = (
         "What the policy in force allows and what the flows show: reachability, blast radius,\n"
@@ -171,7 +172,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_xds_flags(parser)
+    add_admin_flags(parser)
     parser.add_argument("--since", type=duration, metavar="DURATION",
                         help="flows seen in this window, e.g. 1h, 24h, 7d (default: all kept)")  # fmt: skip
     parser.add_argument("--expiring-within", type=duration, metavar="DURATION",

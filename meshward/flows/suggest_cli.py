@@ -74,9 +74,9 @@ def current_policy(address: str, timeout: float) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshward.flows.cli import default_admin
     from meshward.flows.suggest import Mode, ObservedFlow, suggest
     from meshward.flows.suggest_check import coverage, existing_allows, files, would_deny
+    from meshward.xds.status_cli import default_admin
 
     address = args.xds or default_admin()
     now = datetime.now(UTC)
@@ -248,7 +248,7 @@ def _print_closing(title: str, closing: Any) -> None:
 
 
 def configure_suggest(sub: Any) -> None:
-    from meshward.flows.cli import add_xds_flags
+    from meshward.xds.status_cli import add_admin_flags
 
     p = sub.add_parser(
         "suggest",
@@ -259,7 +259,7 @@ def configure_suggest(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_xds_flags(p)
+    add_admin_flags(p)
     p.add_argument("--since", type=duration, metavar="DURATION",
                    help="only flows seen in this window, e.g. 24h, 7d (default: all kept)")  # fmt: skip
     p.add_argument("--namespace", metavar="NS", help="only workloads (callees) in NS")

@@ -31,33 +31,11 @@ from meshward.policy.model import (
     Source,
     Workload,
 )
+from meshward.policy.vocabulary import OPERATION_FORMS, SOURCE_FORMS
 
 FORMAT = "meshward.policy/v1"
 ISTIO_API = "security.istio.io/v1"
 MESHWARD_API = "meshward.dev/v1"
-
-_SOURCE_FIELDS = (
-    ("principals", "principals"),
-    ("notPrincipals", "not_principals"),
-    ("requestPrincipals", "request_principals"),
-    ("notRequestPrincipals", "not_request_principals"),
-    ("namespaces", "namespaces"),
-    ("notNamespaces", "not_namespaces"),
-    ("ipBlocks", "ip_blocks"),
-    ("notIpBlocks", "not_ip_blocks"),
-    ("remoteIpBlocks", "remote_ip_blocks"),
-    ("notRemoteIpBlocks", "not_remote_ip_blocks"),
-)
-_OPERATION_FIELDS = (
-    ("hosts", "hosts"),
-    ("notHosts", "not_hosts"),
-    ("ports", "ports"),
-    ("notPorts", "not_ports"),
-    ("methods", "methods"),
-    ("notMethods", "not_methods"),
-    ("paths", "paths"),
-    ("notPaths", "not_paths"),
-)
 
 
 def format_time(value: datetime) -> str:
@@ -104,17 +82,15 @@ def workload_document(workload: Workload) -> dict[str, Any]:
 
 
 def _source(source: Source) -> dict[str, Any]:
-    return {
-        key: list(getattr(source, attr)) for key, attr in _SOURCE_FIELDS if getattr(source, attr)
-    }
+    return {f.key: list(getattr(source, f.attr)) for f in SOURCE_FORMS if getattr(source, f.attr)}
 
 
 def _operation(operation: Operation) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, attr in _OPERATION_FIELDS:
-        values = getattr(operation, attr)
+    for f in OPERATION_FORMS:
+        values = getattr(operation, f.attr)
         if values:
-            out[key] = [str(v) for v in values]
+            out[f.key] = [str(v) for v in values]
     return out
 
 

@@ -11,7 +11,7 @@ the ext_authz service and Envoy's ``rbac_access_denied_matched_policy[...]`` nam
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -50,7 +50,14 @@ from meshward.policy.paths import (
 )
 from meshward.policy.policyset import PolicySet
 from meshward.policy.request_principal import RequestPrincipal, request_principals_predicate
-from meshward.policy.vocabulary import IP_KEYS, claim_path, header_name
+from meshward.policy.vocabulary import (
+    IP_KEYS,
+    OPERATION_FORMS,
+    SOURCE_FORMS,
+    FieldForm,
+    claim_path,
+    header_name,
+)
 
 # How a Decision for a request the sidecar answers with 400 (bad path or Host) starts.
 REJECTED_BEFORE_AUTHORIZATION = "rejected before authorization (HTTP 400)"
@@ -219,26 +226,27 @@ def _pred(patterns: Sequence[str], *, ignore_case: bool = False) -> StrPredicate
     return strings_predicate(patterns, ignore_case=ignore_case)
 
 
+# The request attribute each field pair reads: (label, extractor, predicate factory). Which
+# pairs exist, their YAML spelling and which only HTTP has: the vocabulary's.
+FieldSpec = tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]]]
+
+
 def _checks(
-    prefix: str,
-    fields: Sequence[tuple[str, str, tuple[str, ...] | tuple[int, ...], bool]],
-    spec: dict[
-        str,
-        tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]], bool],
-    ],
+    prefix: str, item: Source | Operation, forms: Sequence[FieldForm], spec: Mapping[str, FieldSpec]
 ) -> tuple[Check, ...]:
     out: list[Check] = []
-    for name, base, values, negate in fields:
+    for form in forms:
+        values = getattr(item, form.attr)
         if not values:
             continue
-        label, extract, make, http_only = spec[base]
+        label, extract, make = spec[form.pair.name]
         out.append(
             Check(
-                path=prefix + name,
+                path=prefix + form.key,
                 label=label,
                 patterns=tuple(str(v) for v in values),
-                negate=negate,
-                http_only=http_only,
+                negate=form.negate,
+                http_only=form.pair.http_only,
                 extract=extract,
                 predicate=make(values),
             )
@@ -263,66 +271,31 @@ def _paths(values: Any) -> Callable[[Any], bool]:
     return paths_predicate(values)
 
 
-_SOURCE_SPEC: dict[
-    str, tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]], bool]
-] = {
-    "principals": ("peer principal", lambda c: c.principal, _strs(), False),
-    "requestPrincipals": (
+_SOURCE_SPEC: Mapping[str, FieldSpec] = {
+    "principals": ("peer principal", lambda c: c.principal, _strs()),
+    "request_principals": (
         "request principal",
         lambda c: c.request_principal,
         request_principals_predicate,
-        True,
     ),
-    "namespaces": ("peer namespace", lambda c: c.namespace, _strs(), False),
-    "ipBlocks": ("source ip", lambda c: c.source_ip, _nets, False),
-    "remoteIpBlocks": ("remote ip", lambda c: c.remote_ip, _nets, False),
+    "namespaces": ("peer namespace", lambda c: c.namespace, _strs()),
+    "ip_blocks": ("source ip", lambda c: c.source_ip, _nets),
+    "remote_ip_blocks": ("remote ip", lambda c: c.remote_ip, _nets),
 }
-_OPERATION_SPEC: dict[
-    str, tuple[str, Callable[[RequestContext], Any], Callable[[Any], Callable[[Any], bool]], bool]
-] = {
-    "hosts": ("host", lambda c: c.host or None, _strs(ignore_case=True), True),
-    "ports": ("destination port", lambda c: c.port, _ints, False),
-    "methods": ("method", lambda c: c.method or None, _strs(), True),
-    "paths": ("path", lambda c: c.path, _paths, True),
+_OPERATION_SPEC: Mapping[str, FieldSpec] = {
+    "hosts": ("host", lambda c: c.host or None, _strs(ignore_case=True)),
+    "ports": ("destination port", lambda c: c.port, _ints),
+    "methods": ("method", lambda c: c.method or None, _strs()),
+    "paths": ("path", lambda c: c.path, _paths),
 }
 
 
 def compile_source(source: Source, prefix: str) -> tuple[Check, ...]:
-    s = source
-    return _checks(
-        prefix,
-        (
-            ("principals", "principals", s.principals, False),
-            ("notPrincipals", "principals", s.not_principals, True),
-            ("requestPrincipals", "requestPrincipals", s.request_principals, False),
-            ("notRequestPrincipals", "requestPrincipals", s.not_request_principals, True),
-            ("namespaces", "namespaces", s.namespaces, False),
-            ("notNamespaces", "namespaces", s.not_namespaces, True),
-            ("ipBlocks", "ipBlocks", s.ip_blocks, False),
-            ("notIpBlocks", "ipBlocks", s.not_ip_blocks, True),
-            ("remoteIpBlocks", "remoteIpBlocks", s.remote_ip_blocks, False),
-            ("notRemoteIpBlocks", "remoteIpBlocks", s.not_remote_ip_blocks, True),
-        ),
-        _SOURCE_SPEC,
-    )
+    return _checks(prefix, source, SOURCE_FORMS, _SOURCE_SPEC)
 
 
 def compile_operation(operation: Operation, prefix: str) -> tuple[Check, ...]:
-    o = operation
-    return _checks(
-        prefix,
-        (
-            ("hosts", "hosts", o.hosts, False),
-            ("notHosts", "hosts", o.not_hosts, True),
-            ("ports", "ports", o.ports, False),
-            ("notPorts", "ports", o.not_ports, True),
-            ("methods", "methods", o.methods, False),
-            ("notMethods", "methods", o.not_methods, True),
-            ("paths", "paths", o.paths, False),
-            ("notPaths", "paths", o.not_paths, True),
-        ),
-        _OPERATION_SPEC,
-    )
+    return _checks(prefix, operation, OPERATION_FORMS, _OPERATION_SPEC)
 
 
 def _condition_target(

@@ -27,9 +27,22 @@ match on ``iss/sub`` would accept (the behaviour before Istio 1.21, and Meshward
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 Match = Callable[[str], bool]
+
+
+class ClaimMatch(NamedTuple):
+    """How one claim (``iss`` or ``sub``) is matched: ``any`` (any non-empty value), ``exact``,
+    ``prefix`` or ``suffix`` of ``value``. The evaluator turns it into a predicate
+    (:func:`split_pattern`), the compiler into an Envoy StringMatcher
+    (meshward.compile.authz.jwt_authn): one reading of the pattern for both."""
+
+    kind: Literal["any", "exact", "prefix", "suffix"]
+    value: str = ""
+
+
+ANY_VALUE = ClaimMatch("any")
 
 
 class RequestPrincipal(str):
@@ -47,38 +60,42 @@ class RequestPrincipal(str):
         return self
 
 
-def _any(value: str) -> bool:
-    return bool(value)
-
-
-def _exact(want: str) -> Match:
-    return lambda v: v == want
-
-
-def _prefix(want: str) -> Match:
-    return lambda v: v.startswith(want)
-
-
-def _suffix(want: str) -> Match:
-    return lambda v: v.endswith(want)
-
-
-def split_pattern(pattern: str) -> tuple[Match, Match]:
-    """(issuer matcher, subject matcher) for one pattern, exactly as Istio generates them."""
+def pattern_parts(pattern: str) -> tuple[ClaimMatch, ClaimMatch]:
+    """(issuer match, subject match) for one pattern, exactly as Istio generates them (the
+    table above)."""
     idx = pattern.rfind("/")
     found = idx >= 0
     iss, sub = (pattern[:idx], pattern[idx + 1 :]) if found else (pattern, "")
     if pattern == "*":
-        return _any, _any
+        return ANY_VALUE, ANY_VALUE
     if pattern.startswith("*"):
         if found:
-            return (_any if iss == "*" else _suffix(iss[1:])), _exact(sub)
-        return _any, _suffix(pattern[1:])
+            issuer = ANY_VALUE if iss == "*" else ClaimMatch("suffix", iss[1:])
+            return issuer, ClaimMatch("exact", sub)
+        return ANY_VALUE, ClaimMatch("suffix", pattern[1:])
     if pattern.endswith("*"):
         if found:
-            return _exact(iss), (_any if sub == "*" else _prefix(sub[:-1]))
-        return _prefix(pattern[:-1]), _any
-    return _exact(iss), _exact(sub)
+            subject = ANY_VALUE if sub == "*" else ClaimMatch("prefix", sub[:-1])
+            return ClaimMatch("exact", iss), subject
+        return ClaimMatch("prefix", pattern[:-1]), ANY_VALUE
+    return ClaimMatch("exact", iss), ClaimMatch("exact", sub)
+
+
+def _predicate(match: ClaimMatch) -> Match:
+    want = match.value
+    if match.kind == "any":
+        return bool
+    if match.kind == "exact":
+        return lambda v: v == want
+    if match.kind == "prefix":
+        return lambda v: v.startswith(want)
+    return lambda v: v.endswith(want)
+
+
+def split_pattern(pattern: str) -> tuple[Match, Match]:
+    """(issuer predicate, subject predicate) for one pattern."""
+    iss, sub = pattern_parts(pattern)
+    return _predicate(iss), _predicate(sub)
 
 
 def request_principals_predicate(patterns: Iterable[str]) -> Callable[[Any], bool]:

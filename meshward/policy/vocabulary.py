@@ -1,8 +1,8 @@
 """The attribute keys a policy's `when` conditions may name (`request.headers[...]`,
 `request.auth.claims[...]`, ip and port keys) and the field pairs of a rule's `from.source` and
 `to.operation` (`principals` / `notPrincipals`, ...): one vocabulary for the loader, the
-evaluator, the RBAC compiler and ext_authz's cache key, so they never disagree on what a key
-means."""
+evaluator, the canonical form, the RBAC compiler, placement, the Envoy limits check and
+ext_authz's cache key, so they never disagree on what a key means or how it is spelled."""
 
 from __future__ import annotations
 
@@ -54,8 +54,36 @@ class FieldPair:
         return f"not_{self.name}"
 
 
+def _istio_key(name: str) -> str:
+    """``not_ip_blocks`` -> ``notIpBlocks``: the model's name as an AuthorizationPolicy spells it."""
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+@dataclass(frozen=True)
+class FieldForm:
+    """One side of a :class:`FieldPair` as a consumer walks it: the model attribute
+    (``not_principals``), the key as written in YAML (``notPrincipals``), and whether it
+    negates. Precomputed once per pair so hot compile paths do no string work."""
+
+    pair: FieldPair
+    attr: str
+    key: str
+    negate: bool
+
+
 def _by_name(*pairs: FieldPair) -> Mapping[str, FieldPair]:
     return {pair.name: pair for pair in pairs}
+
+
+def _forms(pairs: Mapping[str, FieldPair]) -> tuple[FieldForm, ...]:
+    """Each pair's field then its negation, in the vocabulary's order (which the canonical form
+    and the evaluator's explanations list them in)."""
+    return tuple(
+        FieldForm(pair, attr, _istio_key(attr), negate)
+        for pair in pairs.values()
+        for attr, negate in ((pair.name, False), (pair.negated, True))
+    )
 
 
 SOURCE_FIELDS = _by_name(
@@ -71,3 +99,5 @@ OPERATION_FIELDS = _by_name(
     FieldPair("methods", http_only=True),
     FieldPair("paths", http_only=True),
 )
+SOURCE_FORMS = _forms(SOURCE_FIELDS)
+OPERATION_FORMS = _forms(OPERATION_FIELDS)

@@ -64,10 +64,13 @@ def rotated_files(path: Path, backups: int = DEFAULT_LOG_BACKUPS) -> list[Path]:
     return [p for p in (*older, path) if p.exists()]
 
 
-def read_rotated(path: Path, backups: int = DEFAULT_LOG_BACKUPS) -> str:
-    """The text of ``path`` and its backups, oldest first ("" if none can be read)."""
+def read_rotated(path: Path | str | None, backups: int = DEFAULT_LOG_BACKUPS) -> str:
+    """The text of ``path`` and its backups, oldest first ("" if none can be read, or when no
+    path is configured: a component without that log)."""
+    if not path:
+        return ""
     parts = []
-    for file in rotated_files(path, backups):
+    for file in rotated_files(Path(path), backups):
         try:
             parts.append(file.read_text(errors="replace"))
         except OSError:

@@ -1,7 +1,8 @@
 """The control plane and ext_authz of a :class:`~meshward.testing.mesh.Mesh` as real processes.
 
-``meshward xds serve --secrets agent`` and ``meshward extauthz serve`` run as children of the one
-launcher, so a test can SIGKILL one and start it again, and the demo runs what an operator runs.
+``meshward xds serve`` (nodes bring their own keys) and ``meshward extauthz serve`` run as
+children of the one launcher, so a test can SIGKILL one and start it again, and the demo runs
+what an operator runs.
 Every address is picked at run time on 127.0.0.1: the control plane binds port 0 for ADS, admin
 and join and says where in its ready file; ext_authz's listen port is picked just before it
 starts (the control plane's command line names it, and both start at once). Once a server has
@@ -83,8 +84,8 @@ class ServerProcesses:
             "--bindings", str(bindings_file),
             *(["--extauthz", self.extauthz_address] if self.extauthz_argv else []),
             *xds_args,
-            # sidecars run under `meshward agent`: keys stay with them, first SVID by join token
-            "--secrets", "agent",
+            # sidecars run under `meshward agent`: keys stay with them (the only mode), first SVID
+            # by join token on this port
             "--join-listen", "127.0.0.1:0",
             "--ready-file", str(self.xds_ready),
         )  # fmt: skip

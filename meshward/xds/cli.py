@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshward.cliutil import ip_address, positive_float, positive_int
+from meshward.cliutil import ip_address, listen_address, positive_float, positive_int
 from meshward.errors import UserError
 
 if TYPE_CHECKING:
@@ -82,16 +82,9 @@ def _jwks_refresh(text: str) -> float:
     return seconds
 
 
-def _address(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r} (e.g. 127.0.0.1:15010)")
-    return text
-
-
 def _admin_address(text: str) -> str:
     """``off`` or HOST:PORT (a bad one used to end in an event-loop traceback at start)."""
-    return text if text == "off" else _address(text)
+    return text if text == "off" else listen_address(text)
 
 
 def load_bindings(path: Path) -> dict[str, Any]:
@@ -357,7 +350,7 @@ def configure(parser: argparse.ArgumentParser, *, flows: FlowsFor) -> None:
     p.add_argument("--policy", action="append", required=True, metavar="PATH",
                    help="policy file or directory (repeatable); watched for changes")  # fmt: skip
     p.add_argument("--ca", required=True, metavar="DIR", help="CA directory (`meshward ca init`)")
-    p.add_argument("--listen", type=_address, default="127.0.0.1:15010", metavar="HOST:PORT",
+    p.add_argument("--listen", type=listen_address, default="127.0.0.1:15010", metavar="HOST:PORT",
                    help="ADS (mTLS) address; port 0 picks a free one (default: %(default)s)")  # fmt: skip
     p.add_argument("--admin", type=_admin_address, default="127.0.0.1:15011", metavar="HOST:PORT",
                    help="HTTP admin address for /status and /metrics, or 'off' "
@@ -422,7 +415,7 @@ def configure(parser: argparse.ArgumentParser, *, flows: FlowsFor) -> None:
                         help="kept for old scripts: secrets always come from the node (its "
                              "agent, or the files of `meshward bootstrap`); 'control-plane' is "
                              "refused (this server never makes or sends a workload key)")  # fmt: skip
-    agents.add_argument("--join-listen", type=_address, metavar="HOST:PORT",
+    agents.add_argument("--join-listen", type=listen_address, metavar="HOST:PORT",
                         help="accept join tokens here (TLS, server-authenticated only)")  # fmt: skip
     agents.add_argument("--state-dir", metavar="DIR",
                         help="where spent join tokens are recorded (default: the CA directory)")  # fmt: skip

@@ -352,12 +352,6 @@ class ControlPlane:
             details["secrets"] = {"source": "agent"}
         return details
 
-    def certificate_remaining(self) -> dict[str, float]:
-        """Seconds until each node's SVID expires, for the metrics: none here. The control plane
-        holds no node SVID (nodes get theirs by CSR and keep them); each agent reports its own
-        expiry (its status.json and health endpoint)."""
-        return {}
-
     def failed_workloads(self) -> set[str]:
         """Workload refs whose last compile failed (they keep their previous config)."""
         return {ref for ref, config in self.configs.items() if config.error}

@@ -28,10 +28,10 @@ from meshward.cliutil import (
     add_json_flag,
     admin_get,
     non_negative_float,
-    positive_float,
     print_json,
 )
 from meshward.errors import UserError
+from meshward.xds.status_cli import add_admin_flags, default_admin
 
 BACKUP_DIR = ".meshward-rollback"
 
@@ -223,23 +223,6 @@ def run_rollback(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def default_admin() -> str:
-    from meshward.xds.status_cli import DEFAULT_ADMIN, _running_demo
-
-    demo = _running_demo()
-    return str(demo.xds_admin) if demo is not None else DEFAULT_ADMIN
-
-
-def _add_xds_flags(parser: argparse.ArgumentParser) -> None:
-    from meshward.xds.status_cli import _admin_target
-
-    parser.add_argument("--xds", type=_admin_target, metavar="HOST:PORT",
-                        help="the control plane's admin address (`meshward xds serve --admin`; "
-                             "default: the running demo's, else 127.0.0.1:15011)")  # fmt: skip
-    parser.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
-                        help="HTTP timeout (default: %(default)s)")  # fmt: skip
-
-
 def configure_history(sub: Any) -> None:
     p = sub.add_parser(
         "history",
@@ -249,7 +232,7 @@ def configure_history(sub: Any) -> None:
         epilog=HISTORY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_xds_flags(p)
+    add_admin_flags(p)
     add_json_flag(p)
     p.set_defaults(func=run_history)
 
@@ -264,7 +247,7 @@ def configure_rollback(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("version", metavar="VERSION", help="a version from `meshward policy history`")
-    _add_xds_flags(p)
+    add_admin_flags(p)
     p.add_argument("--policy-dir", required=True, metavar="DIR",
                    help="the policy directory the control plane watches (`xds serve --policy`)")  # fmt: skip
     p.add_argument("--wait", type=non_negative_float, default=30.0, metavar="SECONDS",

@@ -165,17 +165,9 @@ class _StateCollector(Collector):
             "drifting nodes; meshward_xds_drifting_nodes counts them all)",
             labels=["node"],
         )
-        expiry = GaugeMetricFamily(
-            "meshward_xds_cert_expiry_seconds",
-            "Seconds until the node's SVID expires (negative: expired)",
-            labels=["node"],
-        )
         for name, flag in node_drift_flags.items():
             node_drift.add_metric([name], 1 if flag else 0)
-        for name, remaining in sorted(status["certificate_remaining"].items()):
-            expiry.add_metric([name], remaining)
         yield node_drift
-        yield expiry
         policy = status.get("policy") or {}
         version = GaugeMetricFamily(
             "meshward_xds_policy_info", "The policy version in force", labels=["version"]

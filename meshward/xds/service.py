@@ -243,7 +243,6 @@ class XdsService:
                 self.control.failed_workloads(),
                 MAX_NODE_SERIES,
             ),
-            "certificate_remaining": self.control.certificate_remaining(),
             "policy": control["policy"],
             "server_certificate": control["server_certificate"],
             "jwks": self.jwks.status() if self.jwks is not None else None,

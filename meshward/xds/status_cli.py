@@ -144,6 +144,23 @@ def _running_demo() -> Any:
     return state
 
 
+def default_admin() -> str:
+    """The admin address when --xds is not given: the running `meshward demo`'s, else
+    DEFAULT_ADMIN."""
+    demo = _running_demo()
+    return str(demo.xds_admin) if demo is not None else DEFAULT_ADMIN
+
+
+def add_admin_flags(parser: argparse.ArgumentParser) -> None:
+    """--xds and --timeout for the commands that read the control plane's admin address
+    (flows, denials, report, suggest, history, rollback)."""
+    parser.add_argument("--xds", type=_admin_target, metavar="HOST:PORT",
+                        help="the control plane's admin address (`meshward xds serve --admin`; "
+                             f"default: the running demo's, else {DEFAULT_ADMIN})")  # fmt: skip
+    parser.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                        help="HTTP timeout (default: %(default)s)")  # fmt: skip
+
+
 def _select_nodes(status: dict[str, Any], wanted: list[str]) -> None:
     """Keep the nodes asked for; a name matching no node is an error that lists the nodes
     there are (it used to print "no nodes have connected" and exit 0)."""
@@ -194,6 +211,17 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return "STALE" if entry["drift"] else "pending"
 
 
+def _expiry_cell(node: dict[str, Any], now: datetime) -> str:
+    """When the node's credential expires: the earliest notAfter among the client certificates
+    its ADS streams presented (the agent's SVID; the control plane holds no node certificate)."""
+    stamps = [(s.get("ads_credentials") or {}).get("not_after") for s in node.get("streams") or []]
+    earliest = min((datetime.fromisoformat(t) for t in stamps if t), default=None)
+    if earliest is None:
+        return "-"
+    left = (earliest - now).total_seconds()
+    return f"in {_span(left)}" if left >= 0 else f"EXPIRED {_span(-left)} ago"
+
+
 def _credentials_cell(stream: dict[str, Any] | None) -> str:
     credentials = (stream or {}).get("ads_credentials")
     if not credentials:
@@ -235,14 +263,13 @@ def render(status: dict[str, Any], now: datetime | None = None) -> str:
     for node in nodes:
         stream = node["streams"][-1] if node["streams"] else None
         by_type = {t["type"]: t for t in stream["types"]} if stream else {}
-        cert = node.get("certificate")
         rows.append(
             [
                 node["node"],
                 stream["mode"] if stream else "-",
                 _age(node["connected_since"], now) if node["connected"] else "no",
                 *(_cell(by_type.get(t)) for t in TYPES),
-                f"in {_span(cert['remaining_seconds'])}" if cert else "-",
+                _expiry_cell(node, now),
                 _credentials_cell(stream),
                 node_state(node),
             ]

@@ -165,3 +165,81 @@ def test_explain_says_a_plaintext_call_to_strict_mtls_is_refused_before_any_http
     out = capsys.readouterr().out
     assert "refused before any HTTP: no authorization policy is evaluated" in out
     assert "no authorization policy selects" not in out
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "99999", "-1", "http", "80.5", ""])
+def test_one_port_parser_words_a_bad_port_as_policy_files_do(value: str) -> None:
+    """`--port` (policy explain) and any other port flag share cliutil.port_number; a bad value
+    reads as it does in a policy file or a `policy test` case (policy.cases.check_port)."""
+    import argparse
+
+    from meshward.cliutil import port_number
+    from meshward.policy.cases import check_port
+
+    with pytest.raises(argparse.ArgumentTypeError) as caught:
+        port_number(value)
+    try:
+        expected: object = int(value)
+    except ValueError:
+        expected = value
+    with pytest.raises(ValueError) as reference:
+        check_port(expected)
+    assert str(caught.value) == str(reference.value)
+    assert [port_number(v) for v in ("1", "8080", "65535")] == [1, 8080, 65535]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["xds", "serve", "--listen"],
+        ["xds", "serve", "--join-listen"],
+        ["xds", "serve", "--admin"],
+        ["agent", "--workload", "shop/orders", "--xds", "127.0.0.1:15010", "--health-listen"],
+    ],
+)
+@pytest.mark.parametrize("value", ["bad", ":8080", "127.0.0.1:", "127.0.0.1:65536", "h:-1"])
+def test_listen_addresses_share_one_check(
+    argv: list[str], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every HOST:PORT a process listens on (port 0: any free port) goes through
+    cliutil.listen_address; the control plane and the agent used to carry a copy each."""
+    code, err = _exit([*argv, value], capsys)
+    flag = argv[-1]
+    assert code == 2 and f"argument {flag}: expected HOST:PORT, got {value!r}" in err
+    assert "port 0: any free port" in err
+
+
+def test_listen_address_takes_port_zero_and_connect_addresses_do_not() -> None:
+    import argparse
+
+    from meshward.cliutil import host_port, listen_address
+
+    assert listen_address("127.0.0.1:0") == "127.0.0.1:0"
+    assert listen_address("[::1]:65535") == "[::1]:65535"
+    with pytest.raises(argparse.ArgumentTypeError):
+        host_port("127.0.0.1:0")
+
+
+ADMIN_READERS = [
+    ["flows"],
+    ["denials"],
+    ["report"],
+    ["policy", "suggest"],
+    ["policy", "history"],
+    ["policy", "rollback", "abc", "--policy-dir", "."],
+]
+
+
+@pytest.mark.parametrize("command", ADMIN_READERS, ids=lambda c: " ".join(c[:2]))
+def test_commands_reading_the_admin_address_share_its_flags(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One --xds/--timeout definition (xds.status_cli.add_admin_flags): the same check, the
+    same default for every command that reads the control plane's admin address."""
+    code, err = _exit([*command, "--xds", "127.0.0.1:abc"], capsys)
+    assert code == 2 and "argument --xds: expected HOST:PORT (or http://HOST:PORT)" in err
+    with pytest.raises(SystemExit):
+        main([*command[:2], "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the running demo's, else 127.0.0.1:15011" in text
+    assert "--timeout SECONDS" in text

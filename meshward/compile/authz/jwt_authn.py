@@ -41,6 +41,7 @@ from meshward.compile.authz.matchers import Json
 from meshward.policy.matching import SPACE_DELIMITED_CLAIMS
 from meshward.policy.model import JwtRule, RequestAuthentication
 from meshward.policy.paths import re2_escape
+from meshward.policy.request_principal import ClaimMatch, pattern_parts
 from meshward.policy.vocabulary import claim_path
 
 FILTER_JWT_AUTHN = "envoy.filters.http.jwt_authn"
@@ -193,28 +194,16 @@ def _claim_string(path: Sequence[str], matcher: Json) -> Json:
     return _metadata(path, {"string_match": matcher})
 
 
-def _issuer_subject(pattern: str) -> tuple[Json, Json]:
-    """(iss matcher, sub matcher) exactly as meshward.policy.request_principal.split_pattern."""
-    any_: Json = m.regex(".+")
-    idx = pattern.rfind("/")
-    found = idx >= 0
-    iss, sub = (pattern[:idx], pattern[idx + 1 :]) if found else (pattern, "")
-    if pattern == "*":
-        return any_, any_
-    if pattern.startswith("*"):
-        if found:
-            return (any_ if iss == "*" else {"suffix": iss[1:]}), {"exact": sub}
-        return any_, {"suffix": pattern[1:]}
-    if pattern.endswith("*"):
-        if found:
-            return {"exact": iss}, (any_ if sub == "*" else {"prefix": sub[:-1]})
-        return {"prefix": pattern[:-1]}, any_
-    return {"exact": iss}, {"exact": sub}
+def _string_match(match: ClaimMatch) -> Json:
+    """The Envoy StringMatcher for one claim match; ``any`` is a non-empty value, as in Istio."""
+    if match.kind == "any":
+        return m.regex(".+")
+    return {match.kind: match.value}
 
 
 def request_principal(pattern: str) -> Json:
     """One ``requestPrincipals`` pattern as an RBAC Principal (iss AND sub)."""
-    iss, sub = _issuer_subject(pattern)
+    iss, sub = (_string_match(part) for part in pattern_parts(pattern))
     return m.and_principals([_claim_string(["iss"], iss), _claim_string(["sub"], sub)])
 
 

@@ -23,11 +23,16 @@ from meshward.compile import names
 from meshward.compile.names import rbac_policy_name
 from meshward.policy.model import Action, AuthorizationPolicy, RequestAuthentication, Rule
 from meshward.policy.ordering import rule_order_key
+from meshward.policy.vocabulary import OPERATION_FORMS, SOURCE_FIELDS, SOURCE_FORMS
 
 JWT_KEY_PREFIX = "request.auth."
 HEADER_KEY_PREFIX = "request.headers["
 # `when` keys only an HTTP request has (a TCP connection cannot satisfy them).
 _HTTP_ONLY_KEYS = (JWT_KEY_PREFIX, HEADER_KEY_PREFIX)
+# Source/Operation fields only an HTTP request has, and the one that reads the verified JWT.
+_HTTP_OPERATION = tuple(f for f in OPERATION_FORMS if f.pair.http_only)
+_HTTP_SOURCE = tuple(f for f in SOURCE_FORMS if f.pair.http_only)
+_JWT_FORMS = tuple(f for f in SOURCE_FORMS if f.pair is SOURCE_FIELDS["request_principals"])
 
 
 class Placement(StrEnum):
@@ -39,10 +44,9 @@ class Placement(StrEnum):
 def rule_extauthz_reason(rule: Rule) -> str | None:
     """Why ``rule`` needs the ext_authz service, or None when Envoy can decide it alone."""
     for i, source in enumerate(rule.sources):
-        if source.request_principals:
-            return f"from[{i}].source.requestPrincipals reads the verified end-user JWT"
-        if source.not_request_principals:
-            return f"from[{i}].source.notRequestPrincipals reads the verified end-user JWT"
+        for f in _JWT_FORMS:
+            if getattr(source, f.attr):
+                return f"from[{i}].source.{f.key} reads the verified end-user JWT"
     for i, condition in enumerate(rule.conditions):
         if condition.key.startswith(JWT_KEY_PREFIX):
             return f"when[{i}] key {condition.key} reads the verified end-user JWT"
@@ -75,22 +79,13 @@ def http_only_fields(rule: Rule) -> tuple[str, ...]:
     """The fields of ``rule`` a TCP connection cannot have (hosts, methods, paths, headers, JWT)."""
     found: list[str] = []
     for i, op in enumerate(rule.operations):
-        for name in ("hosts", "not_hosts", "methods", "not_methods", "paths", "not_paths"):
-            if getattr(op, name):
-                found.append(f"to[{i}].operation.{_camel(name)}")
+        found += (f"to[{i}].operation.{f.key}" for f in _HTTP_OPERATION if getattr(op, f.attr))
     for i, source in enumerate(rule.sources):
-        for name in ("request_principals", "not_request_principals"):
-            if getattr(source, name):
-                found.append(f"from[{i}].source.{_camel(name)}")
+        found += (f"from[{i}].source.{f.key}" for f in _HTTP_SOURCE if getattr(source, f.attr))
     for i, condition in enumerate(rule.conditions):
         if condition.key.startswith(_HTTP_ONLY_KEYS):
             found.append(f"when[{i}] {condition.key}")
     return tuple(found)
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
 
 
 @dataclass(frozen=True)

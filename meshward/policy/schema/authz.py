@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,11 +33,21 @@ from meshward.policy.schema.base import (
 from meshward.policy.vocabulary import (
     HEADER_NAME,
     IP_KEYS,
+    OPERATION_FORMS,
     PLAIN_KEYS,
     PORT_KEYS,
+    SOURCE_FORMS,
+    FieldForm,
     claim_path,
     header_name,
 )
+
+# Istio's serviceAccounts / notServiceAccounts: NAMESPACE/NAME written out as principals, so
+# each adds to the field it stands for (and may not be combined with it in one source).
+_SERVICE_ACCOUNTS: Mapping[str, FieldForm] = {
+    "serviceAccounts": next(f for f in SOURCE_FORMS if f.attr == "principals"),
+    "notServiceAccounts": next(f for f in SOURCE_FORMS if f.attr == "not_principals"),
+}
 
 
 class AuthzSchema(DocumentReader):
@@ -156,60 +166,33 @@ class AuthzSchema(DocumentReader):
         return Rule(sources=tuple(sources), operations=tuple(operations), conditions=conditions)
 
     def source(self, value: Any, path: str, namespace: str) -> Source:
-        fields = (
-            "principals",
-            "notPrincipals",
-            "requestPrincipals",
-            "notRequestPrincipals",
-            "namespaces",
-            "notNamespaces",
-            "ipBlocks",
-            "notIpBlocks",
-            "remoteIpBlocks",
-            "notRemoteIpBlocks",
-            "serviceAccounts",
-            "notServiceAccounts",
-        )
+        fields = (*(f.key for f in SOURCE_FORMS), *_SERVICE_ACCOUNTS)
         if value is None:
             self.error(path, "required (a `from` entry needs a source)")
             return Source()
         data = self.mapping(value, path, fields)
         if isinstance(value, dict) and set(value) <= set(fields) and not any(map(data.get, fields)):
             self.error(path, "must set at least one field")
-        principals = self.principals(data.get("principals"), f"{path}.principals")
-        not_principals = self.principals(data.get("notPrincipals"), f"{path}.notPrincipals")
-        for field, twin, target in (
-            ("serviceAccounts", "principals", principals),
-            ("notServiceAccounts", "notPrincipals", not_principals),
-        ):
+        readers = {
+            "principals": self.principals,
+            "request_principals": self.patterns,
+            "namespaces": self.patterns,
+            "ip_blocks": self.networks,
+            "remote_ip_blocks": self.networks,
+        }
+        values = {
+            f.attr: readers[f.pair.name](data.get(f.key), f"{path}.{f.key}") for f in SOURCE_FORMS
+        }
+        for field, twin in _SERVICE_ACCOUNTS.items():
             accounts = self.service_accounts(data.get(field), f"{path}.{field}", namespace)
-            if accounts and target:
+            if accounts and values[twin.attr]:
                 self.error(
                     f"{path}.{field}",
-                    f"cannot be combined with {twin} in one source (both name the peer identity)",
+                    f"cannot be combined with {twin.key} in one source (both name the peer "
+                    "identity)",
                 )
-            if field == "serviceAccounts":
-                principals = principals + accounts
-            else:
-                not_principals = not_principals + accounts
-        return Source(
-            principals=principals,
-            not_principals=not_principals,
-            request_principals=self.patterns(
-                data.get("requestPrincipals"), f"{path}.requestPrincipals"
-            ),
-            not_request_principals=self.patterns(
-                data.get("notRequestPrincipals"), f"{path}.notRequestPrincipals"
-            ),
-            namespaces=self.patterns(data.get("namespaces"), f"{path}.namespaces"),
-            not_namespaces=self.patterns(data.get("notNamespaces"), f"{path}.notNamespaces"),
-            ip_blocks=self.networks(data.get("ipBlocks"), f"{path}.ipBlocks"),
-            not_ip_blocks=self.networks(data.get("notIpBlocks"), f"{path}.notIpBlocks"),
-            remote_ip_blocks=self.networks(data.get("remoteIpBlocks"), f"{path}.remoteIpBlocks"),
-            not_remote_ip_blocks=self.networks(
-                data.get("notRemoteIpBlocks"), f"{path}.notRemoteIpBlocks"
-            ),
-        )
+            values[twin.attr] += accounts
+        return Source(**values)
 
     def principals(self, value: Any, path: str) -> tuple[str, ...]:
         items = self.patterns(value, path)
@@ -231,31 +214,24 @@ class AuthzSchema(DocumentReader):
         return tuple(out)
 
     def operation(self, value: Any, path: str) -> Operation:
-        fields = (
-            "hosts",
-            "notHosts",
-            "ports",
-            "notPorts",
-            "methods",
-            "notMethods",
-            "paths",
-            "notPaths",
-        )
+        fields = tuple(f.key for f in OPERATION_FORMS)
         if value is None:
             self.error(path, "required (a `to` entry needs an operation)")
             return Operation()
         data = self.mapping(value, path, fields)
         if isinstance(value, dict) and set(value) <= set(fields) and not any(map(data.get, fields)):
             self.error(path, "must set at least one field")
+        readers: dict[str, Callable[[Any, str], tuple[Any, ...]]] = {
+            "hosts": self.patterns,
+            "ports": self.ports,
+            "methods": self.patterns,
+            "paths": self.paths,
+        }
         return Operation(
-            hosts=self.patterns(data.get("hosts"), f"{path}.hosts"),
-            not_hosts=self.patterns(data.get("notHosts"), f"{path}.notHosts"),
-            ports=self.ports(data.get("ports"), f"{path}.ports"),
-            not_ports=self.ports(data.get("notPorts"), f"{path}.notPorts"),
-            methods=self.patterns(data.get("methods"), f"{path}.methods"),
-            not_methods=self.patterns(data.get("notMethods"), f"{path}.notMethods"),
-            paths=self.paths(data.get("paths"), f"{path}.paths"),
-            not_paths=self.paths(data.get("notPaths"), f"{path}.notPaths"),
+            **{
+                f.attr: readers[f.pair.name](data.get(f.key), f"{path}.{f.key}")
+                for f in OPERATION_FORMS
+            }
         )
 
     def paths(self, value: Any, path: str) -> tuple[str, ...]:

@@ -86,6 +86,30 @@ def test_each_field_maps_to_its_attribute() -> None:
     assert plan.reads_token
 
 
+def test_every_vocabulary_field_and_its_negation_is_in_the_key() -> None:
+    """The key's field table is built from policy/vocabulary.py: each Source/Operation field
+    and its not* twin read the same, non-empty set of attributes (a field missing from the key
+    would let a cached decision answer a request that differs in it)."""
+    from meshward.policy.vocabulary import OPERATION_FORMS, SOURCE_FORMS
+
+    sample: dict[str, Any] = {"ports": (80,)}
+    seen: dict[str, tuple[str, ...]] = {}
+    for forms, build in ((SOURCE_FORMS, _source_rule), (OPERATION_FORMS, _operation_rule)):
+        for form in forms:
+            values = sample.get(form.pair.name, ("x",))
+            read = attributes_read([_policy(build(form.attr, values))]).attributes
+            assert read, form.key
+            assert seen.setdefault(form.pair.name, read) == read, form.key
+
+
+def _source_rule(attr: str, values: tuple[Any, ...]) -> Rule:
+    return Rule(sources=(Source(**{attr: values}),))
+
+
+def _operation_rule(attr: str, values: tuple[Any, ...]) -> Rule:
+    return Rule(operations=(Operation(**{attr: values}),))
+
+
 def test_namespaces_read_the_peer_principal_and_remote_ip_its_fallback() -> None:
     plan = attributes_read(
         [_policy(Rule(sources=(Source(not_namespaces=("x",), remote_ip_blocks=("1.0.0.0/8",)),)))]

@@ -61,3 +61,22 @@ def test_trace_sampling_flags_refuse_nonsense(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["extauthz", "serve", "--help"])
     assert "share of decision-cache hits that get a span" in capsys.readouterr().out
+
+
+def test_seconds_flags_refuse_what_is_not_a_finite_non_negative_number(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """They share cliutil.non_negative_float (a copy here let 'nan' and 'inf' through as a
+    cache TTL, and answered 'abc' with argparse's generic 'invalid ... value')."""
+    for flag in ("--cache-ttl", "--jwt-leeway", "--jwks-timeout", "--poll-interval"):
+        for value, message in (
+            ("-1", "must be 0 or more, got '-1'"),
+            ("nan", "must be 0 or more, got 'nan'"),
+            ("inf", "must be 0 or more, got 'inf'"),
+            ("soon", "expected a number, got 'soon'"),
+        ):
+            with pytest.raises(SystemExit) as exited:
+                main(["extauthz", "serve", "--policy", "examples", "--ca", ".", flag, value])
+            assert exited.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument {flag}: {message}" in err and "Traceback" not in err

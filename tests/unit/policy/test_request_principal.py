@@ -9,7 +9,11 @@ from typing import Any
 import pytest
 
 from meshward.policy import Request, evaluate, parse
-from meshward.policy.request_principal import RequestPrincipal, request_principals_predicate
+from meshward.policy.request_principal import (
+    RequestPrincipal,
+    pattern_parts,
+    request_principals_predicate,
+)
 
 ACME = "https://login.acme.test"
 
@@ -86,3 +90,25 @@ def test_evaluator_uses_the_split(key: str) -> None:
 
     assert decide(ACME)
     assert not decide(f"{ACME}/tenant1")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "iss", "sub"),
+    [
+        ("*", ("any", ""), ("any", "")),
+        ("https://idp/alice", ("exact", "https://idp"), ("exact", "alice")),
+        ("https://idp/*", ("exact", "https://idp"), ("any", "")),
+        ("https://idp/al*", ("exact", "https://idp"), ("prefix", "al")),
+        ("*/alice", ("any", ""), ("exact", "alice")),
+        ("*idp/alice", ("suffix", "idp"), ("exact", "alice")),
+        ("*ice", ("any", ""), ("suffix", "ice")),
+        ("https:*", ("prefix", "https:"), ("any", "")),
+        ("alice", ("exact", "alice"), ("exact", "")),
+    ],
+)
+def test_one_reading_of_a_pattern_for_evaluator_and_compiler(
+    pattern: str, iss: tuple[str, str], sub: tuple[str, str]
+) -> None:
+    """The module docstring's table, as the parts both the evaluator and the RBAC compiler
+    (meshward.compile.authz.jwt_authn) are built from."""
+    assert pattern_parts(pattern) == (iss, sub)

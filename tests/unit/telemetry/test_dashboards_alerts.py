@@ -43,13 +43,12 @@ def exported_names() -> set[str]:
     xds = XdsMetrics()
     ca = CertificateAuthority.ephemeral("cluster.local")
     node = {"node": "a/b", "connected": True, "drift": True, "policy_enforced": True,
-            "certificate": {"remaining_seconds": 1.0},
             "streams": [{"mode": "sotw", "types": [], "ads_credentials": {"not_after": "2030-01-01T00:00:00+00:00"}}]}  # fmt: skip
     status = {"nodes": [node], "policy": {"version": "v", "applied_at": "2026-01-01T00:00:00+00:00"},
               "server_certificate": {"not_after": "2030-01-01T00:00:00+00:00"},
               "fleet": {"connected": 1, "streams": {"sotw": 1}, "not_enforced": 0, "drifting": 1,
                         "in_sync": 1},
-              "node_drift": {"a/b": True}, "certificate_remaining": {"a/b": 1.0}}  # fmt: skip
+              "node_drift": {"a/b": True}}  # fmt: skip
     xds.add_state(lambda: status, ca=lambda: ca)
     flows = FlowMetrics(xds.registry)
     flows.add_collector(xds.registry, lambda: {"refused": {"r": 1}, "dropped": {"d": 1}})

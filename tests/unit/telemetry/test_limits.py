@@ -100,3 +100,17 @@ def test_one_huge_span_is_exported_clipped() -> None:
     (got,) = [s for s in spans if s.name == "check"]
     assert len(str(got.attributes["url.path"])) == MAX_ATTRIBUTE_CHARS
     assert len(got.attributes) <= 64
+
+
+def test_reading_a_log_that_is_not_configured_or_not_readable_gives_nothing(
+    tmp_path: Path,
+) -> None:
+    """The demo's tour and `meshward denials` read optional logs through this one function."""
+    assert read_rotated(None) == "" and read_rotated("") == ""
+    log = tmp_path / "access.log"
+    assert read_rotated(str(log)) == ""  # configured, not written yet
+    log.with_name("access.log.1").write_text("old")
+    log.write_text("new\n")
+    assert read_rotated(str(log)) == read_rotated(log) == "old\nnew\n"
+    (tmp_path / "dir.log").mkdir()
+    assert read_rotated(tmp_path / "dir.log") == ""  # unreadable: skipped, no OSError

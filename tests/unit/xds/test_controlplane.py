@@ -104,7 +104,6 @@ async def test_no_svid_or_key_is_made_for_a_node_and_nothing_renews(
     assert set(first.resources(typeurls.SECRET)) == {"ROOTCA"}
     assert "certificate" not in control.node_details(node)
     assert control.node_details(node)["secrets"] == {"source": "agent"}
-    assert control.certificate_remaining() == {}
     clock.now += timedelta(minutes=9)
     control.maintain(clock.now)
     assert control.cache.get(str(node)) is first  # nothing to renew, nothing pushed

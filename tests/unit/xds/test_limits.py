@@ -251,7 +251,6 @@ async def test_a_flood_of_nodes_from_one_certificate_gets_no_svid_signed(start: 
     assert mesh.metric("meshward_xds_svid_requests_total", method="Join", result="ok") == 0
     control = mesh.service.control
     assert len(control.nodes) == 41
-    assert control.certificate_remaining() == {}  # no node SVID held here
     assert legit.error is None
     await still_works(mesh, FRONTEND)
 

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -161,7 +162,19 @@ async def test_status_and_metrics_endpoints(service: XdsService, clients: Client
     assert "meshward_xds_connected_nodes 1.0" in text
     assert 'meshward_xds_pushes_total{type="LDS"}' in text
     assert "meshward_xds_push_latency_seconds_bucket" in text
-    assert "meshward_xds_cert_expiry_seconds{" not in text  # no node SVID held here
+    # The node's credential expiry is the notAfter of the client certificate its ADS stream
+    # presented, the one /status shows; the control plane holds no node SVID of its own.
+    not_after = datetime.fromisoformat(entry["streams"][0]["ads_credentials"]["not_after"])
+    expiry = _samples(text)[
+        'meshward_xds_node_credential_expiry_timestamp_seconds{node="shop/frontend"}'
+    ]
+    assert expiry == not_after.timestamp() > datetime.now(UTC).timestamp()
+    assert "meshward_xds_cert_expiry_seconds" not in text  # the old always-empty gauge is gone
+    # `meshward status` shows the same expiry in CERT EXPIRES, and says when it has passed.
+    row = status_cli.render(status, now=not_after - timedelta(minutes=59, seconds=35))
+    assert re.search(r"^shop/frontend .* in 59m35s +ok +SYNCED$", row, re.M), row
+    late = status_cli.render(status, now=not_after + timedelta(seconds=90))
+    assert re.search(r"^shop/frontend .* EXPIRED 1m30s ago ", late, re.M), late
 
 
 async def test_a_change_pushes_to_the_affected_workload_only(
@@ -707,7 +720,7 @@ async def test_metrics_state_agrees_with_the_per_node_view(
     service: XdsService, clients: Clients
 ) -> None:
     """/metrics reads fleet counts (no per-node documents); they say what the per-node view
-    says: connected nodes, streams, drift per node, certificate expiry per node."""
+    says: connected nodes, streams, drift per node, ADS credential expiry per node."""
     clients.open("shop/frontend")
     clients.open("shop/orders", subscriptions=with_routes("shop/orders"))
     await until(
@@ -719,19 +732,15 @@ async def test_metrics_state_agrees_with_the_per_node_view(
     assert state["fleet"]["connected"] == sum(1 for n in nodes if n["connected"]) == 2
     assert state["fleet"]["streams"]["sotw"] == sum(len(n["streams"]) for n in nodes)
     assert state["node_drift"] == {n["node"]: n["drift"] for n in nodes}
-    assert state["certificate_remaining"].keys() == {
-        n["node"] for n in nodes if n.get("certificate")
-    }
-    for n in nodes:
-        if n.get("certificate"):
-            remaining = state["certificate_remaining"][n["node"]]
-            assert abs(remaining - n["certificate"]["remaining_seconds"]) < 5
     assert state["policy"]["version"] == service.control.policy.version
     health = {h["node"]: h for h in state["nodes"]}
     assert health.keys() == {n["node"] for n in nodes if n["connected"]}
     for n in nodes:
         light = health[n["node"]]
         assert (light["drift"], light["policy_enforced"]) == (n["drift"], n["policy_enforced"])
+        assert [s["ads_credentials"]["not_after"] for s in light["streams"]] == [
+            s["ads_credentials"]["not_after"] for s in n["streams"]
+        ]
         assert [[t["in_sync"] for t in s["types"]] for s in light["streams"]] == [
             [t["in_sync"] for t in s["types"]] for s in n["streams"]
         ]

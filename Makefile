@@ -50,7 +50,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy meshward
+	$(BIN)/mypy meshward bench
 
 check: lint typecheck test
 

@@ -212,7 +212,7 @@ class CertService:
         self.refusals = RefusalLog(audit)
         self.counts: dict[str, int] = {}
         self.peers = PeerCache()
-        self._bundle: tuple[tuple[Any, ...], str, str] | None = None
+        self._bundle: tuple[Any, tuple[int, ...], str, str] | None = None
         self._metric_children: dict[str, Any] = {}
         self._join_server: grpc.aio.Server | None = None
         self.join_port: int | None = None
@@ -332,12 +332,12 @@ class CertService:
         generations (a rotation, an expired grace period or a reloaded CA makes a new set):
         every reply carries it and it changes a few times a year."""
         ca = self.control.ca
-        key = (ca, *(g for g in ca.generations if g.trusted(now)))
+        trusted = tuple(g.number for g in ca.generations if g.trusted(now))
         cached = self._bundle
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not ca or cached[1] != trusted:
             bundle = ca.trust_bundle(now=now)
-            cached = self._bundle = (key, bundle.roots_pem.decode(), bundle.version)
-        return cached[1], cached[2]
+            cached = self._bundle = (ca, trusted, bundle.roots_pem.decode(), bundle.version)
+        return cached[2], cached[3]
 
     def bundle(self, now: datetime) -> bytes:
         roots_pem, version = self._trust_bundle(now)

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -216,6 +216,10 @@ async def test_bundle_follows_a_rotation(service: XdsService, ca_dir: Path) -> N
     after = await call(service.address, BUNDLE, {}, context=ctx, server_id=service.server_identity)
     assert before["bundle_version"] != after["bundle_version"]
     assert after["trust_bundle"].count("BEGIN CERTIFICATE") == 2
+    # The same CA past the old root's grace period: the bundle (kept encoded) drops that root.
+    last = json.loads(service.certs.bundle(datetime.now(UTC) + timedelta(hours=2)))
+    assert last["trust_bundle"].count("BEGIN CERTIFICATE") == 1
+    assert last["bundle_version"] not in (before["bundle_version"], after["bundle_version"])
 
 
 async def test_csr_rate_is_limited_per_identity(ca_dir: Path) -> None:

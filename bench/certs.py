@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -195,6 +196,40 @@ def _serve(tmp: Path, launcher: Launcher, name: str, src: Path | None) -> dict[s
     ), ready_path=tmp / f"{name}.ready.json", env=env, timeout=60)  # fmt: skip
 
 
+def _floor_server(ca_dir: str, server_id: str, port: Any, ready: Any) -> None:
+    """The transport floor: gRPC aio on a new mTLS connection per call, as the control plane
+    listens (client certificate required and verified against the mesh roots), whose Renew
+    reads the caller's certificate and returns a reply of a real one's size without signing
+    anything. What is left of a renewal's CPU when Meshward's handler costs nothing."""
+    import grpc
+
+    from meshward.xds.certservice import RENEW, SERVICE
+
+    ca = CertificateAuthority.load(Path(ca_dir))
+    svid = ca.issue(server_id)
+    reply = json.dumps({"cert_chain": "x" * 1400, "trust_bundle": "x" * 700}).encode()
+
+    async def renew(request: bytes, context: Any) -> bytes:
+        context.auth_context()
+        return reply
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            SERVICE, {RENEW: grpc.unary_unary_rpc_method_handler(renew)}),))  # fmt: skip
+        credentials = grpc.ssl_server_credentials(
+            [(svid.private_key_pem, svid.cert_chain_pem)],
+            root_certificates=ca.trust_bundle().roots_pem,
+            require_client_auth=True,
+        )
+        port.value = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
 def _cpu_seconds(pid: int, tid: int | None = None) -> float:
     """CPU time of process ``pid`` (or of its thread ``tid``), from /proc."""
     stat = Path(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat")
@@ -210,6 +245,7 @@ RENEW_ROW = "renew"  # new SVID -> new mTLS connection presenting it -> Renew: e
 RENEW_OPEN_ROW = "renew-open"  # Renew on a connection already open: the RPC without handshake
 POLL_OPEN_ROW = "poll-open"  # Bundle on the agent's open connection (every 30 s, today)
 POLL_NEW_ROW = "poll-new"  # Bundle on a new connection per poll (what agents did before)
+FLOOR = "transport floor"  # the renew row's calls against _floor_server
 ROWS = {
     JOIN_ROW: "join (new TLS conn, token, CSR, sign, fsync)",
     RENEW_ROW: "renew (new SVID -> new mTLS conn, CSR, sign)",
@@ -272,7 +308,7 @@ def _client(job: dict[str, Any]) -> tuple[list[tuple[int, str, str]], float]:
                 await call(job["address"], BUNDLE, {}, context=context(agent),
                            server_id=job["server_id"])  # fmt: skip
                 return
-            if row != RENEW_OPEN_ROW:
+            if row != RENEW_OPEN_ROW and not job.get("floor"):  # the floor signs nothing
                 held[agent] = (i, reply["cert_chain"], reply["trust_bundle"])
 
         async def agent_calls(agent: int) -> None:
@@ -342,6 +378,15 @@ def end_to_end(
                 multiprocessing.Manager() as manager:  # fmt: skip
             ready = {v: _serve(tmp, launcher, v, src) for v, src in variants.items()}
             pids = {v: launcher[v].pid for v in variants}
+            spawn = multiprocessing.get_context("spawn")  # grpc must not be forked
+            floor_port, floor_ready = spawn.Value("i", 0), spawn.Event()
+            server_id = ready["this"]["server_identity"]
+            floor = spawn.Process(target=_floor_server, daemon=True,
+                                            args=(str(tmp / "ca"), server_id, floor_port,
+                                                  floor_ready))  # fmt: skip
+            floor.start()
+            if not floor_ready.wait(60):
+                raise RuntimeError("the transport-floor server did not start")
             join_key = load_or_create_key(tmp / "ca")
             refs = [f"bench/w{i % WORKLOADS}" for i in range(count)]
             ids = [f"spiffe://{TD}/ns/bench/sa/w{i % WORKLOADS}" for i in range(count)]
@@ -373,6 +418,18 @@ def end_to_end(
                         if row in (JOIN_ROW, RENEW_ROW):
                             ready[v]["_held"] = held
                         out.setdefault((v, row), []).append((rate, cpu_ms, main_ms, client_ms))
+                        if row == RENEW_ROW and v == "this":  # the same calls, no handler
+                            job = {**job, "address": f"127.0.0.1:{floor_port.value}",
+                                   "floor": True, "held": held}  # fmt: skip
+                            assert floor.pid is not None
+                            f_rate, f_cpu, f_main, f_client, _ = _phase(
+                                pool, manager, floor.pid, clients, job
+                            )
+                            out.setdefault((FLOOR, RENEW_ROW), []).append(
+                                (f_rate, f_cpu, f_main, f_client)
+                            )
+            floor.terminate()
+            floor.join()
     return out
 
 
@@ -409,6 +466,23 @@ def agent_start_to_ready(starts: int) -> list[float]:
     return results
 
 
+def _print_row(label: str, runs: list[tuple[float, float, float, float]]) -> None:
+    rate = statistics.median(r[0] for r in runs)
+    cpu_ms = statistics.median(r[1] for r in runs)
+    main_ms = statistics.median(r[2] for r in runs)
+    client_ms = statistics.median(r[3] for r in runs)
+    # Bounds from CPU per call (what a saturated run approaches): the control plane alone
+    # gets at most every core, and its one Python thread (the GIL) at most one; with the
+    # agents on the same cores, both sides share them.
+    cores = os.cpu_count() or 1
+    alone = min(cores * 1e3 / cpu_ms, 1e3 / main_ms)
+    shared = cores * 1e3 / (cpu_ms + client_ms)
+    print(f"  {label:<56} {rate:>6,.0f}/s   control plane CPU {cpu_ms:.2f} ms "
+          f"each ({main_ms:.2f} Python thread), agents' {client_ms:.2f} ms; "
+          f"{cores} cores: control plane alone <= {alone:,.0f}/s, "
+          f"with the agents <= {shared:,.0f}/s")  # fmt: skip
+
+
 def e2e_main(count: int, starts: int, clients: int, baseline: Path | None, rounds: int) -> None:
     variants: dict[str, Path | None] = {"this": None}
     if baseline is not None:
@@ -419,22 +493,10 @@ def e2e_main(count: int, starts: int, clients: int, baseline: Path | None, round
     rows = end_to_end(count, clients, variants, rounds)
     for row, label in ROWS.items():
         for v in variants:
-            runs = rows[(v, row)]
-            rate = statistics.median(r[0] for r in runs)
-            cpu_ms = statistics.median(r[1] for r in runs)
-            main_ms = statistics.median(r[2] for r in runs)
-            client_ms = statistics.median(r[3] for r in runs)
             who = f"[{v}] " if len(variants) > 1 else ""
-            # Bounds from CPU per call (what a saturated run approaches): the control plane
-            # alone gets at most every core, and its one Python thread (the GIL) at most one;
-            # with the agents on the same cores, both sides share them.
-            cores = os.cpu_count() or 1
-            alone = min(cores * 1e3 / cpu_ms, 1e3 / main_ms)
-            shared = cores * 1e3 / (cpu_ms + client_ms)
-            print(f"  {who + label:<56} {rate:>6,.0f}/s   control plane CPU {cpu_ms:.2f} ms "
-                  f"each ({main_ms:.2f} Python thread), agents' {client_ms:.2f} ms; "
-                  f"{cores} cores: control plane alone <= {alone:,.0f}/s, "
-                  f"with the agents <= {shared:,.0f}/s")  # fmt: skip
+            _print_row(who + label, rows[(v, row)])
+        if (FLOOR, row) in rows:
+            _print_row(f"[{FLOOR}] the same, empty handler", rows[(FLOOR, row)])
     if len(variants) > 1:
         print("control plane CPU per call, this vs baseline (same run):")
         for row, label in ROWS.items():

@@ -138,7 +138,9 @@ class PeerCache:
     (``x509_subject_alternative_name``: every DNS/URI/email/IP SAN; ``peer_uri``: the URIs):
     an SVID has exactly one SAN and it is a ``spiffe://`` URI. Decoding the certificate's
     extensions again in Python cost about as much as the rest of a renewal's lookup; only the
-    expiry is read from the certificate itself."""
+    expiry is read from the certificate itself. gRPC lists no other SAN kinds (otherName,
+    directoryName); only certificates TLS verified against this CA's roots get here, and the
+    CA signs exactly one URI SAN (CSRs asking for any other kind are refused)."""
 
     def __init__(self, max_entries: int = MAX_TRACKED) -> None:
         self.max_entries = max_entries

@@ -22,7 +22,11 @@ do, from --clients processes simulating 100 agents (one Python client would meas
 Per-identity limits are lifted for that server (they would otherwise be what is measured).
 Besides calls/s, each row gives the control plane's own CPU time per call (from /proc) and
 the share of its Python thread (the event loop; the rest is gRPC core's threads: TLS, HTTP/2):
-CPU per call does not depend much on what else the shared cores run, calls/s does.
+CPU per call does not depend much on what else the shared cores run, calls/s does. The agents'
+CPU per call (the client processes': TLS context per SVID, handshake, HTTP/2 in Python) is
+given too, and two bounds from these CPU figures: the control plane alone on this machine's
+cores (its Python thread can use one of them at most), and control plane and agents sharing
+the cores, as in this run (calls/s approaches it when the machine is otherwise idle).
 --baseline SRC runs the same rows against a second control plane from another checkout (SRC
 holds its meshward/ package), the two interleaved row by row, and prints the CPU ratio.
 "agent start -> Envoy ready" starts a real `meshward agent` (join, SDS, Envoy) and waits for
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -191,6 +196,40 @@ def _serve(tmp: Path, launcher: Launcher, name: str, src: Path | None) -> dict[s
     ), ready_path=tmp / f"{name}.ready.json", env=env, timeout=60)  # fmt: skip
 
 
+def _floor_server(ca_dir: str, server_id: str, port: Any, ready: Any) -> None:
+    """The transport floor: gRPC aio on a new mTLS connection per call, as the control plane
+    listens (client certificate required and verified against the mesh roots), whose Renew
+    reads the caller's certificate and returns a reply of a real one's size without signing
+    anything. What is left of a renewal's CPU when Meshward's handler costs nothing."""
+    import grpc
+
+    from meshward.xds.certservice import RENEW, SERVICE
+
+    ca = CertificateAuthority.load(Path(ca_dir))
+    svid = ca.issue(server_id)
+    reply = json.dumps({"cert_chain": "x" * 1400, "trust_bundle": "x" * 700}).encode()
+
+    async def renew(request: bytes, context: Any) -> bytes:
+        context.auth_context()
+        return reply
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            SERVICE, {RENEW: grpc.unary_unary_rpc_method_handler(renew)}),))  # fmt: skip
+        credentials = grpc.ssl_server_credentials(
+            [(svid.private_key_pem, svid.cert_chain_pem)],
+            root_certificates=ca.trust_bundle().roots_pem,
+            require_client_auth=True,
+        )
+        port.value = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
 def _cpu_seconds(pid: int, tid: int | None = None) -> float:
     """CPU time of process ``pid`` (or of its thread ``tid``), from /proc."""
     stat = Path(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat")
@@ -206,6 +245,7 @@ RENEW_ROW = "renew"  # new SVID -> new mTLS connection presenting it -> Renew: e
 RENEW_OPEN_ROW = "renew-open"  # Renew on a connection already open: the RPC without handshake
 POLL_OPEN_ROW = "poll-open"  # Bundle on the agent's open connection (every 30 s, today)
 POLL_NEW_ROW = "poll-new"  # Bundle on a new connection per poll (what agents did before)
+FLOOR = "transport floor"  # the renew row's calls against _floor_server
 ROWS = {
     JOIN_ROW: "join (new TLS conn, token, CSR, sign, fsync)",
     RENEW_ROW: "renew (new SVID -> new mTLS conn, CSR, sign)",
@@ -215,9 +255,10 @@ ROWS = {
 }
 
 
-def _client(job: dict[str, Any]) -> list[tuple[int, str, str]]:
+def _client(job: dict[str, Any]) -> tuple[list[tuple[int, str, str]], float]:
     """One client process: its agents' share of the calls; the replies later rows need (the
-    SVID each agent holds after the row: chain, bundle)."""
+    SVID each agent holds after the row: chain, bundle) and the CPU seconds this process spent
+    on its calls (the agents' side: TLS contexts, handshakes, HTTP/2 in Python)."""
     from meshward.agent.certclient import (
         BUNDLE,
         JOIN,
@@ -229,6 +270,7 @@ def _client(job: dict[str, Any]) -> list[tuple[int, str, str]]:
     )
 
     row, agents = job["row"], job["agents"]
+    started = [0.0]
     held = dict(job["held"])  # agent -> (index of its key, chain, bundle)
 
     def context(agent: int) -> Any:
@@ -245,6 +287,7 @@ def _client(job: dict[str, Any]) -> list[tuple[int, str, str]]:
                 )
                 await channels[agent].call(BUNDLE, {})
         job["ready"].wait()
+        started[0] = time.process_time()
 
         async def one(agent: int, i: int) -> None:
             message = {"workload": job["refs"][i], "csr": job["csrs"][i], "instance": str(i)}
@@ -265,7 +308,7 @@ def _client(job: dict[str, Any]) -> list[tuple[int, str, str]]:
                 await call(job["address"], BUNDLE, {}, context=context(agent),
                            server_id=job["server_id"])  # fmt: skip
                 return
-            if row != RENEW_OPEN_ROW:
+            if row != RENEW_OPEN_ROW and not job.get("floor"):  # the floor signs nothing
                 held[agent] = (i, reply["cert_chain"], reply["trust_bundle"])
 
         async def agent_calls(agent: int) -> None:
@@ -278,14 +321,15 @@ def _client(job: dict[str, Any]) -> list[tuple[int, str, str]]:
             channel.close()
 
     asyncio.run(run())
-    return [held[agent] for agent in agents]
+    return [held[agent] for agent in agents], time.process_time() - started[0]
 
 
 def _phase(
     pool: Any, manager: Any, pid: int, clients: int, job: dict[str, Any]
-) -> tuple[float, float, float, dict[int, tuple[int, str, str]]]:
+) -> tuple[float, float, float, float, dict[int, tuple[int, str, str]]]:
     """(calls/s, control-plane CPU ms per call, of which its Python thread's (the event loop;
-    the rest is gRPC core's threads: TLS, HTTP/2), what every agent holds after) for the
+    the rest is gRPC core's threads: TLS, HTTP/2), the clients' CPU ms per call, what every
+    agent holds after) for the
     ``job["count"]`` calls of one row, spread over ``clients`` processes. The clock starts once
     every client is set up (contexts built, open-connection rows connected)."""
     ready = manager.Event()
@@ -308,13 +352,14 @@ def _phase(
     count = job["count"]
     cpu_ms = (_cpu_seconds(pid) - cpu) * 1e3 / count
     main_ms = (_cpu_seconds(pid, pid) - main) * 1e3 / count
-    held = {i % WORKLOADS: (i, chain, bundle) for r in results for i, chain, bundle in r}
-    return count / elapsed, cpu_ms, main_ms, held
+    held = {i % WORKLOADS: (i, chain, bundle) for r, _ in results for i, chain, bundle in r}
+    client_ms = sum(c for _, c in results) * 1e3 / count
+    return count / elapsed, cpu_ms, main_ms, client_ms, held
 
 
 def end_to_end(
     count: int, clients: int, variants: dict[str, Path | None], rounds: int
-) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
+) -> dict[tuple[str, str], list[tuple[float, float, float, float]]]:
     """Every row against every control plane variant, the variants interleaved row by row
     and round by round: {(variant, row): [(calls/s, CPU ms per call, of which the Python
     thread's) per round]}."""
@@ -324,7 +369,7 @@ def end_to_end(
     from meshward.agent.identity import key_pem, make_csr, new_key
     from meshward.certs.jointoken import load_or_create_key, mint
 
-    out: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    out: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="mw-bench-") as name:
         tmp = Path(name)
         _policy(tmp / "policy")
@@ -333,6 +378,15 @@ def end_to_end(
                 multiprocessing.Manager() as manager:  # fmt: skip
             ready = {v: _serve(tmp, launcher, v, src) for v, src in variants.items()}
             pids = {v: launcher[v].pid for v in variants}
+            spawn = multiprocessing.get_context("spawn")  # grpc must not be forked
+            floor_port, floor_ready = spawn.Value("i", 0), spawn.Event()
+            server_id = ready["this"]["server_identity"]
+            floor = spawn.Process(target=_floor_server, daemon=True,
+                                            args=(str(tmp / "ca"), server_id, floor_port,
+                                                  floor_ready))  # fmt: skip
+            floor.start()
+            if not floor_ready.wait(60):
+                raise RuntimeError("the transport-floor server did not start")
             join_key = load_or_create_key(tmp / "ca")
             refs = [f"bench/w{i % WORKLOADS}" for i in range(count)]
             ids = [f"spiffe://{TD}/ns/bench/sa/w{i % WORKLOADS}" for i in range(count)]
@@ -358,10 +412,24 @@ def end_to_end(
                                              for x in refs]  # fmt: skip
                         else:
                             job["address"] = ready[v]["ads"]
-                        rate, cpu_ms, main_ms, held = _phase(pool, manager, pid, clients, job)
+                        rate, cpu_ms, main_ms, client_ms, held = _phase(
+                            pool, manager, pid, clients, job
+                        )
                         if row in (JOIN_ROW, RENEW_ROW):
                             ready[v]["_held"] = held
-                        out.setdefault((v, row), []).append((rate, cpu_ms, main_ms))
+                        out.setdefault((v, row), []).append((rate, cpu_ms, main_ms, client_ms))
+                        if row == RENEW_ROW and v == "this":  # the same calls, no handler
+                            job = {**job, "address": f"127.0.0.1:{floor_port.value}",
+                                   "floor": True, "held": held}  # fmt: skip
+                            assert floor.pid is not None
+                            f_rate, f_cpu, f_main, f_client, _ = _phase(
+                                pool, manager, floor.pid, clients, job
+                            )
+                            out.setdefault((FLOOR, RENEW_ROW), []).append(
+                                (f_rate, f_cpu, f_main, f_client)
+                            )
+            floor.terminate()
+            floor.join()
     return out
 
 
@@ -398,6 +466,23 @@ def agent_start_to_ready(starts: int) -> list[float]:
     return results
 
 
+def _print_row(label: str, runs: list[tuple[float, float, float, float]]) -> None:
+    rate = statistics.median(r[0] for r in runs)
+    cpu_ms = statistics.median(r[1] for r in runs)
+    main_ms = statistics.median(r[2] for r in runs)
+    client_ms = statistics.median(r[3] for r in runs)
+    # Bounds from CPU per call (what a saturated run approaches): the control plane alone
+    # gets at most every core, and its one Python thread (the GIL) at most one; with the
+    # agents on the same cores, both sides share them.
+    cores = os.cpu_count() or 1
+    alone = min(cores * 1e3 / cpu_ms, 1e3 / main_ms)
+    shared = cores * 1e3 / (cpu_ms + client_ms)
+    print(f"  {label:<56} {rate:>6,.0f}/s   control plane CPU {cpu_ms:.2f} ms "
+          f"each ({main_ms:.2f} Python thread), agents' {client_ms:.2f} ms; "
+          f"{cores} cores: control plane alone <= {alone:,.0f}/s, "
+          f"with the agents <= {shared:,.0f}/s")  # fmt: skip
+
+
 def e2e_main(count: int, starts: int, clients: int, baseline: Path | None, rounds: int) -> None:
     variants: dict[str, Path | None] = {"this": None}
     if baseline is not None:
@@ -408,18 +493,15 @@ def e2e_main(count: int, starts: int, clients: int, baseline: Path | None, round
     rows = end_to_end(count, clients, variants, rounds)
     for row, label in ROWS.items():
         for v in variants:
-            runs = rows[(v, row)]
-            rate = statistics.median(r for r, _, _ in runs)
-            cpu_ms = statistics.median(c for _, c, _ in runs)
-            main_ms = statistics.median(m for _, _, m in runs)
             who = f"[{v}] " if len(variants) > 1 else ""
-            print(f"  {who + label:<56} {rate:>6,.0f}/s   control plane CPU {cpu_ms:.2f} ms "
-                  f"each ({main_ms:.2f} Python thread), ~{1e3 / cpu_ms:,.0f}/s per core")  # fmt: skip
+            _print_row(who + label, rows[(v, row)])
+        if (FLOOR, row) in rows:
+            _print_row(f"[{FLOOR}] the same, empty handler", rows[(FLOOR, row)])
     if len(variants) > 1:
         print("control plane CPU per call, this vs baseline (same run):")
         for row, label in ROWS.items():
-            this = statistics.median(c for _, c, _ in rows[("this", row)])
-            before = statistics.median(c for _, c, _ in rows[("baseline", row)])
+            this = statistics.median(r[1] for r in rows[("this", row)])
+            before = statistics.median(r[1] for r in rows[("baseline", row)])
             print(f"  {label:<48} {this / before:5.2f}x")
     if starts:
         times = agent_start_to_ready(starts)

@@ -39,7 +39,6 @@ why; logged once per identity and reason per minute (:class:`RefusalLog`).
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -51,9 +50,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from meshward.certs.jointoken import JoinRefused, UsedTokens
 from meshward.certs.jointoken import verify as verify_token
+from meshward.certs.spiffe import InvalidSpiffeId, parse_spiffe_id
 from meshward.errors import UserError
 from meshward.xds.limits import (
     INSTANCE_LIMIT,
@@ -64,7 +65,6 @@ from meshward.xds.limits import (
     SvidRateLimiter,
 )
 from meshward.xds.nodeid import InvalidNodeId, NodeId
-from meshward.xds.peer import peer_certificate, peer_identity
 
 log = logging.getLogger("meshward.certs.service")
 audit = logging.getLogger("meshward.xds.audit")
@@ -129,10 +129,18 @@ class InstanceRegistry:
 
 
 class PeerCache:
-    """The SPIFFE ID and expiry of a call's verified client certificate, parsed once per
+    """The SPIFFE ID and expiry of a call's verified client certificate, looked up once per
     certificate (least recently used first out past ``max_entries``). An agent makes its Renew
     and its bundle polls on one open connection, so every call of it presents the same
-    certificate; parsing it per call would cost more than a Bundle call's own work."""
+    certificate; parsing it per call would cost more than a Bundle call's own work.
+
+    The identity comes from the SANs gRPC's TLS already decoded into the call's auth context
+    (``x509_subject_alternative_name``: every DNS/URI/email/IP SAN; ``peer_uri``: the URIs):
+    an SVID has exactly one SAN and it is a ``spiffe://`` URI. Decoding the certificate's
+    extensions again in Python cost about as much as the rest of a renewal's lookup; only the
+    expiry is read from the certificate itself. gRPC lists no other SAN kinds (otherName,
+    directoryName); only certificates TLS verified against this CA's roots get here, and the
+    CA signs exactly one URI SAN (CSRs asking for any other kind are refused)."""
 
     def __init__(self, max_entries: int = MAX_TRACKED) -> None:
         self.max_entries = max_entries
@@ -149,14 +157,28 @@ class PeerCache:
         if hit is not None:
             self._seen.move_to_end(pem)
             return hit
-        certificate = peer_certificate(context)
-        if certificate is None:
+        try:
+            not_after = x509.load_pem_x509_certificate(pem).not_valid_after_utc
+        except ValueError:
             return None
-        entry = (peer_identity(context, certificate), certificate.not_valid_after_utc)
+        entry = (_svid_identity(auth), not_after)
         self._seen[pem] = entry
         while len(self._seen) > self.max_entries:
             self._seen.popitem(last=False)
         return entry
+
+
+def _svid_identity(auth: dict[str, Any]) -> str | None:
+    """The SPIFFE ID of the peer's certificate from gRPC's auth context: its one and only SAN,
+    a valid ``spiffe://`` URI; None for anything else (the rule of :func:`meshward.certs.verify.spiffe_id_of`)."""
+    sans = [bytes(v) for v in auth.get("x509_subject_alternative_name") or []]
+    uris = [bytes(v) for v in auth.get("peer_uri") or []]
+    if len(sans) != 1 or uris != sans:
+        return None
+    try:
+        return str(parse_spiffe_id(sans[0].decode()))
+    except (InvalidSpiffeId, UnicodeDecodeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -192,6 +214,8 @@ class CertService:
         self.refusals = RefusalLog(audit)
         self.counts: dict[str, int] = {}
         self.peers = PeerCache()
+        self._bundle: tuple[Any, tuple[int, ...], str, str] | None = None
+        self._metric_children: dict[str, Any] = {}
         self._join_server: grpc.aio.Server | None = None
         self.join_port: int | None = None
 
@@ -226,13 +250,13 @@ class CertService:
             svid = ca.issue_for_csr(csr.encode(), identity, ttl=self.control.svid_ttl, now=now)
         except UserError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "bad-csr", str(exc)) from None
-        bundle = ca.trust_bundle(now=now)
+        roots_pem, version = self._trust_bundle(now)
         response = encode(
             {
                 "spiffe_id": svid.spiffe_id,
                 "cert_chain": svid.cert_chain_pem.decode(),
-                "trust_bundle": bundle.roots_pem.decode(),
-                "bundle_version": bundle.version,
+                "trust_bundle": roots_pem,
+                "bundle_version": version,
                 "not_before": svid.not_before.isoformat(),
                 "not_after": svid.not_after.isoformat(),
                 "serial": f"{svid.serial:x}",
@@ -305,9 +329,21 @@ class CertService:
             )
         return identity
 
+    def _trust_bundle(self, now: datetime) -> tuple[str, str]:
+        """(roots PEM, version) of the CA's bundle at ``now``, encoded once per set of trusted
+        generations (a rotation, an expired grace period or a reloaded CA makes a new set):
+        every reply carries it and it changes a few times a year."""
+        ca = self.control.ca
+        trusted = tuple(g.number for g in ca.generations if g.trusted(now))
+        cached = self._bundle
+        if cached is None or cached[0] is not ca or cached[1] != trusted:
+            bundle = ca.trust_bundle(now=now)
+            cached = self._bundle = (ca, trusted, bundle.roots_pem.decode(), bundle.version)
+        return cached[2], cached[3]
+
     def bundle(self, now: datetime) -> bytes:
-        bundle = self.control.ca.trust_bundle(now=now)
-        return encode({"trust_bundle": bundle.roots_pem.decode(), "bundle_version": bundle.version})
+        roots_pem, version = self._trust_bundle(now)
+        return encode({"trust_bundle": roots_pem, "bundle_version": version})
 
     # -- gRPC ----------------------------------------------------------------------------------
     def _count(self, outcome: str, seconds: float | None = None) -> None:
@@ -318,44 +354,79 @@ class CertService:
         if metrics is None:
             return
         method, result = outcome.split(":", 1)
-        metrics.svid_requests.labels(method, result).inc()
+        # The labelled children looked up once each (a fixed set; see above).
+        counter = self._metric_children.get(outcome)
+        if counter is None:
+            counter = self._metric_children[outcome] = metrics.svid_requests.labels(method, result)
+        counter.inc()
         if seconds is not None:
-            metrics.svid_issuance.labels(method).observe(seconds)
+            histogram = self._metric_children.get(method)
+            if histogram is None:
+                histogram = self._metric_children[method] = metrics.svid_issuance.labels(method)
+            histogram.observe(seconds)
+
+    async def _refuse(self, method: str, exc: Refusal, context: Any) -> None:
+        self._count(f"{method}:{exc.reason}")
+        # Keyed by identity; every caller without a certificate shares one key, so a flood
+        # of new connections logs one line a minute, not one per connection.
+        seen = self.peers.lookup(context)
+        who = seen[0] if seen else None
+        self.refusals.refused(
+            who or "anonymous",
+            exc.reason,
+            f"certificate {method} refused for {who or context.peer()}: {exc}",
+            self.clock(),
+        )
+        await context.abort(exc.code, f"{exc.reason}: {exc}")
+
+    async def _failed(self, method: str, context: Any) -> None:
+        """grpcio would swallow the exception: log it, fail closed."""
+        log.exception("certificate %s failed", method)
+        self._count(f"{method}:error")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; nothing issued")
+
+    def _done(self, method: str, result: Issued | bytes, started: float) -> bytes:
+        if isinstance(result, Issued):
+            self._count(f"{method}:ok", time.perf_counter() - started)
+            # DEBUG, as SPIRE logs its signings: one line per SVID was a tenth of a renewal's
+            # event-loop time; the count and latency of issuances are in the metrics.
+            log.debug("SVID for %s issued by CSR (%s), serial %x", result.identity,
+                      method.lower(), result.serial)  # fmt: skip
+            return result.response
+        self._count(f"{method}:ok")
+        return result
 
     def _wrap(
-        self, method: str, fn: Callable[[bytes, Any], Issued | bytes | Awaitable[Issued]]
+        self, method: str, fn: Callable[[bytes, Any], Issued | bytes]
     ) -> Callable[[bytes, Any], Awaitable[bytes]]:
         async def handler(request: bytes, context: Any) -> bytes:
             started = time.perf_counter()
             try:
-                outcome = fn(request, context)
-                result = await outcome if inspect.isawaitable(outcome) else outcome
+                result = fn(request, context)
             except Refusal as exc:
-                self._count(f"{method}:{exc.reason}")
-                # Keyed by identity; every caller without a certificate shares one key, so a
-                # flood of new connections logs one line a minute, not one per connection.
-                seen = self.peers.lookup(context)
-                who = seen[0] if seen else None
-                self.refusals.refused(
-                    who or "anonymous",
-                    exc.reason,
-                    f"certificate {method} refused for {who or context.peer()}: {exc}",
-                    self.clock(),
-                )
-                await context.abort(exc.code, f"{exc.reason}: {exc}")
+                await self._refuse(method, exc, context)
                 raise  # unreachable: abort raises
-            except Exception:  # grpcio would swallow it: log, fail closed
-                log.exception("certificate %s failed", method)
-                self._count(f"{method}:error")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; nothing issued")
+            except Exception:
+                await self._failed(method, context)
                 raise
-            if isinstance(result, Issued):
-                self._count(f"{method}:ok", time.perf_counter() - started)
-                log.info("SVID for %s issued by CSR (%s), serial %x", result.identity,
-                         method.lower(), result.serial)  # fmt: skip
-                return result.response
-            self._count(f"{method}:ok")
-            return result
+            return self._done(method, result, started)
+
+        return handler
+
+    def _wrap_async(
+        self, method: str, fn: Callable[[bytes, Any], Awaitable[Issued]]
+    ) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        async def handler(request: bytes, context: Any) -> bytes:
+            started = time.perf_counter()
+            try:
+                result = await fn(request, context)
+            except Refusal as exc:
+                await self._refuse(method, exc, context)
+                raise  # unreachable: abort raises
+            except Exception:
+                await self._failed(method, context)
+                raise
+            return self._done(method, result, started)
 
         return handler
 
@@ -364,7 +435,7 @@ class CertService:
             return self.control.wall_clock()  # type: ignore[no-any-return]
 
         handlers = {
-            JOIN: self._wrap(JOIN, lambda req, ctx: self.join(req, now())),
+            JOIN: self._wrap_async(JOIN, lambda req, ctx: self.join(req, now())),
             RENEW: self._wrap(
                 RENEW, lambda req, ctx: self.renew(req, self.peers.lookup(ctx), now())
             ),

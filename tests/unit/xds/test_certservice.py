@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -216,6 +216,10 @@ async def test_bundle_follows_a_rotation(service: XdsService, ca_dir: Path) -> N
     after = await call(service.address, BUNDLE, {}, context=ctx, server_id=service.server_identity)
     assert before["bundle_version"] != after["bundle_version"]
     assert after["trust_bundle"].count("BEGIN CERTIFICATE") == 2
+    # The same CA past the old root's grace period: the bundle (kept encoded) drops that root.
+    last = json.loads(service.certs.bundle(datetime.now(UTC) + timedelta(hours=2)))
+    assert last["trust_bundle"].count("BEGIN CERTIFICATE") == 1
+    assert last["bundle_version"] not in (before["bundle_version"], after["bundle_version"])
 
 
 async def test_csr_rate_is_limited_per_identity(ca_dir: Path) -> None:
@@ -435,20 +439,45 @@ def test_peer_cache_is_bounded() -> None:
     ca = CertificateAuthority.ephemeral("cluster.local")
 
     class Context:  # the one method of grpc's ServicerContext the cache reads
-        def __init__(self, pem: bytes) -> None:
-            self.pem = pem
+        def __init__(self, pem: bytes, uri: str = "") -> None:
+            self.pem, self.uri = pem, uri.encode()
 
-        def auth_context(self) -> dict[str, list[bytes]]:
-            return {"x509_pem_cert": [self.pem]}
+        def auth_context(self) -> dict[str, list[bytes]]:  # the keys grpc's TLS sets
+            return {"x509_pem_cert": [self.pem], "x509_subject_alternative_name": [self.uri],
+                    "peer_uri": [self.uri]}  # fmt: skip
 
     cache = PeerCache(max_entries=8)
     for i in range(50):
         svid = ca.issue(f"spiffe://cluster.local/ns/shop/sa/w{i}")
         leaf = svid.cert_chain_pem[: svid.cert_chain_pem.index(b"-----END CERTIFICATE-----") + 25]
-        seen = cache.lookup(Context(leaf + b"\n"))
+        seen = cache.lookup(Context(leaf + b"\n", svid.spiffe_id))
         assert seen == (svid.spiffe_id, svid.not_after)
     assert len(cache._seen) == 8
     assert cache.lookup(Context(b"not a certificate")) is None
+
+
+@pytest.mark.parametrize(
+    ("sans", "uris", "identity"),
+    [
+        ([b"spiffe://cluster.local/ns/shop/sa/orders"], None, "spiffe://cluster.local/ns/shop/sa/orders"),
+        ([b"spiffe://cluster.local/ns/shop/sa/orders", b"orders.shop"],
+         [b"spiffe://cluster.local/ns/shop/sa/orders"], None),  # a DNS SAN besides the URI
+        ([b"orders.shop"], [], None),  # a DNS SAN only
+        ([b"https://example.com/x"], None, None),  # a URI that is not a SPIFFE ID
+        ([b"spiffe://cluster.local/ns/shop/sa/orders", b"spiffe://cluster.local/ns/shop/sa/x"],
+         None, None),  # two URIs
+        ([], [], None),  # no SAN at all
+    ],
+)  # fmt: skip
+def test_peer_identity_is_the_one_uri_san(
+    sans: list[bytes], uris: list[bytes] | None, identity: str | None
+) -> None:
+    """An SVID's identity is its one and only SAN, a spiffe:// URI (what gRPC's TLS put in the
+    call's auth context); anything else is no SVID (None), never a guess."""
+    from meshward.xds.certservice import _svid_identity
+
+    auth = {"x509_subject_alternative_name": sans, "peer_uri": sans if uris is None else uris}
+    assert _svid_identity(auth) == identity
 
 
 async def test_the_agent_keeps_one_connection_per_svid(

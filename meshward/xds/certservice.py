@@ -388,10 +388,12 @@ class CertService:
     def _done(self, method: str, result: Issued | bytes, started: float) -> bytes:
         if isinstance(result, Issued):
             self._count(f"{method}:ok", time.perf_counter() - started)
-            # DEBUG, as SPIRE logs its signings: one line per SVID was a tenth of a renewal's
-            # event-loop time; the count and latency of issuances are in the metrics.
-            log.debug("SVID for %s issued by CSR (%s), serial %x", result.identity,
-                      method.lower(), result.serial)  # fmt: skip
+            # A join spends a token (first contact: an audit line at INFO); a renewal logs at
+            # DEBUG, as SPIRE logs its signings: one line per renewal was a tenth of its
+            # event-loop time, and the count and latency of issuances are in the metrics.
+            log.log(logging.INFO if method == JOIN else logging.DEBUG,
+                    "SVID for %s issued by CSR (%s), serial %x", result.identity,
+                    method.lower(), result.serial)  # fmt: skip
             return result.response
         self._count(f"{method}:ok")
         return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -122,7 +123,10 @@ async def renew(svc: XdsService, creds: Credentials, workload: str = "shop/order
     )
 
 
-async def test_join_then_renew_with_the_svid(service: XdsService, ca_dir: Path) -> None:
+async def test_join_then_renew_with_the_svid(
+    service: XdsService, ca_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshward.certs.service")
     first = await join(service, ca_dir, token(ca_dir))
     assert first.spiffe_id == ORDERS
     second = await renew(service, first)
@@ -134,6 +138,9 @@ async def test_join_then_renew_with_the_svid(service: XdsService, ca_dir: Path) 
     assert 'meshward_xds_svid_requests_total{method="Join",result="ok"} 1.0' in text
     assert 'meshward_xds_svid_requests_total{method="Renew",result="ok"} 2.0' in text
     assert 'meshward_xds_svid_issuance_seconds_count{method="Renew"} 2.0' in text
+    # A join (a token spent) is an audit line at INFO; routine renewals are not.
+    issued = [r.getMessage() for r in caplog.records if "issued by CSR" in r.getMessage()]
+    assert issued == [f"SVID for {ORDERS} issued by CSR (join), serial {first.serial:x}"]
 
 
 async def test_a_token_works_once_even_across_restarts(ca_dir: Path) -> None:

@@ -154,6 +154,7 @@ class Server:
             "--svid-rate", "100000", "--svid-burst", "100000",
         )  # fmt: skip
         info = launcher.start("xds", argv, ready_path=ready, timeout=900)
+        self.ready_at = time.time()  # listening, first compile done
         component = launcher["xds"]
         assert component.pid is not None
         self.pid = component.pid
@@ -191,8 +192,21 @@ class Server:
         return 0.0
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.pid)
+
+    def compiler_cpu_seconds(self) -> float:
+        """CPU of the server's child processes (the compile worker), which cpu_seconds leaves
+        out."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return sum(process_cpu(int(child)) for child in children)
+
+
+def process_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Worker:
@@ -204,6 +218,7 @@ class Worker:
         argv = [sys.executable, str(NODES_SCRIPT), str(work), str(server.ads_port),
                 server.identity, str(ready)]  # fmt: skip
         info = launcher.start(name, argv, ready_path=ready, timeout=120)
+        self.pid = launcher[name].pid or 0
         self.name = name
         self.sock = socket.create_connection(("127.0.0.1", int(info["control"])))
         self.file = self.sock.makefile("rw", encoding="utf-8")
@@ -383,9 +398,11 @@ def measure(
     nodes: list[str], edited: Any, callee: str, t0: float, rss0: float, envoys: int,
     agents: Path,
 ) -> dict[str, Any]:  # fmt: skip
+    cpu_ready, nodes_cpu0, connect_at = server.cpu_seconds(), process_cpu(worker.pid), time.time()
     connected = worker.ask("connect")
     cold = connected["all_configured_wall"] - t0
     cpu_cold = server.cpu_seconds()
+    nodes_cpu = process_cpu(worker.pid) - nodes_cpu0
     rss = server.rss_mb()
     real = start_envoys(work, launcher, server, ps, envoy_refs(ps, callee, envoys), agents)
     wait_envoys(server, real, 0.0, 180)
@@ -421,6 +438,7 @@ def measure(
         "envoys": len(real),
         "cold": cold,
         "cold_cpu": cpu_cold,
+        **cold_phases(t0, server, connect_at, connected, cpu_ready, cpu_cold, nodes_cpu),
         "resources_cold": connected["resources"],
         "rss": rss,
         "rss0": rss0,
@@ -444,6 +462,25 @@ def measure(
     }
 
 
+def cold_phases(
+    t0: float, server: Server, connect_at: float, connected: Mapping[str, Any],
+    cpu_ready: float, cpu_cold: float, nodes_cpu: float,
+) -> dict[str, float]:  # fmt: skip
+    """Where a cold start's time goes: the server's start (launch to listening with the first
+    compile done), then the simulated nodes' burst (from the connect command to every node
+    configured), and the CPU each side spent: the server process, its compile worker, and the
+    nodes' process (one Python process: its CPU is a floor on the burst's wall time, whatever
+    the server does)."""
+    return {
+        "cold_ready": server.ready_at - t0,
+        "cold_burst": connected["all_configured_wall"] - connect_at,
+        "cold_cpu_ready": cpu_ready,
+        "cold_cpu_burst": cpu_cold - cpu_ready,
+        "cold_cpu_compiler": server.compiler_cpu_seconds(),
+        "cold_cpu_nodes": nodes_cpu,
+    }
+
+
 def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
     """Only the cold start: every node connects at once; failed streams are retried after
     500 ms (as Envoy does) and counted by error, and the server log is searched for what it
@@ -457,7 +494,14 @@ def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
             server = Server(work, launcher)
             worker = Worker(work, launcher, "nodes", server)
             try:
+                cpu_ready, nodes_cpu0, connect_at = (
+                    server.cpu_seconds(), process_cpu(worker.pid), time.time()
+                )  # fmt: skip
                 connected = worker.ask("connect retry")
+                phases = cold_phases(
+                    t0, server, connect_at, connected, cpu_ready, server.cpu_seconds(),
+                    process_cpu(worker.pid) - nodes_cpu0,
+                )  # fmt: skip
                 status, status_nodes, metrics = server.status_seconds()
             finally:
                 worker.stop()
@@ -468,6 +512,8 @@ def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
             return {
                 "nodes": len(nodes),
                 "cold": connected["all_configured_wall"] - t0,
+                **phases,
+                "load_average": os.getloadavg(),
                 "failures": connected["failures"],
                 "failure_times (started s, lasted s, types received)": connected["failure_times"],
                 "server_log": {w: log.count(w) for w in words},
@@ -539,7 +585,10 @@ def report(
               f"{m['one_envoys']:.0f} real Envoy(s), {m['one_touched']:.0f} simulated nodes got "
               f"anything, server CPU {m['one_cpu'] * 1000:.0f} ms; client-side (last route "
               f"received) one-policy {m['one_client'] * 1000:.0f} ms, mesh-wide "
-              f"{m['mesh_client']:.2f} s; cold start server CPU {m['cold_cpu']:.1f} s, "
+              f"{m['mesh_client']:.2f} s; cold start: server listening and compiled after "
+              f"{m['cold_ready']:.1f} s ({m['cold_cpu_ready']:.1f} s CPU + compile worker "
+              f"{m['cold_cpu_compiler']:.1f} s), burst {m['cold_burst']:.1f} s (server CPU "
+              f"{m['cold_cpu_burst']:.1f} s, nodes' process {m['cold_cpu_nodes']:.1f} s); server CPU {m['cold_cpu']:.1f} s, "
               f"{m['resources_cold']:.0f} resources delivered; RSS {m['rss0']:.0f} MiB compiled, "
               f"{m['rss']:.0f} MiB with every node connected ({m['rss'] / m['services']:.2f} MiB "
               f"per service); {m['envoys']:.0f} real Envoys; probe answers {m['probes']:.0f}")  # fmt: skip

@@ -115,7 +115,23 @@ def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
             when.append((round(began - burst_start[0], 1), round(time.monotonic() - began, 1), got))
             await asyncio.sleep(0.5)
 
-    async def connect(retry: bool = False) -> dict[str, Any]:
+    async def listening() -> float:
+        """Wait until the ADS port takes connections (the server may still be starting: a
+        restarted control plane's fleet is already there, and connects the moment it can)."""
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the ADS port never opened") from None
+                await asyncio.sleep(0.01)
+                continue
+            writer.close()
+            return time.time()
+
+    async def connect(retry: bool = False, wait: bool = False) -> dict[str, Any]:
+        listening_wall = await listening() if wait else time.time()
         burst_start[0] = time.monotonic()
         for node in nodes:
             client = new_client(node)
@@ -132,6 +148,7 @@ def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
             await asyncio.sleep(0.02)
         return {
             "all_configured_wall": time.time(),
+            "listening_wall": listening_wall,
             "resources": delivered[0],
             "failures": failures,
             "failure_times": sorted(when)[:: max(1, len(when) // 40)],
@@ -165,8 +182,9 @@ def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
 
     async def command(line: str, state: dict[str, Any]) -> dict[str, Any]:
         name, _, rest = line.partition(" ")
-        if name == "connect":
-            return await connect(retry=rest == "retry")
+        if name == "connect":  # [retry] [listening]: wait for the port to open first
+            options = rest.split()
+            return await connect(retry="retry" in options, wait="listening" in options)
         if name == "mark":
             marked.update(routes=dict(route_count), any=dict(any_count), delivered=delivered[0])
             return {"marked": True}

@@ -60,7 +60,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from meshward.testing.processes import Launcher, meshward_argv
+from meshward.testing.processes import Launcher, meshward_argv, read_ready
 
 WATCH_INTERVAL = 0.05
 NODES_SCRIPT = Path(__file__).with_name("fleet_nodes.py")
@@ -139,13 +139,19 @@ class Server:
     """`meshward xds serve` as in production with node agents: --secrets agent (it never makes
     or sends a workload key; SVIDs come by CSR), a join listener for the real Envoys' agents."""
 
-    def __init__(self, work: Path, launcher: Launcher) -> None:
-        ready = work / "server.ready.json"
+    def __init__(
+        self, work: Path, launcher: Launcher, ads_port: int = 0, wait: bool = True
+    ) -> None:
+        """``ads_port``: fixed, so simulated nodes can connect as soon as it listens (with the
+        first compile still running: their streams wait for it), before the ready file;
+        ``wait=False``: :meth:`finish` later."""
+        self.ready = work / "server.ready.json"
+        self.launcher = launcher
         argv = meshward_argv(
             "xds", "serve",
             "--policy", str(work / "policies"), "--ca", str(work / "ca"),
-            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--access-log", "off",
-            "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(ready),
+            "--listen", f"127.0.0.1:{ads_port}", "--admin", "127.0.0.1:0", "--access-log", "off",
+            "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(self.ready),
             "--listen-host", "127.0.0.1", "--log-format", "text",
             "--secrets", "agent", "--join-listen", "127.0.0.1:0", "--flows-db", "off",
             # Simulated replicas share their service's identity (one certificate per service):
@@ -153,11 +159,20 @@ class Server:
             "--max-instances", "100000", "--max-streams", "100000",
             "--svid-rate", "100000", "--svid-burst", "100000",
         )  # fmt: skip
-        info = launcher.start("xds", argv, ready_path=ready, timeout=900)
+        launcher.launch("xds", argv, ready_path=self.ready, timeout=900)
         component = launcher["xds"]
         assert component.pid is not None
         self.pid = component.pid
         self.log = component.log_path
+        if wait:
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the ready file (written once listening with the first compile done)."""
+        self.launcher.wait_ready(["xds"])
+        info = read_ready(self.ready)
+        assert info is not None
+        self.ready_at = self.ready.stat().st_mtime
         self.ads_port = int(info["ads"].rsplit(":", 1)[1])
         self.admin = info["admin"]
         self.identity = info["server_identity"]
@@ -191,26 +206,50 @@ class Server:
         return 0.0
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.pid)
+
+    def compiler_cpu_seconds(self) -> float:
+        """CPU of the server's child processes (the compile worker), which cpu_seconds leaves
+        out."""
+        children = set()
+        for task in Path(f"/proc/{self.pid}/task").iterdir():  # (a thread spawns the worker)
+            with contextlib.suppress(OSError):
+                children.update((task / "children").read_text().split())
+        return sum(process_cpu(int(child)) for child in children)
+
+
+def process_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Worker:
     """The simulated nodes' process (bench/fleet_nodes.py), driven over a local TCP connection
     with JSON lines."""
 
-    def __init__(self, work: Path, launcher: Launcher, name: str, server: Server) -> None:
+    def __init__(self, work: Path, launcher: Launcher, name: str, server: Any) -> None:
+        """``server``: its ``ads_port`` and ``identity`` (a Server, or a :class:`Target`)."""
         ready = work / f"{name}.ready.json"
         argv = [sys.executable, str(NODES_SCRIPT), str(work), str(server.ads_port),
                 server.identity, str(ready)]  # fmt: skip
         info = launcher.start(name, argv, ready_path=ready, timeout=120)
+        self.pid = launcher[name].pid or 0
         self.name = name
         self.sock = socket.create_connection(("127.0.0.1", int(info["control"])))
         self.file = self.sock.makefile("rw", encoding="utf-8")
 
     def ask(self, command: str) -> dict[str, Any]:
+        self.send(command)
+        return self.answer(command)
+
+    def send(self, command: str) -> None:
         self.file.write(command + "\n")
         self.file.flush()
+
+    def answer(self, command: str = "") -> dict[str, Any]:
         line = self.file.readline()
         if not line:
             raise RuntimeError(f"{self.name} died on {command[:80]!r}")
@@ -223,6 +262,25 @@ class Worker:
         with contextlib.suppress(Exception):
             self.ask("quit")
         self.sock.close()
+
+
+@dataclasses.dataclass
+class Target:
+    """Where the simulated nodes connect before the server's ready file says so."""
+
+    ads_port: int
+    identity: str
+
+
+def target(ps: Any) -> Target:
+    """A free port for the server's ADS (chosen here, so the nodes can start first) and the
+    identity it will present."""
+    from meshward.xds.controlplane import server_spiffe_id
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    return Target(port, server_spiffe_id(ps, ps.mesh.trust_domain))
 
 
 def envoy_refs(ps: Any, callee: str, count: int) -> list[str]:
@@ -363,29 +421,50 @@ def run_size(topology: str, services: int, replicas: int, envoys: int) -> dict[s
         work = Path(tmp)
         nodes = prepare(work, ps, replicas)
         with Launcher(work, quiet=True) as launcher:
+            where = target(ps)
+            # The nodes' process first: a restarted control plane's fleet is there already.
+            worker = Worker(work, launcher, "nodes", where)
             t0 = time.time()
-            server = Server(work, launcher)
-            rss0 = server.rss_mb()  # compiled, no node connected yet
-            worker = Worker(work, launcher, "nodes", server)
-            # The probe in a process of its own: its answers are timed without waiting behind
-            # the simulated nodes' decoding (in the nodes' process, that delay was part of it).
-            prober = Worker(work, launcher, "probe", server)
+            server = Server(work, launcher, where.ads_port, wait=False)
             try:
-                return measure(work, launcher, server, worker, prober, ps, nodes, edited, callee,
-                               t0, rss0, envoys, Path(agents))  # fmt: skip
+                return measure(work, launcher, server, worker, ps, nodes, edited, callee,
+                               t0, envoys, Path(agents))  # fmt: skip
             finally:
-                prober.stop()
                 worker.stop()
 
 
 def measure(
-    work: Path, launcher: Launcher, server: Server, worker: Worker, prober: Worker, ps: Any,
-    nodes: list[str], edited: Any, callee: str, t0: float, rss0: float, envoys: int,
-    agents: Path,
+    work: Path, launcher: Launcher, server: Server, worker: Worker, ps: Any,
+    nodes: list[str], edited: Any, callee: str, t0: float, envoys: int, agents: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    connected = worker.ask("connect")
+    nodes_cpu0, connect_at = process_cpu(worker.pid), time.time()
+    worker.send("connect listening")  # from the moment the port listens
+    server.finish()
+    rss0 = server.rss_mb()  # compiled; the streams opened so far held, nothing served yet
+    connected = worker.answer("connect")
     cold = connected["all_configured_wall"] - t0
     cpu_cold = server.cpu_seconds()
+    nodes_cpu = process_cpu(worker.pid) - nodes_cpu0
+    # The probe in a process of its own: its answers are timed without waiting behind the
+    # simulated nodes' decoding (in the nodes' process, that delay was part of it).
+    prober = Worker(work, launcher, "probe", server)
+    try:
+        return measure_edits(work, launcher, server, worker, prober, ps, nodes, edited, callee,
+                             envoys, agents, {
+            "cold": cold,
+            "cold_cpu": cpu_cold,
+            **cold_phases(t0, server, connect_at, connected, cpu_cold, nodes_cpu),
+            "resources_cold": connected["resources"],
+            "rss0": rss0,
+        })  # fmt: skip
+    finally:
+        prober.stop()
+
+
+def measure_edits(
+    work: Path, launcher: Launcher, server: Server, worker: Worker, prober: Worker, ps: Any,
+    nodes: list[str], edited: Any, callee: str, envoys: int, agents: Path, cold: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     rss = server.rss_mb()
     real = start_envoys(work, launcher, server, ps, envoy_refs(ps, callee, envoys), agents)
     wait_envoys(server, real, 0.0, 180)
@@ -419,11 +498,8 @@ def measure(
         "nodes": len(nodes),
         "services": len(ps.workloads),
         "envoys": len(real),
-        "cold": cold,
-        "cold_cpu": cpu_cold,
-        "resources_cold": connected["resources"],
+        **cold,
         "rss": rss,
-        "rss0": rss0,
         "one": one_sim,
         "one_envoy": one_real,
         "one_client": one["last_wall"] - start,
@@ -444,6 +520,24 @@ def measure(
     }
 
 
+def cold_phases(
+    t0: float, server: Server, connect_at: float, connected: Mapping[str, Any],
+    cpu_cold: float, nodes_cpu: float,
+) -> dict[str, float]:  # fmt: skip
+    """Where a cold start's time goes: the server's launch to its first accepted connection
+    (``cold_listen``; the nodes connect from then on, their streams waiting for the first
+    compile), to its ready file (``cold_ready``: first compile done), to every node configured
+    (``cold``); and the CPU each side spent: the server process, its compile worker, and the
+    nodes' process (one Python process: its CPU is a floor on the cold start's wall time,
+    whatever the server does)."""
+    return {
+        "cold_listen": connected["listening_wall"] - t0,
+        "cold_ready": server.ready_at - t0,
+        "cold_cpu_compiler": server.compiler_cpu_seconds(),
+        "cold_cpu_nodes": nodes_cpu,
+    }
+
+
 def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
     """Only the cold start: every node connects at once; failed streams are retried after
     500 ms (as Envoy does) and counted by error, and the server log is searched for what it
@@ -453,11 +547,18 @@ def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
         work = Path(tmp)
         nodes = prepare(work, ps, replicas)
         with Launcher(work, quiet=True) as launcher:
+            where = target(ps)
+            worker = Worker(work, launcher, "nodes", where)
             t0 = time.time()
-            server = Server(work, launcher)
-            worker = Worker(work, launcher, "nodes", server)
+            server = Server(work, launcher, where.ads_port, wait=False)
             try:
-                connected = worker.ask("connect retry")
+                nodes_cpu0, connect_at = process_cpu(worker.pid), time.time()
+                connected = worker.ask("connect retry listening")
+                server.finish()
+                phases = cold_phases(
+                    t0, server, connect_at, connected, server.cpu_seconds(),
+                    process_cpu(worker.pid) - nodes_cpu0,
+                )  # fmt: skip
                 status, status_nodes, metrics = server.status_seconds()
             finally:
                 worker.stop()
@@ -468,6 +569,9 @@ def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
             return {
                 "nodes": len(nodes),
                 "cold": connected["all_configured_wall"] - t0,
+                "cold_cpu": server.cpu_seconds(),
+                **phases,
+                "load_average": os.getloadavg(),
                 "failures": connected["failures"],
                 "failure_times (started s, lasted s, types received)": connected["failure_times"],
                 "server_log": {w: log.count(w) for w in words},
@@ -539,8 +643,11 @@ def report(
               f"{m['one_envoys']:.0f} real Envoy(s), {m['one_touched']:.0f} simulated nodes got "
               f"anything, server CPU {m['one_cpu'] * 1000:.0f} ms; client-side (last route "
               f"received) one-policy {m['one_client'] * 1000:.0f} ms, mesh-wide "
-              f"{m['mesh_client']:.2f} s; cold start server CPU {m['cold_cpu']:.1f} s, "
-              f"{m['resources_cold']:.0f} resources delivered; RSS {m['rss0']:.0f} MiB compiled, "
+              f"{m['mesh_client']:.2f} s; cold start: listening after {m['cold_listen']:.1f} s, "
+              f"first compile done {m['cold_ready']:.1f} s, CPU: server {m['cold_cpu']:.1f} s + "
+              f"compile worker {m['cold_cpu_compiler']:.1f} s, nodes' process "
+              f"{m['cold_cpu_nodes']:.1f} s; "
+              f"{m['resources_cold']:.0f} resources delivered; RSS {m['rss0']:.0f} MiB compiled (streams held), "
               f"{m['rss']:.0f} MiB with every node connected ({m['rss'] / m['services']:.2f} MiB "
               f"per service); {m['envoys']:.0f} real Envoys; probe answers {m['probes']:.0f}")  # fmt: skip
     if len(sizes) > 1:

@@ -98,8 +98,10 @@ def mesh_wide_edit(ps: Any) -> Any:
 class Server:
     def __init__(self, launcher: Launcher, work: Path, path: str | None) -> None:
         self.ready = work / "server.ready.json"
+        # -P: with `-m`, Python puts the working directory first on sys.path, before PYTHONPATH:
+        # run from a checkout, every --server-path would have been that checkout's code.
         argv = [
-            sys.executable, "-m", "meshward", "xds", "serve",
+            sys.executable, *(["-P"] if path else []), "-m", "meshward", "xds", "serve",
             "--policy", str(work / "policies"), "--ca", str(work / "ca"), "--secrets", "agent",
             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--access-log", "off",
             "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(self.ready),

@@ -179,11 +179,11 @@ def resource_problems(resources: WorkloadResources) -> list[str]:
 
 
 def _message_problems(messages: Sequence[Any]) -> Iterator[str]:
-    from meshward.compile.workload import to_dict
+    from meshward.compile.message_regexes import message_regexes
 
     for message in messages:
         name = getattr(message, "name", "") or getattr(message, "cluster_name", "")
-        for regex in dict.fromkeys(regexes(to_dict(message))):
+        for regex in dict.fromkeys(message_regexes(message)):
             reason = regex_problem(regex)
             if reason is not None:
                 head = regex if len(regex) <= 80 else regex[:80] + "..."

@@ -37,6 +37,8 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.type.matcher.v3 import http_inputs_pb2  # noqa: F401
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 
+from meshward.compile import fastparse
+
 # Subtrees that hold no Any: not walked (an RBAC config with 1,000 rules is most of a listener).
 _NO_ANY = frozenset(
     {
@@ -49,6 +51,17 @@ _NO_ANY = frozenset(
 
 
 def _parse(data: dict[str, Any], message: Any) -> Any:
+    """``data`` as ``message``: by :mod:`meshward.compile.fastparse` (same bytes, a fraction of
+    the CPU), or by ``json_format.ParseDict`` when ``data`` uses more of the JSON mapping."""
+    try:
+        return fastparse.parse(data, message)
+    except (fastparse.Unsupported, ValueError, TypeError, KeyError):
+        message.Clear()
+    return slow_parse(data, message)
+
+
+def slow_parse(data: dict[str, Any], message: Any) -> Any:
+    """The general path: ``json_format.ParseDict``, then every Any re-packed."""
     json_format.ParseDict(data, message)
     _repack(message)
     return message

@@ -271,6 +271,7 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
                 flows=None if flows_db is None else flows(flows_db),
                 history_dir=_history_dir(args, flows_db),
                 history_keep=args.history,
+                compile_on_start=True,
             )
         except PolicyError as exc:
             raise UserError(f"the policy set is invalid; not starting.\n{exc}") from None
@@ -284,14 +285,20 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
                 f"policy trust domain {service.control.policy.mesh.trust_domain!r} differs from "
                 f"the CA's {ca.trust_domain!r}; fix MeshConfig.spec.trustDomain or use another CA"
             )
-        errors = service.control.compile_errors()
-        if errors:
-            first = next(iter(errors.values())).removeprefix("UserError: ")
-            raise UserError(
-                f"refusing to start: {len(errors)} workload(s) cannot be compiled "
-                f"({', '.join(list(errors)[:5])}{', ...' if len(errors) > 5 else ''}): {first}"
-            )
-        await service.start()
+
+        def refuse_on_compile_errors() -> None:
+            errors = service.control.compile_errors()
+            if errors:
+                first = next(iter(errors.values())).removeprefix("UserError: ")
+                raise UserError(
+                    f"refusing to start: {len(errors)} workload(s) cannot be compiled "
+                    f"({', '.join(list(errors)[:5])}{', ...' if len(errors) > 5 else ''}): "
+                    f"{first}"
+                )
+
+        # The first compile runs with the ADS port open: the sidecars' TLS handshakes and first
+        # requests overlap it; their streams wait, nothing is served before it is done.
+        await service.start(check=refuse_on_compile_errors)
         ready = {
             "ads": service.address,
             "admin": service.admin_url,

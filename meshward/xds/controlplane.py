@@ -83,9 +83,12 @@ class ControlPlane:
         clock: Callable[[], float] = time.monotonic,
         reload_ca: bool = True,
         limits: NodeLimits | None = None,
+        compile_now: bool = True,
     ) -> None:
         """``svid_ttl``: the lifetime of SVIDs signed for nodes' CSRs (the certificate service
-        reads it) and of the ADS server's own certificate unless ``server_ttl``."""
+        reads it) and of the ADS server's own certificate unless ``server_ttl``.
+        ``compile_now=False``: the first compile is the caller's (:meth:`compile_first`, e.g.
+        while the ADS port already takes connections); until then no node has a config."""
         from meshward.certs import RotationSchedule
 
         self.policy = policy
@@ -126,9 +129,20 @@ class ControlPlane:
         self.compile_worker = CompileWorker(
             self._compile_newest, self._installed, threading.Lock(), self._compile_failed
         )
+        if compile_now:
+            self.compile_first()
+        self._refresh_bundle(self._compiled_at)
+
+    @property
+    def compiled(self) -> bool:
+        """The first compile is done (until then every node would get an empty config)."""
+        return not self._first_compile
+
+    def compile_first(self) -> None:
+        """The first compile of the policy set (blocking; a worker thread may run it). Errors
+        are not logged one by one: the caller reports them (`xds serve` refuses to start)."""
         self._recompile(self._compiled_at)
         self._first_compile = False
-        self._refresh_bundle(self._compiled_at)
 
     # -- policy --------------------------------------------------------------------------------
     def _recompile(self, now: datetime, *, full: bool = False) -> set[str]:

@@ -181,6 +181,11 @@ class AdsServer:
         self.extra_handlers: list[grpc.GenericRpcHandler] = []
         # Other services on the same mTLS port (the flow collector, meshward.flows.collector).
         self.services: list[Callable[[grpc.aio.Server], None]] = []
+        # Cleared while the control plane's first compile runs with the port already open:
+        # streams are taken (TLS handshake, first request) and wait here, before anything is
+        # counted or served; nothing partial is ever sent (fail closed).
+        self.accepting = asyncio.Event()
+        self.accepting.set()
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
@@ -236,6 +241,8 @@ class AdsServer:
             first = await request_iterator.__anext__()
         except StopAsyncIteration:
             return
+        if not self.accepting.is_set():
+            await self.accepting.wait()
         stream = await self._open(mode, first, context)
         if stream is None:
             return

@@ -60,6 +60,7 @@ class XdsService:
         flows: AttachedServiceFactory | None = None,
         history_dir: Path | None = None,
         history_keep: int = 20,
+        compile_on_start: bool = False,
     ) -> None:
         """``policy``: the policy set to serve, or None with ``policy_paths`` (loaded now, so an
         invalid set raises PolicyError here, then watched). ``compiler``: usually
@@ -76,7 +77,10 @@ class XdsService:
         :func:`meshward.flows.service.flows_for` with the flow store's URL (None: no collector;
         see :mod:`meshward.xds.attached` for why it is handed in).
         ``history_dir``: where the last ``history_keep`` applied policy sets and the audit log
-        are kept (meshward.xds.history; None: no history, /policy is still served)."""
+        are kept (meshward.xds.history; None: no history, /policy is still served).
+        ``compile_on_start``: the first compile runs in :meth:`start`, with the ADS port already
+        open (a restarted control plane's fleet does its TLS handshakes meanwhile; their streams
+        wait for the compile, nothing is served before it), not here."""
         self.watcher: Any = None
         if policy_paths:
             # Loads now (PolicyError if invalid: a server refuses to start on a bad policy set);
@@ -96,8 +100,9 @@ class XdsService:
             self.jwks.refresh(jwks_uris(policy))
         self.limits = limits or NodeLimits()
         self.control = ControlPlane(
-            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits
-        )
+            policy, ca, compiler, svid_ttl=svid_ttl, schedule=schedule, limits=self.limits,
+            compile_now=not compile_on_start,
+        )  # fmt: skip
         self.certs = _cert_service(self.control, self.limits, ca, state_dir)
         self.join_listen = join_listen
         self.control.metrics = self.metrics
@@ -145,12 +150,27 @@ class XdsService:
     def server_identity(self) -> str:
         return server_spiffe_id(self.control.policy, self.control.ca.trust_domain)
 
-    async def start(self) -> XdsService:
-        for ref, error in self.control.compile_errors().items():
-            log.error("workload %s cannot be compiled (it gets no config): %s", ref, error)
+    async def start(self, check: Callable[[], None] | None = None) -> XdsService:
+        """Listen and serve. ``check``: called once the first compile is done, before anything
+        else starts (its exception stops the service: `xds serve` refuses to start on a policy
+        set that does not compile)."""
         tls = self.control.make_server_tls()
         self.ads.extra_handlers.append(self.certs.handler())  # CSR renewals on the ADS port
+        first = not self.control.compiled
+        if first:
+            self.ads.accepting.clear()
         self.port = await self.ads.start(self.listen, tls.credentials())
+        try:
+            if first:
+                await asyncio.to_thread(self.control.compile_first)
+            if check is not None:
+                check()
+        except BaseException:
+            await self.ads.stop(0)
+            raise
+        self.ads.accepting.set()
+        for ref, error in self.control.compile_errors().items():
+            log.error("workload %s cannot be compiled (it gets no config): %s", ref, error)
         if self.join_listen is not None:
             try:
                 await self.certs.start_join(self.join_listen, tls)

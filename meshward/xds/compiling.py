@@ -265,6 +265,11 @@ class CompileWorker:
                 self._drain(), name="meshward-xds-compile"
             )
 
+    @property
+    def busy(self) -> bool:
+        """A compile is queued, running or being installed."""
+        return self._task is not None and not self._task.done()
+
     def _compile(self, policy: PolicySet) -> Compiled:
         with self.lock:
             return self._run(policy)
@@ -317,15 +322,20 @@ async def paced(
     batch: int = FANOUT_BATCH,
     pause: float = FANOUT_PAUSE,
     backlog: Callable[[], int] | None = None,
+    settle: Callable[[], None] | None = None,
 ) -> None:
     """Run ``steps`` (each wakes one node's streams), pausing after every ``batch``: the
     streams already woken push their config, and every other stream's requests are served,
     before more nodes are woken. ``backlog``: streams woken and not yet pushed; after a batch
     the next waits until it is at most ``batch`` (bounded by FANOUT_MAX_WAIT), so pushes in
-    flight stay bounded and a stream's own request never waits behind thousands of them."""
+    flight stay bounded and a stream's own request never waits behind thousands of them.
+    ``settle``: called after every batch (the control plane freezes what the batch allocated,
+    meshward.xds.heap, so no garbage collection pass on the loop walks the whole fan-out)."""
     loop = asyncio.get_running_loop()
     for count, _ in enumerate(steps, 1):
         if count % batch == 0:
+            if settle is not None:
+                settle()
             await asyncio.sleep(pause)
             deadline = loop.time() + FANOUT_MAX_WAIT
             while backlog is not None and backlog() > batch and loop.time() < deadline:

@@ -122,6 +122,8 @@ class ControlPlane:
         self._first_compile = True
         # Compiles with its incremental state: here, or in a worker process of its own.
         self._compile = config_compiler(compiler)
+        self.heap = heap.Heap()  # frozen as the fan-out goes (meshward.xds.heap)
+        self._fanning_out = False
         self._latest_policy = policy  # the newest policy asked for (worker results older: dropped)
         self.compile_worker = CompileWorker(
             self._compile_newest, self._installed, threading.Lock(), self._compile_failed
@@ -186,8 +188,22 @@ class ControlPlane:
         self.policy_applied_at = self.wall_clock()
         self.policy_error = None
         self.policy_error_at = None
-        await paced(self._refresh_steps(compiled.changed), backlog=lambda: self.cache.pushing)
+        await self._fan_out(compiled.changed)
         self._applied(compiled.policy, compiled.changed, refresh=False)
+
+    async def _fan_out(self, workload_refs: set[str]) -> None:
+        """Refresh the nodes of ``workload_refs`` a batch at a time (meshward.xds.compiling.paced),
+        freezing what each batch allocated (meshward.xds.heap)."""
+        self._fanning_out = True
+        try:
+            await paced(
+                self._refresh_steps(workload_refs),
+                backlog=lambda: self.cache.pushing,
+                settle=self.heap.settle,
+            )
+        finally:
+            self._fanning_out = False
+            self.heap.settle()
 
     def _applied(self, policy: PolicySet, changed: set[str], *, refresh: bool = True) -> None:
         if refresh:
@@ -512,6 +528,23 @@ class ControlPlane:
         self._maybe_reload_ca()
         self._refresh_bundle(now)
         self.collect_nodes()
+        self._settle_heap()
+
+    def _settle_heap(self) -> None:
+        """Freeze what the last few seconds allocated (connections, snapshots: no collection
+        pass on the loop walks a whole fleet of them), and collect the reference cycles frozen
+        meanwhile once the frozen heap has doubled (meshward.xds.heap), never while a fan-out
+        or its pushes are under way."""
+        self.heap.settle()
+        busy = self._fanning_out or self.cache.pushing or self.compile_worker.busy
+        if busy or not self.heap.thaw_due():
+            return
+        started = time.perf_counter()
+        freed = self.heap.thaw()
+        log.info(
+            "heap thawed: a full garbage collection freed %d object(s) in %.0f ms",
+            freed, (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
 
     def seconds_until_next(self, now: datetime) -> float:
         waits = [CA_POLL_SECONDS]
@@ -537,12 +570,12 @@ class ControlPlane:
         """Timers: the server certificate's renewals, expires-at re-pushes, CA reloads. Cancel
         to stop."""
         self._wake = asyncio.Event()
-        heap.freeze()  # the compiled mesh is long-lived: out of the garbage collector's scans
+        self.heap.start()  # the compiled mesh is long-lived: out of the garbage collector's scans
         try:
             await self._timers()
         finally:
             self.compile_worker.close()
-            heap.unfreeze()
+            self.heap.stop()
             self._compile.close()
 
     async def _timers(self) -> None:

@@ -238,14 +238,14 @@ class CompileWorker:
     """Runs :func:`compile_configs` in one worker thread for the control plane's loop.
 
     ``submit(policy)`` (on the loop) queues a compile of ``policy``; while one runs, further
-    submissions replace the queued one (only the newest policy matters). ``install`` is awaited
-    on the loop with each result. ``lock`` serializes every compile of the control plane, in
-    the worker or on the loop.
+    submissions replace the queued one (only the newest policy matters; ``full`` sticks: a
+    queued compile from scratch stays one). ``install`` is awaited on the loop with each
+    result. ``lock`` serializes every compile of the control plane, in the worker or on the loop.
     """
 
     def __init__(
         self,
-        run: Callable[[PolicySet], Compiled],
+        run: Callable[[PolicySet, bool], Compiled],
         install: Callable[[Compiled], Awaitable[None]],
         lock: threading.Lock,
         failed: Callable[[PolicySet, str], None] | None = None,
@@ -255,11 +255,13 @@ class CompileWorker:
         self._failed = failed
         self.lock = lock
         self._pending: PolicySet | None = None
+        self._full = False  # the queued compile is from scratch
         self._task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def submit(self, policy: PolicySet) -> None:
+    def submit(self, policy: PolicySet, *, full: bool = False) -> None:
         self._pending = policy
+        self._full = self._full or full
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._drain(), name="meshward-xds-compile"
@@ -270,9 +272,9 @@ class CompileWorker:
         """A compile is queued, running or being installed."""
         return self._task is not None and not self._task.done()
 
-    def _compile(self, policy: PolicySet) -> Compiled:
+    def _compile(self, policy: PolicySet, full: bool) -> Compiled:
         with self.lock:
-            return self._run(policy)
+            return self._run(policy, full)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -282,8 +284,9 @@ class CompileWorker:
             )
         while self._pending is not None:
             policy, self._pending = self._pending, None
+            full, self._full = self._full, False
             try:
-                compiled = await loop.run_in_executor(self._executor, self._compile, policy)
+                compiled = await loop.run_in_executor(self._executor, self._compile, policy, full)
             except Exception as exc:
                 log.exception(
                     "compiling policy %s failed; keeping the one in force", policy.version[:12]

@@ -125,6 +125,8 @@ class ControlPlane:
         self.heap = heap.Heap()  # frozen as the fan-out goes (meshward.xds.heap)
         self._fanning_out = False
         self._latest_policy = policy  # the newest policy asked for (worker results older: dropped)
+        self._recompile_reason = ""  # why the policy in force is being recompiled in the worker
+        self._expiry_asked: datetime | None = None  # an expires-at recompile is queued as of then
         self.compile_worker = CompileWorker(
             self._compile_newest, self._installed, threading.Lock(), self._compile_failed
         )
@@ -147,14 +149,16 @@ class ControlPlane:
         self.configs = compiled.configs
         self._compiled_at = compiled.now
 
-    def _compile_newest(self, policy: PolicySet) -> Compiled:
+    def _compile_newest(self, policy: PolicySet, full: bool) -> Compiled:
         """In the worker thread (under the compile lock): compile ``policy`` from the state in
-        force."""
-        return self._compile(policy, self.wall_clock(), self.configs)
+        force (from scratch if ``full``)."""
+        return self._compile(policy, self.wall_clock(), self.configs, full=full)
 
     def _compile_failed(self, policy: PolicySet, error: str) -> None:
         """On the loop: a compile gave no result (its worker died twice); the configs in force
-        stay, and status and metrics say why."""
+        stay, and status and metrics say why. An expires-at recompile is asked for again at
+        the next maintenance pass (an expired allow must not stay in force)."""
+        self._expiry_asked = None
         if policy is not self._latest_policy:
             return
         self.policy_error = f"compiling policy {policy.version[:12]} failed: {error}"
@@ -178,18 +182,36 @@ class ControlPlane:
         self._latest_policy = policy
         self.compile_worker.submit(policy)
 
+    def recompile_later(self, reason: str, *, full: bool = False) -> None:
+        """Recompile the policy set in force (an expires-at instant, changed JWKS) in the
+        worker: the loop keeps serving streams meanwhile, and the nodes whose config changed
+        are pushed to when it is done (``full``: from scratch, when the compiler's own inputs
+        changed)."""
+        self._recompile_reason = reason
+        self.compile_worker.submit(self._latest_policy, full=full)
+
     async def _installed(self, compiled: Compiled) -> None:
         """On the loop: a worker compile is done; its nodes are woken a batch at a time."""
         if compiled.policy is not self._latest_policy:
             return  # a newer policy was applied meanwhile
+        applied = compiled.policy is not self.policy  # else: the set in force, recompiled
         with self.compile_worker.lock:
             self.policy = compiled.policy
             self._install(compiled)
-        self.policy_applied_at = self.wall_clock()
-        self.policy_error = None
-        self.policy_error_at = None
+        self._expiry_asked = None
+        if applied:
+            self.policy_applied_at = self.wall_clock()
+            self.policy_error = None
+            self.policy_error_at = None
         await self._fan_out(compiled.changed)
-        self._applied(compiled.policy, compiled.changed, refresh=False)
+        if applied:
+            self._applied(compiled.policy, compiled.changed, refresh=False)
+            return
+        log.info(
+            "%s: recompiled, %d workload(s) changed",
+            self._recompile_reason or "recompile", len(compiled.changed),
+        )  # fmt: skip
+        self._poke()
 
     async def _fan_out(self, workload_refs: set[str]) -> None:
         """Refresh the nodes of ``workload_refs`` a batch at a time (meshward.xds.compiling.paced),
@@ -253,17 +275,29 @@ class ControlPlane:
         return on_change, on_error
 
     def next_expiry(self, now: datetime) -> datetime | None:
+        """The next expires-at instant not compiled for yet (nor queued for compiling)."""
+        since = self._compiled_at
+        if self._expiry_asked is not None and self._expiry_asked > since:
+            since = self._expiry_asked
         upcoming = [
             p.expires_at
             for p in self.policy.authorization_policies
-            if p.expires_at is not None and p.expires_at > self._compiled_at
+            if p.expires_at is not None and p.expires_at > since
         ]
         return min(upcoming, default=None)
 
     def _expire(self, now: datetime) -> None:
-        changed = self._recompile(now)
-        log.info("expires-at reached: recompiled, %d workload(s) changed", len(changed))
-        self._refresh_nodes(changed)
+        """An expires-at instant: recompile in the worker (on the loop), or here and now
+        (called without a running loop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            changed = self._recompile(now)
+            log.info("expires-at reached: recompiled, %d workload(s) changed", len(changed))
+            self._refresh_nodes(changed)
+            return
+        self._expiry_asked = now
+        self.recompile_later("expires-at reached")
 
     def compile_errors(self) -> dict[str, str]:
         """Workload ref -> why its config could not be compiled (it keeps its previous one)."""

@@ -398,7 +398,8 @@ async def test_rejected_policy_change_is_reported(service: XdsService) -> None:
 async def test_expiring_policy_is_repushed_at_its_instant(
     ca: CertificateAuthority, clients: Clients, process: bool
 ) -> None:
-    expires = (datetime.now(UTC) + timedelta(seconds=1.5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Far enough ahead for a busy machine to start the compile worker process and sync first.
+    expires = (datetime.now(UTC) + timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     annotated = policy('"GET"', f', annotations: {{"meshward.dev/expires-at": "{expires}"}}')
     svc = XdsService(annotated, ca, compiler_for(CompileOptions(), process=process), admin=None)
     await svc.start()
@@ -412,7 +413,7 @@ async def test_expiring_policy_is_repushed_at_its_instant(
         # The expiring policy's rules are in the route config: the re-push is an RDS push.
         rds_before = client.view(typeurls.ROUTE).responses
         await until(
-            lambda: client.view(typeurls.ROUTE).responses > rds_before, timeout=5, what="re-push"
+            lambda: client.view(typeurls.ROUTE).responses > rds_before, timeout=20, what="re-push"
         )
         assert svc.status()["policy"]["next_expiry"] is None
         assert svc.control.policy.version == annotated.version  # same policy, new decisions

@@ -358,6 +358,7 @@ class ControlPlane:
         self._refresh_node(state)
 
     def node_disconnected(self, node: NodeId) -> None:
+        self.heap.stream_closed()  # its gRPC call's reference cycles (meshward.xds.heap)
         state = self.nodes.get(str(node))
         if state is not None:
             state.connected = False
@@ -567,11 +568,11 @@ class ControlPlane:
     def _settle_heap(self) -> None:
         """Freeze what the last few seconds allocated (connections, snapshots: no collection
         pass on the loop walks a whole fleet of them), and collect the reference cycles frozen
-        meanwhile once the frozen heap has doubled (meshward.xds.heap), never while a fan-out
-        or its pushes are under way."""
+        meanwhile once a fleet's worth of streams has closed or the frozen heap has grown
+        (meshward.xds.heap), never while a compile, a fan-out or its pushes are under way."""
         self.heap.settle()
         busy = self._fanning_out or self.cache.pushing or self.compile_worker.busy
-        if busy or not self.heap.thaw_due():
+        if busy or not self.heap.thaw_due(len(self.nodes)):
             return
         started = time.perf_counter()
         freed = self.heap.thaw()

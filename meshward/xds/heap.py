@@ -18,11 +18,16 @@ than what one batch allocated.
 
 The cost is bounded: a frozen object is still freed by reference counting when dropped; only
 one that is (or becomes) part of a reference cycle is kept until the next :meth:`Heap.thaw`.
-That happens when the frozen heap has grown to ``growth`` times what it was after the last
-full collection (or the first settle): the cycles kept are at most that much, never more per
-edit. The thaw is a full collection (a pause of every stream, as the collector's own full
-passes are), so the control plane asks for it only when no fan-out is under way. When the
-control plane stops (tests run many in one process) the heap is unfrozen and collected as usual.
+The cycles seen at fleet scale (gc callbacks with ``DEBUG_SAVEALL``) are gRPC's per-call
+objects: ~5 per stream opened and ~33 per stream closed; the fan-out itself makes none. So a
+thaw is due when as many streams have closed since the last one as there are nodes (at least
+``streams``), or, for cycles of any other origin, when the frozen heap has grown to ``growth``
+times its size after the last full collection (and by ``floor`` objects): a fleet connecting
+is live growth, not garbage, and thawing for it would pause every stream right after a cold
+start. The thaw is a full collection (a pause of every stream, as the collector's own full
+passes are), so the control plane asks for it only when no compile or fan-out is under way.
+When the control plane stops (tests run many in one process) the heap is unfrozen and
+collected as usual.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from __future__ import annotations
 import gc
 
 #: The frozen heap may grow to this many times its size after the last full collection
-#: before the next thaw collects the reference cycles kept meanwhile.
-GROWTH = 2.0
+#: before the next thaw collects the reference cycles kept meanwhile ...
+GROWTH = 4.0
 #: ... and by at least this many objects (a small heap is not thawed over a few objects).
-FLOOR = 200_000
+FLOOR = 500_000
+#: Streams closed since the last thaw that make one due (or as many as there are nodes).
+STREAMS = 1_000
 
 
 def freeze() -> int:
@@ -52,28 +59,37 @@ def unfreeze() -> None:
 class Heap:
     """When the control plane freezes and collects (see the module's docstring)."""
 
-    def __init__(self, *, growth: float = GROWTH, floor: int = FLOOR) -> None:
+    def __init__(
+        self, *, growth: float = GROWTH, floor: int = FLOOR, streams: int = STREAMS
+    ) -> None:
         self.growth = growth
         self.floor = floor
-        self.reference: int | None = None  # frozen count after the last thaw or first settle
+        self.streams = streams
+        self.reference: int | None = None  # frozen count after the start or the last thaw
+        self.closed = 0  # streams closed since
         self.settles = 0
         self.thaws = 0
 
     def start(self) -> int:
         """Collect, then freeze the heap as the first compile left it."""
-        self.reference = None
-        return freeze()
+        self.reference = freeze()
+        self.closed = 0
+        return self.reference
 
     def settle(self) -> None:
         """Freeze what was allocated since the last settle (O(1): no object is walked)."""
         gc.freeze()
         self.settles += 1
-        if self.reference is None:
-            self.reference = gc.get_freeze_count()
 
-    def thaw_due(self) -> bool:
+    def stream_closed(self) -> None:
+        self.closed += 1
+
+    def thaw_due(self, nodes: int = 0) -> bool:
+        """``nodes``: how many the control plane serves (a fleet's worth of closed streams)."""
         if self.reference is None:
             return False
+        if self.closed >= max(self.streams, nodes):
+            return True
         frozen = gc.get_freeze_count()
         return frozen > self.reference * self.growth and frozen - self.reference > self.floor
 
@@ -84,6 +100,7 @@ class Heap:
         freed = gc.collect()
         gc.freeze()
         self.reference = gc.get_freeze_count()
+        self.closed = 0
         self.thaws += 1
         return freed
 

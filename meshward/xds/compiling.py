@@ -14,8 +14,9 @@
   control plane's :class:`ConfigCompiler` says: :class:`LocalCompile` in this process (it then
   shares the interpreter with the streams), or meshward.xds.compile_process in a worker
   process of its own (`xds serve`; the thread only waits for it and unpacks the changes).
-  Compiles that the loop itself asks for (a synchronous ``apply_policy``, an expires-at
-  instant, a JWKS change) take the same lock, so two compiles never run at once.
+  An expires-at instant and a JWKS change are queued here too (the policy set in force,
+  recompiled); compiles the caller waits for (a synchronous ``apply_policy``, ``refresh``, an
+  expiry with no loop running) take the same lock, so two compiles never run at once.
 """
 
 from __future__ import annotations

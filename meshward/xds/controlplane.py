@@ -16,8 +16,10 @@
 
 Everything here runs on the server's event loop; the policy watcher's thread hops onto it with
 ``call_soon_threadsafe`` (see :meth:`ControlPlane.watcher_callbacks`), and the compile a policy
-change needs runs in a worker thread (meshward.xds.compiling), or in a worker process the
-thread waits for (meshward.xds.compile_process), so streams are served meanwhile.
+change, an expires-at instant or a JWKS change needs runs in a worker thread
+(meshward.xds.compiling), or in a worker process the thread waits for
+(meshward.xds.compile_process), so streams are served meanwhile; its result reaches the nodes a
+batch at a time, the heap frozen as it goes (meshward.xds.heap).
 """
 
 from __future__ import annotations

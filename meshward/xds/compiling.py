@@ -25,7 +25,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -344,3 +344,15 @@ async def paced(
             deadline = loop.time() + FANOUT_MAX_WAIT
             while backlog is not None and backlog() > batch and loop.time() < deadline:
                 await asyncio.sleep(pause)
+
+
+def releasing(steps: Iterator[bool], retired: dict[str, Any]) -> Iterator[bool]:
+    """``steps``, letting go of one entry of ``retired`` after each, then of the rest one per
+    step (each a step of its own, so the fan-out's pauses spread the deallocation too)."""
+    for step in steps:
+        yield step
+        if retired:
+            retired.popitem()
+    while retired:
+        retired.popitem()
+        yield False

@@ -39,7 +39,14 @@ from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import compiling, heap, typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
-from meshward.xds.compiling import Compiled, CompileWorker, WorkloadConfig, config_compiler, paced
+from meshward.xds.compiling import (
+    Compiled,
+    CompileWorker,
+    WorkloadConfig,
+    config_compiler,
+    paced,
+    releasing,
+)
 from meshward.xds.filesds import FilesSdsRewriter, secrets_dir_of
 from meshward.xds.limits import INSTANCE_LIMIT, IdentityIndex, NodeLimits, expired, next_expiry
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
@@ -197,6 +204,9 @@ class ControlPlane:
         if compiled.policy is not self._latest_policy:
             return  # a newer policy was applied meanwhile
         applied = compiled.policy is not self.policy  # else: the set in force, recompiled
+        # The configs replaced are let go of a few at a time during the fan-out: dropped at
+        # once, a mesh-wide edit's old configs were freed in one 170 ms pause of the loop.
+        retired = dict(self.configs)
         with self.compile_worker.lock:
             self.policy = compiled.policy
             self._install(compiled)
@@ -205,7 +215,7 @@ class ControlPlane:
             self.policy_applied_at = self.wall_clock()
             self.policy_error = None
             self.policy_error_at = None
-        await self._fan_out(compiled.changed)
+        await self._fan_out(compiled.changed, retired)
         if applied:
             self._applied(compiled.policy, compiled.changed, refresh=False)
             return
@@ -215,13 +225,16 @@ class ControlPlane:
         )  # fmt: skip
         self._poke()
 
-    async def _fan_out(self, workload_refs: set[str]) -> None:
+    async def _fan_out(
+        self, workload_refs: set[str], retired: dict[str, WorkloadConfig] | None = None
+    ) -> None:
         """Refresh the nodes of ``workload_refs`` a batch at a time (meshward.xds.compiling.paced),
-        freezing what each batch allocated (meshward.xds.heap)."""
+        freezing what each batch allocated (meshward.xds.heap); ``retired`` (configs no longer
+        in force) is emptied one entry per step meanwhile."""
         self._fanning_out = True
         try:
             await paced(
-                self._refresh_steps(workload_refs),
+                releasing(self._refresh_steps(workload_refs), retired or {}),
                 backlog=lambda: self.cache.pushing,
                 settle=self.heap.settle,
             )

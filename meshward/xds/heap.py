@@ -81,7 +81,11 @@ class Heap:
         return frozen
 
     def settle(self) -> None:
-        """Freeze what was allocated since the last settle (O(1): no object is walked)."""
+        """Freeze what was allocated since the last settle (O(1): no object is walked); only
+        between :meth:`start` and :meth:`stop` (a control plane driven without its timers, as
+        in tests, never freezes what nothing would unfreeze)."""
+        if self.reference is None:
+            return
         gc.freeze()
         self.settles += 1
 

@@ -85,3 +85,10 @@ def test_a_fleets_worth_of_closed_streams_makes_a_thaw_due(heap: Heap) -> None:
     assert heap.thaw_due(nodes=50)
     heap.thaw()
     assert heap.closed == 0 and not heap.thaw_due(nodes=50)
+
+
+def test_nothing_is_frozen_unless_started() -> None:
+    gc.unfreeze()
+    idle = Heap()
+    idle.settle()
+    assert gc.get_freeze_count() == 0 and idle.settles == 0 and not idle.thaw_due()

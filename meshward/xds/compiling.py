@@ -14,8 +14,9 @@
   control plane's :class:`ConfigCompiler` says: :class:`LocalCompile` in this process (it then
   shares the interpreter with the streams), or meshward.xds.compile_process in a worker
   process of its own (`xds serve`; the thread only waits for it and unpacks the changes).
-  Compiles that the loop itself asks for (a synchronous ``apply_policy``, an expires-at
-  instant, a JWKS change) take the same lock, so two compiles never run at once.
+  An expires-at instant and a JWKS change are queued here too (the policy set in force,
+  recompiled); compiles the caller waits for (a synchronous ``apply_policy``, ``refresh``, an
+  expiry with no loop running) take the same lock, so two compiles never run at once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -238,14 +239,14 @@ class CompileWorker:
     """Runs :func:`compile_configs` in one worker thread for the control plane's loop.
 
     ``submit(policy)`` (on the loop) queues a compile of ``policy``; while one runs, further
-    submissions replace the queued one (only the newest policy matters). ``install`` is awaited
-    on the loop with each result. ``lock`` serializes every compile of the control plane, in
-    the worker or on the loop.
+    submissions replace the queued one (only the newest policy matters; ``full`` sticks: a
+    queued compile from scratch stays one). ``install`` is awaited on the loop with each
+    result. ``lock`` serializes every compile of the control plane, in the worker or on the loop.
     """
 
     def __init__(
         self,
-        run: Callable[[PolicySet], Compiled],
+        run: Callable[[PolicySet, bool], Compiled],
         install: Callable[[Compiled], Awaitable[None]],
         lock: threading.Lock,
         failed: Callable[[PolicySet, str], None] | None = None,
@@ -255,19 +256,26 @@ class CompileWorker:
         self._failed = failed
         self.lock = lock
         self._pending: PolicySet | None = None
+        self._full = False  # the queued compile is from scratch
         self._task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def submit(self, policy: PolicySet) -> None:
+    def submit(self, policy: PolicySet, *, full: bool = False) -> None:
         self._pending = policy
+        self._full = self._full or full
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._drain(), name="meshward-xds-compile"
             )
 
-    def _compile(self, policy: PolicySet) -> Compiled:
+    @property
+    def busy(self) -> bool:
+        """A compile is queued, running or being installed."""
+        return self._task is not None and not self._task.done()
+
+    def _compile(self, policy: PolicySet, full: bool) -> Compiled:
         with self.lock:
-            return self._run(policy)
+            return self._run(policy, full)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -277,8 +285,9 @@ class CompileWorker:
             )
         while self._pending is not None:
             policy, self._pending = self._pending, None
+            full, self._full = self._full, False
             try:
-                compiled = await loop.run_in_executor(self._executor, self._compile, policy)
+                compiled = await loop.run_in_executor(self._executor, self._compile, policy, full)
             except Exception as exc:
                 log.exception(
                     "compiling policy %s failed; keeping the one in force", policy.version[:12]
@@ -317,16 +326,33 @@ async def paced(
     batch: int = FANOUT_BATCH,
     pause: float = FANOUT_PAUSE,
     backlog: Callable[[], int] | None = None,
+    settle: Callable[[], None] | None = None,
 ) -> None:
     """Run ``steps`` (each wakes one node's streams), pausing after every ``batch``: the
     streams already woken push their config, and every other stream's requests are served,
     before more nodes are woken. ``backlog``: streams woken and not yet pushed; after a batch
     the next waits until it is at most ``batch`` (bounded by FANOUT_MAX_WAIT), so pushes in
-    flight stay bounded and a stream's own request never waits behind thousands of them."""
+    flight stay bounded and a stream's own request never waits behind thousands of them.
+    ``settle``: called after every batch (the control plane freezes what the batch allocated,
+    meshward.xds.heap, so no garbage collection pass on the loop walks the whole fan-out)."""
     loop = asyncio.get_running_loop()
     for count, _ in enumerate(steps, 1):
         if count % batch == 0:
+            if settle is not None:
+                settle()
             await asyncio.sleep(pause)
             deadline = loop.time() + FANOUT_MAX_WAIT
             while backlog is not None and backlog() > batch and loop.time() < deadline:
                 await asyncio.sleep(pause)
+
+
+def releasing(steps: Iterator[bool], retired: dict[str, Any]) -> Iterator[bool]:
+    """``steps``, letting go of one entry of ``retired`` after each, then of the rest one per
+    step (each a step of its own, so the fan-out's pauses spread the deallocation too)."""
+    for step in steps:
+        yield step
+        if retired:
+            retired.popitem()
+    while retired:
+        retired.popitem()
+        yield False

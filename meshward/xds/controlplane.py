@@ -16,8 +16,10 @@
 
 Everything here runs on the server's event loop; the policy watcher's thread hops onto it with
 ``call_soon_threadsafe`` (see :meth:`ControlPlane.watcher_callbacks`), and the compile a policy
-change needs runs in a worker thread (meshward.xds.compiling), or in a worker process the
-thread waits for (meshward.xds.compile_process), so streams are served meanwhile.
+change, an expires-at instant or a JWKS change needs runs in a worker thread
+(meshward.xds.compiling), or in a worker process the thread waits for
+(meshward.xds.compile_process), so streams are served meanwhile; its result reaches the nodes a
+batch at a time, the heap frozen as it goes (meshward.xds.heap).
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import compiling, heap, typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate, credentials_status
-from meshward.xds.compiling import Compiled, CompileWorker, WorkloadConfig, config_compiler, paced
+from meshward.xds.compiling import (
+    Compiled,
+    CompileWorker,
+    WorkloadConfig,
+    config_compiler,
+    paced,
+    releasing,
+)
 from meshward.xds.filesds import FilesSdsRewriter, secrets_dir_of
 from meshward.xds.limits import INSTANCE_LIMIT, IdentityIndex, NodeLimits, expired, next_expiry
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
@@ -125,7 +134,11 @@ class ControlPlane:
         self._first_compile = True
         # Compiles with its incremental state: here, or in a worker process of its own.
         self._compile = config_compiler(compiler)
+        self.heap = heap.Heap()  # frozen as the fan-out goes (meshward.xds.heap)
+        self._fanning_out = False
         self._latest_policy = policy  # the newest policy asked for (worker results older: dropped)
+        self._recompile_reason = ""  # why the policy in force is being recompiled in the worker
+        self._expiry_asked: datetime | None = None  # an expires-at recompile is queued as of then
         self.compile_worker = CompileWorker(
             self._compile_newest, self._installed, threading.Lock(), self._compile_failed
         )
@@ -159,14 +172,16 @@ class ControlPlane:
         self.configs = compiled.configs
         self._compiled_at = compiled.now
 
-    def _compile_newest(self, policy: PolicySet) -> Compiled:
+    def _compile_newest(self, policy: PolicySet, full: bool) -> Compiled:
         """In the worker thread (under the compile lock): compile ``policy`` from the state in
-        force."""
-        return self._compile(policy, self.wall_clock(), self.configs)
+        force (from scratch if ``full``)."""
+        return self._compile(policy, self.wall_clock(), self.configs, full=full)
 
     def _compile_failed(self, policy: PolicySet, error: str) -> None:
         """On the loop: a compile gave no result (its worker died twice); the configs in force
-        stay, and status and metrics say why."""
+        stay, and status and metrics say why. An expires-at recompile is asked for again at
+        the next maintenance pass (an expired allow must not stay in force)."""
+        self._expiry_asked = None
         if policy is not self._latest_policy:
             return
         self.policy_error = f"compiling policy {policy.version[:12]} failed: {error}"
@@ -190,18 +205,56 @@ class ControlPlane:
         self._latest_policy = policy
         self.compile_worker.submit(policy)
 
+    def recompile_later(self, reason: str, *, full: bool = False) -> None:
+        """Recompile the policy set in force (an expires-at instant, changed JWKS) in the
+        worker: the loop keeps serving streams meanwhile, and the nodes whose config changed
+        are pushed to when it is done (``full``: from scratch, when the compiler's own inputs
+        changed)."""
+        self._recompile_reason = reason
+        self.compile_worker.submit(self._latest_policy, full=full)
+
     async def _installed(self, compiled: Compiled) -> None:
         """On the loop: a worker compile is done; its nodes are woken a batch at a time."""
         if compiled.policy is not self._latest_policy:
             return  # a newer policy was applied meanwhile
+        applied = compiled.policy is not self.policy  # else: the set in force, recompiled
+        # The configs replaced are let go of a few at a time during the fan-out: dropped at
+        # once, a mesh-wide edit's old configs were freed in one 170 ms pause of the loop.
+        retired = dict(self.configs)
         with self.compile_worker.lock:
             self.policy = compiled.policy
             self._install(compiled)
-        self.policy_applied_at = self.wall_clock()
-        self.policy_error = None
-        self.policy_error_at = None
-        await paced(self._refresh_steps(compiled.changed), backlog=lambda: self.cache.pushing)
-        self._applied(compiled.policy, compiled.changed, refresh=False)
+        self._expiry_asked = None
+        if applied:
+            self.policy_applied_at = self.wall_clock()
+            self.policy_error = None
+            self.policy_error_at = None
+        await self._fan_out(compiled.changed, retired)
+        if applied:
+            self._applied(compiled.policy, compiled.changed, refresh=False)
+            return
+        log.info(
+            "%s: recompiled, %d workload(s) changed",
+            self._recompile_reason or "recompile", len(compiled.changed),
+        )  # fmt: skip
+        self._poke()
+
+    async def _fan_out(
+        self, workload_refs: set[str], retired: dict[str, WorkloadConfig] | None = None
+    ) -> None:
+        """Refresh the nodes of ``workload_refs`` a batch at a time (meshward.xds.compiling.paced),
+        freezing what each batch allocated (meshward.xds.heap); ``retired`` (configs no longer
+        in force) is emptied one entry per step meanwhile."""
+        self._fanning_out = True
+        try:
+            await paced(
+                releasing(self._refresh_steps(workload_refs), retired or {}),
+                backlog=lambda: self.cache.pushing,
+                settle=self.heap.settle,
+            )
+        finally:
+            self._fanning_out = False
+            self.heap.settle()
 
     def _applied(self, policy: PolicySet, changed: set[str], *, refresh: bool = True) -> None:
         if refresh:
@@ -251,17 +304,29 @@ class ControlPlane:
         return on_change, on_error
 
     def next_expiry(self, now: datetime) -> datetime | None:
+        """The next expires-at instant not compiled for yet (nor queued for compiling)."""
+        since = self._compiled_at
+        if self._expiry_asked is not None and self._expiry_asked > since:
+            since = self._expiry_asked
         upcoming = [
             p.expires_at
             for p in self.policy.authorization_policies
-            if p.expires_at is not None and p.expires_at > self._compiled_at
+            if p.expires_at is not None and p.expires_at > since
         ]
         return min(upcoming, default=None)
 
     def _expire(self, now: datetime) -> None:
-        changed = self._recompile(now)
-        log.info("expires-at reached: recompiled, %d workload(s) changed", len(changed))
-        self._refresh_nodes(changed)
+        """An expires-at instant: recompile in the worker (on the loop), or here and now
+        (called without a running loop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            changed = self._recompile(now)
+            log.info("expires-at reached: recompiled, %d workload(s) changed", len(changed))
+            self._refresh_nodes(changed)
+            return
+        self._expiry_asked = now
+        self.recompile_later("expires-at reached")
 
     def compile_errors(self) -> dict[str, str]:
         """Workload ref -> why its config could not be compiled (it keeps its previous one)."""
@@ -322,6 +387,7 @@ class ControlPlane:
         self._refresh_node(state)
 
     def node_disconnected(self, node: NodeId) -> None:
+        self.heap.stream_closed()  # its gRPC call's reference cycles (meshward.xds.heap)
         state = self.nodes.get(str(node))
         if state is not None:
             state.connected = False
@@ -520,6 +586,23 @@ class ControlPlane:
         self._maybe_reload_ca()
         self._refresh_bundle(now)
         self.collect_nodes()
+        self._settle_heap()
+
+    def _settle_heap(self) -> None:
+        """Freeze what the last few seconds allocated (connections, snapshots: no collection
+        pass on the loop walks a whole fleet of them), and collect the reference cycles frozen
+        meanwhile once a fleet's worth of streams has closed or the frozen heap has grown
+        (meshward.xds.heap), never while a compile, a fan-out or its pushes are under way."""
+        self.heap.settle()
+        busy = self._fanning_out or self.cache.pushing or self.compile_worker.busy
+        if busy or not self.heap.thaw_due(len(self.nodes)):
+            return
+        started = time.perf_counter()
+        freed = self.heap.thaw()
+        log.info(
+            "heap thawed: a full garbage collection freed %d object(s) in %.0f ms",
+            freed, (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
 
     def seconds_until_next(self, now: datetime) -> float:
         waits = [CA_POLL_SECONDS]
@@ -545,12 +628,12 @@ class ControlPlane:
         """Timers: the server certificate's renewals, expires-at re-pushes, CA reloads. Cancel
         to stop."""
         self._wake = asyncio.Event()
-        heap.freeze()  # the compiled mesh is long-lived: out of the garbage collector's scans
+        self.heap.start()  # the compiled mesh is long-lived: out of the garbage collector's scans
         try:
             await self._timers()
         finally:
             self.compile_worker.close()
-            heap.unfreeze()
+            self.heap.stop()
             self._compile.close()
 
     async def _timers(self) -> None:

@@ -162,6 +162,10 @@ class TypeState:
     # and retained nothing: the same inputs again give the same key, so planning is skipped.
     plan_inputs: tuple[object, ...] | None = None
     denied: set[str] = field(default_factory=set)  # secret names already reported
+    # Delta: bumped by every request and push of this type (anything that changes what its
+    # plan reads of this state), and the inputs of its last plan that sent nothing.
+    epoch: int = 0
+    quiet_inputs: tuple[object, ...] | None = None
     # The stream's first request says what Envoy already holds (SotW: this version; delta: its
     # initial_resource_versions): if that is what it should hold, the first answer is skipped.
     resync: bool = False
@@ -314,6 +318,7 @@ class _Protocol:
         while len(st.outstanding) > MAX_OUTSTANDING:  # a client that never answers
             del st.outstanding[next(iter(st.outstanding))]
         st.latest_nonce = nonce
+        st.epoch += 1
         st.sent_version = version
         st.must_respond = False
         st.pushes += 1
@@ -501,6 +506,7 @@ class DeltaProtocol(_Protocol):
 
     def receive(self, request: DeltaRequest, now: float) -> list[Event]:
         st = self.state(request.type_url)
+        st.epoch += 1
         events: list[Event] = []
         if request.response_nonce:
             sent = self._take_sent(st, request.response_nonce)
@@ -537,7 +543,41 @@ class DeltaProtocol(_Protocol):
                 st.applied.pop(name, None)
         return events
 
+    def _inputs(self, st: TypeState, snapshot: Snapshot) -> tuple[object, ...]:
+        """What a delta plan of ``st`` reads: its entry and the entries its dependency checks
+        read (shared objects, replaced whenever they change), and the epochs of its own state,
+        of CDS (whose sent clusters a listener waits for) and of LDS/RDS (whose clusters a
+        cluster removal waits for); every request or push of a type moves its epoch."""
+        epochs = tuple(
+            state.epoch if (state := self.states.get(t)) is not None else -1
+            for t in (typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE)
+        )
+        return (
+            snapshot.types.get(st.type_url),
+            snapshot.types.get(typeurls.SECRET),
+            snapshot.types.get(typeurls.CLUSTER),
+            st.epoch,
+            *epochs,
+        )
+
     def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
+        inputs = self._inputs(st, snapshot)
+        quiet = st.quiet_inputs
+        if (
+            quiet is not None
+            and all(a is b for a, b in zip(inputs[:3], quiet[:3], strict=True))  # entries
+            and inputs[3:] == quiet[3:]  # epochs
+        ):
+            # The very inputs of the last plan, which sent nothing: it would send nothing again
+            # (every ACK of a fan-out used to re-plan every type of the stream).
+            return None
+        st.quiet_inputs = None
+        push = self._plan_delta(st, snapshot, now)
+        if push is None:
+            st.quiet_inputs = inputs
+        return push
+
+    def _plan_delta(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
         desired = snapshot.resources(st.type_url)
         base = snapshot.type_version(st.type_url)
         candidates = set(desired) | st.names | set(st.sent) if st.wildcard else set(st.names)

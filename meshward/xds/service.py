@@ -231,8 +231,8 @@ class XdsService:
         while True:
             try:
                 if await asyncio.to_thread(self.jwks.refresh, jwks_uris(self.control.policy)):
-                    changed = self.control.refresh()
-                    log.info("JWKS changed: %d workload(s) re-pushed", len(changed))
+                    # In the compile worker: the loop keeps serving (the fan-out logs it).
+                    self.control.recompile_later("JWKS changed", full=True)
             except Exception:
                 log.exception("JWKS refresh failed")
             await asyncio.sleep(min(1.0, max(0.05, self.jwks.seconds_until_due())))

@@ -343,3 +343,17 @@ def test_a_one_policy_edit_repacks_only_the_workloads_it_changed() -> None:
     assert {r: c.fingerprint for r, c in second.configs.items()} == {
         r: c.fingerprint for r, c in fresh.configs.items()
     }
+
+
+def test_the_configs_replaced_are_let_go_of_one_per_fanout_step() -> None:
+    """The old configs are dropped one entry per step of the fan-out (then one per step of
+    their own), never all at once: a mesh-wide edit's old configs freed at once paused the
+    loop for 170 ms at 1,000 services."""
+    from meshward.xds.compiling import releasing
+
+    retired = {f"ns/w{i}": object() for i in range(5)}
+    sizes = []
+    for step in releasing(iter([True, True]), retired):
+        sizes.append((step, len(retired)))
+    assert sizes == [(True, 5), (True, 4), (False, 2), (False, 1), (False, 0)]
+    assert not retired

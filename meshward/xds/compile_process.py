@@ -129,7 +129,7 @@ def apply_policy_delta(old: PolicySet, delta: PolicyDelta) -> PolicySet:
 # -- in the worker process ----------------------------------------------------------------------
 class _Worker:
     """The compile state of the worker process: everything the next incremental compile needs,
-    and what the parent already holds (``sent``: keys of the previous answer's result)."""
+    and what the parent already holds (``live``: keys of the previous answer's result)."""
 
     def __init__(self, options: Any, agent_secrets: bool) -> None:
         from meshward.xds.compile_adapter import compiler_for
@@ -138,7 +138,9 @@ class _Worker:
         self.compiler = compiler_for(options, agent_secrets=agent_secrets)
         self.local = LocalCompile(mesh_compiler(self.compiler))
         self.configs: dict[str, WorkloadConfig] = {}
-        self.sent: set[Key] = set()
+        # Key -> how many workload resources refer to it, over the previous answer's result:
+        # what the parent holds (its keys) and when a key first appears
+        self.live: dict[Key, int] = {}
         self.policy: PolicySet | None = None  # the set compiled last (a delta's base)
 
     def compile(
@@ -148,10 +150,12 @@ class _Worker:
         compiled = self.local(policy, now, self.configs, full=full, quiet=True)
         previous, self.configs = self.configs, compiled.configs
         workloads: dict[str, tuple[tuple[Key, ...], str | None]] = {}
+        pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]] = []
         for ref, config in compiled.configs.items():
             old = previous.get(ref)
             if old is config:
                 continue
+            pairs.append((old, config))
             if old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error):
                 keys = tuple(
                     (r.type_url, r.name, r.hash)
@@ -159,15 +163,36 @@ class _Worker:
                     for r in items
                 )
                 workloads[ref] = (keys, config.error)
-        live: dict[Key, Resource] = {}
-        for config in compiled.configs.values():
-            for items in config.resources.values():
-                for r in items:
-                    live[(r.type_url, r.name, r.hash)] = r
-        bodies = {key: _body(r) for key, r in live.items() if key not in self.sent}
-        self.sent = set(live)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
-        return Delta(workloads, removed, bodies, len(live))
+        pairs.extend((previous[ref], None) for ref in removed)
+        bodies = self._recount(pairs)
+        return Delta(workloads, removed, bodies, len(self.live))
+
+    def _recount(
+        self, pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]]
+    ) -> dict[Key, Body]:
+        """Move the references of the workloads whose config changed from the old config to
+        the new one (O(their resources), not O(the mesh's)); the bodies of the keys no
+        workload held before, which the parent has not been sent."""
+        live = self.live
+        for old, _ in pairs:
+            for items in old.resources.values() if old is not None else ():
+                for r in items:
+                    live[(r.type_url, r.name, r.hash)] -= 1
+        bodies: dict[Key, Body] = {}
+        for _, new in pairs:
+            for items in new.resources.values() if new is not None else ():
+                for r in items:
+                    key = (r.type_url, r.name, r.hash)
+                    if key not in live:
+                        live[key] = 0
+                        bodies[key] = _body(r)
+                    live[key] += 1
+        for key in [k for old, _ in pairs if old is not None
+                    for items in old.resources.values() for r in items
+                    if live.get(k := (r.type_url, r.name, r.hash)) == 0]:  # fmt: skip
+            live.pop(key, None)
+        return bodies
 
 
 def _body(resource: Resource) -> Body:

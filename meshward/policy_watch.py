@@ -52,7 +52,9 @@ Fingerprint = tuple[tuple[str, int, int], ...]
 State = dict[str, tuple[int, int]]
 
 RESCAN_SECONDS = 30.0  # events mode: a full rescan this often, should an event be lost
-EVENT_STEP_MS = 5  # watchfiles groups events arriving this close together into one batch
+EVENT_STEP_MS = (
+    10  # watchfiles groups events this close together; its idle cost is a wake-up per step
+)
 
 
 def fingerprint(paths: Sequence[Path]) -> Fingerprint:

@@ -109,6 +109,7 @@ def diff(
     changes: list[FlowChange] = []
     truncated = False
     budget = [max_evaluations]
+    contexts: dict[tuple[int, str], RequestContext] = {}  # per caller and version, reused
     sources = [*common, PLAINTEXT]
     for dst_ref in targets:
         if truncated:
@@ -122,7 +123,15 @@ def diff(
         suspects: dict[str, list[Probe]] = {ref: probes for ref in callers}
         if group_callers:
             suspects = {}
-            for members in caller_classes(old, old_dst, new, new_dst, callers):
+            # Telling callers apart costs a check per caller: charged like an evaluation each,
+            # so a mesh-wide change under a budget stops after a few destinations, not after
+            # classing every caller of every workload.
+            if budget[0] is not None:
+                budget[0] -= len(callers)
+                if budget[0] < 0:
+                    truncated = True
+                    break
+            for members in caller_classes(old, old_dst, new, new_dst, callers, contexts):
                 found = []
                 for probe in probes:
                     if not _spend(budget):
@@ -185,7 +194,12 @@ def _caller_checks(plan: WorkloadPolicies) -> list[Check]:
 
 
 def caller_classes(
-    old: PolicySet, old_dst: Workload, new: PolicySet, new_dst: Workload, callers: list[str]
+    old: PolicySet,
+    old_dst: Workload,
+    new: PolicySet,
+    new_dst: Workload,
+    callers: list[str],
+    contexts: dict[tuple[int, str], RequestContext] | None = None,
 ) -> list[list[str]]:
     """``callers`` (workload refs, PLAINTEXT) grouped so that two callers of a group get the same
     decision to every request the destination can receive, in either version.
@@ -196,7 +210,10 @@ def caller_classes(
     (plaintext, its own group). Callers for which every such check of the destination's rules
     (both versions, each caller as that version declares it) comes out the same are therefore
     decided the same whatever the method, path, port or token. In a fleet where each service
-    names ~10 callers, ~1,000 callers fall into a dozen groups."""
+    names ~10 callers, ~1,000 callers fall into a dozen groups. ``contexts``: each caller's
+    request context per version, kept across destinations (the checks read only the caller's
+    attributes, the same for every destination)."""
+    contexts = {} if contexts is None else contexts
     checks = [
         (policy_set, dst, _caller_checks(plan_for(policy_set, dst)))
         for policy_set, dst in ((old, old_dst), (new, new_dst))
@@ -205,7 +222,10 @@ def caller_classes(
     for ref in callers:
         key: list[Any] = [ref == PLAINTEXT]
         for policy_set, dst, found in checks:
-            ctx = RequestContext(_request(policy_set, dst, ref, Probe(0, "GET", "/", None)))
+            ctx = contexts.get((id(policy_set), ref))
+            if ctx is None:
+                ctx = RequestContext(_request(policy_set, dst, ref, Probe(0, "GET", "/", None)))
+                contexts[(id(policy_set), ref)] = ctx
             key.extend(check.test(ctx) for check in found)
         groups.setdefault(tuple(key), []).append(ref)
     return list(groups.values())

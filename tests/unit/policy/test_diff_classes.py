@@ -50,3 +50,34 @@ def test_a_budget_is_spent_per_class_not_per_caller() -> None:
     grouped = diff(old, new, now=NOW, destinations=one, max_evaluations=budget)
     assert not grouped.truncated and grouped.changes
     assert grouped == diff(old, new, now=NOW, destinations=one, group_callers=False)
+
+
+def test_a_mesh_wide_change_under_a_budget_classes_few_destinations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Classing callers is charged to the budget: a change touching every workload stops after
+    a few destinations instead of classing every caller of each (the history diffs every
+    applied change under a budget)."""
+    import meshward.policy.diff as module
+    from meshward.policy.model import Action, AuthorizationPolicy, Operation, Rule
+    from meshward.policy.policyset import PolicySet
+
+    old = addressed_fleet(120)
+    deny = AuthorizationPolicy(
+        namespace=old.mesh.root_namespace, name="deny-debug", action=Action.DENY,
+        rules=(Rule(operations=(Operation(paths=("/debug",)),)),),
+    )  # fmt: skip
+    new = PolicySet.create(mesh=old.mesh, workloads=old.workloads,
+                           authorization_policies=[*old.authorization_policies, deny])  # fmt: skip
+    classed: list[str] = []
+    real = module.caller_classes
+
+    def counting(*args: object, **kw: object) -> list[list[str]]:
+        classed.append(args[1].ref)  # type: ignore[attr-defined]
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "caller_classes", counting)
+    budget = 1_000
+    result = diff(old, new, now=NOW, max_evaluations=budget)
+    assert result.truncated and result.changes
+    assert 1 <= len(classed) <= budget // 120 + 1  # each destination charges its ~120 callers

@@ -292,11 +292,14 @@ class PolicyWatcher:
         if self._pending is None:
             self._batch.clear()
 
-    def _run_events(self, changes: Any) -> None:
+    def _run_events(self, changes: Any) -> bool:
+        """Handle event batches until stopped; True when a watched directory itself went away
+        (removed, or replaced by another: its watch no longer sees anything)."""
         last_scan = time.monotonic()
+        bases = {str(base) for _, base in self._roots}
         for batch in changes:
             if self._stop.is_set():
-                return
+                return False
             try:
                 if not batch and self._pending is None:
                     if time.monotonic() - last_scan >= RESCAN_SECONDS:
@@ -308,6 +311,10 @@ class PolicyWatcher:
                 self._on_batch(batch)
             except Exception:  # never let the watcher die silently: the server would go stale
                 log.exception("policy watcher failed to handle a change")
+            if any(path in bases for _, path in batch):
+                changes.close()
+                return True
+        return False
 
     # -- the thread ----------------------------------------------------------------------------
     def start(self) -> PolicyWatcher:
@@ -327,14 +334,22 @@ class PolicyWatcher:
         return self
 
     def _run(self, changes: Any) -> None:
-        if changes is not None:
+        while changes is not None:
             try:
-                self._run_events(changes)
+                again = self._run_events(changes)
             except Exception:
                 log.exception("policy watcher: file events failed: polling from now on")
-                self.mode = "polling"
+                again = False
             if self._stop.is_set():
                 return
+            # A watched directory was replaced: watch what is there now (polling while it is
+            # missing, or if events cannot be had).
+            changes = self._events() if again else None
+            if changes is not None:
+                log.info("policy watcher: a watched directory was replaced: watching it anew")
+                self._observed = self._scan()
+                self._step(self._observed)
+        self.mode = "polling"
         while not self._stop.wait(self.interval):
             try:
                 self.poll_once()

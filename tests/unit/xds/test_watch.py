@@ -240,3 +240,26 @@ def test_file_paths_and_events_off_fall_back_to_polling(policy_dir: Path) -> Non
         finally:
             watcher.stop()
         (policy_dir / "policy.yaml").write_text(POLICY % "GET")
+
+
+def test_events_follow_a_directory_removed_and_made_again(tmp_path: Path) -> None:
+    """A deploy that removes the policy directory and writes a new one: the old directory's
+    watch sees nothing more, so the watcher watches the new one (or polls while it is missing)
+    instead of waiting for its 30-second rescan."""
+    import shutil
+
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "workloads.yaml").write_text(WORKLOAD)
+    (policy_dir / "policy.yaml").write_text(POLICY % "GET")
+    watcher, changes = _events_watcher(policy_dir)
+    try:
+        shutil.rmtree(policy_dir)
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        (staged / "workloads.yaml").write_text(WORKLOAD)
+        (staged / "policy.yaml").write_text(POLICY % "TRACE")
+        staged.rename(policy_dir)
+        assert _wait_for(lambda: any("TRACE" in c.dump() for c in changes), seconds=10)
+    finally:
+        watcher.stop()

@@ -27,7 +27,9 @@ simulated node configured; the nodes already hold their SVIDs and connect in one
 as it listens), a one-policy edit converged at the affected nodes, a mesh-wide edit (a
 root-namespace DENY) converged at every node, both timed from the policy-file write to the
 control plane's last recorded ACK of the change (``acked_at`` in /status?view=nodes, the same
-endpoint and criterion for simulated nodes and real Envoys, reported apart), server CPU per
+endpoint and criterion for simulated nodes and real Envoys, reported apart; the edited files are
+rendered before the clock starts), the one-policy edit's timeline as the control plane recorded
+it (``policy.last_change`` in /status), server CPU per
 change and per delivered resource, server RSS per node and per service, and the longest stall
 of a probe stream during the mesh-wide recompile (the probe, in a process of its own, changes
 its RDS subscription every 10 ms and times each answer).

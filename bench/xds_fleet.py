@@ -27,7 +27,9 @@ simulated node configured; the nodes already hold their SVIDs and connect in one
 as it listens), a one-policy edit converged at the affected nodes, a mesh-wide edit (a
 root-namespace DENY) converged at every node, both timed from the policy-file write to the
 control plane's last recorded ACK of the change (``acked_at`` in /status?view=nodes, the same
-endpoint and criterion for simulated nodes and real Envoys, reported apart), server CPU per
+endpoint and criterion for simulated nodes and real Envoys, reported apart; the edited files are
+rendered before the clock starts), the one-policy edit's timeline as the control plane recorded
+it (``policy.last_change`` in /status), server CPU per
 change and per delivered resource, server RSS per node and per service, and the longest stall
 of a probe stream during the mesh-wide recompile (the probe, in a process of its own, changes
 its RDS subscription every 10 ms and times each answer).
@@ -86,16 +88,27 @@ def policy_files(ps: Any) -> dict[str, str]:
 
 def write_policy(directory: Path, ps: Any) -> int:
     """Write the files whose text changed (each atomically); returns how many."""
-    written = 0
-    for name, text in policy_files(ps).items():
-        target = directory / name
-        if target.exists() and target.read_text() == text:
-            continue
+    return write_files(directory, changed_files(directory, policy_files(ps)))
+
+
+def changed_files(directory: Path, files: Mapping[str, str]) -> dict[str, str]:
+    """The files whose text differs from what ``directory`` holds: rendered and compared
+    before an edit's clock starts (rendering a 1,000-service set takes seconds of the
+    benchmark's own CPU, which is no part of the control plane's convergence)."""
+    return {
+        name: text
+        for name, text in files.items()
+        if not (directory / name).exists() or (directory / name).read_text() != text
+    }
+
+
+def write_files(directory: Path, files: Mapping[str, str]) -> int:
+    """Write each file atomically (a temp file, then rename); returns how many."""
+    for name, text in files.items():
         tmp = directory / f".{name}.tmp"
         tmp.write_text(text)
-        tmp.replace(target)
-        written += 1
-    return written
+        tmp.replace(directory / name)
+    return len(files)
 
 
 def one_policy_edit(ps: Any) -> tuple[Any, str]:
@@ -376,6 +389,21 @@ def converged_at(
         time.sleep(0.5)
 
 
+TIMELINE = ("detected", "loaded", "compile_started", "compiled", "pushed")
+
+
+def edit_timeline(server: Server, since: float) -> dict[str, float]:
+    """Seconds from the policy-file write at ``since`` to each stage of the change as the
+    control plane recorded it (``policy.last_change`` in /status; NaN for a stage it did not
+    record, e.g. a control plane from before the timeline)."""
+    with urllib.request.urlopen(server.admin + "/status", timeout=120) as response:
+        change = json.loads(response.read())["policy"].get("last_change") or {}
+    return {
+        stage: _wall(change[f"{stage}_at"]) - since if f"{stage}_at" in change else math.nan
+        for stage in TIMELINE
+    }
+
+
 def wait_envoys(server: Server, names: list[str], since: float, timeout: float) -> None:
     """Until every named node (the real Envoys) ACKed something after ``since`` and is in sync;
     polls the filtered per-node view (the times come from its ACK records, not this loop)."""
@@ -477,19 +505,22 @@ def measure_edits(
     affected, real_affected = [n for n in nodes if hit(n)], [n for n in real if hit(n)]
     # One policy: the affected nodes are the callee's replicas (and its real Envoy).
     worker.ask("mark")
+    files = changed_files(work / "policies", policy_files(edited))  # before the clock starts
     cpu0, start = server.cpu_seconds(), time.time()
-    write_policy(work / "policies", edited)
+    write_files(work / "policies", files)
     one = worker.ask(f"wait {json.dumps(affected)} 120")
     time.sleep(1.0)  # anything else pushed would have arrived by now
     touched = worker.ask("touched")["nodes"]
     one_cpu = server.cpu_seconds() - cpu0
     wait_envoys(server, real_affected, start, 120)
     one_sim, one_real = converged_at(server, [affected, real_affected], start)
+    timeline = edit_timeline(server, start)
     # Mesh-wide: a root-namespace DENY changes every node's inbound route.
     worker.ask("mark")
     prober.ask("probe on")
+    files = changed_files(work / "policies", policy_files(mesh_wide_edit(edited)))
     cpu0, start2, nodes0 = server.cpu_seconds(), time.time(), process_cpu(worker.pid)
-    write_policy(work / "policies", mesh_wide_edit(edited))
+    write_files(work / "policies", files)
     mesh = worker.ask(f"wait {json.dumps(nodes)} 600")
     mesh_cpu = server.cpu_seconds() - cpu0
     # The simulated nodes are one Python process: if it was busy for about the whole edit, it
@@ -512,6 +543,7 @@ def measure_edits(
         "one_envoys": len(real_affected),
         "one_touched": touched,
         "one_cpu": one_cpu,
+        **{f"one_{stage}": at for stage, at in timeline.items()},
         "mesh": mesh_sim,
         "mesh_envoy": mesh_real,
         "mesh_client": mesh["last_wall"] - start2,
@@ -657,6 +689,11 @@ def report(
               f"{m['resources_cold']:.0f} resources delivered; RSS {m['rss0']:.0f} MiB compiled (streams held), "
               f"{m['rss']:.0f} MiB with every node connected ({m['rss'] / m['services']:.2f} MiB "
               f"per service); {m['envoys']:.0f} real Envoys; probe answers {m['probes']:.0f}")  # fmt: skip
+        stages = ", ".join(
+            f"{stage.replace('_', ' ')} {m['one_' + stage] * 1000:.0f}" for stage in TIMELINE
+        )
+        print(f"{'':8} one-policy edit timeline, ms after the write (control plane's records): "
+              f"{stages}, last ACK {m['one'] * 1000:.0f}")  # fmt: skip
     if len(sizes) > 1:
         a, b = sizes[0], sizes[-1]
         print(f"growth {a} -> {b} services ({b / a:.1f}x): cold start {med[b]['cold'] / med[a]['cold']:.1f}x, "

@@ -382,7 +382,8 @@ def configure(parser: argparse.ArgumentParser, *, flows: FlowsFor) -> None:
     p.add_argument("--app-host", type=ip_address, default="127.0.0.1",
                    help="where sidecars find their app without bindings (default: %(default)s)")  # fmt: skip
     p.add_argument("--watch-interval", type=positive_float, default=0.5, metavar="SECONDS",
-                   help="policy directory poll interval (default: %(default)s)")  # fmt: skip
+                   help="a policy change is applied once the files held still this long; also the "
+                   "poll interval where file events are unavailable (default: %(default)s)")  # fmt: skip
     p.add_argument("--jwks-refresh", type=_jwks_refresh, default=300.0, metavar="DURATION",
                    help="refetch every RequestAuthentication jwksUri this often and push rotated "
                    "keys to the sidecars (default 5m; a failed fetch keeps the last good keys "

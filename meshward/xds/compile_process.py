@@ -11,6 +11,12 @@ with only what changed since its previous answer, already packed:
   in order, and its error;
 - per key this parent has not been sent yet: the packed bytes and the names it depends on.
 
+The policy set goes the other way as only the documents that differ from the set the worker
+compiled last (:class:`PolicyDelta`; the loader reuses the objects of unchanged files, so
+finding them is an identity check): pickling and unpickling a 1,000-service set took ~0.15 s of
+a one-policy edit's critical path. A worker that does not hold the base set (a new one) says so
+and gets the whole set.
+
 The parent rebuilds a :class:`Resource` from those bytes without parsing or walking anything,
 in the compile worker thread (meshward.xds.compiling), so the loop only installs the result.
 
@@ -64,10 +70,66 @@ class Delta:
     live: int  # distinct keys of the whole result (the parent's table size after this)
 
 
+KINDS = ("workloads", "authorization_policies", "peer_authentications", "request_authentications")
+
+
+@dataclass(frozen=True)
+class PolicyDelta:
+    """A policy set as what differs from ``base`` (a version the worker compiled last)."""
+
+    base: str
+    version: str
+    mesh: Any
+    changed: dict[str, tuple[Any, ...]]  # kind -> objects added or changed
+    removed: dict[str, tuple[tuple[str, str], ...]]  # kind -> (namespace, name) gone
+    warnings: tuple[Any, ...]
+
+
+class StaleBase(Exception):
+    """The worker does not hold the delta's base set: send the whole set."""
+
+
+def _by_key(items: tuple[Any, ...]) -> dict[tuple[str, str], Any]:
+    return {(i.namespace, i.name): i for i in items}
+
+
+def policy_delta(old: PolicySet, new: PolicySet) -> PolicyDelta | None:
+    """``new`` as a delta from ``old``, or None where the whole set must go (a subclass, which
+    may pickle its own way; two objects of a kind under one name, which a delta cannot say)."""
+    if type(old) is not PolicySet or type(new) is not PolicySet:
+        return None
+    changed: dict[str, tuple[Any, ...]] = {}
+    removed: dict[str, tuple[tuple[str, str], ...]] = {}
+    for kind in KINDS:
+        items: tuple[Any, ...] = getattr(new, kind)
+        before, after = _by_key(getattr(old, kind)), _by_key(items)
+        if len(after) != len(items) or len(before) != len(getattr(old, kind)):
+            return None
+        changed[kind] = tuple(i for k, i in after.items() if before.get(k) is not i)
+        removed[kind] = tuple(k for k in before if k not in after)
+    return PolicyDelta(old.version, new.version, new.mesh, changed, removed, new.warnings)
+
+
+def apply_policy_delta(old: PolicySet, delta: PolicyDelta) -> PolicySet:
+    """The set ``delta`` stands for, from ``old`` (whose version must be its base): objects
+    sorted by namespace and name as :meth:`PolicySet.create` sorts them, the version as sent
+    (the parent computed it)."""
+    if old.version != delta.base:
+        raise StaleBase(delta.base)
+    fields: dict[str, tuple[Any, ...]] = {}
+    for kind in KINDS:
+        merged = _by_key(getattr(old, kind))
+        for key in delta.removed[kind]:
+            merged.pop(key, None)
+        merged.update(_by_key(delta.changed[kind]))
+        fields[kind] = tuple(merged[k] for k in sorted(merged))
+    return PolicySet(mesh=delta.mesh, version=delta.version, warnings=delta.warnings, **fields)
+
+
 # -- in the worker process ----------------------------------------------------------------------
 class _Worker:
     """The compile state of the worker process: everything the next incremental compile needs,
-    and what the parent already holds (``sent``: keys of the previous answer's result)."""
+    and what the parent already holds (``live``: keys of the previous answer's result)."""
 
     def __init__(self, options: Any, agent_secrets: bool) -> None:
         from meshward.xds.compile_adapter import compiler_for
@@ -76,7 +138,10 @@ class _Worker:
         self.compiler = compiler_for(options, agent_secrets=agent_secrets)
         self.local = LocalCompile(mesh_compiler(self.compiler))
         self.configs: dict[str, WorkloadConfig] = {}
-        self.sent: set[Key] = set()
+        # Key -> how many workload resources refer to it, over the previous answer's result:
+        # what the parent holds (its keys) and when a key first appears
+        self.live: dict[Key, int] = {}
+        self.policy: PolicySet | None = None  # the set compiled last (a delta's base)
 
     def compile(
         self, policy: PolicySet, now: datetime, jwks: Mapping[str, str], full: bool
@@ -85,10 +150,12 @@ class _Worker:
         compiled = self.local(policy, now, self.configs, full=full, quiet=True)
         previous, self.configs = self.configs, compiled.configs
         workloads: dict[str, tuple[tuple[Key, ...], str | None]] = {}
+        pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]] = []
         for ref, config in compiled.configs.items():
             old = previous.get(ref)
             if old is config:
                 continue
+            pairs.append((old, config))
             if old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error):
                 keys = tuple(
                     (r.type_url, r.name, r.hash)
@@ -96,15 +163,36 @@ class _Worker:
                     for r in items
                 )
                 workloads[ref] = (keys, config.error)
-        live: dict[Key, Resource] = {}
-        for config in compiled.configs.values():
-            for items in config.resources.values():
-                for r in items:
-                    live[(r.type_url, r.name, r.hash)] = r
-        bodies = {key: _body(r) for key, r in live.items() if key not in self.sent}
-        self.sent = set(live)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
-        return Delta(workloads, removed, bodies, len(live))
+        pairs.extend((previous[ref], None) for ref in removed)
+        bodies = self._recount(pairs)
+        return Delta(workloads, removed, bodies, len(self.live))
+
+    def _recount(
+        self, pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]]
+    ) -> dict[Key, Body]:
+        """Move the references of the workloads whose config changed from the old config to
+        the new one (O(their resources), not O(the mesh's)); the bodies of the keys no
+        workload held before, which the parent has not been sent."""
+        live = self.live
+        for old, _ in pairs:
+            for items in old.resources.values() if old is not None else ():
+                for r in items:
+                    live[(r.type_url, r.name, r.hash)] -= 1
+        bodies: dict[Key, Body] = {}
+        for _, new in pairs:
+            for items in new.resources.values() if new is not None else ():
+                for r in items:
+                    key = (r.type_url, r.name, r.hash)
+                    if key not in live:
+                        live[key] = 0
+                        bodies[key] = _body(r)
+                    live[key] += 1
+        for key in [k for old, _ in pairs if old is not None
+                    for items in old.resources.values() for r in items
+                    if live.get(k := (r.type_url, r.name, r.hash)) == 0]:  # fmt: skip
+            live.pop(key, None)
+        return bodies
 
 
 def _body(resource: Resource) -> Body:
@@ -128,9 +216,17 @@ def _start(options: Any, agent_secrets: bool) -> None:
     _WORKER = _Worker(options, agent_secrets)
 
 
-def _compile(policy: PolicySet, now: datetime, jwks: Mapping[str, str], full: bool) -> Delta:
+def _compile(
+    policy: PolicySet | PolicyDelta, now: datetime, jwks: Mapping[str, str], full: bool
+) -> Delta:
     assert _WORKER is not None, "the compile worker was not initialized"
-    return _WORKER.compile(policy, now, jwks, full)
+    if isinstance(policy, PolicyDelta):
+        if _WORKER.policy is None:
+            raise StaleBase(policy.base)
+        policy = apply_policy_delta(_WORKER.policy, policy)
+    answer = _WORKER.compile(policy, now, jwks, full)
+    _WORKER.policy = policy
+    return answer
 
 
 # -- in the control plane's process -------------------------------------------------------------
@@ -149,6 +245,8 @@ class CompileProcess:
         self._mirror: dict[str, WorkloadConfig] = {}
         self._table: dict[Key, Resource] = {}
         self._accepted: tuple[PolicySet, datetime] | None = None  # the last one compiled whole
+        self._worker_policy: PolicySet | None = None  # what the worker compiled last
+        self.deltas = 0  # compiles sent as a PolicyDelta
         self.restarts = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -165,6 +263,19 @@ class CompileProcess:
         return self._pool
 
     def _ask(self, policy: PolicySet, now: datetime, full: bool) -> Delta:
+        base = self._worker_policy
+        sent = policy_delta(base, policy) if base is not None else None
+        try:
+            delta = self._submit(sent if sent is not None else policy, now, full)
+        except StaleBase:
+            sent = None
+            delta = self._submit(policy, now, full)
+        self.deltas += sent is not None
+        self._worker_policy = policy
+        return delta
+
+    def _submit(self, policy: PolicySet | PolicyDelta, now: datetime, full: bool) -> Delta:
+        self._worker_policy = None  # unknown until it answers
         future = self._pool_now().submit(_compile, policy, now, self._jwks.documents, full)
         if self.pid is None and self._pool is not None:
             self.pid = next(iter(self._pool._processes), None)
@@ -182,6 +293,7 @@ class CompileProcess:
         self.pid = None
         self._mirror = {}
         self._table = {}
+        self._worker_policy = None
 
     def __call__(
         self,

@@ -53,6 +53,7 @@ from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
 from meshward.xds.snapshot import InconsistentSnapshot, Snapshot
+from meshward.xds.timeline import EditTimeline
 
 log = logging.getLogger("meshward.xds")
 
@@ -123,6 +124,7 @@ class ControlPlane:
         # Told of every applied policy set and every rejected change (the policy history).
         self.on_applied: list[Callable[[PolicySet], None]] = []
         self.on_rejected: list[Callable[[str], None]] = []
+        self.timeline = EditTimeline()  # the newest change's stages (status: last_change)
         self._bundle_version = ""
         self._rootca: Resource | None = None
         self._wake: asyncio.Event | None = None
@@ -194,8 +196,11 @@ class ControlPlane:
         affected workloads only."""
         self._latest_policy = policy
         self.policy = policy
+        self.timeline.mark(policy.version, "compile_started")
         changed = self._recompile(self.wall_clock())
+        self.timeline.mark(policy.version, "compiled")
         self._applied(policy, changed)
+        self.timeline.mark(policy.version, "pushed")
         return changed
 
     def apply_policy_later(self, policy: PolicySet) -> None:
@@ -221,6 +226,10 @@ class ControlPlane:
         # The configs replaced are let go of a few at a time during the fan-out: dropped at
         # once, a mesh-wide edit's old configs were freed in one 170 ms pause of the loop.
         retired = dict(self.configs)
+        version = compiled.policy.version
+        if applied:
+            self.timeline.mark(version, "compile_started", compiled.now.timestamp())
+            self.timeline.mark(version, "compiled")
         with self.compile_worker.lock:
             self.policy = compiled.policy
             self._install(compiled)
@@ -231,6 +240,7 @@ class ControlPlane:
             self.policy_error_at = None
         await self._fan_out(compiled.changed, retired)
         if applied:
+            self.timeline.mark(version, "pushed")
             self._applied(compiled.policy, compiled.changed, refresh=False)
             return
         log.info(
@@ -291,17 +301,25 @@ class ControlPlane:
             observer(str(error))
 
     def watcher_callbacks(
-        self, loop: asyncio.AbstractEventLoop
+        self,
+        loop: asyncio.AbstractEventLoop,
+        marks: Callable[[], dict[str, float]] | None = None,
     ) -> tuple[Callable[[PolicySet], None], Callable[[PolicyError], None]]:
-        """``on_change``/``on_error`` for a PolicyWatcher thread: they hop onto ``loop``."""
+        """``on_change``/``on_error`` for a PolicyWatcher thread: they hop onto ``loop``.
+        ``marks``: the watcher's stages of the change (PolicyWatcher.marks), for the timeline."""
 
         def on_change(policy: PolicySet) -> None:
-            loop.call_soon_threadsafe(self.apply_policy_later, policy)
+            passed = marks() if marks is not None else {}
+            loop.call_soon_threadsafe(self._watched, policy, passed)
 
         def on_error(error: PolicyError) -> None:
             loop.call_soon_threadsafe(self.reject_policy, error)
 
         return on_change, on_error
+
+    def _watched(self, policy: PolicySet, marks: dict[str, float]) -> None:
+        self.timeline.begin(policy.version, marks)
+        self.apply_policy_later(policy)
 
     def next_expiry(self, now: datetime) -> datetime | None:
         """The next expires-at instant not compiled for yet (nor queued for compiling)."""
@@ -670,6 +688,7 @@ class ControlPlane:
                 "error": self.policy_error,
                 "error_at": self.policy_error_at.isoformat() if self.policy_error_at else None,
                 "next_expiry": expiry.isoformat() if expiry else None,
+                "last_change": self.timeline.status(),
             },
             "compiler": self._compile.status(),
             "trust_domain": self.ca.trust_domain,

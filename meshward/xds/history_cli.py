@@ -34,6 +34,12 @@ from meshward.errors import UserError
 from meshward.xds.status_cli import add_admin_flags, default_admin
 
 BACKUP_DIR = ".meshward-rollback"
+DIFF_STATES = {
+    "pending": "still being worked out (give --wait more seconds)",
+    "skipped": "not worked out (too many changes at once; the set is kept)",
+    "interrupted": "not worked out (the control plane stopped first)",
+    "failed": "not worked out (an error; see the control plane's log)",
+}
 
 HISTORY_EPILOG = """\
 examples:
@@ -45,6 +51,9 @@ applied, what kind of change it was (start, apply, rollback), the workloads whos
 changed, and the flows it opened and closed (probed as `meshward policy diff` does, on those
 workloads only). The control plane keeps the last N sets (`meshward xds serve --history N`) and
 an audit log of every change, rejected ones included (audit.log in its --history-dir).
+The entry of a change is listed as soon as it is applied; what it changed is worked out once the
+rollout's pushes are out: --wait (default 10s) gives the control plane that long to finish it
+(an entry still without it says so: "diff": "pending" in --json).
 exit status: 0 listed; 1 unreachable, or that control plane keeps no history.
 """
 
@@ -72,9 +81,13 @@ def _get(address: str, path: str, params: dict[str, str], timeout: float) -> byt
     )  # fmt: skip
 
 
-def fetch_history(address: str, timeout: float) -> dict[str, Any]:
+def fetch_history(address: str, timeout: float, wait: float = 0.0) -> dict[str, Any]:
+    """``wait``: seconds the control plane may take to finish working out what the newest
+    change did (entries whose ``diff`` is still ``pending``) before it answers."""
+    wait = min(wait, 30.0)  # the most the control plane waits (history_service.MAX_READ_WAIT)
+    params = {"wait": f"{wait:g}"} if wait > 0 else {}
     try:
-        data: dict[str, Any] = json.loads(_get(address, "/history", {}, timeout))
+        data: dict[str, Any] = json.loads(_get(address, "/history", params, timeout + wait))
         if not isinstance(data["entries"], list):
             raise TypeError("entries is not a list")
     except (ValueError, KeyError, TypeError) as exc:
@@ -92,7 +105,7 @@ def in_force_index(entries: list[dict[str, Any]], current: str) -> int | None:
 def run_history(args: argparse.Namespace) -> int:
 
     address = args.xds or default_admin()
-    data = fetch_history(address, args.timeout)
+    data = fetch_history(address, args.timeout, args.wait)
     if args.json:
         print_json({"xds": address, **data})
         return 0
@@ -105,6 +118,9 @@ def run_history(args: argparse.Namespace) -> int:
         action = e["action"] + (f" (restores {e['restores']})" if e.get("restores") else "")
         print(f"{mark} {e['version'][:12]}  {e['applied_at']}  {action}")
         if e["action"] == "start":
+            continue
+        if e.get("diff", "done") != "done":
+            print(f"    what it changed: {DIFF_STATES.get(e['diff'], e['diff'])}")
             continue
         workloads = e["workloads"]
         more = e["workloads_total"] - len(workloads)
@@ -233,6 +249,9 @@ def configure_history(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_admin_flags(p)
+    p.add_argument("--wait", type=non_negative_float, default=10.0, metavar="SECONDS",
+                   help="wait up to this long for what the newest change did to be worked out "
+                        "(default: %(default)s; 0: answer at once)")  # fmt: skip
     add_json_flag(p)
     p.set_defaults(func=run_history)
 

@@ -1,10 +1,18 @@
-"""The policy history wired to a running control plane: every applied set is recorded off the
-event loop, in order; the admin address serves ``/policy`` (the set in force, canonical YAML),
-``/history`` (the kept entries, newest first) and ``/history/set?version=V`` (a kept set).
+"""The policy history wired to a running control plane: every applied set gets its entry at once
+and what the change did is worked out off the event loop, in order, after the rollout's pushes
+are out; the admin address serves ``/policy`` (the set in force, canonical YAML), ``/history``
+(the kept entries, newest first; ``?wait=S``: first wait up to S seconds until no entry's diff is
+pending and the newest entry is the set in force) and ``/history/set?version=V`` (a kept set).
+
+Why after the pushes: the diff probes every caller class of every touched workload with the
+policy evaluator; in a thread beside the event loop it holds the GIL while the loop sends the
+change and reads its ACKs, so it waits (bounded by :data:`MAX_DEFER`) until the control plane
+has no push in flight and :data:`ACK_GRACE` has passed.
 
 The recorder queue is bounded: under a flood of changes (more than :data:`MAX_QUEUE` waiting)
-intermediate sets are skipped, counted, and the skip itself goes to the audit log; the newest
-set is always recorded.
+the diffs of intermediate sets are skipped (their entries say ``skipped``; their sets are still
+kept), counted, and the skip itself goes to the audit log; the newest set's diff is always
+worked out.
 """
 
 from __future__ import annotations
@@ -18,10 +26,15 @@ from typing import Any
 
 from meshward.policy import PolicySet
 from meshward.xds.admin import Route
-from meshward.xds.history import PolicyHistory, UnknownVersion
+from meshward.xds.history import Entry, PolicyHistory, UnknownVersion
 
 log = logging.getLogger("meshward.xds.history")
 MAX_QUEUE = 16
+MAX_DEFER = 2.0  # seconds a diff waits for the rollout's pushes at most
+ACK_GRACE = 0.2  # seconds after the last push, for the ACKs to come back first
+MAX_READ_WAIT = 30.0  # /history?wait=S is capped at this
+
+Item = tuple[Entry, PolicySet, PolicySet | None, datetime]
 
 
 class HistoryService:
@@ -30,22 +43,37 @@ class HistoryService:
         history: PolicyHistory | None,
         current: Callable[[], PolicySet],
         clock: Callable[[], datetime],
+        backlog: Callable[[], int] | None = None,
     ) -> None:
+        """``backlog``: pushes in flight (the snapshot cache's ``pushing``), which a diff waits
+        for; None: no wait."""
         self.history = history
         self.current = current
         self.clock = clock
+        self.backlog = backlog
         self.skipped = 0
         self._dumped: tuple[str, bytes] = ("", b"")  # (version, /policy body): dumped once
-        self._queue: asyncio.Queue[tuple[PolicySet, datetime]] | None = None
+        self._queue: asyncio.Queue[Item] | None = None
 
     # -- recording (on the event loop) ---------------------------------------------------------
     def applied(self, policy: PolicySet) -> None:
         if self.history is None or self._queue is None:
             return
+        now = self.clock()
+        begun = self.history.begin(policy, now=now)  # listed at once, diff pending
+        if begun is None:
+            return
         if self._queue.full():
-            self._queue.get_nowait()
+            dropped = self._queue.get_nowait()
             self.skipped += 1
-        self._queue.put_nowait((policy, self.clock()))
+            self._queue.put_nowait((*begun, now))
+            self._skip(dropped)
+            return
+        self._queue.put_nowait((*begun, now))
+
+    def _skip(self, item: Item) -> None:
+        assert self.history is not None
+        self.history.skip(item[0], now=item[3])
 
     def rejected(self, error: str) -> None:
         if self.history is not None:
@@ -55,14 +83,27 @@ class HistoryService:
         if self.history is None:
             return
         self._queue = asyncio.Queue(MAX_QUEUE)
-        self._queue.put_nowait((self.current(), self.clock()))
         history = self.history
+        first = history.begin(self.current(), now=self.clock())
+        if first is not None:
+            self._queue.put_nowait((*first, self.clock()))
         while True:
-            policy, now = await self._queue.get()
+            entry, policy, previous, now = await self._queue.get()
+            await self._after_pushes()
             try:
-                await asyncio.to_thread(history.record, policy, now=now)
+                await asyncio.to_thread(history.complete, entry, policy, previous, now=now)
             except Exception:  # a full disk must not stop the control plane
                 log.exception("recording policy %s in the history failed", policy.version[:12])
+
+    async def _after_pushes(self) -> None:
+        """Until no push is in flight (then ACK_GRACE more), at most MAX_DEFER seconds."""
+        if self.backlog is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_DEFER
+        while self.backlog() > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(max(0.0, min(ACK_GRACE, deadline - loop.time())))
 
     def close(self) -> None:
         if self.history is not None:
@@ -85,6 +126,16 @@ class HistoryService:
 
     def _listing(self, params: dict[str, str]) -> tuple[int, str, bytes]:
         assert self.history is not None
+        wait = params.get("wait")
+        if wait is not None:
+            try:
+                seconds = float(wait)
+            except ValueError:
+                seconds = -1.0
+            if not 0 <= seconds <= MAX_READ_WAIT:
+                reason = f"wait: seconds from 0 to {MAX_READ_WAIT:g}, not {wait[:40]!r}\n"
+                return 400, "text/plain", reason.encode()
+            self.history.wait_settled(seconds, self.current().version)
         body: dict[str, Any] = {
             "current": self.current().version,
             "keep": self.history.keep,

@@ -120,6 +120,7 @@ class XdsService:
             PolicyHistory(history_dir, keep=history_keep) if history_dir is not None else None,
             lambda: self.control.policy,
             self.control.wall_clock,
+            backlog=lambda: self.control.cache.pushing,  # its diffs wait for the pushes
         )
         self.control.on_applied.append(self.history.applied)
         self.control.on_rejected.append(self.history.rejected)
@@ -197,7 +198,10 @@ class XdsService:
             self._tasks.append(asyncio.create_task(self.flows.run(), name="meshward-flows"))
         self._tasks.append(asyncio.create_task(self.history.run(), name="meshward-history"))
         if self.watcher is not None:
-            on_change, on_error = self.control.watcher_callbacks(asyncio.get_running_loop())
+            watcher = self.watcher
+            on_change, on_error = self.control.watcher_callbacks(
+                asyncio.get_running_loop(), marks=lambda: dict(watcher.marks)
+            )
             self.watcher.on_change, self.watcher.on_error = on_change, on_error
             self.watcher.start()
         log.info(

@@ -325,3 +325,43 @@ def test_compiled_results_carry_no_compile_state(process: CompileProcess) -> Non
     compiled = process(fleet(), T0, {})
     assert isinstance(compiled, Compiled)
     assert compiled.state is None and not compiled.packed
+
+
+def test_a_policy_set_goes_as_a_delta_and_stands_for_the_same_set() -> None:
+    from meshward.testing.policy_edits import addressed_fleet, edits
+    from meshward.xds.compile_process import StaleBase, apply_policy_delta, policy_delta
+
+    old = addressed_fleet()
+    for name, new in edits(old).items():
+        sent = policy_delta(old, new)
+        assert sent is not None
+        assert sum(map(len, sent.changed.values())) + sum(map(len, sent.removed.values())) <= 2
+        rebuilt = apply_policy_delta(old, sent)
+        assert rebuilt == new and rebuilt.version == new.version, name
+        assert rebuilt.canonical_documents() == new.canonical_documents()
+        with pytest.raises(StaleBase):
+            apply_policy_delta(new, sent)  # not its base
+    # what a delta cannot say goes whole
+    twice = PolicySet(old.mesh, (*old.workloads, old.workloads[0]), old.authorization_policies,
+                      (), (), "0" * 64)  # fmt: skip
+    assert policy_delta(old, twice) is None
+
+
+def test_edits_reach_the_worker_as_deltas_and_a_new_worker_gets_the_whole_set(
+    process: CompileProcess,
+) -> None:
+    ps = fleet()
+    first = process(ps, T0, {})
+    sent = process.deltas
+    edited = deny_debug(ps, "/one")
+    second = process(edited, T0, first.configs)
+    assert process.deltas == sent + 1  # the edit went as a delta
+    assert flat(second.configs) == full(edited, T0)
+    kill(process.pid)  # the new worker holds no base: the next edit goes whole
+    again = deny_debug(ps, "/two")
+    third = process(again, T0, second.configs)
+    assert flat(third.configs) == full(again, T0)
+    # a base the worker does not hold (told wrong): it refuses, the whole set goes
+    process._worker_policy = deny_debug(ps, "/not-what-it-holds")
+    fourth = process(edited, T0, third.configs)
+    assert flat(fourth.configs) == full(edited, T0)

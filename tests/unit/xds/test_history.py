@@ -151,7 +151,16 @@ def test_the_recorder_queue_is_bounded_and_keeps_the_newest(tmp_path: Path) -> N
     assert service.skipped == len(sets) - MAX_QUEUE
     entries = service.history.listing()  # type: ignore[union-attr]
     assert entries[0]["version"] == sets[-1].version  # the newest is always recorded
-    assert len(entries) == 1 + MAX_QUEUE
+    # every applied set is listed and kept; only the diffs of the skipped ones are missing
+    assert len(entries) == 1 + len(sets)
+    states = [e["diff"] for e in entries]
+    assert states.count("skipped") == service.skipped and states[0] == "done"
+    assert set(states) == {"done", "skipped"}
+    assert all(service.history.set_text(s.version) == s.dump() for s in sets)  # type: ignore[union-attr]
+    skipped = [e for e in entries if e["diff"] == "skipped"]
+    assert skipped[0]["workloads"] == [] and skipped[0]["opened"] == []  # never reported wrong
+    audit = (tmp_path / "audit.log").read_text()
+    assert audit.count('"action": "skipped"') == service.skipped
 
 
 def test_restore_swaps_the_directory_and_keeps_the_old_files(tmp_path: Path) -> None:

@@ -275,21 +275,16 @@ class CaCredentials:
 
     def __init__(self, directory: Path, spiffe_id: str, *, ttl_seconds: float = 3600.0) -> None:
         from meshward.certs.ca import CertificateAuthority
+        from meshward.certs.reload import CaReloader
 
         self.directory = directory
         self.spiffe_id = spiffe_id
         self.ttl_seconds = ttl_seconds
         self.ca = CertificateAuthority.load(directory)
-        self._stamp = self._ca_stamp()
+        self._reloader = CaReloader(directory)
         self._renew_at = 0.0
         self._generation = -1
         self._bundle = ""
-
-    def _ca_stamp(self) -> float:
-        try:
-            return (self.directory / "ca.json").stat().st_mtime
-        except OSError:
-            return 0.0
 
     def issue(self) -> tuple[bytes, bytes, bytes]:
         """(key, chain, roots) PEM: a fresh SVID and every root trusted now."""
@@ -313,12 +308,7 @@ class CaCredentials:
         """Why the credentials must be re-issued now (None: they are fine)."""
         from datetime import UTC, datetime
 
-        from meshward.certs.ca import CertificateAuthority
-
-        stamp = self._ca_stamp()
-        if stamp != self._stamp:
-            self._stamp = stamp
-            self.ca = CertificateAuthority.load(self.directory)
+        self.ca = self._reloader.reload(self.ca)
         now = datetime.now(UTC)
         if self.ca.trust_bundle(now=now).version != self._bundle:
             return "the trust bundle changed"

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from meshward.certs.reload import CaReloader
 from meshward.certs.server_tls import ServerTls
 from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import compiling, heap, typeurls
@@ -52,6 +53,7 @@ from meshward.xds.limits import INSTANCE_LIMIT, IdentityIndex, NodeLimits, expir
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
+from meshward.xds.server_identity import SERVER_KEY, ServerCertificate
 from meshward.xds.snapshot import InconsistentSnapshot, Snapshot
 from meshward.xds.timeline import EditTimeline
 
@@ -59,7 +61,6 @@ log = logging.getLogger("meshward.xds")
 
 WorkloadCompiler = compiling.WorkloadCompiler  # where the service and older callers find it
 
-SERVER_KEY = "@ads-server"
 INVALID_SECRETS_DIR = "invalid-secrets-dir"
 CA_POLL_SECONDS = 5.0
 
@@ -128,10 +129,12 @@ class ControlPlane:
         self._bundle_version = ""
         self._rootca: Resource | None = None
         self._wake: asyncio.Event | None = None
-        self._ca_mtime: float | None = None
-        self.server_tls: ServerTls | None = None
-        self._server_svid: Any = None
-        self._server_generation: int | None = None  # the CA generation that signed it
+        self._ca_reloader = CaReloader(getattr(ca, "directory", None))
+        self.server_cert = ServerCertificate(
+            lambda: server_spiffe_id(self.policy, self.ca.trust_domain),
+            self.server_ttl,
+            self.schedule,
+        )
         self._compiled_at = wall_clock()
         self._first_compile = True
         # Compiles with its incremental state: here, or in a worker process of its own.
@@ -518,69 +521,12 @@ class ControlPlane:
         self._rootca = make_resource(secret)
         for state in self.nodes.values():
             self._refresh_node(state)
-        if self.server_tls is not None and self._server_svid is not None:
-            if self._server_generation != self.ca.oldest_trusted_generation(now).number:
-                # Its root was dropped: sign from the (new) oldest trusted generation now.
-                self._renew_server(now, reason="its CA generation is no longer trusted")
-            else:  # client certificates are verified against every root trusted now
-                self.server_tls.update(
-                    self._server_svid.private_key_pem,
-                    self._server_svid.cert_chain_pem,
-                    bundle.roots_pem,
-                )
+        self.server_cert.bundle_changed(self.ca, bundle.roots_pem, now)
         return True
-
-    def _issue_server(self, now: datetime) -> Any:
-        generation = self.ca.oldest_trusted_generation(now)
-        svid = self.ca.issue(
-            server_spiffe_id(self.policy, self.ca.trust_domain),
-            ttl=self.server_ttl,
-            now=now,
-            generation=generation.number,
-        )
-        self._server_svid = svid
-        self._server_generation = generation.number
-        self.schedule.track(SERVER_KEY, svid)
-        return svid
 
     def make_server_tls(self) -> ServerTls:
         """Issue the ADS server's certificate and return its (renewable) TLS config."""
-        now = self.wall_clock()
-        svid = self._issue_server(now)
-        bundle = self.ca.trust_bundle(now=now)
-        self.server_tls = ServerTls(svid.private_key_pem, svid.cert_chain_pem, bundle.roots_pem)
-        return self.server_tls
-
-    def _renew_server(self, now: datetime, *, reason: str = "rotation") -> None:
-        svid = self._issue_server(now)
-        if self.server_tls is not None:
-            bundle = self.ca.trust_bundle(now=now)
-            self.server_tls.update(svid.private_key_pem, svid.cert_chain_pem, bundle.roots_pem)
-        log.info(
-            "ADS server certificate renewed (%s) by CA generation %d, expires %s",
-            reason, self._server_generation, svid.not_after.isoformat(),
-        )  # fmt: skip
-
-    def _maybe_reload_ca(self) -> None:
-        directory = getattr(self.ca, "directory", None)
-        if not self.reload_ca or directory is None:
-            return
-        from meshward.certs import CertificateAuthority
-
-        try:
-            mtime = (directory / "ca.json").stat().st_mtime
-        except OSError:
-            return
-        if self._ca_mtime is None:
-            self._ca_mtime = mtime
-            return
-        if mtime != self._ca_mtime:
-            self._ca_mtime = mtime
-            try:
-                self.ca = CertificateAuthority.load(directory)
-                log.info("CA in %s changed on disk: reloaded", directory)
-            except Exception:
-                log.exception("reloading the CA from %s failed; keeping the loaded one", directory)
+        return self.server_cert.make_tls(self.ca, self.wall_clock())
 
     # -- background work ---------------------------------------------------------------------------
     def _poke(self) -> None:
@@ -592,7 +538,7 @@ class ControlPlane:
         for renewal in list(self.schedule.due(now)):  # only the ADS server's own certificate
             try:
                 if renewal.key == SERVER_KEY:
-                    self._renew_server(now)
+                    self.server_cert.renew(self.ca, now)
                 else:
                     self.schedule.forget(renewal.key)
             except Exception:
@@ -601,7 +547,8 @@ class ControlPlane:
         expiry = self.next_expiry(now)
         if expiry is not None and now >= expiry:
             self._expire(now)
-        self._maybe_reload_ca()
+        if self.reload_ca:
+            self.ca = self._ca_reloader.reload(self.ca)
         self._refresh_bundle(now)
         self.collect_nodes()
         self._settle_heap()
@@ -695,11 +642,11 @@ class ControlPlane:
             "trust_bundle": self._bundle_version[:16],
             "server_certificate": (
                 {
-                    "spiffe_id": self._server_svid.spiffe_id,
-                    "not_after": self._server_svid.not_after.isoformat(),
-                    "ca_generation": self._server_generation,
+                    "spiffe_id": self.server_cert.svid.spiffe_id,
+                    "not_after": self.server_cert.svid.not_after.isoformat(),
+                    "ca_generation": self.server_cert.generation,
                 }
-                if self._server_svid is not None
+                if self.server_cert.svid is not None
                 else None
             ),
             "workloads": self._workload_status()

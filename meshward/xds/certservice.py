@@ -39,6 +39,7 @@ why; logged once per identity and reason per minute (:class:`RefusalLog`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -399,29 +400,17 @@ class CertService:
         return result
 
     def _wrap(
-        self, method: str, fn: Callable[[bytes, Any], Issued | bytes]
+        self, method: str, fn: Callable[[bytes, Any], Issued | bytes | Awaitable[Issued]]
     ) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        """One handler shape for every method: refusals abort with their reason, anything
+        else fails closed (nothing issued), and successes are counted and timed."""
+
         async def handler(request: bytes, context: Any) -> bytes:
             started = time.perf_counter()
             try:
                 result = fn(request, context)
-            except Refusal as exc:
-                await self._refuse(method, exc, context)
-                raise  # unreachable: abort raises
-            except Exception:
-                await self._failed(method, context)
-                raise
-            return self._done(method, result, started)
-
-        return handler
-
-    def _wrap_async(
-        self, method: str, fn: Callable[[bytes, Any], Awaitable[Issued]]
-    ) -> Callable[[bytes, Any], Awaitable[bytes]]:
-        async def handler(request: bytes, context: Any) -> bytes:
-            started = time.perf_counter()
-            try:
-                result = await fn(request, context)
+                if inspect.isawaitable(result):  # Join waits for the token store
+                    result = await result
             except Refusal as exc:
                 await self._refuse(method, exc, context)
                 raise  # unreachable: abort raises
@@ -437,7 +426,7 @@ class CertService:
             return self.control.wall_clock()  # type: ignore[no-any-return]
 
         handlers = {
-            JOIN: self._wrap_async(JOIN, lambda req, ctx: self.join(req, now())),
+            JOIN: self._wrap(JOIN, lambda req, ctx: self.join(req, now())),
             RENEW: self._wrap(
                 RENEW, lambda req, ctx: self.renew(req, self.peers.lookup(ctx), now())
             ),

@@ -7,43 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from meshward.policy import parse
 from meshward.policy.policyset import PolicySet
 from meshward.testing.policy_edits import addressed_fleet, edits
 from meshward.testing.topology import fleet
 from meshward.xds.history import PolicyHistory, touched_workloads
 from meshward.xds.history_service import HistoryService
-
-NOW = datetime(2026, 12, 3, tzinfo=UTC)
-BASE = "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec: {{ports: [{{name: http, port: 8080}}]}}
-"""
-    for name in ("frontend", "orders", "payments")
-)
-
-
-def deny(path: str) -> str:
-    return f"""---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: no-{path.strip("/") or "root"}, namespace: shop}}
-spec:
-  selector: {{matchLabels: {{app: orders}}}}
-  action: DENY
-  rules: [{{to: [{{operation: {{paths: ["{path}"]}}}}]}}]
-"""
-
-
-def version(*extra: str) -> PolicySet:
-    return parse({"p.yaml": BASE + "".join(extra)})
+from tests.unit.xds.test_history import NOW, deny, version
 
 
 def _touched_by_comparing_every_workload(old: PolicySet, new: PolicySet) -> list[str]:

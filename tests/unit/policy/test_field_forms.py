@@ -14,18 +14,8 @@ from meshward.policy import Operation, Rule, Source, parse
 from meshward.policy.canonical import rule_document
 from meshward.policy.evaluator import compile_operation, compile_source
 from meshward.policy.vocabulary import OPERATION_FORMS, SOURCE_FORMS, FieldForm
+from tests.unit.compile.test_rbac_fields import SAMPLE  # one value per field, shared
 
-SAMPLE: dict[str, Any] = {
-    "principals": "cluster.local/ns/shop/sa/frontend",
-    "request_principals": "https://issuer.example/alice",
-    "namespaces": "shop",
-    "ip_blocks": "10.0.0.0/8",
-    "remote_ip_blocks": "192.168.0.0/16",
-    "hosts": "orders.example",
-    "ports": 8080,
-    "methods": "GET",
-    "paths": "/orders",
-}
 FORMS = [("source", f) for f in SOURCE_FORMS] + [("operation", f) for f in OPERATION_FORMS]
 
 

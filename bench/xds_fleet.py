@@ -529,6 +529,7 @@ def measure_edits(
     probe = prober.ask("probe off")
     wait_envoys(server, real, start2, 120)
     mesh_sim, mesh_real = converged_at(server, [nodes, real], start2)
+    mesh_timeline = edit_timeline(server, start2)
     status, status_nodes, metrics = server.status_seconds()
     return {
         "nodes": len(nodes),
@@ -550,6 +551,7 @@ def measure_edits(
         "mesh_cpu": mesh_cpu,
         "mesh_nodes_cpu": nodes_cpu,
         "mesh_resources": mesh["resources"],
+        **{f"mesh_{stage}": at for stage, at in mesh_timeline.items()},
         "stall": probe["max_stall"],
         "probes": probe["answers"],
         "status": status,
@@ -694,6 +696,11 @@ def report(
         )
         print(f"{'':8} one-policy edit timeline, ms after the write (control plane's records): "
               f"{stages}, last ACK {m['one'] * 1000:.0f}")  # fmt: skip
+        stages = ", ".join(
+            f"{stage.replace('_', ' ')} {m['mesh_' + stage] * 1000:.0f}" for stage in TIMELINE
+        )
+        print(f"{'':8} mesh-wide edit timeline, ms after the write: "
+              f"{stages}, last ACK {m['mesh'] * 1000:.0f}")  # fmt: skip
     if len(sizes) > 1:
         a, b = sizes[0], sizes[-1]
         print(f"growth {a} -> {b} services ({b / a:.1f}x): cold start {med[b]['cold'] / med[a]['cold']:.1f}x, "

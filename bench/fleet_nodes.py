@@ -8,7 +8,7 @@ then the EDS and RDS names the clusters and listeners reference, and no SDS from
 plane (an agent-run Envoy gets its secrets from the agent's Unix socket); every response is
 decoded (each resource unpacked to its type) before it is ACKed.
 
-    python bench/fleet_nodes.py WORK ADS_PORT SERVER_IDENTITY READY_FILE
+    python bench/fleet_nodes.py WORK ADS_PORT SERVER_IDENTITY READY_FILE [sotw|delta]
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Any
 PROBE_NAME = "meshward-probe-route"
 
 
-def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
+def worker_main(
+    work: Path, port: int, identity: str, ready_file: Path, delta: bool = False
+) -> None:
     from google.protobuf import descriptor_pool, message_factory
 
     import meshward.compile.protos  # noqa: F401  (registers every type inside the resources)
@@ -50,7 +52,8 @@ def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
         """Decode every resource before ACKing, as Envoy does."""
         descriptor = descriptor_pool.Default().FindMessageTypeByName(type_url.split("/", 1)[1])
         cls = message_factory.GetMessageClass(descriptor)
-        for packed in response.resources:
+        for item in response.resources:
+            packed = item.resource if delta else item  # delta: a Resource wrapping the Any
             if not packed.Unpack(cls()):
                 return f"cannot decode a {type_url}"
         return None
@@ -87,7 +90,7 @@ def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
                 (d / "cert.pem").read_bytes(), (d / "key.pem").read_bytes(), roots
             )
         return AdsClient(
-            "127.0.0.1", port, node, contexts[ns, name], server_identity=identity,
+            "127.0.0.1", port, node, contexts[ns, name], server_identity=identity, delta=delta,
             subscriptions={typeurls.CLUSTER: (), typeurls.LISTENER: ()},
             nack=decode, on_response=on_response, follow_routes=True,
         )  # fmt: skip
@@ -248,6 +251,9 @@ def worker_main(work: Path, port: int, identity: str, ready_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
+    if len(sys.argv) not in (5, 6) or sys.argv[5:] not in ([], ["sotw"], ["delta"]):
         sys.exit(__doc__.strip().splitlines()[-1].strip())
-    worker_main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
+    worker_main(
+        Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]),
+        delta=sys.argv[5:] == ["delta"],
+    )  # fmt: skip

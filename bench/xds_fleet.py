@@ -243,13 +243,17 @@ class Worker:
     """The simulated nodes' process (bench/fleet_nodes.py), driven over a local TCP connection
     with JSON lines."""
 
-    def __init__(self, work: Path, launcher: Launcher, name: str, server: Any) -> None:
-        """``server``: its ``ads_port`` and ``identity`` (a Server, or a :class:`Target`)."""
+    def __init__(
+        self, work: Path, launcher: Launcher, name: str, server: Any, ads: str = "sotw"
+    ) -> None:
+        """``server``: its ``ads_port`` and ``identity`` (a Server, or a :class:`Target`);
+        ``ads``: the nodes' ADS variant, "sotw" or "delta"."""
         ready = work / f"{name}.ready.json"
         argv = [sys.executable, str(NODES_SCRIPT), str(work), str(server.ads_port),
-                server.identity, str(ready)]  # fmt: skip
+                server.identity, str(ready), ads]  # fmt: skip
         info = launcher.start(name, argv, ready_path=ready, timeout=120)
         self.name = name
+        self.ads = ads
         pid = launcher[name].pid
         assert pid is not None
         self.pid = pid
@@ -311,8 +315,9 @@ def envoy_refs(ps: Any, callee: str, count: int) -> list[str]:
 
 
 def start_envoys(
-    work: Path, launcher: Launcher, server: Server, ps: Any, refs: list[str], state_root: Path
-) -> list[str]:
+    work: Path, launcher: Launcher, server: Server, ps: Any, refs: list[str], state_root: Path,
+    ads: str,
+) -> list[str]:  # fmt: skip
     """A real Envoy per ref, each run by its `meshward agent` (one-time join token, key made on
     the node, SVID by CSR, SDS on a Unix socket), node id REF/envoy; returns the node ids.
     The compiled listeners bind fixed ports (no per-workload bindings, or the fleet's shared
@@ -332,6 +337,7 @@ def start_envoys(
             join=server.join, root_cert=roots,
             token_file=write_join_token(work / "ca", ref, work / f"e{i}.token"),
             envoy_args=("--drain-time-s", "2"),
+            delta=ads == "delta",
             extra=("--instance", "envoy"),
         )  # fmt: skip
         launcher.launch(f"agent-{i}", argv, ready=agent_serving(state), timeout=180)
@@ -441,7 +447,9 @@ def prepare(work: Path, ps: Any, replicas: int) -> list[str]:
     return nodes
 
 
-def run_size(topology: str, services: int, replicas: int, envoys: int) -> dict[str, Any]:
+def run_size(
+    topology: str, services: int, replicas: int, envoys: int, ads: str = "sotw"
+) -> dict[str, Any]:
     ps = policy_set(topology, services)
     edited, callee = one_policy_edit(ps)
     with (
@@ -453,12 +461,12 @@ def run_size(topology: str, services: int, replicas: int, envoys: int) -> dict[s
         with Launcher(work, quiet=True) as launcher:
             where = target(ps)
             # The nodes' process first: a restarted control plane's fleet is there already.
-            worker = Worker(work, launcher, "nodes", where)
+            worker = Worker(work, launcher, "nodes", where, ads)
             t0 = time.time()
             server = Server(work, launcher, where.ads_port, wait=False)
             try:
-                return measure(work, launcher, server, worker, ps, nodes, edited, callee,
-                               t0, envoys, Path(agents))  # fmt: skip
+                return {"ads": ads, **measure(work, launcher, server, worker, ps, nodes, edited,
+                                              callee, t0, envoys, Path(agents))}  # fmt: skip
             finally:
                 worker.stop()
 
@@ -477,7 +485,9 @@ def measure(
     nodes_cpu = process_cpu(worker.pid) - nodes_cpu0
     # The probe in a process of its own: its answers are timed without waiting behind the
     # simulated nodes' decoding (in the nodes' process, that delay was part of it).
-    prober = Worker(work, launcher, "probe", server)
+    # SotW whatever the nodes speak: each subscription change gets an answer to time (a delta
+    # stream is answered only for names that exist, so its probe would wait for the next push).
+    prober = Worker(work, launcher, "probe", server, "sotw")
     try:
         return measure_edits(work, launcher, server, worker, prober, ps, nodes, edited, callee,
                              envoys, agents, {
@@ -496,7 +506,9 @@ def measure_edits(
     nodes: list[str], edited: Any, callee: str, envoys: int, agents: Path, cold: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     rss = server.rss_mb()
-    real = start_envoys(work, launcher, server, ps, envoy_refs(ps, callee, envoys), agents)
+    real = start_envoys(
+        work, launcher, server, ps, envoy_refs(ps, callee, envoys), agents, worker.ads
+    )
     wait_envoys(server, real, 0.0, 180)
 
     def hit(name: str) -> bool:
@@ -634,6 +646,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--envoys", type=int, default=10,
                         help="real Envoys (each under `meshward agent`) alongside (default 10)")  # fmt: skip
+    parser.add_argument("--ads", choices=["sotw", "delta", "both"], default="sotw",
+                        help="the ADS variant of the simulated nodes and real Envoys (their "
+                        "`meshward agent --delta`); both: each size in both, interleaved, and "
+                        "delta's figures as ratios of SotW's")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object per size and round")
     parser.add_argument(
         "--burst-only",
@@ -650,29 +666,64 @@ def main() -> None:
             print(json.dumps({"services": n, "replicas": args.replicas,
                               **run_burst(args.topology, n, args.replicas)}), flush=True)  # fmt: skip
         return
-    results: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
+    modes = ["sotw", "delta"] if args.ads == "both" else [args.ads]
+    results: dict[tuple[int, str], list[dict[str, Any]]] = {
+        (n, mode): [] for n in sizes for mode in modes
+    }
     for _ in range(args.rounds):
-        for n in sizes:  # interleaved: every size once per round
-            results[n].append(run_size(args.topology, n, args.replicas, args.envoys))
-            if args.json:
-                print(json.dumps({"topology": args.topology, "replicas": args.replicas,
-                                  **results[n][-1]}), flush=True)  # fmt: skip
+        for n in sizes:  # interleaved: every size (and variant) once per round
+            for mode in modes:
+                results[n, mode].append(
+                    run_size(args.topology, n, args.replicas, args.envoys, mode)
+                )
+                if args.json:
+                    print(json.dumps({"topology": args.topology, "replicas": args.replicas,
+                                      **results[n, mode][-1]}), flush=True)  # fmt: skip
     if args.json:
         return
-    report(args.topology, args.replicas, args.rounds, sizes, results)
+    for mode in modes:
+        report(args.topology, args.replicas, args.rounds, sizes, mode,
+               {n: results[n, mode] for n in sizes})  # fmt: skip
+    if len(modes) > 1:
+        compare_modes(sizes, {key: median_of(rs) for key, rs in results.items()})
+
+
+def median_of(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Each numeric figure's median over the rounds."""
+    numeric = [k for k, v in rounds[0].items() if isinstance(v, (int, float))]
+    return {k: statistics.median(r[k] for r in rounds) for k in numeric}
+
+
+def compare_modes(sizes: list[int], med: Mapping[tuple[int, str], Mapping[str, float]]) -> None:
+    """Delta's figures as ratios of SotW's, size by size (same run, interleaved)."""
+    print("delta vs SotW (ratio of medians, same run; < 1: delta is faster or smaller):")
+    for n in sizes:
+        d, s = med[n, "delta"], med[n, "sotw"]
+        ratios = ", ".join(
+            f"{label} {d[key] / s[key]:.2f}x" if s[key] else f"{label} n/a"
+            for label, key in (
+                ("cold start", "cold"), ("cold start server CPU", "cold_cpu"),
+                ("one-policy edit", "one"), ("mesh-wide edit", "mesh"),
+                ("server CPU per mesh-wide change", "mesh_cpu"),
+                ("resources delivered by it", "mesh_resources"), ("stall", "stall"),
+            )
+        )  # fmt: skip
+        print(f"{n:8d} services: {ratios}")
 
 
 def report(
-    topology: str, replicas: int, rounds: int, sizes: list[int], results: dict[int, list[dict[str, Any]]]
+    topology: str, replicas: int, rounds: int, sizes: list[int], ads: str,
+    results: dict[int, list[dict[str, Any]]],
 ) -> None:  # fmt: skip
-    print(f"xDS at fleet scale ({topology}; replicas {replicas}; {rounds} round(s); SotW; "
+    variant = "SotW" if ads == "sotw" else "delta"
+    print(f"xDS at fleet scale ({topology}; replicas {replicas}; {rounds} round(s); {variant}; "
           "control plane --secrets agent; simulated nodes as agent-run Envoys: no SDS over ADS, "
           "decode before ACK, follow EDS/RDS; edit times = the control plane's last recorded ACK "
           "of the change, from its /status?view=nodes, for simulated nodes and real Envoys alike)")  # fmt: skip
     print(f"{'services':>8} {'nodes':>6} {'cold s':>7} {'1-edit ms':>9} {'Envoy ms':>8} {'mesh s':>7} "
           f"{'Envoy s':>7} {'CPU/change s':>12} {'us/resource':>11} {'+KiB/node':>9} {'stall ms':>8} "
           f"{'/status s':>9} {'nodes s':>7} {'/metrics s':>10}")  # fmt: skip
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))} for n, rs in results.items()}  # fmt: skip
+    med = {n: median_of(rs) for n, rs in results.items()}
     for n in sizes:
         m = med[n]
         print(f"{m['services']:8.0f} {m['nodes']:6.0f} {m['cold']:7.1f} {m['one'] * 1000:9.0f} "

@@ -93,7 +93,7 @@ def render_agent_bootstrap(
     server_identity: str,
     sds_socket: str,
     admin_socket: str,
-    delta: bool = False,
+    delta: bool = True,
     runtime: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``runtime``: extra Envoy runtime keys, in a static layer over Meshward's own, then an

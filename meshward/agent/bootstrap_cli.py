@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from meshward.agent.cli import add_first_contact
+from meshward.agent.cli import add_ads_variant, add_first_contact
 from meshward.agent.identity import BUNDLE_FILE, SVID_FILE, Credentials, CredentialStore
 from meshward.cliutil import host_port, parse_workload_ref, print_json
 from meshward.envoy.admin import ADMIN_SOCKET_FILE
@@ -206,8 +206,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "current SVID) and rewrite nothing else; Envoy picks it up live")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_first_contact(parser, "first contact (while the directory holds no valid SVID)")
-    parser.add_argument("--delta", action="store_true",
-                        help="use incremental (delta) ADS instead of state of the world")  # fmt: skip
+    add_ads_variant(parser)
     parser.add_argument("--admin-socket", metavar="PATH",
                         help="Envoy admin's Unix socket, mode 0600, as Envoy sees it (default: "
                              f"{ADMIN_SOCKET_FILE} in the sidecar's directory)")  # fmt: skip

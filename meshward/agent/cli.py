@@ -40,6 +40,19 @@ def add_first_contact(parser: argparse.ArgumentParser, title: str) -> None:
                        help="the mesh root(s), PEM: authenticates the control plane at join")  # fmt: skip
 
 
+def add_ads_variant(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--delta (the default) / --sotw, shared by `meshward agent` and `meshward bootstrap`.
+    Delta, as Istio's sidecars since 1.22: a change travels as the resources it changed (a
+    mesh-wide RBAC edit: one route per sidecar, not every listener or route it holds)."""
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument("--delta", dest="delta", action="store_true", default=True,
+                         help="incremental (delta) ADS: only changed resources travel "
+                              "(the default)")  # fmt: skip
+    variant.add_argument("--sotw", dest="delta", action="store_false",
+                         help="state-of-the-world ADS: every response carries all resources "
+                              "of its type (for control planes without delta)")  # fmt: skip
+
+
 def _fraction(text: str) -> float:
     value = positive_float(text)
     if value >= 1:
@@ -171,7 +184,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     envoy = parser.add_argument_group("Envoy")
     envoy.add_argument("--no-envoy", action="store_true",
                        help="serve SDS only; Envoy is run by someone else")  # fmt: skip
-    envoy.add_argument("--delta", action="store_true", help="ADS in delta (incremental) mode")
+    add_ads_variant(envoy)
     envoy.add_argument("--envoy-log-level", default="warning", help="(default: %(default)s)")
     envoy.add_argument("--envoy-arg", action="append", metavar="ARG",
                        help="extra Envoy argument (repeatable; replaces the default drain flags)")  # fmt: skip

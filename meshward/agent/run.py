@@ -74,7 +74,7 @@ class AgentConfig:
     jitter: float = 0.1
     bundle_poll: float = 30.0
     envoy: bool = True
-    delta: bool = False
+    delta: bool = True  # DELTA_GRPC (incremental ADS), the default; False: SotW
     envoy_log_level: str = "warning"
     envoy_args: tuple[str, ...] = ()
     drain_seconds: float = 2.0

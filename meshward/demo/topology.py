@@ -193,6 +193,7 @@ class DemoMesh:
             self.refs,
             control_plane="process",
             apps="process",
+            delta=self.refs,  # the product's default ADS variant (`meshward agent`)
             launcher=self.supervisor,
             state_root=self._agent_root(),
             watch_interval=0.2,

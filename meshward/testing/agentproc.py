@@ -55,8 +55,7 @@ def agent_argv(
     )  # fmt: skip
     if service_account:
         argv += ["--service-account", service_account]
-    if delta:
-        argv.append("--delta")
+    argv.append("--delta" if delta else "--sotw")
     if join is not None:
         assert token_file is not None and root_cert is not None
         argv += [

@@ -416,7 +416,7 @@ class Mesh:
             self.state_root, "--trust-domain", self.trust_domain,
             "--root-namespace", self.root_namespace,
             *(("--service-account", account) if account else ()),
-            *(("--delta",) if ref in self.delta else ()), *extra,
+            "--delta" if ref in self.delta else "--sotw", *extra,
         )  # fmt: skip
 
     def renew_bootstrap(self, ref: str) -> dict[str, Any]:

@@ -88,3 +88,28 @@ def test_agent_refused_join_is_a_clear_error(
     assert code == 1
     err = capsys.readouterr().err
     assert "joining the mesh failed: UNAVAILABLE" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("configure", ["agent", "bootstrap"])
+def test_delta_ads_is_the_default_and_sotw_opts_out(configure: str) -> None:
+    """Delta by default (a change travels as the resources it changed), as Istio's sidecars
+    since 1.22; --sotw for control planes without it; both at once is an error."""
+    import argparse
+
+    from meshward.agent import bootstrap_cli, cli
+
+    module = cli if configure == "agent" else bootstrap_cli
+    parser = argparse.ArgumentParser()
+    module.configure(parser)
+    required = ["--workload", "shop/orders", "--xds", "127.0.0.1:15010"]
+    required += ["--dir", "d"] if configure == "agent" else []
+    assert parser.parse_args(required).delta is True
+    assert parser.parse_args([*required, "--delta"]).delta is True
+    assert parser.parse_args([*required, "--sotw"]).delta is False
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--sotw", "--delta"])
+    assert "--sotw" in parser.format_help()
+    assert render_agent_bootstrap(
+        NodeId("shop", "orders"), "127.0.0.1", 15010, server_identity=SERVER,
+        sds_socket="/tmp/mwa/sds.sock", admin_socket="/tmp/mwa/admin.sock",
+    )["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"  # type: ignore[index]  # fmt: skip

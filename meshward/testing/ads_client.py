@@ -88,6 +88,7 @@ class AdsClient:
     last_response_at: float = 0.0
     _send: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     _channel: Any = None
+    _listener_routes: dict[str, tuple[bytes, list[str]]] = field(default_factory=dict)
 
     def view(self, type_url: str) -> TypeView:
         return self.views.setdefault(type_url, TypeView())
@@ -223,11 +224,23 @@ class AdsClient:
         self.last_response_at = time.monotonic()
         self._send.put_nowait(request)
         if self.follow_routes and type_url == typeurls.LISTENER and error is None:
-            names = tuple(sorted({n for r in view.resources.values() for n in _route_names(r)}))
+            names = tuple(
+                sorted({n for name, r in view.resources.items() for n in self._routes(name, r)})
+            )
             if names != self.subscriptions.get(typeurls.ROUTE, ()):
                 self.subscribe(typeurls.ROUTE, names)
         if self.on_response is not None:
             self.on_response(self, type_url, response)
+
+    def _routes(self, name: str, packed: Any) -> list[str]:
+        """The route names a listener uses, decoded once per content (as Envoy skips a resource
+        it already holds), not on every listener response."""
+        known = self._listener_routes.get(name)
+        if known is not None and known[0] == packed.value:
+            return known[1]
+        found = _route_names(packed)
+        self._listener_routes[name] = (packed.value, found)
+        return found
 
     def close(self) -> None:
         if self._channel is not None:

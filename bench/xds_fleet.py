@@ -9,6 +9,8 @@ by CSR and serves SDS itself), every process started through the test launcher
   on the wire: their ADS stream with the SVID their agent holds (pre-issued per service, the
   replicas sharing it), CDS and LDS as wildcards, then the EDS and RDS names the clusters and
   listeners reference, no SDS from the control plane; every response decoded before its ACK;
+  delta ADS as `meshward agent` speaks by default, or SotW (``--ads sotw``; ``--ads both``
+  runs each size both ways, interleaved, and prints delta's figures as ratios of SotW's);
 - ``--envoys`` (default 10) real Envoys alongside, each run by a `meshward agent` (one-time
   join token, key made on the node, SVID by CSR), serving services of the same topology (the
   first is the one-policy edit's callee).
@@ -646,10 +648,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--envoys", type=int, default=10,
                         help="real Envoys (each under `meshward agent`) alongside (default 10)")  # fmt: skip
-    parser.add_argument("--ads", choices=["sotw", "delta", "both"], default="sotw",
-                        help="the ADS variant of the simulated nodes and real Envoys (their "
-                        "`meshward agent --delta`); both: each size in both, interleaved, and "
-                        "delta's figures as ratios of SotW's")  # fmt: skip
+    parser.add_argument("--ads", choices=["sotw", "delta", "both"], default="delta",
+                        help="the ADS variant of the simulated nodes and real Envoys: delta "
+                        "(`meshward agent`'s default), sotw (`--sotw`), or both: each size in "
+                        "both, interleaved, with delta's figures as ratios of SotW's "
+                        "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object per size and round")
     parser.add_argument(
         "--burst-only",

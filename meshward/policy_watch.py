@@ -116,6 +116,8 @@ class PolicyWatcher:
             (p, base) for p in self.paths for base in {p.absolute(), p.resolve()}
         ]  # fmt: skip
         self._stop = threading.Event()
+        # Set once the thread watches (file events set up and caught up with, or polling).
+        self.watching = threading.Event()
         self._thread: threading.Thread | None = None
         self.cache = ParseCache()  # per-file parse results, bounded by the files of the set
 
@@ -243,19 +245,27 @@ class PolicyWatcher:
                 return self._scan()
         return state
 
-    def _events(self) -> Any:
-        """watchfiles' change batches (an empty batch each quiet ``interval``), or None where
-        file events are unavailable."""
+    def _events_possible(self) -> bool:
         if not self.events:
-            return None
+            return False
         if not all(p.is_dir() for p in self.paths):
             log.info("policy watcher: a path is a file, not a directory: polling")
-            return None
+            return False
         try:
-            import watchfiles
+            import watchfiles  # noqa: F401
         except ImportError:
             log.info("policy watcher: watchfiles is not installed: polling")
+            return False
+        return True
+
+    def _events(self) -> Any:
+        """watchfiles' change batches (an empty batch each quiet ``interval``), or None where
+        file events are unavailable. Blocks up to one ``interval`` (watchfiles yields its first
+        batch then): called on the watcher's thread, never in :meth:`start`."""
+        if not self._events_possible():
             return None
+        import watchfiles
+
         interval_ms = max(EVENT_STEP_MS, int(self.interval * 1000))
         changes = watchfiles.watch(
             *self.paths,
@@ -321,19 +331,21 @@ class PolicyWatcher:
         """Load now (raising PolicyError if invalid), then watch on a daemon thread."""
         if self.current is None:
             self.load_initial()
-        changes = self._events()
-        if changes is not None:
-            self.mode = "events"
-            # catch up with anything changed between the initial load and the first event
-            self._observed = self._scan()
-            self._step(self._observed)
-        self._thread = threading.Thread(
-            target=self._run, args=(changes,), name="policy-watch", daemon=True
-        )
+        if self._events_possible():
+            self.mode = "events"  # (back to "polling" if the watch cannot be had after all)
+        self._thread = threading.Thread(target=self._run, name="policy-watch", daemon=True)
         self._thread.start()
         return self
 
-    def _run(self, changes: Any) -> None:
+    def _run(self) -> None:
+        # Set up here, not in start(): watchfiles yields its first batch only after a whole
+        # interval (a server's start-up, and a 60 s interval's test, waited that long).
+        changes = self._events() if self.mode == "events" else None
+        if changes is not None:
+            # catch up with anything changed between the initial load and the watch
+            self._observed = self._scan()
+            self._step(self._observed)
+        self.watching.set()
         while changes is not None:
             try:
                 again = self._run_events(changes)

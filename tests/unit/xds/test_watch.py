@@ -161,6 +161,7 @@ def test_events_idle_watcher_stats_nothing(policy_dir: Path) -> None:
 
     watcher, _ = _events_watcher(policy_dir)
     try:
+        assert watcher.watching.wait(5)  # set up (and caught up) on its thread, not in start()
         before = watcher.stats
         time.sleep(0.5)  # ten intervals: a polling watcher would have stat'ed 20 files
         assert watcher.stats == before
@@ -261,5 +262,19 @@ def test_events_follow_a_directory_removed_and_made_again(tmp_path: Path) -> Non
         (staged / "policy.yaml").write_text(POLICY % "TRACE")
         staged.rename(policy_dir)
         assert _wait_for(lambda: any("TRACE" in c.dump() for c in changes), seconds=10)
+    finally:
+        watcher.stop()
+
+
+def test_start_does_not_wait_an_interval_for_the_first_event_batch(policy_dir: Path) -> None:
+    """watchfiles yields its first batch only after a whole quiet interval; start() used to
+    wait for it (a server's start-up, and every test with a long interval, paid it)."""
+    import time
+
+    began = time.monotonic()
+    watcher = PolicyWatcher([policy_dir], interval=20).start()
+    try:
+        assert time.monotonic() - began < 10  # not the 20 s interval
+        assert watcher.mode == "events"
     finally:
         watcher.stop()

@@ -577,6 +577,22 @@ class DeltaProtocol(_Protocol):
             st.quiet_inputs = inputs
         return push
 
+    @staticmethod
+    def _forget_rejections(st: TypeState, desired: Mapping[str, Resource]) -> None:
+        """Rejected content no longer desired: the change was taken back. Envoy already holds
+        what is desired (the content it confirmed), or nothing of it is desired any more, so no
+        response carries the revert, and without one nothing would clear the rejection: the
+        node would stay NOT ENFORCED, and the same content put back once the node can take it
+        would be held back as rejected forever. (SotW clears it on the revert's ACK.)"""
+        for name, bad in list(st.rejected.items()):
+            resource = desired.get(name)
+            applied = st.applied.get(name)
+            if resource is None or (
+                resource.hash != bad and applied is not None and applied.hash == resource.hash
+            ):
+                del st.rejected[name]
+                st.verdicts += 1
+
     def _plan_delta(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
         desired = snapshot.resources(st.type_url)
         base = snapshot.type_version(st.type_url)
@@ -585,6 +601,8 @@ class DeltaProtocol(_Protocol):
         removed: list[str] = []
         partial = False
         referenced = self._referenced_clusters() if st.type_url == typeurls.CLUSTER else set()
+        if st.rejected:
+            self._forget_rejections(st, desired)
         for name in sorted(candidates):
             resource = desired.get(name)
             have = st.sent.get(name)

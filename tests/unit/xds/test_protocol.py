@@ -21,7 +21,7 @@ from meshward.xds.protocol import (
 )
 from meshward.xds.resources import Resource
 from meshward.xds.snapshot import Snapshot, build_snapshot
-from meshward.xds.status import type_status
+from meshward.xds.status import stream_types, type_status
 
 C, L, S = typeurls.CLUSTER, typeurls.LISTENER, typeurls.SECRET
 
@@ -468,3 +468,51 @@ def test_delta_partial_push_is_never_counted_in_sync() -> None:
     p.receive(DeltaRequest(L, response_nonce=push.nonce), 1)
     assert p.plan(s, 2) == ([], [])
     assert not type_status(p.states[L], s, 10.0, 1.0).in_sync
+
+
+def test_delta_rejection_is_forgotten_when_the_change_is_taken_back_then_resent() -> None:
+    """Runbook 3 in delta: a changed listener is NACKed (the node keeps the old one); the change
+    is taken back (nothing to send: the node holds what is desired) and must no longer count as
+    rejected; once the node can take it, the same change put back is sent again, not held back
+    as rejected forever."""
+    s1 = snap(None, listeners=[listener("a", port=1)])
+    p = DeltaProtocol()
+    for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ())):
+        p.receive(DeltaRequest(t, subscribe=sub), 0)
+    for push in p.plan(s1, 0)[0]:
+        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+    changed = [listener("a", port=1, tag="deny")]
+    s2 = snap(s1, listeners=changed)
+    [push], _ = p.plan(s2, 1)
+    error = "Error adding/updating listener(s) a: regex program too large"
+    p.receive(DeltaRequest(L, response_nonce=push.nonce, error_detail=error), 2)
+    assert not_enforced(stream_types(p.states, s2, 3.0, 10.0)) is not None
+    assert p.plan(s2, 3) == ([], [])  # the same content is not resent while it is rejected
+    reverted = snap(s2, listeners=[listener("a", port=1)])
+    assert p.plan(reverted, 4) == ([], [])  # the node holds it already
+    assert p.states[L].rejected == {}
+    assert not_enforced(stream_types(p.states, reverted, 5.0, 10.0)) is None
+    assert all(s.in_sync for s in stream_types(p.states, reverted, 5.0, 10.0))
+    again = snap(reverted, listeners=changed)
+    [push], _ = p.plan(again, 6)
+    assert push.type_url == L and names(push.resources) == ["a"]
+    p.receive(DeltaRequest(L, response_nonce=push.nonce), 7)
+    assert all(s.in_sync for s in stream_types(p.states, again, 8.0, 10.0))
+
+
+def test_delta_rejection_of_a_new_resource_is_forgotten_once_it_is_no_longer_desired() -> None:
+    s1 = snap(None, listeners=[listener("a", port=1)])
+    p = DeltaProtocol()
+    for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ())):
+        p.receive(DeltaRequest(t, subscribe=sub), 0)
+    for push in p.plan(s1, 0)[0]:
+        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+    s2 = snap(s1, listeners=[listener("a", port=1), listener("new", port=2)])
+    [push], _ = p.plan(s2, 1)
+    nack = "Error adding/updating listener(s) new: cannot bind: address already in use"
+    p.receive(DeltaRequest(L, response_nonce=push.nonce, error_detail=nack), 2)
+    assert p.states[L].rejected
+    s3 = snap(s2, listeners=[listener("a", port=1)])
+    assert p.plan(s3, 3) == ([], [])
+    assert p.states[L].rejected == {}
+    assert not_enforced(stream_types(p.states, s3, 4.0, 10.0)) is None

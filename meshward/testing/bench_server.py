@@ -60,6 +60,14 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` in MiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 class BenchServer:
     """One ``xds serve`` process started through the launcher under ``name`` (its log
     ``<name>.log``). ``wait=False`` returns once it is launched (clients may connect as soon
@@ -111,10 +119,7 @@ class BenchServer:
         self.launcher.stop(self.name, timeout=timeout)
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return rss_mb(self.pid)
 
     def cpu_seconds(self) -> float:
         return process_cpu(self.pid)

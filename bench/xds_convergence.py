@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from meshward.testing.bench_server import process_cpu, rss_mb
 from meshward.testing.processes import Launcher
 
 WORKLOADS = [f"svc{i:02d}" for i in range(10)]
@@ -104,14 +104,10 @@ class Server:
         return fetch_nodes(self.admin, 30, ())
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return rss_mb(self.pid)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(self.pid)
 
     def stop(self) -> None:
         self.launcher.stop_all()

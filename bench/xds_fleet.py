@@ -64,9 +64,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from meshward.testing.processes import Launcher, meshward_argv, read_ready
+from meshward.testing.bench_server import BenchServer, process_cpu
+from meshward.testing.processes import Launcher
 
-WATCH_INTERVAL = 0.05
 NODES_SCRIPT = Path(__file__).with_name("fleet_nodes.py")
 
 
@@ -150,9 +150,9 @@ def mesh_wide_edit(ps: Any) -> Any:
 
 
 # -- the processes (all through meshward.testing.processes.Launcher) ---------------------------
-class Server:
-    """`meshward xds serve` as in production with node agents: --secrets agent (it never makes
-    or sends a workload key; SVIDs come by CSR), a join listener for the real Envoys' agents."""
+class Server(BenchServer):
+    """`meshward xds serve` as in production with node agents (it never makes or sends a
+    workload key; SVIDs come by CSR), a join listener for the real Envoys' agents."""
 
     def __init__(
         self, work: Path, launcher: Launcher, ads_port: int = 0, wait: bool = True
@@ -160,38 +160,11 @@ class Server:
         """``ads_port``: fixed, so simulated nodes can connect as soon as it listens (with the
         first compile still running: their streams wait for it), before the ready file;
         ``wait=False``: :meth:`finish` later."""
-        self.ready = work / "server.ready.json"
-        self.launcher = launcher
-        argv = meshward_argv(
-            "xds", "serve",
-            "--policy", str(work / "policies"), "--ca", str(work / "ca"),
-            "--listen", f"127.0.0.1:{ads_port}", "--admin", "127.0.0.1:0", "--access-log", "off",
-            "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(self.ready),
-            "--listen-host", "127.0.0.1", "--log-format", "text",
-            "--secrets", "agent", "--join-listen", "127.0.0.1:0", "--flows-db", "off",
-            # Simulated replicas share their service's identity (one certificate per service):
-            # per-identity limits sized for real sidecars would refuse a burst of them.
-            "--max-instances", "100000", "--max-streams", "100000",
-            "--svid-rate", "100000", "--svid-burst", "100000",
+        super().__init__(
+            launcher, work, name="xds", ads_port=ads_port, wait=wait,
+            extra=("--join-listen", "127.0.0.1:0", "--flows-db", "off",
+                   "--svid-rate", "100000", "--svid-burst", "100000"),
         )  # fmt: skip
-        launcher.launch("xds", argv, ready_path=self.ready, timeout=900)
-        component = launcher["xds"]
-        assert component.pid is not None
-        self.pid = component.pid
-        self.log = component.log_path
-        if wait:
-            self.finish()
-
-    def finish(self) -> None:
-        """Wait for the ready file (written once listening with the first compile done)."""
-        self.launcher.wait_ready(["xds"])
-        info = read_ready(self.ready)
-        assert info is not None
-        self.ready_at = self.ready.stat().st_mtime
-        self.ads_port = int(info["ads"].rsplit(":", 1)[1])
-        self.admin = info["admin"]
-        self.identity = info["server_identity"]
-        self.join = info["join"]
 
     def status_seconds(self) -> tuple[float, float, float]:
         """(GET /status: the summary; every node's document, /status?view=nodes page by page,
@@ -213,32 +186,6 @@ class Server:
 
         found: list[dict[str, Any]] = fetch_nodes(self.admin, 120, names)["nodes"]
         return found
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def cpu_seconds(self) -> float:
-        return process_cpu(self.pid)
-
-    def compiler_cpu_seconds(self) -> float:
-        """CPU of the server's child processes (the compile worker), which cpu_seconds leaves
-        out."""
-        children = set()
-        for task in Path(f"/proc/{self.pid}/task").iterdir():  # (a thread spawns the worker)
-            with contextlib.suppress(OSError):
-                children.update((task / "children").read_text().split())
-        return sum(process_cpu(int(child)) for child in children)
-
-
-def process_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Worker:

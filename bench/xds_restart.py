@@ -14,7 +14,10 @@ EDS/RDS names they reference; no SDS over ADS) in a process of their own:
 Server CPU is read from /proc per thread: ``loop`` is the event loop (every stream's Python
 work), ``grpc`` gRPC core's threads (TLS handshakes, socket I/O), ``other`` the rest (the compile
 and watcher threads). ``--server-path DIR,DIR`` runs the server from other checkouts (e.g. an
-older commit's ``git archive``), interleaved with rounds, to compare code side by side.
+older commit's ``git archive``), interleaved with rounds, to compare code side by side; its
+``--secrets agent`` (the default since f087831) stays spelled out so that a checkout from before
+then runs in the same mode. The server's command line and the /proc readings are
+meshward.testing.bench_server's, shared with bench/xds_fleet.py.
 
     python bench/xds_restart.py --services 300 --replicas 3 [--rounds 2] [--server-path A,B]
 """
@@ -24,18 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from meshward.testing.bench_server import BenchServer
 from meshward.testing.processes import Launcher
-
-WATCH_INTERVAL = 0.05
 
 
 def prepare(work: Path, services: int, replicas: int) -> tuple[Any, list[str]]:
@@ -95,54 +95,9 @@ def mesh_wide_edit(ps: Any) -> Any:
     )
 
 
-class Server:
-    def __init__(self, launcher: Launcher, work: Path, path: str | None) -> None:
-        self.ready = work / "server.ready.json"
-        # -P: with `-m`, Python puts the working directory first on sys.path, before PYTHONPATH:
-        # run from a checkout, every --server-path would have been that checkout's code.
-        argv = [
-            sys.executable, *(["-P"] if path else []), "-m", "meshward", "xds", "serve",
-            "--policy", str(work / "policies"), "--ca", str(work / "ca"), "--secrets", "agent",
-            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--access-log", "off",
-            "--watch-interval", str(WATCH_INTERVAL), "--ready-file", str(self.ready),
-            "--listen-host", "127.0.0.1", "--log-format", "text",
-            # Simulated replicas share their service's certificate.
-            "--max-instances", "100000", "--max-streams", "100000",
-        ]  # fmt: skip
-        env = {"PYTHONPATH": path} if path else {}
-        self.launcher = launcher
-        info = launcher.start("server", argv, ready_path=self.ready, env=env, timeout=900)
-        self.pid = launcher["server"].pid
-        assert self.pid is not None
-        self.port = int(info["ads"].rsplit(":", 1)[1])
-        self.admin = info["admin"]
-        self.identity = info["server_identity"]
-
-    def threads(self) -> dict[str, float]:
-        """CPU seconds: the event loop (main thread), gRPC core's threads, the rest."""
-        tck = os.sysconf("SC_CLK_TCK")
-        out = {"loop": 0.0, "grpc": 0.0, "other": 0.0}
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                comm = (task / "comm").read_text().strip()
-            except OSError:
-                continue
-            cpu = (int(fields[11]) + int(fields[12])) / tck
-            key = "loop" if int(task.name) == self.pid else "grpc" if comm in GRPC else "other"
-            out[key] += cpu
-        return out
-
-    def fleet(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.admin + "/status", timeout=120) as response:
-            found: dict[str, Any] = json.loads(response.read())["fleet"]
-            return found
-
-    def stop(self) -> None:
-        self.launcher.stop("server", timeout=20)
-
-
-GRPC = {"event_engine", "grpc_global_tim", "default-executo", "resolver-execut", "timer_manager"}
+def start_server(launcher: Launcher, work: Path, path: str | None) -> BenchServer:
+    """The server under test (log ``server.log``), from ``path``'s checkout if given."""
+    return BenchServer(launcher, work, name="server", python_path=path)
 
 
 def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -282,28 +237,30 @@ def run(services: int, replicas: int, path: str | None) -> dict[str, Any]:
         ps, names = prepare(work, services, replicas)
         n = len(names)
         launcher = Launcher(work, quiet=True, logs=work)  # logs: server.log, nodes.log
-        server = Server(launcher, work, path)
+        server = start_server(launcher, work, path)
         nodes = Nodes(launcher, work, server.identity)
         try:
-            cpu, start = server.threads(), time.time()
-            first_wall = nodes.ask(f"connect {server.port}")["wall"] - start
-            first = spent(cpu, server.threads())
-            cpu, start = server.threads(), time.time()
+            cpu, start = server.cpu_by_thread(), time.time()
+            first_wall = nodes.ask(f"connect {server.ads_port}")["wall"] - start
+            first = spent(cpu, server.cpu_by_thread())
+            cpu, start = server.cpu_by_thread(), time.time()
             nodes.ask("edited")  # marks, then waits below
             write_policy(work / "policies", mesh_wide_edit(ps))
             mesh_wall = nodes.answer()["wall"] - start
-            mesh = spent(cpu, server.threads())
+            mesh = spent(cpu, server.cpu_by_thread())
             server.stop()
-            server = Server(launcher, work, path)  # restarted: the same (edited) policy and CA
-            cpu, start = server.threads(), time.time()
-            nodes.ask(f"reconnect {server.port}")
+            server = start_server(
+                launcher, work, path
+            )  # restarted: the same (edited) policy and CA
+            cpu, start = server.cpu_by_thread(), time.time()
+            nodes.ask(f"reconnect {server.ads_port}")
             while True:  # every node reconnected and in sync
-                fleet = server.fleet()
+                fleet = server.status()["fleet"]
                 if fleet["connected"] == n and fleet["in_sync"] == n:
                     break
                 time.sleep(0.5)
             restart_wall = time.time() - start
-            restart = spent(cpu, server.threads())
+            restart = spent(cpu, server.cpu_by_thread())
             sent = nodes.ask("responses")["responses"]
             return {"nodes": n, "first": first, "first_wall": first_wall, "mesh": mesh,
                     "mesh_wall": mesh_wall, "restart": restart, "restart_wall": restart_wall,

@@ -125,20 +125,21 @@ class Agent:
     def _xds_channel(self, current: Credentials) -> CertChannel:
         """The mTLS channel for Renew and Bundle, kept open across calls while the credentials
         are the same and unexpired; new credentials (a renewal, a new bundle) get a new
-        connection that presents them."""
-        if (
-            self._channel is None
-            or self._channel_for is not current
-            or current.not_after <= self._now()
-        ):
-            self._close_channel()
-            self._channel = CertChannel(
-                self.config.xds,
-                context=mtls_context(current.chain_pem, current.key_pem, current.bundle_pem),
-                server_id=self.config.server_identity,
-            )
-            self._channel_for = current
-        return self._channel
+        connection that presents them. Its TLS context is built once per credentials (it
+        parses the key and every root): an expired SVID's calls, and a channel that redials
+        after a failed connection, dial again with the same one."""
+        if self._channel is not None and self._channel_for is current:
+            if current.not_after <= self._now():
+                self._channel.close()  # expired: a fresh connection per call, same context
+            return self._channel
+        self._close_channel()
+        channel = CertChannel(
+            self.config.xds,
+            context=mtls_context(current.chain_pem, current.key_pem, current.bundle_pem),
+            server_id=self.config.server_identity,
+        )
+        self._channel, self._channel_for = channel, current
+        return channel
 
     def _close_channel(self) -> None:
         if self._channel is not None:

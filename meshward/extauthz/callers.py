@@ -28,13 +28,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshward.certs.cli import CHAIN_FILE, KEY_FILE, ROOTS_FILE
 from meshward.compile.names import extauthz_spiffe_id
 from meshward.errors import UserError
 from meshward.extauthz.authorizer import WORKLOAD_KEY
+
+if TYPE_CHECKING:
+    from meshward.certs.server_tls import ServerTls
 
 log = logging.getLogger("meshward.extauthz")
 
@@ -266,71 +270,59 @@ def write_credentials(directory: Path, svid: Any, roots_pem: bytes) -> TlsFiles:
 
 
 class CaCredentials:
-    """ext_authz's SVID issued from the mesh CA in ``directory`` (``serve --ca``), the way the
-    control plane issues its own: signed by the oldest trusted CA generation (clients may hold an
-    old bundle), renewed at half life, and re-issued with a new trust bundle when the CA on disk
-    changes (``meshward ca rotate``), so ext_authz follows a root rotation like the sidecars do.
+    """ext_authz's SVID issued from the mesh CA in ``directory`` (``serve --ca``) by the control
+    plane's own class (:class:`meshward.certs.server_identity.ServerCertificate`): signed by the
+    oldest trusted CA generation (clients may hold an old bundle), renewed at about half life,
+    re-trusting clients when the CA on disk changes (``meshward ca rotate``: the CA is reloaded,
+    the bundle's new roots verify the sidecars' new SVIDs) and re-issued when its generation is
+    no longer trusted, so ext_authz follows a root rotation like the sidecars do.
     The alternative, ``--tls-dir``, keeps the CA key out of ext_authz; then renewing the files
     is the operator's job (they are reloaded when they change)."""
 
     def __init__(self, directory: Path, spiffe_id: str, *, ttl_seconds: float = 3600.0) -> None:
+        from datetime import timedelta
+
         from meshward.certs.ca import CertificateAuthority
         from meshward.certs.reload import CaReloader
+        from meshward.certs.rotation import RotationSchedule
+        from meshward.certs.server_identity import ServerCertificate
 
-        self.directory = directory
-        self.spiffe_id = spiffe_id
-        self.ttl_seconds = ttl_seconds
         self.ca = CertificateAuthority.load(directory)
         self._reloader = CaReloader(directory)
-        self._renew_at = 0.0
-        self._generation = -1
+        self.schedule = RotationSchedule()
+        self.certificate = ServerCertificate(
+            lambda: spiffe_id, timedelta(seconds=ttl_seconds), self.schedule,
+            label="ext_authz", log=log,
+        )  # fmt: skip
         self._bundle = ""
 
-    def issue(self) -> tuple[bytes, bytes, bytes]:
-        """(key, chain, roots) PEM: a fresh SVID and every root trusted now."""
-        from datetime import UTC, datetime, timedelta
+    def make_tls(self, now: datetime) -> ServerTls:
+        """Issue the certificate; the (renewable) TLS config to serve."""
+        self._bundle = self.ca.trust_bundle(now=now).version
+        return self.certificate.make_tls(self.ca, now)
 
-        now = datetime.now(UTC)
-        generation = self.ca.oldest_trusted_generation(now).number
-        svid = self.ca.issue(
-            self.spiffe_id,
-            ttl=timedelta(seconds=self.ttl_seconds),
-            now=now,
-            generation=generation,
-        )
-        bundle = self.ca.trust_bundle(now=now)
-        self._generation, self._bundle = generation, bundle.version
-        lifetime = (svid.not_after - svid.not_before).total_seconds()
-        self._renew_at = time.time() + lifetime / 2
-        return svid.private_key_pem, svid.cert_chain_pem, bundle.roots_pem
-
-    def due(self) -> str | None:
-        """Why the credentials must be re-issued now (None: they are fine)."""
-        from datetime import UTC, datetime
-
+    def maintain(self, now: datetime) -> None:
+        """What the control plane's maintenance does for its own certificate: follow the CA on
+        disk, hand a changed bundle to the certificate, renew it when due."""
         self.ca = self._reloader.reload(self.ca)
-        now = datetime.now(UTC)
-        if self.ca.trust_bundle(now=now).version != self._bundle:
-            return "the trust bundle changed"
-        if self.ca.oldest_trusted_generation(now).number != self._generation:
-            return "its CA generation is no longer the oldest trusted"
-        if time.time() >= self._renew_at:
-            return "half of its lifetime passed"
-        return None
+        bundle = self.ca.trust_bundle(now=now)
+        if bundle.version != self._bundle:
+            self.certificate.bundle_changed(self.ca, bundle.roots_pem, now)
+            self._bundle = bundle.version
+            log.info("ext_authz trust bundle changed: clients verified against its roots")
+        if self.schedule.seconds_until_next(now) == 0.0:  # its one entry is due
+            self.certificate.renew(self.ca, now)
 
-    def watch(self, tls: Any, interval: float) -> Callable[[], None]:
-        """Re-issue into ``tls`` whenever :meth:`due`; returns stop()."""
+    def watch(self, interval: float) -> Callable[[], None]:
+        """:meth:`maintain` every ``interval`` seconds in a thread; returns stop()."""
         stop = threading.Event()
 
         def run() -> None:
             while not stop.wait(interval):
                 try:
-                    why = self.due()
-                    if why is not None:
-                        tls.update(*self.issue())
-                        log.info("ext_authz certificate re-issued: %s", why)
+                    self.maintain(datetime.now(UTC))
                 except Exception:  # a broken CA directory must not stop serving
-                    log.exception("re-issuing the ext_authz certificate failed; retrying")
+                    log.exception("renewing the ext_authz certificate failed; retrying")
 
         thread = threading.Thread(target=run, name="extauthz-svid", daemon=True)
         thread.start()

@@ -170,8 +170,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="instead: issue the SVID from the mesh CA in DIR (as `xds serve --ca` does for "
-        "itself), renewed at half life and re-issued when the CA rotates; ext_authz then "
-        "holds the CA key",
+        "itself, by the same code), renewed at about half life; after `meshward ca rotate` "
+        "clients of the new root are trusted at once and the SVID moves to the new root when "
+        "the old one is dropped; ext_authz then holds the CA key",
     )
     serve.add_argument(
         "--listen",

@@ -348,11 +348,11 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
         tls = server_tls(tls_files, policy_set)
         renew = lambda: watch_tls(tls_files, tls, interval)  # noqa: E731
     elif options.ca_dir is not None:
-        from meshward.certs.server_tls import ServerTls
+        from datetime import UTC, datetime
 
         issuer = CaCredentials(options.ca_dir, expected_server_identity(policy_set))
-        tls = ServerTls(*issuer.issue())
-        renew = lambda: issuer.watch(tls, interval)  # noqa: E731
+        tls = issuer.make_tls(datetime.now(UTC))
+        renew = lambda: issuer.watch(interval)  # noqa: E731
     verifier = JwtVerifier(
         leeway=options.leeway,
         max_token_bytes=options.max_token_bytes,

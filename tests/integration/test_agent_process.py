@@ -1,6 +1,7 @@
-"""The operator's path with the node agent: `meshward ca init`, `meshward xds serve --secrets
-agent --join-listen` as a process, `meshward ca join-token`, `meshward agent` as a process
-(its Envoy answers through mTLS it set up), `meshward status`, SIGTERM everywhere."""
+"""The operator's path with the node agent: `meshward ca init`, `meshward xds serve
+--join-listen` as a process (no `--secrets`: nodes bring their own keys by default, which the
+status check below holds it to), `meshward ca join-token`, `meshward agent` as a process (its
+Envoy answers through mTLS it set up), `meshward status`, SIGTERM everywhere."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_serve_join_token_agent_status(tmp_path: Path, capsys: pytest.CaptureFix
                 "xds", "serve", "--policy", str(tmp_path / "policies"),
                 "--ca", str(tmp_path / "ca"), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                 "--bindings", str(tmp_path / "bindings.json"), "--ready-file", str(tmp_path / "ready.json"),
-                "--secrets", "agent", "--join-listen", "127.0.0.1:0",
+                "--join-listen", "127.0.0.1:0",
             ), ready_path=tmp_path / "ready.json")  # fmt: skip
             assert info["join"]
             capsys.readouterr()

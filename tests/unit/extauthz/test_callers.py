@@ -295,3 +295,46 @@ def test_serve_with_ca_follows_a_root_rotation(tmp_path: Path) -> None:
                 time.sleep(0.2)
     finally:
         running.stop()
+
+
+def test_ca_credentials_follow_the_ca_on_disk_with_the_control_planes_certificate(
+    tmp_path: Path,
+) -> None:
+    """`serve --ca`'s certificate is the control plane's class: a rotation on disk re-trusts
+    clients and keeps the served certificate (old-bundle sidecars still accept it) until the
+    old root is dropped; half life renews it."""
+    from datetime import UTC, datetime, timedelta
+
+    from meshward.certs.pem import load_certificates
+    from meshward.extauthz.callers import CaCredentials
+
+    def served() -> tuple[int, int, int]:  # (serial, issuing generation, roots)
+        _, chain, roots = tls.current()
+        leaf = load_certificates(chain, "served")[0]
+        generation = issuer.ca.issuing_generation(leaf)
+        assert generation is not None
+        return leaf.serial_number, generation.number, len(load_certificates(roots, "roots"))
+
+    ext_authz = f"spiffe://{TD}/ns/meshward-system/sa/meshward-extauthz"
+    CertificateAuthority.init(tmp_path / "ca", TD)
+    issuer = CaCredentials(tmp_path / "ca", ext_authz)
+    now = datetime.now(UTC)
+    tls = issuer.make_tls(now)
+    serial, generation, roots = served()
+    assert (generation, roots) == (1, 1)
+    assert issuer.certificate.svid.spiffe_id == ext_authz
+    issuer.maintain(now)
+    assert served() == (serial, 1, 1)  # nothing changed, nothing due
+
+    CertificateAuthority.load(tmp_path / "ca").rotate(grace=timedelta(hours=2), now=now)
+    issuer.maintain(now)
+    assert served() == (serial, 1, 2)  # re-trusted, same certificate
+
+    renewal = now + timedelta(minutes=40)  # past 50% +- 10% of its hour
+    issuer.maintain(renewal)
+    renewed, generation, roots = served()
+    assert renewed != serial and (generation, roots) == (1, 2)  # oldest trusted still signs
+
+    after_grace = now + timedelta(hours=3)
+    issuer.maintain(after_grace)
+    assert served()[1:] == (2, 1)

@@ -4,7 +4,6 @@ refusals with reasons, per-identity CSR limits. The agent's own client makes the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from meshward.certs import CertificateAuthority
 from meshward.certs.jointoken import load_or_create_key, mint
 from meshward.compile import CompileOptions
 from meshward.policy import parse
+from meshward.testing.relay import TcpRelay
 from meshward.xds.certservice import PeerCache, Refusal, decode
 from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.limits import NodeLimits
@@ -333,43 +333,11 @@ async def test_status_advice_after_rotation_fits_agents(service: XdsService, ca_
     assert "meshward bootstrap --renew" in status["warning"]
 
 
-class ConnectionCounter:
-    """A TCP forwarder in front of a real port that counts the connections it carried: how a
-    test sees whether calls shared a connection (TLS runs end to end through it)."""
-
-    def __init__(self, target: str) -> None:
-        self.host, port = target.rsplit(":", 1)
-        self.port = int(port)
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
-        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
 async def test_an_open_channel_carries_renew_and_polls_on_one_connection(
     service: XdsService, ca_dir: Path
 ) -> None:
     creds = await join(service, ca_dir, token(ca_dir))
-    counter = ConnectionCounter(service.address)
+    counter = TcpRelay(service.address)
     async with counter as address:
         channel = CertChannel(
             address,
@@ -487,17 +455,19 @@ def test_peer_identity_is_the_one_uri_san(
     assert _svid_identity(auth) == identity
 
 
-async def test_the_agent_keeps_one_connection_per_svid(
+async def test_the_agent_keeps_one_connection_and_tls_context_per_svid(
     service: XdsService, ca_dir: Path, tmp_path: Path
 ) -> None:
     """Bundle polls and the renewal share the agent's connection; the renewed SVID gets a
-    connection of its own (the old one spoke for the old certificate) and the server sees it."""
+    connection of its own (the old one spoke for the old certificate) and the server sees it.
+    The TLS context is built once per SVID: a dropped connection, and an expired SVID's calls
+    (a fresh connection each), dial again with the same one."""
     from meshward.agent.run import Agent, AgentConfig
     from meshward.agent.sds import SdsServer
 
     creds = await join(service, ca_dir, token(ca_dir))
-    counter = ConnectionCounter(service.address)
-    async with counter as address:
+    relay = TcpRelay(service.address)
+    async with relay as address:
         agent = Agent(
             AgentConfig(
                 workload="shop/orders",
@@ -510,16 +480,33 @@ async def test_the_agent_keeps_one_connection_per_svid(
         )
         agent.store.ensure()
         agent.credentials, agent.sds = creds, SdsServer(creds)
+
+        def context() -> object:
+            assert agent._channel is not None
+            return agent._channel._context
+
         try:
             await agent._poll_bundle()
+            first = context()
+            relay.cut()  # the connection drops (the first call may find out): dialled again
             await agent._poll_bundle()
+            await agent._poll_bundle()
+            assert context() is first and relay.connections == 2
             await agent._renew()
-            assert (agent.renewals, agent.failures, counter.connections) == (1, 0, 1)
+            assert (agent.renewals, agent.failures, relay.connections) == (1, 0, 2)
             assert agent.credentials.serial != creds.serial
             await agent._poll_bundle()
             await agent._poll_bundle()
-            assert counter.connections == 2
+            renewed = context()
+            assert relay.connections == 3 and renewed is not first
             newest = next(reversed(service.certs.peers._seen.values()))
             assert newest == (ORDERS, agent.credentials.not_after)
+            later = agent.credentials.not_after + timedelta(seconds=1)
+            agent._now = lambda: later  # type: ignore[method-assign]  # the SVID has expired
+            service.control.wall_clock = lambda: later
+            for n in range(2):  # refused, each on a fresh connection, the context kept
+                await agent._poll_bundle()
+                assert context() is renewed and relay.connections == 4 + n
+            assert service.certs.counts["Bundle:certificate-expired"] == 2
         finally:
             agent._close_channel()

@@ -169,11 +169,7 @@ class _Worker:
                 continue
             pairs.append((old, config))
             if old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error):
-                keys = tuple(
-                    (r.type_url, r.name, r.hash)
-                    for items in config.resources.values()
-                    for r in items
-                )
+                keys = tuple(r.key for items in config.resources.values() for r in items)
                 workloads[ref] = (keys, config.error)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
         pairs.extend((previous[ref], None) for ref in removed)
@@ -190,19 +186,19 @@ class _Worker:
         for old, _ in pairs:
             for items in old.resources.values() if old is not None else ():
                 for r in items:
-                    live[(r.type_url, r.name, r.hash)] -= 1
+                    live[r.key] -= 1
         bodies: dict[Key, Body] = {}
         for _, new in pairs:
             for items in new.resources.values() if new is not None else ():
                 for r in items:
-                    key = (r.type_url, r.name, r.hash)
+                    key = r.key
                     if key not in live:
                         live[key] = 0
                         bodies[key] = _body(r)
                     live[key] += 1
         for key in [k for old, _ in pairs if old is not None
                     for items in old.resources.values() for r in items
-                    if live.get(k := (r.type_url, r.name, r.hash)) == 0]:  # fmt: skip
+                    if live.get(k := r.key) == 0]:  # fmt: skip
             live.pop(key, None)
         return bodies
 
@@ -418,7 +414,7 @@ class CompileProcess:
                 log.error("compiling %s failed; it keeps its previous config: %s", ref, error)
         if len(table) > delta.live:  # keep only the newest result's resources
             held = {
-                (r.type_url, r.name, r.hash)
+                r.key
                 for config in mirror.values()
                 for items in config.resources.values()
                 for r in items

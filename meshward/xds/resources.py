@@ -66,6 +66,13 @@ class Resource:
     routes: frozenset[str] = frozenset()
     endpoints: frozenset[str] = frozenset()  # EDS names a cluster asks for (consistency check)
 
+    @cached_property
+    def key(self) -> tuple[str, str, str]:
+        """(type URL, name, hash): this version as fingerprints and the compile process name
+        it; made once per resource (resources are shared between workloads and compiles), not
+        once per workload holding it in every compile."""
+        return (self.type_url, self.name, self.hash)
+
     @property
     def sensitive(self) -> bool:
         return self.type_url == typeurls.SECRET

@@ -182,3 +182,9 @@ def test_dependencies_inside_an_any_seen_before_come_from_the_memo() -> None:
     assert (again.secrets, again.clusters) == (first.secrets, first.clusters)
     other = listener("inbound", "payments")  # another cluster inside the same kind of Any
     assert other.clusters == {"payments"} and len(resources._IN_ANY) > held
+
+
+def test_a_resource_key_is_made_once() -> None:
+    resource = cluster("a")
+    assert resource.key == (resource.type_url, resource.name, resource.hash)
+    assert resource.key is resource.key  # one tuple, shared by every workload holding it

@@ -64,9 +64,14 @@ _SCALAR, _ENUM, _MESSAGE, _REPEATED_SCALAR, _REPEATED_ENUM, _REPEATED_MESSAGE, _
 Anys = dict[str, list[tuple[dict[str, Any], bytes]]]
 
 
+#: The most ``Any`` values of one type a parse records for the next: each new ``Any`` is
+#: compared with at most this many (a resource with thousands of them stays linear).
+REUSE_PER_TYPE = 64
+
+
 class Reuse:
     """The ``Any`` values of a previous parse (``before``) and those of this one (``after``,
-    for the next)."""
+    for the next; at most REUSE_PER_TYPE of each type)."""
 
     __slots__ = ("after", "before")
 
@@ -253,7 +258,7 @@ def _any(data: Any, message: Any, reuse: Reuse | None) -> None:
             if before == data:
                 message.type_url = type_url
                 message.value = value
-                reuse.after.setdefault(type_url, []).append((data, value))
+                _record(reuse, type_url, data, value)
                 return
     make = _CLASSES.get(type_url)
     if make is None:
@@ -269,4 +274,10 @@ def _any(data: Any, message: Any, reuse: Reuse | None) -> None:
     message.type_url = type_url
     message.value = inner.SerializeToString(deterministic=True)
     if reuse is not None and len(data) > 1:
-        reuse.after.setdefault(type_url, []).append((data, message.value))
+        _record(reuse, type_url, data, message.value)
+
+
+def _record(reuse: Reuse, type_url: str, data: dict[str, Any], value: bytes) -> None:
+    kept = reuse.after.setdefault(type_url, [])
+    if len(kept) < REUSE_PER_TYPE:
+        kept.append((data, value))

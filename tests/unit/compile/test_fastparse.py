@@ -179,3 +179,23 @@ def test_reused_any_values_give_the_bytes_of_a_fresh_parse() -> None:
 def test_the_general_path_records_no_any_values() -> None:
     message, anys = protos.parse_reusing("listener", {"name": "l", "trafficDirection": 1}, {})
     assert anys == {} and message.traffic_direction == 1
+
+
+def test_the_any_values_kept_for_the_next_parse_are_bounded() -> None:
+    per_route = {
+        f"f{i}": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
+            "rbac": {"rules": {"policies": {f"p{i}": {"permissions": [{"any": True}]}}}},
+        }
+        for i in range(fastparse.REUSE_PER_TYPE * 3)
+    }
+    data = {
+        "name": "r",
+        "virtual_hosts": [{"name": "v", "domains": ["*"], "typed_per_filter_config": per_route}],
+    }
+    first, anys = protos.parse_reusing("route", copy.deepcopy(data), {})
+    assert [len(v) for v in anys.values()] == [fastparse.REUSE_PER_TYPE]
+    again, _ = protos.parse_reusing("route", copy.deepcopy(data), anys)  # the rest parsed
+    assert again.SerializeToString(deterministic=True) == first.SerializeToString(
+        deterministic=True
+    )

@@ -11,6 +11,14 @@ over every resource of a fleet's compile.
 
 Each ``Any`` is packed with deterministic serialization, inner first, as
 :func:`meshward.compile.protos._repack` does after ``ParseDict``.
+
+:class:`Reuse` carries the ``Any`` values of the same resource's previous parse: an ``Any``
+whose JSON form equals one of them takes its packed bytes instead of being parsed again. A
+mesh-wide DENY changes one RBAC engine of every workload's route; the other engines (most of
+the route) are then not parsed again. Equality is Python's (``==``), which also equates
+``True`` with ``1`` and ``1`` with ``1.0``: the fast path refuses a value of the wrong type for
+its field (:func:`_scalar`), so only a ``Struct`` value could tell them apart, and the compiler
+emits each such value from one code path, of one type.
 """
 
 from __future__ import annotations
@@ -50,6 +58,26 @@ _INTS = frozenset(
 _SCALAR, _ENUM, _MESSAGE, _REPEATED_SCALAR, _REPEATED_ENUM, _REPEATED_MESSAGE, _MAP, _OTHER = range(
     8
 )
+
+
+#: type URL -> (an ``Any``'s JSON form, its packed value) for each ``Any`` of one parse
+Anys = dict[str, list[tuple[dict[str, Any], bytes]]]
+
+
+#: The most ``Any`` values of one type a parse records for the next: each new ``Any`` is
+#: compared with at most this many (a resource with thousands of them stays linear).
+REUSE_PER_TYPE = 64
+
+
+class Reuse:
+    """The ``Any`` values of a previous parse (``before``) and those of this one (``after``,
+    for the next; at most REUSE_PER_TYPE of each type)."""
+
+    __slots__ = ("after", "before")
+
+    def __init__(self, before: Anys) -> None:
+        self.before = before
+        self.after: Anys = {}
 
 
 class Unsupported(Exception):
@@ -130,20 +158,20 @@ def _enum(entry: _Field, value: Any) -> int:
     return number
 
 
-def parse(data: dict[str, Any], message: Any) -> Any:
+def parse(data: dict[str, Any], message: Any, reuse: Reuse | None = None) -> Any:
     """Fill ``message`` from ``data``; Unsupported (``message`` then half filled: discard it)
-    when ``data`` needs the general converter."""
-    _message(data, message)
+    when ``data`` needs the general converter. ``reuse``: see :class:`Reuse`."""
+    _message(data, message, reuse)
     return message
 
 
-def _message(data: Any, message: Any) -> None:
+def _message(data: Any, message: Any, reuse: Reuse | None) -> None:
     descriptor = message.DESCRIPTOR
     name = descriptor.full_name
     if name in _OTHER_WKT:
         raise Unsupported(name)
     if name == _ANY:
-        _any(data, message)
+        _any(data, message, reuse)
         return
     if name == _DURATION:
         if type(data) is not str:
@@ -177,13 +205,13 @@ def _message(data: Any, message: Any) -> None:
         elif kind == _MESSAGE:
             sub = getattr(message, entry.name)
             sub.SetInParent()
-            _message(value, sub)
+            _message(value, sub, reuse)
         elif kind == _REPEATED_MESSAGE:
             if type(value) is not list:
                 raise Unsupported("repeated: not a list")
             items = getattr(message, entry.name)
             for item in value:
-                _message(item, items.add())
+                _message(item, items.add(), reuse)
         elif kind == _ENUM:
             setattr(message, entry.name, _enum(entry, value))
         elif kind == _REPEATED_SCALAR:
@@ -195,12 +223,12 @@ def _message(data: Any, message: Any) -> None:
                 raise Unsupported("repeated: not a list")
             getattr(message, entry.name).extend([_enum(entry, item) for item in value])
         elif kind == _MAP:
-            _map(entry, value, getattr(message, entry.name))
+            _map(entry, value, getattr(message, entry.name), reuse)
         else:
             raise Unsupported(f"{name}.{key}")
 
 
-def _map(entry: _Field, value: Any, target: Any) -> None:
+def _map(entry: _Field, value: Any, target: Any, reuse: Reuse | None) -> None:
     if type(value) is not dict:
         raise Unsupported("map: not an object")
     assert entry.map_value is not None
@@ -208,7 +236,7 @@ def _map(entry: _Field, value: Any, target: Any) -> None:
         for key, item in value.items():
             if item is None:
                 raise Unsupported("null map value")
-            _message(item, target[key])
+            _message(item, target[key], reuse)
     else:
         for key, item in value.items():
             if type(item) is not str:
@@ -219,12 +247,19 @@ def _map(entry: _Field, value: Any, target: Any) -> None:
 _CLASSES: dict[str, Callable[[], Any]] = {}
 
 
-def _any(data: Any, message: Any) -> None:
+def _any(data: Any, message: Any, reuse: Reuse | None) -> None:
     if type(data) is not dict or not data:
         raise Unsupported("empty or odd Any")
     type_url = data.get("@type")
     if type(type_url) is not str:
         raise Unsupported("Any without @type")
+    if reuse is not None and len(data) > 1:  # an empty one costs less to parse than to find
+        for before, value in reuse.before.get(type_url, ()):
+            if before == data:
+                message.type_url = type_url
+                message.value = value
+                _record(reuse, type_url, data, value)
+                return
     make = _CLASSES.get(type_url)
     if make is None:
         full_name = type_url.rsplit("/", 1)[-1]
@@ -235,6 +270,14 @@ def _any(data: Any, message: Any) -> None:
             raise Unsupported("Struct in an Any")
         make = _CLASSES[type_url] = message_factory.GetMessageClass(descriptor)
     inner = make()
-    _message({k: v for k, v in data.items() if k != "@type"}, inner)
+    _message({k: v for k, v in data.items() if k != "@type"}, inner, reuse)
     message.type_url = type_url
     message.value = inner.SerializeToString(deterministic=True)
+    if reuse is not None and len(data) > 1:
+        _record(reuse, type_url, data, message.value)
+
+
+def _record(reuse: Reuse, type_url: str, data: dict[str, Any], value: bytes) -> None:
+    kept = reuse.after.setdefault(type_url, [])
+    if len(kept) < REUSE_PER_TYPE:
+        kept.append((data, value))

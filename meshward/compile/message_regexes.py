@@ -5,7 +5,9 @@ regexes in each resource's JSON form: a ``MessageToDict`` of every listener, rou
 of every workload was a quarter of a 1,000-service fleet's first compile. This walks the message
 instead, skipping the sub-messages whose type cannot hold a regex (or an ``Any``), and finds the
 same regexes in the same order (a test compares both over every compiled resource): a field
-named ``safe_regex`` holding a non-empty ``regex``, inside ``Any`` too.
+named ``safe_regex`` holding a non-empty ``regex``, inside ``Any`` too. What an ``Any`` holds
+is looked up by its bytes (meshward.compile.anymemo): an RBAC engine an edit did not change is
+not unpacked and walked again.
 """
 
 from __future__ import annotations
@@ -13,21 +15,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from meshward.compile.anymemo import AnyMemo
+
 _ANY = "google.protobuf.Any"
 # JSON-valued types: their contents are data, not matchers
 _OPAQUE = frozenset(
     {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
 )
 _REACHES: dict[str, bool] = {}
+_IN_ANY: AnyMemo[tuple[str, ...]] = AnyMemo()
 
 
 def message_regexes(message: Any) -> Iterator[str]:
     """The ``safe_regex`` regexes in ``message`` (duplicates included, in field order)."""
     descriptor = message.DESCRIPTOR
     if descriptor.full_name == _ANY:
-        from meshward.compile.protos import unpack
+        type_url, value = message.type_url, message.value
+        found = _IN_ANY.get(type_url, value)
+        if found is None:
+            from meshward.compile.protos import unpack
 
-        yield from message_regexes(unpack(message))
+            found = _IN_ANY.put(type_url, value, tuple(message_regexes(unpack(message))))
+        yield from found
         return
     if not _reaches(descriptor):
         return

@@ -39,8 +39,9 @@ class Part:
     The halves change for different reasons: the inbound half with the policies selecting the
     workload (authorization), the outbound half with who it may call and how those peers are
     reached. The incremental compiler (meshward.compile.incremental) recompiles each on its own.
-    ``parsed``: the protos of this half by their JSON source, so the next compile of the half
-    reuses every resource whose source did not change (same object, no parsing).
+    ``parsed``: (kind, name) -> (JSON source, proto, its packed ``Any`` values) of this half,
+    so the next compile of the half reuses every resource whose source did not change (same
+    object, no parsing) and every unchanged ``Any`` of one that did.
     """
 
     listeners: tuple[Any, ...] = ()

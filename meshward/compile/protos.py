@@ -60,6 +60,31 @@ def _parse(data: dict[str, Any], message: Any) -> Any:
     return slow_parse(data, message)
 
 
+_MESSAGES: dict[str, Any] = {
+    "listener": listener_pb2.Listener,
+    "route": route_pb2.RouteConfiguration,
+    "cluster": cluster_pb2.Cluster,
+    "endpoint": endpoint_pb2.ClusterLoadAssignment,
+}
+
+
+def parse_reusing(
+    kind: str, data: dict[str, Any], before: fastparse.Anys
+) -> tuple[Any, fastparse.Anys]:
+    """``data`` as a ``kind`` ("listener", "route", "cluster", "endpoint") message, taking the
+    packed ``Any`` values of the resource's previous parse (``before``) where their source is
+    unchanged (:class:`meshward.compile.fastparse.Reuse`); also this parse's ``Any`` values,
+    for the next one (empty when the general path parsed it)."""
+    message = _MESSAGES[kind]()
+    reuse = fastparse.Reuse(before)
+    try:
+        fastparse.parse(data, message, reuse)
+        return message, reuse.after
+    except (fastparse.Unsupported, ValueError, TypeError, KeyError):
+        message.Clear()
+    return slow_parse(data, message), {}
+
+
 def slow_parse(data: dict[str, Any], message: Any) -> Any:
     """The general path: ``json_format.ParseDict``, then every Any re-packed."""
     json_format.ParseDict(data, message)

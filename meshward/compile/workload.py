@@ -8,7 +8,6 @@ serialized with ``deterministic=True``).
 from __future__ import annotations
 
 import bisect
-import json
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,7 +160,8 @@ def compile_inbound(
 ) -> Part:
     """The inbound half: a listener (and route) per declared port with the authorization
     filters and rules, the local application's clusters, and the ext_authz and OTLP clusters.
-    ``memo``: JSON source -> proto, shared with other compiles (read-only protos)."""
+    ``memo``: (kind, name) -> (JSON source, proto, its ``Any`` values), shared with other
+    compiles (read-only protos; see :func:`_shared`)."""
     trust_domain = policy_set.mesh.trust_domain
     policies = policy_set.policies_for(workload, now)
     placement = authz.place(
@@ -319,25 +319,26 @@ def compile_mesh(
     }
 
 
-_PARSERS = {
-    "listener": _protos.listener,
-    "route": _protos.route,
-    "cluster": _protos.cluster,
-    "endpoint": _protos.endpoint,
-}
-
-
 def _shared(
     memo: dict[tuple[str, str], Any], used: dict[tuple[str, str], Any], kind: str, data: Json
 ) -> Any:
-    """The proto for ``data``, parsed once per distinct source and shared (read-only)."""
-    key = (kind, json.dumps(data, sort_keys=True))
-    message = memo.get(key)
-    if message is None:
-        message = _PARSERS[kind](data)
-        memo[key] = message
-    used[key] = message
-    return message
+    """The proto for ``data``: the memo's (kind, name) entry when its source equals ``data``
+    (the same object, read-only: shared, packed once), else parsed, reusing the entry's
+    unchanged ``Any`` values (an RBAC edit changes one engine of a route).
+
+    Keyed by name and compared with ``==``, not keyed by a canonical JSON dump: a dump of every
+    listener and route was a fifth of a mesh-wide edit's inbound compile, and a changed source
+    now costs no dump at all (dict comparison stops at the first difference). ``==`` equates
+    ``True``, ``1`` and ``1.0``; see :mod:`meshward.compile.fastparse` for why that cannot
+    change the bytes. The sources kept are never mutated after this call."""
+    key = (kind, str(data.get("cluster_name" if kind == "endpoint" else "name", "")))
+    hit = memo.get(key)
+    if hit is None or hit[0] != data:
+        message, anys = _protos.parse_reusing(kind, data, hit[2] if hit is not None else {})
+        hit = (data, message, anys)
+        memo[key] = hit
+    used[key] = hit
+    return hit[1]
 
 
 def authz_placement(

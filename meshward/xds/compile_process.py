@@ -27,14 +27,26 @@ policy is tried once more; if the worker dies again it raises :class:`CompileFai
 control plane keeps serving the configs in force and shows the error in status). Bounded: one
 compile in flight (the worker thread waits for it), the parent's table of packed resources
 holds only the resources of the newest result.
+
+The worker's heap is its compile state (every workload's protos, their JSON sources, the
+packing): hundreds of thousands of long-lived objects that every full pass of the cyclic
+garbage collector walks, several times during a compile (gc callbacks timing each pass, 300
+services: 0.21 s of a 1.6 s first compile, 0.26 s of a ~1 s mesh-wide edit). A compile makes
+no cyclic garbage (``gc.collect()`` after a compile run with the collector off finds 0
+objects), so the worker runs with the collector off and freezes what each compile left
+(:func:`_settle`; ``gc.freeze`` is O(1)). Anything kept alive by a reference cycle waits for a
+full collection, which comes when the heap has grown to ``GROWTH`` times its size after the
+last one (as meshward.xds.heap does for the event loop's heap): bounded.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import logging
 import multiprocessing
 import signal
+import sys
 from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -157,11 +169,7 @@ class _Worker:
                 continue
             pairs.append((old, config))
             if old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error):
-                keys = tuple(
-                    (r.type_url, r.name, r.hash)
-                    for items in config.resources.values()
-                    for r in items
-                )
+                keys = tuple(r.key for items in config.resources.values() for r in items)
                 workloads[ref] = (keys, config.error)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
         pairs.extend((previous[ref], None) for ref in removed)
@@ -178,19 +186,19 @@ class _Worker:
         for old, _ in pairs:
             for items in old.resources.values() if old is not None else ():
                 for r in items:
-                    live[(r.type_url, r.name, r.hash)] -= 1
+                    live[r.key] -= 1
         bodies: dict[Key, Body] = {}
         for _, new in pairs:
             for items in new.resources.values() if new is not None else ():
                 for r in items:
-                    key = (r.type_url, r.name, r.hash)
+                    key = r.key
                     if key not in live:
                         live[key] = 0
                         bodies[key] = _body(r)
                     live[key] += 1
         for key in [k for old, _ in pairs if old is not None
                     for items in old.resources.values() for r in items
-                    if live.get(k := (r.type_url, r.name, r.hash)) == 0]:  # fmt: skip
+                    if live.get(k := r.key) == 0]:  # fmt: skip
             live.pop(key, None)
         return bodies
 
@@ -206,6 +214,27 @@ def _body(resource: Resource) -> Body:
 
 
 _WORKER: _Worker | None = None
+#: A thaw (a full collection) is due when the heap has grown to this many times its size after
+#: the last one, and by at least FLOOR memory blocks.
+GROWTH = 4.0
+FLOOR = 1_000_000
+_REFERENCE: list[int] = []  # allocated blocks after the first compile or the last thaw
+
+
+def _settle() -> bool:
+    """Freeze what the compile left (see the module's docstring); True when a full collection
+    was due (the reference cycles kept meanwhile collected first)."""
+    blocks = sys.getallocatedblocks()
+    if not _REFERENCE:
+        _REFERENCE.append(blocks)
+    elif blocks > GROWTH * _REFERENCE[0] and blocks - _REFERENCE[0] > FLOOR:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        _REFERENCE[0] = sys.getallocatedblocks()
+        return True
+    gc.freeze()
+    return False
 
 
 def _start(options: Any, agent_secrets: bool) -> None:
@@ -213,6 +242,7 @@ def _start(options: Any, agent_secrets: bool) -> None:
     parent decides when the worker stops."""
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.disable()  # collected by _settle when due
     _WORKER = _Worker(options, agent_secrets)
 
 
@@ -226,6 +256,7 @@ def _compile(
         policy = apply_policy_delta(_WORKER.policy, policy)
     answer = _WORKER.compile(policy, now, jwks, full)
     _WORKER.policy = policy
+    _settle()
     return answer
 
 
@@ -383,7 +414,7 @@ class CompileProcess:
                 log.error("compiling %s failed; it keeps its previous config: %s", ref, error)
         if len(table) > delta.live:  # keep only the newest result's resources
             held = {
-                (r.type_url, r.name, r.hash)
+                r.key
                 for config in mirror.values()
                 for items in config.resources.values()
                 for r in items

@@ -116,7 +116,7 @@ def _pack(
 
 
 def _fingerprint(resources: dict[str, list[Resource]]) -> tuple[tuple[str, str, str], ...]:
-    return tuple(sorted((t, r.name, r.hash) for t, items in resources.items() for r in items))
+    return tuple(sorted(r.key for items in resources.values() for r in items))
 
 
 def compile_configs(

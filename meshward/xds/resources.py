@@ -4,7 +4,9 @@ A resource is built once per distinct content and shared by every node and strea
 so a policy change for 1,000 sidecars of one workload costs one ``Any`` packing, not 1,000.
 The hash doubles as the delta-xDS resource version and as the key of per-resource ACK/NACK
 tracking; its dependencies (secrets and clusters named inside, including inside typed Anys such
-as the HTTP connection manager and TLS contexts) drive the push order.
+as the HTTP connection manager and TLS contexts) drive the push order. What an ``Any`` names is
+looked up by its bytes (meshward.compile.anymemo): an RBAC engine an edit did not change is not
+unpacked and walked again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, descriptor_pool, message_factory
 
+from meshward.compile.anymemo import AnyMemo
 from meshward.xds import typeurls
 
 _SDS_SECRET_CONFIG = "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig"
@@ -45,6 +48,9 @@ _CLUSTER_REFS: dict[str, str] = {
     "envoy.config.core.v3.HttpUri": "cluster",
 }
 _RDS = "envoy.extensions.filters.network.http_connection_manager.v3.Rds"
+#: (secrets, clusters, routes) an Any names
+_Refs = tuple[frozenset[str], frozenset[str], frozenset[str]]
+_IN_ANY: AnyMemo[_Refs] = AnyMemo()
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +65,13 @@ class Resource:
     clusters: frozenset[str] = frozenset()
     routes: frozenset[str] = frozenset()
     endpoints: frozenset[str] = frozenset()  # EDS names a cluster asks for (consistency check)
+
+    @cached_property
+    def key(self) -> tuple[str, str, str]:
+        """(type URL, name, hash): this version as fingerprints and the compile process name
+        it; made once per resource (resources are shared between workloads and compiles), not
+        once per workload holding it in every compile."""
+        return (self.type_url, self.name, self.hash)
 
     @property
     def sensitive(self) -> bool:
@@ -155,9 +168,19 @@ def _unpack(value: Any) -> Any | None:
 def _walk(message: Any, secrets: set[str], clusters: set[str], routes: set[str]) -> None:
     full_name = message.DESCRIPTOR.full_name
     if full_name == "google.protobuf.Any":
-        inner = _unpack(message)
-        if inner is not None:
-            _walk(inner, secrets, clusters, routes)
+        type_url, value = message.type_url, message.value
+        found = _IN_ANY.get(type_url, value)
+        if found is None:
+            inner = _unpack(message)
+            held: tuple[set[str], set[str], set[str]] = (set(), set(), set())
+            if inner is not None:
+                _walk(inner, *held)
+            found = _IN_ANY.put(
+                type_url, value, (frozenset(held[0]), frozenset(held[1]), frozenset(held[2]))
+            )
+        secrets.update(found[0])
+        clusters.update(found[1])
+        routes.update(found[2])
         return
     if full_name == _SDS_SECRET_CONFIG:
         # Only secrets fetched over ADS depend on this snapshot; under `meshward agent` they

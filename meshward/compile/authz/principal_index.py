@@ -283,10 +283,19 @@ def _layout(rules: Sequence[PlacedRule], trust_domain: str) -> _Layout:
     if any_td and own:
         prefixes.add(own)
     entries: dict[str, tuple[int, ...]] = {}
+    # The rules filed under a non-empty prefix of ``key``: found by trying each of its
+    # prefixes, or each filed key, whichever is fewer (a SAN key is ~50 characters; a
+    # workload's index has a few dozen keys, or thousands in the worst case).
+    nonempty = [(k, v) for k, v in filed.items() if k]
     for key in sorted(prefixes):
         members: set[int] = set()
-        for end in range(1, len(key) + 1):
-            members.update(filed.get(key[:end], ()))
+        if len(nonempty) < len(key):
+            for prefix, positions in nonempty:
+                if key.startswith(prefix):
+                    members.update(positions)
+        else:
+            for end in range(1, len(key) + 1):
+                members.update(filed.get(key[:end], ()))
         if any_td and not key.startswith(own):
             members.update(any_td)
         entries[key] = tuple(sorted(members))

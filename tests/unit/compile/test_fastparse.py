@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from google.protobuf import json_format
 
 from meshward.compile import CompileOptions, Endpoint, Mode, compile_mesh, fastparse, protos
@@ -30,9 +31,9 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[dict[str, A
     seen: list[tuple[dict[str, Any], Any]] = []
     original = fastparse.parse
 
-    def spy(data: dict[str, Any], message: Any) -> Any:
+    def spy(data: dict[str, Any], message: Any, reuse: Any = None) -> Any:
         seen.append((copy.deepcopy(data), type(message)))
-        return original(data, message)
+        return original(data, message, reuse)
 
     monkeypatch.setattr(fastparse, "parse", spy)
     yield seen
@@ -117,3 +118,84 @@ def test_anything_else_is_left_to_parsedict(data: dict[str, Any]) -> None:
             protos.listener(copy.deepcopy(data))
     else:
         assert protos.listener(data).SerializeToString() == expected.SerializeToString()
+
+
+def _rbac_route(deny_paths: tuple[str, ...]) -> dict[str, Any]:
+    """A route with an ALLOW and a DENY engine, as the compiler emits them."""
+
+    def engine(action: str | None, policy: dict[str, Any]) -> dict[str, Any]:
+        rules: dict[str, Any] = {"policies": {"p": policy}}
+        if action is not None:
+            rules["action"] = action
+        return {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
+            "rbac": {"rules": rules},
+        }
+
+    allow = {
+        "permissions": [{"any": True}],
+        "principals": [{"authenticated": {"principal_name": {"exact": "spiffe://td/ns/a/sa/b"}}}],
+    }
+    deny = {
+        "permissions": [{"url_path": {"path": {"prefix": p}}} for p in deny_paths],
+        "principals": [{"any": True}],
+    }
+    return {
+        "name": "inbound|8080|x",
+        "virtual_hosts": [
+            {
+                "name": "inbound",
+                "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c"}}],
+                "typed_per_filter_config": {
+                    "meshward.rbac.allow": engine(None, allow),
+                    "meshward.rbac.deny": engine("DENY", deny),
+                },
+            }
+        ],
+    }
+
+
+def test_reused_any_values_give_the_bytes_of_a_fresh_parse() -> None:
+    first, anys = protos.parse_reusing("route", _rbac_route(("/admin",)), {})
+    assert sum(len(v) for v in anys.values()) == 2  # both engines recorded (with their bytes)
+    edited = _rbac_route(("/admin", "/debug"))
+    again, anys2 = protos.parse_reusing("route", copy.deepcopy(edited), anys)
+    fresh = protos.slow_parse(copy.deepcopy(edited), route_pb2.RouteConfiguration())
+    assert again.SerializeToString(deterministic=True) == fresh.SerializeToString(
+        deterministic=True
+    )
+    assert again.SerializeToString() != first.SerializeToString()
+    # the unchanged ALLOW engine's bytes were taken from ``anys``, not parsed again: poison them
+    # and the poisoned bytes come out (the changed DENY engine is parsed)
+    allow_url = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+    poisoned = {allow_url: [(data, b"poison") for data, _ in anys2[allow_url]]}
+    odd, _ = protos.parse_reusing("route", _rbac_route(("/admin", "/x")), poisoned)
+    per_filter = odd.virtual_hosts[0].typed_per_filter_config
+    assert per_filter["meshward.rbac.allow"].value == b"poison"
+    assert per_filter["meshward.rbac.deny"].value != b"poison"
+
+
+def test_the_general_path_records_no_any_values() -> None:
+    message, anys = protos.parse_reusing("listener", {"name": "l", "trafficDirection": 1}, {})
+    assert anys == {} and message.traffic_direction == 1
+
+
+def test_the_any_values_kept_for_the_next_parse_are_bounded() -> None:
+    per_route = {
+        f"f{i}": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
+            "rbac": {"rules": {"policies": {f"p{i}": {"permissions": [{"any": True}]}}}},
+        }
+        for i in range(fastparse.REUSE_PER_TYPE * 3)
+    }
+    data = {
+        "name": "r",
+        "virtual_hosts": [{"name": "v", "domains": ["*"], "typed_per_filter_config": per_route}],
+    }
+    first, anys = protos.parse_reusing("route", copy.deepcopy(data), {})
+    assert [len(v) for v in anys.values()] == [fastparse.REUSE_PER_TYPE]
+    again, _ = protos.parse_reusing("route", copy.deepcopy(data), anys)  # the rest parsed
+    assert again.SerializeToString(deterministic=True) == first.SerializeToString(
+        deterministic=True
+    )

@@ -228,3 +228,57 @@ def test_the_entry_budget_falls_back_to_exact_identities(monkeypatch: pytest.Mon
     indexed, plain = index.split(rules, 16, TD)
     assert len(indexed) == 20 and all(index.exact_principals(r) for r in indexed)
     assert len(plain) == 20
+
+
+def test_layout_entries_hold_every_rule_filed_under_a_prefix_of_their_key() -> None:
+    """Both ways _layout finds a key's rules (its prefixes tried, or the filed keys tried:
+    whichever is fewer) give what the definition says, on a fleet (few keys a workload) and
+    a workload called by 80 named callers (more keys than a SAN has characters)."""
+    from meshward.compile import authz
+    from meshward.compile.authz import principal_index
+    from meshward.policy import parse
+    from meshward.testing import topology
+
+    principals = ", ".join(f'"cluster.local/ns/n{i % 7}/sa/caller{i}"' for i in range(80))
+    many = parse(
+        {
+            "m.yaml": f"""---
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {{name: orders, namespace: shop, labels: {{app: orders}}}}
+spec:
+  ports: [{{name: http, port: 8080, protocol: HTTP}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: callers, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: orders}}}}
+  rules:
+  - from: [{{source: {{principals: [{principals}]}}}}]
+  - from: [{{source: {{namespaces: [n1, n2]}}}}]
+"""
+        }
+    )
+    checked = {"few": 0, "many": 0}
+    for ps in (topology.fleet(30), many):
+        domain = ps.mesh.trust_domain
+        for workload in ps.workloads:
+            placed = authz.place(
+                ps.policies_for(workload, None), ps.request_authentications_for(workload)
+            )
+            keyed = [r for r in placed.rules if principal_index.rule_keys(r, domain) is not None]
+            if not keyed:
+                continue
+            layout = principal_index._layout(keyed, domain)
+            filed: dict[str, set[int]] = {}
+            for pos, rule in enumerate(layout.rules):
+                for key, _ in principal_index.rule_keys(rule, domain) or ():
+                    filed.setdefault(key, set()).add(pos)
+            for key, members in layout.entries.items():
+                expected = {p for f, ps_ in filed.items() if f and key.startswith(f) for p in ps_}
+                if layout.any_td and not key.startswith(layout.own):
+                    expected |= set(layout.any_td)
+                assert members == tuple(sorted(expected)), key
+                checked["many" if len(filed) >= len(key) else "few"] += 1
+    assert checked["few"] > 0 and checked["many"] > 0

@@ -63,3 +63,17 @@ def test_the_refused_regex_is_still_found() -> None:
         for p in message_problems(m)
     ]
     assert problems and "RE2 program size" in problems[0]
+
+
+def test_an_any_seen_before_gives_the_same_regexes_from_the_memo() -> None:
+    from meshward.compile import message_regexes as module
+
+    compiled = compile_mesh(parse({"m.yaml": POLICY}), CompileOptions(), now=NOW)
+    routes = compiled["shop/orders"].routes or compiled["shop/orders"].listeners
+    module._IN_ANY = module.AnyMemo()  # a fresh memo: the first walk fills it
+    first = [list(message_regexes(m)) for m in routes]
+    held = len(module._IN_ANY)
+    assert held > 0
+    again = [list(message_regexes(m)) for m in routes]
+    assert again == first and len(module._IN_ANY) == held
+    assert any(LONG.split("/")[1] in r for found in again for r in found)  # the DENY's regexes

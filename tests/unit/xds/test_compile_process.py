@@ -365,3 +365,36 @@ def test_edits_reach_the_worker_as_deltas_and_a_new_worker_gets_the_whole_set(
     process._worker_policy = deny_debug(ps, "/not-what-it-holds")
     fourth = process(edited, T0, third.configs)
     assert flat(fourth.configs) == full(edited, T0)
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self  # a reference cycle: only the cyclic collector frees it
+
+
+def test_the_worker_heap_is_frozen_and_collected_when_it_has_grown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+    import weakref
+
+    from meshward.xds import compile_process as cp
+
+    monkeypatch.setattr(cp, "_REFERENCE", [])
+    try:
+        node = _Node()
+        alive = weakref.ref(node)
+        assert cp._settle() is False  # the first compile's heap: frozen, no collection
+        assert gc.get_freeze_count() > 0
+        del node
+        gc.collect()
+        assert alive() is not None  # a frozen cycle waits for the thaw
+        assert cp._settle() is False  # not grown: frozen again, nothing collected
+        assert alive() is not None
+        monkeypatch.setattr(cp, "_REFERENCE", [1])  # as if the heap had grown past GROWTH
+        monkeypatch.setattr(cp, "FLOOR", 0)
+        assert cp._settle() is True
+        assert alive() is None
+        assert cp._REFERENCE[0] > 1
+    finally:
+        gc.unfreeze()

@@ -168,3 +168,23 @@ def test_snapshot_consistency_covers_rds_and_eds_names() -> None:
         build_snapshot(None, {**whole, typeurls.ROUTE: []}, 1.0)
     with pytest.raises(InconsistentSnapshot, match="load assignment 'out-eds'"):
         build_snapshot(None, {**whole, typeurls.ENDPOINT: []}, 1.0)
+
+
+def test_dependencies_inside_an_any_seen_before_come_from_the_memo() -> None:
+    from meshward.xds import resources
+
+    resources._IN_ANY = resources.AnyMemo()
+    first = listener("inbound", "orders")
+    held = len(resources._IN_ANY)
+    assert held > 0
+    again = listener("inbound", "orders")  # the same typed configs: found in the memo
+    assert len(resources._IN_ANY) == held
+    assert (again.secrets, again.clusters) == (first.secrets, first.clusters)
+    other = listener("inbound", "payments")  # another cluster inside the same kind of Any
+    assert other.clusters == {"payments"} and len(resources._IN_ANY) > held
+
+
+def test_a_resource_key_is_made_once() -> None:
+    resource = cluster("a")
+    assert resource.key == (resource.type_url, resource.name, resource.hash)
+    assert resource.key is resource.key  # one tuple, shared by every workload holding it

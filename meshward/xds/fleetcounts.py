@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshward.xds import typeurls
 from meshward.xds.cache import SnapshotCache
@@ -39,9 +39,9 @@ from meshward.xds.snapshot import Snapshot
 from meshward.xds.status import ATTENTION_LIMIT, iso
 
 
-@dataclass(frozen=True)
-class Contribution:
-    """What one connected node adds to the totals."""
+class Contribution(NamedTuple):
+    """What one connected node adds to the totals (a named tuple: one is built on every
+    event of the node, i.e. per ACK of a fan-out, and compared with the last one in C)."""
 
     in_sync: bool
     rejected: bool  # a listener/route (not a secret) NACKed and not in sync: not enforcing

@@ -134,6 +134,11 @@ class Stream:
 
     backlog: SnapshotCache | None = None  # counts this stream while woken and not yet pushed
     counted: bool = False
+    name: str = ""  # str(node), once (the loop uses it on every message)
+
+    def __post_init__(self) -> None:
+        if not self.name and self.node is not None:
+            self.name = str(self.node)
 
     def wake(self) -> None:
         if not self.wake_pending:
@@ -310,10 +315,10 @@ class AdsServer:
             backlog=self.cache,
         )
         self.streams[stream.id] = stream
-        self._node_streams[str(node)] = self._node_streams.get(str(node), 0) + 1
+        self._node_streams[stream.name] = self._node_streams.get(stream.name, 0) + 1
         expiry = stream.client_cert.not_after if stream.client_cert is not None else None
-        self.fleet.opened(str(node), stream.id, mode, protocol.states, expiry)
-        self.cache.watch(str(node), stream.wake)
+        self.fleet.opened(stream.name, stream.id, mode, protocol.states, expiry)
+        self.cache.watch(stream.name, stream.wake)
         log.info(
             "node %s connected (%s, stream %d, %s)", node, mode, stream.id, identity,
             extra={"node": str(node), "mode": mode, "peer": peer},
@@ -355,7 +360,7 @@ class AdsServer:
             self.identity_streams.pop(identity, None)
 
     def _close(self, stream: Stream) -> None:
-        name = str(stream.node)
+        name = stream.name
         if self.streams.pop(stream.id, None) is not None:
             self.fleet.closed(name, stream.id)
             self._count_stream(stream.identity, -1)
@@ -385,7 +390,7 @@ class AdsServer:
                 stream.queue.put_nowait(_END)
 
     async def _loop(self, stream: Stream, first: Any, context: Any) -> None:
-        node = str(stream.node)
+        node = stream.name
         self._receive(stream, first)
         while True:
             # Drain everything queued (requests and wake-ups), then plan once from the latest
@@ -407,11 +412,12 @@ class AdsServer:
                     if not await self._write(stream, context, push):
                         return
                     self.metrics.push(push.type_url)
-                    log.debug(
-                        "push %s %s v%s (%d resources) to %s",
-                        typeurls.short(push.type_url), push.nonce, push.version,
-                        len(push.resources), node,
-                    )  # fmt: skip
+                    if log.isEnabledFor(logging.DEBUG):  # (its arguments cost even when off)
+                        log.debug(
+                            "push %s %s v%s (%d resources) to %s",
+                            typeurls.short(push.type_url), push.nonce, push.version,
+                            len(push.resources), node,
+                        )  # fmt: skip
             if not stream.wake_pending:
                 stream.settle()
             item = await stream.queue.get()
@@ -443,15 +449,15 @@ class AdsServer:
     def _receive(self, stream: Stream, message: Any) -> None:
         now = self.clock()
         error = message.error_detail.message if message.HasField("error_detail") else None
-        if stream.mode == "sotw":
-            assert isinstance(stream.protocol, SotwProtocol)
-            events = stream.protocol.receive(
+        protocol = stream.protocol
+        if type(protocol) is SotwProtocol:
+            events = protocol.receive(
                 Request(
-                    type_url=message.type_url,
-                    version_info=message.version_info,
-                    resource_names=tuple(message.resource_names),
-                    response_nonce=message.response_nonce,
-                    error_detail=error,
+                    message.type_url,
+                    message.version_info,
+                    tuple(message.resource_names),
+                    message.response_nonce,
+                    error,
                 ),
                 now,
             )
@@ -471,11 +477,14 @@ class AdsServer:
         self._handle(stream, events)
 
     def _handle(self, stream: Stream, events: list[Event]) -> None:
-        node = str(stream.node)
+        node = stream.name
         for event in events:
             if isinstance(event, Acked):
                 self.metrics.ack(event.type_url, event.latency)
-                log.debug("ACK %s v%s from %s", typeurls.short(event.type_url), event.version, node)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "ACK %s v%s from %s", typeurls.short(event.type_url), event.version, node
+                    )
             elif isinstance(event, Nacked):
                 nack = event.nack
                 self.metrics.nack(nack.type_url)

@@ -52,6 +52,7 @@ from meshward.xds.status import (
     iso,
     stream_types,
 )
+from meshward.xds.writewatch import WriteWatch
 
 log = logging.getLogger("meshward.xds")
 audit = logging.getLogger("meshward.xds.audit")
@@ -170,6 +171,7 @@ class AdsServer:
     ) -> None:
         self.source = source
         self.limits = limits or NodeLimits()
+        self.writes = WriteWatch(self.limits.write_timeout)  # every write's deadline
         self.refusals = RefusalLog(audit)
         self.identity_streams: dict[str, int] = {}
         self.cache = source.cache
@@ -236,6 +238,7 @@ class AdsServer:
         return self.port
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        self.writes.stop()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -430,10 +433,10 @@ class AdsServer:
         """Send one push; False (and the stream is to close) when the node has not read it for
         ``limits.write_timeout``: HTTP/2 flow control holds at most one unread push per stream,
         and a stuck stream must not keep its slot (or its identity's stream quota) forever."""
-        try:
-            async with asyncio.timeout(self.limits.write_timeout):  # (wait_for can lose a cancel)
-                await context.write(self._encode(stream.mode, push))
-        except TimeoutError:
+        if self.writes.timeout != self.limits.write_timeout:  # (limits replaced)
+            self.writes.stop()
+            self.writes = WriteWatch(self.limits.write_timeout)
+        if not await self.writes.write(context.write(self._encode(stream.mode, push))):
             self.metrics.streams_closed.labels("not-reading").inc()
             self.refusals.refused(
                 stream.identity,

@@ -186,6 +186,10 @@ class _Protocol:
         self._seq = itertools.count(1)
         self._nonce_prefix = nonce_prefix
         self._ordered: tuple[str, ...] = ()  # the states' types in push order (see ``plan``)
+        # Bumped when a plan changes what status reads of a type (its ACKed version and time:
+        # a resync, a delta type found in sync). A plan that leaves it, and returns no event,
+        # changed nothing the fleet counts read, so the server skips their recomputation.
+        self.status_marks = 0
 
     def state(self, type_url: str) -> TypeState:
         st = self.states.get(type_url)
@@ -473,6 +477,7 @@ class SotwProtocol(_Protocol):
                 st.sent = {name: desired[name] for name in names}
                 st.applied = dict(st.sent)
                 st.acked_version = st.sent_version = base
+                self.status_marks += 1
                 st.acked_at = now
                 st.plan_key = (base, frozenset(), frozenset())
                 st.must_respond = False
@@ -634,6 +639,7 @@ class DeltaProtocol(_Protocol):
                 if st.acked_version != base:
                     st.acked_version = base
                     st.acked_at = now
+                    self.status_marks += 1
                 if resync:
                     st.must_respond = False  # a reconnect that already has it all
             if not st.must_respond:

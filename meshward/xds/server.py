@@ -409,8 +409,10 @@ class AdsServer:
             stream.wake_pending = False
             snapshot = self.cache.get(node)
             if snapshot is not None:
+                marks = stream.protocol.status_marks
                 pushes, events = stream.protocol.plan(snapshot, self.clock())
-                self._handle(stream, events)
+                if events or stream.protocol.status_marks != marks:
+                    self._handle(stream, events)  # (else nothing the fleet counts read moved)
                 for push in pushes:
                     if not await self._write(stream, context, push):
                         return

@@ -50,7 +50,7 @@ def resources(service: int, generation: int) -> dict[str, list[Any]]:
             port=15000 + i,
             secrets=False,
             tag=f"-g{generation}",
-        )  # fmt: skip
+        )
         for i in range(LISTENERS)
     ]
     return {typeurls.CLUSTER: clusters, typeurls.LISTENER: listeners}

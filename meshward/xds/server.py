@@ -52,6 +52,7 @@ from meshward.xds.status import (
     iso,
     stream_types,
 )
+from meshward.xds.streamqueue import StreamQueue
 from meshward.xds.writewatch import WriteWatch
 
 log = logging.getLogger("meshward.xds")
@@ -128,7 +129,7 @@ class Stream:
     # Requests read ahead of the loop, bounded: when it is full the reader waits, so gRPC's flow
     # control pushes back on the node. Wake-ups are a flag plus at most one item (dropped when
     # the queue is full: the loop plans after draining it anyway, from the latest snapshot).
-    queue: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(64))
+    queue: StreamQueue | asyncio.Queue[Any] = field(default_factory=lambda: StreamQueue(64))
     wake_pending: bool = False
     ended: bool = False
     queue_peak: int = 0  # the most requests ever waiting (tests, flood checks)
@@ -314,7 +315,7 @@ class AdsServer:
             client_cert=(
                 self.source.client_certificate(certificate) if certificate is not None else None
             ),
-            queue=asyncio.Queue(self.limits.stream_queue),
+            queue=StreamQueue(self.limits.stream_queue),
             backlog=self.cache,
         )
         self.streams[stream.id] = stream

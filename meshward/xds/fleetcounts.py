@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshward.xds import typeurls
 from meshward.xds.cache import SnapshotCache
@@ -39,9 +39,9 @@ from meshward.xds.snapshot import Snapshot
 from meshward.xds.status import ATTENTION_LIMIT, iso
 
 
-@dataclass(frozen=True)
-class Contribution:
-    """What one connected node adds to the totals."""
+class Contribution(NamedTuple):
+    """What one connected node adds to the totals (a named tuple: one is built on every
+    event of the node, i.e. per ACK of a fan-out, and compared with the last one in C)."""
 
     in_sync: bool
     rejected: bool  # a listener/route (not a secret) NACKed and not in sync: not enforcing
@@ -49,7 +49,7 @@ class Contribution:
     out_of_sync: frozenset[str]  # type URLs out of sync on any of its streams
     behind_since: float | None  # earliest "out of sync since" of those types (drift clock)
     has_snapshot: bool
-    last_policy_ack: float  # latest ACK of a non-secret type (monotonic; 0: none)
+    last_policy_ack: float  # latest ACK of a non-secret type (monotonic; 0: none); stays last
 
 
 @dataclass
@@ -62,33 +62,36 @@ class _Stream:
 def contribution(streams: Collection[_Stream], snapshot: Snapshot | None) -> Contribution:
     """One node from its streams, by the rules of meshward.xds.status.stream_flags."""
     in_sync, rejected, nacking = True, False, False
-    out: set[str] = set()
+    out: set[str] | None = None
     since: float | None = None
     last_ack = 0.0
     for stream in streams:
         for type_url, st in stream.states.items():
             if not st.requested:
                 continue
-            if type_url != typeurls.SECRET and st.acked_at > last_ack:
+            if st.acked_at > last_ack and type_url != typeurls.SECRET:
                 last_ack = st.acked_at
-            nacking = nacking or bool(st.rejected)
-            desired = snapshot.type_version(type_url) if snapshot else ""
+            if st.rejected:
+                nacking = True
+            desired = snapshot.type_version(type_url) if snapshot is not None else ""
             if st.acked_version == desired:
                 continue
             in_sync = False
+            if out is None:
+                out = set()
             out.add(type_url)
-            began = max(snapshot.changed_at(type_url) if snapshot else 0.0, st.requested_at)
+            began = max(
+                snapshot.changed_at(type_url) if snapshot is not None else 0.0, st.requested_at
+            )
             since = began if since is None else min(since, began)
             rejected = rejected or (type_url != typeurls.SECRET and bool(st.rejected))
     return Contribution(
-        in_sync=in_sync,
-        rejected=rejected,
-        nacking=nacking,
-        out_of_sync=frozenset(out),
-        behind_since=since,
-        has_snapshot=snapshot is not None,
-        last_policy_ack=last_ack,
-    )
+        in_sync, rejected, nacking, frozenset(out) if out else _IN_SYNC, since,
+        snapshot is not None, last_ack,
+    )  # fmt: skip
+
+
+_IN_SYNC: frozenset[str] = frozenset()
 
 
 def workload_of(node: str) -> str:
@@ -158,32 +161,43 @@ class FleetTable:
         if streams is None:
             return
         new = contribution(streams.values(), self.cache.get(node))
-        if self._entries.get(node) == new:
+        old = self._entries.get(node)
+        if old == new:
             return
-        self._remove(node)
+        if new.last_policy_ack > self.last_policy_ack:
+            self.last_policy_ack = new.last_policy_ack
         self._entries[node] = new
+        if old is not None:
+            if old[:-1] == new[:-1]:
+                return  # only its latest ACK moved (every ACK of a node in sync)
+            self._retire(node, old)
         self.in_sync += new.in_sync
         self.nacking += new.nacking
         self.without_snapshot += not new.has_snapshot
-        self.out_of_sync_types.update(new.out_of_sync)
+        if new.out_of_sync:
+            self.out_of_sync_types.update(new.out_of_sync)
         if new.rejected:
             self._rejected.add(node)
         if new.behind_since is not None:
             bisect.insort(self._behind, (new.behind_since, node))
-        self.last_policy_ack = max(self.last_policy_ack, new.last_policy_ack)
 
     def _remove(self, node: str) -> None:
         old = self._entries.pop(node, None)
-        if old is None:
-            return
+        if old is not None:
+            self._retire(node, old)
+
+    def _retire(self, node: str, old: Contribution) -> None:
+        """Take ``old`` (the node's entry until now) out of the totals."""
         self.in_sync -= old.in_sync
         self.nacking -= old.nacking
         self.without_snapshot -= not old.has_snapshot
-        self.out_of_sync_types.subtract(old.out_of_sync)
-        for type_url in old.out_of_sync:
-            if self.out_of_sync_types[type_url] <= 0:
-                del self.out_of_sync_types[type_url]
-        self._rejected.discard(node)
+        if old.out_of_sync:
+            self.out_of_sync_types.subtract(old.out_of_sync)
+            for type_url in old.out_of_sync:
+                if self.out_of_sync_types[type_url] <= 0:
+                    del self.out_of_sync_types[type_url]
+        if old.rejected:
+            self._rejected.discard(node)
         if old.behind_since is not None:
             key = (old.behind_since, node)
             del self._behind[bisect.bisect_left(self._behind, key)]

@@ -88,14 +88,31 @@ class XdsMetrics:
             registry=self.registry,
         )
         self.fleet = FleetMetrics()
+        # The children of the per-message series for the types served, each looked up once (on
+        # first use, so a series appears only once it counts something): every push and every
+        # ACK of a fan-out counts, and ``labels()`` (a lock, a key tuple, a dict lookup) was a
+        # measurable part of the loop's per-message time. Other type URLs (a node may ask for
+        # anything) go through ``labels()`` every time; no child is kept for them (bounded).
+        self._pushes: dict[str, Any] = {}
+        self._acks: dict[str, tuple[Any, Any]] = {}
 
     def push(self, type_url: str) -> None:
-        self.pushes.labels(typeurls.short(type_url)).inc()
+        child = self._pushes.get(type_url)
+        if child is None:
+            child = self.pushes.labels(typeurls.short(type_url))
+            if type_url in typeurls.SHORT:
+                self._pushes[type_url] = child
+        child.inc()
 
     def ack(self, type_url: str, latency: float) -> None:
-        label = typeurls.short(type_url)
-        self.acks.labels(label).inc()
-        self.push_latency.labels(label).observe(latency)
+        children = self._acks.get(type_url)
+        if children is None:
+            label = typeurls.short(type_url)
+            children = (self.acks.labels(label), self.push_latency.labels(label))
+            if type_url in typeurls.SHORT:
+                self._acks[type_url] = children
+        children[0].inc()
+        children[1].observe(latency)
 
     def nack(self, type_url: str) -> None:
         self.nacks.labels(typeurls.short(type_url)).inc()

@@ -38,6 +38,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from operator import is_
+from types import MappingProxyType
+from typing import NamedTuple
 
 from meshward.xds import typeurls
 from meshward.xds.redact import redact_error
@@ -49,8 +52,13 @@ MAX_OUTSTANDING = 16  # unanswered responses remembered per type
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Request:
+# Named tuples, not frozen dataclasses: the server builds one per request it reads (every ACK of
+# a fan-out), and a frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field) was a
+# visible part of the loop's per-message time. Immutable and keyword-constructible all the same.
+_NO_VERSIONS: Mapping[str, str] = MappingProxyType({})
+
+
+class Request(NamedTuple):
     """A SotW ``DiscoveryRequest``, reduced to what the protocol reads."""
 
     type_url: str
@@ -60,12 +68,11 @@ class Request:
     error_detail: str | None = None  # set: NACK
 
 
-@dataclass(frozen=True)
-class DeltaRequest:
+class DeltaRequest(NamedTuple):
     type_url: str
     subscribe: tuple[str, ...] = ()
     unsubscribe: tuple[str, ...] = ()
-    initial_versions: Mapping[str, str] = field(default_factory=dict)
+    initial_versions: Mapping[str, str] = _NO_VERSIONS
     response_nonce: str = ""
     error_detail: str | None = None
 
@@ -144,6 +151,7 @@ class TypeState:
     requested_at: float = 0.0
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
+    requested_names: tuple[str, ...] = ()  # SotW: the last request's names, as sent
     must_respond: bool = False
     latest_nonce: str = ""
     outstanding: dict[str, Sent] = field(default_factory=dict)
@@ -177,11 +185,20 @@ class _Protocol:
         self.states: dict[str, TypeState] = {}
         self._seq = itertools.count(1)
         self._nonce_prefix = nonce_prefix
+        self._ordered: tuple[str, ...] = ()  # the states' types in push order (see ``plan``)
+        # Bumped when a plan changes what status reads of a type (its ACKed version and time:
+        # a resync, a delta type found in sync). A plan that leaves it, and returns no event,
+        # changed nothing the fleet counts read, so the server skips their recomputation.
+        self.status_marks = 0
 
     def state(self, type_url: str) -> TypeState:
         st = self.states.get(type_url)
         if st is None:
             st = self.states[type_url] = TypeState(type_url)
+            self._ordered = (
+                *(t for t in typeurls.ORDER if t in self.states),
+                *sorted(t for t in self.states if t not in typeurls.ORDER),
+            )
         return st
 
     def _new_nonce(self) -> tuple[str, int]:
@@ -204,8 +221,9 @@ class _Protocol:
         if resource.clusters and resource.type_url != typeurls.CLUSTER:
             desired = snapshot.resources(typeurls.CLUSTER)
             cds = self.states.get(typeurls.CLUSTER)
+            sent = cds.sent if cds is not None else _NOTHING
             for name in resource.clusters:
-                if name in desired and (cds is None or name not in cds.sent):
+                if name in desired and name not in sent:
                     return False
         return True
 
@@ -328,12 +346,12 @@ class _Protocol:
         """What to send now for ``snapshot``, in push order; also secret-denial events."""
         pushes: list[Push] = []
         events: list[Event] = []
-        ordered = [*typeurls.ORDER, *sorted(t for t in self.states if t not in typeurls.ORDER)]
-        for type_url in ordered:
-            st = self.states.get(type_url)
-            if st is None or not st.requested:
+        for type_url in self._ordered:  # kept by ``state`` (a plan runs after every request)
+            st = self.states[type_url]
+            if not st.requested:
                 continue
-            events.extend(self._deny_secrets(st, snapshot))
+            if type_url == typeurls.SECRET:
+                events.extend(self._deny_secrets(st, snapshot))
             push = self._plan_type(st, snapshot, now)
             if push is not None:
                 pushes.append(push)
@@ -341,6 +359,9 @@ class _Protocol:
 
     def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
         raise NotImplementedError
+
+
+_NOTHING: Mapping[str, Resource] = MappingProxyType({})
 
 
 def _hash(resource: Resource | None) -> str | None:
@@ -392,7 +413,11 @@ class SotwProtocol(_Protocol):
             st.must_respond = True
         names = tuple(request.resource_names)
         wildcard = st.type_url in typeurls.WILDCARD_TYPES and (not names or "*" in names)
-        explicit = {name for name in names if name != "*"}
+        if st.requested and names == st.requested_names:
+            explicit = st.names  # the same subscription as last time (every ACK): no new set
+        else:
+            explicit = {name for name in names if name != "*"}
+            st.requested_names = names
         if not st.requested or wildcard != st.wildcard or explicit != st.names:
             st.must_respond = True
         if not st.requested:
@@ -428,12 +453,13 @@ class SotwProtocol(_Protocol):
 
     def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
         inputs = self._inputs(st, snapshot)
+        last = st.plan_inputs
         if (
             not st.must_respond
             and not st.resync
-            and st.plan_inputs is not None
-            and inputs[-1] == st.plan_inputs[-1]
-            and all(a is b for a, b in zip(inputs[:-1], st.plan_inputs[:-1], strict=True))
+            and last is not None
+            and inputs[-1] == last[-1]
+            and all(map(is_, inputs[:-1], last[:-1]))  # (same length: same ``_inputs``)
         ):
             # Same entries, same CDS state: the key below would be the last one (nothing was
             # held, retained or rejected, and only these inputs can change that), so no push.
@@ -451,6 +477,7 @@ class SotwProtocol(_Protocol):
                 st.sent = {name: desired[name] for name in names}
                 st.applied = dict(st.sent)
                 st.acked_version = st.sent_version = base
+                self.status_marks += 1
                 st.acked_at = now
                 st.plan_key = (base, frozenset(), frozenset())
                 st.must_respond = False
@@ -565,7 +592,7 @@ class DeltaProtocol(_Protocol):
         quiet = st.quiet_inputs
         if (
             quiet is not None
-            and all(a is b for a, b in zip(inputs[:3], quiet[:3], strict=True))  # entries
+            and all(map(is_, inputs[:3], quiet[:3]))  # entries
             and inputs[3:] == quiet[3:]  # epochs
         ):
             # The very inputs of the last plan, which sent nothing: it would send nothing again
@@ -630,6 +657,7 @@ class DeltaProtocol(_Protocol):
                 if st.acked_version != base:
                     st.acked_version = base
                     st.acked_at = now
+                    self.status_marks += 1
                 if resync:
                     st.must_respond = False  # a reconnect that already has it all
             if not st.must_respond:

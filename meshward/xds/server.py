@@ -52,6 +52,8 @@ from meshward.xds.status import (
     iso,
     stream_types,
 )
+from meshward.xds.streamqueue import StreamQueue
+from meshward.xds.writewatch import WriteWatch
 
 log = logging.getLogger("meshward.xds")
 audit = logging.getLogger("meshward.xds.audit")
@@ -127,13 +129,18 @@ class Stream:
     # Requests read ahead of the loop, bounded: when it is full the reader waits, so gRPC's flow
     # control pushes back on the node. Wake-ups are a flag plus at most one item (dropped when
     # the queue is full: the loop plans after draining it anyway, from the latest snapshot).
-    queue: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(64))
+    queue: StreamQueue | asyncio.Queue[Any] = field(default_factory=lambda: StreamQueue(64))
     wake_pending: bool = False
     ended: bool = False
     queue_peak: int = 0  # the most requests ever waiting (tests, flood checks)
 
     backlog: SnapshotCache | None = None  # counts this stream while woken and not yet pushed
     counted: bool = False
+    name: str = ""  # str(node), once (the loop uses it on every message)
+
+    def __post_init__(self) -> None:
+        if not self.name and self.node is not None:
+            self.name = str(self.node)
 
     def wake(self) -> None:
         if not self.wake_pending:
@@ -165,6 +172,7 @@ class AdsServer:
     ) -> None:
         self.source = source
         self.limits = limits or NodeLimits()
+        self.writes = WriteWatch(self.limits.write_timeout)  # every write's deadline
         self.refusals = RefusalLog(audit)
         self.identity_streams: dict[str, int] = {}
         self.cache = source.cache
@@ -231,6 +239,7 @@ class AdsServer:
         return self.port
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        self.writes.stop()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -306,14 +315,14 @@ class AdsServer:
             client_cert=(
                 self.source.client_certificate(certificate) if certificate is not None else None
             ),
-            queue=asyncio.Queue(self.limits.stream_queue),
+            queue=StreamQueue(self.limits.stream_queue),
             backlog=self.cache,
         )
         self.streams[stream.id] = stream
-        self._node_streams[str(node)] = self._node_streams.get(str(node), 0) + 1
+        self._node_streams[stream.name] = self._node_streams.get(stream.name, 0) + 1
         expiry = stream.client_cert.not_after if stream.client_cert is not None else None
-        self.fleet.opened(str(node), stream.id, mode, protocol.states, expiry)
-        self.cache.watch(str(node), stream.wake)
+        self.fleet.opened(stream.name, stream.id, mode, protocol.states, expiry)
+        self.cache.watch(stream.name, stream.wake)
         log.info(
             "node %s connected (%s, stream %d, %s)", node, mode, stream.id, identity,
             extra={"node": str(node), "mode": mode, "peer": peer},
@@ -355,7 +364,7 @@ class AdsServer:
             self.identity_streams.pop(identity, None)
 
     def _close(self, stream: Stream) -> None:
-        name = str(stream.node)
+        name = stream.name
         if self.streams.pop(stream.id, None) is not None:
             self.fleet.closed(name, stream.id)
             self._count_stream(stream.identity, -1)
@@ -385,7 +394,7 @@ class AdsServer:
                 stream.queue.put_nowait(_END)
 
     async def _loop(self, stream: Stream, first: Any, context: Any) -> None:
-        node = str(stream.node)
+        node = stream.name
         self._receive(stream, first)
         while True:
             # Drain everything queued (requests and wake-ups), then plan once from the latest
@@ -401,17 +410,20 @@ class AdsServer:
             stream.wake_pending = False
             snapshot = self.cache.get(node)
             if snapshot is not None:
+                marks = stream.protocol.status_marks
                 pushes, events = stream.protocol.plan(snapshot, self.clock())
-                self._handle(stream, events)
+                if events or stream.protocol.status_marks != marks:
+                    self._handle(stream, events)  # (else nothing the fleet counts read moved)
                 for push in pushes:
                     if not await self._write(stream, context, push):
                         return
                     self.metrics.push(push.type_url)
-                    log.debug(
-                        "push %s %s v%s (%d resources) to %s",
-                        typeurls.short(push.type_url), push.nonce, push.version,
-                        len(push.resources), node,
-                    )  # fmt: skip
+                    if log.isEnabledFor(logging.DEBUG):  # (its arguments cost even when off)
+                        log.debug(
+                            "push %s %s v%s (%d resources) to %s",
+                            typeurls.short(push.type_url), push.nonce, push.version,
+                            len(push.resources), node,
+                        )  # fmt: skip
             if not stream.wake_pending:
                 stream.settle()
             item = await stream.queue.get()
@@ -424,10 +436,10 @@ class AdsServer:
         """Send one push; False (and the stream is to close) when the node has not read it for
         ``limits.write_timeout``: HTTP/2 flow control holds at most one unread push per stream,
         and a stuck stream must not keep its slot (or its identity's stream quota) forever."""
-        try:
-            async with asyncio.timeout(self.limits.write_timeout):  # (wait_for can lose a cancel)
-                await context.write(self._encode(stream.mode, push))
-        except TimeoutError:
+        if self.writes.timeout != self.limits.write_timeout:  # (limits replaced)
+            self.writes.stop()
+            self.writes = WriteWatch(self.limits.write_timeout)
+        if not await self.writes.write(context.write(self._encode(stream.mode, push))):
             self.metrics.streams_closed.labels("not-reading").inc()
             self.refusals.refused(
                 stream.identity,
@@ -443,15 +455,15 @@ class AdsServer:
     def _receive(self, stream: Stream, message: Any) -> None:
         now = self.clock()
         error = message.error_detail.message if message.HasField("error_detail") else None
-        if stream.mode == "sotw":
-            assert isinstance(stream.protocol, SotwProtocol)
-            events = stream.protocol.receive(
+        protocol = stream.protocol
+        if type(protocol) is SotwProtocol:
+            events = protocol.receive(
                 Request(
-                    type_url=message.type_url,
-                    version_info=message.version_info,
-                    resource_names=tuple(message.resource_names),
-                    response_nonce=message.response_nonce,
-                    error_detail=error,
+                    message.type_url,
+                    message.version_info,
+                    tuple(message.resource_names),
+                    message.response_nonce,
+                    error,
                 ),
                 now,
             )
@@ -471,11 +483,14 @@ class AdsServer:
         self._handle(stream, events)
 
     def _handle(self, stream: Stream, events: list[Event]) -> None:
-        node = str(stream.node)
+        node = stream.name
         for event in events:
             if isinstance(event, Acked):
                 self.metrics.ack(event.type_url, event.latency)
-                log.debug("ACK %s v%s from %s", typeurls.short(event.type_url), event.version, node)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "ACK %s v%s from %s", typeurls.short(event.type_url), event.version, node
+                    )
             elif isinstance(event, Nacked):
                 nack = event.nack
                 self.metrics.nack(nack.type_url)

@@ -45,7 +45,7 @@ class Fleet:
         self.ids = itertools.count(1)
         self.now = 1000.0
 
-    def touch(self, sid: int) -> None:  # AdsServer._handle, after every request and plan
+    def touch(self, sid: int) -> None:  # AdsServer._handle: after every request, and a plan
         self.table.touch(self.streams[sid].node)
 
     def open(self, node: str, mode: str) -> None:
@@ -72,10 +72,12 @@ class Fleet:
         snapshot = self.cache.get(stream.node)
         if snapshot is None:
             return
-        pushes, _ = stream.protocol.plan(snapshot, self.now)
+        marks = stream.protocol.status_marks
+        pushes, events = stream.protocol.plan(snapshot, self.now)
         for push in pushes:
             stream.pushes[push.type_url] = push
-        self.touch(sid)
+        if events or stream.protocol.status_marks != marks:  # as AdsServer._loop
+            self.touch(sid)
 
     def answer(self, sid: int, type_url: str, nack: bool) -> None:
         stream = self.streams[sid]

@@ -153,7 +153,7 @@ async def run(nodes: int, changes: int) -> dict[str, Any]:
 
     logging_quiet()
     source = Source()
-    server = AdsServer(source, limits=NodeLimits(max_streams=nodes + 1))  # type: ignore[arg-type]
+    server = AdsServer(source, limits=NodeLimits(max_streams=nodes + 1))
     services = max(1, nodes // REPLICAS)
     names = [f"ns{s % 30}/svc{s}/r{r}" for s in range(services) for r in range(REPLICAS)]
 

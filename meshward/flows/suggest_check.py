@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
-
 from meshward.flows.suggest import ObservedFlow, Suggestion, sample_path
 from meshward.policy import canonical
 from meshward.policy.diff import PolicyDiff, diff
@@ -154,16 +152,6 @@ def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _dump(document: dict[str, Any]) -> str:
-    """As canonical.dump_documents, with libyaml's emitter when present (1,000 files of a big
-    mesh: seconds instead of tens of seconds); the text is the same YAML either way."""
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    text: str = yaml.dump_all(
-        [document], Dumper=dumper, sort_keys=False, default_flow_style=False, allow_unicode=True
-    )
-    return text
-
-
 def files(suggestion: Suggestion) -> dict[str, str]:
     """File name -> YAML, one file per workload: ``<namespace>.<workload>.yaml``."""
     by_policy: dict[str, list[ObservedFlow]] = {}
@@ -194,6 +182,6 @@ def files(suggestion: Suggestion) -> dict[str, str]:
                 else " (enforced).\n"
             )
         )
-        body = _dump(canonical.authorization_policy_document(policy))
+        body = canonical.dump_documents([canonical.authorization_policy_document(policy)])
         out[f"{workload.replace('/', '.')}.yaml"] = header + body
     return out

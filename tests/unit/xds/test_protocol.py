@@ -46,6 +46,16 @@ def snap(
     )
 
 
+def delta_in_sync(s: Snapshot) -> DeltaProtocol:
+    """A delta stream that subscribed to CDS, its SDS names and LDS, and ACKed ``s``."""
+    p = DeltaProtocol()
+    for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ())):
+        p.receive(DeltaRequest(t, subscribe=sub), 0)
+    for push in p.plan(s, 0)[0]:
+        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+    return p
+
+
 def names(push_resources: tuple[Resource, ...]) -> list[str]:
     return [r.name for r in push_resources]
 
@@ -424,11 +434,7 @@ def test_delta_node_back_in_sync_when_a_nacked_change_is_reverted() -> None:
     """Delta: a new listener is NACKed (drift), the SVID renews meanwhile, then the change is
     reverted: nothing is left to send, and the node is in sync again without a push."""
     s1 = snap(None, listeners=[listener("a", port=1)])
-    p = DeltaProtocol()
-    for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ())):
-        p.receive(DeltaRequest(t, subscribe=sub), 0)
-    for push in p.plan(s1, 0)[0]:
-        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+    p = delta_in_sync(s1)
     s2 = snap(s1, listeners=[listener("a", port=1), listener("new", port=2)])
     [push], _ = p.plan(s2, 1)
     nack = "Error adding/updating listener(s) new: cannot bind: address already in use"
@@ -476,11 +482,7 @@ def test_delta_rejection_is_forgotten_when_the_change_is_taken_back_then_resent(
     rejected; once the node can take it, the same change put back is sent again, not held back
     as rejected forever."""
     s1 = snap(None, listeners=[listener("a", port=1)])
-    p = DeltaProtocol()
-    for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ())):
-        p.receive(DeltaRequest(t, subscribe=sub), 0)
-    for push in p.plan(s1, 0)[0]:
-        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+    p = delta_in_sync(s1)
     changed = [listener("a", port=1, tag="deny")]
     s2 = snap(s1, listeners=changed)
     [push], _ = p.plan(s2, 1)
@@ -502,11 +504,7 @@ def test_delta_rejection_is_forgotten_when_the_change_is_taken_back_then_resent(
 
 def test_delta_rejection_of_a_new_resource_is_forgotten_once_it_is_no_longer_desired() -> None:
     s1 = snap(None, listeners=[listener("a", port=1)])
-    p = DeltaProtocol()
-    for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ())):
-        p.receive(DeltaRequest(t, subscribe=sub), 0)
-    for push in p.plan(s1, 0)[0]:
-        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
+    p = delta_in_sync(s1)
     s2 = snap(s1, listeners=[listener("a", port=1), listener("new", port=2)])
     [push], _ = p.plan(s2, 1)
     nack = "Error adding/updating listener(s) new: cannot bind: address already in use"

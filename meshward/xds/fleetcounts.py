@@ -221,6 +221,10 @@ class FleetTable:
             names |= self._by_workload.get(ref, set())
         return names
 
+    def pending(self) -> int:
+        """Connected nodes not in sync (O(1)): a rollout's ACKs still to come, or nodes stuck."""
+        return self.connected - self.in_sync
+
     def summary(
         self, now: float, threshold: float, failed_workloads: Collection[str] = ()
     ) -> dict[str, Any]:

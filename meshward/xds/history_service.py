@@ -7,7 +7,8 @@ pending and the newest entry is the set in force) and ``/history/set?version=V``
 Why after the pushes: the diff probes every caller class of every touched workload with the
 policy evaluator; in a thread beside the event loop it holds the GIL while the loop sends the
 change and reads its ACKs, so it waits (bounded by :data:`MAX_DEFER`) until the control plane
-has no push in flight and :data:`ACK_GRACE` has passed.
+has no push in flight and no connected node left out of sync (at 5,000 nodes the ACKs of a
+mesh-wide change come in for a second or more after the last push), then :data:`ACK_GRACE`.
 
 The recorder queue is bounded: under a flood of changes (more than :data:`MAX_QUEUE` waiting)
 the diffs of intermediate sets are skipped (their entries say ``skipped``; their sets are still
@@ -30,7 +31,7 @@ from meshward.xds.history import Entry, PolicyHistory, UnknownVersion
 
 log = logging.getLogger("meshward.xds.history")
 MAX_QUEUE = 16
-MAX_DEFER = 2.0  # seconds a diff waits for the rollout's pushes at most
+MAX_DEFER = 3.0  # seconds a diff waits for the rollout's pushes and ACKs at most
 ACK_GRACE = 0.2  # seconds after the last push, for the ACKs to come back first
 MAX_READ_WAIT = 30.0  # /history?wait=S is capped at this
 
@@ -45,8 +46,8 @@ class HistoryService:
         clock: Callable[[], datetime],
         backlog: Callable[[], int] | None = None,
     ) -> None:
-        """``backlog``: pushes in flight (the snapshot cache's ``pushing``), which a diff waits
-        for; None: no wait."""
+        """``backlog``: the rollout still under way (pushes in flight plus nodes not yet in
+        sync), which a diff waits for; None: no wait."""
         self.history = history
         self.current = current
         self.clock = clock
@@ -96,7 +97,8 @@ class HistoryService:
                 log.exception("recording policy %s in the history failed", policy.version[:12])
 
     async def _after_pushes(self) -> None:
-        """Until no push is in flight (then ACK_GRACE more), at most MAX_DEFER seconds."""
+        """Until the rollout is out and ACKed (then ACK_GRACE more), at most MAX_DEFER
+        seconds."""
         if self.backlog is None:
             return
         loop = asyncio.get_running_loop()

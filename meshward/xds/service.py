@@ -120,7 +120,8 @@ class XdsService:
             PolicyHistory(history_dir, keep=history_keep) if history_dir is not None else None,
             lambda: self.control.policy,
             self.control.wall_clock,
-            backlog=lambda: self.control.cache.pushing,  # its diffs wait for the pushes
+            # Its diffs wait for the rollout: pushes in flight, then the ACKs still to come.
+            backlog=lambda: self.control.cache.pushing + self.ads.fleet.pending(),
         )
         self.control.on_applied.append(self.history.applied)
         self.control.on_rejected.append(self.history.rejected)

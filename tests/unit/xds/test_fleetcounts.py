@@ -155,6 +155,8 @@ def check(fleet: Fleet, failed: frozenset[str]) -> None:
     ]
     assert got["nacking"] == extra["nacking"]
     assert got["out_of_sync_types"] == extra["out_of_sync_types"]
+    # what the policy history's diff waits for: every connected node not yet in sync
+    assert fleet.table.pending() == want["connected"] - want["in_sync"]
     view = metrics_view(fleet.table, fleet.now, THRESHOLD, failed, limit=3)
     assert len(view["nodes"]) == min(3, want["connected"])
     for node in view["nodes"]:

@@ -451,6 +451,9 @@ def test_delta_node_back_in_sync_when_a_nacked_change_is_reverted() -> None:
     assert p.plan(reverted, 4) == ([], [])
     for t in (C, S, L):
         assert type_status(p.states[t], reverted, 30.0, 5.0).in_sync, t
+    # the rejected listener is no longer desired: no longer counted as rejected either
+    assert p.states[L].rejected == {}
+    assert not_enforced(stream_types(p.states, reverted, 30.0, 5.0)) is None
 
 
 def test_delta_change_to_a_resource_the_node_does_not_subscribe_to_is_no_drift() -> None:
@@ -500,17 +503,3 @@ def test_delta_rejection_is_forgotten_when_the_change_is_taken_back_then_resent(
     assert push.type_url == L and names(push.resources) == ["a"]
     p.receive(DeltaRequest(L, response_nonce=push.nonce), 7)
     assert all(s.in_sync for s in stream_types(p.states, again, 8.0, 10.0))
-
-
-def test_delta_rejection_of_a_new_resource_is_forgotten_once_it_is_no_longer_desired() -> None:
-    s1 = snap(None, listeners=[listener("a", port=1)])
-    p = delta_in_sync(s1)
-    s2 = snap(s1, listeners=[listener("a", port=1), listener("new", port=2)])
-    [push], _ = p.plan(s2, 1)
-    nack = "Error adding/updating listener(s) new: cannot bind: address already in use"
-    p.receive(DeltaRequest(L, response_nonce=push.nonce, error_detail=nack), 2)
-    assert p.states[L].rejected
-    s3 = snap(s2, listeners=[listener("a", port=1)])
-    assert p.plan(s3, 3) == ([], [])
-    assert p.states[L].rejected == {}
-    assert not_enforced(stream_types(p.states, s3, 4.0, 10.0)) is None

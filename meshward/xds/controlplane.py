@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from meshward.certs.reload import CaReloader
+from meshward.certs.server_identity import SERVER_KEY, ServerCertificate
 from meshward.certs.server_tls import ServerTls
 from meshward.policy import PolicyError, PolicySet, Workload
 from meshward.xds import compiling, heap, typeurls
@@ -53,7 +54,6 @@ from meshward.xds.limits import INSTANCE_LIMIT, IdentityIndex, NodeLimits, expir
 from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, NodeId, expected_spiffe_id
 from meshward.xds.resources import Resource, make_resource
 from meshward.xds.server import NodeRejected
-from meshward.xds.server_identity import SERVER_KEY, ServerCertificate
 from meshward.xds.snapshot import InconsistentSnapshot, Snapshot
 from meshward.xds.timeline import EditTimeline
 

@@ -5,10 +5,14 @@ are out; the admin address serves ``/policy`` (the set in force, canonical YAML)
 pending and the newest entry is the set in force) and ``/history/set?version=V`` (a kept set).
 
 Why after the pushes: the diff probes every caller class of every touched workload with the
-policy evaluator; in a thread beside the event loop it holds the GIL while the loop sends the
-change and reads its ACKs, so it waits (bounded by :data:`MAX_DEFER`) until the control plane
-has no push in flight and no connected node left out of sync (at 5,000 nodes the ACKs of a
-mesh-wide change come in for a second or more after the last push), then :data:`ACK_GRACE`.
+policy evaluator, and the set is dumped as YAML; in a thread beside the event loop that holds
+the GIL while the loop sends the change and reads its ACKs, so it waits until the control plane
+has no push in flight and no connected node left out of sync, then :data:`ACK_GRACE`. At 5,000
+nodes on a busy machine the ACKs of a mesh-wide change came in for up to 5.5 s after the last
+push: a fixed 3 s bound started the diff and the dump in the middle of them (loop lags of
+0.2-0.3 s, a probe stream waiting 1.1 s for an answer). So the wait is bounded by the rollout's
+progress: it ends once the backlog has not fallen for :data:`STALLED` seconds (a node that
+NACKs or never answers stays out of sync), and in any case after :data:`MAX_DEFER`.
 
 The recorder queue is bounded: under a flood of changes (more than :data:`MAX_QUEUE` waiting)
 the diffs of intermediate sets are skipped (their entries say ``skipped``; their sets are still
@@ -31,7 +35,8 @@ from meshward.xds.history import Entry, PolicyHistory, UnknownVersion
 
 log = logging.getLogger("meshward.xds.history")
 MAX_QUEUE = 16
-MAX_DEFER = 3.0  # seconds a diff waits for the rollout's pushes and ACKs at most
+MAX_DEFER = 60.0  # seconds a diff waits for the rollout's pushes and ACKs at most ...
+STALLED = 2.0  # ... and no longer than this once the rollout's backlog stops falling
 ACK_GRACE = 0.2  # seconds after the last push, for the ACKs to come back first
 MAX_READ_WAIT = 30.0  # /history?wait=S is capped at this
 
@@ -97,14 +102,18 @@ class HistoryService:
                 log.exception("recording policy %s in the history failed", policy.version[:12])
 
     async def _after_pushes(self) -> None:
-        """Until the rollout is out and ACKed (then ACK_GRACE more), at most MAX_DEFER
-        seconds."""
+        """Until the rollout is out and ACKed (then ACK_GRACE more), or its backlog has not
+        fallen for STALLED seconds, at most MAX_DEFER seconds."""
         if self.backlog is None:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MAX_DEFER
-        while self.backlog() > 0 and loop.time() < deadline:
+        lowest, moved = self.backlog(), loop.time()
+        while lowest > 0 and loop.time() < min(deadline, moved + STALLED):
             await asyncio.sleep(0.02)
+            left = self.backlog()
+            if left < lowest:
+                lowest, moved = left, loop.time()
         await asyncio.sleep(max(0.0, min(ACK_GRACE, deadline - loop.time())))
 
     def close(self) -> None:

@@ -10,9 +10,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from meshward.policy.policyset import PolicySet
 from meshward.testing.policy_edits import addressed_fleet, edits
 from meshward.testing.topology import fleet
+from meshward.xds import history_service
 from meshward.xds.history import PolicyHistory, touched_workloads
 from meshward.xds.history_service import HistoryService
 from tests.unit.xds.test_history import NOW, deny, version
@@ -110,6 +113,66 @@ def test_pushes_that_never_end_delay_the_diff_only_boundedly(tmp_path: Path) -> 
         service.applied(v2)
         assert service.history is not None
         assert await asyncio.to_thread(service.history.wait_settled, 15, v2.version)
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_diff_waits_for_a_slow_rollout_while_it_progresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 5,000 nodes the ACKs of a mesh-wide change came in for longer than a fixed 3 s bound:
+    the diff (GIL-heavy, beside the loop) must wait for them as long as they keep coming."""
+    monkeypatch.setattr(history_service, "STALLED", 0.5)
+    v1, v2 = version(), version(deny("/slow"))
+    current = {"set": v1}
+    backlog = [0]
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        service = _service(tmp_path, current, backlog)
+        history = service.history
+        assert history is not None
+        complete = history.complete
+
+        def recorded(*args: Any, **kwargs: Any) -> None:
+            seen.append(backlog[0])
+            complete(*args, **kwargs)
+
+        task = asyncio.create_task(service.run())
+        assert await asyncio.to_thread(history.wait_settled, 5, v1.version)
+        history.complete = recorded  # type: ignore[method-assign]
+        backlog[0] = 40
+        current["set"] = v2
+        service.applied(v2)
+        while backlog[0] > 0:  # one ACK every 0.1 s: 4 s in all, never 0.5 s without one
+            await asyncio.sleep(0.1)
+            backlog[0] -= 1
+        assert await asyncio.to_thread(history.wait_settled, 5, v2.version)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert seen == [0]
+
+
+def test_a_rollout_that_stops_progressing_delays_the_diff_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that NACKs stays out of sync: the diff goes ahead once the backlog has stopped
+    falling for STALLED seconds, not after MAX_DEFER."""
+    monkeypatch.setattr(history_service, "STALLED", 0.3)
+    v1, v2 = version(), version(deny("/stuck"))
+    current = {"set": v1}
+    backlog = [7]
+
+    async def scenario() -> None:
+        service = _service(tmp_path, current, backlog)
+        task = asyncio.create_task(service.run())
+        await asyncio.sleep(0)
+        current["set"] = v2
+        service.applied(v2)
+        assert service.history is not None
+        assert await asyncio.to_thread(service.history.wait_settled, 2.5, v2.version)
         task.cancel()
 
     asyncio.run(scenario())

@@ -66,6 +66,13 @@ class TypeContent:
         )
 
     @cached_property
+    def names(self) -> frozenset[str]:
+        """Its resources' names, for the consistency check: ``refs <= names`` walks only the
+        references (a set difference against a dict's keys copied both sides, for every type
+        of every node of a fan-out: a third of the fan-out's own time at 5,005 nodes)."""
+        return frozenset(self.resources)
+
+    @cached_property
     def sotw_body(self) -> bytes:
         """Every resource as an encoded DiscoveryResponse ``resources`` entry, in name order:
         the body of a SotW response carrying exactly this content (see
@@ -259,13 +266,14 @@ def _resolves(entries: Mapping[str, TypeSnapshot]) -> bool:
     contents = [entry.content for entry in entries.values()]
     if any(content is None for content in contents):
         return False
-    secrets = entries[typeurls.SECRET].resources.keys()
-    routes = entries[typeurls.ROUTE].resources.keys()
-    endpoints = entries[typeurls.ENDPOINT].resources.keys()
+    secrets, routes, endpoints = (
+        content.names if (content := entries[t].content) is not None else frozenset()
+        for t in (typeurls.SECRET, typeurls.ROUTE, typeurls.ENDPOINT)
+    )
     return all(
         content is not None
-        and not content.secrets - secrets
-        and not content.routes - routes
-        and not content.endpoints - endpoints
+        and content.secrets <= secrets
+        and content.routes <= routes
+        and content.endpoints <= endpoints
         for content in contents
     )

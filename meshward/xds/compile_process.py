@@ -80,6 +80,10 @@ class Delta:
     removed: tuple[str, ...]  # refs no longer in the set
     bodies: dict[Key, Body]  # keys the parent was not sent before
     live: int  # distinct keys of the whole result (the parent's table size after this)
+    # Keys no workload holds any more: the parent drops them from its table in O(changes)
+    # (finding them by walking every workload's resources held the GIL for ~0.1 s beside the
+    # event loop at 1,000 services, every mesh-wide edit).
+    dropped: tuple[Key, ...] = ()
 
 
 KINDS = ("workloads", "authorization_policies", "peer_authentications", "request_authentications")
@@ -173,15 +177,16 @@ class _Worker:
                 workloads[ref] = (keys, config.error)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
         pairs.extend((previous[ref], None) for ref in removed)
-        bodies = self._recount(pairs)
-        return Delta(workloads, removed, bodies, len(self.live))
+        bodies, dropped = self._recount(pairs)
+        return Delta(workloads, removed, bodies, len(self.live), dropped)
 
     def _recount(
         self, pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]]
-    ) -> dict[Key, Body]:
+    ) -> tuple[dict[Key, Body], tuple[Key, ...]]:
         """Move the references of the workloads whose config changed from the old config to
         the new one (O(their resources), not O(the mesh's)); the bodies of the keys no
-        workload held before, which the parent has not been sent."""
+        workload held before, which the parent has not been sent, and the keys no workload
+        holds any more."""
         live = self.live
         for old, _ in pairs:
             for items in old.resources.values() if old is not None else ():
@@ -196,11 +201,12 @@ class _Worker:
                         live[key] = 0
                         bodies[key] = _body(r)
                     live[key] += 1
-        for key in [k for old, _ in pairs if old is not None
-                    for items in old.resources.values() for r in items
-                    if live.get(k := r.key) == 0]:  # fmt: skip
-            live.pop(key, None)
-        return bodies
+        dropped = {k: None for old, _ in pairs if old is not None
+                   for items in old.resources.values() for r in items
+                   if live.get(k := r.key) == 0}  # fmt: skip
+        for key in dropped:
+            del live[key]
+        return bodies, tuple(dropped)
 
 
 def _body(resource: Resource) -> Body:
@@ -400,6 +406,8 @@ class CompileProcess:
         quiet: bool,
     ) -> Compiled:
         table = self._table
+        for key in delta.dropped:
+            table.pop(key, None)
         for key, body in delta.bodies.items():
             table[key] = _resource(key, body)
         mirror = dict(self._mirror)
@@ -412,7 +420,7 @@ class CompileProcess:
             mirror[ref] = WorkloadConfig(resources, tuple(sorted(keys)), error)
             if error is not None and not quiet:
                 log.error("compiling %s failed; it keeps its previous config: %s", ref, error)
-        if len(table) > delta.live:  # keep only the newest result's resources
+        if len(table) != delta.live:  # (never: the worker said what it dropped) rebuild it
             held = {
                 r.key
                 for config in mirror.values()

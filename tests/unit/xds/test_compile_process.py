@@ -24,7 +24,7 @@ from meshward.policy.policyset import selects
 from meshward.testing import topology
 from meshward.xds import typeurls
 from meshward.xds.compile_adapter import compiler_for
-from meshward.xds.compile_process import CompileProcess
+from meshward.xds.compile_process import CompileProcess, _Worker
 from meshward.xds.compiling import Compiled, CompileFailed, LocalCompile, mesh_compiler
 from meshward.xds.service import XdsService
 
@@ -132,6 +132,20 @@ def test_process_compile_equals_a_full_compile_and_reports_only_changes(
     held = {(r.type_url, r.name, r.hash) for c in third.configs.values()
             for items in c.resources.values() for r in items}  # fmt: skip
     assert process.status()["resources"] == len(held)
+    assert set(process._table) == held  # (the worker named the keys it dropped)
+
+
+def test_the_worker_names_the_keys_no_workload_holds_any_more() -> None:
+    """The parent drops them from its table without walking every workload's resources."""
+    worker = _Worker(OPTIONS, False)
+    ps = fleet()
+    first = worker.compile(ps, T0, {}, False)
+    assert first.dropped == () and set(first.bodies) == set(worker.live)
+    before = set(worker.live)
+    second = worker.compile(deny_debug(ps), T0, {}, False)
+    assert set(second.dropped) == before - set(worker.live) != set()
+    assert set(second.bodies) == set(worker.live) - before
+    assert len(second.dropped) == len(set(second.dropped))
 
 
 def test_a_killed_worker_is_replaced_and_rebuilt(process: CompileProcess) -> None:

@@ -140,8 +140,7 @@ def test_the_worker_runs_below_the_server_s_cpu_priority(process: CompileProcess
     process(fleet(), T0, {})
     assert process.pid is not None
     mine = os.getpriority(os.PRIO_PROCESS, 0)
-    assert NICE > 0
-    assert os.getpriority(os.PRIO_PROCESS, process.pid) == min(19, mine + NICE)  # (19: the most)
+    assert os.getpriority(os.PRIO_PROCESS, process.pid) == min(19, mine + NICE) > mine
 
 
 def test_the_worker_names_the_keys_no_workload_holds_any_more() -> None:

@@ -45,7 +45,6 @@ import concurrent.futures
 import gc
 import logging
 import multiprocessing
-import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -244,23 +243,11 @@ def _settle() -> bool:
     return False
 
 
-#: The worker's CPU priority below the server's (``nice`` increment). A mesh-wide compile keeps
-#: a core busy for seconds; at equal priority, on a busy 2-core machine, the streams' threads
-#: (the server's loop and gRPC's, and the nodes) waited behind it for a CPU and a probe stream
-#: waited 0.26-0.28 s for answers while the loop itself was idle. Serving streams comes first;
-#: the compile takes what is left (all of a core when the machine is not saturated).
-NICE = 5
-
-
 def _start(options: Any, agent_secrets: bool) -> None:
     """The worker's initializer: the server's Ctrl-C reaches the whole process group; the
-    parent decides when the worker stops; the worker yields the CPU to the server (NICE)."""
+    parent decides when the worker stops."""
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.nice(NICE)
-    except OSError:  # (not permitted: it runs at the server's priority)
-        log.warning("the compile worker could not lower its CPU priority")
     gc.disable()  # collected by _settle when due
     _WORKER = _Worker(options, agent_secrets)
 

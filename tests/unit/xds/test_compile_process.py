@@ -24,7 +24,7 @@ from meshward.policy.policyset import selects
 from meshward.testing import topology
 from meshward.xds import typeurls
 from meshward.xds.compile_adapter import compiler_for
-from meshward.xds.compile_process import NICE, CompileProcess, _Worker
+from meshward.xds.compile_process import CompileProcess, _Worker
 from meshward.xds.compiling import Compiled, CompileFailed, LocalCompile, mesh_compiler
 from meshward.xds.service import XdsService
 
@@ -133,14 +133,6 @@ def test_process_compile_equals_a_full_compile_and_reports_only_changes(
             for items in c.resources.values() for r in items}  # fmt: skip
     assert process.status()["resources"] == len(held)
     assert set(process._table) == held  # (the worker named the keys it dropped)
-
-
-def test_the_worker_runs_below_the_server_s_cpu_priority(process: CompileProcess) -> None:
-    """Streams are served first; a compile takes the CPU they leave."""
-    process(fleet(), T0, {})
-    assert process.pid is not None
-    mine = os.getpriority(os.PRIO_PROCESS, 0)
-    assert os.getpriority(os.PRIO_PROCESS, process.pid) == min(19, mine + NICE) > mine
 
 
 def test_the_worker_names_the_keys_no_workload_holds_any_more() -> None:

@@ -80,11 +80,11 @@ def _runtime_pair(text: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import signal
 
     from meshward.agent.run import Agent, AgentConfig
     from meshward.certs.jointoken import read_token_file
     from meshward.certs.spiffe import spiffe_id
+    from meshward.lifecycle import stop_event
     from meshward.xds.bootstrap import ENVOY_ARGS
     from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, InvalidNodeId, NodeId
 
@@ -133,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_event()  # set by SIGTERM or SIGINT
         await Agent(config).run(stop)
 
     asyncio.run(main())

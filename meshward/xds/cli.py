@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -197,6 +196,7 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
 
     from meshward.certs import CertificateAuthority
     from meshward.compile import AccessLogFormat, CompileOptions, Endpoint
+    from meshward.lifecycle import stop_event
     from meshward.policy import PolicyError
     from meshward.telemetry import setup_json_logging
     from meshward.xds.compile_adapter import compiler_for
@@ -317,10 +317,7 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(ready) + "\n")
             tmp.replace(path)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_event()  # set by SIGTERM or SIGINT
         try:
             await stop.wait()
         finally:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from meshward.cliutil import host_port, listen_address, positive_float
+from meshward.cliutil import host_port, listen_address, number, positive_float
 from meshward.errors import UserError
 
 EPILOG = """\
@@ -54,20 +54,11 @@ def add_ads_variant(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
 
 
 def _fraction(text: str) -> float:
-    value = positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
-    return value
+    return number(text, float, lambda v: 0 < v < 1, "must be above 0 and below 1")
 
 
 def _jitter(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 0.5:
-        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {text}")
-    return value
+    return number(text, float, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
 
 
 def _runtime_pair(text: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshward.cliutil import ip_address, listen_address, positive_float, positive_int
+from meshward.cliutil import duration, ip_address, listen_address, positive_float, positive_int
 from meshward.errors import UserError
 
 if TYPE_CHECKING:
@@ -65,12 +65,7 @@ CONTROL_PLANE_SECRETS_GONE = (
 
 
 def _duration_seconds(text: str) -> float:
-    from meshward.certs.duration import parse_duration
-
-    try:
-        return parse_duration(text).total_seconds()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return duration(text).total_seconds()
 
 
 def _jwks_refresh(text: str) -> float:

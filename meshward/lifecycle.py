@@ -68,7 +68,8 @@ class StartStop:
 
     @property
     def started(self) -> bool:
-        raise NotImplementedError
+        """Whether ``start()`` ran; a part that cannot tell is started by every ``with``."""
+        return False
 
     def start(self) -> Any:
         raise NotImplementedError

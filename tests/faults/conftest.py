@@ -29,6 +29,7 @@ import pytest
 from meshward.testing.jwt_issuer import LocalIssuer
 from meshward.testing.mesh import Mesh
 from meshward.testing.processes import ComponentFailed, Launcher
+from meshward.testing.topology import shop_yaml
 from meshward.testing.traffic import Flow
 
 TD = "cluster.local"
@@ -43,18 +44,8 @@ DELTA = {ORDERS, INVENTORY}  # these sidecars speak delta ADS, the others SotW
 WATCH_INTERVAL = 0.2  # policy directory poll of both servers (seconds)
 SPARE_PORT = 9090  # a second port of orders, bound at start but declared only by a test
 
-MESH_YAML = """\
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
 # jwtEnforcement extauthz: payments' JWT rule goes to ext_authz, whose faults these tests inject
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system, jwtEnforcement: extauthz}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
-"""
+MESH_YAML = shop_yaml([], mesh={"jwtEnforcement": "extauthz"})
 WORKLOADS_YAML = "".join(
     f"""---
 apiVersion: meshward.dev/v1

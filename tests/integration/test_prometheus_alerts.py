@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
 POLICY = shop_yaml(
-    ["frontend", "orders"], allow_doc("orders-allow-get", "orders", methods=["GET"]), strict=False
+    ["frontend", "orders"], allow_doc("orders-allow-get", "orders", methods=["GET"]), mtls=None
 )
 
 pytestmark = pytest.mark.skipif(

@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from meshward.testing.mesh import Mesh
+from meshward.testing.topology import shop_yaml
 
 FRONTEND, ORDERS, PAYMENTS, INVENTORY = (
     "shop/frontend",
@@ -25,32 +26,16 @@ FRONTEND, ORDERS, PAYMENTS, INVENTORY = (
     "shop/inventory",
 )
 
-BASE = """
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
----
+BASE = (
+    shop_yaml(["frontend", "orders", "payments", "inventory"])
+    + """---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: inventory-permissive, namespace: shop}
 spec:
   selector: {matchLabels: {app: inventory}}
   mtls: {mode: PERMISSIVE}
-""" + "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
 """
-    for name in ("frontend", "orders", "payments", "inventory")
 )
 
 ORDERS_ALLOW = """

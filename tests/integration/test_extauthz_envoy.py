@@ -32,6 +32,7 @@ from meshward.testing.echo import EchoServer
 from meshward.testing.extauthz import issue_service_tls, sidecar_tls
 from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
 from meshward.testing.processes import Launcher, meshward_argv
+from meshward.testing.waiting import wait_until
 
 WORKLOAD = "foo/httpbin"
 
@@ -368,15 +369,7 @@ def test_fail_closed_when_the_service_dies_and_recovery_without_restarting_envoy
 
 
 def _wait(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+    wait_until(predicate, timeout, interval=0.1, tolerate=(OSError,))  # a server restarting
 
 
 def _wait_for_line(path: Path, needle: str, timeout: float = 5.0) -> dict[str, Any]:

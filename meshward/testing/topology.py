@@ -200,6 +200,14 @@ def workload_doc(name: str, *, protocol: str = "HTTP", port: int = HTTP_PORT) ->
     }
 
 
+def workloads_yaml(names: Iterable[str]) -> str:
+    """A shop Workload for each name (:func:`workload_doc`), each document starting with
+    ``---``: appended to another policy file's text, or a file of its own."""
+    return yaml.safe_dump_all(
+        [workload_doc(name) for name in names], explicit_start=True, sort_keys=False
+    )
+
+
 def allow_doc(
     name: str,
     app: str,

@@ -24,6 +24,7 @@ import pytest
 from meshward.cli import main
 from meshward.policy import load
 from meshward.testing.mesh import Mesh
+from meshward.testing.topology import workloads_yaml
 from meshward.testing.waiting import wait_until
 
 FRONTEND, ORDERS, PAYMENTS = "shop/frontend", "shop/orders", "shop/payments"
@@ -39,16 +40,7 @@ metadata: {name: strict, namespace: meshward-system}
 spec: {mtls: {mode: STRICT}}
 """
 AUDIT = ", enforcement: {namespaces: {shop: audit}}"
-WORKLOADS = "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders", "payments")
-)
+WORKLOADS = workloads_yaml(["frontend", "orders", "payments"])
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import parse
 from meshward.testing.ads_client import AdsClient
+from meshward.testing.topology import workloads_yaml
 from meshward.xds import typeurls
 from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.limits import (
@@ -33,16 +34,7 @@ from meshward.xds.service import XdsService
 
 FRONTEND = "shop/frontend"
 IDENTITY = "spiffe://cluster.local/ns/shop/sa/frontend"
-POLICY = "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders")
-)
+POLICY = workloads_yaml(["frontend", "orders"])
 ALL_TYPES = {typeurls.CLUSTER: (), typeurls.LISTENER: (), typeurls.SECRET: ("default", "ROOTCA")}
 
 

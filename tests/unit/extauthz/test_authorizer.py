@@ -12,7 +12,7 @@ from meshward.extauthz.authorizer import Authorizer
 from meshward.extauthz.cache import DecisionCache
 from meshward.extauthz.client import build_check_request, describe_response
 from meshward.extauthz.tokens import JwtVerifier
-from meshward.testing.extauthz import ADMINS_YAML
+from meshward.testing.extauthz import ADMINS_YAML, HTTPBIN_YAML
 from meshward.testing.jwt_issuer import LocalIssuer
 
 PEER = "spiffe://cluster.local/ns/web/sa/frontend"
@@ -403,12 +403,9 @@ spec:
     assert not check("blue").allowed
 
 
-POISON_POLICY = """\
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
-spec: {ports: [{name: http, port: 8000}]}
----
+POISON_POLICY = (
+    HTTPBIN_YAML
+    + """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: allow-get, namespace: foo}
@@ -416,6 +413,7 @@ spec:
   rules:
   - to: [{operation: {methods: ["GET"]}}]
 """
+)
 
 
 def test_a_request_refused_before_authorization_never_poisons_the_cache() -> None:

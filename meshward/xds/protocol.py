@@ -524,9 +524,15 @@ class DeltaProtocol(_Protocol):
         return events
 
     def _limit(self, st: TypeState, refused: int, what: str, events: list[Event]) -> None:
+        """Report names past the subscription limits once per type and stream (a flood of
+        requests must not become a flood of events)."""
         if refused and not st.limited:
             st.limited = True
-            events.append(Ignored(st.type_url, f"{refused} name(s) {what} past the limits (at most {self.max_names} per type, each at most {MAX_NAME_LENGTH} characters): not tracked, not answered"))  # fmt: skip
+            reason = (
+                f"{refused} name(s) {what} past the limits (at most {self.max_names} per type, "
+                f"each at most {MAX_NAME_LENGTH} characters): not tracked, not answered"
+            )
+            events.append(Ignored(st.type_url, reason))
 
     def _inputs(self, st: TypeState, snapshot: Snapshot) -> tuple[object, ...]:
         """What a delta plan of ``st`` reads: its entry and the entries its dependency checks

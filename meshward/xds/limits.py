@@ -38,6 +38,8 @@ INSTANCE_LIMIT = "instance-limit"
 STREAM_LIMIT = "stream-limit"
 SVID_RATE_LIMIT = "svid-rate-limit"
 LIMIT_REASONS = frozenset({INSTANCE_LIMIT, STREAM_LIMIT, SVID_RATE_LIMIT})
+#: Names past a stream's subscription limits: logged (rate-limited), the stream goes on.
+SUBSCRIPTION_LIMIT = "subscription-limit"
 
 MAX_SUBSCRIBED_NAMES = 16_384  # per stream and type: ~16x the clusters of a 1,000-service mesh
 MAX_NAME_LENGTH = 2_048  # characters of one resource name

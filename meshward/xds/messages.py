@@ -86,8 +86,13 @@ class SecretDenied:
 
 @dataclass(frozen=True)
 class Ignored:
+    """A request (or part of one) not acted on. ``limit``: names past the per-stream
+    subscription limits, which the operator must hear about (a misbehaving node, or limits
+    too tight for a real one); anything else is routine and only debug-logged."""
+
     type_url: str
     reason: str
+    limit: bool = False
 
 
 Event = Acked | Nacked | SecretDenied | Ignored

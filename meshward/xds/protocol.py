@@ -532,7 +532,7 @@ class DeltaProtocol(_Protocol):
                 f"{refused} name(s) {what} past the limits (at most {self.max_names} per type, "
                 f"each at most {MAX_NAME_LENGTH} characters): not tracked, not answered"
             )
-            events.append(Ignored(st.type_url, reason))
+            events.append(Ignored(st.type_url, reason, limit=True))
 
     def _inputs(self, st: TypeState, snapshot: Snapshot) -> tuple[object, ...]:
         """What a delta plan of ``st`` reads: its entry and the entries its dependency checks

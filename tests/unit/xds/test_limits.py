@@ -344,10 +344,13 @@ async def test_a_push_the_node_never_reads_closes_its_stream(
     assert client.error is None
 
 
-async def test_a_delta_subscription_flood_of_bogus_names_is_bounded_end_to_end(start: Any) -> None:
+async def test_a_delta_subscription_flood_of_bogus_names_is_bounded_end_to_end(
+    start: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """100,000 endpoint names that do not exist, in one 2 MB delta request over real gRPC: the
     server tracks 16,384 of them, answers each once ("does not exist", removed_resources) in
-    responses of at most 1,024 names, one per ACK, and the node keeps working."""
+    responses of at most 1,024 names, one per ACK, and the node keeps working. The operator
+    hears of it once, as a warning naming the node and its certificate."""
     from meshward.xds.limits import MAX_SUBSCRIBED_NAMES
     from meshward.xds.protocol import MAX_ABSENT_PER_PUSH, DeltaProtocol
 
@@ -372,4 +375,7 @@ async def test_a_delta_subscription_flood_of_bogus_names_is_bounded_end_to_end(s
     assert isinstance(stream.protocol, DeltaProtocol)
     eds = stream.protocol.states[typeurls.ENDPOINT]
     assert len(eds.names) == len(eds.absent) == MAX_SUBSCRIBED_NAMES
+    warned = [r for r in caplog.records if "past the limits" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert FRONTEND in warned[0].getMessage() and "83616 name(s)" in warned[0].getMessage()
     await still_works(mesh, FRONTEND)

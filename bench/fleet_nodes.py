@@ -8,7 +8,12 @@ then the EDS and RDS names the clusters and listeners reference, and no SDS from
 plane (an agent-run Envoy gets its secrets from the agent's Unix socket); every response is
 decoded (each resource unpacked to its type) before it is ACKed.
 
-    python bench/fleet_nodes.py WORK ADS_PORT SERVER_IDENTITY READY_FILE [sotw|delta]
+A fleet's nodes can be shared out over several such processes (``SHARD/COUNT``: this one runs
+every COUNT-th node of work/nodes.json from the SHARD-th), so that the simulation's Python is not
+held to one core while the control plane has the other; commands that name nodes act on this
+process's own.
+
+    python bench/fleet_nodes.py WORK ADS_PORT SERVER_IDENTITY READY_FILE [sotw|delta] [SHARD/COUNT]
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ PROBE_NAME = "meshward-probe-route"
 
 
 def worker_main(
-    work: Path, port: int, identity: str, ready_file: Path, delta: bool = False
-) -> None:
+    work: Path, port: int, identity: str, ready_file: Path, delta: bool = False,
+    shard: tuple[int, int] = (0, 1),
+) -> None:  # fmt: skip
     from google.protobuf import descriptor_pool, message_factory
 
     import meshward.compile.protos  # noqa: F401  (registers every type inside the resources)
@@ -35,7 +41,8 @@ def worker_main(
 
     creds = work / "creds"
     roots = (creds / "ca.pem").read_bytes()
-    nodes: list[str] = json.loads((work / "nodes.json").read_text())
+    nodes: list[str] = json.loads((work / "nodes.json").read_text())[shard[0] :: shard[1]]
+    mine = set(nodes)
     contexts: dict[tuple[str, str], Any] = {}
     clients: list[AdsClient] = []
     tasks: list[asyncio.Task[None]] = []
@@ -195,7 +202,7 @@ def worker_main(
                 )
             await asyncio.sleep(0.005)
         return {
-            "last_wall": max(last_route[n] for n in targets),
+            "last_wall": max((last_route[n] for n in targets), default=0.0),
             "resources": delivered[0] - marked["delivered"],
         }
 
@@ -220,9 +227,10 @@ def worker_main(
         if name == "mark":
             marked.update(routes=dict(route_count), any=dict(any_count), delivered=delivered[0])
             return {"marked": True}
-        if name == "wait":
+        if name == "wait":  # the targets this process runs
             targets_json, _, timeout = rest.rpartition(" ")
-            return await wait(json.loads(targets_json), float(timeout))
+            targets = [n for n in json.loads(targets_json) if n in mine]
+            return await wait(targets, float(timeout))
         if name == "touched":
             return {"nodes": sum(1 for n, c in any_count.items() if c > marked["any"].get(n, 0))}
         if name == "probe" and rest == "on":
@@ -279,10 +287,19 @@ def worker_main(
     asyncio.run(serve())
 
 
+def _shard(text: str) -> tuple[int, int] | None:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        return None
+    return int(index), int(count)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) not in (5, 6) or sys.argv[5:] not in ([], ["sotw"], ["delta"]):
+    mode = sys.argv[5] if len(sys.argv) > 5 else "sotw"
+    shard = _shard(sys.argv[6]) if len(sys.argv) > 6 else (0, 1)
+    if not 5 <= len(sys.argv) <= 7 or mode not in ("sotw", "delta") or shard is None:
         sys.exit(__doc__.strip().splitlines()[-1].strip())
     worker_main(
         Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]),
-        delta=sys.argv[5:] == ["delta"],
+        delta=mode == "delta", shard=shard,
     )  # fmt: skip

@@ -5,7 +5,8 @@ makes or sends a workload key; every sidecar runs under `meshward agent`, which 
 by CSR and serves SDS itself), every process started through the test launcher
 (meshward.testing.processes.Launcher):
 
-- simulated nodes (bench/fleet_nodes.py, a process of their own) behave as an agent-run Envoy
+- simulated nodes (bench/fleet_nodes.py, shared out over ``--node-processes`` processes, 2 by
+  default, so the simulation's Python is not held to one core) behave as an agent-run Envoy
   on the wire: their ADS stream with the SVID their agent holds (pre-issued per service, the
   replicas sharing it), CDS and LDS as wildcards, then the EDS and RDS names the clusters and
   listeners reference, no SDS from the control plane; every response decoded before its ACK;
@@ -40,15 +41,15 @@ its RDS subscription every 10 ms and times each answer).
 
 ``/status s`` times the default summary, ``nodes s`` every node's document (``?view=nodes``, page
 by page, as `meshward status` reads it). ``--burst-only``: only the cold start, every node at
-once, failed streams retried after 500 ms like Envoy and counted by error (one JSON line per
-size). The server runs with per-identity limits raised: simulated replicas share their
+once, failed streams retried after 500 ms like Envoy and counted by error, then the same nodes
+against bench/fleet_floor.py's server, which answers with pre-encoded responses and costs nothing
+but gRPC (the floor under any cold start on this machine); one JSON line per size and round. The server runs with per-identity limits raised: simulated replicas share their
 service's certificate.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -66,11 +67,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fleet_report import compare_modes, median_of, report
-from meshward.testing.bench_server import BenchServer, process_cpu
+from bench.fleet_workers import NodeFleet, Worker
+from meshward.testing.bench_server import BenchServer
 from meshward.testing.processes import Launcher
 from meshward.xds.timeline import STAGES as TIMELINE
-
-NODES_SCRIPT = Path(__file__).with_name("fleet_nodes.py")
 
 
 def policy_set(topology: str, services: int) -> Any:
@@ -189,50 +189,6 @@ class Server(BenchServer):
 
         found: list[dict[str, Any]] = fetch_nodes(self.admin, 120, names)["nodes"]
         return found
-
-
-class Worker:
-    """The simulated nodes' process (bench/fleet_nodes.py), driven over a local TCP connection
-    with JSON lines."""
-
-    def __init__(
-        self, work: Path, launcher: Launcher, name: str, server: Any, ads: str = "sotw"
-    ) -> None:
-        """``server``: its ``ads_port`` and ``identity`` (a Server, or a :class:`Target`);
-        ``ads``: the nodes' ADS variant, "sotw" or "delta"."""
-        ready = work / f"{name}.ready.json"
-        argv = [sys.executable, str(NODES_SCRIPT), str(work), str(server.ads_port),
-                server.identity, str(ready), ads]  # fmt: skip
-        info = launcher.start(name, argv, ready_path=ready, timeout=120)
-        self.name = name
-        self.ads = ads
-        pid = launcher[name].pid
-        assert pid is not None
-        self.pid = pid
-        self.sock = socket.create_connection(("127.0.0.1", int(info["control"])))
-        self.file = self.sock.makefile("rw", encoding="utf-8")
-
-    def ask(self, command: str) -> dict[str, Any]:
-        self.send(command)
-        return self.answer(command)
-
-    def send(self, command: str) -> None:
-        self.file.write(command + "\n")
-        self.file.flush()
-
-    def answer(self, command: str = "") -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} died on {command[:80]!r}")
-        answer: dict[str, Any] = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"{self.name}: {answer['error']}")
-        return answer
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.ask("quit")
-        self.sock.close()
 
 
 @dataclasses.dataclass
@@ -397,8 +353,9 @@ def prepare(work: Path, ps: Any, replicas: int) -> list[str]:
 
 
 def run_size(
-    topology: str, services: int, replicas: int, envoys: int, ads: str = "sotw"
-) -> dict[str, Any]:
+    topology: str, services: int, replicas: int, envoys: int, ads: str = "sotw",
+    processes: int = 2,
+) -> dict[str, Any]:  # fmt: skip
     ps = policy_set(topology, services)
     edited, callee = one_policy_edit(ps)
     with (
@@ -410,7 +367,7 @@ def run_size(
         with Launcher(work, quiet=True) as launcher:
             where = target(ps)
             # The nodes' process first: a restarted control plane's fleet is there already.
-            worker = Worker(work, launcher, "nodes", where, ads)
+            worker = NodeFleet(work, launcher, where, ads, processes)
             t0 = time.time()
             server = Server(work, launcher, where.ads_port, wait=False)
             try:
@@ -421,17 +378,17 @@ def run_size(
 
 
 def measure(
-    work: Path, launcher: Launcher, server: Server, worker: Worker, ps: Any,
+    work: Path, launcher: Launcher, server: Server, worker: NodeFleet, ps: Any,
     nodes: list[str], edited: Any, callee: str, t0: float, envoys: int, agents: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    nodes_cpu0, connect_at = process_cpu(worker.pid), time.time()
+    nodes_cpu0, connect_at = worker.cpu_seconds(), time.time()
     worker.send("connect listening")  # from the moment the port listens
     server.finish()
     rss0 = server.rss_mb()  # compiled; the streams opened so far held, nothing served yet
     connected = worker.answer("connect")
     cold = connected["all_configured_wall"] - t0
     cpu_cold = server.cpu_seconds()
-    nodes_cpu = process_cpu(worker.pid) - nodes_cpu0
+    nodes_cpu = worker.cpu_seconds() - nodes_cpu0
     # The probe in a process of its own: its answers are timed without waiting behind the
     # simulated nodes' decoding (in the nodes' process, that delay was part of it).
     # SotW whatever the nodes speak: each subscription change gets an answer to time (a delta
@@ -451,7 +408,7 @@ def measure(
 
 
 def measure_edits(
-    work: Path, launcher: Launcher, server: Server, worker: Worker, prober: Worker, ps: Any,
+    work: Path, launcher: Launcher, server: Server, worker: NodeFleet, prober: Worker, ps: Any,
     nodes: list[str], edited: Any, callee: str, envoys: int, agents: Path, cold: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     rss = server.rss_mb()
@@ -480,13 +437,13 @@ def measure_edits(
     worker.ask("mark")
     prober.ask("probe on")
     files = changed_files(work / "policies", policy_files(mesh_wide_edit(edited)))
-    cpu0, start2, nodes0 = server.cpu_seconds(), time.time(), process_cpu(worker.pid)
+    cpu0, start2, nodes0 = server.cpu_seconds(), time.time(), worker.cpu_seconds()
     write_files(work / "policies", files)
     mesh = worker.ask(f"wait {json.dumps(nodes)} 600")
     mesh_cpu = server.cpu_seconds() - cpu0
-    # The simulated nodes are one Python process: if it was busy for about the whole edit, it
+    # The simulated nodes' processes: if they were busy for about the whole edit, they
     # (decoding, ACKing), not the server, set the pace.
-    nodes_cpu = process_cpu(worker.pid) - nodes0
+    nodes_cpu = worker.cpu_seconds() - nodes0
     probe = prober.ask("probe off")
     wait_envoys(server, real, start2, 120)
     mesh_sim, mesh_real = converged_at(server, [nodes, real], start2)
@@ -539,27 +496,33 @@ def cold_phases(
     }
 
 
-def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
+def run_burst(
+    topology: str, services: int, replicas: int, ads: str, processes: int
+) -> dict[str, Any]:
     """Only the cold start: every node connects at once; failed streams are retried after
     500 ms (as Envoy does) and counted by error, and the server log is searched for what it
-    says about them."""
+    says about them. Then the same nodes against bench/fleet_floor.py's server, which costs
+    nothing but gRPC: the floor under the cold start on this machine."""
+    from bench.fleet_floor import measure_floor
+
     ps = policy_set(topology, services)
     with tempfile.TemporaryDirectory(prefix="meshward-bench-burst-") as tmp:
         work = Path(tmp)
         nodes = prepare(work, ps, replicas)
         with Launcher(work, quiet=True) as launcher:
             where = target(ps)
-            worker = Worker(work, launcher, "nodes", where)
+            worker = NodeFleet(work, launcher, where, ads, processes)
             t0 = time.time()
             server = Server(work, launcher, where.ads_port, wait=False)
             try:
-                nodes_cpu0, connect_at = process_cpu(worker.pid), time.time()
+                nodes_cpu0, connect_at = worker.cpu_seconds(), time.time()
                 connected = worker.ask("connect retry listening")
                 server.finish()
                 phases = cold_phases(
                     t0, server, connect_at, connected, server.cpu_seconds(),
-                    process_cpu(worker.pid) - nodes_cpu0,
+                    worker.cpu_seconds() - nodes_cpu0,
                 )  # fmt: skip
+                threads = server.cpu_by_thread()
                 status, status_nodes, metrics = server.status_seconds()
             finally:
                 worker.stop()
@@ -567,10 +530,14 @@ def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
             if os.environ.get("MESHWARD_BENCH_KEEP_LOG"):
                 Path(os.environ["MESHWARD_BENCH_KEEP_LOG"]).write_text(log)
             words = ("cancel", "refused", "not read", "Traceback", "reset", "timed out")
-            return {
+            found = {
                 "nodes": len(nodes),
+                "ads": ads,
+                "node_processes": processes,
                 "cold": connected["all_configured_wall"] - t0,
+                "cold_from_listen": connected["all_configured_wall"] - connected["listening_wall"],
                 "cold_cpu": server.cpu_seconds(),
+                "cold_cpu_threads": {k: round(v, 2) for k, v in threads.items()},
                 **phases,
                 "load_average": os.getloadavg(),
                 "failures": connected["failures"],
@@ -581,6 +548,8 @@ def run_burst(topology: str, services: int, replicas: int) -> dict[str, Any]:
                 "status_nodes": status_nodes,
                 "metrics": metrics,
             }
+            server.stop()
+            return {**found, **measure_floor(work, launcher, where, ads, processes)}
 
 
 def main() -> None:
@@ -601,6 +570,10 @@ def main() -> None:
                         "both, interleaved, with delta's figures as ratios of SotW's "
                         "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object per size and round")
+    parser.add_argument("--node-processes", type=int, default=2, metavar="K",
+                        help="processes the simulated nodes are shared out over (default "
+                        "%(default)s: one Python process is busy ~30 s of a 5,000-node cold "
+                        "start, and would hold the figure to one core)")  # fmt: skip
     parser.add_argument(
         "--burst-only",
         action="store_true",
@@ -611,10 +584,13 @@ def main() -> None:
         sizes = [int(s) for s in args.services.split(",")]
     except ValueError:
         parser.error(f"--services: comma-separated integers, not {args.services!r}")
+    if args.node_processes < 1:
+        parser.error("--node-processes: at least 1")
     if args.burst_only:
-        for n in sizes:
-            print(json.dumps({"services": n, "replicas": args.replicas,
-                              **run_burst(args.topology, n, args.replicas)}), flush=True)  # fmt: skip
+        for _ in range(args.rounds):
+            for n in sizes:
+                found = run_burst(args.topology, n, args.replicas, args.ads, args.node_processes)
+                print(json.dumps({"services": n, "replicas": args.replicas, **found}), flush=True)
         return
     modes = ["sotw", "delta"] if args.ads == "both" else [args.ads]
     results: dict[tuple[int, str], list[dict[str, Any]]] = {
@@ -623,9 +599,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for n in sizes:  # interleaved: every size (and variant) once per round
             for mode in modes:
-                results[n, mode].append(
-                    run_size(args.topology, n, args.replicas, args.envoys, mode)
-                )
+                results[n, mode].append(run_size(
+                    args.topology, n, args.replicas, args.envoys, mode, args.node_processes))  # fmt: skip
                 if args.json:
                     print(json.dumps({"topology": args.topology, "replicas": args.replicas,
                                       **results[n, mode][-1]}), flush=True)  # fmt: skip

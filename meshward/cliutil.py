@@ -8,15 +8,16 @@ import difflib
 import http.client
 import ipaddress
 import json
+import math
 import os
 import re
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from meshward.errors import UserError
 
@@ -76,34 +77,33 @@ def port_number(value: str) -> int:
     return port
 
 
-def non_negative_int(value: str) -> int:
+N = TypeVar("N", int, float)
+
+
+def number(value: str, kind: Callable[[str], N], ok: Callable[[N], bool], rule: str) -> N:
+    """A numeric flag's value, or argparse's usage error (exit 2) in the same words for every
+    flag: ``expected a whole number, got 'ten'`` / ``expected a number, got 'x'``, or ``<rule>,
+    got <value>`` when ``ok`` refuses it (NaN compares false, so it is refused too)."""
     try:
-        number = int(value)
+        parsed = kind(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
-    return number
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if not ok(parsed):
+        raise argparse.ArgumentTypeError(f"{rule}, got {parsed if kind is int else repr(value)}")
+    return parsed
+
+
+def non_negative_int(value: str) -> int:
+    return number(value, int, lambda n: n >= 0, "must be 0 or more")
 
 
 def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+    return number(value, int, lambda n: n >= 1, "must be at least 1")
 
 
 def positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not number > 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}")
-    return number
+    return number(value, float, lambda n: 0 < n < math.inf, "must be a positive number")
 
 
 def _is_host_port(value: str, lowest_port: int) -> bool:
@@ -128,13 +128,7 @@ def listen_address(value: str) -> str:
 
 
 def non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0 <= number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value!r}")
-    return number
+    return number(value, float, lambda n: 0 <= n < math.inf, "must be 0 or more")
 
 
 def ip_address(value: str) -> str:

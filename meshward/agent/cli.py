@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from meshward.cliutil import host_port, listen_address, positive_float
+from meshward.cliutil import host_port, listen_address, number, positive_float
 from meshward.errors import UserError
 
 EPILOG = """\
@@ -54,20 +54,11 @@ def add_ads_variant(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
 
 
 def _fraction(text: str) -> float:
-    value = positive_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
-    return value
+    return number(text, float, lambda v: 0 < v < 1, "must be above 0 and below 1")
 
 
 def _jitter(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 0.5:
-        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {text}")
-    return value
+    return number(text, float, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
 
 
 def _runtime_pair(text: str) -> tuple[str, str]:
@@ -80,11 +71,11 @@ def _runtime_pair(text: str) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import signal
 
     from meshward.agent.run import Agent, AgentConfig
     from meshward.certs.jointoken import read_token_file
     from meshward.certs.spiffe import spiffe_id
+    from meshward.lifecycle import stop_event
     from meshward.xds.bootstrap import ENVOY_ARGS
     from meshward.xds.nodeid import SERVER_SERVICE_ACCOUNT, InvalidNodeId, NodeId
 
@@ -133,10 +124,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_event()  # set by SIGTERM or SIGINT
         await Agent(config).run(stop)
 
     asyncio.run(main())

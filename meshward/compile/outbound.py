@@ -88,6 +88,7 @@ class PeerTable:
         self._by_ref: dict[str, tuple[Workload, tuple[PeerPort, ...]]] = {}
         self._every: tuple[PeerPort, ...] | None = None  # every peer port, by ref and port
         self._ported = 0
+        self._kinds = 0  # how many kinds (HTTP, TCP) the peer ports come in
         self._everyone: dict[tuple[int | None, int | None], _Everyone] = {}
 
     def ports(self, peer: Workload) -> tuple[PeerPort, ...]:
@@ -119,6 +120,7 @@ class PeerTable:
                 e for w in sorted(ported, key=lambda w: w.ref) for e in self.ports(w)
             )
             self._ported = len(ported)
+            self._kinds = len({e.http for e in self._every})
         return self._every
 
     def is_everyone_else(self, workload: Workload, callees: set[str]) -> bool:
@@ -141,7 +143,7 @@ class PeerTable:
                     trust_domain=trust_domain,
                 )  # fmt: skip
                 parts[entry.http] = fragments.part_id(workload.ref, entry.http)
-                if len(parts) == 2:
+                if len(parts) == self._kinds:  # not every entry: that was O(N) per caller
                     break
         key = (parts.get(True), parts.get(False))
         found = self._everyone.get(key)

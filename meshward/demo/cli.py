@@ -7,16 +7,15 @@ import argparse
 import contextlib
 import json
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from meshward.cliutil import host_port, non_negative_float, positive_float
 from meshward.errors import UserError
+from meshward.lifecycle import on_stop_signals
 
 DESCRIPTION = """\
 Run the whole product on this machine: a fresh CA, the control plane (`meshward xds serve`),
@@ -53,24 +52,10 @@ def _say(out: TextIO) -> Any:
     return say
 
 
-@contextlib.contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
+def _interrupt() -> None:
     """`kill <pid>` stops the mesh as cleanly as Ctrl-C does, and Ctrl-C works even when the
     shell started us with SIGINT ignored (a background job)."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    except ValueError:  # not the main thread (tests): nothing to install
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    raise KeyboardInterrupt
 
 
 def _tracer(endpoint: str) -> tuple[Any, Any]:
@@ -177,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     failed = True
     provider: Any = None
     try:
-        with _signals_as_interrupt(), DemoMesh(options, out=out) as mesh:
+        with on_stop_signals(_interrupt), DemoMesh(options, out=out) as mesh:
             assert mesh.state is not None
             demo_state.record_last(state_dir)
             provider, tracer = _tracer(mesh.state.otlp or mesh.otlp_endpoint)

@@ -15,9 +15,9 @@ import json
 import logging
 import threading
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from meshward.lifecycle import StartStop
 from meshward.telemetry.collector import OtlpReceiver, ReceivedSpan
 from meshward.telemetry.limits import (
     DEFAULT_LOG_BACKUPS,
@@ -56,7 +56,7 @@ def span_line(span: ReceivedSpan) -> dict[str, Any]:
     }
 
 
-class SpanFile:
+class SpanFile(StartStop):
     """An OTLP/gRPC collector appending spans to ``path`` as JSON lines; ``endpoint`` is
     HOST:PORT. Spans are not kept in memory, so a long-running demo does not grow."""
 
@@ -93,17 +93,6 @@ class SpanFile:
             if self._handler is not None:
                 self._handler.close()
                 self._handler = None
-
-    def __enter__(self) -> SpanFile:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def read_spans(path: Path) -> list[dict[str, Any]]:

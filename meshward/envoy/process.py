@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from meshward.envoy.admin import (
@@ -30,6 +29,7 @@ from meshward.envoy.admin import (
     admin_socket_of,
 )
 from meshward.envoy.binary import find_envoy
+from meshward.lifecycle import StartStop
 
 
 class EnvoyStartError(RuntimeError):
@@ -70,13 +70,17 @@ def validate_config(config: Mapping[str, Any], *, binary: Path | None = None) ->
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 
 
-class EnvoyProcess:
+class EnvoyProcess(StartStop):
     """One Envoy with its own working directory, log file and admin socket.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. The bootstrap's admin is
     kept where it is if it is a Unix socket (``pipe``), else put on ``<workdir>/admin.sock``
     (mode 0600; a short private directory under /tmp when that path is too long for a socket).
     """
+
+    @property
+    def started(self) -> bool:
+        return self._proc is not None
 
     def __init__(
         self,
@@ -209,19 +213,6 @@ class EnvoyProcess:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
         return proc.returncode
-
-    def __enter__(self) -> EnvoyProcess:
-        if self._proc is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_tail(self, lines: int = 30) -> str:
         return tail(self.log_path, lines)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from meshward.cliutil import add_json_flag, non_negative_float, positive_int, print_json
+from meshward.cliutil import add_json_flag, non_negative_float, number, positive_int, print_json
 from meshward.errors import UserError
 from meshward.extauthz.tracing import DEFAULT_MAX_PER_SECOND, DEFAULT_RATIO
 from meshward.net import LOOPBACK
@@ -481,10 +481,4 @@ def _print_answer(answer: dict[str, Any], allowed: bool) -> None:
 
 
 def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
-    return value
+    return number(text, float, lambda v: 0.0 <= v <= 1.0, "must be within [0, 1]")

@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, Protocol
 
 from meshward.errors import UserError
 from meshward.extauthz.tracing import DEFAULT_MAX_PER_SECOND, DEFAULT_RATIO
+from meshward.lifecycle import StartStop, on_stop_signals, wait_for_stop_signal
 from meshward.net import LOOPBACK
 
 log = logging.getLogger("meshward.extauthz")
@@ -59,7 +59,7 @@ def _grpc_options(reuse_port: bool) -> list[tuple[str, Any]]:
     ]
 
 
-class ExtAuthzServer:
+class ExtAuthzServer(StartStop):
     """A gRPC server answering ``Authorization/Check`` with ``checker`` plus the standard health
     service, on ``host:port`` (0: the kernel picks; read ``.port``). Context manager.
 
@@ -67,6 +67,10 @@ class ExtAuthzServer:
     it the port is plaintext (in-process tests and the benchmark only: ``meshward extauthz
     serve`` always has TLS). ``gate`` runs before ``checker`` and a refusal ends the call with
     PERMISSION_DENIED: nothing reaches the decision cache or the decision log."""
+
+    @property
+    def started(self) -> bool:
+        return self._server is not None
 
     def __init__(
         self,
@@ -228,19 +232,6 @@ class ExtAuthzServer:
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(grace + 5)
-
-    def __enter__(self) -> ExtAuthzServer:
-        if self._server is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # ---- the whole service -------------------------------------------------------------------------
@@ -423,21 +414,6 @@ def start_service(options: ServeOptions, *, reuse_port: bool = False) -> Running
     return running
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _announce(options: ServeOptions, info: dict[str, Any]) -> None:
     line = json.dumps(info, sort_keys=True)
     print(line, flush=True)
@@ -466,7 +442,7 @@ def run(options: ServeOptions) -> int:
         },
     )
     try:
-        _wait_for_signal()
+        wait_for_stop_signal()
     finally:
         running.stop()
     return 0
@@ -500,7 +476,7 @@ def _worker_main(options: ServeOptions, index: int, ready: Any, parent: int) -> 
         return
     ready.put((index, running.port, running.authorizer.version))
     try:
-        _wait_for_signal()
+        wait_for_stop_signal()
     finally:
         running.stop()
 
@@ -521,12 +497,15 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
 def run_workers(options: ServeOptions) -> int:
     """N processes serving one port; the parent restarts a worker that dies and serves the
     aggregated /metrics. Decision caches are per process."""
+    stop = threading.Event()
+    with on_stop_signals(stop.set):  # before spawning: a stop while starting is clean
+        return _serve_workers(options, stop)
+
+
+def _serve_workers(options: ServeOptions, stop: threading.Event) -> int:
     from meshward.extauthz.metrics import MULTIPROC_ENV
 
     context = multiprocessing.get_context("spawn")  # grpc state must not cross a fork
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # before spawning: a stop while starting is clean
-        signal.signal(sig, lambda _signum, _frame: stop.set())
     metrics_dir: str | None = None
     if options.metrics_port is not None:
         metrics_dir = tempfile.mkdtemp(prefix="meshward-extauthz-metrics-")

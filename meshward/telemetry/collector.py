@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from meshward.lifecycle import StartStop
 from meshward.net import LOOPBACK
 
 
@@ -51,7 +51,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignor
 MAX_EXPORT_BYTES = 16 * 1024 * 1024
 
 
-class OtlpReceiver:
+class OtlpReceiver(StartStop):
     """Listens on 127.0.0.1 (kernel-chosen port); ``endpoint`` is ``127.0.0.1:<port>``."""
 
     def __init__(
@@ -132,14 +132,3 @@ class OtlpReceiver:
     def stop(self) -> None:
         # a short grace lets an export in flight finish, so the last spans are not lost
         self._server.stop(grace=1).wait(5)
-
-    def __enter__(self) -> OtlpReceiver:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -60,6 +60,23 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds of a gRPC server process ``pid``: its event loop (main thread: every stream's
+    Python work), gRPC core's threads (TLS handshakes, socket I/O), the rest (compile, watcher)."""
+    tck = os.sysconf("SC_CLK_TCK")
+    out = {"loop": 0.0, "grpc": 0.0, "other": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tck
+        key = "loop" if int(task.name) == pid else "grpc" if comm in GRPC_THREADS else "other"
+        out[key] += cpu
+    return out
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of ``pid`` in MiB (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -125,26 +142,7 @@ class BenchServer:
         return process_cpu(self.pid)
 
     def cpu_by_thread(self) -> dict[str, float]:
-        """CPU seconds: the event loop (main thread: every stream's Python work), gRPC core's
-        threads (TLS handshakes, socket I/O), the rest (compile, watcher)."""
-        tck = os.sysconf("SC_CLK_TCK")
-        out = {"loop": 0.0, "grpc": 0.0, "other": 0.0}
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                comm = (task / "comm").read_text().strip()
-            except OSError:
-                continue
-            cpu = (int(fields[11]) + int(fields[12])) / tck
-            key = (
-                "loop"
-                if int(task.name) == self.pid
-                else "grpc"
-                if comm in GRPC_THREADS
-                else "other"
-            )
-            out[key] += cpu
-        return out
+        return cpu_by_thread(self.pid)
 
     def compiler_cpu_seconds(self) -> float:
         """CPU of the server's child processes (the compile worker), which cpu_seconds leaves

@@ -10,8 +10,8 @@ import argparse
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 
+from meshward.lifecycle import StartStop
 from meshward.net import LOOPBACK
 
 
@@ -54,7 +54,7 @@ class EchoHTTPServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
 
 
-class EchoServer:
+class EchoServer(StartStop):
     """An echo service on a background thread; ``port`` is known once constructed."""
 
     def __init__(self, service_name: str = "echo", port: int = 0, host: str = LOOPBACK) -> None:
@@ -71,17 +71,6 @@ class EchoServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-    def __enter__(self) -> EchoServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main() -> None:

@@ -17,6 +17,38 @@ if TYPE_CHECKING:
 
 SERVICE_TTL_HOURS = 24
 
+# The policy material of the ext_authz tests (Istio's ext_authz example: httpbin in namespace
+# foo), written once for the unit tests, the service tests and the real-Envoy tests.
+HTTPBIN_YAML = """\
+apiVersion: meshward.dev/v1
+kind: Workload
+metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
+spec: {ports: [{name: http, port: 8000}]}
+"""
+ADMINS_YAML = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: admins, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+    when: [{key: "request.auth.claims[groups]", values: ["admin"]}]
+  - to: [{operation: {paths: ["/public*"]}}]
+"""
+
+
+def mesh_yaml(*, verbose: bool = False, jwt: str = "extauthz") -> str:
+    """The MeshConfig: denial bodies naming policy, rule and reason when ``verbose`` (the
+    default is quiet), JWTs verified by ext_authz (``jwt="native"``: by Envoy's jwt_authn)."""
+    details = "verbose" if verbose else "quiet"
+    return f"""\
+apiVersion: meshward.dev/v1
+kind: MeshConfig
+metadata: {{name: mesh}}
+spec: {{denialDetails: {details}, jwtEnforcement: {jwt}}}
+"""
+
 
 def issue_tls(ca: CertificateAuthority, spiffe_id: str, directory: Path) -> TlsFiles:
     """An SVID for ``spiffe_id`` and the trust bundle, written as ``--tls-dir`` expects."""

@@ -17,13 +17,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from meshward.compile.bootstrap import static_bootstrap
 from meshward.compile.options import CompileOptions, Endpoint, Mode, PortBinding, WorkloadBinding
 from meshward.compile.workload import WorkloadResources, compile_workload
 from meshward.envoy import EnvoyProcess, EnvoyStartError
+from meshward.lifecycle import StartStop
 from meshward.net import LOOPBACK, free_port
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def client_context(
     return context
 
 
-class StaticSidecar:
+class StaticSidecar(StartStop):
     """One workload's inbound sidecar in a real Envoy, loaded statically.
 
     ``app_ports`` maps each declared port to where the application listens on 127.0.0.1.
@@ -160,17 +160,6 @@ class StaticSidecar:
 
     def stop(self) -> None:
         self.envoy.stop()
-
-    def __enter__(self) -> StaticSidecar:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class SidecarConnection(http.client.HTTPConnection):

@@ -22,7 +22,7 @@ writes: :func:`shop_yaml` (mesh config, STRICT mTLS, workloads) plus :func:`allo
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +200,14 @@ def workload_doc(name: str, *, protocol: str = "HTTP", port: int = HTTP_PORT) ->
     }
 
 
+def workloads_yaml(names: Iterable[str]) -> str:
+    """A shop Workload for each name (:func:`workload_doc`), each document starting with
+    ``---``: appended to another policy file's text, or a file of its own."""
+    return yaml.safe_dump_all(
+        [workload_doc(name) for name in names], explicit_start=True, sort_keys=False
+    )
+
+
 def allow_doc(
     name: str,
     app: str,
@@ -232,26 +240,30 @@ def allow_yaml(name: str, app: str, **rule: Any) -> str:
 def shop_yaml(
     workloads: Iterable[str | dict[str, Any]],
     *policies: dict[str, Any],
-    strict: bool = True,
+    mtls: str | None = "STRICT",
+    mesh: Mapping[str, Any] | None = None,
 ) -> str:
     """One policy file: the MeshConfig (trust domain cluster.local, root namespace
-    meshward-system), mesh-wide STRICT mTLS unless ``strict`` is false, a shop Workload for
-    each name (HTTP on 8080; or a :func:`workload_doc`) and ``policies`` (:func:`allow_doc`)."""
+    meshward-system, plus ``mesh``'s keys, e.g. ``{"jwtEnforcement": "extauthz"}``), a
+    mesh-wide PeerAuthentication named and set ``mtls`` (none if None), a shop Workload for each
+    name (HTTP on 8080; or a :func:`workload_doc`) and ``policies`` (:func:`allow_doc`). The
+    tests' policy files start from it, so the common part is written once."""
+    spec = {"trustDomain": TRUST_DOMAIN, "rootNamespace": "meshward-system", **(mesh or {})}
     docs: list[dict[str, Any]] = [
         {
             "apiVersion": "meshward.dev/v1",
             "kind": "MeshConfig",
             "metadata": {"name": "mesh"},
-            "spec": {"trustDomain": TRUST_DOMAIN, "rootNamespace": "meshward-system"},
+            "spec": spec,
         }
     ]
-    if strict:
+    if mtls is not None:
         docs.append(
             {
                 "apiVersion": "security.istio.io/v1",
                 "kind": "PeerAuthentication",
-                "metadata": {"name": "strict", "namespace": "meshward-system"},
-                "spec": {"mtls": {"mode": "STRICT"}},
+                "metadata": {"name": mtls.lower(), "namespace": "meshward-system"},
+                "spec": {"mtls": {"mode": mtls}},
             }
         )
     docs += [workload_doc(w) if isinstance(w, str) else w for w in workloads]

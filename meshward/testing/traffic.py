@@ -20,7 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
+
+from meshward.lifecycle import StartStop
 
 LOOPBACK = "127.0.0.1"
 
@@ -94,7 +95,7 @@ def fetch(
             conn.close()
 
 
-class SteadyTraffic:
+class SteadyTraffic(StartStop):
     """Send ``flows`` round-robin at ``rate`` requests/s in total from ``workers`` threads.
 
     ``keepalive``: each worker keeps one connection per port (the soak); otherwise every request
@@ -213,17 +214,6 @@ class SteadyTraffic:
             seen = len(current)
             time.sleep(0.02)
         raise TimeoutError(f"no matching outcome within {timeout}s")
-
-    def __enter__(self) -> SteadyTraffic:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _stale(detail: str) -> bool:

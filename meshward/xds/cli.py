@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshward.cliutil import ip_address, listen_address, positive_float, positive_int
+from meshward.cliutil import duration, ip_address, listen_address, positive_float, positive_int
 from meshward.errors import UserError
 
 if TYPE_CHECKING:
@@ -66,12 +65,7 @@ CONTROL_PLANE_SECRETS_GONE = (
 
 
 def _duration_seconds(text: str) -> float:
-    from meshward.certs.duration import parse_duration
-
-    try:
-        return parse_duration(text).total_seconds()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return duration(text).total_seconds()
 
 
 def _jwks_refresh(text: str) -> float:
@@ -197,6 +191,7 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
 
     from meshward.certs import CertificateAuthority
     from meshward.compile import AccessLogFormat, CompileOptions, Endpoint
+    from meshward.lifecycle import stop_event
     from meshward.policy import PolicyError
     from meshward.telemetry import setup_json_logging
     from meshward.xds.compile_adapter import compiler_for
@@ -317,10 +312,7 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(ready) + "\n")
             tmp.replace(path)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_event()  # set by SIGTERM or SIGINT
         try:
             await stop.wait()
         finally:

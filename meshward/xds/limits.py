@@ -15,6 +15,11 @@ row in ``/status``), unlimited streams, and unlimited CA work. So, per certifica
   does with backoff.
 - ``node_gc_after``: a node with no stream for this long is forgotten (status, snapshot, SVID).
 
+Per ADS stream and resource type (delta, where subscriptions accumulate request after request):
+at most :data:`MAX_SUBSCRIBED_NAMES` names subscribed or reported held, each at most
+:data:`MAX_NAME_LENGTH` characters (SPIFFE's own limit on an ID, so every real name fits). The
+names past them are not tracked, not answered, and reported once (see :func:`admit_names`).
+
 Refusals answer RESOURCE_EXHAUSTED, count in ``meshward_xds_rejected_streams{reason}`` and are
 logged once per identity and reason per :data:`REFUSAL_LOG_INTERVAL`, with the number suppressed,
 so a flood cannot flood the log. Everything here is pure (``now`` is an argument) and bounded.
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -33,7 +38,11 @@ INSTANCE_LIMIT = "instance-limit"
 STREAM_LIMIT = "stream-limit"
 SVID_RATE_LIMIT = "svid-rate-limit"
 LIMIT_REASONS = frozenset({INSTANCE_LIMIT, STREAM_LIMIT, SVID_RATE_LIMIT})
+#: Names past a stream's subscription limits: logged (rate-limited), the stream goes on.
+SUBSCRIPTION_LIMIT = "subscription-limit"
 
+MAX_SUBSCRIBED_NAMES = 16_384  # per stream and type: ~16x the clusters of a 1,000-service mesh
+MAX_NAME_LENGTH = 2_048  # characters of one resource name
 REFUSAL_LOG_INTERVAL = 60.0  # seconds between log lines for one (identity, reason)
 MAX_TRACKED = 4096  # identities with a token bucket / refusal-log entry, at most
 
@@ -219,3 +228,26 @@ def next_expiry(nodes: Iterable[_Node], now: float, after: float) -> float | Non
         if not node.connected and node.disconnected_at is not None
     ]
     return max(0.0, min(due)) if due else None
+
+
+def admit_names(
+    names: Iterable[str], tracked: Collection[str], limit: int = MAX_SUBSCRIBED_NAMES
+) -> tuple[list[str], int]:
+    """The new names of ``names`` a stream may add to the ``tracked`` ones (in order, without
+    duplicates or the wildcard ``*``), and how many it may not: past ``limit`` names in all, or longer than
+    :data:`MAX_NAME_LENGTH`. A client naming 100,000 bogus resources must cost the server
+    neither unbounded state nor an unbounded answer (each tracked name that does not exist is
+    answered, by name)."""
+    admitted: list[str] = []
+    seen: set[str] = set()
+    refused = 0
+    room = limit - len(tracked)
+    for name in names:
+        if name in tracked or name in seen or name == "*":
+            continue
+        if len(name) > MAX_NAME_LENGTH or len(admitted) >= room:
+            refused += 1
+            continue
+        seen.add(name)
+        admitted.append(name)
+    return admitted, refused

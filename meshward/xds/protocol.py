@@ -31,6 +31,10 @@ every rule below is unit-tested without a server:
   back, every subscribed resource Envoy holds is the desired one, and the type counts as ACKed
   at the desired version (e.g. after a NACKed change is reverted, or when only resources the
   node does not subscribe to changed).
+- Delta "does not exist". A subscribed name the snapshot lacks is answered once in
+  ``removed_resources`` (xDS "Knowing When a Requested Resource Does Not Exist"), so Envoy does
+  not wait out its ``initial_fetch_timeout`` (15 s) for it; if it appears later it is sent.
+  Names past :mod:`meshward.xds.limits`'s subscription limits are neither tracked nor answered.
 """
 
 from __future__ import annotations
@@ -40,96 +44,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import is_
 from types import MappingProxyType
-from typing import NamedTuple
 
 from meshward.xds import typeurls
+from meshward.xds.limits import MAX_NAME_LENGTH, MAX_SUBSCRIBED_NAMES, admit_names
+from meshward.xds.messages import Acked as Acked
+from meshward.xds.messages import DeltaRequest as DeltaRequest
+from meshward.xds.messages import Event as Event
+from meshward.xds.messages import Ignored as Ignored
+from meshward.xds.messages import Nack as Nack
+from meshward.xds.messages import Nacked as Nacked
+from meshward.xds.messages import Push as Push
+from meshward.xds.messages import Request as Request
+from meshward.xds.messages import SecretDenied as SecretDenied
 from meshward.xds.redact import redact_error
 from meshward.xds.resources import Resource, rejected_names
 from meshward.xds.snapshot import Snapshot, TypeContent, TypeSnapshot
 
 PARTIAL = "+partial"
 MAX_OUTSTANDING = 16  # unanswered responses remembered per type
-
-
-# -- inputs ---------------------------------------------------------------------------------------
-# Named tuples, not frozen dataclasses: the server builds one per request it reads (every ACK of
-# a fan-out), and a frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field) was a
-# visible part of the loop's per-message time. Immutable and keyword-constructible all the same.
-_NO_VERSIONS: Mapping[str, str] = MappingProxyType({})
-
-
-class Request(NamedTuple):
-    """A SotW ``DiscoveryRequest``, reduced to what the protocol reads."""
-
-    type_url: str
-    version_info: str = ""
-    resource_names: tuple[str, ...] = ()
-    response_nonce: str = ""
-    error_detail: str | None = None  # set: NACK
-
-
-class DeltaRequest(NamedTuple):
-    type_url: str
-    subscribe: tuple[str, ...] = ()
-    unsubscribe: tuple[str, ...] = ()
-    initial_versions: Mapping[str, str] = _NO_VERSIONS
-    response_nonce: str = ""
-    error_detail: str | None = None
-
-
-# -- outputs --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Push:
-    """One response to send. ``removed`` is delta only."""
-
-    type_url: str
-    version: str
-    nonce: str
-    resources: tuple[Resource, ...]
-    removed: tuple[str, ...] = ()
-    # Set when ``resources`` are exactly this content's, in its order: the response's body is
-    # then the content's encoded entries, built once for every node that gets them.
-    whole: TypeContent | None = None
-
-
-@dataclass(frozen=True)
-class Nack:
-    type_url: str
-    version: str  # the version Envoy rejected
-    nonce: str
-    resources: tuple[str, ...]  # the names it rejected
-    error: str  # redacted (see meshward.xds.redact)
-    at: float
-    whole_response: bool = False
-
-
-@dataclass(frozen=True)
-class Acked:
-    type_url: str
-    version: str
-    nonce: str
-    latency: float  # from the content change (or the request) to this ACK, seconds
-
-
-@dataclass(frozen=True)
-class Nacked:
-    nack: Nack
-
-
-@dataclass(frozen=True)
-class SecretDenied:
-    """The node asked for secrets that are not its own (or do not exist): it got nothing."""
-
-    names: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Ignored:
-    type_url: str
-    reason: str
-
-
-Event = Acked | Nacked | SecretDenied | Ignored
+MAX_ABSENT_PER_PUSH = 1_024  # delta: names reported not to exist in one response
 
 
 # -- state ----------------------------------------------------------------------------------------
@@ -170,6 +103,8 @@ class TypeState:
     # and retained nothing: the same inputs again give the same key, so planning is skipped.
     plan_inputs: tuple[object, ...] | None = None
     denied: set[str] = field(default_factory=set)  # secret names already reported
+    absent: set[str] = field(default_factory=set)  # delta: subscribed, told they do not exist
+    limited: bool = False  # a subscription limit was reported (once per type and stream)
     # Delta: bumped by every request and push of this type (anything that changes what its
     # plan reads of this state), and the inputs of its last plan that sent nothing.
     epoch: int = 0
@@ -288,6 +223,7 @@ class _Protocol:
                 for name in sent.removed:  # the removals did not happen either
                     if name in st.applied:
                         st.sent[name] = st.applied[name]
+                    st.absent.discard(name)  # (said again if still subscribed and absent)
         else:
             rejected = set(named)
             if sotw:
@@ -532,6 +468,10 @@ class SotwProtocol(_Protocol):
 class DeltaProtocol(_Protocol):
     """Incremental ADS: only changed resources and removed names travel."""
 
+    def __init__(self, *, nonce_prefix: str = "", max_names: int = MAX_SUBSCRIBED_NAMES) -> None:
+        super().__init__(nonce_prefix=nonce_prefix)
+        self.max_names = max_names  # per type: names subscribed, and held on reconnect
+
     def receive(self, request: DeltaRequest, now: float) -> list[Event]:
         st = self.state(request.type_url)
         st.epoch += 1
@@ -549,27 +489,51 @@ class DeltaProtocol(_Protocol):
             st.requested_at = now
             st.must_respond = True
             st.resync = bool(request.initial_versions)
-            for name, version in request.initial_versions.items():
-                stub = Resource.stub(st.type_url, name, version)
+            held, refused = admit_names(request.initial_versions, (), self.max_names)
+            for name in held:
+                stub = Resource.stub(st.type_url, name, request.initial_versions[name])
                 st.sent[name] = st.applied[name] = stub
+            self._limit(st, refused, "held", events)
             if st.type_url in typeurls.WILDCARD_TYPES and not request.subscribe:
                 st.wildcard = True  # legacy wildcard: the first request names nothing
         for name in request.subscribe:
             if name == "*":
                 st.wildcard = True
-            elif name not in st.names:
-                st.names.add(name)
+            elif name in st.names:
+                # Subscribed again: Envoy dropped it meanwhile (an unsubscribe folded into this
+                # subscribe), and every name subscribed to must be answered (discovery.proto).
                 st.must_respond = True
+                st.absent.discard(name)
+                if not st.wildcard:
+                    st.sent.pop(name, None)
+                    st.applied.pop(name, None)
+        if request.subscribe:
+            new, refused = admit_names(request.subscribe, st.names, self.max_names)
+            st.names.update(new)
+            st.must_respond = st.must_respond or bool(new)
+            self._limit(st, refused, "subscribed", events)
         for name in request.unsubscribe:
             if name == "*":
                 st.wildcard = False
             else:
                 st.names.discard(name)
                 st.denied.discard(name)
+                st.absent.discard(name)
             if not st.wildcard:  # Envoy drops what it unsubscribed from
                 st.sent.pop(name, None)
                 st.applied.pop(name, None)
         return events
+
+    def _limit(self, st: TypeState, refused: int, what: str, events: list[Event]) -> None:
+        """Report names past the subscription limits once per type and stream (a flood of
+        requests must not become a flood of events)."""
+        if refused and not st.limited:
+            st.limited = True
+            reason = (
+                f"{refused} name(s) {what} past the limits (at most {self.max_names} per type, "
+                f"each at most {MAX_NAME_LENGTH} characters): not tracked, not answered"
+            )
+            events.append(Ignored(st.type_url, reason, limit=True))
 
     def _inputs(self, st: TypeState, snapshot: Snapshot) -> tuple[object, ...]:
         """What a delta plan of ``st`` reads: its entry and the entries its dependency checks
@@ -640,6 +604,7 @@ class DeltaProtocol(_Protocol):
         referenced = self._referenced_clusters() if st.type_url == typeurls.CLUSTER else set()
         if st.rejected:
             self._forget_rejections(st, desired)
+        absent = MAX_ABSENT_PER_PUSH  # (the rest in the next responses, one per request)
         for name in sorted(candidates):
             resource = desired.get(name)
             have = st.sent.get(name)
@@ -648,6 +613,9 @@ class DeltaProtocol(_Protocol):
                     partial = held = True  # removed only once no listener routes to it
                 elif have is not None:
                     removed.append(name)
+                elif name in st.names and name not in st.absent and absent > 0:
+                    removed.append(name)  # subscribed, does not exist: say so, once
+                    absent -= 1
                 continue
             if have is not None and have.hash == resource.hash:
                 if have.body is None:  # a stub from initial_resource_versions: it is this one
@@ -676,7 +644,10 @@ class DeltaProtocol(_Protocol):
         for name, resource in updates.items():
             st.sent[name] = resource
         for name in removed:
-            del st.sent[name]
+            st.sent.pop(name, None)
+        if removed or st.absent:  # still subscribed: told it does not exist; sent: exists
+            st.absent.update(name for name in removed if name in st.names)
+            st.absent.difference_update(updates)
         version = base + (PARTIAL if partial else "")
         whole = _whole(snapshot.types.get(st.type_url), updates, partial) if not removed else None
         return self._record_push(st, snapshot, version, updates, tuple(removed), now, whole)

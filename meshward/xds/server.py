@@ -29,7 +29,13 @@ from meshward.xds.cache import SnapshotCache
 from meshward.xds.clientcert import ClientCertificate
 from meshward.xds.enforcement import compile_failure, not_enforced
 from meshward.xds.fleetcounts import FleetTable
-from meshward.xds.limits import LIMIT_REASONS, STREAM_LIMIT, NodeLimits, RefusalLog
+from meshward.xds.limits import (
+    LIMIT_REASONS,
+    STREAM_LIMIT,
+    SUBSCRIPTION_LIMIT,
+    NodeLimits,
+    RefusalLog,
+)
 from meshward.xds.metrics import XdsMetrics
 from meshward.xds.nodeid import InvalidNodeId, NodeId
 from meshward.xds.peer import peer_certificate, peer_identity
@@ -524,6 +530,14 @@ class AdsServer:
                         extra={"audit": "secret-denied", "node": node,
                                "identity": stream.identity, "secret": name[:200]},
                     )  # fmt: skip
+            elif isinstance(event, Ignored) and event.limit:
+                self.refusals.refused(
+                    stream.identity, SUBSCRIPTION_LIMIT,
+                    f"node {node} (certificate {stream.identity}): {typeurls.short(event.type_url)} "
+                    f"subscription: {event.reason}",
+                    self.clock(),
+                    audit="ads-subscription-limit", node=node, identity=stream.identity,
+                )  # fmt: skip
             elif isinstance(event, Ignored):
                 log.debug("ignored %s request from %s: %s", event.type_url, node, event.reason)
         self.fleet.touch(node)  # its protocol state may have changed (ACK, NACK, subscription)

@@ -13,9 +13,9 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
+from meshward.lifecycle import StartStop
 from meshward.policy import PolicySet
 from meshward.telemetry.fleet import MAX_NODE_SERIES
 from meshward.xds.admin import AdminServer
@@ -335,12 +335,16 @@ def _cert_service(control: Any, limits: NodeLimits, ca: Any, state_dir: Path | N
     )
 
 
-class XdsServiceThread:
+class XdsServiceThread(StartStop):
     """An :class:`XdsService` on its own event loop thread, for synchronous callers.
 
     ``with XdsServiceThread(policy, ca, compiler) as xds:`` then ``xds.port``, ``xds.admin_url``,
     ``xds.status()``, ``xds.call(lambda: xds.service.control.apply_policy(new))``.
     """
+
+    @property
+    def started(self) -> bool:
+        return self.service is not None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._args, self._kwargs = args, kwargs
@@ -400,16 +404,3 @@ class XdsServiceThread:
             self._thread.join(timeout)
         if not self.loop.is_running():
             self.loop.close()
-
-    def __enter__(self) -> XdsServiceThread:
-        if self.service is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -23,15 +23,11 @@ from hypothesis import strategies as st
 
 from meshward.extauthz.client import build_check_request
 from meshward.extauthz.server import ServeOptions, start_service
+from meshward.testing.extauthz import HTTPBIN_YAML
 from meshward.testing.jwt_issuer import LocalIssuer
 
 CHECK = "/envoy.service.auth.v3.Authorization/Check"
-WORKLOAD = """\
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
-spec: {ports: [{name: http, port: 8000}]}
-"""
+WORKLOAD = HTTPBIN_YAML
 DENY_ALL = {
     # An ALLOW policy with no rules: nothing can match it, so everything is denied.
     "allow-nothing": "spec: {}",

@@ -43,27 +43,15 @@ from meshward.testing.echo import EchoServer
 from meshward.testing.extauthz import start_mtls
 from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
 from meshward.testing.sidecar import StaticSidecar, client_context
+from meshward.testing.topology import shop_yaml
 
 TD = "cluster.local"
 ORDERS_ID = f"spiffe://{TD}/ns/shop/sa/orders"
 WORKLOAD = "shop/payments"
 
-BASE = """\
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system, jwtEnforcement: extauthz}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: payments, namespace: shop, labels: {app: payments}}
-spec: {ports: [{name: http, port: 8080, protocol: HTTP}]}
----
+BASE = (
+    shop_yaml(["payments"], mesh={"jwtEnforcement": "extauthz"})
+    + """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: payments-allow, namespace: shop}
@@ -88,6 +76,7 @@ spec:
   - to: [{operation: {paths: ["/admin", "/admin/*"]}}]
   - to: [{operation: {hosts: ["admin.internal", "admin.internal:*"]}}]
 """
+)
 
 
 @dataclass

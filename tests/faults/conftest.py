@@ -17,9 +17,8 @@ test also runs under continuous SVID rotation.
 
 from __future__ import annotations
 
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pytest
 from meshward.testing.jwt_issuer import LocalIssuer
 from meshward.testing.mesh import Mesh
 from meshward.testing.processes import ComponentFailed, Launcher
+from meshward.testing.topology import shop_yaml
 from meshward.testing.traffic import Flow
 
 TD = "cluster.local"
@@ -43,18 +43,8 @@ DELTA = {ORDERS, INVENTORY}  # these sidecars speak delta ADS, the others SotW
 WATCH_INTERVAL = 0.2  # policy directory poll of both servers (seconds)
 SPARE_PORT = 9090  # a second port of orders, bound at start but declared only by a test
 
-MESH_YAML = """\
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
 # jwtEnforcement extauthz: payments' JWT rule goes to ext_authz, whose faults these tests inject
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system, jwtEnforcement: extauthz}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
-"""
+MESH_YAML = shop_yaml([], mesh={"jwtEnforcement": "extauthz"})
 WORKLOADS_YAML = "".join(
     f"""---
 apiVersion: meshward.dev/v1
@@ -108,23 +98,6 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/shop/sa/orders"]}}]
     to: [{operation: {methods: ["GET"], paths: ["/inventory", "/inventory/*"]}}]
 """
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (OSError, ValueError, KeyError) as exc:
-            last_error = exc
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what} (last error: {last_error})"
-    )
 
 
 class FaultMesh(Mesh):

@@ -28,6 +28,7 @@ from meshward.testing.traffic import (
     summarize,
     wrongly_allowed,
 )
+from meshward.testing.waiting import wait_until
 
 FRONTEND, ORDERS, PAYMENTS, INVENTORY = (
     "shop/frontend",
@@ -37,16 +38,6 @@ FRONTEND, ORDERS, PAYMENTS, INVENTORY = (
 )
 EXTAUTHZ_FLOWS = frozenset({"pay-ok", "pay-no-token", "pay-read-scope"})
 RATE = 60.0  # requests/s in total over the flows
-
-
-def wait_until(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def meshward_status(mesh: Any) -> tuple[int, dict[str, Any]]:

@@ -19,19 +19,10 @@ from meshward.cli import main
 from meshward.net import free_port
 from meshward.testing.echo import EchoServer
 from meshward.testing.processes import Launcher, meshward_argv
+from meshward.testing.topology import shop_yaml
 from meshward.testing.xds_resources import http_request
 
-POLICY = """
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: orders, namespace: shop, labels: {app: orders}}
-spec: {ports: [{name: http, port: 8080, protocol: HTTP}]}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: permissive, namespace: meshward-system}
-spec: {mtls: {mode: PERMISSIVE}}
-"""
+POLICY = shop_yaml(["orders"], mtls="PERMISSIVE")
 
 
 def test_serve_join_token_agent_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,18 +9,18 @@ serving), and a NACK forced anyway shows as NOT ENFORCED in status, metrics and 
 from __future__ import annotations
 
 import argparse
-import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from google.protobuf import empty_pb2
 
 from meshward.cli import main
 from meshward.policy import load
 from meshward.testing.mesh import Mesh
+from meshward.testing.nack import BreakRoutes
 from meshward.testing.topology import allow_yaml, shop_yaml
+from meshward.testing.waiting import wait_until
 from meshward.xds import status_cli
 
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
@@ -45,28 +45,6 @@ def deny(name: str, *paths: str) -> str:
     return DENY % (name, ", ".join(f'"{p}"' for p in paths))
 
 
-class BreakRoutes:
-    """Serves the orders inbound route with a per-filter config of a type Envoy does not have
-    while on: Envoy NACKs that route (a semantic error) and keeps the old one."""
-
-    def __init__(self) -> None:
-        self.on = False
-
-    def __call__(self, workload: Any, messages: list[Any]) -> list[Any]:
-        if not self.on or workload.ref != ORDERS:
-            return messages
-        out = []
-        for message in messages:
-            if message.DESCRIPTOR.full_name == "envoy.config.route.v3.RouteConfiguration" and (
-                message.name.startswith("inbound|")
-            ):
-                message = type(message).FromString(message.SerializeToString())
-                bogus = message.virtual_hosts[0].typed_per_filter_config["meshward.test.unknown"]
-                bogus.Pack(empty_pb2.Empty())
-            out.append(message)
-        return out
-
-
 @pytest.fixture(scope="module")
 def breaker() -> BreakRoutes:
     return BreakRoutes()
@@ -85,15 +63,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, breaker: BreakRoutes) -> Iter
         yield mesh
     finally:
         mesh.stop()
-
-
-def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def metrics(mesh: Mesh) -> str:
@@ -117,7 +86,7 @@ def orders_node(mesh: Mesh) -> dict[str, Any]:
 def converge_to_files(mesh: Mesh) -> str:
     """Wait until the control plane serves what the policy files say and every node ACKed."""
     wanted = load([mesh.policy_dir]).version
-    wait_for(lambda: version(mesh) == wanted, what="the edit to be applied")
+    wait_until(lambda: version(mesh) == wanted, what="the edit to be applied")
     mesh.wait_converged(wanted)
     return wanted
 
@@ -134,7 +103,7 @@ def test_the_repro_is_refused_and_the_last_good_version_keeps_serving(
     err = capsys.readouterr().err
     assert "deny.yaml#1 spec.rules[0].to[0].operation.paths[1]" in err and "408" in err
     # The control plane refuses it exactly like invalid YAML: status and metrics say so.
-    wait_for(lambda: mesh.status()["policy"]["error"] is not None, what="the rejection")
+    wait_until(lambda: mesh.status()["policy"]["error"] is not None, what="the rejection")
     status = mesh.status()
     assert status["policy"]["version"] == good
     assert "paths[1]" in status["policy"]["error"] and "408" in status["policy"]["error"]
@@ -157,11 +126,11 @@ def test_a_forced_nack_reports_not_enforced_until_a_later_edit_goes_through(
 ) -> None:
     policies = mesh.policy_dir
     old = version(mesh)
-    breaker.on = True
+    breaker.broken.add(ORDERS)
     try:
         (policies / "deny43.yaml").write_text(deny("43", "/orders/43"))
-        wait_for(lambda: version(mesh) != old, what="the edit")
-        wait_for(lambda: orders_node(mesh)["policy_enforced"] is False, what="NOT ENFORCED")
+        wait_until(lambda: version(mesh) != old, what="the edit")
+        wait_until(lambda: orders_node(mesh)["policy_enforced"] is False, what="NOT ENFORCED")
         node = orders_node(mesh)
         info = node["not_enforced"]
         assert info["types"] == ["RDS"] and info["resources"] == ["inbound|8080|orders.shop"]
@@ -179,11 +148,11 @@ def test_a_forced_nack_reports_not_enforced_until_a_later_edit_goes_through(
         frontend = next(n for n in mesh.status()["nodes"] if n["node"] == FRONTEND)
         assert frontend["policy_enforced"]
     finally:
-        breaker.on = False
+        breaker.broken.discard(ORDERS)
     # The bad resource is fixed: the next, unrelated edit reaches Envoy and is enforced.
     (policies / "deny44.yaml").write_text(deny("44", "/orders/44"))
     converge_to_files(mesh)
-    wait_for(lambda: orders_node(mesh)["policy_enforced"], what="enforced again")
+    wait_until(lambda: orders_node(mesh)["policy_enforced"], what="enforced again")
     assert "meshward_xds_nodes_not_enforcing 0.0" in metrics(mesh)
     assert mesh.request(FRONTEND, ORDERS, "/orders/44")[0] == 403
     assert mesh.request(FRONTEND, ORDERS, "/orders/43")[0] == 403

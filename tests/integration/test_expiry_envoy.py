@@ -11,25 +11,12 @@ from datetime import UTC, datetime
 import pytest
 
 from meshward.testing.mesh import Mesh
+from meshward.testing.topology import shop_yaml
 
 FRONTEND, ORDERS, INVENTORY = "shop/frontend", "shop/orders", "shop/inventory"
 OUTBOUND = "outbound|8080||inventory.shop"
 
-BASE = """
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
-""" + "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders", "inventory")
-)
+BASE = shop_yaml(["frontend", "orders", "inventory"], mtls=None)
 EMERGENCY = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

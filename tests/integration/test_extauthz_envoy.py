@@ -29,36 +29,22 @@ from meshward.extauthz.envoyconfig import sidecar
 from meshward.policy import load
 from meshward.telemetry.collector import OtlpReceiver
 from meshward.testing.echo import EchoServer
-from meshward.testing.extauthz import issue_service_tls, sidecar_tls
+from meshward.testing.extauthz import (
+    ADMINS_YAML,
+    HTTPBIN_YAML,
+    issue_service_tls,
+    mesh_yaml,
+    sidecar_tls,
+)
 from meshward.testing.jwt_issuer import LocalIssuer, unsigned_token
 from meshward.testing.processes import Launcher, meshward_argv
+from meshward.testing.waiting import wait_until
 
 WORKLOAD = "foo/httpbin"
 
-WORKLOAD_YAML = """\
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
-spec: {ports: [{name: http, port: 8000}]}
----
 # Development mode: denial bodies name policy, rule and reason (the default is quiet; see
 # tests/adversarial/test_hostile_requests.py), so this module can check them end to end.
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {denialDetails: verbose, jwtEnforcement: extauthz}
-"""
-ADMINS_YAML = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: admins, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  rules:
-  - to: [{operation: {paths: ["/admin*"]}}]
-    when: [{key: "request.auth.claims[groups]", values: ["admin"]}]
-  - to: [{operation: {paths: ["/public*"]}}]
-"""
+WORKLOAD_YAML = HTTPBIN_YAML + "---\n" + mesh_yaml(verbose=True)
 REPORTS_YAML = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -368,15 +354,7 @@ def test_fail_closed_when_the_service_dies_and_recovery_without_restarting_envoy
 
 
 def _wait(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+    wait_until(predicate, timeout, interval=0.1, tolerate=(OSError,))  # a server restarting
 
 
 def _wait_for_line(path: Path, needle: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -15,15 +15,12 @@ from meshward.certs.ca import CertificateAuthority
 from meshward.extauthz.client import build_check_request
 from meshward.policy import load
 from meshward.telemetry.limits import rotated_files
-from meshward.testing.extauthz import client_for, issue_service_tls
+from meshward.testing.extauthz import HTTPBIN_YAML, client_for, issue_service_tls
 from meshward.testing.processes import Launcher, meshward_argv
 
-POLICY = """\
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
-spec: {ports: [{name: http, port: 8000}]}
----
+POLICY = (
+    HTTPBIN_YAML
+    + """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: paths, namespace: foo}
@@ -31,6 +28,7 @@ spec:
   selector: {matchLabels: {app: httpbin}}
   rules: [{to: [{operation: {paths: ["/allowed/*"]}}]}]
 """
+)
 CACHE_BUDGET = 1024 * 1024
 LOG_BUDGET = 1024 * 1024
 REQUESTS = 1_000  # ~15 MB of distinct paths: many times the cache budget and the log's

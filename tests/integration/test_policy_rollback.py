@@ -15,24 +15,10 @@ import pytest
 from meshward.cli import main
 from meshward.envoy import EnvoyProcess
 from meshward.testing.mesh import bootstrap_sidecar
+from meshward.testing.topology import shop_yaml
 from meshward.testing.xds_resources import http_request
 
-WORKLOADS = """
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: orders, namespace: shop, labels: {app: orders}}
-spec: {ports: [{name: http, port: 8080, protocol: HTTP}]}
----
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: frontend, namespace: shop, labels: {app: frontend}}
-spec: {ports: [{name: http, port: 8080, protocol: HTTP}]}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: permissive, namespace: meshward-system}
-spec: {mtls: {mode: PERMISSIVE}}
-"""
+WORKLOADS = shop_yaml(["orders", "frontend"], mtls="PERMISSIVE")
 DENY_ADMIN = """
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

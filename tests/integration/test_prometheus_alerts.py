@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +21,13 @@ from meshward.net import free_port
 from meshward.testing.mesh import Mesh
 from meshward.testing.processes import Launcher
 from meshward.testing.topology import allow_doc, shop_yaml
+from meshward.testing.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
 FRONTEND, ORDERS = "shop/frontend", "shop/orders"
 POLICY = shop_yaml(
-    ["frontend", "orders"], allow_doc("orders-allow-get", "orders", methods=["GET"]), strict=False
+    ["frontend", "orders"], allow_doc("orders-allow-get", "orders", methods=["GET"]), mtls=None
 )
 
 pytestmark = pytest.mark.skipif(
@@ -95,13 +95,7 @@ def get(base: str, path: str) -> Any:
 
 
 def wait(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"{what}: not seen within {timeout}s")
+    return wait_until(check, timeout, what, interval=0.25)  # each check queries Prometheus
 
 
 def spike_alerts(url: str) -> list[dict[str, Any]]:

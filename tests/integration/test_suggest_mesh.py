@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,8 @@ import pytest
 from meshward.cli import main
 from meshward.policy import load
 from meshward.testing.mesh import Mesh
+from meshward.testing.topology import workloads_yaml
+from meshward.testing.waiting import wait_until
 
 FRONTEND, ORDERS, PAYMENTS = "shop/frontend", "shop/orders", "shop/payments"
 MESH = """
@@ -39,16 +40,7 @@ metadata: {name: strict, namespace: meshward-system}
 spec: {mtls: {mode: STRICT}}
 """
 AUDIT = ", enforcement: {namespaces: {shop: audit}}"
-WORKLOADS = "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders", "payments")
-)
+WORKLOADS = workloads_yaml(["frontend", "orders", "payments"])
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +53,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         policies, base / "run", [FRONTEND, ORDERS, PAYMENTS], flows_db=base / "flows.db"
     ) as m:
         yield m
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def observed(mesh: Mesh) -> list[dict[str, Any]]:
@@ -89,7 +71,7 @@ def flows(mesh: Mesh, source: str) -> list[dict[str, Any]]:
 
 def converge(mesh: Mesh) -> None:
     wanted = load([mesh.policy_dir]).version
-    wait_for(lambda: mesh.status()["policy"]["version"] == wanted, "the edit to be applied")
+    wait_until(lambda: mesh.status()["policy"]["version"] == wanted, 30, "the edit to be applied")
     mesh.wait_converged(wanted)
 
 
@@ -106,10 +88,10 @@ def test_suggest_enforce_then_audit(
         assert mesh.request(source, target, path, method=method)[0] == 200
     wanted = {(s, t, m, "/orders/{*}" if p.startswith("/orders/") else p)
               for s, t, m, p in calls}  # fmt: skip
-    wait_for(
+    wait_until(
         lambda: wanted <= {(r["source"], r["destination"], r["method"], r["path"])
                            for r in observed(mesh)},
-        "the flows to reach the store",
+        30, "the flows to reach the store",
     )  # fmt: skip
 
     out = tmp_path / "suggested"
@@ -171,11 +153,11 @@ def test_suggest_enforce_then_audit(
     converge(mesh)
     assert mesh.request(PAYMENTS, ORDERS, "/orders/7")[0] == 200
     assert mesh.request(FRONTEND, ORDERS, "/orders/7")[0] == 200
-    would = wait_for(
+    would = wait_until(
         lambda: [r for r in flows(mesh, PAYMENTS)
                  if r["destination"] == ORDERS and r["path"] == "/orders/{*}"
                  and r["decision"] == "allow" and r["dry_run"]],
-        "the audited flow with its dry-run verdict",
+        30, "the audited flow with its dry-run verdict",
     )  # fmt: skip
     # no dry-run ALLOW rule matched: the shadow engine's default deny (names no policy)
     assert would[0]["dry_run"] == ["(dry-run ALLOW)"]

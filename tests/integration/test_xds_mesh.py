@@ -8,15 +8,16 @@ directory, exactly as an operator's would.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import empty_pb2
 
 from meshward.testing.mesh import Mesh
+from meshward.testing.nack import BreakRoutes
+from meshward.testing.topology import shop_yaml
+from meshward.testing.waiting import wait_until
 
 FRONTEND, ORDERS, PAYMENTS, INVENTORY = (
     "shop/frontend",
@@ -25,32 +26,16 @@ FRONTEND, ORDERS, PAYMENTS, INVENTORY = (
     "shop/inventory",
 )
 
-BASE = """
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {name: mesh}
-spec: {trustDomain: cluster.local, rootNamespace: meshward-system}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: strict, namespace: meshward-system}
-spec: {mtls: {mode: STRICT}}
----
+BASE = (
+    shop_yaml(["frontend", "orders", "payments", "inventory"])
+    + """---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: inventory-permissive, namespace: shop}
 spec:
   selector: {matchLabels: {app: inventory}}
   mtls: {mode: PERMISSIVE}
-""" + "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
 """
-    for name in ("frontend", "orders", "payments", "inventory")
 )
 
 ORDERS_ALLOW = """
@@ -125,29 +110,6 @@ EDITS: dict[str, tuple[dict[str, str], dict[tuple[str, str], int]]] = {
 }
 
 
-class FaultSwitch:
-    """Makes the compiled inbound route config of chosen workloads carry a per-filter config of
-    a type Envoy does not have: a semantic error, so Envoy NACKs that route config only (the
-    authorization rules live there)."""
-
-    def __init__(self) -> None:
-        self.broken: set[str] = set()
-
-    def __call__(self, workload: Any, messages: list[Any]) -> list[Any]:
-        if workload.ref not in self.broken:
-            return messages
-        out = []
-        for message in messages:
-            if message.DESCRIPTOR.full_name == "envoy.config.route.v3.RouteConfiguration" and (
-                message.name.startswith("inbound|")
-            ):
-                message = type(message).FromString(message.SerializeToString())
-                bogus = message.virtual_hosts[0].typed_per_filter_config["meshward.test.unknown"]
-                bogus.Pack(empty_pb2.Empty())
-            out.append(message)
-        return out
-
-
 def write_policies(
     directory: Path, *, orders_methods: str = '"GET", "POST"', extra: str = ""
 ) -> None:
@@ -159,15 +121,6 @@ def write_policies(
     )
 
 
-def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def decisions_until(mesh: Mesh, source: str, target: str, path: str, status: int) -> int:
     """Send requests until one answers ``status``; return how many answered otherwise."""
     for stale in range(5):
@@ -177,12 +130,12 @@ def decisions_until(mesh: Mesh, source: str, target: str, path: str, status: int
 
 
 @pytest.fixture(scope="module")
-def faults() -> FaultSwitch:
-    return FaultSwitch()
+def faults() -> BreakRoutes:
+    return BreakRoutes()
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory, faults: FaultSwitch) -> Iterator[Mesh]:
+def mesh(tmp_path_factory: pytest.TempPathFactory, faults: BreakRoutes) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("xds-mesh")
     policy_dir = root / "policies"
     policy_dir.mkdir()
@@ -211,7 +164,7 @@ def policies(mesh: Mesh) -> Iterator[Path]:
     for stray in mesh.policy_dir.glob("broken*.yaml"):
         stray.unlink()
     write_policies(mesh.policy_dir)
-    wait_for(
+    wait_until(
         lambda: mesh.status()["policy"]["error"] is None and mesh.converged(original),
         what="the original policy to be back",
     )
@@ -223,7 +176,7 @@ def policy_version(mesh: Mesh) -> str:
 
 
 def wait_new_policy(mesh: Mesh, old: str) -> str:
-    wait_for(lambda: policy_version(mesh) != old, what="the edit to be applied")
+    wait_until(lambda: policy_version(mesh) != old, what="the edit to be applied")
     new = policy_version(mesh)
     mesh.wait_converged(new)
     return new
@@ -254,7 +207,7 @@ def test_frontend_to_payments_is_denied_by_the_named_policy(mesh: Mesh) -> None:
     status, body = mesh.request(FRONTEND, PAYMENTS, "/charge", method="POST")
     assert status == 403 and body == "RBAC: access denied"
     expected = "rbac_access_denied_matched_policy[ns[shop]-policy[payments-deny-frontend]-rule[0]]"
-    wait_for(
+    wait_until(
         lambda: any(e.get("response_code_details") == expected for e in mesh.access_log(PAYMENTS)),
         what="the denial in the payments access log",
     )
@@ -332,7 +285,7 @@ def test_invalid_edit_changes_nothing(mesh: Mesh, policies: Path) -> None:
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
         "metadata: {name: bad, namespace: shop}\nspec: {action: PERMIT}\n"
     )
-    wait_for(lambda: mesh.status()["policy"]["error"] is not None, what="the rejection")
+    wait_until(lambda: mesh.status()["policy"]["error"] is not None, what="the rejection")
     status = mesh.status()
     assert status["policy"]["version"] == old
     assert "PERMIT" in status["policy"]["error"]
@@ -341,21 +294,21 @@ def test_invalid_edit_changes_nothing(mesh: Mesh, policies: Path) -> None:
 
 
 def test_nacked_route_leaves_traffic_on_the_old_version(
-    mesh: Mesh, policies: Path, faults: FaultSwitch
+    mesh: Mesh, policies: Path, faults: BreakRoutes
 ) -> None:
     old = policy_version(mesh)
     faults.broken.add(ORDERS)
     try:
         write_policies(policies, orders_methods='"POST"')  # would deny GET, if applied
-        wait_for(lambda: policy_version(mesh) != old, what="the edit")
-        wait_for(lambda: _type(mesh, ORDERS, "RDS")["last_nack"] is not None, what="the NACK")
+        wait_until(lambda: policy_version(mesh) != old, what="the edit")
+        wait_until(lambda: _type(mesh, ORDERS, "RDS")["last_nack"] is not None, what="the NACK")
         rds = _type(mesh, ORDERS, "RDS")
         assert rds["rejected"] == ["inbound|8080|orders.shop"], rds
         assert "meshward.test.unknown" in rds["last_nack"]["error"]
         assert not rds["in_sync"]
         # The rejected route's old version keeps serving: GET is still allowed.
         assert mesh.request(FRONTEND, ORDERS, "/orders/1")[0] == 200
-        wait_for(lambda: _type(mesh, ORDERS, "RDS")["drift"], timeout=5, what="drift")
+        wait_until(lambda: _type(mesh, ORDERS, "RDS")["drift"], timeout=5, what="drift")
         rejected = sum(
             v for k, v in mesh.envoys[ORDERS].stats().items() if k.endswith(".update_rejected")
         )

@@ -17,19 +17,10 @@ import pytest
 from meshward.certs import CertificateAuthority
 from meshward.cli import main
 from meshward.envoy import EnvoyProcess
+from meshward.testing.topology import shop_yaml
 from meshward.testing.xds_resources import http_request
 
-POLICY = """
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: orders, namespace: shop, labels: {app: orders}}
-spec: {ports: [{name: http, port: 8080, protocol: HTTP}]}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: permissive, namespace: meshward-system}
-spec: {mtls: {mode: PERMISSIVE}}
-"""
+POLICY = shop_yaml(["orders"], mtls="PERMISSIVE")
 
 
 def test_serve_bootstrap_envoy_status(

@@ -243,3 +243,23 @@ def test_commands_reading_the_admin_address_share_its_flags(
     text = " ".join(capsys.readouterr().out.split())
     assert "default: the running demo's, else 127.0.0.1:15011" in text
     assert "--timeout SECONDS" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--renew-fraction", "1"],
+            "argument --renew-fraction: must be above 0 and below 1, got '1'",
+        ),
+        (["--renew-fraction", "nan"], "must be above 0 and below 1, got 'nan'"),
+        (["--jitter", "0.5"], "argument --jitter: must be in [0, 0.5), got '0.5'"),
+        (["--jitter", "lots"], "argument --jitter: expected a number, got 'lots'"),
+    ],
+)
+def test_agent_timing_flags_share_the_number_parser(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cliutil.number: the agent's fraction flags answer in the words every numeric flag uses."""
+    code, err = _exit(["agent", "--workload", "shop/orders", *argv], capsys)
+    assert code == 2 and message in err, err

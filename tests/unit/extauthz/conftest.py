@@ -7,24 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from meshward.policy import PolicySet, parse
+from meshward.testing.extauthz import HTTPBIN_YAML, mesh_yaml
 from meshward.testing.jwt_issuer import LocalIssuer
-
-WORKLOAD_YAML = """\
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
-spec: {ports: [{name: http, port: 8000}]}
-"""
-
-
-def mesh_yaml(*, verbose: bool = False, jwt: str = "extauthz") -> str:
-    details = "verbose" if verbose else "quiet"
-    return f"""\
-apiVersion: meshward.dev/v1
-kind: MeshConfig
-metadata: {{name: mesh}}
-spec: {{denialDetails: {details}, jwtEnforcement: {jwt}}}
-"""
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +39,7 @@ def policy_set_for(issuer: LocalIssuer) -> PolicyFactory:
         jwt: str = "extauthz",
     ) -> PolicySet:
         # verbose: denial bodies name policy, rule and reason (default: quiet)
-        parts = [WORKLOAD_YAML, mesh_yaml(verbose=verbose, jwt=jwt)]
+        parts = [HTTPBIN_YAML, mesh_yaml(verbose=verbose, jwt=jwt)]
         if with_ra:
             parts.append(
                 issuer.request_authentication_yaml("foo", "jwt", {"app": "httpbin"}, extra=ra_extra)

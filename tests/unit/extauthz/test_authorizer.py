@@ -12,23 +12,14 @@ from meshward.extauthz.authorizer import Authorizer
 from meshward.extauthz.cache import DecisionCache
 from meshward.extauthz.client import build_check_request, describe_response
 from meshward.extauthz.tokens import JwtVerifier
+from meshward.testing.extauthz import ADMINS_YAML, HTTPBIN_YAML
 from meshward.testing.jwt_issuer import LocalIssuer
 
 PEER = "spiffe://cluster.local/ns/web/sa/frontend"
 WORKLOAD = "foo/httpbin"  # declared by the policy_set_for fixture (conftest.py)
 PolicyFactory = Callable[..., Any]
 
-ADMIN_POLICY = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: admins, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  rules:
-  - to: [{operation: {paths: ["/admin*"]}}]
-    when: [{key: "request.auth.claims[groups]", values: ["admin"]}]
-  - to: [{operation: {paths: ["/public*"]}}]
-"""
+ADMIN_POLICY = ADMINS_YAML
 
 
 class Clocks:
@@ -412,12 +403,9 @@ spec:
     assert not check("blue").allowed
 
 
-POISON_POLICY = """\
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
-spec: {ports: [{name: http, port: 8000}]}
----
+POISON_POLICY = (
+    HTTPBIN_YAML
+    + """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: allow-get, namespace: foo}
@@ -425,6 +413,7 @@ spec:
   rules:
   - to: [{operation: {methods: ["GET"]}}]
 """
+)
 
 
 def test_a_request_refused_before_authorization_never_poisons_the_cache() -> None:

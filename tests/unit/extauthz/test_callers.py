@@ -29,17 +29,14 @@ from meshward.extauthz.callers import (
 from meshward.extauthz.client import CheckClient, CheckFailed, build_check_request
 from meshward.extauthz.server import Running, ServeOptions, start_service
 from meshward.policy import load
-from meshward.testing.extauthz import client_for, issue_tls, start_mtls
+from meshward.testing.extauthz import HTTPBIN_YAML, client_for, issue_tls, start_mtls
 
 TD = "cluster.local"
 HTTPBIN = f"spiffe://{TD}/ns/foo/sa/httpbin"
 OTHER = f"spiffe://{TD}/ns/bar/sa/other"
-POLICY = """\
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
-spec: {ports: [{name: http, port: 8000}]}
----
+POLICY = (
+    HTTPBIN_YAML
+    + """---
 apiVersion: meshward.dev/v1
 kind: Workload
 metadata: {name: other, namespace: bar, labels: {app: other}}
@@ -61,6 +58,7 @@ spec:
   selector: {matchLabels: {app: httpbin}}
   rules: [{to: [{operation: {paths: ["/public*"]}}]}]
 """
+)
 
 
 # ---- the pure rule -----------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def test_workers_default_to_the_cores_this_process_may_use() -> None:
 def test_trace_sampling_flags_refuse_nonsense(capsys: pytest.CaptureFixture[str]) -> None:
     for flag, value, message in (
         ("--trace-sample-ratio", "1.5", "must be within [0, 1]"),
-        ("--trace-sample-ratio", "half", "not a number"),
+        ("--trace-sample-ratio", "half", "expected a number, got 'half'"),
         ("--max-spans-per-second", "-3", "--max-spans-per-second"),
     ):
         with pytest.raises(SystemExit) as exited:

@@ -8,13 +8,9 @@ from prometheus_client import generate_latest
 from meshward.extauthz.authorizer import Authorizer
 from meshward.extauthz.metrics import Metrics, version_number
 from meshward.policy import parse
+from meshward.testing.extauthz import HTTPBIN_YAML
 
-WORKLOAD = """\
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {name: httpbin, namespace: foo, labels: {app: httpbin}}
-spec: {ports: [{name: http, port: 8000}]}
-"""
+WORKLOAD = HTTPBIN_YAML
 
 
 def policy(i: int) -> object:

@@ -25,20 +25,13 @@ from meshward.extauthz.metrics import Metrics, serve_metrics
 from meshward.extauthz.server import ExtAuthzServer
 from meshward.extauthz.service import CheckService, trace_id_of
 from meshward.telemetry import setup_tracing
+from meshward.testing.extauthz import ADMINS_YAML
 from meshward.testing.jwt_issuer import LocalIssuer
 
 WORKLOAD = "foo/httpbin"
-POLICY = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: admins, namespace: foo}
-spec:
-  selector: {matchLabels: {app: httpbin}}
-  rules:
-  - to: [{operation: {paths: ["/admin*"]}}]
-    when: [{key: "request.auth.claims[groups]", values: ["admin"]}]
-  - to: [{operation: {paths: ["/public*"]}}]
----
+POLICY = (
+    ADMINS_YAML
+    + """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: ext, namespace: foo}
@@ -48,6 +41,7 @@ spec:
   provider: {name: hook}
   rules: [{to: [{operation: {paths: ["/custom*"]}}]}]
 """
+)
 ENVOY_SPAN = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 CALLER_SPAN = "00-11111111111111111111111111111111-2222222222222222-01"
 

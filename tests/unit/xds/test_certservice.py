@@ -30,22 +30,14 @@ from meshward.certs.jointoken import load_or_create_key, mint
 from meshward.compile import CompileOptions
 from meshward.policy import parse
 from meshward.testing.relay import TcpRelay
+from meshward.testing.topology import workloads_yaml
 from meshward.xds.certservice import PeerCache, Refusal, decode
 from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.limits import NodeLimits
 from meshward.xds.service import XdsService
 
 ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
-POLICY = "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders")
-)
+POLICY = workloads_yaml(["frontend", "orders"])
 
 
 async def start(ca_dir: Path, limits: NodeLimits | None = None) -> XdsService:

@@ -17,21 +17,13 @@ from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import PolicySet, parse
 from meshward.testing.ads_client import AdsClient
+from meshward.testing.topology import workloads_yaml
 from meshward.xds import typeurls
 from meshward.xds.compile_adapter import MeshCompiler
 from meshward.xds.compiling import Outcome, compile_configs, mesh_compiler, paced
 from meshward.xds.service import XdsService
 
-WORKLOADS = "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders", "payments")
-)
+WORKLOADS = workloads_yaml(["frontend", "orders", "payments"])
 POLICY = """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

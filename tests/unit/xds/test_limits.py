@@ -17,6 +17,7 @@ from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import parse
 from meshward.testing.ads_client import AdsClient
+from meshward.testing.topology import workloads_yaml
 from meshward.xds import typeurls
 from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.limits import (
@@ -33,16 +34,7 @@ from meshward.xds.service import XdsService
 
 FRONTEND = "shop/frontend"
 IDENTITY = "spiffe://cluster.local/ns/shop/sa/frontend"
-POLICY = "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders")
-)
+POLICY = workloads_yaml(["frontend", "orders"])
 ALL_TYPES = {typeurls.CLUSTER: (), typeurls.LISTENER: (), typeurls.SECRET: ("default", "ROOTCA")}
 
 
@@ -350,3 +342,40 @@ async def test_a_push_the_node_never_reads_closes_its_stream(
     assert mesh.metric("meshward_xds_streams_closed_total", reason="not-reading") == 1
     assert any("did not read a push" in r.getMessage() for r in caplog.records)
     assert client.error is None
+
+
+async def test_a_delta_subscription_flood_of_bogus_names_is_bounded_end_to_end(
+    start: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """100,000 endpoint names that do not exist, in one 2 MB delta request over real gRPC: the
+    server tracks 16,384 of them, answers each once ("does not exist", removed_resources) in
+    responses of at most 1,024 names, one per ACK, and the node keeps working. The operator
+    hears of it once, as a warning naming the node and its certificate."""
+    from meshward.xds.limits import MAX_SUBSCRIBED_NAMES
+    from meshward.xds.protocol import MAX_ABSENT_PER_PUSH, DeltaProtocol
+
+    mesh = await start(NodeLimits())
+    removed: list[list[str]] = []
+
+    def record(_client: AdsClient, type_url: str, response: Any) -> None:
+        if type_url == typeurls.ENDPOINT:
+            removed.append(list(response.removed_resources))
+
+    bogus = tuple(f"no-such-endpoints-{i}" for i in range(100_000))
+    client = mesh.open(FRONTEND, delta=True, on_response=record,
+                       subscriptions={**ALL_TYPES, typeurls.ENDPOINT: bogus})  # fmt: skip
+    expected = -(-MAX_SUBSCRIBED_NAMES // MAX_ABSENT_PER_PUSH)
+    await until(lambda: len(removed) >= expected, what="every tracked name answered")
+    await asyncio.sleep(0.2)  # (nothing more comes)
+    assert client.error is None and len(removed) == expected
+    assert max(len(batch) for batch in removed) == MAX_ABSENT_PER_PUSH
+    answered = [name for batch in removed for name in batch]
+    assert len(answered) == len(set(answered)) == MAX_SUBSCRIBED_NAMES
+    [stream] = mesh.service.ads.streams.values()
+    assert isinstance(stream.protocol, DeltaProtocol)
+    eds = stream.protocol.states[typeurls.ENDPOINT]
+    assert len(eds.names) == len(eds.absent) == MAX_SUBSCRIBED_NAMES
+    warned = [r for r in caplog.records if "past the limits" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert FRONTEND in warned[0].getMessage() and "83616 name(s)" in warned[0].getMessage()
+    await still_works(mesh, FRONTEND)

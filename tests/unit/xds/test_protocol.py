@@ -5,16 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from envoy.config.endpoint.v3 import endpoint_pb2
+from google.protobuf import json_format
+
 from meshward.testing.xds_resources import cluster, listener, secret
 from meshward.xds import typeurls
 from meshward.xds.enforcement import not_enforced
+from meshward.xds.limits import MAX_NAME_LENGTH, MAX_SUBSCRIBED_NAMES, admit_names
 from meshward.xds.protocol import (
+    MAX_ABSENT_PER_PUSH,
     PARTIAL,
     Acked,
     DeltaProtocol,
     DeltaRequest,
     Ignored,
     Nacked,
+    Push,
     Request,
     SecretDenied,
     SotwProtocol,
@@ -505,118 +511,137 @@ def test_delta_rejection_is_forgotten_when_the_change_is_taken_back_then_resent(
     assert all(s.in_sync for s in stream_types(p.states, again, 8.0, 10.0))
 
 
-# -- which types an answer re-plans (delta) --------------------------------------------------------
-R = typeurls.ROUTE
+# -- delta: subscribed names that do not exist ----------------------------------------------------
+E = typeurls.ENDPOINT
 
 
-def route(name: str, cluster_name: str, tag: str = "") -> Resource:
-    from envoy.config.route.v3 import route_pb2
-    from google.protobuf import json_format
-
-    vhost = {"name": "all", "domains": ["*"], "routes": [
-        {"match": {"prefix": f"/{tag}"}, "route": {"cluster": cluster_name}}]}  # fmt: skip
+def endpoints(name: str, port: int = 8080) -> Resource:
     return make_resource(
         json_format.ParseDict(
-            {"name": name, "virtual_hosts": [vhost]}, route_pb2.RouteConfiguration()
+            {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+            endpoint_pb2.ClusterLoadAssignment(),
         )
-    )
+    )  # fmt: skip
 
 
-class Counting(DeltaProtocol):
-    """Counts the delta plans actually worked out, by type."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.planned: list[str] = []
-
-    def _plan_delta(self, st: Any, snapshot: Snapshot, now: float) -> Any:
-        self.planned.append(st.type_url)
-        return super()._plan_delta(st, snapshot, now)
+def eds(previous: Snapshot | None, *loads: Resource) -> Snapshot:
+    return build_snapshot(previous, {E: list(loads)}, 0.0, check=False)
 
 
-def rsnap(previous: Snapshot | None, clusters: list[str], listeners: list[tuple[str, str]],
-          routes: list[tuple[str, str, str]]) -> Snapshot:  # fmt: skip
-    return build_snapshot(
-        previous,
-        {
-            C: [cluster(n) for n in clusters],
-            L: [listener(n, c, port=15000 + i) for i, (n, c) in enumerate(listeners)],
-            R: [route(n, c, tag) for n, c, tag in routes],
-            S: [secret("default"), secret("ROOTCA")],
-        },
-        0.0,
-        check=False,
-    )
+def ack(p: DeltaProtocol, push: Push, now: float = 0.0) -> None:
+    [event] = p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), now)
+    assert isinstance(event, Acked)
 
 
-def test_delta_ack_of_a_route_push_re_plans_the_routes_alone() -> None:
-    p = Counting()
-    for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ()), (R, ("in",))):
-        p.receive(DeltaRequest(t, subscribe=sub), 0)
-    s1 = rsnap(None, ["app"], [("in", "app")], [("in", "app", "")])
-    for push in p.plan(s1, 0)[0]:
-        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce), 0)
-    p.plan(s1, 0)
-    s2 = rsnap(s1, ["app"], [("in", "app")], [("in", "app", "v2")])  # a mesh-wide route edit
-    [push], _ = p.plan(s2, 1)
-    assert push.type_url == R
-    p.planned.clear()
-    p.receive(DeltaRequest(R, response_nonce=push.nonce), 2)
-    assert p.plan(s2, 2) == ([], [])
-    assert p.planned == [R]  # CDS, LDS, SDS: nothing they read moved
-    assert p.states[R].acked_version == s2.type_version(R)  # the ACK still counts in sync
+def test_delta_subscribed_name_that_does_not_exist_is_answered_removed_once() -> None:
+    """Envoy waits out initial_fetch_timeout for a subscribed name no response mentions; the
+    server says it does not exist (removed_resources), once, and sends it when it appears."""
+    s1 = eds(None, endpoints("a"))
+    p = DeltaProtocol()
+    p.receive(DeltaRequest(E, subscribe=("a", "ghost")), 0)
+    [push], _ = p.plan(s1, 0)
+    assert names(push.resources) == ["a"] and push.removed == ("ghost",)
+    ack(p, push)
+    assert p.plan(s1, 1) == ([], [])  # said once, not in every response
+    assert type_status(p.states[E], s1, 10.0, 1.0).in_sync
+    s2 = eds(s1, endpoints("a"), endpoints("ghost"))  # it springs into existence: sent
+    [push], _ = p.plan(s2, 2)
+    assert names(push.resources) == ["ghost"] and push.removed == ()
+    ack(p, push)
+    s3 = eds(s2, endpoints("a"))  # a resource the node holds disappears: removed, once
+    [push], _ = p.plan(s3, 3)
+    assert push.resources == () and push.removed == ("ghost",)
+    ack(p, push)
+    assert p.plan(s3, 4) == ([], [])
+    # Unsubscribed and subscribed again: answered again (as every subscribed name must be).
+    p.receive(DeltaRequest(E, unsubscribe=("ghost",)), 5)
+    assert p.plan(s3, 5) == ([], [])
+    p.receive(DeltaRequest(E, subscribe=("ghost",)), 6)
+    [push], _ = p.plan(s3, 6)
+    assert push.resources == () and push.removed == ("ghost",)
 
 
-class Unskipped(DeltaProtocol):
-    """Plans every type on every call (the definition the skipping must equal)."""
+def test_delta_names_on_wildcard_streams_and_foreign_secrets_are_answered_too() -> None:
+    s = snap(None, clusters=[cluster("a")])
+    p = DeltaProtocol()
+    p.receive(DeltaRequest(C), 0)  # legacy wildcard: names nothing, so nothing is absent
+    [push], _ = p.plan(s, 0)
+    assert names(push.resources) == ["a"] and push.removed == ()
+    ack(p, push)
+    p.receive(DeltaRequest(C, subscribe=("*", "on-demand")), 1)  # wildcard plus a name
+    [push], _ = p.plan(s, 1)
+    assert push.resources == () and push.removed == ("on-demand",)
+    p = DeltaProtocol()  # a secret that is not the node's own: audited, and does not exist
+    p.receive(DeltaRequest(S, subscribe=("default", "ns/other/default")), 0)
+    [push], events = p.plan(s, 0)
+    assert names(push.resources) == ["default"] and push.removed == ("ns/other/default",)
+    assert events == [SecretDenied(("ns/other/default",))]
 
-    def _plan_type(self, st: Any, snapshot: Snapshot, now: float) -> Any:
-        return self._plan_delta(st, snapshot, now)
+
+def test_delta_subscribing_again_to_a_name_it_holds_resends_it() -> None:
+    """discovery.proto: answer every name in resource_names_subscribe, even one the server
+    thinks the client has (it dropped it and its unsubscribe folded into this subscribe)."""
+    s = eds(None, endpoints("a"))
+    p = DeltaProtocol()
+    p.receive(DeltaRequest(E, subscribe=("a",)), 0)
+    [push], _ = p.plan(s, 0)
+    ack(p, push)
+    p.receive(DeltaRequest(E, subscribe=("a",)), 1)
+    [push], _ = p.plan(s, 1)
+    assert names(push.resources) == ["a"]
 
 
-def test_delta_plans_skipped_for_unchanged_inputs_equal_plans_never_skipped() -> None:
-    import random
+def test_delta_whole_nack_reports_the_absent_names_again() -> None:
+    s = eds(None, endpoints("a"))
+    p = DeltaProtocol()
+    p.receive(DeltaRequest(E, subscribe=("a", "ghost")), 0)
+    [push], _ = p.plan(s, 0)
+    p.receive(DeltaRequest(E, response_nonce=push.nonce, error_detail="malformed"), 1)
+    [push], _ = p.plan(s, 1)
+    assert push.removed == ("ghost",)
 
-    clusters = ["a", "b", "c"]
-    for seed in range(60):
-        rng = random.Random(seed)
-        pair = (DeltaProtocol(), Unskipped())
-        for p in pair:
-            for t, sub in ((C, ()), (S, ("default", "ROOTCA")), (L, ()), (R, ("ra",))):
-                p.receive(DeltaRequest(t, subscribe=sub), 0)
-        snapshot: Snapshot | None = None
-        sent: list[Any] = [[], []]
-        for step in range(40):
-            op = rng.choice(["snap", "ack", "ack", "nack", "sub", "plan"])
-            if op == "snap" or snapshot is None:
-                have = sorted(rng.sample(clusters, rng.randint(1, 3)))
-                snapshot = rsnap(
-                    snapshot, have,
-                    [(f"l{c}", rng.choice(have)) for c in rng.sample(have, rng.randint(0, len(have)))],
-                    [(f"r{c}", rng.choice(have), rng.choice(["", "x"])) for c in clusters],
-                )  # fmt: skip
-            elif op in ("ack", "nack"):
-                index = rng.randrange(8)
-                for p, pushes in zip(pair, sent, strict=True):
-                    if index < len(pushes):
-                        push = pushes[index]
-                        error = "Error adding/updating: bad" if op == "nack" else None
-                        p.receive(DeltaRequest(push.type_url, response_nonce=push.nonce,
-                                               error_detail=error), step)  # fmt: skip
-            elif op == "sub":
-                name, subscribe = f"r{rng.choice(clusters)}", rng.random() < 0.5
-                for p in pair:
-                    if subscribe:
-                        p.receive(DeltaRequest(R, subscribe=(name,)), step)
-                    else:
-                        p.receive(DeltaRequest(R, unsubscribe=(name,)), step)
-            results = [p.plan(snapshot, step) for p in pair]
-            summary = [
-                [(x.type_url, x.version, names(x.resources), x.removed) for x in pushes]
-                for pushes, _ in results
-            ]
-            assert summary[0] == summary[1], (seed, step)
-            for k, (pushes, _) in enumerate(results):
-                sent[k] = pushes + sent[k][:6]
-            for t in (C, L, R):
-                assert pair[0].states[t].acked_version == pair[1].states[t].acked_version
+
+def test_delta_flood_of_bogus_names_is_bounded_in_state_and_response_size() -> None:
+    """100,000 bogus names (then 100,000 more, then one too long to be any resource's): at most
+    ``max_names`` tracked per type, reported once, and the does-not-exist answers paced at
+    MAX_ABSENT_PER_PUSH names per response, one response per ACK."""
+    s = eds(None, endpoints("real"))
+    p = DeltaProtocol()
+    bogus = tuple(f"bogus-{i}" for i in range(100_000))
+    [event] = p.receive(DeltaRequest(E, subscribe=("real", *bogus)), 0)
+    st = p.states[E]
+    assert len(st.names) == MAX_SUBSCRIBED_NAMES and "real" in st.names
+    assert isinstance(event, Ignored) and "not tracked" in event.reason
+    assert p.receive(DeltaRequest(E, subscribe=tuple(f"more-{i}" for i in range(100_000))), 0) == []
+    assert p.receive(DeltaRequest(E, subscribe=("x" * (MAX_NAME_LENGTH + 1),)), 0) == []
+    assert len(st.names) == MAX_SUBSCRIBED_NAMES  # (each report once per type and stream)
+    reported: list[str] = []
+    for round_ in range(1, 100):
+        pushes, _ = p.plan(s, round_)
+        if not pushes:
+            break
+        [push] = pushes
+        assert len(push.removed) <= MAX_ABSENT_PER_PUSH
+        reported.extend(push.removed)
+        ack(p, push, round_)
+    assert round_ == -(-(MAX_SUBSCRIBED_NAMES - 1) // MAX_ABSENT_PER_PUSH) + 1
+    assert sorted(reported) == sorted(st.names - {"real"}) and st.absent == set(reported)
+
+
+def test_delta_reconnect_claiming_100000_resources_is_bounded_too() -> None:
+    s = snap(None, clusters=[cluster("a")])
+    p = DeltaProtocol()
+    held = {f"held-{i}": "0" * 16 for i in range(100_000)}
+    [event] = p.receive(DeltaRequest(C, initial_versions=held), 0)
+    assert isinstance(event, Ignored)
+    assert len(p.states[C].sent) == len(p.states[C].applied) == MAX_SUBSCRIBED_NAMES
+    [push], _ = p.plan(s, 0)  # held and gone: removed (as many as it may hold, no more)
+    assert names(push.resources) == ["a"] and len(push.removed) == MAX_SUBSCRIBED_NAMES
+
+
+def test_admit_names_keeps_order_drops_duplicates_the_wildcard_and_what_is_past_the_limits() -> (
+    None
+):
+    names_, refused = admit_names(["b", "a", "b", "*", "y" * (MAX_NAME_LENGTH + 1), "c"], {"a"}, 2)
+    assert names_ == ["b"] and refused == 2

@@ -21,20 +21,12 @@ from meshward.certs.client_tls import client_ssl_context
 from meshward.compile import CompileOptions
 from meshward.policy import parse
 from meshward.testing.ads_client import AdsClient
+from meshward.testing.topology import workloads_yaml
 from meshward.xds import status_cli, typeurls
 from meshward.xds.compile_adapter import compiler_for
 from meshward.xds.service import XdsService
 
-WORKLOADS = "".join(
-    f"""---
-apiVersion: meshward.dev/v1
-kind: Workload
-metadata: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}
-spec:
-  ports: [{{name: http, port: 8080, protocol: HTTP}}]
-"""
-    for name in ("frontend", "orders", "payments")
-)
+WORKLOADS = workloads_yaml(["frontend", "orders", "payments"])
 ORDERS_POLICY = """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

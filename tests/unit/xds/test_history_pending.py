@@ -100,22 +100,27 @@ def test_an_entry_is_listed_at_once_and_its_diff_waits_for_the_pushes(tmp_path: 
     asyncio.run(scenario())
 
 
-def test_pushes_that_never_end_delay_the_diff_only_boundedly(tmp_path: Path) -> None:
-    v1, v2 = version(), version(deny("/x"))
+def _settles_under(tmp_path: Path, backlog: list[int], path: str, timeout: float) -> bool:
+    """Whether an edit's diff is done within ``timeout`` while ``backlog`` stays as it is."""
+    v1, v2 = version(), version(deny(path))
     current = {"set": v1}
-    backlog = [10**6]  # a push backlog that never drains
 
-    async def scenario() -> None:
+    async def scenario() -> bool:
         service = _service(tmp_path, current, backlog)
         task = asyncio.create_task(service.run())
         await asyncio.sleep(0)
         current["set"] = v2
         service.applied(v2)
         assert service.history is not None
-        assert await asyncio.to_thread(service.history.wait_settled, 15, v2.version)
+        settled = await asyncio.to_thread(service.history.wait_settled, timeout, v2.version)
         task.cancel()
+        return settled
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_pushes_that_never_end_delay_the_diff_only_boundedly(tmp_path: Path) -> None:
+    assert _settles_under(tmp_path, [10**6], "/x", 15)  # a push backlog that never drains
 
 
 def test_the_diff_waits_for_a_slow_rollout_while_it_progresses(
@@ -161,21 +166,7 @@ def test_a_rollout_that_stops_progressing_delays_the_diff_only_so_long(
     """A node that NACKs stays out of sync: the diff goes ahead once the backlog has stopped
     falling for STALLED seconds, not after MAX_DEFER."""
     monkeypatch.setattr(history_service, "STALLED", 0.3)
-    v1, v2 = version(), version(deny("/stuck"))
-    current = {"set": v1}
-    backlog = [7]
-
-    async def scenario() -> None:
-        service = _service(tmp_path, current, backlog)
-        task = asyncio.create_task(service.run())
-        await asyncio.sleep(0)
-        current["set"] = v2
-        service.applied(v2)
-        assert service.history is not None
-        assert await asyncio.to_thread(service.history.wait_settled, 2.5, v2.version)
-        task.cancel()
-
-    asyncio.run(scenario())
+    assert _settles_under(tmp_path, [7], "/stuck", 2.5)
 
 
 def test_read_waits_are_bounded_and_checked(tmp_path: Path) -> None:

@@ -1,26 +1,29 @@
 """Compile time at fleet scale: full compile, one-policy edit, mesh-wide edit (CPU seconds).
 
 On the realistic topologies of meshward.testing.topology (fleet: ~10 named callers per service
-plus namespace-wide rules; worst: one namespace-wide ALLOW over N services), one process, one
-pass per size (CPU time, so other load on the machine moves the figures less). "full" is compile_mesh (every workload from scratch); the edits are
-compile_incremental from the previous state (meshward.compile.incremental): the methods of one
-service's ALLOW, then a root-namespace DENY that selects every workload.
+plus namespace-wide rules; worst: one namespace-wide ALLOW over N services), every size in one
+process, one after another (CPU time, so other load on the machine moves the figures less).
+"full" is compile_mesh (every workload from scratch); the edits are compile_incremental from
+the previous state (meshward.compile.incremental): the methods of one service's ALLOW, then a
+root-namespace DENY that selects every workload.
 
-    python bench/compile_scale.py [--topology fleet,worst] [--fleet 100,300,1000] [--worst 100,200,400]
+    python bench/compile_scale.py [--topology fleet,worst] [--fleet 100,300,1000]
+                                  [--worst 100,200,400] [--gc worker|on] [--repeat N]
 
 Growth is printed for each step between consecutive sizes (the worst-case target: full compile
 300 -> 1,000 services <= 4x).
 
-``--gc worker`` (the default) compiles as the control plane's compile worker does
-(meshward.xds.compile_process): the cyclic collector off, the heap frozen before each compile.
-``--gc on`` leaves the interpreter's collector on, which adds passes over a heap that grows with
-the output (at 1,000 worst-case services, about 0.1-0.3 s of the full compile).
 "stage full" / "stage mesh" are the control plane's whole compile stage as `xds serve` runs it
 in its worker (meshward.xds.compiling.LocalCompile over the product's compiler: the compile in
 xDS mode, the Envoy-limits backstop, the agent-secret rewrite and the packing), once each (it
 keeps state: a repeat would find nothing changed).
-``--repeat N`` times each compile_mesh / compile_incremental step N times in its process and keeps the least (the other load on a
-shared machine only ever adds).
+
+``--gc worker`` (the default) compiles as the control plane's compile worker does
+(meshward.xds.compile_process): the cyclic collector off, the heap frozen before each step.
+``--gc on`` leaves the interpreter's collector on, which adds passes over a heap that grows with
+the output (at 1,000 worst-case services, about 0.1-0.3 s of the full compile).
+``--repeat N`` times each compile_mesh / compile_incremental step N times and keeps the least
+(other load on a shared machine only ever adds).
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ def main() -> None:
     if args.repeat < 1:
         parser.error("--repeat: at least 1")
     SETTINGS.gc, SETTINGS.repeat = args.gc, args.repeat
-    print(f"compile CPU seconds (one process per run, gc {args.gc}, "
+    print(f"compile CPU seconds (one process, gc {args.gc}, "
           f"least of {args.repeat} per step)")  # fmt: skip
     print(f"{'topology':>8} {'services':>8} {'resources':>9} {'full':>7} {'1-edit':>7} "
           f"{'halves':>6} {'mesh-wide':>9} {'stage full':>10} {'stage mesh':>10}")  # fmt: skip

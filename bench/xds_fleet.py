@@ -43,8 +43,9 @@ its RDS subscription every 10 ms and times each answer).
 by page, as `meshward status` reads it). ``--burst-only``: only the cold start, every node at
 once, failed streams retried after 500 ms like Envoy and counted by error, then the same nodes
 against bench/fleet_floor.py's server, which answers with pre-encoded responses and costs nothing
-but gRPC (the floor under any cold start on this machine); one JSON line per size and round. The server runs with per-identity limits raised: simulated replicas share their
-service's certificate.
+but gRPC (the floor under any cold start on this machine); one JSON line per size and round.
+The server runs with per-identity limits raised: simulated replicas share their service's
+certificate.
 """
 
 from __future__ import annotations

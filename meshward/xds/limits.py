@@ -15,8 +15,9 @@ row in ``/status``), unlimited streams, and unlimited CA work. So, per certifica
   does with backoff.
 - ``node_gc_after``: a node with no stream for this long is forgotten (status, snapshot, SVID).
 
-Per ADS stream and resource type (delta, where subscriptions accumulate request after request):
-at most :data:`MAX_SUBSCRIBED_NAMES` names subscribed or reported held, each at most
+Per ADS stream and resource type (SotW: the names of a request, repeated whole in every ACK;
+delta: subscriptions accumulated request after request, and the names reported held on
+reconnect): at most :data:`MAX_SUBSCRIBED_NAMES` names, each at most
 :data:`MAX_NAME_LENGTH` characters (SPIFFE's own limit on an ID, so every real name fits). The
 names past them are not tracked, not answered, and reported once (see :func:`admit_names`).
 

@@ -84,7 +84,8 @@ class TypeState:
     requested_at: float = 0.0
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
-    requested_names: tuple[str, ...] = ()  # SotW: the last request's names, as sent
+    # SotW: the last request's names, as sent (None: past the limits, not kept)
+    requested_names: tuple[str, ...] | None = ()
     must_respond: bool = False
     latest_nonce: str = ""
     outstanding: dict[str, Sent] = field(default_factory=dict)
@@ -117,7 +118,8 @@ class TypeState:
 
 
 class _Protocol:
-    def __init__(self, *, nonce_prefix: str = "") -> None:
+    def __init__(self, *, nonce_prefix: str = "", max_names: int = MAX_SUBSCRIBED_NAMES) -> None:
+        self.max_names = max_names  # per type: names subscribed (and, delta, held on reconnect)
         self.states: dict[str, TypeState] = {}
         self._seq = itertools.count(1)
         self._nonce_prefix = nonce_prefix
@@ -136,6 +138,17 @@ class _Protocol:
                 *sorted(t for t in self.states if t not in typeurls.ORDER),
             )
         return st
+
+    def _limit(self, st: TypeState, refused: int, what: str, events: list[Event]) -> None:
+        """Report names past the subscription limits once per type and stream (a flood of
+        requests must not become a flood of events)."""
+        if refused and not st.limited:
+            st.limited = True
+            reason = (
+                f"{refused} name(s) {what} past the limits (at most {self.max_names} per type, "
+                f"each at most {MAX_NAME_LENGTH} characters): not tracked, not answered"
+            )
+            events.append(Ignored(st.type_url, reason, limit=True))
 
     def _new_nonce(self) -> tuple[str, int]:
         seq = next(self._seq)
@@ -353,8 +366,12 @@ class SotwProtocol(_Protocol):
         if st.requested and names == st.requested_names:
             explicit = st.names  # the same subscription as last time (every ACK): no new set
         else:
-            explicit = {name for name in names if name != "*"}
-            st.requested_names = names
+            # Bounded as delta's subscriptions are: a request naming 1,000,000 resources must
+            # not become a set sorted on every plan (nor be kept whole for the comparison).
+            admitted, refused = admit_names(names, (), self.max_names)
+            explicit = set(admitted)
+            st.requested_names = names if not refused else None
+            self._limit(st, refused, "subscribed", events)
         if not st.requested or wildcard != st.wildcard or explicit != st.names:
             st.must_respond = True
         if not st.requested:
@@ -468,10 +485,6 @@ class SotwProtocol(_Protocol):
 class DeltaProtocol(_Protocol):
     """Incremental ADS: only changed resources and removed names travel."""
 
-    def __init__(self, *, nonce_prefix: str = "", max_names: int = MAX_SUBSCRIBED_NAMES) -> None:
-        super().__init__(nonce_prefix=nonce_prefix)
-        self.max_names = max_names  # per type: names subscribed, and held on reconnect
-
     def receive(self, request: DeltaRequest, now: float) -> list[Event]:
         st = self.state(request.type_url)
         st.epoch += 1
@@ -523,17 +536,6 @@ class DeltaProtocol(_Protocol):
                 st.sent.pop(name, None)
                 st.applied.pop(name, None)
         return events
-
-    def _limit(self, st: TypeState, refused: int, what: str, events: list[Event]) -> None:
-        """Report names past the subscription limits once per type and stream (a flood of
-        requests must not become a flood of events)."""
-        if refused and not st.limited:
-            st.limited = True
-            reason = (
-                f"{refused} name(s) {what} past the limits (at most {self.max_names} per type, "
-                f"each at most {MAX_NAME_LENGTH} characters): not tracked, not answered"
-            )
-            events.append(Ignored(st.type_url, reason, limit=True))
 
     def _inputs(self, st: TypeState, snapshot: Snapshot) -> tuple[object, ...]:
         """What a delta plan of ``st`` reads: its entry and the entries its dependency checks

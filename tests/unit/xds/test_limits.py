@@ -379,3 +379,36 @@ async def test_a_delta_subscription_flood_of_bogus_names_is_bounded_end_to_end(
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
     assert FRONTEND in warned[0].getMessage() and "83616 name(s)" in warned[0].getMessage()
     await still_works(mesh, FRONTEND)
+
+
+async def test_a_sotw_subscription_flood_of_bogus_names_is_bounded_end_to_end(
+    start: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SotW repeats a type's whole name list in every request, ACKs included: 100,000 endpoint
+    names (2 MB a request) over real gRPC leave the server tracking 16,384 of them, answering
+    none (SotW answers only what exists), warning once, and the node keeps working."""
+    from meshward.xds.limits import MAX_SUBSCRIBED_NAMES
+    from meshward.xds.protocol import SotwProtocol
+
+    mesh = await start(NodeLimits())
+    answers: list[int] = []
+
+    def record(_client: AdsClient, type_url: str, response: Any) -> None:
+        if type_url == typeurls.ENDPOINT:
+            answers.append(len(response.resources))
+
+    bogus = tuple(f"no-such-endpoints-{i}" for i in range(100_000))
+    client = mesh.open(FRONTEND, on_response=record,
+                       subscriptions={**ALL_TYPES, typeurls.ENDPOINT: bogus})  # fmt: skip
+    await until(lambda: bool(answers), what="the endpoint subscription answered")
+    client.subscribe(typeurls.ENDPOINT, (*bogus, "yet-another"))  # a second flood, same stream
+    await asyncio.sleep(0.3)
+    assert client.error is None and set(answers) == {0}
+    [stream] = mesh.service.ads.streams.values()
+    assert isinstance(stream.protocol, SotwProtocol)
+    eds = stream.protocol.states[typeurls.ENDPOINT]
+    assert len(eds.names) == MAX_SUBSCRIBED_NAMES and eds.requested_names is None
+    warned = [r for r in caplog.records if "past the limits" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert FRONTEND in warned[0].getMessage() and "83616 name(s)" in warned[0].getMessage()
+    await still_works(mesh, FRONTEND)

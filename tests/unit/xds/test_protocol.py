@@ -629,6 +629,30 @@ def test_delta_flood_of_bogus_names_is_bounded_in_state_and_response_size() -> N
     assert sorted(reported) == sorted(st.names - {"real"}) and st.absent == set(reported)
 
 
+def test_sotw_flood_of_bogus_names_is_bounded_and_reported_once() -> None:
+    """SotW's names come whole in every request (every ACK repeats them): at most
+    ``max_names`` tracked per type, past them reported once per type and stream, the over-long
+    name refused, and the flood's tuple not kept; a later request within the limits (even an
+    empty one) is taken as it is."""
+    s = eds(None, endpoints("real"))
+    p = SotwProtocol(max_names=100)
+    flood = ("real", *(f"bogus-{i}" for i in range(100_000)), "x" * (MAX_NAME_LENGTH + 1))
+    [event] = p.receive(Request(E, "", flood), 0)
+    st = p.states[E]
+    assert isinstance(event, Ignored) and event.limit and "99902 name(s)" in event.reason
+    assert len(st.names) == 100 and "real" in st.names and st.requested_names is None
+    [push], _ = p.plan(s, 0)
+    assert names(push.resources) == ["real"]  # SotW answers only what exists
+    [acked] = p.receive(Request(E, push.version, flood, push.nonce), 0)  # no second report
+    assert isinstance(acked, Acked)
+    assert len(st.names) == 100
+    assert p.receive(Request(E, push.version, (), push.nonce), 0) == []  # nothing subscribed
+    assert st.names == set() and st.requested_names == ()
+    [push], _ = p.plan(s, 1)
+    assert push.resources == ()
+    assert SotwProtocol().max_names == MAX_SUBSCRIBED_NAMES
+
+
 def test_delta_reconnect_claiming_100000_resources_is_bounded_too() -> None:
     s = snap(None, clusters=[cluster("a")])
     p = DeltaProtocol()

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 PROBE_NAME = "meshward-probe-route"
+#: The probe's answers kept with their times (wall clock sent, seconds waited): ~50 a second
+#: during a mesh-wide edit, so this covers minutes of one.
+MAX_PROBE_WAITS = 20_000
 
 
 def worker_main(
@@ -51,7 +54,15 @@ def worker_main(
     any_count: dict[str, int] = {}
     delivered = [0]
     marked: dict[str, Any] = {"routes": {}, "any": {}, "delivered": 0}
-    probe: dict[str, Any] = {"on": False, "sent": 0.0, "max": 0.0, "answers": 0, "toggle": False}
+    probe: dict[str, Any] = {
+        "on": False,
+        "sent": 0.0,
+        "max": 0.0,
+        "answers": 0,
+        "toggle": False,
+        "sent_wall": 0.0,
+        "waits": [],
+    }
     # What an agent-run Envoy must hold before it serves (no SDS over ADS: the agent's socket).
     required = (typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE)
 
@@ -89,8 +100,11 @@ def worker_main(
             if tuple(names) != client.subscriptions.get(typeurls.ENDPOINT, ()):
                 client.subscribe(typeurls.ENDPOINT, names)
         if node.endswith("/probe") and type_url == typeurls.ROUTE and probe["sent"]:
-            probe["max"] = max(probe["max"], time.monotonic() - probe["sent"])
+            waited = time.monotonic() - probe["sent"]
+            probe["max"] = max(probe["max"], waited)
             probe["answers"] += 1
+            if len(probe["waits"]) < MAX_PROBE_WAITS:
+                probe["waits"].append((probe["sent_wall"], waited))
             probe["sent"] = 0.0
 
     # (node, cluster) -> (the packed bytes, its EDS name): a cluster is decoded once per
@@ -213,7 +227,7 @@ def worker_main(
                 names = [n for n in client.subscriptions.get(typeurls.ROUTE, ()) if n != PROBE_NAME]
                 if probe["toggle"]:
                     names.append(PROBE_NAME)
-                probe["sent"] = time.monotonic()
+                probe["sent"], probe["sent_wall"] = time.monotonic(), time.time()
                 client.subscribe(typeurls.ROUTE, names)
             else:
                 probe["max"] = max(probe["max"], time.monotonic() - probe["sent"])
@@ -242,14 +256,17 @@ def worker_main(
                 if time.monotonic() - start > 120:
                     raise TimeoutError("the probe got no config")
                 await asyncio.sleep(0.01)
-            probe.update(on=True, max=0.0, answers=0, sent=0.0)
+            probe.update(on=True, max=0.0, answers=0, sent=0.0, waits=[])
             state["probe"] = asyncio.create_task(prober(client))
             return {"probing": True}
         if name == "probe" and rest == "off":
             probe["on"] = False
             if state.get("probe") is not None:
                 await state["probe"]
-            return {"max_stall": probe["max"], "answers": probe["answers"]}
+            waits = list(probe["waits"])
+            if probe["sent"]:  # still unanswered: it waited until now
+                waits.append((probe["sent_wall"], time.monotonic() - probe["sent"]))
+            return {"max_stall": probe["max"], "answers": probe["answers"], "waits": waits}
         return {"error": f"unknown command {line}"}
 
     async def serve() -> None:

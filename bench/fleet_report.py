@@ -3,6 +3,7 @@ growth between sizes, and delta's figures as ratios of SotW's (medians over the 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping
 from typing import Any
@@ -73,7 +74,9 @@ def report(
             f"{stage.replace('_', ' ')} {m['mesh_' + stage] * 1000:.0f}" for stage in TIMELINE
         )
         print(f"{'':8} mesh-wide edit timeline, ms after the write: "
-              f"{stages}, last ACK {m['mesh'] * 1000:.0f}")  # fmt: skip
+              f"{stages}, last ACK {m['mesh'] * 1000:.0f}; the probe's longest wait while it "
+              f"compiled {m.get('stall_compile', math.nan) * 1000:.0f} ms, while it pushed and "
+              f"read the ACKs {m.get('stall_fanout', math.nan) * 1000:.0f} ms")  # fmt: skip
     if len(sizes) > 1:
         a, b = sizes[0], sizes[-1]
         print(f"growth {a} -> {b} services ({b / a:.1f}x): cold start {med[b]['cold'] / med[a]['cold']:.1f}x, "

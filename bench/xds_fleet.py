@@ -326,6 +326,24 @@ def edit_timeline(server: Server, since: float) -> dict[str, float]:
     }
 
 
+def stall_phases(
+    waits: list[tuple[float, float]], since: float, timeline: Mapping[str, float]
+) -> dict[str, float]:
+    """The probe's longest wait in each phase of the mesh-wide edit: while the control plane
+    compiled (``stall_compile``: from compile_started to compiled, the result back on the loop)
+    and while it pushed and read the ACKs (``stall_fanout``: after compiled). A wait that spans
+    both counts its part in each; NaN when the timeline lacks the stage."""
+    begin, end = since + timeline["compile_started"], since + timeline["compiled"]
+    if math.isnan(begin) or math.isnan(end):
+        return {"stall_compile": math.nan, "stall_fanout": math.nan}
+    compiling = fanning = 0.0
+    for sent, waited in waits:
+        answered = sent + waited
+        compiling = max(compiling, min(answered, end) - max(sent, begin))
+        fanning = max(fanning, answered - max(sent, end))
+    return {"stall_compile": compiling, "stall_fanout": fanning}
+
+
 def wait_envoys(server: Server, names: list[str], since: float, timeout: float) -> None:
     """Until every named node (the real Envoys) ACKed something after ``since`` and is in sync;
     polls the filtered per-node view (the times come from its ACK records, not this loop)."""
@@ -482,6 +500,7 @@ def measure_edits(
         "mesh_resources": mesh["resources"],
         **{f"mesh_{stage}": at for stage, at in mesh_timeline.items()},
         "stall": probe["max_stall"],
+        **stall_phases(probe["waits"], start2, mesh_timeline),
         "probes": probe["answers"],
         "status": status,
         "status_nodes": status_nodes,

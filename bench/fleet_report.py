@@ -64,7 +64,9 @@ def report(
               f"{m['cold_cpu_nodes']:.1f} s; "
               f"{m['resources_cold']:.0f} resources delivered; RSS {m['rss0']:.0f} MiB compiled (streams held), "
               f"{m['rss']:.0f} MiB with every node connected ({m['rss'] / m['services']:.2f} MiB "
-              f"per service); {m['envoys']:.0f} real Envoys; probe answers {m['probes']:.0f}")  # fmt: skip
+              f"per service), and the compile worker {m.get('rss_worker', math.nan):.0f} MiB "
+              f"(the control plane: {m['rss'] + m.get('rss_worker', math.nan):.0f} MiB); "
+              f"{m['envoys']:.0f} real Envoys; probe answers {m['probes']:.0f}")  # fmt: skip
         stages = ", ".join(
             f"{stage.replace('_', ' ')} {m['one_' + stage] * 1000:.0f}" for stage in TIMELINE
         )

@@ -440,7 +440,7 @@ def measure_edits(
     work: Path, launcher: Launcher, server: Server, worker: NodeFleet, prober: Worker, ps: Any,
     nodes: list[str], edited: Any, callee: str, envoys: int, agents: Path, cold: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
-    rss = server.rss_mb()
+    rss, rss_worker = server.rss_mb(), server.compiler_rss_mb()
     real = start_envoys(
         work, launcher, server, ps, envoy_refs(ps, callee, envoys), agents, worker.ads
     )
@@ -484,6 +484,8 @@ def measure_edits(
         "envoys": len(real),
         **cold,
         "rss": rss,
+        # the compile worker's, its largest: after the cold start or after the edits
+        "rss_worker": max(rss_worker, server.compiler_rss_mb()),
         "one": one_sim,
         "one_envoy": one_real,
         "one_client": one["last_wall"] - start,
@@ -574,6 +576,7 @@ def run_burst(
                 "failure_times (started s, lasted s, types received)": connected["failure_times"],
                 "server_log": {w: log.count(w) for w in words},
                 "rss": server.rss_mb(),
+                "rss_worker": server.compiler_rss_mb(),
                 "status": status,
                 "status_nodes": status_nodes,
                 "metrics": metrics,

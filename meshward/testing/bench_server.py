@@ -144,11 +144,23 @@ class BenchServer:
     def cpu_by_thread(self) -> dict[str, float]:
         return cpu_by_thread(self.pid)
 
+    def _children(self) -> set[int]:
+        children: set[int] = set()
+        for task in Path(f"/proc/{self.pid}/task").iterdir():  # (a thread spawns the worker)
+            with contextlib.suppress(OSError):
+                children.update(int(c) for c in (task / "children").read_text().split())
+        return children
+
     def compiler_cpu_seconds(self) -> float:
         """CPU of the server's child processes (the compile worker), which cpu_seconds leaves
         out."""
-        children = set()
-        for task in Path(f"/proc/{self.pid}/task").iterdir():  # (a thread spawns the worker)
+        return sum(process_cpu(child) for child in self._children())
+
+    def compiler_rss_mb(self) -> float:
+        """Resident memory of the server's child processes (the compile worker), which
+        rss_mb leaves out: the control plane's memory is both."""
+        total = 0.0
+        for child in self._children():
             with contextlib.suppress(OSError):
-                children.update((task / "children").read_text().split())
-        return sum(process_cpu(int(child)) for child in children)
+                total += rss_mb(child)
+        return total

@@ -61,6 +61,7 @@ def worker_main(
         "answers": 0,
         "toggle": False,
         "sent_wall": 0.0,
+        "name": PROBE_NAME,
         "waits": [],
     }
     # What an agent-run Envoy must hold before it serves (no SDS over ADS: the agent's socket).
@@ -99,7 +100,12 @@ def worker_main(
             )
             if tuple(names) != client.subscriptions.get(typeurls.ENDPOINT, ()):
                 client.subscribe(typeurls.ENDPOINT, names)
-        if node.endswith("/probe") and type_url == typeurls.ROUTE and probe["sent"]:
+        if (
+            node.endswith("/probe")
+            and type_url == typeurls.ROUTE
+            and probe["sent"]
+            and (not delta or probe["name"] in response.removed_resources)
+        ):
             waited = time.monotonic() - probe["sent"]
             probe["max"] = max(probe["max"], waited)
             probe["answers"] += 1
@@ -221,12 +227,23 @@ def worker_main(
         }
 
     async def prober(client: AdsClient) -> None:
+        """SotW: the route subscription with and without a name that does not exist, in turn
+        (every SotW request is answered). Delta: a new such name each time, the previous one
+        unsubscribed (delta answers a subscribed name that does not exist in
+        removed_resources, and an unsubscribe not at all)."""
+        serial = 0
         while probe["on"]:
             if not probe["sent"]:
                 probe["toggle"] = not probe["toggle"]
-                names = [n for n in client.subscriptions.get(typeurls.ROUTE, ()) if n != PROBE_NAME]
-                if probe["toggle"]:
-                    names.append(PROBE_NAME)
+                names = [
+                    n
+                    for n in client.subscriptions.get(typeurls.ROUTE, ())
+                    if not n.startswith(PROBE_NAME)
+                ]
+                serial += 1
+                probe["name"] = f"{PROBE_NAME}-{serial}" if delta else PROBE_NAME
+                if delta or probe["toggle"]:
+                    names.append(probe["name"])
                 probe["sent"], probe["sent_wall"] = time.monotonic(), time.time()
                 client.subscribe(typeurls.ROUTE, names)
             else:

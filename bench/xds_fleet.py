@@ -420,9 +420,11 @@ def measure(
     nodes_cpu = worker.cpu_seconds() - nodes_cpu0
     # The probe in a process of its own: its answers are timed without waiting behind the
     # simulated nodes' decoding (in the nodes' process, that delay was part of it).
-    # SotW whatever the nodes speak: each subscription change gets an answer to time (a delta
-    # stream is answered only for names that exist, so its probe would wait for the next push).
-    prober = Worker(work, launcher, "probe", server, "sotw")
+    # It speaks the nodes' ADS variant: each of its subscription changes gets an answer to
+    # time (delta answers a name that does not exist in removed_resources). Until session 8
+    # it was SotW whatever the nodes spoke, so in a delta fleet each answer it timed carried
+    # its node's every route (the first node is the monitoring workload's: 1,001 routes).
+    prober = Worker(work, launcher, "probe", server, worker.ads)
     try:
         return measure_edits(work, launcher, server, worker, prober, ps, nodes, edited, callee,
                              envoys, agents, {

@@ -247,7 +247,16 @@ def worker_main(
                 probe["sent"], probe["sent_wall"] = time.monotonic(), time.time()
                 client.subscribe(typeurls.ROUTE, names)
             else:
-                probe["max"] = max(probe["max"], time.monotonic() - probe["sent"])
+                waited = time.monotonic() - probe["sent"]
+                probe["max"] = max(probe["max"], waited)
+                if delta and probe["name"] not in client.subscriptions.get(typeurls.ROUTE, ()):
+                    # The client re-subscribed its routes for a new listener and dropped the
+                    # name: no answer will come. The wait so far is kept (a lower bound on it),
+                    # and the next probe starts now.
+                    if len(probe["waits"]) < MAX_PROBE_WAITS:
+                        probe["waits"].append((probe["sent_wall"], waited))
+                    probe["sent"] = 0.0
+                    continue
             await asyncio.sleep(0.01)
 
     async def command(line: str, state: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.xds_fleet import mesh_wide_edit, write_policy
 from meshward.testing.bench_server import BenchServer
 from meshward.testing.processes import Launcher
 
@@ -55,44 +58,10 @@ def prepare(work: Path, services: int, replicas: int) -> tuple[Any, list[str]]:
         (directory / "key.pem").write_bytes(svid.private_key_pem)
         nodes += [f"{w.ref}/r{i}" for i in range(replicas)]
     (creds / "ca.pem").write_bytes(ca.trust_bundle().roots_pem)
+    (work / "policies").mkdir(exist_ok=True)
     write_policy(work / "policies", ps)
     (work / "nodes.json").write_text(json.dumps(nodes))
     return ps, nodes
-
-
-def write_policy(directory: Path, ps: Any) -> None:
-    from meshward.policy import canonical
-
-    directory.mkdir(exist_ok=True)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for doc in ps.canonical_documents():
-        name = "_mesh" if doc["kind"] == "MeshConfig" else doc["metadata"]["namespace"]
-        groups.setdefault(name, []).append(doc)
-    for name, docs in groups.items():
-        target = directory / f"{name}.yaml"
-        text = canonical.dump_documents(docs)
-        if target.exists() and target.read_text() == text:
-            continue
-        tmp = directory / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(target)
-
-
-def mesh_wide_edit(ps: Any) -> Any:
-    from meshward.policy.model import Action, AuthorizationPolicy, Operation, Rule
-    from meshward.policy.policyset import PolicySet
-
-    deny = AuthorizationPolicy(
-        namespace=ps.mesh.root_namespace,
-        name="deny-debug",
-        action=Action.DENY,
-        rules=(Rule(operations=(Operation(paths=("/debug", "/debug/*")),)),),
-    )
-    return PolicySet.create(
-        mesh=ps.mesh,
-        workloads=ps.workloads,
-        authorization_policies=[*ps.authorization_policies, deny],
-    )
 
 
 def start_server(launcher: Launcher, work: Path, path: str | None) -> BenchServer:

@@ -173,8 +173,8 @@ class _Worker:
                 continue
             pairs.append((old, config))
             if old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error):
-                keys = tuple(r.key for items in config.resources.values() for r in items)
-                workloads[ref] = (keys, config.error)
+                # the keys in the order of its resources (compiling.WorkloadConfig)
+                workloads[ref] = (config.fingerprint, config.error)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
         pairs.extend((previous[ref], None) for ref in removed)
         bodies, dropped = self._recount(pairs)

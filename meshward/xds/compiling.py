@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from meshward.compile import spliced
 from meshward.policy import PolicySet, Workload
 from meshward.xds.resources import Resource, make_resource
 
@@ -73,9 +74,21 @@ def mesh_compiler(compiler: WorkloadCompiler) -> MeshCompiler:
     return every_workload
 
 
+class Messages(list[Any]):
+    """A workload's messages (an :data:`Outcome`) with the runs of shared tuples they are made
+    of (meshward.compile.spliced): packing and fingerprinting then do their per-message work
+    once per shared tuple, not once per workload holding it."""
+
+    def __init__(self, runs: spliced.Runs) -> None:
+        super().__init__(spliced.flat(runs))
+        self.runs = runs
+
+
 @dataclass
 class WorkloadConfig:
     resources: dict[str, list[Resource]] = field(default_factory=dict)
+    # Every resource's key in the order of ``resources`` (type by type, as compiled: sorted by
+    # name). Compared for equality only: the same resources give the same fingerprint.
     fingerprint: tuple[tuple[str, str, str], ...] = ()
     error: str | None = None
     # The compiler's message list this was packed from: the compiler hands out the same list
@@ -86,6 +99,24 @@ class WorkloadConfig:
 
 #: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)
 Packed = Mapping[int, tuple[Any, Resource]]
+#: (type URL, name, hash)
+Key = tuple[str, str, str]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTuple:
+    """A shared tuple of protos (meshward.compile.spliced), packed once for every workload
+    holding a run of it: its Resources, their keys, and their type URL when they all have one
+    (the compiler's shared tuples do: one kind each). Holds the tuple so its id is not reused."""
+
+    messages: tuple[Any, ...]
+    resources: tuple[Resource, ...]
+    keys: tuple[Key, ...]
+    type_url: str | None
+
+
+#: id(shared tuple) -> its packing
+PackedShared = Mapping[int, PackedTuple]
 
 
 @dataclass(frozen=True)
@@ -98,25 +129,92 @@ class Compiled:
     configs: dict[str, WorkloadConfig]
     changed: set[str]  # refs whose resources changed (added and removed included)
     packed: Packed
+    shared: PackedShared = field(default_factory=dict)
 
 
-def _pack(
-    messages: Iterable[Any], previous: Packed, packed: dict[int, tuple[Any, Resource]]
-) -> dict[str, list[Resource]]:
-    by_type: dict[str, list[Resource]] = {}
-    for message in messages:
+class _Packer:
+    """One compile's packing: each distinct proto packed once (or taken from the previous
+    compile's table), each shared tuple packed once (:class:`PackedTuple`); ``packed`` and
+    ``shared`` end up holding what the result holds, for the next compile."""
+
+    def __init__(self, previous: Packed, previous_shared: PackedShared) -> None:
+        self.previous = previous
+        self.previous_shared = previous_shared
+        self.packed: dict[int, tuple[Any, Resource]] = {}
+        self.shared: dict[int, PackedTuple] = {}
+
+    def one(self, message: Any) -> Resource:
         key = id(message)
-        hit = packed.get(key) or previous.get(key)
+        hit = self.packed.get(key) or self.previous.get(key)
         if hit is None or hit[0] is not message:
             hit = (message, make_resource(message))
-        packed[key] = hit
-        resource = hit[1]
-        by_type.setdefault(resource.type_url, []).append(resource)
-    return by_type
+        self.packed[key] = hit
+        return hit[1]
 
+    def tuple_(self, messages: tuple[Any, ...]) -> PackedTuple:
+        key = id(messages)
+        hit = self.shared.get(key)
+        if hit is not None and hit.messages is messages:
+            return hit
+        hit = self.previous_shared.get(key)
+        if hit is not None and hit.messages is messages:
+            packed, previous = self.packed, self.previous  # keep its protos' packing too
+            for message in messages:
+                if (found := previous.get(id(message))) is not None:
+                    packed[id(message)] = found
+        else:
+            resources = tuple(map(self.one, messages))
+            kinds = {r.type_url for r in resources}
+            hit = PackedTuple(
+                messages,
+                resources,
+                tuple(r.key for r in resources),
+                next(iter(kinds)) if len(kinds) == 1 else None,
+            )
+        self.shared[key] = hit
+        return hit
 
-def _fingerprint(resources: dict[str, list[Resource]]) -> tuple[tuple[str, str, str], ...]:
-    return tuple(sorted(r.key for items in resources.values() for r in items))
+    def config(self, outcome: Sequence[Any]) -> WorkloadConfig:
+        """A workload's packed config: per run of a shared tuple, C-level slices of its
+        packing; per message of its own, one lookup."""
+        runs = outcome.runs if isinstance(outcome, Messages) else spliced.own(tuple(outcome))
+        by_type: dict[str, list[Resource]] = {}
+        keys: dict[str, list[Key]] = {}
+        for shared, start, stop, mine in runs:
+            if stop > start:
+                packed = self.tuple_(shared)
+                if packed.type_url is not None:
+                    by_type.setdefault(packed.type_url, []).extend(packed.resources[start:stop])
+                    keys.setdefault(packed.type_url, []).extend(packed.keys[start:stop])
+                else:
+                    for resource in packed.resources[start:stop]:
+                        by_type.setdefault(resource.type_url, []).append(resource)
+                        keys.setdefault(resource.type_url, []).append(resource.key)
+            for message in mine:
+                resource = self.one(message)
+                by_type.setdefault(resource.type_url, []).append(resource)
+                keys.setdefault(resource.type_url, []).append(resource.key)
+        fingerprint = tuple(k for group in keys.values() for k in group)
+        return WorkloadConfig(by_type, fingerprint, source=outcome)
+
+    def keep(self, outcome: Sequence[Any]) -> None:
+        """Carry an unchanged workload's packing over to the next compile."""
+        runs = outcome.runs if isinstance(outcome, Messages) else spliced.own(tuple(outcome))
+        for shared, start, stop, mine in runs:
+            if stop > start:
+                hit = self.previous_shared.get(id(shared))
+                if hit is not None and hit.messages is shared:
+                    self.tuple_(shared)  # once per shared tuple, with its protos' packing
+                else:
+                    for message in shared[start:stop]:
+                        self._carry(message)
+            for message in mine:
+                self._carry(message)
+
+    def _carry(self, message: Any) -> None:
+        hit = self.previous.get(id(message))
+        if hit is not None:
+            self.packed[id(message)] = hit
 
 
 def compile_configs(
@@ -128,14 +226,16 @@ def compile_configs(
     packed: Packed,
     *,
     quiet: bool = False,
+    shared: PackedShared | None = None,
 ) -> Compiled:
     """Compile ``policy`` and pack the result. A workload whose compile failed keeps its
     previous config (with the error), logged in one line unless ``quiet`` (the first compile's
-    errors are the caller's to report: `xds serve` refuses to start). Pure: safe to run in a
-    worker thread."""
+    errors are the caller's to report: `xds serve` refuses to start). ``packed``/``shared``:
+    the previous result's packing (:class:`Compiled`), reused for the protos and shared tuples
+    still held. Pure: safe to run in a worker thread."""
     next_state, outcomes = compiler(policy, now, state)
     fresh: dict[str, WorkloadConfig] = {}
-    now_packed: dict[int, tuple[Any, Resource]] = {}
+    packer = _Packer(packed, shared or {})
     changed: set[str] = set()
     for workload in policy.workloads:
         ref = workload.ref
@@ -150,19 +250,15 @@ def compile_configs(
                 outcome,
             )
         elif previous is not None and previous.source is outcome and previous.error is None:
-            for message in outcome:  # keep their packing for the next compile
-                hit = packed.get(id(message))
-                if hit is not None:
-                    now_packed[id(message)] = hit
+            packer.keep(outcome)  # keep their packing for the next compile
             config = previous
         else:
-            resources = _pack(outcome, packed, now_packed)
-            config = WorkloadConfig(resources, _fingerprint(resources), source=outcome)
+            config = packer.config(outcome)
         fresh[ref] = config
         if previous is None or previous.fingerprint != config.fingerprint:
             changed.add(ref)
     changed.update(ref for ref in configs if ref not in fresh)
-    return Compiled(policy, now, next_state, fresh, changed, now_packed)
+    return Compiled(policy, now, next_state, fresh, changed, packer.packed, packer.shared)
 
 
 class ConfigCompiler(Protocol):
@@ -195,6 +291,7 @@ class LocalCompile:
         self._mesh = mesh
         self._state: Any = None
         self._packed: Packed = {}
+        self._shared: PackedShared = {}
 
     def __call__(
         self,
@@ -207,9 +304,9 @@ class LocalCompile:
     ) -> Compiled:
         compiled = compile_configs(
             self._mesh, policy, now, None if full else self._state, configs, self._packed,
-            quiet=quiet,
+            quiet=quiet, shared=self._shared,
         )  # fmt: skip
-        self._state, self._packed = compiled.state, compiled.packed
+        self._state, self._packed, self._shared = compiled.state, compiled.packed, compiled.shared
         return compiled
 
     def status(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class MeshCompiler:
         self._checked_shared: CheckedShared = {}
         # ref -> (its compile result, the message list handed out for it): a result with the
         # same messages hands out the same list, which the packing step recognizes and skips.
-        self._handed: dict[str, tuple[Any, list[Any]]] = {}
+        self._handed: dict[str, tuple[Any, Sequence[Any]]] = {}
 
     @property
     def options(self) -> Any:
@@ -102,14 +102,15 @@ class MeshCompiler:
         refused: dict[str, tuple[Any, str]] = {}
         checked: Checked = {}
         checked_shared: CheckedShared = {}
-        handed: dict[str, tuple[Any, list[Any]]] = {}
+        handed: dict[str, tuple[Any, Sequence[Any]]] = {}
+        recompiled_refs = recompiled.workloads  # a union of sets: not once per workload
         for ref, compiled in state.results.items():
             # The Envoy-limits backstop, only where something was recompiled: the rest was
             # checked when it was built (and stays refused while it is the same result).
             earlier = self._refused.get(ref)
             if earlier is not None and earlier[0] is compiled:
                 refused[ref] = earlier
-            elif ref in recompiled.workloads or previous is None:
+            elif ref in recompiled_refs or previous is None:
                 problems = self._problems(compiled, checked, checked_shared)
                 if problems:
                     reason = f"{compiled.workload}: " + "; ".join(problems[:3])

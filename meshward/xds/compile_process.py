@@ -61,6 +61,7 @@ from meshward.xds.compiling import (
     CompileFailed,
     LocalCompile,
     WorkloadConfig,
+    fingerprint_of,
 )
 from meshward.xds.resources import Resource
 
@@ -172,9 +173,8 @@ class _Worker:
             if old is config:
                 continue
             pairs.append((old, config))
-            if old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error):
-                # the keys in the order of its resources (compiling.WorkloadConfig)
-                workloads[ref] = (config.fingerprint, config.error)
+            if old is None or old.error != config.error or not config.same_resources(old):
+                workloads[ref] = (config.keys(), config.error)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
         pairs.extend((previous[ref], None) for ref in removed)
         bodies, dropped = self._recount(pairs)
@@ -417,7 +417,7 @@ class CompileProcess:
             resources: dict[str, list[Resource]] = {}
             for key in keys:
                 resources.setdefault(key[0], []).append(table[key])
-            mirror[ref] = WorkloadConfig(resources, tuple(sorted(keys)), error)
+            mirror[ref] = WorkloadConfig(resources, fingerprint_of(keys), error)
             if error is not None and not quiet:
                 log.error("compiling %s failed; it keeps its previous config: %s", ref, error)
         if len(table) != delta.live:  # (never: the worker said what it dropped) rebuild it
@@ -433,7 +433,7 @@ class CompileProcess:
             ref
             for ref, config in mirror.items()
             if (old := configs.get(ref)) is not config
-            and (old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error))
+            and (old is None or old.error != config.error or not config.same_resources(old))
         }
         changed.update(ref for ref in configs if ref not in mirror)
         return Compiled(policy, now, None, dict(mirror), changed, {})

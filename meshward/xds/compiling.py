@@ -28,7 +28,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from meshward.compile import spliced
 from meshward.policy import PolicySet, Workload
@@ -74,33 +74,75 @@ def mesh_compiler(compiler: WorkloadCompiler) -> MeshCompiler:
     return every_workload
 
 
-class Messages(list[Any]):
-    """A workload's messages (an :data:`Outcome`) with the runs of shared tuples they are made
-    of (meshward.compile.spliced): packing and fingerprinting then do their per-message work
-    once per shared tuple, not once per workload holding it."""
+class Messages(Sequence[Any]):
+    """A workload's messages (an :data:`Outcome`) as the runs of shared tuples they are made of
+    (meshward.compile.spliced): packing and fingerprinting do their per-message work once per
+    shared tuple, not once per workload holding it. Not flattened unless read as a sequence
+    (at N workloads each holding ~N messages, every flat copy is O(N^2) references)."""
 
     def __init__(self, runs: spliced.Runs) -> None:
-        super().__init__(spliced.flat(runs))
         self.runs = runs
+
+    def __len__(self) -> int:
+        return sum(stop - start + len(mine) for _, start, stop, mine in self.runs)
+
+    def __iter__(self) -> Iterator[Any]:
+        for shared, start, stop, mine in self.runs:
+            yield from shared[start:stop]
+            yield from mine
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Any, ...]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        return spliced.flat(self.runs)[index]
+
+
+#: (type URL, name, hash)
+Key = tuple[str, str, str]
+#: A workload's resource keys in the order of its resources, as runs: (keys, start, stop) is
+#: keys[start:stop]; a shared tuple's keys are one object for every workload holding a run.
+Fingerprint = tuple[tuple[tuple[Key, ...], int, int], ...]
+
+
+def fingerprint_of(keys: Sequence[Key]) -> Fingerprint:
+    """``keys`` (in the order of the resources) as a :data:`Fingerprint` of one run."""
+    return ((tuple(keys), 0, len(keys)),) if keys else ()
 
 
 @dataclass
 class WorkloadConfig:
     resources: dict[str, list[Resource]] = field(default_factory=dict)
     # Every resource's key in the order of ``resources`` (type by type, as compiled: sorted by
-    # name). Compared for equality only: the same resources give the same fingerprint.
-    fingerprint: tuple[tuple[str, str, str], ...] = ()
+    # name), as runs of shared key tuples: compare with :meth:`same_resources`.
+    fingerprint: Fingerprint = ()
     error: str | None = None
     # The compiler's message list this was packed from: the compiler hands out the same list
     # for an unchanged workload, which is then not packed and fingerprinted again (a one-policy
     # edit costs O(affected workloads) here, not O(every resource of the mesh)).
     source: Any = field(default=None, compare=False, repr=False)
 
+    def keys(self) -> tuple[Key, ...]:
+        """Every resource's key, in the order of ``resources`` (C-level slices of the runs)."""
+        runs = self.fingerprint
+        if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == len(runs[0][0]):
+            return runs[0][0]
+        out: list[Key] = []
+        for keys, start, stop in runs:
+            out.extend(keys[start:stop])
+        return tuple(out)
+
+    def same_resources(self, other: WorkloadConfig | None) -> bool:
+        """``other`` holds the same resources in the same order: the same runs (identical key
+        tuples compare in O(1)), or else the same keys."""
+        if other is None:
+            return False
+        return self.fingerprint == other.fingerprint or self.keys() == other.keys()
+
 
 #: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)
 Packed = Mapping[int, tuple[Any, Resource]]
-#: (type URL, name, hash)
-Key = tuple[str, str, str]
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,22 +221,32 @@ class _Packer:
         packing; per message of its own, one lookup."""
         runs = outcome.runs if isinstance(outcome, Messages) else spliced.own(tuple(outcome))
         by_type: dict[str, list[Resource]] = {}
-        keys: dict[str, list[Key]] = {}
+        runs_of: dict[str, list[tuple[tuple[Key, ...], int, int]]] = {}
+        loose: dict[str, list[Key]] = {}  # own keys since the type's last shared run
+
+        def settle(type_url: str) -> None:
+            keys = loose.pop(type_url, None)
+            if keys:
+                runs_of.setdefault(type_url, []).append((tuple(keys), 0, len(keys)))
+
         for shared, start, stop, mine in runs:
             if stop > start:
                 packed = self.tuple_(shared)
                 if packed.type_url is not None:
                     by_type.setdefault(packed.type_url, []).extend(packed.resources[start:stop])
-                    keys.setdefault(packed.type_url, []).extend(packed.keys[start:stop])
+                    settle(packed.type_url)
+                    runs_of.setdefault(packed.type_url, []).append((packed.keys, start, stop))
                 else:
                     for resource in packed.resources[start:stop]:
                         by_type.setdefault(resource.type_url, []).append(resource)
-                        keys.setdefault(resource.type_url, []).append(resource.key)
+                        loose.setdefault(resource.type_url, []).append(resource.key)
             for message in mine:
                 resource = self.one(message)
                 by_type.setdefault(resource.type_url, []).append(resource)
-                keys.setdefault(resource.type_url, []).append(resource.key)
-        fingerprint = tuple(k for group in keys.values() for k in group)
+                loose.setdefault(resource.type_url, []).append(resource.key)
+        for type_url in list(loose):
+            settle(type_url)
+        fingerprint = tuple(run for type_url in by_type for run in runs_of.get(type_url, ()))
         return WorkloadConfig(by_type, fingerprint, source=outcome)
 
     def keep(self, outcome: Sequence[Any]) -> None:
@@ -255,7 +307,7 @@ def compile_configs(
         else:
             config = packer.config(outcome)
         fresh[ref] = config
-        if previous is None or previous.fingerprint != config.fingerprint:
+        if not config.same_resources(previous):
             changed.add(ref)
     changed.update(ref for ref in configs if ref not in fresh)
     return Compiled(policy, now, next_state, fresh, changed, packer.packed, packer.shared)

@@ -138,7 +138,17 @@ class WorkloadConfig:
         tuples compare in O(1)), or else the same keys."""
         if other is None:
             return False
-        return self.fingerprint == other.fingerprint or self.keys() == other.keys()
+        mine, theirs = self.fingerprint, other.fingerprint
+        if len(mine) == len(theirs) and all(
+            a[2] - a[1] == b[2] - b[1] for a, b in zip(mine, theirs, strict=True)
+        ):  # runs of the same lengths: compared run by run (a shared one by identity)
+            return all(
+                a == b or a[0][a[1] : a[2]] == b[0][b[1] : b[2]]
+                for a, b in zip(mine, theirs, strict=True)
+            )
+        if sum(r[2] - r[1] for r in mine) != sum(r[2] - r[1] for r in theirs):
+            return False
+        return self.keys() == other.keys()
 
 
 #: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)

@@ -63,6 +63,7 @@ from meshward.xds.compiling import (
     WorkloadConfig,
     fingerprint_of,
 )
+from meshward.xds.refcount import RefCounts
 from meshward.xds.resources import Resource
 
 log = logging.getLogger("meshward.xds")
@@ -155,9 +156,9 @@ class _Worker:
         self.compiler = compiler_for(options, agent_secrets=agent_secrets)
         self.local = LocalCompile(mesh_compiler(self.compiler))
         self.configs: dict[str, WorkloadConfig] = {}
-        # Key -> how many workload resources refer to it, over the previous answer's result:
-        # what the parent holds (its keys) and when a key first appears
-        self.live: dict[Key, int] = {}
+        # How many workloads hold each key over the previous answer's result (counted per
+        # shared tuple where possible): what the parent holds and when a key first appears
+        self.live = RefCounts()
         self.policy: PolicySet | None = None  # the set compiled last (a delta's base)
 
     def compile(
@@ -174,39 +175,12 @@ class _Worker:
                 continue
             pairs.append((old, config))
             if old is None or old.error != config.error or not config.same_resources(old):
-                workloads[ref] = (config.keys(), config.error)
+                workloads[ref] = (config.flat_keys(), config.error)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
         pairs.extend((previous[ref], None) for ref in removed)
-        bodies, dropped = self._recount(pairs)
+        fresh, dropped = self.live.recount(pairs)
+        bodies = {key: _body(resource) for key, resource in fresh.items()}
         return Delta(workloads, removed, bodies, len(self.live), dropped)
-
-    def _recount(
-        self, pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]]
-    ) -> tuple[dict[Key, Body], tuple[Key, ...]]:
-        """Move the references of the workloads whose config changed from the old config to
-        the new one (O(their resources), not O(the mesh's)); the bodies of the keys no
-        workload held before, which the parent has not been sent, and the keys no workload
-        holds any more."""
-        live = self.live
-        for old, _ in pairs:
-            for items in old.resources.values() if old is not None else ():
-                for r in items:
-                    live[r.key] -= 1
-        bodies: dict[Key, Body] = {}
-        for _, new in pairs:
-            for items in new.resources.values() if new is not None else ():
-                for r in items:
-                    key = r.key
-                    if key not in live:
-                        live[key] = 0
-                        bodies[key] = _body(r)
-                    live[key] += 1
-        dropped = {k: None for old, _ in pairs if old is not None
-                   for items in old.resources.values() for r in items
-                   if live.get(k := r.key) == 0}  # fmt: skip
-        for key in dropped:
-            del live[key]
-        return bodies, tuple(dropped)
 
 
 def _body(resource: Resource) -> Body:

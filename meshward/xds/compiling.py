@@ -122,8 +122,12 @@ class WorkloadConfig:
     # for an unchanged workload, which is then not packed and fingerprinted again (a one-policy
     # edit costs O(affected workloads) here, not O(every resource of the mesh)).
     source: Any = field(default=None, compare=False, repr=False)
+    # Per run of ``fingerprint``, the Resources its key tuple names (a shared tuple's packing
+    # for a shared run): the compile worker counts references per shared tuple with them
+    # (meshward.xds.refcount). Empty for configs not packed here.
+    rows: tuple[tuple[Resource, ...], ...] = field(default=(), compare=False, repr=False)
 
-    def keys(self) -> tuple[Key, ...]:
+    def flat_keys(self) -> tuple[Key, ...]:
         """Every resource's key, in the order of ``resources`` (C-level slices of the runs)."""
         runs = self.fingerprint
         if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == len(runs[0][0]):
@@ -148,7 +152,7 @@ class WorkloadConfig:
             )
         if sum(r[2] - r[1] for r in mine) != sum(r[2] - r[1] for r in theirs):
             return False
-        return self.keys() == other.keys()
+        return self.flat_keys() == other.flat_keys()
 
 
 #: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)
@@ -231,13 +235,14 @@ class _Packer:
         packing; per message of its own, one lookup."""
         runs = outcome.runs if isinstance(outcome, Messages) else spliced.own(tuple(outcome))
         by_type: dict[str, list[Resource]] = {}
-        runs_of: dict[str, list[tuple[tuple[Key, ...], int, int]]] = {}
-        loose: dict[str, list[Key]] = {}  # own keys since the type's last shared run
+        runs_of: dict[str, list[tuple[tuple[tuple[Key, ...], int, int], tuple[Resource, ...]]]] = {}
+        loose: dict[str, list[Resource]] = {}  # own resources since the type's last shared run
 
         def settle(type_url: str) -> None:
-            keys = loose.pop(type_url, None)
-            if keys:
-                runs_of.setdefault(type_url, []).append((tuple(keys), 0, len(keys)))
+            mine = loose.pop(type_url, None)
+            if mine:
+                keys = tuple(r.key for r in mine)
+                runs_of.setdefault(type_url, []).append(((keys, 0, len(keys)), tuple(mine)))
 
         for shared, start, stop, mine in runs:
             if stop > start:
@@ -245,19 +250,26 @@ class _Packer:
                 if packed.type_url is not None:
                     by_type.setdefault(packed.type_url, []).extend(packed.resources[start:stop])
                     settle(packed.type_url)
-                    runs_of.setdefault(packed.type_url, []).append((packed.keys, start, stop))
+                    runs_of.setdefault(packed.type_url, []).append(
+                        ((packed.keys, start, stop), packed.resources)
+                    )
                 else:
                     for resource in packed.resources[start:stop]:
                         by_type.setdefault(resource.type_url, []).append(resource)
-                        loose.setdefault(resource.type_url, []).append(resource.key)
+                        loose.setdefault(resource.type_url, []).append(resource)
             for message in mine:
                 resource = self.one(message)
                 by_type.setdefault(resource.type_url, []).append(resource)
-                loose.setdefault(resource.type_url, []).append(resource.key)
+                loose.setdefault(resource.type_url, []).append(resource)
         for type_url in list(loose):
             settle(type_url)
-        fingerprint = tuple(run for type_url in by_type for run in runs_of.get(type_url, ()))
-        return WorkloadConfig(by_type, fingerprint, source=outcome)
+        both = [run for type_url in by_type for run in runs_of.get(type_url, ())]
+        return WorkloadConfig(
+            by_type,
+            tuple(run for run, _ in both),
+            source=outcome,
+            rows=tuple(rows for _, rows in both),
+        )
 
     def keep(self, outcome: Sequence[Any]) -> None:
         """Carry an unchanged workload's packing over to the next compile."""
@@ -310,6 +322,7 @@ def compile_configs(
                 previous.resources if previous else {},
                 previous.fingerprint if previous else (),
                 outcome,
+                rows=previous.rows if previous else (),
             )
         elif previous is not None and previous.source is outcome and previous.error is None:
             packer.keep(outcome)  # keep their packing for the next compile

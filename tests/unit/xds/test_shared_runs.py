@@ -145,10 +145,10 @@ def test_fingerprints_compare_by_content_whatever_their_runs() -> None:
     other = WorkloadConfig(fingerprint=((keys, 0, 2), (keys, 3, 6)))
     changed = WorkloadConfig(fingerprint=((keys, 0, 2), ((*keys[2:5], ("t", "n5", "x")), 0, 4)))
     assert one.same_resources(split) and split.same_resources(one)
-    assert split.same_resources(same_split) and one.keys() == split.keys() == keys
+    assert split.same_resources(same_split) and one.flat_keys() == split.flat_keys() == keys
     assert not one.same_resources(other) and not other.same_resources(one)
     assert not split.same_resources(changed) and not one.same_resources(None)
-    assert WorkloadConfig().keys() == () and WorkloadConfig().same_resources(WorkloadConfig())
+    assert WorkloadConfig().flat_keys() == () and WorkloadConfig().same_resources(WorkloadConfig())
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +201,6 @@ def test_the_stage_over_random_edits_equals_a_fresh_compile(
                             assert by_key.setdefault(r.key, id(r)) == id(r)
                         assert [
                             r.key for items in config.resources.values() for r in items
-                        ] == list(config.keys())
+                        ] == list(config.flat_keys())
             else:
                 there = compiled.configs

@@ -144,7 +144,10 @@ class MeshCompiler:
     ) -> list[str]:
         """What :func:`check_resources` finds, in message order, each distinct message checked
         once and each shared tuple once (a refused message in it refuses every holder)."""
+        from meshward.compile.envoy_limits import message_problems
+
         problems: list[str] = []
+        previous = self._checked
         for runs in compiled.runs_by_type().values():
             for shared, start, stop, mine in runs:
                 if stop > start:
@@ -154,8 +157,13 @@ class MeshCompiler:
                         hi = bisect.bisect_left(found, stop, key=_POSITION)
                         for _, listed in found[lo:hi]:
                             problems.extend(listed)
-                for message in mine:
-                    problems.extend(self._message_problems(message, checked))
+                for message in mine:  # (inlined: _message_problems)
+                    key = id(message)
+                    hit = checked.get(key) or previous.get(key)
+                    if hit is None or hit[0] is not message:
+                        hit = (message, message_problems(message))
+                    checked[key] = hit
+                    problems.extend(hit[1])
         return problems
 
     def _shared_problems(

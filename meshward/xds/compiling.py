@@ -244,6 +244,7 @@ class _Packer:
                 keys = tuple(r.key for r in mine)
                 runs_of.setdefault(type_url, []).append(((keys, 0, len(keys)), tuple(mine)))
 
+        packed_now, previous = self.packed, self.previous
         for shared, start, stop, mine in runs:
             if stop > start:
                 packed = self.tuple_(shared)
@@ -257,10 +258,19 @@ class _Packer:
                     for resource in packed.resources[start:stop]:
                         by_type.setdefault(resource.type_url, []).append(resource)
                         loose.setdefault(resource.type_url, []).append(resource)
-            for message in mine:
-                resource = self.one(message)
-                by_type.setdefault(resource.type_url, []).append(resource)
-                loose.setdefault(resource.type_url, []).append(resource)
+            last = ""
+            for message in mine:  # (inlined: one lookup per own message, as the flat pass)
+                hit = packed_now.get(id(message)) or previous.get(id(message))
+                if hit is None or hit[0] is not message:
+                    hit = (message, make_resource(message))
+                packed_now[id(message)] = hit
+                resource = hit[1]
+                if resource.type_url != last:
+                    last = resource.type_url
+                    group = by_type.setdefault(last, [])
+                    own_group = loose.setdefault(last, [])
+                group.append(resource)
+                own_group.append(resource)
         for type_url in list(loose):
             settle(type_url)
         both = [run for type_url in by_type for run in runs_of.get(type_url, ())]

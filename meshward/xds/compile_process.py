@@ -8,7 +8,8 @@ parent runs threads and an event loop) keeps the whole incremental compile state
 with only what changed since its previous answer, already packed:
 
 - per workload whose resources or error changed: its resource keys ``(type URL, name, hash)``
-  in order, and its error;
+  in order, as runs of key tuples (a mesh-wide tuple that every caller holds most of is sent
+  once, and the parent looks it up once: meshward.compile.spliced), and its error;
 - per key this parent has not been sent yet: the packed bytes and the names it depends on.
 
 The policy set goes the other way as only the documents that differ from the set the worker
@@ -51,7 +52,7 @@ from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import any_pb2
 
@@ -59,9 +60,9 @@ from meshward.policy import PolicySet
 from meshward.xds.compiling import (
     Compiled,
     CompileFailed,
+    Fingerprint,
     LocalCompile,
     WorkloadConfig,
-    fingerprint_of,
 )
 from meshward.xds.refcount import RefCounts
 from meshward.xds.resources import Resource
@@ -78,7 +79,9 @@ Body = tuple[bytes, tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str
 class Delta:
     """One compile's answer: what changed since the worker's previous answer."""
 
-    workloads: dict[str, tuple[tuple[Key, ...], str | None]]  # changed ref -> (keys, error)
+    # changed ref -> (its resources' keys as runs of key tuples, compiling.Fingerprint: a
+    # shared tuple is pickled once per answer, not once per workload; its error)
+    workloads: dict[str, tuple[Fingerprint, str | None]]
     removed: tuple[str, ...]  # refs no longer in the set
     bodies: dict[Key, Body]  # keys the parent was not sent before
     live: int  # distinct keys of the whole result (the parent's table size after this)
@@ -167,7 +170,7 @@ class _Worker:
         self.compiler.jwks.documents = dict(jwks)
         compiled = self.local(policy, now, self.configs, full=full, quiet=True)
         previous, self.configs = self.configs, compiled.configs
-        workloads: dict[str, tuple[tuple[Key, ...], str | None]] = {}
+        workloads: dict[str, tuple[Fingerprint, str | None]] = {}
         pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]] = []
         for ref, config in compiled.configs.items():
             old = previous.get(ref)
@@ -175,7 +178,7 @@ class _Worker:
                 continue
             pairs.append((old, config))
             if old is None or old.error != config.error or not config.same_resources(old):
-                workloads[ref] = (config.flat_keys(), config.error)
+                workloads[ref] = (config.fingerprint, config.error)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
         pairs.extend((previous[ref], None) for ref in removed)
         fresh, dropped = self.live.recount(pairs)
@@ -387,11 +390,9 @@ class CompileProcess:
         mirror = dict(self._mirror)
         for ref in delta.removed:
             mirror.pop(ref, None)
-        for ref, (keys, error) in delta.workloads.items():
-            resources: dict[str, list[Resource]] = {}
-            for key in keys:
-                resources.setdefault(key[0], []).append(table[key])
-            mirror[ref] = WorkloadConfig(resources, fingerprint_of(keys), error)
+        rows_of: dict[int, tuple[tuple[Resource | None, ...], str | None]] = {}
+        for ref, (runs, error) in delta.workloads.items():
+            mirror[ref] = _config(runs, error, table, rows_of)
             if error is not None and not quiet:
                 log.error("compiling %s failed; it keeps its previous config: %s", ref, error)
         if len(table) != delta.live:  # (never: the worker said what it dropped) rebuild it
@@ -426,6 +427,36 @@ class CompileProcess:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _config(
+    runs: Fingerprint,
+    error: str | None,
+    table: Mapping[Key, Resource],
+    rows_of: dict[int, tuple[tuple[Resource | None, ...], str | None]],
+) -> WorkloadConfig:
+    """A workload's config from its runs of keys: each key tuple looked up in ``table`` once
+    per answer (a shared one for every workload holding a run of it; positions no workload
+    holds are None and in no run), then sliced per run."""
+    resources: dict[str, list[Resource]] = {}
+    rows: list[tuple[Resource, ...]] = []
+    for keys, start, stop in runs:
+        hit = rows_of.get(id(keys))
+        if hit is None:
+            kinds = {key[0] for key in keys}
+            found = tuple(table.get(key) for key in keys)
+            hit = rows_of[id(keys)] = (found, kinds.pop() if len(kinds) == 1 else None)
+        found, kind = hit
+        held = cast(tuple[Resource, ...], found[start:stop])
+        if None in held:
+            raise KeyError(f"a resource the compile worker named was not sent: {keys[start:stop]}")
+        if kind is not None:
+            resources.setdefault(kind, []).extend(held)
+        else:
+            for resource in held:
+                resources.setdefault(resource.type_url, []).append(resource)
+        rows.append(cast(tuple[Resource, ...], found))
+    return WorkloadConfig(resources, runs, error, rows=tuple(rows))
 
 
 def _resource(key: Key, body: Body) -> Resource:

@@ -138,21 +138,28 @@ class WorkloadConfig:
         return tuple(out)
 
     def same_resources(self, other: WorkloadConfig | None) -> bool:
-        """``other`` holds the same resources in the same order: the same runs (identical key
-        tuples compare in O(1)), or else the same keys."""
+        """``other`` holds the same resources in the same order. Runs of the same lengths are
+        compared run by run: the same key tuple and bounds in O(1), else the same Resource
+        objects (pointer comparisons: the compile process's parent keeps one Resource per
+        key, each answer's key tuples being new objects), else the keys themselves."""
         if other is None:
             return False
         mine, theirs = self.fingerprint, other.fingerprint
-        if len(mine) == len(theirs) and all(
-            a[2] - a[1] == b[2] - b[1] for a, b in zip(mine, theirs, strict=True)
-        ):  # runs of the same lengths: compared run by run (a shared one by identity)
-            return all(
-                a == b or a[0][a[1] : a[2]] == b[0][b[1] : b[2]]
-                for a, b in zip(mine, theirs, strict=True)
-            )
-        if sum(r[2] - r[1] for r in mine) != sum(r[2] - r[1] for r in theirs):
-            return False
-        return self.flat_keys() == other.flat_keys()
+        if len(mine) != len(theirs) or any(
+            a[2] - a[1] != b[2] - b[1] for a, b in zip(mine, theirs, strict=True)
+        ):
+            if sum(r[2] - r[1] for r in mine) != sum(r[2] - r[1] for r in theirs):
+                return False
+            return self.flat_keys() == other.flat_keys()
+        rows = len(self.rows) == len(mine) and len(other.rows) == len(theirs)
+        for j, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            if a[0] is b[0] and a[1] == b[1]:
+                continue
+            if rows and self.rows[j][a[1] : a[2]] == other.rows[j][b[1] : b[2]]:
+                continue
+            if a[0][a[1] : a[2]] != b[0][b[1] : b[2]]:
+                return False
+        return True
 
 
 #: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)

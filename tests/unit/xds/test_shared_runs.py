@@ -30,6 +30,7 @@ from meshward.xds.compiling import (
     fingerprint_of,
     mesh_compiler,
 )
+from meshward.xds.resources import Resource
 from tests.unit.compile.test_envoy_limits import LONG, WORKLOAD, deny
 from tests.unit.compile.test_incremental import EDITS, T0, apply_edit
 from tests.unit.compile.test_spliced import mixed
@@ -149,6 +150,17 @@ def test_fingerprints_compare_by_content_whatever_their_runs() -> None:
     assert not one.same_resources(other) and not other.same_resources(one)
     assert not split.same_resources(changed) and not one.same_resources(None)
     assert WorkloadConfig().flat_keys() == () and WorkloadConfig().same_resources(WorkloadConfig())
+    # With their Resources (the compile process's parent: new key tuples every answer, one
+    # Resource per key): the same objects are the same resources; other objects with the same
+    # keys too; another key is not.
+    rows = tuple(Resource(type_url=t, name=n, hash=h, body=None) for t, n, h in keys)
+    copy = tuple(Resource(type_url=t, name=n, hash=h, body=None) for t, n, h in keys)
+    answer = WorkloadConfig(fingerprint=((keys, 0, 6),), rows=(rows,))
+    later = WorkloadConfig(fingerprint=((tuple(list(keys)), 0, 6),), rows=(rows,))
+    parsed_again = WorkloadConfig(fingerprint=((tuple(list(keys)), 0, 6),), rows=(copy,))
+    moved = WorkloadConfig(fingerprint=((changed.flat_keys(), 0, 6),), rows=(copy,))
+    assert answer.same_resources(later) and answer.same_resources(parsed_again)
+    assert not answer.same_resources(moved) and not moved.same_resources(answer)
 
 
 @pytest.fixture(scope="module")

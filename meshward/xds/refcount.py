@@ -89,10 +89,21 @@ class RefCounts:
                 groups.setdefault(id(keys), (keys, rows, []))[2].append((start, stop))
         for keys, rows, slices in groups.values():
             gaps = _gaps(len(keys), slices) if len(keys) > MIN_SHARED else None
-            if gaps is None:
+            if gaps is None:  # per resource (inlined _one: most workloads' runs are small)
+                live = self.live
                 for start, stop in slices:
-                    for i in range(start, stop):
-                        self._one(keys[i], rows[i], step, touched, fresh)
+                    if step > 0:
+                        for key, resource in zip(keys[start:stop], rows[start:stop], strict=True):
+                            if key not in live:
+                                live[key] = 0
+                                if fresh is not None:
+                                    fresh[key] = resource
+                            live[key] += 1
+                    else:
+                        for key in keys[start:stop]:
+                            live[key] -= 1
+                            if live[key] == 0:
+                                touched[key] = None
             elif step > 0:
                 self._add(keys, rows, gaps, touched, fresh)
             else:

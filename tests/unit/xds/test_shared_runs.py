@@ -206,6 +206,15 @@ def test_the_stage_over_random_edits_equals_a_fresh_compile(
             }
             if stage is local:
                 here = compiled.configs
+                # Bounded: the shared packings kept are those of tuples a config in force holds.
+                in_force = {
+                    id(shared)
+                    for c in here.values()
+                    if isinstance(c.source, Messages)
+                    for shared, start, stop, _ in c.source.runs
+                    if stop > start
+                }
+                assert set(compiled.shared) <= in_force
                 by_key: dict[Any, int] = {}
                 for config in here.values():
                     held = [r for items in config.resources.values() for r in items]

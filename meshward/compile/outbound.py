@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from meshward.compile import authz, listeners, names
+from meshward.compile import authz, listeners, names, spliced
 from meshward.compile.fragments import FragmentCache
 from meshward.compile.options import CompileOptions, Endpoint
 from meshward.compile.peers import MeshIndex, peers_of
@@ -52,6 +52,9 @@ class Part:
     placement: authz.AuthzPlacement | None = None  # inbound only
     next_change: datetime | None = None  # inbound only
     parsed: Mapping[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    # listeners, routes, clusters, endpoints as runs of mesh-wide tuples (meshward.compile.
+    # spliced), when the half is one (PeerTable.everyone_else); None: nothing shared
+    runs: tuple[spliced.Runs, ...] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(eq=False)
@@ -155,16 +158,18 @@ class PeerTable:
             )
             self._everyone[key] = found
         ref = workload.ref
-        lists = [
-            _without(items, owners.get(ref, ()))
+        runs = tuple(
+            spliced.without(items, owners.get(ref, ()))
             for items, owners in zip(found.lists, found.owners, strict=True)
-        ]
+        )
+        lists = [spliced.flat(r) for r in runs]
         return Part(
             listeners=lists[0],
             routes=lists[1],
             clusters=lists[2],
             endpoints=lists[3],
             tls_used=found.tls_total - found.tls.get(ref, 0) > 0,
+            runs=runs,
         )
 
     def _outbound(
@@ -312,18 +317,6 @@ def _everyone(entries: Iterable[tuple[PeerPort, tuple[Any, Any, Names]]]) -> _Ev
             where.setdefault(ref, []).append(i)
         owners.append({ref: tuple(at) for ref, at in where.items()})
     return _Everyone(tuple(lists), tuple(owners), tls, sum(tls.values()))
-
-
-def _without(items: tuple[Any, ...], cut: tuple[int, ...]) -> tuple[Any, ...]:
-    if not cut:
-        return items
-    out: list[Any] = []
-    start = 0
-    for at in cut:
-        out.extend(items[start:at])
-        start = at + 1
-    out.extend(items[start:])
-    return tuple(out)
 
 
 def callee_refs(policy_set: PolicySet, workload: Workload, index: MeshIndex) -> set[str]:

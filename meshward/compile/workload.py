@@ -10,13 +10,13 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
-from meshward.compile import authz, listeners, names, tls
+from meshward.compile import authz, listeners, names, spliced, tls
 from meshward.compile import protos as _protos
 from meshward.compile.fragments import FragmentCache
 from meshward.compile.options import CompileOptions, Mode
@@ -53,6 +53,9 @@ class WorkloadResources:
     # Earliest expiry that can change this output (its own policies; with outbound, any
     # policy's, since a peer's emergency ALLOW decides whether it may call that peer).
     next_change: datetime | None
+    # listeners, routes, clusters, endpoints as runs of mesh-wide tuples (meshward.compile.
+    # spliced) when the outbound half was one; None: nothing shared. Not part of equality.
+    runs: tuple[spliced.Runs, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def extauthz(self) -> bool:
@@ -68,6 +71,14 @@ class WorkloadResources:
             LISTENER: self.listeners,
             ROUTE: self.routes,
         }
+
+    def runs_by_type(self) -> dict[str, spliced.Runs]:
+        """:meth:`by_type` as runs (meshward.compile.spliced): the passes over a workload's
+        messages do their per-message work once per shared tuple, not once per holder."""
+        if self.runs is None:
+            return {t: spliced.own(m) for t, m in self.by_type().items()}
+        listeners_, routes, clusters, endpoints = self.runs
+        return {CLUSTER: clusters, ENDPOINT: endpoints, LISTENER: listeners_, ROUTE: routes}
 
     def serialize(self) -> bytes:
         """Every resource, deterministically serialized and concatenated (for equality tests)."""
@@ -264,14 +275,27 @@ def assemble(
     """One workload's resources from its two halves; ``outbound_change``: see
     :func:`outbound_change`."""
     assert inbound.placement is not None
+    mine = (inbound.listeners, inbound.routes, inbound.clusters, inbound.endpoints)
+    theirs = (outbound.listeners, outbound.routes, outbound.clusters, outbound.endpoints)
+    keys = ("name", "name", "name", "cluster_name")
+    runs: tuple[spliced.Runs, ...] | None = None
+    if outbound.runs is None:
+        merged = tuple(_merged(a, b, k) for a, b, k in zip(mine, theirs, keys, strict=True))
+    else:
+        both = [
+            spliced.merged(a, b, r, k)
+            for a, b, r, k in zip(mine, theirs, outbound.runs, keys, strict=True)
+        ]
+        merged = tuple(m for m, _ in both)
+        runs = tuple(r for _, r in both)
     return WorkloadResources(
         workload=workload.ref,
         policy_version=version,
         mode=options.mode,
-        listeners=_merged(inbound.listeners, outbound.listeners),
-        routes=_merged(inbound.routes, outbound.routes),
-        clusters=_merged(inbound.clusters, outbound.clusters),
-        endpoints=_merged(inbound.endpoints, outbound.endpoints, key="cluster_name"),
+        listeners=merged[0],
+        routes=merged[1],
+        clusters=merged[2],
+        endpoints=merged[3],
         secret_names=(
             (names.SECRET_ROOTCA, names.SECRET_DEFAULT)
             if inbound.tls_used or outbound.tls_used
@@ -279,6 +303,7 @@ def assemble(
         ),
         placement=inbound.placement,
         next_change=earliest(inbound.next_change, outbound_change),
+        runs=runs,
     )
 
 

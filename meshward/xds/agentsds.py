@@ -103,9 +103,12 @@ class SecretsFromAgent:
     are merely rewritten again). An entry holds its input, so its ``id`` cannot be reused.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = 100_000, max_shared: int = 64) -> None:
         self.max_entries = max_entries
+        self.max_shared = max_shared
         self._cache: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+        # id(shared tuple) -> (the tuple, kept alive; its rewrite): see :meth:`shared`
+        self._shared: OrderedDict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = OrderedDict()
 
     def __call__(self, messages: Sequence[Any]) -> list[Any]:
         result: list[Any] = []
@@ -125,6 +128,24 @@ class SecretsFromAgent:
                 self._cache.popitem(last=False)
             result.append(rewritten)
         return result
+
+    def shared(self, messages: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``self(messages)`` for a tuple many workloads hold a run of (a mesh-wide list of
+        peers' listeners or clusters, meshward.compile.spliced), memoized by identity: the
+        tuple is rewritten once, and every holder slices the same rewritten tuple (so the
+        packing of it is shared too). Bounded: the least recently used beyond
+        ``max_shared`` go (they are merely rewritten again, message by message from the
+        per-message cache)."""
+        key = id(messages)
+        hit = self._shared.get(key)
+        if hit is not None and hit[0] is messages:
+            self._shared.move_to_end(key)
+            return hit[1]
+        rewritten = tuple(self(messages))
+        self._shared[key] = (messages, rewritten)
+        while len(self._shared) > self.max_shared:
+            self._shared.popitem(last=False)
+        return rewritten
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -8,7 +8,8 @@ parent runs threads and an event loop) keeps the whole incremental compile state
 with only what changed since its previous answer, already packed:
 
 - per workload whose resources or error changed: its resource keys ``(type URL, name, hash)``
-  in order, and its error;
+  in order, as runs of key tuples (a mesh-wide tuple that every caller holds most of is sent
+  once, and the parent looks it up once: meshward.compile.spliced), and its error;
 - per key this parent has not been sent yet: the packed bytes and the names it depends on.
 
 The policy set goes the other way as only the documents that differ from the set the worker
@@ -51,7 +52,7 @@ from collections.abc import Mapping
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import any_pb2
 
@@ -59,9 +60,11 @@ from meshward.policy import PolicySet
 from meshward.xds.compiling import (
     Compiled,
     CompileFailed,
+    Fingerprint,
     LocalCompile,
     WorkloadConfig,
 )
+from meshward.xds.refcount import RefCounts
 from meshward.xds.resources import Resource
 
 log = logging.getLogger("meshward.xds")
@@ -76,7 +79,9 @@ Body = tuple[bytes, tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str
 class Delta:
     """One compile's answer: what changed since the worker's previous answer."""
 
-    workloads: dict[str, tuple[tuple[Key, ...], str | None]]  # changed ref -> (keys, error)
+    # changed ref -> (its resources' keys as runs of key tuples, compiling.Fingerprint: a
+    # shared tuple is pickled once per answer, not once per workload; its error)
+    workloads: dict[str, tuple[Fingerprint, str | None]]
     removed: tuple[str, ...]  # refs no longer in the set
     bodies: dict[Key, Body]  # keys the parent was not sent before
     live: int  # distinct keys of the whole result (the parent's table size after this)
@@ -154,9 +159,9 @@ class _Worker:
         self.compiler = compiler_for(options, agent_secrets=agent_secrets)
         self.local = LocalCompile(mesh_compiler(self.compiler))
         self.configs: dict[str, WorkloadConfig] = {}
-        # Key -> how many workload resources refer to it, over the previous answer's result:
-        # what the parent holds (its keys) and when a key first appears
-        self.live: dict[Key, int] = {}
+        # How many workloads hold each key over the previous answer's result (counted per
+        # shared tuple where possible): what the parent holds and when a key first appears
+        self.live = RefCounts()
         self.policy: PolicySet | None = None  # the set compiled last (a delta's base)
 
     def compile(
@@ -165,48 +170,20 @@ class _Worker:
         self.compiler.jwks.documents = dict(jwks)
         compiled = self.local(policy, now, self.configs, full=full, quiet=True)
         previous, self.configs = self.configs, compiled.configs
-        workloads: dict[str, tuple[tuple[Key, ...], str | None]] = {}
+        workloads: dict[str, tuple[Fingerprint, str | None]] = {}
         pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]] = []
         for ref, config in compiled.configs.items():
             old = previous.get(ref)
             if old is config:
                 continue
             pairs.append((old, config))
-            if old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error):
-                keys = tuple(r.key for items in config.resources.values() for r in items)
-                workloads[ref] = (keys, config.error)
+            if old is None or old.error != config.error or not config.same_resources(old):
+                workloads[ref] = (config.fingerprint, config.error)
         removed = tuple(ref for ref in previous if ref not in compiled.configs)
         pairs.extend((previous[ref], None) for ref in removed)
-        bodies, dropped = self._recount(pairs)
+        fresh, dropped = self.live.recount(pairs)
+        bodies = {key: _body(resource) for key, resource in fresh.items()}
         return Delta(workloads, removed, bodies, len(self.live), dropped)
-
-    def _recount(
-        self, pairs: list[tuple[WorkloadConfig | None, WorkloadConfig | None]]
-    ) -> tuple[dict[Key, Body], tuple[Key, ...]]:
-        """Move the references of the workloads whose config changed from the old config to
-        the new one (O(their resources), not O(the mesh's)); the bodies of the keys no
-        workload held before, which the parent has not been sent, and the keys no workload
-        holds any more."""
-        live = self.live
-        for old, _ in pairs:
-            for items in old.resources.values() if old is not None else ():
-                for r in items:
-                    live[r.key] -= 1
-        bodies: dict[Key, Body] = {}
-        for _, new in pairs:
-            for items in new.resources.values() if new is not None else ():
-                for r in items:
-                    key = r.key
-                    if key not in live:
-                        live[key] = 0
-                        bodies[key] = _body(r)
-                    live[key] += 1
-        dropped = {k: None for old, _ in pairs if old is not None
-                   for items in old.resources.values() for r in items
-                   if live.get(k := r.key) == 0}  # fmt: skip
-        for key in dropped:
-            del live[key]
-        return bodies, tuple(dropped)
 
 
 def _body(resource: Resource) -> Body:
@@ -413,11 +390,9 @@ class CompileProcess:
         mirror = dict(self._mirror)
         for ref in delta.removed:
             mirror.pop(ref, None)
-        for ref, (keys, error) in delta.workloads.items():
-            resources: dict[str, list[Resource]] = {}
-            for key in keys:
-                resources.setdefault(key[0], []).append(table[key])
-            mirror[ref] = WorkloadConfig(resources, tuple(sorted(keys)), error)
+        rows_of: dict[int, tuple[tuple[Resource | None, ...], str | None]] = {}
+        for ref, (runs, error) in delta.workloads.items():
+            mirror[ref] = _config(runs, error, table, rows_of)
             if error is not None and not quiet:
                 log.error("compiling %s failed; it keeps its previous config: %s", ref, error)
         if len(table) != delta.live:  # (never: the worker said what it dropped) rebuild it
@@ -433,7 +408,7 @@ class CompileProcess:
             ref
             for ref, config in mirror.items()
             if (old := configs.get(ref)) is not config
-            and (old is None or (old.fingerprint, old.error) != (config.fingerprint, config.error))
+            and (old is None or old.error != config.error or not config.same_resources(old))
         }
         changed.update(ref for ref in configs if ref not in mirror)
         return Compiled(policy, now, None, dict(mirror), changed, {})
@@ -452,6 +427,36 @@ class CompileProcess:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _config(
+    runs: Fingerprint,
+    error: str | None,
+    table: Mapping[Key, Resource],
+    rows_of: dict[int, tuple[tuple[Resource | None, ...], str | None]],
+) -> WorkloadConfig:
+    """A workload's config from its runs of keys: each key tuple looked up in ``table`` once
+    per answer (a shared one for every workload holding a run of it; positions no workload
+    holds are None and in no run), then sliced per run."""
+    resources: dict[str, list[Resource]] = {}
+    rows: list[tuple[Resource, ...]] = []
+    for keys, start, stop in runs:
+        hit = rows_of.get(id(keys))
+        if hit is None:
+            kinds = {key[0] for key in keys}
+            found = tuple(table.get(key) for key in keys)
+            hit = rows_of[id(keys)] = (found, kinds.pop() if len(kinds) == 1 else None)
+        found, kind = hit
+        held = cast(tuple[Resource, ...], found[start:stop])
+        if None in held:
+            raise KeyError(f"a resource the compile worker named was not sent: {keys[start:stop]}")
+        if kind is not None:
+            resources.setdefault(kind, []).extend(held)
+        else:
+            for resource in held:
+                resources.setdefault(resource.type_url, []).append(resource)
+        rows.append(cast(tuple[Resource, ...], found))
+    return WorkloadConfig(resources, runs, error, rows=tuple(rows))
 
 
 def _resource(key: Key, body: Body) -> Resource:

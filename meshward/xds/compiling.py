@@ -28,8 +28,9 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
+from meshward.compile import spliced
 from meshward.policy import PolicySet, Workload
 from meshward.xds.resources import Resource, make_resource
 
@@ -73,19 +74,112 @@ def mesh_compiler(compiler: WorkloadCompiler) -> MeshCompiler:
     return every_workload
 
 
+class Messages(Sequence[Any]):
+    """A workload's messages (an :data:`Outcome`) as the runs of shared tuples they are made of
+    (meshward.compile.spliced): packing and fingerprinting do their per-message work once per
+    shared tuple, not once per workload holding it. Not flattened unless read as a sequence
+    (at N workloads each holding ~N messages, every flat copy is O(N^2) references)."""
+
+    def __init__(self, runs: spliced.Runs) -> None:
+        self.runs = runs
+
+    def __len__(self) -> int:
+        return sum(stop - start + len(mine) for _, start, stop, mine in self.runs)
+
+    def __iter__(self) -> Iterator[Any]:
+        for shared, start, stop, mine in self.runs:
+            yield from shared[start:stop]
+            yield from mine
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Any, ...]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        return spliced.flat(self.runs)[index]
+
+
+#: (type URL, name, hash)
+Key = tuple[str, str, str]
+#: A workload's resource keys in the order of its resources, as runs: (keys, start, stop) is
+#: keys[start:stop]; a shared tuple's keys are one object for every workload holding a run.
+Fingerprint = tuple[tuple[tuple[Key, ...], int, int], ...]
+
+
+def fingerprint_of(keys: Sequence[Key]) -> Fingerprint:
+    """``keys`` (in the order of the resources) as a :data:`Fingerprint` of one run."""
+    return ((tuple(keys), 0, len(keys)),) if keys else ()
+
+
 @dataclass
 class WorkloadConfig:
     resources: dict[str, list[Resource]] = field(default_factory=dict)
-    fingerprint: tuple[tuple[str, str, str], ...] = ()
+    # Every resource's key in the order of ``resources`` (type by type, as compiled: sorted by
+    # name), as runs of shared key tuples: compare with :meth:`same_resources`.
+    fingerprint: Fingerprint = ()
     error: str | None = None
     # The compiler's message list this was packed from: the compiler hands out the same list
     # for an unchanged workload, which is then not packed and fingerprinted again (a one-policy
     # edit costs O(affected workloads) here, not O(every resource of the mesh)).
     source: Any = field(default=None, compare=False, repr=False)
+    # Per run of ``fingerprint``, the Resources its key tuple names (a shared tuple's packing
+    # for a shared run): the compile worker counts references per shared tuple with them
+    # (meshward.xds.refcount). Empty for configs not packed here.
+    rows: tuple[tuple[Resource, ...], ...] = field(default=(), compare=False, repr=False)
+
+    def flat_keys(self) -> tuple[Key, ...]:
+        """Every resource's key, in the order of ``resources`` (C-level slices of the runs)."""
+        runs = self.fingerprint
+        if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == len(runs[0][0]):
+            return runs[0][0]
+        out: list[Key] = []
+        for keys, start, stop in runs:
+            out.extend(keys[start:stop])
+        return tuple(out)
+
+    def same_resources(self, other: WorkloadConfig | None) -> bool:
+        """``other`` holds the same resources in the same order. Runs of the same lengths are
+        compared run by run: the same key tuple and bounds in O(1), else the same Resource
+        objects (pointer comparisons: the compile process's parent keeps one Resource per
+        key, each answer's key tuples being new objects), else the keys themselves."""
+        if other is None:
+            return False
+        mine, theirs = self.fingerprint, other.fingerprint
+        if len(mine) != len(theirs) or any(
+            a[2] - a[1] != b[2] - b[1] for a, b in zip(mine, theirs, strict=True)
+        ):
+            if sum(r[2] - r[1] for r in mine) != sum(r[2] - r[1] for r in theirs):
+                return False
+            return self.flat_keys() == other.flat_keys()
+        rows = len(self.rows) == len(mine) and len(other.rows) == len(theirs)
+        for j, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            if a[0] is b[0] and a[1] == b[1]:
+                continue
+            if rows and self.rows[j][a[1] : a[2]] == other.rows[j][b[1] : b[2]]:
+                continue
+            if a[0][a[1] : a[2]] != b[0][b[1] : b[2]]:
+                return False
+        return True
 
 
 #: id(proto) -> (the proto, kept alive so its id is not reused; its Resource)
 Packed = Mapping[int, tuple[Any, Resource]]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTuple:
+    """A shared tuple of protos (meshward.compile.spliced), packed once for every workload
+    holding a run of it: its Resources, their keys, and their type URL when they all have one
+    (the compiler's shared tuples do: one kind each). Holds the tuple so its id is not reused."""
+
+    messages: tuple[Any, ...]
+    resources: tuple[Resource, ...]
+    keys: tuple[Key, ...]
+    type_url: str | None
+
+
+#: id(shared tuple) -> its packing
+PackedShared = Mapping[int, PackedTuple]
 
 
 @dataclass(frozen=True)
@@ -98,25 +192,120 @@ class Compiled:
     configs: dict[str, WorkloadConfig]
     changed: set[str]  # refs whose resources changed (added and removed included)
     packed: Packed
+    shared: PackedShared = field(default_factory=dict)
 
 
-def _pack(
-    messages: Iterable[Any], previous: Packed, packed: dict[int, tuple[Any, Resource]]
-) -> dict[str, list[Resource]]:
-    by_type: dict[str, list[Resource]] = {}
-    for message in messages:
+class _Packer:
+    """One compile's packing: each distinct proto packed once (or taken from the previous
+    compile's table), each shared tuple packed once (:class:`PackedTuple`); ``packed`` and
+    ``shared`` end up holding what the result holds, for the next compile."""
+
+    def __init__(self, previous: Packed, previous_shared: PackedShared) -> None:
+        self.previous = previous
+        self.previous_shared = previous_shared
+        self.packed: dict[int, tuple[Any, Resource]] = {}
+        self.shared: dict[int, PackedTuple] = {}
+
+    def one(self, message: Any) -> Resource:
         key = id(message)
-        hit = packed.get(key) or previous.get(key)
+        hit = self.packed.get(key) or self.previous.get(key)
         if hit is None or hit[0] is not message:
             hit = (message, make_resource(message))
-        packed[key] = hit
-        resource = hit[1]
-        by_type.setdefault(resource.type_url, []).append(resource)
-    return by_type
+        self.packed[key] = hit
+        return hit[1]
 
+    def tuple_(self, messages: tuple[Any, ...]) -> PackedTuple:
+        key = id(messages)
+        hit = self.shared.get(key)
+        if hit is not None and hit.messages is messages:
+            return hit
+        hit = self.previous_shared.get(key)
+        if hit is not None and hit.messages is messages:
+            packed, previous = self.packed, self.previous  # keep its protos' packing too
+            for message in messages:
+                if (found := previous.get(id(message))) is not None:
+                    packed[id(message)] = found
+        else:
+            resources = tuple(map(self.one, messages))
+            kinds = {r.type_url for r in resources}
+            hit = PackedTuple(
+                messages,
+                resources,
+                tuple(r.key for r in resources),
+                next(iter(kinds)) if len(kinds) == 1 else None,
+            )
+        self.shared[key] = hit
+        return hit
 
-def _fingerprint(resources: dict[str, list[Resource]]) -> tuple[tuple[str, str, str], ...]:
-    return tuple(sorted(r.key for items in resources.values() for r in items))
+    def config(self, outcome: Sequence[Any]) -> WorkloadConfig:
+        """A workload's packed config: per run of a shared tuple, C-level slices of its
+        packing; per message of its own, one lookup."""
+        runs = outcome.runs if isinstance(outcome, Messages) else spliced.own(tuple(outcome))
+        by_type: dict[str, list[Resource]] = {}
+        runs_of: dict[str, list[tuple[tuple[tuple[Key, ...], int, int], tuple[Resource, ...]]]] = {}
+        loose: dict[str, list[Resource]] = {}  # own resources since the type's last shared run
+
+        def settle(type_url: str) -> None:
+            mine = loose.pop(type_url, None)
+            if mine:
+                keys = tuple(r.key for r in mine)
+                runs_of.setdefault(type_url, []).append(((keys, 0, len(keys)), tuple(mine)))
+
+        packed_now, previous = self.packed, self.previous
+        for shared, start, stop, mine in runs:
+            if stop > start:
+                packed = self.tuple_(shared)
+                if packed.type_url is not None:
+                    by_type.setdefault(packed.type_url, []).extend(packed.resources[start:stop])
+                    settle(packed.type_url)
+                    runs_of.setdefault(packed.type_url, []).append(
+                        ((packed.keys, start, stop), packed.resources)
+                    )
+                else:
+                    for resource in packed.resources[start:stop]:
+                        by_type.setdefault(resource.type_url, []).append(resource)
+                        loose.setdefault(resource.type_url, []).append(resource)
+            last = ""
+            for message in mine:  # (inlined: one lookup per own message, as the flat pass)
+                hit = packed_now.get(id(message)) or previous.get(id(message))
+                if hit is None or hit[0] is not message:
+                    hit = (message, make_resource(message))
+                packed_now[id(message)] = hit
+                resource = hit[1]
+                if resource.type_url != last:
+                    last = resource.type_url
+                    group = by_type.setdefault(last, [])
+                    own_group = loose.setdefault(last, [])
+                group.append(resource)
+                own_group.append(resource)
+        for type_url in list(loose):
+            settle(type_url)
+        both = [run for type_url in by_type for run in runs_of.get(type_url, ())]
+        return WorkloadConfig(
+            by_type,
+            tuple(run for run, _ in both),
+            source=outcome,
+            rows=tuple(rows for _, rows in both),
+        )
+
+    def keep(self, outcome: Sequence[Any]) -> None:
+        """Carry an unchanged workload's packing over to the next compile."""
+        runs = outcome.runs if isinstance(outcome, Messages) else spliced.own(tuple(outcome))
+        for shared, start, stop, mine in runs:
+            if stop > start:
+                hit = self.previous_shared.get(id(shared))
+                if hit is not None and hit.messages is shared:
+                    self.tuple_(shared)  # once per shared tuple, with its protos' packing
+                else:
+                    for message in shared[start:stop]:
+                        self._carry(message)
+            for message in mine:
+                self._carry(message)
+
+    def _carry(self, message: Any) -> None:
+        hit = self.previous.get(id(message))
+        if hit is not None:
+            self.packed[id(message)] = hit
 
 
 def compile_configs(
@@ -128,14 +317,16 @@ def compile_configs(
     packed: Packed,
     *,
     quiet: bool = False,
+    shared: PackedShared | None = None,
 ) -> Compiled:
     """Compile ``policy`` and pack the result. A workload whose compile failed keeps its
     previous config (with the error), logged in one line unless ``quiet`` (the first compile's
-    errors are the caller's to report: `xds serve` refuses to start). Pure: safe to run in a
-    worker thread."""
+    errors are the caller's to report: `xds serve` refuses to start). ``packed``/``shared``:
+    the previous result's packing (:class:`Compiled`), reused for the protos and shared tuples
+    still held. Pure: safe to run in a worker thread."""
     next_state, outcomes = compiler(policy, now, state)
     fresh: dict[str, WorkloadConfig] = {}
-    now_packed: dict[int, tuple[Any, Resource]] = {}
+    packer = _Packer(packed, shared or {})
     changed: set[str] = set()
     for workload in policy.workloads:
         ref = workload.ref
@@ -148,21 +339,18 @@ def compile_configs(
                 previous.resources if previous else {},
                 previous.fingerprint if previous else (),
                 outcome,
+                rows=previous.rows if previous else (),
             )
         elif previous is not None and previous.source is outcome and previous.error is None:
-            for message in outcome:  # keep their packing for the next compile
-                hit = packed.get(id(message))
-                if hit is not None:
-                    now_packed[id(message)] = hit
+            packer.keep(outcome)  # keep their packing for the next compile
             config = previous
         else:
-            resources = _pack(outcome, packed, now_packed)
-            config = WorkloadConfig(resources, _fingerprint(resources), source=outcome)
+            config = packer.config(outcome)
         fresh[ref] = config
-        if previous is None or previous.fingerprint != config.fingerprint:
+        if not config.same_resources(previous):
             changed.add(ref)
     changed.update(ref for ref in configs if ref not in fresh)
-    return Compiled(policy, now, next_state, fresh, changed, now_packed)
+    return Compiled(policy, now, next_state, fresh, changed, packer.packed, packer.shared)
 
 
 class ConfigCompiler(Protocol):
@@ -195,6 +383,7 @@ class LocalCompile:
         self._mesh = mesh
         self._state: Any = None
         self._packed: Packed = {}
+        self._shared: PackedShared = {}
 
     def __call__(
         self,
@@ -207,9 +396,9 @@ class LocalCompile:
     ) -> Compiled:
         compiled = compile_configs(
             self._mesh, policy, now, None if full else self._state, configs, self._packed,
-            quiet=quiet,
+            quiet=quiet, shared=self._shared,
         )  # fmt: skip
-        self._state, self._packed = compiled.state, compiled.packed
+        self._state, self._packed, self._shared = compiled.state, compiled.packed, compiled.shared
         return compiled
 
     def status(self) -> dict[str, Any]:

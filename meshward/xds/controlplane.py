@@ -406,7 +406,6 @@ class ControlPlane:
         state.disconnected_at = None
         state.secrets_dir = secrets_dir
         self._refresh_node(state)
-        self.heap.stream_opened()  # a connection burst is frozen a batch at a time
 
     def node_disconnected(self, node: NodeId) -> None:
         self.heap.stream_closed()  # its gRPC call's reference cycles (meshward.xds.heap)

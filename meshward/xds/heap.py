@@ -14,9 +14,7 @@ services x 5 replicas (5,005 nodes) still ran a 2.5 s full collection on the loo
 passes of 0.2-0.3 s, in the middle of the fan-out (gc callbacks timing each pass). So the
 fan-out :meth:`Heap.settle`\\ s after every batch of nodes it wakes: ``gc.freeze`` only links
 the young generations onto the permanent one (O(1)), and a collection then never walks more
-than what one batch allocated. A connection burst (a control-plane restart with the fleet
-reconnecting) is frozen the same way, every :data:`OPENED_BATCH` streams opened: gc callbacks
-counted 5 full and ~70 gen-1 passes in the first 10 s of a 5,005-node cold start otherwise.
+than what one batch allocated.
 
 The cost is bounded: a frozen object is still freed by reference counting when dropped; only
 one that is (or becomes) part of a reference cycle is kept until the next :meth:`Heap.thaw`.
@@ -46,8 +44,6 @@ GROWTH = 4.0
 FLOOR = 1_000_000
 #: Streams closed since the last thaw that make one due (or as many as there are nodes).
 STREAMS = 1_000
-#: Streams opened between two freezes: a connection burst is frozen a batch at a time.
-OPENED_BATCH = 128
 
 
 def freeze() -> int:
@@ -67,18 +63,11 @@ class Heap:
     """When the control plane freezes and collects (see the module's docstring)."""
 
     def __init__(
-        self,
-        *,
-        growth: float = GROWTH,
-        floor: int = FLOOR,
-        streams: int = STREAMS,
-        opened_batch: int = OPENED_BATCH,
+        self, *, growth: float = GROWTH, floor: int = FLOOR, streams: int = STREAMS
     ) -> None:
         self.growth = growth
         self.floor = floor
         self.streams = streams
-        self.opened_batch = opened_batch
-        self.opened = 0  # streams opened since the last freeze
         self.reference: int | None = None  # allocated blocks after the start or the last thaw
         self.closed = 0  # streams closed since
         self.settles = 0
@@ -99,16 +88,6 @@ class Heap:
             return
         gc.freeze()
         self.settles += 1
-        self.opened = 0
-
-    def stream_opened(self) -> None:
-        """A node connected. A fleet connecting at once (a control-plane restart) allocates
-        its streams, protocol states and snapshots in seconds, between two of the timers'
-        settles: frozen every ``opened_batch`` streams, the collector's passes during the
-        burst walk one batch, not every connection made so far."""
-        self.opened += 1
-        if self.opened >= self.opened_batch:
-            self.settle()
 
     def stream_closed(self) -> None:
         self.closed += 1

@@ -90,22 +90,6 @@ def test_a_fleets_worth_of_closed_streams_makes_a_thaw_due(heap: Heap) -> None:
     assert heap.closed == 0 and not heap.thaw_due(nodes=50)
 
 
-def test_a_connection_burst_is_frozen_a_batch_of_streams_at_a_time(heap: Heap) -> None:
-    heap.opened_batch = 4
-    settles = heap.settles
-    streams = []
-    for i in range(3):
-        heap.stream_opened()
-        streams.append([[i] for _ in range(100)])  # what a node's connection allocates
-    assert heap.settles == settles and heap.opened == 3
-    walked = {id(o) for o in gc.get_objects()}
-    assert all(id(s) in walked for s in streams)  # young: every collection pass walks them
-    heap.stream_opened()
-    walked = {id(o) for o in gc.get_objects()}
-    assert not any(id(s) in walked for s in streams)  # frozen with the fourth stream
-    assert heap.settles == settles + 1 and heap.opened == 0
-
-
 def test_nothing_is_frozen_unless_started() -> None:
     gc.unfreeze()
     idle = Heap()

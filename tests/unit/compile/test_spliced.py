@@ -15,10 +15,8 @@ from hypothesis import strategies as st
 from meshward.compile import CompileOptions, compile_mesh, spliced
 from meshward.compile.incremental import CompileState, compile_incremental
 from meshward.compile.workload import WorkloadResources, _merged
-from meshward.policy.model import MtlsMode, PeerAuthentication, Protocol, WorkloadPort
-from meshward.policy.policyset import PolicySet
-from meshward.testing import topology
 from tests.unit.compile.test_incremental import EDITS, T0, apply_edit, assert_equal, full
+from tests.unit.compile.test_outbound import mixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,33 +74,6 @@ def test_mapped_calls_the_shared_map_once_per_run_and_never_for_an_empty_slice()
     out = spliced.mapped(runs, shared_map, lambda t: [m.n for m in t])
     assert spliced.flat(out) == (0, 1, 3, 4, 5, 9)
     assert seen == [shared, shared]
-
-
-def mixed(services: int) -> PolicySet:
-    """The worst case with a TCP port on every third service and mTLS off on every fourth."""
-    ps = topology.worst_case(services)
-    workloads = [
-        dataclasses.replace(w, ports=(*w.ports, WorkloadPort("tcp", 9000, Protocol.TCP)))
-        if i % 3 == 0
-        else w
-        for i, w in enumerate(ps.workloads)
-    ]
-    disabled = [
-        PeerAuthentication(
-            namespace=w.namespace,
-            name=f"pa-{w.name}",
-            selector=dict(w.labels),
-            mode=MtlsMode.DISABLE,
-        )
-        for i, w in enumerate(workloads)
-        if i % 4 == 1
-    ]
-    return PolicySet.create(
-        mesh=ps.mesh,
-        workloads=workloads,
-        authorization_policies=ps.authorization_policies,
-        peer_authentications=disabled,
-    )
 
 
 def assert_runs_are_the_resources(results: dict[str, WorkloadResources] | Any) -> int:

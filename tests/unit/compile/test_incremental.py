@@ -197,6 +197,12 @@ EDITS = (
     "custom",
     "now",
 )
+#: A few random edits in a row, each an edit kind and a seed: what the property tests replay.
+EDIT_SEQUENCES = st.lists(
+    st.tuples(st.sampled_from(EDITS), st.integers(min_value=0, max_value=1000)),
+    min_size=1,
+    max_size=4,
+)
 
 
 def apply_edit(ps: PolicySet, edit: str, pick: int, now: datetime) -> tuple[PolicySet, datetime]:
@@ -297,11 +303,7 @@ def apply_edit(ps: PolicySet, edit: str, pick: int, now: datetime) -> tuple[Poli
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(
-    edits=st.lists(
-        st.tuples(st.sampled_from(EDITS), st.integers(min_value=0, max_value=1000)),
-        min_size=1,
-        max_size=4,
-    ),
+    edits=EDIT_SEQUENCES,
     extauthz=st.booleans(),
 )
 def test_incremental_equals_full_compile_over_random_edits(
@@ -365,13 +367,7 @@ def packed(configs: Any) -> dict[str, Any]:
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    edits=st.lists(
-        st.tuples(st.sampled_from(EDITS), st.integers(min_value=0, max_value=1000)),
-        min_size=1,
-        max_size=4,
-    )
-)
+@given(edits=EDIT_SEQUENCES)
 def test_the_compile_process_equals_a_full_compile_over_random_edits(
     compile_process: Any, edits: list[tuple[str, int]]
 ) -> None:

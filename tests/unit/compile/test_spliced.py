@@ -10,12 +10,11 @@ import random
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from meshward.compile import CompileOptions, compile_mesh, spliced
 from meshward.compile.incremental import CompileState, compile_incremental
 from meshward.compile.workload import WorkloadResources, _merged
-from tests.unit.compile.test_incremental import EDITS, T0, apply_edit, assert_equal, full
+from tests.unit.compile.test_incremental import EDIT_SEQUENCES, T0, apply_edit, assert_equal, full
 from tests.unit.compile.test_outbound import mixed
 
 
@@ -106,13 +105,7 @@ def test_a_worst_case_mesh_is_described_by_runs_of_shared_tuples() -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    edits=st.lists(
-        st.tuples(st.sampled_from(EDITS), st.integers(min_value=0, max_value=1000)),
-        min_size=1,
-        max_size=4,
-    )
-)
+@given(edits=EDIT_SEQUENCES)
 def test_runs_equal_the_flat_resources_over_random_edits(edits: list[tuple[str, int]]) -> None:
     """Compiled incrementally through random edits of a worst-case mesh, every workload's runs
     equal its flat resources, and the flat resources equal a compile from scratch."""

@@ -10,7 +10,6 @@ import dataclasses
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +27,7 @@ from meshward.xds.compile_process import CompileProcess, _Worker
 from meshward.xds.compiling import Compiled, CompileFailed, LocalCompile, mesh_compiler
 from meshward.xds.service import XdsService
 
+#: ext_authz known (a CUSTOM edit compiles), no tracing (callers share their outbound parts)
 OPTIONS = CompileOptions(extauthz=Endpoint("127.0.0.1", 9191))
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -85,14 +85,6 @@ def flat(configs: Any) -> dict[str, Any]:
 def full(ps: PolicySet, now: datetime) -> dict[str, Any]:
     """The oracle: a from-scratch compile in this process."""
     return flat(LocalCompile(mesh_compiler(compiler_for(OPTIONS)))(ps, now, {}).configs)
-
-
-@pytest.fixture(scope="module")
-def process() -> Iterator[CompileProcess]:
-    made = compiler_for(OPTIONS, process=True).config_compiler()
-    assert isinstance(made, CompileProcess)
-    yield made
-    made.close()
 
 
 def kill(pid: int | None) -> None:

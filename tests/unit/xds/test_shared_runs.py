@@ -7,15 +7,12 @@ compile worker process."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from meshward.compile import CompileOptions, Endpoint, compile_workload, spliced
+from meshward.compile import CompileOptions, compile_workload, spliced
 from meshward.compile.envoy_limits import resource_problems
 from meshward.policy import parse
 from meshward.policy.model import Action, AuthorizationPolicy, Operation, Rule
@@ -32,13 +29,11 @@ from meshward.xds.compiling import (
 )
 from meshward.xds.resources import Resource
 from tests.unit.compile.test_envoy_limits import LONG, WORKLOAD, deny
-from tests.unit.compile.test_incremental import EDITS, T0, apply_edit
-from tests.unit.compile.test_spliced import mixed
-from tests.unit.xds.test_compile_process import flat
+from tests.unit.compile.test_incremental import EDIT_SEQUENCES, T0, apply_edit
+from tests.unit.compile.test_outbound import mixed
+from tests.unit.xds.test_compile_process import OPTIONS, flat
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
-#: ext_authz known (a CUSTOM edit compiles), no tracing (callers share their outbound parts)
-OPTIONS = CompileOptions(extauthz=Endpoint("127.0.0.1", 9191))
 
 
 def root_deny(ps: PolicySet) -> PolicySet:
@@ -163,23 +158,9 @@ def test_fingerprints_compare_by_content_whatever_their_runs() -> None:
     assert not answer.same_resources(moved) and not moved.same_resources(answer)
 
 
-@pytest.fixture(scope="module")
-def process() -> Iterator[CompileProcess]:
-    made = compiler_for(OPTIONS, process=True).config_compiler()
-    assert isinstance(made, CompileProcess)
-    yield made
-    made.close()
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
           HealthCheck.function_scoped_fixture])  # fmt: skip
-@given(
-    edits=st.lists(
-        st.tuples(st.sampled_from(EDITS), st.integers(min_value=0, max_value=1000)),
-        min_size=1,
-        max_size=4,
-    )
-)
+@given(edits=EDIT_SEQUENCES)
 def test_the_stage_over_random_edits_equals_a_fresh_compile(
     process: CompileProcess, edits: list[tuple[str, int]]
 ) -> None:

@@ -206,20 +206,21 @@ class _Protocol:
                 st.applied.pop(name, None)
         # A partial SotW response carries a rejected resource at its last applied version: its
         # ACK confirms the old content, not a fix, so the rejection (and NOT ENFORCED) stays.
-        carried = sotw and sent.version.endswith(PARTIAL)
-        for name, resource in sent.resources.items():
-            bad = st.rejected.get(name)
-            if bad is None or bad == resource.hash:
-                continue
-            old = before.get(name)
-            if carried and old is not None and old.hash == resource.hash:
-                continue
-            st.rejected.pop(name, None)
-        # A rejected resource that is gone (SotW: not in the ACKed set; delta: removed) no
-        # longer holds the node back: a later unrelated edit is enforced once ACKed.
-        gone = [n for n in st.rejected if n not in sent.resources] if sotw else sent.removed
-        for name in gone:
-            st.rejected.pop(name, None)
+        if st.rejected:  # (nothing to clear on every ACK of a node that never NACKed)
+            carried = sotw and sent.version.endswith(PARTIAL)
+            for name, resource in sent.resources.items():
+                bad = st.rejected.get(name)
+                if bad is None or bad == resource.hash:
+                    continue
+                old = before.get(name)
+                if carried and old is not None and old.hash == resource.hash:
+                    continue
+                st.rejected.pop(name, None)
+            # A rejected resource that is gone (SotW: not in the ACKed set; delta: removed) no
+            # longer holds the node back: a later unrelated edit is enforced once ACKed.
+            gone = [n for n in st.rejected if n not in sent.resources] if sotw else sent.removed
+            for name in gone:
+                st.rejected.pop(name, None)
         if len(st.rejected) != had:  # (an ACK only ever clears rejections)
             st.verdicts += 1
         st.acked_version = sent.version

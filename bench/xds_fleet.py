@@ -43,7 +43,9 @@ its RDS subscription every 10 ms and times each answer).
 by page, as `meshward status` reads it). ``--burst-only``: only the cold start, every node at
 once, failed streams retried after 500 ms like Envoy and counted by error, then the same nodes
 against bench/fleet_floor.py's server, which answers with pre-encoded responses and costs nothing
-but gRPC (the floor under any cold start on this machine); one JSON line per size and round.
+but gRPC (the floor under any cold start on this machine; ``$MESHWARD_BENCH_NO_FLOOR`` skips
+it); one JSON line per size and round. ``$MESHWARD_BENCH_SERVER_TREE=DIR`` runs the server from
+another ``meshward`` tree (meshward.testing.bench_server), for an A/B of the server alone.
 The server runs with per-identity limits raised: simulated replicas share their service's
 certificate.
 """
@@ -584,6 +586,8 @@ def run_burst(
                 "metrics": metrics,
             }
             server.stop()
+            if os.environ.get("MESHWARD_BENCH_NO_FLOOR"):  # (A/B runs of the server alone)
+                return found
             return {**found, **measure_floor(work, launcher, where, ads, processes)}
 
 

@@ -9,6 +9,9 @@ import sys
 import time
 from typing import IO, Any
 
+#: xds serve's text format (meshward.xds.cli): every field it prints is in it.
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 # LogRecord attributes that are plumbing, not content.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -50,3 +53,17 @@ def setup_json_logging(
     handler._meshward_json = True  # type: ignore[attr-defined]
     target.addHandler(handler)
     return target
+
+
+def lean_records() -> None:
+    """Stop every LogRecord from gathering what neither of the control plane's formats prints
+    (:data:`TEXT_FORMAT`, :class:`JsonFormatter`, which leaves plumbing attributes out): the
+    caller's file, line and function (a walk up the stack), the thread's and process's ids and
+    names, the multiprocessing process name. These are logging's documented switches for this
+    (the Logging HOWTO's "Optimization"); the lines come out the same. `xds serve` logs a line
+    per node connecting, on the event loop: in a burst of 5,000 nodes each cost ~10 us of the
+    ~25 us a line took (measured with this text format into a file)."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

@@ -8,7 +8,7 @@ certificate: per-identity limits sized for real sidecars would refuse a burst of
 log off and text logs. ``python_path`` runs it from another checkout (``git archive`` of an
 older commit) to compare code side by side: with ``-P``, because with ``-m`` Python puts the
 working directory first on sys.path, before PYTHONPATH, and every checkout would have run this
-one's code.
+one's code. ``$MESHWARD_BENCH_SERVER_TREE`` sets it for every server a benchmark starts.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from typing import Any
 
 from meshward.testing.processes import Launcher, read_ready
 
+#: A directory holding another ``meshward`` package (``git archive BASE meshward | tar -x -C
+#: DIR``): every BenchServer started without a ``python_path`` runs that tree's server, while
+#: the benchmark (its nodes, its measurements) stays this checkout's: an A/B of the server
+#: alone, e.g. ``MESHWARD_BENCH_SERVER_TREE=/tmp/base python bench/xds_fleet.py --burst-only``.
+SERVER_TREE_ENV = "MESHWARD_BENCH_SERVER_TREE"
 #: How often the server looks at the policy files (an edit's detection is part of its timing).
 WATCH_INTERVAL = 0.05
 #: What gRPC core names its threads (/proc/PID/task/TID/comm, cut at 15 characters).
@@ -104,6 +109,7 @@ class BenchServer:
     ) -> None:
         self.launcher, self.name = launcher, name
         self.ready = work / "server.ready.json"
+        python_path = python_path or os.environ.get(SERVER_TREE_ENV) or None
         argv = server_argv(work, ads_port=ads_port, python_path=python_path, extra=extra)
         env = {"PYTHONPATH": python_path} if python_path else {}
         launcher.launch(name, argv, ready_path=self.ready, env=env, timeout=timeout)

@@ -193,7 +193,7 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
     from meshward.compile import AccessLogFormat, CompileOptions, Endpoint
     from meshward.lifecycle import stop_event
     from meshward.policy import PolicyError
-    from meshward.telemetry import setup_json_logging
+    from meshward.telemetry import TEXT_FORMAT, lean_records, setup_json_logging
     from meshward.xds.compile_adapter import compiler_for
     from meshward.xds.jwks import JwksCache
     from meshward.xds.service import XdsService
@@ -203,9 +203,8 @@ def serve(args: argparse.Namespace, *, flows: FlowsFor) -> int:
     else:
         import logging
 
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
+    lean_records()  # a line per node connecting, on the event loop: only what is printed
     from meshward.certs.ca import check_svid_ttl
 
     try:

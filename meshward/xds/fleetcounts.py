@@ -175,7 +175,9 @@ class FleetTable:
         self.nacking += new.nacking
         self.without_snapshot += not new.has_snapshot
         if new.out_of_sync:
-            self.out_of_sync_types.update(new.out_of_sync)
+            counts = self.out_of_sync_types  # (item by item: Counter.update and .subtract
+            for type_url in new.out_of_sync:  # check for a Mapping first, an ABC check)
+                counts[type_url] += 1
         if new.rejected:
             self._rejected.add(node)
         if new.behind_since is not None:
@@ -192,10 +194,13 @@ class FleetTable:
         self.nacking -= old.nacking
         self.without_snapshot -= not old.has_snapshot
         if old.out_of_sync:
-            self.out_of_sync_types.subtract(old.out_of_sync)
+            counts = self.out_of_sync_types
             for type_url in old.out_of_sync:
-                if self.out_of_sync_types[type_url] <= 0:
-                    del self.out_of_sync_types[type_url]
+                left = counts[type_url] - 1
+                if left > 0:
+                    counts[type_url] = left
+                else:
+                    counts.pop(type_url, None)
         if old.rejected:
             self._rejected.discard(node)
         if old.behind_since is not None:

@@ -65,6 +65,12 @@ MAX_OUTSTANDING = 16  # unanswered responses remembered per type
 MAX_ABSENT_PER_PUSH = 1_024  # delta: names reported not to exist in one response
 
 
+_NOTHING: Mapping[str, Resource] = MappingProxyType({})
+#: (the snapshot's secrets, its clusters, the clusters sent to the stream): a dependency check's
+#: inputs (see ``_Protocol._deps``)
+_Deps = tuple[Mapping[str, Resource], Mapping[str, Resource], Mapping[str, Resource]]
+
+
 # -- state ----------------------------------------------------------------------------------------
 @dataclass
 class Sent:
@@ -162,15 +168,26 @@ class _Protocol:
                 del st.outstanding[older]
         return sent
 
-    def _deps_ok(self, resource: Resource, snapshot: Snapshot) -> bool:
+    def _deps(self, snapshot: Snapshot) -> _Deps:
+        """What the dependency check reads (:meth:`_deps_met`), looked up once per type's plan,
+        not once per resource (a plan checks every resource it sends)."""
+        cds = self.states.get(typeurls.CLUSTER)
+        return (
+            snapshot.resources(typeurls.SECRET),
+            snapshot.resources(typeurls.CLUSTER),
+            cds.sent if cds is not None else _NOTHING,
+        )
+
+    @staticmethod
+    def _deps_met(resource: Resource, deps: _Deps) -> bool:
+        """Whether ``resource`` may be sent: every secret it names is in the snapshot, and every
+        cluster of the snapshot it names (not CDS's own) was sent to this stream."""
         if resource.secrets:
-            secrets = snapshot.resources(typeurls.SECRET)
+            secrets = deps[0]
             if any(name not in secrets for name in resource.secrets):
                 return False
         if resource.clusters and resource.type_url != typeurls.CLUSTER:
-            desired = snapshot.resources(typeurls.CLUSTER)
-            cds = self.states.get(typeurls.CLUSTER)
-            sent = cds.sent if cds is not None else _NOTHING
+            desired, sent = deps[1], deps[2]
             for name in resource.clusters:
                 if name in desired and name not in sent:
                     return False
@@ -206,20 +223,21 @@ class _Protocol:
                 st.applied.pop(name, None)
         # A partial SotW response carries a rejected resource at its last applied version: its
         # ACK confirms the old content, not a fix, so the rejection (and NOT ENFORCED) stays.
-        carried = sotw and sent.version.endswith(PARTIAL)
-        for name, resource in sent.resources.items():
-            bad = st.rejected.get(name)
-            if bad is None or bad == resource.hash:
-                continue
-            old = before.get(name)
-            if carried and old is not None and old.hash == resource.hash:
-                continue
-            st.rejected.pop(name, None)
-        # A rejected resource that is gone (SotW: not in the ACKed set; delta: removed) no
-        # longer holds the node back: a later unrelated edit is enforced once ACKed.
-        gone = [n for n in st.rejected if n not in sent.resources] if sotw else sent.removed
-        for name in gone:
-            st.rejected.pop(name, None)
+        if st.rejected:  # (nothing to clear on every ACK of a node that never NACKed)
+            carried = sotw and sent.version.endswith(PARTIAL)
+            for name, resource in sent.resources.items():
+                bad = st.rejected.get(name)
+                if bad is None or bad == resource.hash:
+                    continue
+                old = before.get(name)
+                if carried and old is not None and old.hash == resource.hash:
+                    continue
+                st.rejected.pop(name, None)
+            # A rejected resource that is gone (SotW: not in the ACKed set; delta: removed) no
+            # longer holds the node back: a later unrelated edit is enforced once ACKed.
+            gone = [n for n in st.rejected if n not in sent.resources] if sotw else sent.removed
+            for name in gone:
+                st.rejected.pop(name, None)
         if len(st.rejected) != had:  # (an ACK only ever clears rejections)
             st.verdicts += 1
         st.acked_version = sent.version
@@ -309,9 +327,6 @@ class _Protocol:
 
     def _plan_type(self, st: TypeState, snapshot: Snapshot, now: float) -> Push | None:
         raise NotImplementedError
-
-
-_NOTHING: Mapping[str, Resource] = MappingProxyType({})
 
 
 def _hash(resource: Resource | None) -> str | None:
@@ -440,11 +455,12 @@ class SotwProtocol(_Protocol):
         content: dict[str, Resource] = {}
         held: set[str] = set()
         partial = False
+        deps = self._deps(snapshot)
         for name in names:
             resource = desired.get(name)
             if resource is None:
                 continue
-            if not self._deps_ok(resource, snapshot):
+            if not self._deps_met(resource, deps):
                 held.add(name)
             elif st.rejected.get(name) != resource.hash:
                 content[name] = resource
@@ -607,9 +623,19 @@ class DeltaProtocol(_Protocol):
         if st.rejected:
             self._forget_rejections(st, desired)
         absent = MAX_ABSENT_PER_PUSH  # (the rest in the next responses, one per request)
+        sent, rejected, deps = st.sent, st.rejected, self._deps(snapshot)
         for name in sorted(candidates):
             resource = desired.get(name)
-            have = st.sent.get(name)
+            have = sent.get(name)
+            if have is resource:  # (the most common case: sent, unchanged; or neither)
+                if have is not None:
+                    continue
+            elif resource is not None and have is not None and have.hash == resource.hash:
+                if have.body is None:  # a stub from initial_resource_versions: it is this one
+                    sent[name] = resource
+                    if st.applied.get(name) is have:
+                        st.applied[name] = resource
+                continue
             if resource is None:
                 if have is not None and name in referenced:
                     partial = held = True  # removed only once no listener routes to it
@@ -619,13 +645,9 @@ class DeltaProtocol(_Protocol):
                     removed.append(name)  # subscribed, does not exist: say so, once
                     absent -= 1
                 continue
-            if have is not None and have.hash == resource.hash:
-                if have.body is None:  # a stub from initial_resource_versions: it is this one
-                    st.sent[name] = resource
-                    if st.applied.get(name) is have:
-                        st.applied[name] = resource
-                continue
-            if st.rejected.get(name) == resource.hash or not self._deps_ok(resource, snapshot):
+            if (rejected and rejected.get(name) == resource.hash) or not self._deps_met(
+                resource, deps
+            ):
                 partial = True
                 continue
             updates[name] = resource

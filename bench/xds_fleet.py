@@ -40,8 +40,8 @@ its RDS subscription every 10 ms and times each answer).
     python bench/xds_fleet.py [--topology fleet] [--services 100,300] [--replicas 2] [--envoys 10]
 
 ``--nodes-impl node`` runs the same simulated nodes in Node.js (bench/fleet_js/fleet_nodes.js:
-the same nodes, subscriptions and decoding on the wire, ~6x less CPU per node than Python's
-`ssl` and grpclib); its name is in every output.
+the same nodes, subscriptions and decoding on the wire, ~0.6x the CPU of Python's `ssl` and
+grpclib at 1,000 x 5: bench/README.md, session 9); its name is in every output.
 
 ``/status s`` times the default summary, ``nodes s`` every node's document (``?view=nodes``, page
 by page, as `meshward status` reads it). ``--burst-only``: only the cold start, every node at

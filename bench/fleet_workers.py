@@ -8,7 +8,7 @@ processes and answers each command as one process would (merged answers), so wha
 measures is the machine's two cores, not one process of the simulation.
 
 Either implementation of the nodes runs behind the same protocol: ``python`` (bench/fleet_nodes.py)
-or ``node`` (bench/fleet_js/fleet_nodes.js: the same nodes on the wire, with OpenSSL and nghttp2
+or ``node`` (bench/fleet_js/fleet_nodes.js and ads_client.js: the same nodes on the wire, with OpenSSL and nghttp2
 under Node.js instead of Python's `ssl` and grpclib), whose message types
 come from a FileDescriptorSet exported here from the Python side's descriptor pool
 (:func:`write_descriptors`), so no .proto file is kept twice.

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.meshward-installed
 OTEL_PROTO := $(shell sed -n 's/^opentelemetry-proto==//p' constraints.txt)
 
-.PHONY: demo test lint typecheck check bench clean venv tools
+.PHONY: demo test lint typecheck check bench clean venv tools fleet-js
 
 # Debian tools the tests and benchmarks use: docker-compose validates the compose file (no
 # engine runs here), wrk generates load, PostgreSQL (initdb, pg_ctl) backs the flow-store tests,
@@ -25,6 +25,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/meshward doctor >/dev/null
 	@touch $(STAMP)
 
+# bench/xds_fleet.py --nodes-impl node: the Node.js simulated nodes' packages (protobufjs), from
+# the committed lock file, when missing and `npm` is there (the integration test skips without).
+FLEET_JS := bench/fleet_js
+fleet-js: $(FLEET_JS)/node_modules/.package-lock.json
+
+$(FLEET_JS)/node_modules/.package-lock.json: $(FLEET_JS)/package-lock.json
+	@if command -v npm >/dev/null; then cd $(FLEET_JS) && npm ci --no-audit --no-fund --silent; \
+	else echo "note: install Node.js 20+ and npm for bench/xds_fleet.py --nodes-impl node"; fi
+
 tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do cmd=$${t%%:*}; \
 	  command -v $$cmd >/dev/null || ls /usr/lib/postgresql/*/bin/$$cmd >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
@@ -41,7 +50,7 @@ demo: $(STAMP)
 # Two xdist workers (CI has two cores; most integration time is spent waiting on real processes);
 # tests/conftest.py keeps each module on one worker. PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
-test: $(STAMP) tools
+test: $(STAMP) tools fleet-js
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -54,7 +63,7 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-bench: $(STAMP) tools
+bench: $(STAMP) tools fleet-js
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -58,7 +58,7 @@ def encoded_responses(work: Path) -> dict[str, dict[tuple[str, bool], bytes]]:
 
 
 def measure_floor(
-    work: Path, launcher: Any, where: Any, ads: str, processes: int
+    work: Path, launcher: Any, where: Any, ads: str, processes: int, impl: str = "python"
 ) -> dict[str, Any]:
     """The same nodes' burst against the floor server (``where``: the ADS port and identity
     the nodes expect), from the moment it listens to every node configured; the CPU both sides
@@ -71,7 +71,7 @@ def measure_floor(
             where.identity, str(ready)]  # fmt: skip
     launcher.start("floor", argv, ready_path=ready, timeout=900)
     pid = launcher["floor"].pid
-    fleet = NodeFleet(work, launcher, where, ads, processes, name="floor-nodes")
+    fleet = NodeFleet(work, launcher, where, ads, processes, name="floor-nodes", impl=impl)
     try:
         before, nodes0, start = cpu_by_thread(pid), fleet.cpu_seconds(), time.time()
         connected = fleet.ask("connect retry")

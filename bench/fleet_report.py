@@ -36,10 +36,11 @@ def compare_modes(sizes: list[int], med: Mapping[tuple[int, str], Mapping[str, f
 
 def report(
     topology: str, replicas: int, rounds: int, sizes: list[int], ads: str,
-    results: dict[int, list[dict[str, Any]]],
+    results: dict[int, list[dict[str, Any]]], impl: str = "python",
 ) -> None:  # fmt: skip
     variant = "SotW" if ads == "sotw" else "delta"
     print(f"xDS at fleet scale ({topology}; replicas {replicas}; {rounds} round(s); {variant}; "
+          f"simulated nodes in {'Node.js' if impl == 'node' else 'Python'}; "
           "control plane --secrets agent; simulated nodes as agent-run Envoys: no SDS over ADS, "
           "decode before ACK, follow EDS/RDS; edit times = the control plane's last recorded ACK "
           "of the change, from its /status?view=nodes, for simulated nodes and real Envoys alike)")  # fmt: skip

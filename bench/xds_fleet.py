@@ -39,6 +39,10 @@ its RDS subscription every 10 ms and times each answer).
 
     python bench/xds_fleet.py [--topology fleet] [--services 100,300] [--replicas 2] [--envoys 10]
 
+``--nodes-impl node`` runs the same simulated nodes in Node.js (bench/fleet_js/fleet_nodes.js:
+the same nodes, subscriptions and decoding on the wire, ~0.6x the CPU of Python's `ssl` and
+grpclib at 1,000 x 5: bench/README.md, session 9); its name is in every output.
+
 ``/status s`` times the default summary, ``nodes s`` every node's document (``?view=nodes``, page
 by page, as `meshward status` reads it). ``--burst-only``: only the cold start, every node at
 once, failed streams retried after 500 ms like Envoy and counted by error, then the same nodes
@@ -385,7 +389,7 @@ def prepare(work: Path, ps: Any, replicas: int) -> list[str]:
 
 def run_size(
     topology: str, services: int, replicas: int, envoys: int, ads: str = "sotw",
-    processes: int = 2,
+    processes: int = 2, impl: str = "python",
 ) -> dict[str, Any]:  # fmt: skip
     ps = policy_set(topology, services)
     edited, callee = one_policy_edit(ps)
@@ -398,11 +402,11 @@ def run_size(
         with Launcher(work, quiet=True) as launcher:
             where = target(ps)
             # The nodes' process first: a restarted control plane's fleet is there already.
-            worker = NodeFleet(work, launcher, where, ads, processes)
+            worker = NodeFleet(work, launcher, where, ads, processes, impl=impl)
             t0 = time.time()
             server = Server(work, launcher, where.ads_port, wait=False)
             try:
-                return {"ads": ads, **measure(work, launcher, server, worker, ps, nodes, edited,
+                return {"ads": ads, "nodes_impl": impl, **measure(work, launcher, server, worker, ps, nodes, edited,
                                               callee, t0, envoys, Path(agents))}  # fmt: skip
             finally:
                 worker.stop()
@@ -426,7 +430,7 @@ def measure(
     # time (delta answers a name that does not exist in removed_resources). Until session 8
     # it was SotW whatever the nodes spoke, so in a delta fleet each answer it timed carried
     # its node's every route (the first node is the monitoring workload's: 1,001 routes).
-    prober = Worker(work, launcher, "probe", server, worker.ads)
+    prober = Worker(work, launcher, "probe", server, worker.ads, impl=worker.impl)
     try:
         return measure_edits(work, launcher, server, worker, prober, ps, nodes, edited, callee,
                              envoys, agents, {
@@ -533,7 +537,7 @@ def cold_phases(
 
 
 def run_burst(
-    topology: str, services: int, replicas: int, ads: str, processes: int
+    topology: str, services: int, replicas: int, ads: str, processes: int, impl: str = "python"
 ) -> dict[str, Any]:
     """Only the cold start: every node connects at once; failed streams are retried after
     500 ms (as Envoy does) and counted by error, and the server log is searched for what it
@@ -547,7 +551,7 @@ def run_burst(
         nodes = prepare(work, ps, replicas)
         with Launcher(work, quiet=True) as launcher:
             where = target(ps)
-            worker = NodeFleet(work, launcher, where, ads, processes)
+            worker = NodeFleet(work, launcher, where, ads, processes, impl=impl)
             t0 = time.time()
             server = Server(work, launcher, where.ads_port, wait=False)
             try:
@@ -569,6 +573,7 @@ def run_burst(
             found = {
                 "nodes": len(nodes),
                 "ads": ads,
+                "nodes_impl": impl,
                 "node_processes": processes,
                 "cold": connected["all_configured_wall"] - t0,
                 "cold_from_listen": connected["all_configured_wall"] - connected["listening_wall"],
@@ -588,7 +593,7 @@ def run_burst(
             server.stop()
             if os.environ.get("MESHWARD_BENCH_NO_FLOOR"):  # (A/B runs of the server alone)
                 return found
-            return {**found, **measure_floor(work, launcher, where, ads, processes)}
+            return {**found, **measure_floor(work, launcher, where, ads, processes, impl)}
 
 
 def main() -> None:
@@ -613,6 +618,10 @@ def main() -> None:
                         help="processes the simulated nodes are shared out over (default "
                         "%(default)s: one Python process is busy ~30 s of a 5,000-node cold "
                         "start, and would hold the figure to one core)")  # fmt: skip
+    parser.add_argument("--nodes-impl", choices=["python", "node"], default="python",
+                        help="the simulated nodes' implementation: bench/fleet_nodes.py, or "
+                        "bench/fleet_js/fleet_nodes.js (Node.js; `make fleet-js` installs its "
+                        "packages) (default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--burst-only",
         action="store_true",
@@ -628,7 +637,8 @@ def main() -> None:
     if args.burst_only:
         for _ in range(args.rounds):
             for n in sizes:
-                found = run_burst(args.topology, n, args.replicas, args.ads, args.node_processes)
+                found = run_burst(args.topology, n, args.replicas, args.ads, args.node_processes,
+                                  args.nodes_impl)  # fmt: skip
                 print(json.dumps({"services": n, "replicas": args.replicas, **found}), flush=True)
         return
     modes = ["sotw", "delta"] if args.ads == "both" else [args.ads]
@@ -639,7 +649,8 @@ def main() -> None:
         for n in sizes:  # interleaved: every size (and variant) once per round
             for mode in modes:
                 results[n, mode].append(run_size(
-                    args.topology, n, args.replicas, args.envoys, mode, args.node_processes))  # fmt: skip
+                    args.topology, n, args.replicas, args.envoys, mode, args.node_processes,
+                    args.nodes_impl))  # fmt: skip
                 if args.json:
                     print(json.dumps({"topology": args.topology, "replicas": args.replicas,
                                       **results[n, mode][-1]}), flush=True)  # fmt: skip
@@ -647,7 +658,7 @@ def main() -> None:
         return
     for mode in modes:
         report(args.topology, args.replicas, args.rounds, sizes, mode,
-               {n: results[n, mode] for n in sizes})  # fmt: skip
+               {n: results[n, mode] for n in sizes}, args.nodes_impl)  # fmt: skip
     if len(modes) > 1:
         compare_modes(sizes, {key: median_of(rs) for key, rs in results.items()})
 

@@ -30,15 +30,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+# Appended, not inserted: a child run for --baseline must find that tree's meshward first.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from bench.tree_ab import check_baseline, interleaved, run_child
 
 TRUST_DOMAIN = "cluster.local"
 
@@ -214,19 +217,6 @@ def child(services: int, replicas: int) -> None:
     print(json.dumps(result))
 
 
-def variant(root: str | None, services: int, replicas: int) -> dict[str, Any]:
-    env = dict(os.environ)
-    if root:
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [sys.executable, __file__, "--child", "--services", str(services)]
-    out = subprocess.run(
-        [*argv, "--replicas", str(replicas)],
-        env=env, check=True, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -245,14 +235,13 @@ def main() -> None:
     if args.child:
         child(args.services, args.replicas)
         return
+    if (why := check_baseline(args.baseline)) is not None:
+        parser.error(why)
     variants = {"this": None, **({"base": args.baseline} if args.baseline else {})}
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, root in variants.items():  # interleaved
-            found = variant(root, args.services, args.replicas)
-            results[name].append(found)
-            if args.json:
-                print(json.dumps({"variant": name, **found}), flush=True)
+    child_args = ["--services", str(args.services), "--replicas", str(args.replicas)]
+    results = interleaved(
+        variants, args.rounds, lambda root: run_child(__file__, child_args, root), args.json
+    )
     if args.json:
         return
     first = results["this"][0]

@@ -27,11 +27,15 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# Appended, not inserted: a child run for --baseline must find that tree's meshward first.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from bench.tree_ab import check_baseline, interleaved, run_child
 
 REPLICAS = 5
 CLUSTERS = 10
@@ -230,18 +234,6 @@ def child(nodes: int, changes: int) -> None:
     print(json.dumps(asyncio.run(run(nodes, changes))))
 
 
-def variant(root: str | None, nodes: int, changes: int) -> dict[str, Any]:
-    env = dict(os.environ)
-    if root:
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", "--nodes", str(nodes), "--changes", str(changes)],
-        env=env, check=True, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -260,16 +252,13 @@ def main() -> None:
     if args.child:
         child(args.nodes, args.changes)
         return
-    if args.baseline and not (Path(args.baseline) / "meshward").is_dir():
-        parser.error(f"--baseline {args.baseline}: no meshward package in it")
+    if (why := check_baseline(args.baseline)) is not None:
+        parser.error(why)
     variants = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, root in variants.items():  # interleaved
-            result = variant(root, args.nodes, args.changes)
-            runs[name].append(result)
-            if args.json:
-                print(json.dumps({"variant": name, **result}), flush=True)
+    child_args = ["--nodes", str(args.nodes), "--changes", str(args.changes)]
+    runs = interleaved(
+        variants, args.rounds, lambda root: run_child(__file__, child_args, root), args.json
+    )
     if args.json:
         return
     print(f"ADS server's own CPU per node (in-process streams, no gRPC), {args.nodes} nodes, "

@@ -5,6 +5,7 @@ machine's drift falls on both alike."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -48,3 +49,26 @@ def interleaved(
             if as_json:
                 print(json.dumps({"variant": name, **found}), flush=True)
     return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every such bench takes: rounds, the baseline tree, JSON output, and the
+    hidden ``--child`` its own runs are started with."""
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", help="a directory holding the meshward package to compare")
+    parser.add_argument("--json", action="store_true", help="one JSON object per run")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
+def run_variants(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, script: str, child_args: list[str],
+    base_name: str = "base",
+) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """This checkout (``this``) and, with ``--baseline``, that tree (``base_name``), each run
+    ``args.rounds`` times as ``script --child CHILD_ARGS``, interleaved."""
+    if (why := check_baseline(args.baseline)) is not None:
+        parser.error(why)
+    variants = {"this": None, **({base_name: args.baseline} if args.baseline else {})}
+    return interleaved(
+        variants, args.rounds, lambda root: run_child(script, child_args, root), args.json
+    )

@@ -41,7 +41,7 @@ from typing import Any
 # Appended, not inserted: a child run for --baseline must find that tree's meshward first.
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from bench.tree_ab import check_baseline, interleaved, run_child
+from bench.tree_ab import add_arguments, run_variants
 
 TRUST_DOMAIN = "cluster.local"
 
@@ -225,23 +225,15 @@ def main() -> None:
     )
     parser.add_argument("--services", type=int, default=200)
     parser.add_argument("--replicas", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--baseline", help="a directory holding the meshward package to compare")
-    parser.add_argument("--json", action="store_true", help="one JSON object per run")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_arguments(parser)
     args = parser.parse_args()
     if args.services < 1 or args.replicas < 1 or args.rounds < 1:
         parser.error("--services, --replicas and --rounds must be at least 1")
     if args.child:
         child(args.services, args.replicas)
         return
-    if (why := check_baseline(args.baseline)) is not None:
-        parser.error(why)
-    variants = {"this": None, **({"base": args.baseline} if args.baseline else {})}
     child_args = ["--services", str(args.services), "--replicas", str(args.replicas)]
-    results = interleaved(
-        variants, args.rounds, lambda root: run_child(__file__, child_args, root), args.json
-    )
+    results = run_variants(parser, args, __file__, child_args)
     if args.json:
         return
     first = results["this"][0]

@@ -35,7 +35,7 @@ from typing import Any
 # Appended, not inserted: a child run for --baseline must find that tree's meshward first.
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from bench.tree_ab import check_baseline, interleaved, run_child
+from bench.tree_ab import add_arguments, run_variants
 
 REPLICAS = 5
 CLUSTERS = 10
@@ -242,23 +242,15 @@ def main() -> None:
     )
     parser.add_argument("--nodes", type=int, default=2000)
     parser.add_argument("--changes", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--baseline", help="a directory holding the meshward package to compare")
-    parser.add_argument("--json", action="store_true", help="one JSON object per run")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_arguments(parser)
     args = parser.parse_args()
     if args.nodes < 1 or args.changes < 1 or args.rounds < 1:
         parser.error("--nodes, --changes and --rounds must be at least 1")
     if args.child:
         child(args.nodes, args.changes)
         return
-    if (why := check_baseline(args.baseline)) is not None:
-        parser.error(why)
-    variants = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
     child_args = ["--nodes", str(args.nodes), "--changes", str(args.changes)]
-    runs = interleaved(
-        variants, args.rounds, lambda root: run_child(__file__, child_args, root), args.json
-    )
+    runs = run_variants(parser, args, __file__, child_args, base_name="baseline")
     if args.json:
         return
     print(f"ADS server's own CPU per node (in-process streams, no gRPC), {args.nodes} nodes, "

@@ -34,28 +34,27 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 # Appended, not inserted: a child run for --baseline must find that tree's meshward first.
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
+from bench.inprocess_ads import InProcessCall
 from bench.tree_ab import add_arguments, run_variants
 
 TRUST_DOMAIN = "cluster.local"
 
 
-class Node:
+class Node(InProcessCall):
     """One simulated delta node: its request stream, and a servicer context whose ``write``
     decodes the response, ACKs it and follows CDS/LDS with the EDS/RDS names they reference."""
 
     def __init__(self, name: str, pem: bytes, follow: dict[str, list[str]], done: Done) -> None:
-        self.name = name
+        super().__init__(name)
         self.pem = pem
         self.follow = follow  # CDS -> its EDS names, LDS -> its RDS names
         self.done = done
-        self.requests: asyncio.Queue[Any] = asyncio.Queue()
         self.missing: set[str] = set()
 
     def request(
@@ -70,22 +69,9 @@ class Node:
             message.node.id = self.name
         self.requests.put_nowait(message)
 
-    async def stream(self) -> AsyncIterator[Any]:
-        while True:
-            item = await self.requests.get()
-            if item is None:
-                return
-            yield item
-
     # -- the servicer context -------------------------------------------------------------------
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:1"
-
     def auth_context(self) -> dict[str, Any]:
         return {"x509_pem_cert": [self.pem], "transport_security_type": [b"ssl"]}
-
-    async def abort(self, code: Any, message: str) -> None:
-        raise RuntimeError(f"{self.name} refused: {message}")
 
     async def write(self, data: bytes) -> None:
         from envoy.service.discovery.v3 import discovery_pb2

@@ -35,6 +35,7 @@ from typing import Any
 # Appended, not inserted: a child run for --baseline must find that tree's meshward first.
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
+from bench.inprocess_ads import InProcessCall, SnapshotSource
 from bench.tree_ab import add_arguments, run_variants
 
 REPLICAS = 5
@@ -60,39 +61,11 @@ def resources(service: int, generation: int) -> dict[str, list[Any]]:
     return {typeurls.CLUSTER: clusters, typeurls.LISTENER: listeners}
 
 
-class Source:
-    """The control plane's side, reduced to a snapshot cache (nothing to authorize or issue)."""
-
-    def __init__(self) -> None:
-        from meshward.xds.cache import SnapshotCache
-
-        self.cache = SnapshotCache()
-
-    def authorize(self, node: Any, peer_identity: str | None) -> None:
-        return None
-
-    async def node_connected(self, node: Any, envoy_node: Any = None) -> None:
-        return None
-
-    def node_disconnected(self, node: Any) -> None:
-        return None
-
-    def node_details(self, node: Any) -> dict[str, Any]:
-        return {}
-
-    def client_certificate(self, certificate: Any) -> Any:
-        raise AssertionError("no client certificates in this bench")
-
-    def client_certificate_status(self, cert: Any) -> dict[str, Any]:
-        return {}
-
-
-class Node:
+class Node(InProcessCall):
     """One simulated node: its request stream, and a context whose write decodes and ACKs."""
 
     def __init__(self, name: str, waiting: Waiting) -> None:
-        self.name = name
-        self.requests: asyncio.Queue[Any] = asyncio.Queue()
+        super().__init__(name)
         self.waiting = waiting
 
     def request(self, type_url: str, version: str = "", nonce: str = "") -> None:
@@ -104,23 +77,6 @@ class Node:
         if not nonce:
             message.node.id = self.name
         self.requests.put_nowait(message)
-
-    async def stream(self) -> Any:
-        while True:
-            item = await self.requests.get()
-            if item is None:
-                return
-            yield item
-
-    # -- the servicer context -------------------------------------------------------------------
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:1"
-
-    def auth_context(self) -> dict[str, Any]:
-        return {}
-
-    async def abort(self, code: Any, message: str) -> None:
-        raise RuntimeError(f"{self.name} refused: {message}")
 
     async def write(self, data: bytes) -> None:
         from envoy.service.discovery.v3 import discovery_pb2
@@ -156,7 +112,7 @@ async def run(nodes: int, changes: int) -> dict[str, Any]:
     from meshward.xds.server import AdsServer
 
     logging_quiet()
-    source = Source()
+    source = SnapshotSource()
     server = AdsServer(source, limits=NodeLimits(max_streams=nodes + 1))
     services = max(1, nodes // REPLICAS)
     names = [f"ns{s % 30}/svc{s}/r{r}" for s in range(services) for r in range(REPLICAS)]
